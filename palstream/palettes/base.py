@@ -1,0 +1,78 @@
+"""The palette generator interface and its registry of names.
+
+A generator maps the pixels of many blocks to one palette per block, batched, in torch, so
+it runs on CUDA when present. The encoder chooses sizes and prunes palettes by
+rate-distortion cost; the decoder never needs a generator: palettes are data in the archive.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+
+from palstream.errors import ConfigError
+
+MAX_PALETTE = 64
+
+
+class PaletteGenerator(ABC):
+    """Maps block pixels to palettes.
+
+    Attributes
+    ----------
+    name : str
+        Registered name, recorded in the archive.
+    weights_hash : str or None
+        sha256 of the weights file for learned generators; None for algorithmic ones.
+    """
+
+    name: str = ""
+    weights_hash: str | None = None
+
+    def __init__(self, device: str | torch.device | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @abstractmethod
+    def generate(self, samples: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Palettes for a batch of equally sized blocks.
+
+        Parameters
+        ----------
+        samples : torch.Tensor
+            float32, shape (N, P, C): N blocks of P pixels with C components (1: luma level,
+            2: Cb/Cr pair), values in 0..255.
+        k : torch.Tensor
+            int64, shape (N,): wanted palette size per block, 1..64.
+
+        Returns
+        -------
+        torch.Tensor
+            float32, shape (N, max(k), C), values in 0..255; row i uses its first k[i] entries.
+        """
+
+
+_REGISTRY: dict[str, Callable[..., PaletteGenerator]] = {}
+
+
+def register_palette_generator(name: str):
+    """Class decorator: make a generator selectable as ``--palette NAME``."""
+
+    def wrap(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def palette_generator_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_palette_generator(name: str, device: str | torch.device | None = None) -> PaletteGenerator:
+    """Instantiate the generator registered as ``name`` (e.g. ``"kmeans"``)."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown palette generator {name!r}; choose one of: {', '.join(palette_generator_names())}")
+    return _REGISTRY[name](device=device)
