@@ -1,0 +1,486 @@
+"""Video input and output through PyAV, local files or any fsspec URL.
+
+Input policy (what an archivist gets, see README "Input formats"):
+
+- 8-bit YCbCr 4:2:0 (``yuv420p``, ``yuvj420p``, ``nv12``, ``nv21``) is read as is.
+- Other 8-bit formats (YCbCr 4:2:2 / 4:4:4 / 4:1:1, RGB, grey, palette) are converted to 4:2:0
+  with a :class:`ConversionWarning` that names the loss (chroma resolution, RGB->YCbCr rounding).
+- Sources with more than 8 bits per sample, or with an alpha channel, are refused with an
+  :class:`~palstream.errors.InputError`: palstream would silently drop what the archivist keeps.
+- Odd widths and heights are kept exactly (chroma planes round up, see :class:`~palstream.frames.Frames`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import av
+import av.logging
+import fsspec
+import numpy as np
+
+from palstream.errors import InputError, PalstreamError
+from palstream.frames import Frames
+
+# FFmpeg's enum values (libavutil/pixfmt.h) -> the names ffprobe prints.
+_MATRIX = {0: "gbr", 1: "bt709", 2: "unspecified", 4: "fcc", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m",
+           8: "ycgco", 9: "bt2020nc", 10: "bt2020c", 11: "smpte2085", 12: "chroma-derived-nc",
+           13: "chroma-derived-c", 14: "ictcp"}
+_PRIMARIES = {1: "bt709", 2: "unspecified", 4: "bt470m", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m",
+              8: "film", 9: "bt2020", 10: "smpte428", 11: "smpte431", 12: "smpte432", 22: "jedec-p22"}
+_TRANSFER = {1: "bt709", 2: "unspecified", 4: "gamma22", 5: "gamma28", 6: "smpte170m", 7: "smpte240m",
+             8: "linear", 9: "log100", 10: "log316", 11: "iec61966-2-4", 12: "bt1361e", 13: "iec61966-2-1",
+             14: "bt2020-10", 15: "bt2020-12", 16: "smpte2084", 17: "smpte428", 18: "arib-std-b67"}
+_RANGE = {0: "unspecified", 1: "tv", 2: "pc"}
+
+# Read without conversion: planar 8-bit 4:2:0 (nv12/nv21 are the same samples, interleaved).
+_NATIVE = {"yuv420p", "yuvj420p"}
+_SAME_SAMPLES = {"nv12", "nv21"}
+
+
+class ConversionWarning(UserWarning):
+    """The source is converted to 8-bit 4:2:0 and loses something on the way."""
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the archive records about its source video.
+
+    Parameters
+    ----------
+    url : str
+        Where the source was read from (path or fsspec URL).
+    name : str
+        File name without directories.
+    size_bytes : int
+        Size of the source file.
+    sha256 : str
+        Hex sha256 of the source file's bytes (fixity of the original).
+    width, height : int
+        Luma size in pixels (odd sizes allowed).
+    frame_count : int
+        Exact number of decodable video frames.
+    fps : str
+        Frame rate as ``"num/den"``.
+    time_base : str
+        Stream time base as ``"num/den"``.
+    pix_fmt : str
+        The source's FFmpeg pixel format before conversion to 4:2:0.
+    color : dict
+        ``matrix``, ``range`` (``tv``/``pc``/``unspecified``), ``primaries``, ``transfer``,
+        ``chroma_location``: FFmpeg's names.
+    """
+
+    url: str
+    name: str
+    size_bytes: int
+    sha256: str
+    width: int
+    height: int
+    frame_count: int
+    fps: str
+    time_base: str
+    pix_fmt: str
+    color: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SourceInfo":
+        return cls(**data)
+
+    @property
+    def fps_fraction(self) -> Fraction:
+        return Fraction(self.fps)
+
+
+@contextlib.contextmanager
+def _libav_errors():
+    """Collect FFmpeg's error-level log lines (they reveal truncation PyAV does not raise)."""
+    previous = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)
+    try:
+        with av.logging.Capture() as logs:
+            yield logs
+    finally:
+        av.logging.set_level(previous)
+
+
+@contextlib.contextmanager
+def _open_input(url: str, storage_options: dict | None):
+    """Open ``url`` through fsspec and yield a PyAV input container and its video stream."""
+    name = os.path.basename(str(url).rstrip("/"))
+    try:
+        handle = fsspec.open(str(url), "rb", **(storage_options or {})).open()
+    except FileNotFoundError:
+        raise InputError(f"input {url} does not exist; check the path or URL") from None
+    except IsADirectoryError:
+        raise InputError(f"input {url} is a directory; give a video file") from None
+    except OSError as exc:
+        raise InputError(f"cannot open input {url}: {exc}; check the path and its permissions") from None
+    try:
+        try:
+            container = av.open(handle, mode="r")
+        except (av.error.InvalidDataError, av.error.EOFError):
+            raise InputError(f"{name} is not a video FFmpeg can read; give a video file (mp4, mkv, y4m, ...)") from None
+        except av.FFmpegError as exc:
+            raise InputError(f"{name} cannot be opened as a video: {exc}") from None
+        with container:
+            if not container.streams.video:
+                raise InputError(f"{name} has no video stream (audio, subtitles or data only); give a video file")
+            yield container, container.streams.video[0]
+    finally:
+        handle.close()
+
+
+def _classify(fmt: "av.video.format.VideoFormat", name: str) -> str | None:
+    """Check a decoded pixel format against the input policy; return a warning text if lossy."""
+    if any(c.bits > 8 for c in fmt.components):
+        bits = max(c.bits for c in fmt.components)
+        raise InputError(
+            f"{name} is {bits}-bit ({fmt.name}): palstream is 8-bit and would lose precision; "
+            f"convert with ffmpeg -pix_fmt yuv420p if 8-bit is acceptable"
+        )
+    if any(c.is_alpha for c in fmt.components):
+        raise InputError(
+            f"{name} has an alpha channel ({fmt.name}) that palstream cannot store; "
+            f"flatten it with ffmpeg -pix_fmt yuv420p if transparency may be dropped"
+        )
+    if fmt.is_bayer or fmt.is_bit_stream or fmt.name.endswith(("f32le", "f32be", "f16le", "f16be")):
+        raise InputError(f"{name} has unsupported pixel format {fmt.name}; convert with ffmpeg -pix_fmt yuv420p")
+    if fmt.name in _NATIVE or fmt.name in _SAME_SAMPLES:
+        return None
+    if fmt.is_rgb or fmt.has_palette:
+        return f"{name} is RGB ({fmt.name}): converted to YCbCr 4:2:0 (BT.601), which rounds colours and halves chroma resolution"
+    if fmt.name.startswith("gray"):
+        return f"{name} is greyscale ({fmt.name}): stored as YCbCr 4:2:0 with neutral chroma"
+    return f"{name} is {fmt.name}: converted to 4:2:0, which reduces chroma resolution"
+
+
+def _target_format(fmt_name: str) -> str:
+    # yuvj formats are full range; converting them to yuv420p would also squeeze the range.
+    return "yuvj420p" if fmt_name.startswith("yuvj") else "yuv420p"
+
+
+def _planes(frame: "av.VideoFrame") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three planes of a yuv420p/yuvj420p frame, without line padding (odd sizes kept)."""
+    out = []
+    for plane in frame.planes:
+        rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+        out.append(rows[:, : plane.width].copy())
+    return out[0], out[1], out[2]
+
+
+def _file_digest(url: str, storage_options: dict | None) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with fsspec.open(str(url), "rb", **(storage_options or {})) as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def probe(url: str, storage_options: dict | None = None) -> SourceInfo:
+    """Describe a source video and check that palstream can read all of it.
+
+    Every frame is decoded once (no conversion), so the frame count is exact and a
+    truncated or corrupt file is refused here, before any archive is written.
+
+    Parameters
+    ----------
+    url : str
+        Local path or fsspec URL (``file://``, ``memory://``, ``s3://``, ...).
+    storage_options : dict, optional
+        Passed to fsspec (e.g. S3 endpoint and credentials).
+
+    Returns
+    -------
+    SourceInfo
+
+    Raises
+    ------
+    InputError
+        Missing file, not a video, truncated/corrupt, zero frames, or a refused pixel format.
+    """
+    name = os.path.basename(str(url).rstrip("/"))
+    first = None
+    count = 0
+    with _libav_errors() as logs, _open_input(url, storage_options) as (container, stream):
+        try:
+            for frame in container.decode(stream):
+                if first is None:
+                    first = frame
+                    _classify(frame.format, name)
+                count += 1
+        except av.FFmpegError as exc:
+            raise InputError(f"{name} is corrupt after frame {count}: {_reason(exc, logs)}; re-export or repair it") from None
+        fps = stream.average_rate or stream.guessed_rate or stream.base_rate
+        time_base = stream.time_base
+    if logs:
+        raise InputError(f"{name} is truncated or corrupt ({_reason(None, logs)}); re-export or repair it")
+    if first is None:
+        raise InputError(f"{name} has a video stream but zero frames; give a video with at least one frame")
+    if not fps:
+        raise InputError(f"{name} does not state a frame rate; remux it with ffmpeg -r RATE")
+    size, sha = _file_digest(url, storage_options)
+    color = {
+        "matrix": _MATRIX.get(first.colorspace, "unspecified"),
+        "range": "pc" if first.format.name.startswith("yuvj") else _RANGE.get(first.color_range, "unspecified"),
+        "primaries": _PRIMARIES.get(first.color_primaries, "unspecified"),
+        "transfer": _TRANSFER.get(first.color_trc, "unspecified"),
+        # PyAV does not expose the chroma siting; FFmpeg's 4:2:0 default is "left" (MPEG-2).
+        "chroma_location": "unspecified",
+    }
+    if first.format.is_rgb or first.format.has_palette:
+        color.update(matrix="smpte170m", range="tv")  # what the conversion to YCbCr produces
+    return SourceInfo(
+        url=str(url), name=name, size_bytes=size, sha256=sha, width=first.width, height=first.height,
+        frame_count=count, fps=f"{fps.numerator}/{fps.denominator}",
+        time_base=f"{time_base.numerator}/{time_base.denominator}" if time_base else "0/1",
+        pix_fmt=first.format.name, color=color,
+    )
+
+
+def _reason(exc: Exception | None, logs: list) -> str:
+    if logs:
+        return logs[0][2].strip()
+    return str(exc).split(";")[0] if exc else "unknown error"
+
+
+def _decode_frames(url: str, storage_options: dict | None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Every frame as 8-bit 4:2:0 planes, converting (with one warning) per the input policy."""
+    name = os.path.basename(str(url).rstrip("/"))
+    count = 0
+    with _libav_errors() as logs, _open_input(url, storage_options) as (container, stream):
+        warned = False
+        try:
+            for frame in container.decode(stream):
+                if logs:
+                    break
+                if frame.format.name not in _NATIVE:
+                    message = _classify(frame.format, name)
+                    if message and not warned:
+                        warnings.warn(message, ConversionWarning, stacklevel=3)
+                        warned = True
+                    frame = frame.reformat(format=_target_format(frame.format.name))
+                count += 1
+                yield _planes(frame)
+        except av.FFmpegError as exc:
+            raise InputError(f"{name} is corrupt after frame {count}: {_reason(exc, logs)}; re-export or repair it") from None
+    if logs:
+        raise InputError(f"{name} is truncated or corrupt ({_reason(None, logs)}); re-export or repair it")
+
+
+def _stack(planes: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Frames:
+    return Frames(*(np.stack([p[i] for p in planes]) for i in range(3)))
+
+
+def iter_chunks(url: str, frames_per_chunk: int, storage_options: dict | None = None) -> Iterator[Frames]:
+    """Read a video sequentially in runs of ``frames_per_chunk`` frames (the last may be shorter).
+
+    Parameters
+    ----------
+    url : str
+        Local path or fsspec URL.
+    frames_per_chunk : int
+        Frames per yielded run, >= 1 (the GOP size when encoding).
+    storage_options : dict, optional
+        Passed to fsspec.
+
+    Yields
+    ------
+    Frames
+        8-bit 4:2:0 frames; conversions warn with :class:`ConversionWarning`.
+    """
+    if frames_per_chunk < 1:
+        raise ValueError("frames_per_chunk must be >= 1")
+    batch = []
+    for planes in _decode_frames(url, storage_options):
+        batch.append(planes)
+        if len(batch) == frames_per_chunk:
+            yield _stack(batch)
+            batch = []
+    if batch:
+        yield _stack(batch)
+
+
+def read_frames(url: str, start: int = 0, count: int | None = None, storage_options: dict | None = None) -> Frames:
+    """Frames ``[start, start + count)`` of a video as 8-bit 4:2:0 (all from ``start`` if count is None).
+
+    Decodes from the beginning (exact for every codec, no keyframe seeking).
+
+    Raises
+    ------
+    InputError
+        Unreadable source, or the range holds no frame.
+    """
+    if start < 0 or (count is not None and count < 1):
+        raise ValueError("start must be >= 0 and count >= 1")
+    stop = None if count is None else start + count
+    kept = []
+    for index, planes in enumerate(_decode_frames(url, storage_options)):
+        if stop is not None and index >= stop:
+            break
+        if index >= start:
+            kept.append(planes)
+    if not kept:
+        raise InputError(f"{os.path.basename(str(url))} has no frames in [{start}, {stop}); check the frame range")
+    return _stack(kept)
+
+
+# --- writers -----------------------------------------------------------------------------------
+
+# Output containers PyAV writes, and the codec palstream chooses for each (lossless where possible).
+_CODEC_BY_EXTENSION = {
+    ".mkv": "ffv1", ".avi": "ffv1", ".nut": "ffv1",
+    ".mp4": "libx264", ".mov": "libx264", ".webm": "libvpx-vp9",
+}
+# y4m chroma siting tokens (FFmpeg's chroma_location names).
+_Y4M_CHROMA = {"center": "C420jpeg", "left": "C420mpeg2", "topleft": "C420paldv"}
+
+
+def write_video(frames_iter: Iterable[Frames], path: str, source: SourceInfo) -> int:
+    """Write decoded frames to ``path``; the format follows its extension.
+
+    - ``.y4m``: YUV4MPEG2 with frame rate, colour range and chroma siting (exact).
+    - ``.yuv``: raw planar 4:2:0 bytes (exact).
+    - a directory (existing, or a path ending in ``/``) or a ``%d`` pattern: one RGB PNG per frame.
+    - anything else through PyAV: ``.mkv``/``.avi``/``.nut`` FFV1 (exact), ``.mp4``/``.mov`` H.264,
+      ``.webm`` VP9, other extensions the container's default video codec.
+
+    Parameters
+    ----------
+    frames_iter : iterable of Frames
+        Runs of frames in display order.
+    path : str
+        Output path (local) or, for ``.y4m``/``.yuv``, any fsspec URL.
+    source : SourceInfo
+        Supplies frame rate and colour metadata.
+
+    Returns
+    -------
+    int
+        Frames written.
+    """
+    path = str(path)
+    suffix = Path(path).suffix.lower()
+    if suffix == ".y4m":
+        return _write_y4m(frames_iter, path, source)
+    if suffix == ".yuv":
+        return _write_raw(frames_iter, path)
+    if "%" in path or path.endswith(("/", os.sep)) or os.path.isdir(path):
+        return _write_png(frames_iter, path, source)
+    return _write_pyav(frames_iter, path, source)
+
+
+def _open_output(path: str):
+    if "://" not in path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return fsspec.open(path, "wb")
+
+
+def _write_raw(frames_iter, path) -> int:
+    written = 0
+    with _open_output(path) as out:
+        for frames in frames_iter:
+            out.write(frames.tobytes())
+            written += len(frames)
+    return written
+
+
+def _write_y4m(frames_iter, path, source: SourceInfo) -> int:
+    fps = Fraction(source.fps)
+    tokens = [f"YUV4MPEG2 W{source.width} H{source.height} F{fps.numerator}:{fps.denominator} Ip A1:1",
+              _Y4M_CHROMA.get(source.color.get("chroma_location"), "C420jpeg")]
+    colour_range = source.color.get("range")
+    if colour_range in ("tv", "pc"):
+        tokens.append("XCOLORRANGE=" + ("FULL" if colour_range == "pc" else "LIMITED"))
+    written = 0
+    with _open_output(path) as out:
+        out.write((" ".join(tokens) + "\n").encode())
+        for frames in frames_iter:
+            for t in range(len(frames)):
+                out.write(b"FRAME\n")
+                out.write(frames[t : t + 1].tobytes())
+            written += len(frames)
+    return written
+
+
+def _to_av_frame(frames: Frames, t: int, fmt: str) -> "av.VideoFrame":
+    frame = av.VideoFrame(frames.width, frames.height, fmt)
+    for plane, data in zip(frame.planes, (frames.y[t], frames.u[t], frames.v[t])):
+        rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+        rows[:, : plane.width] = data
+    return frame
+
+
+def _av_format(source: SourceInfo) -> str:
+    return "yuvj420p" if source.color.get("range") == "pc" else "yuv420p"
+
+
+def _write_png(frames_iter, path, source: SourceInfo) -> int:
+    pattern = path if "%" in path else os.path.join(path, "frame_%06d.png")
+    os.makedirs(os.path.dirname(pattern) or ".", exist_ok=True)
+    codec = None
+    written = 0
+    for frames in frames_iter:
+        for t in range(len(frames)):
+            rgb = _to_av_frame(frames, t, _av_format(source)).reformat(format="rgb24")
+            if codec is None:
+                codec = av.CodecContext.create("png", "w")
+                codec.width, codec.height, codec.pix_fmt = frames.width, frames.height, "rgb24"
+            data = b"".join(bytes(p) for p in codec.encode(rgb))
+            with open(pattern % written, "wb") as out:
+                out.write(data)
+            written += 1
+    return written
+
+
+def _write_pyav(frames_iter, path, source: SourceInfo) -> int:
+    if "://" in path and not path.startswith("file://"):
+        raise PalstreamError(f"cannot write {path}: video containers are written to local paths; use .y4m or .yuv for URLs")
+    path = path.removeprefix("file://")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fps = Fraction(source.fps)
+    written = 0
+    try:
+        with av.open(path, mode="w") as container:
+            codec = _CODEC_BY_EXTENSION.get(Path(path).suffix.lower(), container.default_video_codec)
+            stream = container.add_stream(codec, rate=fps)
+            # Lossy viewing codecs need even sizes: pad by repeating the last row/column.
+            even = codec != "ffv1"
+            stream.width = source.width + (source.width % 2 if even else 0)
+            stream.height = source.height + (source.height % 2 if even else 0)
+            stream.pix_fmt = "yuv420p"
+            if codec == "libx264":
+                stream.options = {"crf": "12", "preset": "medium"}
+            for frames in frames_iter:
+                if even:
+                    frames = _pad_even(frames)
+                for t in range(len(frames)):
+                    frame = _to_av_frame(frames, t, "yuv420p")
+                    frame.pts = written
+                    container.mux(stream.encode(frame))
+                    written += 1
+            container.mux(stream.encode(None))
+    except (av.FFmpegError, ValueError) as exc:
+        raise PalstreamError(f"cannot write {path}: {exc}; choose .y4m, .yuv, .mkv or .mp4") from None
+    return written
+
+
+def _pad_even(frames: Frames) -> Frames:
+    pad_h, pad_w = frames.height % 2, frames.width % 2
+    if not (pad_h or pad_w):
+        return frames
+    # Chroma planes already have ceil sizes, so only luma grows.
+    y = np.pad(frames.y, ((0, 0), (0, pad_h), (0, pad_w)), mode="edge")
+    return Frames(y, frames.u, frames.v)
