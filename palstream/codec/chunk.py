@@ -1,19 +1,28 @@
-"""TEMPORARY PLACEHOLDER (being replaced by the real palette codec): zlib of raw planes.
+"""One chunk (GOP) of frames to bytes and back: header, rate control, frame loop.
 
-Its API is final: EncodedChunk, encode_chunk, decode_chunk, BitstreamError.
+The payload layout is specified in ``storage/BITSTREAM.md``.
 """
 
 from __future__ import annotations
 
+import math
 import struct
-import zlib
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from palstream.codec import analysis, rangecoder, syntax
 from palstream.codec.config import EncoderConfig
 from palstream.errors import ArchiveError
 from palstream.frames import Frames
+
+MAGIC = b"PSC1"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width, height, q, min, max, 0, body bytes
+FLAG_LOSSLESS = 1
+MAX_DIMENSION = 16384
+MAX_FRAMES = 1024
 
 
 class BitstreamError(ArchiveError):
@@ -22,28 +31,175 @@ class BitstreamError(ArchiveError):
 
 @dataclass
 class EncodedChunk:
+    """One coded GOP: the opaque ``payload`` and what the encoder measured (``stats``)."""
+
     payload: bytes
-    stats: dict = field(default_factory=dict)  # frames, bytes, psnr_y, mse_y, encode_seconds, ...
+    stats: dict = field(default_factory=dict)
+
+
+def _pad(plane: np.ndarray, multiple: int) -> np.ndarray:
+    t, h, w = plane.shape
+    ph = -h % multiple
+    pw = -w % multiple
+    return np.pad(plane, ((0, 0), (0, ph), (0, pw)), mode="edge") if ph or pw else np.ascontiguousarray(plane)
+
+
+def _psnr(mse: float) -> float:
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def initial_step(target_psnr: float) -> int:
+    """Quantiser step whose uniform error (q^2 - 1)/12 just meets the target MSE."""
+    mse = 255.0**2 / 10 ** (target_psnr / 10)
+    return max(1, int(math.sqrt(12 * mse + 1)))
+
+
+class _DecisionMaps:
+    """Per-8x8-cell decisions shared by the analysis, the syntax writer and the reader."""
+
+    def __init__(self, h: int, w: int):
+        h8, w8 = h // 8, w // 8
+        self.leafsize = np.zeros((h8, w8), np.int32)
+        self.mode = np.zeros((h8, w8), np.int32)
+        self.mv = np.zeros((h8, w8, 2), np.int32)
+        self.pal_y = np.zeros((h8, w8, syntax.MAX_PAL), np.int64)
+        self.pal_yn = np.zeros((h8, w8), np.int32)
+        self.pal_c = np.zeros((h8, w8, syntax.MAX_PAL), np.int64)
+        self.pal_cn = np.zeros((h8, w8), np.int32)
+
+    def args(self):
+        return (self.leafsize, self.mode, self.mv, self.pal_y, self.pal_yn, self.pal_c, self.pal_cn)
+
+
+def _run(enc, buf, planes, recon, q, tol, min_block, max_block, decide=None):
+    """Code every frame of a chunk in one direction; returns the coder state."""
+    t, h, w = recon[0].shape
+    st = rangecoder.new_state()
+    if not enc:
+        rangecoder.start_decoding(st, buf)
+    probs = rangecoder.new_probs(syntax.N_CONTEXTS)
+    maps = _DecisionMaps(h, w)
+    kmaps = (np.zeros((h, w), np.uint8), np.zeros((h // 2, w // 2), np.uint8), np.zeros((h // 2, w // 2), np.uint8))
+    pred_y, npred_y = np.zeros(syntax.MAX_PAL, np.int64), np.zeros(1, np.int64)
+    pred_c, npred_c = np.zeros(syntax.MAX_PAL, np.int64), np.zeros(1, np.int64)
+    prev_mv = np.zeros_like(maps.mv)
+    for f in range(t):
+        src = tuple(p[f] for p in planes)
+        rec = tuple(p[f] for p in recon)
+        ref = tuple(p[f - 1] for p in recon) if f > 0 else rec
+        if decide is not None:
+            decide(src, ref, f > 0, prev_mv, maps)
+            prev_mv = maps.mv.copy()
+        syntax.code_frame(
+            enc, st, buf, probs, *src, *rec, *ref, *kmaps,
+            f == 0, q, tol, min_block, max_block, *maps.args(), pred_y, npred_y, pred_c, npred_c,
+        )
+    return st, maps
+
+
+def _encode_at(padded, q, config: EncoderConfig):
+    t, h, w = padded[0].shape
+    lam = 0.0 if config.lossless else 0.15 * q * q * config.lambda_scale
+    dweight = 1e6 if config.lossless else 1.0
+    table = analysis.residual_cost_table(q, max(lam, 1.0), dweight)
+    tol = int(lam * 2)
+    rd_lambda = max(lam, 1.0)
+
+    def decide(src, ref, has_ref, prev_mv, maps):
+        mv8 = analysis.motion_search(src[0], ref[0], prev_mv, config.search_range) if has_ref else prev_mv
+        analysis.decide(
+            *src, *ref, has_ref, mv8, table, rd_lambda, dweight,
+            config.min_block, config.max_block, config.max_palette, *maps.args(),
+        )
+
+    recon = tuple(np.zeros_like(p) for p in padded)
+    capacity = padded[0].size * 3 + 4096
+    while True:
+        buf = np.zeros(capacity, np.uint8)
+        st, _ = _run(True, buf, padded, recon, q, tol, config.min_block, config.max_block, decide)
+        size = rangecoder.flush(st, buf)
+        if size <= capacity:
+            return bytes(buf[:size]), recon
+        capacity = size + 4096  # rare: incompressible content; code again into a larger buffer
 
 
 def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> EncodedChunk:
-    header = struct.pack("<4sHHH", b"PSC0", len(frames), frames.width, frames.height)
-    payload = header + zlib.compress(frames.tobytes(), 6)
-    return EncodedChunk(payload, {"frames": len(frames), "bytes": len(payload), "psnr_y": float("inf"), "mse_y": 0.0})
+    """Encode one GOP.
+
+    Parameters
+    ----------
+    frames : Frames
+        1..1024 frames of any size up to 16384x16384.
+    config : EncoderConfig
+        ``lossless`` or ``target_psnr``: the chunk's PSNR-Y is at least that many dB.
+    generator : PaletteGenerator, optional
+        Reserved for learned palette proposals; palettes are data in the payload either way.
+
+    Returns
+    -------
+    EncodedChunk
+        ``payload`` bytes and ``stats`` (frames, bytes, psnr_y, mse_y, q, encode_seconds, attempts).
+    """
+    start = time.perf_counter()
+    t, h, w = frames.y.shape
+    if not 1 <= t <= MAX_FRAMES or not (1 <= h <= MAX_DIMENSION and 1 <= w <= MAX_DIMENSION):
+        raise ValueError(f"chunk of {t} frames of {w}x{h} is out of range (1..{MAX_FRAMES} frames, 1..{MAX_DIMENSION} px)")
+    padded = (_pad(frames.y, syntax.CTU), _pad(frames.u, syntax.CTU // 2), _pad(frames.v, syntax.CTU // 2))
+    q = 1 if config.lossless else initial_step(config.target_psnr)
+    attempts = 0
+    while True:
+        attempts += 1
+        body, recon = _encode_at(padded, q, config)
+        diff = recon[0][:, :h, :w].astype(np.int32) - frames.y
+        mse = float(np.mean(diff.astype(np.float64) ** 2))
+        # the quality floor is a promise: step down until the chunk meets it
+        if config.lossless or q == 1 or _psnr(mse) >= config.target_psnr:
+            break
+        q -= 1
+    flags = FLAG_LOSSLESS if config.lossless else 0
+    header = HEADER.pack(MAGIC, VERSION, flags, t, w, h, q, config.min_block, config.max_block, 0, len(body))
+    payload = header + body
+    stats = {
+        "frames": t,
+        "bytes": len(payload),
+        "bpp": 8.0 * len(payload) / (t * h * w),
+        "psnr_y": _psnr(mse),
+        "mse_y": mse,
+        "q": q,
+        "attempts": attempts,
+        "encode_seconds": time.perf_counter() - start,
+    }
+    return EncodedChunk(payload, stats)
 
 
 def decode_chunk(payload: bytes) -> Frames:
-    try:
-        magic, t, w, h = struct.unpack_from("<4sHHH", payload)
-        raw = np.frombuffer(zlib.decompress(payload[10:]), np.uint8)
-    except (struct.error, zlib.error) as exc:
-        raise BitstreamError(f"payload does not parse: {exc}") from None
-    cw, ch = (w + 1) // 2, (h + 1) // 2
-    per = w * h + 2 * cw * ch
-    if magic != b"PSC0" or raw.size != t * per:
-        raise BitstreamError("payload size does not match its header")
-    raw = raw.reshape(t, per)
-    y = raw[:, : w * h].reshape(t, h, w)
-    u = raw[:, w * h : w * h + cw * ch].reshape(t, ch, cw)
-    v = raw[:, w * h + cw * ch :].reshape(t, ch, cw)
-    return Frames(y.copy(), u.copy(), v.copy())
+    """Decode one GOP payload to frames; raises ``BitstreamError`` if it is malformed."""
+    if len(payload) < HEADER.size:
+        raise BitstreamError(f"payload of {len(payload)} bytes is shorter than its {HEADER.size}-byte header")
+    magic, version, flags, t, w, h, q, min_block, max_block, _, body_len = HEADER.unpack_from(payload)
+    if magic != MAGIC:
+        raise BitstreamError("payload does not start with the palstream chunk magic 'PSC1'")
+    if version != VERSION:
+        raise BitstreamError(f"chunk bitstream version {version} is not supported (this decoder reads {VERSION})")
+    if not (1 <= t <= MAX_FRAMES and 1 <= w <= MAX_DIMENSION and 1 <= h <= MAX_DIMENSION):
+        raise BitstreamError(f"declared size {t} frames of {w}x{h} is out of range")
+    if q < 1 or min_block not in (8, 16, 32, 64) or max_block not in (8, 16, 32, 64) or min_block > max_block:
+        raise BitstreamError(f"declared coding parameters (q={q}, blocks {min_block}..{max_block}) are invalid")
+    if body_len != len(payload) - HEADER.size:
+        raise BitstreamError(f"declared body of {body_len} bytes but {len(payload) - HEADER.size} are present")
+    ph, pw = h + (-h % syntax.CTU), w + (-w % syntax.CTU)
+    recon = (
+        np.zeros((t, ph, pw), np.uint8),
+        np.zeros((t, ph // 2, pw // 2), np.uint8),
+        np.zeros((t, ph // 2, pw // 2), np.uint8),
+    )
+    buf = np.frombuffer(payload, np.uint8, offset=HEADER.size).copy()  # writable: one compiled coder for both directions
+    st, _ = _run(False, buf, recon, recon, q, 0, min_block, max_block)
+    if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
+        raise BitstreamError("chunk body ends before its frames are complete (truncated)")
+    ch, cw = (h + 1) // 2, (w + 1) // 2
+    return Frames(
+        np.ascontiguousarray(recon[0][:, :h, :w]),
+        np.ascontiguousarray(recon[1][:, :ch, :cw]),
+        np.ascontiguousarray(recon[2][:, :ch, :cw]),
+    )

@@ -1,0 +1,402 @@
+"""Encoder decisions: motion search and the rate-distortion quadtree.
+
+Every candidate leaf (8x8 .. 64x64) is priced as J = D + lambda * R for each mode, with R
+estimated from the quantised residual levels or the palette's size and index changes; a node
+splits when its four children are cheaper. The decoder never runs any of this.
+"""
+
+import math
+
+import numpy as np
+from numba import njit
+
+from palstream.codec.syntax import INTER, INTRA, MAX_PAL, PALETTE, SKIP
+
+
+@njit(cache=True, inline="always")
+def _clamp(v, lo, hi):
+    return lo if v < lo else (hi if v > hi else v)
+
+
+@njit(cache=True)
+def _sad8(cur, ref, y0, x0, dy, dx):
+    h, w = cur.shape
+    s = 0
+    for y in range(y0, y0 + 8):
+        ry = _clamp(y + dy, 0, h - 1)
+        for x in range(x0, x0 + 8):
+            s += abs(np.int64(cur[y, x]) - np.int64(ref[ry, _clamp(x + dx, 0, w - 1)]))
+    return s
+
+
+@njit(cache=True)
+def motion_search(cur, ref, prev_mv, search_range):
+    """Integer motion vector per 8x8 luma block: predictor and grid candidates, then a +-2 refinement."""
+    h, w = cur.shape
+    h8 = h // 8
+    w8 = w // 8
+    mv = np.zeros((h8, w8, 2), np.int32)
+    if search_range == 0:
+        return mv
+    step = max(1, search_range // 2)
+    cands = np.empty((64, 2), np.int64)
+    for by in range(h8):
+        for bx in range(w8):
+            n = 0
+            cands[n, 0] = 0
+            cands[n, 1] = 0
+            n += 1
+            if bx > 0:
+                cands[n, 0] = mv[by, bx - 1, 0]
+                cands[n, 1] = mv[by, bx - 1, 1]
+                n += 1
+            if by > 0:
+                cands[n, 0] = mv[by - 1, bx, 0]
+                cands[n, 1] = mv[by - 1, bx, 1]
+                n += 1
+                if bx + 1 < w8:
+                    cands[n, 0] = mv[by - 1, bx + 1, 0]
+                    cands[n, 1] = mv[by - 1, bx + 1, 1]
+                    n += 1
+            cands[n, 0] = prev_mv[by, bx, 0]
+            cands[n, 1] = prev_mv[by, bx, 1]
+            n += 1
+            for gy in range(-search_range, search_range + 1, step):
+                for gx in range(-search_range, search_range + 1, step):
+                    if n < 64:
+                        cands[n, 0] = gy
+                        cands[n, 1] = gx
+                        n += 1
+            best = np.int64(1) << 60
+            bdy = 0
+            bdx = 0
+            for i in range(n):
+                dy = _clamp(cands[i, 0], -search_range, search_range)
+                dx = _clamp(cands[i, 1], -search_range, search_range)
+                c = _sad8(cur, ref, by * 8, bx * 8, dy, dx) + 2 * (abs(dy) + abs(dx))
+                if c < best:
+                    best = c
+                    bdy = dy
+                    bdx = dx
+            cy = bdy
+            cx = bdx
+            for dy in range(cy - 2, cy + 3):
+                for dx in range(cx - 2, cx + 3):
+                    if abs(dy) <= search_range and abs(dx) <= search_range:
+                        c = _sad8(cur, ref, by * 8, bx * 8, dy, dx) + 2 * (abs(dy) + abs(dx))
+                        if c < best:
+                            best = c
+                            bdy = dy
+                            bdx = dx
+            mv[by, bx, 0] = bdy
+            mv[by, bx, 1] = bdx
+    return mv
+
+
+def residual_cost_table(q: int, lam: float, dweight: float) -> np.ndarray:
+    """J(e) for every prediction error e in -255..255: distortion after quantising with step q,
+    plus lambda times the estimated bits of its level."""
+    e = np.arange(-255, 256)
+    k = (np.abs(e) + (q - 1) // 2) // q
+    d = (np.abs(e) - k * q) ** 2
+    bits = np.where(k == 0, 0.3, 3.0 + 2.0 * np.log2(np.maximum(k, 1)))
+    return dweight * d + lam * bits
+
+
+@njit(cache=True)
+def _med_error(src):
+    """Open-loop MED prediction error of every pixel (estimates the intra cost)."""
+    h, w = src.shape
+    e = np.empty((h, w), np.int64)
+    for y in range(h):
+        for x in range(w):
+            if y == 0 and x == 0:
+                p = 128
+            elif y == 0:
+                p = np.int64(src[y, x - 1])
+            elif x == 0:
+                p = np.int64(src[y - 1, x])
+            else:
+                a = np.int64(src[y, x - 1])
+                b = np.int64(src[y - 1, x])
+                c = np.int64(src[y - 1, x - 1])
+                if c >= max(a, b):
+                    p = min(a, b)
+                elif c <= min(a, b):
+                    p = max(a, b)
+                else:
+                    p = a + b - c
+            e[y, x] = np.int64(src[y, x]) - p
+    return e
+
+
+@njit(cache=True)
+def _block_cost(err, table, y0, x0, s):
+    t = 0.0
+    for y in range(y0, y0 + s):
+        for x in range(x0, x0 + s):
+            t += table[err[y, x] + 255]
+    return t
+
+
+@njit(cache=True)
+def _inter_cost(cur, ref, table, y0, x0, s, dy, dx):
+    h, w = cur.shape
+    t = 0.0
+    for y in range(y0, y0 + s):
+        ry = _clamp(y + dy, 0, h - 1)
+        for x in range(x0, x0 + s):
+            t += table[np.int64(cur[y, x]) - np.int64(ref[ry, _clamp(x + dx, 0, w - 1)]) + 255]
+    return t
+
+
+@njit(cache=True)
+def _skip_sse(cur, ref, y0, x0, s):
+    t = 0
+    for y in range(y0, y0 + s):
+        for x in range(x0, x0 + s):
+            d = np.int64(cur[y, x]) - np.int64(ref[y, x])
+            t += d * d
+    return t
+
+
+@njit(cache=True)
+def _transitions(keys2d, y0, x0, s):
+    """Pixels whose value differs from both the left and the top neighbour (index changes)."""
+    t = 0
+    for y in range(y0, y0 + s):
+        for x in range(x0, x0 + s):
+            k = keys2d[y, x]
+            if (x == x0 or keys2d[y, x - 1] != k) and (y == y0 or keys2d[y - 1, x] != k):
+                t += 1
+    return t
+
+
+@njit(cache=True)
+def _palette_leaf(keys2d, y0, x0, s, two, max_pal, lam, dweight, out_keys):
+    """Best palette for one block: its distinct values, merged greedily while merging pays.
+
+    Returns (J, n) with the sorted palette in ``out_keys[:n]``, or (inf, 0) when the block has
+    more than ``max_pal`` distinct values.
+    """
+    npx = s * s
+    flat = np.empty(npx, np.int64)
+    i = 0
+    for y in range(y0, y0 + s):
+        for x in range(x0, x0 + s):
+            flat[i] = keys2d[y, x]
+            i += 1
+    flat.sort()
+    vals = np.empty(npx, np.int64)
+    cnt = np.empty(npx, np.int64)
+    n = 0
+    for i in range(npx):
+        if n > 0 and vals[n - 1] == flat[i]:
+            cnt[n - 1] += 1
+        else:
+            if n == max_pal:
+                return np.inf, 0
+            vals[n] = flat[i]
+            cnt[n] = 1
+            n += 1
+    # clusters: centre, count, sum and sum of squares per component (u and v for pairs)
+    cu = np.empty(n, np.float64)
+    cv = np.empty(n, np.float64)
+    su = np.empty(n, np.float64)
+    sv = np.empty(n, np.float64)
+    qq = np.empty(n, np.float64)
+    cc = np.empty(n, np.float64)
+    for i in range(n):
+        u = float(vals[i] >> 8) if two else float(vals[i])
+        v = float(vals[i] & 255) if two else 0.0
+        cc[i] = cnt[i]
+        su[i] = u * cnt[i]
+        sv[i] = v * cnt[i]
+        qq[i] = (u * u + v * v) * cnt[i]
+        cu[i] = u
+        cv[i] = v
+    dist = 0.0
+    trans = _transitions(keys2d, y0, x0, s)
+    alive = np.ones(n, np.bool_)
+    m = n
+    while m > 1 and dweight < 1e5:
+        best = np.inf
+        bi = -1
+        bj = -1
+        for i in range(n):
+            if not alive[i]:
+                continue
+            for j in range(i + 1, n):
+                if not alive[j]:
+                    continue
+                du = cu[i] - cu[j]
+                dv = cv[i] - cv[j]
+                w = cc[i] * cc[j] / (cc[i] + cc[j])
+                c = w * (du * du + dv * dv)
+                if c < best:
+                    best = c
+                    bi = i
+                    bj = j
+                if not two:
+                    break  # 1-D sorted levels: only the next live level can be nearest
+        saved = 6.0 + 0.5 * min(cc[bi], cc[bj])
+        if best * dweight >= lam * saved:
+            break
+        cc[bi] += cc[bj]
+        su[bi] += su[bj]
+        sv[bi] += sv[bj]
+        qq[bi] += qq[bj]
+        cu[bi] = su[bi] / cc[bi]
+        cv[bi] = sv[bi] / cc[bi]
+        alive[bj] = False
+        m -= 1
+    # integer centres; distortion of each cluster around its rounded centre
+    k = 0
+    for i in range(n):
+        if alive[i]:
+            ru = math.floor(cu[i] + 0.5)
+            rv = math.floor(cv[i] + 0.5)
+            dist += qq[i] - 2.0 * (ru * su[i] + rv * sv[i]) + (ru * ru + rv * rv) * cc[i]
+            out_keys[k] = np.int64(ru) * 256 + np.int64(rv) if two else np.int64(ru)
+            k += 1
+    out = np.sort(out_keys[:k])
+    # rounding can make two centres equal: keep the palette strictly increasing
+    u = 0
+    for i in range(k):
+        if u == 0 or out[i] != out_keys[u - 1]:
+            out_keys[u] = out[i]
+            u += 1
+    bits_per_change = 1.5 + math.log2(max(u, 2))
+    rate = 8.0 * u + trans * min(1.0, (u - 1.0)) * bits_per_change + (npx - trans) * (0.1 if u > 1 else 0.0)
+    return dweight * dist + lam * rate, u
+
+
+@njit(cache=True)
+def decide(
+    cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, has_ref, mv8, table, lam, dweight,
+    min_block, max_block, max_pal, leafsize, mode, mv, pal_y, pal_yn, pal_c, pal_cn,
+):
+    """Fill the decision maps (per 8x8 cell) with the RD-best quadtree of the frame."""
+    h, w = cur_y.shape
+    err_y = _med_error(cur_y)
+    err_u = _med_error(cur_u)
+    err_v = _med_error(cur_v)
+    keys_c = cur_u.astype(np.int64) * 256 + cur_v.astype(np.int64)
+    keys_y = cur_y.astype(np.int64)
+    nlev = 4
+    # per level: best cost, leaf mode, mv, split flag, palettes
+    sizes = np.array([8, 16, 32, 64])
+    best = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
+    lmode = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
+    lmv = [np.zeros((h // s, w // s, 2), np.int32) for s in (8, 16, 32, 64)]
+    lsplit = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
+    lpy = [np.zeros((h // s, w // s, MAX_PAL), np.int64) for s in (8, 16, 32, 64)]
+    lpyn = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
+    lpc = [np.zeros((h // s, w // s, MAX_PAL), np.int64) for s in (8, 16, 32, 64)]
+    lpcn = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
+    tmp_y = np.empty(MAX_PAL, np.int64)
+    tmp_c = np.empty(MAX_PAL, np.int64)
+    for lev in range(nlev):
+        s = sizes[lev]
+        if s > max_block:
+            break
+        cs = s // 2
+        for by in range(h // s):
+            for bx in range(w // s):
+                y0 = by * s
+                x0 = bx * s
+                c0y = y0 // 2
+                c0x = x0 // 2
+                jbest = np.inf
+                bm = INTRA
+                bdy = 0
+                bdx = 0
+                if s >= min_block:
+                    # intra: open-loop MED residual
+                    j = (_block_cost(err_y, table, y0, x0, s) + _block_cost(err_u, table, c0y, c0x, cs)
+                         + _block_cost(err_v, table, c0y, c0x, cs) + lam * 2.0)
+                    jbest = j
+                    if has_ref:
+                        sse = (_skip_sse(cur_y, ref_y, y0, x0, s) + _skip_sse(cur_u, ref_u, c0y, c0x, cs)
+                               + _skip_sse(cur_v, ref_v, c0y, c0x, cs))
+                        j = dweight * sse + lam * 1.0
+                        if j < jbest:
+                            jbest = j
+                            bm = SKIP
+                        # inter: vectors of the 8x8 cells at the block's quadrant corners, and zero
+                        step = max(1, s // 16)
+                        for qy in range(0, s // 8, step):
+                            for qx in range(0, s // 8, step):
+                                dy = mv8[by * (s // 8) + qy, bx * (s // 8) + qx, 0]
+                                dx = mv8[by * (s // 8) + qy, bx * (s // 8) + qx, 1]
+                                j = (_inter_cost(cur_y, ref_y, table, y0, x0, s, dy, dx)
+                                     + _inter_cost(cur_u, ref_u, table, c0y, c0x, cs, dy >> 1, dx >> 1)
+                                     + _inter_cost(cur_v, ref_v, table, c0y, c0x, cs, dy >> 1, dx >> 1)
+                                     + lam * (3.0 + abs(dy) + abs(dx)))
+                                if j < jbest:
+                                    jbest = j
+                                    bm = INTER
+                                    bdy = dy
+                                    bdx = dx
+                    jy, ny = _palette_leaf(keys_y, y0, x0, s, False, max_pal, lam, dweight, tmp_y)
+                    if ny > 0:
+                        jc, nc = _palette_leaf(keys_c, c0y, c0x, cs, True, max_pal, lam, dweight, tmp_c)
+                        if nc > 0 and jy + jc + lam * 2.0 < jbest:
+                            jbest = jy + jc + lam * 2.0
+                            bm = PALETTE
+                            lpy[lev][by, bx, :ny] = tmp_y[:ny]
+                            lpyn[lev][by, bx] = ny
+                            lpc[lev][by, bx, :nc] = tmp_c[:nc]
+                            lpcn[lev][by, bx] = nc
+                if lev > 0 and s > min_block:
+                    below = best[lev - 1]
+                    js = (below[2 * by, 2 * bx] + below[2 * by, 2 * bx + 1] + below[2 * by + 1, 2 * bx]
+                          + below[2 * by + 1, 2 * bx + 1] + lam * 1.0)
+                    if js < jbest:
+                        jbest = js
+                        lsplit[lev][by, bx] = True
+                best[lev][by, bx] = jbest
+                lmode[lev][by, bx] = bm
+                lmv[lev][by, bx, 0] = bdy
+                lmv[lev][by, bx, 1] = bdx
+    # top-down: write the chosen leaves into the 8x8 cell maps
+    top = 0
+    while top < nlev - 1 and sizes[top] < max_block:
+        top += 1
+    stack = np.empty((4096, 3), np.int64)
+    sp = 0
+    s = sizes[top]
+    for by in range(h // s):
+        for bx in range(w // s):
+            stack[sp, 0] = top
+            stack[sp, 1] = by
+            stack[sp, 2] = bx
+            sp += 1
+    while sp > 0:
+        sp -= 1
+        lev = stack[sp, 0]
+        by = stack[sp, 1]
+        bx = stack[sp, 2]
+        if lsplit[lev][by, bx]:
+            for j in range(4):
+                stack[sp, 0] = lev - 1
+                stack[sp, 1] = 2 * by + j // 2
+                stack[sp, 2] = 2 * bx + j % 2
+                sp += 1
+            continue
+        s = sizes[lev]
+        n8 = s // 8
+        cy8 = by * n8
+        cx8 = bx * n8
+        for yy in range(cy8, cy8 + n8):
+            for xx in range(cx8, cx8 + n8):
+                leafsize[yy, xx] = s
+                mode[yy, xx] = lmode[lev][by, bx]
+                mv[yy, xx, 0] = lmv[lev][by, bx, 0]
+                mv[yy, xx, 1] = lmv[lev][by, bx, 1]
+        ny = lpyn[lev][by, bx]
+        nc = lpcn[lev][by, bx]
+        pal_yn[cy8, cx8] = ny
+        pal_y[cy8, cx8, :ny] = lpy[lev][by, bx, :ny]
+        pal_cn[cy8, cx8] = nc
+        pal_c[cy8, cx8, :nc] = lpc[lev][by, bx, :nc]

@@ -1,0 +1,469 @@
+"""The frame syntax, written once for both directions.
+
+``code_frame(enc=True, ...)`` writes the decisions in ``Decisions`` and the residuals/indices
+it derives from the source; ``code_frame(enc=False, ...)`` reads the same syntax back and
+fills the decisions. Both walk the same code path, so encoder and decoder cannot drift
+apart, and the encoder's reconstruction is by construction the decoder's output.
+See ``storage/BITSTREAM.md`` for the syntax in prose.
+
+All planes are padded to a multiple of 64 (luma) by the caller. Everything is integer.
+"""
+
+import numpy as np
+from numba import njit
+
+from palstream.codec.rangecoder import UEG_CONTEXTS, code_bit, code_bypass, code_tree, code_ueg
+
+SKIP, INTER, INTRA, PALETTE = 0, 1, 2, 3
+CTU = 64
+MV_LIMIT = 1024
+MAX_PAL = 64
+
+
+class _Contexts:
+    """Running allocation of context indices (module constants below)."""
+
+    n = 0
+
+    @classmethod
+    def take(cls, count):
+        start = cls.n
+        cls.n += count
+        return start
+
+
+_c = _Contexts.take
+CTX_SPLIT = _c(4)  # by depth
+CTX_SKIP = _c(3)  # by number of skipped neighbours
+CTX_INTER = _c(3)
+CTX_PALETTE = _c(3)
+CTX_MV_ZERO = _c(2)
+CTX_MV_MAG = _c(2 * UEG_CONTEXTS)
+# residuals: [plane class 2][mode 2]
+CTX_RES_ZERO = _c(4 * 20)  # neighbour-magnitude bucket (5) x activity bucket (4)
+CTX_RES_SIGN = _c(4 * 3)
+CTX_RES_MAG = _c(4 * 5 * UEG_CONTEXTS)
+# palettes: [component class 2]
+CTX_PAL_REUSE = _c(2 * 2)
+CTX_PAL_NEW = _c(2 * UEG_CONTEXTS)
+CTX_PAL_FIRST = _c(2 * 256)
+CTX_PAL_DELTA = _c(2 * UEG_CONTEXTS)
+CTX_PAL_CR_ZERO = _c(1)
+CTX_PAL_CR_MAG = _c(UEG_CONTEXTS)
+CTX_IDX_LEFT = _c(2 * 6)
+CTX_IDX_TOP = _c(2 * 3)
+CTX_IDX_EXPLICIT = _c(2 * 7 * 64)
+N_CONTEXTS = _Contexts.n
+
+
+@njit(cache=True, inline="always")
+def _clamp(v, lo, hi):
+    return lo if v < lo else (hi if v > hi else v)
+
+
+@njit(cache=True, inline="always")
+def _med(rec, y, x):
+    if y == 0 and x == 0:
+        return 128
+    if y == 0:
+        return np.int64(rec[y, x - 1])
+    if x == 0:
+        return np.int64(rec[y - 1, x])
+    a = np.int64(rec[y, x - 1])
+    b = np.int64(rec[y - 1, x])
+    c = np.int64(rec[y - 1, x - 1])
+    if c >= max(a, b):
+        return min(a, b)
+    if c <= min(a, b):
+        return max(a, b)
+    return a + b - c
+
+
+@njit(cache=True, inline="always")
+def _activity_bucket(rec, y, x, q):
+    if y == 0 or x == 0:
+        return 3
+    a = np.int64(rec[y, x - 1])
+    b = np.int64(rec[y - 1, x])
+    c = np.int64(rec[y - 1, x - 1])
+    t = (abs(a - c) + abs(b - c)) // q
+    if t == 0:
+        return 0
+    if t <= 2:
+        return 1
+    if t <= 8:
+        return 2
+    return 3
+
+
+@njit(cache=True)
+def code_residual_block(enc, st, buf, probs, src, rec, ref, kmap, y0, x0, size, q, mode, plane_class, mvy, mvx):
+    """Quantised prediction residual of one block of one plane: its 'palette of residual levels'.
+
+    Prediction: motion-compensated copy of ``ref`` (INTER) or MED of reconstructed neighbours
+    (INTRA). Level k (residual / q, rounded) is coded as zero flag, sign, magnitude - 1.
+    """
+    h, w = rec.shape
+    cls = plane_class * 2 + (1 if mode == INTRA else 0)
+    rnd = (q - 1) // 2
+    for y in range(y0, y0 + size):
+        for x in range(x0, x0 + size):
+            if mode == INTRA:
+                pred = _med(rec, y, x)
+            else:
+                pred = np.int64(ref[_clamp(y + mvy, 0, h - 1), _clamp(x + mvx, 0, w - 1)])
+            kl = np.int64(kmap[y, x - 1]) if x > 0 else 0
+            kt = np.int64(kmap[y - 1, x]) if y > 0 else 0
+            s = kl + kt
+            nb = s if s < 3 else (3 if s < 6 else 4)
+            act = _activity_bucket(rec, y, x, q)
+            k = 0
+            if enc:
+                e = np.int64(src[y, x]) - pred
+                k = (abs(e) + rnd) // q
+                if e < 0:
+                    k = -k
+            nz = code_bit(enc, st, buf, probs, CTX_RES_ZERO + cls * 20 + nb * 4 + act, 1 if k != 0 else 0)
+            if nz:
+                sctx = 0
+                if x > 0:
+                    sl = np.int64(kmap[y, x - 1])
+                    sctx = 0 if sl == 0 else 1
+                neg = code_bit(enc, st, buf, probs, CTX_RES_SIGN + cls * 3 + sctx, 1 if k < 0 else 0)
+                mag = code_ueg(enc, st, buf, probs, CTX_RES_MAG + (cls * 5 + nb) * UEG_CONTEXTS, abs(k) - 1) + 1
+                k = -mag if neg else mag
+            r = _clamp(pred + k * q, 0, 255)
+            rec[y, x] = r
+            kmap[y, x] = min(abs(k), 15)
+
+
+@njit(cache=True, inline="always")
+def _key_at(rec_a, rec_b, two, y, x):
+    if two:
+        return np.int64(rec_a[y, x]) * 256 + np.int64(rec_b[y, x])
+    return np.int64(rec_a[y, x])
+
+
+@njit(cache=True, inline="always")
+def _find(keys, n, key):
+    for i in range(n):
+        if keys[i] == key:
+            return i
+    return -1
+
+
+@njit(cache=True, inline="always")
+def _key_distance(a, b, two):
+    if two:
+        du = (a >> 8) - (b >> 8)
+        dv = (a & 255) - (b & 255)
+        return du * du + dv * dv
+    return (a - b) * (a - b)
+
+
+@njit(cache=True)
+def code_palette(enc, st, buf, probs, keys, n, pred, npred, two):
+    """Palette (sorted keys) as reuse flags over the predictor list, then new entries.
+
+    Returns the palette size; ``keys[:n]`` holds the sorted palette afterwards, and the
+    predictor list is updated in place (current palette first, then unused old entries).
+    """
+    comp = 1 if two else 0
+    out = np.empty(MAX_PAL, np.int64)
+    m = 0
+    reused = np.zeros(MAX_PAL, np.bool_)
+    for i in range(npred[0]):
+        flag = 0
+        if enc:
+            flag = 1 if _find(keys, n, pred[i]) >= 0 else 0
+        if m < MAX_PAL and code_bit(enc, st, buf, probs, CTX_PAL_REUSE + comp * 2 + (1 if i < 4 else 0), flag):
+            out[m] = pred[i]
+            reused[i] = True
+            m += 1
+    fresh = np.empty(MAX_PAL, np.int64)
+    nnew = 0
+    if enc:
+        for i in range(n):
+            if _find(pred, npred[0], keys[i]) < 0:
+                fresh[nnew] = keys[i]
+                nnew += 1
+    nnew = code_ueg(enc, st, buf, probs, CTX_PAL_NEW + comp * UEG_CONTEXTS, nnew)
+    nnew = min(nnew, MAX_PAL - m)
+    prev = -1
+    for i in range(nnew):
+        v = fresh[i] if enc else 0
+        if not two:
+            if i == 0:
+                v = code_tree(enc, st, buf, probs, CTX_PAL_FIRST + comp * 256 - 1, 8, v)
+            else:
+                v = prev + 1 + code_ueg(enc, st, buf, probs, CTX_PAL_DELTA + comp * UEG_CONTEXTS, v - prev - 1)
+            v = min(v, 255)
+        else:
+            # pairs sorted by (Cb, Cr): Cb as a non-negative delta, Cr as a signed delta
+            u = v >> 8
+            cr = v & 255
+            pu = -1 if i == 0 else prev >> 8
+            pcr = 128 if i == 0 else prev & 255
+            du = code_ueg(enc, st, buf, probs, CTX_PAL_DELTA + comp * UEG_CONTEXTS, u - pu - 1 if i == 0 else u - pu)
+            u = min((du if i == 0 else pu + du), 255)
+            d = cr - pcr
+            nz = code_bit(enc, st, buf, probs, CTX_PAL_CR_ZERO, 1 if d != 0 else 0)
+            if nz:
+                neg = code_bypass(enc, st, buf, 1 if d < 0 else 0)
+                mag = code_ueg(enc, st, buf, probs, CTX_PAL_CR_MAG, abs(d) - 1) + 1
+                d = -mag if neg else mag
+            else:
+                d = 0
+            cr = _clamp(pcr + d, 0, 255)
+            v = u * 256 + cr
+        out[m] = v
+        m += 1
+        prev = v
+    srt = np.sort(out[:m])
+    keys[:m] = srt
+    # predictor update: this palette, then the old entries it did not reuse
+    newpred = np.empty(MAX_PAL, np.int64)
+    c = 0
+    for i in range(m):
+        newpred[c] = srt[i]
+        c += 1
+    for i in range(npred[0]):
+        if c < MAX_PAL and not reused[i] and _find(srt, m, pred[i]) < 0:
+            newpred[c] = pred[i]
+            c += 1
+    pred[:c] = newpred[:c]
+    npred[0] = c
+    return m
+
+
+@njit(cache=True)
+def code_indices(enc, st, buf, probs, src_a, src_b, rec_a, rec_b, kmaps_a, kmaps_b, y0, x0, size, keys, n, two, tol):
+    """Index map of a palette block: 'same as left', 'same as top', or an explicit index."""
+    comp = 1 if two else 0
+    idx = np.empty((size, size), np.int64)
+    nbits = 0
+    while (1 << nbits) < n:
+        nbits += 1
+    for yy in range(size):
+        prev_left = 0
+        for xx in range(size):
+            y = y0 + yy
+            x = x0 + xx
+            a = -1
+            b = -1
+            if xx > 0:
+                a = idx[yy, xx - 1]
+            elif x > 0:
+                a = _find(keys, n, _key_at(rec_a, rec_b, two, y, x - 1))
+            if yy > 0:
+                b = idx[yy - 1, xx]
+            elif y > 0:
+                b = _find(keys, n, _key_at(rec_a, rec_b, two, y - 1, x))
+            choice = 0
+            if enc:
+                v = _key_at(src_a, src_b, two, y, x)
+                best = 0
+                bestd = _key_distance(v, keys[0], two)
+                for i in range(1, n):
+                    d = _key_distance(v, keys[i], two)
+                    if d < bestd:
+                        best = i
+                        bestd = d
+                choice = best
+                # prefer a neighbour's index when it costs little distortion: it is far cheaper to code
+                if a >= 0 and _key_distance(v, keys[a], two) <= bestd + tol:
+                    choice = a
+                elif b >= 0 and _key_distance(v, keys[b], two) <= bestd + tol:
+                    choice = b
+            i = -1
+            if n == 1:
+                i = 0
+            else:
+                if a >= 0:
+                    c = 0 if a == b else (1 if b < 0 else 2)
+                    if code_bit(enc, st, buf, probs, CTX_IDX_LEFT + comp * 6 + c * 2 + prev_left, 1 if choice == a else 0):
+                        i = a
+                if i < 0 and b >= 0 and b != a:
+                    c = 0 if a < 0 else 1
+                    if code_bit(enc, st, buf, probs, CTX_IDX_TOP + comp * 3 + c, 1 if choice == b else 0):
+                        i = b
+                if i < 0:
+                    i = code_tree(enc, st, buf, probs, CTX_IDX_EXPLICIT + (comp * 7 + nbits) * 64 - 1, nbits, choice)
+                    i = min(i, n - 1)
+            prev_left = 1 if (a >= 0 and i == a) else 0
+            idx[yy, xx] = i
+            k = keys[i]
+            if two:
+                rec_a[y, x] = k >> 8
+                rec_b[y, x] = k & 255
+                kmaps_a[y, x] = 0
+                kmaps_b[y, x] = 0
+            else:
+                rec_a[y, x] = k
+                kmaps_a[y, x] = 0
+
+
+@njit(cache=True)
+def code_frame(
+    enc, st, buf, probs,
+    src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
+    kmap_y, kmap_u, kmap_v,
+    intra_only, q, tol, min_block, max_block,
+    leafsize, mode, mv, pal_y, pal_yn, pal_c, pal_cn,
+    pred_y, npred_y, pred_c, npred_c,
+):
+    """Code one frame: per 64x64 CTU a quadtree of leaves, each leaf a mode and its data."""
+    h, w = rec_y.shape
+    kmap_y[:, :] = 0
+    kmap_u[:, :] = 0
+    kmap_v[:, :] = 0
+    stack = np.empty((80, 3), np.int64)  # up to 64 max_block nodes + 3 per level below
+    for cy in range(0, h, CTU):
+        for cx in range(0, w, CTU):
+            # nodes of max_block size covering the CTU, pushed in reverse Z order
+            per = CTU // max_block
+            sp = 0
+            for j in range(per * per - 1, -1, -1):
+                stack[sp, 0] = cy + (j // per) * max_block
+                stack[sp, 1] = cx + (j % per) * max_block
+                stack[sp, 2] = max_block
+                sp += 1
+            while sp > 0:
+                sp -= 1
+                y0 = stack[sp, 0]
+                x0 = stack[sp, 1]
+                s = stack[sp, 2]
+                cy8 = y0 // 8
+                cx8 = x0 // 8
+                split = 0
+                if s > min_block:
+                    depth = 0
+                    t = CTU
+                    while t > s:
+                        t //= 2
+                        depth += 1
+                    split = code_bit(enc, st, buf, probs, CTX_SPLIT + depth, 1 if leafsize[cy8, cx8] < s else 0)
+                if split:
+                    half = s // 2
+                    for j in range(3, -1, -1):
+                        stack[sp, 0] = y0 + (j // 2) * half
+                        stack[sp, 1] = x0 + (j % 2) * half
+                        stack[sp, 2] = half
+                        sp += 1
+                    continue
+                _code_leaf(
+                    enc, st, buf, probs, src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
+                    kmap_y, kmap_u, kmap_v, intra_only, q, tol, leafsize, mode, mv,
+                    pal_y, pal_yn, pal_c, pal_cn, pred_y, npred_y, pred_c, npred_c, y0, x0, s,
+                )
+
+
+@njit(cache=True, inline="always")
+def _count_mode(m, nskip, nint, npal):
+    if m == SKIP:
+        nskip += 1
+    elif m == INTER:
+        nint += 1
+    elif m == PALETTE:
+        npal += 1
+    return nskip, nint, npal
+
+
+@njit(cache=True)
+def _code_leaf(
+    enc, st, buf, probs, src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
+    kmap_y, kmap_u, kmap_v, intra_only, q, tol, leafsize, mode, mv,
+    pal_y, pal_yn, pal_c, pal_cn, pred_y, npred_y, pred_c, npred_c, y0, x0, s,
+):
+    cy8 = y0 // 8
+    cx8 = x0 // 8
+    n8 = s // 8
+    # mode, in the context of the left and top neighbours' modes
+    nskip = 0
+    nint = 0
+    npal = 0
+    if cx8 > 0:
+        nskip, nint, npal = _count_mode(mode[cy8, cx8 - 1], nskip, nint, npal)
+    if cy8 > 0:
+        nskip, nint, npal = _count_mode(mode[cy8 - 1, cx8], nskip, nint, npal)
+    m = mode[cy8, cx8] if enc else INTRA
+    if not intra_only:
+        if code_bit(enc, st, buf, probs, CTX_SKIP + nskip, 1 if m == SKIP else 0):
+            m = SKIP
+        elif code_bit(enc, st, buf, probs, CTX_INTER + nint, 1 if m == INTER else 0):
+            m = INTER
+        else:
+            m = PALETTE if code_bit(enc, st, buf, probs, CTX_PALETTE + npal, 1 if m == PALETTE else 0) else INTRA
+    else:
+        m = PALETTE if code_bit(enc, st, buf, probs, CTX_PALETTE + npal, 1 if m == PALETTE else 0) else INTRA
+    mvy = 0
+    mvx = 0
+    if m == INTER:
+        # predictor: left neighbour's vector if it is inter, else the top one's, else zero
+        py = 0
+        px = 0
+        if cx8 > 0 and mode[cy8, cx8 - 1] == INTER:
+            py = mv[cy8, cx8 - 1, 0]
+            px = mv[cy8, cx8 - 1, 1]
+        elif cy8 > 0 and mode[cy8 - 1, cx8] == INTER:
+            py = mv[cy8 - 1, cx8, 0]
+            px = mv[cy8 - 1, cx8, 1]
+        for comp in range(2):
+            pv = py if comp == 0 else px
+            d = (mv[cy8, cx8, comp] - pv) if enc else 0
+            if code_bit(enc, st, buf, probs, CTX_MV_ZERO + comp, 1 if d != 0 else 0):
+                neg = code_bypass(enc, st, buf, 1 if d < 0 else 0)
+                mag = code_ueg(enc, st, buf, probs, CTX_MV_MAG + comp * UEG_CONTEXTS, abs(d) - 1) + 1
+                d = -mag if neg else mag
+            else:
+                d = 0
+            v = _clamp(pv + d, -MV_LIMIT, MV_LIMIT)
+            if comp == 0:
+                mvy = v
+            else:
+                mvx = v
+    for yy in range(cy8, cy8 + n8):
+        for xx in range(cx8, cx8 + n8):
+            leafsize[yy, xx] = s
+            mode[yy, xx] = m
+            mv[yy, xx, 0] = mvy
+            mv[yy, xx, 1] = mvx
+    c0y = y0 // 2
+    c0x = x0 // 2
+    cs = s // 2
+    if m == SKIP:
+        rec_y[y0:y0 + s, x0:x0 + s] = ref_y[y0:y0 + s, x0:x0 + s]
+        rec_u[c0y:c0y + cs, c0x:c0x + cs] = ref_u[c0y:c0y + cs, c0x:c0x + cs]
+        rec_v[c0y:c0y + cs, c0x:c0x + cs] = ref_v[c0y:c0y + cs, c0x:c0x + cs]
+        kmap_y[y0:y0 + s, x0:x0 + s] = 0
+        kmap_u[c0y:c0y + cs, c0x:c0x + cs] = 0
+        kmap_v[c0y:c0y + cs, c0x:c0x + cs] = 0
+    elif m == PALETTE:
+        keys = np.empty(MAX_PAL, np.int64)
+        n = pal_yn[cy8, cx8] if enc else 0
+        if enc:
+            keys[:n] = pal_y[cy8, cx8, :n]
+        n = code_palette(enc, st, buf, probs, keys, n, pred_y, npred_y, False)
+        if n == 0:  # only a damaged stream gets here; keep decoding safely
+            keys[0] = 128
+            n = 1
+        pal_yn[cy8, cx8] = n
+        pal_y[cy8, cx8, :n] = keys[:n]
+        code_indices(enc, st, buf, probs, src_y, src_y, rec_y, rec_y, kmap_y, kmap_y, y0, x0, s, keys, n, False, tol)
+        keys2 = np.empty(MAX_PAL, np.int64)
+        n2 = pal_cn[cy8, cx8] if enc else 0
+        if enc:
+            keys2[:n2] = pal_c[cy8, cx8, :n2]
+        n2 = code_palette(enc, st, buf, probs, keys2, n2, pred_c, npred_c, True)
+        if n2 == 0:
+            keys2[0] = 128 * 256 + 128
+            n2 = 1
+        pal_cn[cy8, cx8] = n2
+        pal_c[cy8, cx8, :n2] = keys2[:n2]
+        code_indices(enc, st, buf, probs, src_u, src_v, rec_u, rec_v, kmap_u, kmap_v, c0y, c0x, cs, keys2, n2, True, 2 * tol)
+    else:
+        code_residual_block(enc, st, buf, probs, src_y, rec_y, ref_y, kmap_y, y0, x0, s, q, m, 0, mvy, mvx)
+        cmy = mvy >> 1
+        cmx = mvx >> 1
+        code_residual_block(enc, st, buf, probs, src_u, rec_u, ref_u, kmap_u, c0y, c0x, cs, q, m, 1, cmy, cmx)
+        code_residual_block(enc, st, buf, probs, src_v, rec_v, ref_v, kmap_v, c0y, c0x, cs, q, m, 1, cmy, cmx)
