@@ -1,7 +1,255 @@
-"""Commands of this package; registered into ``palstream.cli.app``."""
+"""``palstream submit``, ``status`` and ``resume``: thin commands over ``palstream.batch``.
+
+Settings precedence: command line > job file > defaults (see ``docs/batch.md``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
+
+from palstream.errors import PalstreamError
+
+OutOpt = Annotated[Optional[str], typer.Option("--out", "-o", help="Output root (path or URL, e.g. s3://bucket/archives).")]
+WorkersOpt = Annotated[
+    Optional[int], typer.Option(help="Workers: processes for 'local' (default: one per core), GPUs for 'cuda'.")
+]
+ClusterOpt = Annotated[
+    Optional[str], typer.Option(help="'local' (default), 'cuda' (needs the gpu extra) or a scheduler address tcp://HOST:PORT.")
+]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="Threads per worker (default 1).")]
+RetriesOpt = Annotated[Optional[int], typer.Option(help="Extra attempts per failing unit before it is quarantined (default 2).")]
+InFlightOpt = Annotated[Optional[int], typer.Option(help="Units in flight at once (default: twice the worker threads).")]
+ProfileOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Storage profile from storage/profiles.toml (or $PALSTREAM_STORAGE_PROFILES).", envvar="PALSTREAM_STORAGE_PROFILE"),
+]
+EndpointOpt = Annotated[
+    Optional[str], typer.Option(help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000.", envvar="PALSTREAM_S3_ENDPOINT")
+]
+MetricsPortOpt = Annotated[Optional[int], typer.Option(help="Serve the driver's Prometheus /metrics on this port.")]
+MetricsHostOpt = Annotated[str, typer.Option(help="Interface for --metrics-port (keep 127.0.0.1 unless the network is trusted).")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Live progress bar.")]
+
+
+def _overrides(**options) -> dict:
+    """Only the options given on the command line (they override the job file)."""
+    data = {k: v for k, v in options.items() if v is not None and k not in ("codec", "storage")}
+    codec = {k: v for k, v in options.get("codec", {}).items() if v is not None}
+    storage = {k: v for k, v in options.get("storage", {}).items() if v is not None}
+    if codec:
+        data["codec"] = codec
+    if storage:
+        data["storage"] = storage
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _is_job_file(arg: str) -> bool:
+    return arg.endswith(".toml")
+
+
+def _run(spec, resume: bool, metrics_port, metrics_host, progress: bool) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from palstream.batch.runner import run_job
+
+    console = Console(stderr=True)
+    columns = (
+        TextColumn("[bold]encode"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("units  {task.fields[fps]:.1f} frames/s  {task.fields[quarantined]} quarantined"),
+        TimeElapsedColumn(),
+    )
+    bar = Progress(*columns, console=console, disable=not progress)
+    task = bar.add_task("encode", total=None, fps=0.0, quarantined=0)
+
+    def update(p):
+        if not bar.live.is_started:  # show the bar only once work runs, after the up-front checks
+            bar.start()
+        bar.update(task, completed=p.units_done, total=p.units_total, fps=p.frames_per_second, quarantined=p.quarantined)
+
+    try:
+        report = run_job(spec, resume=resume, metrics_port=metrics_port, metrics_host=metrics_host, on_progress=update)
+    finally:
+        bar.stop()
+    done = [name for name, state in report.archives.items() if state == "complete"]
+    typer.echo(
+        f"{len(done)} archive(s) complete under {report.output}: {report.units_encoded} unit(s) encoded, "
+        f"{report.units_skipped} already committed, {report.frames_encoded} frames in {report.seconds:.1f} s "
+        f"({report.frames_per_second:.1f} frames/s)"
+    )
+    if report.quarantined:
+        first = report.quarantined[0]
+        where = f" unit {first['unit']}" if first["unit"] is not None else ""
+        raise PalstreamError(
+            f"{len(report.quarantined)} input(s)/unit(s) quarantined, first {first['input']}{where}: {first['reason']}; "
+            f"the rest completed; see `palstream status {report.output}`"
+        )
+
+
+def submit(
+    args: Annotated[list[str], typer.Argument(help="A job file (JOB.toml), or input videos/globs/URLs.", show_default=False)],
+    out: OutOpt = None,
+    workers: WorkersOpt = None,
+    cluster: ClusterOpt = None,
+    threads_per_worker: ThreadsOpt = None,
+    retries: RetriesOpt = None,
+    max_in_flight: InFlightOpt = None,
+    target_psnr: Annotated[Optional[float], typer.Option(help="Quality floor in dB PSNR-Y per chunk (default 45).")] = None,
+    lossless: Annotated[Optional[bool], typer.Option("--lossless/--lossy", help="Bit-exact 4:2:0 (default: lossy).")] = None,
+    palette: Annotated[Optional[str], typer.Option(help="Palette generator name (default kmeans).")] = None,
+    gop: Annotated[Optional[int], typer.Option(help="Frames per chunk, the unit of work (default 32).")] = None,
+    storage_profile: ProfileOpt = None,
+    endpoint_url: EndpointOpt = None,
+    metrics_port: MetricsPortOpt = None,
+    metrics_host: MetricsHostOpt = "127.0.0.1",
+    progress: ProgressOpt = True,
+) -> None:
+    """Encode a library: one archive per input under the output root, on a Dask cluster.
+
+    Give a job file (see jobs/), or inputs and --out. A rerun on the same output continues it.
+    """
+    from palstream.batch.spec import JobSpec, load_job_file
+
+    over = _overrides(
+        output=out,
+        workers=workers,
+        cluster=cluster,
+        threads_per_worker=threads_per_worker,
+        retries=retries,
+        max_in_flight=max_in_flight,
+        codec={"target_psnr": target_psnr, "lossless": lossless, "palette": palette, "gop": gop},
+        storage={"profile": storage_profile, "endpoint_url": endpoint_url},
+    )
+    if len(args) == 1 and _is_job_file(args[0]):
+        base, where = load_job_file(args[0]), args[0]
+    elif any(_is_job_file(a) for a in args):
+        raise PalstreamError("give either one job file or input videos, not both; list extra inputs in the job file")
+    else:
+        base, where = {"inputs": list(args)}, "command line"
+        if out is None:
+            raise PalstreamError("--out is required without a job file: palstream submit INPUT... --out DIR_OR_URL")
+    spec = JobSpec.from_dict(_merge(base, over), where=where)
+    _run(spec, resume=False, metrics_port=metrics_port, metrics_host=metrics_host, progress=progress)
+
+
+def _output_of(target: str, storage: dict) -> tuple[str, dict]:
+    """Output root and stored job settings for a job file or an output root."""
+    from palstream.batch.plan import load_job_settings
+    from palstream.batch.spec import StorageSpec, load_job_file
+
+    if _is_job_file(target):
+        data = load_job_file(target)
+        if "output" not in data:
+            raise PalstreamError(f"{target}: field 'output' is missing; see jobs/README.md")
+        target = data["output"]
+        storage = {**data.get("storage", {}), **storage}
+    if "://" not in target:
+        target = str(Path(target).absolute())
+    target = target.rstrip("/")
+    options = StorageSpec.from_dict(storage).options(target)
+    settings = load_job_settings(target, options)
+    if settings is None:
+        raise PalstreamError(f"{target} holds no palstream job (no _palstream/job.json); give a job file or a job's output root")
+    return target, settings
+
+
+def status(
+    target: Annotated[str, typer.Argument(help="A job file or a job's output root.")],
+    storage_profile: ProfileOpt = None,
+    endpoint_url: EndpointOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show per-video progress, throughput, compression ratio, quality and failures of a job."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from palstream.batch.spec import StorageSpec
+    from palstream.batch.status import job_status
+
+    storage = _overrides(storage={"profile": storage_profile, "endpoint_url": endpoint_url}).get("storage", {})
+    output, settings = _output_of(target, storage)
+    options = StorageSpec.from_dict({**settings.get("storage", {}), **storage}).options(output)
+    info = job_status(output, options)
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    from rich.markup import escape
+
+    running = f" by {info['running_by']}" if info["running_by"] else ""
+    table = Table(title=escape(f"{output}  [{info['state']}{running}]"))
+    for col in ("video", "state", "units", "frames", "ratio", "min PSNR-Y"):
+        table.add_column(col, justify="left" if col in ("video", "state") else "right")
+    for v in info["videos"]:
+        table.add_row(
+            v["name"],
+            v["state"],
+            f"{v['units_done']}/{v['units_total']}",
+            f"{v['frames_done']}/{v['frames_total']}",
+            f"{v['ratio']:.2f}" if v["ratio"] else "-",
+            f"{v['psnr_y']:.2f} dB" if v["psnr_y"] is not None else ("exact" if v["ratio"] else "-"),
+        )
+    console = Console()
+    console.print(table)
+    fps = info["frames_per_second"]
+    console.print(
+        f"units {info['units_done']}/{info['units_total']}, frames {info['frames_done']}/{info['frames_total']}, "
+        f"throughput {f'{fps:.1f} frames/s' if fps else '-'}"
+    )
+    for q in info["quarantined"]:
+        where = f" unit {q['unit']}" if q["unit"] is not None else ""
+        console.print(f"quarantined: {q['input']}{where}: {q['reason']}", markup=False)
+
+
+def resume(
+    target: Annotated[str, typer.Argument(help="A job file or a job's output root.")],
+    workers: WorkersOpt = None,
+    cluster: ClusterOpt = None,
+    threads_per_worker: ThreadsOpt = None,
+    retries: RetriesOpt = None,
+    max_in_flight: InFlightOpt = None,
+    storage_profile: ProfileOpt = None,
+    endpoint_url: EndpointOpt = None,
+    metrics_port: MetricsPortOpt = None,
+    metrics_host: MetricsHostOpt = "127.0.0.1",
+    progress: ProgressOpt = True,
+) -> None:
+    """Finish a stopped job: run only the units without a commit marker, then finalize."""
+    from palstream.batch.spec import JobSpec
+
+    over = _overrides(
+        workers=workers,
+        cluster=cluster,
+        threads_per_worker=threads_per_worker,
+        retries=retries,
+        max_in_flight=max_in_flight,
+        storage={"profile": storage_profile, "endpoint_url": endpoint_url},
+    )
+    output, settings = _output_of(target, over.get("storage", {}))
+    settings = _merge(settings, over)
+    settings["output"] = output
+    spec = JobSpec.from_dict(settings, where=f"{output}/_palstream/job.json")
+    _run(spec, resume=True, metrics_port=metrics_port, metrics_host=metrics_host, progress=progress)
 
 
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the main app."""
+    app.command()(submit)
+    app.command()(status)
+    app.command()(resume)

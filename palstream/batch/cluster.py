@@ -1,0 +1,113 @@
+"""Clusters a job runs on, and the one worker setup they all share.
+
+- ``local``: ``distributed.LocalCluster`` (CPU worker processes, 1 thread each by default).
+- ``cuda``: dask-cuda's ``LocalCUDACluster``, one worker per GPU (``pip install 'palstream[gpu]'``).
+  dask-cuda is imported only here, only when asked for, so CPU-only hosts never import it.
+- an address (``tcp://host:8786``): an existing scheduler, e.g. on Kubernetes; its workers must
+  have palstream installed.
+
+Whatever the cluster, :func:`setup_workers` registers the same :class:`PalstreamWorkerPlugin`.
+The driver never touches CUDA: GPUs are counted through NVML, not torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+from typing import Iterator
+
+from distributed import Client, LocalCluster
+
+from palstream.batch.spec import JobSpec
+from palstream.batch.worker import PalstreamWorkerPlugin
+from palstream.errors import ConfigError, PalstreamError
+
+CONNECT_TIMEOUT_SECONDS = 15
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs visible to this host, without creating a CUDA context (NVML, else /proc)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001  no pynvml, or no driver: fall back to the kernel's view
+        return len(glob.glob("/proc/driver/nvidia/gpus/*"))
+
+
+def _visible_gpus(requested: int | None) -> list[str]:
+    available = gpu_count()
+    if available == 0:
+        raise ConfigError("cluster 'cuda': this host has no NVIDIA GPU (NVML finds none); use cluster = \"local\"")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(available)]
+    if requested is not None and requested > len(ids):
+        raise ConfigError(f"workers: {requested} GPU workers requested but only {len(ids)} GPU(s) are visible; use workers <= {len(ids)}")
+    return ids[: requested or len(ids)]
+
+
+def _cuda_cluster(spec: JobSpec):
+    devices = _visible_gpus(spec.workers)
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        raise ConfigError("cluster 'cuda' needs dask-cuda: pip install 'palstream[gpu]'") from None
+    return LocalCUDACluster(
+        CUDA_VISIBLE_DEVICES=",".join(devices),
+        threads_per_worker=spec.threads_per_worker,
+        dashboard_address=None,
+        silence_logs=40,
+    )
+
+
+def _local_cluster(spec: JobSpec) -> LocalCluster:
+    return LocalCluster(
+        n_workers=spec.workers or os.cpu_count() or 1,
+        threads_per_worker=spec.threads_per_worker,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=40,
+    )
+
+
+@contextlib.contextmanager
+def open_client(spec: JobSpec) -> Iterator[Client]:
+    """A client on the job's cluster, with the workers set up; the cluster closes on exit
+    (an external scheduler is left running)."""
+    cluster = None
+    if spec.cluster == "local":
+        cluster = _local_cluster(spec)
+    elif spec.cluster == "cuda":
+        cluster = _cuda_cluster(spec)
+    try:
+        try:
+            client = Client(cluster if cluster is not None else spec.cluster, timeout=CONNECT_TIMEOUT_SECONDS)
+        except (OSError, TimeoutError) as exc:
+            raise PalstreamError(
+                f"cannot reach the Dask scheduler at {spec.cluster} ({exc}); check the address and that it is running"
+            ) from None
+        with client:
+            setup_workers(client, spec.threads_per_worker)
+            yield client
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def setup_workers(client: Client, threads: int = 1) -> None:
+    """Prepare every worker, present and future, of any cluster kind for palstream tasks."""
+    client.register_plugin(PalstreamWorkerPlugin(threads))
+
+
+def requested_workers(spec: JobSpec, client: Client) -> int:
+    """How many workers the job should have (what the worker-loss alert compares against)."""
+    if spec.cluster == "local":
+        return spec.workers or os.cpu_count() or 1
+    if spec.cluster == "cuda":
+        return len(_visible_gpus(spec.workers))
+    return len(client.scheduler_info(n_workers=-1)["workers"])

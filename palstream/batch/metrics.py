@@ -1,0 +1,80 @@
+"""Prometheus metrics of the batch system.
+
+Worker-side series are recorded by :func:`palstream.batch.worker.encode_unit` in each Dask
+worker process and served by the worker's own HTTP server at ``/metrics`` (Dask serves the
+default ``prometheus_client`` registry there). Driver-side series (``palstream_job_*``) are
+served by :func:`serve_driver_metrics`. Names follow ``palstream_<what>_<unit>``; labels have
+few values (never a video or unit id). ``monitoring/`` uses exactly these names.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+# Stages a unit goes through; the codec reports its inner stages in stats["stage_seconds"].
+STAGES = ("decode", "features", "palettes", "entropy", "encode", "write")
+UNIT_OUTCOMES = ("committed", "skipped", "failed")
+JOB_STATES = ("pending", "running", "committed", "quarantined")
+
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+source_frames = Counter("palstream_source_frames", "Frames decoded from source videos")
+source_bytes = Counter("palstream_source_bytes", "Raw 8-bit 4:2:0 bytes of the frames decoded from sources")
+encoded_frames = Counter("palstream_encoded_frames", "Frames written to archives")
+encoded_bytes = Counter("palstream_encoded_bytes", "Encoded payload bytes written to archives")
+units = Counter("palstream_units", "Units (GOP chunks) finished by workers, by outcome", ["outcome"])
+stage_duration = Histogram(
+    "palstream_stage_duration_seconds", "Time per unit in each stage", ["stage"], buckets=SECONDS_BUCKETS
+)
+compression_ratio = Histogram(
+    "palstream_chunk_compression_ratio",
+    "Raw 4:2:0 bytes over encoded bytes, per unit",
+    buckets=(1, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
+psnr = Histogram(
+    "palstream_chunk_psnr_decibels",
+    "Luma PSNR of each lossy unit",
+    buckets=(25, 30, 35, 38, 40, 42, 44, 46, 48, 50, 55, 60),
+)
+last_success = Gauge("palstream_last_success_timestamp_seconds", "Unix time of the last committed unit")
+
+job_units = Gauge("palstream_job_units", "Units of the running job, by state", ["state"])
+job_frames = Counter("palstream_job_committed_frames", "Frames of units the driver saw committed")
+job_workers = Gauge("palstream_job_workers", "Dask workers connected to the job's scheduler")
+job_workers_requested = Gauge("palstream_job_workers_requested", "Dask workers the job asked for")
+job_last_progress = Gauge(
+    "palstream_job_last_progress_timestamp_seconds", "Unix time the driver last saw a unit finish"
+)
+
+# Make every labelled series exist from the start, so dashboards and alerts see zeros, not gaps.
+for _outcome in UNIT_OUTCOMES:
+    units.labels(_outcome)
+for _stage in STAGES:
+    stage_duration.labels(_stage)
+for _state in JOB_STATES:
+    job_units.labels(_state)
+
+
+def record_unit(summary: dict, stage_seconds: dict[str, float]) -> None:
+    """Record one committed or skipped unit (called in the worker)."""
+    units.labels(summary["outcome"]).inc()
+    if summary["outcome"] != "committed":
+        return
+    for stage, seconds in stage_seconds.items():
+        if stage in STAGES:
+            stage_duration.labels(stage).observe(seconds)
+    source_frames.inc(summary["frames"])
+    source_bytes.inc(summary["raw_bytes"])
+    encoded_frames.inc(summary["frames"])
+    encoded_bytes.inc(summary["bytes"])
+    compression_ratio.observe(summary["raw_bytes"] / max(summary["bytes"], 1))
+    if summary.get("psnr_y") is not None and summary["psnr_y"] != float("inf"):
+        psnr.observe(summary["psnr_y"])
+    last_success.set(time.time())
+
+
+def serve_driver_metrics(port: int, host: str = "127.0.0.1") -> None:
+    """Serve the default registry at ``http://host:port/metrics`` from a daemon thread."""
+    start_http_server(port, addr=host)

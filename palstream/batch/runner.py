@@ -1,0 +1,415 @@
+"""Running a job: lock the output, plan, create archives, run units on Dask, finalize, report.
+
+Exactly once, by construction:
+
+- the driver alone creates each archive, at its final shape, before any task runs;
+- a task writes only its own chunk, then that chunk's commit marker, and skips a unit whose
+  marker exists (an earlier attempt on a worker that died after committing);
+- ``resume`` and a rerun of ``submit`` run only units without a commit marker;
+- an archive is finalized (every checksum verified, success marker written) only when all its
+  units are committed, and the job's ``_palstream/SUCCESS`` is written last.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Callable
+
+import dask
+import distributed
+from distributed import Client, as_completed
+
+from palstream import __version__
+from palstream.batch import metrics
+from palstream.batch.cluster import open_client, requested_workers
+from palstream.batch.plan import Plan, expand_inputs, load_plan, save_job_settings, save_plan
+from palstream.batch.spec import JobSpec
+from palstream.batch.store import JOB_DIR, JobLock, check_writable, join, write_json
+from palstream.batch.worker import encode_unit, finalize_archive, generator_identity, probe_source
+from palstream.errors import ArchiveError, PalstreamError
+
+TASK_PREFIX = "encode_chunk"
+
+
+@dataclass
+class Progress:
+    """What the driver knows after each finished task (passed to ``on_progress``).
+
+    Attributes
+    ----------
+    units_done, units_total : int
+        Units committed (including earlier runs) or quarantined, and all units of the plan.
+    frames_done, frames_total : int
+        The same in frames.
+    frames_per_second : float
+        Frames encoded by this run per second of its wall time so far.
+    last : dict or None
+        The summary of the unit that just finished (None for finalize/quarantine events).
+    quarantined : int
+        Units or inputs given up on so far.
+    client : distributed.Client
+        The job's client (to inspect the cluster).
+    """
+
+    units_done: int
+    units_total: int
+    frames_done: int
+    frames_total: int
+    frames_per_second: float
+    last: dict | None
+    quarantined: int
+    client: Client
+
+
+@dataclass
+class JobReport:
+    """Outcome of one run of a job.
+
+    Attributes
+    ----------
+    output : str
+        The output root.
+    plan_hash : str
+        Identity of the job.
+    archives : dict
+        Archive name -> ``"complete"`` (finalized) or ``"incomplete"`` (has quarantined units).
+    quarantined : list of dict
+        ``{"input", "unit" (None for a whole input), "reason"}`` per unit or input given up on.
+    units_total, units_encoded, units_skipped : int
+        Units in the plan; encoded by this run; already committed (by an earlier run or attempt).
+    frames_encoded : int
+        Frames encoded by this run.
+    seconds : float
+        Wall time of the encode phase of this run.
+    """
+
+    output: str
+    plan_hash: str
+    archives: dict = field(default_factory=dict)
+    quarantined: list = field(default_factory=list)
+    units_total: int = 0
+    units_encoded: int = 0
+    units_skipped: int = 0
+    frames_encoded: int = 0
+    seconds: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return not self.quarantined and all(state == "complete" for state in self.archives.values())
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames_encoded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "output": self.output,
+            "plan": self.plan_hash,
+            "archives": self.archives,
+            "quarantined": self.quarantined,
+            "units_total": self.units_total,
+            "units_encoded": self.units_encoded,
+            "units_skipped": self.units_skipped,
+            "frames_encoded": self.frames_encoded,
+            "seconds": round(self.seconds, 3),
+            "frames_per_second": round(self.frames_per_second, 2),
+            "complete": self.complete,
+        }
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    resume: bool = False,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+    on_progress: Callable[[Progress], None] | None = None,
+) -> JobReport:
+    """Run (or continue) a job to completion.
+
+    Parameters
+    ----------
+    spec : JobSpec
+        The validated job.
+    resume : bool, default False
+        Continue the plan stored under ``spec.output`` instead of planning ``spec.inputs``.
+    metrics_port : int or None, default None
+        Serve the driver's Prometheus metrics on this port (0 is not allowed: pick one).
+    metrics_host : str, default "127.0.0.1"
+        Interface for the metrics server; use "0.0.0.0" only where the network is trusted.
+    on_progress : callable, optional
+        Called with a :class:`Progress` after every finished task.
+
+    Returns
+    -------
+    JobReport
+        Also written to ``<output>/_palstream/report.json``.
+
+    Raises
+    ------
+    PalstreamError
+        Unwritable output, locked output, missing inputs, different job on the output, ...:
+        all before any unit runs. Quarantined units do not raise; see ``JobReport.complete``.
+    """
+    out_opts = spec.storage.options(spec.output)
+    check_writable(spec.output, out_opts)
+    plan = None
+    if resume:
+        plan = load_plan(spec.output, out_opts)
+        if plan is None:
+            raise PalstreamError(f"output {spec.output} holds no job plan to resume; start the job with `palstream submit`")
+        urls = []
+    else:
+        urls = expand_inputs(spec.inputs, spec.storage.options)
+    if metrics_port is not None:
+        metrics.serve_driver_metrics(metrics_port, metrics_host)
+    with JobLock(spec.output, out_opts), open_client(spec) as client:
+        if plan is None:
+            plan = _probe_and_plan(client, spec, urls)
+        save_plan(spec.output, plan, out_opts)
+        save_job_settings(spec.output, spec, out_opts)
+        return _Execution(client, spec, plan, on_progress).run()
+
+
+def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str]) -> Plan:
+    """Probe every input on the cluster (decoding a library is work for the workers)."""
+    futures = [
+        client.submit(probe_source, url, spec.storage.options(url), key=f"probe_source-{i}", pure=False)
+        for i, url in enumerate(urls)
+    ]
+    probed = []
+    for url, fut in zip(urls, futures):
+        try:
+            probed.append((url, fut.result(), None))
+        except PalstreamError as exc:  # an unreadable input is quarantined, the others go on
+            probed.append((url, None, str(exc)))
+    return Plan.build(spec.codec, probed)
+
+
+class _Execution:
+    def __init__(self, client: Client, spec: JobSpec, plan: Plan, on_progress):
+        self.client, self.spec, self.plan, self.on_progress = client, spec, plan, on_progress
+        self.out_opts = spec.storage.options(spec.output)
+        self.report = JobReport(spec.output, plan.hash, units_total=len(plan.units()))
+        self.report.quarantined = [{"input": r["url"], "unit": None, "reason": r["reason"]} for r in plan.rejected]
+        self.committed: dict[int, set[int]] = {}
+        self.frames_done = 0
+        self.started = time.monotonic()
+
+    # -- setup -------------------------------------------------------------------------------
+    def _prepare_archives(self) -> None:
+        """Create missing archives at final shape (single writer) and read their commit markers."""
+        from palstream import archive
+        from palstream.io import SourceInfo
+
+        config = self.plan.config
+        # The archive records the generator's name and weights hash; a worker, which loads the
+        # model anyway, reports them, so the driver never loads a model (nor touches CUDA).
+        identity = self.client.submit(
+            generator_identity, config.palette, key=f"generator_identity-{self.plan.hash[:12]}", pure=False
+        ).result()
+        generator = SimpleNamespace(**identity)
+        self.finalized: set[int] = set()
+        for i, src in enumerate(self.plan.sources):
+            url = self.plan.archive_url(self.spec.output, i)
+            try:
+                writer = archive.ArchiveWriter.open(url, storage_options=self.out_opts)
+            except ArchiveError:
+                writer = archive.ArchiveWriter.create(
+                    url,
+                    SourceInfo.from_dict(src["info"]),
+                    config,
+                    generator,
+                    len(src["units"]),
+                    storage_options=self.out_opts,
+                )
+            self.committed[i] = set(writer.committed())
+            if writer.attrs["status"] == "complete":
+                self.finalized.add(i)
+                self.report.archives[src["archive"]] = "complete"
+
+    # -- run ---------------------------------------------------------------------------------
+    def run(self) -> JobReport:
+        self._prepare_archives()
+        units = self.plan.units()
+        todo = deque(u for u in units if u.index not in self.committed[u.source])
+        self.report.units_skipped = len(units) - len(todo)
+        self.frames_done = sum(u.count for u in units if u.index in self.committed[u.source])
+        self.quarantined_sources: set[int] = set()
+        self._set_unit_gauges(len(todo), 0)
+        metrics.job_workers_requested.set(requested_workers(self.spec, self.client))
+        stop = threading.Event()
+        watcher = threading.Thread(target=self._watch_workers, args=(stop,), daemon=True)
+        watcher.start()
+        try:
+            self._run_units(todo)
+        finally:
+            stop.set()
+            watcher.join()
+        self.report.seconds = time.monotonic() - self.started
+        write_json(join(self.spec.output, JOB_DIR, "report.json"), {**self.report.to_dict(), "finished": time.time()}, self.out_opts)
+        if self.report.complete:
+            write_json(join(self.spec.output, JOB_DIR, "SUCCESS"), self._provenance(), self.out_opts)
+        return self.report
+
+    def _submit_unit(self, unit, ac: as_completed) -> None:
+        src = self.plan.sources[unit.source]
+        task = {
+            "source": unit.source,
+            "index": unit.index,
+            "start": unit.start,
+            "count": unit.count,
+            "source_url": src["url"],
+            "archive_url": self.plan.archive_url(self.spec.output, unit.source),
+            "summary_url": join(self.spec.output, JOB_DIR, "units", f"{unit.source}-{unit.index}.json"),
+        }
+        job = {
+            "codec": self.plan.data["codec"],
+            "output_options": self.out_opts,
+            "source_options": self.spec.storage.options(src["url"]),
+        }
+        fut = self.client.submit(
+            encode_unit,
+            task,
+            job,
+            key=f"{TASK_PREFIX}-{self.plan.hash[:12]}-{unit.source}-{unit.index}",
+            retries=self.spec.retries,
+            pure=False,
+        )
+        self.inflight[fut.key] = unit
+        ac.add(fut)
+
+    def _run_units(self, todo: deque) -> None:
+        limit = self.spec.max_in_flight or 2 * self._threads()
+        self.inflight: dict = {}
+        ac = as_completed()
+        remaining = {i: len(src["units"]) - len(self.committed[i]) for i, src in enumerate(self.plan.sources)}
+        for i, left in remaining.items():
+            if left == 0 and i not in self.finalized:
+                self._submit_finalize(i, ac)
+        while todo and len(self.inflight) < limit:
+            self._submit_unit(todo.popleft(), ac)
+        for fut in ac:
+            kind = self.inflight.pop(fut.key)
+            if isinstance(kind, int):  # a finalize task
+                self._finalized(kind, fut)
+            else:
+                self._unit_finished(kind, fut, remaining, ac)
+            fut.release()
+            while todo and sum(1 for k in self.inflight.values() if not isinstance(k, int)) < limit:
+                unit = todo.popleft()
+                if unit.source in self.quarantined_sources:
+                    continue
+                self._submit_unit(unit, ac)
+            self._set_unit_gauges(len(todo), len(self.inflight))
+
+    def _unit_finished(self, unit, fut, remaining: dict, ac) -> None:
+        src_url = self.plan.sources[unit.source]["url"]
+        if fut.status == "finished":
+            summary = fut.result()
+            self.committed[unit.source].add(unit.index)
+            self.frames_done += unit.count
+            if summary["outcome"] == "committed":
+                self.report.units_encoded += 1
+                self.report.frames_encoded += unit.count
+            else:
+                self.report.units_skipped += 1
+            metrics.job_frames.inc(unit.count)
+            metrics.job_last_progress.set(time.time())
+            remaining[unit.source] -= 1
+            if remaining[unit.source] == 0:
+                self._submit_finalize(unit.source, ac)
+            self._emit(summary)
+        else:
+            # Retries are spent (or the unit killed its workers): give this input up, keep the rest going.
+            exc = fut.exception()
+            self.report.quarantined.append({"input": src_url, "unit": unit.index, "reason": _one_line(exc)})
+            self.quarantined_sources.add(unit.source)
+            self.report.archives[self.plan.sources[unit.source]["archive"]] = "incomplete"
+            self._emit(None)
+
+    def _submit_finalize(self, source: int, ac) -> None:
+        fut = self.client.submit(
+            finalize_archive,
+            self.plan.archive_url(self.spec.output, source),
+            self.out_opts,
+            key=f"finalize_archive-{self.plan.hash[:12]}-{source}",
+            retries=self.spec.retries,
+            pure=False,
+        )
+        self.inflight[fut.key] = source
+        ac.add(fut)
+
+    def _finalized(self, source: int, fut) -> None:
+        name = self.plan.sources[source]["archive"]
+        if fut.status == "finished":
+            self.report.archives[name] = "complete"
+        else:
+            self.report.archives[name] = "incomplete"
+            self.report.quarantined.append(
+                {"input": self.plan.sources[source]["url"], "unit": None, "reason": f"finalize failed: {_one_line(fut.exception())}"}
+            )
+
+    # -- reporting ---------------------------------------------------------------------------
+    def _threads(self) -> int:
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        return max(1, sum(w.get("nthreads", 1) for w in info.values()))
+
+    def _emit(self, summary: dict | None) -> None:
+        if self.on_progress is None:
+            return
+        done_units = sum(len(c) for c in self.committed.values())
+        quarantined_units = sum(
+            len(self.plan.sources[s]["units"]) - len(self.committed[s]) for s in self.quarantined_sources
+        )
+        elapsed = time.monotonic() - self.started
+        self.on_progress(
+            Progress(
+                units_done=done_units + quarantined_units,
+                units_total=self.report.units_total,
+                frames_done=self.frames_done,
+                frames_total=self.plan.total_frames(),
+                frames_per_second=self.report.frames_encoded / elapsed if elapsed > 0 else 0.0,
+                last=summary,
+                quarantined=len(self.report.quarantined),
+                client=self.client,
+            )
+        )
+
+    def _set_unit_gauges(self, pending: int, running: int) -> None:
+        metrics.job_units.labels("pending").set(pending)
+        metrics.job_units.labels("running").set(running)
+        metrics.job_units.labels("committed").set(sum(len(c) for c in self.committed.values()))
+        metrics.job_units.labels("quarantined").set(len(self.report.quarantined))
+
+    def _watch_workers(self, stop: threading.Event) -> None:
+        while True:
+            try:
+                metrics.job_workers.set(len(self.client.scheduler_info(n_workers=-1)["workers"]))
+            except Exception:  # noqa: BLE001  the gauge simply keeps its last value
+                pass
+            if stop.wait(2.0):
+                return
+
+    def _provenance(self) -> dict:
+        return {
+            "plan": self.plan.hash,
+            "palstream": __version__,
+            "dask": dask.__version__,
+            "distributed": distributed.__version__,
+            "finished": time.time(),
+            "archives": sorted(self.report.archives),
+            "units": self.report.units_total,
+            "frames": self.plan.total_frames(),
+        }
+
+
+def _one_line(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

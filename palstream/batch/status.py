@@ -1,0 +1,126 @@
+"""What ``palstream status`` reports: per-video progress, throughput, ratio, quality, failures.
+
+Progress comes from the archives' commit markers (the truth); ratio, quality and timing come
+from the small per-unit summaries the workers write next to the plan.
+"""
+
+from __future__ import annotations
+
+import json
+
+from palstream.batch.plan import load_plan
+from palstream.batch.store import JOB_DIR, JobLock, filesystem, join, read_json
+from palstream.errors import ArchiveError, PalstreamError
+
+
+def job_status(output: str, options: dict | None = None) -> dict:
+    """The state of the job stored under ``output``.
+
+    Returns
+    -------
+    dict
+        ``output``, ``plan``, ``state`` (``running``, ``complete``, ``incomplete``), ``running_by``
+        (lock holder or None), ``units_done``/``units_total``, ``frames_done``/``frames_total``,
+        ``frames_per_second`` (last run, or so far while running), ``videos`` (one dict per
+        input: ``name``, ``archive``, ``state``, ``units_done``, ``units_total``, ``frames_done``,
+        ``ratio``, ``psnr_y``), ``quarantined`` (from the last run's report).
+    """
+    from palstream import archive
+
+    plan = load_plan(output, options)
+    if plan is None:
+        raise PalstreamError(f"{output} holds no palstream job (no {JOB_DIR}/plan.json); give a job's output root")
+    summaries = _unit_summaries(output, options)
+    report = read_json(join(output, JOB_DIR, "report.json"), options) or {}
+    lock = JobLock(output, options)
+    holder = lock.holder()
+    running = holder is not None and not lock.is_stale(holder)
+    quarantined = report.get("quarantined", []) if report.get("plan") == plan.hash else [
+        {"input": r["url"], "unit": None, "reason": r["reason"]} for r in plan.rejected
+    ]
+    failed_inputs = {q["input"] for q in quarantined}
+    videos = []
+    for i, src in enumerate(plan.sources):
+        url = plan.archive_url(output, i)
+        try:
+            arc = archive.open_archive(url, options)
+            committed, complete = arc.committed(), arc.complete
+        except ArchiveError:
+            committed, complete = set(), False
+        units = src["units"]
+        mine = [summaries[(i, j)] for j in committed if (i, j) in summaries]
+        raw = sum(s["raw_bytes"] for s in mine)
+        coded = sum(s["bytes"] for s in mine)
+        psnrs = [s["psnr_y"] for s in mine if s.get("psnr_y") is not None]
+        if complete:
+            state = "complete"
+        elif src["url"] in failed_inputs and not running:
+            state = "quarantined"
+        elif committed:
+            state = "partial"
+        else:
+            state = "pending"
+        videos.append(
+            {
+                "name": src["info"]["name"],
+                "archive": src["archive"],
+                "state": state,
+                "units_done": len(committed),
+                "units_total": len(units),
+                "frames_done": sum(units[j][1] for j in committed),
+                "frames_total": src["info"]["frame_count"],
+                "ratio": raw / coded if coded else None,
+                "psnr_y": min(psnrs) if psnrs else None,
+            }
+        )
+    for rejected in plan.rejected:
+        videos.append(
+            {"name": rejected["url"].rsplit("/", 1)[-1], "archive": None, "state": "quarantined", "units_done": 0,
+             "units_total": 0, "frames_done": 0, "frames_total": 0, "ratio": None, "psnr_y": None}
+        )
+    if running:
+        state = "running"
+        recent = [s for s in summaries.values() if s.get("finished", 0) >= holder.get("started", 0)]
+        fps = _span_rate(recent)
+    else:
+        state = "complete" if all(v["state"] == "complete" for v in videos) else "incomplete"
+        fps = report.get("frames_per_second") if report.get("plan") == plan.hash else None
+    return {
+        "output": output,
+        "plan": plan.hash,
+        "state": state,
+        "running_by": f"pid {holder.get('pid')} on {holder.get('host')}" if running else None,
+        "units_done": sum(v["units_done"] for v in videos),
+        "units_total": sum(v["units_total"] for v in videos),
+        "frames_done": sum(v["frames_done"] for v in videos),
+        "frames_total": plan.total_frames(),
+        "frames_per_second": fps,
+        "videos": videos,
+        "quarantined": quarantined,
+    }
+
+
+def _unit_summaries(output: str, options: dict | None) -> dict[tuple[int, int], dict]:
+    fs, path = filesystem(join(output, JOB_DIR, "units"), options)
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for name, blob in fs.cat(names).items() if names else []:
+        try:
+            s = json.loads(blob)
+            found[(s["source"], s["index"])] = s
+        except (ValueError, KeyError, TypeError):
+            continue  # a summary is advisory; a torn one is skipped
+    return found
+
+
+def _span_rate(summaries: list[dict]) -> float | None:
+    """Frames per second over the wall-time span the given units were encoded in."""
+    if not summaries:
+        return None
+    begin = min(s["finished"] - s["seconds"] for s in summaries)
+    end = max(s["finished"] for s in summaries)
+    return sum(s["frames"] for s in summaries) / max(end - begin, 1e-6)
+

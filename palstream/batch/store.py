@@ -1,0 +1,208 @@
+"""Output-root bookkeeping on any fsspec filesystem: paths, write checks, JSON files, the job lock.
+
+Layout of an output root::
+
+    <output>/<stem>.zarr            one archive per input (palstream.archive)
+    <output>/_palstream/plan.json   the immutable, content-hashed plan
+    <output>/_palstream/lock.json   held by the running driver (see JobLock)
+    <output>/_palstream/units/      one small JSON summary per committed unit (for `status`)
+    <output>/_palstream/report.json quarantined units and outcome of the last run
+    <output>/_palstream/SUCCESS     written last, once every archive is finalized
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+import fsspec
+
+from palstream.errors import ArchiveError, PalstreamError
+
+JOB_DIR = "_palstream"
+LOCK_STALE_SECONDS = 120.0  # a lock whose heartbeat is older than this belongs to a dead driver
+LOCK_HEARTBEAT_SECONDS = 15.0
+
+
+class JobLockedError(PalstreamError):
+    """Another driver is running a job on the same output."""
+
+
+def join(root: str, *parts: str) -> str:
+    """``root/part/...`` for local paths and URLs alike."""
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def filesystem(url: str, options: dict | None = None):
+    """``(fs, path)`` for ``url``; ``options`` are fsspec storage options."""
+    return fsspec.core.url_to_fs(url, **(options or {}))
+
+
+def check_writable(output: str, options: dict | None = None) -> None:
+    """Fail now, with one line, if ``output`` cannot be written (before any work is done).
+
+    Creates the output folder where the filesystem has folders, then writes and removes a probe
+    object under ``_palstream/``.
+    """
+    try:
+        fs, path = filesystem(output, options)
+        if output.startswith(("s3://", "s3a://")):
+            bucket = path.split("/", 1)[0]
+            if not fs.exists(bucket):
+                raise ArchiveError(f"output {output}: bucket {bucket!r} does not exist; create it first")
+        probe = f"{path}/{JOB_DIR}/.write-check-{uuid.uuid4().hex}"
+        _ensure_parent(fs, probe)
+        fs.pipe_file(probe, b"ok")
+        fs.rm_file(probe)
+    except PalstreamError:
+        raise
+    except Exception as exc:  # noqa: BLE001  every backend raises its own family; all mean "cannot write"
+        raise ArchiveError(f"output {output} is not writable ({_one_line(exc)}); check the path, endpoint and permissions") from None
+
+
+def read_json(url: str, options: dict | None = None) -> dict | None:
+    """The JSON object stored at ``url``, or None when it does not exist."""
+    fs, path = filesystem(url, options)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+def _ensure_parent(fs, path: str) -> None:
+    """Local filesystems need folders before files; object stores have none."""
+    if "file" in fs.protocol or "local" in fs.protocol:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+
+
+def write_json(url: str, data: dict, options: dict | None = None) -> None:
+    fs, path = filesystem(url, options)
+    _ensure_parent(fs, path)
+    fs.pipe_file(path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class JobLock:
+    """Exclusive use of one output root by one driver.
+
+    The lock is ``_palstream/lock.json``, created with an exclusive create (``O_EXCL`` locally,
+    ``If-None-Match: *`` on S3), so two drivers cannot both take it. The holder rewrites its
+    heartbeat every 15 s. A lock is stale, and is taken over, when its holder's process is gone
+    (same host) or its heartbeat is older than ``stale_after`` seconds (any host); a live lock
+    makes :meth:`acquire` raise ``JobLockedError`` naming the holder.
+    """
+
+    def __init__(self, output: str, options: dict | None = None, stale_after: float = LOCK_STALE_SECONDS):
+        self.url = join(output, JOB_DIR, "lock.json")
+        self.options = options or {}
+        self.stale_after = stale_after
+        self.token = uuid.uuid4().hex
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        now = time.time()
+        return json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "token": self.token,
+                "started": self.started,
+                "heartbeat": now,
+            }
+        ).encode()
+
+    def _create(self) -> bool:
+        fs, path = filesystem(self.url, self.options)
+        try:
+            with fs.open(path, "xb") as f:
+                f.write(self._record())
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:  # s3fs reports a failed precondition as an OSError
+            if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                return False
+            raise
+
+    def holder(self) -> dict | None:
+        """The current lock record, or None when the output is not locked."""
+        try:
+            return read_json(self.url, self.options)
+        except json.JSONDecodeError:  # torn write by a killed driver: treat as stale
+            return {"heartbeat": 0.0}
+
+    def is_stale(self, record: dict) -> bool:
+        if record.get("host") == socket.gethostname() and "pid" in record and not _pid_alive(record["pid"]):
+            return True
+        return time.time() - float(record.get("heartbeat", 0.0)) > self.stale_after
+
+    def acquire(self) -> "JobLock":
+        """Take the lock (taking over a stale one) and start the heartbeat thread."""
+        for _ in range(3):
+            if self._create():
+                break
+            record = self.holder()
+            if record is None:
+                continue  # released between our create and read: try again
+            if not self.is_stale(record):
+                age = time.time() - float(record.get("heartbeat", 0.0))
+                raise JobLockedError(
+                    f"output {self.url.rsplit('/', 2)[0]} is in use by another palstream run "
+                    f"(pid {record.get('pid')} on {record.get('host')}, heartbeat {age:.0f} s ago); wait for it to "
+                    f"finish, or if it is dead remove {self.url}"
+                )
+            fs, path = filesystem(self.url, self.options)
+            fs.rm_file(path)
+        else:
+            raise JobLockedError(f"could not take the lock {self.url}: another run keeps taking it; retry later")
+        self._thread = threading.Thread(target=self._beat, name="palstream-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_SECONDS):
+            try:
+                if (self.holder() or {}).get("token") != self.token:
+                    return  # someone broke our lock by hand; do not fight over it
+                fs, path = filesystem(self.url, self.options)
+                fs.pipe_file(path, self._record())
+            except Exception:  # noqa: BLE001  a missed heartbeat is retried at the next beat
+                continue
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            if (self.holder() or {}).get("token") == self.token:
+                fs, path = filesystem(self.url, self.options)
+                fs.rm_file(path)
+        except Exception:  # noqa: BLE001  a lock left behind is stale once our pid is gone
+            pass
+
+    def __enter__(self) -> "JobLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,190 @@
+"""What runs inside each Dask worker: the per-worker plugin and the unit task.
+
+The driver sends only small dicts; each task reads its own frames from the source, encodes
+them with the worker's palette generator, writes its chunk and commit marker into the archive,
+and returns a summary of a few numbers. No frames travel through the scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from distributed import WorkerPlugin, get_worker
+
+from palstream.codec import BitstreamError
+from palstream.errors import ArchiveError, DamagedChunkError, PalstreamError
+
+PLUGIN_NAME = "palstream"
+# Transient storage failures (an object store restarting, a dropped connection) are retried in
+# the task with backoff for this long before the task fails and Dask's own retries take over.
+STORAGE_RETRY_SECONDS = 60.0
+
+
+class PalstreamWorkerPlugin(WorkerPlugin):
+    """Per-worker state: palette generators loaded once per worker process, on its GPU if any.
+
+    Parameters
+    ----------
+    threads : int, default 1
+        Threads the worker runs tasks on; torch and numba get as many intra-op threads, so
+        workers x threads never exceeds the cores.
+    """
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
+        self._generators: dict = {}
+        self.device = "cpu"
+
+    def setup(self, worker) -> None:
+        import torch
+
+        torch.set_num_threads(self.threads)
+        try:
+            import numba
+
+            numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:
+            pass
+        # dask-cuda sets CUDA_VISIBLE_DEVICES per worker, so "cuda" is this worker's own GPU.
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def generator(self, name: str):
+        """The palette generator ``name``, created on first use and kept for the worker's life."""
+        if name not in self._generators:
+            from palstream.palettes import create_palette_generator
+
+            self._generators[name] = create_palette_generator(name, self.device)
+        return self._generators[name]
+
+
+def _plugin() -> PalstreamWorkerPlugin:
+    try:
+        return get_worker().plugins[PLUGIN_NAME]
+    except (ValueError, KeyError):  # not in a worker, or set up without the plugin (tests, scripts)
+        return PalstreamWorkerPlugin()
+
+
+def with_storage_retries(action, what: str, deadline: float = STORAGE_RETRY_SECONDS):
+    """Run ``action()``, retrying storage errors with exponential backoff until ``deadline`` s.
+
+    Errors the user must fix (``PalstreamError`` other than a storage ``ArchiveError``) are
+    raised at once.
+    """
+    start, delay = time.monotonic(), 0.25
+    while True:
+        try:
+            return action()
+        except (DamagedChunkError, BitstreamError):
+            raise
+        except PalstreamError as exc:
+            if not isinstance(exc, ArchiveError) or time.monotonic() - start > deadline:
+                raise
+        except Exception as exc:  # noqa: BLE001  network/storage errors come in many types
+            if time.monotonic() - start > deadline:
+                raise ArchiveError(f"{what} failed for {deadline:.0f} s: {type(exc).__name__}: {exc}") from None
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+def encode_unit(unit: dict, job: dict) -> dict:
+    """Encode one unit and commit it; the task every ``encode_chunk-*`` key runs.
+
+    Parameters
+    ----------
+    unit : dict
+        ``source`` and ``index`` (plan positions), ``start``/``count`` (frames), ``source_url``,
+        ``archive_url``, ``summary_url``.
+    job : dict
+        ``codec`` (EncoderConfig dict), ``source_options`` and ``output_options`` (fsspec
+        storage options without credentials).
+
+    Returns
+    -------
+    dict
+        ``outcome`` (``committed``, or ``skipped`` when an earlier attempt already committed
+        it), ``frames``, ``raw_bytes``, ``bytes``, ``psnr_y``, ``seconds``, ``worker``.
+    """
+    from palstream import archive, io
+    from palstream.batch import metrics
+    from palstream.batch.store import write_json
+    from palstream.codec import EncoderConfig, encode_chunk
+
+    started = time.time()
+    out_opts = job["output_options"]
+    writer = with_storage_retries(lambda: archive.ArchiveWriter.open(unit["archive_url"], storage_options=out_opts), "opening the archive")
+    summary = {
+        "source": unit["source"],
+        "index": unit["index"],
+        "frames": unit["count"],
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+    }
+    # Exactly once: an attempt that committed before its worker died is not redone.
+    if unit["index"] in with_storage_retries(writer.committed, "listing commit markers"):
+        summary.update(outcome="skipped", raw_bytes=0, bytes=0, psnr_y=None, seconds=0.0)
+        metrics.record_unit(summary, {})
+        return summary
+
+    config = EncoderConfig.from_dict(job["codec"])
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+    frames = with_storage_retries(
+        lambda: io.read_frames(unit["source_url"], unit["start"], unit["count"], storage_options=job["source_options"]),
+        "reading the source",
+    )
+    if len(frames) != unit["count"]:
+        raise ArchiveError(
+            f"{unit['source_url']} gave {len(frames)} frames at {unit['start']}, the plan expects {unit['count']}; "
+            "the source changed since it was planned: start a new job"
+        )
+    stages["decode"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    encoded = encode_chunk(frames, config, _plugin().generator(config.palette))
+    stages["encode"] = time.perf_counter() - t0
+    # The codec may break its own time down (features, palettes, entropy).
+    stages.update({k: float(v) for k, v in encoded.stats.get("stage_seconds", {}).items()})
+    t0 = time.perf_counter()
+    with_storage_retries(lambda: writer.write_chunk(unit["index"], encoded), "writing the chunk")
+    stages["write"] = time.perf_counter() - t0
+
+    raw_bytes = len(frames) * (frames.y[0].size + 2 * frames.u[0].size)
+    psnr_y = encoded.stats.get("psnr_y")
+    summary.update(
+        outcome="committed",
+        raw_bytes=raw_bytes,
+        bytes=len(encoded.payload),
+        psnr_y=None if psnr_y is None or psnr_y == float("inf") else float(psnr_y),
+        seconds=time.time() - started,
+        finished=time.time(),
+        stage_seconds=stages,
+    )
+    # For `palstream status` only; the archive's commit marker is what counts as done.
+    with_storage_retries(lambda: write_json(unit["summary_url"], summary, out_opts), "writing the unit summary")
+    metrics.record_unit(summary, stages)
+    return summary
+
+
+def finalize_archive(archive_url: str, output_options: dict) -> dict:
+    """Verify every chunk's checksum and write the archive's success marker (``finalize_archive-*``)."""
+    from palstream import archive
+
+    writer = with_storage_retries(lambda: archive.ArchiveWriter.open(archive_url, storage_options=output_options), "opening the archive")
+    with_storage_retries(writer.finalize, "finalizing the archive")
+    return {"archive": archive_url}
+
+
+def probe_source(url: str, options: dict) -> dict:
+    """``SourceInfo`` of one input as a dict (``probe_source-*``); raises ``InputError`` if unreadable."""
+    from palstream import io
+
+    return io.probe(url, storage_options=options).to_dict()
+
+
+def generator_identity(name: str) -> dict:
+    """Name and weights hash of the worker's palette generator ``name`` (recorded in archives)."""
+    generator = _plugin().generator(name)
+    return {"name": generator.name, "weights_hash": generator.weights_hash}
