@@ -207,6 +207,22 @@ def test_runner_runs_palstream_submit_on_the_mounted_spec(name):
     assert configmap["data"]["job.toml"].strip() == values(name)["job"]["spec"].strip()
 
 
+@pytest.mark.parametrize("name", ["cpu", "plain"])
+def test_runner_command_is_accepted_by_the_palstream_cli(name):
+    """The runner's arguments parse with the real `palstream submit` (without running it)."""
+    cli = pytest.importorskip("palstream.cli")
+    import typer.main
+
+    command = container(pods(manifests(name))["runner"])["command"]
+    assert command[:2] == ["palstream", "submit"]
+    args = [a.replace("$(DASK_SCHEDULER_ADDRESS)", "tcp://scheduler:8786") for a in command[2:]]
+    submit = typer.main.get_command(cli.app).commands["submit"]
+    ctx = submit.make_context("submit", args)
+    assert ctx.params["cluster"] == "tcp://scheduler:8786"
+    assert ctx.params["metrics_port"] == values(name)["job"].get("metricsPort", 9090)
+    assert ctx.params["metrics_host"] == "0.0.0.0"
+
+
 def test_scheduler_address_comes_from_the_operator_or_the_service():
     # Operator mode: the operator injects DASK_SCHEDULER_ADDRESS; the chart must not shadow it.
     runner = container(pods(manifests("cpu"))["runner"])

@@ -153,6 +153,8 @@ command:
   - 0.0.0.0
   - --metrics-port
   - {{ .Values.job.metricsPort | quote }}
+  # Pod logs are no terminal: a progress bar would only add noise; see `palstream status`.
+  - --no-progress
   {{- range .Values.job.extraArgs }}
   - {{ . | quote }}
   {{- end }}
