@@ -185,6 +185,13 @@ def test_gpu_worker_group_joins_the_jobs_cluster():
     assert job["spec"]["cluster"]["spec"]["worker"]["replicas"] == 0
 
 
+def test_cluster_name_is_valid_for_the_operator_with_the_longest_release_name():
+    release = "a" * 53  # Helm's limit on release names
+    job = next(d for d in hv.render(values("gpu"), name=release) if d["kind"] == "DaskJob")
+    # dask_kubernetes.constants.VALID_CLUSTER_NAME: "<name>-scheduler" must fit 63 characters.
+    assert re.fullmatch(r"(?=.{,53}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"])
+
+
 def test_cpu_only_has_no_gpu_workers():
     docs = manifests("cpu")
     assert not [d for d in docs if d["kind"] == "DaskWorkerGroup"]
@@ -219,7 +226,7 @@ def test_runner_command_is_accepted_by_the_palstream_cli(name):
     submit = typer.main.get_command(cli.app).commands["submit"]
     ctx = submit.make_context("submit", args)
     assert ctx.params["cluster"] == "tcp://scheduler:8786"
-    assert ctx.params["metrics_port"] == values(name)["job"].get("metricsPort", 9090)
+    assert ctx.params["metrics_port"] == hv.load_values(hv.CHART / "values.yaml")["job"]["metricsPort"]
     assert ctx.params["metrics_host"] == "0.0.0.0"
 
 
@@ -267,6 +274,21 @@ def test_metrics_ports_are_scraped(name):
     command = runner["command"]
     assert command[command.index("--metrics-port") + 1] == str(port)
     assert command[command.index("--metrics-host") + 1] == "0.0.0.0"
+
+
+def test_scrape_jobs_are_named_as_in_the_prometheus_config():
+    """monitoring/alerts.yml selects on the job names of monitoring/prometheus.yml."""
+    config = yaml.safe_load((REPO / "monitoring" / "prometheus.yml").read_text())
+    static_jobs = {c["job_name"] for c in config["scrape_configs"]}
+    monitor = next(d for d in manifests("cpu") if d["kind"] == "PodMonitor")
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+        jobs = {
+            r["regex"]: r["replacement"]
+            for r in endpoint["relabelings"]
+            if r["targetLabel"] == "job" and r["sourceLabels"] == ["__meta_kubernetes_pod_label_dask_org_component"]
+        }
+        assert jobs["job-runner"] == "palstream-driver" and jobs["worker"] == "palstream-workers"
+        assert {"palstream-driver", "palstream-workers"} <= static_jobs
 
 
 def test_s3_credentials_are_referenced_never_inlined():
