@@ -31,6 +31,9 @@ EndpointOpt = Annotated[
 ]
 MetricsPortOpt = Annotated[Optional[int], typer.Option(help="Serve the driver's Prometheus /metrics on this port.")]
 MetricsHostOpt = Annotated[str, typer.Option(help="Interface for --metrics-port (keep 127.0.0.1 unless the network is trusted).")]
+TargetsOpt = Annotated[
+    Optional[str], typer.Option(help="Keep this Prometheus file_sd JSON listing the workers' /metrics addresses.")
+]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Live progress bar.")]
 
 
@@ -60,7 +63,7 @@ def _is_job_file(arg: str) -> bool:
     return arg.endswith(".toml")
 
 
-def _run(spec, resume: bool, metrics_port, metrics_host, progress: bool) -> None:
+def _run(spec, resume: bool, metrics_port, metrics_host, progress: bool, worker_targets) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -83,7 +86,14 @@ def _run(spec, resume: bool, metrics_port, metrics_host, progress: bool) -> None
         bar.update(task, completed=p.units_done, total=p.units_total, fps=p.frames_per_second, quarantined=p.quarantined)
 
     try:
-        report = run_job(spec, resume=resume, metrics_port=metrics_port, metrics_host=metrics_host, on_progress=update)
+        report = run_job(
+            spec,
+            resume=resume,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            on_progress=update,
+            worker_targets=worker_targets,
+        )
     finally:
         bar.stop()
     done = [name for name, state in report.archives.items() if state == "complete"]
@@ -117,6 +127,7 @@ def submit(
     endpoint_url: EndpointOpt = None,
     metrics_port: MetricsPortOpt = None,
     metrics_host: MetricsHostOpt = "127.0.0.1",
+    worker_targets: TargetsOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Encode a library: one archive per input under the output root, on a Dask cluster.
@@ -144,7 +155,7 @@ def submit(
         if out is None:
             raise PalstreamError("--out is required without a job file: palstream submit INPUT... --out DIR_OR_URL")
     spec = JobSpec.from_dict(_merge(base, over), where=where)
-    _run(spec, resume=False, metrics_port=metrics_port, metrics_host=metrics_host, progress=progress)
+    _run(spec, resume=False, metrics_port=metrics_port, metrics_host=metrics_host, progress=progress, worker_targets=worker_targets)
 
 
 def _output_of(target: str, storage: dict) -> tuple[str, dict]:
@@ -228,6 +239,7 @@ def resume(
     endpoint_url: EndpointOpt = None,
     metrics_port: MetricsPortOpt = None,
     metrics_host: MetricsHostOpt = "127.0.0.1",
+    worker_targets: TargetsOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Finish a stopped job: run only the units without a commit marker, then finalize."""
@@ -245,7 +257,7 @@ def resume(
     settings = _merge(settings, over)
     settings["output"] = output
     spec = JobSpec.from_dict(settings, where=f"{output}/_palstream/job.json")
-    _run(spec, resume=True, metrics_port=metrics_port, metrics_host=metrics_host, progress=progress)
+    _run(spec, resume=True, metrics_port=metrics_port, metrics_host=metrics_host, progress=progress, worker_targets=worker_targets)
 
 
 def register(app: typer.Typer) -> None:

@@ -12,12 +12,15 @@ Exactly once, by construction:
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable
+from urllib.parse import urlparse
 
 import dask
 import distributed
@@ -128,6 +131,7 @@ def run_job(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     on_progress: Callable[[Progress], None] | None = None,
+    worker_targets: str | None = None,
 ) -> JobReport:
     """Run (or continue) a job to completion.
 
@@ -143,6 +147,9 @@ def run_job(
         Interface for the metrics server; use "0.0.0.0" only where the network is trusted.
     on_progress : callable, optional
         Called with a :class:`Progress` after every finished task.
+    worker_targets : str, optional
+        Local path of a Prometheus ``file_sd`` file kept listing every worker's ``/metrics``
+        address while the job runs (worker HTTP ports are chosen at start-up).
 
     Returns
     -------
@@ -172,7 +179,7 @@ def run_job(
             plan = _probe_and_plan(client, spec, urls)
         save_plan(spec.output, plan, out_opts)
         save_job_settings(spec.output, spec, out_opts)
-        return _Execution(client, spec, plan, on_progress).run()
+        return _Execution(client, spec, plan, on_progress, worker_targets).run()
 
 
 def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str]) -> Plan:
@@ -191,8 +198,9 @@ def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str]) -> Plan:
 
 
 class _Execution:
-    def __init__(self, client: Client, spec: JobSpec, plan: Plan, on_progress):
+    def __init__(self, client: Client, spec: JobSpec, plan: Plan, on_progress, worker_targets: str | None):
         self.client, self.spec, self.plan, self.on_progress = client, spec, plan, on_progress
+        self.worker_targets = worker_targets
         self.out_opts = spec.storage.options(spec.output)
         self.report = JobReport(spec.output, plan.hash, units_total=len(plan.units()))
         self.report.quarantined = [{"input": r["url"], "unit": None, "reason": r["reason"]} for r in plan.rejected]
@@ -387,10 +395,21 @@ class _Execution:
         metrics.job_units.labels("quarantined").set(len(self.report.quarantined))
 
     def _watch_workers(self, stop: threading.Event) -> None:
+        """Keep the worker gauge and the Prometheus file_sd targets current."""
+        written = None
         while True:
             try:
-                metrics.job_workers.set(len(self.client.scheduler_info(n_workers=-1)["workers"]))
-            except Exception:  # noqa: BLE001  the gauge simply keeps its last value
+                workers = self.client.scheduler_info(n_workers=-1)["workers"]
+                metrics.job_workers.set(len(workers))
+                targets = sorted(
+                    f"{urlparse(addr).hostname}:{info['services']['dashboard']}"
+                    for addr, info in workers.items()
+                    if "dashboard" in info.get("services", {})
+                )
+                if self.worker_targets and targets != written:
+                    _write_targets(self.worker_targets, targets)
+                    written = targets
+            except Exception:  # noqa: BLE001  monitoring must never stop the job; retried next beat
                 pass
             if stop.wait(2.0):
                 return
@@ -406,6 +425,14 @@ class _Execution:
             "units": self.report.units_total,
             "frames": self.plan.total_frames(),
         }
+
+
+def _write_targets(path: str, targets: list[str]) -> None:
+    """Atomically replace a Prometheus file_sd file listing the workers' /metrics addresses."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump([{"targets": targets, "labels": {"job": "palstream-workers"}}], f)
+    os.replace(tmp, path)
 
 
 def _one_line(exc: BaseException | None) -> str:

@@ -223,7 +223,7 @@ def load_job_file(path: str | Path) -> dict:
     base = path.resolve().parent
 
     def anchor(p):
-        return p if not isinstance(p, str) or "://" in p or os.path.isabs(p) else str(base / p)
+        return p if not isinstance(p, str) or "://" in p or os.path.isabs(p) else os.path.normpath(base / p)
 
     if isinstance(data.get("inputs"), list):
         data["inputs"] = [anchor(p) for p in data["inputs"]]

@@ -133,6 +133,7 @@ class JobLock:
 
     def _create(self) -> bool:
         fs, path = filesystem(self.url, self.options)
+        _ensure_parent(fs, path)
         try:
             with fs.open(path, "xb") as f:
                 f.write(self._record())
