@@ -13,12 +13,12 @@ from numba import njit
 from palstream.codec.syntax import INTER, INTRA, MAX_PAL, PALETTE, SKIP
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _clamp(v, lo, hi):
     return lo if v < lo else (hi if v > hi else v)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sad8(cur, ref, y0, x0, dy, dx):
     h, w = cur.shape
     s = 0
@@ -29,7 +29,7 @@ def _sad8(cur, ref, y0, x0, dy, dx):
     return s
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def motion_search(cur, ref, prev_mv, search_range):
     """Integer motion vector per 8x8 luma block: predictor and grid candidates, then a +-2 refinement."""
     h, w = cur.shape
@@ -103,7 +103,7 @@ def residual_cost_table(q: int, lam: float, dweight: float) -> np.ndarray:
     return dweight * d + lam * bits
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _med_error(src):
     """Open-loop MED prediction error of every pixel (estimates the intra cost)."""
     h, w = src.shape
@@ -130,7 +130,7 @@ def _med_error(src):
     return e
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _block_cost(err, table, y0, x0, s):
     t = 0.0
     for y in range(y0, y0 + s):
@@ -139,7 +139,7 @@ def _block_cost(err, table, y0, x0, s):
     return t
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _inter_cost(cur, ref, table, y0, x0, s, dy, dx):
     h, w = cur.shape
     t = 0.0
@@ -150,7 +150,7 @@ def _inter_cost(cur, ref, table, y0, x0, s, dy, dx):
     return t
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _skip_sse(cur, ref, y0, x0, s):
     t = 0
     for y in range(y0, y0 + s):
@@ -160,7 +160,7 @@ def _skip_sse(cur, ref, y0, x0, s):
     return t
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _transitions(keys2d, y0, x0, s):
     """Pixels whose value differs from both the left and the top neighbour (index changes)."""
     t = 0
@@ -172,33 +172,34 @@ def _transitions(keys2d, y0, x0, s):
     return t
 
 
-@njit(cache=True)
-def _palette_leaf(keys2d, y0, x0, s, two, max_pal, lam, dweight, out_keys):
+@njit(cache=True, nogil=True)
+def _palette_leaf(keys2d, y0, x0, s, two, max_pal, lam, dweight, out_keys, counts):
     """Best palette for one block: its distinct values, merged greedily while merging pays.
 
     Returns (J, n) with the sorted palette in ``out_keys[:n]``, or (inf, 0) when the block has
-    more than ``max_pal`` distinct values.
+    more than ``max_pal`` distinct values. ``counts`` is zeroed scratch space indexed by key.
     """
     npx = s * s
-    flat = np.empty(npx, np.int64)
-    i = 0
+    seen = np.empty(MAX_PAL + 1, np.int64)
+    n = 0
     for y in range(y0, y0 + s):
         for x in range(x0, x0 + s):
-            flat[i] = keys2d[y, x]
-            i += 1
-    flat.sort()
-    vals = np.empty(npx, np.int64)
-    cnt = np.empty(npx, np.int64)
-    n = 0
-    for i in range(npx):
-        if n > 0 and vals[n - 1] == flat[i]:
-            cnt[n - 1] += 1
-        else:
-            if n == max_pal:
-                return np.inf, 0
-            vals[n] = flat[i]
-            cnt[n] = 1
-            n += 1
+            k = keys2d[y, x]
+            if counts[k] == 0:
+                if n <= max_pal:
+                    seen[n] = k
+                n += 1
+            counts[k] += 1
+    vals = np.sort(seen[: min(n, max_pal + 1)])
+    cnt = np.empty(vals.shape[0], np.int64)
+    for i in range(vals.shape[0]):
+        cnt[i] = counts[vals[i]]
+    for y in range(y0, y0 + s):  # leave the scratch zeroed for the next block
+        for x in range(x0, x0 + s):
+            counts[keys2d[y, x]] = 0
+    # a palette pays only where colours repeat: at most one distinct value per four pixels
+    if n > max_pal or n > max(4, npx // 4):
+        return np.inf, 0
     # clusters: centre, count, sum and sum of squares per component (u and v for pairs)
     cu = np.empty(n, np.float64)
     cv = np.empty(n, np.float64)
@@ -271,7 +272,7 @@ def _palette_leaf(keys2d, y0, x0, s, two, max_pal, lam, dweight, out_keys):
     return dweight * dist + lam * rate, u
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def decide(
     cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, has_ref, mv8, table, lam, dweight,
     min_block, max_block, max_pal, leafsize, mode, mv, pal_y, pal_yn, pal_c, pal_cn,
@@ -296,6 +297,8 @@ def decide(
     lpcn = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
     tmp_y = np.empty(MAX_PAL, np.int64)
     tmp_c = np.empty(MAX_PAL, np.int64)
+    counts = np.zeros(65536, np.int32)
+    toomany = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     for lev in range(nlev):
         s = sizes[lev]
         if s > max_block:
@@ -338,16 +341,27 @@ def decide(
                                     bm = INTER
                                     bdy = dy
                                     bdx = dx
-                    jy, ny = _palette_leaf(keys_y, y0, x0, s, False, max_pal, lam, dweight, tmp_y)
+                    # a block holds at least as many colours as any of its quadrants
+                    many = lev > 0 and (
+                        toomany[lev - 1][2 * by, 2 * bx] or toomany[lev - 1][2 * by, 2 * bx + 1]
+                        or toomany[lev - 1][2 * by + 1, 2 * bx] or toomany[lev - 1][2 * by + 1, 2 * bx + 1]
+                    )
+                    ny = 0
+                    nc = 0
+                    jy = np.inf
+                    jc = np.inf
+                    if not many:
+                        jy, ny = _palette_leaf(keys_y, y0, x0, s, False, max_pal, lam, dweight, tmp_y, counts)
                     if ny > 0:
-                        jc, nc = _palette_leaf(keys_c, c0y, c0x, cs, True, max_pal, lam, dweight, tmp_c)
-                        if nc > 0 and jy + jc + lam * 2.0 < jbest:
-                            jbest = jy + jc + lam * 2.0
-                            bm = PALETTE
-                            lpy[lev][by, bx, :ny] = tmp_y[:ny]
-                            lpyn[lev][by, bx] = ny
-                            lpc[lev][by, bx, :nc] = tmp_c[:nc]
-                            lpcn[lev][by, bx] = nc
+                        jc, nc = _palette_leaf(keys_c, c0y, c0x, cs, True, max_pal, lam, dweight, tmp_c, counts)
+                    toomany[lev][by, bx] = ny == 0 or nc == 0
+                    if nc > 0 and jy + jc + lam * 2.0 < jbest:
+                        jbest = jy + jc + lam * 2.0
+                        bm = PALETTE
+                        lpy[lev][by, bx, :ny] = tmp_y[:ny]
+                        lpyn[lev][by, bx] = ny
+                        lpc[lev][by, bx, :nc] = tmp_c[:nc]
+                        lpcn[lev][by, bx] = nc
                 if lev > 0 and s > min_block:
                     below = best[lev - 1]
                     js = (below[2 * by, 2 * bx] + below[2 * by, 2 * bx + 1] + below[2 * by + 1, 2 * bx]

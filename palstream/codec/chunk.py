@@ -123,6 +123,27 @@ def _encode_at(padded, q, config: EncoderConfig):
         capacity = size + 4096  # rare: incompressible content; code again into a larger buffer
 
 
+def _choose_step(encode_at, target_psnr: float, frames: int) -> int:
+    """Largest quantiser step whose encode of a prefix of the chunk still meets the target.
+
+    Starts from the uniform-error model, jumps by the measured MSE (which grows about as q^2),
+    then confirms with one more probe; the full-chunk check in the caller has the last word.
+    """
+    probe = min(frames, max(2, frames // 4))
+    target_mse = 255.0**2 / 10 ** (target_psnr / 10)
+    q = initial_step(target_psnr)
+    _, mse = encode_at(q, probe)
+    if mse == 0:
+        return q
+    guess = max(1, min(64, int(q * math.sqrt(target_mse / mse))))
+    if guess == q:
+        return q
+    _, mse_guess = encode_at(guess, probe)
+    if _psnr(mse_guess) >= target_psnr:
+        return guess
+    return q if guess > q else max(1, guess - 1)
+
+
 def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> EncodedChunk:
     """Encode one GOP.
 
@@ -145,17 +166,25 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
     if not 1 <= t <= MAX_FRAMES or not (1 <= h <= MAX_DIMENSION and 1 <= w <= MAX_DIMENSION):
         raise ValueError(f"chunk of {t} frames of {w}x{h} is out of range (1..{MAX_FRAMES} frames, 1..{MAX_DIMENSION} px)")
     padded = (_pad(frames.y, syntax.CTU), _pad(frames.u, syntax.CTU // 2), _pad(frames.v, syntax.CTU // 2))
-    q = 1 if config.lossless else initial_step(config.target_psnr)
     attempts = 0
-    while True:
+
+    def encode_at(q, count):
+        nonlocal attempts
         attempts += 1
-        body, recon = _encode_at(padded, q, config)
-        diff = recon[0][:, :h, :w].astype(np.int32) - frames.y
-        mse = float(np.mean(diff.astype(np.float64) ** 2))
-        # the quality floor is a promise: step down until the chunk meets it
-        if config.lossless or q == 1 or _psnr(mse) >= config.target_psnr:
-            break
-        q -= 1
+        body, recon = _encode_at(tuple(p[:count] for p in padded), q, config)
+        diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
+        return body, float(np.mean(diff**2))
+
+    if config.lossless:
+        q = 1
+        body, mse = encode_at(q, t)
+    else:
+        q = _choose_step(encode_at, config.target_psnr, t)
+        body, mse = encode_at(q, t)
+        # the quality floor is a promise: step down until the whole chunk meets it
+        while _psnr(mse) < config.target_psnr and q > 1:
+            q -= 1
+            body, mse = encode_at(q, t)
     flags = FLAG_LOSSLESS if config.lossless else 0
     header = HEADER.pack(MAGIC, VERSION, flags, t, w, h, q, config.min_block, config.max_block, 0, len(body))
     payload = header + body

@@ -31,7 +31,7 @@ def new_state() -> np.ndarray:
     return st
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _shift_low(st, buf):
     low = st[LOW]
     if low < 0xFF000000 or low >= (1 << 32):
@@ -50,7 +50,7 @@ def _shift_low(st, buf):
     st[LOW] = (low & 0x00FFFFFF) << 8
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _next_byte(st, buf):
     pos = st[POS]
     st[POS] = pos + 1
@@ -60,14 +60,14 @@ def _next_byte(st, buf):
     return np.int64(0)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def flush(st, buf):
     for _ in range(5):
         _shift_low(st, buf)
     return st[POS]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def start_decoding(st, buf):
     st[RANGE] = 0xFFFFFFFF
     st[CODE] = 0
@@ -77,7 +77,7 @@ def start_decoding(st, buf):
         st[CODE] = ((st[CODE] << 8) | _next_byte(st, buf)) & 0xFFFFFFFF
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def code_bit(enc, st, buf, probs, ctx, bit):
     """Encode ``bit`` (enc) or decode and return a bit (not enc) under context ``ctx``."""
     pf = np.int64(probs[ctx, 0])
@@ -112,7 +112,7 @@ def code_bit(enc, st, buf, probs, ctx, bit):
     return bit
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def code_bypass(enc, st, buf, bit):
     """An equiprobable bit, no context."""
     st[RANGE] >>= 1
@@ -134,7 +134,7 @@ def code_bypass(enc, st, buf, bit):
     return bit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def code_tree(enc, st, buf, probs, base, nbits, value):
     """``nbits``-bit value, MSB first, each bit in the context of the bits above it.
 
@@ -147,7 +147,7 @@ def code_tree(enc, st, buf, probs, base, nbits, value):
     return node - (1 << nbits)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def code_ueg(enc, st, buf, probs, base, value):
     """Unsigned value (< 2**20) as adaptive exponent then adaptive mantissa bits.
 

@@ -56,12 +56,12 @@ CTX_IDX_EXPLICIT = _c(2 * 7 * 64)
 N_CONTEXTS = _Contexts.n
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _clamp(v, lo, hi):
     return lo if v < lo else (hi if v > hi else v)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _med(rec, y, x):
     if y == 0 and x == 0:
         return 128
@@ -79,7 +79,7 @@ def _med(rec, y, x):
     return a + b - c
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _activity_bucket(rec, y, x, q):
     if y == 0 or x == 0:
         return 3
@@ -96,7 +96,7 @@ def _activity_bucket(rec, y, x, q):
     return 3
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def code_residual_block(enc, st, buf, probs, src, rec, ref, kmap, y0, x0, size, q, mode, plane_class, mvy, mvx):
     """Quantised prediction residual of one block of one plane: its 'palette of residual levels'.
 
@@ -137,14 +137,14 @@ def code_residual_block(enc, st, buf, probs, src, rec, ref, kmap, y0, x0, size, 
             kmap[y, x] = min(abs(k), 15)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _key_at(rec_a, rec_b, two, y, x):
     if two:
         return np.int64(rec_a[y, x]) * 256 + np.int64(rec_b[y, x])
     return np.int64(rec_a[y, x])
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _find(keys, n, key):
     for i in range(n):
         if keys[i] == key:
@@ -152,7 +152,7 @@ def _find(keys, n, key):
     return -1
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _key_distance(a, b, two):
     if two:
         du = (a >> 8) - (b >> 8)
@@ -161,7 +161,7 @@ def _key_distance(a, b, two):
     return (a - b) * (a - b)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def code_palette(enc, st, buf, probs, keys, n, pred, npred, two):
     """Palette (sorted keys) as reuse flags over the predictor list, then new entries.
 
@@ -236,7 +236,7 @@ def code_palette(enc, st, buf, probs, keys, n, pred, npred, two):
     return m
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def code_indices(enc, st, buf, probs, src_a, src_b, rec_a, rec_b, kmaps_a, kmaps_b, y0, x0, size, keys, n, two, tol):
     """Index map of a palette block: 'same as left', 'same as top', or an explicit index."""
     comp = 1 if two else 0
@@ -303,7 +303,7 @@ def code_indices(enc, st, buf, probs, src_a, src_b, rec_a, rec_b, kmaps_a, kmaps
                 kmaps_a[y, x] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def code_frame(
     enc, st, buf, probs,
     src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
@@ -358,7 +358,7 @@ def code_frame(
                 )
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _count_mode(m, nskip, nint, npal):
     if m == SKIP:
         nskip += 1
@@ -369,7 +369,7 @@ def _count_mode(m, nskip, nint, npal):
     return nskip, nint, npal
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _code_leaf(
     enc, st, buf, probs, src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
     kmap_y, kmap_u, kmap_v, intra_only, q, tol, leafsize, mode, mv,
