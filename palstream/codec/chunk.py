@@ -205,13 +205,15 @@ def decode_chunk(payload: bytes) -> Frames:
     """Decode one GOP payload to frames; raises ``BitstreamError`` if it is malformed."""
     if len(payload) < HEADER.size:
         raise BitstreamError(f"payload of {len(payload)} bytes is shorter than its {HEADER.size}-byte header")
-    magic, version, flags, t, w, h, q, min_block, max_block, _, body_len = HEADER.unpack_from(payload)
+    magic, version, flags, t, w, h, q, min_block, max_block, reserved, body_len = HEADER.unpack_from(payload)
     if magic != MAGIC:
         raise BitstreamError("payload does not start with the palstream chunk magic 'PSC1'")
     if version != VERSION:
         raise BitstreamError(f"chunk bitstream version {version} is not supported (this decoder reads {VERSION})")
     if not (1 <= t <= MAX_FRAMES and 1 <= w <= MAX_DIMENSION and 1 <= h <= MAX_DIMENSION):
         raise BitstreamError(f"declared size {t} frames of {w}x{h} is out of range")
+    if flags & ~FLAG_LOSSLESS or reserved:
+        raise BitstreamError(f"unknown header flags {flags:#x} / reserved byte {reserved}: written by a newer palstream?")
     if q < 1 or min_block not in (8, 16, 32, 64) or max_block not in (8, 16, 32, 64) or min_block > max_block:
         raise BitstreamError(f"declared coding parameters (q={q}, blocks {min_block}..{max_block}) are invalid")
     if body_len != len(payload) - HEADER.size:

@@ -1,0 +1,148 @@
+"""The chunk codec: exactness, the quality floor, determinism, golden bytes, damaged payloads."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from palstream.codec import BitstreamError, EncoderConfig, decode_chunk, encode_chunk
+from palstream.codec import rangecoder
+from palstream.errors import ConfigError
+from palstream.frames import Frames
+from palstream.io import read_frames
+
+DATA = Path(__file__).parent / "data"
+GOLDEN = Path(__file__).parent / "expected" / "codec_golden.json"
+
+
+@pytest.fixture(scope="module")
+def camera():
+    return read_frames(str(DATA / "camera_64x48.mkv"), 0, 6)
+
+
+@pytest.fixture(scope="module")
+def screen_odd():
+    return read_frames(str(DATA / "screen_37x29.mkv"), 0, 4)
+
+
+def _psnr_y(a: Frames, b: Frames) -> float:
+    mse = np.mean((a.y.astype(np.float64) - b.y) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def _same(a: Frames, b: Frames) -> bool:
+    return all(np.array_equal(getattr(a, p), getattr(b, p)) for p in "yuv")
+
+
+@pytest.mark.parametrize("clip", ["camera", "screen_odd"])
+def test_lossless_round_trip_is_exact(clip, request):
+    frames = request.getfixturevalue(clip)
+    encoded = encode_chunk(frames, EncoderConfig(lossless=True))
+    assert _same(decode_chunk(encoded.payload), frames)
+    assert encoded.stats["psnr_y"] == float("inf")
+
+
+@pytest.mark.parametrize("target", [32.0, 40.0, 45.0])
+def test_lossy_chunk_meets_its_psnr_floor(camera, target):
+    encoded = encode_chunk(camera, EncoderConfig(target_psnr=target))
+    decoded = decode_chunk(encoded.payload)
+    measured = _psnr_y(decoded, camera)
+    assert measured >= target
+    assert measured == pytest.approx(encoded.stats["psnr_y"])  # the encoder's reconstruction is the decoder's
+
+
+def test_lower_quality_costs_fewer_bytes(camera):
+    sizes = [len(encode_chunk(camera, EncoderConfig(target_psnr=t)).payload) for t in (35.0, 45.0)]
+    lossless = len(encode_chunk(camera, EncoderConfig(lossless=True)).payload)
+    assert sizes[0] < sizes[1] < lossless
+
+
+def test_odd_sizes_are_cropped_back(screen_odd):
+    decoded = decode_chunk(encode_chunk(screen_odd, EncoderConfig(target_psnr=40.0)).payload)
+    assert decoded.y.shape == screen_odd.y.shape == (4, 29, 37)
+    assert decoded.u.shape == screen_odd.u.shape == (4, 15, 19)
+
+
+def test_decoding_is_deterministic_across_processes(camera):
+    payload = encode_chunk(camera, EncoderConfig(target_psnr=40.0)).payload
+    here = hashlib.sha256(decode_chunk(payload).tobytes()).hexdigest()
+    assert hashlib.sha256(decode_chunk(payload).tobytes()).hexdigest() == here
+    code = (
+        "import sys, hashlib; from palstream.codec import decode_chunk; "
+        "print(hashlib.sha256(decode_chunk(sys.stdin.buffer.read()).tobytes()).hexdigest())"
+    )
+    fresh = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, check=True)
+    assert fresh.stdout.decode().strip() == here
+
+
+def test_golden_bytes(camera):
+    """Pins the bitstream: regenerate with PALSTREAM_REGEN_GOLDEN=1 after an intended format change."""
+    digests = {
+        name: hashlib.md5(encode_chunk(camera[:3], cfg).payload).hexdigest()
+        for name, cfg in {"lossless": EncoderConfig(lossless=True), "psnr40": EncoderConfig(target_psnr=40.0)}.items()
+    }
+    if os.environ.get("PALSTREAM_REGEN_GOLDEN"):
+        GOLDEN.write_text(json.dumps(digests, indent=2) + "\n")
+    assert digests == json.loads(GOLDEN.read_text())
+
+
+def test_truncated_payload_is_an_error(camera):
+    payload = encode_chunk(camera, EncoderConfig(target_psnr=40.0)).payload
+    with pytest.raises(BitstreamError):
+        decode_chunk(payload[: len(payload) // 2])
+    with pytest.raises(BitstreamError):
+        decode_chunk(payload[:10])
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [(0, 0), (4, 250), (6, 0), (8, 0), (12, 0), (13, 3), (14, 128), (15, 1)],  # see HEADER in codec/chunk.py
+)
+def test_header_fields_out_of_range_are_errors(camera, field, value):
+    payload = bytearray(encode_chunk(camera[:2], EncoderConfig(target_psnr=40.0)).payload)
+    payload[field] = value
+    if field in (6, 8):
+        payload[field + 1] = 0
+    with pytest.raises(BitstreamError):
+        decode_chunk(bytes(payload))
+
+
+def test_damaged_body_never_reads_out_of_bounds(camera):
+    """Flipped bytes decode to garbage or an error, never a crash or a hang."""
+    payload = encode_chunk(camera, EncoderConfig(target_psnr=40.0)).payload
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        damaged = bytearray(payload)
+        for pos in rng.integers(24, len(payload), size=4):
+            damaged[pos] ^= int(rng.integers(1, 256))
+        try:
+            frames = decode_chunk(bytes(damaged))
+        except BitstreamError:
+            continue
+        assert frames.y.shape == camera.y.shape
+
+
+def test_target_psnr_out_of_range_is_a_config_error():
+    with pytest.raises(ConfigError, match="out of range"):
+        EncoderConfig(target_psnr=90.0)
+
+
+def test_range_coder_round_trips_bits_under_contexts():
+    rng = np.random.default_rng(1)
+    bits = (rng.random(5000) < 0.2).astype(np.int64)
+    ctxs = rng.integers(0, 4, size=bits.size)
+    buf = np.zeros(4096, np.uint8)
+    st, probs = rangecoder.new_state(), rangecoder.new_probs(4)
+    for b, c in zip(bits, ctxs):
+        rangecoder.code_bit(True, st, buf, probs, c, b)
+    size = rangecoder.flush(st, buf)
+    assert size < bits.size / 8  # skewed bits compress
+    st, probs = rangecoder.new_state(), rangecoder.new_probs(4)
+    rangecoder.start_decoding(st, buf[:size].copy())
+    decoded = [rangecoder.code_bit(False, st, buf, probs, c, 0) for c in ctxs]
+    assert decoded == bits.tolist()
