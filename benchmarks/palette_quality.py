@@ -1,0 +1,179 @@
+"""Palette quality and speed: cgan-v1 (refine 0 and 1) against k-means(10) and median cut.
+
+Blocks come from clips cgan-v1 was not trained on (see docs/model-card-cgan-v1.md). For each
+block size and palette size, every method gets the same blocks in one batch (all blocks of
+the sampled frames, as an encoder would batch a chunk) on the same device and thread count;
+the time is the best of ``--repeat`` runs. MSE is per component on the 0..255 scale,
+averaged over blocks. Two block populations are reported: all grid blocks, and "candidate"
+blocks with a few dominant levels (the 4 most frequent luma levels cover >= 75% of the
+pixels), the blocks a palette encoder actually sends to the generator.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/palette_quality.py --corpus ../shared/corpus
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from palstream.learned.backbone import block_features, create_backbone
+from palstream.learned.data import grid_blocks, palette_mse, read_frames
+from palstream.learned.generator import CganGenerator
+from palstream.palettes import create_palette_generator
+from palstream.palettes.kmeans import lloyd
+
+HELD_OUT = ("screen_gnome_settings_640x360.mkv", "animation2d_motiongraphics_480x352.mkv", "camera_rocket_launch_640x360.mkv")
+CASES = ((16, 4), (16, 16), (32, 16), (32, 64))  # (luma block size, palette size)
+
+
+def median_cut(samples: torch.Tensor, k: int) -> torch.Tensor:
+    """Batched median cut: split the box with the widest range at its median until there are k boxes.
+
+    Parameters
+    ----------
+    samples : torch.Tensor
+        float32 (N, P, C).
+    k : int
+        Palette size.
+
+    Returns
+    -------
+    torch.Tensor
+        float32 (N, k, C): box means (a box that could not be split repeats its parent's mean).
+    """
+    n, p, c = samples.shape
+    label = torch.zeros(n, p, dtype=torch.long)
+    rows = torch.arange(n)
+    for j in range(1, k):
+        lo = torch.full((n, j, c), float("inf")).scatter_reduce(1, label[..., None].expand(n, p, c), samples, "amin")
+        hi = torch.full((n, j, c), -float("inf")).scatter_reduce(1, label[..., None].expand(n, p, c), samples, "amax")
+        extent = (hi - lo).nan_to_num(0.0, posinf=0.0, neginf=0.0)  # (N, j, C)
+        widest, axis = extent.max(-1)  # per box: range along its longest axis
+        box = widest.argmax(1)  # (N,)
+        ax = axis[rows, box]
+        values = samples[rows[:, None], torch.arange(p)[None, :], ax[:, None]]  # (N, P)
+        inside = label == box[:, None]
+        ranked = values.masked_fill(~inside, float("inf")).sort(1).values
+        median = ranked[rows, (inside.sum(1) - 1) // 2]
+        label = torch.where(inside & (values > median[:, None]), torch.full_like(label, j), label)
+    onehot = torch.nn.functional.one_hot(label, k).float()  # (N, P, k)
+    counts = onehot.sum(1)
+    means = onehot.transpose(1, 2) @ samples / counts.clamp(min=1)[..., None]
+    # Empty boxes (block had fewer distinct values than k) reuse the first box's mean.
+    return torch.where(counts[..., None] > 0, means, means[:, :1])
+
+
+def candidate_mask(luma: np.ndarray) -> np.ndarray:
+    """Blocks whose 4 most frequent luma levels cover >= 75% of the pixels."""
+    counts = np.stack([np.bincount(b.ravel(), minlength=256) for b in luma])
+    top4 = np.sort(counts, axis=1)[:, -4:].sum(1)
+    return top4 >= 0.75 * luma.shape[1]
+
+
+def timed(fn, repeat: int):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def run(corpus: Path, frames_per_clip: int, repeat: int) -> list[dict]:
+    kmeans = create_palette_generator("kmeans", device="cpu")
+    cgan = CganGenerator(device="cpu").load()
+    backbone = create_backbone(cgan.backbone_name) if cgan.backbone_name else None
+    results = []
+    for clip in HELD_OUT:
+        path = corpus / clip
+        every = max(1, 30 // frames_per_clip)
+        frames = read_frames(path, every=every)[:frames_per_clip]
+        for size, k in CASES:
+            parts = [grid_blocks(f, size) for f in frames]
+            luma = np.concatenate([p[0] for p in parts])
+            chroma = np.concatenate([p[1] for p in parts])
+            cand = candidate_mask(luma)
+            for comp, blocks in (("luma", luma), ("chroma", chroma)):
+                x = torch.from_numpy(blocks).float()
+                kk = torch.full((len(x),), min(k, x.shape[1]), dtype=torch.long)
+                methods = {
+                    "kmeans(10)": lambda: kmeans.generate(x, kk),
+                    "median cut": lambda: median_cut(x, int(kk[0])),
+                    "cgan-v1": lambda: cgan.generate(x, kk),
+                    "cgan-v1 refine 1": lambda: lloyd(x, cgan.generate(x, kk), kk, 1),
+                }
+                if backbone is not None:
+
+                    def with_features():
+                        feats = torch.cat([block_features(backbone, f.y, f.u, f.v, p[2]) for f, p in zip(frames, parts)])
+                        return cgan.generate_with_scores(x, kk, feats)[0]
+
+                    methods["cgan-v1 + CNN features"] = with_features
+                for name, fn in methods.items():
+                    pal, seconds = timed(fn, repeat)
+                    mse = palette_mse(x, pal, kk).numpy()
+                    results.append(
+                        {
+                            "clip": clip,
+                            "component": comp,
+                            "block": size,
+                            "k": int(kk[0]),
+                            "blocks": len(x),
+                            "candidates": int(cand.sum()),
+                            "method": name,
+                            "mse_all": float(mse.mean()),
+                            "mse_candidates": float(mse[cand].mean()) if cand.any() else float("nan"),
+                            "seconds": seconds,
+                        }
+                    )
+                    print(f"{clip[:22]:22} {comp:6} {size:2}px k={int(kk[0]):2} {name:24} mse {mse.mean():8.3f} "
+                          f"cand {results[-1]['mse_candidates']:8.3f} {seconds * 1e3:8.1f} ms", flush=True)
+    return results
+
+
+def summary(results: list[dict]) -> str:
+    """Markdown tables: per case, MSE and time of every method relative to k-means(10)."""
+    lines = []
+    for comp in ("luma", "chroma"):
+        lines += [
+            f"\n**{comp}** — mean block MSE (all blocks / candidate blocks) and time for the batch; "
+            "ratios are to k-means(10) on the same blocks\n",
+            "| clip | block, k | method | MSE all | MSE cand. | MSE ratio all | MSE ratio cand. | time ms | speed-up |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results:
+            if r["component"] != comp:
+                continue
+            ref = next(x for x in results if x["method"] == "kmeans(10)" and all(x[f] == r[f] for f in ("clip", "component", "block", "k")))
+            lines.append(
+                f"| {r['clip'].split('_')[0]}_{r['clip'].split('_')[1]} | {r['block']}px, {r['k']} ({r['blocks']} blk, {r['candidates']} cand) "
+                f"| {r['method']} | {r['mse_all']:.2f} | {r['mse_candidates']:.2f} | {r['mse_all'] / max(ref['mse_all'], 1e-9):.3f} "
+                f"| {r['mse_candidates'] / max(ref['mse_candidates'], 1e-9):.3f} | {r['seconds'] * 1e3:.1f} | {ref['seconds'] / r['seconds']:.1f}x |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--corpus", type=Path, default=Path("../shared/corpus"), help="folder with the corpus clips")
+    parser.add_argument("--frames", type=int, default=4, help="frames sampled per clip (one batch)")
+    parser.add_argument("--repeat", type=int, default=3, help="timing repeats (best is kept)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/palette_quality.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = run(args.corpus, args.frames, args.repeat)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"threads": args.threads, "frames": args.frames, "results": results}, indent=1))
+    print(summary(results))
+
+
+if __name__ == "__main__":
+    main()

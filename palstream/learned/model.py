@@ -1,0 +1,275 @@
+"""The cgan-v1 networks: block statistics, the palette generator and its discriminator.
+
+A block enters the networks as a fixed-size summary that does not depend on its pixel count:
+``Q`` of its samples picked at evenly spaced ranks (sorted luma levels; Cb/Cr pairs sorted
+along the block's principal colour axis), plus mean, spread and the wanted palette size.
+The generator turns that summary into a split of the sorted samples into rank segments whose
+means are the palette (see :class:`PaletteNet`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from palstream.palettes.base import MAX_PALETTE
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Shape of one palette network (one for luma, one for chroma).
+
+    Parameters
+    ----------
+    components : int
+        1 for luma levels, 2 for Cb/Cr pairs.
+    tokens : int, default 32
+        Samples taken from each block at evenly spaced ranks.
+    hidden : int, default 256
+        Width of the hidden layers.
+    layers : int, default 3
+        Hidden layers of the generator MLP.
+    feature_dim : int, default 0
+        Size of optional per-block CNN features (0: the network takes none).
+    """
+
+    components: int
+    tokens: int = 32
+    hidden: int = 256
+    layers: int = 3
+    feature_dim: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sort_blocks(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order each block's samples along one axis.
+
+    Luma is sorted by level. Cb/Cr pairs are sorted by their projection on the block's principal
+    colour axis (closed-form 2x2 eigenvector): chroma in a block mostly spreads along one line.
+
+    Parameters
+    ----------
+    samples : torch.Tensor
+        float32 (N, P, C), values 0..255.
+
+    Returns
+    -------
+    ordered : torch.Tensor
+        (N, P, C) samples in rank order.
+    keys : torch.Tensor
+        (N, P) ascending sort keys (level, or projection on the axis).
+    axis : torch.Tensor
+        (N, C) unit sort axis.
+    mean : torch.Tensor
+        (N, C) block mean.
+    spread : torch.Tensor
+        (N, C) standard deviation along the axis (and across it, for chroma).
+    """
+    n, p, c = samples.shape
+    mean = samples.mean(1)
+    centred = samples - mean[:, None, :]
+    if c == 1:
+        axis = torch.ones(n, 1, device=samples.device)
+        key = samples[..., 0]
+        spread = centred[..., 0].pow(2).mean(1, keepdim=True).sqrt()
+    else:
+        cxx = centred[..., 0].pow(2).mean(1)
+        cyy = centred[..., 1].pow(2).mean(1)
+        cxy = (centred[..., 0] * centred[..., 1]).mean(1)
+        angle = 0.5 * torch.atan2(2 * cxy, cxx - cyy)
+        axis = torch.stack([angle.cos(), angle.sin()], -1)
+        key = (samples * axis[:, None, :]).sum(-1)
+        across = centred[..., 0] * -axis[:, None, 1] + centred[..., 1] * axis[:, None, 0]
+        spread = torch.stack([(key - key.mean(1, keepdim=True)).pow(2).mean(1).sqrt(), across.pow(2).mean(1).sqrt()], -1)
+    keys, order = key.sort(dim=1)
+    ordered = torch.gather(samples, 1, order[..., None].expand(n, p, c))
+    return ordered, keys, axis, mean, spread
+
+
+def rank_tokens(ordered: torch.Tensor, q: int) -> torch.Tensor:
+    """``q`` samples at evenly spaced ranks (the first and last are the extremes): (N, q, C)."""
+    ranks = torch.linspace(0, ordered.shape[1] - 1, q, device=ordered.device).round().long()
+    return ordered[:, ranks]
+
+
+def condition(tokens: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Conditioning vector of a block: its shape (scale-free), level, spread and palette size."""
+    shape = (tokens - mean[:, None, :]) / (spread.norm(dim=-1, keepdim=True)[:, None, :] + 1.0)
+    size = nn.functional.one_hot((k - 1).clamp(0, MAX_PALETTE - 1), MAX_PALETTE).to(tokens.dtype)
+    return torch.cat([shape.flatten(1), mean / 255.0, torch.log1p(spread) / 5.0, size], 1)
+
+
+def active_mask(k: torch.Tensor, kmax: int) -> torch.Tensor:
+    """(N, kmax) bool: which palette slots a block uses."""
+    return torch.arange(kmax, device=k.device)[None, :] < k[:, None]
+
+
+def condition_dim(cfg: NetConfig) -> int:
+    return cfg.tokens * cfg.components + 2 * cfg.components + MAX_PALETTE
+
+
+def segment_means(ordered: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means of the rank segments [lo, hi) of sorted blocks, with fractional (differentiable) ranks.
+
+    Parameters
+    ----------
+    ordered : torch.Tensor
+        (N, P, C) samples in rank order.
+    lo, hi : torch.Tensor
+        (N, K) segment ends as fractions of P (0..1).
+
+    Returns
+    -------
+    means : torch.Tensor
+        (N, K, C); an empty segment takes the sample at its rank.
+    counts : torch.Tensor
+        (N, K) pixels per segment (fractional).
+    """
+    n, p, c = ordered.shape
+    prefix = nn.functional.pad(ordered.cumsum(1), (0, 0, 1, 0))  # (N, P+1, C): sum of the first r samples
+
+    def prefix_at(frac):
+        pos = frac.clamp(0, 1) * p
+        whole = pos.floor().clamp(max=p - 1)
+        part = (pos - whole)[..., None]
+        i = whole.long()[..., None].expand(n, frac.shape[1], c)
+        return torch.gather(prefix, 1, i) + part * torch.gather(ordered, 1, i)
+
+    counts = (hi - lo).clamp(min=0) * p
+    middle = ((lo + hi) * 0.5 * p).long().clamp(0, p - 1)[..., None].expand(n, lo.shape[1], c)
+    eps = 1e-3  # below ~1/1000 of a pixel a segment is empty: fall back to its rank's sample
+    means = (prefix_at(hi) - prefix_at(lo) + eps * torch.gather(ordered, 1, middle)) / (counts + eps)[..., None]
+    return means, counts
+
+
+def rank_lloyd(
+    ordered: torch.Tensor, keys: torch.Tensor, axis: torch.Tensor, palettes: torch.Tensor, k: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd updates done on sorted samples: O(K log P) per block instead of O(P K).
+
+    Along the sort axis, the pixels nearest to each entry form one rank segment bounded by the
+    midpoints between neighbouring entries, found by binary search; the new entry is the segment
+    mean from prefix sums. Exact Lloyd for luma; for chroma the partition is the one along the
+    principal axis (exact when the colours lie on that line).
+
+    Returns
+    -------
+    palettes : torch.Tensor
+        (N, K, C) with entries sorted along the axis; entries past k[i] are copies of entry 0.
+    shares : torch.Tensor
+        (N, K) fraction of the block's pixels each entry takes (0 past k[i]).
+    """
+    n, p, c = ordered.shape
+    kmax = palettes.shape[1]
+    active = active_mask(k, kmax)
+    prefix = nn.functional.pad(ordered.cumsum(1), (0, 0, 1, 0))
+    zero = torch.zeros(n, 1, dtype=torch.long, device=ordered.device)
+    for step in range(steps + 1):
+        key = (palettes * axis[:, None, :]).sum(-1).masked_fill(~active, float("inf"))
+        key, order = key.sort(1)
+        palettes = torch.gather(palettes, 1, order[..., None].expand(n, kmax, c))
+        mid = (key[:, :-1] + key[:, 1:]) * 0.5  # inf past k: those cuts land at P
+        cuts = torch.searchsorted(keys.contiguous(), mid.contiguous())  # (N, K-1)
+        lo, hi = torch.cat([zero, cuts], 1), torch.cat([cuts, zero + p], 1)
+        counts = (hi - lo).clamp(min=0)
+        if step == steps:
+            break
+        sums = torch.gather(prefix, 1, hi[..., None].expand(n, kmax, c)) - torch.gather(prefix, 1, lo[..., None].expand(n, kmax, c))
+        update = (counts > 0) & active
+        palettes = torch.where(update[..., None], sums / counts.clamp(min=1)[..., None], palettes)
+    palettes = torch.where(active[..., None], palettes, palettes[:, :1])
+    return palettes, counts.to(palettes.dtype) / p * active
+
+
+class PaletteNet(nn.Module):
+    """Conditional generator: block summary (+ optional CNN features) -> palette in one pass.
+
+    The network does not regress levels. It predicts how the block's sorted samples split into
+    ``k`` rank segments (softmax widths, i.e. each entry's pixel share); every entry is the mean
+    of its segment, computed exactly from prefix sums. That is the form every optimal 1-D
+    quantiser has, so the network only has to learn where to cut, and entries land exactly on
+    the dominant levels of flat content. ``refine_steps`` rank-domain Lloyd updates
+    (:func:`rank_lloyd`) then polish the cuts at inference.
+    """
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.cfg = cfg
+        width = condition_dim(cfg) + (cfg.feature_dim + 1 if cfg.feature_dim else 0)
+        body: list[nn.Module] = []
+        for _ in range(cfg.layers):
+            body += [nn.Linear(width, cfg.hidden), nn.GELU()]
+            width = cfg.hidden
+        self.body = nn.Sequential(*body)
+        self.widths = nn.Linear(cfg.hidden, MAX_PALETTE)
+
+    def forward(
+        self,
+        samples: torch.Tensor,
+        k: torch.Tensor,
+        kmax: int,
+        features: torch.Tensor | None = None,
+        present: torch.Tensor | None = None,
+        refine_steps: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Palettes (N, kmax, C) and pixel shares (N, kmax) of blocks (N, P, C).
+
+        ``features`` (N, feature_dim) are optional CNN features; ``present`` (N,) bool marks the
+        rows that have them (default: all rows when ``features`` is given, none otherwise).
+        With ``refine_steps`` = 0 the result is differentiable (training); otherwise entries come
+        out sorted along the block's axis after that many rank-domain Lloyd updates.
+        """
+        ordered, keys, axis, mean, spread = sort_blocks(samples)
+        cond = condition(rank_tokens(ordered, self.cfg.tokens), mean, spread, k)
+        if self.cfg.feature_dim:
+            n = len(cond)
+            if features is None:
+                features = cond.new_zeros(n, self.cfg.feature_dim)
+                present = torch.zeros(n, dtype=torch.bool, device=cond.device)
+            elif present is None:
+                present = torch.ones(n, dtype=torch.bool, device=cond.device)
+            flag = present.to(cond.dtype)[:, None]
+            cond = torch.cat([cond, features.to(cond.dtype) * flag, flag], 1)
+        h = self.body(cond)
+        logits = nn.functional.linear(h, self.widths.weight[:kmax], self.widths.bias[:kmax])
+        active = active_mask(k, kmax)
+        shares = logits.masked_fill(~active, float("-inf")).softmax(-1)
+        hi = shares.cumsum(-1)
+        palettes, _ = segment_means(ordered, hi - shares, hi)
+        if refine_steps:
+            palettes, shares = rank_lloyd(ordered, keys, axis, palettes, k, refine_steps)
+        return palettes, shares
+
+
+def canonical_palette(palettes: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Palettes as the discriminator sees them: standardised, order-free (sorted), unused slots zeroed."""
+    n, kmax, c = palettes.shape
+    scaled = (palettes - mean[:, None, :]) / (spread.norm(dim=-1, keepdim=True)[:, None, :] + 1.0)
+    active = active_mask(k, kmax)
+    key = scaled.sum(-1).masked_fill(~active, float("inf"))
+    order = key.argsort(dim=1)
+    ranked = torch.gather(scaled, 1, order[..., None].expand(n, kmax, c))
+    return ranked.masked_fill(~torch.gather(active, 1, order)[..., None], 0.0)
+
+
+class Discriminator(nn.Module):
+    """Judges a (block, palette) pair: k-means palettes of the block are the real examples."""
+
+    def __init__(self, cfg: NetConfig, hidden: int = 256):
+        super().__init__()
+        self.cfg = cfg
+        width = condition_dim(cfg) + MAX_PALETTE * cfg.components
+        self.net = nn.Sequential(
+            nn.Linear(width, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, samples: torch.Tensor, k: torch.Tensor, palettes: torch.Tensor) -> torch.Tensor:
+        ordered, _, _, mean, spread = sort_blocks(samples)
+        cond = condition(rank_tokens(ordered, self.cfg.tokens), mean, spread, k)
+        pal = canonical_palette(palettes, mean, spread, k)
+        pal = nn.functional.pad(pal, (0, 0, 0, MAX_PALETTE - pal.shape[1]))
+        return self.net(torch.cat([cond, pal.flatten(1)], 1)).squeeze(1)
