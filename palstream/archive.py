@@ -44,12 +44,12 @@ def _key(index: int) -> str:
     return f"{index:06d}"
 
 
-def _json_safe(value):
+def json_safe(value):
     """Statistics as plain JSON: numpy scalars to Python, non-finite floats to None."""
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -89,11 +89,15 @@ def check_destination(url: str, storage_options: dict | None = None, overwrite: 
                     raise ArchiveError(f"{url} exists and is not a palstream archive; choose another path")
                 if not overwrite:
                     raise ArchiveError(f"archive {url} already exists; pass --overwrite to replace it")
-        if "file" in fs.protocol or "local" in fs.protocol:
+        local = "file" in fs.protocol or "local" in fs.protocol
+        created = local and not fs.exists(path)
+        if local:
             fs.makedirs(path, exist_ok=True)
         test = f"{path.rstrip('/')}/.palstream-write-test"
         fs.pipe_file(test, b"")
         fs.rm_file(test)
+        if created:
+            fs.rmdir(path)  # leave nothing behind until the archive is really created
     except ArchiveError:
         raise
     except (OSError, ValueError) as exc:
@@ -213,7 +217,7 @@ class ArchiveWriter:
             "frames": len(frames),
             "first_frame": frames.start,
             # Timings vary run to run; leaving them out keeps archive bytes reproducible.
-            "stats": _json_safe({k: v for k, v in encoded.stats.items() if not k.endswith("_seconds")}),
+            "stats": json_safe({k: v for k, v in encoded.stats.items() if not k.endswith("_seconds")}),
         }
         array = self._group.create_array(
             f"chunks/{_key(index)}",
@@ -371,6 +375,16 @@ class Archive:
 
     def committed(self) -> set[int]:
         return _committed(self._group, self.n_chunks)
+
+    def payload_bytes(self) -> int:
+        """Total bytes of the written chunk payloads (from metadata; zarr overhead excluded)."""
+        total = 0
+        for index in range(self.n_chunks):
+            try:
+                total += self._group[f"chunks/{_key(index)}"].shape[0]
+            except KeyError:
+                continue
+        return total
 
     def read_chunk(self, index: int) -> bytes:
         """The payload of chunk ``index``, checked against its recorded sha256.

@@ -5,11 +5,20 @@ Domain errors (``PalstreamError``) become a one-line message and exit code 1 her
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
-from palstream.errors import PalstreamError
+from palstream.errors import ArchiveError, PalstreamError
 
 app = typer.Typer(
     name="palstream",
@@ -27,8 +36,164 @@ _register_batch(app)
 _register_learned(app)
 
 
+def _progress() -> Progress:
+    """A progress bar on stderr, so ``--json`` output on stdout stays clean."""
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+        disable=not console.is_terminal,  # logs and pipes get the one-line result only
+    )
+
+
+def _encode(input: str, archive: str, config, overwrite: bool) -> None:
+    from palstream.archive import encode_file
+
+    with _progress() as bar:
+        task = bar.add_task("encoding", total=None)
+        encode_file(input, archive, config, overwrite=overwrite,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+
+@app.command()
+def encode(
+    input: Annotated[str, typer.Argument(help="Source video: any file FFmpeg reads (mp4, mkv, y4m, ...), path or fsspec URL.")],
+    archive: Annotated[str, typer.Argument(help="Archive to write: a folder path or fsspec URL (file://, memory://, s3://).")],
+    target_psnr: Annotated[Optional[float], typer.Option(help="Quality floor in dB PSNR-Y that every chunk reaches (25..60; default 45, visually lossless).")] = None,
+    lossless: Annotated[bool, typer.Option("--lossless", help="Mathematically lossless: every decoded sample equals the source's 8-bit 4:2:0 sample.")] = False,
+    palette: Annotated[str, typer.Option(help="Palette generator by name (kmeans, or a learned one).")] = "kmeans",
+    gop: Annotated[int, typer.Option(help="Frames per chunk (GOP); chunks decode independently.")] = 32,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing palstream archive at ARCHIVE.")] = False,
+) -> None:
+    """Encode a video into a palstream archive."""
+    from palstream.codec import DEFAULT_TARGET_PSNR, EncoderConfig
+    from palstream.errors import ConfigError
+
+    if lossless and target_psnr is not None:
+        raise ConfigError("--target-psnr and --lossless exclude each other; give one")
+    config = EncoderConfig(
+        target_psnr=DEFAULT_TARGET_PSNR if target_psnr is None else target_psnr,
+        lossless=lossless, palette=palette, gop=gop,
+    )
+    _encode(input, archive, config, overwrite)
+    typer.echo(f"wrote {archive}")
+
+
+@app.command()
+def decode(
+    archive: Annotated[str, typer.Argument(help="Archive to decode (path or fsspec URL).")],
+    output: Annotated[str, typer.Argument(help="Output: .y4m, .yuv (raw 4:2:0), a folder or %d pattern (PNG frames), .mkv (FFV1), .mp4 (H.264), ...")],
+    frames: Annotated[Optional[str], typer.Option(help="Frame range A:B (B exclusive; either side may be empty).")] = None,
+) -> None:
+    """Decode an archive (or some of its frames) to a video file; damaged chunks are skipped and named."""
+    from palstream.archive import decode_file
+
+    with _progress() as bar:
+        task = bar.add_task("decoding", total=None)
+        result = decode_file(archive, output, frames,
+                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if result.damaged:
+        names = "; ".join(str(exc) for exc in result.damaged)
+        raise ArchiveError(f"{names}; skipped its frames, wrote the other {result.frames_written} frames to {output}")
+    typer.echo(f"wrote {result.frames_written} frames to {output}")
+
+
+@app.command()
+def verify(archive: Annotated[str, typer.Argument(help="Archive to check (path or fsspec URL).")]) -> None:
+    """Check every chunk's checksums; exit 0 when intact, else name each damaged chunk and exit 1."""
+    from palstream.archive import open_archive
+
+    reader = open_archive(archive)
+    damaged = reader.verify()
+    if damaged:
+        raise ArchiveError(f"{len(damaged)} of {reader.n_chunks} chunks damaged: " + "; ".join(map(str, damaged)))
+    if not reader.complete:
+        raise ArchiveError(f"archive {archive} was never finalized (status incomplete); re-encode or resume it")
+    typer.echo(f"ok: {reader.n_chunks} chunks, {reader.frame_count} frames intact")
+
+
+@app.command()
+def info(
+    archive: Annotated[str, typer.Argument(help="Archive to describe (path or fsspec URL).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (the archive attributes plus per-chunk records).")] = False,
+) -> None:
+    """Describe an archive: source, encoder, status, size."""
+    from palstream.archive import open_archive
+
+    reader = open_archive(archive)
+    chunks = [{"index": i, **reader.chunk_attrs(i)} for i in range(reader.n_chunks)]
+    if as_json:
+        typer.echo(json.dumps({**reader.attrs, "chunks": chunks}))
+        return
+    src, enc = reader.source, reader.attrs["encoder"]
+    payload = reader.payload_bytes()
+    config = enc["config"]
+    quality = "lossless" if config.get("lossless") else f"target PSNR-Y {config.get('target_psnr')} dB"
+    lines = [
+        f"archive      {archive} (format {reader.attrs['format']} v{reader.attrs['format_version']}, {reader.attrs['status']})",
+        f"source       {src.name}: {src.width}x{src.height}, {src.frame_count} frames at {src.fps} fps, {src.pix_fmt}, "
+        f"{src.size_bytes} bytes, sha256 {src.sha256[:16]}...",
+        f"colour       " + ", ".join(f"{k} {v}" for k, v in src.color.items()),
+        f"encoder      palstream {enc['palstream_version']}, {quality}, GOP {reader.attrs['gop']}, "
+        f"palette {enc['palette_generator']['name']}, config {enc['config_digest']}",
+        f"chunks       {reader.n_chunks} ({len(reader.committed())} committed)",
+        f"payload      {payload} bytes, {payload * 8 / (src.frame_count * src.width * src.height):.4f} bpp, "
+        f"{src.size_bytes / max(payload, 1):.2f}x smaller than the source file",
+    ]
+    typer.echo("\n".join(lines))
+
+
+def _eval_table(report: dict) -> Table:
+    table = Table(title="palstream eval", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("bpp", "psnr_y", "psnr_u", "psnr_v", "psnr_yuv", "ssim_y", "ms_ssim", "vmaf"):
+        value = report.get(key)
+        table.add_row(key, "omitted" if value is None else f"{value:.4f}")
+    for key, reason in report.get("omitted", {}).items():
+        table.add_row(f"({key})", reason)
+    return table
+
+
+@app.command(name="eval")
+def evaluate(
+    source: Annotated[str, typer.Argument(help="The original video the archive was made from.")],
+    archive: Annotated[str, typer.Argument(help="The archive (path or fsspec URL).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: bpp, psnr_y, psnr_u, psnr_v, psnr_yuv, ssim_y, ms_ssim, vmaf (null when omitted or infinite).")] = False,
+) -> None:
+    """Measure an archive against its source: size (bpp), PSNR, SSIM, MS-SSIM, VMAF."""
+    from palstream.archive import json_safe
+    from palstream.metrics import evaluate as run_eval
+
+    report = run_eval(source, archive)
+    if as_json:
+        typer.echo(json.dumps(json_safe(report)))
+    else:
+        Console().print(_eval_table(report))
+
+
+@app.command()
+def demo() -> None:
+    """Encode the small clip shipped with palstream (screen content, 16 frames) and print the eval report."""
+    from palstream.codec import EncoderConfig
+    from palstream.metrics import evaluate as run_eval
+
+    with resources.as_file(resources.files("palstream") / "data" / "demo.mkv") as clip, \
+            tempfile.TemporaryDirectory(prefix="palstream-demo-") as tmp:
+        archive = str(Path(tmp) / "demo.zarr")
+        config = EncoderConfig()
+        typer.echo(f"encoding {clip.name} at the default quality (PSNR-Y >= {config.target_psnr} dB) into {archive}")
+        _encode(str(clip), archive, config, overwrite=False)
+        Console().print(_eval_table(run_eval(str(clip), archive)))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main() -> None:
     """Console-script entry point."""
+    warnings.showwarning = _show_warning  # one plain line, not a source location
     try:
         app()
     except PalstreamError as exc:
