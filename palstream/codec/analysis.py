@@ -12,6 +12,8 @@ from numba import njit
 
 from palstream.codec.syntax import INTER, INTRA, MAX_PAL, PALETTE, SKIP
 
+PROPOSAL_BLOCK = 16  # leaf size whose many-coloured blocks get palettes from the PaletteGenerator
+
 
 @njit(cache=True, nogil=True, inline="always")
 def _clamp(v, lo, hi):
@@ -173,11 +175,11 @@ def _transitions(keys2d, y0, x0, s):
 
 
 @njit(cache=True, nogil=True)
-def _palette_leaf(keys2d, y0, x0, s, two, max_pal, lam, dweight, out_keys, counts):
-    """Best palette for one block: its distinct values, merged greedily while merging pays.
+def _exact_clusters(keys2d, y0, x0, s, two, max_pal, counts):
+    """Each distinct value of the block as one cluster: (count, sum u, sum v, sum of squares, transitions).
 
-    Returns (J, n) with the sorted palette in ``out_keys[:n]``, or (inf, 0) when the block has
-    more than ``max_pal`` distinct values. ``counts`` is zeroed scratch space indexed by key.
+    Returns n = 0 when the block has too many distinct values for a palette to pay (more than
+    ``max_pal``, or more than one per four pixels). ``counts`` is zeroed scratch indexed by key.
     """
     npx = s * s
     seen = np.empty(MAX_PAL + 1, np.int64)
@@ -191,33 +193,58 @@ def _palette_leaf(keys2d, y0, x0, s, two, max_pal, lam, dweight, out_keys, count
                 n += 1
             counts[k] += 1
     vals = np.sort(seen[: min(n, max_pal + 1)])
-    cnt = np.empty(vals.shape[0], np.int64)
+    cc = np.empty(vals.shape[0], np.float64)
     for i in range(vals.shape[0]):
-        cnt[i] = counts[vals[i]]
+        cc[i] = counts[vals[i]]
     for y in range(y0, y0 + s):  # leave the scratch zeroed for the next block
         for x in range(x0, x0 + s):
             counts[keys2d[y, x]] = 0
-    # a palette pays only where colours repeat: at most one distinct value per four pixels
     if n > max_pal or n > max(4, npx // 4):
-        return np.inf, 0
-    # clusters: centre, count, sum and sum of squares per component (u and v for pairs)
-    cu = np.empty(n, np.float64)
-    cv = np.empty(n, np.float64)
-    su = np.empty(n, np.float64)
-    sv = np.empty(n, np.float64)
-    qq = np.empty(n, np.float64)
-    cc = np.empty(n, np.float64)
-    for i in range(n):
-        u = float(vals[i] >> 8) if two else float(vals[i])
-        v = float(vals[i] & 255) if two else 0.0
-        cc[i] = cnt[i]
-        su[i] = u * cnt[i]
-        sv[i] = v * cnt[i]
-        qq[i] = (u * u + v * v) * cnt[i]
-        cu[i] = u
-        cv[i] = v
+        n = 0
+    u = (vals >> 8).astype(np.float64) if two else vals.astype(np.float64)
+    v = (vals & 255).astype(np.float64) if two else np.zeros(vals.shape[0])
+    return n, cc, u * cc, v * cc, (u * u + v * v) * cc, _transitions(keys2d, y0, x0, s)
+
+
+@njit(cache=True, nogil=True)
+def _proposal_clusters(keys2d, y0, x0, s, two, proposal, k):
+    """Clusters of the block's pixels around the nearest entries of a proposed palette (sorted keys)."""
+    cc = np.zeros(k, np.float64)
+    su = np.zeros(k, np.float64)
+    sv = np.zeros(k, np.float64)
+    qq = np.zeros(k, np.float64)
+    idx = np.empty((s, s), np.int64)
+    for y in range(s):
+        for x in range(s):
+            key = keys2d[y0 + y, x0 + x]
+            u = float(key >> 8) if two else float(key)
+            v = float(key & 255) if two else 0.0
+            best = 0
+            bestd = np.inf
+            for i in range(k):
+                pu = float(proposal[i] >> 8) if two else float(proposal[i])
+                pv = float(proposal[i] & 255) if two else 0.0
+                d = (u - pu) ** 2 + (v - pv) ** 2
+                if d < bestd:
+                    best = i
+                    bestd = d
+            idx[y, x] = best
+            cc[best] += 1
+            su[best] += u
+            sv[best] += v
+            qq[best] += u * u + v * v
+    live = cc > 0
+    n = int(live.sum())
+    return n, cc[live], su[live], sv[live], qq[live], _transitions(idx, 0, 0, s)
+
+
+@njit(cache=True, nogil=True)
+def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys):
+    """Merge clusters greedily (Ward) while the distortion added costs less than the bits saved;
+    returns (J, palette size) with the sorted palette keys in ``out_keys``."""
+    cu = su / cc
+    cv = sv / cc
     dist = 0.0
-    trans = _transitions(keys2d, y0, x0, s)
     alive = np.ones(n, np.bool_)
     m = n
     while m > 1 and dweight < 1e5:
@@ -275,7 +302,7 @@ def _palette_leaf(keys2d, y0, x0, s, two, max_pal, lam, dweight, out_keys, count
 @njit(cache=True, nogil=True)
 def decide(
     cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, has_ref, mv8, table, lam, dweight,
-    min_block, max_block, max_pal, leafsize, mode, mv, pal_y, pal_yn, pal_c, pal_cn,
+    min_block, max_block, max_pal, prop_y, prop_yn, prop_c, prop_cn, leafsize, mode, mv, pal_y, pal_yn, pal_c, pal_cn,
 ):
     """Fill the decision maps (per 8x8 cell) with the RD-best quadtree of the frame."""
     h, w = cur_y.shape
@@ -351,10 +378,20 @@ def decide(
                     jy = np.inf
                     jc = np.inf
                     if not many:
-                        jy, ny = _palette_leaf(keys_y, y0, x0, s, False, max_pal, lam, dweight, tmp_y, counts)
+                        n, cc, su, sv, qq, tr = _exact_clusters(keys_y, y0, x0, s, False, max_pal, counts)
+                        if n > 0:
+                            jy, ny = _price_palette(n, cc, su, sv, qq, tr, s * s, False, lam, dweight, tmp_y)
                     if ny > 0:
-                        jc, nc = _palette_leaf(keys_c, c0y, c0x, cs, True, max_pal, lam, dweight, tmp_c, counts)
+                        n, cc, su, sv, qq, tr = _exact_clusters(keys_c, c0y, c0x, cs, True, max_pal, counts)
+                        if n > 0:
+                            jc, nc = _price_palette(n, cc, su, sv, qq, tr, cs * cs, True, lam, dweight, tmp_c)
                     toomany[lev][by, bx] = ny == 0 or nc == 0
+                    if ny == 0 and s == PROPOSAL_BLOCK and prop_yn[by, bx] > 0:
+                        # many distinct values: price the palette the generator proposed instead
+                        n, cc, su, sv, qq, tr = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx])
+                        jy, ny = _price_palette(n, cc, su, sv, qq, tr, s * s, False, lam, dweight, tmp_y)
+                        n, cc, su, sv, qq, tr = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx])
+                        jc, nc = _price_palette(n, cc, su, sv, qq, tr, cs * cs, True, lam, dweight, tmp_c)
                     if nc > 0 and jy + jc + lam * 2.0 < jbest:
                         jbest = jy + jc + lam * 2.0
                         bm = PALETTE

@@ -5,6 +5,7 @@ The payload layout is specified in ``storage/BITSTREAM.md``.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import time
@@ -71,6 +72,53 @@ class _DecisionMaps:
         return (self.leafsize, self.mode, self.mv, self.pal_y, self.pal_yn, self.pal_c, self.pal_cn)
 
 
+PROPOSAL_SIZE = 16  # entries the generator proposes; the RD merge prunes them per block
+PROPOSAL_COVERAGE = 0.75  # share of a block's pixels its 16 most frequent levels must cover
+
+
+def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
+    """Generator palettes for the chunk's many-coloured 16x16 blocks whose colours still cluster.
+
+    Blocks with few distinct values get exact palettes in the analysis; blocks like antialiased
+    text have too many for that yet few dominant ones: the generator proposes palettes for all
+    of them in one batched call per component.
+    """
+    import torch  # encoder only: decoding must not need torch
+
+    from palstream.palettes.kmeans import lloyd
+
+    t, h, w = luma.shape
+    b = analysis.PROPOSAL_BLOCK
+    hb, wb = h // b, w // b
+    blocks = luma.reshape(t, hb, b, wb, b).transpose(0, 1, 3, 2, 4).reshape(-1, b * b)
+    hist = np.zeros((blocks.shape[0], 256), np.int32)
+    np.add.at(hist, (np.arange(blocks.shape[0])[:, None], blocks), 1)
+    distinct = (hist > 0).sum(1)
+    coverage = np.sort(hist, axis=1)[:, -PROPOSAL_SIZE:].sum(1) / (b * b)
+    pick = np.flatnonzero((distinct > min(config.max_palette, b * b // 4)) & (coverage >= PROPOSAL_COVERAGE))
+    prop_y = np.zeros((t, hb, wb, PROPOSAL_SIZE), np.int64)
+    prop_c = np.zeros((t, hb, wb, PROPOSAL_SIZE), np.int64)
+    prop_n = np.zeros((t, hb, wb), np.int32)
+    if pick.size == 0:
+        return prop_y, prop_n, prop_c, prop_n
+    c = b // 2
+    pairs = np.stack(
+        [p.reshape(t, hb, c, wb, c).transpose(0, 1, 3, 2, 4).reshape(-1, c * c) for p in (cb, cr)], axis=-1
+    )[pick]
+    k = torch.full((pick.size,), PROPOSAL_SIZE, dtype=torch.int64)
+    keys = []
+    for samples in (torch.from_numpy(blocks[pick, :, None].astype(np.float32)), torch.from_numpy(pairs.astype(np.float32))):
+        palettes = generator.generate(samples, k)
+        if config.refine:
+            palettes = lloyd(samples.to(palettes.device), palettes, k.to(palettes.device), config.refine)
+        levels = palettes.round().clamp(0, 255).to(torch.int64).cpu().numpy()
+        keys.append(np.sort(levels[..., 0] * 256 + levels[..., 1] if levels.shape[-1] == 2 else levels[..., 0], axis=1))
+    prop_y.reshape(-1, PROPOSAL_SIZE)[pick] = keys[0]
+    prop_c.reshape(-1, PROPOSAL_SIZE)[pick] = keys[1]
+    prop_n.reshape(-1)[pick] = PROPOSAL_SIZE
+    return prop_y, prop_n, prop_c, prop_n
+
+
 def _run(enc, buf, planes, recon, q, tol, min_block, max_block, decide=None):
     """Code every frame of a chunk in one direction; returns the coder state."""
     t, h, w = recon[0].shape
@@ -88,7 +136,7 @@ def _run(enc, buf, planes, recon, q, tol, min_block, max_block, decide=None):
         rec = tuple(p[f] for p in recon)
         ref = tuple(p[f - 1] for p in recon) if f > 0 else rec
         if decide is not None:
-            decide(src, ref, f > 0, prev_mv, maps)
+            decide(f, src, ref, f > 0, prev_mv, maps)
             prev_mv = maps.mv.copy()
         syntax.code_frame(
             enc, st, buf, probs, *src, *rec, *ref, *kmaps,
@@ -97,7 +145,15 @@ def _run(enc, buf, planes, recon, q, tol, min_block, max_block, decide=None):
     return st, maps
 
 
-def _encode_at(padded, q, config: EncoderConfig):
+@functools.lru_cache(maxsize=4)
+def _generator(name: str):
+    """One generator per name and process: learned ones load their weights once."""
+    from palstream.palettes import create_palette_generator  # torch: encoder only
+
+    return create_palette_generator(name)
+
+
+def _encode_at(padded, q, config: EncoderConfig, proposals):
     t, h, w = padded[0].shape
     lam = 0.0 if config.lossless else 0.15 * q * q * config.lambda_scale
     dweight = 1e6 if config.lossless else 1.0
@@ -105,11 +161,11 @@ def _encode_at(padded, q, config: EncoderConfig):
     tol = int(lam * 2)
     rd_lambda = max(lam, 1.0)
 
-    def decide(src, ref, has_ref, prev_mv, maps):
+    def decide(f, src, ref, has_ref, prev_mv, maps):
         mv8 = analysis.motion_search(src[0], ref[0], prev_mv, config.search_range) if has_ref else prev_mv
         analysis.decide(
             *src, *ref, has_ref, mv8, table, rd_lambda, dweight,
-            config.min_block, config.max_block, config.max_palette, *maps.args(),
+            config.min_block, config.max_block, config.max_palette, *(p[f] for p in proposals), *maps.args(),
         )
 
     recon = tuple(np.zeros_like(p) for p in padded)
@@ -154,7 +210,8 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
     config : EncoderConfig
         ``lossless`` or ``target_psnr``: the chunk's PSNR-Y is at least that many dB.
     generator : PaletteGenerator, optional
-        Reserved for learned palette proposals; palettes are data in the payload either way.
+        Proposes palettes for many-coloured blocks; default: the one named by ``config.palette``.
+        Palettes are data in the payload, so decoding never needs it.
 
     Returns
     -------
@@ -166,12 +223,17 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
     if not 1 <= t <= MAX_FRAMES or not (1 <= h <= MAX_DIMENSION and 1 <= w <= MAX_DIMENSION):
         raise ValueError(f"chunk of {t} frames of {w}x{h} is out of range (1..{MAX_FRAMES} frames, 1..{MAX_DIMENSION} px)")
     padded = (_pad(frames.y, syntax.CTU), _pad(frames.u, syntax.CTU // 2), _pad(frames.v, syntax.CTU // 2))
+    if config.lossless:  # lossless palettes are exact; proposals could never be chosen
+        nothing = np.zeros(padded[0].shape[:1] + (padded[0].shape[1] // 16, padded[0].shape[2] // 16), np.int32)
+        proposals = (nothing[..., None].astype(np.int64), nothing, nothing[..., None].astype(np.int64), nothing)
+    else:
+        proposals = _palette_proposals(*padded, config, generator or _generator(config.palette))
     attempts = 0
 
     def encode_at(q, count):
         nonlocal attempts
         attempts += 1
-        body, recon = _encode_at(tuple(p[:count] for p in padded), q, config)
+        body, recon = _encode_at(tuple(p[:count] for p in padded), q, config, proposals)
         diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
         return body, float(np.mean(diff**2))
 
