@@ -1,0 +1,150 @@
+"""The command line, end to end on small real clips: round trips, bad input, damage, help texts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import typer.main
+
+from palstream import io
+from palstream.archive import open_archive
+from palstream.cli import app
+from palstream.errors import ArchiveError
+
+
+def _one_error_line(result) -> str:
+    assert result.code == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    return lines[0]
+
+
+def _not_complete(path) -> bool:
+    if not path.exists():
+        return True
+    try:
+        return not open_archive(str(path)).complete
+    except ArchiveError:
+        return True
+
+
+def test_every_command_has_help(run_cli):
+    command = typer.main.get_command(app)
+    assert set(command.commands) >= {"encode", "decode", "verify", "info", "eval", "demo"}
+    for name, sub in command.commands.items():
+        assert sub.help and sub.help.strip(), f"{name} has no help text"
+        for param in sub.params:
+            if param.name != "help":
+                assert getattr(param, "help", None), f"{name} {param.name} has no help text"
+        result = run_cli(name, "--help")
+        assert result.code == 0 and "Usage" in result.stdout
+
+
+def test_lossless_round_trip_through_the_cli(run_cli, data_dir, tmp_path):
+    archive, out = tmp_path / "a.zarr", tmp_path / "out.mkv"
+    assert run_cli("encode", data_dir / "screen_37x29.mkv", archive, "--lossless", "--gop", "4").code == 0
+    assert run_cli("verify", archive).code == 0
+    result = run_cli("decode", archive, out)
+    assert result.code == 0 and "6 frames" in result.stdout
+    got, want = io.read_frames(str(out)), io.read_frames(str(data_dir / "screen_37x29.mkv"))
+    assert all(np.array_equal(getattr(got, p), getattr(want, p)) for p in "yuv")
+    info = json.loads(run_cli("info", archive, "--json").stdout)
+    assert info["status"] == "complete" and info["n_chunks"] == 2 and len(info["chunks"]) == 2
+    assert "complete" in run_cli("info", archive).stdout
+
+
+def test_lossy_encode_meets_the_psnr_floor(run_cli, data_dir, tmp_path):
+    archive = tmp_path / "a.zarr"
+    assert run_cli("encode", data_dir / "camera_64x48.mkv", archive, "--target-psnr", "38").code == 0
+    report = json.loads(run_cli("eval", data_dir / "camera_64x48.mkv", archive, "--json").stdout)
+    for key in ("bpp", "psnr_y", "psnr_u", "psnr_v", "psnr_yuv", "ssim_y", "ms_ssim", "vmaf"):
+        assert key in report
+    assert report["psnr_y"] >= 38.0 and 0 < report["bpp"] < 12
+    assert 0 < report["ssim_y"] <= 1
+
+
+def test_frames_option_decodes_a_range(run_cli, lossless_archive, data_dir, tmp_path):
+    out = tmp_path / "part.y4m"
+    assert run_cli("decode", lossless_archive, out, "--frames", "3:5").code == 0
+    want = io.read_frames(str(data_dir / "screen_37x29.mkv"), start=3, count=2)
+    assert io.read_frames(str(out)).tobytes() == want.tobytes()
+    _one_error_line(run_cli("decode", lossless_archive, out, "--frames", "x"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["missing.mkv", "not_a_video.mp4", "audio_only.mkv", "subtitles_only.mkv", "truncated.mkv", "corrupt.mkv",
+     "zero_frames.y4m", "anim_32x24_10bit.mkv", "anim_32x24_alpha.mkv"],
+)
+def test_bad_input_one_line_error_and_no_archive(run_cli, data_dir, tmp_path, name):
+    archive = tmp_path / "out.zarr"
+    _one_error_line(run_cli("encode", data_dir / name, archive))
+    assert _not_complete(archive)
+
+
+def test_existing_output_needs_overwrite(run_cli, data_dir, lossless_archive, tmp_path):
+    path = tmp_path / "a.zarr"
+    shutil.copytree(lossless_archive, path)
+    assert "--overwrite" in _one_error_line(run_cli("encode", data_dir / "screen_37x29.mkv", path))
+    assert open_archive(str(path)).complete  # untouched
+    assert run_cli("encode", data_dir / "screen_37x29.mkv", path, "--lossless", "--overwrite").code == 0
+
+
+def test_unwritable_location_and_bad_settings(run_cli, data_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    clip = data_dir / "screen_37x29.mkv"
+    assert "cannot write" in _one_error_line(run_cli("encode", clip, blocker / "a.zarr"))
+    assert "out of range" in _one_error_line(run_cli("encode", clip, tmp_path / "b.zarr", "--target-psnr", "99"))
+    _one_error_line(run_cli("encode", clip, tmp_path / "b.zarr", "--target-psnr", "40", "--lossless"))
+    _one_error_line(run_cli("encode", clip, tmp_path / "b.zarr", "--palette", "nope"))
+    assert not (tmp_path / "b.zarr").exists()
+    _one_error_line(run_cli("info", tmp_path / "nothing.zarr"))
+
+
+def test_damaged_chunk_is_named_and_the_rest_decodes(run_cli, lossless_archive, tmp_path):
+    path = tmp_path / "a.zarr"
+    shutil.copytree(lossless_archive, path)
+    stored = path / "chunks" / "000002" / "c" / "0"
+    data = bytearray(stored.read_bytes())
+    data[3] ^= 0x40
+    stored.write_bytes(bytes(data))
+    line = _one_error_line(run_cli("verify", path))
+    assert "chunk 2 is damaged" in line and "chunk 0" not in line and "chunk 1 " not in line
+    out = tmp_path / "rest.yuv"
+    line = _one_error_line(run_cli("decode", path, out))
+    assert "chunk 2" in line and "4 frames" in line
+    assert out.stat().st_size == 4 * (37 * 29 + 2 * 19 * 15)
+
+
+def test_conversion_warning_is_one_plain_line(run_cli, data_dir, tmp_path):
+    result = run_cli("encode", data_dir / "anim_32x24_yuv444.mkv", tmp_path / "a.zarr", "--lossless")
+    assert result.code == 0
+    assert result.stderr.strip().splitlines() == [
+        "warning: anim_32x24_yuv444.mkv is yuv444p: converted to 4:2:0, which reduces chroma resolution"
+    ]
+
+
+def test_two_fresh_processes_decode_identical_bytes(lossless_archive, tmp_path):
+    outputs = []
+    for n in range(2):
+        out = tmp_path / f"{n}.y4m"
+        subprocess.run([sys.executable, "-m", "palstream.cli", "decode", str(lossless_archive), str(out)],
+                       check=True, capture_output=True)
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_console_script_errors_without_traceback(data_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "palstream.cli", "encode", str(data_dir / "truncated.mkv"), str(tmp_path / "a.zarr")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: truncated.mkv") and result.stderr.count("\n") == 1
