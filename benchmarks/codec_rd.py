@@ -350,7 +350,8 @@ def write_markdown(report: dict, md_path: Path, out: Path) -> None:
         f"- Date: {report['date']}",
         f"- Machine: {env['machine']}, {env['cpu_count']} CPU cores (shared), no GPU used; "
         f"torch threads {env['torch_threads']}, numba threads {env['numba_threads']}; "
-        f"ffmpeg/x264/x265 use their default threading.",
+        f"ffmpeg/x264/x265 use their default threading; load average (1/5/15 min) {env['load_before']} at start, "
+        f"{report['load_after']} at end (other work shares the cores, so fps are indicative).",
         f"- palstream codec: {env['palstream_codec']}",
         f"- Frames per clip: {report['frames_note']}; sweep: {'quick' if report['quick'] else 'full'}.",
         "- bpp = coded bits / (luma pixels × frames), container overhead excluded for every codec; PSNR on 8-bit "
@@ -363,7 +364,7 @@ def write_markdown(report: dict, md_path: Path, out: Path) -> None:
         "### Done-when checks",
         "",
     ]
-    rows = [[name, check, c["status"], c["detail"]] for name, s in report["summaries"] for check, c in s["checks"].items()]
+    rows = [[name, check, c["status"], c["detail"]] for name, s in report["summaries"].items() for check, c in s["checks"].items()]
     rows += [["corpus", check, c["status"], c["detail"]] for check, c in report["corpus_checks"].items()]
     lines += [markdown_table(["clip", "check", "result", "numbers"], rows), ""]
     for key, check in report["corpus_checks"].items():
@@ -426,6 +427,7 @@ def environment() -> dict:
         pass
     return {
         "machine": cpu,
+        "load_before": _load(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
@@ -435,6 +437,10 @@ def environment() -> dict:
         "ffmpeg": _first_line(["ffmpeg", "-version"]),
         "pngquant": _first_line(["pngquant", "--version"]),
     }
+
+
+def _load() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _first_line(args: list[str]) -> str:
@@ -490,7 +496,7 @@ def main(
     """Measure palstream and the anchors on every clip; print and write the results."""
     paths = sorted(p for p in corpus.glob("*") if fnmatch.fnmatch(p.name, clips)) if corpus.is_dir() else []
     if not paths:
-        console.print(f"error: no clip matches {clips!r} in {corpus}; pass --corpus DIR and/or --clips GLOB")
+        print(f"error: no clip matches {clips!r} in {corpus}; pass --corpus DIR and/or --clips GLOB", file=sys.stderr)
         raise typer.Exit(1)
     out.mkdir(parents=True, exist_ok=True)
     ours = Palstream()
@@ -500,6 +506,7 @@ def main(
         console.print(f"[yellow]skipping {name}: {reason}[/yellow]")
     codecs = [c for c in codecs if c.name not in skipped]
 
+    env = environment()
     report_clips, summaries, all_points = [], [], []
     warmed = False
     for path in paths:
@@ -548,7 +555,7 @@ def main(
         })  # fmt: skip
 
     if not summaries:
-        console.print("error: no clip could be read; check the corpus files")
+        print("error: no clip could be read; check the corpus files", file=sys.stderr)
         raise typer.Exit(1)
     corpus_result = corpus_checks(summaries)
     check_rows = [[n, k, c["status"], c["detail"]] for n, s in summaries for k, c in s["checks"].items()]
@@ -558,12 +565,13 @@ def main(
     report = {
         "command": " ".join([".venv/bin/python -m benchmarks.codec_rd", *map(shlex.quote, sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "environment": environment(),
+        "environment": env,
+        "load_after": _load(),
         "quick": quick,
         "frames_note": f"first {frames}" if frames else "all",
         "skipped": skipped,
         "clips": report_clips,
-        "summaries": summaries,
+        "summaries": dict(summaries),
         "corpus_checks": corpus_result,
     }
     (out / "codec_rd.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
