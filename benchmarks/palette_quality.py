@@ -26,6 +26,7 @@ import torch
 from palstream.learned.backbone import block_features, create_backbone
 from palstream.learned.data import grid_blocks, palette_mse, read_frames
 from palstream.learned.generator import CganGenerator
+from palstream.learned.model import companded_segments, rank_lloyd, sort_blocks
 from palstream.palettes import create_palette_generator
 from palstream.palettes.kmeans import lloyd
 
@@ -70,6 +71,14 @@ def median_cut(samples: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(counts[..., None] > 0, means, means[:, :1])
 
 
+def companding_only(samples: torch.Tensor, k: int, steps: int = 2) -> torch.Tensor:
+    """Ablation of cgan-v1 without its network: uniform shares on the companded axis, same rank-domain Lloyd updates."""
+    ordered, keys, axis, _, _ = sort_blocks(samples)
+    n = len(samples)
+    palettes = companded_segments(ordered, keys, torch.full((n, k), 1.0 / k))
+    return rank_lloyd(ordered, keys, axis, palettes, torch.full((n,), k), steps)[0]
+
+
 def candidate_mask(luma: np.ndarray) -> np.ndarray:
     """Blocks whose 4 most frequent luma levels cover >= 75% of the pixels."""
     counts = np.stack([np.bincount(b.ravel(), minlength=256) for b in luma])
@@ -86,9 +95,9 @@ def timed(fn, repeat: int):
     return out, best
 
 
-def run(corpus: Path, frames_per_clip: int, repeat: int) -> list[dict]:
+def run(corpus: Path, frames_per_clip: int, repeat: int, weights: Path | None = None) -> list[dict]:
     kmeans = create_palette_generator("kmeans", device="cpu")
-    cgan = CganGenerator(device="cpu").load()
+    cgan = (CganGenerator(device="cpu") if weights is None else CganGenerator(device="cpu", weights=weights, expected_sha256=None)).load()
     backbone = create_backbone(cgan.backbone_name) if cgan.backbone_name else None
     results = []
     for clip in HELD_OUT:
@@ -108,6 +117,7 @@ def run(corpus: Path, frames_per_clip: int, repeat: int) -> list[dict]:
                     "median cut": lambda: median_cut(x, int(kk[0])),
                     "cgan-v1": lambda: cgan.generate(x, kk),
                     "cgan-v1 refine 1": lambda: lloyd(x, cgan.generate(x, kk), kk, 1),
+                    "no network (ablation)": lambda: companding_only(x, int(kk[0])),
                 }
                 if backbone is not None:
 
@@ -166,10 +176,11 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=4, help="frames sampled per clip (one batch)")
     parser.add_argument("--repeat", type=int, default=3, help="timing repeats (best is kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--weights", type=Path, default=None, help="cgan weights (default: the shipped, hash-checked ones)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/palette_quality.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = run(args.corpus, args.frames, args.repeat)
+    results = run(args.corpus, args.frames, args.repeat, args.weights)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"threads": args.threads, "frames": args.frames, "results": results}, indent=1))
     print(summary(results))

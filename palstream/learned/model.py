@@ -112,38 +112,63 @@ def condition_dim(cfg: NetConfig) -> int:
     return cfg.tokens * cfg.components + 2 * cfg.components + MAX_PALETTE
 
 
-def segment_means(ordered: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Means of the rank segments [lo, hi) of sorted blocks, with fractional (differentiable) ranks.
+HISTOGRAM_BINS = 256
+COMPANDING = 1.0 / 3.0  # high-resolution optimal quantiser: entry density ~ pixel density ** (1/3)
+
+
+def companded_segments(ordered: torch.Tensor, keys: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
+    """Palette entries as means of the pixels between cuts placed on a companded key axis.
+
+    The key range of each block is split into 256 equal bins; the companded axis is the running
+    sum of ``count ** (1/3)`` over those bins (normalised to 0..1), the point density of an
+    optimal high-resolution quantiser. Entry ``j`` covers the companded interval
+    ``[sum(shares[:j]), sum(shares[:j+1]))``: uniform shares give the classic companding
+    quantiser; the network learns better shares. Fractional bin positions are interpolated, so
+    entries are differentiable with respect to ``shares``.
 
     Parameters
     ----------
     ordered : torch.Tensor
-        (N, P, C) samples in rank order.
-    lo, hi : torch.Tensor
-        (N, K) segment ends as fractions of P (0..1).
+        (N, P, C) samples sorted by ``keys``.
+    keys : torch.Tensor
+        (N, P) ascending keys.
+    shares : torch.Tensor
+        (N, K) non-negative widths summing to 1 over the used slots.
 
     Returns
     -------
-    means : torch.Tensor
-        (N, K, C); an empty segment takes the sample at its rank.
-    counts : torch.Tensor
-        (N, K) pixels per segment (fractional).
+    torch.Tensor
+        (N, K, C); an empty interval takes the sample at its rank.
     """
     n, p, c = ordered.shape
-    prefix = nn.functional.pad(ordered.cumsum(1), (0, 0, 1, 0))  # (N, P+1, C): sum of the first r samples
+    bins = HISTOGRAM_BINS
+    lo_key = keys[:, :1]
+    span = (keys[:, -1:] - lo_key).clamp(min=1e-6)
+    index = ((keys - lo_key) / span * bins).long().clamp(0, bins - 1)
+    counts = keys.new_zeros(n, bins).scatter_add_(1, index, torch.ones_like(keys))
+    sums = ordered.new_zeros(n, bins, c).scatter_add_(1, index[..., None].expand(n, p, c), ordered)
+    axis = nn.functional.pad(counts.pow(COMPANDING).cumsum(1), (1, 0))
+    axis = axis / axis[:, -1:]
+    count_prefix = nn.functional.pad(counts.cumsum(1), (1, 0))
+    sum_prefix = nn.functional.pad(sums.cumsum(1), (0, 0, 1, 0))
 
-    def prefix_at(frac):
-        pos = frac.clamp(0, 1) * p
-        whole = pos.floor().clamp(max=p - 1)
-        part = (pos - whole)[..., None]
-        i = whole.long()[..., None].expand(n, frac.shape[1], c)
-        return torch.gather(prefix, 1, i) + part * torch.gather(ordered, 1, i)
+    def prefix_at(g):
+        # Bin i holds g: axis[i] <= g < axis[i+1]; interpolate the prefix sums inside it.
+        i = (torch.searchsorted(axis.contiguous(), g.detach().contiguous(), right=True) - 1).clamp(0, bins - 1)
+        g0, g1 = torch.gather(axis, 1, i), torch.gather(axis, 1, i + 1)
+        frac = ((g - g0) / (g1 - g0).clamp(min=1e-9)).clamp(0, 1)
+        c0 = torch.gather(count_prefix, 1, i)
+        cnt = c0 + frac * (torch.gather(count_prefix, 1, i + 1) - c0)
+        ii = i[..., None].expand(n, g.shape[1], c)
+        s0 = torch.gather(sum_prefix, 1, ii)
+        return cnt, s0 + frac[..., None] * (torch.gather(sum_prefix, 1, ii + 1) - s0)
 
-    counts = (hi - lo).clamp(min=0) * p
-    middle = ((lo + hi) * 0.5 * p).long().clamp(0, p - 1)[..., None].expand(n, lo.shape[1], c)
-    eps = 1e-3  # below ~1/1000 of a pixel a segment is empty: fall back to its rank's sample
-    means = (prefix_at(hi) - prefix_at(lo) + eps * torch.gather(ordered, 1, middle)) / (counts + eps)[..., None]
-    return means, counts
+    hi = shares.cumsum(-1).clamp(max=1.0)
+    count_lo, sum_lo = prefix_at((hi - shares).clamp(min=0.0))
+    count_hi, sum_hi = prefix_at(hi)
+    rank = count_lo.long().clamp(0, p - 1)[..., None].expand(n, shares.shape[1], c)
+    eps = 1e-3  # below ~1/1000 of a pixel an interval is empty: fall back to the sample at its rank
+    return (sum_hi - sum_lo + eps * torch.gather(ordered, 1, rank)) / (count_hi - count_lo + eps)[..., None]
 
 
 def rank_lloyd(
@@ -188,12 +213,13 @@ def rank_lloyd(
 class PaletteNet(nn.Module):
     """Conditional generator: block summary (+ optional CNN features) -> palette in one pass.
 
-    The network does not regress levels. It predicts how the block's sorted samples split into
-    ``k`` rank segments (softmax widths, i.e. each entry's pixel share); every entry is the mean
-    of its segment, computed exactly from prefix sums. That is the form every optimal 1-D
-    quantiser has, so the network only has to learn where to cut, and entries land exactly on
-    the dominant levels of flat content. ``refine_steps`` rank-domain Lloyd updates
-    (:func:`rank_lloyd`) then polish the cuts at inference.
+    The network does not regress levels. It predicts how to cut the block's value axis (luma
+    level, or position along the principal chroma axis) into ``k`` intervals: softmax widths on
+    a companded axis (:func:`companded_segments`); every entry is the mean of the pixels in its
+    interval, computed exactly from histogram prefix sums. Every optimal 1-D quantiser has this
+    form, so the network only learns where to cut, and entries land exactly on the dominant
+    levels of flat content. The width layer starts at zero, i.e. at the companding quantiser.
+    ``refine_steps`` rank-domain Lloyd updates (:func:`rank_lloyd`) polish the cuts at inference.
     """
 
     def __init__(self, cfg: NetConfig):
@@ -206,6 +232,8 @@ class PaletteNet(nn.Module):
             width = cfg.hidden
         self.body = nn.Sequential(*body)
         self.widths = nn.Linear(cfg.hidden, MAX_PALETTE)
+        nn.init.zeros_(self.widths.weight)
+        nn.init.zeros_(self.widths.bias)
 
     def forward(
         self,
@@ -238,8 +266,7 @@ class PaletteNet(nn.Module):
         logits = nn.functional.linear(h, self.widths.weight[:kmax], self.widths.bias[:kmax])
         active = active_mask(k, kmax)
         shares = logits.masked_fill(~active, float("-inf")).softmax(-1)
-        hi = shares.cumsum(-1)
-        palettes, _ = segment_means(ordered, hi - shares, hi)
+        palettes = companded_segments(ordered, keys, shares)
         if refine_steps:
             palettes, shares = rank_lloyd(ordered, keys, axis, palettes, k, refine_steps)
         return palettes, shares

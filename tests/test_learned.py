@@ -1,0 +1,154 @@
+"""cgan-v1: shipped weights, palette shapes and ranges, determinism, weight-file errors."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from palstream.learned.generator import SHIPPED_SHA256, SHIPPED_WEIGHTS, CganGenerator, WeightsError, file_sha256
+from palstream.learned.model import rank_lloyd, sort_blocks
+from palstream.palettes import create_palette_generator
+from palstream.palettes.kmeans import lloyd
+
+
+def _blocks(n: int, p: int, c: int, seed: int = 0) -> torch.Tensor:
+    """Blocks mixing a few flat levels with noise, like screen and animation content."""
+    gen = torch.Generator().manual_seed(seed)
+    levels = torch.randint(0, 256, (n, 4, c), generator=gen).float()
+    pick = torch.randint(0, 4, (n, p), generator=gen)
+    base = torch.gather(levels, 1, pick[..., None].expand(n, p, c))
+    noise = torch.randn(n, p, c, generator=gen) * torch.rand(n, 1, 1, generator=gen) * 12
+    return (base + noise).clamp(0, 255).round()
+
+
+@pytest.fixture(scope="module")
+def generator() -> CganGenerator:
+    torch.set_num_threads(1)
+    return create_palette_generator("cgan-v1", device="cpu")
+
+
+@pytest.mark.parametrize("p, c", [(64, 1), (256, 1), (1024, 1), (16, 2), (64, 2)])
+def test_palettes_have_the_interface_shape_and_range(generator, p, c):
+    x = _blocks(7, p, c)
+    k = torch.tensor([1, 2, 3, 8, 16, 33, 64])
+    palettes, scores = generator.generate_with_scores(x, k)
+    assert palettes.shape == (7, 64, c) and palettes.dtype == torch.float32
+    assert torch.isfinite(palettes).all() and palettes.min() >= 0 and palettes.max() <= 255
+    for i, ki in enumerate(k.tolist()):
+        used = scores[i, :ki]
+        assert (used >= 0).all() and (used[:-1] >= used[1:]).all(), "entries must be ranked by pixel share"
+        assert torch.isclose(used.sum(), torch.tensor(1.0), atol=1e-5)
+        assert (scores[i, ki:] == -1).all()
+    # Each entry lies inside its block's range (entries are means of the block's own samples).
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    assert (palettes[:, :1] >= lo - 1e-3).all() and (palettes[:, :1] <= hi + 1e-3).all()
+    assert generator.generate(x, k).shape == (7, 64, c)
+
+
+def test_max_k_sets_the_palette_width(generator):
+    out = generator.generate(_blocks(3, 256, 1), torch.tensor([2, 5, 3]))
+    assert out.shape == (3, 5, 1)
+
+
+def test_flat_levels_are_found_exactly(generator):
+    """A block of 3 levels with k = 3 is reproduced without error, as k-means does."""
+    x = torch.tensor([20.0, 90.0, 200.0]).repeat_interleave(torch.tensor([100, 60, 96]))[None, :, None]
+    palettes = generator.generate(x, torch.tensor([3]))
+    assert sorted(palettes[0, :, 0].tolist()) == [20.0, 90.0, 200.0]
+
+
+def test_cpu_generation_is_deterministic(generator):
+    x, k = _blocks(50, 256, 1, seed=3), torch.randint(1, 65, (50,), generator=torch.Generator().manual_seed(1))
+    first = generator.generate(x, k)
+    again = CganGenerator(device="cpu").generate(x, k)
+    assert torch.equal(first, again)
+    y = _blocks(50, 64, 2, seed=4)
+    assert torch.equal(generator.generate(y, k), CganGenerator(device="cpu").generate(y, k))
+
+
+def test_quality_is_near_kmeans_on_few_level_blocks(generator):
+    x = _blocks(200, 256, 1, seed=5)
+    k = torch.full((200,), 4)
+    kmeans = create_palette_generator("kmeans", device="cpu").generate(x, k)
+    mse = lambda pal: torch.cdist(x, pal).pow(2).amin(-1).mean()  # noqa: E731
+    assert mse(generator.generate(x, k)) <= 1.1 * mse(kmeans)
+
+
+def test_rank_lloyd_matches_lloyd_for_luma():
+    """The sorted-domain update is exactly one Lloyd step in 1-D."""
+    x = _blocks(20, 256, 1, seed=6)
+    k = torch.randint(2, 17, (20,), generator=torch.Generator().manual_seed(2))
+    start = torch.sort(torch.rand(20, 16, 1, generator=torch.Generator().manual_seed(3)) * 255, dim=1).values
+    ordered, keys, axis, _, _ = sort_blocks(x)
+    ours, shares = rank_lloyd(ordered, keys, axis, start, k, steps=1)
+    ref = lloyd(x, start, k, 1)
+    active = torch.arange(16)[None, :] < k[:, None]
+    torch.testing.assert_close(ours[active], ref[active], atol=1e-3, rtol=0)
+    assert torch.allclose(shares.sum(1), torch.ones(20))
+
+
+def test_shipped_weights_load_offline_with_the_recorded_hash(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("weights must load without network access")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    assert SHIPPED_WEIGHTS.stat().st_size <= 10 * 1024 * 1024
+    assert file_sha256(SHIPPED_WEIGHTS) == SHIPPED_SHA256
+    blob = torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)
+    assert blob["format"] == "palstream-cgan/1"
+    gen = CganGenerator(device="cpu")
+    assert gen.weights_hash == SHIPPED_SHA256
+
+
+def test_construction_is_lazy(tmp_path):
+    gen = CganGenerator(device="cpu", weights=tmp_path / "absent.pt")  # nothing is read yet
+    with pytest.raises(WeightsError):
+        gen.load()
+
+
+def _one_line_error(gen: CganGenerator) -> str:
+    with pytest.raises(WeightsError) as info:
+        gen.generate(_blocks(2, 64, 1), torch.tensor([2, 2]))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_weights_give_one_line_error(tmp_path):
+    message = _one_line_error(CganGenerator(device="cpu", weights=tmp_path / "nope.pt"))
+    assert "missing" in message and "nope.pt" in message
+
+
+def test_corrupt_weights_give_one_line_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x02 definitely not a torch file" * 10)
+    assert "corrupt" in _one_line_error(CganGenerator(device="cpu", weights=bad, expected_sha256=None))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(SHIPPED_WEIGHTS.read_bytes()[:5000])
+    assert "corrupt" in _one_line_error(CganGenerator(device="cpu", weights=truncated, expected_sha256=None))
+
+
+def test_wrong_hash_gives_one_line_error(tmp_path):
+    other = tmp_path / "cgan-v1.pt"
+    data = bytearray(SHIPPED_WEIGHTS.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte in the tensor data
+    other.write_bytes(bytes(data))
+    message = _one_line_error(CganGenerator(device="cpu", weights=other, expected_sha256=SHIPPED_SHA256))
+    assert "sha256" in message and "reinstall" in message
+
+
+def test_cli_prints_weight_errors_as_one_line(tmp_path, monkeypatch, capsys):
+    """At the CLI edge a WeightsError is `error: ...` and exit 1, never a traceback."""
+    from palstream import cli
+
+    def fail():
+        CganGenerator(device="cpu", weights=tmp_path / "gone.pt").load()
+
+    monkeypatch.setattr(cli, "app", fail)
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: palette generator weights") and err.count("\n") == 1
