@@ -29,7 +29,7 @@ import palstream
 from palstream.codec import BitstreamError, EncodedChunk, EncoderConfig, decode_chunk, encode_chunk
 from palstream.errors import ArchiveError, DamagedChunkError
 from palstream.frames import Frames
-from palstream.io import SourceInfo, iter_chunks, probe, write_video
+from palstream.io import SourceInfo, fsspec_options, iter_chunks, probe, write_video
 
 FORMAT_NAME = "palstream"
 FORMAT_VERSION = 1
@@ -58,10 +58,12 @@ def json_safe(value):
 
 
 def _store_args(url: str, storage_options: dict | None) -> dict:
-    options = dict(storage_options or {})
+    if "://" not in str(url):
+        return {}  # a plain path: zarr's LocalStore
+    options = fsspec_options(url, storage_options)
     if str(url).startswith("file://"):
-        options.setdefault("auto_mkdir", True)
-    return {"storage_options": options} if "://" in str(url) else {}
+        options["auto_mkdir"] = True  # zarr needs it to create a new local folder through fsspec
+    return {"storage_options": options}
 
 
 def _open_group(url: str, mode: str, storage_options: dict | None, **kwargs) -> zarr.Group:
@@ -80,7 +82,7 @@ def check_destination(url: str, storage_options: dict | None = None, overwrite: 
         The destination exists, is not a palstream archive, or cannot be written.
     """
     try:
-        fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(str(url), **fsspec_options(url, storage_options))
         if fs.exists(path):
             if fs.isfile(path):
                 raise ArchiveError(f"{url} exists and is a file; choose another archive path")
@@ -535,7 +537,7 @@ def encode_file(
 def _remove_incomplete(url: str, storage_options: dict | None) -> None:
     """Delete the archive this call created and could not finish (best effort)."""
     try:
-        fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(str(url), **fsspec_options(url, storage_options))
         fs.rm(path, recursive=True)
     except OSError:
         pass  # the archive stays with status "incomplete", which readers report

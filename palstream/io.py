@@ -102,6 +102,16 @@ class SourceInfo:
         return Fraction(self.fps)
 
 
+def fsspec_options(url: str, storage_options: dict | None) -> dict:
+    """The fsspec options that apply to ``url``: none for local paths and ``file://`` URLs.
+
+    One set of options (e.g. an S3 endpoint) can then be passed for a job whose input is local
+    and whose archive is remote, or the other way round.
+    """
+    protocol = str(url).split("://", 1)[0] if "://" in str(url) else "file"
+    return {} if protocol in ("file", "local") else dict(storage_options or {})
+
+
 @contextlib.contextmanager
 def _libav_errors():
     """Collect FFmpeg's error-level log lines (they reveal truncation PyAV does not raise)."""
@@ -119,7 +129,7 @@ def _open_input(url: str, storage_options: dict | None):
     """Open ``url`` through fsspec and yield a PyAV input container and its video stream."""
     name = os.path.basename(str(url).rstrip("/"))
     try:
-        handle = fsspec.open(str(url), "rb", **(storage_options or {})).open()
+        handle = fsspec.open(str(url), "rb", **fsspec_options(url, storage_options)).open()
     except FileNotFoundError:
         raise InputError(f"input {url} does not exist; check the path or URL") from None
     except IsADirectoryError:
@@ -182,7 +192,7 @@ def _planes(frame: "av.VideoFrame") -> tuple[np.ndarray, np.ndarray, np.ndarray]
 def _file_digest(url: str, storage_options: dict | None) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
-    with fsspec.open(str(url), "rb", **(storage_options or {})) as handle:
+    with fsspec.open(str(url), "rb", **fsspec_options(url, storage_options)) as handle:
         while block := handle.read(1 << 20):
             digest.update(block)
             size += len(block)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import fsspec
 import numpy as np
 import pytest
 import zarr
@@ -260,3 +261,39 @@ def test_decoding_twice_gives_identical_bytes(lossless_archive, tmp_path):
     decode_file(str(lossless_archive), str(first))
     decode_file(str(lossless_archive), str(second))
     assert first.read_bytes() == second.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3 API (moto's server) on 127.0.0.1 with one bucket."""
+    import socket
+
+    boto3 = pytest.importorskip("boto3")
+    server_module = pytest.importorskip("moto.server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                 region_name="us-east-1").create_bucket(Bucket="archives")
+    yield endpoint
+    server.stop()
+
+
+def test_s3_archive_round_trip_and_damage(s3_endpoint, source, tmp_path):
+    url, _, _ = source
+    options = {"endpoint_url": s3_endpoint, "key": "test", "secret": "test", "skip_instance_cache": True}
+    target = "s3://archives/lib/screen.zarr"
+    archive = encode_file(url, target, CONFIG, storage_options=options)
+    assert archive.complete and archive.verify() == []
+    assert _same(_decode_all(archive), io.read_frames(url))
+    with pytest.raises(ArchiveError, match="--overwrite"):
+        ArchiveWriter.create(target, io.probe(url), CONFIG, storage_options=options)
+    fs = fsspec.filesystem("s3", **options)
+    key = "archives/lib/screen.zarr/chunks/000001/c/0"
+    data = bytearray(fs.cat_file(key))
+    data[0] ^= 1
+    fs.pipe_file(key, bytes(data))
+    assert [e.index for e in open_archive(target, options).verify()] == [1]
