@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import time
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -183,8 +184,18 @@ def demo() -> None:
         archive = str(Path(tmp) / "demo.zarr")
         config = EncoderConfig()
         typer.echo(f"encoding {clip.name} at the default quality (PSNR-Y >= {config.target_psnr} dB) into {archive}")
+        started = time.perf_counter()
         _encode(str(clip), archive, config, overwrite=False)
-        Console().print(_eval_table(run_eval(str(clip), archive)))
+        seconds = time.perf_counter() - started
+        report = run_eval(str(clip), archive)
+        raw = report["frames"] * (report["width"] * report["height"] + 2 * ((report["width"] + 1) // 2) * ((report["height"] + 1) // 2))
+        typer.echo(
+            f"encoded {report['frames']} frames of {report['width']}x{report['height']} in {seconds:.1f} s "
+            f"({report['frames'] / seconds:.1f} fps): {report['payload_bytes']} bytes, "
+            f"{raw / report['payload_bytes']:.0f}x smaller than raw 4:2:0, "
+            f"{clip.stat().st_size / report['payload_bytes']:.1f}x smaller than the lossless FFV1 source"
+        )
+        Console().print(_eval_table(report))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -148,3 +149,11 @@ def test_console_script_errors_without_traceback(data_dir, tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: truncated.mkv") and result.stderr.count("\n") == 1
+
+
+def test_demo_encodes_the_shipped_clip_and_reports(run_cli):
+    result = run_cli("demo")
+    assert result.code == 0, result.stderr
+    assert "encoded 16 frames of 640x360" in result.stdout
+    psnr_y = float(re.search(r"psnr_y\s*│\s*([0-9.]+)", result.stdout).group(1))
+    assert psnr_y >= 45.0  # the default quality floor
