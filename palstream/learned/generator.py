@@ -150,15 +150,16 @@ class CganGenerator(PaletteGenerator):
             int64 (N,), 1..64.
         features : torch.Tensor, optional
             float32 (N, D): backbone features pooled over each block
-            (:func:`palstream.learned.backbone.block_features`); improves nothing measurable
-            for cgan-v1 (see the model card) but is accepted when the weights were trained with it.
+            (:func:`palstream.learned.backbone.block_features`), used when the weights were
+            trained with them; their measured effect is in ``BENCHMARKS.md``.
 
         Returns
         -------
         palettes : torch.Tensor
-            float32 (N, max(k), C) in 0..255; entries past k[i] are undefined.
+            float32 (N, max(k), C) in 0..255; entries past k[i] repeat the first entry.
         scores : torch.Tensor
-            float32 (N, max(k)): share of the block's pixels nearest to each entry (0..1); -1 past k[i].
+            float32 (N, max(k)): share of the block's pixels each entry takes (0..1; for chroma,
+            nearest along the block's principal axis); -1 past k[i].
         """
         self.load()
         if samples.ndim != 3 or samples.shape[-1] not in (1, 2):
