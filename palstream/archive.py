@@ -159,7 +159,9 @@ class ArchiveWriter:
         """
         expected = math.ceil(source.frame_count / config.gop)
         if n_chunks is not None and n_chunks != expected:
-            raise ArchiveError(f"{n_chunks} chunks do not fit {source.frame_count} frames in GOPs of {config.gop}; use {expected}")
+            raise ArchiveError(
+                f"{n_chunks} chunks do not fit {source.frame_count} frames in GOPs of {config.gop}; use {expected}"
+            )
         check_destination(url, storage_options, overwrite)
         attrs = {
             "format": FORMAT_NAME,
@@ -401,7 +403,9 @@ class Archive:
             array = self._group[f"chunks/{_key(index)}"]
             marker = dict(self._group[f"commits/{_key(index)}"].attrs)
         except KeyError:
-            raise DamagedChunkError(index, "not written (the encode did not finish); re-encode or resume the job") from None
+            raise DamagedChunkError(
+                index, "not written (the encode did not finish); re-encode or resume the job"
+            ) from None
         except (OSError, ValueError) as exc:
             raise DamagedChunkError(index, f"metadata unreadable ({exc})") from None
         sha = array.attrs.get("sha256")
@@ -519,7 +523,9 @@ def encode_file(
     check_destination(archive, storage_options, overwrite)
     generator = create_palette_generator(config.palette)
     source = probe(input, storage_options)
-    writer = ArchiveWriter.create(archive, source, config, generator, storage_options=storage_options, overwrite=overwrite)
+    writer = ArchiveWriter.create(
+        archive, source, config, generator, storage_options=storage_options, overwrite=overwrite
+    )
     try:
         done = 0
         for index, frames in enumerate(iter_chunks(input, config.gop, storage_options)):

@@ -41,8 +41,14 @@ def _progress() -> Progress:
     """A progress bar on stderr, so ``--json`` output on stdout stays clean."""
     console = Console(stderr=True)
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("frames"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
         disable=not console.is_terminal,  # logs and pipes get the one-line result only
     )
 
@@ -52,19 +58,40 @@ def _encode(input: str, archive: str, config, overwrite: bool) -> None:
 
     with _progress() as bar:
         task = bar.add_task("encoding", total=None)
-        encode_file(input, archive, config, overwrite=overwrite,
-                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+        encode_file(
+            input,
+            archive,
+            config,
+            overwrite=overwrite,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
 
 
 @app.command()
 def encode(
-    input: Annotated[str, typer.Argument(help="Source video: any file FFmpeg reads (mp4, mkv, y4m, ...), path or fsspec URL.")],
-    archive: Annotated[str, typer.Argument(help="Archive to write: a folder path or fsspec URL (file://, memory://, s3://).")],
-    target_psnr: Annotated[Optional[float], typer.Option(help="Quality floor in dB PSNR-Y that every chunk reaches (25..60; default 45, visually lossless).")] = None,
-    lossless: Annotated[bool, typer.Option("--lossless", help="Mathematically lossless: every decoded sample equals the source's 8-bit 4:2:0 sample.")] = False,
+    input: Annotated[
+        str, typer.Argument(help="Source video: any file FFmpeg reads (mp4, mkv, y4m, ...), path or fsspec URL.")
+    ],
+    archive: Annotated[
+        str, typer.Argument(help="Archive to write: a folder path or fsspec URL (file://, memory://, s3://).")
+    ],
+    target_psnr: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Quality floor in dB PSNR-Y that every chunk reaches (25..60; default 45, visually lossless)."
+        ),
+    ] = None,
+    lossless: Annotated[
+        bool,
+        typer.Option(
+            "--lossless", help="Mathematically lossless: every decoded sample equals the source's 8-bit 4:2:0 sample."
+        ),
+    ] = False,
     palette: Annotated[str, typer.Option(help="Palette generator by name (kmeans, or a learned one).")] = "kmeans",
     gop: Annotated[int, typer.Option(help="Frames per chunk (GOP); chunks decode independently.")] = 32,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing palstream archive at ARCHIVE.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing palstream archive at ARCHIVE.")
+    ] = False,
 ) -> None:
     """Encode a video into a palstream archive."""
     from palstream.codec import DEFAULT_TARGET_PSNR, EncoderConfig
@@ -74,7 +101,9 @@ def encode(
         raise ConfigError("--target-psnr and --lossless exclude each other; give one")
     config = EncoderConfig(
         target_psnr=DEFAULT_TARGET_PSNR if target_psnr is None else target_psnr,
-        lossless=lossless, palette=palette, gop=gop,
+        lossless=lossless,
+        palette=palette,
+        gop=gop,
     )
     _encode(input, archive, config, overwrite)
     typer.echo(f"wrote {archive}")
@@ -83,16 +112,24 @@ def encode(
 @app.command()
 def decode(
     archive: Annotated[str, typer.Argument(help="Archive to decode (path or fsspec URL).")],
-    output: Annotated[str, typer.Argument(help="Output: .y4m, .yuv (raw 4:2:0), a folder or %d pattern (PNG frames), .mkv (FFV1), .mp4 (H.264), ...")],
-    frames: Annotated[Optional[str], typer.Option(help="Frame range A:B (B exclusive; either side may be empty).")] = None,
+    output: Annotated[
+        str,
+        typer.Argument(
+            help="Output: .y4m, .yuv (raw 4:2:0), a folder or %d pattern (PNG frames), .mkv (FFV1), .mp4 (H.264), ..."
+        ),
+    ],
+    frames: Annotated[
+        Optional[str], typer.Option(help="Frame range A:B (B exclusive; either side may be empty).")
+    ] = None,
 ) -> None:
     """Decode an archive (or some of its frames) to a video file; damaged chunks are skipped and named."""
     from palstream.archive import decode_file
 
     with _progress() as bar:
         task = bar.add_task("decoding", total=None)
-        result = decode_file(archive, output, frames,
-                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+        result = decode_file(
+            archive, output, frames, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
     if result.damaged:
         names = "; ".join(str(exc) for exc in result.damaged)
         raise ArchiveError(f"{names}; skipped its frames, wrote the other {result.frames_written} frames to {output}")
@@ -116,7 +153,9 @@ def verify(archive: Annotated[str, typer.Argument(help="Archive to check (path o
 @app.command()
 def info(
     archive: Annotated[str, typer.Argument(help="Archive to describe (path or fsspec URL).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (the archive attributes plus per-chunk records).")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (the archive attributes plus per-chunk records).")
+    ] = False,
 ) -> None:
     """Describe an archive: source, encoder, status, size."""
     from palstream.archive import open_archive
@@ -131,10 +170,11 @@ def info(
     config = enc["config"]
     quality = "lossless" if config.get("lossless") else f"target PSNR-Y {config.get('target_psnr')} dB"
     lines = [
-        f"archive      {archive} (format {reader.attrs['format']} v{reader.attrs['format_version']}, {reader.attrs['status']})",
+        f"archive      {archive} (format {reader.attrs['format']} v{reader.attrs['format_version']}, "
+        f"{reader.attrs['status']})",
         f"source       {src.name}: {src.width}x{src.height}, {src.frame_count} frames at {src.fps} fps, {src.pix_fmt}, "
         f"{src.size_bytes} bytes, sha256 {src.sha256[:16]}...",
-        f"colour       " + ", ".join(f"{k} {v}" for k, v in src.color.items()),
+        "colour       " + ", ".join(f"{k} {v}" for k, v in src.color.items()),
         f"encoder      palstream {enc['palstream_version']}, {quality}, GOP {reader.attrs['gop']}, "
         f"palette {enc['palette_generator']['name']}, config {enc['config_digest']}",
         f"chunks       {reader.n_chunks} ({len(reader.committed())} committed)",
@@ -160,7 +200,14 @@ def _eval_table(report: dict) -> Table:
 def evaluate(
     source: Annotated[str, typer.Argument(help="The original video the archive was made from.")],
     archive: Annotated[str, typer.Argument(help="The archive (path or fsspec URL).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: bpp, psnr_y, psnr_u, psnr_v, psnr_yuv, ssim_y, ms_ssim, vmaf (null when omitted or infinite).")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON object: bpp, psnr_y, psnr_u, psnr_v, psnr_yuv, ssim_y, ms_ssim, vmaf "
+            "(null when omitted or infinite).",
+        ),
+    ] = False,
 ) -> None:
     """Measure an archive against its source: size (bpp), PSNR, SSIM, MS-SSIM, VMAF."""
     from palstream.archive import json_safe
@@ -179,8 +226,10 @@ def demo() -> None:
     from palstream.codec import EncoderConfig
     from palstream.metrics import evaluate as run_eval
 
-    with resources.as_file(resources.files("palstream") / "data" / "demo.mkv") as clip, \
-            tempfile.TemporaryDirectory(prefix="palstream-demo-") as tmp:
+    with (
+        resources.as_file(resources.files("palstream") / "data" / "demo.mkv") as clip,
+        tempfile.TemporaryDirectory(prefix="palstream-demo-") as tmp,
+    ):
         archive = str(Path(tmp) / "demo.zarr")
         config = EncoderConfig()
         typer.echo(f"encoding {clip.name} at the default quality (PSNR-Y >= {config.target_psnr} dB) into {archive}")
@@ -188,7 +237,9 @@ def demo() -> None:
         _encode(str(clip), archive, config, overwrite=False)
         seconds = time.perf_counter() - started
         report = run_eval(str(clip), archive)
-        raw = report["frames"] * (report["width"] * report["height"] + 2 * ((report["width"] + 1) // 2) * ((report["height"] + 1) // 2))
+        raw = report["frames"] * (
+            report["width"] * report["height"] + 2 * ((report["width"] + 1) // 2) * ((report["height"] + 1) // 2)
+        )
         typer.echo(
             f"encoded {report['frames']} frames of {report['width']}x{report['height']} in {seconds:.1f} s "
             f"({report['frames'] / seconds:.1f} fps): {report['payload_bytes']} bytes, "

@@ -30,14 +30,55 @@ from palstream.errors import InputError, PalstreamError
 from palstream.frames import Frames
 
 # FFmpeg's enum values (libavutil/pixfmt.h) -> the names ffprobe prints.
-_MATRIX = {0: "gbr", 1: "bt709", 2: "unspecified", 4: "fcc", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m",
-           8: "ycgco", 9: "bt2020nc", 10: "bt2020c", 11: "smpte2085", 12: "chroma-derived-nc",
-           13: "chroma-derived-c", 14: "ictcp"}
-_PRIMARIES = {1: "bt709", 2: "unspecified", 4: "bt470m", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m",
-              8: "film", 9: "bt2020", 10: "smpte428", 11: "smpte431", 12: "smpte432", 22: "jedec-p22"}
-_TRANSFER = {1: "bt709", 2: "unspecified", 4: "gamma22", 5: "gamma28", 6: "smpte170m", 7: "smpte240m",
-             8: "linear", 9: "log100", 10: "log316", 11: "iec61966-2-4", 12: "bt1361e", 13: "iec61966-2-1",
-             14: "bt2020-10", 15: "bt2020-12", 16: "smpte2084", 17: "smpte428", 18: "arib-std-b67"}
+_MATRIX = {
+    0: "gbr",
+    1: "bt709",
+    2: "unspecified",
+    4: "fcc",
+    5: "bt470bg",
+    6: "smpte170m",
+    7: "smpte240m",
+    8: "ycgco",
+    9: "bt2020nc",
+    10: "bt2020c",
+    11: "smpte2085",
+    12: "chroma-derived-nc",
+    13: "chroma-derived-c",
+    14: "ictcp",
+}
+_PRIMARIES = {
+    1: "bt709",
+    2: "unspecified",
+    4: "bt470m",
+    5: "bt470bg",
+    6: "smpte170m",
+    7: "smpte240m",
+    8: "film",
+    9: "bt2020",
+    10: "smpte428",
+    11: "smpte431",
+    12: "smpte432",
+    22: "jedec-p22",
+}
+_TRANSFER = {
+    1: "bt709",
+    2: "unspecified",
+    4: "gamma22",
+    5: "gamma28",
+    6: "smpte170m",
+    7: "smpte240m",
+    8: "linear",
+    9: "log100",
+    10: "log316",
+    11: "iec61966-2-4",
+    12: "bt1361e",
+    13: "iec61966-2-1",
+    14: "bt2020-10",
+    15: "bt2020-12",
+    16: "smpte2084",
+    17: "smpte428",
+    18: "arib-std-b67",
+}
 _RANGE = {0: "unspecified", 1: "tv", 2: "pc"}
 
 # Read without conversion: planar 8-bit 4:2:0 (nv12/nv21 are the same samples, interleaved).
@@ -169,7 +210,10 @@ def _classify(fmt: "av.video.format.VideoFormat", name: str) -> str | None:
     if fmt.name in _NATIVE or fmt.name in _SAME_SAMPLES:
         return None
     if fmt.is_rgb or fmt.has_palette:
-        return f"{name} is RGB ({fmt.name}): converted to YCbCr 4:2:0 (BT.601), which rounds colours and halves chroma resolution"
+        return (
+            f"{name} is RGB ({fmt.name}): converted to YCbCr 4:2:0 (BT.601), "
+            "which rounds colours and halves chroma resolution"
+        )
     if fmt.name.startswith("gray"):
         return f"{name} is greyscale ({fmt.name}): stored as YCbCr 4:2:0 with neutral chroma"
     return f"{name} is {fmt.name}: converted to 4:2:0, which reduces chroma resolution"
@@ -232,7 +276,9 @@ def probe(url: str, storage_options: dict | None = None) -> SourceInfo:
                     _classify(frame.format, name)
                 count += 1
         except av.FFmpegError as exc:
-            raise InputError(f"{name} is corrupt after frame {count}: {_reason(exc, logs)}; re-export or repair it") from None
+            raise InputError(
+                f"{name} is corrupt after frame {count}: {_reason(exc, logs)}; re-export or repair it"
+            ) from None
         fps = stream.average_rate or stream.guessed_rate or stream.base_rate
         time_base = stream.time_base
     if logs:
@@ -253,10 +299,17 @@ def probe(url: str, storage_options: dict | None = None) -> SourceInfo:
     if first.format.is_rgb or first.format.has_palette:
         color.update(matrix="smpte170m", range="tv")  # what the conversion to YCbCr produces
     return SourceInfo(
-        url=str(url), name=name, size_bytes=size, sha256=sha, width=first.width, height=first.height,
-        frame_count=count, fps=f"{fps.numerator}/{fps.denominator}",
+        url=str(url),
+        name=name,
+        size_bytes=size,
+        sha256=sha,
+        width=first.width,
+        height=first.height,
+        frame_count=count,
+        fps=f"{fps.numerator}/{fps.denominator}",
         time_base=f"{time_base.numerator}/{time_base.denominator}" if time_base else "0/1",
-        pix_fmt=first.format.name, color=color,
+        pix_fmt=first.format.name,
+        color=color,
     )
 
 
@@ -285,7 +338,9 @@ def _decode_frames(url: str, storage_options: dict | None) -> Iterator[tuple[np.
                 count += 1
                 yield _planes(frame)
         except av.FFmpegError as exc:
-            raise InputError(f"{name} is corrupt after frame {count}: {_reason(exc, logs)}; re-export or repair it") from None
+            raise InputError(
+                f"{name} is corrupt after frame {count}: {_reason(exc, logs)}; re-export or repair it"
+            ) from None
     if logs:
         raise InputError(f"{name} is truncated or corrupt ({_reason(None, logs)}); re-export or repair it")
 
@@ -351,8 +406,12 @@ def read_frames(url: str, start: int = 0, count: int | None = None, storage_opti
 
 # Output containers PyAV writes, and the codec palstream chooses for each (lossless where possible).
 _CODEC_BY_EXTENSION = {
-    ".mkv": "ffv1", ".avi": "ffv1", ".nut": "ffv1",
-    ".mp4": "libx264", ".mov": "libx264", ".webm": "libvpx-vp9",
+    ".mkv": "ffv1",
+    ".avi": "ffv1",
+    ".nut": "ffv1",
+    ".mp4": "libx264",
+    ".mov": "libx264",
+    ".webm": "libvpx-vp9",
 }
 # y4m chroma siting tokens (FFmpeg's chroma_location names).
 _Y4M_CHROMA = {"center": "C420jpeg", "left": "C420mpeg2", "topleft": "C420paldv"}
@@ -409,8 +468,10 @@ def _write_raw(frames_iter, path) -> int:
 
 def _write_y4m(frames_iter, path, source: SourceInfo) -> int:
     fps = Fraction(source.fps)
-    tokens = [f"YUV4MPEG2 W{source.width} H{source.height} F{fps.numerator}:{fps.denominator} Ip A1:1",
-              _Y4M_CHROMA.get(source.color.get("chroma_location"), "C420jpeg")]
+    tokens = [
+        f"YUV4MPEG2 W{source.width} H{source.height} F{fps.numerator}:{fps.denominator} Ip A1:1",
+        _Y4M_CHROMA.get(source.color.get("chroma_location"), "C420jpeg"),
+    ]
     colour_range = source.color.get("range")
     if colour_range in ("tv", "pc"):
         tokens.append("XCOLORRANGE=" + ("FULL" if colour_range == "pc" else "LIMITED"))
@@ -427,7 +488,7 @@ def _write_y4m(frames_iter, path, source: SourceInfo) -> int:
 
 def _to_av_frame(frames: Frames, t: int, fmt: str) -> "av.VideoFrame":
     frame = av.VideoFrame(frames.width, frames.height, fmt)
-    for plane, data in zip(frame.planes, (frames.y[t], frames.u[t], frames.v[t])):
+    for plane, data in zip(frame.planes, (frames.y[t], frames.u[t], frames.v[t]), strict=True):
         rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
         rows[:, : plane.width] = data
     return frame
@@ -457,7 +518,9 @@ def _write_png(frames_iter, path, source: SourceInfo) -> int:
 
 def _write_pyav(frames_iter, path, source: SourceInfo) -> int:
     if "://" in path and not path.startswith("file://"):
-        raise PalstreamError(f"cannot write {path}: video containers are written to local paths; use .y4m or .yuv for URLs")
+        raise PalstreamError(
+            f"cannot write {path}: video containers are written to local paths; use .y4m or .yuv for URLs"
+        )
     path = path.removeprefix("file://")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fps = Fraction(source.fps)

@@ -95,9 +95,22 @@ def vmaf_ffmpeg() -> tuple[str | None, str]:
 
 def _vmaf(exe: str, reference: Path, distorted: Path) -> float:
     result = subprocess.run(
-        [exe, "-hide_banner", "-nostats", "-i", str(distorted), "-i", str(reference),
-         "-lavfi", "[0:v][1:v]libvmaf=n_threads=2", "-f", "null", "-"],
-        capture_output=True, text=True,
+        [
+            exe,
+            "-hide_banner",
+            "-nostats",
+            "-i",
+            str(distorted),
+            "-i",
+            str(reference),
+            "-lavfi",
+            "[0:v][1:v]libvmaf=n_threads=2",
+            "-f",
+            "null",
+            "-",
+        ],
+        capture_output=True,
+        text=True,
     )
     match = re.search(r"VMAF score: ([0-9.]+)", result.stderr)
     if result.returncode != 0 or not match:
@@ -148,7 +161,8 @@ def evaluate(source_url: str, archive_url: str, storage_options: dict | None = N
         ref_path, dec_path = Path(tmp, "reference.y4m"), Path(tmp, "decoded.y4m")
 
         def compared():
-            for reference, decoded in zip(iter_chunks(source_url, archive.attrs["gop"], storage_options), archive.decode()):
+            sources = iter_chunks(source_url, archive.attrs["gop"], storage_options)
+            for reference, decoded in zip(sources, archive.decode(), strict=True):
                 acc.add(reference, decoded)
                 yield decoded
 

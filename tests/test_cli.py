@@ -80,8 +80,17 @@ def test_frames_option_decodes_a_range(run_cli, lossless_archive, data_dir, tmp_
 
 @pytest.mark.parametrize(
     "name",
-    ["missing.mkv", "not_a_video.mp4", "audio_only.mkv", "subtitles_only.mkv", "truncated.mkv", "corrupt.mkv",
-     "zero_frames.y4m", "anim_32x24_10bit.mkv", "anim_32x24_alpha.mkv"],
+    [
+        "missing.mkv",
+        "not_a_video.mp4",
+        "audio_only.mkv",
+        "subtitles_only.mkv",
+        "truncated.mkv",
+        "corrupt.mkv",
+        "zero_frames.y4m",
+        "anim_32x24_10bit.mkv",
+        "anim_32x24_alpha.mkv",
+    ],
 )
 def test_bad_input_one_line_error_and_no_archive(run_cli, data_dir, tmp_path, name):
     archive = tmp_path / "out.zarr"
@@ -136,8 +145,11 @@ def test_two_fresh_processes_decode_identical_bytes(lossless_archive, tmp_path):
     outputs = []
     for n in range(2):
         out = tmp_path / f"{n}.y4m"
-        subprocess.run([sys.executable, "-m", "palstream.cli", "decode", str(lossless_archive), str(out)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "palstream.cli", "decode", str(lossless_archive), str(out)],
+            check=True,
+            capture_output=True,
+        )
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
 
@@ -145,7 +157,8 @@ def test_two_fresh_processes_decode_identical_bytes(lossless_archive, tmp_path):
 def test_console_script_errors_without_traceback(data_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "palstream.cli", "encode", str(data_dir / "truncated.mkv"), str(tmp_path / "a.zarr")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: truncated.mkv") and result.stderr.count("\n") == 1
