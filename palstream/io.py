@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -319,30 +320,78 @@ def _reason(exc: Exception | None, logs: list) -> str:
     return str(exc).split(";")[0] if exc else "unknown error"
 
 
+class _Converter:
+    """Applies the input policy to decoded frames, warning once per source about a lossy conversion."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.warned = False
+
+    def __call__(self, frame: "av.VideoFrame") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if frame.format.name not in _NATIVE:
+            message = _classify(frame.format, self.name)
+            if message and not self.warned:
+                warnings.warn(message, ConversionWarning, stacklevel=4)
+                self.warned = True
+            frame = frame.reformat(format=_target_format(frame.format.name))
+        return _planes(frame)
+
+
 def _decode_frames(url: str, storage_options: dict | None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Every frame as 8-bit 4:2:0 planes, converting (with one warning) per the input policy."""
     name = os.path.basename(str(url).rstrip("/"))
+    convert = _Converter(name)
     count = 0
     with _libav_errors() as logs, _open_input(url, storage_options) as (container, stream):
-        warned = False
         try:
             for frame in container.decode(stream):
                 if logs:
                     break
-                if frame.format.name not in _NATIVE:
-                    message = _classify(frame.format, name)
-                    if message and not warned:
-                        warnings.warn(message, ConversionWarning, stacklevel=3)
-                        warned = True
-                    frame = frame.reformat(format=_target_format(frame.format.name))
                 count += 1
-                yield _planes(frame)
+                yield convert(frame)
         except av.FFmpegError as exc:
             raise InputError(
                 f"{name} is corrupt after frame {count}: {_reason(exc, logs)}; re-export or repair it"
             ) from None
     if logs:
         raise InputError(f"{name} is truncated or corrupt ({_reason(None, logs)}); re-export or repair it")
+
+
+def _read_by_seeking(
+    url: str, start: int, stop: int | None, storage_options: dict | None
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+    """Frames [start, stop) by seeking to the keyframe before ``start``; None if that cannot be proven exact.
+
+    A frame's number is taken from its timestamp, (pts - start_time) * time_base * fps. The read
+    is accepted only if the first decoded frame is at or before ``start`` and the numbers then run
+    without a gap or repeat; otherwise (variable frame rate, missing timestamps, a seek that lands
+    late, any FFmpeg complaint) the caller decodes from the first frame instead.
+    """
+    name = os.path.basename(str(url).rstrip("/"))
+    convert = _Converter(name)
+    kept = []
+    with _libav_errors() as logs, _open_input(url, storage_options) as (container, stream):
+        fps, time_base = stream.average_rate, stream.time_base
+        if not fps or not time_base:
+            return None
+        origin = stream.start_time or 0
+        try:
+            container.seek(origin + math.floor(start / (fps * time_base)), stream=stream, backward=True)
+            previous = None
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    return None
+                index = round((frame.pts - origin) * time_base * fps)
+                if (index > start) if previous is None else (index != previous + 1):
+                    return None  # landed after the wanted frame, or timestamps with gaps/repeats
+                previous = index
+                if index >= start:
+                    kept.append(convert(frame))
+                if stop is not None and index >= stop - 1:
+                    break
+        except av.FFmpegError:
+            return None
+    return None if logs else kept
 
 
 def _stack(planes: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Frames:
@@ -381,7 +430,20 @@ def iter_chunks(url: str, frames_per_chunk: int, storage_options: dict | None = 
 def read_frames(url: str, start: int = 0, count: int | None = None, storage_options: dict | None = None) -> Frames:
     """Frames ``[start, start + count)`` of a video as 8-bit 4:2:0 (all from ``start`` if count is None).
 
-    Decodes from the beginning (exact for every codec, no keyframe seeking).
+    For ``start > 0`` it seeks to the preceding keyframe when the stream's timestamps prove the
+    frame numbers (constant frame rate), so a worker reading chunk i does not decode chunks
+    0..i-1; otherwise it decodes from the first frame. Both give the same frames.
+
+    Parameters
+    ----------
+    url : str
+        Local path or fsspec URL.
+    start : int, default 0
+        First frame number (0-based).
+    count : int, optional
+        Number of frames; default all frames from ``start``.
+    storage_options : dict, optional
+        Passed to fsspec for remote URLs.
 
     Raises
     ------
@@ -391,12 +453,14 @@ def read_frames(url: str, start: int = 0, count: int | None = None, storage_opti
     if start < 0 or (count is not None and count < 1):
         raise ValueError("start must be >= 0 and count >= 1")
     stop = None if count is None else start + count
-    kept = []
-    for index, planes in enumerate(_decode_frames(url, storage_options)):
-        if stop is not None and index >= stop:
-            break
-        if index >= start:
-            kept.append(planes)
+    kept = _read_by_seeking(url, start, stop, storage_options) if start > 0 else None
+    if kept is None:
+        kept = []
+        for index, planes in enumerate(_decode_frames(url, storage_options)):
+            if stop is not None and index >= stop:
+                break
+            if index >= start:
+                kept.append(planes)
     if not kept:
         raise InputError(f"{os.path.basename(str(url))} has no frames in [{start}, {stop}); check the frame range")
     return _stack(kept)
