@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Callable, Iterator
 
 import fsspec
@@ -317,9 +318,13 @@ def _validated_attrs(attrs: dict, url: str) -> dict:
         )
     source = attrs["source"]
     try:
+        if not isinstance(source, dict) or not isinstance(source.get("color"), dict):
+            raise TypeError
         SourceInfo.from_dict(source)
-    except TypeError:
-        raise ArchiveError(f"archive {url} is malformed: its source attribute is incomplete") from None
+        if Fraction(source["fps"]) <= 0:
+            raise ValueError
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise ArchiveError(f"archive {url} is malformed: its source attribute is incomplete or invalid") from None
 
     def check_int(value, lo, hi, what):
         if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:

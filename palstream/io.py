@@ -17,7 +17,7 @@ import hashlib
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -137,7 +137,9 @@ class SourceInfo:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SourceInfo":
-        return cls(**data)
+        """Inverse of :meth:`to_dict`; keys added by later versions are ignored (FORMAT.md §1)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     @property
     def fps_fraction(self) -> Fraction:

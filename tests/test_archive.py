@@ -197,6 +197,7 @@ def _edit_root(path, **changes):
         ({"frame_count": -1}, "frame_count"),
         ({"gop": 0}, "gop"),
         ({"source": {"width": 3}}, "source"),
+        ({"source": "a string"}, "source"),
     ],
 )
 def test_malformed_root_metadata_is_an_archive_error(copy_of, changes, words):
@@ -206,13 +207,25 @@ def test_malformed_root_metadata_is_an_archive_error(copy_of, changes, words):
         open_archive(str(path))
 
 
-def test_declared_size_out_of_range_is_an_error(copy_of):
+@pytest.mark.parametrize(
+    "key, value, words", [("width", 10**7, "width"), ("height", "12", "height"), ("fps", "1/0", "source")]
+)
+def test_declared_source_values_out_of_range_are_errors(copy_of, key, value, words):
     path = copy_of()
     meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"]["source"]["width"] = 10**7
+    meta["attributes"]["source"][key] = value
     (path / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(ArchiveError, match="width"):
+    with pytest.raises(ArchiveError, match=words):
         open_archive(str(path))
+
+
+def test_unknown_attributes_are_ignored(copy_of):
+    path = copy_of()
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["source"]["added_later"] = 1
+    meta["attributes"]["added_later"] = {"x": 1}
+    (path / "zarr.json").write_text(json.dumps(meta))
+    assert open_archive(str(path)).verify() == []
 
 
 def test_declared_chunk_length_mismatch_is_damage(copy_of):
