@@ -143,6 +143,7 @@ class SourceInfo:
 
     @property
     def fps_fraction(self) -> Fraction:
+        """Frame rate as an exact fraction."""
         return Fraction(self.fps)
 
 
@@ -533,7 +534,7 @@ def _write_raw(frames_iter, path) -> int:
 
 
 def _write_y4m(frames_iter, path, source: SourceInfo) -> int:
-    fps = Fraction(source.fps)
+    fps = source.fps_fraction
     tokens = [
         f"YUV4MPEG2 W{source.width} H{source.height} F{fps.numerator}:{fps.denominator} Ip A1:1",
         _Y4M_CHROMA.get(source.color.get("chroma_location"), "C420jpeg"),
@@ -589,7 +590,7 @@ def _write_pyav(frames_iter, path, source: SourceInfo) -> int:
         )
     path = path.removeprefix("file://")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fps = Fraction(source.fps)
+    fps = source.fps_fraction
     written = 0
     try:
         with av.open(path, mode="w") as container:
