@@ -437,6 +437,9 @@ class Archive:
             frames = decode_chunk(payload)
         except BitstreamError as exc:
             raise DamagedChunkError(index, f"payload does not decode ({exc})") from None
+        except MemoryError:
+            # a header declaring absurd sizes; the codec should refuse it first (see BITSTREAM.md §1)
+            raise DamagedChunkError(index, "payload declares frames too large to allocate") from None
         expected = (len(self.chunk_frames(index)), self.source.height, self.source.width)
         if frames.y.shape != expected:
             raise DamagedChunkError(index, f"decodes to frames of shape {frames.y.shape}, expected {expected}")
