@@ -603,6 +603,7 @@ def _write_pyav(frames_iter, path, source: SourceInfo) -> int:
             stream.pix_fmt = "yuv420p"
             if codec == "libx264":
                 stream.options = {"crf": "12", "preset": "medium"}
+            _tag_colour(stream.codec_context, source.color)
             for frames in frames_iter:
                 if even:
                     frames = _pad_even(frames)
@@ -615,6 +616,19 @@ def _write_pyav(frames_iter, path, source: SourceInfo) -> int:
     except (av.FFmpegError, ValueError) as exc:
         raise PalstreamError(f"cannot write {path}: {exc}; choose .y4m, .yuv, .mkv or .mp4") from None
     return written
+
+
+def _tag_colour(context, color: dict) -> None:
+    """Carry the source's recorded colour metadata into the output stream (unknown names stay unset)."""
+    for attribute, names, key in (
+        ("colorspace", _MATRIX, "matrix"),
+        ("color_primaries", _PRIMARIES, "primaries"),
+        ("color_trc", _TRANSFER, "transfer"),
+        ("color_range", _RANGE, "range"),
+    ):
+        codes = {name: code for code, name in names.items()}
+        if color.get(key) in codes and color[key] != "unspecified":
+            setattr(context, attribute, codes[color[key]])
 
 
 def _pad_even(frames: Frames) -> Frames:

@@ -147,3 +147,14 @@ def test_seeking_is_used_for_constant_rate_and_refused_for_variable_rate(data_di
     assert all(io._read_by_seeking(str(data_dir / "camera_48x32_gop4.mp4"), s, s + 2, None) for s in range(1, 10))
     # timestamps jump after frame 4: frame numbers cannot be derived from time, so decode from the start
     assert io._read_by_seeking(str(data_dir / "camera_48x32_vfr.mkv"), 6, 8, None) is None
+
+
+def test_video_outputs_carry_the_recorded_colour_metadata(data_dir, tmp_path):
+    import dataclasses
+
+    url = str(data_dir / "screen_37x29.mkv")
+    source = io.probe(url)
+    tagged = dataclasses.replace(source, color={**source.color, "matrix": "bt709", "primaries": "bt709"})
+    io.write_video([io.read_frames(url)], str(tmp_path / "out.mkv"), tagged)
+    color = io.probe(str(tmp_path / "out.mkv")).color
+    assert (color["matrix"], color["primaries"], color["range"]) == ("bt709", "bt709", "tv")
