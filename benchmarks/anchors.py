@@ -5,7 +5,7 @@ setting, and returns a ``Point``: coded bits, quality measured on the decoded 8-
 frames against the source, and wall-clock times. Coded bits exclude container overhead for
 every codec, so sizes compare bitstreams, not file formats:
 
-- FFV1: the Matroska packets' payloads plus the codec's extradata (its parameters).
+- FFV1, SVT-AV1: the packets' payloads (Matroska, IVF) plus the codec's extradata.
 - x264 / x265: the Annex B elementary stream without SEI NAL units (x264/x265 write their
   option strings there; a decoder does not need them).
 - GIF: the whole file (the GIF format has no separable container; its framing is a few
@@ -295,6 +295,26 @@ class X264(_X26x):
     name, family, encoder = "x264", "video", "libx264"
 
 
+class SVTAV1(Codec):
+    """SVT-AV1 ``-preset 8``, CRF sweep, yuv420p 8-bit, IVF packets counted."""
+
+    name, family = "SVT-AV1", "video"
+
+    def missing(self):
+        return _ffmpeg_has_encoder("libsvtav1")
+
+    def settings(self, quick):
+        return [24, 40, 56] if quick else [16, 24, 32, 40, 48, 56]
+
+    def run(self, clip, crf, work):
+        coded = work / "out.ivf"
+        enc = ffmpeg(*clip.raw_input_args(), "-c:v", "libsvtav1", "-preset", "8", "-crf", str(crf),
+                     "-pix_fmt", "yuv420p", "-f", "ivf", str(coded))  # fmt: skip
+        bits = 8 * _packet_bytes(coded)
+        decoded, dec = decode_with_ffmpeg(clip, coded, work)
+        return _point(self.name, f"crf {crf}", clip, bits, decoded, enc, dec)
+
+
 class GIF(Codec):
     """FFmpeg GIF, one palette per frame (``palettegen=stats_mode=single``, ``paletteuse=new=1:dither=none``).
 
@@ -346,17 +366,16 @@ class Pngquant(Codec):
         return super().missing() or _ffmpeg_has_encoder("png")
 
     def settings(self, quick):
-        return [90, 50] if quick else [100, 90, 75, 60, 40, 20]
+        return [100, 50] if quick else [100, 90, 75, 60, 40, 20]
 
     def run(self, clip, quality, work):
         frames_dir = work / "png"
-        frames_dir.mkdir(exist_ok=True)
-        for old in frames_dir.iterdir():
-            old.unlink()
-        ffmpeg(*clip.raw_input_args(), "-pix_fmt", "rgb24", str(frames_dir / "f%05d.png"))
-        sources = sorted(frames_dir.glob("f*.png"))
+        if not frames_dir.exists():  # RGB frames once per clip (work is per clip), for every quality
+            frames_dir.mkdir()
+            ffmpeg(*clip.raw_input_args(), "-pix_fmt", "rgb24", str(frames_dir / "f%05d.png"))
+        sources = sorted(frames_dir.glob("f?????.png"))
         enc = run_tool(
-            [PNGQUANT, "--force", "--strip", "--nofs", "--speed", "3", "--quality", f"0-{quality}",
+            [PNGQUANT, "--force", "--strip", "--nofs", "--quality", f"0-{quality}",
              "--ext", ".q.png", "--", *map(str, sources)]
         )  # fmt: skip
         quantised = [p.with_suffix(".q.png") for p in sources]
@@ -396,4 +415,4 @@ class NaiveKMeans(Codec):
         return _point(self.name, f"K {k_luma}/{k_chroma}", clip, 8 * len(payload), decoded, enc, dec)
 
 
-ANCHORS: tuple[type[Codec], ...] = (FFV1, X265, X264, GIF, Pngquant, NaiveKMeans)
+ANCHORS: tuple[type[Codec], ...] = (FFV1, X265, X264, SVTAV1, GIF, Pngquant, NaiveKMeans)
