@@ -30,11 +30,20 @@ app = typer.Typer(
 )
 
 # Command groups living beside their library code register themselves here.
+from palstream.batch.cli import EndpointOpt, ProfileOpt  # noqa: E402  (one definition of the storage options)
 from palstream.batch.cli import register as _register_batch  # noqa: E402
 from palstream.learned.cli import register as _register_learned  # noqa: E402
 
 _register_batch(app)
 _register_learned(app)
+
+
+def _storage_options(storage_profile: str | None, endpoint_url: str | None) -> dict:
+    """fsspec options for s3:// inputs and archives, resolved as in the batch CLI (storage/README.md)."""
+    from palstream.batch.spec import StorageSpec
+
+    spec = StorageSpec.from_dict({"profile": storage_profile, "endpoint_url": endpoint_url}, where="command line")
+    return spec.options("s3://")  # applied only to remote URLs (palstream.io.fsspec_options)
 
 
 def _progress() -> Progress:
@@ -53,7 +62,7 @@ def _progress() -> Progress:
     )
 
 
-def _encode(input: str, archive: str, config, overwrite: bool) -> None:
+def _encode(input: str, archive: str, config, overwrite: bool, storage_options: dict | None = None) -> None:
     from palstream.archive import encode_file
 
     with _progress() as bar:
@@ -62,6 +71,7 @@ def _encode(input: str, archive: str, config, overwrite: bool) -> None:
             input,
             archive,
             config,
+            storage_options=storage_options,
             overwrite=overwrite,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
@@ -92,6 +102,8 @@ def encode(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing palstream archive at ARCHIVE.")
     ] = False,
+    storage_profile: ProfileOpt = None,
+    endpoint_url: EndpointOpt = None,
 ) -> None:
     """Encode a video into a palstream archive."""
     from palstream.codec import DEFAULT_TARGET_PSNR, EncoderConfig
@@ -105,7 +117,7 @@ def encode(
         palette=palette,
         gop=gop,
     )
-    _encode(input, archive, config, overwrite)
+    _encode(input, archive, config, overwrite, _storage_options(storage_profile, endpoint_url))
     typer.echo(f"wrote {archive}")
 
 
@@ -121,6 +133,8 @@ def decode(
     frames: Annotated[
         Optional[str], typer.Option(help="Frame range A:B (B exclusive; either side may be empty).")
     ] = None,
+    storage_profile: ProfileOpt = None,
+    endpoint_url: EndpointOpt = None,
 ) -> None:
     """Decode an archive (or some of its frames) to a video file; damaged chunks are skipped and named."""
     from palstream.archive import decode_file
@@ -128,7 +142,11 @@ def decode(
     with _progress() as bar:
         task = bar.add_task("decoding", total=None)
         result = decode_file(
-            archive, output, frames, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            archive,
+            output,
+            frames,
+            storage_options=_storage_options(storage_profile, endpoint_url),
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     if result.damaged:
         names = "; ".join(str(exc) for exc in result.damaged)
@@ -137,11 +155,15 @@ def decode(
 
 
 @app.command()
-def verify(archive: Annotated[str, typer.Argument(help="Archive to check (path or fsspec URL).")]) -> None:
+def verify(
+    archive: Annotated[str, typer.Argument(help="Archive to check (path or fsspec URL).")],
+    storage_profile: ProfileOpt = None,
+    endpoint_url: EndpointOpt = None,
+) -> None:
     """Check every chunk's checksums; exit 0 when intact, else name each damaged chunk and exit 1."""
     from palstream.archive import open_archive
 
-    reader = open_archive(archive)
+    reader = open_archive(archive, _storage_options(storage_profile, endpoint_url))
     damaged = reader.verify()
     if damaged:
         raise ArchiveError(f"{len(damaged)} of {reader.n_chunks} chunks damaged: " + "; ".join(map(str, damaged)))
@@ -156,11 +178,13 @@ def info(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (the archive attributes plus per-chunk records).")
     ] = False,
+    storage_profile: ProfileOpt = None,
+    endpoint_url: EndpointOpt = None,
 ) -> None:
     """Describe an archive: source, encoder, status, size."""
     from palstream.archive import open_archive
 
-    reader = open_archive(archive)
+    reader = open_archive(archive, _storage_options(storage_profile, endpoint_url))
     chunks = [{"index": i, **reader.chunk_attrs(i)} for i in range(reader.n_chunks)]
     if as_json:
         typer.echo(json.dumps({**reader.attrs, "chunks": chunks}))
@@ -208,12 +232,14 @@ def evaluate(
             "(null when omitted or infinite).",
         ),
     ] = False,
+    storage_profile: ProfileOpt = None,
+    endpoint_url: EndpointOpt = None,
 ) -> None:
     """Measure an archive against its source: size (bpp), PSNR, SSIM, MS-SSIM, VMAF."""
     from palstream.archive import json_safe
     from palstream.metrics import evaluate as run_eval
 
-    report = run_eval(source, archive)
+    report = run_eval(source, archive, _storage_options(storage_profile, endpoint_url))
     if as_json:
         typer.echo(json.dumps(json_safe(report)))
     else:

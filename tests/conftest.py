@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import warnings
 from dataclasses import dataclass
@@ -54,3 +55,22 @@ def lossless_archive(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("archives") / "screen_lossless.zarr"
     encode_file(str(DATA / "screen_37x29.mkv"), str(path), EncoderConfig(lossless=True, gop=2))
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API (moto's server) on 127.0.0.1 with one bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
+    ).create_bucket(Bucket="archives")
+    yield endpoint
+    server.stop()

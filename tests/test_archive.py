@@ -276,26 +276,6 @@ def test_decoding_twice_gives_identical_bytes(lossless_archive, tmp_path):
     assert first.read_bytes() == second.read_bytes()
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A real S3 API (moto's server) on 127.0.0.1 with one bucket."""
-    import socket
-
-    boto3 = pytest.importorskip("boto3")
-    server_module = pytest.importorskip("moto.server")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
-    ).create_bucket(Bucket="archives")
-    yield endpoint
-    server.stop()
-
-
 def test_s3_archive_round_trip_and_damage(s3_endpoint, source, tmp_path):
     url, _, _ = source
     options = {"endpoint_url": s3_endpoint, "key": "test", "secret": "test", "skip_instance_cache": True}

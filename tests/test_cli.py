@@ -170,3 +170,16 @@ def test_demo_encodes_the_shipped_clip_and_reports(run_cli):
     assert "encoded 16 frames of 640x360" in result.stdout
     psnr_y = float(re.search(r"psnr_y\s*│\s*([0-9.]+)", result.stdout).group(1))
     assert psnr_y >= 45.0  # the default quality floor
+
+
+def test_s3_archive_through_the_cli(run_cli, s3_endpoint, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("PALSTREAM_S3_ENDPOINT", s3_endpoint)
+    archive = "s3://archives/cli/screen.zarr"
+    assert run_cli("encode", data_dir / "screen_37x29.mkv", archive, "--lossless", "--gop", "4").code == 0
+    assert run_cli("verify", archive, "--endpoint-url", s3_endpoint).code == 0
+    assert json.loads(run_cli("info", archive, "--json").stdout)["status"] == "complete"
+    assert run_cli("decode", archive, tmp_path / "out.yuv").code == 0
+    assert (tmp_path / "out.yuv").read_bytes() == io.read_frames(str(data_dir / "screen_37x29.mkv")).tobytes()
+    assert "--overwrite" in _one_error_line(run_cli("encode", data_dir / "screen_37x29.mkv", archive))
