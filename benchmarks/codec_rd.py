@@ -101,18 +101,8 @@ class Palstream(Codec):
         dec = time.perf_counter() - start
         bits = 8 * sum(len(p) for p in payloads)
         label = "lossless" if setting == "lossless" else f"target {float(setting):g} dB"
-        return Point(self.name, label, bits, clip.luma_pixels, len(clip.frames), *measure(clip.frames, decoded), enc, dec)
-
-
-class _WarmUp(Codec):
-    """Runs ``Palstream.warm_up`` through ``run_codec`` so that a failure is reported, not raised."""
-
-    def __init__(self, codec: Palstream):
-        self.codec = codec
-        self.name = f"{codec.name} warm-up"
-
-    def run(self, clip, setting, work):
-        self.codec.warm_up(clip)
+        quality = measure(clip.frames, decoded)
+        return Point(self.name, label, bits, clip.luma_pixels, len(clip.frames), *quality, enc, dec)
 
 
 # --- measurement -----------------------------------------------------------------------------
@@ -133,11 +123,15 @@ def run_codec(codec: Codec, clip: Clip, setting, work: Path) -> Point | str:
     """One point, or a one-line failure message (a failure never stops the benchmark)."""
     try:
         return codec.run(clip, setting, work)
-    except (ToolError, PalstreamError) as exc:
-        return f"{codec.name} {setting}: {exc}"
-    except Exception as exc:  # a codec bug: record it and measure the rest
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return f"{codec.name} {setting}: {type(exc).__name__}: {first}"
+    except Exception as exc:  # a missing tool or a codec bug: record it and measure the rest
+        return f"{codec.name} {setting}: {one_line(exc)}"
+
+
+def one_line(exc: Exception) -> str:
+    if isinstance(exc, (ToolError, PalstreamError)):
+        return str(exc)
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def frontier(points: list[Point]) -> list[tuple[float, float]]:
@@ -273,6 +267,7 @@ def clip_rows(points: list[Point]) -> list[list[str]]:
 
 POINT_HEADER = ["codec", "setting", "bpp", "PSNR-Y dB", "PSNR-YUV dB", "enc fps", "dec fps"]
 RATE_HEADER = ["codec", "bpp @ 40 dB", "bpp @ 45 dB", "lossless bpp"]
+RATIO_HEADER = ["ratio", "@ 40 dB", "@ 45 dB"]
 
 
 def rate_rows(points: list[Point], summary: dict) -> list[list[str]]:
@@ -288,6 +283,14 @@ def ratio_rows(summary: dict) -> list[list[str]]:
         [f"palstream / {label}", _num(summary["ratios"]["40"][ref], 3), _num(summary["ratios"]["45"][ref], 3)]
         for ref, label in (("x265", "x265"), ("best_palette_tool", "best palette tool"), ("ffv1", "FFV1"))
     ]
+
+
+CHECK_HEADER = ["clip", "check", "result", "numbers"]
+
+
+def check_rows(summaries: dict, corpus_result: dict) -> list[list[str]]:
+    rows = [[name, k, c["status"], c["detail"]] for name, s in summaries.items() for k, c in s["checks"].items()]
+    return rows + [["corpus", k, c["status"], c["detail"]] for k, c in corpus_result.items()]
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -339,7 +342,7 @@ def plot_clip(name: str, points: list[Point], path: Path) -> None:
     plt.close(fig)
 
 
-def write_markdown(report: dict, md_path: Path, out: Path) -> None:
+def write_markdown(report: dict, tables: dict, md_path: Path, out: Path) -> None:
     """Replace (or append) the "Codec RD (issue 2)" section of ``md_path``."""
     env = report["environment"]
     lines = [
@@ -365,9 +368,7 @@ def write_markdown(report: dict, md_path: Path, out: Path) -> None:
         "### Done-when checks",
         "",
     ]
-    rows = [[name, check, c["status"], c["detail"]] for name, s in report["summaries"].items() for check, c in s["checks"].items()]
-    rows += [["corpus", check, c["status"], c["detail"]] for check, c in report["corpus_checks"].items()]
-    lines += [markdown_table(["clip", "check", "result", "numbers"], rows), ""]
+    lines += [markdown_table(CHECK_HEADER, check_rows(report["summaries"], report["corpus_checks"])), ""]
     for key, check in report["corpus_checks"].items():
         per_clip = ", ".join(f"{n} {_num(r, 3)}" for n, r in check["per_clip"].items())
         lines.append(f"- {key}: per clip {per_clip}")
@@ -378,13 +379,13 @@ def write_markdown(report: dict, md_path: Path, out: Path) -> None:
             "",
             f"![RD {clip['name']}]({_rel(out / clip['plot'])})",
             "",
-            markdown_table(RATE_HEADER, clip["rate_rows"]),
+            markdown_table(*tables[clip["name"]]["interpolated rates"]),
             "",
-            markdown_table(["ratio", "@ 40 dB", "@ 45 dB"], clip["ratio_rows"]),
+            markdown_table(*tables[clip["name"]]["ratios"]),
             "",
             "<details><summary>all points</summary>",
             "",
-            markdown_table(POINT_HEADER, clip["point_rows"]),
+            markdown_table(*tables[clip["name"]]["all points"]),
             "",
             "</details>",
             "",
@@ -423,7 +424,8 @@ def environment() -> dict:
     placeholder = "PLACEHOLDER" in Path(chunk.__file__).read_text()
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in l)
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return {
@@ -435,7 +437,7 @@ def environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "numba_threads": numba.get_num_threads(),
         "palstream_version": palstream.__version__ if hasattr(palstream, "__version__") else "unknown",
-        "palstream_codec": "zlib PLACEHOLDER (lossless only; not the palette codec)" if placeholder else "palette codec",
+        "palstream_codec": "zlib PLACEHOLDER (lossless only, not the palette codec)" if placeholder else "palette codec",
         "ffmpeg": _first_line(["ffmpeg", "-version"]),
         "pngquant": _first_line(["pngquant", "--version"]),
     }
@@ -517,7 +519,7 @@ def main(
         REPO / "BENCHMARKS.md"
     ),
     threads: Annotated[
-        int | None, typer.Option(min=1, help="torch and numba threads for palstream and the naive codec (default: theirs).")
+        int | None, typer.Option(min=1, help="torch and numba threads for palstream and the naive codec (default: all).")
     ] = None,
 ) -> None:
     """Measure palstream and the anchors on every clip; print and write the results."""
@@ -541,7 +543,7 @@ def main(
     codecs = [c for c in codecs if c.name not in skipped]
 
     env = environment()
-    report_clips, summaries, all_points = [], [], []
+    report_clips, summaries, all_points, tables = [], [], [], {}
     warmed = False
     for path in paths:
         with tempfile.TemporaryDirectory(prefix="codec_rd_") as tmp:
@@ -554,9 +556,10 @@ def main(
             console.rule(f"{clip.name}: {clip.frames.width}×{clip.frames.height}, {len(clip.frames)} frames")
             if not warmed:
                 warmed = True
-                failure = run_codec(_WarmUp(ours), clip, None, work)
-                if failure is not None:
-                    console.print(f"[red]warm-up failed: {failure}[/red]")
+                try:
+                    ours.warm_up(clip)
+                except Exception as exc:  # the timed runs will report the same failure per point
+                    console.print(f"[red]palstream warm-up failed: {one_line(exc)}[/red]")
             points, failures = [], []
             for codec in codecs:
                 for setting in codec.settings(quick):
@@ -574,24 +577,24 @@ def main(
         all_points += [(clip.name, p) for p in points]
         plot = f"rd_{clip.name}.png"
         plot_clip(clip.name, points, out / plot)
-        rows = clip_rows(points)
-        print_table(f"{clip.name}: all points", POINT_HEADER, rows)
-        print_table(f"{clip.name}: interpolated rates", RATE_HEADER, rate_rows(points, summary))
-        print_table(f"{clip.name}: ratios", ["ratio", "@ 40 dB", "@ 45 dB"], ratio_rows(summary))
+        tables[clip.name] = {
+            "all points": (POINT_HEADER, clip_rows(points)),
+            "interpolated rates": (RATE_HEADER, rate_rows(points, summary)),
+            "ratios": (RATIO_HEADER, ratio_rows(summary)),
+        }
+        for title, (header, rows) in tables[clip.name].items():
+            print_table(f"{clip.name}: {title}", header, rows)
         report_clips.append({
             "name": clip.name, "width": clip.frames.width, "height": clip.frames.height,
             "frames": len(clip.frames), "fps": str(clip.fps), "plot": plot,
             "points": [p.to_dict() for p in points], "failures": failures,
-            "point_rows": rows, "rate_rows": rate_rows(points, summary), "ratio_rows": ratio_rows(summary),
         })  # fmt: skip
 
     if not summaries:
         print("error: no clip could be read; check the corpus files", file=sys.stderr)
         raise typer.Exit(1)
     corpus_result = corpus_checks(summaries)
-    check_rows = [[n, k, c["status"], c["detail"]] for n, s in summaries for k, c in s["checks"].items()]
-    check_rows += [["corpus", k, c["status"], c["detail"]] for k, c in corpus_result.items()]
-    print_table("Done-when checks (issue 2)", ["clip", "check", "result", "numbers"], check_rows)
+    print_table("Done-when checks (issue 2)", CHECK_HEADER, check_rows(dict(summaries), corpus_result))
 
     report = {
         "command": " ".join([".venv/bin/python -m benchmarks.codec_rd", *map(shlex.quote, sys.argv[1:])]),
@@ -614,7 +617,7 @@ def main(
         for name, p in all_points:
             d = p.to_dict()
             writer.writerow([name] + [d[h] for h in header[1:]])
-    write_markdown(report, markdown, out)
+    write_markdown(report, tables, markdown, out)
     console.print(f"wrote {_rel(out / 'codec_rd.json')}, codec_rd.csv, rd_*.png and {_rel(markdown)}")
 
 
