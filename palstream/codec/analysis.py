@@ -10,7 +10,7 @@ import math
 import numpy as np
 from numba import njit
 
-from palstream.codec.syntax import INTER, INTRA, MAX_PAL, PALETTE, SKIP
+from palstream.codec.syntax import INTER, INTRA, MAX_PAL, PALETTE, SKIP, motion_sample
 
 PROPOSAL_BLOCK = 16  # leaf size whose many-coloured blocks get palettes from the PaletteGenerator
 
@@ -21,26 +21,31 @@ def _clamp(v, lo, hi):
 
 
 @njit(cache=True, nogil=True)
-def _sad8(cur, ref, y0, x0, dy, dx):
-    h, w = cur.shape
+def _sad8(cur, ref, y0, x0, my, mx):
+    """SAD of an 8x8 block against ``ref`` displaced by a half-pel vector."""
     s = 0
     for y in range(y0, y0 + 8):
-        ry = _clamp(y + dy, 0, h - 1)
         for x in range(x0, x0 + 8):
-            s += abs(np.int64(cur[y, x]) - np.int64(ref[ry, _clamp(x + dx, 0, w - 1)]))
+            s += abs(np.int64(cur[y, x]) - motion_sample(ref, y, x, my, mx))
     return s
 
 
 @njit(cache=True, nogil=True)
 def motion_search(cur, ref, prev_mv, search_range):
-    """Integer motion vector per 8x8 luma block: predictor and grid candidates, then a +-2 refinement."""
+    """Half-pel motion vector per 8x8 luma block.
+
+    Integer stage: neighbours' and last frame's vectors plus a coarse grid, then a +-2 pixel
+    refinement; half-pel stage: the eight half-pel neighbours of the best integer vector.
+    Vectors are in half-pel units, at most ``search_range`` pixels in each direction.
+    """
     h, w = cur.shape
     h8 = h // 8
     w8 = w // 8
     mv = np.zeros((h8, w8, 2), np.int32)
     if search_range == 0:
         return mv
-    step = max(1, search_range // 2)
+    lim = 2 * search_range
+    step = 2 * max(1, search_range // 2)
     cands = np.empty((64, 2), np.int64)
     for by in range(h8):
         for bx in range(w8):
@@ -63,8 +68,8 @@ def motion_search(cur, ref, prev_mv, search_range):
             cands[n, 0] = prev_mv[by, bx, 0]
             cands[n, 1] = prev_mv[by, bx, 1]
             n += 1
-            for gy in range(-search_range, search_range + 1, step):
-                for gx in range(-search_range, search_range + 1, step):
+            for gy in range(-lim, lim + 1, step):
+                for gx in range(-lim, lim + 1, step):
                     if n < 64:
                         cands[n, 0] = gy
                         cands[n, 1] = gx
@@ -73,33 +78,34 @@ def motion_search(cur, ref, prev_mv, search_range):
             bdy = 0
             bdx = 0
             for i in range(n):
-                dy = _clamp(cands[i, 0], -search_range, search_range)
-                dx = _clamp(cands[i, 1], -search_range, search_range)
-                c = _sad8(cur, ref, by * 8, bx * 8, dy, dx) + 2 * (abs(dy) + abs(dx))
+                dy = _clamp(cands[i, 0] & ~1, -lim, lim)  # integer stage: even half-pel units
+                dx = _clamp(cands[i, 1] & ~1, -lim, lim)
+                c = _sad8(cur, ref, by * 8, bx * 8, dy, dx) + abs(dy) + abs(dx)
                 if c < best:
                     best = c
                     bdy = dy
                     bdx = dx
-            cy = bdy
-            cx = bdx
-            for dy in range(cy - 2, cy + 3):
-                for dx in range(cx - 2, cx + 3):
-                    if abs(dy) <= search_range and abs(dx) <= search_range:
-                        c = _sad8(cur, ref, by * 8, bx * 8, dy, dx) + 2 * (abs(dy) + abs(dx))
-                        if c < best:
-                            best = c
-                            bdy = dy
-                            bdx = dx
+            for radius, stride in ((4, 2), (1, 1)):  # +-2 pixels in whole pixels, then half-pels
+                cy = bdy
+                cx = bdx
+                for dy in range(cy - radius, cy + radius + 1, stride):
+                    for dx in range(cx - radius, cx + radius + 1, stride):
+                        if abs(dy) <= lim and abs(dx) <= lim and (dy != cy or dx != cx):
+                            c = _sad8(cur, ref, by * 8, bx * 8, dy, dx) + abs(dy) + abs(dx)
+                            if c < best:
+                                best = c
+                                bdy = dy
+                                bdx = dx
             mv[by, bx, 0] = bdy
             mv[by, bx, 1] = bdx
     return mv
 
 
-def residual_cost_table(q: int, lam: float, dweight: float) -> np.ndarray:
+def residual_cost_table(q: int, rnd: int, lam: float, dweight: float) -> np.ndarray:
     """J(e) for every prediction error e in -255..255: distortion after quantising with step q,
     plus lambda times the estimated bits of its level."""
     e = np.arange(-255, 256)
-    k = (np.abs(e) + (q - 1) // 2) // q
+    k = (np.abs(e) + rnd) // q
     d = (np.abs(e) - k * q) ** 2
     bits = np.where(k == 0, 0.3, 3.0 + 2.0 * np.log2(np.maximum(k, 1)))
     return dweight * d + lam * bits
@@ -142,13 +148,11 @@ def _block_cost(err, table, y0, x0, s):
 
 
 @njit(cache=True, nogil=True)
-def _inter_cost(cur, ref, table, y0, x0, s, dy, dx):
-    h, w = cur.shape
+def _inter_cost(cur, ref, table, y0, x0, s, my, mx):
     t = 0.0
     for y in range(y0, y0 + s):
-        ry = _clamp(y + dy, 0, h - 1)
         for x in range(x0, x0 + s):
-            t += table[np.int64(cur[y, x]) - np.int64(ref[ry, _clamp(x + dx, 0, w - 1)]) + 255]
+            t += table[np.int64(cur[y, x]) - motion_sample(ref, y, x, my, mx) + 255]
     return t
 
 
@@ -362,7 +366,7 @@ def decide(
                                 j = (_inter_cost(cur_y, ref_y, table, y0, x0, s, dy, dx)
                                      + _inter_cost(cur_u, ref_u, table, c0y, c0x, cs, dy >> 1, dx >> 1)
                                      + _inter_cost(cur_v, ref_v, table, c0y, c0x, cs, dy >> 1, dx >> 1)
-                                     + lam * (3.0 + abs(dy) + abs(dx)))
+                                     + lam * (3.0 + 0.5 * (abs(dy) + abs(dx))))
                                 if j < jbest:
                                     jbest = j
                                     bm = INTER

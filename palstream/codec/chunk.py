@@ -72,6 +72,7 @@ class _DecisionMaps:
         return (self.leafsize, self.mode, self.mv, self.pal_y, self.pal_yn, self.pal_c, self.pal_cn)
 
 
+ROUNDING = 0.3
 PROPOSAL_SIZE = 16  # entries the generator proposes; the RD merge prunes them per block
 PROPOSAL_COVERAGE = 0.75  # share of a block's pixels its 16 most frequent levels must cover
 
@@ -119,7 +120,7 @@ def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
     return prop_y, prop_n, prop_c, prop_n
 
 
-def _run(enc, buf, planes, recon, q, tol, min_block, max_block, decide=None):
+def _run(enc, buf, planes, recon, q, rnd, tol, min_block, max_block, decide=None):
     """Code every frame of a chunk in one direction; returns the coder state."""
     t, h, w = recon[0].shape
     st = rangecoder.new_state()
@@ -127,7 +128,8 @@ def _run(enc, buf, planes, recon, q, tol, min_block, max_block, decide=None):
         rangecoder.start_decoding(st, buf)
     probs = rangecoder.new_probs(syntax.N_CONTEXTS)
     maps = _DecisionMaps(h, w)
-    kmaps = (np.zeros((h, w), np.uint8), np.zeros((h // 2, w // 2), np.uint8), np.zeros((h // 2, w // 2), np.uint8))
+    # signed residual levels of the current and the previous frame, for contexts
+    kmaps = tuple(np.zeros(shape, np.int8) for shape in [(h, w), (h // 2, w // 2), (h // 2, w // 2)] * 2)
     pred_y, npred_y = np.zeros(syntax.MAX_PAL, np.int64), np.zeros(1, np.int64)
     pred_c, npred_c = np.zeros(syntax.MAX_PAL, np.int64), np.zeros(1, np.int64)
     prev_mv = np.zeros_like(maps.mv)
@@ -140,7 +142,7 @@ def _run(enc, buf, planes, recon, q, tol, min_block, max_block, decide=None):
             prev_mv = maps.mv.copy()
         syntax.code_frame(
             enc, st, buf, probs, *src, *rec, *ref, *kmaps,
-            f == 0, q, tol, min_block, max_block, *maps.args(), pred_y, npred_y, pred_c, npred_c,
+            f == 0, q, rnd, tol, min_block, max_block, *maps.args(), pred_y, npred_y, pred_c, npred_c,
         )
     return st, maps
 
@@ -157,7 +159,8 @@ def _encode_at(padded, q, config: EncoderConfig, proposals):
     t, h, w = padded[0].shape
     lam = 0.0 if config.lossless else 0.15 * q * q * config.lambda_scale
     dweight = 1e6 if config.lossless else 1.0
-    table = analysis.residual_cost_table(q, max(lam, 1.0), dweight)
+    rnd = int(q * ROUNDING)  # below q/2: levels lean toward zero, which is cheaper to code
+    table = analysis.residual_cost_table(q, rnd, max(lam, 1.0), dweight)
     tol = int(lam * 2)
     rd_lambda = max(lam, 1.0)
 
@@ -172,7 +175,7 @@ def _encode_at(padded, q, config: EncoderConfig, proposals):
     capacity = padded[0].size * 3 + 4096
     while True:
         buf = np.zeros(capacity, np.uint8)
-        st, _ = _run(True, buf, padded, recon, q, tol, config.min_block, config.max_block, decide)
+        st, _ = _run(True, buf, padded, recon, q, rnd, tol, config.min_block, config.max_block, decide)
         size = rangecoder.flush(st, buf)
         if size <= capacity:
             return bytes(buf[:size]), recon
@@ -287,7 +290,7 @@ def decode_chunk(payload: bytes) -> Frames:
         np.zeros((t, ph // 2, pw // 2), np.uint8),
     )
     buf = np.frombuffer(payload, np.uint8, offset=HEADER.size).copy()  # writable: one compiled coder for both directions
-    st, _ = _run(False, buf, recon, recon, q, 0, min_block, max_block)
+    st, _ = _run(False, buf, recon, recon, q, 0, 0, min_block, max_block)
     if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
         raise BitstreamError("chunk body ends before its frames are complete (truncated)")
     ch, cw = (h + 1) // 2, (w + 1) // 2

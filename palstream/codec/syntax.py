@@ -40,9 +40,10 @@ CTX_PALETTE = _c(3)
 CTX_MV_ZERO = _c(2)
 CTX_MV_MAG = _c(2 * UEG_CONTEXTS)
 # residuals: [plane class 2][mode 2]
-CTX_RES_ZERO = _c(4 * 20)  # neighbour-magnitude bucket (5) x activity bucket (4)
-CTX_RES_SIGN = _c(4 * 3)
-CTX_RES_MAG = _c(4 * 5 * UEG_CONTEXTS)
+CTX_RES_CODED = _c(4 * 3)  # sub-block 'has non-zero levels', by coded neighbours
+CTX_RES_ZERO = _c(4 * 48)  # neighbour magnitudes (6) x activity (4) x previous frame's level (2)
+CTX_RES_SIGN = _c(4 * 9)  # signs of the left and top levels
+CTX_RES_MAG = _c(4 * 6 * UEG_CONTEXTS)
 # palettes: [component class 2]
 CTX_PAL_REUSE = _c(2 * 2)
 CTX_PAL_NEW = _c(2 * UEG_CONTEXTS)
@@ -81,60 +82,129 @@ def _med(rec, y, x):
 
 @njit(cache=True, nogil=True, inline="always")
 def _activity_bucket(rec, y, x, q):
+    """Local gradient of the reconstruction (left, top, top-left, top-right), in steps of q."""
     if y == 0 or x == 0:
         return 3
     a = np.int64(rec[y, x - 1])
     b = np.int64(rec[y - 1, x])
     c = np.int64(rec[y - 1, x - 1])
-    t = (abs(a - c) + abs(b - c)) // q
+    d = np.int64(rec[y - 1, x + 1]) if x + 1 < rec.shape[1] else b
+    t = (abs(a - c) + abs(b - c) + abs(b - d)) // q
     if t == 0:
         return 0
     if t <= 2:
         return 1
-    if t <= 8:
+    if t <= 6:
         return 2
     return 3
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _sign3(v):
+    return 0 if v == 0 else (1 if v > 0 else 2)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def motion_sample(ref, y, x, mvy, mvx):
+    """Sample of ``ref`` displaced by a half-pel vector: bilinear, rounded, edges repeated."""
+    h, w = ref.shape
+    py = 2 * y + mvy
+    px = 2 * x + mvx
+    iy = py >> 1
+    ix = px >> 1
+    y0 = _clamp(iy, 0, h - 1)
+    x0 = _clamp(ix, 0, w - 1)
+    a = np.int64(ref[y0, x0])
+    if (py & 1) == 0 and (px & 1) == 0:
+        return a
+    y1 = _clamp(iy + (py & 1), 0, h - 1)
+    x1 = _clamp(ix + (px & 1), 0, w - 1)
+    if (py & 1) == 0:
+        return (a + np.int64(ref[y0, x1]) + 1) >> 1
+    if (px & 1) == 0:
+        return (a + np.int64(ref[y1, x0]) + 1) >> 1
+    return (a + np.int64(ref[y0, x1]) + np.int64(ref[y1, x0]) + np.int64(ref[y1, x1]) + 2) >> 2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _predict(rec, ref, y, x, mode, mvy, mvx):
+    if mode == INTRA:
+        return _med(rec, y, x)
+    return motion_sample(ref, y, x, mvy, mvx)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _level(e, q, rnd):
+    k = (abs(e) + rnd) // q
+    return -k if e < 0 else k
+
+
 @njit(cache=True, nogil=True)
-def code_residual_block(enc, st, buf, probs, src, rec, ref, kmap, y0, x0, size, q, mode, plane_class, mvy, mvx):
+def _sub_block_is_zero(src, rec, ref, y0, x0, sub, q, rnd, mode, mvy, mvx):
+    """Encoder: would every level of this sub-block quantise to zero? Writes the tentative
+    zero-level reconstruction into ``rec``; coding the sub-block afterwards overwrites it in
+    the same raster order, so no sample is used before its final value is written."""
+    for y in range(y0, y0 + sub):
+        for x in range(x0, x0 + sub):
+            pred = _predict(rec, ref, y, x, mode, mvy, mvx)
+            if _level(np.int64(src[y, x]) - pred, q, rnd) != 0:
+                return False
+            rec[y, x] = pred
+    return True
+
+
+@njit(cache=True, nogil=True)
+def code_residual_block(enc, st, buf, probs, src, rec, ref, kmap, kprev, y0, x0, size, q, rnd, mode, plane_class, mvy, mvx):
     """Quantised prediction residual of one block of one plane: its 'palette of residual levels'.
 
     Prediction: motion-compensated copy of ``ref`` (INTER) or MED of reconstructed neighbours
-    (INTRA). Level k (residual / q, rounded) is coded as zero flag, sign, magnitude - 1.
+    (INTRA). The block is coded in sub-blocks of 8x8 (luma) or 4x4 (chroma) samples, each with
+    a flag for 'all levels zero'; otherwise each level k (residual / q, rounded toward zero by
+    the encoder's ``rnd``) is coded as zero flag, sign, magnitude - 1.
     """
-    h, w = rec.shape
     cls = plane_class * 2 + (1 if mode == INTRA else 0)
-    rnd = (q - 1) // 2
-    for y in range(y0, y0 + size):
-        for x in range(x0, x0 + size):
-            if mode == INTRA:
-                pred = _med(rec, y, x)
-            else:
-                pred = np.int64(ref[_clamp(y + mvy, 0, h - 1), _clamp(x + mvx, 0, w - 1)])
-            kl = np.int64(kmap[y, x - 1]) if x > 0 else 0
-            kt = np.int64(kmap[y - 1, x]) if y > 0 else 0
-            s = kl + kt
-            nb = s if s < 3 else (3 if s < 6 else 4)
-            act = _activity_bucket(rec, y, x, q)
-            k = 0
+    sub = min(size, 8 if plane_class == 0 else 4)
+    for sy in range(y0, y0 + size, sub):
+        for sx in range(x0, x0 + size, sub):
+            # context: does the sub-block to the left / above hold a non-zero level next to this one
+            nzl = 0
+            nzt = 0
+            for i in range(sub):
+                if sx > 0 and kmap[sy + i, sx - 1] != 0:
+                    nzl = 1
+                if sy > 0 and kmap[sy - 1, sx + i] != 0:
+                    nzt = 1
+            coded = 1
             if enc:
-                e = np.int64(src[y, x]) - pred
-                k = (abs(e) + rnd) // q
-                if e < 0:
-                    k = -k
-            nz = code_bit(enc, st, buf, probs, CTX_RES_ZERO + cls * 20 + nb * 4 + act, 1 if k != 0 else 0)
-            if nz:
-                sctx = 0
-                if x > 0:
-                    sl = np.int64(kmap[y, x - 1])
-                    sctx = 0 if sl == 0 else 1
-                neg = code_bit(enc, st, buf, probs, CTX_RES_SIGN + cls * 3 + sctx, 1 if k < 0 else 0)
-                mag = code_ueg(enc, st, buf, probs, CTX_RES_MAG + (cls * 5 + nb) * UEG_CONTEXTS, abs(k) - 1) + 1
-                k = -mag if neg else mag
-            r = _clamp(pred + k * q, 0, 255)
-            rec[y, x] = r
-            kmap[y, x] = min(abs(k), 15)
+                coded = 0 if _sub_block_is_zero(src, rec, ref, sy, sx, sub, q, rnd, mode, mvy, mvx) else 1
+            coded = code_bit(enc, st, buf, probs, CTX_RES_CODED + cls * 3 + nzl + nzt, coded)
+            for y in range(sy, sy + sub):
+                for x in range(sx, sx + sub):
+                    pred = _predict(rec, ref, y, x, mode, mvy, mvx)
+                    k = 0
+                    if coded:
+                        w = kmap.shape[1]
+                        kl = np.int64(kmap[y, x - 1]) if x > 0 else 0
+                        kt = np.int64(kmap[y - 1, x]) if y > 0 else 0
+                        ktl = np.int64(kmap[y - 1, x - 1]) if x > 0 and y > 0 else 0
+                        ktr = np.int64(kmap[y - 1, x + 1]) if y > 0 and x + 1 < w else 0
+                        t = abs(kl) + abs(kt) + abs(ktl) + abs(ktr)
+                        nb = t if t < 3 else (3 if t < 5 else (4 if t < 8 else 5))
+                        act = _activity_bucket(rec, y, x, q)
+                        tp = 1 if kprev[y, x] != 0 else 0
+                        if enc:
+                            k = _level(np.int64(src[y, x]) - pred, q, rnd)
+                        zctx = CTX_RES_ZERO + cls * 48 + nb * 8 + act * 2 + tp
+                        nz = code_bit(enc, st, buf, probs, zctx, 1 if k != 0 else 0)
+                        if nz:
+                            sctx = CTX_RES_SIGN + cls * 9 + _sign3(kl) * 3 + _sign3(kt)
+                            neg = code_bit(enc, st, buf, probs, sctx, 1 if k < 0 else 0)
+                            mag = code_ueg(enc, st, buf, probs, CTX_RES_MAG + (cls * 6 + nb) * UEG_CONTEXTS, abs(k) - 1) + 1
+                            k = -mag if neg else mag
+                        else:
+                            k = 0
+                    rec[y, x] = _clamp(pred + k * q, 0, 255)
+                    kmap[y, x] = _clamp(k, -15, 15)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -307,13 +377,16 @@ def code_indices(enc, st, buf, probs, src_a, src_b, rec_a, rec_b, kmaps_a, kmaps
 def code_frame(
     enc, st, buf, probs,
     src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
-    kmap_y, kmap_u, kmap_v,
-    intra_only, q, tol, min_block, max_block,
+    kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v,
+    intra_only, q, rnd, tol, min_block, max_block,
     leafsize, mode, mv, pal_y, pal_yn, pal_c, pal_cn,
     pred_y, npred_y, pred_c, npred_c,
 ):
     """Code one frame: per 64x64 CTU a quadtree of leaves, each leaf a mode and its data."""
     h, w = rec_y.shape
+    kprev_y[:, :] = kmap_y
+    kprev_u[:, :] = kmap_u
+    kprev_v[:, :] = kmap_v
     kmap_y[:, :] = 0
     kmap_u[:, :] = 0
     kmap_v[:, :] = 0
@@ -353,7 +426,7 @@ def code_frame(
                     continue
                 _code_leaf(
                     enc, st, buf, probs, src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
-                    kmap_y, kmap_u, kmap_v, intra_only, q, tol, leafsize, mode, mv,
+                    kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v, intra_only, q, rnd, tol, leafsize, mode, mv,
                     pal_y, pal_yn, pal_c, pal_cn, pred_y, npred_y, pred_c, npred_c, y0, x0, s,
                 )
 
@@ -372,7 +445,7 @@ def _count_mode(m, nskip, nint, npal):
 @njit(cache=True, nogil=True)
 def _code_leaf(
     enc, st, buf, probs, src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
-    kmap_y, kmap_u, kmap_v, intra_only, q, tol, leafsize, mode, mv,
+    kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v, intra_only, q, rnd, tol, leafsize, mode, mv,
     pal_y, pal_yn, pal_c, pal_cn, pred_y, npred_y, pred_c, npred_c, y0, x0, s,
 ):
     cy8 = y0 // 8
@@ -462,8 +535,8 @@ def _code_leaf(
         pal_c[cy8, cx8, :n2] = keys2[:n2]
         code_indices(enc, st, buf, probs, src_u, src_v, rec_u, rec_v, kmap_u, kmap_v, c0y, c0x, cs, keys2, n2, True, 2 * tol)
     else:
-        code_residual_block(enc, st, buf, probs, src_y, rec_y, ref_y, kmap_y, y0, x0, s, q, m, 0, mvy, mvx)
+        code_residual_block(enc, st, buf, probs, src_y, rec_y, ref_y, kmap_y, kprev_y, y0, x0, s, q, rnd, m, 0, mvy, mvx)
         cmy = mvy >> 1
         cmx = mvx >> 1
-        code_residual_block(enc, st, buf, probs, src_u, rec_u, ref_u, kmap_u, c0y, c0x, cs, q, m, 1, cmy, cmx)
-        code_residual_block(enc, st, buf, probs, src_v, rec_v, ref_v, kmap_v, c0y, c0x, cs, q, m, 1, cmy, cmx)
+        code_residual_block(enc, st, buf, probs, src_u, rec_u, ref_u, kmap_u, kprev_u, c0y, c0x, cs, q, rnd, m, 1, cmy, cmx)
+        code_residual_block(enc, st, buf, probs, src_v, rec_v, ref_v, kmap_v, kprev_v, c0y, c0x, cs, q, rnd, m, 1, cmy, cmx)
