@@ -62,12 +62,14 @@ def _progress() -> Progress:
     )
 
 
-def _encode(input: str, archive: str, config, overwrite: bool, storage_options: dict | None = None) -> None:
+def _encode(input: str, archive: str, config, overwrite: bool, storage_options: dict | None = None) -> str:
+    """Encode with a progress bar; returns a one-line summary."""
     from palstream.archive import encode_file
 
+    started = time.perf_counter()
     with _progress() as bar:
         task = bar.add_task("encoding", total=None)
-        encode_file(
+        result = encode_file(
             input,
             archive,
             config,
@@ -75,6 +77,13 @@ def _encode(input: str, archive: str, config, overwrite: bool, storage_options: 
             overwrite=overwrite,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
+    seconds = time.perf_counter() - started
+    src, payload = result.source, result.payload_bytes()
+    return (
+        f"{result.frame_count} frames of {src.width}x{src.height} in {seconds:.1f} s "
+        f"({result.frame_count / seconds:.1f} fps): {payload} bytes, "
+        f"{payload * 8 / (result.frame_count * src.width * src.height):.4f} bpp"
+    )
 
 
 @app.command()
@@ -117,8 +126,8 @@ def encode(
         palette=palette,
         gop=gop,
     )
-    _encode(input, archive, config, overwrite, _storage_options(storage_profile, endpoint_url))
-    typer.echo(f"wrote {archive}")
+    summary = _encode(input, archive, config, overwrite, _storage_options(storage_profile, endpoint_url))
+    typer.echo(f"wrote {archive}: {summary}")
 
 
 @app.command()
@@ -259,17 +268,10 @@ def demo() -> None:
         archive = str(Path(tmp) / "demo.zarr")
         config = EncoderConfig()
         typer.echo(f"encoding {clip.name} at the default quality (PSNR-Y >= {config.target_psnr} dB) into {archive}")
-        started = time.perf_counter()
-        _encode(str(clip), archive, config, overwrite=False)
-        seconds = time.perf_counter() - started
+        summary = _encode(str(clip), archive, config, overwrite=False)
         report = run_eval(str(clip), archive)
-        raw = report["frames"] * (
-            report["width"] * report["height"] + 2 * ((report["width"] + 1) // 2) * ((report["height"] + 1) // 2)
-        )
         typer.echo(
-            f"encoded {report['frames']} frames of {report['width']}x{report['height']} in {seconds:.1f} s "
-            f"({report['frames'] / seconds:.1f} fps): {report['payload_bytes']} bytes, "
-            f"{raw / report['payload_bytes']:.0f}x smaller than raw 4:2:0, "
+            f"encoded {summary}; "
             f"{clip.stat().st_size / report['payload_bytes']:.1f}x smaller than the lossless FFV1 source"
         )
         Console().print(_eval_table(report))
