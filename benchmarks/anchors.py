@@ -30,9 +30,12 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 
+from benchmarks import naive
 from palstream.frames import Frames
+from palstream.palettes import create_palette_generator
 
 FFMPEG = "ffmpeg"
 PNGQUANT = "pngquant"
@@ -239,8 +242,6 @@ class FFV1(Codec):
 
 def _packet_bytes(path: Path) -> int:
     """Payload bytes of a file's video packets plus its codec extradata (no container framing)."""
-    import av  # PyAV: only the demuxer is used here
-
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         extradata = stream.codec_context.extradata or b""
@@ -400,9 +401,6 @@ class NaiveKMeans(Codec):
         return [(4, 2), (16, 8)] if quick else [(2, 1), (4, 2), (8, 4), (16, 8)]
 
     def run(self, clip, setting, work):
-        from benchmarks import naive
-        from palstream.palettes import create_palette_generator
-
         if self._generator is None:
             self._generator = create_palette_generator("kmeans")
         k_luma, k_chroma = setting

@@ -20,19 +20,29 @@ import math
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
 
+import numba
 import numpy as np
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
+import palstream
+import palstream.codec.chunk
 from benchmarks.anchors import ANCHORS, Clip, Codec, Point, ToolError, measure
+from palstream.codec import DEFAULT_TARGET_PSNR, EncoderConfig, decode_chunk, encode_chunk
+from palstream.codec.config import PSNR_RANGE
 from palstream.errors import PalstreamError
+from palstream.frames import Frames
+from palstream.io import probe, read_frames
+from palstream.palettes import create_palette_generator
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Codec RD (issue 2)"
@@ -58,38 +68,26 @@ class Palstream(Codec):
         return None
 
     def settings(self, quick):
-        from palstream.codec import DEFAULT_TARGET_PSNR
-
         # Low targets bracket 40 dB from below: the rate control overshoots its floor (by ~6 dB on screen content).
         targets = {32.0, DEFAULT_TARGET_PSNR} if quick else {30.0, 36.0, 40.0, DEFAULT_TARGET_PSNR, 50.0}
         return sorted(targets) + ["lossless"]
 
     def _config(self, setting):
-        from palstream.codec import EncoderConfig
-
         return EncoderConfig(lossless=True) if setting == "lossless" else EncoderConfig(target_psnr=float(setting))
 
     def warm_up(self, clip: Clip) -> None:
         """Encode and decode a small crop once, so JIT compilation is not timed."""
-        from palstream.codec import decode_chunk, encode_chunk
-        from palstream.frames import Frames
-
         f = clip.frames[0:2]
         crop = Frames(f.y[:, :64, :64].copy(), f.u[:, :32, :32].copy(), f.v[:, :32, :32].copy())
         for setting in ("lossless", 40.0):
             decode_chunk(encode_chunk(crop, self._config(setting), self._get_generator()).payload)
 
     def _get_generator(self):
-        from palstream.palettes import create_palette_generator
-
         if self._generator is None:
             self._generator = create_palette_generator("kmeans")
         return self._generator
 
     def run(self, clip, setting, work):
-        from palstream.codec import decode_chunk, encode_chunk
-        from palstream.frames import Frames
-
         config = self._config(setting)
         generator = self._get_generator()
         chunks = [clip.frames[a : a + config.gop] for a in range(0, len(clip.frames), config.gop)]
@@ -100,9 +98,8 @@ class Palstream(Codec):
         decoded = Frames.concatenate([decode_chunk(p) for p in payloads])
         dec = time.perf_counter() - start
         bits = 8 * sum(len(p) for p in payloads)
-        label = "lossless" if setting == "lossless" else f"target {float(setting):g} dB"
         quality = measure(clip.frames, decoded)
-        return Point(self.name, label, bits, clip.luma_pixels, len(clip.frames), *quality, enc, dec)
+        return Point(self.name, _label(setting), bits, clip.luma_pixels, len(clip.frames), *quality, enc, dec)
 
 
 # --- measurement -----------------------------------------------------------------------------
@@ -110,8 +107,6 @@ class Palstream(Codec):
 
 def load_clip(path: Path, max_frames: int | None, work: Path) -> Clip:
     """Decode a clip once with the library's reader; write the raw yuv420p the external tools read."""
-    from palstream.io import probe, read_frames
-
     info = probe(str(path))
     frames = read_frames(str(path), 0, max_frames)
     raw = work / "source.yuv"
@@ -210,9 +205,7 @@ def summarise(clip: Clip, points: list[Point], matched: dict[str, tuple[Point, P
             "ratio": rl,
         }
     if (clip.frames.width, clip.frames.height) == SPEED_SIZE:
-        from palstream.codec import DEFAULT_TARGET_PSNR
-
-        default = next((p for p in ours if p.setting == f"target {DEFAULT_TARGET_PSNR:g} dB"), None)
+        default = next((p for p in ours if p.setting == _label(DEFAULT_TARGET_PSNR)), None)
         if default is not None:
             enc_fps, dec_fps = default.frames / default.encode_s, default.frames / default.decode_s
             checks["speed at default quality"] = {
@@ -415,13 +408,7 @@ def _rel(path: Path) -> str:
 
 
 def environment() -> dict:
-    import numba
-    import torch
-
-    import palstream
-    import palstream.codec.chunk as chunk
-
-    placeholder = "PLACEHOLDER" in Path(chunk.__file__).read_text()
+    placeholder = "PLACEHOLDER" in Path(palstream.codec.chunk.__file__).read_text()
     cpu = platform.processor() or platform.machine()
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -436,7 +423,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         "numba_threads": numba.get_num_threads(),
-        "palstream_version": palstream.__version__ if hasattr(palstream, "__version__") else "unknown",
+        "palstream_version": getattr(palstream, "__version__", "unknown"),
         "palstream_codec": "zlib PLACEHOLDER (lossless only, not the palette codec)" if placeholder else "palette codec",
         "ffmpeg": _first_line(["ffmpeg", "-version"]),
         "pngquant": _first_line(["pngquant", "--version"]),
@@ -445,8 +432,6 @@ def environment() -> dict:
 
 def _git_state() -> str:
     """The checked-out commit, and whether the codec differs from it (the tree is shared while it is written)."""
-    import subprocess
-
     def git(*args):
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
 
@@ -460,8 +445,6 @@ def _load() -> str:
 
 
 def _first_line(args: list[str]) -> str:
-    import subprocess
-
     try:
         return subprocess.run(args, capture_output=True, text=True).stdout.strip().splitlines()[0]
     except (OSError, IndexError):
@@ -473,8 +456,6 @@ def _first_line(args: list[str]) -> str:
 
 def matched_runs(ours: Palstream, clip: Clip, points: list[Point], work: Path, failures: list[str]):
     """Encode palstream at the PSNR-Y each palette tool reached at its best setting (the "Done when" rule)."""
-    from palstream.codec.config import PSNR_RANGE
-
     matched = {}
     runs = {p.setting: p for p in points if p.codec == ours.name}
     for tool in (cls.name for cls in ANCHORS if cls.family == "palette"):
@@ -525,9 +506,6 @@ def main(
     """Measure palstream and the anchors on every clip; print and write the results."""
     if threads:
         # On an oversubscribed machine torch's spinning OpenMP workers can be 10x slower than 1 thread.
-        import numba
-        import torch
-
         torch.set_num_threads(threads)
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     paths = sorted(p for p in corpus.glob("*") if fnmatch.fnmatch(p.name, clips)) if corpus.is_dir() else []
