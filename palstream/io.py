@@ -565,6 +565,18 @@ def _av_format(source: SourceInfo) -> str:
     return "yuvj420p" if source.color.get("range") == "pc" else "yuv420p"
 
 
+# YCbCr -> RGB matrices swscale knows, by FFmpeg matrix name (others and "unspecified": BT.601).
+_SWS_MATRIX = {
+    "bt709": "ITU709",
+    "fcc": "FCC",
+    "bt470bg": "ITU601",
+    "smpte170m": "SMPTE170M",
+    "smpte240m": "SMPTE240M",
+    "bt2020nc": "BT2020",
+    "bt2020c": "BT2020",
+}
+
+
 def _write_png(frames_iter, path, source: SourceInfo) -> int:
     pattern = path if "%" in path else os.path.join(path, "frame_%06d.png")
     os.makedirs(os.path.dirname(pattern) or ".", exist_ok=True)
@@ -572,7 +584,8 @@ def _write_png(frames_iter, path, source: SourceInfo) -> int:
     written = 0
     for frames in frames_iter:
         for t in range(len(frames)):
-            rgb = _to_av_frame(frames, t, _av_format(source)).reformat(format="rgb24")
+            yuv = _to_av_frame(frames, t, _av_format(source))
+            rgb = yuv.reformat(format="rgb24", src_colorspace=_SWS_MATRIX.get(source.color.get("matrix"), "ITU601"))
             if codec is None:
                 codec = av.CodecContext.create("png", "w")
                 codec.width, codec.height, codec.pix_fmt = frames.width, frames.height, "rgb24"
