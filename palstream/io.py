@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import math
 import os
+import threading
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
@@ -157,16 +158,28 @@ def fsspec_options(url: str, storage_options: dict | None) -> dict:
     return {} if protocol in ("file", "local") else dict(storage_options or {})
 
 
+_log_lock = threading.Lock()
+_log_users = 0  # readers inside _libav_errors; FFmpeg's log level is process-wide
+_log_saved_level = None
+
+
 @contextlib.contextmanager
 def _libav_errors():
     """Collect FFmpeg's error-level log lines (they reveal truncation PyAV does not raise)."""
-    previous = av.logging.get_level()
-    av.logging.set_level(av.logging.ERROR)
+    global _log_users, _log_saved_level
+    with _log_lock:
+        if _log_users == 0:
+            _log_saved_level = av.logging.get_level()
+            av.logging.set_level(av.logging.ERROR)
+        _log_users += 1
     try:
         with av.logging.Capture() as logs:
             yield logs
     finally:
-        av.logging.set_level(previous)
+        with _log_lock:
+            _log_users -= 1
+            if _log_users == 0:
+                av.logging.set_level(_log_saved_level)
 
 
 @contextlib.contextmanager
