@@ -77,7 +77,7 @@ def _run(spec, resume: bool, metrics_port, metrics_host, progress: bool, worker_
         TextColumn("units  {task.fields[fps]:.1f} frames/s  {task.fields[quarantined]} quarantined"),
         TimeElapsedColumn(),
     )
-    bar = Progress(*columns, console=console, disable=not progress)
+    bar = Progress(*columns, console=console, disable=not progress or not console.is_terminal)
     task = bar.add_task("encode", total=None, fps=0.0, quarantined=0)
 
     def update(p):

@@ -92,16 +92,26 @@ def open_client(spec: JobSpec) -> Iterator[Client]:
                 f"cannot reach the Dask scheduler at {spec.cluster} ({exc}); check the address and that it is running"
             ) from None
         with client:
-            setup_workers(client, spec.threads_per_worker)
+            setup_workers(client, spec.threads_per_worker, spec.codec.palette)
             yield client
     finally:
         if cluster is not None:
             cluster.close()
 
 
-def setup_workers(client: Client, threads: int = 1) -> None:
-    """Prepare every worker, present and future, of any cluster kind for palstream tasks."""
-    client.register_plugin(PalstreamWorkerPlugin(threads))
+def setup_workers(client: Client, threads: int = 1, palette: str | None = None) -> None:
+    """Prepare every worker, present and future, of any cluster kind for palstream tasks.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        Connected to a LocalCluster, a LocalCUDACluster or an external scheduler.
+    threads : int, default 1
+        Threads per worker (sizes torch's and numba's thread pools).
+    palette : str, optional
+        Palette generator to load on each worker at start.
+    """
+    client.register_plugin(PalstreamWorkerPlugin(threads, palette))
 
 
 def requested_workers(spec: JobSpec, client: Client) -> int:

@@ -244,7 +244,14 @@ class _Execution:
     def run(self) -> JobReport:
         self._prepare_archives()
         units = self.plan.units()
-        todo = deque(u for u in units if u.index not in self.committed[u.source])
+        # Largest units first (frames x pixels): the last units to finish are then small ones,
+        # which keeps every worker busy until the end.
+        todo = deque(
+            sorted(
+                (u for u in units if u.index not in self.committed[u.source]),
+                key=lambda u: -u.count * self.plan.sources[u.source]["info"]["width"] * self.plan.sources[u.source]["info"]["height"],
+            )
+        )
         self.report.units_skipped = len(units) - len(todo)
         self.frames_done = sum(u.count for u in units if u.index in self.committed[u.source])
         self.quarantined_sources: set[int] = set()

@@ -30,18 +30,23 @@ class PalstreamWorkerPlugin(WorkerPlugin):
     threads : int, default 1
         Threads the worker runs tasks on; torch and numba get as many intra-op threads, so
         workers x threads never exceeds the cores.
+    palette : str or None, default None
+        Generator to load at worker start (the job's); others load on first use.
     """
 
     name = PLUGIN_NAME
     idempotent = True
 
-    def __init__(self, threads: int = 1):
+    def __init__(self, threads: int = 1, palette: str | None = None):
         self.threads = threads
+        self.palette = palette
         self._generators: dict = {}
         self.device = "cpu"
 
     def setup(self, worker) -> None:
         import torch
+
+        import palstream.batch.metrics  # noqa: F401  every worker's /metrics shows the series from the start
 
         torch.set_num_threads(self.threads)
         try:
@@ -52,6 +57,11 @@ class PalstreamWorkerPlugin(WorkerPlugin):
             pass
         # dask-cuda sets CUDA_VISIBLE_DEVICES per worker, so "cuda" is this worker's own GPU.
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Load the codec (numba kernels from their cache) and the model now, not in the first unit.
+        import palstream.archive  # noqa: F401
+
+        if self.palette is not None:
+            self.generator(self.palette)
 
     def generator(self, name: str):
         """The palette generator ``name``, created on first use and kept for the worker's life."""

@@ -1,0 +1,132 @@
+"""Batch throughput: a library job on 1 and 2 Dask workers vs in-process ``palstream encode``.
+
+Every run encodes the same clips with the same settings, each in a fresh process:
+
+- ``inprocess``: ``archive.encode_file`` clip after clip (what ``palstream encode`` runs), with
+  the default torch/numba threads, and again pinned to one thread (like one Dask worker);
+- ``dask-1`` / ``dask-2``: ``palstream.batch.run_job`` on a LocalCluster of 1 or 2 worker
+  processes with one thread each.
+
+Throughput is frames / wall seconds of the encode phase: for the job, from the first unit
+submitted to the last archive finalized (``JobReport.seconds``: includes loading the generator
+and numba compiling in each worker, excludes cluster start-up and probing, which are reported
+separately as end-to-end time); for in-process, from the first ``encode_file`` call to the last
+(includes its probing and compiling). Every job archive is checked chunk-for-chunk against the
+in-process one.
+
+    .venv/bin/python benchmarks/batch_throughput.py --corpus ../shared/corpus --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+
+INPROCESS = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from palstream.archive import encode_file
+from palstream.codec import EncoderConfig
+clips, out, gop, threads = json.loads(sys.argv[1])
+if threads:
+    torch.set_num_threads(threads)
+imported = time.perf_counter()
+frames = 0
+for i, clip in enumerate(clips):
+    frames += encode_file(clip, f"{out}/{i}.zarr", EncoderConfig(gop=gop)).frame_count
+done = time.perf_counter()
+print(json.dumps({"frames": frames, "seconds": done - imported, "wall": done - t0}))
+"""
+
+JOB = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from palstream.batch.runner import run_job
+from palstream.batch.spec import JobSpec
+clips, out, gop, workers = json.loads(sys.argv[1])
+spec = JobSpec.from_dict({"inputs": clips, "output": out, "workers": workers, "threads_per_worker": 1,
+                          "codec": {"gop": gop}})
+report = run_job(spec)
+assert report.complete, report.quarantined
+print(json.dumps({"frames": report.frames_encoded, "seconds": report.seconds, "wall": time.perf_counter() - t0,
+                  "units": report.units_total}))
+"""
+
+
+def run(code: str, args: list, env_extra: dict | None = None) -> dict:
+    env = {**os.environ, **(env_extra or {})}
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"benchmark step failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def same_archives(job_out: str, ref_out: str, clips: list[str]) -> bool:
+    from palstream.archive import open_archive
+
+    for i, clip in enumerate(clips):
+        job = open_archive(f"{job_out}/{Path(clip).stem}.zarr")
+        ref = open_archive(f"{ref_out}/{i}.zarr")
+        if job.n_chunks != ref.n_chunks or any(job.read_chunk(c) != ref.read_chunk(c) for c in range(ref.n_chunks)):
+            return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus"), help="folder of .mkv clips")
+    parser.add_argument("--clips", nargs="*", help="clip file names (default: every .mkv in --corpus)")
+    parser.add_argument("--gop", type=int, default=32)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    clips = [str(Path(args.corpus) / c) for c in args.clips] if args.clips else sorted(glob.glob(f"{args.corpus}/*.mkv"))
+    if not clips:
+        raise SystemExit(f"no clips in {args.corpus}; pass --corpus")
+
+    from palstream.codec import chunk
+
+    results = {"clips": [Path(c).name for c in clips], "gop": args.gop, "cpus": os.cpu_count(),
+               "codec": (chunk.__doc__ or "").strip().splitlines()[0], "load_average_before": os.getloadavg(), "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="palstream-bench-") as tmp:
+        ref = f"{tmp}/inprocess"
+        os.makedirs(ref)
+        results["runs"]["inprocess"] = run(INPROCESS, [clips, ref, args.gop, 0])
+        print("inprocess", results["runs"]["inprocess"], flush=True)
+        ref1 = f"{tmp}/inprocess-1t"
+        os.makedirs(ref1)
+        results["runs"]["inprocess-1thread"] = run(INPROCESS, [clips, ref1, args.gop, 1], ONE_THREAD)
+        print("inprocess-1thread", results["runs"]["inprocess-1thread"], flush=True)
+        for workers in (1, 2):
+            out = f"{tmp}/dask-{workers}"
+            r = run(JOB, [clips, out, args.gop, workers])
+            r["identical_to_inprocess"] = same_archives(out, ref, clips)
+            results["runs"][f"dask-{workers}"] = r
+            print(f"dask-{workers}", r, flush=True)
+    results["load_average_after"] = os.getloadavg()
+    runs = results["runs"]
+    for r in runs.values():
+        r["frames_per_second"] = r["frames"] / r["seconds"]
+    results["ratios"] = {
+        "dask2_over_dask1": runs["dask-2"]["frames_per_second"] / runs["dask-1"]["frames_per_second"],
+        "dask1_over_inprocess": runs["dask-1"]["frames_per_second"] / runs["inprocess"]["frames_per_second"],
+        "dask1_over_inprocess_1thread": runs["dask-1"]["frames_per_second"] / runs["inprocess-1thread"]["frames_per_second"],
+    }
+    print(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
