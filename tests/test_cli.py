@@ -183,3 +183,23 @@ def test_s3_archive_through_the_cli(run_cli, s3_endpoint, data_dir, tmp_path, mo
     assert run_cli("decode", archive, tmp_path / "out.yuv").code == 0
     assert (tmp_path / "out.yuv").read_bytes() == io.read_frames(str(data_dir / "screen_37x29.mkv")).tobytes()
     assert "--overwrite" in _one_error_line(run_cli("encode", data_dir / "screen_37x29.mkv", archive))
+
+
+def test_verify_and_info_on_an_unfinished_archive(run_cli, data_dir, tmp_path):
+    from palstream.archive import ArchiveWriter
+    from palstream.codec import EncoderConfig, encode_chunk
+
+    url = str(data_dir / "screen_37x29.mkv")
+    config = EncoderConfig(lossless=True, gop=2)
+    path = tmp_path / "job.zarr"
+    writer = ArchiveWriter.create(str(path), io.probe(url), config)
+    chunks = list(io.iter_chunks(url, config.gop))
+    writer.write_chunk(0, encode_chunk(chunks[0], config))
+    line = _one_error_line(run_cli("verify", path))
+    assert "2 of 3 chunks damaged" in line and "chunk 1 is damaged: not written" in line and "chunk 2" in line
+    assert "incomplete" in run_cli("info", path).stdout
+    for index in (1, 2):
+        writer.write_chunk(index, encode_chunk(chunks[index], config))
+    assert "never finalized" in _one_error_line(run_cli("verify", path))
+    writer.finalize()
+    assert run_cli("verify", path).code == 0
