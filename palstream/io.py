@@ -502,7 +502,8 @@ def write_video(frames_iter: Iterable[Frames], path: str, source: SourceInfo) ->
 
     - ``.y4m``: YUV4MPEG2 with frame rate, colour range and chroma siting (exact).
     - ``.yuv``: raw planar 4:2:0 bytes (exact).
-    - a directory (existing, or a path ending in ``/``) or a ``%d`` pattern: one RGB PNG per frame.
+    - a folder (a path without extension, or ending in ``/``) or a ``%d`` pattern: one RGB PNG per
+      frame (``frame_000000.png``, ... in a folder).
     - anything else through PyAV: ``.mkv``/``.avi``/``.nut`` FFV1 (exact), ``.mp4``/``.mov`` H.264,
       ``.webm`` VP9, other extensions the container's default video codec.
 
@@ -526,7 +527,7 @@ def write_video(frames_iter: Iterable[Frames], path: str, source: SourceInfo) ->
         return _write_y4m(frames_iter, path, source)
     if suffix == ".yuv":
         return _write_raw(frames_iter, path)
-    if "%" in path or path.endswith(("/", os.sep)) or os.path.isdir(path):
+    if "%" in path or path.endswith(("/", os.sep)) or os.path.isdir(path) or not suffix:
         return _write_png(frames_iter, path, source)
     return _write_pyav(frames_iter, path, source)
 

@@ -122,7 +122,7 @@ def test_y4m_header_carries_rate_and_range(data_dir, tmp_path):
 def test_png_frames_and_h264_for_viewing(data_dir, tmp_path):
     url = str(data_dir / "screen_37x29.mkv")
     source, frames = io.probe(url), io.read_frames(url)
-    assert io.write_video([frames], str(tmp_path / "png") + "/", source) == 6
+    assert io.write_video([frames], str(tmp_path / "png"), source) == 6  # no extension: a folder of PNGs
     pngs = sorted((tmp_path / "png").glob("*.png"))
     assert len(pngs) == 6
     assert io.probe(str(pngs[0])).width == 37
