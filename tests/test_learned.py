@@ -152,3 +152,22 @@ def test_cli_prints_weight_errors_as_one_line(tmp_path, monkeypatch, capsys):
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: palette generator weights") and err.count("\n") == 1
+
+
+def test_backbone_loads_offline_and_pools_block_features(monkeypatch, generator):
+    import numpy as np
+
+    from palstream.learned.backbone import block_features, create_backbone
+
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(AssertionError("network used")))
+    backbone = create_backbone("efficientnet-lite0")
+    rng = np.random.default_rng(0)
+    y = rng.integers(16, 236, (72, 104), dtype=np.uint8)
+    u, v = (rng.integers(16, 240, (36, 52), dtype=np.uint8) for _ in range(2))
+    boxes = np.array([[0, 0, 16, 16], [16, 32, 32, 32], [64, 96, 8, 8]])
+    feats = block_features(backbone, y, u, v, boxes)
+    assert feats.shape == (3, backbone.channels) and torch.isfinite(feats).all()
+    # The shipped weights accept such features through the extended call.
+    x = torch.from_numpy(y[:16, :16].reshape(1, 256, 1).astype("float32"))
+    palettes, _ = generator.generate_with_scores(x, torch.tensor([4]), feats[:1])
+    assert palettes.shape == (1, 4, 1)

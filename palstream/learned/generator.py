@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 
 from palstream.errors import PalstreamError
-from palstream.learned.model import NetConfig, PaletteNet, active_mask
+from palstream.learned.model import RANK_STEPS, NetConfig, PaletteNet, active_mask
 from palstream.palettes.base import MAX_PALETTE, PaletteGenerator, register_palette_generator
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "palettes" / "weights"
 SHIPPED_WEIGHTS = WEIGHTS_DIR / "cgan-v1.pt"
 # sha256 of SHIPPED_WEIGHTS, recorded when the shipped model was trained (docs/model-card-cgan-v1.md).
-SHIPPED_SHA256 = "0000000000000000000000000000000000000000000000000000000000000000"
+SHIPPED_SHA256 = "890a56ed4b00f949807c83f5c68d4ef06423e71931be7b304e9011ee074964db"
 WEIGHTS_FORMAT = "palstream-cgan/1"
 
 
@@ -102,7 +102,7 @@ class CganGenerator(PaletteGenerator):
         Hash the file must have; defaults to the recorded hash of the shipped weights (only when
         ``weights`` is the shipped file). Pass ``None`` with your own weights to skip the check.
     rank_steps : int, default 2
-        Rank-domain Lloyd updates the network's output layer applies (cheap: binary searches on
+        Rank-domain Lloyd updates (0 or more) applied to the network's output (cheap: binary searches on
         the sorted block, see :func:`palstream.learned.model.rank_lloyd`).
 
     Notes
@@ -113,7 +113,7 @@ class CganGenerator(PaletteGenerator):
     """
 
     def __init__(
-        self, device=None, weights: str | Path | None = None, expected_sha256: str | None = "recorded", rank_steps: int = 2
+        self, device=None, weights: str | Path | None = None, expected_sha256: str | None = "recorded", rank_steps: int = RANK_STEPS
     ):
         super().__init__(device)
         self.rank_steps = rank_steps

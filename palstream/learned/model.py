@@ -3,8 +3,8 @@
 A block enters the networks as a fixed-size summary that does not depend on its pixel count:
 ``Q`` of its samples picked at evenly spaced ranks (sorted luma levels; Cb/Cr pairs sorted
 along the block's principal colour axis), plus mean, spread and the wanted palette size.
-The generator turns that summary into a split of the sorted samples into rank segments whose
-means are the palette (see :class:`PaletteNet`).
+The generator turns that summary into cuts of the block's value axis; the means of the pixels
+between cuts are the palette (see :class:`PaletteNet`).
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ def condition_dim(cfg: NetConfig) -> int:
     return cfg.tokens * cfg.components + 2 * cfg.components + MAX_PALETTE
 
 
+RANK_STEPS = 2  # rank-domain Lloyd updates cgan-v1 applies after the network (cheap, see rank_lloyd)
 HISTOGRAM_BINS = 256
 COMPANDING = 1.0 / 3.0  # high-resolution optimal quantiser: entry density ~ pixel density ** (1/3)
 
@@ -242,14 +243,16 @@ class PaletteNet(nn.Module):
         kmax: int,
         features: torch.Tensor | None = None,
         present: torch.Tensor | None = None,
-        refine_steps: int = 0,
+        refine_steps: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Palettes (N, kmax, C) and pixel shares (N, kmax) of blocks (N, P, C).
+        """Palettes (N, kmax, C) and shares (N, kmax) of blocks (N, P, C).
 
         ``features`` (N, feature_dim) are optional CNN features; ``present`` (N,) bool marks the
         rows that have them (default: all rows when ``features`` is given, none otherwise).
-        With ``refine_steps`` = 0 the result is differentiable (training); otherwise entries come
-        out sorted along the block's axis after that many rank-domain Lloyd updates.
+        With ``refine_steps`` None the output is the differentiable network output (training) and
+        the shares are interval widths on the companded axis; with an int, entries come out
+        sorted along the block's axis after that many rank-domain Lloyd updates (0 allowed) and
+        the shares are the pixels each entry takes.
         """
         ordered, keys, axis, mean, spread = sort_blocks(samples)
         cond = condition(rank_tokens(ordered, self.cfg.tokens), mean, spread, k)
@@ -267,7 +270,7 @@ class PaletteNet(nn.Module):
         active = active_mask(k, kmax)
         shares = logits.masked_fill(~active, float("-inf")).softmax(-1)
         palettes = companded_segments(ordered, keys, shares)
-        if refine_steps:
+        if refine_steps is not None:
             palettes, shares = rank_lloyd(ordered, keys, axis, palettes, k, refine_steps)
         return palettes, shares
 

@@ -31,10 +31,9 @@ from palstream.errors import PalstreamError
 from palstream.learned.backbone import Backbone, create_backbone
 from palstream.learned.data import BlockSet, build_blocks, list_sources, palette_mse, read_frames
 from palstream.learned.generator import save_weights
-from palstream.learned.model import Discriminator, NetConfig, PaletteNet, active_mask
+from palstream.learned.model import RANK_STEPS, Discriminator, NetConfig, PaletteNet, active_mask
 
 FEATURE_BACKBONE = "efficientnet-lite0"
-RANK_STEPS = 2  # rank-domain Lloyd updates at inference, as in CganGenerator's default
 
 
 @dataclass(frozen=True)
