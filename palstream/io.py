@@ -291,6 +291,11 @@ def probe(url: str, storage_options: dict | None = None) -> SourceInfo:
                 if first is None:
                     first = frame
                     _classify(frame.format, name)
+                elif (frame.width, frame.height, frame.format.name) != (first.width, first.height, first.format.name):
+                    raise InputError(
+                        f"{name} changes from {first.width}x{first.height} {first.format.name} to {frame.width}x"
+                        f"{frame.height} {frame.format.name} at frame {count}; split it where the size changes"
+                    )
                 count += 1
         except av.FFmpegError as exc:
             raise InputError(

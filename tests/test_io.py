@@ -82,6 +82,7 @@ def test_444_source_is_converted_with_a_warning_naming_the_loss(data_dir):
         ("truncated.mkv", "truncated"),
         ("corrupt.mkv", "corrupt"),
         ("zero_frames.y4m", "zero frames"),
+        ("size_change.ts", "changes from 64x48"),
         ("anim_32x24_10bit.mkv", "10-bit"),
         ("anim_32x24_alpha.mkv", "alpha"),
     ],
