@@ -350,7 +350,8 @@ def write_markdown(report: dict, tables: dict, md_path: Path, out: Path) -> None
         f"the external tools use their default threading; load average (1/5/15 min) {env['load_before']} at start, "
         f"{report['load_after']} at end (other work shares the cores, so fps are indicative).",
         f"- palstream codec: {env['palstream_codec']}, commit {env['palstream_commit']}",
-        f"- Frames per clip: {report['frames_note']}; sweep: {'quick' if report['quick'] else 'full'}.",
+        f"- Clips: {report['clips_note']}; frames per clip: {report['frames_note']}; "
+        f"sweep: {'quick' if report['quick'] else 'full'}.",
         "- bpp = coded bits / (luma pixels × frames), container overhead excluded for every codec; PSNR on 8-bit "
         "yuv420p against the source, MSE pooled over the clip; PSNR-YUV from the 6:1:1 weighted MSE. "
         "bpp at 40/45 dB: log(bpp) interpolated along each codec's measured RD frontier, *n/a* outside it "
@@ -386,7 +387,7 @@ def write_markdown(report: dict, tables: dict, md_path: Path, out: Path) -> None
         if clip["failures"]:
             lines += [f"Failed points: {'; '.join(clip['failures'])}", ""]
     if report["skipped"]:
-        lines += ["Codecs not run: " + "; ".join(f"{k}: {v}" for k, v in report["skipped"].items()), ""]
+        lines += ["Not measured: " + "; ".join(f"{k}: {v}" for k, v in report["skipped"].items()), ""]
     section = "\n".join(lines)
 
     text = md_path.read_text() if md_path.exists() else "# Benchmarks\n\n"
@@ -522,6 +523,22 @@ def main(
 
     env = environment()
     report_clips, summaries, all_points, tables = [], [], [], {}
+
+    def build_report(done: bool) -> dict:
+        return {
+            "command": " ".join([".venv/bin/python -m benchmarks.codec_rd", *map(shlex.quote, sys.argv[1:])]),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "environment": env,
+            "load_after": _load(),
+            "quick": quick,
+            "frames_note": f"first {frames}" if frames else "all",
+            "clips_note": f"{len(summaries)} of {len(paths)} clips" + ("" if done else " (run still going or interrupted)"),
+            "skipped": skipped,
+            "clips": report_clips,
+            "summaries": dict(summaries),
+            "corpus_checks": corpus_checks(summaries),
+        }
+
     warmed = False
     for path in paths:
         with tempfile.TemporaryDirectory(prefix="codec_rd_") as tmp:
@@ -529,6 +546,7 @@ def main(
             try:
                 clip = load_clip(path, frames, work)
             except PalstreamError as exc:
+                skipped[path.name] = f"cannot read: {exc}"
                 console.print(f"[red]{path.name}: cannot read ({exc}); skipped[/red]")
                 continue
             console.rule(f"{clip.name}: {clip.frames.width}×{clip.frames.height}, {len(clip.frames)} frames")
@@ -568,24 +586,19 @@ def main(
             "points": [p.to_dict() for p in points], "failures": failures,
         })  # fmt: skip
 
+        # Written after every clip, so that an interrupted run still leaves what it measured.
+        write_outputs(build_report(done=False), tables, all_points, out, markdown)
+
     if not summaries:
         print("error: no clip could be read; check the corpus files", file=sys.stderr)
         raise typer.Exit(1)
-    corpus_result = corpus_checks(summaries)
-    print_table("Done-when checks (issue 2)", CHECK_HEADER, check_rows(dict(summaries), corpus_result))
+    report = build_report(done=True)
+    write_outputs(report, tables, all_points, out, markdown)
+    print_table("Done-when checks (issue 2)", CHECK_HEADER, check_rows(report["summaries"], report["corpus_checks"]))
+    console.print(f"wrote {_rel(out / 'codec_rd.json')}, codec_rd.csv, rd_*.png and {_rel(markdown)}")
 
-    report = {
-        "command": " ".join([".venv/bin/python -m benchmarks.codec_rd", *map(shlex.quote, sys.argv[1:])]),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "environment": env,
-        "load_after": _load(),
-        "quick": quick,
-        "frames_note": f"first {frames}" if frames else "all",
-        "skipped": skipped,
-        "clips": report_clips,
-        "summaries": dict(summaries),
-        "corpus_checks": corpus_result,
-    }
+
+def write_outputs(report: dict, tables: dict, all_points: list[tuple[str, Point]], out: Path, markdown: Path) -> None:
     (out / "codec_rd.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     with open(out / "codec_rd.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -596,7 +609,6 @@ def main(
             d = p.to_dict()
             writer.writerow([name] + [d[h] for h in header[1:]])
     write_markdown(report, tables, markdown, out)
-    console.print(f"wrote {_rel(out / 'codec_rd.json')}, codec_rd.csv, rd_*.png and {_rel(markdown)}")
 
 
 if __name__ == "__main__":
