@@ -30,12 +30,16 @@ def _sad8(cur, ref, y0, x0, my, mx):
     return s
 
 
+GOOD_SAD = 2 * 64  # an 8x8 match this close needs no wider search
+NEIGHBOURS = np.array([[-1, -1], [-1, 0], [-1, 1], [0, -1], [0, 1], [1, -1], [1, 0], [1, 1]])
+
+
 @njit(cache=True, nogil=True)
 def motion_search(cur, ref, prev_mv, search_range):
     """Half-pel motion vector per 8x8 luma block.
 
-    Integer stage: neighbours' and last frame's vectors plus a coarse grid, then a +-2 pixel
-    refinement; half-pel stage: the eight half-pel neighbours of the best integer vector.
+    Candidates: zero, the neighbours' and the last frame's vectors, and a coarse grid where
+    those match poorly; then a descent over whole-pixel and half-pixel neighbours.
     Vectors are in half-pel units, at most ``search_range`` pixels in each direction.
     """
     h, w = cur.shape
@@ -46,7 +50,7 @@ def motion_search(cur, ref, prev_mv, search_range):
         return mv
     lim = 2 * search_range
     step = 2 * max(1, search_range // 2)
-    cands = np.empty((64, 2), np.int64)
+    cands = np.empty((8, 2), np.int64)
     for by in range(h8):
         for bx in range(w8):
             n = 0
@@ -68,45 +72,56 @@ def motion_search(cur, ref, prev_mv, search_range):
             cands[n, 0] = prev_mv[by, bx, 0]
             cands[n, 1] = prev_mv[by, bx, 1]
             n += 1
-            for gy in range(-lim, lim + 1, step):
-                for gx in range(-lim, lim + 1, step):
-                    if n < 64:
-                        cands[n, 0] = gy
-                        cands[n, 1] = gx
-                        n += 1
             best = np.int64(1) << 60
             bdy = 0
             bdx = 0
             for i in range(n):
-                dy = _clamp(cands[i, 0] & ~1, -lim, lim)  # integer stage: even half-pel units
-                dx = _clamp(cands[i, 1] & ~1, -lim, lim)
+                dy = _clamp(cands[i, 0], -lim, lim)
+                dx = _clamp(cands[i, 1], -lim, lim)
                 c = _sad8(cur, ref, by * 8, bx * 8, dy, dx) + abs(dy) + abs(dx)
                 if c < best:
                     best = c
                     bdy = dy
                     bdx = dx
-            for radius, stride in ((4, 2), (1, 1)):  # +-2 pixels in whole pixels, then half-pels
-                cy = bdy
-                cx = bdx
-                for dy in range(cy - radius, cy + radius + 1, stride):
-                    for dx in range(cx - radius, cx + radius + 1, stride):
-                        if abs(dy) <= lim and abs(dx) <= lim and (dy != cy or dx != cx):
+            if best > GOOD_SAD:
+                # the predictors missed: try a coarse grid of whole-pixel vectors
+                for gy in range(-lim, lim + 1, step):
+                    for gx in range(-lim, lim + 1, step):
+                        c = _sad8(cur, ref, by * 8, bx * 8, gy, gx) + abs(gy) + abs(gx)
+                        if c < best:
+                            best = c
+                            bdy = gy
+                            bdx = gx
+            # descend: whole pixels, then half pixels, while a neighbour is better
+            for stride in (2, 1):
+                moved = True
+                rounds = 0
+                while moved and rounds < 8:
+                    moved = False
+                    rounds += 1
+                    cy = bdy
+                    cx = bdx
+                    for k in range(8):
+                        dy = cy + stride * NEIGHBOURS[k, 0]
+                        dx = cx + stride * NEIGHBOURS[k, 1]
+                        if abs(dy) <= lim and abs(dx) <= lim:
                             c = _sad8(cur, ref, by * 8, bx * 8, dy, dx) + abs(dy) + abs(dx)
                             if c < best:
                                 best = c
                                 bdy = dy
                                 bdx = dx
+                                moved = True
             mv[by, bx, 0] = bdy
             mv[by, bx, 1] = bdx
     return mv
 
 
-def residual_cost_table(q: int, rnd: int, lam: float, dweight: float) -> np.ndarray:
-    """J(e) for every prediction error e in -255..255: distortion after quantising with step q,
+def residual_cost_table(q4: int, rnd4: int, lam: float, dweight: float) -> np.ndarray:
+    """J(e) for every prediction error e in -255..255: distortion after quantising with step q4/4,
     plus lambda times the estimated bits of its level."""
     e = np.arange(-255, 256)
-    k = (np.abs(e) + rnd) // q
-    d = (np.abs(e) - k * q) ** 2
+    k = (4 * np.abs(e) + rnd4) // q4
+    d = (np.abs(e) - ((k * q4 + 2) >> 2)) ** 2
     bits = np.where(k == 0, 0.3, 3.0 + 2.0 * np.log2(np.maximum(k, 1)))
     return dweight * d + lam * bits
 
@@ -330,6 +345,9 @@ def decide(
     tmp_c = np.empty(MAX_PAL, np.int64)
     counts = np.zeros(65536, np.int32)
     toomany = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
+    intra_raw = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
+    skip_raw = [np.zeros((h // s, w // s), np.int64) for s in (8, 16, 32, 64)]
+    tried = np.empty((4, 2), np.int64)
     for lev in range(nlev):
         s = sizes[lev]
         if s > max_block:
@@ -345,24 +363,45 @@ def decide(
                 bm = INTRA
                 bdy = 0
                 bdx = 0
-                if s >= min_block:
-                    # intra: open-loop MED residual
-                    j = (_block_cost(err_y, table, y0, x0, s) + _block_cost(err_u, table, c0y, c0x, cs)
-                         + _block_cost(err_v, table, c0y, c0x, cs) + lam * 2.0)
-                    jbest = j
+                # intra and skip costs add up over quadrants: sum the level below
+                if lev == 0:
+                    ir = (_block_cost(err_y, table, y0, x0, s) + _block_cost(err_u, table, c0y, c0x, cs)
+                          + _block_cost(err_v, table, c0y, c0x, cs))
+                    sr = 0
                     if has_ref:
-                        sse = (_skip_sse(cur_y, ref_y, y0, x0, s) + _skip_sse(cur_u, ref_u, c0y, c0x, cs)
-                               + _skip_sse(cur_v, ref_v, c0y, c0x, cs))
-                        j = dweight * sse + lam * 1.0
+                        sr = (_skip_sse(cur_y, ref_y, y0, x0, s) + _skip_sse(cur_u, ref_u, c0y, c0x, cs)
+                              + _skip_sse(cur_v, ref_v, c0y, c0x, cs))
+                else:
+                    ir = 0.0
+                    sr = 0
+                    for j4 in range(4):
+                        ir += intra_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2]
+                        sr += skip_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2]
+                intra_raw[lev][by, bx] = ir
+                skip_raw[lev][by, bx] = sr
+                if s >= min_block:
+                    jbest = ir + lam * 2.0
+                    if has_ref:
+                        j = dweight * sr + lam * 1.0
                         if j < jbest:
                             jbest = j
                             bm = SKIP
-                        # inter: vectors of the 8x8 cells at the block's quadrant corners, and zero
+                        # inter: vectors of the 8x8 cells at the block's quadrant corners, each once
                         step = max(1, s // 16)
+                        ntried = 0
                         for qy in range(0, s // 8, step):
                             for qx in range(0, s // 8, step):
                                 dy = mv8[by * (s // 8) + qy, bx * (s // 8) + qx, 0]
                                 dx = mv8[by * (s // 8) + qy, bx * (s // 8) + qx, 1]
+                                seen = False
+                                for i in range(ntried):
+                                    if tried[i, 0] == dy and tried[i, 1] == dx:
+                                        seen = True
+                                if seen:
+                                    continue
+                                tried[ntried, 0] = dy
+                                tried[ntried, 1] = dx
+                                ntried += 1
                                 j = (_inter_cost(cur_y, ref_y, table, y0, x0, s, dy, dx)
                                      + _inter_cost(cur_u, ref_u, table, c0y, c0x, cs, dy >> 1, dx >> 1)
                                      + _inter_cost(cur_v, ref_v, table, c0y, c0x, cs, dy >> 1, dx >> 1)

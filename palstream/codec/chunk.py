@@ -20,7 +20,7 @@ from palstream.frames import Frames
 
 MAGIC = b"PSC1"
 VERSION = 1
-HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width, height, q, min, max, 0, body bytes
+HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width, height, step*4, min, max, 0, body bytes
 FLAG_LOSSLESS = 1
 MAX_DIMENSION = 16384
 MAX_FRAMES = 1024
@@ -72,7 +72,7 @@ class _DecisionMaps:
         return (self.leafsize, self.mode, self.mv, self.pal_y, self.pal_yn, self.pal_c, self.pal_cn)
 
 
-ROUNDING = 0.3
+ROUNDING = 0.3  # dead-zone rounding offset, in steps: levels lean toward zero, cheaper to code
 PROPOSAL_SIZE = 16  # entries the generator proposes; the RD merge prunes them per block
 PROPOSAL_COVERAGE = 0.75  # share of a block's pixels its 16 most frequent levels must cover
 
@@ -120,7 +120,7 @@ def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
     return prop_y, prop_n, prop_c, prop_n
 
 
-def _run(enc, buf, planes, recon, q, rnd, tol, min_block, max_block, decide=None):
+def _run(enc, buf, planes, recon, q4, rnd4, tol, min_block, max_block, decide=None):
     """Code every frame of a chunk in one direction; returns the coder state."""
     t, h, w = recon[0].shape
     st = rangecoder.new_state()
@@ -142,7 +142,7 @@ def _run(enc, buf, planes, recon, q, rnd, tol, min_block, max_block, decide=None
             prev_mv = maps.mv.copy()
         syntax.code_frame(
             enc, st, buf, probs, *src, *rec, *ref, *kmaps,
-            f == 0, q, rnd, tol, min_block, max_block, *maps.args(), pred_y, npred_y, pred_c, npred_c,
+            f == 0, q4, rnd4, tol, min_block, max_block, *maps.args(), pred_y, npred_y, pred_c, npred_c,
         )
     return st, maps
 
@@ -155,12 +155,11 @@ def _generator(name: str):
     return create_palette_generator(name)
 
 
-def _encode_at(padded, q, config: EncoderConfig, proposals):
+def _encode_at(padded, q4, rnd4, config: EncoderConfig, proposals):
     t, h, w = padded[0].shape
-    lam = 0.0 if config.lossless else 0.15 * q * q * config.lambda_scale
+    lam = 0.0 if config.lossless else 0.15 * (q4 / 4) ** 2 * config.lambda_scale
     dweight = 1e6 if config.lossless else 1.0
-    rnd = int(q * ROUNDING)  # below q/2: levels lean toward zero, which is cheaper to code
-    table = analysis.residual_cost_table(q, rnd, max(lam, 1.0), dweight)
+    table = analysis.residual_cost_table(q4, rnd4, max(lam, 1.0), dweight)
     tol = int(lam * 2)
     rd_lambda = max(lam, 1.0)
 
@@ -175,32 +174,43 @@ def _encode_at(padded, q, config: EncoderConfig, proposals):
     capacity = padded[0].size * 3 + 4096
     while True:
         buf = np.zeros(capacity, np.uint8)
-        st, _ = _run(True, buf, padded, recon, q, rnd, tol, config.min_block, config.max_block, decide)
+        st, _ = _run(True, buf, padded, recon, q4, rnd4, tol, config.min_block, config.max_block, decide)
         size = rangecoder.flush(st, buf)
         if size <= capacity:
             return bytes(buf[:size]), recon
         capacity = size + 4096  # rare: incompressible content; code again into a larger buffer
 
 
-def _choose_step(encode_at, target_psnr: float, frames: int) -> int:
-    """Largest quantiser step whose encode of a prefix of the chunk still meets the target.
+def _quality_ladder() -> list[tuple[int, int]]:
+    """(step, rounding offset) pairs in quarter levels, from lossless (step 1) to coarsest.
 
-    Starts from the uniform-error model, jumps by the measured MSE (which grows about as q^2),
-    then confirms with one more probe; the full-chunk check in the caller has the last word.
+    Quarter-level steps give the rate control rungs about 0.3 dB apart.
     """
-    probe = min(frames, max(2, frames // 4))
-    target_mse = 255.0**2 / 10 ** (target_psnr / 10)
-    q = initial_step(target_psnr)
-    _, mse = encode_at(q, probe)
-    if mse == 0:
-        return q
-    guess = max(1, min(64, int(q * math.sqrt(target_mse / mse))))
-    if guess == q:
-        return q
-    _, mse_guess = encode_at(guess, probe)
-    if _psnr(mse_guess) >= target_psnr:
-        return guess
-    return q if guess > q else max(1, guess - 1)
+    return [(q4, int(q4 * ROUNDING)) for q4 in range(4, 256)]
+
+
+LADDER = _quality_ladder()
+
+
+def _choose_rung(encode_at, target_psnr: float, frames: int) -> int:
+    """Coarsest rung of ``LADDER`` whose encode of a prefix of the chunk still meets the target.
+
+    A binary search with probes on the first eighth of the chunk, between the rungs of half and
+    twice the step that the uniform-error model predicts; the full-chunk check in the caller has
+    the last word.
+    """
+    probe = min(frames, max(2, frames // 8))
+    q0 = initial_step(target_psnr)
+    lo = next(i for i, (q4, _) in enumerate(LADDER) if q4 >= 2 * q0)
+    hi = max(i for i, (q4, _) in enumerate(LADDER) if q4 <= 8 * q0 + 8)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        _, mse = encode_at(mid, probe)
+        if _psnr(mse) >= target_psnr:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> EncodedChunk:
@@ -219,7 +229,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
     Returns
     -------
     EncodedChunk
-        ``payload`` bytes and ``stats`` (frames, bytes, psnr_y, mse_y, q, encode_seconds, attempts).
+        ``payload`` bytes and ``stats`` (frames, bytes, bpp, psnr_y, mse_y, step, attempts, encode_seconds).
     """
     start = time.perf_counter()
     t, h, w = frames.y.shape
@@ -233,25 +243,26 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
         proposals = _palette_proposals(*padded, config, generator or _generator(config.palette))
     attempts = 0
 
-    def encode_at(q, count):
+    def encode_at(rung, count):
         nonlocal attempts
         attempts += 1
-        body, recon = _encode_at(tuple(p[:count] for p in padded), q, config, proposals)
+        body, recon = _encode_at(tuple(p[:count] for p in padded), *LADDER[rung], config, proposals)
         diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
         return body, float(np.mean(diff**2))
 
     if config.lossless:
-        q = 1
-        body, mse = encode_at(q, t)
+        rung = 0
+        body, mse = encode_at(rung, t)
     else:
-        q = _choose_step(encode_at, config.target_psnr, t)
-        body, mse = encode_at(q, t)
+        rung = _choose_rung(encode_at, config.target_psnr, t)
+        body, mse = encode_at(rung, t)
         # the quality floor is a promise: step down until the whole chunk meets it
-        while _psnr(mse) < config.target_psnr and q > 1:
-            q -= 1
-            body, mse = encode_at(q, t)
+        while _psnr(mse) < config.target_psnr and rung > 0:
+            rung -= 1
+            body, mse = encode_at(rung, t)
+    q4 = LADDER[rung][0]
     flags = FLAG_LOSSLESS if config.lossless else 0
-    header = HEADER.pack(MAGIC, VERSION, flags, t, w, h, q, config.min_block, config.max_block, 0, len(body))
+    header = HEADER.pack(MAGIC, VERSION, flags, t, w, h, q4, config.min_block, config.max_block, 0, len(body))
     payload = header + body
     stats = {
         "frames": t,
@@ -259,7 +270,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
         "bpp": 8.0 * len(payload) / (t * h * w),
         "psnr_y": _psnr(mse),
         "mse_y": mse,
-        "q": q,
+        "step": q4 / 4,
         "attempts": attempts,
         "encode_seconds": time.perf_counter() - start,
     }
@@ -270,7 +281,7 @@ def decode_chunk(payload: bytes) -> Frames:
     """Decode one GOP payload to frames; raises ``BitstreamError`` if it is malformed."""
     if len(payload) < HEADER.size:
         raise BitstreamError(f"payload of {len(payload)} bytes is shorter than its {HEADER.size}-byte header")
-    magic, version, flags, t, w, h, q, min_block, max_block, reserved, body_len = HEADER.unpack_from(payload)
+    magic, version, flags, t, w, h, q4, min_block, max_block, reserved, body_len = HEADER.unpack_from(payload)
     if magic != MAGIC:
         raise BitstreamError("payload does not start with the palstream chunk magic 'PSC1'")
     if version != VERSION:
@@ -279,8 +290,8 @@ def decode_chunk(payload: bytes) -> Frames:
         raise BitstreamError(f"declared size {t} frames of {w}x{h} is out of range")
     if flags & ~FLAG_LOSSLESS or reserved:
         raise BitstreamError(f"unknown header flags {flags:#x} / reserved byte {reserved}: written by a newer palstream?")
-    if q < 1 or min_block not in (8, 16, 32, 64) or max_block not in (8, 16, 32, 64) or min_block > max_block:
-        raise BitstreamError(f"declared coding parameters (q={q}, blocks {min_block}..{max_block}) are invalid")
+    if q4 < 4 or min_block not in (8, 16, 32, 64) or max_block not in (8, 16, 32, 64) or min_block > max_block:
+        raise BitstreamError(f"declared coding parameters (step {q4}/4, blocks {min_block}..{max_block}) are invalid")
     if body_len != len(payload) - HEADER.size:
         raise BitstreamError(f"declared body of {body_len} bytes but {len(payload) - HEADER.size} are present")
     ph, pw = h + (-h % syntax.CTU), w + (-w % syntax.CTU)
@@ -290,7 +301,7 @@ def decode_chunk(payload: bytes) -> Frames:
         np.zeros((t, ph // 2, pw // 2), np.uint8),
     )
     buf = np.frombuffer(payload, np.uint8, offset=HEADER.size).copy()  # writable: one compiled coder for both directions
-    st, _ = _run(False, buf, recon, recon, q, 0, 0, min_block, max_block)
+    st, _ = _run(False, buf, recon, recon, q4, 0, 0, min_block, max_block)
     if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
         raise BitstreamError("chunk body ends before its frames are complete (truncated)")
     ch, cw = (h + 1) // 2, (w + 1) // 2

@@ -81,15 +81,15 @@ def _med(rec, y, x):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _activity_bucket(rec, y, x, q):
-    """Local gradient of the reconstruction (left, top, top-left, top-right), in steps of q."""
+def _activity_bucket(rec, y, x, q4):
+    """Local gradient of the reconstruction (left, top, top-left, top-right), in quantiser steps."""
     if y == 0 or x == 0:
         return 3
     a = np.int64(rec[y, x - 1])
     b = np.int64(rec[y - 1, x])
     c = np.int64(rec[y - 1, x - 1])
     d = np.int64(rec[y - 1, x + 1]) if x + 1 < rec.shape[1] else b
-    t = (abs(a - c) + abs(b - c) + abs(b - d)) // q
+    t = 4 * (abs(a - c) + abs(b - c) + abs(b - d)) // q4
     if t == 0:
         return 0
     if t <= 2:
@@ -134,33 +134,41 @@ def _predict(rec, ref, y, x, mode, mvy, mvx):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _level(e, q, rnd):
-    k = (abs(e) + rnd) // q
+def _level(e, q4, rnd4):
+    """Encoder: level of prediction error e for a step of q4/4, rounding offset rnd4/4."""
+    k = (4 * abs(e) + rnd4) // q4
     return -k if e < 0 else k
 
 
+@njit(cache=True, nogil=True, inline="always")
+def dequantise(k, q4):
+    """Reconstruction offset of level k: k steps of q4/4, rounded half away from zero."""
+    m = (abs(k) * q4 + 2) >> 2
+    return -m if k < 0 else m
+
+
 @njit(cache=True, nogil=True)
-def _sub_block_is_zero(src, rec, ref, y0, x0, sub, q, rnd, mode, mvy, mvx):
+def _sub_block_is_zero(src, rec, ref, y0, x0, sub, q4, rnd4, mode, mvy, mvx):
     """Encoder: would every level of this sub-block quantise to zero? Writes the tentative
     zero-level reconstruction into ``rec``; coding the sub-block afterwards overwrites it in
     the same raster order, so no sample is used before its final value is written."""
     for y in range(y0, y0 + sub):
         for x in range(x0, x0 + sub):
             pred = _predict(rec, ref, y, x, mode, mvy, mvx)
-            if _level(np.int64(src[y, x]) - pred, q, rnd) != 0:
+            if _level(np.int64(src[y, x]) - pred, q4, rnd4) != 0:
                 return False
             rec[y, x] = pred
     return True
 
 
 @njit(cache=True, nogil=True)
-def code_residual_block(enc, st, buf, probs, src, rec, ref, kmap, kprev, y0, x0, size, q, rnd, mode, plane_class, mvy, mvx):
+def code_residual_block(enc, st, buf, probs, src, rec, ref, kmap, kprev, y0, x0, size, q4, rnd4, mode, plane_class, mvy, mvx):
     """Quantised prediction residual of one block of one plane: its 'palette of residual levels'.
 
     Prediction: motion-compensated copy of ``ref`` (INTER) or MED of reconstructed neighbours
     (INTRA). The block is coded in sub-blocks of 8x8 (luma) or 4x4 (chroma) samples, each with
-    a flag for 'all levels zero'; otherwise each level k (residual / q, rounded toward zero by
-    the encoder's ``rnd``) is coded as zero flag, sign, magnitude - 1.
+    a flag for 'all levels zero'; otherwise each level k (residual in steps of q4/4, rounded
+    toward zero by the encoder's ``rnd4``) is coded as zero flag, sign, magnitude - 1.
     """
     cls = plane_class * 2 + (1 if mode == INTRA else 0)
     sub = min(size, 8 if plane_class == 0 else 4)
@@ -176,7 +184,7 @@ def code_residual_block(enc, st, buf, probs, src, rec, ref, kmap, kprev, y0, x0,
                     nzt = 1
             coded = 1
             if enc:
-                coded = 0 if _sub_block_is_zero(src, rec, ref, sy, sx, sub, q, rnd, mode, mvy, mvx) else 1
+                coded = 0 if _sub_block_is_zero(src, rec, ref, sy, sx, sub, q4, rnd4, mode, mvy, mvx) else 1
             coded = code_bit(enc, st, buf, probs, CTX_RES_CODED + cls * 3 + nzl + nzt, coded)
             for y in range(sy, sy + sub):
                 for x in range(sx, sx + sub):
@@ -190,10 +198,10 @@ def code_residual_block(enc, st, buf, probs, src, rec, ref, kmap, kprev, y0, x0,
                         ktr = np.int64(kmap[y - 1, x + 1]) if y > 0 and x + 1 < w else 0
                         t = abs(kl) + abs(kt) + abs(ktl) + abs(ktr)
                         nb = t if t < 3 else (3 if t < 5 else (4 if t < 8 else 5))
-                        act = _activity_bucket(rec, y, x, q)
+                        act = _activity_bucket(rec, y, x, q4)
                         tp = 1 if kprev[y, x] != 0 else 0
                         if enc:
-                            k = _level(np.int64(src[y, x]) - pred, q, rnd)
+                            k = _level(np.int64(src[y, x]) - pred, q4, rnd4)
                         zctx = CTX_RES_ZERO + cls * 48 + nb * 8 + act * 2 + tp
                         nz = code_bit(enc, st, buf, probs, zctx, 1 if k != 0 else 0)
                         if nz:
@@ -203,7 +211,7 @@ def code_residual_block(enc, st, buf, probs, src, rec, ref, kmap, kprev, y0, x0,
                             k = -mag if neg else mag
                         else:
                             k = 0
-                    rec[y, x] = _clamp(pred + k * q, 0, 255)
+                    rec[y, x] = _clamp(pred + dequantise(k, q4), 0, 255)
                     kmap[y, x] = _clamp(k, -15, 15)
 
 
@@ -378,7 +386,7 @@ def code_frame(
     enc, st, buf, probs,
     src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
     kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v,
-    intra_only, q, rnd, tol, min_block, max_block,
+    intra_only, q4, rnd4, tol, min_block, max_block,
     leafsize, mode, mv, pal_y, pal_yn, pal_c, pal_cn,
     pred_y, npred_y, pred_c, npred_c,
 ):
@@ -426,7 +434,7 @@ def code_frame(
                     continue
                 _code_leaf(
                     enc, st, buf, probs, src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
-                    kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v, intra_only, q, rnd, tol, leafsize, mode, mv,
+                    kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v, intra_only, q4, rnd4, tol, leafsize, mode, mv,
                     pal_y, pal_yn, pal_c, pal_cn, pred_y, npred_y, pred_c, npred_c, y0, x0, s,
                 )
 
@@ -445,7 +453,7 @@ def _count_mode(m, nskip, nint, npal):
 @njit(cache=True, nogil=True)
 def _code_leaf(
     enc, st, buf, probs, src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
-    kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v, intra_only, q, rnd, tol, leafsize, mode, mv,
+    kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v, intra_only, q4, rnd4, tol, leafsize, mode, mv,
     pal_y, pal_yn, pal_c, pal_cn, pred_y, npred_y, pred_c, npred_c, y0, x0, s,
 ):
     cy8 = y0 // 8
@@ -535,8 +543,8 @@ def _code_leaf(
         pal_c[cy8, cx8, :n2] = keys2[:n2]
         code_indices(enc, st, buf, probs, src_u, src_v, rec_u, rec_v, kmap_u, kmap_v, c0y, c0x, cs, keys2, n2, True, 2 * tol)
     else:
-        code_residual_block(enc, st, buf, probs, src_y, rec_y, ref_y, kmap_y, kprev_y, y0, x0, s, q, rnd, m, 0, mvy, mvx)
+        code_residual_block(enc, st, buf, probs, src_y, rec_y, ref_y, kmap_y, kprev_y, y0, x0, s, q4, rnd4, m, 0, mvy, mvx)
         cmy = mvy >> 1
         cmx = mvx >> 1
-        code_residual_block(enc, st, buf, probs, src_u, rec_u, ref_u, kmap_u, kprev_u, c0y, c0x, cs, q, rnd, m, 1, cmy, cmx)
-        code_residual_block(enc, st, buf, probs, src_v, rec_v, ref_v, kmap_v, kprev_v, c0y, c0x, cs, q, rnd, m, 1, cmy, cmx)
+        code_residual_block(enc, st, buf, probs, src_u, rec_u, ref_u, kmap_u, kprev_u, c0y, c0x, cs, q4, rnd4, m, 1, cmy, cmx)
+        code_residual_block(enc, st, buf, probs, src_v, rec_v, ref_v, kmap_v, kprev_v, c0y, c0x, cs, q4, rnd4, m, 1, cmy, cmx)
