@@ -26,7 +26,7 @@ import torch
 from palstream.learned.backbone import block_features, create_backbone
 from palstream.learned.data import grid_blocks, palette_mse, read_frames
 from palstream.learned.generator import CganGenerator
-from palstream.learned.model import companded_segments, rank_lloyd, sort_blocks
+from palstream.learned.model import RANK_STEPS, companded_segments, rank_lloyd, sort_blocks
 from palstream.palettes import create_palette_generator
 from palstream.palettes.kmeans import lloyd
 
@@ -74,7 +74,7 @@ def median_cut(samples: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(counts[..., None] > 0, means, means[:, :1])
 
 
-def companding_only(samples: torch.Tensor, k: int, steps: int = 2) -> torch.Tensor:
+def companding_only(samples: torch.Tensor, k: int, steps: int = RANK_STEPS) -> torch.Tensor:
     """Ablation of cgan-v1 without its network: uniform shares on the companded axis, same rank-domain Lloyd updates."""
     ordered, keys, axis, _, _ = sort_blocks(samples)
     n = len(samples)

@@ -112,7 +112,7 @@ def condition_dim(cfg: NetConfig) -> int:
     return cfg.tokens * cfg.components + 2 * cfg.components + MAX_PALETTE
 
 
-RANK_STEPS = 2  # rank-domain Lloyd updates cgan-v1 applies after the network (cheap, see rank_lloyd)
+RANK_STEPS = 4  # rank-domain Lloyd updates cgan-v1 applies after the network (cheap, see rank_lloyd)
 HISTOGRAM_BINS = 256
 COMPANDING = 1.0 / 3.0  # high-resolution optimal quantiser: entry density ~ pixel density ** (1/3)
 
