@@ -256,9 +256,12 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
     else:
         rung = _choose_rung(encode_at, config.target_psnr, t)
         body, mse = encode_at(rung, t)
-        # the quality floor is a promise: step down until the whole chunk meets it
+        # the quality floor is a promise: step down until the whole chunk meets it, by the
+        # step that the measured MSE says is needed (MSE grows about as the step squared)
+        target_mse = 255.0**2 / 10 ** (config.target_psnr / 10)
         while _psnr(mse) < config.target_psnr and rung > 0:
-            rung -= 1
+            needed_q4 = int(LADDER[rung][0] * math.sqrt(target_mse / mse))
+            rung = max(0, min(rung - 1, needed_q4 - LADDER[0][0]))
             body, mse = encode_at(rung, t)
     q4 = LADDER[rung][0]
     flags = FLAG_LOSSLESS if config.lossless else 0
