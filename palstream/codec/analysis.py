@@ -172,6 +172,14 @@ def _inter_cost(cur, ref, table, y0, x0, s, my, mx):
 
 
 @njit(cache=True, nogil=True)
+def _cell_inter_cost(cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, table, cy8, cx8, dy, dx):
+    """Inter cost of one 8x8 luma cell and its 4x4 chroma cells under a half-pel vector."""
+    return (_inter_cost(cur_y, ref_y, table, 8 * cy8, 8 * cx8, 8, dy, dx)
+            + _inter_cost(cur_u, ref_u, table, 4 * cy8, 4 * cx8, 4, dy >> 1, dx >> 1)
+            + _inter_cost(cur_v, ref_v, table, 4 * cy8, 4 * cx8, 4, dy >> 1, dx >> 1))
+
+
+@njit(cache=True, nogil=True)
 def _skip_sse(cur, ref, y0, x0, s):
     t = 0
     for y in range(y0, y0 + s):
@@ -348,6 +356,7 @@ def decide(
     intra_raw = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
     skip_raw = [np.zeros((h // s, w // s), np.int64) for s in (8, 16, 32, 64)]
     tried = np.empty((4, 2), np.int64)
+    cell_inter = np.zeros((h // 8, w // 8))  # cost of each 8x8 cell under its own vector
     for lev in range(nlev):
         s = sizes[lev]
         if s > max_block:
@@ -377,6 +386,10 @@ def decide(
                     for j4 in range(4):
                         ir += intra_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2]
                         sr += skip_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2]
+                if lev == 0 and has_ref:
+                    cell_inter[by, bx] = _cell_inter_cost(
+                        cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, table, by, bx, mv8[by, bx, 0], mv8[by, bx, 1]
+                    )
                 intra_raw[lev][by, bx] = ir
                 skip_raw[lev][by, bx] = sr
                 if s >= min_block:
@@ -402,10 +415,13 @@ def decide(
                                 tried[ntried, 0] = dy
                                 tried[ntried, 1] = dx
                                 ntried += 1
-                                j = (_inter_cost(cur_y, ref_y, table, y0, x0, s, dy, dx)
-                                     + _inter_cost(cur_u, ref_u, table, c0y, c0x, cs, dy >> 1, dx >> 1)
-                                     + _inter_cost(cur_v, ref_v, table, c0y, c0x, cs, dy >> 1, dx >> 1)
-                                     + lam * (3.0 + 0.5 * (abs(dy) + abs(dx))))
+                                j = lam * (3.0 + 0.5 * (abs(dy) + abs(dx)))
+                                for cy8 in range(by * (s // 8), (by + 1) * (s // 8)):
+                                    for cx8 in range(bx * (s // 8), (bx + 1) * (s // 8)):
+                                        if mv8[cy8, cx8, 0] == dy and mv8[cy8, cx8, 1] == dx:
+                                            j += cell_inter[cy8, cx8]  # the cell's own vector: known
+                                        else:
+                                            j += _cell_inter_cost(cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, table, cy8, cx8, dy, dx)
                                 if j < jbest:
                                     jbest = j
                                     bm = INTER
