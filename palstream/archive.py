@@ -17,6 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable, Iterator
@@ -496,8 +499,9 @@ def encode_file(
     storage_options: dict | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    threads: int | None = None,
 ) -> Archive:
-    """Encode a whole video into a new archive, one GOP chunk at a time (streaming).
+    """Encode a whole video into a new archive, GOP chunk by GOP chunk (streaming).
 
     Parameters
     ----------
@@ -513,6 +517,8 @@ def encode_file(
         Replace an existing palstream archive.
     progress : callable, optional
         ``progress(frames_done, frame_count)`` after each chunk.
+    threads : int, optional
+        Chunks encoded at once; default: one per CPU core. The archive bytes do not depend on it.
 
     Returns
     -------
@@ -536,11 +542,26 @@ def encode_file(
     )
     try:
         done = 0
-        for index, frames in enumerate(iter_chunks(input, config.gop, storage_options)):
-            writer.write_chunk(index, encode_chunk(frames, config, generator))
-            done += len(frames)
-            if progress is not None:
-                progress(done, source.frame_count)
+        # Chunks are independent and the codec kernels release the GIL: encode up to `threads`
+        # of them at once, and write them in order (at most `threads` chunks held in memory).
+        workers = threads or os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque = deque()
+
+            def write_oldest():
+                nonlocal done
+                index, count, future = pending.popleft()
+                writer.write_chunk(index, future.result())
+                done += count
+                if progress is not None:
+                    progress(done, source.frame_count)
+
+            for index, frames in enumerate(iter_chunks(input, config.gop, storage_options)):
+                pending.append((index, len(frames), pool.submit(encode_chunk, frames, config, generator)))
+                if len(pending) >= workers:
+                    write_oldest()
+            while pending:
+                write_oldest()
         writer.finalize()
     except BaseException:
         _remove_incomplete(archive, storage_options)
