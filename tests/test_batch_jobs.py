@@ -19,12 +19,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from palstream.archive import encode_file, open_archive
 from palstream.batch.runner import run_job
 from palstream.batch.spec import JobSpec
 from palstream.batch.status import job_status
 from palstream.batch.store import JobLockedError
+from palstream.cli import app
 from palstream.codec import EncoderConfig
 
 pytestmark = pytest.mark.slow
@@ -116,6 +118,10 @@ def test_job_completes_quarantines_corrupt_input_exports_metrics_and_matches_enc
     assert states == {"batch_mandel_48x32.mkv": "complete", "batch_testsrc_64x48.mkv": "complete", "broken.mkv": "quarantined"}
     assert all(v["ratio"] > 1 for v in status["videos"] if v["state"] == "complete")
 
+    result = CliRunner().invoke(app, ["status", str(out)])
+    assert result.exit_code == 0
+    assert "batch_testsrc_64x48.mkv" in result.output and "quarantined: " in result.output
+
     # Fixing the library means a new job; rerunning the same one recomputes nothing.
     again = run_job(spec)
     assert again.units_encoded == 0 and again.units_skipped == 10
@@ -172,11 +178,12 @@ def test_sigkill_of_the_driver_then_resume_finishes_without_recomputing(library,
     committed = sum(len(open_archive(str(out / f"{Path(n).stem}.zarr")).committed()) for n in GOOD)
     assert 3 <= committed < 10
 
-    settings = json.loads((out / "_palstream" / "job.json").read_text())
-    report = run_job(JobSpec.from_dict({**settings, "workers": 2}), resume=True)
-    assert report.complete
-    assert report.units_encoded == 10 - committed  # committed units were not recomputed
+    result = CliRunner().invoke(app, ["resume", str(out), "--workers", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    # Committed units were not recomputed.
+    assert f"{10 - committed} unit(s) encoded, {committed} already committed" in result.output
     assert_identical(str(out), reference)
+    assert (out / "_palstream" / "SUCCESS").exists()
 
 
 @pytest.fixture
@@ -267,4 +274,5 @@ def test_units_of_a_source_that_breaks_mid_job_are_quarantined(library, referenc
     assert report.archives == {"batch_testsrc_64x48.zarr": "complete", "batch_mandel_48x32.zarr": "incomplete"}
     assert_identical(str(out), reference, names=GOOD[:1])
     assert not open_archive(str(out / "batch_mandel_48x32.zarr")).complete
-    assert job_status(str(out))["videos"][1]["state"] == "quarantined"
+    states = {v["name"]: v["state"] for v in job_status(str(out))["videos"]}
+    assert states == {GOOD[0]: "complete", GOOD[1]: "quarantined"}
