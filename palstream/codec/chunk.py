@@ -190,27 +190,47 @@ def _quality_ladder() -> list[tuple[int, int]]:
 
 
 LADDER = _quality_ladder()
+PROBES = 4  # rate-control probes per chunk, each on the first eighth of its frames
 
 
 def _choose_rung(encode_at, target_psnr: float, frames: int) -> int:
     """Coarsest rung of ``LADDER`` whose encode of a prefix of the chunk still meets the target.
 
-    A binary search with probes on the first eighth of the chunk, between the rungs of half and
-    twice the step that the uniform-error model predicts; the full-chunk check in the caller has
-    the last word.
+    Probes the first eighth of the chunk at the step the uniform-error model predicts, then
+    fits log MSE against log step through the probes (secant steps), and returns the coarsest
+    probed rung that met the target. The full-chunk check in the caller has the last word.
     """
     probe = min(frames, max(2, frames // 8))
-    q0 = initial_step(target_psnr)
-    lo = next(i for i, (q4, _) in enumerate(LADDER) if q4 >= 2 * q0)
-    hi = max(i for i, (q4, _) in enumerate(LADDER) if q4 <= 8 * q0 + 8)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        _, mse = encode_at(mid, probe)
-        if _psnr(mse) >= target_psnr:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    target_mse = 255.0**2 / 10 ** (target_psnr / 10)
+    first = LADDER[0][0]
+    rung = min(len(LADDER) - 1, 4 * initial_step(target_psnr) - first)
+    probes: dict[int, float] = {}
+    for _ in range(PROBES):
+        _, probes[rung] = encode_at(rung, probe)
+        if probes[rung] == 0:
+            return rung
+        passing = [r for r, m in probes.items() if m <= target_mse]
+        failing = [r for r, m in probes.items() if m > target_mse]
+        if passing and failing and min(failing) - max(passing) <= 1:
+            break
+        # next rung: where the line through the two latest probes (log MSE against log step)
+        # meets the target; with one probe, MSE grows about as the step squared
+        slope = 2.0
+        if len(probes) > 1:
+            (r0, m0), (r1, m1) = list(probes.items())[-2:]
+            if m0 > 0 and m1 != m0:
+                slope = max(0.5, math.log(m1 / m0) / math.log((r1 + first) / (r0 + first)))
+        guess = int((rung + first) * (target_mse / probes[rung]) ** (1 / slope)) - first
+        if passing:
+            guess = max(guess, max(passing) + 1)
+        if failing:
+            guess = min(guess, min(failing) - 1)
+        guess = min(max(guess, 0), len(LADDER) - 1)
+        if guess in probes:
+            break
+        rung = guess
+    passing = [r for r, m in probes.items() if m <= target_mse]
+    return max(passing) if passing else max(0, min(probes) - 1)
 
 
 def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> EncodedChunk:
