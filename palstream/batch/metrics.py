@@ -9,9 +9,13 @@ few values (never a video or unit id). ``monitoring/`` uses exactly these names.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Iterator
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from palstream.errors import PalstreamError
 
 # Stages a unit goes through; the codec reports its inner stages in stats["stage_seconds"].
 STAGES = ("decode", "features", "palettes", "entropy", "encode", "write")
@@ -75,6 +79,19 @@ def record_unit(summary: dict, stage_seconds: dict[str, float]) -> None:
     last_success.set(time.time())
 
 
-def serve_driver_metrics(port: int, host: str = "127.0.0.1") -> None:
-    """Serve the default registry at ``http://host:port/metrics`` from a daemon thread."""
-    start_http_server(port, addr=host)
+@contextlib.contextmanager
+def serve_driver_metrics(port: int | None, host: str = "127.0.0.1") -> Iterator[None]:
+    """Serve the default registry at ``http://host:port/metrics`` while the block runs (None: not at all)."""
+    if port is None:
+        yield
+        return
+    try:
+        server, thread = start_http_server(port, addr=host)
+    except OSError as exc:
+        raise PalstreamError(f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); choose another --metrics-port") from None
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -142,7 +142,7 @@ def run_job(
     resume : bool, default False
         Continue the plan stored under ``spec.output`` instead of planning ``spec.inputs``.
     metrics_port : int or None, default None
-        Serve the driver's Prometheus metrics on this port (0 is not allowed: pick one).
+        Serve the driver's Prometheus metrics on this port while the job runs.
     metrics_host : str, default "127.0.0.1"
         Interface for the metrics server; use "0.0.0.0" only where the network is trusted.
     on_progress : callable, optional
@@ -172,9 +172,7 @@ def run_job(
         urls = []
     else:
         urls = expand_inputs(spec.inputs, spec.storage.options)
-    if metrics_port is not None:
-        metrics.serve_driver_metrics(metrics_port, metrics_host)
-    with JobLock(spec.output, out_opts), open_client(spec) as client:
+    with metrics.serve_driver_metrics(metrics_port, metrics_host), JobLock(spec.output, out_opts), open_client(spec) as client:
         if plan is None:
             plan = _probe_and_plan(client, spec, urls)
         save_plan(spec.output, plan, out_opts)

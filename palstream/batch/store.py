@@ -50,16 +50,14 @@ def check_writable(output: str, options: dict | None = None) -> None:
     """
     try:
         fs, path = filesystem(output, options)
-        if output.startswith(("s3://", "s3a://")):
-            bucket = path.split("/", 1)[0]
-            if not fs.exists(bucket):
-                raise ArchiveError(f"output {output}: bucket {bucket!r} does not exist; create it first")
         probe = f"{path}/{JOB_DIR}/.write-check-{uuid.uuid4().hex}"
         _ensure_parent(fs, probe)
         fs.pipe_file(probe, b"ok")
         fs.rm_file(probe)
-    except PalstreamError:
-        raise
+    except FileNotFoundError as exc:
+        if output.startswith(("s3://", "s3a://")):  # s3fs: the bucket does not exist
+            raise ArchiveError(f"output {output}: bucket {path.split('/', 1)[0]!r} does not exist; create it first") from None
+        raise ArchiveError(f"output {output} is not writable ({_one_line(exc)}); check the path and permissions") from None
     except Exception as exc:  # noqa: BLE001  every backend raises its own family; all mean "cannot write"
         raise ArchiveError(f"output {output} is not writable ({_one_line(exc)}); check the path, endpoint and permissions") from None
 
