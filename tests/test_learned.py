@@ -82,11 +82,14 @@ def test_rank_lloyd_matches_lloyd_for_luma():
     k = torch.randint(2, 17, (20,), generator=torch.Generator().manual_seed(2))
     start = torch.sort(torch.rand(20, 16, 1, generator=torch.Generator().manual_seed(3)) * 255, dim=1).values
     ordered, keys, axis, _, _ = sort_blocks(x)
-    ours, shares = rank_lloyd(ordered, keys, axis, start, k, steps=1)
+    ours, shares, sse = rank_lloyd(ordered, keys, axis, start, k, steps=1)
     ref = lloyd(x, start, k, 1)
     active = torch.arange(16)[None, :] < k[:, None]
     torch.testing.assert_close(ours[active], ref[active], atol=1e-3, rtol=0)
     assert torch.allclose(shares.sum(1), torch.ones(20))
+    # The prefix-sum error equals the nearest-entry error of the returned palette.
+    direct = torch.cdist(x, ours).pow(2).masked_fill(~active[:, None, :], float("inf")).amin(-1).sum(1)
+    torch.testing.assert_close(sse.float(), direct, rtol=1e-4, atol=1e-2)
 
 
 def test_shipped_weights_load_offline_with_the_recorded_hash(monkeypatch):

@@ -174,7 +174,7 @@ def companded_segments(ordered: torch.Tensor, keys: torch.Tensor, shares: torch.
 
 def rank_lloyd(
     ordered: torch.Tensor, keys: torch.Tensor, axis: torch.Tensor, palettes: torch.Tensor, k: torch.Tensor, steps: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lloyd updates done on sorted samples: O(K log P) per block instead of O(P K).
 
     Along the sort axis, the pixels nearest to each entry form one rank segment bounded by the
@@ -188,12 +188,20 @@ def rank_lloyd(
         (N, K, C) with entries sorted along the axis; entries past k[i] are copies of entry 0.
     shares : torch.Tensor
         (N, K) fraction of the block's pixels each entry takes (0 past k[i]).
+    sse : torch.Tensor
+        (N,) float64 squared error of that partition with those entries (for luma exactly the
+        nearest-entry error; for chroma an upper bound of it).
     """
     n, p, c = ordered.shape
     kmax = palettes.shape[1]
     active = active_mask(k, kmax)
     prefix = nn.functional.pad(ordered.cumsum(1), (0, 0, 1, 0))
     zero = torch.zeros(n, 1, dtype=torch.long, device=ordered.device)
+
+    def segment(table, lo, hi):
+        width = table.shape[-1]
+        return torch.gather(table, 1, hi[..., None].expand(n, kmax, width)) - torch.gather(table, 1, lo[..., None].expand(n, kmax, width))
+
     for step in range(steps + 1):
         key = (palettes * axis[:, None, :]).sum(-1).masked_fill(~active, float("inf"))
         key, order = key.sort(1)
@@ -204,11 +212,16 @@ def rank_lloyd(
         counts = (hi - lo).clamp(min=0)
         if step == steps:
             break
-        sums = torch.gather(prefix, 1, hi[..., None].expand(n, kmax, c)) - torch.gather(prefix, 1, lo[..., None].expand(n, kmax, c))
         update = (counts > 0) & active
-        palettes = torch.where(update[..., None], sums / counts.clamp(min=1)[..., None], palettes)
+        palettes = torch.where(update[..., None], segment(prefix, lo, hi) / counts.clamp(min=1)[..., None], palettes)
+    # Error from prefix sums in float64: sum(x^2) - 2 e.sum(x) + n |e|^2 cancels badly in float32.
+    wide = ordered.double()
+    sums = segment(nn.functional.pad(wide.cumsum(1), (0, 0, 1, 0)), lo, hi)
+    squares = segment(nn.functional.pad(wide.pow(2).sum(-1, keepdim=True).cumsum(1), (0, 0, 1, 0)), lo, hi)[..., 0]
+    entries = palettes.double()
+    sse = (squares - 2 * (entries * sums).sum(-1) + counts * entries.pow(2).sum(-1)) * active
     palettes = torch.where(active[..., None], palettes, palettes[:, :1])
-    return palettes, counts.to(palettes.dtype) / p * active
+    return palettes, counts.to(palettes.dtype) / p * active, sse.sum(1).clamp(min=0)
 
 
 class PaletteNet(nn.Module):
@@ -220,7 +233,8 @@ class PaletteNet(nn.Module):
     interval, computed exactly from histogram prefix sums. Every optimal 1-D quantiser has this
     form, so the network only learns where to cut, and entries land exactly on the dominant
     levels of flat content. The width layer starts at zero, i.e. at the companding quantiser.
-    ``refine_steps`` rank-domain Lloyd updates (:func:`rank_lloyd`) polish the cuts at inference.
+    At inference, ``refine_steps`` rank-domain Lloyd updates (:func:`rank_lloyd`) polish both the
+    network's cuts and the plain companding cuts, and each block keeps the better of the two.
     """
 
     def __init__(self, cfg: NetConfig):
@@ -270,8 +284,19 @@ class PaletteNet(nn.Module):
         active = active_mask(k, kmax)
         shares = logits.masked_fill(~active, float("-inf")).softmax(-1)
         palettes = companded_segments(ordered, keys, shares)
-        if refine_steps is not None:
-            palettes, shares = rank_lloyd(ordered, keys, axis, palettes, k, refine_steps)
+        if refine_steps is None:
+            return palettes, shares
+        # Inference: the network's cuts and the plain companding cuts both get the rank-domain
+        # updates; each block keeps whichever has the lower error (exact, from prefix sums). The
+        # network is better for small palettes, plain companding often for large ones.
+        n = len(samples)
+        plain = companded_segments(ordered, keys, active.to(shares.dtype) / k[:, None].to(shares.dtype))
+        both = rank_lloyd(
+            ordered.repeat(2, 1, 1), keys.repeat(2, 1), axis.repeat(2, 1), torch.cat([palettes, plain]), k.repeat(2), refine_steps
+        )
+        pick = both[2][:n] <= both[2][n:]
+        palettes = torch.where(pick[:, None, None], both[0][:n], both[0][n:])
+        shares = torch.where(pick[:, None], both[1][:n], both[1][n:])
         return palettes, shares
 
 
