@@ -3,7 +3,8 @@
 Every run encodes the same clips with the same settings, each in a fresh process:
 
 - ``inprocess``: ``archive.encode_file`` clip after clip (what ``palstream encode`` runs), with
-  the default torch/numba threads, and again pinned to one thread (like one Dask worker);
+  its defaults (chunks of a clip encoded on one thread per core), and again with one thread
+  (``threads=1``, torch/numba pinned to one thread: like one Dask worker);
 - ``dask-1`` / ``dask-2``: ``palstream.batch.run_job`` on a LocalCluster of 1 or 2 worker
   processes with one thread each.
 
@@ -45,7 +46,7 @@ if threads:
 imported = time.perf_counter()
 frames = 0
 for i, clip in enumerate(clips):
-    frames += encode_file(clip, f"{out}/{i}.zarr", EncoderConfig(gop=gop)).frame_count
+    frames += encode_file(clip, f"{out}/{i}.zarr", EncoderConfig(gop=gop), threads=threads or None).frame_count
 done = time.perf_counter()
 print(json.dumps({"frames": frames, "seconds": done - imported, "wall": done - t0}))
 """

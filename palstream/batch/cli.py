@@ -82,6 +82,7 @@ def _run(spec, resume: bool, metrics_port, metrics_host, progress: bool, worker_
 
     def update(p):
         if not bar.live.is_started:  # show the bar only once work runs, after the up-front checks
+            bar.reset(task)
             bar.start()
         bar.update(task, completed=p.units_done, total=p.units_total, fps=p.frames_per_second, quarantined=p.quarantined)
 

@@ -19,7 +19,7 @@ from palstream.errors import PalstreamError
 
 # Stages a unit goes through; the codec reports its inner stages in stats["stage_seconds"].
 STAGES = ("decode", "features", "palettes", "entropy", "encode", "write")
-UNIT_OUTCOMES = ("committed", "skipped", "failed")
+UNIT_OUTCOMES = ("committed", "failed")
 JOB_STATES = ("pending", "running", "committed", "quarantined")
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -62,10 +62,8 @@ for _state in JOB_STATES:
 
 
 def record_unit(summary: dict, stage_seconds: dict[str, float]) -> None:
-    """Record one committed or skipped unit (called in the worker)."""
-    units.labels(summary["outcome"]).inc()
-    if summary["outcome"] != "committed":
-        return
+    """Record one committed unit (called in the worker; failures count in ``units{outcome="failed"}``)."""
+    units.labels("committed").inc()
     for stage, seconds in stage_seconds.items():
         if stage in STAGES:
             stage_duration.labels(stage).observe(seconds)

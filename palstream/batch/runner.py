@@ -83,7 +83,7 @@ class JobReport:
     quarantined : list of dict
         ``{"input", "unit" (None for a whole input), "reason"}`` per unit or input given up on.
     units_total, units_encoded, units_skipped : int
-        Units in the plan; encoded by this run; already committed (by an earlier run or attempt).
+        Units in the plan; encoded by this run; already committed by an earlier run.
     frames_encoded : int
         Frames encoded by this run.
     seconds : float
@@ -326,11 +326,8 @@ class _Execution:
             summary = fut.result()
             self.committed[unit.source].add(unit.index)
             self.frames_done += unit.count
-            if summary["outcome"] == "committed":
-                self.report.units_encoded += 1
-                self.report.frames_encoded += unit.count
-            else:
-                self.report.units_skipped += 1
+            self.report.units_encoded += 1
+            self.report.frames_encoded += unit.count
             metrics.job_frames.inc(unit.count)
             metrics.job_last_progress.set(time.time())
             remaining[unit.source] -= 1

@@ -104,6 +104,10 @@ def with_storage_retries(action, what: str, deadline: float = STORAGE_RETRY_SECO
 def encode_unit(unit: dict, job: dict) -> dict:
     """Encode one unit and commit it; the task every ``encode_chunk-*`` key runs.
 
+    A second execution of a unit (its first worker died after committing, before reporting)
+    encodes the same bytes again and ``ArchiveWriter.write_chunk`` leaves the committed chunk
+    untouched, so nothing is ever written twice.
+
     Parameters
     ----------
     unit : dict
@@ -116,29 +120,31 @@ def encode_unit(unit: dict, job: dict) -> dict:
     Returns
     -------
     dict
-        ``outcome`` (``committed``, or ``skipped`` when an earlier attempt already committed
-        it), ``frames``, ``raw_bytes``, ``bytes``, ``psnr_y``, ``seconds``, ``worker``.
+        ``outcome`` (``"committed"``), ``source``, ``index``, ``frames``, ``raw_bytes``,
+        ``bytes``, ``psnr_y`` (None when exact), ``seconds``, ``finished``, ``stage_seconds``,
+        ``worker``.
     """
-    from palstream import archive, io
     from palstream.batch import metrics
+
+    try:
+        summary, stages = _encode_unit(unit, job)
+    except BaseException:
+        metrics.units.labels("failed").inc()
+        raise
+    metrics.record_unit(summary, stages)
+    return summary
+
+
+def _encode_unit(unit: dict, job: dict) -> tuple[dict, dict]:
+    from palstream import archive, io
     from palstream.batch.store import write_json
     from palstream.codec import EncoderConfig, encode_chunk
 
     started = time.time()
     out_opts = job["output_options"]
-    writer = with_storage_retries(lambda: archive.ArchiveWriter.open(unit["archive_url"], storage_options=out_opts), "opening the archive")
-    summary = {
-        "source": unit["source"],
-        "index": unit["index"],
-        "frames": unit["count"],
-        "worker": f"{socket.gethostname()}:{os.getpid()}",
-    }
-    # Exactly once: an attempt that committed before its worker died is not redone.
-    if unit["index"] in with_storage_retries(writer.committed, "listing commit markers"):
-        summary.update(outcome="skipped", raw_bytes=0, bytes=0, psnr_y=None, seconds=0.0)
-        metrics.record_unit(summary, {})
-        return summary
-
+    writer = with_storage_retries(
+        lambda: archive.ArchiveWriter.open(unit["archive_url"], storage_options=out_opts), "opening the archive"
+    )
     config = EncoderConfig.from_dict(job["codec"])
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -161,21 +167,23 @@ def encode_unit(unit: dict, job: dict) -> dict:
     with_storage_retries(lambda: writer.write_chunk(unit["index"], encoded), "writing the chunk")
     stages["write"] = time.perf_counter() - t0
 
-    raw_bytes = len(frames) * (frames.y[0].size + 2 * frames.u[0].size)
     psnr_y = encoded.stats.get("psnr_y")
-    summary.update(
-        outcome="committed",
-        raw_bytes=raw_bytes,
-        bytes=len(encoded.payload),
-        psnr_y=None if psnr_y is None or psnr_y == float("inf") else float(psnr_y),
-        seconds=time.time() - started,
-        finished=time.time(),
-        stage_seconds=stages,
-    )
+    summary = {
+        "outcome": "committed",
+        "source": unit["source"],
+        "index": unit["index"],
+        "frames": unit["count"],
+        "raw_bytes": len(frames) * (frames.y[0].size + 2 * frames.u[0].size),
+        "bytes": len(encoded.payload),
+        "psnr_y": None if psnr_y is None or psnr_y == float("inf") else float(psnr_y),
+        "seconds": time.time() - started,
+        "finished": time.time(),
+        "stage_seconds": stages,
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+    }
     # For `palstream status` only; the archive's commit marker is what counts as done.
     with_storage_retries(lambda: write_json(unit["summary_url"], summary, out_opts), "writing the unit summary")
-    metrics.record_unit(summary, stages)
-    return summary
+    return summary, stages
 
 
 def finalize_archive(archive_url: str, output_options: dict) -> dict:
