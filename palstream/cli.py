@@ -272,7 +272,8 @@ def demo() -> None:
         report = run_eval(str(clip), archive)
         typer.echo(
             f"encoded {summary}; "
-            f"{clip.stat().st_size / report['payload_bytes']:.1f}x smaller than the lossless FFV1 source"
+            f"{clip.stat().st_size / report['payload_bytes']:.1f}x smaller than the lossless FFV1 source "
+            "(the first run also compiles the codec, which numba then caches)"
         )
         Console().print(_eval_table(report))
 
