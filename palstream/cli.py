@@ -136,7 +136,8 @@ def decode(
     output: Annotated[
         str,
         typer.Argument(
-            help="Output: .y4m, .yuv (raw 4:2:0), a folder or %d.png pattern (PNG frames), .mkv (FFV1), .mp4 (H.264), ..."
+            help="Output: .y4m, .yuv (raw 4:2:0), a folder or %d.png pattern (PNG frames), .mkv (FFV1), "
+            ".mp4 (H.264), ..."
         ),
     ],
     frames: Annotated[
