@@ -301,6 +301,21 @@ def test_cuda_cluster_without_dask_cuda_names_the_extra(monkeypatch):
         batch_cluster._cuda_cluster(_cuda_spec())
 
 
+def test_unreachable_scheduler_is_one_line_error(monkeypatch):
+    from palstream.errors import PalstreamError
+
+    monkeypatch.setattr(batch_cluster, "CONNECT_TIMEOUT_SECONDS", 1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = JobSpec.from_dict({"inputs": ["a.mkv"], "output": "o", "cluster": f"tcp://127.0.0.1:{port}"})
+    with pytest.raises(PalstreamError) as err:
+        with batch_cluster.open_client(spec):
+            pass
+    assert f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port}" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_cpu_code_paths_never_import_dask_cuda():
     code = "import palstream.cli, palstream.batch.runner, sys; print('dask_cuda' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)

@@ -95,6 +95,7 @@ def test_job_completes_quarantines_corrupt_input_exports_metrics_and_matches_enc
         # A second run on the same output while this one holds it is refused before any work.
         with pytest.raises(JobLockedError, match="in use by another palstream run"):
             run_job(spec)
+        seen["status"] = job_status(str(out))
 
     report = run_job(spec, metrics_port=port, on_progress=on_progress, worker_targets=str(targets))
 
@@ -111,6 +112,8 @@ def test_job_completes_quarantines_corrupt_input_exports_metrics_and_matches_enc
     assert all("palstream_encoded_frames_total" in text and "palstream_stage_duration_seconds_bucket" in text for text in seen["workers"])
     assert any("palstream_encoded_frames_total 0.0" not in text for text in seen["workers"])
     assert len(json.loads(targets.read_text())[0]["targets"]) == 2
+    assert seen["status"]["state"] == "running" and f"pid {os.getpid()}" in seen["status"]["running_by"]
+    assert 1 <= seen["status"]["units_done"] < 10
 
     status = job_status(str(out))
     assert status["state"] == "incomplete" and status["units_done"] == status["units_total"] == 10
@@ -252,13 +255,16 @@ def test_s3_job_survives_a_restart_of_the_object_store(library, reference, s3_se
     assert b"palstream-test-secret" not in stored and b"palstream-test" not in stored
 
 
-def test_units_of_a_source_that_breaks_mid_job_are_quarantined(library, reference, tmp_path):
+def test_units_of_a_source_that_breaks_mid_job_are_quarantined_on_an_existing_scheduler(library, reference, tmp_path):
+    from distributed import LocalCluster
+
     lib = tmp_path / "lib"
     shutil.copytree(library, lib)
     out = tmp_path / "out"
+    external = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
     spec = JobSpec.from_dict(
-        {"inputs": [str(lib / "*.mkv")], "output": str(out), "workers": 1, "max_in_flight": 1, "retries": 1,
-         "codec": {"gop": GOP}}
+        {"inputs": [str(lib / "*.mkv")], "output": str(out), "cluster": external.scheduler_address, "max_in_flight": 1,
+         "retries": 1, "codec": {"gop": GOP}}
     )
     broken = []
 
@@ -268,7 +274,11 @@ def test_units_of_a_source_that_breaks_mid_job_are_quarantined(library, referenc
             shutil.copy(DATA / "corrupt.mkv", lib / GOOD[1])
             broken.append(True)
 
-    report = run_job(spec, on_progress=on_progress)
+    try:
+        report = run_job(spec, on_progress=on_progress)
+        assert len(external.scheduler.workers) == 1  # an external cluster is left running
+    finally:
+        external.close()
     assert [(q["input"], q["unit"]) for q in report.quarantined] == [(str(lib / GOOD[1]), 0)]
     assert "corrupt" in report.quarantined[0]["reason"]
     assert report.archives == {"batch_testsrc_64x48.zarr": "complete", "batch_mandel_48x32.zarr": "incomplete"}
