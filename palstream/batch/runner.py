@@ -183,7 +183,9 @@ def run_job(
 def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str]) -> Plan:
     """Probe every input on the cluster (decoding a library is work for the workers)."""
     futures = [
-        client.submit(probe_source, url, spec.storage.options(url), key=f"probe_source-{i}", pure=False)
+        client.submit(
+            probe_source, url, spec.storage.options(url), key=f"probe_source-{i}", retries=spec.retries, pure=False
+        )
         for i, url in enumerate(urls)
     ]
     probed = []
@@ -192,6 +194,8 @@ def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str]) -> Plan:
             probed.append((url, fut.result(), None))
         except PalstreamError as exc:  # an unreadable input is quarantined, the others go on
             probed.append((url, None, str(exc)))
+        except Exception as exc:  # noqa: BLE001  e.g. KilledWorker: the input crashed the decoder
+            probed.append((url, None, _one_line(exc)))
     return Plan.build(spec.codec, probed)
 
 

@@ -83,7 +83,7 @@ class StorageSpec:
                 f"storage.profile: no profile {self.profile!r} in {path}; known: {', '.join(sorted(profiles)) or 'none'}"
             )
         base = StorageSpec.from_dict({**profiles[self.profile], "profile": None}, where=f"{path}:{self.profile}")
-        merged = {k: v for k, v in base.to_dict().items()}
+        merged = base.to_dict()
         merged.update({k: v for k, v in self.to_dict().items() if v not in (None, False)})
         return StorageSpec(**merged)
 
