@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 from distributed import WorkerPlugin, get_worker
@@ -63,13 +64,40 @@ class PalstreamWorkerPlugin(WorkerPlugin):
         if self.palette is not None:
             self.generator(self.palette)
 
-    def generator(self, name: str):
+    def generator(self, name: str) -> "TimedGenerator":
         """The palette generator ``name``, created on first use and kept for the worker's life."""
         if name not in self._generators:
             from palstream.palettes import create_palette_generator
 
-            self._generators[name] = create_palette_generator(name, self.device)
+            self._generators[name] = TimedGenerator(create_palette_generator(name, self.device))
         return self._generators[name]
+
+
+class TimedGenerator:
+    """A palette generator that also adds up, per thread, the time spent generating palettes.
+
+    It is what the codec calls (``generate``), so the worker can report the "palettes" stage
+    without the codec knowing about metrics; everything else is the wrapped generator's.
+    """
+
+    def __init__(self, inner):
+        self._inner = inner
+        self._local = threading.local()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def generate(self, samples, k):
+        start = time.perf_counter()
+        try:
+            return self._inner.generate(samples, k)
+        finally:
+            self._local.seconds = getattr(self._local, "seconds", 0.0) + time.perf_counter() - start
+
+    def take_seconds(self) -> float:
+        """Seconds spent in ``generate`` by this thread since the last call."""
+        seconds, self._local.seconds = getattr(self._local, "seconds", 0.0), 0.0
+        return seconds
 
 
 def _plugin() -> PalstreamWorkerPlugin:
@@ -158,9 +186,12 @@ def _encode_unit(unit: dict, job: dict) -> tuple[dict, dict]:
             "the source changed since it was planned: start a new job"
         )
     stages["decode"] = time.perf_counter() - t0
+    generator = _plugin().generator(config.palette)
+    generator.take_seconds()
     t0 = time.perf_counter()
-    encoded = encode_chunk(frames, config, _plugin().generator(config.palette))
-    stages["encode"] = time.perf_counter() - t0
+    encoded = encode_chunk(frames, config, generator)
+    stages["encode"] = time.perf_counter() - t0  # all of encode_chunk, palettes included
+    stages["palettes"] = generator.take_seconds()
     # The codec may break its own time down (features, palettes, entropy).
     stages.update({k: float(v) for k, v in encoded.stats.get("stage_seconds", {}).items()})
     t0 = time.perf_counter()
