@@ -148,7 +148,7 @@ class Trainer:
         frac = min(1.0, self.step / max(1, self.cfg.steps - 1))
         return math.exp(math.log(self.cfg.temp_start) + frac * (math.log(self.cfg.temp_end) - math.log(self.cfg.temp_start)))
 
-    def _component_losses(self, c: int, samples, k, km, km_mse, features, present) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    def _component_losses(self, c: int, samples, k, km_mse, features, present) -> tuple[dict, torch.Tensor, torch.Tensor]:
         net, disc = self.nets[str(c)], self.discs[str(c)]
         palettes, _ = net(samples, k, 64, features, present)
         active = active_mask(k, 64)
@@ -211,7 +211,7 @@ class Trainer:
             (2, data.chroma, data.k_chroma, data.km_chroma, data.mse_chroma),
         ):
             s = samples[idx].float()
-            part, recon, palettes = self._component_losses(c, s, k[idx], km[idx], mse[idx], features, present)
+            part, recon, palettes = self._component_losses(c, s, k[idx], mse[idx], features, present)
             fakes[c] = (s, k[idx], km[idx], palettes)
             if c == 1:
                 percept = self._perceptual(s, recon, size)
