@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--clips", nargs="*", help="clip file names (default: every .mkv in --corpus)")
     parser.add_argument("--gop", type=int, default=32)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--markdown", help="write a Markdown table of the results here")
     args = parser.parse_args()
     clips = [str(Path(args.corpus) / c) for c in args.clips] if args.clips else sorted(glob.glob(f"{args.corpus}/*.mkv"))
     if not clips:
@@ -127,6 +128,36 @@ def main() -> None:
     print(json.dumps(results, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    """The results as the table and ratios of BENCHMARKS.md's batch section."""
+    names = {
+        "inprocess": "in-process `encode_file` (default: one thread per core)",
+        "inprocess-1thread": "in-process `encode_file`, 1 thread",
+        "dask-1": "Dask job, 1 worker x 1 thread",
+        "dask-2": "Dask job, 2 workers x 1 thread",
+    }
+    lines = [
+        "| run | frames | encode s | frames/s | end-to-end s | archives identical to in-process |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, label in names.items():
+        r = results["runs"][key]
+        same = {True: "yes", False: "**no**"}.get(r.get("identical_to_inprocess"), "(in-process)")
+        lines.append(f"| {label} | {r['frames']} | {r['seconds']:.1f} | {r['frames_per_second']:.2f} | {r['wall']:.1f} | {same} |")
+    ratios = results["ratios"]
+    lines += [
+        "",
+        f"- 2 workers / 1 worker: **{ratios['dask2_over_dask1']:.2f}x** (target >= 1.7x)",
+        f"- 1 worker / in-process with 1 thread: **{ratios['dask1_over_inprocess_1thread']:.2f}** (target >= 0.9)",
+        f"- 1 worker / in-process with its default threads: {ratios['dask1_over_inprocess']:.2f}",
+        f"- load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in results['load_average_before'])}; "
+        f"after: {', '.join(f'{x:.1f}' for x in results['load_average_after'])} on {results['cpus']} cores",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
