@@ -215,7 +215,7 @@ def test_s3_job_survives_a_restart_of_the_object_store(library, reference, s3_se
     fs.put_file(str(library / GOOD[1]), f"library/{GOOD[1]}")
     spec = JobSpec.from_dict(
         {
-            "inputs": [str(library / GOOD[0]), f"s3://library/{GOOD[1]}"],
+            "inputs": [str(library / GOOD[0]), "s3://library/*.mkv"],  # a local file and an S3 glob
             "output": "s3://archive/job",
             "workers": 2,
             "max_in_flight": 2,
