@@ -116,6 +116,16 @@ def motion_search(cur, ref, prev_mv, search_range):
     return mv
 
 
+@njit(cache=True, nogil=True)
+def motion_search_chunk(luma, search_range):
+    """Vectors of every frame against the previous source frame (frame 0: none)."""
+    t, h, w = luma.shape
+    motion = np.zeros((t, h // 8, w // 8, 2), np.int32)
+    for f in range(1, t):
+        motion[f] = motion_search(luma[f], luma[f - 1], motion[f - 1], search_range)
+    return motion
+
+
 def residual_cost_table(q4: int, rnd4: int, lam: float, dweight: float) -> np.ndarray:
     """J(e) for every prediction error e in -255..255: distortion after quantising with step q4/4,
     plus lambda times the estimated bits of its level."""

@@ -132,14 +132,12 @@ def _run(enc, buf, planes, recon, q4, rnd4, tol, min_block, max_block, decide=No
     kmaps = tuple(np.zeros(shape, np.int8) for shape in [(h, w), (h // 2, w // 2), (h // 2, w // 2)] * 2)
     pred_y, npred_y = np.zeros(syntax.MAX_PAL, np.int64), np.zeros(1, np.int64)
     pred_c, npred_c = np.zeros(syntax.MAX_PAL, np.int64), np.zeros(1, np.int64)
-    prev_mv = np.zeros_like(maps.mv)
     for f in range(t):
         src = tuple(p[f] for p in planes)
         rec = tuple(p[f] for p in recon)
         ref = tuple(p[f - 1] for p in recon) if f > 0 else rec
         if decide is not None:
-            decide(f, src, ref, f > 0, prev_mv, maps)
-            prev_mv = maps.mv.copy()
+            decide(f, src, ref, maps)
         syntax.code_frame(
             enc, st, buf, probs, *src, *rec, *ref, *kmaps,
             f == 0, q4, rnd4, tol, min_block, max_block, *maps.args(), pred_y, npred_y, pred_c, npred_c,
@@ -155,7 +153,7 @@ def _generator(name: str):
     return create_palette_generator(name)
 
 
-def _encode_at(padded, q4, rnd4, config: EncoderConfig, proposals):
+def _encode_at(padded, q4, rnd4, config: EncoderConfig, proposals, motion):
     t, h, w = padded[0].shape
     lam = 0.0 if config.lossless else 0.15 * (q4 / 4) ** 2 * config.lambda_scale
     dweight = 1e6 if config.lossless else 1.0
@@ -163,10 +161,9 @@ def _encode_at(padded, q4, rnd4, config: EncoderConfig, proposals):
     tol = int(lam * 2)
     rd_lambda = max(lam, 1.0)
 
-    def decide(f, src, ref, has_ref, prev_mv, maps):
-        mv8 = analysis.motion_search(src[0], ref[0], prev_mv, config.search_range) if has_ref else prev_mv
+    def decide(f, src, ref, maps):
         analysis.decide(
-            *src, *ref, has_ref, mv8, table, rd_lambda, dweight,
+            *src, *ref, f > 0, motion[f], table, rd_lambda, dweight,
             config.min_block, config.max_block, config.max_palette, *(p[f] for p in proposals), *maps.args(),
         )
 
@@ -261,12 +258,15 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
         proposals = (nothing[..., None].astype(np.int64), nothing, nothing[..., None].astype(np.int64), nothing)
     else:
         proposals = _palette_proposals(*padded, config, generator or _generator(config.palette))
+    # Motion is searched once per chunk, between source frames, so the rate-control probes
+    # and the final encode share it (searching the reconstruction would repeat it per probe).
+    motion = analysis.motion_search_chunk(padded[0], config.search_range)
     attempts = 0
 
     def encode_at(rung, count):
         nonlocal attempts
         attempts += 1
-        body, recon = _encode_at(tuple(p[:count] for p in padded), *LADDER[rung], config, proposals)
+        body, recon = _encode_at(tuple(p[:count] for p in padded), *LADDER[rung], config, proposals, motion)
         diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
         return body, float(np.mean(diff**2))
 
