@@ -58,11 +58,12 @@ class PalstreamWorkerPlugin(WorkerPlugin):
             pass
         # dask-cuda sets CUDA_VISIBLE_DEVICES per worker, so "cuda" is this worker's own GPU.
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        # Load the codec (numba kernels from their cache) and the model now, not in the first unit.
+        # Load the model and the codec's compiled kernels now, not in the first unit: encoding a
+        # tiny noisy clip once makes numba load (or compile) the kernels the encoder uses.
         import palstream.archive  # noqa: F401
 
         if self.palette is not None:
-            self.generator(self.palette)
+            _warm_up(self.generator(self.palette), self.palette)
 
     def generator(self, name: str) -> "TimedGenerator":
         """The palette generator ``name``, created on first use and kept for the worker's life."""
@@ -98,6 +99,20 @@ class TimedGenerator:
         """Seconds spent in ``generate`` by this thread since the last call."""
         seconds, self._local.seconds = getattr(self._local, "seconds", 0.0), 0.0
         return seconds
+
+
+def _warm_up(generator, palette: str) -> None:
+    import numpy as np
+
+    from palstream.codec import EncoderConfig, encode_chunk
+    from palstream.frames import Frames
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 256, (2, 32, 32), dtype=np.uint8)
+    y[1] = np.roll(y[0], 2, axis=1)  # the second frame moves: inter prediction paths too
+    uv = rng.integers(0, 256, (2, 16, 16), dtype=np.uint8)
+    encode_chunk(Frames(y, uv, uv.copy()), EncoderConfig(palette=palette, gop=2), generator)
+    generator.take_seconds()
 
 
 def _plugin() -> PalstreamWorkerPlugin:
