@@ -24,6 +24,8 @@ from palstream.batch.worker import PalstreamWorkerPlugin
 from palstream.errors import ConfigError, PalstreamError
 
 CONNECT_TIMEOUT_SECONDS = 15
+# The scheduler's HTTP server (/metrics, /health) on a free local port, not the shared 8787.
+_SCHEDULER_HTTP = {"dashboard_address": "127.0.0.1:0"}
 
 
 def gpu_count() -> int:
@@ -61,6 +63,7 @@ def _cuda_cluster(spec: JobSpec):
         CUDA_VISIBLE_DEVICES=",".join(devices),
         threads_per_worker=spec.threads_per_worker,
         dashboard_address=None,
+        scheduler_kwargs=_SCHEDULER_HTTP,
         silence_logs=40,
     )
 
@@ -71,6 +74,7 @@ def _local_cluster(spec: JobSpec) -> LocalCluster:
         threads_per_worker=spec.threads_per_worker,
         processes=True,
         dashboard_address=None,
+        scheduler_kwargs=_SCHEDULER_HTTP,
         silence_logs=40,
     )
 
