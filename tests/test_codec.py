@@ -146,3 +146,10 @@ def test_range_coder_round_trips_bits_under_contexts():
     rangecoder.start_decoding(st, buf[:size].copy())
     decoded = [rangecoder.code_bit(False, st, buf, probs, c, 0) for c in ctxs]
     assert decoded == bits.tolist()
+
+
+def test_absurd_declared_size_is_refused_before_allocating(camera):
+    payload = bytearray(encode_chunk(camera[:2], EncoderConfig(target_psnr=40.0)).payload)
+    payload[6:12] = (1000).to_bytes(2, "little") + (16000).to_bytes(2, "little") + (16000).to_bytes(2, "little")
+    with pytest.raises(BitstreamError, match="chunk limit"):
+        decode_chunk(bytes(payload))

@@ -24,6 +24,7 @@ HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width,
 FLAG_LOSSLESS = 1
 MAX_DIMENSION = 16384
 MAX_FRAMES = 1024
+MAX_CHUNK_SAMPLES = 1 << 31  # decoded samples of one chunk (2 GiB): a larger header is a lie or an error
 
 
 class BitstreamError(ArchiveError):
@@ -318,6 +319,8 @@ def decode_chunk(payload: bytes) -> Frames:
     if body_len != len(payload) - HEADER.size:
         raise BitstreamError(f"declared body of {body_len} bytes but {len(payload) - HEADER.size} are present")
     ph, pw = h + (-h % syntax.CTU), w + (-w % syntax.CTU)
+    if t * ph * pw * 3 // 2 > MAX_CHUNK_SAMPLES:
+        raise BitstreamError(f"declared size {t} frames of {w}x{h} exceeds the decoder's {MAX_CHUNK_SAMPLES >> 30} GiB chunk limit")
     recon = (
         np.zeros((t, ph, pw), np.uint8),
         np.zeros((t, ph // 2, pw // 2), np.uint8),
