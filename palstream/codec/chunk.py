@@ -279,11 +279,14 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
         rung = _choose_rung(encode_at, config.target_psnr, t)
         body, mse = encode_at(rung, t)
         # the quality floor is a promise: step down until the whole chunk meets it, by the
-        # step that the measured MSE says is needed (MSE grows about as the step squared)
+        # step that the measured MSE says is needed (MSE grows about as the step squared), and
+        # faster each time that falls short (where skipped blocks, not the step, set the quality)
         target_mse = 255.0**2 / 10 ** (config.target_psnr / 10)
+        failures = 0
         while _psnr(mse) < config.target_psnr and rung > 0:
             needed_q4 = int(LADDER[rung][0] * math.sqrt(target_mse / mse))
-            rung = max(0, min(rung - 1, needed_q4 - LADDER[0][0]))
+            rung = max(0, min(rung - (1 << failures), needed_q4 - LADDER[0][0]))  # at least 1, 2, 4, .. rungs
+            failures += 1
             body, mse = encode_at(rung, t)
     q4 = LADDER[rung][0]
     flags = FLAG_LOSSLESS if config.lossless else 0
