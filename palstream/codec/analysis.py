@@ -10,7 +10,7 @@ import math
 import numpy as np
 from numba import njit
 
-from palstream.codec.syntax import INTER, INTRA, MAX_PAL, PALETTE, SKIP, motion_sample
+from palstream.codec.syntax import INTER, INTRA, MAX_PAL, PALETTE, SKIP, motion_sample, predict
 
 PROPOSAL_BLOCK = 16  # leaf size whose many-coloured blocks get palettes from the PaletteGenerator
 
@@ -118,12 +118,16 @@ def motion_search(cur, ref, prev_mv, search_range):
 
 @njit(cache=True, nogil=True)
 def motion_search_chunk(luma, search_range):
-    """Vectors of every frame against the previous source frame (frame 0: none)."""
+    """Motion field of every frame between source frames: per 8x8 cell the vector into the
+    previous frame and the vector into the one before (searched around twice the first, over
+    twice the range), as (vy, vx, vy2, vx2) in half-pels; zero where there is no such frame."""
     t, h, w = luma.shape
-    motion = np.zeros((t, h // 8, w // 8, 2), np.int32)
+    field = np.zeros((t, h // 8, w // 8, 4), np.int32)
     for f in range(1, t):
-        motion[f] = motion_search(luma[f], luma[f - 1], motion[f - 1], search_range)
-    return motion
+        field[f, :, :, :2] = motion_search(luma[f], luma[f - 1], field[f - 1, :, :, :2], search_range)
+        if f >= 2:
+            field[f, :, :, 2:] = motion_search(luma[f], luma[f - 2], 2 * field[f, :, :, :2], 2 * search_range)
+    return field
 
 
 def residual_cost_table(q4: int, rnd4: int, lam: float, dweight: float) -> np.ndarray:
@@ -173,20 +177,30 @@ def _block_cost(err, table, y0, x0, s):
 
 
 @njit(cache=True, nogil=True)
-def _inter_cost(cur, ref, table, y0, x0, s, my, mx):
+def _inter_cost(cur, ref, ref2, table, y0, x0, s, mot):
     t = 0.0
     for y in range(y0, y0 + s):
         for x in range(x0, x0 + s):
-            t += table[np.int64(cur[y, x]) - motion_sample(ref, y, x, my, mx) + 255]
+            t += table[np.int64(cur[y, x]) - predict(ref, ref, ref2, y, x, INTER, mot) + 255]
     return t
 
 
 @njit(cache=True, nogil=True)
-def _cell_inter_cost(cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, table, cy8, cx8, dy, dx):
-    """Inter cost of one 8x8 luma cell and its 4x4 chroma cells under a half-pel vector."""
-    return (_inter_cost(cur_y, ref_y, table, 8 * cy8, 8 * cx8, 8, dy, dx)
-            + _inter_cost(cur_u, ref_u, table, 4 * cy8, 4 * cx8, 4, dy >> 1, dx >> 1)
-            + _inter_cost(cur_v, ref_v, table, 4 * cy8, 4 * cx8, 4, dy >> 1, dx >> 1))
+def _cell_inter_cost(cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, ref2_y, ref2_u, ref2_v, table, cy8, cx8, mot):
+    """Inter cost of one 8x8 luma cell and its 4x4 chroma cells under motion ``mot``."""
+    cmot = (mot[0], mot[1] >> 1, mot[2] >> 1, mot[3] >> 1, mot[4] >> 1)
+    return (_inter_cost(cur_y, ref_y, ref2_y, table, 8 * cy8, 8 * cx8, 8, mot)
+            + _inter_cost(cur_u, ref_u, ref2_u, table, 4 * cy8, 4 * cx8, 4, cmot)
+            + _inter_cost(cur_v, ref_v, ref2_v, table, 4 * cy8, 4 * cx8, 4, cmot))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _cell_motion(field, cy8, cx8, bi):
+    """Motion of a cell as (bi, vy, vx, vy2, vx2): its vector, and with ``bi`` its second one."""
+    if bi:
+        return (np.int64(1), np.int64(field[cy8, cx8, 0]), np.int64(field[cy8, cx8, 1]),
+                np.int64(field[cy8, cx8, 2]), np.int64(field[cy8, cx8, 3]))
+    return (np.int64(0), np.int64(field[cy8, cx8, 0]), np.int64(field[cy8, cx8, 1]), np.int64(0), np.int64(0))
 
 
 @njit(cache=True, nogil=True)
@@ -338,7 +352,7 @@ def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys):
 
 @njit(cache=True, nogil=True)
 def decide(
-    cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, has_ref, mv8, table, lam, dweight,
+    cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, ref2_y, ref2_u, ref2_v, has_ref, has_ref2, field, table, lam, dweight,
     min_block, max_block, max_pal, prop_y, prop_yn, prop_c, prop_cn, leafsize, mode, mv, pal_y, pal_yn, pal_c, pal_cn,
 ):
     """Fill the decision maps (per 8x8 cell) with the RD-best quadtree of the frame."""
@@ -353,7 +367,7 @@ def decide(
     sizes = np.array([8, 16, 32, 64])
     best = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
     lmode = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
-    lmv = [np.zeros((h // s, w // s, 2), np.int32) for s in (8, 16, 32, 64)]
+    lmv = [np.zeros((h // s, w // s, 5), np.int32) for s in (8, 16, 32, 64)]
     lsplit = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     lpy = [np.zeros((h // s, w // s, MAX_PAL), np.int64) for s in (8, 16, 32, 64)]
     lpyn = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
@@ -365,8 +379,9 @@ def decide(
     toomany = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     intra_raw = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
     skip_raw = [np.zeros((h // s, w // s), np.int64) for s in (8, 16, 32, 64)]
-    tried = np.empty((4, 2), np.int64)
-    cell_inter = np.zeros((h // 8, w // 8))  # cost of each 8x8 cell under its own vector
+    tried = np.empty((8, 5), np.int64)
+    bmot = np.zeros(5, np.int64)
+    cell_inter = np.zeros((h // 8, w // 8, 2))  # cost of each 8x8 cell under its own motion: one / two refs
     for lev in range(nlev):
         s = sizes[lev]
         if s > max_block:
@@ -380,8 +395,6 @@ def decide(
                 c0x = x0 // 2
                 jbest = np.inf
                 bm = INTRA
-                bdy = 0
-                bdx = 0
                 # intra and skip costs add up over quadrants: sum the level below
                 if lev == 0:
                     ir = (_block_cost(err_y, table, y0, x0, s) + _block_cost(err_u, table, c0y, c0x, cs)
@@ -397,9 +410,11 @@ def decide(
                         ir += intra_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2]
                         sr += skip_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2]
                 if lev == 0 and has_ref:
-                    cell_inter[by, bx] = _cell_inter_cost(
-                        cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, table, by, bx, mv8[by, bx, 0], mv8[by, bx, 1]
-                    )
+                    for b2 in range(2 if has_ref2 else 1):
+                        cell_inter[by, bx, b2] = _cell_inter_cost(
+                            cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, ref2_y, ref2_u, ref2_v, table, by, bx,
+                            _cell_motion(field, by, bx, b2),
+                        )
                 intra_raw[lev][by, bx] = ir
                 skip_raw[lev][by, bx] = sr
                 if s >= min_block:
@@ -409,34 +424,39 @@ def decide(
                         if j < jbest:
                             jbest = j
                             bm = SKIP
-                        # inter: vectors of the 8x8 cells at the block's quadrant corners, each once
+                        # inter: the motion of the 8x8 cells at the block's quadrant corners, with
+                        # one reference and with two, each candidate once
                         step = max(1, s // 16)
                         ntried = 0
                         for qy in range(0, s // 8, step):
                             for qx in range(0, s // 8, step):
-                                dy = mv8[by * (s // 8) + qy, bx * (s // 8) + qx, 0]
-                                dx = mv8[by * (s // 8) + qy, bx * (s // 8) + qx, 1]
-                                seen = False
-                                for i in range(ntried):
-                                    if tried[i, 0] == dy and tried[i, 1] == dx:
-                                        seen = True
-                                if seen:
-                                    continue
-                                tried[ntried, 0] = dy
-                                tried[ntried, 1] = dx
-                                ntried += 1
-                                j = lam * (3.0 + 0.5 * (abs(dy) + abs(dx)))
-                                for cy8 in range(by * (s // 8), (by + 1) * (s // 8)):
-                                    for cx8 in range(bx * (s // 8), (bx + 1) * (s // 8)):
-                                        if mv8[cy8, cx8, 0] == dy and mv8[cy8, cx8, 1] == dx:
-                                            j += cell_inter[cy8, cx8]  # the cell's own vector: known
-                                        else:
-                                            j += _cell_inter_cost(cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, table, cy8, cx8, dy, dx)
-                                if j < jbest:
-                                    jbest = j
-                                    bm = INTER
-                                    bdy = dy
-                                    bdx = dx
+                                for b2 in range(2 if has_ref2 else 1):
+                                    mot = _cell_motion(field, by * (s // 8) + qy, bx * (s // 8) + qx, b2)
+                                    seen = False
+                                    for i in range(ntried):
+                                        if (tried[i, 0] == mot[0] and tried[i, 1] == mot[1] and tried[i, 2] == mot[2]
+                                                and tried[i, 3] == mot[3] and tried[i, 4] == mot[4]):
+                                            seen = True
+                                    if seen:
+                                        continue
+                                    for i in range(5):
+                                        tried[ntried, i] = mot[i]
+                                    ntried += 1
+                                    j = lam * (3.0 + 0.5 * (abs(mot[1]) + abs(mot[2])))
+                                    if b2:
+                                        j += lam * (2.0 + 0.5 * (abs(mot[3] - 2 * mot[1]) + abs(mot[4] - 2 * mot[2])))
+                                    for cy8 in range(by * (s // 8), (by + 1) * (s // 8)):
+                                        for cx8 in range(bx * (s // 8), (bx + 1) * (s // 8)):
+                                            if _cell_motion(field, cy8, cx8, b2) == mot:
+                                                j += cell_inter[cy8, cx8, b2]  # the cell's own motion: known
+                                            else:
+                                                j += _cell_inter_cost(cur_y, cur_u, cur_v, ref_y, ref_u, ref_v,
+                                                                      ref2_y, ref2_u, ref2_v, table, cy8, cx8, mot)
+                                    if j < jbest:
+                                        jbest = j
+                                        bm = INTER
+                                        for i in range(5):
+                                            bmot[i] = mot[i]
                     # a block holds at least as many colours as any of its quadrants
                     many = lev > 0 and (
                         toomany[lev - 1][2 * by, 2 * bx] or toomany[lev - 1][2 * by, 2 * bx + 1]
@@ -477,8 +497,12 @@ def decide(
                         lsplit[lev][by, bx] = True
                 best[lev][by, bx] = jbest
                 lmode[lev][by, bx] = bm
-                lmv[lev][by, bx, 0] = bdy
-                lmv[lev][by, bx, 1] = bdx
+                if bm == INTER:  # in the syntax's cell layout: vector, uses a second reference, second vector
+                    lmv[lev][by, bx, 0] = bmot[1]
+                    lmv[lev][by, bx, 1] = bmot[2]
+                    lmv[lev][by, bx, 2] = bmot[0]
+                    lmv[lev][by, bx, 3] = bmot[3]
+                    lmv[lev][by, bx, 4] = bmot[4]
     # top-down: write the chosen leaves into the 8x8 cell maps
     top = 0
     while top < nlev - 1 and sizes[top] < max_block:
@@ -512,8 +536,8 @@ def decide(
             for xx in range(cx8, cx8 + n8):
                 leafsize[yy, xx] = s
                 mode[yy, xx] = lmode[lev][by, bx]
-                mv[yy, xx, 0] = lmv[lev][by, bx, 0]
-                mv[yy, xx, 1] = lmv[lev][by, bx, 1]
+                for i in range(5):
+                    mv[yy, xx, i] = lmv[lev][by, bx, i]
         ny = lpyn[lev][by, bx]
         nc = lpcn[lev][by, bx]
         pal_yn[cy8, cx8] = ny

@@ -63,7 +63,7 @@ class _DecisionMaps:
         h8, w8 = h // 8, w // 8
         self.leafsize = np.zeros((h8, w8), np.int32)
         self.mode = np.zeros((h8, w8), np.int32)
-        self.mv = np.zeros((h8, w8, 2), np.int32)
+        self.mv = np.zeros((h8, w8, 5), np.int32)  # vector, uses a second reference, second vector
         self.pal_y = np.zeros((h8, w8, syntax.MAX_PAL), np.int64)
         self.pal_yn = np.zeros((h8, w8), np.int32)
         self.pal_c = np.zeros((h8, w8, syntax.MAX_PAL), np.int64)
@@ -138,11 +138,12 @@ def _run(enc, buf, planes, recon, q4, rnd4, tol, min_block, max_block, decide=No
         src = tuple(p[f] for p in planes)
         rec = tuple(p[f] for p in recon)
         ref = tuple(p[f - 1] for p in recon) if f > 0 else rec
+        ref2 = tuple(p[f - 2] for p in recon) if f > 1 else ref
         if decide is not None:
-            decide(f, src, ref, maps)
+            decide(f, src, ref, ref2, maps)
         syntax.code_frame(
-            enc, st, buf, probs, *src, *rec, *ref, *kmaps,
-            f == 0, q4, rnd4, tol, min_block, max_block, *maps.args(), pred_y, npred_y, pred_c, npred_c,
+            enc, st, buf, probs, *src, *rec, *ref, *ref2, *kmaps,
+            f == 0, f > 1, q4, rnd4, tol, min_block, max_block, *maps.args(), pred_y, npred_y, pred_c, npred_c,
         )
     return st, maps
 
@@ -163,9 +164,9 @@ def _encode_at(padded, q4, rnd4, config: EncoderConfig, proposals, motion):
     tol = int(lam * 2)
     rd_lambda = max(lam, 1.0)
 
-    def decide(f, src, ref, maps):
+    def decide(f, src, ref, ref2, maps):
         analysis.decide(
-            *src, *ref, f > 0, motion[f], table, rd_lambda, dweight,
+            *src, *ref, *ref2, f > 0, f > 1, motion[f], table, rd_lambda, dweight,
             config.min_block, config.max_block, config.max_palette, *(p[f] for p in proposals), *maps.args(),
         )
 

@@ -39,6 +39,9 @@ CTX_INTER = _c(3)
 CTX_PALETTE = _c(3)
 CTX_MV_ZERO = _c(2)
 CTX_MV_MAG = _c(2 * UEG_CONTEXTS)
+CTX_BI = _c(3)  # second reference used, by neighbours using it
+CTX_MV2_ZERO = _c(2)
+CTX_MV2_MAG = _c(2 * UEG_CONTEXTS)
 # residuals: [plane class 2][mode 2]
 CTX_RES_CODED = _c(4 * 3)  # sub-block 'has non-zero levels', by coded neighbours
 CTX_RES_ZERO = _c(4 * 48)  # neighbour magnitudes (6) x activity (4) x previous frame's level (2)
@@ -127,10 +130,15 @@ def motion_sample(ref, y, x, mvy, mvx):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _predict(rec, ref, y, x, mode, mvy, mvx):
+def predict(rec, ref, ref2, y, x, mode, mot):
+    """INTRA: MED. INTER: motion-compensated sample; with ``bi``, the rounded mean of the
+    previous frame's and the one-before's samples. ``mot`` = (bi, mvy, mvx, mvy2, mvx2)."""
     if mode == INTRA:
         return _med(rec, y, x)
-    return motion_sample(ref, y, x, mvy, mvx)
+    p = motion_sample(ref, y, x, mot[1], mot[2])
+    if mot[0]:
+        p = (p + motion_sample(ref2, y, x, mot[3], mot[4]) + 1) >> 1
+    return p
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -148,13 +156,13 @@ def dequantise(k, q4):
 
 
 @njit(cache=True, nogil=True)
-def _sub_block_is_zero(src, rec, ref, y0, x0, sub, q4, rnd4, mode, mvy, mvx):
+def _sub_block_is_zero(src, rec, ref, ref2, y0, x0, sub, q4, rnd4, mode, mot):
     """Encoder: would every level of this sub-block quantise to zero? Writes the tentative
     zero-level reconstruction into ``rec``; coding the sub-block afterwards overwrites it in
     the same raster order, so no sample is used before its final value is written."""
     for y in range(y0, y0 + sub):
         for x in range(x0, x0 + sub):
-            pred = _predict(rec, ref, y, x, mode, mvy, mvx)
+            pred = predict(rec, ref, ref2, y, x, mode, mot)
             if _level(np.int64(src[y, x]) - pred, q4, rnd4) != 0:
                 return False
             rec[y, x] = pred
@@ -162,11 +170,10 @@ def _sub_block_is_zero(src, rec, ref, y0, x0, sub, q4, rnd4, mode, mvy, mvx):
 
 
 @njit(cache=True, nogil=True)
-def code_residual_block(enc, st, buf, probs, src, rec, ref, kmap, kprev, y0, x0, size, q4, rnd4, mode, plane_class, mvy, mvx):
+def code_residual_block(enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y0, x0, size, q4, rnd4, mode, plane_class, mot):
     """Quantised prediction residual of one block of one plane: its 'palette of residual levels'.
 
-    Prediction: motion-compensated copy of ``ref`` (INTER) or MED of reconstructed neighbours
-    (INTRA). The block is coded in sub-blocks of 8x8 (luma) or 4x4 (chroma) samples, each with
+    Prediction: see ``_predict``. The block is coded in sub-blocks of 8x8 (luma) or 4x4 (chroma) samples, each with
     a flag for 'all levels zero'; otherwise each level k (residual in steps of q4/4, rounded
     toward zero by the encoder's ``rnd4``) is coded as zero flag, sign, magnitude - 1.
     """
@@ -184,11 +191,11 @@ def code_residual_block(enc, st, buf, probs, src, rec, ref, kmap, kprev, y0, x0,
                     nzt = 1
             coded = 1
             if enc:
-                coded = 0 if _sub_block_is_zero(src, rec, ref, sy, sx, sub, q4, rnd4, mode, mvy, mvx) else 1
+                coded = 0 if _sub_block_is_zero(src, rec, ref, ref2, sy, sx, sub, q4, rnd4, mode, mot) else 1
             coded = code_bit(enc, st, buf, probs, CTX_RES_CODED + cls * 3 + nzl + nzt, coded)
             for y in range(sy, sy + sub):
                 for x in range(sx, sx + sub):
-                    pred = _predict(rec, ref, y, x, mode, mvy, mvx)
+                    pred = predict(rec, ref, ref2, y, x, mode, mot)
                     k = 0
                     if coded:
                         w = kmap.shape[1]
@@ -384,9 +391,9 @@ def code_indices(enc, st, buf, probs, src_a, src_b, rec_a, rec_b, kmaps_a, kmaps
 @njit(cache=True, nogil=True)
 def code_frame(
     enc, st, buf, probs,
-    src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
+    src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v, ref2_y, ref2_u, ref2_v,
     kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v,
-    intra_only, q4, rnd4, tol, min_block, max_block,
+    intra_only, has_ref2, q4, rnd4, tol, min_block, max_block,
     leafsize, mode, mv, pal_y, pal_yn, pal_c, pal_cn,
     pred_y, npred_y, pred_c, npred_c,
 ):
@@ -434,7 +441,8 @@ def code_frame(
                     continue
                 _code_leaf(
                     enc, st, buf, probs, src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
-                    kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v, intra_only, q4, rnd4, tol, leafsize, mode, mv,
+                    ref2_y, ref2_u, ref2_v, kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v, intra_only, has_ref2,
+                    q4, rnd4, tol, leafsize, mode, mv,
                     pal_y, pal_yn, pal_c, pal_cn, pred_y, npred_y, pred_c, npred_c, y0, x0, s,
                 )
 
@@ -453,7 +461,8 @@ def _count_mode(m, nskip, nint, npal):
 @njit(cache=True, nogil=True)
 def _code_leaf(
     enc, st, buf, probs, src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
-    kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v, intra_only, q4, rnd4, tol, leafsize, mode, mv,
+    ref2_y, ref2_u, ref2_v, kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v, intra_only, has_ref2,
+    q4, rnd4, tol, leafsize, mode, mv,
     pal_y, pal_yn, pal_c, pal_cn, pred_y, npred_y, pred_c, npred_c, y0, x0, s,
 ):
     cy8 = y0 // 8
@@ -479,6 +488,9 @@ def _code_leaf(
         m = PALETTE if code_bit(enc, st, buf, probs, CTX_PALETTE + npal, 1 if m == PALETTE else 0) else INTRA
     mvy = 0
     mvx = 0
+    bi = 0
+    my2 = 0
+    mx2 = 0
     if m == INTER:
         # predictor: left neighbour's vector if it is inter, else the top one's, else zero
         py = 0
@@ -503,12 +515,38 @@ def _code_leaf(
                 mvy = v
             else:
                 mvx = v
+        if has_ref2:
+            # optional second vector into the frame before, predicted as twice the first
+            nbi = 0
+            if cx8 > 0 and mode[cy8, cx8 - 1] == INTER and mv[cy8, cx8 - 1, 2]:
+                nbi += 1
+            if cy8 > 0 and mode[cy8 - 1, cx8] == INTER and mv[cy8 - 1, cx8, 2]:
+                nbi += 1
+            bi = code_bit(enc, st, buf, probs, CTX_BI + nbi, mv[cy8, cx8, 2] if enc else 0)
+            if bi:
+                for comp in range(2):
+                    pv = 2 * (mvy if comp == 0 else mvx)
+                    d = (mv[cy8, cx8, 3 + comp] - pv) if enc else 0
+                    if code_bit(enc, st, buf, probs, CTX_MV2_ZERO + comp, 1 if d != 0 else 0):
+                        neg = code_bypass(enc, st, buf, 1 if d < 0 else 0)
+                        mag = code_ueg(enc, st, buf, probs, CTX_MV2_MAG + comp * UEG_CONTEXTS, abs(d) - 1) + 1
+                        d = -mag if neg else mag
+                    else:
+                        d = 0
+                    v = _clamp(pv + d, -MV_LIMIT, MV_LIMIT)
+                    if comp == 0:
+                        my2 = v
+                    else:
+                        mx2 = v
     for yy in range(cy8, cy8 + n8):
         for xx in range(cx8, cx8 + n8):
             leafsize[yy, xx] = s
             mode[yy, xx] = m
             mv[yy, xx, 0] = mvy
             mv[yy, xx, 1] = mvx
+            mv[yy, xx, 2] = bi
+            mv[yy, xx, 3] = my2
+            mv[yy, xx, 4] = mx2
     c0y = y0 // 2
     c0x = x0 // 2
     cs = s // 2
@@ -543,8 +581,8 @@ def _code_leaf(
         pal_c[cy8, cx8, :n2] = keys2[:n2]
         code_indices(enc, st, buf, probs, src_u, src_v, rec_u, rec_v, kmap_u, kmap_v, c0y, c0x, cs, keys2, n2, True, 2 * tol)
     else:
-        code_residual_block(enc, st, buf, probs, src_y, rec_y, ref_y, kmap_y, kprev_y, y0, x0, s, q4, rnd4, m, 0, mvy, mvx)
-        cmy = mvy >> 1
-        cmx = mvx >> 1
-        code_residual_block(enc, st, buf, probs, src_u, rec_u, ref_u, kmap_u, kprev_u, c0y, c0x, cs, q4, rnd4, m, 1, cmy, cmx)
-        code_residual_block(enc, st, buf, probs, src_v, rec_v, ref_v, kmap_v, kprev_v, c0y, c0x, cs, q4, rnd4, m, 1, cmy, cmx)
+        mot = (np.int64(bi), np.int64(mvy), np.int64(mvx), np.int64(my2), np.int64(mx2))
+        code_residual_block(enc, st, buf, probs, src_y, rec_y, ref_y, ref2_y, kmap_y, kprev_y, y0, x0, s, q4, rnd4, m, 0, mot)
+        cmot = (mot[0], mot[1] >> 1, mot[2] >> 1, mot[3] >> 1, mot[4] >> 1)
+        code_residual_block(enc, st, buf, probs, src_u, rec_u, ref_u, ref2_u, kmap_u, kprev_u, c0y, c0x, cs, q4, rnd4, m, 1, cmot)
+        code_residual_block(enc, st, buf, probs, src_v, rec_v, ref_v, ref2_v, kmap_v, kprev_v, c0y, c0x, cs, q4, rnd4, m, 1, cmot)
