@@ -1,9 +1,6 @@
 """The learned palette generator ``cgan-v1`` and its training (``palstream train``).
 
-Importing this package registers ``cgan-v1`` with :mod:`palstream.palettes`; weights are
-read on first use. Training code (and the CNN backbone) load only when asked for.
+``palstream.palettes`` imports :mod:`palstream.learned.generator` to register ``cgan-v1``;
+weights are read on first use. Importing this package alone loads nothing heavy, so the CLI
+starts without torch.
 """
-
-from palstream.learned.generator import CganGenerator, WeightsError
-
-__all__ = ["CganGenerator", "WeightsError"]
