@@ -424,39 +424,53 @@ def decide(
                         if j < jbest:
                             jbest = j
                             bm = SKIP
-                        # inter: the motion of the 8x8 cells at the block's quadrant corners, with
-                        # one reference and with two, each candidate once
-                        step = max(1, s // 16)
+                        # inter candidates, each priced once: at 8x8 the cell's own motion with one
+                        # reference and with two; above, the motion each inter quadrant chose and the
+                        # top-left cell's own single-reference motion
                         ntried = 0
-                        for qy in range(0, s // 8, step):
-                            for qx in range(0, s // 8, step):
-                                for b2 in range(2 if has_ref2 else 1):
-                                    mot = _cell_motion(field, by * (s // 8) + qy, bx * (s // 8) + qx, b2)
-                                    seen = False
-                                    for i in range(ntried):
-                                        if (tried[i, 0] == mot[0] and tried[i, 1] == mot[1] and tried[i, 2] == mot[2]
-                                                and tried[i, 3] == mot[3] and tried[i, 4] == mot[4]):
-                                            seen = True
-                                    if seen:
-                                        continue
-                                    for i in range(5):
-                                        tried[ntried, i] = mot[i]
-                                    ntried += 1
-                                    j = lam * (3.0 + 0.5 * (abs(mot[1]) + abs(mot[2])))
-                                    if b2:
-                                        j += lam * (2.0 + 0.5 * (abs(mot[3] - 2 * mot[1]) + abs(mot[4] - 2 * mot[2])))
-                                    for cy8 in range(by * (s // 8), (by + 1) * (s // 8)):
-                                        for cx8 in range(bx * (s // 8), (bx + 1) * (s // 8)):
-                                            if _cell_motion(field, cy8, cx8, b2) == mot:
-                                                j += cell_inter[cy8, cx8, b2]  # the cell's own motion: known
-                                            else:
-                                                j += _cell_inter_cost(cur_y, cur_u, cur_v, ref_y, ref_u, ref_v,
-                                                                      ref2_y, ref2_u, ref2_v, table, cy8, cx8, mot)
-                                    if j < jbest:
-                                        jbest = j
-                                        bm = INTER
-                                        for i in range(5):
-                                            bmot[i] = mot[i]
+                        for qd in range(5 if lev > 0 else 2):
+                            if lev == 0:
+                                if qd == 1 and not has_ref2:
+                                    continue
+                                b2 = qd
+                                mot = _cell_motion(field, by, bx, b2)
+                            elif qd < 4:
+                                cy = 2 * by + qd // 2
+                                cx = 2 * bx + qd % 2
+                                if lmode[lev - 1][cy, cx] != INTER:
+                                    continue
+                                child = lmv[lev - 1][cy, cx]
+                                b2 = child[2]
+                                mot = (np.int64(child[2]), np.int64(child[0]), np.int64(child[1]),
+                                       np.int64(child[3]), np.int64(child[4]))
+                            else:
+                                b2 = 0
+                                mot = _cell_motion(field, by * (s // 8), bx * (s // 8), 0)
+                            seen = False
+                            for i in range(ntried):
+                                if (tried[i, 0] == mot[0] and tried[i, 1] == mot[1] and tried[i, 2] == mot[2]
+                                        and tried[i, 3] == mot[3] and tried[i, 4] == mot[4]):
+                                    seen = True
+                            if seen:
+                                continue
+                            for i in range(5):
+                                tried[ntried, i] = mot[i]
+                            ntried += 1
+                            j = lam * (3.0 + 0.5 * (abs(mot[1]) + abs(mot[2])))
+                            if b2:
+                                j += lam * (2.0 + 0.5 * (abs(mot[3] - 2 * mot[1]) + abs(mot[4] - 2 * mot[2])))
+                            for cy8 in range(by * (s // 8), (by + 1) * (s // 8)):
+                                for cx8 in range(bx * (s // 8), (bx + 1) * (s // 8)):
+                                    if _cell_motion(field, cy8, cx8, b2) == mot:
+                                        j += cell_inter[cy8, cx8, b2]  # the cell's own motion: known
+                                    else:
+                                        j += _cell_inter_cost(cur_y, cur_u, cur_v, ref_y, ref_u, ref_v,
+                                                              ref2_y, ref2_u, ref2_v, table, cy8, cx8, mot)
+                            if j < jbest:
+                                jbest = j
+                                bm = INTER
+                                for i in range(5):
+                                    bmot[i] = mot[i]
                     # a block holds at least as many colours as any of its quadrants
                     many = lev > 0 and (
                         toomany[lev - 1][2 * by, 2 * bx] or toomany[lev - 1][2 * by, 2 * bx + 1]

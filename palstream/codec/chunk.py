@@ -94,8 +94,8 @@ def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
     b = analysis.PROPOSAL_BLOCK
     hb, wb = h // b, w // b
     blocks = luma.reshape(t, hb, b, wb, b).transpose(0, 1, 3, 2, 4).reshape(-1, b * b)
-    hist = np.zeros((blocks.shape[0], 256), np.int32)
-    np.add.at(hist, (np.arange(blocks.shape[0])[:, None], blocks), 1)
+    n = blocks.shape[0]
+    hist = np.bincount((np.arange(n)[:, None] * 256 + blocks).ravel(), minlength=n * 256).reshape(n, 256)
     distinct = (hist > 0).sum(1)
     coverage = np.sort(hist, axis=1)[:, -PROPOSAL_SIZE:].sum(1) / (b * b)
     pick = np.flatnonzero((distinct > min(config.max_palette, b * b // 4)) & (coverage >= PROPOSAL_COVERAGE))
