@@ -35,7 +35,7 @@ NEIGHBOURS = np.array([[-1, -1], [-1, 0], [-1, 1], [0, -1], [0, 1], [1, -1], [1,
 
 
 @njit(cache=True, nogil=True)
-def motion_search(cur, ref, prev_mv, search_range):
+def motion_search(cur, ref, prev_mv, search_range, grid=True):
     """Half-pel motion vector per 8x8 luma block.
 
     Candidates: zero, the neighbours' and the last frame's vectors, and a coarse grid where
@@ -83,7 +83,7 @@ def motion_search(cur, ref, prev_mv, search_range):
                     best = c
                     bdy = dy
                     bdx = dx
-            if best > GOOD_SAD:
+            if grid and best > GOOD_SAD:
                 # the predictors missed: try a coarse grid of whole-pixel vectors
                 for gy in range(-lim, lim + 1, step):
                     for gx in range(-lim, lim + 1, step):
@@ -126,7 +126,8 @@ def motion_search_chunk(luma, search_range):
     for f in range(1, t):
         field[f, :, :, :2] = motion_search(luma[f], luma[f - 1], field[f - 1, :, :, :2], search_range)
         if f >= 2:
-            field[f, :, :, 2:] = motion_search(luma[f], luma[f - 2], 2 * field[f, :, :, :2], 2 * search_range)
+            # around twice the first vector, no grid: noise, not motion, is what averaging removes
+            field[f, :, :, 2:] = motion_search(luma[f], luma[f - 2], 2 * field[f, :, :, :2], 2 * search_range, False)
     return field
 
 

@@ -96,9 +96,9 @@ def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
     blocks = luma.reshape(t, hb, b, wb, b).transpose(0, 1, 3, 2, 4).reshape(-1, b * b)
     n = blocks.shape[0]
     hist = np.bincount((np.arange(n)[:, None] * 256 + blocks).ravel(), minlength=n * 256).reshape(n, 256)
-    distinct = (hist > 0).sum(1)
-    coverage = np.sort(hist, axis=1)[:, -PROPOSAL_SIZE:].sum(1) / (b * b)
-    pick = np.flatnonzero((distinct > min(config.max_palette, b * b // 4)) & (coverage >= PROPOSAL_COVERAGE))
+    many = np.flatnonzero((hist > 0).sum(1) > min(config.max_palette, b * b // 4))
+    top = np.partition(hist[many], -PROPOSAL_SIZE, axis=1)[:, -PROPOSAL_SIZE:]
+    pick = many[top.sum(1) >= PROPOSAL_COVERAGE * b * b]
     prop_y = np.zeros((t, hb, wb, PROPOSAL_SIZE), np.int64)
     prop_c = np.zeros((t, hb, wb, PROPOSAL_SIZE), np.int64)
     prop_n = np.zeros((t, hb, wb), np.int32)
