@@ -371,3 +371,16 @@ def test_cuda_cluster_runs_a_job_on_a_real_gpu(tmp_path):
     report = run_job(spec)
     assert report.complete
     assert open_archive(str(tmp_path / "out" / "batch_mandel_48x32.zarr")).complete
+
+
+def test_lock_left_by_an_earlier_process_with_our_pid_is_stale(tmp_path):
+    """A restarted container runs as pid 1 again: its predecessor's lock must not block it."""
+    import os
+    import socket
+
+    from palstream.batch.store import JobLock
+
+    lock = JobLock(str(tmp_path))
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": 0.0, "heartbeat": 9e12}
+    assert lock.is_stale(record)
+    assert not lock.is_stale(dict(record, started=lock.started))

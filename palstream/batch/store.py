@@ -88,6 +88,9 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+_PROCESS_STARTED = time.time()  # lock records older than this with our pid belong to a previous process
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -151,8 +154,12 @@ class JobLock:
             return {"heartbeat": 0.0}
 
     def is_stale(self, record: dict) -> bool:
-        if record.get("host") == socket.gethostname() and "pid" in record and not _pid_alive(record["pid"]):
-            return True
+        if record.get("host") == socket.gethostname() and "pid" in record:
+            if not _pid_alive(record["pid"]):
+                return True
+            # our own pid from before this process started: a restarted container (pid 1 again)
+            if record["pid"] == os.getpid() and float(record.get("started", 0.0)) < _PROCESS_STARTED:
+                return True
         return time.time() - float(record.get("heartbeat", 0.0)) > self.stale_after
 
     def acquire(self) -> "JobLock":
