@@ -78,6 +78,17 @@ def start_decoding(st, buf):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _normalise(enc, st, buf):
+    """Keep the range above 2^24 by shifting out (encoder) or in (decoder) a byte at a time."""
+    while st[RANGE] < TOP:
+        st[RANGE] <<= 8
+        if enc:
+            _shift_low(st, buf)
+        else:
+            st[CODE] = ((st[CODE] << 8) | _next_byte(st, buf)) & 0xFFFFFFFF
+
+
+@njit(cache=True, nogil=True, inline="always")
 def code_bit(enc, st, buf, probs, ctx, bit):
     """Encode ``bit`` (enc) or decode and return a bit (not enc) under context ``ctx``."""
     pf = np.int64(probs[ctx, 0])
@@ -104,12 +115,7 @@ def code_bit(enc, st, buf, probs, ctx, bit):
     else:
         probs[ctx, 0] = pf - (pf >> 4)
         probs[ctx, 1] = ps - (ps >> 7)
-    while st[RANGE] < TOP:
-        st[RANGE] <<= 8
-        if enc:
-            _shift_low(st, buf)
-        else:
-            st[CODE] = ((st[CODE] << 8) | _next_byte(st, buf)) & 0xFFFFFFFF
+    _normalise(enc, st, buf)
     return bit
 
 
@@ -126,12 +132,7 @@ def code_bypass(enc, st, buf, bit):
             bit = 1
         else:
             bit = 0
-    while st[RANGE] < TOP:
-        st[RANGE] <<= 8
-        if enc:
-            _shift_low(st, buf)
-        else:
-            st[CODE] = ((st[CODE] << 8) | _next_byte(st, buf)) & 0xFFFFFFFF
+    _normalise(enc, st, buf)
     return bit
 
 

@@ -459,6 +459,19 @@ def _count_mode(m, nskip, nint, npal):
 
 
 @njit(cache=True, nogil=True)
+def _code_vector_component(enc, st, buf, probs, zero_ctx, mag_ctx, predicted, value):
+    """One motion-vector component as a signed difference from its prediction."""
+    d = (value - predicted) if enc else 0
+    if code_bit(enc, st, buf, probs, zero_ctx, 1 if d != 0 else 0):
+        neg = code_bypass(enc, st, buf, 1 if d < 0 else 0)
+        mag = code_ueg(enc, st, buf, probs, mag_ctx, abs(d) - 1) + 1
+        d = -mag if neg else mag
+    else:
+        d = 0
+    return _clamp(predicted + d, -MV_LIMIT, MV_LIMIT)
+
+
+@njit(cache=True, nogil=True)
 def _code_leaf(
     enc, st, buf, probs, src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
     ref2_y, ref2_u, ref2_v, kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v, intra_only, has_ref2,
@@ -501,20 +514,8 @@ def _code_leaf(
         elif cy8 > 0 and mode[cy8 - 1, cx8] == INTER:
             py = mv[cy8 - 1, cx8, 0]
             px = mv[cy8 - 1, cx8, 1]
-        for comp in range(2):
-            pv = py if comp == 0 else px
-            d = (mv[cy8, cx8, comp] - pv) if enc else 0
-            if code_bit(enc, st, buf, probs, CTX_MV_ZERO + comp, 1 if d != 0 else 0):
-                neg = code_bypass(enc, st, buf, 1 if d < 0 else 0)
-                mag = code_ueg(enc, st, buf, probs, CTX_MV_MAG + comp * UEG_CONTEXTS, abs(d) - 1) + 1
-                d = -mag if neg else mag
-            else:
-                d = 0
-            v = _clamp(pv + d, -MV_LIMIT, MV_LIMIT)
-            if comp == 0:
-                mvy = v
-            else:
-                mvx = v
+        mvy = _code_vector_component(enc, st, buf, probs, CTX_MV_ZERO, CTX_MV_MAG, py, mv[cy8, cx8, 0])
+        mvx = _code_vector_component(enc, st, buf, probs, CTX_MV_ZERO + 1, CTX_MV_MAG + UEG_CONTEXTS, px, mv[cy8, cx8, 1])
         if has_ref2:
             # optional second vector into the frame before, predicted as twice the first
             nbi = 0
@@ -524,20 +525,10 @@ def _code_leaf(
                 nbi += 1
             bi = code_bit(enc, st, buf, probs, CTX_BI + nbi, mv[cy8, cx8, 2] if enc else 0)
             if bi:
-                for comp in range(2):
-                    pv = 2 * (mvy if comp == 0 else mvx)
-                    d = (mv[cy8, cx8, 3 + comp] - pv) if enc else 0
-                    if code_bit(enc, st, buf, probs, CTX_MV2_ZERO + comp, 1 if d != 0 else 0):
-                        neg = code_bypass(enc, st, buf, 1 if d < 0 else 0)
-                        mag = code_ueg(enc, st, buf, probs, CTX_MV2_MAG + comp * UEG_CONTEXTS, abs(d) - 1) + 1
-                        d = -mag if neg else mag
-                    else:
-                        d = 0
-                    v = _clamp(pv + d, -MV_LIMIT, MV_LIMIT)
-                    if comp == 0:
-                        my2 = v
-                    else:
-                        mx2 = v
+                my2 = _code_vector_component(enc, st, buf, probs, CTX_MV2_ZERO, CTX_MV2_MAG, 2 * mvy, mv[cy8, cx8, 3])
+                mx2 = _code_vector_component(
+                    enc, st, buf, probs, CTX_MV2_ZERO + 1, CTX_MV2_MAG + UEG_CONTEXTS, 2 * mvx, mv[cy8, cx8, 4]
+                )
     for yy in range(cy8, cy8 + n8):
         for xx in range(cx8, cx8 + n8):
             leafsize[yy, xx] = s
