@@ -145,7 +145,7 @@ def _run(enc, buf, planes, recon, q4, rnd4, tol, min_block, max_block, decide=No
             enc, st, buf, probs, *src, *rec, *ref, *ref2, *kmaps,
             f == 0, f > 1, q4, rnd4, tol, min_block, max_block, *maps.args(), pred_y, npred_y, pred_c, npred_c,
         )
-    return st, maps
+    return st
 
 
 @functools.lru_cache(maxsize=4)
@@ -160,9 +160,9 @@ def _encode_at(padded, q4, rnd4, config: EncoderConfig, proposals, motion):
     t, h, w = padded[0].shape
     lam = 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
     dweight = 1e6 if config.lossless else 1.0
-    table = analysis.residual_cost_table(q4, rnd4, max(lam, 1.0), dweight)
-    tol = int(lam * 2)
     rd_lambda = max(lam, 1.0)
+    table = analysis.residual_cost_table(q4, rnd4, rd_lambda, dweight)
+    tol = int(lam * 2)
 
     def decide(f, src, ref, ref2, maps):
         analysis.decide(
@@ -174,7 +174,7 @@ def _encode_at(padded, q4, rnd4, config: EncoderConfig, proposals, motion):
     capacity = padded[0].size * 3 + 4096
     while True:
         buf = np.zeros(capacity, np.uint8)
-        st, _ = _run(True, buf, padded, recon, q4, rnd4, tol, config.min_block, config.max_block, decide)
+        st = _run(True, buf, padded, recon, q4, rnd4, tol, config.min_block, config.max_block, decide)
         size = rangecoder.flush(st, buf)
         if size <= capacity:
             return bytes(buf[:size]), recon
@@ -332,7 +332,7 @@ def decode_chunk(payload: bytes) -> Frames:
         np.zeros((t, ph // 2, pw // 2), np.uint8),
     )
     buf = np.frombuffer(payload, np.uint8, offset=HEADER.size).copy()  # writable: one compiled coder for both directions
-    st, _ = _run(False, buf, recon, recon, q4, 0, 0, min_block, max_block)
+    st = _run(False, buf, recon, recon, q4, 0, 0, min_block, max_block)
     if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
         raise BitstreamError("chunk body ends before its frames are complete (truncated)")
     ch, cw = (h + 1) // 2, (w + 1) // 2
