@@ -91,19 +91,27 @@ def candidate_mask(luma: np.ndarray) -> np.ndarray:
     return (distinct > min(64, luma.shape[1] // 4)) & (top16 >= 0.75 * luma.shape[1])
 
 
-def timed(fn, repeat: int):
+def timed(fn, repeat: int, device: str):
     best, out = float("inf"), None
     for _ in range(repeat):
         t0 = time.perf_counter()
         out = fn()
+        if device != "cpu":
+            torch.cuda.synchronize()  # kernels run asynchronously: time until they are done
         best = min(best, time.perf_counter() - t0)
     return out, best
 
 
-def run(corpus: Path, frames_per_clip: int, repeat: int, weights: Path | None = None) -> list[dict]:
-    kmeans = create_palette_generator("kmeans", device="cpu")
-    cgan = (CganGenerator(device="cpu") if weights is None else CganGenerator(device="cpu", weights=weights, expected_sha256=None)).load()
-    backbone = create_backbone(cgan.backbone_name) if cgan.backbone_name else None
+def cgan_generator(weights: Path | None, device: str) -> CganGenerator:
+    if weights is None:
+        return CganGenerator(device=device).load()
+    return CganGenerator(device=device, weights=weights, expected_sha256=None).load()
+
+
+def run(corpus: Path, frames_per_clip: int, repeat: int, weights: Path | None, device: str, cnn_features: bool) -> list[dict]:
+    kmeans = create_palette_generator("kmeans", device=device)
+    cgan = cgan_generator(weights, device)
+    backbone = create_backbone(cgan.backbone_name) if cgan.backbone_name and cnn_features else None
     results = []
     for clip in HELD_OUT:
         path = corpus / clip
@@ -115,15 +123,16 @@ def run(corpus: Path, frames_per_clip: int, repeat: int, weights: Path | None = 
             chroma = np.concatenate([p[1] for p in parts])
             cand = candidate_mask(luma)
             for comp, blocks in (("luma", luma), ("chroma", chroma)):
-                x = torch.from_numpy(blocks).float()
-                kk = torch.full((len(x),), min(k, x.shape[1]), dtype=torch.long)
+                x = torch.from_numpy(blocks).float().to(device)
+                kk = torch.full((len(x),), min(k, x.shape[1]), dtype=torch.long, device=device)
                 methods = {
                     "kmeans(10)": lambda: kmeans.generate(x, kk),
-                    "median cut": lambda: median_cut(x, int(kk[0])),
                     "cgan-v1": lambda: cgan.generate(x, kk),
                     "cgan-v1 refine 1": lambda: lloyd(x, cgan.generate(x, kk), kk, 1),
-                    "no network (ablation)": lambda: companding_only(x, int(kk[0])),
                 }
+                if device == "cpu":  # the CPU-only reference methods
+                    methods["median cut"] = lambda: median_cut(x, int(kk[0]))
+                    methods["no network (ablation)"] = lambda: companding_only(x, int(kk[0]))
                 if backbone is not None:
 
                     def with_features():
@@ -132,8 +141,8 @@ def run(corpus: Path, frames_per_clip: int, repeat: int, weights: Path | None = 
 
                     methods["cgan-v1 + CNN features"] = with_features
                 for name, fn in methods.items():
-                    pal, seconds = timed(fn, repeat)
-                    mse = palette_mse(x, pal, kk).numpy()
+                    pal, seconds = timed(fn, repeat, device)
+                    mse = palette_mse(x, pal, kk).cpu().numpy()
                     results.append(
                         {
                             "clip": clip,
@@ -153,13 +162,12 @@ def run(corpus: Path, frames_per_clip: int, repeat: int, weights: Path | None = 
     return results
 
 
-def codec_comparison(corpus: Path, frames: int, weights: Path | None) -> list[dict]:
+def codec_comparison(corpus: Path, frames: int, weights: Path | None, device: str) -> list[dict]:
     """End to end: the codec with ``--palette kmeans`` and ``--palette cgan-v1`` at 40 and 45 dB, same frames."""
     from palstream.codec import EncoderConfig, encode_chunk
     from palstream.io import read_frames as read_clip
 
-    cgan = CganGenerator(device="cpu") if weights is None else CganGenerator(device="cpu", weights=weights, expected_sha256=None)
-    generators = {"kmeans": create_palette_generator("kmeans", device="cpu"), "cgan-v1": cgan}
+    generators = {"kmeans": create_palette_generator("kmeans", device=device), "cgan-v1": cgan_generator(weights, device)}
     rows = []
     warm = read_clip(str(corpus / HELD_OUT[0]), 0, 1)
     for name, gen in generators.items():  # compile the codec's kernels before anything is timed
@@ -223,13 +231,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--weights", type=Path, default=None, help="cgan weights (default: the shipped, hash-checked ones)")
     parser.add_argument("--codec-frames", type=int, default=0, help="also encode this many frames per clip with each palette generator (0: skip)")
+    parser.add_argument("--device", default="cpu", help="torch device for the generators: cpu or cuda")
+    parser.add_argument("--no-cnn-features", dest="cnn_features", action="store_false",
+                        help="skip the cgan-v1 + CNN features variant (where EfficientNet-Lite0 is not installed)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/palette_quality.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = run(args.corpus, args.frames, args.repeat, args.weights)
-    codec = codec_comparison(args.corpus, args.codec_frames, args.weights) if args.codec_frames else []
+    results = run(args.corpus, args.frames, args.repeat, args.weights, args.device, args.cnn_features)
+    codec = codec_comparison(args.corpus, args.codec_frames, args.weights, args.device) if args.codec_frames else []
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"threads": args.threads, "frames": args.frames, "results": results, "codec": codec}, indent=1))
+    device_name = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
+    args.out.write_text(json.dumps({"threads": args.threads, "frames": args.frames, "device": device_name,
+                                    "results": results, "codec": codec}, indent=1))
     print(summary(results))
     if codec:
         print(codec_summary(codec))
