@@ -33,9 +33,11 @@ app = typer.Typer(
 from palstream.batch.cli import EndpointOpt, ProfileOpt  # noqa: E402  (one definition of the storage options)
 from palstream.batch.cli import register as _register_batch  # noqa: E402
 from palstream.learned.cli import register as _register_learned  # noqa: E402
+from palstream.tuner.cli import register as _register_tuner  # noqa: E402
 
 _register_batch(app)
 _register_learned(app)
+_register_tuner(app)
 
 
 def _storage_options(storage_profile: str | None, endpoint_url: str | None) -> dict:

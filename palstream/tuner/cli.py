@@ -1,0 +1,43 @@
+"""``palstream tune``: pretrain a tuner policy offline on real clips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this package's commands to the main app."""
+    app.command("tune")(tune)
+
+
+def tune(
+    data: Annotated[list[str], typer.Option("--data", help="A clip to measure (path or URL); repeat for several.")],
+    out: Annotated[Path, typer.Option("--out", help="Policy file to write (JSON); use it with [tuner] policy.")],
+    frames: Annotated[int, typer.Option(help="Frames measured from the start of each clip.", min=1)] = 64,
+    gop: Annotated[int, typer.Option(help="Frames per unit (the job's GOP).", min=1, max=1024)] = 8,
+    target_psnr: Annotated[float, typer.Option(help="Quality floor of the measured encodes, dB PSNR-Y.")] = 45.0,
+    alpha: Annotated[float, typer.Option(help="Exploration width of the policy (LinUCB alpha).", min=0.0)] = 0.5,
+    measurements: Annotated[
+        Optional[Path], typer.Option(help="Also write every per-unit, per-arm measurement here (JSON), e.g. for benchmarks/tuner_regret.py.")
+    ] = None,
+) -> None:
+    """Pretrain the tuner: encode the first frames of each clip with every arm (one thread), fit a policy."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from palstream.codec import EncoderConfig
+    from palstream.tuner.offline import measure, pretrain
+
+    base = EncoderConfig(target_psnr=target_psnr, gop=gop)
+    columns = (TextColumn("measuring {task.fields[clip]}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("measure", total=None, clip="")
+        found = measure(data, base, frames, progress=lambda clip, done, total: bar.update(task, completed=done, total=total, clip=clip))
+    if measurements is not None:
+        measurements.write_text(json.dumps(found, indent=1) + "\n")
+    agent = pretrain(found, alpha=alpha)
+    agent.save(out, trained_on={"clips": [c["name"] for c in found["clips"]], "frames": frames, "gop": gop, "target_psnr": target_psnr})
+    typer.echo(f"wrote {out}: {sum(len(c['units']) for c in found['clips'])} units x {len(found['arms'])} arms from {len(data)} clip(s)")
