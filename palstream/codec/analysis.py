@@ -10,7 +10,7 @@ import math
 import numpy as np
 from numba import njit
 
-from palstream.codec.syntax import INTER, INTRA, MAX_PAL, PALETTE, SKIP, motion_sample, predict
+from palstream.codec.syntax import INTER, INTRA, MAX_PAL, PALETTE, SKIP, inter_prediction, motion_sample
 
 PROPOSAL_BLOCK = 16  # leaf size whose many-coloured blocks get palettes from the PaletteGenerator
 
@@ -21,12 +21,30 @@ def _clamp(v, lo, hi):
 
 
 @njit(cache=True, nogil=True)
-def _sad8(cur, ref, y0, x0, my, mx):
-    """SAD of an 8x8 block against ``ref`` displaced by a half-pel vector."""
+def _sad8(cur, ref, y0, x0, my, mx, bound):
+    """SAD of an 8x8 block against ``ref`` displaced by a half-pel vector; stops early once it
+    reaches ``bound`` (the caller only wants candidates below it)."""
+    h, w = ref.shape
+    iy = y0 + (my >> 1)
+    ix = x0 + (mx >> 1)
+    fy = my & 1
+    fx = mx & 1
+    inside = iy >= 0 and ix >= 0 and iy + 8 + fy <= h and ix + 8 + fx <= w
     s = 0
-    for y in range(y0, y0 + 8):
-        for x in range(x0, x0 + 8):
-            s += abs(np.int64(cur[y, x]) - motion_sample(ref, y, x, my, mx))
+    for y in range(8):
+        if inside:  # syntax.motion_sample without the clamping
+            r0 = iy + y
+            r1 = r0 + fy
+            for x in range(8):
+                c0 = ix + x
+                c1 = c0 + fx
+                p = (np.int64(ref[r0, c0]) + np.int64(ref[r0, c1]) + np.int64(ref[r1, c0]) + np.int64(ref[r1, c1]) + 2) >> 2
+                s += abs(np.int64(cur[y0 + y, x0 + x]) - p)
+        else:
+            for x in range(8):
+                s += abs(np.int64(cur[y0 + y, x0 + x]) - motion_sample(ref, y0 + y, x0 + x, my, mx))
+        if s >= bound:
+            break
     return s
 
 
@@ -78,7 +96,7 @@ def motion_search(cur, ref, prev_mv, search_range, grid=True):
             for i in range(n):
                 dy = _clamp(cands[i, 0], -lim, lim)
                 dx = _clamp(cands[i, 1], -lim, lim)
-                c = _sad8(cur, ref, by * 8, bx * 8, dy, dx) + abs(dy) + abs(dx)
+                c = _sad8(cur, ref, by * 8, bx * 8, dy, dx, best - abs(dy) - abs(dx)) + abs(dy) + abs(dx)
                 if c < best:
                     best = c
                     bdy = dy
@@ -87,7 +105,7 @@ def motion_search(cur, ref, prev_mv, search_range, grid=True):
                 # the predictors missed: try a coarse grid of whole-pixel vectors
                 for gy in range(-lim, lim + 1, step):
                     for gx in range(-lim, lim + 1, step):
-                        c = _sad8(cur, ref, by * 8, bx * 8, gy, gx) + abs(gy) + abs(gx)
+                        c = _sad8(cur, ref, by * 8, bx * 8, gy, gx, best - abs(gy) - abs(gx)) + abs(gy) + abs(gx)
                         if c < best:
                             best = c
                             bdy = gy
@@ -105,7 +123,7 @@ def motion_search(cur, ref, prev_mv, search_range, grid=True):
                         dy = cy + stride * NEIGHBOURS[k, 0]
                         dx = cx + stride * NEIGHBOURS[k, 1]
                         if abs(dy) <= lim and abs(dx) <= lim:
-                            c = _sad8(cur, ref, by * 8, bx * 8, dy, dx) + abs(dy) + abs(dx)
+                            c = _sad8(cur, ref, by * 8, bx * 8, dy, dx, best - abs(dy) - abs(dx)) + abs(dy) + abs(dx)
                             if c < best:
                                 best = c
                                 bdy = dy
@@ -179,10 +197,11 @@ def _block_cost(err, table, y0, x0, s):
 
 @njit(cache=True, nogil=True)
 def _inter_cost(cur, ref, ref2, table, y0, x0, s, mot):
+    pred = inter_prediction(ref, ref2, y0, x0, s, mot)
     t = 0.0
-    for y in range(y0, y0 + s):
-        for x in range(x0, x0 + s):
-            t += table[np.int64(cur[y, x]) - predict(ref, ref, ref2, y, x, INTER, mot) + 255]
+    for y in range(s):
+        for x in range(s):
+            t += table[np.int64(cur[y0 + y, x0 + x]) - pred[y, x] + 255]
     return t
 
 

@@ -21,7 +21,7 @@ MAX_OVERRUN = 16  # bytes read past the end before a stream is declared truncate
 
 
 def new_probs(n: int) -> np.ndarray:
-    a = np.full((n, 4), PROB_ONE // 2, dtype=np.int32); a[:, 2:] = 0; return a
+    return np.full((n, 2), PROB_ONE // 2, dtype=np.int32)
 
 
 def new_state() -> np.ndarray:
@@ -108,7 +108,6 @@ def code_bit(enc, st, buf, probs, ctx, bit):
             st[CODE] -= bound
             st[RANGE] -= bound
             bit = 1
-    probs[ctx, 2 + bit] += 1
     if bit == 0:
         probs[ctx, 0] = pf + ((PROB_ONE - pf) >> 4)
         probs[ctx, 1] = ps + ((PROB_ONE - ps) >> 7)

@@ -92,12 +92,13 @@ def _activity_bucket(rec, y, x, q4):
     b = np.int64(rec[y - 1, x])
     c = np.int64(rec[y - 1, x - 1])
     d = np.int64(rec[y - 1, x + 1]) if x + 1 < rec.shape[1] else b
-    t = 4 * (abs(a - c) + abs(b - c) + abs(b - d)) // q4
-    if t == 0:
+    # buckets of t = 4g // q4 at t = 0, 1..2, 3..6, 7..: compared, not divided (hot loop)
+    g4 = 4 * (abs(a - c) + abs(b - c) + abs(b - d))
+    if g4 < q4:
         return 0
-    if t <= 2:
+    if g4 < 3 * q4:
         return 1
-    if t <= 6:
+    if g4 < 7 * q4:
         return 2
     return 3
 
@@ -109,7 +110,12 @@ def _sign3(v):
 
 @njit(cache=True, nogil=True, inline="always")
 def motion_sample(ref, y, x, mvy, mvx):
-    """Sample of ``ref`` displaced by a half-pel vector: bilinear, rounded, edges repeated."""
+    """Sample of ``ref`` displaced by a half-pel vector: bilinear, rounded, edges repeated.
+
+    One formula for all four half-pel phases: (a + b + c + d + 2) >> 2 with the second row
+    and column equal to the first where that coordinate is whole, which is a, (a + b + 1) >> 1
+    or (a + c + 1) >> 1 exactly.
+    """
     h, w = ref.shape
     py = 2 * y + mvy
     px = 2 * x + mvx
@@ -117,28 +123,47 @@ def motion_sample(ref, y, x, mvy, mvx):
     ix = px >> 1
     y0 = _clamp(iy, 0, h - 1)
     x0 = _clamp(ix, 0, w - 1)
-    a = np.int64(ref[y0, x0])
-    if (py & 1) == 0 and (px & 1) == 0:
-        return a
     y1 = _clamp(iy + (py & 1), 0, h - 1)
     x1 = _clamp(ix + (px & 1), 0, w - 1)
-    if (py & 1) == 0:
-        return (a + np.int64(ref[y0, x1]) + 1) >> 1
-    if (px & 1) == 0:
-        return (a + np.int64(ref[y1, x0]) + 1) >> 1
-    return (a + np.int64(ref[y0, x1]) + np.int64(ref[y1, x0]) + np.int64(ref[y1, x1]) + 2) >> 2
+    return (np.int64(ref[y0, x0]) + np.int64(ref[y0, x1]) + np.int64(ref[y1, x0]) + np.int64(ref[y1, x1]) + 2) >> 2
 
 
 @njit(cache=True, nogil=True, inline="always")
-def predict(rec, ref, ref2, y, x, mode, mot):
-    """INTRA: MED. INTER: motion-compensated sample; with ``bi``, the rounded mean of the
-    previous frame's and the one-before's samples. ``mot`` = (bi, mvy, mvx, mvy2, mvx2)."""
-    if mode == INTRA:
-        return _med(rec, y, x)
-    p = motion_sample(ref, y, x, mot[1], mot[2])
+def _motion_block(ref, y0, x0, size, mvy, mvx, out):
+    """``motion_sample`` of every sample of a block into ``out``; no clamping where none is needed."""
+    h, w = ref.shape
+    iy = y0 + (mvy >> 1)
+    ix = x0 + (mvx >> 1)
+    fy = mvy & 1
+    fx = mvx & 1
+    if iy >= 0 and ix >= 0 and iy + size + fy <= h and ix + size + fx <= w:
+        for y in range(size):
+            r0 = iy + y
+            r1 = r0 + fy
+            for x in range(size):
+                c0 = ix + x
+                c1 = c0 + fx
+                out[y, x] = (np.int64(ref[r0, c0]) + np.int64(ref[r0, c1]) + np.int64(ref[r1, c0])
+                             + np.int64(ref[r1, c1]) + 2) >> 2
+    else:
+        for y in range(size):
+            for x in range(size):
+                out[y, x] = motion_sample(ref, y0 + y, x0 + x, mvy, mvx)
+
+
+@njit(cache=True, nogil=True)
+def inter_prediction(ref, ref2, y0, x0, size, mot):
+    """Motion-compensated prediction of a block: ``mot`` = (bi, mvy, mvx, mvy2, mvx2); with
+    ``bi``, the rounded mean of the previous frame's and the one-before's predictions."""
+    out = np.empty((size, size), np.int64)
+    _motion_block(ref, y0, x0, size, mot[1], mot[2], out)
     if mot[0]:
-        p = (p + motion_sample(ref2, y, x, mot[3], mot[4]) + 1) >> 1
-    return p
+        second = np.empty((size, size), np.int64)
+        _motion_block(ref2, y0, x0, size, mot[3], mot[4], second)
+        for y in range(size):
+            for x in range(size):
+                out[y, x] = (out[y, x] + second[y, x] + 1) >> 1
+    return out
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -156,13 +181,13 @@ def dequantise(k, q4):
 
 
 @njit(cache=True, nogil=True)
-def _sub_block_is_zero(src, rec, ref, ref2, y0, x0, sub, q4, rnd4, mode, mot):
+def _sub_block_is_zero(src, rec, mode, inter, y0, x0, sy, sx, sub, q4, rnd4):
     """Encoder: would every level of this sub-block quantise to zero? Writes the tentative
     zero-level reconstruction into ``rec``; coding the sub-block afterwards overwrites it in
     the same raster order, so no sample is used before its final value is written."""
-    for y in range(y0, y0 + sub):
-        for x in range(x0, x0 + sub):
-            pred = predict(rec, ref, ref2, y, x, mode, mot)
+    for y in range(sy, sy + sub):
+        for x in range(sx, sx + sub):
+            pred = inter[y - y0, x - x0] if mode == INTER else _med(rec, y, x)
             if _level(np.int64(src[y, x]) - pred, q4, rnd4) != 0:
                 return False
             rec[y, x] = pred
@@ -173,12 +198,14 @@ def _sub_block_is_zero(src, rec, ref, ref2, y0, x0, sub, q4, rnd4, mode, mot):
 def code_residual_block(enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y0, x0, size, q4, rnd4, mode, plane_class, mot):
     """Quantised prediction residual of one block of one plane: its 'palette of residual levels'.
 
-    Prediction: see ``_predict``. The block is coded in sub-blocks of 8x8 (luma) or 4x4 (chroma) samples, each with
+    Prediction: ``inter_prediction`` (INTER) or MED (INTRA). The block is coded in sub-blocks of 8x8 (luma) or 4x4 (chroma) samples, each with
     a flag for 'all levels zero'; otherwise each level k (residual in steps of q4/4, rounded
     toward zero by the encoder's ``rnd4``) is coded as zero flag, sign, magnitude - 1.
     """
     cls = plane_class * 2 + (1 if mode == INTRA else 0)
     sub = min(size, 8 if plane_class == 0 else 4)
+    # INTER predicts the whole block at once; INTRA predicts from samples as they are decoded
+    inter = inter_prediction(ref, ref2, y0, x0, size, mot) if mode == INTER else np.empty((0, 0), np.int64)
     for sy in range(y0, y0 + size, sub):
         for sx in range(x0, x0 + size, sub):
             # context: does the sub-block to the left / above hold a non-zero level next to this one
@@ -191,11 +218,11 @@ def code_residual_block(enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y
                     nzt = 1
             coded = 1
             if enc:
-                coded = 0 if _sub_block_is_zero(src, rec, ref, ref2, sy, sx, sub, q4, rnd4, mode, mot) else 1
+                coded = 0 if _sub_block_is_zero(src, rec, mode, inter, y0, x0, sy, sx, sub, q4, rnd4) else 1
             coded = code_bit(enc, st, buf, probs, CTX_RES_CODED + cls * 3 + nzl + nzt, coded)
             for y in range(sy, sy + sub):
                 for x in range(sx, sx + sub):
-                    pred = predict(rec, ref, ref2, y, x, mode, mot)
+                    pred = inter[y - y0, x - x0] if mode == INTER else _med(rec, y, x)
                     k = 0
                     if coded:
                         w = kmap.shape[1]
