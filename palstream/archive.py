@@ -244,6 +244,34 @@ class ArchiveWriter:
             f"commits/{_key(index)}", attributes={"sha256": sha, "bytes": len(payload)}, overwrite=True
         )
 
+    def record_chunk_config(self, first: int, count: int, config: EncoderConfig) -> None:
+        """Record that chunks ``[first, first + count)`` are encoded with ``config`` (FORMAT.md §2.2).
+
+        For the tuner's batches, whose configuration differs from ``encoder.config``. Called by
+        the job's single driver before those chunks' tasks run; repeating a record (a resumed
+        job) writes nothing.
+        """
+        encoder = dict(self.attrs["encoder"])
+        run = {"first": first, "count": count, "digest": config.digest}
+        runs = list(encoder.get("chunk_configs", []))
+        if run in runs:
+            return
+        overlap = [r for r in runs if r["first"] < first + count and first < r["first"] + r["count"]]
+        if overlap:
+            raise ArchiveError(
+                f"archive {self.url}: chunks {first}..{first + count - 1} already have configuration "
+                f"{overlap[0]['digest']}; a chunk's configuration is decided once"
+            )
+        configs = {**encoder.get("configs", {}), config.digest: config.to_dict()}
+        runs = sorted([*runs, run], key=lambda r: r["first"])
+        self._group.attrs.update({"encoder": {**encoder, "configs": configs, "chunk_configs": runs}})
+        self.attrs = _validated_attrs(dict(self._group.attrs), self.url)
+
+    def revoke(self, index: int) -> None:
+        """Delete chunk ``index``'s commit marker, so the chunk counts as not written (and is redone)."""
+        if self._marker(index) is not None:
+            del self._group[f"commits/{_key(index)}"]
+
     def _marker(self, index: int) -> dict | None:
         try:
             return dict(self._group[f"commits/{_key(index)}"].attrs)
@@ -387,6 +415,21 @@ class Archive:
 
     def committed(self) -> set[int]:
         return _committed(self._group, self.n_chunks)
+
+    def chunk_config(self, index: int) -> dict:
+        """The encoder configuration that encoded chunk ``index`` (FORMAT.md §2.2).
+
+        ``encoder.config`` unless ``encoder.chunk_configs`` names another one for this chunk.
+        """
+        self.chunk_frames(index)
+        encoder = self.attrs["encoder"]
+        for run in encoder.get("chunk_configs", []):
+            try:
+                if run["first"] <= index < run["first"] + run["count"]:
+                    return dict(encoder["configs"][run["digest"]])
+            except (KeyError, TypeError):
+                raise ArchiveError(f"archive {self.url} is malformed: encoder.chunk_configs entry {run!r}") from None
+        return dict(encoder["config"])
 
     def payload_bytes(self) -> int:
         """Total bytes of the written chunk payloads (from metadata; zarr overhead excluded)."""

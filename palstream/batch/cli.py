@@ -37,15 +37,16 @@ TargetsOpt = Annotated[
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Live progress bar.")]
 
 
+TABLES = ("codec", "storage", "tuner")  # job-file tables that command-line options fill in
+
+
 def _overrides(**options) -> dict:
     """Only the options given on the command line (they override the job file)."""
-    data = {k: v for k, v in options.items() if v is not None and k not in ("codec", "storage")}
-    codec = {k: v for k, v in options.get("codec", {}).items() if v is not None}
-    storage = {k: v for k, v in options.get("storage", {}).items() if v is not None}
-    if codec:
-        data["codec"] = codec
-    if storage:
-        data["storage"] = storage
+    data = {k: v for k, v in options.items() if v is not None and k not in TABLES}
+    for table in TABLES:
+        given = {k: v for k, v in options.get(table, {}).items() if v is not None}
+        if given:
+            data[table] = given
     return data
 
 
@@ -124,6 +125,12 @@ def submit(
     lossless: Annotated[Optional[bool], typer.Option("--lossless/--lossy", help="Bit-exact 4:2:0 (default: lossy).")] = None,
     palette: Annotated[Optional[str], typer.Option(help="Palette generator name (default kmeans).")] = None,
     gop: Annotated[Optional[int], typer.Option(help="Frames per chunk, the unit of work (default 32).")] = None,
+    tune: Annotated[
+        Optional[bool], typer.Option("--tune/--no-tune", help="Let the tuner choose each batch's encoder configuration (see docs/tuner.md).")
+    ] = None,
+    replay_ledger: Annotated[
+        Optional[str], typer.Option(help="Take every batch's configuration from a tuned job's _palstream/tuner/ledger.jsonl (implies --tune).")
+    ] = None,
     storage_profile: ProfileOpt = None,
     endpoint_url: EndpointOpt = None,
     metrics_port: MetricsPortOpt = None,
@@ -146,6 +153,10 @@ def submit(
         max_in_flight=max_in_flight,
         codec={"target_psnr": target_psnr, "lossless": lossless, "palette": palette, "gop": gop},
         storage={"profile": storage_profile, "endpoint_url": endpoint_url},
+        tuner={
+            "enabled": True if replay_ledger else tune,
+            "replay": replay_ledger if replay_ledger is None or "://" in replay_ledger else str(Path(replay_ledger).absolute()),
+        },
     )
     if len(args) == 1 and _is_job_file(args[0]):
         base, where = load_job_file(args[0]), args[0]
@@ -224,6 +235,13 @@ def status(
         f"units {info['units_done']}/{info['units_total']}, frames {info['frames_done']}/{info['frames_total']}, "
         f"throughput {f'{fps:.1f} frames/s' if fps else '-'}"
     )
+    tuner = info.get("tuner")
+    if tuner:
+        mean = f"{tuner['mean_reward']:.3f}" if tuner["mean_reward"] is not None else "-"
+        console.print(f"tuner: {tuner['decisions']} batch decision(s), {tuner['rewarded']} rewarded, mean reward {mean}", markup=False)
+        for arm, stats in tuner["by_arm"].items():
+            arm_mean = f"{stats['mean_reward']:.3f}" if stats["mean_reward"] is not None else "-"
+            console.print(f"  {arm}: {stats['decisions']} decision(s), mean reward {arm_mean}", markup=False)
     for q in info["quarantined"]:
         where = f" unit {q['unit']}" if q["unit"] is not None else ""
         console.print(f"quarantined: {q['input']}{where}: {q['reason']}", markup=False)

@@ -16,6 +16,7 @@ from typing import Iterator
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from palstream.errors import PalstreamError
+from palstream.tuner.space import ARM_NAMES
 
 # Stages a unit goes through; the codec reports its inner stages in stats["stage_seconds"].
 STAGES = ("decode", "features", "palettes", "entropy", "encode", "write")
@@ -52,6 +53,14 @@ job_last_progress = Gauge(
     "palstream_job_last_progress_timestamp_seconds", "Unix time the driver last saw a unit finish"
 )
 
+# Driver side, tuned jobs only (docs/tuner.md): one decision per batch, one reward per finished batch.
+tuner_decisions = Counter("palstream_tuner_decisions", "Encoder configurations the tuner chose, by arm", ["arm"])
+tuner_reward = Histogram(
+    "palstream_tuner_reward",
+    "Reward of each finished tuned batch (weighted log2 ratio, quality above the floor and cost)",
+    buckets=(-2, -1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12),
+)
+
 # Make every labelled series exist from the start, so dashboards and alerts see zeros, not gaps.
 for _outcome in UNIT_OUTCOMES:
     units.labels(_outcome)
@@ -59,6 +68,8 @@ for _stage in STAGES:
     stage_duration.labels(_stage)
 for _state in JOB_STATES:
     job_units.labels(_state)
+for _arm in ARM_NAMES:
+    tuner_decisions.labels(_arm)
 
 
 def record_unit(summary: dict, stage_seconds: dict[str, float]) -> None:

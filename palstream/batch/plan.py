@@ -51,8 +51,14 @@ class Plan:
     hash: str
 
     @classmethod
-    def build(cls, config: EncoderConfig, probed: list[tuple[str, dict | None, str | None]]) -> "Plan":
-        """Plan from ``(url, SourceInfo dict or None, rejection reason or None)`` per input."""
+    def build(
+        cls, config: EncoderConfig, probed: list[tuple[str, dict | None, str | None]], tuner: dict | None = None
+    ) -> "Plan":
+        """Plan from ``(url, SourceInfo dict or None, rejection reason or None)`` per input.
+
+        ``tuner`` (the ``[tuner]`` settings of a tuned job) becomes part of the job's identity:
+        an output never mixes tuned and untuned runs, or two tunings.
+        """
         sources, rejected = [], []
         for url, info, reason in probed:
             if info is None:
@@ -67,7 +73,10 @@ class Plan:
                     "units": [[s, min(gop, n - s)] for s in range(0, n, gop)],
                 }
             )
-        return cls.from_data({"version": PLAN_VERSION, "codec": config.to_dict(), "sources": sources, "rejected": rejected})
+        data = {"version": PLAN_VERSION, "codec": config.to_dict(), "sources": sources, "rejected": rejected}
+        if tuner is not None:
+            data["tuner"] = tuner
+        return cls.from_data(data)
 
     @classmethod
     def from_data(cls, data: dict) -> "Plan":
@@ -76,6 +85,11 @@ class Plan:
     @property
     def config(self) -> EncoderConfig:
         return EncoderConfig.from_dict(self.data["codec"])
+
+    @property
+    def tuner(self) -> dict | None:
+        """The ``[tuner]`` settings of a tuned job, None for an untuned one."""
+        return self.data.get("tuner")
 
     @property
     def sources(self) -> list[dict]:

@@ -164,6 +164,10 @@ def run_job(
     """
     out_opts = spec.storage.options(spec.output)
     check_writable(spec.output, out_opts)
+    if spec.tuner.enabled and not resume:
+        from palstream.tuner.agent import load_policy
+
+        load_policy(spec.tuner.policy)  # a bad policy file is a one-line error before any work
     plan = None
     if resume:
         plan = load_plan(spec.output, out_opts)
@@ -196,7 +200,8 @@ def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str]) -> Plan:
             probed.append((url, None, str(exc)))
         except Exception as exc:  # noqa: BLE001  e.g. KilledWorker: the input crashed the decoder
             probed.append((url, None, _one_line(exc)))
-    return Plan.build(spec.codec, probed)
+    tuner = {k: v for k, v in spec.tuner.to_dict().items() if k != "enabled"} if spec.tuner.enabled else None
+    return Plan.build(spec.codec, probed, tuner)
 
 
 class _Execution:
@@ -246,17 +251,27 @@ class _Execution:
     def run(self) -> JobReport:
         self._prepare_archives()
         units = self.plan.units()
-        # Largest units first (frames x pixels): the last units to finish are then small ones,
-        # which keeps every worker busy until the end.
-        todo = deque(
-            sorted(
-                (u for u in units if u.index not in self.committed[u.source]),
-                key=lambda u: -u.count * self.plan.sources[u.source]["info"]["width"] * self.plan.sources[u.source]["info"]["height"],
+        self.quarantined_sources: set[int] = set()
+        self.tuned = None
+        if self.plan.tuner is not None:
+            from palstream.tuner.session import TunedUnits
+
+            # The tuner hands out units batch by batch, deciding each batch's configuration.
+            todo = self.tuned = TunedUnits(
+                self.client, self.spec.output, self.out_opts, self.plan, self.committed,
+                self.quarantined_sources, self.spec.storage.options, self.spec.retries,
             )
-        )
+        else:
+            # Largest units first (frames x pixels): the last units to finish are then small ones,
+            # which keeps every worker busy until the end.
+            todo = deque(
+                sorted(
+                    (u for u in units if u.index not in self.committed[u.source]),
+                    key=lambda u: -u.count * self.plan.sources[u.source]["info"]["width"] * self.plan.sources[u.source]["info"]["height"],
+                )
+            )
         self.report.units_skipped = len(units) - len(todo)
         self.frames_done = sum(u.count for u in units if u.index in self.committed[u.source])
-        self.quarantined_sources: set[int] = set()
         self._set_unit_gauges(len(todo), 0)
         metrics.job_workers_requested.set(requested_workers(self.spec, self.client))
         stop = threading.Event()
@@ -285,7 +300,7 @@ class _Execution:
             "summary_url": join(self.spec.output, JOB_DIR, "units", f"{unit.source}-{unit.index}.json"),
         }
         job = {
-            "codec": self.plan.data["codec"],
+            "codec": self.tuned.config_for(unit) if self.tuned is not None else self.plan.data["codec"],
             "output_options": self.out_opts,
             "source_options": self.spec.storage.options(src["url"]),
         }
@@ -300,7 +315,7 @@ class _Execution:
         self.inflight[fut.key] = unit
         ac.add(fut)
 
-    def _run_units(self, todo: deque) -> None:
+    def _run_units(self, todo) -> None:  # a deque, or the tuner's TunedUnits
         limit = self.spec.max_in_flight or 2 * self._threads()
         self.inflight: dict = {}
         ac = as_completed()
@@ -328,6 +343,8 @@ class _Execution:
         src_url = self.plan.sources[unit.source]["url"]
         if fut.status == "finished":
             summary = fut.result()
+            if not self._meets_floor(unit, summary):
+                return
             self.committed[unit.source].add(unit.index)
             self.frames_done += unit.count
             self.report.units_encoded += 1
@@ -337,6 +354,8 @@ class _Execution:
             remaining[unit.source] -= 1
             if remaining[unit.source] == 0:
                 self._submit_finalize(unit.source, ac)
+            if self.tuned is not None:
+                self.tuned.unit_finished(unit, summary)
             self._emit(summary)
         else:
             # Retries are spent (or the unit killed its workers): give this input up, keep the rest going.
@@ -345,6 +364,24 @@ class _Execution:
             self.quarantined_sources.add(unit.source)
             self.report.archives[self.plan.sources[unit.source]["archive"]] = "incomplete"
             self._emit(None)
+
+    def _meets_floor(self, unit, summary: dict) -> bool:
+        """A unit below the job's quality floor is never accepted: uncommit it and quarantine its input."""
+        from palstream import archive
+        from palstream.tuner.reward import FloorViolation, check_floor
+
+        src = self.plan.sources[unit.source]
+        config = self.plan.config
+        try:
+            check_floor(summary.get("psnr_y"), config.target_psnr, config.lossless, f"{src['url']} unit {unit.index}")
+            return True
+        except FloorViolation as exc:
+            archive.ArchiveWriter.open(self.plan.archive_url(self.spec.output, unit.source), storage_options=self.out_opts).revoke(unit.index)
+            self.report.quarantined.append({"input": src["url"], "unit": unit.index, "reason": str(exc)})
+            self.quarantined_sources.add(unit.source)
+            self.report.archives[src["archive"]] = "incomplete"
+            self._emit(None)
+            return False
 
     def _submit_finalize(self, source: int, ac) -> None:
         fut = self.client.submit(

@@ -108,6 +108,65 @@ class StorageSpec:
 
 
 @dataclass(frozen=True)
+class TunerSpec:
+    """The ``[tuner]`` table: whether and how the tuner picks each batch's encoder configuration.
+
+    See ``docs/tuner.md``.
+
+    Parameters
+    ----------
+    enabled : bool, default False
+        Let the tuner choose a configuration per batch (``--tune``); the floor stays the job's.
+    batch_units : int, default 4
+        Consecutive units of one input per batch; the configuration changes only between batches.
+    policy : str or None, default None
+        Policy file to start from (``palstream tune --out``, or a previous job's
+        ``_palstream/tuner/policy.json``); None: the policy shipped with palstream.
+    seed : int, default 0
+        Seed of the agent's tie-breaking; same seed and same rewards give the same decisions.
+    ratio_weight, quality_weight, cost_weight : float, default 1.0, 0.1, 0.5
+        Reward weights (``palstream.tuner.reward.RewardWeights``).
+    replay : str or None, default None
+        A job's ``ledger.jsonl``: take every batch's configuration from it instead of deciding
+        (reproduces that job's archives byte for byte).
+    """
+
+    enabled: bool = False
+    batch_units: int = 4
+    policy: str | None = None
+    seed: int = 0
+    ratio_weight: float = 1.0
+    quality_weight: float = 0.1
+    cost_weight: float = 0.5
+    replay: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "tuner") -> "TunerSpec":
+        from palstream.tuner.reward import RewardWeights
+
+        data = dict(data)
+        _check_known(cls, data, where)
+        if not isinstance(data.get("enabled", False), bool):
+            raise ConfigError(f"{where}.enabled: must be true or false, got {data['enabled']!r}")
+        for name, lo in (("batch_units", 1), ("seed", 0)):
+            value = data.get(name, 0 if name == "seed" else 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"{where}.{name}: must be an integer >= {lo}, got {value!r}")
+        for name in ("policy", "replay"):
+            if data.get(name) is not None and not (isinstance(data[name], str) and data[name]):
+                raise ConfigError(f"{where}.{name}: must be a path, got {data[name]!r}")
+        weights = {k: data[k] for k in ("ratio_weight", "quality_weight", "cost_weight") if k in data}
+        try:
+            RewardWeights(**weights)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.{str(exc).removeprefix('tuner.')}") from None
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """One batch job, validated.
 
@@ -134,6 +193,8 @@ class JobSpec:
         Units submitted but not finished at any time; 0 means twice the worker threads.
     storage : StorageSpec
         Endpoint/region/profile for ``s3://`` inputs and outputs.
+    tuner : TunerSpec
+        The ``[tuner]`` table (off by default).
     """
 
     inputs: tuple[str, ...]
@@ -145,6 +206,7 @@ class JobSpec:
     retries: int = 2
     max_in_flight: int = 0
     storage: StorageSpec = field(default_factory=StorageSpec)
+    tuner: TunerSpec = field(default_factory=TunerSpec)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "job") -> "JobSpec":
@@ -192,12 +254,18 @@ class JobSpec:
             storage = StorageSpec.from_dict(storage, where=f"{where}.storage")
         elif not isinstance(storage, StorageSpec):
             raise ConfigError(f"{where}.storage: must be a table, got {storage!r}")
+        tuner = data.get("tuner", {})
+        if isinstance(tuner, dict):
+            tuner = TunerSpec.from_dict(tuner, where=f"{where}.tuner")
+        elif not isinstance(tuner, TunerSpec):
+            raise ConfigError(f"{where}.tuner: must be a table, got {tuner!r}")
         return cls(
             inputs=tuple(inputs),
             output=data["output"].rstrip("/"),
             codec=config,
             cluster=cluster,
             storage=storage,
+            tuner=tuner,
             **ints,
         )
 
@@ -207,6 +275,7 @@ class JobSpec:
         out["inputs"] = list(self.inputs)
         out["codec"] = self.codec.to_dict()
         out["storage"] = {k: v for k, v in self.storage.to_dict().items() if v not in (None, False)}
+        out["tuner"] = {k: v for k, v in self.tuner.to_dict().items() if v is not None}
         return out
 
 
@@ -231,6 +300,10 @@ def load_job_file(path: str | Path) -> dict:
         data["inputs"] = [anchor(data["inputs"])]
     if "output" in data:
         data["output"] = anchor(data["output"])
+    if isinstance(data.get("tuner"), dict):
+        for key in ("policy", "replay"):
+            if key in data["tuner"]:
+                data["tuner"][key] = anchor(data["tuner"][key])
     return data
 
 

@@ -11,6 +11,7 @@ import json
 from palstream.batch.plan import load_plan
 from palstream.batch.store import JOB_DIR, JobLock, filesystem, join, read_json
 from palstream.errors import ArchiveError, PalstreamError
+from palstream.tuner.session import ledger_summary
 
 
 def job_status(output: str, options: dict | None = None) -> dict:
@@ -23,7 +24,9 @@ def job_status(output: str, options: dict | None = None) -> dict:
         (lock holder or None), ``units_done``/``units_total``, ``frames_done``/``frames_total``,
         ``frames_per_second`` (last run, or so far while running), ``videos`` (one dict per
         input: ``name``, ``archive``, ``state``, ``units_done``, ``units_total``, ``frames_done``,
-        ``ratio``, ``psnr_y``), ``quarantined`` (from the last run's report).
+        ``ratio``, ``psnr_y``), ``quarantined`` (from the last run's report), ``tuner`` (tuned
+        jobs: decisions and mean reward by arm, see ``palstream.tuner.session.ledger_summary``;
+        None otherwise).
     """
     from palstream import archive
 
@@ -97,6 +100,7 @@ def job_status(output: str, options: dict | None = None) -> dict:
         "frames_per_second": fps,
         "videos": videos,
         "quarantined": quarantined,
+        "tuner": ledger_summary(output, options) if plan.tuner is not None else None,
     }
 
 

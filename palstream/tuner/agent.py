@@ -69,12 +69,15 @@ class LinUCB:
         pick = best[0] if len(best) == 1 else np.random.default_rng([seed, decision]).choice(best)
         return ARM_NAMES[int(pick)]
 
-    def update(self, arm: str, x: np.ndarray, comps: dict[str, float]) -> None:
-        """Add one observation: arm ``arm`` at context ``x`` gave components ``comps``."""
+    def update(self, arm: str, x: np.ndarray, comps: dict[str, float], weight: float = 1.0) -> None:
+        """Add one observation: arm ``arm`` at context ``x`` gave components ``comps``.
+
+        ``weight`` is how many observations it counts for (offline pretraining counts less).
+        """
         i = ARM_NAMES.index(arm)
         c = np.array([comps[name] for name in COMPONENTS])
-        self.A[i] += np.outer(x, x)
-        self.B[i] += np.outer(x, c)
+        self.A[i] += weight * np.outer(x, x)
+        self.B[i] += weight * np.outer(x, c)
         self.counts[i] += 1
 
     # -- persistence ---------------------------------------------------------------------------

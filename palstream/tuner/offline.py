@@ -89,11 +89,20 @@ def unit_components(measurements: dict, clip: dict, unit: dict, arm: str) -> dic
     return components([unit["arms"][arm]], clip["width"], clip["height"], base.target_psnr, base.lossless)
 
 
-def pretrain(measurements: dict, clip_names: list[str] | None = None, alpha: float = 0.5) -> LinUCB:
+# What one offline observation counts for, against one of the job's own batches. Offline clips
+# are few and unlike any particular library; at full weight a job would need dozens of batches
+# to overrule them (measured in BENCHMARKS.md, "Tuner").
+OFFLINE_WEIGHT = 0.1
+
+
+def pretrain(
+    measurements: dict, clip_names: list[str] | None = None, alpha: float = 0.5, weight: float = OFFLINE_WEIGHT
+) -> LinUCB:
     """A fresh agent updated with every (unit, arm) outcome of the given clips (default all).
 
-    A unit's ``last_log2_ratio`` feature is the previous unit's under the ``default`` arm: in a
-    job it comes from whichever arm encoded the previous batch, which changes it by a few percent.
+    Each outcome counts ``weight`` observations. A unit's ``last_log2_ratio`` feature is the
+    previous unit's under the ``default`` arm: in a job it comes from whichever arm encoded the
+    previous batch, which changes it by a few percent.
     """
     agent = LinUCB(alpha=alpha)
     for clip in measurements["clips"]:
@@ -103,6 +112,6 @@ def pretrain(measurements: dict, clip_names: list[str] | None = None, alpha: flo
         for unit in clip["units"]:
             x = context_vector(unit["features"], last)
             for arm in ARM_NAMES:
-                agent.update(arm, x, unit_components(measurements, clip, unit, arm))
+                agent.update(arm, x, unit_components(measurements, clip, unit, arm), weight)
             last = unit_components(measurements, clip, unit, "default")["log2_ratio"]
     return agent
