@@ -19,7 +19,8 @@ the one arm with the best total reward on that clip, known only in hindsight).
 
     python benchmarks/tuner_regret.py --measurements benchmarks/results/tuner_grid.json
 
-writes ``benchmarks/results/tuner_regret.json`` and ``tuner_regret.png`` and prints the tables.
+writes ``benchmarks/results/tuner_regret.json`` and ``tuner_regret.png`` (``tuner_grid_X.json`` gives
+``tuner_regret_X.*``) and prints the tables.
 """
 
 from __future__ import annotations
@@ -178,6 +179,8 @@ def main(argv=None) -> int:
         meas = measure(clips, EncoderConfig(gop=args.gop), args.frames, progress=lambda c, d, t: print(f"\r{c} {d}/{t}", end="", file=sys.stderr))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "tuner_grid.json").write_text(json.dumps(meas, indent=1) + "\n")
+    # tuner_grid_gop4.json -> tuner_regret_gop4.{json,png}
+    name = "tuner_regret" + (args.measurements.stem.removeprefix("tuner_grid") if args.measurements else "")
     results = {
         setting: evaluate(meas, args.batch_units, weights, args.alpha, args.seed, args.skip)
         for setting, weights in WEIGHT_SETTINGS.items()
@@ -185,11 +188,11 @@ def main(argv=None) -> int:
     for setting, result in results.items():
         print_tables(setting, result)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tuner_regret.json").write_text(
+    (args.out / f"{name}.json").write_text(
         json.dumps({"settings": {k: vars(w) for k, w in WEIGHT_SETTINGS.items()}, "args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1) + "\n"
     )
-    plot(results, args.out / "tuner_regret.png")
-    print(f"\nwrote {args.out / 'tuner_regret.json'} and {args.out / 'tuner_regret.png'}")
+    plot(results, args.out / f"{name}.png")
+    print(f"\nwrote {args.out / name}.json and .png")
     return 0
 
 

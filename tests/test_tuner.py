@@ -40,21 +40,25 @@ def test_linucb_update_rule_matches_hand_computation():
     np.testing.assert_allclose(agent.scores(x, weights), [fresh] * len(ARM_NAMES))
 
     agent.update("static", x, comps)
-    # A = I + x x^T, so A^-1 x = x / (1 + |x|^2) = x / 2.25 (Sherman-Morrison); b = 3.1 x
-    mean = 3.1 * 1.25 / 2.25
-    width = 0.5 * math.sqrt(1.25 / 2.25)
+    # Sherman-Morrison: (I + x x^T)^-1 x = x / (1 + |x|^2) = x / 2.25. The pooled model has seen
+    # the same one observation: theta_0 = 3.1 x / 2.25. An untried arm predicts theta_0;
+    # "static" predicts (I + x x^T)^-1 (3.1 x + theta_0) = 3.1 (1 + 1/2.25) x / 2.25.
+    pooled_mean = 3.1 * 1.25 / 2.25
+    static_mean = 3.1 * (1 + 1 / 2.25) * 1.25 / 2.25
     scores = agent.scores(x, weights)
-    assert scores[ARM_NAMES.index("static")] == pytest.approx(mean + width)
-    assert scores[ARM_NAMES.index("default")] == pytest.approx(fresh)
+    assert scores[ARM_NAMES.index("static")] == pytest.approx(static_mean + 0.5 * math.sqrt(1.25 / 2.25))
+    assert scores[ARM_NAMES.index("default")] == pytest.approx(pooled_mean + fresh)
     assert agent.choose(x, weights, seed=0, decision=0) == "static"
 
     agent.update("static", x, {"log2_ratio": 2.0, "quality_db": 0.0, "cost": 0.0})  # reward 2.0
-    # A = I + 2 x x^T: A^-1 x = x / (1 + 2.5); b = (3.1 + 2.0) x
-    assert agent.predict(x, weights)[ARM_NAMES.index("static")] == pytest.approx(5.1 * 1.25 / 3.5)
-    assert agent.scores(x, weights)[ARM_NAMES.index("static")] == pytest.approx(5.1 * 1.25 / 3.5 + 0.5 * math.sqrt(1.25 / 3.5))
-    # the weights apply at decision time: a job that only values cost sees -cost
+    # A = I + 2 x x^T: A^-1 x = x / 3.5; the rewards add up to 5.1; theta_0 = 5.1 x / 3.5
+    assert agent.predict(x, weights)[ARM_NAMES.index("static")] == pytest.approx(5.1 * (1 + 1 / 3.5) * 1.25 / 3.5)
+    assert agent.scores(x, weights)[ARM_NAMES.index("static")] == pytest.approx(
+        5.1 * (1 + 1 / 3.5) * 1.25 / 3.5 + 0.5 * math.sqrt(1.25 / 3.5)
+    )
+    # the weights apply at decision time: a job that only values cost sees -cost (2 + 0)
     cost_only = RewardWeights(ratio_weight=0, quality_weight=0, cost_weight=1)
-    assert agent.predict(x, cost_only)[ARM_NAMES.index("static")] == pytest.approx(-2.0 * 1.25 / 3.5)
+    assert agent.predict(x, cost_only)[ARM_NAMES.index("static")] == pytest.approx(-2.0 * (1 + 1 / 3.5) * 1.25 / 3.5)
 
 
 def test_decisions_are_deterministic_given_seed_and_rewards():
@@ -232,7 +236,7 @@ def test_archive_records_the_config_of_each_chunk(tmp_path, lossless_archive):
 def cluster():
     from distributed import LocalCluster
 
-    external = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    external = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
     yield external.scheduler_address
     external.close()
 

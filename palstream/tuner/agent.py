@@ -2,12 +2,15 @@
 
 For arm a with context x (``features.FEATURE_NAMES``), the agent keeps ``A_a = ridge*I +
 sum x x^T`` and ``B_a = sum x c^T`` where c are the reward components (``reward.COMPONENTS``).
-With the job's weights w it scores ``x^T A_a^-1 B_a w + alpha * sqrt(x^T A_a^-1 x)`` (the
-predicted reward plus an exploration bonus that shrinks as the arm is tried in similar contexts)
-and picks the best; exact ties are broken by a ``numpy.random.Generator`` seeded with the job's
-seed and the decision's number, so the same seed and the same rewards give the same decisions,
-also across a resumed driver. Learning the components instead of the scalar reward lets one
-policy serve jobs with different weights (for fixed w this is exactly LinUCB on w . c).
+With the job's weights w, arm a's reward model is the ridge regression shrunk towards the model
+pooled over all arms, ``theta_a = A_a^-1 (B_a w + ridge * theta_0)`` with ``theta_0 = (ridge*I +
+sum_a (A_a - ridge*I))^-1 sum_a B_a w``: an arm with little data on some content is predicted to
+do as the arms do there on average, not zero. It scores ``x^T theta_a + alpha * sqrt(x^T A_a^-1
+x)`` (the predicted reward plus an exploration bonus that shrinks as the arm is tried in similar
+contexts) and picks the best; exact ties are broken by a ``numpy.random.Generator`` seeded with
+the job's seed and the decision's number, so the same seed and the same rewards give the same
+decisions, also across a resumed driver. Learning the components instead of the scalar reward
+lets one policy serve jobs with different weights.
 """
 
 from __future__ import annotations
@@ -47,20 +50,21 @@ class LinUCB:
         self.B = np.zeros((len(ARM_NAMES), d, k))
         self.counts = np.zeros(len(ARM_NAMES), np.int64)
 
-    def scores(self, x: np.ndarray, weights: RewardWeights) -> np.ndarray:
-        """Upper confidence bound of every arm's reward at context ``x``."""
-        w = np.asarray(weights.vector())
-        out = np.empty(len(ARM_NAMES))
-        for i in range(len(ARM_NAMES)):
-            a_inv_x = np.linalg.solve(self.A[i], x)
-            mean = float(a_inv_x @ self.B[i] @ w)  # x^T A^-1 B w (A is symmetric)
-            out[i] = mean + self.alpha * float(np.sqrt(max(x @ a_inv_x, 0.0)))
-        return out
+    def _pooled(self, w: np.ndarray) -> np.ndarray:
+        """Reward model fitted on every arm's observations together."""
+        ridge = self.ridge * np.eye(self.A.shape[1])
+        return np.linalg.solve(ridge + (self.A - ridge).sum(axis=0), self.B.sum(axis=0) @ w)
 
     def predict(self, x: np.ndarray, weights: RewardWeights) -> np.ndarray:
         """Expected reward of every arm at ``x`` (no exploration bonus)."""
         w = np.asarray(weights.vector())
-        return np.array([float(np.linalg.solve(self.A[i], x) @ self.B[i] @ w) for i in range(len(ARM_NAMES))])
+        pooled = self.ridge * self._pooled(w)
+        return np.array([float(x @ np.linalg.solve(self.A[i], self.B[i] @ w + pooled)) for i in range(len(ARM_NAMES))])
+
+    def scores(self, x: np.ndarray, weights: RewardWeights) -> np.ndarray:
+        """Upper confidence bound of every arm's reward at context ``x``."""
+        width = np.array([float(np.sqrt(max(x @ np.linalg.solve(a, x), 0.0))) for a in self.A])
+        return self.predict(x, weights) + self.alpha * width
 
     def choose(self, x: np.ndarray, weights: RewardWeights, seed: int, decision: int) -> str:
         """The arm with the highest bound; ties broken by ``Generator((seed, decision))``."""
@@ -69,15 +73,12 @@ class LinUCB:
         pick = best[0] if len(best) == 1 else np.random.default_rng([seed, decision]).choice(best)
         return ARM_NAMES[int(pick)]
 
-    def update(self, arm: str, x: np.ndarray, comps: dict[str, float], weight: float = 1.0) -> None:
-        """Add one observation: arm ``arm`` at context ``x`` gave components ``comps``.
-
-        ``weight`` is how many observations it counts for (offline pretraining counts less).
-        """
+    def update(self, arm: str, x: np.ndarray, comps: dict[str, float]) -> None:
+        """Add one observation: arm ``arm`` at context ``x`` gave components ``comps``."""
         i = ARM_NAMES.index(arm)
         c = np.array([comps[name] for name in COMPONENTS])
-        self.A[i] += weight * np.outer(x, x)
-        self.B[i] += weight * np.outer(x, c)
+        self.A[i] += np.outer(x, x)
+        self.B[i] += np.outer(x, c)
         self.counts[i] += 1
 
     # -- persistence ---------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from palstream.errors import ConfigError
+
 
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the main app."""
@@ -15,8 +17,10 @@ def register(app: typer.Typer) -> None:
 
 
 def tune(
-    data: Annotated[list[str], typer.Option("--data", help="A clip to measure (path or URL); repeat for several.")],
     out: Annotated[Path, typer.Option("--out", help="Policy file to write (JSON); use it with [tuner] policy.")],
+    data: Annotated[
+        Optional[list[str]], typer.Option("--data", help="A clip to measure (path or URL); repeat for several.")
+    ] = None,
     frames: Annotated[int, typer.Option(help="Frames measured from the start of each clip.", min=1)] = 64,
     gop: Annotated[int, typer.Option(help="Frames per unit (the job's GOP).", min=1, max=1024)] = 8,
     target_psnr: Annotated[float, typer.Option(help="Quality floor of the measured encodes, dB PSNR-Y.")] = 45.0,
@@ -24,20 +28,38 @@ def tune(
     measurements: Annotated[
         Optional[Path], typer.Option(help="Also write every per-unit, per-arm measurement here (JSON), e.g. for benchmarks/tuner_regret.py.")
     ] = None,
+    from_measurements: Annotated[
+        Optional[Path], typer.Option(help="Pretrain from measurements written earlier by --measurements instead of encoding --data.")
+    ] = None,
 ) -> None:
     """Pretrain the tuner: encode the first frames of each clip with every arm (one thread), fit a policy."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from palstream.tuner.offline import MEASUREMENTS_FORMAT, measure, pretrain
 
-    from palstream.codec import EncoderConfig
-    from palstream.tuner.offline import measure, pretrain
+    if bool(data) == (from_measurements is not None):
+        raise ConfigError("give clips with --data, or --from-measurements FILE, not both")
+    if from_measurements is not None:
+        try:
+            found = json.loads(from_measurements.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read measurements {from_measurements} ({exc}); give a file written by --measurements") from None
+        if not isinstance(found, dict) or found.get("format") != MEASUREMENTS_FORMAT:
+            raise ConfigError(f"{from_measurements} is not a tuner measurements file; give a file written by --measurements")
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    base = EncoderConfig(target_psnr=target_psnr, gop=gop)
-    columns = (TextColumn("measuring {task.fields[clip]}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
-        task = bar.add_task("measure", total=None, clip="")
-        found = measure(data, base, frames, progress=lambda clip, done, total: bar.update(task, completed=done, total=total, clip=clip))
-    if measurements is not None:
-        measurements.write_text(json.dumps(found, indent=1) + "\n")
+        from palstream.codec import EncoderConfig
+
+        columns = (TextColumn("measuring {task.fields[clip]}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, transient=True) as bar:
+            task = bar.add_task("measure", total=None, clip="")
+            found = measure(
+                data, EncoderConfig(target_psnr=target_psnr, gop=gop), frames,
+                progress=lambda clip, done, total: bar.update(task, completed=done, total=total, clip=clip),
+            )
+        if measurements is not None:
+            measurements.write_text(json.dumps(found, indent=1) + "\n")
     agent = pretrain(found, alpha=alpha)
-    agent.save(out, trained_on={"clips": [c["name"] for c in found["clips"]], "frames": frames, "gop": gop, "target_psnr": target_psnr})
-    typer.echo(f"wrote {out}: {sum(len(c['units']) for c in found['clips'])} units x {len(found['arms'])} arms from {len(data)} clip(s)")
+    clips = [c["name"] for c in found["clips"]]
+    agent.save(out, trained_on={"clips": clips, "frames": found["frames"], "base": found["base"]})
+    units = sum(len(c["units"]) for c in found["clips"])
+    typer.echo(f"wrote {out}: {units} units x {len(found['arms'])} arms from {len(clips)} clip(s)")

@@ -89,20 +89,11 @@ def unit_components(measurements: dict, clip: dict, unit: dict, arm: str) -> dic
     return components([unit["arms"][arm]], clip["width"], clip["height"], base.target_psnr, base.lossless)
 
 
-# What one offline observation counts for, against one of the job's own batches. Offline clips
-# are few and unlike any particular library; at full weight a job would need dozens of batches
-# to overrule them (measured in BENCHMARKS.md, "Tuner").
-OFFLINE_WEIGHT = 0.1
-
-
-def pretrain(
-    measurements: dict, clip_names: list[str] | None = None, alpha: float = 0.5, weight: float = OFFLINE_WEIGHT
-) -> LinUCB:
+def pretrain(measurements: dict, clip_names: list[str] | None = None, alpha: float = 0.5) -> LinUCB:
     """A fresh agent updated with every (unit, arm) outcome of the given clips (default all).
 
-    Each outcome counts ``weight`` observations. A unit's ``last_log2_ratio`` feature is the
-    previous unit's under the ``default`` arm: in a job it comes from whichever arm encoded the
-    previous batch, which changes it by a few percent.
+    A unit's ``last_log2_ratio`` feature is the previous unit's under the ``default`` arm: in a
+    job it comes from whichever arm encoded the previous batch, which changes it by a few percent.
     """
     agent = LinUCB(alpha=alpha)
     for clip in measurements["clips"]:
@@ -112,6 +103,6 @@ def pretrain(
         for unit in clip["units"]:
             x = context_vector(unit["features"], last)
             for arm in ARM_NAMES:
-                agent.update(arm, x, unit_components(measurements, clip, unit, arm), weight)
+                agent.update(arm, x, unit_components(measurements, clip, unit, arm))
             last = unit_components(measurements, clip, unit, "default")["log2_ratio"]
     return agent
