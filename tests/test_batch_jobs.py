@@ -22,6 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from palstream.archive import encode_file, open_archive
+from palstream.batch import cluster as batch_cluster
 from palstream.batch.runner import run_job
 from palstream.batch.spec import JobSpec
 from palstream.batch.status import job_status
@@ -92,6 +93,7 @@ def test_job_completes_quarantines_corrupt_input_exports_metrics_and_matches_enc
         seen["driver"] = scrape(f"http://127.0.0.1:{port}/metrics")
         workers = p.client.scheduler_info(n_workers=-1)["workers"]
         seen["workers"] = [scrape(f"http://127.0.0.1:{w['services']['dashboard']}/metrics") for w in workers.values()]
+        seen["malloc"] = p.client.run(lambda: {k: int(os.environ[k]) for k in batch_cluster.WORKER_MALLOC})
         # A second run on the same output while this one holds it is refused before any work.
         with pytest.raises(JobLockedError, match="in use by another palstream run"):
             run_job(spec)
@@ -112,6 +114,7 @@ def test_job_completes_quarantines_corrupt_input_exports_metrics_and_matches_enc
     assert all("palstream_encoded_frames_total" in text and "palstream_stage_duration_seconds_bucket" in text for text in seen["workers"])
     assert any("palstream_encoded_frames_total 0.0" not in text for text in seen["workers"])
     assert len(json.loads(targets.read_text())[0]["targets"]) == 2
+    assert list(seen["malloc"].values()) == [batch_cluster.WORKER_MALLOC] * 2
     assert seen["status"]["state"] == "running" and f"pid {os.getpid()}" in seen["status"]["running_by"]
     assert 1 <= seen["status"]["units_done"] < 10
 

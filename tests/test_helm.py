@@ -192,6 +192,20 @@ def test_cluster_name_is_valid_for_the_operator_with_the_longest_release_name():
     assert re.fullmatch(r"(?=.{,53}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"])
 
 
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_workers_get_the_malloc_settings_of_local_clusters(name):
+    import dask.config
+
+    from palstream.batch.cluster import WORKER_MALLOC
+
+    worker = next(p for n, p in pods(manifests(name)).items() if n.endswith("-worker"))
+    env = {e["name"]: e["value"] for e in container(worker)["env"] if "value" in e}
+    # What the worker's Dask makes of the variable (environment over its defaults).
+    parsed = dask.config.collect_env({"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": env["DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"]})
+    merged = dask.config.merge(dask.config.config, parsed)
+    assert {k: merged["distributed"]["nanny"]["pre-spawn-environ"][k] for k in WORKER_MALLOC} == WORKER_MALLOC
+
+
 def test_cpu_only_has_no_gpu_workers():
     docs = manifests("cpu")
     assert not [d for d in docs if d["kind"] == "DaskWorkerGroup"]
