@@ -319,3 +319,30 @@ def test_tuned_job_ledger_floor_replay_and_resume(tmp_path, cluster):
     assert [r for r in after if r["event"] == "decision"] == decisions  # no decision was made again
     assert [r["batch"] for r in after[len(kept):]] == [last["batch"]]  # only its reward is new
     assert chunks_of(out / "demo.zarr") == original
+
+
+@pytest.mark.slow
+def test_a_unit_below_the_floor_is_never_accepted(tmp_path, monkeypatch, run_cli):
+    """A codec that broke its promise: the unit is uncommitted and its input quarantined."""
+    from distributed import LocalCluster
+
+    import palstream.codec
+    from palstream.archive import open_archive
+    from palstream.batch.runner import run_job
+    from palstream.codec import EncodedChunk
+
+    encode = palstream.codec.encode_chunk
+
+    def below_floor(frames, config, generator=None):
+        encoded = encode(frames, config, generator)
+        return EncodedChunk(encoded.payload, {**encoded.stats, "psnr_y": config.target_psnr - 0.5})
+
+    monkeypatch.setattr(palstream.codec, "encode_chunk", below_floor)  # in-process workers see it
+    clip = ROOT / "tests" / "data" / "batch_testsrc_64x48.mkv"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as local:
+        report = run_job(tuned_spec([clip], tmp_path / "out", local.scheduler_address, batch_units=3))
+    assert not report.complete
+    assert report.quarantined and all("below the job's floor" in q["reason"] for q in report.quarantined)
+    assert open_archive(str(tmp_path / "out" / "batch_testsrc_64x48.zarr")).committed() == set()
+    result = run_cli("status", str(tmp_path / "out"))
+    assert "below the job's floor" in result.stdout and "tuner: 1 batch decision(s), 0 rewarded" in result.stdout

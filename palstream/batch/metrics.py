@@ -58,7 +58,7 @@ tuner_decisions = Counter("palstream_tuner_decisions", "Encoder configurations t
 tuner_reward = Histogram(
     "palstream_tuner_reward",
     "Reward of each finished tuned batch (weighted log2 ratio, quality above the floor and cost)",
-    buckets=(-2, -1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12),
+    buckets=(0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12),  # rewards below 0 (heavy cost weights) count in le="0"
 )
 
 # Make every labelled series exist from the start, so dashboards and alerts see zeros, not gaps.
