@@ -207,6 +207,9 @@ def test_ledger_cuts_a_torn_last_line(tmp_path):
     ledger.repair()
     ledger.append({"event": "reward", "batch": "0-0"})
     assert [r["event"] for r in ledger.read()] == ["decision", "reward"]
+    path.write_text('{"event": "decision"}\nnot json\n')  # edited by hand
+    with pytest.raises(ConfigError, match="line 2 is not JSON"):
+        ledger.read()
 
 
 def test_archive_records_the_config_of_each_chunk(tmp_path, lossless_archive):
@@ -294,7 +297,9 @@ def test_tuned_job_ledger_floor_replay_and_resume(tmp_path, cluster):
     summary = job_status(str(out))["tuner"]
     assert summary["decisions"] == 4 and summary["rewarded"] == 4
     assert summary["mean_reward"] == pytest.approx(np.mean([r["reward"] for r in rewards]))
-    assert (out / "_palstream" / "tuner" / "policy.json").exists()
+    # what the job learned is a policy the next job can start from
+    learned = load_policy(out / "_palstream" / "tuner" / "policy.json")
+    assert learned.counts.sum() == load_policy().counts.sum() + 4
     original = chunks_of(out / "demo.zarr")
 
     # replay into a new output: the same archive bytes, whatever the agent would decide now

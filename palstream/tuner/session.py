@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
+
 from palstream.batch import metrics
 from palstream.batch.plan import Plan, Unit
 from palstream.batch.store import JOB_DIR, filesystem, join, read_json, write_json
@@ -79,10 +81,13 @@ class Ledger:
     def read(self) -> list[dict]:
         """Every complete record (a last line torn by a crash is not one)."""
         records = []
-        for line in self._lines():
+        for number, line in enumerate(self._lines(), 1):
             if not line.endswith("\n"):
                 break
-            records.append(json.loads(line))
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                raise ConfigError(f"tuner ledger {self.url} line {number} is not JSON; it was edited or damaged: restore it") from None
         return records
 
     def repair(self) -> None:
@@ -305,8 +310,6 @@ class TunedUnits:
         self.rewarded.add(decision["batch"])
         self.last_ratio[decision["source"]] = comps["log2_ratio"]
         if decision["context"] is not None and self.replay is None:
-            import numpy as np
-
             self.agent.update(decision["arm"], np.asarray(decision["context"]), comps)
 
     def _settle_committed_batches(self) -> None:
