@@ -92,9 +92,16 @@ def test_policy_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.scores(x, RewardWeights()), agent.scores(x, RewardWeights()))
 
 
-def test_shipped_default_policy_loads_and_was_trained():
-    agent = load_policy()
-    assert agent.counts.min() > 0
+def test_shipped_default_policy_is_reproduced_from_the_recorded_corpus_measurements(tmp_path, run_cli):
+    policy = tmp_path / "policy.json"
+    result = run_cli("tune", "--from-measurements", str(ROOT / "benchmarks" / "results" / "tuner_grid.json"), "--out", str(policy))
+    assert result.code == 0, result.stderr
+    shipped, refit = load_policy(), load_policy(policy)
+    assert shipped.counts.min() > 0 and shipped.counts.tolist() == refit.counts.tolist()
+    np.testing.assert_allclose(refit.A, shipped.A)
+    np.testing.assert_allclose(refit.B, shipped.B)
+    neither = run_cli("tune", "--out", str(policy))
+    assert neither.code == 1 and "--from-measurements" in neither.stderr and "Traceback" not in neither.stderr
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
 
 
 def tune(
-    out: Annotated[Path, typer.Option("--out", help="Policy file to write (JSON); use it with [tuner] policy.")],
+    out: Annotated[Path, typer.Option("--out", help="Policy file to write (JSON): a job uses it as its tuner policy.")],
     data: Annotated[
         Optional[list[str]], typer.Option("--data", help="A clip to measure (path or URL); repeat for several.")
     ] = None,
@@ -36,7 +36,7 @@ def tune(
     from palstream.tuner.offline import MEASUREMENTS_FORMAT, measure, pretrain
 
     if bool(data) == (from_measurements is not None):
-        raise ConfigError("give clips with --data, or --from-measurements FILE, not both")
+        raise ConfigError("give clips with --data or earlier measurements with --from-measurements, one of the two")
     if from_measurements is not None:
         try:
             found = json.loads(from_measurements.read_text())
