@@ -234,47 +234,82 @@ def _skip_sse(cur, ref, y0, x0, s):
 
 
 @njit(cache=True, nogil=True)
-def _transitions(keys2d, y0, x0, s):
-    """Pixels whose value differs from both the left and the top neighbour (index changes)."""
-    t = 0
-    for y in range(y0, y0 + s):
-        for x in range(x0, x0 + s):
+def _change_sums(keys2d):
+    """Running sums that count, for any block, the pixels whose value differs from both the
+    left and the top neighbour inside the block (``_transitions``) without visiting its pixels:
+    2-D sums of 'differs from both', sums down each column of 'differs from the top' and along
+    each row of 'differs from the left'."""
+    h, w = keys2d.shape
+    both = np.zeros((h + 1, w + 1), np.int32)
+    down = np.zeros((h + 1, w), np.int32)
+    along = np.zeros((h, w + 1), np.int32)
+    for y in range(h):
+        for x in range(w):
             k = keys2d[y, x]
-            if (x == x0 or keys2d[y, x - 1] != k) and (y == y0 or keys2d[y - 1, x] != k):
-                t += 1
-    return t
+            left = x > 0 and keys2d[y, x - 1] != k
+            top = y > 0 and keys2d[y - 1, x] != k
+            both[y + 1, x + 1] = both[y, x + 1] + both[y + 1, x] - both[y, x] + (1 if left and top else 0)
+            down[y + 1, x] = down[y, x] + (1 if top else 0)
+            along[y, x + 1] = along[y, x] + (1 if left else 0)
+    return both, down, along
 
 
 @njit(cache=True, nogil=True)
-def _exact_clusters(keys2d, y0, x0, s, two, max_pal, counts):
-    """Each distinct value of the block as one cluster: (count, sum u, sum v, sum of squares, transitions).
+def _transitions(changes, y0, x0, s):
+    """Pixels of the block whose value differs from both its left and its top neighbour in the
+    block (index changes); the block's left column and top row have no such neighbour to match."""
+    both, down, along = changes
+    y1 = y0 + s
+    x1 = x0 + s
+    inner = both[y1, x1] - both[y0 + 1, x1] - both[y1, x0 + 1] + both[y0 + 1, x0 + 1]
+    return 1 + (down[y1, x0] - down[y0 + 1, x0]) + (along[y0, x1] - along[y0, x0 + 1]) + inner
+
+
+@njit(cache=True, nogil=True)
+def _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, seen, cc, su, sv, qq):
+    """Each distinct value of the block as one cluster, in ascending order, into the scratch
+    ``cc, su, sv, qq`` (count, sum u, sum v, sum of squares); returns (n, transitions).
 
     Returns n = 0 when the block has too many distinct values for a palette to pay (more than
-    ``max_pal``, or more than one per four pixels). ``counts`` is zeroed scratch indexed by key.
+    ``max_pal``, or more than one per four pixels): found as soon as there are, which is early in
+    most blocks of camera content. ``counts`` is zeroed scratch indexed by key; ``seen`` holds
+    MAX_PAL + 1 keys.
     """
-    npx = s * s
-    seen = np.empty(MAX_PAL + 1, np.int64)
+    limit = min(max_pal, max(4, s * s // 4))
     n = 0
     for y in range(y0, y0 + s):
         for x in range(x0, x0 + s):
             k = keys2d[y, x]
             if counts[k] == 0:
-                if n <= max_pal:
-                    seen[n] = k
+                seen[n] = k
                 n += 1
+                if n > limit:
+                    break
             counts[k] += 1
-    vals = np.sort(seen[: min(n, max_pal + 1)])
-    cc = np.empty(vals.shape[0], np.float64)
-    for i in range(vals.shape[0]):
-        cc[i] = counts[vals[i]]
-    for y in range(y0, y0 + s):  # leave the scratch zeroed for the next block
-        for x in range(x0, x0 + s):
-            counts[keys2d[y, x]] = 0
-    if n > max_pal or n > max(4, npx // 4):
-        n = 0
-    u = (vals >> 8).astype(np.float64) if two else vals.astype(np.float64)
-    v = (vals & 255).astype(np.float64) if two else np.zeros(vals.shape[0])
-    return n, cc, u * cc, v * cc, (u * u + v * v) * cc, _transitions(keys2d, y0, x0, s)
+        if n > limit:
+            break
+    if n > limit:
+        for i in range(limit):  # leave the scratch zeroed for the next block
+            counts[seen[i]] = 0
+        return 0, 0
+    for i in range(1, n):  # insertion sort: a few keys
+        k = seen[i]
+        j = i - 1
+        while j >= 0 and seen[j] > k:
+            seen[j + 1] = seen[j]
+            j -= 1
+        seen[j + 1] = k
+    for i in range(n):
+        k = seen[i]
+        c = float(counts[k])
+        counts[k] = 0
+        u = float(k >> 8) if two else float(k)
+        v = float(k & 255) if two else 0.0
+        cc[i] = c
+        su[i] = u * c
+        sv[i] = v * c
+        qq[i] = (u * u + v * v) * c
+    return n, _transitions(changes, y0, x0, s)
 
 
 @njit(cache=True, nogil=True)
@@ -306,7 +341,7 @@ def _proposal_clusters(keys2d, y0, x0, s, two, proposal, k):
             qq[best] += u * u + v * v
     live = cc > 0
     n = int(live.sum())
-    return n, cc[live], su[live], sv[live], qq[live], _transitions(idx, 0, 0, s)
+    return n, cc[live], su[live], sv[live], qq[live], _transitions(_change_sums(idx), 0, 0, s)
 
 
 @njit(cache=True, nogil=True)
@@ -396,6 +431,14 @@ def decide(
     tmp_y = np.empty(MAX_PAL, np.int64)
     tmp_c = np.empty(MAX_PAL, np.int64)
     counts = np.zeros(65536, np.int32)
+    changes_y = _change_sums(keys_y)
+    changes_c = _change_sums(keys_c)
+    seen_keys = np.empty(MAX_PAL + 1, np.int64)
+    cc = np.empty(MAX_PAL + 1)
+    su = np.empty(MAX_PAL + 1)
+    sv = np.empty(MAX_PAL + 1)
+    qq = np.empty(MAX_PAL + 1)
+    scratch = (seen_keys, cc, su, sv, qq)
     toomany = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     intra_raw = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
     skip_raw = [np.zeros((h // s, w // s), np.int64) for s in (8, 16, 32, 64)]
@@ -501,20 +544,20 @@ def decide(
                     jy = np.inf
                     jc = np.inf
                     if not many:
-                        n, cc, su, sv, qq, tr = _exact_clusters(keys_y, y0, x0, s, False, max_pal, counts)
+                        n, tr = _exact_clusters(keys_y, changes_y, y0, x0, s, False, max_pal, counts, *scratch)
                         if n > 0:
-                            jy, ny = _price_palette(n, cc, su, sv, qq, tr, s * s, False, lam, dweight, tmp_y)
+                            jy, ny = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, s * s, False, lam, dweight, tmp_y)
                     if ny > 0:
-                        n, cc, su, sv, qq, tr = _exact_clusters(keys_c, c0y, c0x, cs, True, max_pal, counts)
+                        n, tr = _exact_clusters(keys_c, changes_c, c0y, c0x, cs, True, max_pal, counts, *scratch)
                         if n > 0:
-                            jc, nc = _price_palette(n, cc, su, sv, qq, tr, cs * cs, True, lam, dweight, tmp_c)
+                            jc, nc = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, cs * cs, True, lam, dweight, tmp_c)
                     toomany[lev][by, bx] = ny == 0 or nc == 0
                     if ny == 0 and s == PROPOSAL_BLOCK and prop_yn[by, bx] > 0:
                         # many distinct values: price the palette the generator proposed instead
-                        n, cc, su, sv, qq, tr = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx])
-                        jy, ny = _price_palette(n, cc, su, sv, qq, tr, s * s, False, lam, dweight, tmp_y)
-                        n, cc, su, sv, qq, tr = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx])
-                        jc, nc = _price_palette(n, cc, su, sv, qq, tr, cs * cs, True, lam, dweight, tmp_c)
+                        n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx])
+                        jy, ny = _price_palette(n, pcc, psu, psv, pqq, tr, s * s, False, lam, dweight, tmp_y)
+                        n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx])
+                        jc, nc = _price_palette(n, pcc, psu, psv, pqq, tr, cs * cs, True, lam, dweight, tmp_c)
                     if nc > 0 and jy + jc + lam * 2.0 < jbest:
                         jbest = jy + jc + lam * 2.0
                         bm = PALETTE

@@ -108,6 +108,16 @@ def _sign3(v):
     return 0 if v == 0 else (1 if v > 0 else 2)
 
 
+@njit(cache=True, nogil=True)
+def _code_signed(enc, st, buf, probs, zero_ctx, mag_ctx, value):
+    """A signed value: zero flag, then sign (bypass) and magnitude - 1."""
+    if code_bit(enc, st, buf, probs, zero_ctx, 1 if value != 0 else 0):
+        neg = code_bypass(enc, st, buf, 1 if value < 0 else 0)
+        mag = code_ueg(enc, st, buf, probs, mag_ctx, abs(value) - 1) + 1
+        return -mag if neg else mag
+    return 0
+
+
 @njit(cache=True, nogil=True, inline="always")
 def motion_sample(ref, y, x, mvy, mvx):
     """Sample of ``ref`` displaced by a half-pel vector: bilinear, rounded, edges repeated.
@@ -318,15 +328,7 @@ def code_palette(enc, st, buf, probs, keys, n, pred, npred, two):
             pcr = 128 if i == 0 else prev & 255
             du = code_ueg(enc, st, buf, probs, CTX_PAL_DELTA + comp * UEG_CONTEXTS, u - pu - 1 if i == 0 else u - pu)
             u = min((du if i == 0 else pu + du), 255)
-            d = cr - pcr
-            nz = code_bit(enc, st, buf, probs, CTX_PAL_CR_ZERO, 1 if d != 0 else 0)
-            if nz:
-                neg = code_bypass(enc, st, buf, 1 if d < 0 else 0)
-                mag = code_ueg(enc, st, buf, probs, CTX_PAL_CR_MAG, abs(d) - 1) + 1
-                d = -mag if neg else mag
-            else:
-                d = 0
-            cr = _clamp(pcr + d, 0, 255)
+            cr = _clamp(pcr + _code_signed(enc, st, buf, probs, CTX_PAL_CR_ZERO, CTX_PAL_CR_MAG, cr - pcr), 0, 255)
             v = u * 256 + cr
         out[m] = v
         m += 1
@@ -488,13 +490,7 @@ def _count_mode(m, nskip, nint, npal):
 @njit(cache=True, nogil=True)
 def _code_vector_component(enc, st, buf, probs, zero_ctx, mag_ctx, predicted, value):
     """One motion-vector component as a signed difference from its prediction."""
-    d = (value - predicted) if enc else 0
-    if code_bit(enc, st, buf, probs, zero_ctx, 1 if d != 0 else 0):
-        neg = code_bypass(enc, st, buf, 1 if d < 0 else 0)
-        mag = code_ueg(enc, st, buf, probs, mag_ctx, abs(d) - 1) + 1
-        d = -mag if neg else mag
-    else:
-        d = 0
+    d = _code_signed(enc, st, buf, probs, zero_ctx, mag_ctx, (value - predicted) if enc else 0)
     return _clamp(predicted + d, -MV_LIMIT, MV_LIMIT)
 
 
