@@ -196,8 +196,8 @@ def _block_cost(err, table, y0, x0, s):
 
 
 @njit(cache=True, nogil=True)
-def _inter_cost(cur, ref, ref2, table, y0, x0, s, mot):
-    pred = inter_prediction(ref, ref2, y0, x0, s, mot)
+def _inter_cost(cur, ref, ref2, table, y0, x0, s, mot, scratch):
+    pred = inter_prediction(ref, ref2, y0, x0, s, mot, scratch)
     t = 0.0
     for y in range(s):
         for x in range(s):
@@ -206,12 +206,13 @@ def _inter_cost(cur, ref, ref2, table, y0, x0, s, mot):
 
 
 @njit(cache=True, nogil=True)
-def _cell_inter_cost(cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, ref2_y, ref2_u, ref2_v, table, cy8, cx8, mot):
-    """Inter cost of one 8x8 luma cell and its 4x4 chroma cells under motion ``mot``."""
+def _cell_inter_cost(cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, ref2_y, ref2_u, ref2_v, table, cy8, cx8, mot, scratch):
+    """Inter cost of one 8x8 luma cell and its 4x4 chroma cells under motion ``mot``
+    (``scratch``: int32[2, 8, 8] for the predictions)."""
     cmot = (mot[0], mot[1] >> 1, mot[2] >> 1, mot[3] >> 1, mot[4] >> 1)
-    return (_inter_cost(cur_y, ref_y, ref2_y, table, 8 * cy8, 8 * cx8, 8, mot)
-            + _inter_cost(cur_u, ref_u, ref2_u, table, 4 * cy8, 4 * cx8, 4, cmot)
-            + _inter_cost(cur_v, ref_v, ref2_v, table, 4 * cy8, 4 * cx8, 4, cmot))
+    return (_inter_cost(cur_y, ref_y, ref2_y, table, 8 * cy8, 8 * cx8, 8, mot, scratch)
+            + _inter_cost(cur_u, ref_u, ref2_u, table, 4 * cy8, 4 * cx8, 4, cmot, scratch)
+            + _inter_cost(cur_v, ref_v, ref2_v, table, 4 * cy8, 4 * cx8, 4, cmot, scratch))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -445,6 +446,7 @@ def decide(
     tried = np.empty((8, 5), np.int64)
     bmot = np.zeros(5, np.int64)
     cell_inter = np.zeros((h // 8, w // 8, 2))  # cost of each 8x8 cell under its own motion: one / two refs
+    prediction = np.empty((2, 8, 8), np.int32)
     for lev in range(nlev):
         s = sizes[lev]
         if s > max_block:
@@ -476,7 +478,7 @@ def decide(
                     for b2 in range(2 if has_ref2 else 1):
                         cell_inter[by, bx, b2] = _cell_inter_cost(
                             cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, ref2_y, ref2_u, ref2_v, table, by, bx,
-                            _cell_motion(field, by, bx, b2),
+                            _cell_motion(field, by, bx, b2), prediction,
                         )
                 intra_raw[lev][by, bx] = ir
                 skip_raw[lev][by, bx] = sr
@@ -528,7 +530,7 @@ def decide(
                                         j += cell_inter[cy8, cx8, b2]  # the cell's own motion: known
                                     else:
                                         j += _cell_inter_cost(cur_y, cur_u, cur_v, ref_y, ref_u, ref_v,
-                                                              ref2_y, ref2_u, ref2_v, table, cy8, cx8, mot)
+                                                              ref2_y, ref2_u, ref2_v, table, cy8, cx8, mot, prediction)
                             if j < jbest:
                                 jbest = j
                                 bm = INTER

@@ -148,7 +148,7 @@ def code_tree(enc, st, buf, probs, base, nbits, value):
     return node - (1 << nbits)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def code_ueg(enc, st, buf, probs, base, value):
     """Unsigned value (< 2**20) as adaptive exponent then adaptive mantissa bits.
 

@@ -162,13 +162,15 @@ def _motion_block(ref, y0, x0, size, mvy, mvx, out):
 
 
 @njit(cache=True, nogil=True)
-def inter_prediction(ref, ref2, y0, x0, size, mot):
+def inter_prediction(ref, ref2, y0, x0, size, mot, scratch):
     """Motion-compensated prediction of a block: ``mot`` = (bi, mvy, mvx, mvy2, mvx2); with
-    ``bi``, the rounded mean of the previous frame's and the one-before's predictions."""
-    out = np.empty((size, size), np.int64)
+    ``bi``, the rounded mean of the previous frame's and the one-before's predictions.
+    Returns ``scratch[0]``, whose top-left ``size`` x ``size`` samples hold it (``scratch``:
+    int32[2, >= size, >= size], preallocated by the caller: this runs for every candidate)."""
+    out = scratch[0]
     _motion_block(ref, y0, x0, size, mot[1], mot[2], out)
     if mot[0]:
-        second = np.empty((size, size), np.int64)
+        second = scratch[1]
         _motion_block(ref2, y0, x0, size, mot[3], mot[4], second)
         for y in range(size):
             for x in range(size):
@@ -215,7 +217,8 @@ def code_residual_block(enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y
     cls = plane_class * 2 + (1 if mode == INTRA else 0)
     sub = min(size, 8 if plane_class == 0 else 4)
     # INTER predicts the whole block at once; INTRA predicts from samples as they are decoded
-    inter = inter_prediction(ref, ref2, y0, x0, size, mot) if mode == INTER else np.empty((0, 0), np.int64)
+    scratch = np.empty((2, size, size), np.int32)
+    inter = inter_prediction(ref, ref2, y0, x0, size, mot, scratch) if mode == INTER else scratch[0]
     for sy in range(y0, y0 + size, sub):
         for sx in range(x0, x0 + size, sub):
             # context: does the sub-block to the left / above hold a non-zero level next to this one
