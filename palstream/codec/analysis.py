@@ -346,13 +346,16 @@ def _proposal_clusters(keys2d, y0, x0, s, two, proposal, k):
 
 
 @njit(cache=True, nogil=True)
-def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys):
+def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys, centres):
     """Merge clusters greedily (Ward) while the distortion added costs less than the bits saved;
-    returns (J, palette size) with the sorted palette keys in ``out_keys``."""
-    cu = su / cc
-    cv = sv / cc
+    returns (J, palette size) with the sorted palette keys in ``out_keys``. ``centres`` is
+    scratch (u, v, alive) for at least n clusters."""
+    cu, cv, alive = centres
+    for i in range(n):
+        cu[i] = su[i] / cc[i]
+        cv[i] = sv[i] / cc[i]
+        alive[i] = True
     dist = 0.0
-    alive = np.ones(n, np.bool_)
     m = n
     while m > 1 and dweight < 1e5:
         best = np.inf
@@ -394,12 +397,18 @@ def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys):
             dist += qq[i] - 2.0 * (ru * su[i] + rv * sv[i]) + (ru * ru + rv * rv) * cc[i]
             out_keys[k] = np.int64(ru) * 256 + np.int64(rv) if two else np.int64(ru)
             k += 1
-    out = np.sort(out_keys[:k])
+    for i in range(1, k):  # insertion sort: a few keys, mostly in order already
+        key = out_keys[i]
+        j = i - 1
+        while j >= 0 and out_keys[j] > key:
+            out_keys[j + 1] = out_keys[j]
+            j -= 1
+        out_keys[j + 1] = key
     # rounding can make two centres equal: keep the palette strictly increasing
     u = 0
     for i in range(k):
-        if u == 0 or out[i] != out_keys[u - 1]:
-            out_keys[u] = out[i]
+        if u == 0 or out_keys[i] != out_keys[u - 1]:
+            out_keys[u] = out_keys[i]
             u += 1
     bits_per_change = 1.5 + math.log2(max(u, 2))
     rate = 8.0 * u + trans * min(1.0, (u - 1.0)) * bits_per_change + (npx - trans) * (0.1 if u > 1 else 0.0)
@@ -425,9 +434,9 @@ def decide(
     lmode = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
     lmv = [np.zeros((h // s, w // s, 5), np.int32) for s in (8, 16, 32, 64)]
     lsplit = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
-    lpy = [np.zeros((h // s, w // s, MAX_PAL), np.int64) for s in (8, 16, 32, 64)]
+    lpy = [np.empty((h // s, w // s, MAX_PAL), np.int64) for s in (8, 16, 32, 64)]  # read only where chosen
     lpyn = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
-    lpc = [np.zeros((h // s, w // s, MAX_PAL), np.int64) for s in (8, 16, 32, 64)]
+    lpc = [np.empty((h // s, w // s, MAX_PAL), np.int64) for s in (8, 16, 32, 64)]
     lpcn = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
     tmp_y = np.empty(MAX_PAL, np.int64)
     tmp_c = np.empty(MAX_PAL, np.int64)
@@ -440,6 +449,7 @@ def decide(
     sv = np.empty(MAX_PAL + 1)
     qq = np.empty(MAX_PAL + 1)
     scratch = (seen_keys, cc, su, sv, qq)
+    centres = (np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1, np.bool_))
     toomany = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     intra_raw = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
     skip_raw = [np.zeros((h // s, w // s), np.int64) for s in (8, 16, 32, 64)]
@@ -548,18 +558,18 @@ def decide(
                     if not many:
                         n, tr = _exact_clusters(keys_y, changes_y, y0, x0, s, False, max_pal, counts, *scratch)
                         if n > 0:
-                            jy, ny = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, s * s, False, lam, dweight, tmp_y)
+                            jy, ny = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, s * s, False, lam, dweight, tmp_y, centres)
                     if ny > 0:
                         n, tr = _exact_clusters(keys_c, changes_c, c0y, c0x, cs, True, max_pal, counts, *scratch)
                         if n > 0:
-                            jc, nc = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, cs * cs, True, lam, dweight, tmp_c)
+                            jc, nc = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, cs * cs, True, lam, dweight, tmp_c, centres)
                     toomany[lev][by, bx] = ny == 0 or nc == 0
                     if ny == 0 and s == PROPOSAL_BLOCK and prop_yn[by, bx] > 0:
                         # many distinct values: price the palette the generator proposed instead
                         n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx])
-                        jy, ny = _price_palette(n, pcc, psu, psv, pqq, tr, s * s, False, lam, dweight, tmp_y)
+                        jy, ny = _price_palette(n, pcc, psu, psv, pqq, tr, s * s, False, lam, dweight, tmp_y, centres)
                         n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx])
-                        jc, nc = _price_palette(n, pcc, psu, psv, pqq, tr, cs * cs, True, lam, dweight, tmp_c)
+                        jc, nc = _price_palette(n, pcc, psu, psv, pqq, tr, cs * cs, True, lam, dweight, tmp_c, centres)
                     if nc > 0 and jy + jc + lam * 2.0 < jbest:
                         jbest = jy + jc + lam * 2.0
                         bm = PALETTE
