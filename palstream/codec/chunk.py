@@ -9,7 +9,7 @@ import functools
 import math
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -266,13 +266,14 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
     motion = analysis.motion_search_chunk(padded[0], config.search_range)
     attempts = 0
 
-    def encode_at(rung, count):
+    def encode_at(rung, count, config=config):
         nonlocal attempts
         attempts += 1
         body, recon = _encode_at(tuple(p[:count] for p in padded), *LADDER[rung], config, proposals, motion)
         diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
         return body, float(np.mean(diff**2))
 
+    exact = config.lossless
     if config.lossless:
         rung = 0
         body, mse = encode_at(rung, t)
@@ -289,8 +290,13 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
             rung = max(0, min(rung - (1 << failures), needed_q4 - LADDER[0][0]))  # at least 1, 2, 4, .. rungs
             failures += 1
             body, mse = encode_at(rung, t)
+        if _psnr(mse) < config.target_psnr:
+            # even step 1 misses the floor where the RD trade-off still prefers skipped blocks
+            # or merged palette entries (camera noise at 50 dB and more): code the chunk exactly
+            exact = True
+            body, mse = encode_at(0, t, replace(config, lossless=True))
     q4 = LADDER[rung][0]
-    flags = FLAG_LOSSLESS if config.lossless else 0
+    flags = FLAG_LOSSLESS if exact else 0
     header = HEADER.pack(MAGIC, VERSION, flags, t, w, h, q4, config.min_block, config.max_block, 0, len(body))
     payload = header + body
     stats = {

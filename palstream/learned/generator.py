@@ -30,21 +30,35 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_weights(path: Path, luma: PaletteNet, chroma: PaletteNet, backbone: str | None) -> str:
-    """Write generator weights (plain tensors and dicts, loadable with ``weights_only=True``); returns the sha256."""
+def save_weights(path: Path, luma: PaletteNet, chroma: PaletteNet, backbone: str | None, finetune: dict | None = None) -> str:
+    """Write generator weights (plain tensors and dicts, loadable with ``weights_only=True``); returns the sha256.
+
+    ``finetune`` (plain str/int/float values) records how the weights were fine-tuned from others
+    (:mod:`palstream.learned.finetune`); it is stored under the key ``"finetune"``, read back with
+    :func:`weights_info`, and ignored when the weights are loaded.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "format": WEIGHTS_FORMAT,
-            "backbone": backbone or "",
-            "luma_config": luma.cfg.to_dict(),
-            "chroma_config": chroma.cfg.to_dict(),
-            "luma": {k: v.detach().cpu() for k, v in luma.state_dict().items()},
-            "chroma": {k: v.detach().cpu() for k, v in chroma.state_dict().items()},
-        },
-        path,
-    )
+    blob = {
+        "format": WEIGHTS_FORMAT,
+        "backbone": backbone or "",
+        "luma_config": luma.cfg.to_dict(),
+        "chroma_config": chroma.cfg.to_dict(),
+        "luma": {k: v.detach().cpu() for k, v in luma.state_dict().items()},
+        "chroma": {k: v.detach().cpu() for k, v in chroma.state_dict().items()},
+    }
+    if finetune is not None:
+        blob["finetune"] = dict(finetune)
+    torch.save(blob, path)
     return file_sha256(path)
+
+
+def weights_info(path: Path) -> dict:
+    """The fine-tuning record of a weights file (``{}`` for weights straight from ``palstream train``)."""
+    try:
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"palette generator weights {path} are unreadable ({type(exc).__name__}); reinstall palstream or retrain") from exc
+    return dict(blob.get("finetune", {})) if isinstance(blob, dict) else {}
 
 
 def load_weights(path: Path, expected_sha256: str | None) -> tuple[PaletteNet, PaletteNet, str, str]:

@@ -268,6 +268,29 @@ class PaletteNet(nn.Module):
         sorted along the block's axis after that many rank-domain Lloyd updates (0 allowed) and
         the shares are the pixels each entry takes.
         """
+        logits, block = self.policy(samples, k, kmax, features, present)
+        return self.decode(logits, block, k, refine_steps)
+
+    def policy(
+        self,
+        samples: torch.Tensor,
+        k: torch.Tensor,
+        kmax: int,
+        features: torch.Tensor | None = None,
+        present: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The network's own output: width logits (N, kmax), and the sorted block for :meth:`decode`.
+
+        ``forward`` is ``decode(*policy(...))``; REINFORCE fine-tuning
+        (:mod:`palstream.learned.finetune`) perturbs the logits between the two.
+
+        Returns
+        -------
+        logits : torch.Tensor
+            (N, kmax) unnormalised interval widths (only the first k[i] of row i are used).
+        block : tuple
+            ``(ordered, keys, axis)`` from :func:`sort_blocks`.
+        """
         ordered, keys, axis, mean, spread = sort_blocks(samples)
         cond = condition(rank_tokens(ordered, self.cfg.tokens), mean, spread, k)
         if self.cfg.feature_dim:
@@ -281,6 +304,15 @@ class PaletteNet(nn.Module):
             cond = torch.cat([cond, features.to(cond.dtype) * flag, flag], 1)
         h = self.body(cond)
         logits = nn.functional.linear(h, self.widths.weight[:kmax], self.widths.bias[:kmax])
+        return logits, (ordered, keys, axis)
+
+    @staticmethod
+    def decode(
+        logits: torch.Tensor, block: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: torch.Tensor, refine_steps: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Palettes and shares from width logits (see :meth:`forward` for ``refine_steps``)."""
+        ordered, keys, axis = block
+        kmax = logits.shape[1]
         active = active_mask(k, kmax)
         shares = logits.masked_fill(~active, float("-inf")).softmax(-1)
         palettes = companded_segments(ordered, keys, shares)
@@ -289,7 +321,7 @@ class PaletteNet(nn.Module):
         # Inference: the network's cuts and the plain companding cuts both get the rank-domain
         # updates; each block keeps whichever has the lower error (exact, from prefix sums). The
         # network is better for small palettes, plain companding often for large ones.
-        n = len(samples)
+        n = len(ordered)
         plain = companded_segments(ordered, keys, active.to(shares.dtype) / k[:, None].to(shares.dtype))
         both = rank_lloyd(
             ordered.repeat(2, 1, 1), keys.repeat(2, 1), axis.repeat(2, 1), torch.cat([palettes, plain]), k.repeat(2), refine_steps
