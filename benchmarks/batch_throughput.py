@@ -14,7 +14,9 @@ to the last archive finalized (``JobReport.seconds``); for in-process, from the 
 imports, loading the palette generator and the codec's compiled kernels (a Dask worker does this
 in its plugin's setup; the in-process run does the same before its clock starts). End-to-end
 wall time, start-up, cluster and probing included, is reported beside it. Every job archive is
-checked chunk-for-chunk against the in-process one.
+checked chunk-for-chunk against the in-process one. The four runs are repeated in interleaved
+rounds (``--repeat``, default 3) and each keeps its fastest: on a shared 2-core machine single
+runs of the same job differed by up to 40 %.
 
     .venv/bin/python benchmarks/batch_throughput.py --corpus ../shared/corpus --json bench.json
 """
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus"), help="folder of .mkv clips")
     parser.add_argument("--clips", nargs="*", help="clip file names (default: every .mkv in --corpus)")
     parser.add_argument("--gop", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of all runs; each run keeps its fastest")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", help="write a Markdown table of the results here")
     args = parser.parse_args()
@@ -105,25 +108,35 @@ def main() -> None:
 
     from palstream.codec import chunk
 
-    results = {"clips": [Path(c).name for c in clips], "gop": args.gop, "cpus": os.cpu_count(),
+    results = {"clips": [Path(c).name for c in clips], "gop": args.gop, "cpus": os.cpu_count(), "repeat": args.repeat,
                "codec": (chunk.__doc__ or "").strip().splitlines()[0], "load_average_before": os.getloadavg(), "runs": {}}
     with tempfile.TemporaryDirectory(prefix="palstream-bench-") as tmp:
         # Not measured: fills numba's on-disk cache, so no run pays the codec's compilation.
         run(INPROCESS, [[str(ROOT / "tests" / "data" / "batch_testsrc_64x48.mkv")], tmp, 4, 1])
-        ref = f"{tmp}/inprocess"
-        os.makedirs(ref)
-        results["runs"]["inprocess"] = run(INPROCESS, [clips, ref, args.gop, 0])
-        print("inprocess", results["runs"]["inprocess"], flush=True)
-        ref1 = f"{tmp}/inprocess-1t"
-        os.makedirs(ref1)
-        results["runs"]["inprocess-1thread"] = run(INPROCESS, [clips, ref1, args.gop, 1], ONE_THREAD)
-        print("inprocess-1thread", results["runs"]["inprocess-1thread"], flush=True)
-        for workers in (1, 2):
-            out = f"{tmp}/dask-{workers}"
-            r = run(JOB, [clips, out, args.gop, workers])
-            r["identical_to_inprocess"] = same_archives(out, ref, clips)
-            results["runs"][f"dask-{workers}"] = r
-            print(f"dask-{workers}", r, flush=True)
+        # Rounds of all four runs, interleaved so that load from elsewhere on the shared machine
+        # falls on every configuration alike; each keeps its fastest round.
+        rounds: dict[str, list[dict]] = {}
+        for round_ in range(args.repeat):
+            ref = f"{tmp}/{round_}-inprocess"
+            steps = {
+                "inprocess": (INPROCESS, [clips, ref, args.gop, 0], None),
+                "inprocess-1thread": (INPROCESS, [clips, f"{tmp}/{round_}-inprocess-1t", args.gop, 1], ONE_THREAD),
+                "dask-1": (JOB, [clips, f"{tmp}/{round_}-dask-1", args.gop, 1], None),
+                "dask-2": (JOB, [clips, f"{tmp}/{round_}-dask-2", args.gop, 2], None),
+            }
+            for name, (code, step_args, env) in steps.items():
+                if code is INPROCESS:
+                    os.makedirs(step_args[1])
+                r = run(code, step_args, env)
+                if code is JOB:
+                    r["identical_to_inprocess"] = same_archives(step_args[1], ref, clips)
+                print(f"round {round_ + 1} {name}", r, flush=True)
+                rounds.setdefault(name, []).append(r)
+        for name, rs in rounds.items():
+            best = min(rs, key=lambda r: r["seconds"])
+            results["runs"][name] = {**best, "all_seconds": [r["seconds"] for r in rs]}
+            if "identical_to_inprocess" in best:  # every round's archives, not only the fastest's
+                results["runs"][name]["identical_to_inprocess"] = all(r["identical_to_inprocess"] for r in rs)
     results["load_average_after"] = os.getloadavg()
     runs = results["runs"]
     for r in runs.values():
@@ -162,6 +175,8 @@ def markdown(results: dict) -> str:
         f"- 2 workers / 1 worker: **{ratios['dask2_over_dask1']:.2f}x** (target >= 1.7x)",
         f"- 1 worker / in-process with 1 thread: **{ratios['dask1_over_inprocess_1thread']:.2f}** (target >= 0.9)",
         f"- 1 worker / in-process with its default threads: {ratios['dask1_over_inprocess']:.2f}",
+        f"- fastest of {results['repeat']} interleaved rounds; all rounds' encode seconds: "
+        + "; ".join(f"{k} {', '.join(f'{x:.1f}' for x in r['all_seconds'])}" for k, r in results["runs"].items()),
         f"- load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in results['load_average_before'])}; "
         f"after: {', '.join(f'{x:.1f}' for x in results['load_average_after'])} on {results['cpus']} cores",
     ]

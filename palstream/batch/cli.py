@@ -21,7 +21,7 @@ ClusterOpt = Annotated[
 ]
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="Threads per worker (default 1).")]
 RetriesOpt = Annotated[Optional[int], typer.Option(help="Extra attempts per failing unit before it is quarantined (default 2).")]
-InFlightOpt = Annotated[Optional[int], typer.Option(help="Units in flight at once (default: twice the worker threads).")]
+InFlightOpt = Annotated[Optional[int], typer.Option(help="Units in flight at once (default: one per worker thread).")]
 ProfileOpt = Annotated[
     Optional[str],
     typer.Option(help="Storage profile from storage/profiles.toml (or $PALSTREAM_STORAGE_PROFILES).", envvar="PALSTREAM_STORAGE_PROFILE"),

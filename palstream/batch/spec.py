@@ -190,7 +190,8 @@ class JobSpec:
     retries : int, default 2
         Extra attempts of a failing unit before it is quarantined.
     max_in_flight : int, default 0
-        Units submitted but not finished at any time; 0 means twice the worker threads.
+        Units submitted but not finished at any time; 0 means one per worker thread (more helps
+        where reading and writing a unit waits on remote storage).
     storage : StorageSpec
         Endpoint/region/profile for ``s3://`` inputs and outputs.
     tuner : TunerSpec
