@@ -168,10 +168,12 @@ def test_sigkill_of_the_driver_then_resume_finishes_without_recomputing(library,
     units = out / "_palstream" / "units"
     try:
         deadline = time.monotonic() + 180
-        while not (units.exists() and len(list(units.glob("*.json"))) >= 3):
+        # Kill at the first committed unit: a unit of these tiny clips takes tens of ms, so a
+        # slower poll could see the whole job finish first.
+        while not (units.exists() and any(units.glob("*.json"))):
             assert driver.poll() is None, "the driver ended before it could be killed"
             assert time.monotonic() < deadline, "no unit committed within 180 s"
-            time.sleep(0.2)
+            time.sleep(0.005)
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
@@ -182,7 +184,7 @@ def test_sigkill_of_the_driver_then_resume_finishes_without_recomputing(library,
             pass
     assert (out / "_palstream" / "lock.json").exists()  # left behind by the killed driver
     committed = sum(len(open_archive(str(out / f"{Path(n).stem}.zarr")).committed()) for n in GOOD)
-    assert 3 <= committed < 10
+    assert 1 <= committed < 10
 
     result = CliRunner().invoke(app, ["resume", str(out), "--workers", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
