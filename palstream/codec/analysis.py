@@ -20,6 +20,18 @@ def _clamp(v, lo, hi):
     return lo if v < lo else (hi if v > hi else v)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _sort_prefix(keys, n):
+    """Insertion sort of ``keys[:n]`` in place: palettes hold a few keys, mostly in order already."""
+    for i in range(1, n):
+        key = keys[i]
+        j = i - 1
+        while j >= 0 and keys[j] > key:
+            keys[j + 1] = keys[j]
+            j -= 1
+        keys[j + 1] = key
+
+
 @njit(cache=True, nogil=True)
 def _sad8(cur, ref, y0, x0, my, mx, bound):
     """SAD of an 8x8 block against ``ref`` displaced by a half-pel vector; stops early once it
@@ -293,13 +305,7 @@ def _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, seen, cc, 
         for i in range(limit):  # leave the scratch zeroed for the next block
             counts[seen[i]] = 0
         return 0, 0
-    for i in range(1, n):  # insertion sort: a few keys
-        k = seen[i]
-        j = i - 1
-        while j >= 0 and seen[j] > k:
-            seen[j + 1] = seen[j]
-            j -= 1
-        seen[j + 1] = k
+    _sort_prefix(seen, n)
     for i in range(n):
         k = seen[i]
         c = float(counts[k])
@@ -397,13 +403,7 @@ def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys, c
             dist += qq[i] - 2.0 * (ru * su[i] + rv * sv[i]) + (ru * ru + rv * rv) * cc[i]
             out_keys[k] = np.int64(ru) * 256 + np.int64(rv) if two else np.int64(ru)
             k += 1
-    for i in range(1, k):  # insertion sort: a few keys, mostly in order already
-        key = out_keys[i]
-        j = i - 1
-        while j >= 0 and out_keys[j] > key:
-            out_keys[j + 1] = out_keys[j]
-            j -= 1
-        out_keys[j + 1] = key
+    _sort_prefix(out_keys, k)
     # rounding can make two centres equal: keep the palette strictly increasing
     u = 0
     for i in range(k):
