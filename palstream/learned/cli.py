@@ -28,6 +28,8 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of data sampling and initialisation.")] = 0,
     features: Annotated[bool, typer.Option(help="Also condition on pooled EfficientNet-Lite0 block features.")] = True,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.", min=1)] = 1,
+    hidden: Annotated[int, typer.Option(help="Width of the generator's hidden layers.", min=8)] = 256,
+    layers: Annotated[int, typer.Option(help="Hidden layers of the generator MLP.", min=1)] = 3,
     report_dir: Annotated[
         Optional[Path], typer.Option(help="Where the loss plot and model card go (default: beside --out).")
     ] = None,
@@ -69,7 +71,7 @@ def train(
     from palstream.learned.train import Trainer, TrainConfig, plot_history, write_model_card
 
     torch.set_num_threads(threads)
-    config = TrainConfig(seed=seed, steps=steps, features=features)
+    config = TrainConfig(seed=seed, steps=steps, features=features, hidden=hidden, layers=layers)
     say = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     trainer = Trainer(data, holdout or [], config, progress=say)
     ckpt = checkpoint or out.with_name(out.name + ".ckpt")

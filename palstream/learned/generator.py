@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from palstream.errors import PalstreamError
-from palstream.learned.model import RANK_STEPS, NetConfig, PaletteNet, active_mask
+from palstream.learned.model import NetConfig, PaletteNet, active_mask
 from palstream.palettes.base import MAX_PALETTE, PaletteGenerator, register_palette_generator
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "palettes" / "weights"
@@ -127,7 +127,7 @@ class CganGenerator(PaletteGenerator):
     """
 
     def __init__(
-        self, device=None, weights: str | Path | None = None, expected_sha256: str | None = "recorded", rank_steps: int = RANK_STEPS
+        self, device=None, weights: str | Path | None = None, expected_sha256: str | None = "recorded", rank_steps: int | None = None
     ):
         super().__init__(device)
         self.rank_steps = rank_steps
@@ -188,7 +188,12 @@ class CganGenerator(PaletteGenerator):
             features = None  # weights trained without features: the block statistics are all it uses
         if features is not None:
             features = features.to(self.device)
-        palettes, shares = net(samples, k, kmax, features, refine_steps=self.rank_steps)
+        if self.rank_steps is None:
+            from palstream.learned.decoding import generate_palettes  # here: decoding imports palettes.base, which imports us
+
+            palettes, shares = generate_palettes(net, samples, k, kmax, features)
+        else:  # the earlier decoding: rank-domain updates only (kept for comparison)
+            palettes, shares = net(samples, k, kmax, features, refine_steps=self.rank_steps)
         # Largest pixel share first: a prefix of the palette is the best smaller palette we have.
         scores = torch.where(active_mask(k, kmax), shares, torch.full_like(shares, -1.0))
         order = scores.argsort(dim=1, descending=True, stable=True)

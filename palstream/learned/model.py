@@ -293,6 +293,12 @@ class PaletteNet(nn.Module):
         """
         ordered, keys, axis, mean, spread = sort_blocks(samples)
         cond = condition(rank_tokens(ordered, self.cfg.tokens), mean, spread, k)
+        return self.logits(cond, features, present, kmax), (ordered, keys, axis)
+
+    def logits(
+        self, cond: torch.Tensor, features: torch.Tensor | None, present: torch.Tensor | None, kmax: int
+    ) -> torch.Tensor:
+        """Width logits (N, kmax) from a conditioning vector (:func:`condition`) and optional CNN features."""
         if self.cfg.feature_dim:
             n = len(cond)
             if features is None:
@@ -303,8 +309,7 @@ class PaletteNet(nn.Module):
             flag = present.to(cond.dtype)[:, None]
             cond = torch.cat([cond, features.to(cond.dtype) * flag, flag], 1)
         h = self.body(cond)
-        logits = nn.functional.linear(h, self.widths.weight[:kmax], self.widths.bias[:kmax])
-        return logits, (ordered, keys, axis)
+        return nn.functional.linear(h, self.widths.weight[:kmax], self.widths.bias[:kmax])
 
     @staticmethod
     def decode(

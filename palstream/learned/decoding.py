@@ -1,0 +1,402 @@
+"""Inference-time decoding of cgan-v1: from the network's width logits to palettes, fast.
+
+Training (:mod:`palstream.learned.train`) uses the differentiable path of
+:class:`palstream.learned.model.PaletteNet` on sorted samples. At inference the same cuts are
+decoded with cheaper, exact equivalents, and a few deterministic layers follow the network:
+
+Luma (1-D) works on a per-block 256-bin level histogram (one ``bincount`` over the pixels):
+
+* the network's inputs (samples at evenly spaced ranks, mean, spread) come from the histogram's
+  prefix sums instead of a sort;
+* the companded cuts (:func:`palstream.learned.model.companded_segments`) are evaluated on the
+  histogram; for integer levels (what the codec sends) the result is identical;
+* each Lloyd update is O(256 + k) per block, independent of the pixel count: the pixels nearest
+  to each entry are the levels between midpoints, and their count and sum come from prefix sums;
+* a block with at most ``k`` distinct levels gets them as its palette (zero error).
+
+Chroma (Cb/Cr pairs) keeps the principal-axis cut of the network with rank-domain updates
+(:func:`palstream.learned.model.rank_lloyd`), then refines it in 2-D: the block's pixels are
+assigned to their nearest entry and each entry moves to the mean of its pixels (``chroma_steps``
+such updates); a block with at most ``k`` distinct pairs gets them as its palette.
+
+Both keep the better (lower squared error) of the network's cuts and the plain companding cuts,
+per block. Everything here is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from palstream.learned.model import (
+    COMPANDING,
+    HISTOGRAM_BINS,
+    active_mask,
+    companded_segments,
+    condition,
+    rank_lloyd,
+    rank_tokens,
+    sort_blocks,
+)
+
+LUMA_STEPS = 2  # Lloyd updates on the level histogram (each O(k) per block from prefix sums)
+SWAPS_PER_ENTRY = 0.25  # then max(1, k/4) updates, each combined with a merge-and-split move
+SWAP_STEPS = 0  # plain updates after each move
+SPLIT_STEPS = 2  # 2-means updates that place a split
+CHUNK_ELEMENTS = 1 << 17  # blocks are decoded in chunks of about this many table entries
+CHROMA_RANK_STEPS = 4  # rank-domain updates along the principal axis
+CHROMA_STEPS = 2  # 2-D nearest-entry updates (each O(P k) per block)
+
+
+class LevelHistogram:
+    """Per-block 256-bin level histogram with float64 prefix sums of count, sum and square.
+
+    Bin ``b`` holds the pixels whose level rounds to ``b``; its representative is the mean of
+    those pixels (the level itself for integer input). Palettes are handled as (N, S, K):
+    S candidate palettes ("starts") per block, decoded side by side.
+
+    Parameters
+    ----------
+    samples : torch.Tensor
+        float32 (N, P, 1), values 0..255.
+    """
+
+    def __init__(self, samples: torch.Tensor, counts: torch.Tensor | None = None):
+        n, p, _ = samples.shape
+        x = samples[..., 0]
+        dev = x.device
+        self.n, self.p = n, p
+        bins = HISTOGRAM_BINS
+        rounded = x.round().clamp(0, bins - 1)
+        integral = torch.equal(rounded, x)
+        flat = None
+        if counts is None:
+            counts, flat = level_counts(rounded)
+        # Integer levels (what the codec sends) give integer tables: float32 holds them exactly
+        # while P * 255^2 < 2^24 (blocks up to 16x16), at half the memory traffic.
+        self.dtype = torch.float32 if integral and p * 255 * 255 < (1 << 24) else torch.float64
+        self.counts = counts.to(self.dtype)
+        levels = torch.arange(bins, device=dev, dtype=self.dtype)
+        if integral:  # sums follow from the counts
+            self.sums = self.counts * levels
+            squares = self.sums * levels
+            self.reps = levels.expand(n, bins)
+        else:
+            if flat is None:
+                flat = (rounded.long() + torch.arange(n, device=dev)[:, None] * bins).reshape(-1)
+            wide = x.reshape(-1).double()
+            self.sums = torch.bincount(flat, weights=wide, minlength=n * bins).reshape(n, bins)
+            squares = torch.bincount(flat, weights=wide * wide, minlength=n * bins).reshape(n, bins)
+            self.reps = torch.where(self.counts > 0, self.sums / self.counts.clamp(min=1), levels)
+        pad = lambda t: nn.functional.pad(t, (1, 0)).cumsum(1)  # noqa: E731
+        self.prefix = tuple(pad(t) for t in (self.counts, self.sums, squares))  # 3 x (N, 257)
+        self.flat = tuple(t.reshape(-1) for t in self.prefix)
+        self.row_base = torch.arange(n, device=dev)[:, None] * (bins + 1)
+        self.totals = tuple(t[:, -1:].double() for t in self.prefix)  # 3 x (N, 1)
+
+    def take(self, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prefix count, sum and square at bin boundaries: bounds (N, ...) int64 in 0..256 -> 3 x (N, ...)."""
+        flat = (bounds.reshape(self.n, -1) + self.row_base).reshape(-1)
+        return tuple(t.index_select(0, flat).reshape(bounds.shape).double() for t in self.flat)
+
+    def value_at_rank(self, ranks: torch.Tensor) -> torch.Tensor:
+        """(N, R) float64: the sample value at each (0-based) rank, as a sort would give it."""
+        b = torch.searchsorted(self.prefix[0][:, 1:].contiguous(), ranks.to(self.dtype).contiguous(), right=True)
+        return torch.gather(self.reps, 1, b.clamp(max=HISTOGRAM_BINS - 1)).double()
+
+    def summary(self, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The network's block summary: rank tokens (N, q, 1), mean (N, 1) and spread (N, 1), float32."""
+        ranks = torch.linspace(0, self.p - 1, q, device=self.counts.device).round()
+        tokens = self.value_at_rank(ranks.expand(self.n, q))
+        mean = self.totals[1] / self.p
+        spread = (self.totals[2] / self.p - mean * mean).clamp(min=0).sqrt()
+        return tokens[..., None].float(), mean.float(), spread.float()
+
+    def companded(self, shares: torch.Tensor) -> torch.Tensor:
+        """Entries (N, S, K) as means of the pixels between cuts on the companded level axis.
+
+        ``shares`` (N, S, K) are interval widths on the axis. Same construction as
+        :func:`palstream.learned.model.companded_segments` (identical for integer levels): the
+        axis is the running sum of ``count ** (1/3)`` over the bins, interpolated inside a bin.
+        """
+        n, s, kk = shares.shape
+        bins = HISTOGRAM_BINS
+        axis = nn.functional.pad(self.counts.pow(COMPANDING), (1, 0)).cumsum(1).double()
+        axis = axis / axis[:, -1:]
+        g_hi = shares.double().cumsum(-1).clamp(max=1.0)
+        g = torch.cat([(g_hi - shares.double()).clamp(min=0.0), g_hi], -1).reshape(n, -1)
+        i = (torch.searchsorted(axis, g.contiguous(), right=True) - 1).clamp(0, bins - 1)
+        a0, a1 = torch.gather(axis, 1, i), torch.gather(axis, 1, i + 1)
+        frac = ((g - a0) / (a1 - a0).clamp(min=1e-9)).clamp(0, 1)
+        (c0, s0, _), (c1, s1, _) = self.take(i), self.take(i + 1)
+        cnt = (c0 + frac * (c1 - c0)).reshape(n, s, 2 * kk)
+        tot = (s0 + frac * (s1 - s0)).reshape(n, s, 2 * kk)
+        count_lo, count_hi = cnt[..., :kk], cnt[..., kk:]
+        fallback = self.value_at_rank(count_lo.reshape(n, -1).floor().clamp(0, self.p - 1)).reshape(n, s, kk)
+        eps = 1e-3  # as in companded_segments: an empty interval takes the sample at its rank
+        return (tot[..., kk:] - tot[..., :kk] + eps * fallback) / (count_hi - count_lo + eps)
+
+    def cells(self, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest-entry cells of ascending entries (N, S, K) (+inf past k): bin bounds (N, S, K+1) and
+        (count, sum, square) of each cell, 3 x (N, S, K). Levels below a midpoint go left."""
+        mid = (entries[..., :-1] + entries[..., 1:]) * 0.5
+        cuts = mid.ceil().clamp(0, HISTOGRAM_BINS).long()
+        edge = torch.zeros_like(cuts[..., :1])
+        bounds = torch.cat([edge, cuts, edge + HISTOGRAM_BINS], -1)
+        return bounds, tuple(v[..., 1:] - v[..., :-1] for v in self.take(bounds))
+
+    def lloyd(self, entries: torch.Tensor, k: torch.Tensor, steps: int, swaps: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Lloyd updates on the histogram, with merge-and-split moves, then the exact error.
+
+        ``steps`` updates, then ``swaps`` times: one update combined with a merge-and-split move
+        (:meth:`swap`) and ``SWAP_STEPS`` more updates.
+
+        Parameters
+        ----------
+        entries : torch.Tensor
+            float64 (N, S, K) starting entries (first k[i] used).
+        k : torch.Tensor
+            int64 (N,).
+
+        Returns
+        -------
+        entries : torch.Tensor
+            (N, S, K) float64, ascending over the first k[i]; later slots copy entry 0.
+        counts : torch.Tensor
+            (N, S, K) float64 pixels each entry takes (0 past k[i]).
+        sse : torch.Tensor
+            (N, S) float64 squared error of nearest-entry assignment (exact for integer levels).
+        """
+        kmax = entries.shape[-1]
+        active = active_mask(k, kmax)[:, None, :].expand_as(entries)
+        swap_at = {steps + r * (SWAP_STEPS + 1) for r in range(swaps)}
+        for step in range(steps + swaps * (SWAP_STEPS + 1) + 1):
+            entries = entries.masked_fill(~active, float("inf")).sort(-1).values
+            bounds, cell = self.cells(entries)
+            if step == steps + swaps * (SWAP_STEPS + 1):
+                break
+            cnt = cell[0]
+            means = torch.where((cnt > 0) & active, cell[1] / cnt.clamp(min=1), entries)
+            entries = self.swap(means, active, bounds, cell) if step in swap_at and kmax > 1 else means
+        cnt, tot, sq = cell
+        safe = entries.masked_fill(~active, 0.0)
+        sse = ((sq - 2 * safe * tot + cnt * safe * safe) * active).sum(-1).clamp(min=0)
+        entries = torch.where(active, entries, entries[..., :1])
+        return entries, cnt * active, sse
+
+    def swap(self, means: torch.Tensor, active: torch.Tensor, bounds: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """A merge-and-split move on each block (and start) where it lowers the error.
+
+        Lloyd stops at a local optimum; this move leaves it. The two adjacent cells whose merge
+        costs least become one entry; the entry freed splits the cell with the largest error
+        (another one) in two, placed by a 2-means on that cell's bins (``SPLIT_STEPS`` updates
+        from mean -/+ one standard deviation). The move is made where the split's gain exceeds
+        the merge's cost, so the partition's error drops, and Lloyd updates only lower it
+        further. O(k) per block from the prefix sums (the pixels are not visited).
+
+        ``means`` (N, S, K) are the cell means (the Lloyd update of the cells ``bounds``/``cell``).
+        """
+        def sse_of(v):
+            return (v[2] - v[1] * v[1] / v[0].clamp(min=1)).clamp(min=0)
+
+        def minus(u, v):
+            return tuple(a - b for a, b in zip(u, v))
+
+        err = sse_of(cell)
+        joined = tuple(v[..., :-1] + v[..., 1:] for v in cell)
+        cost = (sse_of(joined) - err[..., :-1] - err[..., 1:]).masked_fill(~active[..., 1:], float("inf"))
+        cost, j = cost.min(-1, keepdim=True)  # merge cells j and j+1
+        slots = torch.arange(means.shape[-1], device=means.device)
+        pool = err.masked_fill(~active | (slots == j) | (slots == j + 1), -1.0)
+        big, c = pool.max(-1, keepdim=True)  # split cell c
+        clo, chi = torch.gather(bounds, -1, c), torch.gather(bounds, -1, c + 1)
+        vlo, vhi = self.take(clo), self.take(chi)
+        whole = minus(vhi, vlo)
+        mean = whole[1] / whole[0].clamp(min=1)
+        sd = (big.clamp(min=0) / whole[0].clamp(min=1)).sqrt()
+        a, b = mean - sd, mean + sd
+        for it in range(SPLIT_STEPS + 1):
+            cut = ((a + b) * 0.5).ceil().clamp(0, HISTOGRAM_BINS).long()
+            cut = torch.maximum(torch.minimum(cut, chi), clo)
+            vc = self.take(cut)
+            left, right = minus(vc, vlo), minus(vhi, vc)
+            a = torch.where(left[0] > 0, left[1] / left[0].clamp(min=1), a)
+            b = torch.where(right[0] > 0, right[1] / right[0].clamp(min=1), b)
+        ok = (left[0] > 0) & (right[0] > 0) & (big >= 0)
+        gain = (big - sse_of(left) - sse_of(right)).masked_fill(~ok, -1.0)
+        do = gain > cost + 1e-9
+        joined_mean = torch.gather(joined[1], -1, j) / torch.gather(joined[0], -1, j).clamp(min=1)
+        moved = means.scatter(-1, j, joined_mean).scatter(-1, j + 1, a).scatter(-1, c, b)
+        return torch.where(do, moved, means)
+
+
+
+def level_counts(rounded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 256) int64 counts of integer levels (N, P), and the flat bin index of every pixel."""
+    n = len(rounded)
+    flat = (rounded.long() + torch.arange(n, device=rounded.device)[:, None] * HISTOGRAM_BINS).reshape(-1)
+    return torch.bincount(flat, minlength=n * HISTOGRAM_BINS).reshape(n, HISTOGRAM_BINS), flat
+
+
+def exact_levels(samples: torch.Tensor, counts: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Palettes of blocks with at most kmax occupied bins: each bin's mean (the level, for integer input).
+
+    Returns (N, kmax) float64 entries, ascending (later slots copy entry 0), and (N, kmax) counts.
+    """
+    n, p, _ = samples.shape
+    occupied = counts > 0
+    slot = (occupied.cumsum(1) - 1).masked_fill(~occupied, kmax).clamp(max=kmax)  # kmax: a dump column
+    pixel_slot = torch.gather(slot, 1, samples[..., 0].round().clamp(0, HISTOGRAM_BINS - 1).long())
+    cnt = counts.new_zeros(n, kmax + 1).to(torch.float64).scatter_add_(1, pixel_slot, torch.ones_like(samples[..., 0], dtype=torch.float64))
+    tot = cnt.new_zeros(n, kmax + 1).scatter_add_(1, pixel_slot, samples[..., 0].double())
+    cnt, tot = cnt[:, :kmax], tot[:, :kmax]
+    entries = tot / cnt.clamp(min=1)
+    entries = torch.where(cnt > 0, entries, entries[:, :1])
+    return entries, cnt
+
+
+def _luma(net, samples: torch.Tensor, k: torch.Tensor, kmax: int, features, present, steps: int, swaps: int):
+    n, p, _ = samples.shape
+    counts, _ = level_counts(samples[..., 0].round().clamp(0, HISTOGRAM_BINS - 1))
+    fits = (counts > 0).sum(1) <= k
+    entries = samples.new_zeros(n, kmax, dtype=torch.float64)
+    shares = samples.new_zeros(n, kmax, dtype=torch.float64)
+    if bool(fits.any()):  # at most k distinct levels: they are the palette (zero error)
+        rows = fits.nonzero()[:, 0]
+        e, c = exact_levels(samples[rows], counts[rows], kmax)
+        entries[rows], shares[rows] = e, c / p
+    if bool(fits.all()):
+        return entries[..., None].float(), shares.float()
+    rows = (~fits).nonzero()[:, 0] if bool(fits.any()) else slice(None)
+    kk = k[rows]
+    hist = LevelHistogram(samples[rows], counts[rows])
+    active = active_mask(kk, kmax)
+    starts = [active.double() / kk[:, None].double()]  # plain companding cuts
+    if net is not None:
+        tokens, mean, spread = hist.summary(net.cfg.tokens)
+        feats = None if features is None else features[rows]
+        pres = None if present is None else present[rows]
+        logits = net.logits(condition(tokens, mean, spread, kk), feats, pres, kmax)
+        starts.insert(0, logits.masked_fill(~active, float("-inf")).softmax(-1).double())
+    e, c, sse = hist.lloyd(hist.companded(torch.stack(starts, 1)), kk, steps, swaps)
+    pick = sse.argmin(1, keepdim=True)[..., None].expand(-1, 1, kmax)  # ties go to the network (start 0)
+    e, c = torch.gather(e, 1, pick)[:, 0], torch.gather(c, 1, pick)[:, 0] / p
+    if isinstance(rows, slice):
+        return e[..., None].float(), c.float()
+    entries[rows], shares[rows] = e, c
+    return entries[..., None].float(), shares.float()
+
+
+def nearest_updates(samples: torch.Tensor, palettes: torch.Tensor, k: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` 2-D updates (assign each pixel to its nearest entry, move entries to their pixels' mean).
+
+    Written for small palettes of Cb/Cr pairs: squared distances by broadcasting, counts and sums
+    by ``scatter_add``. Entries with no pixels stay put. Returns the palettes and the pixel share
+    of each entry under the final assignment.
+    """
+    n, p, c = samples.shape
+    kmax = palettes.shape[1]
+    active = active_mask(k, kmax)
+    flat_rows = (torch.arange(n, device=samples.device) * kmax)[:, None]
+    for step in range(steps + 1):
+        dist = (samples[:, :, None, :] - palettes[:, None, :, :]).pow(2).sum(-1)  # (N, P, K)
+        dist.masked_fill_(~active[:, None, :], float("inf"))
+        label = (dist.argmin(-1) + flat_rows).reshape(-1)
+        counts = torch.bincount(label, minlength=n * kmax).reshape(n, kmax).to(samples.dtype)
+        if step == steps:
+            break
+        sums = torch.stack([torch.bincount(label, weights=samples[..., j].reshape(-1), minlength=n * kmax) for j in range(c)], -1)
+        sums = sums.reshape(n, kmax, c).to(samples.dtype)
+        palettes = torch.where((counts > 0)[..., None], sums / counts.clamp(min=1)[..., None], palettes)
+    return palettes, counts / p
+
+
+def _distinct_pairs(samples: torch.Tensor, k: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blocks with at most k[i] distinct (rounded) Cb/Cr pairs: ``(fits, palettes, shares)``."""
+    n, p, _ = samples.shape
+    q = samples.round().clamp(0, 255).long()
+    key, order = (q[..., 0] * 256 + q[..., 1]).sort(1)
+    new = torch.ones_like(key, dtype=torch.bool)
+    new[:, 1:] = key[:, 1:] != key[:, :-1]
+    distinct = new.sum(1)
+    fits = distinct <= k
+    slot = (new.cumsum(1) - 1).clamp(max=kmax)  # kmax: a dump column for blocks that do not fit
+    ordered = torch.gather(samples, 1, order[..., None].expand(n, p, 2))
+    counts = samples.new_zeros(n, kmax + 1).scatter_add_(1, slot, torch.ones_like(key, dtype=samples.dtype))
+    sums = samples.new_zeros(n, kmax + 1, 2).scatter_add_(1, slot[..., None].expand(n, p, 2), ordered)
+    counts, sums = counts[:, :kmax], sums[:, :kmax]
+    palettes = sums / counts.clamp(min=1)[..., None]
+    used = counts > 0
+    palettes = torch.where(used[..., None], palettes, palettes[:, :1])
+    return fits, palettes, counts / p
+
+
+def _chroma(net, samples: torch.Tensor, k: torch.Tensor, kmax: int, features, present, rank_steps: int, steps: int):
+    n = len(samples)
+    ordered, keys, axis, mean, spread = sort_blocks(samples)
+    active = active_mask(k, kmax)
+    uniform = active.to(samples.dtype) / k[:, None].to(samples.dtype)
+    starts = [companded_segments(ordered, keys, uniform)]
+    if net is not None:
+        logits = net.logits(condition(rank_tokens(ordered, net.cfg.tokens), mean, spread, k), features, present, kmax)
+        shares = logits.masked_fill(~active, float("-inf")).softmax(-1)
+        starts.insert(0, companded_segments(ordered, keys, shares))
+    m = len(starts)
+    both = rank_lloyd(ordered.repeat(m, 1, 1), keys.repeat(m, 1), axis.repeat(m, 1), torch.cat(starts), k.repeat(m), rank_steps)
+    palettes = both[0][:n]
+    if m == 2:
+        pick = both[2][:n] <= both[2][n:]
+        palettes = torch.where(pick[:, None, None], palettes, both[0][n:])
+    palettes, shares = nearest_updates(samples, palettes, k, steps)
+    fits, exact, exact_shares = _distinct_pairs(samples, k, kmax)
+    palettes = torch.where(fits[:, None, None], exact, palettes)
+    shares = torch.where(fits[:, None], exact_shares, shares)
+    return palettes, shares * active
+
+
+@torch.no_grad()
+def generate_palettes(
+    net,
+    samples: torch.Tensor,
+    k: torch.Tensor,
+    kmax: int,
+    features: torch.Tensor | None = None,
+    present: torch.Tensor | None = None,
+    luma_steps: int = LUMA_STEPS,
+    luma_swaps: int | None = None,
+    chroma_rank_steps: int = CHROMA_RANK_STEPS,
+    chroma_steps: int = CHROMA_STEPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Palettes (N, kmax, C) and pixel shares (N, kmax) of blocks (N, P, C), as cgan-v1 ships them.
+
+    Parameters
+    ----------
+    net : PaletteNet or None
+        The trained network for this component; ``None`` decodes the plain companding cuts
+        only (the "no network" ablation of ``benchmarks/palette_quality.py``).
+    samples : torch.Tensor
+        float32 (N, P, C), values 0..255.
+    k : torch.Tensor
+        int64 (N,), 1..kmax.
+    luma_steps, chroma_rank_steps, chroma_steps : int
+        Numbers of the deterministic update layers (see the module docstring).
+    """
+    n, p, c = samples.shape
+    if luma_swaps is None:
+        luma_swaps = max(1, round(SWAPS_PER_ENTRY * kmax))
+    # Work in chunks of blocks whose largest temporaries stay near 1 MB: beyond a few MB every
+    # new tensor is fresh memory from the OS (page faults), which costs more than the arithmetic.
+    width = max(HISTOGRAM_BINS + 1, p * c, p * kmax if c == 2 else 0)
+    rows = max(16, CHUNK_ELEMENTS // width)
+    outs = []
+    for lo in range(0, n, rows):
+        part = slice(lo, lo + rows)
+        feats = None if features is None else features[part]
+        pres = None if present is None else present[part]
+        if c == 1:
+            outs.append(_luma(net, samples[part], k[part], kmax, feats, pres, luma_steps, luma_swaps))
+        else:
+            outs.append(_chroma(net, samples[part], k[part], kmax, feats, pres, chroma_rank_steps, chroma_steps))
+    if len(outs) == 1:
+        return outs[0]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
