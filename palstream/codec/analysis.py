@@ -172,30 +172,40 @@ def residual_cost_table(q4: int, rnd4: int, lam: float, dweight: float) -> np.nd
 
 
 @njit(cache=True, nogil=True)
-def _med_error(src):
-    """Open-loop MED prediction error of every pixel (estimates the intra cost)."""
+def _intra_errors(src):
+    """Open-loop intra prediction errors of every pixel, MED (0) and four-neighbour mean (1),
+    and the MED prediction itself (for combined inter/intra): estimates of ``syntax._predict``
+    on the source, with top-right always available."""
     h, w = src.shape
-    e = np.empty((h, w), np.int64)
+    e = np.empty((2, h, w), np.int64)
+    med = np.empty((h, w), np.int64)
     for y in range(h):
         for x in range(w):
             if y == 0 and x == 0:
                 p = 128
+                q = p
             elif y == 0:
                 p = np.int64(src[y, x - 1])
+                q = p
             elif x == 0:
                 p = np.int64(src[y - 1, x])
+                q = p
             else:
                 a = np.int64(src[y, x - 1])
                 b = np.int64(src[y - 1, x])
                 c = np.int64(src[y - 1, x - 1])
+                d = np.int64(src[y - 1, x + 1]) if x + 1 < w else b
                 if c >= max(a, b):
                     p = min(a, b)
                 elif c <= min(a, b):
                     p = max(a, b)
                 else:
                     p = a + b - c
-            e[y, x] = np.int64(src[y, x]) - p
-    return e
+                q = (a + b + c + d + 2) >> 2
+            med[y, x] = p
+            e[0, y, x] = np.int64(src[y, x]) - p
+            e[1, y, x] = np.int64(src[y, x]) - q
+    return e, med
 
 
 @njit(cache=True, nogil=True)
@@ -208,23 +218,33 @@ def _block_cost(err, table, y0, x0, s):
 
 
 @njit(cache=True, nogil=True)
-def _inter_cost(cur, ref, ref2, table, y0, x0, s, mot, scratch):
+def _inter_cost(cur, med, ref, ref2, table, y0, x0, s, mot, scratch, out):
+    """Adds the cost of a block's inter prediction to ``out[0]`` and that of its combination
+    with (open-loop) MED to ``out[1]``."""
     pred = inter_prediction(ref, ref2, y0, x0, s, mot, scratch)
     t = 0.0
+    tc = 0.0
     for y in range(s):
         for x in range(s):
-            t += table[np.int64(cur[y0 + y, x0 + x]) - pred[y, x] + 255]
-    return t
+            c = np.int64(cur[y0 + y, x0 + x])
+            p = np.int64(pred[y, x])
+            t += table[c - p + 255]
+            tc += table[c - ((p + med[y0 + y, x0 + x] + 1) >> 1) + 255]
+    out[0] += t
+    out[1] += tc
 
 
 @njit(cache=True, nogil=True)
-def _cell_inter_cost(cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, ref2_y, ref2_u, ref2_v, table, cy8, cx8, mot, scratch):
-    """Inter cost of one 8x8 luma cell and its 4x4 chroma cells under motion ``mot``
-    (``scratch``: int32[2, 8, 8] for the predictions)."""
+def _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, scratch, out):
+    """Inter costs (plain, combined with MED) of one 8x8 luma cell and its 4x4 chroma cells under
+    motion ``mot``, into ``out`` (``cur``, ``med``, ``ref``, ``ref2``: the (Y, Cb, Cr) planes;
+    ``scratch``: int32[2, 8, 8] for the predictions)."""
     cmot = (mot[0], mot[1] >> 1, mot[2] >> 1, mot[3] >> 1, mot[4] >> 1)
-    return (_inter_cost(cur_y, ref_y, ref2_y, table, 8 * cy8, 8 * cx8, 8, mot, scratch)
-            + _inter_cost(cur_u, ref_u, ref2_u, table, 4 * cy8, 4 * cx8, 4, cmot, scratch)
-            + _inter_cost(cur_v, ref_v, ref2_v, table, 4 * cy8, 4 * cx8, 4, cmot, scratch))
+    out[0] = 0.0
+    out[1] = 0.0
+    _inter_cost(cur[0], med[0], ref[0], ref2[0], table, 8 * cy8, 8 * cx8, 8, mot, scratch, out)
+    _inter_cost(cur[1], med[1], ref[1], ref2[1], table, 4 * cy8, 4 * cx8, 4, cmot, scratch, out)
+    _inter_cost(cur[2], med[2], ref[2], ref2[2], table, 4 * cy8, 4 * cx8, 4, cmot, scratch, out)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -422,9 +442,13 @@ def decide(
 ):
     """Fill the decision maps (per 8x8 cell) with the RD-best quadtree of the frame."""
     h, w = cur_y.shape
-    err_y = _med_error(cur_y)
-    err_u = _med_error(cur_u)
-    err_v = _med_error(cur_v)
+    err_y, med_y = _intra_errors(cur_y)
+    err_u, med_u = _intra_errors(cur_u)
+    err_v, med_v = _intra_errors(cur_v)
+    cur = (cur_y, cur_u, cur_v)
+    med = (med_y, med_u, med_v)
+    ref = (ref_y, ref_u, ref_v)
+    ref2 = (ref2_y, ref2_u, ref2_v)
     keys_c = cur_u.astype(np.int64) * 256 + cur_v.astype(np.int64)
     keys_y = cur_y.astype(np.int64)
     nlev = 4
@@ -432,7 +456,7 @@ def decide(
     sizes = np.array([8, 16, 32, 64])
     best = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
     lmode = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
-    lmv = [np.zeros((h // s, w // s, 5), np.int32) for s in (8, 16, 32, 64)]
+    lmv = [np.zeros((h // s, w // s, 6), np.int32) for s in (8, 16, 32, 64)]
     lsplit = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     lpy = [np.empty((h // s, w // s, MAX_PAL), np.int64) for s in (8, 16, 32, 64)]  # read only where chosen
     lpyn = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
@@ -451,12 +475,15 @@ def decide(
     scratch = (seen_keys, cc, su, sv, qq)
     centres = (np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1, np.bool_))
     toomany = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
-    intra_raw = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
+    intra_raw = [np.zeros((h // s, w // s, 2)) for s in (8, 16, 32, 64)]  # per predictor variant
     skip_raw = [np.zeros((h // s, w // s), np.int64) for s in (8, 16, 32, 64)]
     tried = np.empty((8, 5), np.int64)
     bmot = np.zeros(5, np.int64)
-    cell_inter = np.zeros((h // 8, w // 8, 2))  # cost of each 8x8 cell under its own motion: one / two refs
+    # cost of each 8x8 cell under its own motion: [one / two refs][plain / combined with MED]
+    cell_inter = np.zeros((h // 8, w // 8, 2, 2))
     prediction = np.empty((2, 8, 8), np.int32)
+    cost = np.zeros(2)
+    jmot = np.zeros(2)
     for lev in range(nlev):
         s = sizes[lev]
         if s > max_block:
@@ -470,35 +497,36 @@ def decide(
                 c0x = x0 // 2
                 jbest = np.inf
                 bm = INTRA
+                bvar = 0
                 # intra and skip costs add up over quadrants: sum the level below
+                ir = intra_raw[lev][by, bx]
                 if lev == 0:
-                    ir = (_block_cost(err_y, table, y0, x0, s) + _block_cost(err_u, table, c0y, c0x, cs)
-                          + _block_cost(err_v, table, c0y, c0x, cs))
+                    for v in range(2):
+                        ir[v] = (_block_cost(err_y[v], table, y0, x0, s) + _block_cost(err_u[v], table, c0y, c0x, cs)
+                                 + _block_cost(err_v[v], table, c0y, c0x, cs))
                     sr = 0
                     if has_ref:
                         sr = (_skip_sse(cur_y, ref_y, y0, x0, s) + _skip_sse(cur_u, ref_u, c0y, c0x, cs)
                               + _skip_sse(cur_v, ref_v, c0y, c0x, cs))
                 else:
-                    ir = 0.0
                     sr = 0
                     for j4 in range(4):
                         ir += intra_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2]
                         sr += skip_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2]
                 if lev == 0 and has_ref:
                     for b2 in range(2 if has_ref2 else 1):
-                        cell_inter[by, bx, b2] = _cell_inter_cost(
-                            cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, ref2_y, ref2_u, ref2_v, table, by, bx,
-                            _cell_motion(field, by, bx, b2), prediction,
-                        )
-                intra_raw[lev][by, bx] = ir
+                        _cell_inter_cost(cur, med, ref, ref2, table, by, bx, _cell_motion(field, by, bx, b2), prediction,
+                                         cell_inter[by, bx, b2])
                 skip_raw[lev][by, bx] = sr
                 if s >= min_block:
-                    jbest = ir + lam * 2.0
+                    bvar = 1 if ir[1] < ir[0] else 0
+                    jbest = ir[bvar] + lam * 2.0
                     if has_ref:
                         j = dweight * sr + lam * 1.0
                         if j < jbest:
                             jbest = j
                             bm = SKIP
+                            bvar = 0
                         # inter candidates, each priced once: at 8x8 the cell's own motion with one
                         # reference and with two; above, the motion each inter quadrant chose and the
                         # top-left cell's own single-reference motion
@@ -534,18 +562,22 @@ def decide(
                             j = lam * (3.0 + 0.5 * (abs(mot[1]) + abs(mot[2])))
                             if b2:
                                 j += lam * (2.0 + 0.5 * (abs(mot[3] - 2 * mot[1]) + abs(mot[4] - 2 * mot[2])))
+                            jmot[0] = j
+                            jmot[1] = j
                             for cy8 in range(by * (s // 8), (by + 1) * (s // 8)):
                                 for cx8 in range(bx * (s // 8), (bx + 1) * (s // 8)):
                                     if _cell_motion(field, cy8, cx8, b2) == mot:
-                                        j += cell_inter[cy8, cx8, b2]  # the cell's own motion: known
+                                        jmot += cell_inter[cy8, cx8, b2]  # the cell's own motion: known
                                     else:
-                                        j += _cell_inter_cost(cur_y, cur_u, cur_v, ref_y, ref_u, ref_v,
-                                                              ref2_y, ref2_u, ref2_v, table, cy8, cx8, mot, prediction)
-                            if j < jbest:
-                                jbest = j
-                                bm = INTER
-                                for i in range(5):
-                                    bmot[i] = mot[i]
+                                        _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, prediction, cost)
+                                        jmot += cost
+                            for v in range(2):
+                                if jmot[v] < jbest:
+                                    jbest = jmot[v]
+                                    bm = INTER
+                                    bvar = v
+                                    for i in range(5):
+                                        bmot[i] = mot[i]
                     # a block holds at least as many colours as any of its quadrants
                     many = lev > 0 and (
                         toomany[lev - 1][2 * by, 2 * bx] or toomany[lev - 1][2 * by, 2 * bx + 1]
@@ -573,6 +605,7 @@ def decide(
                     if nc > 0 and jy + jc + lam * 2.0 < jbest:
                         jbest = jy + jc + lam * 2.0
                         bm = PALETTE
+                        bvar = 0
                         lpy[lev][by, bx, :ny] = tmp_y[:ny]
                         lpyn[lev][by, bx] = ny
                         lpc[lev][by, bx, :nc] = tmp_c[:nc]
@@ -592,6 +625,7 @@ def decide(
                     lmv[lev][by, bx, 2] = bmot[0]
                     lmv[lev][by, bx, 3] = bmot[3]
                     lmv[lev][by, bx, 4] = bmot[4]
+                lmv[lev][by, bx, 5] = bvar
     # top-down: write the chosen leaves into the 8x8 cell maps
     top = 0
     while top < nlev - 1 and sizes[top] < max_block:
@@ -625,7 +659,7 @@ def decide(
             for xx in range(cx8, cx8 + n8):
                 leafsize[yy, xx] = s
                 mode[yy, xx] = lmode[lev][by, bx]
-                for i in range(5):
+                for i in range(6):
                     mv[yy, xx, i] = lmv[lev][by, bx, i]
         ny = lpyn[lev][by, bx]
         nc = lpcn[lev][by, bx]

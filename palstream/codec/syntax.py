@@ -42,6 +42,7 @@ CTX_MV_MAG = _c(2 * UEG_CONTEXTS)
 CTX_BI = _c(3)  # second reference used, by neighbours using it
 CTX_MV2_ZERO = _c(2)
 CTX_MV2_MAG = _c(2 * UEG_CONTEXTS)
+CTX_VARIANT = _c(2 * 3)  # [INTER, INTRA] predictor variant, by neighbours of that mode using it
 # residuals: [plane class 2][mode 2]
 CTX_RES_CODED = _c(4 * 3)  # sub-block 'has non-zero levels', by coded neighbours
 CTX_RES_ZERO = _c(4 * 48)  # neighbour magnitudes (6) x activity (4) x previous frame's level (2)
@@ -81,6 +82,35 @@ def _med(rec, y, x):
     if c <= min(a, b):
         return max(a, b)
     return a + b - c
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _average4(rec, y, x, y0, x0, size, sy, sx, sub):
+    """Rounded mean of left, top, top-left and top-right, for smooth gradients and noise that
+    MED's edge-following passes through. Top-right is used only where it is already decoded
+    (above the sub-block, or inside it); elsewhere top stands in for it."""
+    if y == 0 or x == 0:
+        return _med(rec, y, x)
+    a = np.int64(rec[y, x - 1])
+    b = np.int64(rec[y - 1, x])
+    c = np.int64(rec[y - 1, x - 1])
+    d = b
+    if x + 1 < rec.shape[1] and (x + 1 < sx + sub or (y == sy and x + 1 < x0 + size)):
+        d = np.int64(rec[y - 1, x + 1])
+    return (a + b + c + d + 2) >> 2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _predict(rec, inter, mode, variant, y, x, y0, x0, size, sy, sx, sub):
+    """Prediction of one residual sample. INTRA: MED, or with ``variant`` the four-neighbour
+    mean; INTER: the motion-compensated sample, or with ``variant`` its rounded mean with MED
+    (combined inter/intra prediction: grain and flicker that motion cannot follow)."""
+    if mode == INTER:
+        p = np.int64(inter[y - y0, x - x0])
+        return (p + _med(rec, y, x) + 1) >> 1 if variant else p
+    if variant:
+        return _average4(rec, y, x, y0, x0, size, sy, sx, sub)
+    return _med(rec, y, x)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -193,13 +223,13 @@ def dequantise(k, q4):
 
 
 @njit(cache=True, nogil=True)
-def _sub_block_is_zero(src, rec, mode, inter, y0, x0, sy, sx, sub, q4, rnd4):
+def _sub_block_is_zero(src, rec, mode, variant, inter, y0, x0, size, sy, sx, sub, q4, rnd4):
     """Encoder: would every level of this sub-block quantise to zero? Writes the tentative
     zero-level reconstruction into ``rec``; coding the sub-block afterwards overwrites it in
     the same raster order, so no sample is used before its final value is written."""
     for y in range(sy, sy + sub):
         for x in range(sx, sx + sub):
-            pred = inter[y - y0, x - x0] if mode == INTER else _med(rec, y, x)
+            pred = _predict(rec, inter, mode, variant, y, x, y0, x0, size, sy, sx, sub)
             if _level(np.int64(src[y, x]) - pred, q4, rnd4) != 0:
                 return False
             rec[y, x] = pred
@@ -207,10 +237,12 @@ def _sub_block_is_zero(src, rec, mode, inter, y0, x0, sy, sx, sub, q4, rnd4):
 
 
 @njit(cache=True, nogil=True)
-def code_residual_block(enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y0, x0, size, q4, rnd4, mode, plane_class, mot):
+def code_residual_block(
+    enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y0, x0, size, q4, rnd4, mode, variant, plane_class, mot
+):
     """Quantised prediction residual of one block of one plane: its 'palette of residual levels'.
 
-    Prediction: ``inter_prediction`` (INTER) or MED (INTRA). The block is coded in sub-blocks of 8x8 (luma) or 4x4 (chroma) samples, each with
+    Prediction: ``_predict`` (from ``inter_prediction`` for INTER). The block is coded in sub-blocks of 8x8 (luma) or 4x4 (chroma) samples, each with
     a flag for 'all levels zero'; otherwise each level k (residual in steps of q4/4, rounded
     toward zero by the encoder's ``rnd4``) is coded as zero flag, sign, magnitude - 1.
     """
@@ -231,11 +263,11 @@ def code_residual_block(enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y
                     nzt = 1
             coded = 1
             if enc:
-                coded = 0 if _sub_block_is_zero(src, rec, mode, inter, y0, x0, sy, sx, sub, q4, rnd4) else 1
+                coded = 0 if _sub_block_is_zero(src, rec, mode, variant, inter, y0, x0, size, sy, sx, sub, q4, rnd4) else 1
             coded = code_bit(enc, st, buf, probs, CTX_RES_CODED + cls * 3 + nzl + nzt, coded)
             for y in range(sy, sy + sub):
                 for x in range(sx, sx + sub):
-                    pred = inter[y - y0, x - x0] if mode == INTER else _med(rec, y, x)
+                    pred = _predict(rec, inter, mode, variant, y, x, y0, x0, size, sy, sx, sub)
                     k = 0
                     if coded:
                         w = kmap.shape[1]
@@ -555,6 +587,15 @@ def _code_leaf(
                 mx2 = _code_vector_component(
                     enc, st, buf, probs, CTX_MV2_ZERO + 1, CTX_MV2_MAG + UEG_CONTEXTS, 2 * mvx, mv[cy8, cx8, 4]
                 )
+    variant = 0
+    if m == INTER or m == INTRA:
+        nvar = 0
+        if cx8 > 0 and mode[cy8, cx8 - 1] == m and mv[cy8, cx8 - 1, 5]:
+            nvar += 1
+        if cy8 > 0 and mode[cy8 - 1, cx8] == m and mv[cy8 - 1, cx8, 5]:
+            nvar += 1
+        ctx = CTX_VARIANT + (3 if m == INTRA else 0) + nvar
+        variant = code_bit(enc, st, buf, probs, ctx, mv[cy8, cx8, 5] if enc else 0)
     for yy in range(cy8, cy8 + n8):
         for xx in range(cx8, cx8 + n8):
             leafsize[yy, xx] = s
@@ -564,6 +605,7 @@ def _code_leaf(
             mv[yy, xx, 2] = bi
             mv[yy, xx, 3] = my2
             mv[yy, xx, 4] = mx2
+            mv[yy, xx, 5] = variant
     c0y = y0 // 2
     c0x = x0 // 2
     cs = s // 2
@@ -599,7 +641,13 @@ def _code_leaf(
         code_indices(enc, st, buf, probs, src_u, src_v, rec_u, rec_v, kmap_u, kmap_v, c0y, c0x, cs, keys2, n2, True, 2 * tol)
     else:
         mot = (np.int64(bi), np.int64(mvy), np.int64(mvx), np.int64(my2), np.int64(mx2))
-        code_residual_block(enc, st, buf, probs, src_y, rec_y, ref_y, ref2_y, kmap_y, kprev_y, y0, x0, s, q4, rnd4, m, 0, mot)
+        code_residual_block(
+            enc, st, buf, probs, src_y, rec_y, ref_y, ref2_y, kmap_y, kprev_y, y0, x0, s, q4, rnd4, m, variant, 0, mot
+        )
         cmot = (mot[0], mot[1] >> 1, mot[2] >> 1, mot[3] >> 1, mot[4] >> 1)
-        code_residual_block(enc, st, buf, probs, src_u, rec_u, ref_u, ref2_u, kmap_u, kprev_u, c0y, c0x, cs, q4, rnd4, m, 1, cmot)
-        code_residual_block(enc, st, buf, probs, src_v, rec_v, ref_v, ref2_v, kmap_v, kprev_v, c0y, c0x, cs, q4, rnd4, m, 1, cmot)
+        for src_c, rec_c, ref_c, ref2_c, kmap_c, kprev_c in (
+            (src_u, rec_u, ref_u, ref2_u, kmap_u, kprev_u), (src_v, rec_v, ref_v, ref2_v, kmap_v, kprev_v)
+        ):
+            code_residual_block(
+                enc, st, buf, probs, src_c, rec_c, ref_c, ref2_c, kmap_c, kprev_c, c0y, c0x, cs, q4, rnd4, m, variant, 1, cmot
+            )
