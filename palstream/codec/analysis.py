@@ -171,11 +171,19 @@ def residual_cost_table(q4: int, rnd4: int, lam: float, dweight: float) -> np.nd
     return dweight * d + lam * bits
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _noisy(src, y, x, amp):
+    """Source sample plus a fixed pseudo-random offset, uniform in +-amp/2: the neighbours the
+    decoder predicts from carry quantisation error, which MED passes on and averaging damps."""
+    hsh = ((y * 73856093) ^ (x * 19349663)) & 1023
+    return np.int64(src[y, x]) + np.int64(np.floor((hsh / 1023.0 - 0.5) * amp + 0.5))
+
+
 @njit(cache=True, nogil=True)
-def _intra_errors(src):
-    """Open-loop intra prediction errors of every pixel, MED (0) and four-neighbour mean (1),
-    and the MED prediction itself (for combined inter/intra): estimates of ``syntax._predict``
-    on the source, with top-right always available."""
+def _intra_errors(src, amp):
+    """Intra prediction errors of every pixel, MED (0) and four-neighbour mean (1), and the MED
+    prediction itself (for combined inter/intra): estimates of ``syntax._predict`` from the
+    source's neighbours with quantisation-sized noise (``_noisy``), top-right always available."""
     h, w = src.shape
     e = np.empty((2, h, w), np.int64)
     med = np.empty((h, w), np.int64)
@@ -185,16 +193,16 @@ def _intra_errors(src):
                 p = 128
                 q = p
             elif y == 0:
-                p = np.int64(src[y, x - 1])
+                p = _noisy(src, y, x - 1, amp)
                 q = p
             elif x == 0:
-                p = np.int64(src[y - 1, x])
+                p = _noisy(src, y - 1, x, amp)
                 q = p
             else:
-                a = np.int64(src[y, x - 1])
-                b = np.int64(src[y - 1, x])
-                c = np.int64(src[y - 1, x - 1])
-                d = np.int64(src[y - 1, x + 1]) if x + 1 < w else b
+                a = _noisy(src, y, x - 1, amp)
+                b = _noisy(src, y - 1, x, amp)
+                c = _noisy(src, y - 1, x - 1, amp)
+                d = _noisy(src, y - 1, x + 1, amp) if x + 1 < w else b
                 if c >= max(a, b):
                     p = min(a, b)
                 elif c <= min(a, b):
@@ -437,14 +445,14 @@ def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys, c
 
 @njit(cache=True, nogil=True)
 def decide(
-    cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, ref2_y, ref2_u, ref2_v, has_ref, has_ref2, field, table, lam, dweight,
+    cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, ref2_y, ref2_u, ref2_v, has_ref, has_ref2, field, table, lam, dweight, noise,
     min_block, max_block, max_pal, prop_y, prop_yn, prop_c, prop_cn, leafsize, mode, mv, pal_y, pal_yn, pal_c, pal_cn,
 ):
     """Fill the decision maps (per 8x8 cell) with the RD-best quadtree of the frame."""
     h, w = cur_y.shape
-    err_y, med_y = _intra_errors(cur_y)
-    err_u, med_u = _intra_errors(cur_u)
-    err_v, med_v = _intra_errors(cur_v)
+    err_y, med_y = _intra_errors(cur_y, noise)
+    err_u, med_u = _intra_errors(cur_u, noise)
+    err_v, med_v = _intra_errors(cur_v, noise)
     cur = (cur_y, cur_u, cur_v)
     med = (med_y, med_u, med_v)
     ref = (ref_y, ref_u, ref_v)

@@ -75,6 +75,7 @@ class _DecisionMaps:
 
 LAMBDA = 0.375  # bits are worth LAMBDA * step^2 squared error each (tuned on corpus clips, 8 frames)
 ROUNDING = 0.3  # dead-zone rounding offset, in steps: levels lean toward zero, cheaper to code
+INTRA_NOISE = 0.5  # the analysis prices intra prediction from neighbours noisy by +-INTRA_NOISE/2 step
 PROPOSAL_SIZE = 16  # entries the generator proposes; the RD merge prunes them per block
 PROPOSAL_COVERAGE = 0.75  # share of a block's pixels its 16 most frequent levels must cover
 
@@ -163,10 +164,11 @@ def _encode_at(padded, q4, rnd4, config: EncoderConfig, proposals, motion):
     rd_lambda = max(lam, 1.0)
     table = analysis.residual_cost_table(q4, rnd4, rd_lambda, dweight)
     tol = int(lam * 2)
+    noise = 0.0 if config.lossless else q4 / 4 * float(__import__("os").environ.get("NS", str(INTRA_NOISE)))
 
     def decide(f, src, ref, ref2, maps):
         analysis.decide(
-            *src, *ref, *ref2, f > 0, f > 1, motion[f], table, rd_lambda, dweight,
+            *src, *ref, *ref2, f > 0, f > 1, motion[f], table, rd_lambda, dweight, noise,
             config.min_block, config.max_block, config.max_palette, *(p[f] for p in proposals), *maps.args(),
         )
 
