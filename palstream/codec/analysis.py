@@ -227,19 +227,18 @@ def _block_cost(err, table, y0, x0, s):
 
 @njit(cache=True, nogil=True)
 def _inter_cost(cur, med, ref, ref2, table, y0, x0, s, mot, scratch, out):
-    """Adds the cost of a block's inter prediction to ``out[0]`` and that of its combination
-    with (open-loop) MED to ``out[1]``."""
+    """Adds the cost of a block's inter prediction under each INTER variant (its combinations
+    with estimated MED, ``syntax.MED_WEIGHT``) to ``out``."""
     pred = inter_prediction(ref, ref2, y0, x0, s, mot, scratch)
-    t = 0.0
-    tc = 0.0
     for y in range(s):
         for x in range(s):
-            c = np.int64(cur[y0 + y, x0 + x])
+            c = np.int64(cur[y0 + y, x0 + x]) + 255
             p = np.int64(pred[y, x])
-            t += table[c - p + 255]
-            tc += table[c - ((p + med[y0 + y, x0 + x] + 1) >> 1) + 255]
-    out[0] += t
-    out[1] += tc
+            m = med[y0 + y, x0 + x]
+            out[0] += table[c - p]
+            out[1] += table[c - ((p + m + 1) >> 1)]
+            out[2] += table[c - ((3 * p + m + 2) >> 2)]
+            out[3] += table[c - ((p + 3 * m + 2) >> 2)]
 
 
 @njit(cache=True, nogil=True)
@@ -248,8 +247,7 @@ def _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, scratch, out):
     motion ``mot``, into ``out`` (``cur``, ``med``, ``ref``, ``ref2``: the (Y, Cb, Cr) planes;
     ``scratch``: int32[2, 8, 8] for the predictions)."""
     cmot = (mot[0], mot[1] >> 1, mot[2] >> 1, mot[3] >> 1, mot[4] >> 1)
-    out[0] = 0.0
-    out[1] = 0.0
+    out[:] = 0.0
     _inter_cost(cur[0], med[0], ref[0], ref2[0], table, 8 * cy8, 8 * cx8, 8, mot, scratch, out)
     _inter_cost(cur[1], med[1], ref[1], ref2[1], table, 4 * cy8, 4 * cx8, 4, cmot, scratch, out)
     _inter_cost(cur[2], med[2], ref[2], ref2[2], table, 4 * cy8, 4 * cx8, 4, cmot, scratch, out)
@@ -487,11 +485,11 @@ def decide(
     skip_raw = [np.zeros((h // s, w // s), np.int64) for s in (8, 16, 32, 64)]
     tried = np.empty((8, 5), np.int64)
     bmot = np.zeros(5, np.int64)
-    # cost of each 8x8 cell under its own motion: [one / two refs][plain / combined with MED]
-    cell_inter = np.zeros((h // 8, w // 8, 2, 2))
+    # cost of each 8x8 cell under its own motion: [one / two refs][INTER variant]
+    cell_inter = np.zeros((h // 8, w // 8, 2, 4))
     prediction = np.empty((2, 8, 8), np.int32)
-    cost = np.zeros(2)
-    jmot = np.zeros(2)
+    cost = np.zeros(4)
+    jmot = np.zeros(4)
     for lev in range(nlev):
         s = sizes[lev]
         if s > max_block:
@@ -570,8 +568,8 @@ def decide(
                             j = lam * (3.0 + 0.5 * (abs(mot[1]) + abs(mot[2])))
                             if b2:
                                 j += lam * (2.0 + 0.5 * (abs(mot[3] - 2 * mot[1]) + abs(mot[4] - 2 * mot[2])))
-                            jmot[0] = j
-                            jmot[1] = j
+                            jmot[:] = j
+                            jmot[1:] += lam * 1.0  # the weight
                             for cy8 in range(by * (s // 8), (by + 1) * (s // 8)):
                                 for cx8 in range(bx * (s // 8), (bx + 1) * (s // 8)):
                                     if _cell_motion(field, cy8, cx8, b2) == mot:
@@ -579,7 +577,7 @@ def decide(
                                     else:
                                         _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, prediction, cost)
                                         jmot += cost
-                            for v in range(2):
+                            for v in range(4):
                                 if jmot[v] < jbest:
                                     jbest = jmot[v]
                                     bm = INTER

@@ -42,7 +42,9 @@ CTX_MV_MAG = _c(2 * UEG_CONTEXTS)
 CTX_BI = _c(3)  # second reference used, by neighbours using it
 CTX_MV2_ZERO = _c(2)
 CTX_MV2_MAG = _c(2 * UEG_CONTEXTS)
-CTX_VARIANT = _c(2 * 3)  # [INTER, INTRA] predictor variant, by neighbours of that mode using it
+CTX_VARIANT = _c(2 * 3)  # [INTER, INTRA] predictor variant != 0, by neighbours of that mode using one
+CTX_WEIGHT = _c(2)  # INTER variant's MED weight: not 1/2, then 1/4 or 3/4
+MED_WEIGHT = (0, 2, 1, 3)  # INTER variant -> weight of MED in quarters
 # residuals: [plane class 2][mode 2]
 CTX_RES_CODED = _c(4 * 3)  # sub-block 'has non-zero levels', by coded neighbours
 CTX_RES_ZERO = _c(4 * 48)  # neighbour magnitudes (6) x activity (4) x previous frame's level (2)
@@ -103,11 +105,14 @@ def _average4(rec, y, x, y0, x0, size, sy, sx, sub):
 @njit(cache=True, nogil=True, inline="always")
 def _predict(rec, inter, mode, variant, y, x, y0, x0, size, sy, sx, sub):
     """Prediction of one residual sample. INTRA: MED, or with ``variant`` the four-neighbour
-    mean; INTER: the motion-compensated sample, or with ``variant`` its rounded mean with MED
-    (combined inter/intra prediction: grain and flicker that motion cannot follow)."""
+    mean; INTER: the motion-compensated sample, or with ``variant`` its weighted mean with MED
+    (``MED_WEIGHT``: combined inter/intra prediction, for grain and flicker that motion cannot follow)."""
     if mode == INTER:
         p = np.int64(inter[y - y0, x - x0])
-        return (p + _med(rec, y, x) + 1) >> 1 if variant else p
+        if variant == 0:
+            return p
+        wm = MED_WEIGHT[variant]
+        return ((4 - wm) * p + wm * _med(rec, y, x) + 2) >> 2
     if variant:
         return _average4(rec, y, x, y0, x0, size, sy, sx, sub)
     return _med(rec, y, x)
@@ -595,7 +600,10 @@ def _code_leaf(
         if cy8 > 0 and mode[cy8 - 1, cx8] == m and mv[cy8 - 1, cx8, 5]:
             nvar += 1
         ctx = CTX_VARIANT + (3 if m == INTRA else 0) + nvar
-        variant = code_bit(enc, st, buf, probs, ctx, mv[cy8, cx8, 5] if enc else 0)
+        want = mv[cy8, cx8, 5] if enc else 0
+        variant = code_bit(enc, st, buf, probs, ctx, 1 if want else 0)
+        if variant and m == INTER and code_bit(enc, st, buf, probs, CTX_WEIGHT, 1 if want >= 2 else 0):
+            variant = 2 + code_bit(enc, st, buf, probs, CTX_WEIGHT + 1, 1 if want == 3 else 0)
     for yy in range(cy8, cy8 + n8):
         for xx in range(cx8, cx8 + n8):
             leafsize[yy, xx] = s
