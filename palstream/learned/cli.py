@@ -26,10 +26,12 @@ def train(
         Optional[int], typer.Option(help="Optimiser steps (default 2000; with --reinforce 600).", min=1)
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of data sampling and initialisation.")] = 0,
-    features: Annotated[bool, typer.Option(help="Also condition on pooled EfficientNet-Lite0 block features.")] = True,
+    features: Annotated[
+        bool, typer.Option(help="Also condition on pooled EfficientNet-Lite0 block features (measured: no gain; off for cgan-v1).")
+    ] = False,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.", min=1)] = 1,
-    hidden: Annotated[int, typer.Option(help="Width of the generator's hidden layers.", min=8)] = 256,
-    layers: Annotated[int, typer.Option(help="Hidden layers of the generator MLP.", min=1)] = 3,
+    hidden: Annotated[int, typer.Option(help="Width of the generator's hidden layers.", min=8)] = 64,
+    layers: Annotated[int, typer.Option(help="Hidden layers of the generator MLP.", min=1)] = 2,
     report_dir: Annotated[
         Optional[Path], typer.Option(help="Where the loss plot and model card go (default: beside --out).")
     ] = None,

@@ -14,7 +14,7 @@ from palstream.palettes.base import MAX_PALETTE, PaletteGenerator, register_pale
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "palettes" / "weights"
 SHIPPED_WEIGHTS = WEIGHTS_DIR / "cgan-v1.pt"
 # sha256 of SHIPPED_WEIGHTS, recorded when the shipped model was trained (docs/model-card-cgan-v1.md).
-SHIPPED_SHA256 = "890a56ed4b00f949807c83f5c68d4ef06423e71931be7b304e9011ee074964db"
+SHIPPED_SHA256 = "cb8237de3847348e51c94fe302b77826964bafa5f885c9586953ec1c6cdbed11"
 WEIGHTS_FORMAT = "palstream-cgan/1"
 
 
@@ -115,9 +115,6 @@ class CganGenerator(PaletteGenerator):
     expected_sha256 : str, optional
         Hash the file must have; defaults to the recorded hash of the shipped weights (only when
         ``weights`` is the shipped file). Pass ``None`` with your own weights to skip the check.
-    rank_steps : int, default 2
-        Rank-domain Lloyd updates (0 or more) applied to the network's output (cheap: binary searches on
-        the sorted block, see :func:`palstream.learned.model.rank_lloyd`).
 
     Notes
     -----
@@ -126,11 +123,8 @@ class CganGenerator(PaletteGenerator):
     pixel share, largest first, so the encoder can rank and prune them.
     """
 
-    def __init__(
-        self, device=None, weights: str | Path | None = None, expected_sha256: str | None = "recorded", rank_steps: int | None = None
-    ):
+    def __init__(self, device=None, weights: str | Path | None = None, expected_sha256: str | None = "recorded"):
         super().__init__(device)
-        self.rank_steps = rank_steps
         self.weights_path = Path(weights) if weights is not None else SHIPPED_WEIGHTS
         if expected_sha256 == "recorded":
             expected_sha256 = SHIPPED_SHA256 if self.weights_path == SHIPPED_WEIGHTS else None
@@ -172,8 +166,7 @@ class CganGenerator(PaletteGenerator):
         palettes : torch.Tensor
             float32 (N, max(k), C) in 0..255; entries past k[i] repeat the first entry.
         scores : torch.Tensor
-            float32 (N, max(k)): share of the block's pixels each entry takes (0..1; for chroma,
-            nearest along the block's principal axis); -1 past k[i].
+            float32 (N, max(k)): share of the block's pixels each entry takes (0..1); -1 past k[i].
         """
         self.load()
         if samples.ndim != 3 or samples.shape[-1] not in (1, 2):
@@ -188,12 +181,9 @@ class CganGenerator(PaletteGenerator):
             features = None  # weights trained without features: the block statistics are all it uses
         if features is not None:
             features = features.to(self.device)
-        if self.rank_steps is None:
-            from palstream.learned.decoding import generate_palettes  # here: decoding imports palettes.base, which imports us
+        from palstream.learned.decoding import generate_palettes  # here: decoding imports palettes.base, which imports us
 
-            palettes, shares = generate_palettes(net, samples, k, kmax, features)
-        else:  # the earlier decoding: rank-domain updates only (kept for comparison)
-            palettes, shares = net(samples, k, kmax, features, refine_steps=self.rank_steps)
+        palettes, shares = generate_palettes(net, samples, k, kmax, features)
         # Largest pixel share first: a prefix of the palette is the best smaller palette we have.
         scores = torch.where(active_mask(k, kmax), shares, torch.full_like(shares, -1.0))
         order = scores.argsort(dim=1, descending=True, stable=True)
