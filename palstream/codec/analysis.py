@@ -13,6 +13,7 @@ from numba import njit
 from palstream.codec.syntax import INTER, INTRA, MAX_PAL, PALETTE, SKIP, inter_prediction, motion_sample
 
 PROPOSAL_BLOCK = 16  # leaf size whose many-coloured blocks get palettes from the PaletteGenerator
+INDEX_RATE_SCALE = 1.25  # the contexts adapt across blocks, so an index map costs more than its entropy
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -436,8 +437,12 @@ def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys, c
         if u == 0 or out_keys[i] != out_keys[u - 1]:
             out_keys[u] = out_keys[i]
             u += 1
-    bits_per_change = 1.5 + math.log2(max(u, 2))
-    rate = 8.0 * u + trans * min(1.0, (u - 1.0)) * bits_per_change + (npx - trans) * (0.1 if u > 1 else 0.0)
+    rate = 8.0 * u
+    if u > 1:
+        # index map: a change (differs from left and top) costs about -log2 of its frequency plus
+        # the index; a pixel that repeats a neighbour, -log2 of that frequency (adaptive contexts)
+        r = min(max(trans / npx, 0.5 / npx), 0.5)
+        rate += INDEX_RATE_SCALE * (trans * (math.log2(u) - math.log2(r)) - (npx - trans) * math.log2(1.0 - r))
     return dweight * dist + lam * rate, u
 
 
