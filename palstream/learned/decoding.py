@@ -61,36 +61,32 @@ class LevelHistogram:
 
     Parameters
     ----------
-    samples : torch.Tensor
-        float32 (N, P, 1), values 0..255.
+    counts : torch.Tensor
+        int64 (N, 256) pixels per level bin (:func:`level_counts`).
+    p : int
+        Pixels per block.
+    sums, squares : torch.Tensor, optional
+        float64 (N, 256) sum and square sum of the pixels in each bin, for non-integer samples;
+        without them the samples are integer levels and both follow from the counts.
     """
 
-    def __init__(self, samples: torch.Tensor, counts: torch.Tensor | None = None):
-        n, p, _ = samples.shape
-        x = samples[..., 0]
-        dev = x.device
+    def __init__(self, counts: torch.Tensor, p: int, sums: torch.Tensor | None = None, squares: torch.Tensor | None = None):
+        n = len(counts)
+        dev = counts.device
         self.n, self.p = n, p
         bins = HISTOGRAM_BINS
-        rounded = x.round().clamp(0, bins - 1)
-        integral = torch.equal(rounded, x)
-        flat = None
-        if counts is None:
-            counts, flat = level_counts(rounded)
+        integral = sums is None
         # Integer levels (what the codec sends) give integer tables: float32 holds them exactly
         # while P * 255^2 < 2^24 (blocks up to 16x16), at half the memory traffic.
         self.dtype = torch.float32 if integral and p * 255 * 255 < (1 << 24) else torch.float64
         self.counts = counts.to(self.dtype)
         levels = torch.arange(bins, device=dev, dtype=self.dtype)
-        if integral:  # sums follow from the counts
+        if integral:
             self.sums = self.counts * levels
             squares = self.sums * levels
             self.reps = levels.expand(n, bins)
         else:
-            if flat is None:
-                flat = (rounded.long() + torch.arange(n, device=dev)[:, None] * bins).reshape(-1)
-            wide = x.reshape(-1).double()
-            self.sums = torch.bincount(flat, weights=wide, minlength=n * bins).reshape(n, bins)
-            squares = torch.bincount(flat, weights=wide * wide, minlength=n * bins).reshape(n, bins)
+            self.sums = sums
             self.reps = torch.where(self.counts > 0, self.sums / self.counts.clamp(min=1), levels)
         pad = lambda t: nn.functional.pad(t, (1, 0)).cumsum(1)  # noqa: E731
         self.prefix = tuple(pad(t) for t in (self.counts, self.sums, squares))  # 3 x (N, 257)
@@ -242,17 +238,17 @@ def level_counts(rounded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.bincount(flat, minlength=n * HISTOGRAM_BINS).reshape(n, HISTOGRAM_BINS), flat
 
 
-def exact_levels(samples: torch.Tensor, counts: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_levels(counts: torch.Tensor, sums: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Palettes of blocks with at most kmax occupied bins: each bin's mean (the level, for integer input).
 
-    Returns (N, kmax) float64 entries, ascending (later slots copy entry 0), and (N, kmax) counts.
+    ``counts`` and ``sums`` (N, 256) per bin. Returns (N, kmax) float64 entries, ascending (later
+    slots copy entry 0), and (N, kmax) counts. O(256) per block: the pixels are not visited.
     """
-    n, p, _ = samples.shape
+    n = len(counts)
     occupied = counts > 0
     slot = (occupied.cumsum(1) - 1).masked_fill(~occupied, kmax).clamp(max=kmax)  # kmax: a dump column
-    pixel_slot = torch.gather(slot, 1, samples[..., 0].round().clamp(0, HISTOGRAM_BINS - 1).long())
-    cnt = counts.new_zeros(n, kmax + 1).to(torch.float64).scatter_add_(1, pixel_slot, torch.ones_like(samples[..., 0], dtype=torch.float64))
-    tot = cnt.new_zeros(n, kmax + 1).scatter_add_(1, pixel_slot, samples[..., 0].double())
+    cnt = counts.new_zeros(n, kmax + 1, dtype=torch.float64).scatter_add_(1, slot, counts.double())
+    tot = cnt.new_zeros(n, kmax + 1).scatter_add_(1, slot, sums.double())
     cnt, tot = cnt[:, :kmax], tot[:, :kmax]
     entries = tot / cnt.clamp(min=1)
     entries = torch.where(cnt > 0, entries, entries[:, :1])
@@ -261,19 +257,27 @@ def exact_levels(samples: torch.Tensor, counts: torch.Tensor, kmax: int) -> tupl
 
 def _luma(net, samples: torch.Tensor, k: torch.Tensor, kmax: int, features, present, steps: int, swaps: int):
     n, p, _ = samples.shape
-    counts, _ = level_counts(samples[..., 0].round().clamp(0, HISTOGRAM_BINS - 1))
+    x = samples[..., 0]
+    rounded = x.round().clamp(0, HISTOGRAM_BINS - 1)
+    counts, flat = level_counts(rounded)
+    sums = squares = None
+    if not torch.equal(rounded, x):  # not integer levels: each bin's exact sums (integer levels need none)
+        wide = x.reshape(-1).double()
+        sums = torch.bincount(flat, weights=wide, minlength=n * HISTOGRAM_BINS).reshape(n, HISTOGRAM_BINS)
+        squares = torch.bincount(flat, weights=wide * wide, minlength=n * HISTOGRAM_BINS).reshape(n, HISTOGRAM_BINS)
     fits = (counts > 0).sum(1) <= k
     entries = samples.new_zeros(n, kmax, dtype=torch.float64)
     shares = samples.new_zeros(n, kmax, dtype=torch.float64)
     if bool(fits.any()):  # at most k distinct levels: they are the palette (zero error)
         rows = fits.nonzero()[:, 0]
-        e, c = exact_levels(samples[rows], counts[rows], kmax)
+        level_sums = counts[rows] * torch.arange(HISTOGRAM_BINS, device=x.device) if sums is None else sums[rows]
+        e, c = exact_levels(counts[rows], level_sums, kmax)
         entries[rows], shares[rows] = e, c / p
     if bool(fits.all()):
         return entries[..., None].float(), shares.float()
     rows = (~fits).nonzero()[:, 0] if bool(fits.any()) else slice(None)
     kk = k[rows]
-    hist = LevelHistogram(samples[rows], counts[rows])
+    hist = LevelHistogram(counts[rows], p, None if sums is None else sums[rows], None if squares is None else squares[rows])
     active = active_mask(kk, kmax)
     starts = [active.double() / kk[:, None].double()]  # plain companding cuts
     if net is not None:
