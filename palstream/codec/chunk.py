@@ -5,6 +5,7 @@ The payload layout is specified in ``storage/BITSTREAM.md``.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import struct
@@ -123,7 +124,7 @@ def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
     return prop_y, prop_n, prop_c, prop_n
 
 
-def _run(enc, buf, planes, recon, q4, rnd4, tol, min_block, max_block, decide=None):
+def _run(enc, buf, planes, recon, q4, rounding, tol, min_block, max_block, decide=None):
     """Code every frame of a chunk in one direction; returns the coder state."""
     t, h, w = recon[0].shape
     st = rangecoder.new_state()
@@ -144,7 +145,7 @@ def _run(enc, buf, planes, recon, q4, rnd4, tol, min_block, max_block, decide=No
             decide(f, src, ref, ref2, maps)
         syntax.code_frame(
             enc, st, buf, probs, *src, *rec, *ref, *ref2, *kmaps,
-            f == 0, f > 1, q4, rnd4, tol, min_block, max_block, *maps.args(), pred_y, npred_y, pred_c, npred_c,
+            f == 0, f > 1, q4, rounding, tol, min_block, max_block, *maps.args(), pred_y, npred_y, pred_c, npred_c,
         )
     return st
 
@@ -157,7 +158,9 @@ def _generator(name: str):
     return create_palette_generator(name)
 
 
-def _encode_at(padded, q4, rnd4, config: EncoderConfig, proposals, motion):
+def _encode_at(padded, rung, config: EncoderConfig, proposals, motion):
+    q4, rounding = rung
+    rnd4 = rounding[0]
     t, h, w = padded[0].shape
     lam = 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
     dweight = 1e6 if config.lossless else 1.0
@@ -176,36 +179,59 @@ def _encode_at(padded, q4, rnd4, config: EncoderConfig, proposals, motion):
     capacity = padded[0].size * 3 + 4096
     while True:
         buf = np.zeros(capacity, np.uint8)
-        st = _run(True, buf, padded, recon, q4, rnd4, tol, config.min_block, config.max_block, decide)
+        st = _run(True, buf, padded, recon, q4, rounding, tol, config.min_block, config.max_block, decide)
         size = rangecoder.flush(st, buf)
         if size <= capacity:
             return bytes(buf[:size]), recon
         capacity = size + 4096  # rare: incompressible content; code again into a larger buffer
 
 
-def _quality_ladder() -> list[tuple[int, int]]:
-    """(step, rounding offset) pairs in quarter levels, from lossless (step 1) to coarsest.
+def _quality_ladder() -> list[tuple[int, tuple[int, ...]]]:
+    """(step, rounding offsets) in quarter levels, from lossless (step 1) to coarsest; offset j
+    applies where j of the left, top, top-left and top-right levels are non-zero.
 
-    Quarter-level steps give the rate control rungs about 0.3 dB apart.
+    Quarter-level steps give the rate control rungs about 0.3 dB apart, except where the
+    smallest coded error ``ceil((q4 - rnd4) / 4)`` grows by one: there the PSNR falls off a cliff
+    (3 dB on film grain when errors of 2 stop being coded). Four rungs before each such step code
+    the smaller error only next to at least 1, 2, 3 or 4 non-zero levels, where it is cheapest.
     """
-    return [(q4, int(q4 * ROUNDING)) for q4 in range(4, 256)]
+    rungs = []
+    for q4 in range(4, 256):
+        rnd4 = int(q4 * ROUNDING)
+        smallest = -(-(q4 - rnd4) // 4)
+        if q4 > 4 and smallest > -(-(q4 - 1 - int((q4 - 1) * ROUNDING)) // 4):
+            busy = q4 - 4 * (smallest - 1)  # rounds the smaller error up to a level
+            rungs += [(q4, (rnd4,) * j + (busy,) * (5 - j)) for j in range(1, 5)]
+        rungs.append((q4, (rnd4,) * 5))
+    return rungs
 
 
 LADDER = _quality_ladder()
-PROBES = 4  # rate-control probes per chunk, each on the first eighth of its frames
+# step of each rung for the rate control's model of MSE against step: cliff rungs in fifths of a quarter
+STEPS = [q4 - sum(r != rnd[0] for r in rnd[1:]) / 5 for q4, rnd in LADDER]
+
+
+def _rung_at(step: float) -> int:
+    """Coarsest rung whose step is at most ``step`` (the finest rung if none is)."""
+    return max(0, bisect.bisect_right(STEPS, step) - 1)
+
+
+PROBES = 6  # rate-control probes per chunk at most, each on the first eighth of its frames
 
 
 def _choose_rung(encode_at, target_psnr: float, frames: int) -> int:
     """Coarsest rung of ``LADDER`` whose encode of a prefix of the chunk still meets the target.
 
     Probes the first eighth of the chunk at the step the uniform-error model predicts, then
-    fits log MSE against log step through the probes (secant steps), and returns the coarsest
-    probed rung that met the target. The full-chunk check in the caller has the last word.
+    where a line of log MSE against log step meets the target: through the two latest probes
+    until one passes and one fails, then through the finest failing and the coarsest passing
+    rung (PSNR against step has cliffs and small bumps; the bracket keeps the search inside).
+    Returns the coarsest probed rung that met the target; the full-chunk check in the caller
+    has the last word.
     """
     probe = min(frames, max(2, frames // 8))
     target_mse = 255.0**2 / 10 ** (target_psnr / 10)
-    first = LADDER[0][0]
-    rung = min(len(LADDER) - 1, 4 * initial_step(target_psnr) - first)
+    rung = _rung_at(4 * initial_step(target_psnr))
     probes: dict[int, float] = {}
     for _ in range(PROBES):
         _, probes[rung] = encode_at(rung, probe)
@@ -213,16 +239,19 @@ def _choose_rung(encode_at, target_psnr: float, frames: int) -> int:
             return rung
         passing = [r for r, m in probes.items() if m <= target_mse]
         failing = [r for r, m in probes.items() if m > target_mse]
-        if passing and failing and min(failing) - max(passing) <= 1:
-            break
-        # next rung: where the line through the two latest probes (log MSE against log step)
-        # meets the target; with one probe, MSE grows about as the step squared
-        slope = 2.0
-        if len(probes) > 1:
+        if passing and failing:
+            if min(failing) - max(passing) <= 1:
+                break
+            (r0, m0), (r1, m1) = (max(passing), probes[max(passing)]), (min(failing), probes[min(failing)])
+        elif len(probes) > 1:
             (r0, m0), (r1, m1) = list(probes.items())[-2:]
-            if m0 > 0 and m1 != m0:
-                slope = max(0.5, math.log(m1 / m0) / math.log((r1 + first) / (r0 + first)))
-        guess = int((rung + first) * (target_mse / probes[rung]) ** (1 / slope)) - first
+        else:
+            (r0, m0), (r1, m1) = (rung, probes[rung]), (rung, probes[rung])
+        # with one probe (or a flat pair), MSE grows about as the step squared
+        slope = 2.0
+        if r0 != r1 and m0 > 0 and m1 != m0:
+            slope = min(4.0, max(1.0, math.log(m1 / m0) / math.log(STEPS[r1] / STEPS[r0])))
+        guess = _rung_at(STEPS[r1] * (target_mse / m1) ** (1 / slope))
         if passing:
             guess = max(guess, max(passing) + 1)
         if failing:
@@ -271,7 +300,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
     def encode_at(rung, count, config=config):
         nonlocal attempts
         attempts += 1
-        body, recon = _encode_at(tuple(p[:count] for p in padded), *LADDER[rung], config, proposals, motion)
+        body, recon = _encode_at(tuple(p[:count] for p in padded), LADDER[rung], config, proposals, motion)
         diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
         return body, float(np.mean(diff**2))
 
@@ -288,8 +317,8 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
         target_mse = 255.0**2 / 10 ** (config.target_psnr / 10)
         failures = 0
         while _psnr(mse) < config.target_psnr and rung > 0:
-            needed_q4 = int(LADDER[rung][0] * math.sqrt(target_mse / mse))
-            rung = max(0, min(rung - (1 << failures), needed_q4 - LADDER[0][0]))  # at least 1, 2, 4, .. rungs
+            needed = STEPS[rung] * math.sqrt(target_mse / mse)
+            rung = min(rung - 1, _rung_at(min(needed, STEPS[rung] - (1 << failures))))  # 1, 2, 4, .. quarters finer
             failures += 1
             body, mse = encode_at(rung, t)
         if _psnr(mse) < config.target_psnr:
@@ -340,7 +369,7 @@ def decode_chunk(payload: bytes) -> Frames:
         np.zeros((t, ph // 2, pw // 2), np.uint8),
     )
     buf = np.frombuffer(payload, np.uint8, offset=HEADER.size).copy()  # writable: one compiled coder for both directions
-    st = _run(False, buf, recon, recon, q4, 0, 0, min_block, max_block)
+    st = _run(False, buf, recon, recon, q4, (0,) * 5, 0, min_block, max_block)
     if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
         raise BitstreamError("chunk body ends before its frames are complete (truncated)")
     ch, cw = (h + 1) // 2, (w + 1) // 2

@@ -229,7 +229,7 @@ def dequantise(k, q4):
 
 @njit(cache=True, nogil=True)
 def _sub_block_is_zero(src, rec, mode, variant, inter, y0, x0, size, sy, sx, sub, q4, rnd4):
-    """Encoder: would every level of this sub-block quantise to zero? Writes the tentative
+    """Encoder: would every level of this sub-block quantise to zero (rounding ``rnd4``)? Writes the tentative
     zero-level reconstruction into ``rec``; coding the sub-block afterwards overwrites it in
     the same raster order, so no sample is used before its final value is written."""
     for y in range(sy, sy + sub):
@@ -243,13 +243,15 @@ def _sub_block_is_zero(src, rec, mode, variant, inter, y0, x0, size, sy, sx, sub
 
 @njit(cache=True, nogil=True)
 def code_residual_block(
-    enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y0, x0, size, q4, rnd4, mode, variant, plane_class, mot
+    enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y0, x0, size, q4, rounding, mode, variant, plane_class, mot
 ):
     """Quantised prediction residual of one block of one plane: its 'palette of residual levels'.
 
     Prediction: ``_predict`` (from ``inter_prediction`` for INTER). The block is coded in sub-blocks of 8x8 (luma) or 4x4 (chroma) samples, each with
     a flag for 'all levels zero'; otherwise each level k (residual in steps of q4/4, rounded
-    toward zero by the encoder's ``rnd4``) is coded as zero flag, sign, magnitude - 1.
+    toward zero by the encoder's ``rounding``) is coded as zero flag, sign, magnitude - 1. The encoder
+    rounds with ``rounding[j]`` (quarter levels) where j of the left, top, top-left and top-right
+    levels are non-zero: there a level is cheaper to code.
     """
     cls = plane_class * 2 + (1 if mode == INTRA else 0)
     sub = min(size, 8 if plane_class == 0 else 4)
@@ -268,7 +270,7 @@ def code_residual_block(
                     nzt = 1
             coded = 1
             if enc:
-                coded = 0 if _sub_block_is_zero(src, rec, mode, variant, inter, y0, x0, size, sy, sx, sub, q4, rnd4) else 1
+                coded = 0 if _sub_block_is_zero(src, rec, mode, variant, inter, y0, x0, size, sy, sx, sub, q4, rounding[0]) else 1
             coded = code_bit(enc, st, buf, probs, CTX_RES_CODED + cls * 3 + nzl + nzt, coded)
             for y in range(sy, sy + sub):
                 for x in range(sx, sx + sub):
@@ -285,7 +287,8 @@ def code_residual_block(
                         act = _activity_bucket(rec, y, x, q4)
                         tp = 1 if kprev[y, x] != 0 else 0
                         if enc:
-                            k = _level(np.int64(src[y, x]) - pred, q4, rnd4)
+                            busy = (1 if kl else 0) + (1 if kt else 0) + (1 if ktl else 0) + (1 if ktr else 0)
+                            k = _level(np.int64(src[y, x]) - pred, q4, rounding[busy])
                         zctx = CTX_RES_ZERO + cls * 48 + nb * 8 + act * 2 + tp
                         nz = code_bit(enc, st, buf, probs, zctx, 1 if k != 0 else 0)
                         if nz:
@@ -462,7 +465,7 @@ def code_frame(
     enc, st, buf, probs,
     src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v, ref2_y, ref2_u, ref2_v,
     kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v,
-    intra_only, has_ref2, q4, rnd4, tol, min_block, max_block,
+    intra_only, has_ref2, q4, rounding, tol, min_block, max_block,
     leafsize, mode, mv, pal_y, pal_yn, pal_c, pal_cn,
     pred_y, npred_y, pred_c, npred_c,
 ):
@@ -511,7 +514,7 @@ def code_frame(
                 _code_leaf(
                     enc, st, buf, probs, src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
                     ref2_y, ref2_u, ref2_v, kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v, intra_only, has_ref2,
-                    q4, rnd4, tol, leafsize, mode, mv,
+                    q4, rounding, tol, leafsize, mode, mv,
                     pal_y, pal_yn, pal_c, pal_cn, pred_y, npred_y, pred_c, npred_c, y0, x0, s,
                 )
 
@@ -538,7 +541,7 @@ def _code_vector_component(enc, st, buf, probs, zero_ctx, mag_ctx, predicted, va
 def _code_leaf(
     enc, st, buf, probs, src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
     ref2_y, ref2_u, ref2_v, kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v, intra_only, has_ref2,
-    q4, rnd4, tol, leafsize, mode, mv,
+    q4, rounding, tol, leafsize, mode, mv,
     pal_y, pal_yn, pal_c, pal_cn, pred_y, npred_y, pred_c, npred_c, y0, x0, s,
 ):
     cy8 = y0 // 8
@@ -650,12 +653,12 @@ def _code_leaf(
     else:
         mot = (np.int64(bi), np.int64(mvy), np.int64(mvx), np.int64(my2), np.int64(mx2))
         code_residual_block(
-            enc, st, buf, probs, src_y, rec_y, ref_y, ref2_y, kmap_y, kprev_y, y0, x0, s, q4, rnd4, m, variant, 0, mot
+            enc, st, buf, probs, src_y, rec_y, ref_y, ref2_y, kmap_y, kprev_y, y0, x0, s, q4, rounding, m, variant, 0, mot
         )
         cmot = (mot[0], mot[1] >> 1, mot[2] >> 1, mot[3] >> 1, mot[4] >> 1)
         for src_c, rec_c, ref_c, ref2_c, kmap_c, kprev_c in (
             (src_u, rec_u, ref_u, ref2_u, kmap_u, kprev_u), (src_v, rec_v, ref_v, ref2_v, kmap_v, kprev_v)
         ):
             code_residual_block(
-                enc, st, buf, probs, src_c, rec_c, ref_c, ref2_c, kmap_c, kprev_c, c0y, c0x, cs, q4, rnd4, m, variant, 1, cmot
+                enc, st, buf, probs, src_c, rec_c, ref_c, ref2_c, kmap_c, kprev_c, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot
             )
