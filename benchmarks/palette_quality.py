@@ -166,12 +166,18 @@ def codec_comparison(corpus: Path, frames: int, weights: Path | None, device: st
 
     Encode speed differences are small next to the noise of a shared machine, so each case is
     encoded ``repeat`` times per generator, interleaved (kmeans, cgan-v1, then cgan-v1, kmeans,
-    ...), and the median fps is reported; the bytes must be the same every time.
+    ...; use an even ``repeat`` so that each goes first equally often), and the median fps is
+    reported; the bytes must be the same every time. The time spent inside the generator and
+    the blocks it was asked for are recorded per encode: clips where the codec never asks it
+    are a control for the noise.
     """
     from palstream.codec import EncoderConfig, encode_chunk
     from palstream.io import read_frames as read_clip
 
     generators = {"kmeans": create_palette_generator("kmeans", device=device), "cgan-v1": cgan_generator(weights, device)}
+    calls: list[tuple[float, int]] = []
+    for gen in generators.values():
+        gen.generate = _timed(gen.generate, calls, device)
     rows = []
     warm = read_clip(str(corpus / HELD_OUT[0]), 0, 1)
     for name, gen in generators.items():  # compile the codec's kernels before anything is timed
@@ -182,39 +188,63 @@ def codec_comparison(corpus: Path, frames: int, weights: Path | None, device: st
             runs: dict[str, list] = {name: [] for name in generators}
             for r in range(repeat):
                 for name in (list(generators) if r % 2 == 0 else list(generators)[::-1]):
+                    calls.clear()
                     enc = encode_chunk(chunk, EncoderConfig(target_psnr=psnr, palette=name, gop=frames), generator=generators[name])
-                    runs[name].append((enc.stats, hashlib.sha256(enc.payload).hexdigest()))
+                    stats = dict(enc.stats, generator_seconds=sum(t for t, _ in calls), generator_blocks=sum(b for _, b in calls))
+                    runs[name].append((stats, hashlib.sha256(enc.payload).hexdigest()))
             for name, done in runs.items():
                 if len({h for _, h in done}) != 1:
                     raise RuntimeError(f"{clip} {psnr} dB {name}: repeated encodes gave different bytes")
                 stats = done[0][0]
                 fps = [st["frames"] / st["encode_seconds"] for st, _ in done]
-                rows.append({"clip": clip, "target_psnr": psnr, "palette": name, **stats,
-                             "fps_runs": fps, "fps_median": float(np.median(fps))})
+                gen_ms = float(np.median([st["generator_seconds"] for st, _ in done]) * 1e3)
+                rows.append({"clip": clip, "target_psnr": psnr, "palette": name, **stats, "payload_sha256": done[0][1],
+                             "fps_runs": fps, "fps_median": float(np.median(fps)), "generator_ms_median": gen_ms})
                 print(f"codec {clip[:22]:22} {psnr:g} dB {name:8} {stats['bpp']:.4f} bpp @ {stats['psnr_y']:.2f} dB "
-                      f"median {np.median(fps):.2f} fps of {', '.join(f'{f:.2f}' for f in fps)}", flush=True)
+                      f"median {np.median(fps):.2f} fps of {', '.join(f'{f:.2f}' for f in fps)}; "
+                      f"generator {gen_ms:.1f} ms for {stats['generator_blocks']} blocks", flush=True)
     return rows
+
+
+def _timed(generate, calls: list, device: str):
+    """``generate`` that appends (seconds, blocks) of every call to ``calls``."""
+
+    def wrapped(samples, k):
+        t0 = time.perf_counter()
+        out = generate(samples, k)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        calls.append((time.perf_counter() - t0, len(samples)))
+        return out
+
+    return wrapped
 
 
 def codec_summary(rows: list[dict]) -> str:
     lines = [
         "\n**codec end to end** (same frames, same config, only `--palette` differs; fps: median of interleaved runs)\n",
-        "| clip | target | kmeans bpp | cgan-v1 bpp | cgan-v1 / kmeans | kmeans fps | cgan-v1 fps | fps ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| clip | target | kmeans bpp | cgan-v1 bpp | cgan-v1 / kmeans | same bytes | blocks to the generator | generator ms: kmeans, cgan-v1 "
+        "| kmeans fps | cgan-v1 fps | fps ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ratios = []
+    ratios, used = [], []
     for r in rows:
         if r["palette"] != "kmeans":
             continue
         c = next(x for x in rows if x["palette"] == "cgan-v1" and x["clip"] == r["clip"] and x["target_psnr"] == r["target_psnr"])
         ratios.append(c["fps_median"] / r["fps_median"])
+        used.append(r["generator_blocks"] > 0)
         lines.append(
             f"| {r['clip'].rsplit('_', 1)[0]} | {r['target_psnr']:g} dB | {r['bpp']:.4f} ({r['psnr_y']:.2f} dB) "
-            f"| {c['bpp']:.4f} ({c['psnr_y']:.2f} dB) | {c['bpp'] / r['bpp']:.3f} "
+            f"| {c['bpp']:.4f} ({c['psnr_y']:.2f} dB) | {c['bpp'] / r['bpp']:.3f} | {'yes' if c['payload_sha256'] == r['payload_sha256'] else 'no'} "
+            f"| {r['generator_blocks']} | {r['generator_ms_median']:.1f}, {c['generator_ms_median']:.1f} "
             f"| {r['fps_median']:.2f} | {c['fps_median']:.2f} | {ratios[-1]:.3f} |"
         )
-    lines.append(f"\nmedian fps ratio cgan-v1 / kmeans over all cases: {np.median(ratios):.3f} "
-                 f"(range {min(ratios):.3f}..{max(ratios):.3f}; cgan-v1 faster in {sum(x > 1 for x in ratios)} of {len(ratios)})")
+    for label, pick in (("generator used", True), ("generator never called (noise control)", False)):
+        sel = [x for x, u in zip(ratios, used) if u == pick]
+        if sel:
+            lines.append(f"\nfps ratio cgan-v1 / kmeans, {label}: median {np.median(sel):.3f}, range {min(sel):.3f}..{max(sel):.3f} "
+                         f"({len(sel)} cases)")
     return "\n".join(lines)
 
 
@@ -248,7 +278,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--weights", type=Path, default=None, help="cgan weights (default: the shipped, hash-checked ones)")
     parser.add_argument("--codec-frames", type=int, default=0, help="also encode this many frames per clip with each palette generator (0: skip)")
-    parser.add_argument("--codec-repeat", type=int, default=5, help="interleaved encodes per generator and case (median fps is reported)")
+    parser.add_argument("--codec-repeat", type=int, default=6, help="interleaved encodes per generator and case, even (median fps is reported)")
     parser.add_argument("--no-palettes", dest="palettes", action="store_false", help="skip the palette tables (codec comparison only)")
     parser.add_argument("--device", default="cpu", help="torch device for the generators: cpu or cuda")
     parser.add_argument("--no-cnn-features", dest="cnn_features", action="store_false",
