@@ -228,3 +228,25 @@ def test_chroma_quality_is_near_kmeans(generator, k):
     kmeans = create_palette_generator("kmeans", device="cpu").generate(x, kk)
     mse = lambda pal: torch.cdist(x, pal).pow(2).amin(-1).mean()  # noqa: E731
     assert mse(generator.generate(x, kk)) <= 1.1 * mse(kmeans)
+
+
+def test_luma_histogram_error_is_the_nearest_entry_error():
+    """Lloyd updates and merge-and-split moves on the level histogram report the exact error of what they return."""
+    from palstream.learned.decoding import LevelHistogram, level_counts
+
+    x = _blocks(30, 256, 1, seed=14)
+    k = torch.randint(2, 17, (30,), generator=torch.Generator().manual_seed(15))
+    counts, _ = level_counts(x[..., 0].long())
+    start = torch.sort(torch.rand(30, 1, 16, generator=torch.Generator().manual_seed(16)) * 255, dim=-1).values.double()
+    entries, cells, sse = LevelHistogram(counts, 256).lloyd(start, k, steps=2, swaps=3)
+    active = torch.arange(16)[None, :] < k[:, None]
+    direct = (x - entries[:, 0, None, :].float()).pow(2).masked_fill(~active[:, None, :], float("inf")).amin(-1).sum(1)
+    torch.testing.assert_close(sse[:, 0].float(), direct, rtol=1e-5, atol=1e-2)
+    assert torch.equal(cells[:, 0].sum(1), torch.full((30,), 256.0, dtype=cells.dtype))
+
+
+def test_model_card_records_the_shipped_hash():
+    from pathlib import Path
+
+    card = (Path(__file__).resolve().parent.parent / "docs" / "model-card-cgan-v1.md").read_text()
+    assert SHIPPED_SHA256 in card
