@@ -37,7 +37,6 @@ from palstream.learned.model import (
     active_mask,
     companded_segments,
     condition,
-    rank_lloyd,
     rank_tokens,
     sort_blocks,
 )
