@@ -250,3 +250,16 @@ def test_model_card_records_the_shipped_hash():
 
     card = (Path(__file__).resolve().parent.parent / "docs" / "model-card-cgan-v1.md").read_text()
     assert SHIPPED_SHA256 in card
+
+
+@pytest.mark.parametrize("c", [1, 2])
+def test_single_entry_palettes_and_empty_batches(generator, c):
+    """k = 1 everywhere is the block mean; an empty batch gives an empty result, as k-means does."""
+    x = _blocks(5, 64, c, seed=17)
+    palettes = generator.generate(x, torch.ones(5, dtype=torch.long))
+    assert palettes.shape == (5, 1, c)
+    torch.testing.assert_close(palettes[:, 0], x.mean(1), atol=1e-3, rtol=0)
+    empty = torch.zeros(0, 64, c)
+    none = torch.zeros(0, dtype=torch.long)
+    assert generator.generate(empty, none).shape == (0, 1, c)
+    assert create_palette_generator("kmeans", device="cpu").generate(empty, none).shape == (0, 1, c)

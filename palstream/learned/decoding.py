@@ -140,7 +140,7 @@ class LevelHistogram:
         (count, sum, square) of each cell, 3 x (N, S, K). Levels below a midpoint go left."""
         mid = (entries[..., :-1] + entries[..., 1:]) * 0.5
         cuts = mid.ceil().clamp(0, HISTOGRAM_BINS).long()
-        edge = torch.zeros_like(cuts[..., :1])
+        edge = cuts.new_zeros(*cuts.shape[:-1], 1)  # not zeros_like(cuts[..., :1]): k = 1 leaves no cuts
         bounds = torch.cat([edge, cuts, edge + HISTOGRAM_BINS], -1)
         return bounds, tuple(v[..., 1:] - v[..., :-1] for v in self.take(bounds))
 
@@ -323,7 +323,7 @@ class AxisTable:
     def cells(self, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cells of ascending entry keys (N, S, K) (+inf past k): bounds (N, S, K+1), counts and sums (N, S, K, 4)."""
         bounds = self.cut((entries[..., :-1] + entries[..., 1:]) * 0.5)
-        edge = torch.zeros_like(bounds[..., :1])
+        edge = bounds.new_zeros(*bounds.shape[:-1], 1)
         bounds = torch.cat([edge, bounds, edge + self.p], -1)
         v = self.take(bounds)
         return bounds, (bounds[..., 1:] - bounds[..., :-1]).double(), v[..., 1:, :] - v[..., :-1, :]
@@ -542,6 +542,8 @@ def generate_palettes(
         and ``chroma_moves`` default to about one per four entries.
     """
     n, p, c = samples.shape
+    if n == 0:
+        return samples.new_zeros(0, kmax, c), samples.new_zeros(0, kmax)
     if luma_swaps is None:
         luma_swaps = max(1, round(SWAPS_PER_ENTRY * kmax))
     if chroma_moves is None:

@@ -38,6 +38,8 @@ class KMeansGenerator(PaletteGenerator):
         samples = samples.to(self.device, torch.float32)
         k = k.to(self.device)
         n, p, c = samples.shape
+        if n == 0:  # an empty batch (no block needs a palette) has palettes of one unused slot
+            return samples.new_zeros(0, 1, c)
         kmax = int(k.max())
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
         rows = torch.arange(n, device=self.device)
