@@ -245,6 +245,14 @@ def codec_summary(rows: list[dict]) -> str:
         if sel:
             lines.append(f"\nfps ratio cgan-v1 / kmeans, {label}: median {np.median(sel):.3f}, range {min(sel):.3f}..{max(sel):.3f} "
                          f"({len(sel)} cases)")
+        # Paired by round (the two encodes of a round ran back to back): mean and standard error of the
+        # per-round fps ratios pooled over the cases.
+        paired = [c / k for r in rows if r["palette"] == "kmeans" and (r["generator_blocks"] > 0) == pick
+                  for x in rows if x["palette"] == "cgan-v1" and x["clip"] == r["clip"] and x["target_psnr"] == r["target_psnr"]
+                  for k, c in zip(r["fps_runs"], x["fps_runs"])]
+        if len(paired) > 1:
+            lines.append(f"per-round paired fps ratio, {label}: mean {np.mean(paired):.4f} ± {np.std(paired, ddof=1) / np.sqrt(len(paired)):.4f} "
+                         f"(standard error, {len(paired)} pairs)")
     return "\n".join(lines)
 
 
