@@ -112,7 +112,7 @@ def condition_dim(cfg: NetConfig) -> int:
     return cfg.tokens * cfg.components + 2 * cfg.components + MAX_PALETTE
 
 
-RANK_STEPS = 4  # rank-domain Lloyd updates cgan-v1 applies after the network (cheap, see rank_lloyd)
+RANK_STEPS = 4  # rank-domain Lloyd updates of PaletteNet.decode (the fine-tuning environment; see rank_lloyd)
 HISTOGRAM_BINS = 256
 COMPANDING = 1.0 / 3.0  # high-resolution optimal quantiser: entry density ~ pixel density ** (1/3)
 
@@ -233,8 +233,10 @@ class PaletteNet(nn.Module):
     interval, computed exactly from histogram prefix sums. Every optimal 1-D quantiser has this
     form, so the network only learns where to cut, and entries land exactly on the dominant
     levels of flat content. The width layer starts at zero, i.e. at the companding quantiser.
-    At inference, ``refine_steps`` rank-domain Lloyd updates (:func:`rank_lloyd`) polish both the
-    network's cuts and the plain companding cuts, and each block keeps the better of the two.
+    The shipped generator decodes the width logits with :mod:`palstream.learned.decoding`; the
+    simpler ``refine_steps`` decoding here (rank-domain Lloyd updates, :func:`rank_lloyd`, on both
+    the network's and the plain companding cuts, the better kept) is what REINFORCE fine-tuning
+    (:mod:`palstream.learned.finetune`) samples through.
     """
 
     def __init__(self, cfg: NetConfig):
