@@ -167,7 +167,7 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, motion):
     rd_lambda = max(lam, 1.0)
     table = analysis.residual_cost_table(q4, rnd4, rd_lambda, dweight)
     tol = int(lam * 2)
-    noise = 0.0 if config.lossless else q4 / 4 * float(__import__("os").environ.get("NS", str(INTRA_NOISE)))
+    noise = 0 if config.lossless else round(q4 * INTRA_NOISE)
 
     def decide(f, src, ref, ref2, maps):
         analysis.decide(
