@@ -172,38 +172,37 @@ def residual_cost_table(q4: int, rnd4: int, lam: float, dweight: float) -> np.nd
     return dweight * d + lam * bits
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _noisy(src, y, x, amp):
-    """Source sample plus a fixed pseudo-random offset, uniform in +-amp/2: the neighbours the
-    decoder predicts from carry quantisation error, which MED passes on and averaging damps."""
-    hsh = ((y * 73856093) ^ (x * 19349663)) & 1023
-    return np.int64(src[y, x]) + np.int64(np.floor((hsh / 1023.0 - 0.5) * amp + 0.5))
-
-
 @njit(cache=True, nogil=True)
-def _intra_errors(src, amp):
+def _intra_errors(src, amp4):
     """Intra prediction errors of every pixel, MED (0) and four-neighbour mean (1), and the MED
-    prediction itself (for combined inter/intra): estimates of ``syntax._predict`` from the
-    source's neighbours with quantisation-sized noise (``_noisy``), top-right always available."""
+    prediction itself (for combined inter/intra): estimates of the syntax's predictions from the
+    source's neighbours plus a fixed pseudo-random offset, uniform in +-amp4/8 (the decoder
+    predicts from neighbours that carry quantisation error, which MED passes on and averaging
+    damps); top-right always available."""
     h, w = src.shape
-    e = np.empty((2, h, w), np.int64)
-    med = np.empty((h, w), np.int64)
+    noisy = np.empty((h, w), np.int32)
+    for y in range(h):
+        for x in range(w):
+            hsh = ((y * 73856093) ^ (x * 19349663)) & 1023
+            noisy[y, x] = np.int32(src[y, x]) + (((hsh - 512) * amp4 + 2048) >> 12)
+    e = np.empty((2, h, w), np.int16)  # small types: these planes are fresh memory every frame
+    med = np.empty((h, w), np.int16)
     for y in range(h):
         for x in range(w):
             if y == 0 and x == 0:
                 p = 128
                 q = p
             elif y == 0:
-                p = _noisy(src, y, x - 1, amp)
+                p = np.int64(noisy[y, x - 1])
                 q = p
             elif x == 0:
-                p = _noisy(src, y - 1, x, amp)
+                p = np.int64(noisy[y - 1, x])
                 q = p
             else:
-                a = _noisy(src, y, x - 1, amp)
-                b = _noisy(src, y - 1, x, amp)
-                c = _noisy(src, y - 1, x - 1, amp)
-                d = _noisy(src, y - 1, x + 1, amp) if x + 1 < w else b
+                a = np.int64(noisy[y, x - 1])
+                b = np.int64(noisy[y - 1, x])
+                c = np.int64(noisy[y - 1, x - 1])
+                d = np.int64(noisy[y - 1, x + 1]) if x + 1 < w else b
                 if c >= max(a, b):
                     p = min(a, b)
                 elif c <= min(a, b):
@@ -231,12 +230,23 @@ def _inter_cost(cur, med, ref, ref2, table, y0, x0, s, mot, scratch, out):
     """Adds the cost of a block's inter prediction under each INTER variant (its combinations
     with estimated MED, ``syntax.MED_WEIGHT``) to ``out``."""
     pred = inter_prediction(ref, ref2, y0, x0, s, mot, scratch)
+    plain = 0.0
+    exact = True
+    for y in range(s):
+        for x in range(s):
+            e = np.int64(cur[y0 + y, x0 + x]) - np.int64(pred[y, x])
+            plain += table[e + 255]
+            exact = exact and e == 0
+    out[0] += plain
+    if exact:  # no variant can do better (static content: much of a screen recording)
+        for v in range(1, 4):
+            out[v] += plain
+        return
     for y in range(s):
         for x in range(s):
             c = np.int64(cur[y0 + y, x0 + x]) + 255
             p = np.int64(pred[y, x])
-            m = med[y0 + y, x0 + x]
-            out[0] += table[c - p]
+            m = np.int64(med[y0 + y, x0 + x])
             out[1] += table[c - ((p + m + 1) >> 1)]
             out[2] += table[c - ((3 * p + m + 2) >> 2)]
             out[3] += table[c - ((p + 3 * m + 2) >> 2)]
@@ -248,7 +258,8 @@ def _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, scratch, out):
     motion ``mot``, into ``out`` (``cur``, ``med``, ``ref``, ``ref2``: the (Y, Cb, Cr) planes;
     ``scratch``: int32[2, 8, 8] for the predictions)."""
     cmot = (mot[0], mot[1] >> 1, mot[2] >> 1, mot[3] >> 1, mot[4] >> 1)
-    out[:] = 0.0
+    for v in range(4):
+        out[v] = 0.0
     _inter_cost(cur[0], med[0], ref[0], ref2[0], table, 8 * cy8, 8 * cx8, 8, mot, scratch, out)
     _inter_cost(cur[1], med[1], ref[1], ref2[1], table, 4 * cy8, 4 * cx8, 4, cmot, scratch, out)
     _inter_cost(cur[2], med[2], ref[2], ref2[2], table, 4 * cy8, 4 * cx8, 4, cmot, scratch, out)
@@ -522,7 +533,8 @@ def decide(
                 else:
                     sr = 0
                     for j4 in range(4):
-                        ir += intra_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2]
+                        for v in range(2):  # element by element: array expressions allocate
+                            ir[v] += intra_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2, v]
                         sr += skip_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2]
                 if lev == 0 and has_ref:
                     for b2 in range(2 if has_ref2 else 1):
@@ -573,15 +585,18 @@ def decide(
                             j = lam * (3.0 + 0.5 * (abs(mot[1]) + abs(mot[2])))
                             if b2:
                                 j += lam * (2.0 + 0.5 * (abs(mot[3] - 2 * mot[1]) + abs(mot[4] - 2 * mot[2])))
-                            jmot[:] = j
-                            jmot[1:] += lam * 1.0  # the weight
+                            jmot[0] = j
+                            for v in range(1, 4):
+                                jmot[v] = j + lam * 1.0  # the weight
                             for cy8 in range(by * (s // 8), (by + 1) * (s // 8)):
                                 for cx8 in range(bx * (s // 8), (bx + 1) * (s // 8)):
                                     if _cell_motion(field, cy8, cx8, b2) == mot:
-                                        jmot += cell_inter[cy8, cx8, b2]  # the cell's own motion: known
+                                        for v in range(4):  # the cell's own motion: known
+                                            jmot[v] += cell_inter[cy8, cx8, b2, v]
                                     else:
                                         _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, prediction, cost)
-                                        jmot += cost
+                                        for v in range(4):
+                                            jmot[v] += cost[v]
                             for v in range(4):
                                 if jmot[v] < jbest:
                                     jbest = jmot[v]

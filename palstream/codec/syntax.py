@@ -102,20 +102,16 @@ def _average4(rec, y, x, y0, x0, size, sy, sx, sub):
     return (a + b + c + d + 2) >> 2
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _predict(rec, inter, mode, variant, y, x, y0, x0, size, sy, sx, sub):
-    """Prediction of one residual sample. INTRA: MED, or with ``variant`` the four-neighbour
-    mean; INTER: the motion-compensated sample, or with ``variant`` its weighted mean with MED
-    (``MED_WEIGHT``: combined inter/intra prediction, for grain and flicker that motion cannot follow)."""
+@njit(cache=True, nogil=True)
+def _predict_variant(rec, inter, mode, variant, y, x, y0, x0, size, sy, sx, sub):
+    """Prediction of one residual sample under a predictor variant (without one: the inter
+    prediction, or MED). INTRA: the four-neighbour mean; INTER: the inter prediction's weighted
+    mean with MED (``MED_WEIGHT``: combined inter/intra prediction, for grain and flicker that
+    motion cannot follow). Not inlined: the common path's loop stays small, which is faster."""
     if mode == INTER:
-        p = np.int64(inter[y - y0, x - x0])
-        if variant == 0:
-            return p
         wm = MED_WEIGHT[variant]
-        return ((4 - wm) * p + wm * _med(rec, y, x) + 2) >> 2
-    if variant:
-        return _average4(rec, y, x, y0, x0, size, sy, sx, sub)
-    return _med(rec, y, x)
+        return ((4 - wm) * np.int64(inter[y - y0, x - x0]) + wm * _med(rec, y, x) + 2) >> 2
+    return _average4(rec, y, x, y0, x0, size, sy, sx, sub)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -234,7 +230,10 @@ def _sub_block_is_zero(src, rec, mode, variant, inter, y0, x0, size, sy, sx, sub
     the same raster order, so no sample is used before its final value is written."""
     for y in range(sy, sy + sub):
         for x in range(sx, sx + sub):
-            pred = _predict(rec, inter, mode, variant, y, x, y0, x0, size, sy, sx, sub)
+            if variant:
+                pred = _predict_variant(rec, inter, mode, variant, y, x, y0, x0, size, sy, sx, sub)
+            else:
+                pred = inter[y - y0, x - x0] if mode == INTER else _med(rec, y, x)
             if _level(np.int64(src[y, x]) - pred, q4, rnd4) != 0:
                 return False
             rec[y, x] = pred
@@ -247,7 +246,7 @@ def code_residual_block(
 ):
     """Quantised prediction residual of one block of one plane: its 'palette of residual levels'.
 
-    Prediction: ``_predict`` (from ``inter_prediction`` for INTER). The block is coded in sub-blocks of 8x8 (luma) or 4x4 (chroma) samples, each with
+    Prediction: ``inter_prediction`` (INTER) or MED (INTRA), or ``_predict_variant``. The block is coded in sub-blocks of 8x8 (luma) or 4x4 (chroma) samples, each with
     a flag for 'all levels zero'; otherwise each level k (residual in steps of q4/4, rounded
     toward zero by the encoder's ``rounding``) is coded as zero flag, sign, magnitude - 1. The encoder
     rounds with ``rounding[j]`` (quarter levels) where j of the left, top, top-left and top-right
@@ -272,9 +271,16 @@ def code_residual_block(
             if enc:
                 coded = 0 if _sub_block_is_zero(src, rec, mode, variant, inter, y0, x0, size, sy, sx, sub, q4, rounding[0]) else 1
             coded = code_bit(enc, st, buf, probs, CTX_RES_CODED + cls * 3 + nzl + nzt, coded)
+            if not coded and mode == INTER and variant == 0:  # the prediction as it stands
+                rec[sy:sy + sub, sx:sx + sub] = inter[sy - y0:sy - y0 + sub, sx - x0:sx - x0 + sub]
+                kmap[sy:sy + sub, sx:sx + sub] = 0
+                continue
             for y in range(sy, sy + sub):
                 for x in range(sx, sx + sub):
-                    pred = _predict(rec, inter, mode, variant, y, x, y0, x0, size, sy, sx, sub)
+                    if variant:
+                        pred = _predict_variant(rec, inter, mode, variant, y, x, y0, x0, size, sy, sx, sub)
+                    else:
+                        pred = inter[y - y0, x - x0] if mode == INTER else _med(rec, y, x)
                     k = 0
                     if coded:
                         w = kmap.shape[1]
@@ -656,9 +662,9 @@ def _code_leaf(
             enc, st, buf, probs, src_y, rec_y, ref_y, ref2_y, kmap_y, kprev_y, y0, x0, s, q4, rounding, m, variant, 0, mot
         )
         cmot = (mot[0], mot[1] >> 1, mot[2] >> 1, mot[3] >> 1, mot[4] >> 1)
-        for src_c, rec_c, ref_c, ref2_c, kmap_c, kprev_c in (
-            (src_u, rec_u, ref_u, ref2_u, kmap_u, kprev_u), (src_v, rec_v, ref_v, ref2_v, kmap_v, kprev_v)
-        ):
-            code_residual_block(
-                enc, st, buf, probs, src_c, rec_c, ref_c, ref2_c, kmap_c, kprev_c, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot
-            )
+        code_residual_block(
+            enc, st, buf, probs, src_u, rec_u, ref_u, ref2_u, kmap_u, kprev_u, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot
+        )
+        code_residual_block(
+            enc, st, buf, probs, src_v, rec_v, ref_v, ref2_v, kmap_v, kprev_v, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot
+        )
