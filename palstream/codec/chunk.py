@@ -216,7 +216,7 @@ def _rung_at(step: float) -> int:
     return max(0, bisect.bisect_right(STEPS, step) - 1)
 
 
-PROBES = 6  # rate-control probes per chunk at most, each on the first eighth of its frames
+PROBES = 5  # rate-control probes per chunk at most, each on the first eighth of its frames
 
 
 def _choose_rung(encode_at, target_psnr: float, frames: int) -> int:
