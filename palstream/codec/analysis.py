@@ -231,14 +231,14 @@ def _inter_cost(cur, med, ref, ref2, table, y0, x0, s, mot, scratch, out):
     with estimated MED, ``syntax.MED_WEIGHT``) to ``out``."""
     pred = inter_prediction(ref, ref2, y0, x0, s, mot, scratch)
     plain = 0.0
-    exact = True
+    exact = True  # every error is -1, 0 or 1
     for y in range(s):
         for x in range(s):
             e = np.int64(cur[y0 + y, x0 + x]) - np.int64(pred[y, x])
             plain += table[e + 255]
-            exact = exact and e == 0
+            exact = exact and -1 <= e <= 1
     out[0] += plain
-    if exact:  # no variant can do better (static content: much of a screen recording)
+    if exact:  # errors of at most 1 leave a variant next to nothing to gain (much of a screen recording)
         for v in range(1, 4):
             out[v] += plain
         return
