@@ -103,14 +103,8 @@ def _average4(rec, y, x, y0, x0, size, sy, sx, sub):
 
 
 @njit(cache=True, nogil=True)
-def _predict_variant(rec, inter, mode, variant, y, x, y0, x0, size, sy, sx, sub):
-    """Prediction of one residual sample under a predictor variant (without one: the inter
-    prediction, or MED). INTRA: the four-neighbour mean; INTER: the inter prediction's weighted
-    mean with MED (``MED_WEIGHT``: combined inter/intra prediction, for grain and flicker that
-    motion cannot follow). Not inlined: the common path's loop stays small, which is faster."""
-    if mode == INTER:
-        wm = MED_WEIGHT[variant]
-        return ((4 - wm) * np.int64(inter[y - y0, x - x0]) + wm * _med(rec, y, x) + 2) >> 2
+def _average4_call(rec, y, x, y0, x0, size, sy, sx, sub):
+    """``_average4`` as a call: inlined into the per-sample loop it made the common path slower."""
     return _average4(rec, y, x, y0, x0, size, sy, sx, sub)
 
 
@@ -224,16 +218,20 @@ def dequantise(k, q4):
 
 
 @njit(cache=True, nogil=True)
-def _sub_block_is_zero(src, rec, mode, variant, inter, y0, x0, size, sy, sx, sub, q4, rnd4):
+def _sub_block_is_zero(src, rec, mode, variant, wm, inter, y0, x0, size, sy, sx, sub, q4, rnd4):
     """Encoder: would every level of this sub-block quantise to zero (rounding ``rnd4``)? Writes the tentative
     zero-level reconstruction into ``rec``; coding the sub-block afterwards overwrites it in
     the same raster order, so no sample is used before its final value is written."""
     for y in range(sy, sy + sub):
         for x in range(sx, sx + sub):
-            if variant:
-                pred = _predict_variant(rec, inter, mode, variant, y, x, y0, x0, size, sy, sx, sub)
+            if mode == INTER:
+                pred = np.int64(inter[y - y0, x - x0])
+                if variant:
+                    pred = ((4 - wm) * pred + wm * _med(rec, y, x) + 2) >> 2
+            elif variant:
+                pred = _average4_call(rec, y, x, y0, x0, size, sy, sx, sub)
             else:
-                pred = inter[y - y0, x - x0] if mode == INTER else _med(rec, y, x)
+                pred = _med(rec, y, x)
             if _level(np.int64(src[y, x]) - pred, q4, rnd4) != 0:
                 return False
             rec[y, x] = pred
@@ -246,7 +244,9 @@ def code_residual_block(
 ):
     """Quantised prediction residual of one block of one plane: its 'palette of residual levels'.
 
-    Prediction: ``inter_prediction`` (INTER) or MED (INTRA), or ``_predict_variant``. The block is coded in sub-blocks of 8x8 (luma) or 4x4 (chroma) samples, each with
+    Prediction: ``inter_prediction`` (INTER) or MED (INTRA); with a variant, INTER mixes in MED
+    with weight ``MED_WEIGHT[variant]`` quarters (grain and flicker that motion cannot follow) and
+    INTRA takes ``_average4``. The block is coded in sub-blocks of 8x8 (luma) or 4x4 (chroma) samples, each with
     a flag for 'all levels zero'; otherwise each level k (residual in steps of q4/4, rounded
     toward zero by the encoder's ``rounding``) is coded as zero flag, sign, magnitude - 1. The encoder
     rounds with ``rounding[j]`` (quarter levels) where j of the left, top, top-left and top-right
@@ -254,6 +254,7 @@ def code_residual_block(
     """
     cls = plane_class * 2 + (1 if mode == INTRA else 0)
     sub = min(size, 8 if plane_class == 0 else 4)
+    wm = MED_WEIGHT[variant] if mode == INTER else 0
     # INTER predicts the whole block at once; INTRA predicts from samples as they are decoded
     scratch = np.empty((2, size, size), np.int32)
     inter = inter_prediction(ref, ref2, y0, x0, size, mot, scratch) if mode == INTER else scratch[0]
@@ -269,7 +270,7 @@ def code_residual_block(
                     nzt = 1
             coded = 1
             if enc:
-                coded = 0 if _sub_block_is_zero(src, rec, mode, variant, inter, y0, x0, size, sy, sx, sub, q4, rounding[0]) else 1
+                coded = 0 if _sub_block_is_zero(src, rec, mode, variant, wm, inter, y0, x0, size, sy, sx, sub, q4, rounding[0]) else 1
             coded = code_bit(enc, st, buf, probs, CTX_RES_CODED + cls * 3 + nzl + nzt, coded)
             if not coded and mode == INTER and variant == 0:  # the prediction as it stands
                 rec[sy:sy + sub, sx:sx + sub] = inter[sy - y0:sy - y0 + sub, sx - x0:sx - x0 + sub]
@@ -277,10 +278,14 @@ def code_residual_block(
                 continue
             for y in range(sy, sy + sub):
                 for x in range(sx, sx + sub):
-                    if variant:
-                        pred = _predict_variant(rec, inter, mode, variant, y, x, y0, x0, size, sy, sx, sub)
+                    if mode == INTER:
+                        pred = np.int64(inter[y - y0, x - x0])
+                        if variant:
+                            pred = ((4 - wm) * pred + wm * _med(rec, y, x) + 2) >> 2
+                    elif variant:
+                        pred = _average4_call(rec, y, x, y0, x0, size, sy, sx, sub)
                     else:
-                        pred = inter[y - y0, x - x0] if mode == INTER else _med(rec, y, x)
+                        pred = _med(rec, y, x)
                     k = 0
                     if coded:
                         w = kmap.shape[1]
