@@ -153,3 +153,23 @@ def test_absurd_declared_size_is_refused_before_allocating(camera):
     payload[6:12] = (1000).to_bytes(2, "little") + (16000).to_bytes(2, "little") + (16000).to_bytes(2, "little")
     with pytest.raises(BitstreamError, match="chunk limit"):
         decode_chunk(bytes(payload))
+
+
+def test_quality_ladder_fills_each_dead_zone_cliff():
+    """Rungs get coarser monotonically; where the smallest coded error grows, four rungs code it
+    next to at least 1..4 non-zero levels before the plain rung, all at that rung's step."""
+    from palstream.codec import chunk
+
+    assert all(a < b for a, b in zip(chunk.STEPS, chunk.STEPS[1:]))
+    rungs = chunk.LADDER
+    cliffs = [i for i, (q4, rnd) in enumerate(rungs) if len(set(rnd)) > 1]
+    assert cliffs and len(cliffs) % 4 == 0
+    for first in cliffs[::4]:
+        q4, rnd = rungs[first]
+        group = rungs[first:first + 5]
+        assert [r[0] for r in group] == [q4] * 5
+        assert [sum(v != rnd[0] for v in r[1]) for r in group] == [4, 3, 2, 1, 0]
+        busy = rnd[1]
+        # the busy offset rounds an error one below the plain rung's smallest coded error to level 1
+        smallest = -(-(q4 - rnd[0]) // 4)
+        assert (4 * (smallest - 1) + busy) // q4 == 1 and (4 * (smallest - 1) + rnd[0]) // q4 == 0

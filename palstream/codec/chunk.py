@@ -195,11 +195,15 @@ def _quality_ladder() -> list[tuple[int, tuple[int, ...]]]:
     (3 dB on film grain when errors of 2 stop being coded). Four rungs before each such step code
     the smaller error only next to at least 1, 2, 3 or 4 non-zero levels, where it is cheapest.
     """
+
+    def smallest_coded(q4):
+        return -(-(q4 - int(q4 * ROUNDING)) // 4)
+
     rungs = []
     for q4 in range(4, 256):
         rnd4 = int(q4 * ROUNDING)
-        smallest = -(-(q4 - rnd4) // 4)
-        if q4 > 4 and smallest > -(-(q4 - 1 - int((q4 - 1) * ROUNDING)) // 4):
+        smallest = smallest_coded(q4)
+        if q4 > 4 and smallest > smallest_coded(q4 - 1):
             busy = q4 - 4 * (smallest - 1)  # rounds the smaller error up to a level
             rungs += [(q4, (rnd4,) * j + (busy,) * (5 - j)) for j in range(1, 5)]
         rungs.append((q4, (rnd4,) * 5))
