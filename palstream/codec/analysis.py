@@ -462,7 +462,9 @@ def decide(
     cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, ref2_y, ref2_u, ref2_v, has_ref, has_ref2, field, table, lam, dweight, noise,
     min_block, max_block, max_pal, prop_y, prop_yn, prop_c, prop_cn, leafsize, mode, mv, pal_y, pal_yn, pal_c, pal_cn,
 ):
-    """Fill the decision maps (per 8x8 cell) with the RD-best quadtree of the frame."""
+    """Fill the decision maps (per 8x8 cell) with the RD-best quadtree of the frame, each leaf's
+    mode and predictor variant; ``noise`` (quarter levels) is the amplitude of the reconstruction
+    error the intra estimates assume (``_intra_errors``)."""
     h, w = cur_y.shape
     err_y, med_y = _intra_errors(cur_y, noise)
     err_u, med_u = _intra_errors(cur_u, noise)
