@@ -231,14 +231,14 @@ def _inter_cost(cur, med, ref, ref2, table, y0, x0, s, mot, scratch, out):
     with estimated MED, ``syntax.MED_WEIGHT``) to ``out``."""
     pred = inter_prediction(ref, ref2, y0, x0, s, mot, scratch)
     plain = 0.0
-    exact = True  # every error is -1, 0 or 1
+    close = True  # every error is -1, 0 or 1
     for y in range(s):
         for x in range(s):
             e = np.int64(cur[y0 + y, x0 + x]) - np.int64(pred[y, x])
             plain += table[e + 255]
-            exact = exact and -1 <= e <= 1
+            close = close and -1 <= e <= 1
     out[0] += plain
-    if exact:  # errors of at most 1 leave a variant next to nothing to gain (much of a screen recording)
+    if close:  # errors of at most 1 leave a variant next to nothing to gain (much of a screen recording)
         for v in range(1, 4):
             out[v] += plain
         return
@@ -254,7 +254,7 @@ def _inter_cost(cur, med, ref, ref2, table, y0, x0, s, mot, scratch, out):
 
 @njit(cache=True, nogil=True)
 def _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, scratch, out):
-    """Inter costs (plain, combined with MED) of one 8x8 luma cell and its 4x4 chroma cells under
+    """Inter costs (each INTER variant) of one 8x8 luma cell and its 4x4 chroma cells under
     motion ``mot``, into ``out`` (``cur``, ``med``, ``ref``, ``ref2``: the (Y, Cb, Cr) planes;
     ``scratch``: int32[2, 8, 8] for the predictions)."""
     cmot = (mot[0], mot[1] >> 1, mot[2] >> 1, mot[3] >> 1, mot[4] >> 1)
