@@ -104,7 +104,11 @@ def _average4(rec, y, x, y0, x0, size, sy, sx, sub):
 
 @njit(cache=True, nogil=True)
 def _average4_call(rec, y, x, y0, x0, size, sy, sx, sub):
-    """``_average4`` as a call: inlined into the per-sample loop it made the common path slower."""
+    """``_average4`` as a call: inlined into the per-sample loop it made the common path slower.
+
+    The prediction is written out in both per-sample loops (``_sub_block_is_zero``,
+    ``code_residual_block``): factored into one inlined helper, rocket decoding fell from
+    113-117 to 82-83 fps (measured)."""
     return _average4(rec, y, x, y0, x0, size, sy, sx, sub)
 
 
