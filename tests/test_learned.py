@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+import numpy as np
 import pytest
 import torch
 
@@ -161,7 +162,6 @@ def test_cli_prints_weight_errors_as_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_backbone_loads_offline_and_pools_block_features(monkeypatch, generator):
-    import numpy as np
 
     from palstream.learned.backbone import block_features, create_backbone
 
@@ -187,41 +187,120 @@ def _partition_sse(x: torch.Tensor, label: torch.Tensor, kmax: int) -> torch.Ten
     return (x.double() - torch.gather(means, 1, label[..., None].expand_as(x))).pow(2).sum((1, 2))
 
 
+def _summarised(x: torch.Tensor, k: torch.Tensor, kmax: int, tokens: int = 32):
+    """Run the first chroma kernel on blocks (N, P, 2); returns its outputs as a dict of arrays."""
+    from palstream.learned import chroma
+
+    n, p, _ = x.shape
+    out = dict(
+        ordered=np.empty((n, p, 2)), keys=np.empty((n, p)), axis=np.empty((n, 2)),
+        cond=np.empty((n, 2 * tokens + 4 + 64), np.float32), fits=np.empty(n, np.bool_),
+        palettes=np.empty((n, kmax, 2), np.float32), shares=np.empty((n, kmax), np.float32),
+    )
+    ranks = torch.linspace(0, p - 1, tokens).round().long().numpy()
+    chroma.summarise(x.numpy(), k.numpy(), ranks, *out.values())
+    return out
+
+
+def test_chroma_summary_is_what_the_network_was_trained_on():
+    """The kernel's sort and conditioning vector agree with sort_blocks/rank_tokens/condition (float32 rounding)."""
+    from palstream.learned.model import condition, rank_tokens
+
+    x = _blocks(40, 64, 2, seed=21)
+    k = torch.randint(1, 65, (40,), generator=torch.Generator().manual_seed(22))
+    out = _summarised(x, k, 64)
+    ordered, keys, axis, mean, spread = sort_blocks(x)
+    torch.testing.assert_close(torch.from_numpy(out["keys"]).float(), keys, atol=1e-3, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(out["axis"]).float(), axis, atol=1e-5, rtol=0)
+    expected = condition(rank_tokens(ordered, 32), mean, spread, k)
+    # Samples with equal keys may come in another order; the tokens are compared on blocks without such ties.
+    unique = torch.tensor([len(set(map(tuple, b.tolist()))) == len(set(kb.tolist())) for b, kb in zip(ordered, keys)])
+    assert unique.sum() > 20
+    torch.testing.assert_close(torch.from_numpy(out["cond"])[unique], expected[unique], atol=1e-4, rtol=1e-4)
+
+
+def test_chroma_blocks_with_few_pairs_get_them_exactly():
+    pairs = torch.tensor([[10.0, 200.0], [90.0, 90.0], [200.0, 30.0]])
+    x = pairs[torch.tensor([0, 1, 2, 1] * 16)][None]
+    out = _summarised(x, torch.tensor([4]), 4)
+    assert out["fits"][0]
+    assert sorted(map(tuple, out["palettes"][0, :3].tolist())) == sorted(map(tuple, pairs.tolist()))
+    assert sorted(out["shares"][0].tolist()) == [0.0, 0.25, 0.25, 0.5]
+
+
+def test_chroma_principal_axis_is_the_half_angle():
+    from palstream.learned.chroma import principal_axis
+
+    rng = np.random.default_rng(23)
+    cases = [(c, c, 0.0) for c in (0.0, 2.0)] + [(1.0, 3.0, 0.0), (3.0, 1.0, 0.0), (1.0, 3.0, -0.5), (2.0, 2.0, 1.0)]
+    cases += [tuple(v) for v in rng.normal(size=(200, 3))]
+    for cxx, cyy, cxy in cases:
+        angle = 0.5 * np.arctan2(2 * cxy, cxx - cyy)
+        np.testing.assert_allclose(principal_axis(cxx, cyy, cxy), (np.cos(angle), np.sin(angle)), atol=1e-12)
+
+
+def test_chroma_nearest_entries_match_brute_force():
+    """The search pruned by key difference finds the same nearest entry (lowest index on ties) as trying all."""
+    from palstream.learned.chroma import nearest_labels
+
+    x = _blocks(30, 64, 2, seed=24)
+    out = _summarised(x, torch.full((30,), 16), 16)
+    rng = np.random.default_rng(25)
+    for b in range(30):
+        ordered, keys = out["ordered"][b], out["keys"][b]
+        pal = ordered[rng.integers(0, 64, 16)] + rng.integers(-3, 4, (16, 2)) * 0.5  # duplicates and ties
+        label = np.empty(64, np.int64)
+        nearest_labels(ordered, keys, pal, out["axis"][b, 0], out["axis"][b, 1], 16, np.empty(16, np.int64), np.empty(16), label)
+        dist = ((ordered[:, None, :] - pal[None]) ** 2).sum(-1)
+        assert (label == dist.argmin(1)).all()
+
+
 def test_chroma_merge_and_split_moves_never_raise_the_error():
-    """A move is made only where the split gains more than the merge costs."""
-    from palstream.learned.decoding import swap_move
-    from palstream.learned.model import active_mask
+    """A move is made only where the split gains more than the merge costs; the moments follow the labels."""
+    from palstream.learned.chroma import cell_moments, merge_split_moves, move_scratch
 
     x = _blocks(64, 64, 2, seed=7)
     k = torch.randint(3, 17, (64,), generator=torch.Generator().manual_seed(8))
-    active = active_mask(k, 16)
     label = torch.randint(0, 1 << 30, (64, 64), generator=torch.Generator().manual_seed(9)) % k[:, None]
-    slots = torch.arange(16)
-    valid = active[:, :, None] & active[:, None, :] & (slots[:, None] != slots[None, :])
     before = _partition_sse(x, label, 16)
-    moved = label
-    for _ in range(4):
-        moved = swap_move(x, moved, active, valid)
+    moved = label.numpy().copy()
+    mom, scratch = np.empty((16, 6)), move_scratch(16)
+    for b in range(64):
+        block = x[b].double().numpy()
+        cell_moments(block, moved[b], mom)
+        merge_split_moves(block, moved[b], int(k[b]), 4, mom, scratch)
+        check = np.empty((16, 6))
+        cell_moments(block, moved[b], check)
+        np.testing.assert_allclose(mom, check, rtol=1e-12, atol=1e-9)
+    moved = torch.from_numpy(moved)
     after = _partition_sse(x, moved, 16)
     assert (moved < k[:, None]).all(), "labels stay within each block's palette"
     assert (after <= before + 1e-6).all()
     assert (after < before - 1e-6).float().mean() > 0.5, "random partitions should mostly improve"
 
 
-def test_axis_table_error_is_the_partition_error():
+def test_chroma_axis_error_is_the_partition_error():
     """The prefix-sum error of a chroma partition along the principal axis equals the direct one."""
-    from palstream.learned.decoding import AxisTable
+    from palstream.learned.chroma import axis_lloyd, prefix_table
 
     x = _blocks(20, 64, 2, seed=10)
     k = torch.randint(2, 9, (20,), generator=torch.Generator().manual_seed(11))
-    ordered, keys, axis, _, _ = sort_blocks(x)
-    start = (torch.rand(20, 1, 8, generator=torch.Generator().manual_seed(12)) * 300 - 50).double()
-    means, counts, sse = AxisTable(ordered, keys).lloyd(start, k, steps=2, swaps=1)
-    assert torch.equal(counts[:, 0].sum(1), torch.full((20,), 64.0, dtype=torch.float64))
-    # Rebuild the partition from the counts (cells are consecutive ranks) and measure it directly.
-    bounds = counts[:, 0].cumsum(1).long()
-    label = (torch.arange(64)[None, :, None] >= bounds[:, None, :]).sum(-1).clamp(max=7)
-    torch.testing.assert_close(sse[:, 0], _partition_sse(ordered, label, 8), rtol=1e-9, atol=1e-6)
+    out = _summarised(x, k, 8)
+    start = torch.rand(20, 8, generator=torch.Generator().manual_seed(12)).double().numpy() * 300 - 50
+    table, bounds, means = np.empty((65, 4)), np.empty(9, np.int64), np.empty((8, 2))
+    for b in range(20):
+        kk = int(k[b])
+        ordered = out["ordered"][b]
+        prefix_table(ordered, out["keys"][b], table)
+        sse = axis_lloyd(ordered, out["keys"][b], table, start[b, :kk].copy(), kk, 2, 1, bounds, means)
+        assert bounds[0] == 0 and bounds[kk] == 64 and (np.diff(bounds[: kk + 1]) >= 0).all()
+        # Cells are consecutive ranks; measure that partition directly.
+        label = torch.from_numpy((np.arange(64)[:, None] >= bounds[None, 1:kk]).sum(1))[None]
+        direct = _partition_sse(torch.from_numpy(ordered)[None], label, kk)
+        np.testing.assert_allclose(sse, float(direct[0]), rtol=1e-9, atol=1e-6)
+        for j in range(kk):  # each entry is its cell's mean
+            if bounds[j + 1] > bounds[j]:
+                np.testing.assert_allclose(means[j], ordered[bounds[j] : bounds[j + 1]].mean(0), rtol=1e-12)
 
 
 def test_luma_histogram_error_is_the_nearest_entry_error():

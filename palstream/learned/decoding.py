@@ -15,12 +15,15 @@ Luma (1-D) works on a per-block 256-bin level histogram (one ``bincount`` over t
   merge-and-split moves (:meth:`LevelHistogram.swap`) leave Lloyd's local optima, also O(k);
 * a block with at most ``k`` distinct levels gets them as its palette (zero error).
 
-Chroma (Cb/Cr pairs) is cut along the block's principal colour axis like luma, on the sorted
-samples (:class:`AxisTable`: Lloyd updates and a merge-and-split move from prefix sums), then
-made 2-D by one pass over the pixels (:func:`nearest_update`): each pixel goes to its nearest
-entry, about k/4 merge-and-split moves in 2-D (:func:`swap_move`) fix what a single axis
-cannot separate, and each entry moves to its pixels' mean. A block with at most ``k`` distinct
-pairs gets them as its palette.
+Chroma (Cb/Cr pairs) is cut along the block's principal colour axis like luma, on the samples
+sorted along it (Lloyd updates and a merge-and-split move from prefix sums), then made 2-D by
+one pass over the pixels: each pixel goes to its nearest entry, about k/4 merge-and-split moves
+in 2-D fix what a single axis cannot separate, and each entry moves to its pixels' mean. A
+block with at most ``k`` distinct pairs gets them as its palette. At these block sizes batched
+torch ops cost more in per-op overhead than in arithmetic, so chroma runs as per-block numba
+kernels on the CPU (:mod:`palstream.learned.chroma`; samples on CUDA are copied to the CPU for
+it), with only the network's forward pass in torch, between the kernel that sorts and
+summarises the blocks and the one that decodes the cuts.
 
 Both keep the better (lower squared error) of the network's cuts and the plain companding cuts,
 per block. Everything here is deterministic.
@@ -28,27 +31,21 @@ per block. Everything here is deterministic.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from palstream.learned.model import (
-    COMPANDING,
-    HISTOGRAM_BINS,
-    active_mask,
-    companded_segments,
-    condition,
-    rank_tokens,
-    sort_blocks,
-)
+from palstream.learned import chroma
+from palstream.learned.chroma import SPLIT_STEPS  # 2-means updates that place a split (luma and chroma)
+from palstream.learned.model import COMPANDING, HISTOGRAM_BINS, active_mask, condition
+from palstream.palettes.base import MAX_PALETTE
 
 LUMA_STEPS = 2  # Lloyd updates on the level histogram (each O(k) per block from prefix sums)
 SWAPS_PER_ENTRY = 0.25  # then max(1, k/4) updates, each combined with a merge-and-split move
 SWAP_STEPS = 0  # plain updates after each move
-SPLIT_STEPS = 2  # 2-means updates that place a split
 CHUNK_ELEMENTS = 1 << 17  # blocks are decoded in chunks of about this many table entries
 CHROMA_STEPS = 2  # Lloyd updates along the principal axis (O(k log P) per block from prefix sums)
-CHROMA_SWAPS = 1  # then merge-and-split moves along the axis (each as costly as a 2-D move, less useful)
-CHROMA_CHUNK = 1 << 14  # chroma blocks are decoded in chunks of about this many pixels
+CHROMA_SWAPS = 1  # then merge-and-split moves along the axis
 
 
 class LevelHistogram:
@@ -294,222 +291,35 @@ def _luma(net, samples: torch.Tensor, k: torch.Tensor, kmax: int, features, pres
     return entries[..., None].float(), shares.float()
 
 
-class AxisTable:
-    """Cb/Cr samples of each block sorted along its principal axis, with float64 prefix sums.
-
-    The chroma counterpart of :class:`LevelHistogram`: every sorted sample is a "bin", so a
-    partition along the axis is a set of rank bounds, and the count, 2-D sum, sum of squares
-    and key sum of any rank segment come from four prefix tables (O(1) per segment). Entries are
-    handled by their key (position along the axis), as (N, S, K) for S candidate palettes.
-    """
-
-    def __init__(self, ordered: torch.Tensor, keys: torch.Tensor):
-        n, p, _ = ordered.shape
-        self.n, self.p = n, p
-        wide = ordered.double()
-        cols = torch.stack([wide[..., 0], wide[..., 1], wide.pow(2).sum(-1), keys.double()], -1)
-        self.prefix = nn.functional.pad(cols.cumsum(1), (0, 0, 1, 0))  # (N, P+1, 4)
-        self.keys = keys.contiguous()
-
-    def take(self, bounds: torch.Tensor) -> torch.Tensor:
-        """Prefix (x, y, square, key) sums at rank bounds (N, ...) in 0..P -> (N, ..., 4); the count is the bound."""
-        flat = bounds.reshape(self.n, -1)
-        return torch.gather(self.prefix, 1, flat[..., None].expand(-1, -1, 4)).reshape(*bounds.shape, 4)
-
-    def cut(self, key: torch.Tensor) -> torch.Tensor:
-        """Rank bound of each key value (N, ...): the number of samples with a smaller key."""
-        return torch.searchsorted(self.keys, key.reshape(self.n, -1).contiguous()).reshape(key.shape)
-
-    def cells(self, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cells of ascending entry keys (N, S, K) (+inf past k): bounds (N, S, K+1), counts and sums (N, S, K, 4)."""
-        bounds = self.cut((entries[..., :-1] + entries[..., 1:]) * 0.5)
-        edge = bounds.new_zeros(*bounds.shape[:-1], 1)
-        bounds = torch.cat([edge, bounds, edge + self.p], -1)
-        v = self.take(bounds)
-        return bounds, (bounds[..., 1:] - bounds[..., :-1]).double(), v[..., 1:, :] - v[..., :-1, :]
-
-    @staticmethod
-    def sse(cnt: torch.Tensor, tot: torch.Tensor) -> torch.Tensor:
-        """2-D squared error of segments about their means, from count and (x, y, square, key) sums."""
-        return (tot[..., 2] - (tot[..., 0].pow(2) + tot[..., 1].pow(2)) / cnt.clamp(min=1)).clamp(min=0)
-
-    def lloyd(self, entries: torch.Tensor, k: torch.Tensor, steps: int, swaps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Lloyd updates along the axis with merge-and-split moves (as :meth:`LevelHistogram.lloyd`).
-
-        ``entries`` (N, S, K) are start keys. Returns the final cells' 2-D means (N, S, K, 2)
-        (an empty cell takes the sample at its bound), pixel counts (N, S, K) and the 2-D
-        squared error of each partition (N, S), exact for that partition.
-        """
-        kmax = entries.shape[-1]
-        active = active_mask(k, kmax)[:, None, :].expand_as(entries)
-        total = steps + swaps
-        for step in range(total + 1):
-            entries = entries.masked_fill(~active, float("inf")).sort(-1).values
-            bounds, cnt, tot = self.cells(entries)
-            if step == total:
-                break
-            means = torch.where((cnt > 0) & active, tot[..., 3] / cnt.clamp(min=1), entries)
-            entries = self.swap(means, active, bounds, cnt, tot) if step >= steps and kmax > 1 else means
-        sse = (self.sse(cnt, tot) * active).sum(-1)
-        rows = torch.arange(self.n, device=entries.device)[:, None, None]
-        fallback = self.ordered_at(rows, bounds[..., :-1].clamp(max=self.p - 1))
-        means = torch.where((cnt > 0)[..., None], tot[..., :2] / cnt.clamp(min=1)[..., None], fallback)
-        return means, cnt * active, sse
-
-    def ordered_at(self, rows, ranks):
-        # The sample at a rank, from the prefix table (difference of neighbouring prefixes).
-        hi = self.prefix[rows, ranks + 1, :2]
-        return hi - self.prefix[rows, ranks, :2]
-
-    def swap(self, means, active, bounds, cnt, tot):
-        """One merge-and-split move per block and start where it lowers the error (cf. :meth:`LevelHistogram.swap`):
-        the adjacent pair of cells cheapest to merge becomes one; the entry freed splits the cell
-        with the largest 2-D error in two along the axis (2-means on keys, ``SPLIT_STEPS`` updates)."""
-        err = self.sse(cnt, tot)
-        jc, jt = cnt[..., :-1] + cnt[..., 1:], tot[..., :-1, :] + tot[..., 1:, :]
-        cost = (self.sse(jc, jt) - err[..., :-1] - err[..., 1:]).masked_fill(~active[..., 1:], float("inf"))
-        cost, j = cost.min(-1, keepdim=True)
-        slots = torch.arange(means.shape[-1], device=means.device)
-        pool = err.masked_fill(~active | (slots == j) | (slots == j + 1), -1.0)
-        big, c = pool.max(-1, keepdim=True)
-        clo, chi = torch.gather(bounds, -1, c), torch.gather(bounds, -1, c + 1)
-        vlo, vhi = self.take(clo), self.take(chi)
-        whole_n = (chi - clo).double()
-        mean = (vhi[..., 3] - vlo[..., 3]) / whole_n.clamp(min=1)
-        sd = (big.clamp(min=0) / whole_n.clamp(min=1)).sqrt()
-        a, b = mean - sd, mean + sd
-        for _ in range(SPLIT_STEPS + 1):
-            cut = torch.maximum(torch.minimum(self.cut((a + b) * 0.5), chi), clo)
-            vc = self.take(cut)
-            ln, rn = (cut - clo).double(), (chi - cut).double()
-            left, right = vc - vlo, vhi - vc
-            a = torch.where(ln > 0, left[..., 3] / ln.clamp(min=1), a)
-            b = torch.where(rn > 0, right[..., 3] / rn.clamp(min=1), b)
-        ok = (ln > 0) & (rn > 0) & (big >= 0)
-        gain = (big - self.sse(ln, left) - self.sse(rn, right)).masked_fill(~ok, -1.0)
-        do = gain > cost + 1e-9
-        joined = torch.gather(jt[..., 3], -1, j) / torch.gather(jc, -1, j).clamp(min=1)
-        moved = means.scatter(-1, j, joined).scatter(-1, j + 1, a).scatter(-1, c, b)
-        return torch.where(do, moved, means)
-
-
-def swap_move(samples: torch.Tensor, label: torch.Tensor, active: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """One 2-D merge-and-split move per block where it lowers the error; returns new labels (N, P).
-
-    Lloyd stops at a local optimum; this move leaves it (cf. :meth:`LevelHistogram.swap`, in 2-D).
-    The two entries cheapest to merge (``n_a n_b / (n_a + n_b) |m_a - m_b|^2``) become one; the
-    entry freed takes the near half of the cell whose split gains most (every cell is cut through
-    its mean across its own principal axis, closed-form 2x2 eigenvector). Made where the gain
-    exceeds the cost, so the partition's error drops by exactly their difference. O(P + K^2)
-    per block; the pixels are not re-assigned (the next Lloyd update does that). ``valid``
-    (N, K, K) marks the pairs of distinct active entries.
-    """
-    n, p, _ = samples.shape
-    kmax = active.shape[1]
-    x = samples.double()
-    x0, x1 = x[..., 0], x[..., 1]
-    sq = x0 * x0 + x1 * x1
-    idx = label[..., None]
-    mom = x.new_zeros(n, kmax, 6).scatter_add_(1, idx.expand(n, p, 6), torch.stack([torch.ones_like(x0), x0, x1, x0 * x0, x1 * x1, x0 * x1], -1))
-    cnt = mom[..., 0]
-    safe = cnt.clamp(min=1)
-    mx, my = mom[..., 1] / safe, mom[..., 2] / safe
-    err = (mom[..., 3] + mom[..., 4] - (mom[..., 1] ** 2 + mom[..., 2] ** 2) / safe).clamp(min=0)
-    angle = 0.5 * torch.atan2(2 * (mom[..., 5] / safe - mx * my), mom[..., 3] / safe - mx * mx - (mom[..., 4] / safe - my * my))
-    cell = torch.gather(torch.stack([mx, my, angle.cos(), angle.sin()], -1), 1, idx.expand(n, p, 4))
-    side = ((x0 - cell[..., 0]) * cell[..., 2] + (x1 - cell[..., 1]) * cell[..., 3]) < 0
-    w = side.double()
-    left = x.new_zeros(n, kmax, 4).scatter_add_(1, idx.expand(n, p, 4), torch.stack([w, x0 * w, x1 * w, sq * w], -1))
-    right = torch.stack([cnt, mom[..., 1], mom[..., 2], mom[..., 3] + mom[..., 4]], -1) - left
-
-    def sse(v):
-        return (v[..., 3] - (v[..., 1] ** 2 + v[..., 2] ** 2) / v[..., 0].clamp(min=1)).clamp(min=0)
-
-    gain = (err - sse(left) - sse(right)).masked_fill_((left[..., 0] == 0) | (right[..., 0] == 0) | ~active, -1.0)
-    # Merge cost of every pair in float32 (ample to rank them): n_a n_b / (n_a + n_b) is
-    # 1 / (1/n_a + 1/n_b), and an empty entry costs nothing to merge (it is free for a split).
-    m = torch.stack([mx, my], -1).float()
-    norm = (m * m).sum(-1)
-    dist = torch.baddbmm(norm[:, :, None] + norm[:, None, :], m, m.transpose(1, 2), alpha=-2.0).clamp_(min=0)
-    inv = 1.0 / cnt.float()
-    cost = dist.div_(inv[:, :, None] + inv[:, None, :])
-    cost, pair = cost.masked_fill_(~valid, float("inf")).reshape(n, -1).min(1)
-    a, b = pair // kmax, pair % kmax
-    slots = torch.arange(kmax, device=samples.device)
-    best, c = gain.masked_fill_((slots == a[:, None]) | (slots == b[:, None]), -1.0).max(1)
-    do = (best > cost.double() + 1e-6)[:, None]
-    merged = torch.where(label == b[:, None], a[:, None], label)
-    moved = torch.where(side & (label == c[:, None]), b[:, None], merged)
-    return torch.where(do, moved, label)
-
-
-def nearest_update(samples: torch.Tensor, palettes: torch.Tensor, active: torch.Tensor, moves: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One 2-D Lloyd update with ``moves`` merge-and-split moves (:func:`swap_move`) in between.
-
-    Each pixel goes to its nearest active entry (distances elementwise: with an inner dimension
-    of 2 a matmul is slower), the moves change that partition, and each entry moves to the mean
-    of its pixels (an entry without pixels stays put). This one pass over the (N, P, K)
-    distances is the costliest step of chroma generation. Returns the palettes and each
-    entry's pixel share.
-    """
-    n, p, _ = samples.shape
-    kmax = palettes.shape[1]
-    dist = (samples[..., 0:1] - palettes[:, None, :, 0]).square_().add_((samples[..., 1:2] - palettes[:, None, :, 1]).square_())
-    label = dist.masked_fill_(~active[:, None, :], float("inf")).argmin(-1)
-    if moves and kmax > 2:
-        slots = torch.arange(kmax, device=samples.device)
-        valid = active[:, :, None] & active[:, None, :] & (slots[:, None] != slots[None, :])
-        for _ in range(moves):
-            label = swap_move(samples, label, active, valid)
-    flat = (label + (torch.arange(n, device=samples.device) * kmax)[:, None]).reshape(-1)
-    cnt = torch.bincount(flat, minlength=n * kmax).reshape(n, kmax).to(samples.dtype)
-    sums = torch.stack([torch.bincount(flat, weights=samples[..., j].reshape(-1), minlength=n * kmax) for j in (0, 1)], -1)
-    palettes = torch.where((cnt > 0)[..., None], sums.reshape(n, kmax, 2).to(samples.dtype) / cnt.clamp(min=1)[..., None], palettes)
-    return palettes, cnt / p
-
-
-def _distinct_pairs(ordered: torch.Tensor, k: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Blocks with at most k[i] distinct Cb/Cr pairs: ``(fits, palettes, shares)``.
-
-    ``ordered`` is sorted along the principal axis, so equal pairs are neighbours (unless another
-    pair has exactly the same key: then the count is too high and the block just takes the
-    general path; it is never too low).
-    """
-    n, p, _ = ordered.shape
-    new = torch.ones(n, p, dtype=torch.bool, device=ordered.device)
-    new[:, 1:] = (ordered[:, 1:] != ordered[:, :-1]).any(-1)
-    slot = new.cumsum(1) - 1
-    fits = slot[:, -1] < k
-    slot = slot.clamp(max=kmax)  # kmax: a dump column for blocks that do not fit
-    counts = ordered.new_zeros(n, kmax + 1).scatter_add_(1, slot, torch.ones_like(ordered[..., 0]))
-    sums = ordered.new_zeros(n, kmax + 1, 2).scatter_add_(1, slot[..., None].expand(n, p, 2), ordered)
-    counts, sums = counts[:, :kmax], sums[:, :kmax]
-    palettes = sums / counts.clamp(min=1)[..., None]
-    palettes = torch.where((counts > 0)[..., None], palettes, palettes[:, :1])
-    return fits, palettes, counts / p
-
-
 def _chroma(net, samples: torch.Tensor, k: torch.Tensor, kmax: int, features, present, steps: int, swaps: int, moves: int):
+    """Chroma palettes by the per-block kernels of :mod:`palstream.learned.chroma`, on the CPU.
+
+    Samples on another device (CUDA) are copied to the CPU for the kernels and the result is
+    copied back; only the network's forward pass runs on the network's device.
+    """
     n, p, _ = samples.shape
-    ordered, keys, axis, mean, spread = sort_blocks(samples)
-    active = active_mask(k, kmax)
-    starts = [active.to(samples.dtype) / k[:, None].to(samples.dtype)]  # plain companding cuts
-    if net is not None:
-        logits = net.logits(condition(rank_tokens(ordered, net.cfg.tokens), mean, spread, k), features, present, kmax)
-        starts.insert(0, logits.masked_fill(~active, float("-inf")).softmax(-1))
-    m = len(starts)
-    entries = companded_segments(ordered.repeat(m, 1, 1), keys.repeat(m, 1), torch.cat(starts))  # (m N, K, 2)
-    entry_keys = (entries * axis.repeat(m, 1)[:, None, :]).sum(-1).reshape(m, n, kmax).transpose(0, 1)
-    table = AxisTable(ordered, keys)
-    means, cnt, sse = table.lloyd(entry_keys.double(), k, steps, swaps)
-    pick = sse.argmin(1)  # ties go to the network (start 0)
-    rows = torch.arange(n, device=samples.device)
-    palettes, shares = nearest_update(samples, means[rows, pick].to(samples.dtype), active, moves)
-    fits, exact, exact_shares = _distinct_pairs(ordered, k, kmax)
-    palettes = torch.where(fits[:, None, None], exact, palettes)
-    shares = torch.where(fits[:, None], exact_shares, shares)
-    palettes = torch.where(active[..., None], palettes, palettes[:, :1])
-    return palettes, shares * active
+    x = samples.detach().to("cpu", torch.float32).contiguous().numpy()
+    kk = k.detach().to("cpu", torch.int64).contiguous().numpy()
+    ordered, keys = np.empty((n, p, 2)), np.empty((n, p))
+    axis = np.empty((n, 2))
+    q = net.cfg.tokens if net is not None else 1
+    cond = np.empty((n, 2 * q + 4 + MAX_PALETTE), np.float32)
+    fits = np.empty(n, np.bool_)
+    palettes, shares = np.empty((n, kmax, 2), np.float32), np.empty((n, kmax), np.float32)
+    ranks = torch.linspace(0, p - 1, q).round().long().numpy()  # as rank_tokens
+    chroma.summarise(x, kk, ranks, ordered, keys, axis, cond, fits, palettes, shares)
+    rows = np.flatnonzero(~fits)
+    if len(rows):
+        logits = np.empty((len(rows), 0), np.float32)
+        if net is not None:
+            device = next(net.parameters()).device
+            pick = torch.from_numpy(rows).to(device)
+            feats = None if features is None else features[pick]
+            pres = None if present is None else present[pick]
+            cond_rows = torch.from_numpy(cond[rows]).to(device)
+            logits = net.logits(cond_rows, feats, pres, kmax).float().cpu().contiguous().numpy()
+        chroma.decode(ordered, keys, axis, kk, rows, logits, steps, swaps, moves, palettes, shares)
+    return torch.from_numpy(palettes).to(samples.device), torch.from_numpy(shares).to(samples.device)
 
 
 @torch.no_grad()
@@ -548,18 +358,17 @@ def generate_palettes(
         luma_swaps = max(1, round(SWAPS_PER_ENTRY * kmax))
     if chroma_moves is None:
         chroma_moves = round(SWAPS_PER_ENTRY * kmax)
-    # Work in chunks of blocks whose largest temporaries stay near 1 MB: beyond a few MB every
-    # new tensor is fresh memory from the OS (page faults), which costs more than the arithmetic.
-    rows = max(16, CHUNK_ELEMENTS // (HISTOGRAM_BINS + 1) if c == 1 else CHROMA_CHUNK // p)
+    if c == 2:  # per-block kernels: no temporaries over the batch, no chunks
+        return _chroma(net, samples, k, kmax, features, present, chroma_steps, chroma_swaps, chroma_moves)
+    # Luma works in chunks of blocks whose largest temporaries stay near 1 MB: beyond a few MB
+    # every new tensor is fresh memory from the OS (page faults), which costs more than the arithmetic.
+    rows = max(16, CHUNK_ELEMENTS // (HISTOGRAM_BINS + 1))
     outs = []
     for lo in range(0, n, rows):
         part = slice(lo, lo + rows)
         feats = None if features is None else features[part]
         pres = None if present is None else present[part]
-        if c == 1:
-            outs.append(_luma(net, samples[part], k[part], kmax, feats, pres, luma_steps, luma_swaps))
-        else:
-            outs.append(_chroma(net, samples[part], k[part], kmax, feats, pres, chroma_steps, chroma_swaps, chroma_moves))
+        outs.append(_luma(net, samples[part], k[part], kmax, feats, pres, luma_steps, luma_swaps))
     if len(outs) == 1:
         return outs[0]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
