@@ -35,6 +35,7 @@ from palstream.learned.model import COMPANDING, HISTOGRAM_BINS  # noqa: E402,I00
 
 EPS = 1e-3  # as in companded_segments: below ~1/1000 of a pixel an interval takes the sample at its rank
 SPLIT_STEPS = 2  # 2-means updates that place a split along the axis
+FEW = 8  # palettes up to this size try every entry for every pixel; larger ones search by key
 
 
 @njit(cache=True, nogil=True)
@@ -70,7 +71,7 @@ def _sort_by_key(keys, order, count, bucket):
         order[j] = cur
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def principal_axis(cxx, cyy, cxy):
     """Unit principal axis (cos t, sin t), t = atan2(2 cxy, cxx - cyy) / 2, of a 2x2 covariance, without trigonometry.
 
@@ -89,8 +90,14 @@ def principal_axis(cxx, cyy, cxy):
     return abs(v) / (2.0 * r * s), (s if v >= 0 else -s)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _key(samples, b, i, ax, ay):
+    """Position of pixel i of block b along the block's axis (the sort key; one expression for both kernels)."""
+    return samples[b, i, 0] * ax + samples[b, i, 1] * ay
+
+
 @njit(cache=True, nogil=True)
-def summarise(samples, k, ranks, ordered, keys, axis, cond, fits, palettes, shares):
+def summarise(samples, k, ranks, order, axis, cond, rows, palettes, shares):
     """Kernel 1: sort every block along its principal axis and summarise it for the network.
 
     Parameters
@@ -102,21 +109,23 @@ def summarise(samples, k, ranks, ordered, keys, axis, cond, fits, palettes, shar
     ranks : np.ndarray
         int64 (Q,) ranks of the network's tokens (:func:`palstream.learned.model.rank_tokens`).
 
-    Outputs, filled in place: ``ordered`` float64 (N, P, 2) and ``keys`` float64 (N, P), the
-    samples sorted by their projection on ``axis`` float64 (N, 2); ``cond`` float32
-    (N, 2Q + 4 + 64), the conditioning vector of :func:`palstream.learned.model.condition`;
-    ``fits`` bool (N,), the blocks with at most k[i] distinct pairs, whose ``palettes`` float32
-    (N, kmax, 2) and ``shares`` float32 (N, kmax) are written (the distinct pairs in axis order;
-    unused slots repeat the first with share 0). Equal pairs are neighbours in axis order (two
-    different pairs with the same key can make the count too high, never too low).
+    Outputs, filled in place: ``order`` int32 (N, P), each block's pixels in ascending order of
+    their projection on ``axis`` float64 (N, 2). A block with at most k[i] distinct pairs gets
+    them here as ``palettes`` float32 (N, kmax, 2) and ``shares`` float32 (N, kmax), in axis
+    order, unused slots repeating the first with share 0 (equal pairs are neighbours in axis
+    order; two different pairs with the same key can make the count too high, never too low).
+    The M other blocks are listed in ``rows`` int64 (N,) and their conditioning vectors
+    (:func:`palstream.learned.model.condition`) put in ``cond`` float32 (N, 2Q + 4 + 64), both
+    in the first M rows. Returns M.
     """
     n, p = samples.shape[0], samples.shape[1]
     kmax = palettes.shape[1]
     q = len(ranks)
-    order = np.empty(p, np.int64)
+    rank = np.empty(p, np.int64)
     bucket = np.empty(p, np.int64)
     count = np.empty(p + 1, np.int64)
     raw = np.empty(p)
+    todo = 0
     for b in range(n):
         sx = sy = sxx = syy = sxy = 0.0
         for i in range(p):
@@ -131,40 +140,25 @@ def summarise(samples, k, ranks, ordered, keys, axis, cond, fits, palettes, shar
         ax, ay = principal_axis(cxx, cyy, cxy)
         axis[b, 0] = ax
         axis[b, 1] = ay
-        s0 = math.sqrt(max(ax * ax * cxx + 2.0 * ax * ay * cxy + ay * ay * cyy, 0.0))  # spread along the axis
-        s1 = math.sqrt(max(ay * ay * cxx - 2.0 * ax * ay * cxy + ax * ax * cyy, 0.0))  # and across it
         for i in range(p):
-            raw[i] = samples[b, i, 0] * ax + samples[b, i, 1] * ay
-        _sort_by_key(raw, order, count, bucket)
+            raw[i] = _key(samples, b, i, ax, ay)
+        _sort_by_key(raw, rank, count, bucket)
         distinct = 1
-        for i in range(p):
-            o = order[i]
-            keys[b, i] = raw[o]
-            ordered[b, i, 0] = samples[b, o, 0]
-            ordered[b, i, 1] = samples[b, o, 1]
-            if i and (ordered[b, i, 0] != ordered[b, i - 1, 0] or ordered[b, i, 1] != ordered[b, i - 1, 1]):
-                distinct += 1
-        # Conditioning vector: shape tokens (scale-free), level, spread, one-hot palette size.
-        scale = math.sqrt(s0 * s0 + s1 * s1) + 1.0
-        for j in range(q):
-            cond[b, 2 * j] = (ordered[b, ranks[j], 0] - mx) / scale
-            cond[b, 2 * j + 1] = (ordered[b, ranks[j], 1] - my) / scale
-        base = 2 * q
-        cond[b, base] = mx / 255.0
-        cond[b, base + 1] = my / 255.0
-        cond[b, base + 2] = math.log1p(s0) / 5.0
-        cond[b, base + 3] = math.log1p(s1) / 5.0
-        for j in range(MAX_PALETTE):
-            cond[b, base + 4 + j] = 0.0
-        cond[b, base + 4 + min(max(k[b] - 1, 0), MAX_PALETTE - 1)] = 1.0
-        fits[b] = distinct <= k[b]
-        if fits[b]:
+        px, py = samples[b, rank[0], 0], samples[b, rank[0], 1]
+        order[b, 0] = rank[0]
+        for i in range(1, p):
+            order[b, i] = rank[i]
+            x, y = samples[b, rank[i], 0], samples[b, rank[i], 1]
+            distinct += (x != px) | (y != py)
+            px, py = x, y
+        if distinct <= k[b]:
             slot = -1
             for i in range(p):
-                if i == 0 or ordered[b, i, 0] != ordered[b, i - 1, 0] or ordered[b, i, 1] != ordered[b, i - 1, 1]:
+                x, y = samples[b, rank[i], 0], samples[b, rank[i], 1]
+                if i == 0 or x != samples[b, rank[i - 1], 0] or y != samples[b, rank[i - 1], 1]:
                     slot += 1
-                    palettes[b, slot, 0] = ordered[b, i, 0]
-                    palettes[b, slot, 1] = ordered[b, i, 1]
+                    palettes[b, slot, 0] = x
+                    palettes[b, slot, 1] = y
                     shares[b, slot] = 0.0
                 shares[b, slot] += 1.0
             for j in range(kmax):
@@ -174,11 +168,35 @@ def summarise(samples, k, ranks, ordered, keys, axis, cond, fits, palettes, shar
                     shares[b, j] = 0.0
                 else:
                     shares[b, j] /= p
+            continue
+        # Conditioning vector: shape tokens (scale-free), level, spread along and across the axis,
+        # one-hot palette size.
+        s0 = math.sqrt(max(ax * ax * cxx + 2.0 * ax * ay * cxy + ay * ay * cyy, 0.0))
+        s1 = math.sqrt(max(ay * ay * cxx - 2.0 * ax * ay * cxy + ax * ax * cyy, 0.0))
+        scale = math.sqrt(s0 * s0 + s1 * s1) + 1.0
+        rows[todo] = b
+        for j in range(q):
+            cond[todo, 2 * j] = (samples[b, rank[ranks[j]], 0] - mx) / scale
+            cond[todo, 2 * j + 1] = (samples[b, rank[ranks[j]], 1] - my) / scale
+        base = 2 * q
+        cond[todo, base] = mx / 255.0
+        cond[todo, base + 1] = my / 255.0
+        cond[todo, base + 2] = math.log1p(s0) / 5.0
+        cond[todo, base + 3] = math.log1p(s1) / 5.0
+        for j in range(MAX_PALETTE):
+            cond[todo, base + 4 + j] = 0.0
+        cond[todo, base + 4 + min(max(k[b] - 1, 0), MAX_PALETTE - 1)] = 1.0
+        todo += 1
+    return todo
 
 
 @njit(cache=True, nogil=True)
 def prefix_table(ordered, keys, table):
-    """Prefix sums (P+1, 4) of x, y, x^2 + y^2 and key over the sorted samples, into ``table``."""
+    """Prefix sums (P+1, 5) of x, y, x^2 + y^2 and key over the sorted samples, into ``table``.
+
+    Column 4 holds 1/i (0 for i = 0): segment means and errors divide by a segment's count,
+    and a multiplication is cheaper than a division.
+    """
     sx = sy = sq = sk = 0.0
     table[0, :] = 0.0
     for i in range(len(keys)):
@@ -191,25 +209,23 @@ def prefix_table(ordered, keys, table):
         table[i + 1, 1] = sy
         table[i + 1, 2] = sq
         table[i + 1, 3] = sk
+        table[i + 1, 4] = 1.0 / (i + 1)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _segment_sse(table, lo, hi):
-    """2-D squared error about their mean of the sorted samples lo..hi-1."""
-    n = hi - lo
-    if n <= 0:
-        return 0.0
+    """2-D squared error about their mean of the sorted samples lo..hi-1 (0 for an empty segment)."""
     sx = table[hi, 0] - table[lo, 0]
     sy = table[hi, 1] - table[lo, 1]
-    return max(table[hi, 2] - table[lo, 2] - (sx * sx + sy * sy) / n, 0.0)
+    return max(table[hi, 2] - table[lo, 2] - (sx * sx + sy * sy) * table[hi - lo, 4], 0.0)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _key_mean(table, lo, hi, default):
-    return (table[hi, 3] - table[lo, 3]) / (hi - lo) if hi > lo else default
+    return (table[hi, 3] - table[lo, 3]) * table[hi - lo, 4] if hi > lo else default
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _rank_of(keys, value):
     """Number of keys (ascending) smaller than ``value`` (searchsorted, left; branch-free halving)."""
     base, n = 0, len(keys)
@@ -245,13 +261,13 @@ def companding_axis(keys, cube, starts, level):
     level[0] = 0.0
     for j in range(m):
         level[j + 1] = level[j] + cube[starts[j + 1] - starts[j]]
-    total = level[m]
+    scale = 1.0 / level[m]
     for j in range(m + 1):
-        level[j] /= total
+        level[j] *= scale
     return m
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _at_level(g, starts, level, m, table):
     """Count and (x, y) sums of the samples below companded position ``g``, interpolated inside a bin."""
     # The last j in 0..m-1 with level[j] <= g (searchsorted right, minus one, clamped; branch-free halving).
@@ -315,7 +331,8 @@ def _axis_swap(table, keys, entries, kk, bounds):
     Lloyd stops at a local optimum; this move leaves it. The two adjacent cells whose merge
     costs least become one entry; the entry freed splits the cell with the largest 2-D error
     (another one) in two, placed by a 2-means on its keys (``SPLIT_STEPS`` updates from
-    mean -/+ one standard deviation). Made where the split's gain exceeds the merge's cost.
+    mean -/+ one standard deviation). Made where the split's gain exceeds the merge's cost;
+    returns whether it was.
     """
     jm, cost = -1, math.inf
     for j in range(kk - 1):
@@ -331,11 +348,11 @@ def _axis_swap(table, keys, entries, kk, bounds):
             if e > big:
                 big, c = e, j
     if c < 0:
-        return
+        return False
     clo, chi = bounds[c], bounds[c + 1]
     whole = chi - clo
-    mean = (table[chi, 3] - table[clo, 3]) / max(whole, 1)
-    sd = math.sqrt(big / max(whole, 1))
+    mean = (table[chi, 3] - table[clo, 3]) * table[whole, 4]
+    sd = math.sqrt(big * table[whole, 4])
     a, b = mean - sd, mean + sd
     cut = clo
     for _ in range(SPLIT_STEPS + 1):
@@ -343,12 +360,14 @@ def _axis_swap(table, keys, entries, kk, bounds):
         a = _key_mean(table, clo, cut, a)
         b = _key_mean(table, cut, chi, b)
     if cut == clo or cut == chi:
-        return
+        return False
     gain = big - _segment_sse(table, clo, cut) - _segment_sse(table, cut, chi)
     if gain > cost + 1e-9:
         entries[jm] = _key_mean(table, bounds[jm], bounds[jm + 2], 0.0)
         entries[jm + 1] = a
         entries[c] = b
+        return True
+    return False
 
 
 @njit(cache=True, nogil=True)
@@ -357,26 +376,32 @@ def axis_lloyd(ordered, keys, table, entries, kk, steps, swaps, bounds, means):
 
     ``entries`` (kk,) are start keys; ``steps`` updates, then ``swaps`` updates each combined
     with a move (:func:`_axis_swap`), every one O(K log P) from the prefix ``table``
-    (:func:`prefix_table`). The final cells' 2-D means go to ``means`` (kk, 2) (an empty cell
-    takes the sample at its bound); the error returned is exact for that partition.
+    (:func:`prefix_table`); an update that changes no entry is not repeated (its cells are
+    known). The final cells' 2-D means go to ``means`` (kk, 2) (an empty cell takes the sample
+    at its bound); the error returned is exact for that partition.
     """
     p = len(keys)
     total = steps + swaps
+    same = False  # entries unchanged by the last update: their cells are those already in ``bounds``
     for step in range(total + 1):
-        _axis_cells(keys, entries, kk, bounds)
+        if not same:
+            _axis_cells(keys, entries, kk, bounds)
         if step == total:
             break
+        same = True
         for j in range(kk):
-            entries[j] = _key_mean(table, bounds[j], bounds[j + 1], entries[j])
-        if step >= steps and kk > 1:
-            _axis_swap(table, keys, entries, kk, bounds)
+            mean = _key_mean(table, bounds[j], bounds[j + 1], entries[j])
+            same = same and mean == entries[j]
+            entries[j] = mean
+        if step >= steps and kk > 1 and _axis_swap(table, keys, entries, kk, bounds):
+            same = False
     sse = 0.0
     for j in range(kk):
         lo, hi = bounds[j], bounds[j + 1]
         sse += _segment_sse(table, lo, hi)
         if hi > lo:
-            means[j, 0] = (table[hi, 0] - table[lo, 0]) / (hi - lo)
-            means[j, 1] = (table[hi, 1] - table[lo, 1]) / (hi - lo)
+            means[j, 0] = (table[hi, 0] - table[lo, 0]) * table[hi - lo, 4]
+            means[j, 1] = (table[hi, 1] - table[lo, 1]) * table[hi - lo, 4]
         else:
             r = min(lo, p - 1)
             means[j, 0] = ordered[r, 0]
@@ -384,7 +409,7 @@ def axis_lloyd(ordered, keys, table, entries, kk, steps, swaps, bounds, means):
     return sse
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _err(n, sx, sy, sq):
     return max(sq - (sx * sx + sy * sy) / max(n, 1.0), 0.0)
 
@@ -424,13 +449,20 @@ def move_scratch(kmax):
     """Work arrays of :func:`merge_split_moves` for palettes of up to ``kmax`` entries."""
     return (
         np.empty((5, kmax)),  # cell: count, mean x, mean y and principal axis (cos, sin) of each cell
-        np.empty((kmax, 4)),  # left: count, x, y and square sums of the near side of each cell's cut
+        np.empty((kmax, 6)),  # left: moments (as mom) of the near side of each cell's cut
         np.empty(kmax),  # gain of each cell's cut
         np.empty((kmax, kmax)),  # merge cost of each pair a < b
         np.empty(kmax),  # cheapest merge in each row a (over b > a)
         np.empty(kmax, np.int64),  # and its b
         np.empty(3, np.int64),  # the cells a move changed
+        np.arange(kmax),  # every cell
     )
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _near_side(x, y, cell, c):
+    """Whether (x, y) lies on the near side of the cut of cell c (through its mean, across its axis)."""
+    return (x - cell[1, c]) * cell[3, c] + (y - cell[2, c]) * cell[4, c] < 0
 
 
 @njit(cache=True, nogil=True)
@@ -438,8 +470,8 @@ def _split_cells(ordered, label, kk, mom, cell, left, gain, cells):
     """Each cell's cut through its mean across its own principal axis, and what it gains.
 
     The count, mean and axis of ``cells`` are recomputed from ``mom``; then one pass over the
-    pixels sums the near side of every cut (``left``) and the gains of ``cells`` are updated
-    (-1 where one side would be empty).
+    pixels sums the moments of the near side of every cut (``left``; in registers along runs
+    of one label) and the gains of ``cells`` are updated (-1 where one side would be empty).
     """
     for c in cells:
         n = max(mom[c, 0], 1.0)
@@ -449,29 +481,43 @@ def _split_cells(ordered, label, kk, mom, cell, left, gain, cells):
         cell[2, c] = my
         cell[3, c], cell[4, c] = principal_axis(mom[c, 3] / n - mx * mx, mom[c, 4] / n - my * my, mom[c, 5] / n - mx * my)
     left[:kk] = 0.0
-    for i in range(len(label)):
+    p = len(label)
+    i = 0
+    while i < p:
         c = label[i]
-        x, y = ordered[i, 0], ordered[i, 1]
-        if (x - cell[1, c]) * cell[3, c] + (y - cell[2, c]) * cell[4, c] < 0:
-            left[c, 0] += 1.0
-            left[c, 1] += x
-            left[c, 2] += y
-            left[c, 3] += x * x + y * y
+        n = sx = sy = sxx = syy = sxy = 0.0
+        while i < p and label[i] == c:
+            x, y = ordered[i, 0], ordered[i, 1]
+            w = 1.0 if _near_side(x, y, cell, c) else 0.0
+            wx, wy = w * x, w * y
+            n += w
+            sx += wx
+            sy += wy
+            sxx += wx * x
+            syy += wy * y
+            sxy += wx * y
+            i += 1
+        left[c, 0] += n
+        left[c, 1] += sx
+        left[c, 2] += sy
+        left[c, 3] += sxx
+        left[c, 4] += syy
+        left[c, 5] += sxy
     for c in cells:
         ln = left[c, 0]
         rn = mom[c, 0] - ln
         if ln == 0 or rn == 0:
             gain[c] = -1.0
         else:
-            sq = mom[c, 3] + mom[c, 4]
+            sq, lsq = mom[c, 3] + mom[c, 4], left[c, 3] + left[c, 4]
             gain[c] = (
                 _err(mom[c, 0], mom[c, 1], mom[c, 2], sq)
-                - _err(ln, left[c, 1], left[c, 2], left[c, 3])
-                - _err(rn, mom[c, 1] - left[c, 1], mom[c, 2] - left[c, 2], sq - left[c, 3])
+                - _err(ln, left[c, 1], left[c, 2], lsq)
+                - _err(rn, mom[c, 1] - left[c, 1], mom[c, 2] - left[c, 2], sq - lsq)
             )
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _merge_cost(cell, a, b):
     """n_a n_b / (n_a + n_b) |m_a - m_b|^2: the error added by merging cells a and b (0 if one is empty)."""
     na, nb = cell[0, a], cell[0, b]
@@ -480,7 +526,7 @@ def _merge_cost(cell, a, b):
     return na * nb / max(na + nb, 1.0) * (dx * dx + dy * dy)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _row_min(cost, kk, a, rowmin, rowarg):
     best, arg = math.inf, -1
     for b in range(a + 1, kk):
@@ -501,10 +547,11 @@ def merge_split_moves(ordered, label, kk, moves, mom, scratch):
     the partition's error by their difference; the first move not made ends the loop (the next
     would be the same). ``mom`` (K, 6) holds the cells' moments (:func:`cell_moments`) and is
     kept up to date; ``scratch`` is :func:`move_scratch`. A move changes three cells, so it
-    costs two passes over the pixels and O(K) merge costs (kept per pair, with row minima).
+    costs two passes over the pixels (relabel, and the new cells' cuts) and O(K) merge costs
+    (kept per pair, with row minima).
     """
-    cell, left, gain, cost, rowmin, rowarg, changed = scratch
-    _split_cells(ordered, label, kk, mom, cell, left, gain, np.arange(kk))
+    cell, left, gain, cost, rowmin, rowarg, changed, every = scratch
+    _split_cells(ordered, label, kk, mom, cell, left, gain, every[:kk])
     for a in range(kk):
         for b in range(a + 1, kk):
             cost[a, b] = _merge_cost(cell, a, b)
@@ -521,24 +568,15 @@ def merge_split_moves(ordered, label, kk, moves, mom, scratch):
                 best, cc = gain[j], j
         if not best > cheapest + 1e-6:
             break
-        mx, my, cs, sn = cell[1, cc], cell[2, cc], cell[3, cc], cell[4, cc]
-        changed[0], changed[1], changed[2] = ca, cb, cc
-        for c in changed:
-            mom[c, :] = 0.0
         for i in range(len(label)):
             c = label[i]
-            x, y = ordered[i, 0], ordered[i, 1]
-            if c == cb:
-                c = label[i] = ca
-            elif c == cc and (x - mx) * cs + (y - my) * sn < 0:
-                c = label[i] = cb
-            if c == ca or c == cb or c == cc:
-                mom[c, 0] += 1.0
-                mom[c, 1] += x
-                mom[c, 2] += y
-                mom[c, 3] += x * x
-                mom[c, 4] += y * y
-                mom[c, 5] += x * y
+            near = _near_side(ordered[i, 0], ordered[i, 1], cell, cc)
+            label[i] = ca if c == cb else (cb if c == cc and near else c)
+        for t in range(6):  # the moments follow: a gains b's pixels, b is the near side of c's cut
+            mom[ca, t] += mom[cb, t]
+            mom[cb, t] = left[cc, t]
+            mom[cc, t] -= left[cc, t]
+        changed[0], changed[1], changed[2] = ca, cb, cc
         if move == moves - 1:
             break  # the cuts and merge costs of the new cells are not needed
         _split_cells(ordered, label, kk, mom, cell, left, gain, changed)
@@ -561,11 +599,22 @@ def merge_split_moves(ordered, label, kk, moves, mom, scratch):
 def nearest_labels(ordered, keys, pal, ax, ay, kk, order, entry_keys, label):
     """Each sorted pixel's nearest entry of ``pal`` (kk, 2) (the lowest index on ties), into ``label``.
 
-    The pixels are sorted by their key along (ax, ay); with the entries sorted by theirs too,
+    Up to ``FEW`` entries every one is tried. Otherwise the pixels are sorted by their key along (ax, ay); with the entries sorted by theirs too,
     the search starts at the pixel's key and stops on each side once the key difference alone
     exceeds the best distance. Equal neighbouring pairs reuse the previous answer.
     ``order``, ``entry_keys`` (kk,) are scratch.
     """
+    if kk <= FEW:  # try them all (no branches to mispredict)
+        for i in range(len(label)):
+            x, y = ordered[i, 0], ordered[i, 1]
+            near, best = 0, math.inf
+            for j in range(kk):
+                dx, dy = x - pal[j, 0], y - pal[j, 1]
+                d = dx * dx + dy * dy
+                near = j if d < best else near
+                best = min(d, best)
+            label[i] = near
+        return
     for j in range(kk):
         entry_keys[j] = pal[j, 0] * ax + pal[j, 1] * ay
         order[j] = j
@@ -607,21 +656,23 @@ def nearest_labels(ordered, keys, pal, ax, ay, kk, order, entry_keys, label):
 
 
 @njit(cache=True, nogil=True)
-def decode(ordered, keys, axis, k, rows, logits, steps, swaps, moves, palettes, shares):
+def decode(samples, order, axis, k, rows, logits, steps, swaps, moves, palettes, shares):
     """Kernel 2: palettes and pixel shares of the blocks ``rows`` (M,), written into ``palettes`` and ``shares``.
 
-    ``ordered``, ``keys``, ``axis`` come from :func:`summarise`; ``logits`` float32 (M, kmax)
-    are the network's width logits for those rows (M, 0: no network, the plain companding cuts
-    only). ``steps`` Lloyd updates and ``swaps`` moves along the axis, then up to ``moves``
-    moves in the 2-D pass (see the module docstring).
+    ``order`` and ``axis`` come from :func:`summarise`; ``logits`` float32 (M, kmax) are the
+    network's width logits for those rows (M, 0: no network, the plain companding cuts only).
+    ``steps`` Lloyd updates and ``swaps`` moves along the axis, then up to ``moves`` moves in
+    the 2-D pass (see the module docstring).
     """
-    p = ordered.shape[1]
+    p = samples.shape[1]
     kmax = palettes.shape[1]
     use_net = logits.shape[1] > 0
     cube = np.empty(p + 1)
     for c in range(p + 1):
         cube[c] = c ** COMPANDING
-    table = np.empty((p + 1, 4))
+    block = np.empty((p, 2))
+    keys = np.empty(p)
+    table = np.empty((p + 1, 5))
     starts = np.empty(p + 1, np.int64)
     level = np.empty(p + 1)
     widths = np.empty(kmax)
@@ -630,15 +681,20 @@ def decode(ordered, keys, axis, k, rows, logits, steps, swaps, moves, palettes, 
     means = np.empty((2, kmax, 2))
     label = np.empty(p, np.int64)
     mom = np.empty((kmax, 6))
-    order = np.empty(kmax, np.int64)
+    by_key = np.empty(kmax, np.int64)
     entry_keys = np.empty(kmax)
     scratch = move_scratch(kmax)
     for r in range(len(rows)):
         b = rows[r]
         kk = k[b]
-        block, bkeys = ordered[b], keys[b]
-        prefix_table(block, bkeys, table)
-        m = companding_axis(bkeys, cube, starts, level)
+        ax, ay = axis[b, 0], axis[b, 1]
+        for i in range(p):
+            o = order[b, i]
+            block[i, 0] = samples[b, o, 0]
+            block[i, 1] = samples[b, o, 1]
+            keys[i] = _key(samples, b, o, ax, ay)
+        prefix_table(block, keys, table)
+        m = companding_axis(keys, cube, starts, level)
         best, pick = math.inf, 0
         for s in range(2 if use_net else 1):
             if use_net and s == 0:  # the network's widths: softmax over the block's k slots
@@ -654,13 +710,13 @@ def decode(ordered, keys, axis, k, rows, logits, steps, swaps, moves, palettes, 
             else:  # plain companding cuts
                 for j in range(kk):
                     widths[j] = 1.0 / kk
-            companded_keys(block, table, starts, level, m, axis[b, 0], axis[b, 1], widths, kk, entries)
-            sse = axis_lloyd(block, bkeys, table, entries, kk, steps, swaps, bounds, means[s])
+            companded_keys(block, table, starts, level, m, ax, ay, widths, kk, entries)
+            sse = axis_lloyd(block, keys, table, entries, kk, steps, swaps, bounds, means[s])
             if sse < best:  # ties go to the first start (the network)
                 best, pick = sse, s
         pal = means[pick]
         # The 2-D pass: nearest entries, moves, each entry to its pixels' mean.
-        nearest_labels(block, bkeys, pal, axis[b, 0], axis[b, 1], kk, order, entry_keys, label)
+        nearest_labels(block, keys, pal, ax, ay, kk, by_key, entry_keys, label)
         cell_moments(block, label, mom)
         if moves and kk > 2:
             merge_split_moves(block, label, kk, moves, mom, scratch)

@@ -300,25 +300,23 @@ def _chroma(net, samples: torch.Tensor, k: torch.Tensor, kmax: int, features, pr
     n, p, _ = samples.shape
     x = samples.detach().to("cpu", torch.float32).contiguous().numpy()
     kk = k.detach().to("cpu", torch.int64).contiguous().numpy()
-    ordered, keys = np.empty((n, p, 2)), np.empty((n, p))
-    axis = np.empty((n, 2))
+    order, axis = np.empty((n, p), np.int32), np.empty((n, 2))
     q = net.cfg.tokens if net is not None else 1
     cond = np.empty((n, 2 * q + 4 + MAX_PALETTE), np.float32)
-    fits = np.empty(n, np.bool_)
+    rows = np.empty(n, np.int64)
     palettes, shares = np.empty((n, kmax, 2), np.float32), np.empty((n, kmax), np.float32)
     ranks = torch.linspace(0, p - 1, q).round().long().numpy()  # as rank_tokens
-    chroma.summarise(x, kk, ranks, ordered, keys, axis, cond, fits, palettes, shares)
-    rows = np.flatnonzero(~fits)
-    if len(rows):
-        logits = np.empty((len(rows), 0), np.float32)
+    todo = chroma.summarise(x, kk, ranks, order, axis, cond, rows, palettes, shares)
+    if todo:
+        rows = rows[:todo]
+        logits = np.empty((todo, 0), np.float32)
         if net is not None:
             device = next(net.parameters()).device
             pick = torch.from_numpy(rows).to(device)
             feats = None if features is None else features[pick]
             pres = None if present is None else present[pick]
-            cond_rows = torch.from_numpy(cond[rows]).to(device)
-            logits = net.logits(cond_rows, feats, pres, kmax).float().cpu().contiguous().numpy()
-        chroma.decode(ordered, keys, axis, kk, rows, logits, steps, swaps, moves, palettes, shares)
+            logits = net.logits(torch.from_numpy(cond[:todo]).to(device), feats, pres, kmax).float().cpu().contiguous().numpy()
+        chroma.decode(x, order, axis, kk, rows, logits, steps, swaps, moves, palettes, shares)
     return torch.from_numpy(palettes).to(samples.device), torch.from_numpy(shares).to(samples.device)
 
 
