@@ -335,18 +335,17 @@ def _axis_swap(table, keys, entries, kk, bounds):
     returns whether it was.
     """
     jm, cost = -1, math.inf
+    right = _segment_sse(table, bounds[0], bounds[1])
     for j in range(kk - 1):
-        c = _segment_sse(table, bounds[j], bounds[j + 2]) - _segment_sse(table, bounds[j], bounds[j + 1]) - _segment_sse(
-            table, bounds[j + 1], bounds[j + 2]
-        )
-        if c < cost:
-            jm, cost = j, c
+        left, right = right, _segment_sse(table, bounds[j + 1], bounds[j + 2])
+        c = _segment_sse(table, bounds[j], bounds[j + 2]) - left - right
+        jm = j if c < cost else jm  # selects, not branches: the comparisons are unpredictable
+        cost = min(c, cost)
     big, c = -1.0, -1
     for j in range(kk):
-        if j != jm and j != jm + 1:
-            e = _segment_sse(table, bounds[j], bounds[j + 1])
-            if e > big:
-                big, c = e, j
+        e = _segment_sse(table, bounds[j], bounds[j + 1]) if j != jm and j != jm + 1 else -1.0
+        c = j if e > big else c
+        big = max(e, big)
     if c < 0:
         return False
     clo, chi = bounds[c], bounds[c + 1]
@@ -530,8 +529,8 @@ def _merge_cost(cell, a, b):
 def _row_min(cost, kk, a, rowmin, rowarg):
     best, arg = math.inf, -1
     for b in range(a + 1, kk):
-        if cost[a, b] < best:
-            best, arg = cost[a, b], b
+        arg = b if cost[a, b] < best else arg
+        best = min(cost[a, b], best)
     rowmin[a] = best
     rowarg[a] = arg
 
@@ -559,13 +558,14 @@ def merge_split_moves(ordered, label, kk, moves, mom, scratch):
     for move in range(moves):
         ca, cheapest = 0, math.inf
         for a in range(kk - 1):
-            if rowmin[a] < cheapest:
-                ca, cheapest = a, rowmin[a]
+            ca = a if rowmin[a] < cheapest else ca
+            cheapest = min(rowmin[a], cheapest)
         cb = rowarg[ca]
         best, cc = -1.0, -1
         for j in range(kk):
-            if j != ca and j != cb and gain[j] > best:
-                best, cc = gain[j], j
+            g = gain[j] if j != ca and j != cb else -1.0
+            cc = j if g > best else cc
+            best = max(g, best)
         if not best > cheapest + 1e-6:
             break
         for i in range(len(label)):
