@@ -10,7 +10,7 @@ import math
 import numpy as np
 from numba import njit
 
-from palstream.codec.syntax import INTER, INTRA, MAX_PAL, PALETTE, SKIP, inter_prediction, motion_sample
+from palstream.codec.syntax import INTER, INTRA, MAX_PAL, MED_WEIGHT, PALETTE, SKIP, inter_prediction, motion_sample
 
 PROPOSAL_BLOCK = 16  # leaf size whose many-coloured blocks get palettes from the PaletteGenerator
 INDEX_RATE_SCALE = 1.25  # the contexts adapt across blocks, so an index map costs more than its entropy
@@ -253,6 +253,39 @@ def _inter_cost(cur, med, ref, ref2, table, y0, x0, s, mot, scratch, out):
 
 
 @njit(cache=True, nogil=True)
+def _offset_gain(cur, med, ref, ref2, table, lam, y0, x0, s, mot, variant, scratch):
+    """RD-best luma offset of an INTER leaf (added to the motion-compensated prediction before
+    any MED mix) and the change of the leaf's luma cost it brings: the mean error's offset and
+    its neighbours, priced with ``table``, against no offset."""
+    pred = inter_prediction(ref, ref2, y0, x0, s, mot, scratch)
+    wm = MED_WEIGHT[variant]
+    total = 0
+    for y in range(s):
+        for x in range(s):
+            total += np.int64(cur[y0 + y, x0 + x]) - np.int64(pred[y, x])
+    centre = int(np.floor(total / (s * s) + 0.5))
+    best = 0
+    jbest = np.inf
+    jzero = 0.0
+    for d in (0, centre - 1, centre, centre + 1):
+        if d != 0 and (d == best or abs(d) > 64):
+            continue
+        j = lam * (0.5 if d == 0 else 3.0 + 2.0 * np.log2(abs(d)))
+        for y in range(s):
+            for x in range(s):
+                p = min(max(np.int64(pred[y, x]) + d, 0), 255)
+                if wm:
+                    p = ((4 - wm) * p + wm * np.int64(med[y0 + y, x0 + x]) + 2) >> 2
+                j += table[np.int64(cur[y0 + y, x0 + x]) - p + 255]
+        if d == 0:
+            jzero = j
+        if j < jbest:
+            jbest = j
+            best = d
+    return best, jbest - jzero
+
+
+@njit(cache=True, nogil=True)
 def _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, scratch, out):
     """Inter costs (each INTER variant) of one 8x8 luma cell and its 4x4 chroma cells under
     motion ``mot``, into ``out`` (``cur``, ``med``, ``ref``, ``ref2``: the (Y, Cb, Cr) planes;
@@ -480,7 +513,7 @@ def decide(
     sizes = np.array([8, 16, 32, 64])
     best = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
     lmode = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
-    lmv = [np.zeros((h // s, w // s, 6), np.int32) for s in (8, 16, 32, 64)]
+    lmv = [np.zeros((h // s, w // s, 7), np.int32) for s in (8, 16, 32, 64)]
     lsplit = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     lpy = [np.empty((h // s, w // s, MAX_PAL), np.int64) for s in (8, 16, 32, 64)]  # read only where chosen
     lpyn = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
@@ -506,6 +539,8 @@ def decide(
     # cost of each 8x8 cell under its own motion: [one / two refs][INTER variant]
     cell_inter = np.zeros((h // 8, w // 8, 2, 4))
     prediction = np.empty((2, 8, 8), np.int32)
+    leaf_prediction = np.empty((2, 64, 64), np.int32)
+    imot = np.zeros(5, np.int64)
     cost = np.zeros(4)
     jmot = np.zeros(4)
     for lev in range(nlev):
@@ -522,6 +557,7 @@ def decide(
                 jbest = np.inf
                 bm = INTRA
                 bvar = 0
+                bdc = 0
                 # intra and skip costs add up over quadrants: sum the level below
                 ir = intra_raw[lev][by, bx]
                 if lev == 0:
@@ -556,6 +592,8 @@ def decide(
                         # reference and with two; above, the motion each inter quadrant chose and the
                         # top-left cell's own single-reference motion
                         ntried = 0
+                        jinter = np.inf
+                        ivar = 0
                         for qd in range(5 if lev > 0 else 2):
                             if lev == 0:
                                 if qd == 1 and not has_ref2:
@@ -600,12 +638,26 @@ def decide(
                                         for v in range(4):
                                             jmot[v] += cost[v]
                             for v in range(4):
-                                if jmot[v] < jbest:
-                                    jbest = jmot[v]
-                                    bm = INTER
-                                    bvar = v
+                                if jmot[v] < jinter:
+                                    jinter = jmot[v]
+                                    ivar = v
                                     for i in range(5):
-                                        bmot[i] = mot[i]
+                                        imot[i] = mot[i]
+                        if jinter < np.inf:
+                            # the best inter candidate, with a luma offset where that pays
+                            mot = (imot[0], imot[1], imot[2], imot[3], imot[4])
+                            dc, delta = _offset_gain(cur_y, med_y, ref_y, ref2_y, table, lam, y0, x0, s, mot, ivar, leaf_prediction)
+                            if delta < 0:
+                                jinter += delta
+                            else:
+                                dc = 0
+                            if jinter < jbest:
+                                jbest = jinter
+                                bm = INTER
+                                bvar = ivar
+                                bdc = dc
+                                for i in range(5):
+                                    bmot[i] = imot[i]
                     # a block holds at least as many colours as any of its quadrants
                     many = lev > 0 and (
                         toomany[lev - 1][2 * by, 2 * bx] or toomany[lev - 1][2 * by, 2 * bx + 1]
@@ -653,6 +705,7 @@ def decide(
                     lmv[lev][by, bx, 2] = bmot[0]
                     lmv[lev][by, bx, 3] = bmot[3]
                     lmv[lev][by, bx, 4] = bmot[4]
+                    lmv[lev][by, bx, 6] = bdc
                 lmv[lev][by, bx, 5] = bvar
     # top-down: write the chosen leaves into the 8x8 cell maps
     top = 0
@@ -687,7 +740,7 @@ def decide(
             for xx in range(cx8, cx8 + n8):
                 leafsize[yy, xx] = s
                 mode[yy, xx] = lmode[lev][by, bx]
-                for i in range(6):
+                for i in range(7):
                     mv[yy, xx, i] = lmv[lev][by, bx, i]
         ny = lpyn[lev][by, bx]
         nc = lpcn[lev][by, bx]

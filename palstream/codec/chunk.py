@@ -64,7 +64,7 @@ class _DecisionMaps:
         h8, w8 = h // 8, w // 8
         self.leafsize = np.zeros((h8, w8), np.int32)
         self.mode = np.zeros((h8, w8), np.int32)
-        self.mv = np.zeros((h8, w8, 6), np.int32)  # vector, uses a second reference, second vector, predictor variant
+        self.mv = np.zeros((h8, w8, 7), np.int32)  # vector, uses a second reference, second vector, predictor variant, offset
         self.pal_y = np.zeros((h8, w8, syntax.MAX_PAL), np.int64)
         self.pal_yn = np.zeros((h8, w8), np.int32)
         self.pal_c = np.zeros((h8, w8, syntax.MAX_PAL), np.int64)

@@ -45,6 +45,8 @@ CTX_MV2_MAG = _c(2 * UEG_CONTEXTS)
 CTX_VARIANT = _c(2 * 3)  # [INTER, INTRA] predictor variant != 0, by neighbours of that mode using one
 CTX_WEIGHT = _c(2)  # INTER variant's MED weight: not 1/2, then 1/4 or 3/4
 MED_WEIGHT = (0, 2, 1, 3)  # INTER variant -> weight of MED in quarters
+CTX_DC_ZERO = _c(3)  # INTER luma offset != 0, by neighbours with one
+CTX_DC_MAG = _c(UEG_CONTEXTS)
 # residuals: [plane class 2][mode 2]
 CTX_RES_CODED = _c(4 * 3)  # sub-block 'has non-zero levels', by coded neighbours
 CTX_RES_ZERO = _c(4 * 48)  # neighbour magnitudes (6) x activity (4) x previous frame's level (2)
@@ -244,7 +246,7 @@ def _sub_block_is_zero(src, rec, mode, variant, wm, inter, y0, x0, size, sy, sx,
 
 @njit(cache=True, nogil=True)
 def code_residual_block(
-    enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y0, x0, size, q4, rounding, mode, variant, plane_class, mot
+    enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y0, x0, size, q4, rounding, mode, variant, plane_class, mot, dc
 ):
     """Quantised prediction residual of one block of one plane: its 'palette of residual levels'.
 
@@ -262,6 +264,10 @@ def code_residual_block(
     # INTER predicts the whole block at once; INTRA predicts from samples as they are decoded
     scratch = np.empty((2, size, size), np.int32)
     inter = inter_prediction(ref, ref2, y0, x0, size, mot, scratch) if mode == INTER else scratch[0]
+    if dc:
+        for y in range(size):
+            for x in range(size):
+                inter[y, x] = _clamp(inter[y, x] + dc, 0, 255)
     for sy in range(y0, y0 + size, sub):
         for sx in range(x0, x0 + size, sub):
             # context: does the sub-block to the left / above hold a non-zero level next to this one
@@ -622,6 +628,14 @@ def _code_leaf(
         variant = code_bit(enc, st, buf, probs, ctx, 1 if want else 0)
         if variant and m == INTER and code_bit(enc, st, buf, probs, CTX_WEIGHT, 1 if want >= 2 else 0):
             variant = 2 + code_bit(enc, st, buf, probs, CTX_WEIGHT + 1, 1 if want == 3 else 0)
+    dc = 0
+    if m == INTER:
+        ndc = 0
+        if cx8 > 0 and mode[cy8, cx8 - 1] == INTER and mv[cy8, cx8 - 1, 6]:
+            ndc += 1
+        if cy8 > 0 and mode[cy8 - 1, cx8] == INTER and mv[cy8 - 1, cx8, 6]:
+            ndc += 1
+        dc = _code_signed(enc, st, buf, probs, CTX_DC_ZERO + ndc, CTX_DC_MAG, mv[cy8, cx8, 6] if enc else 0)
     for yy in range(cy8, cy8 + n8):
         for xx in range(cx8, cx8 + n8):
             leafsize[yy, xx] = s
@@ -632,6 +646,7 @@ def _code_leaf(
             mv[yy, xx, 3] = my2
             mv[yy, xx, 4] = mx2
             mv[yy, xx, 5] = variant
+            mv[yy, xx, 6] = dc
     c0y = y0 // 2
     c0x = x0 // 2
     cs = s // 2
@@ -668,12 +683,12 @@ def _code_leaf(
     else:
         mot = (np.int64(bi), np.int64(mvy), np.int64(mvx), np.int64(my2), np.int64(mx2))
         code_residual_block(
-            enc, st, buf, probs, src_y, rec_y, ref_y, ref2_y, kmap_y, kprev_y, y0, x0, s, q4, rounding, m, variant, 0, mot
+            enc, st, buf, probs, src_y, rec_y, ref_y, ref2_y, kmap_y, kprev_y, y0, x0, s, q4, rounding, m, variant, 0, mot, dc
         )
         cmot = (mot[0], mot[1] >> 1, mot[2] >> 1, mot[3] >> 1, mot[4] >> 1)
         code_residual_block(
-            enc, st, buf, probs, src_u, rec_u, ref_u, ref2_u, kmap_u, kprev_u, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot
+            enc, st, buf, probs, src_u, rec_u, ref_u, ref2_u, kmap_u, kprev_u, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot, 0
         )
         code_residual_block(
-            enc, st, buf, probs, src_v, rec_v, ref_v, ref2_v, kmap_v, kprev_v, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot
+            enc, st, buf, probs, src_v, rec_v, ref_v, ref2_v, kmap_v, kprev_v, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot, 0
         )
