@@ -264,6 +264,8 @@ def _offset_gain(cur, med, ref, ref2, table, lam, y0, x0, s, mot, variant, scrat
         for x in range(s):
             total += np.int64(cur[y0 + y, x0 + x]) - np.int64(pred[y, x])
     centre = int(np.floor(total / (s * s) + 0.5))
+    if centre == 0:  # a mean error under half a level: an offset rarely pays for itself
+        return 0, 0.0
     best = 0
     jbest = np.inf
     jzero = 0.0
