@@ -250,7 +250,8 @@ def code_residual_block(
 ):
     """Quantised prediction residual of one block of one plane: its 'palette of residual levels'.
 
-    Prediction: ``inter_prediction`` (INTER) or MED (INTRA); with a variant, INTER mixes in MED
+    Prediction: ``inter_prediction`` plus the leaf's offset ``dc`` (INTER; the offset is 0 for
+    chroma) or MED (INTRA); with a variant, INTER mixes in MED
     with weight ``MED_WEIGHT[variant]`` quarters (grain and flicker that motion cannot follow) and
     INTRA takes ``_average4``. The block is coded in sub-blocks of 8x8 (luma) or 4x4 (chroma) samples, each with
     a flag for 'all levels zero'; otherwise each level k (residual in steps of q4/4, rounded
