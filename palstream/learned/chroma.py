@@ -5,11 +5,12 @@ ops over (blocks x pixels x entries) tensors costs more in per-op overhead and m
 than in arithmetic; here each block is decoded in one go while its pixels sit in cache. Two
 kernels, with the network's forward pass (torch) between them:
 
-1. :func:`summarise`: each block's principal colour axis (closed-form 2x2 eigenvector), its
-   samples sorted along it, and the network's conditioning vector (the quantities of
+1. :func:`summarise`: each block's principal colour axis (closed-form 2x2 eigenvector), the
+   order of its samples along it, and the network's conditioning vector (the quantities of
    :func:`palstream.learned.model.sort_blocks`, :func:`~palstream.learned.model.rank_tokens` and
-   :func:`~palstream.learned.model.condition`, in float64); a block with at most ``k``
-   distinct pairs gets them as its palette here (zero error) and skips the rest.
+   :func:`~palstream.learned.model.condition`, computed in float64 instead of float32: the
+   network sees the same inputs up to rounding); a block with at most ``k`` distinct pairs gets
+   them as its palette here (zero error) and skips the rest.
 2. :func:`decode`: for every other block, the network's interval widths and the plain
    companding widths each become entries on the companded key axis (:func:`companded_keys`,
    as :func:`~palstream.learned.model.companded_segments`), refined along the axis by Lloyd
@@ -19,8 +20,9 @@ kernels, with the network's forward pass (torch) between them:
    each entry to its pixels' mean (an entry without pixels stays put).
 
 Everything is float64 inside, single-threaded and deterministic (ties go to the lowest index).
-Per block the cost is O(P log P) for the sort, O(K log P) per update along the axis, O(P K) for
-the nearest-entry pass and O(P + K^2) per 2-D move.
+Per block the cost is O(P log P) for the sort (O(P) for spread-out keys), O(K log P) per update
+along the axis, at most O(P K) for the nearest-entry pass, O(P + K^2) to set up the 2-D moves
+and O(P + K) per move.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 from numba import njit
 
 from palstream.palettes.base import MAX_PALETTE  # first: it registers the generators, which import the model
-from palstream.learned.model import COMPANDING, HISTOGRAM_BINS  # noqa: E402,I001
+from palstream.learned.model import COMPANDING, HISTOGRAM_BINS
 
 EPS = 1e-3  # as in companded_segments: below ~1/1000 of a pixel an interval takes the sample at its rank
 SPLIT_STEPS = 2  # 2-means updates that place a split along the axis

@@ -43,7 +43,7 @@ from palstream.palettes.base import MAX_PALETTE
 LUMA_STEPS = 2  # Lloyd updates on the level histogram (each O(k) per block from prefix sums)
 SWAPS_PER_ENTRY = 0.25  # then max(1, k/4) updates, each combined with a merge-and-split move
 SWAP_STEPS = 0  # plain updates after each move
-CHUNK_ELEMENTS = 1 << 17  # blocks are decoded in chunks of about this many table entries
+CHUNK_ELEMENTS = 1 << 17  # luma blocks are decoded in chunks of about this many table entries
 CHROMA_STEPS = 2  # Lloyd updates along the principal axis (O(k log P) per block from prefix sums)
 CHROMA_SWAPS = 1  # then merge-and-split moves along the axis
 
