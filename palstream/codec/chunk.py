@@ -223,8 +223,9 @@ def _rung_at(step: float) -> int:
 PROBES = 5  # rate-control probes per chunk at most, each on the first eighth of its frames
 
 
-def _choose_rung(encode_at, target_psnr: float, frames: int) -> int:
-    """Coarsest rung of ``LADDER`` whose encode of a prefix of the chunk still meets the target.
+def _choose_rung(encode_at, target_psnr: float, frames: int) -> tuple[int, dict[int, float]]:
+    """Coarsest rung of ``LADDER`` whose encode of a prefix of the chunk still meets the target,
+    and the prefix MSE of every probed rung.
 
     Probes the first eighth of the chunk at the step the uniform-error model predicts, then
     where a line of log MSE against log step meets the target: through the two latest probes
@@ -240,7 +241,7 @@ def _choose_rung(encode_at, target_psnr: float, frames: int) -> int:
     for _ in range(PROBES):
         _, probes[rung] = encode_at(rung, probe)
         if probes[rung] == 0:
-            return rung
+            return rung, probes
         passing = [r for r, m in probes.items() if m <= target_mse]
         failing = [r for r, m in probes.items() if m > target_mse]
         if passing and failing:
@@ -265,7 +266,7 @@ def _choose_rung(encode_at, target_psnr: float, frames: int) -> int:
             break
         rung = guess
     passing = [r for r, m in probes.items() if m <= target_mse]
-    return max(passing) if passing else max(0, min(probes) - 1)
+    return (max(passing) if passing else max(0, min(probes) - 1)), probes
 
 
 def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> EncodedChunk:
@@ -313,16 +314,25 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
         rung = 0
         body, mse = encode_at(rung, t)
     else:
-        rung = _choose_rung(encode_at, config.target_psnr, t)
+        rung, probes = _choose_rung(encode_at, config.target_psnr, t)
         body, mse = encode_at(rung, t)
         # the quality floor is a promise: step down until the whole chunk meets it, by the
         # step that the measured MSE says is needed (MSE grows about as the step squared), and
-        # faster each time that falls short (where skipped blocks, not the step, set the quality)
+        # faster each time that falls short (where skipped blocks, not the step, set the quality);
+        # where the prefix was probed at this rung, the rest of the chunk is that much harder than
+        # the prefix at every rung, which may rule out the rungs in between (content that changes
+        # after the prefix: a screen recording)
         target_mse = 255.0**2 / 10 ** (config.target_psnr / 10)
         failures = 0
         while _psnr(mse) < config.target_psnr and rung > 0:
             needed = STEPS[rung] * math.sqrt(target_mse / mse)
-            rung = min(rung - 1, _rung_at(min(needed, STEPS[rung] - (1 << failures))))  # 1, 2, 4, .. quarters finer
+            finer = min(rung - 1, _rung_at(min(needed, STEPS[rung] - (1 << failures))))  # 1, 2, 4, .. quarters finer
+            if probes.get(rung):
+                harder = mse / probes[rung]
+                likely = [r for r, m in probes.items() if r < rung and m * harder <= target_mse]
+                if likely:
+                    finer = min(finer, max(likely))
+            rung = finer
             failures += 1
             body, mse = encode_at(rung, t)
         if _psnr(mse) < config.target_psnr:
