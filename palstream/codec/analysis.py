@@ -253,12 +253,24 @@ def _inter_cost(cur, med, ref, ref2, table, y0, x0, s, mot, scratch, out):
 
 
 @njit(cache=True, nogil=True)
+def _offset_cost(cur, med, pred, table, lam, y0, x0, s, wm, d):
+    """Luma cost of an INTER leaf's prediction ``pred`` with offset ``d`` and MED weight ``wm``, and the offset's rate."""
+    j = lam * (0.5 if d == 0 else 3.0 + 2.0 * np.log2(abs(d)))
+    for y in range(s):
+        for x in range(s):
+            p = min(max(np.int64(pred[y, x]) + d, 0), 255)
+            if wm:
+                p = ((4 - wm) * p + wm * np.int64(med[y0 + y, x0 + x]) + 2) >> 2
+            j += table[np.int64(cur[y0 + y, x0 + x]) - p + 255]
+    return j
+
+
+@njit(cache=True, nogil=True)
 def _offset_gain(cur, med, ref, ref2, table, lam, y0, x0, s, mot, variant, scratch):
     """RD-best luma offset of an INTER leaf (added to the motion-compensated prediction before
     any MED mix) and the change of the leaf's luma cost it brings: the mean error's offset and
     its neighbours, priced with ``table``, against no offset."""
     pred = inter_prediction(ref, ref2, y0, x0, s, mot, scratch)
-    wm = MED_WEIGHT[variant]
     total = 0
     for y in range(s):
         for x in range(s):
@@ -266,24 +278,16 @@ def _offset_gain(cur, med, ref, ref2, table, lam, y0, x0, s, mot, variant, scrat
     centre = int(np.floor(total / (s * s) + 0.5))
     if centre == 0:  # a mean error under half a level: an offset rarely pays for itself
         return 0, 0.0
+    wm = MED_WEIGHT[variant]
+    jzero = _offset_cost(cur, med, pred, table, lam, y0, x0, s, wm, 0)
     best = 0
-    jbest = np.inf
-    jzero = 0.0
-    for d in (0, centre - 1, centre, centre + 1):
-        if d != 0 and (d == best or abs(d) > 64):
-            continue
-        j = lam * (0.5 if d == 0 else 3.0 + 2.0 * np.log2(abs(d)))
-        for y in range(s):
-            for x in range(s):
-                p = min(max(np.int64(pred[y, x]) + d, 0), 255)
-                if wm:
-                    p = ((4 - wm) * p + wm * np.int64(med[y0 + y, x0 + x]) + 2) >> 2
-                j += table[np.int64(cur[y0 + y, x0 + x]) - p + 255]
-        if d == 0:
-            jzero = j
-        if j < jbest:
-            jbest = j
-            best = d
+    jbest = jzero
+    for d in range(centre - 1, centre + 2):
+        if d != 0:
+            j = _offset_cost(cur, med, pred, table, lam, y0, x0, s, wm, d)
+            if j < jbest:
+                jbest = j
+                best = d
     return best, jbest - jzero
 
 
