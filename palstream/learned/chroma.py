@@ -415,9 +415,16 @@ def _err(n, sx, sy, sq):
     return max(sq - (sx * sx + sy * sy) / max(n, 1.0), 0.0)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _near_side(x, y, cell, c):
+    """Whether (x, y) lies on the near side of the cut of cell c (through its mean, across its axis)."""
+    return (x - cell[1, c]) * cell[3, c] + (y - cell[2, c]) * cell[4, c] < 0
+
+
 @njit(cache=True, nogil=True)
-def cell_moments(ordered, label, mom):
-    """Count and sums of x, y, x^2, y^2, xy of each label's pixels, into ``mom`` (K, 6).
+def cell_moments(ordered, label, mom, cell=None):
+    """Count and sums of x, y, x^2, y^2, xy of each label's pixels, into ``mom`` (K, 6); with
+    ``cell`` (:func:`_split_cells`), of only the pixels on the near side of their cell's cut.
 
     Pixels in axis order mostly come in runs of one label: sums are kept in registers along a
     run and added to ``mom`` when it ends.
@@ -430,12 +437,14 @@ def cell_moments(ordered, label, mom):
         n = sx = sy = sxx = syy = sxy = 0.0
         while i < p and label[i] == c:
             x, y = ordered[i, 0], ordered[i, 1]
-            n += 1.0
-            sx += x
-            sy += y
-            sxx += x * x
-            syy += y * y
-            sxy += x * y
+            w = 1.0 if cell is None or _near_side(x, y, cell, c) else 0.0
+            wx, wy = w * x, w * y
+            n += w
+            sx += wx
+            sy += wy
+            sxx += wx * x
+            syy += wy * y
+            sxy += wx * y
             i += 1
         mom[c, 0] += n
         mom[c, 1] += sx
@@ -460,12 +469,6 @@ def move_scratch(kmax):
     )
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _near_side(x, y, cell, c):
-    """Whether (x, y) lies on the near side of the cut of cell c (through its mean, across its axis)."""
-    return (x - cell[1, c]) * cell[3, c] + (y - cell[2, c]) * cell[4, c] < 0
-
-
 @njit(cache=True, nogil=True)
 def _split_cells(ordered, label, kk, mom, cell, left, gain, cells):
     """Each cell's cut through its mean across its own principal axis, and what it gains.
@@ -481,29 +484,7 @@ def _split_cells(ordered, label, kk, mom, cell, left, gain, cells):
         cell[1, c] = mx
         cell[2, c] = my
         cell[3, c], cell[4, c] = principal_axis(mom[c, 3] / n - mx * mx, mom[c, 4] / n - my * my, mom[c, 5] / n - mx * my)
-    left[:kk] = 0.0
-    p = len(label)
-    i = 0
-    while i < p:
-        c = label[i]
-        n = sx = sy = sxx = syy = sxy = 0.0
-        while i < p and label[i] == c:
-            x, y = ordered[i, 0], ordered[i, 1]
-            w = 1.0 if _near_side(x, y, cell, c) else 0.0
-            wx, wy = w * x, w * y
-            n += w
-            sx += wx
-            sy += wy
-            sxx += wx * x
-            syy += wy * y
-            sxy += wx * y
-            i += 1
-        left[c, 0] += n
-        left[c, 1] += sx
-        left[c, 2] += sy
-        left[c, 3] += sxx
-        left[c, 4] += syy
-        left[c, 5] += sxy
+    cell_moments(ordered, label, left[:kk], cell)
     for c in cells:
         ln = left[c, 0]
         rn = mom[c, 0] - ln
