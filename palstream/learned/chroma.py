@@ -578,6 +578,22 @@ def merge_split_moves(ordered, label, kk, moves, mom, scratch):
                         rowarg[a] = c
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _scan_by_key(pal, entry_keys, order, x, y, kp, start, stop, step, near, best):
+    """Nearest entry to (x, y) among ``order[start:stop:step]`` (entries in key order), starting
+    from ``near``/``best``: stops where the key distance alone exceeds the best distance."""
+    for t in range(start, stop, step):
+        e = order[t]
+        dk = entry_keys[e] - kp
+        if dk * dk > best * (1.0 + 1e-9) + 1e-9:
+            break
+        dx, dy = x - pal[e, 0], y - pal[e, 1]
+        d = dx * dx + dy * dy
+        if d < best or (d == best and e < near):
+            near, best = e, d
+    return near, best
+
+
 @njit(cache=True, nogil=True)
 def nearest_labels(ordered, keys, pal, ax, ay, kk, order, entry_keys, label):
     """Each sorted pixel's nearest entry of ``pal`` (kk, 2) (the lowest index on ties), into ``label``.
@@ -616,26 +632,8 @@ def nearest_labels(ordered, keys, pal, ax, ay, kk, order, entry_keys, label):
         kp = keys[i]
         while pos < kk and entry_keys[order[pos]] < kp:
             pos += 1
-        near, best = kk, math.inf
-        for t in range(pos, kk):
-            e = order[t]
-            dk = entry_keys[e] - kp
-            if dk * dk > best * (1.0 + 1e-9) + 1e-9:
-                break
-            dx, dy = x - pal[e, 0], y - pal[e, 1]
-            d = dx * dx + dy * dy
-            if d < best or (d == best and e < near):
-                near, best = e, d
-        for t in range(pos - 1, -1, -1):
-            e = order[t]
-            dk = kp - entry_keys[e]
-            if dk * dk > best * (1.0 + 1e-9) + 1e-9:
-                break
-            dx, dy = x - pal[e, 0], y - pal[e, 1]
-            d = dx * dx + dy * dy
-            if d < best or (d == best and e < near):
-                near, best = e, d
-        label[i] = near
+        near, best = _scan_by_key(pal, entry_keys, order, x, y, kp, pos, kk, 1, kk, math.inf)  # upward from the key
+        label[i] = _scan_by_key(pal, entry_keys, order, x, y, kp, pos - 1, -1, -1, near, best)[0]  # then downward
 
 
 @njit(cache=True, nogil=True)
