@@ -33,7 +33,8 @@ import palstream
 from palstream.codec import BitstreamError, EncodedChunk, EncoderConfig, decode_chunk, encode_chunk
 from palstream.errors import ArchiveError, DamagedChunkError
 from palstream.frames import Frames
-from palstream.io import SourceInfo, fsspec_options, iter_chunks, probe, write_video
+from palstream.io import SourceInfo, fsspec_options, iter_chunks, probe
+from palstream.writers import write_video
 
 FORMAT_NAME = "palstream"
 FORMAT_VERSION = 1
@@ -663,7 +664,7 @@ def decode_file(
     archive : str
         Archive location.
     output : str
-        Output path; format by extension (see :func:`palstream.io.write_video`).
+        Output path; format by extension (see :func:`palstream.writers.write_video`).
     frames : str or slice, optional
         ``"A:B"`` or ``slice(A, B)``; default all frames.
     storage_options : dict, optional

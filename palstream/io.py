@@ -1,4 +1,4 @@
-"""Video input and output through PyAV, local files or any fsspec URL.
+"""Video input through PyAV, local files or any fsspec URL (writers: :mod:`palstream.writers`).
 
 Input policy (what an archivist gets, see README "Input formats"):
 
@@ -20,19 +20,18 @@ import threading
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
-from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import av
 import av.logging
 import fsspec
 import numpy as np
 
-from palstream.errors import InputError, PalstreamError
+from palstream.errors import InputError
 from palstream.frames import Frames
 
 # FFmpeg's enum values (libavutil/pixfmt.h) -> the names ffprobe prints.
-_MATRIX = {
+MATRIX_NAMES = {
     0: "gbr",
     1: "bt709",
     2: "unspecified",
@@ -48,7 +47,7 @@ _MATRIX = {
     13: "chroma-derived-c",
     14: "ictcp",
 }
-_PRIMARIES = {
+PRIMARIES_NAMES = {
     1: "bt709",
     2: "unspecified",
     4: "bt470m",
@@ -62,7 +61,7 @@ _PRIMARIES = {
     12: "smpte432",
     22: "jedec-p22",
 }
-_TRANSFER = {
+TRANSFER_NAMES = {
     1: "bt709",
     2: "unspecified",
     4: "gamma22",
@@ -81,7 +80,7 @@ _TRANSFER = {
     17: "smpte428",
     18: "arib-std-b67",
 }
-_RANGE = {0: "unspecified", 1: "tv", 2: "pc"}
+RANGE_NAMES = {0: "unspecified", 1: "tv", 2: "pc"}
 
 # Read without conversion: planar 8-bit 4:2:0 (nv12/nv21 are the same samples, interleaved).
 _NATIVE = {"yuv420p", "yuvj420p"}
@@ -311,10 +310,10 @@ def probe(url: str, storage_options: dict | None = None) -> SourceInfo:
         raise InputError(f"{name} does not state a frame rate; remux it with ffmpeg -r RATE")
     size, sha = _file_digest(url, storage_options)
     color = {
-        "matrix": _MATRIX.get(first.colorspace, "unspecified"),
-        "range": "pc" if first.format.name.startswith("yuvj") else _RANGE.get(first.color_range, "unspecified"),
-        "primaries": _PRIMARIES.get(first.color_primaries, "unspecified"),
-        "transfer": _TRANSFER.get(first.color_trc, "unspecified"),
+        "matrix": MATRIX_NAMES.get(first.colorspace, "unspecified"),
+        "range": "pc" if first.format.name.startswith("yuvj") else RANGE_NAMES.get(first.color_range, "unspecified"),
+        "primaries": PRIMARIES_NAMES.get(first.color_primaries, "unspecified"),
+        "transfer": TRANSFER_NAMES.get(first.color_trc, "unspecified"),
         # PyAV does not expose the chroma siting; FFmpeg's 4:2:0 default is "left" (MPEG-2).
         "chroma_location": "unspecified",
     }
@@ -485,188 +484,3 @@ def read_frames(url: str, start: int = 0, count: int | None = None, storage_opti
     if not kept:
         raise InputError(f"{os.path.basename(str(url))} has no frames in [{start}, {stop}); check the frame range")
     return _stack(kept)
-
-
-# --- writers -----------------------------------------------------------------------------------
-
-# Output containers PyAV writes, and the codec palstream chooses for each (lossless where possible).
-_CODEC_BY_EXTENSION = {
-    ".mkv": "ffv1",
-    ".avi": "ffv1",
-    ".nut": "ffv1",
-    ".mp4": "libx264",
-    ".mov": "libx264",
-    ".webm": "libvpx-vp9",
-}
-# y4m chroma siting tokens (FFmpeg's chroma_location names).
-_Y4M_CHROMA = {"center": "C420jpeg", "left": "C420mpeg2", "topleft": "C420paldv"}
-
-
-def write_video(frames_iter: Iterable[Frames], path: str, source: SourceInfo) -> int:
-    """Write decoded frames to ``path``; the format follows its extension.
-
-    - ``.y4m``: YUV4MPEG2 with frame rate, colour range and chroma siting (exact).
-    - ``.yuv``: raw planar 4:2:0 bytes (exact).
-    - a folder (a path without extension, or ending in ``/``) or a ``%d`` pattern: one RGB PNG per
-      frame (``frame_000000.png``, ... in a folder).
-    - anything else through PyAV: ``.mkv``/``.avi``/``.nut`` FFV1 (exact), ``.mp4``/``.mov`` H.264,
-      ``.webm`` VP9, other extensions the container's default video codec.
-
-    Parameters
-    ----------
-    frames_iter : iterable of Frames
-        Runs of frames in display order.
-    path : str
-        Output path (local) or, for ``.y4m``/``.yuv``, any fsspec URL.
-    source : SourceInfo
-        Supplies frame rate and colour metadata.
-
-    Returns
-    -------
-    int
-        Frames written.
-    """
-    path = str(path)
-    suffix = Path(path).suffix.lower()
-    if suffix == ".y4m":
-        return _write_y4m(frames_iter, path, source)
-    if suffix == ".yuv":
-        return _write_raw(frames_iter, path)
-    if "%" in path or path.endswith(("/", os.sep)) or os.path.isdir(path) or not suffix:
-        return _write_png(frames_iter, path, source)
-    return _write_pyav(frames_iter, path, source)
-
-
-def _open_output(path: str):
-    if "://" not in path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return fsspec.open(path, "wb")
-
-
-def _write_raw(frames_iter, path) -> int:
-    written = 0
-    with _open_output(path) as out:
-        for frames in frames_iter:
-            out.write(frames.tobytes())
-            written += len(frames)
-    return written
-
-
-def _write_y4m(frames_iter, path, source: SourceInfo) -> int:
-    fps = source.fps_fraction
-    tokens = [
-        f"YUV4MPEG2 W{source.width} H{source.height} F{fps.numerator}:{fps.denominator} Ip A1:1",
-        _Y4M_CHROMA.get(source.color.get("chroma_location"), "C420jpeg"),
-    ]
-    colour_range = source.color.get("range")
-    if colour_range in ("tv", "pc"):
-        tokens.append("XCOLORRANGE=" + ("FULL" if colour_range == "pc" else "LIMITED"))
-    written = 0
-    with _open_output(path) as out:
-        out.write((" ".join(tokens) + "\n").encode())
-        for frames in frames_iter:
-            for t in range(len(frames)):
-                out.write(b"FRAME\n")
-                out.write(frames[t : t + 1].tobytes())
-            written += len(frames)
-    return written
-
-
-def _to_av_frame(frames: Frames, t: int, fmt: str) -> "av.VideoFrame":
-    frame = av.VideoFrame(frames.width, frames.height, fmt)
-    for plane, data in zip(frame.planes, (frames.y[t], frames.u[t], frames.v[t]), strict=True):
-        rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
-        rows[:, : plane.width] = data
-    return frame
-
-
-def _av_format(source: SourceInfo) -> str:
-    return "yuvj420p" if source.color.get("range") == "pc" else "yuv420p"
-
-
-# YCbCr -> RGB matrices swscale knows, by FFmpeg matrix name (others and "unspecified": BT.601).
-_SWS_MATRIX = {
-    "bt709": "ITU709",
-    "fcc": "FCC",
-    "bt470bg": "ITU601",
-    "smpte170m": "SMPTE170M",
-    "smpte240m": "SMPTE240M",
-    "bt2020nc": "BT2020",
-    "bt2020c": "BT2020",
-}
-
-
-def _write_png(frames_iter, path, source: SourceInfo) -> int:
-    pattern = path if "%" in path else os.path.join(path, "frame_%06d.png")
-    os.makedirs(os.path.dirname(pattern) or ".", exist_ok=True)
-    codec = None
-    written = 0
-    for frames in frames_iter:
-        for t in range(len(frames)):
-            yuv = _to_av_frame(frames, t, _av_format(source))
-            rgb = yuv.reformat(format="rgb24", src_colorspace=_SWS_MATRIX.get(source.color.get("matrix"), "ITU601"))
-            if codec is None:
-                codec = av.CodecContext.create("png", "w")
-                codec.width, codec.height, codec.pix_fmt = frames.width, frames.height, "rgb24"
-            data = b"".join(bytes(p) for p in codec.encode(rgb))
-            with open(pattern % written, "wb") as out:
-                out.write(data)
-            written += 1
-    return written
-
-
-def _write_pyav(frames_iter, path, source: SourceInfo) -> int:
-    if "://" in path and not path.startswith("file://"):
-        raise PalstreamError(
-            f"cannot write {path}: video containers are written to local paths; use .y4m or .yuv for URLs"
-        )
-    path = path.removeprefix("file://")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fps = source.fps_fraction
-    written = 0
-    try:
-        with av.open(path, mode="w") as container:
-            codec = _CODEC_BY_EXTENSION.get(Path(path).suffix.lower(), container.default_video_codec)
-            stream = container.add_stream(codec, rate=fps)
-            # Lossy viewing codecs need even sizes: pad by repeating the last row/column.
-            even = codec != "ffv1"
-            stream.width = source.width + (source.width % 2 if even else 0)
-            stream.height = source.height + (source.height % 2 if even else 0)
-            stream.pix_fmt = "yuv420p"
-            if codec == "libx264":
-                stream.options = {"crf": "12", "preset": "medium"}
-            _tag_colour(stream.codec_context, source.color)
-            for frames in frames_iter:
-                if even:
-                    frames = _pad_even(frames)
-                for t in range(len(frames)):
-                    frame = _to_av_frame(frames, t, "yuv420p")
-                    frame.pts = written
-                    container.mux(stream.encode(frame))
-                    written += 1
-            container.mux(stream.encode(None))
-    except (av.FFmpegError, ValueError) as exc:
-        raise PalstreamError(f"cannot write {path}: {exc}; choose .y4m, .yuv, .mkv or .mp4") from None
-    return written
-
-
-def _tag_colour(context, color: dict) -> None:
-    """Carry the source's recorded colour metadata into the output stream (unknown names stay unset)."""
-    for attribute, names, key in (
-        ("colorspace", _MATRIX, "matrix"),
-        ("color_primaries", _PRIMARIES, "primaries"),
-        ("color_trc", _TRANSFER, "transfer"),
-        ("color_range", _RANGE, "range"),
-    ):
-        codes = {name: code for code, name in names.items()}
-        if color.get(key) in codes and color[key] != "unspecified":
-            setattr(context, attribute, codes[color[key]])
-
-
-def _pad_even(frames: Frames) -> Frames:
-    pad_h, pad_w = frames.height % 2, frames.width % 2
-    if not (pad_h or pad_w):
-        return frames
-    # Chroma planes already have ceil sizes, so only luma grows.
-    y = np.pad(frames.y, ((0, 0), (0, pad_h), (0, pad_w)), mode="edge")
-    return Frames(y, frames.u, frames.v)

@@ -28,7 +28,8 @@ from pytorch_msssim import ms_ssim, ssim
 from palstream.archive import open_archive
 from palstream.errors import InputError
 from palstream.frames import Frames
-from palstream.io import iter_chunks, probe, write_video
+from palstream.io import iter_chunks, probe
+from palstream.writers import write_video
 
 MS_SSIM_MIN_SIDE = 161  # 5 scales of an 11-pixel window: (11 - 1) * 2**4 < side
 SSIM_MIN_SIDE = 11

@@ -1,4 +1,4 @@
-"""Input probing, the 8-bit 4:2:0 input policy, and exact writers (palstream.io)."""
+"""Input probing, the 8-bit 4:2:0 input policy, and exact writers (palstream.io, palstream.writers)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from palstream import io
+from palstream import io, writers
 from palstream.errors import InputError
 from palstream.frames import Frames
 
@@ -104,7 +104,7 @@ def test_lossless_writers_are_exact(data_dir, tmp_path, suffix):
     url = str(data_dir / "screen_37x29.mkv")
     source, frames = io.probe(url), io.read_frames(url)
     out = tmp_path / f"out{suffix}"
-    assert io.write_video(iter([frames[:4], frames[4:]]), str(out), source) == 6
+    assert writers.write_video(iter([frames[:4], frames[4:]]), str(out), source) == 6
     if suffix == ".yuv":
         assert out.read_bytes() == frames.tobytes()
     else:
@@ -114,7 +114,7 @@ def test_lossless_writers_are_exact(data_dir, tmp_path, suffix):
 def test_y4m_header_carries_rate_and_range(data_dir, tmp_path):
     url = str(data_dir / "screen_37x29.mkv")
     out = tmp_path / "out.y4m"
-    io.write_video([io.read_frames(url)], str(out), io.probe(url))
+    writers.write_video([io.read_frames(url)], str(out), io.probe(url))
     header = out.read_bytes().split(b"\n", 1)[0].decode()
     assert header.startswith("YUV4MPEG2 W37 H29 F15:1 ")
     assert "XCOLORRANGE=LIMITED" in header.split()
@@ -123,11 +123,11 @@ def test_y4m_header_carries_rate_and_range(data_dir, tmp_path):
 def test_png_frames_and_h264_for_viewing(data_dir, tmp_path):
     url = str(data_dir / "screen_37x29.mkv")
     source, frames = io.probe(url), io.read_frames(url)
-    assert io.write_video([frames], str(tmp_path / "png"), source) == 6  # no extension: a folder of PNGs
+    assert writers.write_video([frames], str(tmp_path / "png"), source) == 6  # no extension: a folder of PNGs
     pngs = sorted((tmp_path / "png").glob("*.png"))
     assert len(pngs) == 6
     assert io.probe(str(pngs[0])).width == 37
-    io.write_video([frames], str(tmp_path / "view.mp4"), source)
+    writers.write_video([frames], str(tmp_path / "view.mp4"), source)
     viewed = io.read_frames(str(tmp_path / "view.mp4"))
     assert len(viewed) == 6  # H.264 needs even sizes: padded to 38x30 for viewing
     assert np.abs(viewed.y[:, :29, :37].astype(int) - frames.y).mean() < 2
@@ -156,6 +156,6 @@ def test_video_outputs_carry_the_recorded_colour_metadata(data_dir, tmp_path):
     url = str(data_dir / "screen_37x29.mkv")
     source = io.probe(url)
     tagged = dataclasses.replace(source, color={**source.color, "matrix": "bt709", "primaries": "bt709"})
-    io.write_video([io.read_frames(url)], str(tmp_path / "out.mkv"), tagged)
+    writers.write_video([io.read_frames(url)], str(tmp_path / "out.mkv"), tagged)
     color = io.probe(str(tmp_path / "out.mkv")).color
     assert (color["matrix"], color["primaries"], color["range"]) == ("bt709", "bt709", "tv")
