@@ -2,7 +2,7 @@
 
 Every run encodes the same clips with the same settings, each in a fresh process:
 
-- ``inprocess``: ``archive.encode_file`` clip after clip (what ``palstream encode`` runs), with
+- ``inprocess``: ``pipeline.encode_file`` clip after clip (what ``palstream encode`` runs), with
   its defaults (chunks of a clip encoded on one thread per core), and again with one thread
   (``threads=1``, torch/numba pinned to one thread: like one Dask worker);
 - ``dask-1`` / ``dask-2``: ``palstream.batch.run_job`` on a LocalCluster of 1 or 2 worker
@@ -41,7 +41,7 @@ INPROCESS = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import torch
-from palstream.archive import encode_file
+from palstream.pipeline import encode_file
 from palstream.codec import EncoderConfig
 clips, out, gop, threads = json.loads(sys.argv[1])
 if threads:

@@ -66,7 +66,7 @@ def _progress() -> Progress:
 
 def _encode(input: str, archive: str, config, overwrite: bool, storage_options: dict | None = None) -> str:
     """Encode with a progress bar; returns a one-line summary."""
-    from palstream.archive import encode_file
+    from palstream.pipeline import encode_file
 
     started = time.perf_counter()
     with _progress() as bar:
@@ -149,7 +149,7 @@ def decode(
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Decode an archive (or some of its frames) to a video file; damaged chunks are skipped and named."""
-    from palstream.archive import decode_file
+    from palstream.pipeline import decode_file
 
     with _progress() as bar:
         task = bar.add_task("decoding", total=None)

@@ -11,7 +11,8 @@ import pytest
 import zarr
 
 from palstream import io
-from palstream.archive import ArchiveWriter, decode_file, encode_file, open_archive
+from palstream.archive import ArchiveWriter, open_archive
+from palstream.pipeline import decode_file, encode_file
 from palstream.codec import EncodedChunk, EncoderConfig, encode_chunk
 from palstream.errors import ArchiveError, DamagedChunkError, InputError
 from palstream.frames import Frames

@@ -1,7 +1,7 @@
 """Batch jobs on real Dask clusters, real processes and a real S3 server (moto) on 127.0.0.1.
 
 Every archive a job writes must be the same, chunk for chunk, as the in-process
-``palstream encode`` path (``archive.encode_file``) with the same settings.
+``palstream encode`` path (``pipeline.encode_file``) with the same settings.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from palstream.archive import encode_file, open_archive
+from palstream.archive import open_archive
+from palstream.pipeline import encode_file
 from palstream.batch import cluster as batch_cluster
 from palstream.batch.runner import run_job
 from palstream.batch.spec import JobSpec
