@@ -6,10 +6,13 @@ Domain errors (``PalstreamError``) become a one-line message and exit code 1 her
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tempfile
 import time
+import traceback
 import warnings
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,7 +21,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+# typer vendors click and exports no public usage-error classes; typer is pinned (pyproject.toml).
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
+import palstream
 from palstream.errors import ArchiveError, PalstreamError
 
 app = typer.Typer(
@@ -38,6 +44,62 @@ from palstream.tuner.cli import register as _register_tuner  # noqa: E402
 _register_batch(app)
 _register_learned(app)
 _register_tuner(app)
+
+
+@dataclass
+class _Verbosity:
+    """The global ``-v``/``-q`` choice; the one piece of state the CLI edge keeps for a run."""
+
+    level: int = 0  # -1 quiet, 0 normal, >= 1 verbose
+
+
+_verbosity = _Verbosity()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"palstream {palstream.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print palstream's version and exit."),
+    ] = False,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            help="More detail on stderr: -v adds log messages and the traceback behind an error, -vv debug logs.",
+        ),
+    ] = 0,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="No progress bars or status lines; results, warnings and errors still print."
+        ),
+    ] = False,
+) -> None:
+    """Global options go before the command: ``palstream -v decode ...``."""
+    if verbose and quiet:
+        raise typer.BadParameter("-q and -v exclude each other; give one")
+    _verbosity.level = -1 if quiet else verbose
+    if verbose:
+        logging.basicConfig(
+            level=logging.DEBUG if verbose > 1 else logging.INFO,
+            format="%(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+
+
+def _say(message: str) -> None:
+    """A status line (what was written, how fast): silenced by ``-q``; results use ``typer.echo``."""
+    if _verbosity.level >= 0:
+        typer.echo(message)
 
 
 def _storage_options(storage_profile: str | None, endpoint_url: str | None) -> dict:
@@ -60,7 +122,7 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=True,
-        disable=not console.is_terminal,  # logs and pipes get the one-line result only
+        disable=not console.is_terminal or _verbosity.level < 0,  # logs and pipes get the one-line result only
     )
 
 
@@ -129,7 +191,7 @@ def encode(
         gop=gop,
     )
     summary = _encode(input, archive, config, overwrite, _storage_options(storage_profile, endpoint_url))
-    typer.echo(f"wrote {archive}: {summary}")
+    _say(f"wrote {archive}: {summary}")
 
 
 @app.command()
@@ -163,7 +225,7 @@ def decode(
     if result.damaged:
         names = "; ".join(str(exc) for exc in result.damaged)
         raise ArchiveError(f"{names}; skipped its frames, wrote the other {result.frames_written} frames to {output}")
-    typer.echo(f"wrote {result.frames_written} frames to {output}")
+    _say(f"wrote {result.frames_written} frames to {output}")
 
 
 @app.command()
@@ -181,7 +243,7 @@ def verify(
         raise ArchiveError(f"{len(damaged)} of {reader.n_chunks} chunks damaged: " + "; ".join(map(str, damaged)))
     if not reader.complete:
         raise ArchiveError(f"archive {archive} was never finalized (status incomplete); re-encode or resume it")
-    typer.echo(f"ok: {reader.n_chunks} chunks, {reader.frame_count} frames intact")
+    _say(f"ok: {reader.n_chunks} chunks, {reader.frame_count} frames intact")
 
 
 @app.command()
@@ -285,14 +347,47 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=sys.stderr)
 
 
+def _fail(message: str, exc: BaseException | None = None, code: int = 1) -> None:
+    """The one ``error:`` line (with ``-v``, the traceback first), then exit."""
+    if exc is not None and _verbosity.level > 0:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (exc.format_message() if isinstance(exc, ClickException) else str(exc)).strip().splitlines()
+    return text[0].rstrip(".") if text else type(exc).__name__
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: every failure ends in one ``error:`` line and a nonzero exit.
+
+    Click's usage errors (exit 2 with a usage box by default) become one line with exit 1, as
+    domain errors do; anything unexpected is named in one line, and ``-v`` shows its traceback.
+    """
     warnings.showwarning = _show_warning  # one plain line, not a source location
+    _verbosity.level = 0
     try:
-        app()
+        code = app(standalone_mode=False)
     except PalstreamError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        _fail(str(exc), exc)
+    except NoArgsIsHelpError:
+        code = 0  # a bare `palstream`: typer's rich help formatter printed the help while raising this
+    except UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "palstream"
+        _fail(f"{_first_line(exc)}; see '{where} --help'", exc)
+    except ClickException as exc:
+        _fail(_first_line(exc), exc)
+    except typer.Abort as exc:
+        _fail("interrupted", exc, code=130)
+    except Exception as exc:  # the CLI edge: nothing reaches the user as a bare traceback
+        _fail(
+            f"unexpected {type(exc).__name__}: {_first_line(exc)}; rerun as 'palstream -v ...' for the traceback "
+            "and report it if the input is valid",
+            exc,
+        )
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

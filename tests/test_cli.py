@@ -203,3 +203,58 @@ def test_verify_and_info_on_an_unfinished_archive(run_cli, data_dir, tmp_path):
     assert "never finalized" in _one_error_line(run_cli("verify", path))
     writer.finalize()
     assert run_cli("verify", path).code == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("decode",),  # a missing argument
+        ("decode", "a.zarr", "b.y4m", "extra"),  # an extra argument
+        ("encode", "--bogus", "a.mkv", "a.zarr"),  # an unknown option
+        ("encode", "a.mkv", "a.zarr", "--target-psnr", "high"),  # a value of the wrong type
+        ("frobnicate",),  # an unknown command
+        ("-q", "-v", "info", "a.zarr"),  # global options that exclude each other
+    ],
+)
+def test_usage_errors_are_one_error_line_with_exit_1(run_cli, args):
+    line = _one_error_line(run_cli(*args))
+    assert "--help" in line and "╭" not in line  # names where help is, no usage box
+
+
+def test_version_and_bare_command(run_cli):
+    import palstream
+
+    result = run_cli("--version")
+    assert result.code == 0 and result.stdout.strip() == f"palstream {palstream.__version__}"
+    result = run_cli()
+    assert result.code == 0 and "Usage" in result.stdout and result.stdout.count("Usage") == 1
+
+
+def test_quiet_silences_status_lines_but_not_results(run_cli, lossless_archive, tmp_path):
+    loud = run_cli("verify", lossless_archive)
+    assert loud.code == 0 and loud.stdout.startswith("ok:")
+    quiet = run_cli("-q", "verify", lossless_archive)
+    assert quiet.code == 0 and quiet.stdout == "" and quiet.stderr == ""
+    info = run_cli("-q", "info", lossless_archive, "--json")
+    assert info.code == 0 and json.loads(info.stdout)["status"] == "complete"
+
+
+def test_unexpected_exception_is_one_line_and_verbose_shows_the_traceback(run_cli, lossless_archive, monkeypatch):
+    import palstream.archive
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated fault\nsecond line")
+
+    monkeypatch.setattr(palstream.archive, "open_archive", broken)
+    line = _one_error_line(run_cli("verify", lossless_archive))
+    assert "RuntimeError: simulated fault" in line and "second line" not in line and "-v" in line
+    verbose = run_cli("-v", "verify", lossless_archive)
+    assert verbose.code == 1 and "Traceback" in verbose.stderr
+    assert verbose.stderr.strip().splitlines()[-1].startswith("error: unexpected RuntimeError")
+
+
+def test_domain_error_with_verbose_shows_the_traceback_then_the_line(run_cli, tmp_path):
+    quiet = _one_error_line(run_cli("info", tmp_path / "missing.zarr"))
+    verbose = run_cli("-v", "info", tmp_path / "missing.zarr")
+    assert verbose.code == 1 and "Traceback" in verbose.stderr
+    assert verbose.stderr.strip().splitlines()[-1] == quiet
