@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from palstream.errors import ConfigError
 from palstream.learned.generator import SHIPPED_SHA256, SHIPPED_WEIGHTS, CganGenerator, WeightsError, file_sha256
 from palstream.learned.model import rank_lloyd, sort_blocks
 from palstream.palettes import create_palette_generator
@@ -341,3 +342,24 @@ def test_single_entry_palettes_and_empty_batches(generator, c):
     none = torch.zeros(0, dtype=torch.long)
     assert generator.generate(empty, none).shape == (0, 1, c)
     assert create_palette_generator("kmeans", device="cpu").generate(empty, none).shape == (0, 1, c)
+
+
+@pytest.mark.parametrize(
+    "module", ["palstream.learned.model", "palstream.learned.generator", "palstream.palettes", "palstream.palettes.kmeans"]
+)
+def test_palette_modules_import_first_in_a_fresh_process(module):
+    """No import cycle between palettes/ and learned/: each imports first, on its own."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_generators_by_name_load_their_module_on_first_use():
+    from palstream.palettes import palette_generator_names
+
+    assert {"kmeans", "cgan-v1"} <= set(palette_generator_names())
+    assert create_palette_generator("cgan-v1", device="cpu").name == "cgan-v1"
+    with pytest.raises(ConfigError, match="unknown palette generator 'nope'"):
+        create_palette_generator("nope")

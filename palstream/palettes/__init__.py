@@ -1,4 +1,4 @@
-"""Palette generators, selectable by name (``--palette NAME``)."""
+"""Palette generators, selectable by name (``--palette NAME``); each module is imported when its name is first used."""
 
 from palstream.palettes.base import (
     MAX_PALETTE,
@@ -7,8 +7,6 @@ from palstream.palettes.base import (
     palette_generator_names,
     register_palette_generator,
 )
-from palstream.palettes import kmeans as _kmeans  # noqa: F401  (registers "kmeans")
-from palstream.learned import generator as _cgan  # noqa: F401,E402  (registers "cgan-v1"; weights load lazily)
 
 __all__ = [
     "MAX_PALETTE",

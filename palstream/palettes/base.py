@@ -7,6 +7,7 @@ rate-distortion cost; the decoder never needs a generator: palettes are data in 
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -53,6 +54,11 @@ class PaletteGenerator(ABC):
         """
 
 
+# Built-in generators by name -> the module that defines (and registers) them. Modules import
+# only when their name is asked for, as zarr's codec registry and entry points do: the learned
+# generator sits in a higher layer (palstream.learned imports this module), so importing it here
+# eagerly would close an import cycle and load torch models for every `--palette kmeans` run.
+_BUILTIN_MODULES = {"kmeans": "palstream.palettes.kmeans", "cgan-v1": "palstream.learned.generator"}
 _REGISTRY: dict[str, Callable[..., PaletteGenerator]] = {}
 
 
@@ -68,11 +74,14 @@ def register_palette_generator(name: str):
 
 
 def palette_generator_names() -> list[str]:
-    return sorted(_REGISTRY)
+    """Every selectable name: the built-in ones and any registered since."""
+    return sorted(set(_BUILTIN_MODULES) | set(_REGISTRY))
 
 
 def create_palette_generator(name: str, device: str | torch.device | None = None) -> PaletteGenerator:
-    """Instantiate the generator registered as ``name`` (e.g. ``"kmeans"``)."""
+    """Instantiate the generator registered as ``name`` (e.g. ``"kmeans"``), importing its module on first use."""
+    if name not in _REGISTRY and name in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[name])  # its decorator registers the class
     if name not in _REGISTRY:
         raise ConfigError(f"unknown palette generator {name!r}; choose one of: {', '.join(palette_generator_names())}")
     return _REGISTRY[name](device=device)
