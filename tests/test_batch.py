@@ -133,7 +133,7 @@ def test_plan_units_are_gop_aligned_and_hash_is_content_based(tmp_path):
     plan = Plan.build(config, probed)
     assert plan.sources[0]["units"] == [[0, 4], [4, 4], [8, 2]]
     assert plan.sources[1]["units"] == [[0, 4]]
-    assert plan.rejected == [{"url": "/v/bad.mkv", "reason": "bad.mkv is corrupt"}]
+    assert plan.rejected == [{"url": "/v/bad.mkv", "path": "bad.mkv", "reason": "bad.mkv is corrupt"}]
     assert [(u.source, u.index, u.start, u.count) for u in plan.units()][:3] == [(0, 0, 0, 4), (0, 1, 4, 4), (0, 2, 8, 2)]
     assert Plan.build(config, probed).hash == plan.hash
     assert Plan.build(EncoderConfig(gop=5), probed).hash != plan.hash
@@ -152,7 +152,7 @@ def test_plan_units_are_gop_aligned_and_hash_is_content_based(tmp_path):
         load_plan(out)
 
 
-def test_expand_inputs_globs_missing_and_name_clashes(tmp_path):
+def test_expand_inputs_globs_and_missing(tmp_path):
     (tmp_path / "x").mkdir()
     for name in ("a.mkv", "b.mkv", "x/a.mp4"):
         (tmp_path / name).write_bytes(b"v")
@@ -163,8 +163,8 @@ def test_expand_inputs_globs_missing_and_name_clashes(tmp_path):
         expand_inputs((str(tmp_path / "*.avi"),), lambda url: {})
     with pytest.raises(InputError, match="does not exist"):
         expand_inputs((str(tmp_path / "missing.mkv"),), lambda url: {})
-    with pytest.raises(ConfigError, match="would both write archive a.zarr"):
-        expand_inputs((str(tmp_path / "a.mkv"), str(tmp_path / "x/a.mp4")), lambda url: {})
+    # Same name in two folders: both kept (the layout mirrors the tree, see test_jobs_trust.py).
+    assert len(expand_inputs((str(tmp_path / "a.mkv"), str(tmp_path / "x/a.mp4")), lambda url: {})) == 2
 
 
 # -- output checks and the lock ---------------------------------------------------------------

@@ -105,11 +105,16 @@ def _run(spec, resume: bool, metrics_port, metrics_host, progress: bool, worker_
         f"({report.frames_per_second:.1f} frames/s)"
     )
     if report.quarantined:
-        first = report.quarantined[0]
-        where = f" unit {first['unit']}" if first["unit"] is not None else ""
+        # One line per failed input (its first failure); the details are in the job log.
+        failed: dict[str, dict] = {}
+        for q in report.quarantined:
+            failed.setdefault(q["input"], q)
+        for q in failed.values():
+            where = f" unit {q['unit']}" if q["unit"] is not None else ""
+            typer.echo(f"error: {q['input']}{where}: {q['reason']}", err=True)
         raise PalstreamError(
-            f"{len(report.quarantined)} input(s)/unit(s) quarantined, first {first['input']}{where}: {first['reason']}; "
-            f"the rest completed; see `palstream status {report.output}`"
+            f"{len(failed)} input(s) failed and were not archived as complete; details in {report.log}, "
+            f"state in `palstream status {report.output}`"
         )
 
 
@@ -197,14 +202,19 @@ def status(
     endpoint_url: EndpointOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Show per-video progress, throughput, compression ratio, quality and failures of a job."""
+    """Show per-video progress, throughput, compression ratio, quality and failures of a job.
+
+    Exit status: 0 every input is complete; 3 the job is running, stopped or not started, and
+    nothing has failed; 4 the job is not running and an input was refused or quarantined;
+    1 the job could not be read (no job there, unreadable or modified job files).
+    """
     import json
 
     from rich.console import Console
     from rich.table import Table
 
     from palstream.batch.spec import StorageSpec
-    from palstream.batch.status import job_status
+    from palstream.batch.status import exit_code, job_status
 
     storage = _overrides(storage={"profile": storage_profile, "endpoint_url": endpoint_url}).get("storage", {})
     output, settings = _output_of(target, storage)
@@ -212,7 +222,7 @@ def status(
     info = job_status(output, options)
     if as_json:
         typer.echo(json.dumps(info, indent=1))
-        return
+        raise typer.Exit(exit_code(info))
     from rich.markup import escape
 
     running = f" by {info['running_by']}" if info["running_by"] else ""
@@ -245,6 +255,7 @@ def status(
     for q in info["quarantined"]:
         where = f" unit {q['unit']}" if q["unit"] is not None else ""
         console.print(f"quarantined: {q['input']}{where}: {q['reason']}", markup=False)
+    raise typer.Exit(exit_code(info))
 
 
 def resume(
@@ -261,8 +272,12 @@ def resume(
     worker_targets: TargetsOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
-    """Finish a stopped job: run only the units without a commit marker, then finalize."""
-    from palstream.batch.spec import JobSpec
+    """Finish a stopped job: run only the units without a commit marker, then finalize.
+
+    The job's files are checked first (hashes, paths inside the output root). A job that ran on
+    an existing scheduler resumes there only when --cluster names it again.
+    """
+    from palstream.batch.spec import CLUSTER_KINDS, JobSpec
 
     over = _overrides(
         workers=workers,
@@ -273,6 +288,14 @@ def resume(
         storage={"profile": storage_profile, "endpoint_url": endpoint_url},
     )
     output, settings = _output_of(target, over.get("storage", {}))
+    stored = settings.get("cluster", "local")
+    if cluster is None and stored not in CLUSTER_KINDS:
+        # job.json sits in the output root, which others may write: never connect (and send the
+        # job's storage settings) to a scheduler that the command line did not name.
+        raise PalstreamError(
+            f"{output}/_palstream/job.json names the scheduler {stored!r}; confirm it with --cluster {stored}, "
+            "or run here with --cluster local"
+        )
     settings = _merge(settings, over)
     settings["output"] = output
     spec = JobSpec.from_dict(settings, where=f"{output}/_palstream/job.json")

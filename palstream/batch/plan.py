@@ -1,9 +1,14 @@
 """The job plan: every input probed and split into GOP-aligned units, frozen and content-hashed.
 
-The plan is written once to ``<output>/_palstream/plan.json`` before any archive exists. A later
-``submit`` with the same inputs and settings computes the same hash and continues it; one with
-other inputs or settings is refused, so an output root never mixes two jobs. ``resume`` reads the
-plan back and needs neither the inputs' globs nor a new probe.
+The plan is written once to ``<output>/_palstream/plan.json`` before any archive exists. It fixes
+each input's probe result (frame count, size, SHA-256) or its refusal: a later ``submit`` of the
+same inputs and settings, and ``resume``, continue from the stored plan without probing again, so
+a refusal is never turned into an acceptance by a second probe. A ``submit`` with other inputs or
+settings is refused, so an output root never mixes two jobs.
+
+Archives mirror the input tree: an input's path relative to the inputs' common folder, with its
+suffix replaced by ``.zarr``, is its archive's path under the output root. Every path read back
+from a plan is checked to stay inside the output root (``resume`` trusts nothing it reads).
 """
 
 from __future__ import annotations
@@ -11,8 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from urllib.parse import parse_qsl, urlsplit
 
 from palstream import __version__
 from palstream.codec import EncoderConfig
@@ -20,8 +28,11 @@ from palstream.errors import ConfigError, InputError
 from palstream.batch.spec import JobSpec
 from palstream.batch.store import JOB_DIR, filesystem, join, read_json, write_json
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+KNOWN_PLAN_VERSIONS = (1, 2)  # version 1: flat layout, no source paths
 ARCHIVE_SUFFIX = ".zarr"
+# Query parameters that carry a credential (presigned S3/GCS/Azure URLs, API tokens).
+_SECRET_QUERY = re.compile(r"signature|credential|token|secret|password|passwd|key|sig$|^sv$|^se$", re.I)
 
 
 @dataclass(frozen=True)
@@ -59,16 +70,19 @@ class Plan:
         ``tuner`` (the ``[tuner]`` settings of a tuned job) becomes part of the job's identity:
         an output never mixes tuned and untuned runs, or two tunings.
         """
+        layout = mirror_layout([url for url, _, _ in probed])
         sources, rejected = [], []
         for url, info, reason in probed:
+            path, archive = layout[url]
             if info is None:
-                rejected.append({"url": url, "reason": reason})
+                rejected.append({"url": url, "path": path, "reason": reason})
                 continue
             n, gop = info["frame_count"], config.gop
             sources.append(
                 {
                     "url": url,
-                    "archive": archive_name(url),
+                    "path": path,
+                    "archive": archive,
                     "info": info,
                     "units": [[s, min(gop, n - s)] for s in range(0, n, gop)],
                 }
@@ -81,6 +95,11 @@ class Plan:
     @classmethod
     def from_data(cls, data: dict) -> "Plan":
         return cls(data, hashlib.sha256(_canonical(data)).hexdigest())
+
+    def matches(self, urls: list[str], config: EncoderConfig, tuner: dict | None) -> bool:
+        """Whether this plan is the job of ``urls`` encoded with ``config`` (and ``tuner``)."""
+        planned = sorted([s["url"] for s in self.sources] + [r["url"] for r in self.rejected])
+        return planned == sorted(urls) and self.data["codec"] == config.to_dict() and self.tuner == tuner
 
     @property
     def config(self) -> EncoderConfig:
@@ -114,9 +133,86 @@ class Plan:
         return sum(src["info"]["frame_count"] for src in self.sources)
 
 
+def _parts(url: str) -> list[str]:
+    """``[protocol, *path components]`` of a URL or absolute local path."""
+    protocol, _, path = url.rpartition("://") if "://" in url else ("file", "", url)
+    return [protocol or "file", *[p for p in path.split("/") if p]]
+
+
+def mirror_layout(urls: list[str]) -> dict[str, tuple[str, str]]:
+    """``url -> (source path, archive path)``, both relative to the inputs' common folder.
+
+    The archive path is the source path with its suffix replaced by ``.zarr``
+    (``in/a/x.mkv`` -> ``a/x.zarr``). Inputs that differ only by suffix in one folder
+    (``x.mkv``, ``x.mp4``) keep their whole file name (``x.mkv.zarr``, ``x.mp4.zarr``).
+    Inputs under different protocols keep the protocol as their first folder.
+    """
+    parts = {url: _parts(url) for url in urls}
+    common: list[str] = []
+    for level in zip(*(p[:-1] for p in parts.values())):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    # Inputs under different protocols share no folder: the protocol is then their first one.
+    relative = {url: "/".join(p[len(common):]) for url, p in parts.items()}
+    stems: dict[str, list[str]] = {}
+    for url, rel in relative.items():
+        stems.setdefault(str(PurePosixPath(rel).with_suffix("")), []).append(url)
+    layout = {}
+    for stem, members in stems.items():
+        for url in members:
+            archive = (relative[url] if len(members) > 1 else stem) + ARCHIVE_SUFFIX
+            layout[url] = (relative[url], archive)
+    return layout
+
+
 def archive_name(url: str) -> str:
-    """Archive folder name for an input: its file name's stem plus ``.zarr``."""
-    return PurePosixPath(url.rstrip("/").split("://", 1)[-1]).stem + ARCHIVE_SUFFIX
+    """Archive path of a single input: its file name's stem plus ``.zarr``."""
+    return mirror_layout([url])[url][1]
+
+
+def check_archive_path(path, where: str) -> str:
+    """``path`` if it is a relative path confined to the output root, else a one-line ``ConfigError``.
+
+    No scheme, no absolute path, no ``..`` or empty component, not inside ``_palstream/``,
+    and ending in ``.zarr``: a plan cannot make a job write anywhere but its own archives.
+    """
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{where}: archive path {path!r} is not a relative path; restore the file or start a new output")
+    components = path.split("/")
+    if (
+        "://" in path
+        or ":" in components[0]
+        or path.startswith("/")
+        or "\\" in path
+        or any(c in ("", ".", "..") for c in components)
+        or components[0] == JOB_DIR
+        or not path.endswith(ARCHIVE_SUFFIX)
+        or posixpath.normpath(path) != path
+    ):
+        raise ConfigError(
+            f"{where}: archive path {path!r} leaves the output root; restore the file or start a new output"
+        )
+    return path
+
+
+def credential_free(url: str) -> str:
+    """``url`` if it carries no credential; a one-line ``ConfigError`` otherwise.
+
+    A password in the URL or a signed query string would be stored in ``plan.json`` and
+    ``job.json`` and shown by ``status``; credentials come from the environment or a profile.
+    """
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    secret = parts.password is not None or any(_SECRET_QUERY.search(k) for k, _ in parse_qsl(parts.query, keep_blank_values=True))
+    if secret:
+        shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+        raise ConfigError(
+            f"input {shown} carries credentials in its URL, which would be stored in the job's files; "
+            "set them in the environment (AWS_ACCESS_KEY_ID, ...) or use storage.aws_profile"
+        )
+    return url
 
 
 def plan_url(output: str) -> str:
@@ -127,10 +223,11 @@ def expand_inputs(inputs: tuple[str, ...], storage_options_for) -> list[str]:
     """Resolve paths, globs and URLs to a sorted, de-duplicated list of input URLs.
 
     Local paths become absolute. A glob that matches nothing, or a path that does not exist,
-    is an ``InputError``; two inputs that would share an archive name are a ``ConfigError``.
+    is an ``InputError``; a URL with credentials in it is a ``ConfigError``.
     """
     found: list[str] = []
     for pattern in inputs:
+        credential_free(pattern)
         remote = "://" in pattern and not pattern.startswith("file://")
         if not remote:
             pattern = os.path.abspath(pattern.removeprefix("file://"))
@@ -145,31 +242,59 @@ def expand_inputs(inputs: tuple[str, ...], storage_options_for) -> list[str]:
             matches = [path]
         protocol = pattern.split("://", 1)[0] if remote else None
         found += [f"{protocol}://{m}" if protocol else m for m in matches]
-    urls = sorted(set(found))
-    names: dict[str, str] = {}
-    for url in urls:
-        name = archive_name(url)
-        if name in names:
-            raise ConfigError(
-                f"inputs {names[name]} and {url} would both write archive {name}; rename one or run them as two jobs"
-            )
-        names[name] = url
-    return urls
+    return sorted(set(found))
 
 
 def load_plan(output: str, options: dict | None = None) -> Plan | None:
-    """The plan stored under ``output``, or None when there is none."""
-    data = read_json(plan_url(output), options)
+    """The plan stored under ``output``, or None when there is none.
+
+    Raises
+    ------
+    ConfigError
+        The file is not the plan palstream wrote: not JSON, hash mismatch, unknown version,
+        malformed fields, or an archive path outside the output root.
+    """
+    where = plan_url(output)
+    data = read_json(where, options)
     if data is None:
         return None
     stored = data.pop("hash", None)
     data.pop("written_by", None)
     plan = Plan.from_data(data)
     if stored != plan.hash:
-        raise ConfigError(
-            f"plan {plan_url(output)} was modified after it was written (hash mismatch); restore it or start a new output"
-        )
+        raise ConfigError(f"plan {where} was modified after it was written (hash mismatch); restore it or start a new output")
+    _check_plan(data, where)
     return plan
+
+
+def _check_plan(data: dict, where: str) -> None:
+    """Check the fields a run uses; every archive path must stay inside the output root."""
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"plan {where}: {what}; restore it or start a new output")
+
+    if data.get("version") not in KNOWN_PLAN_VERSIONS:
+        raise bad(f"unknown version {data.get('version')!r}")
+    if not isinstance(data.get("sources"), list) or not isinstance(data.get("rejected"), list):
+        raise bad("'sources' and 'rejected' must be lists")
+    try:
+        EncoderConfig.from_dict(data["codec"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise bad(f"codec settings are invalid ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    archives = set()
+    for i, src in enumerate(data["sources"]):
+        if not isinstance(src, dict) or not isinstance(src.get("url"), str) or not isinstance(src.get("info"), dict):
+            raise bad(f"source {i} is malformed")
+        archives.add(check_archive_path(src.get("archive"), f"plan {where} source {i}"))
+        n = src["info"].get("frame_count")
+        units = src.get("units")
+        if not isinstance(n, int) or n < 1 or not isinstance(units, list):
+            raise bad(f"source {i} has no valid frame count or units")
+        expected = [[s, min(data["codec"]["gop"], n - s)] for s in range(0, n, data["codec"]["gop"])]
+        if units != expected:
+            raise bad(f"source {i}: units do not cover its {n} frames in GOPs")
+    if len(archives) != len(data["sources"]):
+        raise bad("two sources share an archive")
 
 
 def save_plan(output: str, plan: Plan, options: dict | None = None) -> None:
@@ -185,13 +310,35 @@ def save_plan(output: str, plan: Plan, options: dict | None = None) -> None:
     write_json(plan_url(output), {**plan.data, "hash": plan.hash, "written_by": f"palstream {__version__}"}, options)
 
 
+def job_url(output: str) -> str:
+    return join(output, JOB_DIR, "job.json")
+
+
 def save_job_settings(output: str, spec: JobSpec, options: dict | None = None) -> None:
-    """Record how the job was run (no credentials: StorageSpec holds none) for ``resume``."""
-    write_json(join(output, JOB_DIR, "job.json"), spec.to_dict(), options)
+    """Record how the job was run, under the hash of its canonical JSON, for ``resume``.
+
+    No credentials: StorageSpec holds none, and inputs with credentials are refused.
+    """
+    data = spec.to_dict()
+    write_json(job_url(output), {**data, "hash": hashlib.sha256(_canonical(data)).hexdigest()}, options)
 
 
 def load_job_settings(output: str, options: dict | None = None) -> dict | None:
-    return read_json(join(output, JOB_DIR, "job.json"), options)
+    """The job settings stored under ``output`` (None when there are none), hash checked.
+
+    Raises
+    ------
+    ConfigError
+        Not JSON, not an object, or modified after it was written (hash missing or wrong).
+    """
+    where = job_url(output)
+    data = read_json(where, options)
+    if data is None:
+        return None
+    stored = data.pop("hash", None)
+    if stored != hashlib.sha256(_canonical(data)).hexdigest():
+        raise ConfigError(f"job settings {where} were modified after they were written (hash mismatch); restore the file or start a new output")
+    return data
 
 
 def _canonical(data: dict) -> bytes:

@@ -6,8 +6,15 @@ Exactly once, by construction:
 - a task writes only its own chunk, then that chunk's commit marker, and skips a unit whose
   marker exists (an earlier attempt on a worker that died after committing);
 - ``resume`` and a rerun of ``submit`` run only units without a commit marker;
-- an archive is finalized (every checksum verified, success marker written) only when all its
-  units are committed, and the job's ``_palstream/SUCCESS`` is written last.
+- an archive is finalized (source checked against the plan's size and SHA-256, every chunk's
+  checksum verified, success marker written) only when all its units are committed, and the
+  job's ``_palstream/SUCCESS`` is written last.
+
+An input is refused, never retried into an acceptance: a probe runs once and returns its
+refusal as a value, and so does a unit or finalize task whose source no longer matches the plan.
+Every failure is one line in the report and, with its traceback, an entry in
+``_palstream/job.log``. When a run ends, ``manifest.csv`` and ``manifest-sha256.txt`` are
+(re)written at the output root (``palstream.batch.manifest``).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import json
 import os
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -29,11 +37,12 @@ from distributed import Client, as_completed
 from palstream import __version__
 from palstream.batch import metrics
 from palstream.batch.cluster import open_client, requested_workers
+from palstream.batch.manifest import write_manifests
 from palstream.batch.plan import Plan, expand_inputs, load_plan, save_job_settings, save_plan
 from palstream.batch.spec import JobSpec
-from palstream.batch.store import JOB_DIR, JobLock, check_writable, join, write_json
+from palstream.batch.store import JOB_DIR, JobLock, check_writable, filesystem, join, write_bytes, write_json
 from palstream.batch.worker import encode_unit, finalize_archive, generator_identity, probe_source
-from palstream.errors import ArchiveError, PalstreamError
+from palstream.errors import ArchiveError, ConfigError, PalstreamError
 
 TASK_PREFIX = "encode_chunk"
 
@@ -81,7 +90,10 @@ class JobReport:
     archives : dict
         Archive name -> ``"complete"`` (finalized) or ``"incomplete"`` (has quarantined units).
     quarantined : list of dict
-        ``{"input", "unit" (None for a whole input), "reason"}`` per unit or input given up on.
+        ``{"input", "unit" (None for a whole input), "reason"}`` per unit or input given up on
+        (input refusals included).
+    log : str
+        The job log holding every failure's details (``<output>/_palstream/job.log``).
     units_total, units_encoded, units_skipped : int
         Units in the plan; encoded by this run; already committed by an earlier run.
     frames_encoded : int
@@ -94,6 +106,7 @@ class JobReport:
     plan_hash: str
     archives: dict = field(default_factory=dict)
     quarantined: list = field(default_factory=list)
+    log: str = ""
     units_total: int = 0
     units_encoded: int = 0
     units_skipped: int = 0
@@ -114,6 +127,7 @@ class JobReport:
             "plan": self.plan_hash,
             "archives": self.archives,
             "quarantined": self.quarantined,
+            "log": self.log,
             "units_total": self.units_total,
             "units_encoded": self.units_encoded,
             "units_skipped": self.units_skipped,
@@ -159,57 +173,107 @@ def run_job(
     Raises
     ------
     PalstreamError
-        Unwritable output, locked output, missing inputs, different job on the output, ...:
-        all before any unit runs. Quarantined units do not raise; see ``JobReport.complete``.
+        Unwritable output, locked output, missing inputs, different job on the output, bad
+        metrics port, ...: all before any unit runs. Refused inputs and quarantined units do not
+        raise; see ``JobReport.complete``.
     """
+    if metrics_port is not None and not 1 <= metrics_port <= 65535:
+        raise ConfigError(f"--metrics-port {metrics_port} is not a TCP port; give 1..65535")
     out_opts = spec.storage.options(spec.output)
     check_writable(spec.output, out_opts)
     if spec.tuner.enabled and not resume:
         from palstream.tuner.agent import load_policy
 
         load_policy(spec.tuner.policy)  # a bad policy file is a one-line error before any work
-    plan = None
+    plan = load_plan(spec.output, out_opts)
     if resume:
-        plan = load_plan(spec.output, out_opts)
         if plan is None:
             raise PalstreamError(f"output {spec.output} holds no job plan to resume; start the job with `palstream submit`")
         urls = []
     else:
         urls = expand_inputs(spec.inputs, spec.storage.options)
+        if plan is not None and not plan.matches(urls, spec.codec, _tuner_settings(spec)):
+            raise ConfigError(
+                f"output {spec.output} already holds a different job (plan {plan.hash[:12]}: other inputs or settings); "
+                "finish it with `palstream resume`, or choose another --out"
+            )
+    log = JobLog(spec.output, out_opts)
     with metrics.serve_driver_metrics(metrics_port, metrics_host), JobLock(spec.output, out_opts), open_client(spec) as client:
+        # A stored plan is continued as it is: its probe results and refusals are final.
         if plan is None:
-            plan = _probe_and_plan(client, spec, urls)
+            plan = _probe_and_plan(client, spec, urls, log)
         save_plan(spec.output, plan, out_opts)
         save_job_settings(spec.output, spec, out_opts)
-        return _Execution(client, spec, plan, on_progress, worker_targets).run()
+        return _Execution(client, spec, plan, on_progress, worker_targets, log).run()
 
 
-def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str]) -> Plan:
-    """Probe every input on the cluster (decoding a library is work for the workers)."""
+def _tuner_settings(spec: JobSpec) -> dict | None:
+    return {k: v for k, v in spec.tuner.to_dict().items() if k != "enabled"} if spec.tuner.enabled else None
+
+
+class JobLog:
+    """The job's log file, ``<output>/_palstream/job.log``: full details of every failure.
+
+    The terminal gets one line per failed input; the traceback and the task's key go here.
+    Entries of earlier runs are kept (the file is rewritten whole: object stores cannot append).
+    """
+
+    def __init__(self, output: str, options: dict):
+        self.url, self.options = join(output, JOB_DIR, "job.log"), options
+        try:
+            fs, path = filesystem(self.url, options)
+            self.text = fs.cat_file(path).decode(errors="replace")
+        except FileNotFoundError:
+            self.text = ""
+        except Exception:  # noqa: BLE001  an unreadable old log must not stop the job; it is rewritten
+            self.text = ""
+
+    def write(self, message: str, detail: str | None = None) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        entry = f"{stamp} {message}\n"
+        if detail:
+            entry += "".join(f"    {line}\n" for line in detail.rstrip().splitlines())
+        self.text += entry
+        write_bytes(self.url, self.text.encode(), self.options)
+
+    def failure(self, what: str, fut) -> str:
+        """Log a failed future with its traceback; returns the one-line reason."""
+        exc = fut.exception()
+        reason = _one_line(exc)
+        tb = "".join(traceback.format_exception(type(exc), exc, fut.traceback())) if exc is not None else None
+        self.write(f"{what}: {reason} (task {fut.key})", tb)
+        return reason
+
+
+def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str], log: JobLog) -> Plan:
+    """Probe every input once, on the cluster (decoding a library is work for the workers).
+
+    A probe is never retried: a refusal, or a crash of the probe, is the input's final answer
+    in this job's plan.
+    """
     futures = [
-        client.submit(
-            probe_source, url, spec.storage.options(url), key=f"probe_source-{i}", retries=spec.retries, pure=False
-        )
+        client.submit(probe_source, url, spec.storage.options(url), key=f"probe_source-{i}", retries=0, pure=False)
         for i, url in enumerate(urls)
     ]
+    distributed.wait(futures)
     probed = []
     for url, fut in zip(urls, futures):
-        try:
-            probed.append((url, fut.result(), None))
-        except PalstreamError as exc:  # an unreadable input is quarantined, the others go on
-            probed.append((url, None, str(exc)))
-        except Exception as exc:  # noqa: BLE001  e.g. KilledWorker: the input crashed the decoder
-            probed.append((url, None, _one_line(exc)))
-    tuner = {k: v for k, v in spec.tuner.to_dict().items() if k != "enabled"} if spec.tuner.enabled else None
-    return Plan.build(spec.codec, probed, tuner)
+        if fut.status == "finished":
+            result = fut.result()
+            probed.append((url, result.get("info"), result.get("refused")))
+            if "refused" in result:
+                log.write(f"refused {url}: {result['refused']}")
+        else:  # e.g. KilledWorker: the input crashed the decoder
+            probed.append((url, None, log.failure(f"refused {url}: its probe failed", fut)))
+    return Plan.build(spec.codec, probed, _tuner_settings(spec))
 
 
 class _Execution:
-    def __init__(self, client: Client, spec: JobSpec, plan: Plan, on_progress, worker_targets: str | None):
+    def __init__(self, client: Client, spec: JobSpec, plan: Plan, on_progress, worker_targets: str | None, log: JobLog):
         self.client, self.spec, self.plan, self.on_progress = client, spec, plan, on_progress
-        self.worker_targets = worker_targets
+        self.worker_targets, self.log = worker_targets, log
         self.out_opts = spec.storage.options(spec.output)
-        self.report = JobReport(spec.output, plan.hash, units_total=len(plan.units()))
+        self.report = JobReport(spec.output, plan.hash, units_total=len(plan.units()), log=log.url)
         self.report.quarantined = [{"input": r["url"], "unit": None, "reason": r["reason"]} for r in plan.rejected]
         self.committed: dict[int, set[int]] = {}
         self.frames_done = 0
@@ -284,6 +348,11 @@ class _Execution:
             watcher.join()
         self.report.seconds = time.monotonic() - self.started
         write_json(join(self.spec.output, JOB_DIR, "report.json"), {**self.report.to_dict(), "finished": time.time()}, self.out_opts)
+        write_manifests(self.client, self.spec.output, self.out_opts, self.plan, self.report)
+        self.log.write(
+            f"run of plan {self.plan.hash[:12]} ended: {self.report.units_encoded} unit(s) encoded, "
+            f"{len(self.report.quarantined)} failure(s), {'complete' if self.report.complete else 'incomplete'}"
+        )
         if self.report.complete:
             write_json(join(self.spec.output, JOB_DIR, "SUCCESS"), self._provenance(), self.out_opts)
         return self.report
@@ -296,6 +365,7 @@ class _Execution:
             "start": unit.start,
             "count": unit.count,
             "source_url": src["url"],
+            "source_bytes": src["info"].get("size_bytes"),
             "archive_url": self.plan.archive_url(self.spec.output, unit.source),
             "summary_url": join(self.spec.output, JOB_DIR, "units", f"{unit.source}-{unit.index}.json"),
         }
@@ -345,7 +415,12 @@ class _Execution:
 
     def _unit_finished(self, unit, fut, remaining: dict, ac) -> None:
         src_url = self.plan.sources[unit.source]["url"]
-        if fut.status == "finished":
+        if fut.status == "finished" and fut.result()["outcome"] == "refused":
+            # The source no longer matches the plan (truncated, changed): nothing was written.
+            reason = fut.result()["reason"]
+            self.log.write(f"refused {src_url} unit {unit.index}: {reason}")
+            self._quarantine(unit.source, unit.index, reason)
+        elif fut.status == "finished":
             summary = fut.result()
             if not self._meets_floor(unit, summary):
                 return
@@ -363,11 +438,14 @@ class _Execution:
             self._emit(summary)
         else:
             # Retries are spent (or the unit killed its workers): give this input up, keep the rest going.
-            exc = fut.exception()
-            self.report.quarantined.append({"input": src_url, "unit": unit.index, "reason": _one_line(exc)})
-            self.quarantined_sources.add(unit.source)
-            self.report.archives[self.plan.sources[unit.source]["archive"]] = "incomplete"
-            self._emit(None)
+            self._quarantine(unit.source, unit.index, self.log.failure(f"quarantined {src_url} unit {unit.index}", fut))
+
+    def _quarantine(self, source: int, unit: int | None, reason: str) -> None:
+        src = self.plan.sources[source]
+        self.report.quarantined.append({"input": src["url"], "unit": unit, "reason": reason})
+        self.quarantined_sources.add(source)
+        self.report.archives[src["archive"]] = "incomplete"
+        self._emit(None)
 
     def _meets_floor(self, unit, summary: dict) -> bool:
         """A unit below the job's quality floor is never accepted: uncommit it and quarantine its input."""
@@ -381,17 +459,24 @@ class _Execution:
             return True
         except FloorViolation as exc:
             archive.ArchiveWriter.open(self.plan.archive_url(self.spec.output, unit.source), storage_options=self.out_opts).revoke(unit.index)
-            self.report.quarantined.append({"input": src["url"], "unit": unit.index, "reason": str(exc)})
-            self.quarantined_sources.add(unit.source)
-            self.report.archives[src["archive"]] = "incomplete"
-            self._emit(None)
+            self.log.write(f"quarantined {src['url']} unit {unit.index}: {exc}")
+            self._quarantine(unit.source, unit.index, str(exc))
             return False
 
     def _submit_finalize(self, source: int, ac) -> None:
+        src = self.plan.sources[source]
+        planned = {
+            "url": src["url"],
+            "options": self.spec.storage.options(src["url"]),
+            "size_bytes": src["info"]["size_bytes"],
+            "sha256": src["info"]["sha256"],
+        }
         fut = self.client.submit(
             finalize_archive,
             self.plan.archive_url(self.spec.output, source),
             self.out_opts,
+            planned,
+            join(self.spec.output, JOB_DIR, "fixity", f"{source}.json"),
             key=f"finalize_archive-{self.plan.hash[:12]}-{source}",
             retries=self.spec.retries,
             pure=False,
@@ -400,14 +485,15 @@ class _Execution:
         ac.add(fut)
 
     def _finalized(self, source: int, fut) -> None:
-        name = self.plan.sources[source]["archive"]
-        if fut.status == "finished":
-            self.report.archives[name] = "complete"
+        src = self.plan.sources[source]
+        if fut.status == "finished" and fut.result()["outcome"] == "complete":
+            self.report.archives[src["archive"]] = "complete"
+        elif fut.status == "finished":
+            self.log.write(f"refused {src['url']}: {fut.result()['reason']}")
+            self._quarantine(source, None, fut.result()["reason"])
         else:
-            self.report.archives[name] = "incomplete"
-            self.report.quarantined.append(
-                {"input": self.plan.sources[source]["url"], "unit": None, "reason": f"finalize failed: {_one_line(fut.exception())}"}
-            )
+            reason = self.log.failure(f"finalizing the archive of {src['url']} failed", fut)
+            self._quarantine(source, None, f"finalize failed: {reason}")
 
     # -- reporting ---------------------------------------------------------------------------
     def _threads(self) -> int:

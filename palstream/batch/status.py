@@ -13,6 +13,21 @@ from palstream.batch.store import JOB_DIR, JobLock, filesystem, join, read_json
 from palstream.errors import ArchiveError, PalstreamError
 from palstream.tuner.session import ledger_summary
 
+# `palstream status` exit codes (documented in its --help and docs/batch.md). 1 stays the
+# CLI's "could not do it" (no job, unreadable or tampered job files, bad options).
+EXIT_COMPLETE = 0
+EXIT_INCOMPLETE = 3  # running, stopped or not started; nothing has failed
+EXIT_FAILED = 4  # not running, and at least one input or unit was refused or quarantined
+
+
+def exit_code(info: dict) -> int:
+    """The exit code of ``palstream status`` for a :func:`job_status` result."""
+    if info["state"] == "complete":
+        return EXIT_COMPLETE
+    if info["state"] != "running" and info["quarantined"]:
+        return EXIT_FAILED
+    return EXIT_INCOMPLETE
+
 
 def job_status(output: str, options: dict | None = None) -> dict:
     """The state of the job stored under ``output``.
@@ -33,7 +48,7 @@ def job_status(output: str, options: dict | None = None) -> dict:
     plan = load_plan(output, options)
     if plan is None:
         raise PalstreamError(f"{output} holds no palstream job (no {JOB_DIR}/plan.json); give a job's output root")
-    summaries = _unit_summaries(output, options)
+    summaries = unit_summaries(output, options)
     report = read_json(join(output, JOB_DIR, "report.json"), options) or {}
     lock = JobLock(output, options)
     holder = lock.holder()
@@ -65,7 +80,7 @@ def job_status(output: str, options: dict | None = None) -> dict:
             state = "pending"
         videos.append(
             {
-                "name": src["info"]["name"],
+                "name": src.get("path", src["info"]["name"]),
                 "archive": src["archive"],
                 "state": state,
                 "units_done": len(committed),
@@ -78,7 +93,7 @@ def job_status(output: str, options: dict | None = None) -> dict:
         )
     for rejected in plan.rejected:
         videos.append(
-            {"name": rejected["url"].rsplit("/", 1)[-1], "archive": None, "state": "quarantined", "units_done": 0,
+            {"name": rejected.get("path", rejected["url"].rsplit("/", 1)[-1]), "archive": None, "state": "refused", "units_done": 0,
              "units_total": 0, "frames_done": 0, "frames_total": 0, "ratio": None, "psnr_y": None}
         )
     if running:
@@ -104,7 +119,8 @@ def job_status(output: str, options: dict | None = None) -> dict:
     }
 
 
-def _unit_summaries(output: str, options: dict | None) -> dict[tuple[int, int], dict]:
+def unit_summaries(output: str, options: dict | None) -> dict[tuple[int, int], dict]:
+    """The per-unit summaries the workers wrote, by ``(source, unit)``; torn ones are skipped."""
     fs, path = filesystem(join(output, JOB_DIR, "units"), options)
     try:
         names = fs.ls(path, detail=False)

@@ -2,8 +2,13 @@
 
 Layout of an output root::
 
-    <output>/<stem>.zarr            one archive per input (palstream.archive)
+    <output>/<dir>/<stem>.zarr      one archive per input, mirroring the input tree (palstream.archive)
+    <output>/manifest.csv           one row per input: paths, state, frames, sizes, checksums, quality
+    <output>/manifest-sha256.txt    sha256 of every file of every complete archive (BagIt style)
     <output>/_palstream/plan.json   the immutable, content-hashed plan
+    <output>/_palstream/job.json    how the job was run (hashed; checked by ``resume``)
+    <output>/_palstream/job.log     full details of every failure (the terminal gets one line each)
+    <output>/_palstream/fixity/     per-archive file checksums, written when an archive is finalized
     <output>/_palstream/lock.json   held by the running driver (see JobLock)
     <output>/_palstream/units/      one small JSON summary per committed unit (for `status`)
     <output>/_palstream/report.json quarantined units and outcome of the last run
@@ -21,7 +26,7 @@ import uuid
 
 import fsspec
 
-from palstream.errors import ArchiveError, PalstreamError
+from palstream.errors import ArchiveError, ConfigError, PalstreamError
 
 JOB_DIR = "_palstream"
 LOCK_STALE_SECONDS = 120.0  # a lock whose heartbeat is older than this belongs to a dead driver
@@ -30,6 +35,10 @@ LOCK_HEARTBEAT_SECONDS = 15.0
 
 class JobLockedError(PalstreamError):
     """Another driver is running a job on the same output."""
+
+
+class JobFileError(ConfigError):
+    """A file under ``_palstream/`` is not what palstream wrote (not JSON, not an object)."""
 
 
 def join(root: str, *parts: str) -> str:
@@ -63,12 +72,37 @@ def check_writable(output: str, options: dict | None = None) -> None:
 
 
 def read_json(url: str, options: dict | None = None) -> dict | None:
-    """The JSON object stored at ``url``, or None when it does not exist."""
-    fs, path = filesystem(url, options)
+    """The JSON object stored at ``url``, or None when it does not exist.
+
+    Raises
+    ------
+    JobFileError
+        The file is not a JSON object.
+    ArchiveError
+        The storage cannot be read (credentials, endpoint, permissions, timeout).
+    """
     try:
-        return json.loads(fs.cat_file(path))
+        fs, path = filesystem(url, options)
+        blob = fs.cat_file(path)
     except FileNotFoundError:
         return None
+    except Exception as exc:  # noqa: BLE001  every backend raises its own family
+        raise storage_error(url, exc, "read") from None
+    try:
+        data = json.loads(blob)
+    except (ValueError, UnicodeDecodeError):
+        raise JobFileError(f"{url} is not valid JSON; restore it or start a new output") from None
+    if not isinstance(data, dict):
+        raise JobFileError(f"{url} holds a JSON {type(data).__name__}, not an object; restore it or start a new output")
+    return data
+
+
+def storage_error(url: str, exc: BaseException, action: str) -> ArchiveError:
+    """One line for a storage failure: what could not be done where, the backend's first line, what to check."""
+    if isinstance(exc, PalstreamError):
+        return exc if isinstance(exc, ArchiveError) else ArchiveError(str(exc))
+    hint = "check the endpoint, credentials and permissions" if "://" in url else "check the path and permissions"
+    return ArchiveError(f"cannot {action} {url} ({_one_line(exc)}); {hint}")
 
 
 def _ensure_parent(fs, path: str) -> None:
@@ -78,9 +112,17 @@ def _ensure_parent(fs, path: str) -> None:
 
 
 def write_json(url: str, data: dict, options: dict | None = None) -> None:
-    fs, path = filesystem(url, options)
-    _ensure_parent(fs, path)
-    fs.pipe_file(path, json.dumps(data, indent=1, sort_keys=True).encode())
+    write_bytes(url, json.dumps(data, indent=1, sort_keys=True).encode(), options)
+
+
+def write_bytes(url: str, blob: bytes, options: dict | None = None) -> None:
+    """Write ``blob`` to ``url``; a storage failure is a one-line ``ArchiveError``."""
+    try:
+        fs, path = filesystem(url, options)
+        _ensure_parent(fs, path)
+        fs.pipe_file(path, blob)
+    except Exception as exc:  # noqa: BLE001  every backend raises its own family
+        raise storage_error(url, exc, "write") from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -150,7 +192,7 @@ class JobLock:
         """The current lock record, or None when the output is not locked."""
         try:
             return read_json(self.url, self.options)
-        except json.JSONDecodeError:  # torn write by a killed driver: treat as stale
+        except JobFileError:  # torn write by a killed driver: treat as stale
             return {"heartbeat": 0.0}
 
     def is_stale(self, record: dict) -> bool:

@@ -7,6 +7,8 @@ and returns a summary of a few numbers. No frames travel through the scheduler.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import socket
 import threading
@@ -15,9 +17,12 @@ import time
 from distributed import WorkerPlugin, get_worker
 
 from palstream.codec import BitstreamError
-from palstream.errors import ArchiveError, DamagedChunkError, PalstreamError
+from palstream.errors import ArchiveError, DamagedChunkError, InputError, PalstreamError
 
 PLUGIN_NAME = "palstream"
+# Keys of the tasks this module runs: their failures reach the driver, which writes one line to
+# the terminal and the traceback to the job log, so the worker does not print them again.
+TASK_KEY_PREFIXES = ("encode_chunk-", "probe_source-", "finalize_archive-", "archive_fixity-", "unit_features-")
 # Transient storage failures (an object store restarting, a dropped connection) are retried in
 # the task with backoff for this long before the task fails and Dask's own retries take over.
 STORAGE_RETRY_SECONDS = 60.0
@@ -46,6 +51,8 @@ class PalstreamWorkerPlugin(WorkerPlugin):
 
     def setup(self, worker) -> None:
         import torch
+
+        _quiet_task_failures()
 
         import palstream.batch.metrics  # noqa: F401  every worker's /metrics shows the series from the start
 
@@ -115,6 +122,21 @@ def _warm_up(generator, palette: str) -> None:
     generator.take_seconds()
 
 
+class _DropPalstreamTaskFailures(logging.Filter):
+    """Drop distributed's "Compute Failed" records (with traceback) for palstream's own tasks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Compute Failed"):
+            return True
+        return not any(isinstance(a, str) and a.startswith(TASK_KEY_PREFIXES) for a in record.args or ())
+
+
+def _quiet_task_failures() -> None:
+    log = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _DropPalstreamTaskFailures) for f in log.filters):
+        log.addFilter(_DropPalstreamTaskFailures())
+
+
 def _plugin() -> PalstreamWorkerPlugin:
     try:
         return get_worker().plugins[PLUGIN_NAME]
@@ -151,11 +173,15 @@ def encode_unit(unit: dict, job: dict) -> dict:
     encodes the same bytes again and ``ArchiveWriter.write_chunk`` leaves the committed chunk
     untouched, so nothing is ever written twice.
 
+    A source that cannot be read, whose size differs from the plan's, or that gives fewer or
+    more frames than the plan says is refused: the unit returns ``outcome: "refused"`` (a value,
+    so Dask does not retry it into an acceptance) and writes nothing.
+
     Parameters
     ----------
     unit : dict
         ``source`` and ``index`` (plan positions), ``start``/``count`` (frames), ``source_url``,
-        ``archive_url``, ``summary_url``.
+        ``source_bytes`` (the planned size), ``archive_url``, ``summary_url``.
     job : dict
         ``codec`` (EncoderConfig dict), ``source_options`` and ``output_options`` (fsspec
         storage options without credentials).
@@ -165,17 +191,39 @@ def encode_unit(unit: dict, job: dict) -> dict:
     dict
         ``outcome`` (``"committed"``), ``source``, ``index``, ``frames``, ``raw_bytes``,
         ``bytes``, ``psnr_y`` (None when exact), ``seconds``, ``finished``, ``stage_seconds``,
-        ``worker``.
+        ``worker``; or ``outcome`` (``"refused"``), ``source``, ``index``, ``reason``.
     """
     from palstream.batch import metrics
 
     try:
         summary, stages = _encode_unit(unit, job)
+    except InputError as exc:
+        metrics.units.labels("failed").inc()
+        return {"outcome": "refused", "source": unit["source"], "index": unit["index"], "reason": str(exc)}
     except BaseException:
         metrics.units.labels("failed").inc()
         raise
     metrics.record_unit(summary, stages)
     return summary
+
+
+def _source_size(url: str, options: dict) -> int:
+    from palstream.batch.store import filesystem
+    from palstream.io import fsspec_options
+
+    fs, path = filesystem(url, fsspec_options(url, options))
+    return fs.size(path)
+
+
+def _check_source_size(url: str, options: dict, planned: int | None) -> None:
+    if planned is None:
+        return
+    size = with_storage_retries(lambda: _source_size(url, options), "reading the source's size")
+    if size != planned:
+        raise InputError(
+            f"{url} is {size} bytes, the plan recorded {planned}: the source changed since it was planned; "
+            "restore it, or encode it in a new job"
+        )
 
 
 def _encode_unit(unit: dict, job: dict) -> tuple[dict, dict]:
@@ -185,22 +233,24 @@ def _encode_unit(unit: dict, job: dict) -> tuple[dict, dict]:
 
     started = time.time()
     out_opts = job["output_options"]
-    writer = with_storage_retries(
-        lambda: archive.ArchiveWriter.open(unit["archive_url"], storage_options=out_opts), "opening the archive"
-    )
     config = EncoderConfig.from_dict(job["codec"])
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
+    # The source is checked against the plan before the archive is touched.
+    _check_source_size(unit["source_url"], job["source_options"], unit.get("source_bytes"))
     frames = with_storage_retries(
         lambda: io.read_frames(unit["source_url"], unit["start"], unit["count"], storage_options=job["source_options"]),
         "reading the source",
     )
     if len(frames) != unit["count"]:
-        raise ArchiveError(
-            f"{unit['source_url']} gave {len(frames)} frames at {unit['start']}, the plan expects {unit['count']}; "
-            "the source changed since it was planned: start a new job"
+        raise InputError(
+            f"{unit['source_url']} gave {len(frames)} frames at {unit['start']}, the plan expects {unit['count']}: "
+            "the source is truncated or changed since it was planned; restore it, or encode it in a new job"
         )
     stages["decode"] = time.perf_counter() - t0
+    writer = with_storage_retries(
+        lambda: archive.ArchiveWriter.open(unit["archive_url"], storage_options=out_opts), "opening the archive"
+    )
     generator = _plugin().generator(config.palette)
     generator.take_seconds()
     t0 = time.perf_counter()
@@ -232,20 +282,105 @@ def _encode_unit(unit: dict, job: dict) -> tuple[dict, dict]:
     return summary, stages
 
 
-def finalize_archive(archive_url: str, output_options: dict) -> dict:
-    """Verify every chunk's checksum and write the archive's success marker (``finalize_archive-*``)."""
-    from palstream import archive
+def finalize_archive(archive_url: str, output_options: dict, source: dict | None = None, fixity_url: str | None = None) -> dict:
+    """Check the source, verify every chunk's checksum and mark the archive complete (``finalize_archive-*``).
 
+    Parameters
+    ----------
+    archive_url : str
+        The archive.
+    output_options : dict
+        fsspec options of the output root.
+    source : dict, optional
+        ``url``, ``options``, ``size_bytes`` and ``sha256`` of the source as planned: an archive
+        whose source changed since the plan is never marked complete.
+    fixity_url : str, optional
+        Where to write the archive's fixity record (see :func:`archive_fixity`).
+
+    Returns
+    -------
+    dict
+        ``{"outcome": "complete", "fixity": ...}``, or ``{"outcome": "refused", "reason": ...}``
+        when the source changed (a value, so no retry turns it into a success).
+    """
+    from palstream import archive
+    from palstream.batch.store import write_json
+
+    if source is not None:
+        try:
+            _check_source_size(source["url"], source["options"], source["size_bytes"])
+            digest = with_storage_retries(lambda: _sha256(source["url"], source["options"]), "hashing the source")
+        except InputError as exc:
+            return {"outcome": "refused", "reason": str(exc)}
+        if digest != source["sha256"]:
+            return {
+                "outcome": "refused",
+                "reason": f"{source['url']} has sha256 {digest[:12]}..., the plan recorded {source['sha256'][:12]}...: "
+                "the source changed since it was planned; restore it, or encode it in a new job",
+            }
     writer = with_storage_retries(lambda: archive.ArchiveWriter.open(archive_url, storage_options=output_options), "opening the archive")
     with_storage_retries(writer.finalize, "finalizing the archive")
-    return {"archive": archive_url}
+    fixity = archive_fixity(archive_url, output_options)
+    if fixity_url is not None:
+        with_storage_retries(lambda: write_json(fixity_url, fixity, output_options), "writing the fixity record")
+    return {"outcome": "complete", "fixity": fixity}
+
+
+def _sha256(url: str, options: dict) -> str:
+    from palstream.batch.store import filesystem
+    from palstream.io import fsspec_options
+
+    fs, path = filesystem(url, fsspec_options(url, options))
+    with fs.open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def archive_fixity(archive_url: str, output_options: dict) -> dict:
+    """Checksums of one archive, for the job's manifests (``archive_fixity-*``).
+
+    Returns
+    -------
+    dict
+        ``files``: ``{path relative to the archive: sha256}`` of every file (object) of the
+        archive; ``bytes``: their total size; ``payload_sha256`` and ``payload_bytes``: of the
+        chunk payloads concatenated in chunk order (what the codec wrote, independent of
+        zarr's file layout).
+    """
+    from palstream import archive
+    from palstream.batch.store import filesystem
+
+    fs, root = filesystem(archive_url, output_options)
+    root = root.rstrip("/")
+    files, total = {}, 0
+    for path in sorted(fs.find(root)):
+        blob = fs.cat_file(path)
+        files[path[len(root) + 1 :]] = hashlib.sha256(blob).hexdigest()
+        total += len(blob)
+    arc = archive.open_archive(archive_url, output_options)
+    payload, size = hashlib.sha256(), 0
+    for i in range(arc.n_chunks):
+        chunk = arc.read_chunk(i)
+        payload.update(chunk)
+        size += len(chunk)
+    return {"files": files, "bytes": total, "payload_sha256": payload.hexdigest(), "payload_bytes": size}
 
 
 def probe_source(url: str, options: dict) -> dict:
-    """``SourceInfo`` of one input as a dict (``probe_source-*``); raises ``InputError`` if unreadable."""
+    """Probe one input (``probe_source-*``), run once per input.
+
+    Returns
+    -------
+    dict
+        ``{"info": SourceInfo dict}``, or ``{"refused": reason}`` when the input cannot be
+        archived. The refusal is a value, not an exception, so no retry can turn it into an
+        acceptance.
+    """
     from palstream import io
 
-    return io.probe(url, storage_options=options).to_dict()
+    try:
+        return {"info": io.probe(url, storage_options=options).to_dict()}
+    except PalstreamError as exc:
+        return {"refused": str(exc)}
 
 
 def generator_identity(name: str) -> dict:

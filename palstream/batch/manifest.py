@@ -1,0 +1,92 @@
+"""The job's manifests at the output root, for archivists: what came in, what went out, checksums.
+
+``manifest.csv``
+    One row per input of the plan (refused inputs included): source and archive paths relative
+    to the input and output roots, state, frames, source size and SHA-256, archive size,
+    payload size and SHA-256, lowest PSNR-Y of its chunks, and the reason of a failure.
+``manifest-sha256.txt``
+    BagIt-style payload manifest: ``<sha256>  <path>`` for every file of every complete archive,
+    paths relative to the output root. It checks with ``sha256sum -c manifest-sha256.txt`` run in
+    the output root. (The output root is not a BagIt bag: archives are not under ``data/``.)
+
+Both are rewritten at the end of every run (``submit`` and ``resume``). The checksums of an
+archive are computed once, on a worker, when it is finalized (``_palstream/fixity/<i>.json``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from palstream.batch.store import JOB_DIR, join, read_json, write_bytes, write_json
+
+COLUMNS = (
+    "source", "archive", "state", "frames", "source_bytes", "source_sha256",
+    "archive_bytes", "payload_bytes", "payload_sha256", "min_psnr_y", "reason",
+)
+
+
+def write_manifests(client, output: str, options: dict, plan, report) -> None:
+    """Write ``manifest.csv`` and ``manifest-sha256.txt`` under ``output`` for ``plan``.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        Computes a missing fixity record on a worker (archives finalized by an older version).
+    output : str
+        The output root.
+    options : dict
+        fsspec options of the output root.
+    plan : palstream.batch.plan.Plan
+        The job's plan.
+    report : palstream.batch.runner.JobReport
+        This run's report (states and failure reasons).
+    """
+    from palstream.batch.status import unit_summaries
+    from palstream.batch.worker import archive_fixity
+
+    summaries = unit_summaries(output, options)
+    reasons: dict[str, str] = {}
+    for q in report.quarantined:
+        reasons.setdefault(q["input"], q["reason"])
+    rows, checksums = [], []
+    for i, src in enumerate(plan.sources):
+        state = report.archives.get(src["archive"], "incomplete")
+        fixity = None
+        if state == "complete":
+            url = join(output, JOB_DIR, "fixity", f"{i}.json")
+            fixity = read_json(url, options)
+            if fixity is None:
+                fixity = client.submit(archive_fixity, plan.archive_url(output, i), options, key=f"archive_fixity-{plan.hash[:12]}-{i}", pure=False).result()
+                write_json(url, fixity, options)
+            checksums += [f"{digest}  {src['archive']}/{name}" for name, digest in sorted(fixity["files"].items())]
+        psnrs = [s["psnr_y"] for (j, _), s in summaries.items() if j == i and s.get("psnr_y") is not None]
+        rows.append(
+            {
+                "source": src.get("path", src["info"]["name"]),
+                "archive": src["archive"],
+                "state": state,
+                "frames": src["info"]["frame_count"],
+                "source_bytes": src["info"]["size_bytes"],
+                "source_sha256": src["info"]["sha256"],
+                "archive_bytes": fixity["bytes"] if fixity else "",
+                "payload_bytes": fixity["payload_bytes"] if fixity else "",
+                "payload_sha256": fixity["payload_sha256"] if fixity else "",
+                "min_psnr_y": f"{min(psnrs):.2f}" if psnrs else ("exact" if fixity and plan.config.lossless else ""),
+                "reason": reasons.get(src["url"], ""),
+            }
+        )
+    for rejected in plan.rejected:
+        rows.append(
+            {
+                "source": rejected.get("path", rejected["url"].rsplit("/", 1)[-1]),
+                "state": "refused",
+                "reason": rejected["reason"],
+            }
+        )
+    text = io.StringIO()
+    writer = csv.DictWriter(text, COLUMNS, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes(join(output, "manifest.csv"), text.getvalue().encode(), options)
+    write_bytes(join(output, "manifest-sha256.txt"), "".join(f"{line}\n" for line in checksums).encode(), options)
