@@ -10,10 +10,14 @@ few values (never a video or unit id). ``monitoring/`` uses exactly these names.
 from __future__ import annotations
 
 import contextlib
+import socket
+import threading
 import time
 from typing import Iterator
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from palstream.errors import PalstreamError
 from palstream.tuner.space import ARM_NAMES
@@ -52,6 +56,8 @@ job_workers_requested = Gauge("palstream_job_workers_requested", "Dask workers t
 job_last_progress = Gauge(
     "palstream_job_last_progress_timestamp_seconds", "Unix time the driver last saw a unit finish"
 )
+# The stalled-job alert measures from here until the first unit finishes (the progress gauge is 0).
+job_start = Gauge("palstream_job_start_timestamp_seconds", "Unix time the driver started the running job")
 
 # Driver side, tuned jobs only (docs/tuner.md): one decision per batch, one reward per finished batch.
 tuner_decisions = Counter("palstream_tuner_decisions", "Encoder configurations the tuner chose, by arm", ["arm"])
@@ -88,19 +94,89 @@ def record_unit(summary: dict, stage_seconds: dict[str, float]) -> None:
     last_success.set(time.time())
 
 
+# Prometheus's default scrape interval is 1 minute (monitoring/prometheus.yml and the chart use 15 s).
+FINAL_SCRAPE_SECONDS = 60.0
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002  scrapes are not worth a log line each
+        pass
+
+
+class _MetricsServer(ThreadingWSGIServer):
+    # Closing waits for scrapes in flight, so the one that read the final state is delivered.
+    daemon_threads = False
+    block_on_close = True
+
+
+class _ScrapeCount:
+    """A WSGI app serving the default registry that counts the scrapes it has answered."""
+
+    def __init__(self):
+        self.app = make_wsgi_app()
+        self.count = 0
+        self.changed = threading.Condition()
+
+    def __call__(self, environ, start_response):
+        body = self.app(environ, start_response)  # the registry is read here, before counting
+        with self.changed:
+            self.count += 1
+            self.changed.notify_all()
+        return body
+
+    def wait_for_next(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for a scrape after this call; True if one came."""
+        with self.changed:
+            seen = self.count
+            return self.changed.wait_for(lambda: self.count > seen, timeout)
+
+
 @contextlib.contextmanager
-def serve_driver_metrics(port: int | None, host: str = "127.0.0.1") -> Iterator[None]:
-    """Serve the default registry at ``http://host:port/metrics`` while the block runs (None: not at all)."""
+def serve_driver_metrics(
+    port: int | None, host: str = "127.0.0.1", final_scrape_timeout: float = FINAL_SCRAPE_SECONDS
+) -> Iterator[None]:
+    """Serve the default registry at ``http://host:port/metrics`` while the block runs.
+
+    Parameters
+    ----------
+    port : int or None
+        TCP port; None serves nothing.
+    host : str, default "127.0.0.1"
+        Interface to bind.
+    final_scrape_timeout : float, default :data:`FINAL_SCRAPE_SECONDS`
+        When the block ends and the endpoint has been scraped periodically (at least twice), keep
+        serving until one more scrape has read the final state, at most this many seconds
+        (not after Ctrl-C).
+        Otherwise Prometheus keeps the units the job had left at its last scrape before the end,
+        and ``PalstreamDriverDown`` (monitoring/alerts.yml) would fire after every finished job.
+
+    Raises
+    ------
+    PalstreamError
+        The port cannot be bound.
+    """
     if port is None:
         yield
         return
+    scrapes = _ScrapeCount()
     try:
-        server, thread = start_http_server(port, addr=host)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        server_class = type("_MetricsServer", (_MetricsServer,), {"address_family": family})  # IPv4 or IPv6 host
+        server = make_server(host, port, scrapes, server_class, handler_class=_QuietHandler)
     except OSError as exc:
         raise PalstreamError(f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); choose another --metrics-port") from None
+    thread = threading.Thread(target=server.serve_forever, name="palstream-metrics", daemon=True)
+    thread.start()
+    job_start.set(time.time())
+    linger = True
     try:
         yield
+    except BaseException as exc:
+        linger = isinstance(exc, Exception)  # Ctrl-C exits at once
+        raise
     finally:
+        if linger and scrapes.count >= 2:
+            scrapes.wait_for_next(final_scrape_timeout)
         server.shutdown()
         server.server_close()
         thread.join()
