@@ -34,7 +34,7 @@ from palstream.batch.status import EXIT_FAILED, EXIT_INCOMPLETE
 from palstream.batch.store import read_json
 from palstream.batch.worker import _DropPalstreamTaskFailures, encode_unit, finalize_archive, probe_source
 from palstream.codec import EncoderConfig
-from palstream.errors import ConfigError, PalstreamError
+from palstream.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -308,7 +308,7 @@ def test_a_library_job_keeps_refusals_mirrors_the_tree_and_writes_manifests(tmp_
     assert [s["archive"] for s in plan["sources"]] == [f"b/{Path(CLIP).stem}.zarr"]
 
     rows = {r["source"]: r for r in csv.DictReader((out / "manifest.csv").open())}
-    assert {k: rows[k]["state"] for k in rows} == {f"a/{CLIP}": "refused", f"b/{CLIP}": "complete", "b/truncated.mkv": "refused"}
+    assert {k: rows[k]["state"] for k in rows} == {f"a/{CLIP}": "quarantined", f"b/{CLIP}": "complete", "b/truncated.mkv": "quarantined"}
     good = rows[f"b/{CLIP}"]
     assert good["frames"] == "8" and good["source_sha256"] == hashlib.sha256((DATA / CLIP).read_bytes()).hexdigest()
     assert good["archive"] == f"b/{Path(CLIP).stem}.zarr" and int(good["payload_bytes"]) > 0

@@ -80,7 +80,7 @@ def write_manifests(client, output: str, options: dict, plan, report) -> None:
         rows.append(
             {
                 "source": rejected.get("path", rejected["url"].rsplit("/", 1)[-1]),
-                "state": "refused",
+                "state": "quarantined",
                 "reason": rejected["reason"],
             }
         )

@@ -99,7 +99,7 @@ class Plan:
     def matches(self, urls: list[str], config: EncoderConfig, tuner: dict | None) -> bool:
         """Whether this plan is the job of ``urls`` encoded with ``config`` (and ``tuner``)."""
         planned = sorted([s["url"] for s in self.sources] + [r["url"] for r in self.rejected])
-        return planned == sorted(urls) and self.data["codec"] == config.to_dict() and self.tuner == tuner
+        return planned == sorted(urls) and self.config == config and self.tuner == tuner
 
     @property
     def config(self) -> EncoderConfig:

@@ -38,7 +38,8 @@ def job_status(output: str, options: dict | None = None) -> dict:
         ``output``, ``plan``, ``state`` (``running``, ``complete``, ``incomplete``), ``running_by``
         (lock holder or None), ``units_done``/``units_total``, ``frames_done``/``frames_total``,
         ``frames_per_second`` (last run, or so far while running), ``videos`` (one dict per
-        input: ``name``, ``archive``, ``state``, ``units_done``, ``units_total``, ``frames_done``,
+        input: ``name`` (path under the input root), ``archive``, ``state`` (``complete``,
+        ``partial``, ``pending``, ``quarantined``), ``units_done``, ``units_total``, ``frames_done``,
         ``ratio``, ``psnr_y``), ``quarantined`` (from the last run's report), ``tuner`` (tuned
         jobs: decisions and mean reward by arm, see ``palstream.tuner.session.ledger_summary``;
         None otherwise).
@@ -93,7 +94,7 @@ def job_status(output: str, options: dict | None = None) -> dict:
         )
     for rejected in plan.rejected:
         videos.append(
-            {"name": rejected.get("path", rejected["url"].rsplit("/", 1)[-1]), "archive": None, "state": "refused", "units_done": 0,
+            {"name": rejected.get("path", rejected["url"].rsplit("/", 1)[-1]), "archive": None, "state": "quarantined", "units_done": 0,
              "units_total": 0, "frames_done": 0, "frames_total": 0, "ratio": None, "psnr_y": None}
         )
     if running:
