@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import shutil
+import socket
 import subprocess
 import sys
 import warnings
@@ -31,10 +32,10 @@ from palstream.batch.plan import (
 )
 from palstream.batch.spec import JobSpec
 from palstream.batch.status import EXIT_FAILED, EXIT_INCOMPLETE
-from palstream.batch.store import read_json
+from palstream.batch.store import read_json, write_bytes
 from palstream.batch.worker import _DropPalstreamTaskFailures, encode_unit, finalize_archive, probe_source
 from palstream.codec import EncoderConfig
-from palstream.errors import ConfigError
+from palstream.errors import ArchiveError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -71,6 +72,10 @@ def test_outputs_mirror_the_input_tree_without_name_clashes():
     assert mixed["s3://bucket/x.mkv"][1] == "s3/bucket/x.zarr" and mixed["/in/x.mkv"][1] == "file/in/x.zarr"
     plan = Plan.build(EncoderConfig(gop=4), [("/in/a/x.mkv", _info("x.mkv", 4), None), ("/in/b/x.mkv", _info("x.mkv", 4), None)])
     assert [s["archive"] for s in plan.sources] == ["a/x.zarr", "b/x.zarr"]
+    # A rerun of `submit` continues this plan (no second probe) only for the same inputs and settings.
+    assert plan.matches(["/in/b/x.mkv", "/in/a/x.mkv"], EncoderConfig(gop=4), None)
+    assert not plan.matches(["/in/a/x.mkv"], EncoderConfig(gop=4), None)
+    assert not plan.matches(["/in/a/x.mkv", "/in/b/x.mkv"], EncoderConfig(gop=8), None)
 
 
 # -- job files: hashes, confinement, scheduler --------------------------------------------------
@@ -152,6 +157,25 @@ def test_credentials_in_input_urls_are_refused_before_they_are_stored():
             credential_free(url)
         assert "hunter2" not in str(err.value) and "credentials" in str(err.value)
     assert credential_free("s3://bucket/dir/a.mkv?versionId=3") == "s3://bucket/dir/a.mkv?versionId=3"
+    with pytest.raises(ConfigError) as err:
+        JobSpec.from_dict({"inputs": ["a.mkv"], "output": "o", "storage": {"endpoint_url": "http://ak:hunter2@minio:9000"}})
+    assert "hunter2" not in str(err.value) and "endpoint_url" in str(err.value)
+
+
+def test_unreachable_s3_job_files_are_one_line_errors(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
+    for action in (lambda: read_json("s3://bucket/out/_palstream/plan.json", options),
+                   lambda: write_bytes("s3://bucket/out/manifest.csv", b"x", options)):
+        with pytest.raises(ArchiveError) as err:
+            action()
+        message = str(err.value)
+        assert "s3://bucket/out/" in message and "endpoint" in message
+        assert "\n" not in message and "testing-secret" not in message
 
 
 # -- status and options -------------------------------------------------------------------------

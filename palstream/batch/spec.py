@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from palstream.codec import EncoderConfig
 from palstream.errors import ConfigError
@@ -65,6 +66,11 @@ class StorageSpec:
         for name in ("profile", "endpoint_url", "region", "aws_profile"):
             if data.get(name) is not None and not isinstance(data[name], str):
                 raise ConfigError(f"{where}.{name}: must be a string, got {data[name]!r}")
+        if data.get("endpoint_url") and urlsplit(data["endpoint_url"]).password is not None:
+            raise ConfigError(
+                f"{where}.endpoint_url: credentials do not belong in the endpoint URL (they would be stored with the job); "
+                "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment or use aws_profile"
+            )
         if "anon" in data and not isinstance(data["anon"], bool):
             raise ConfigError(f"{where}.anon: must be true or false, got {data['anon']!r}")
         spec = cls(**data)
