@@ -5,9 +5,20 @@ Library API (the CLI and the batch system use only this):
 - ``EncoderConfig``: frozen, validated settings.
 - ``encode_chunk(frames, config, generator=None) -> EncodedChunk``: one GOP to opaque bytes.
 - ``decode_chunk(payload) -> Frames``: bytes back to frames; numpy only, no torch.
+- ``compile_kernels()``: compile the numba kernels ahead of use (``python -m palstream.codec``).
 """
 
-from palstream.codec.config import DEFAULT_TARGET_PSNR, EncoderConfig
-from palstream.codec.chunk import BitstreamError, EncodedChunk, decode_chunk, encode_chunk
+from palstream.codec import precompile as _precompile
 
-__all__ = ["DEFAULT_TARGET_PSNR", "BitstreamError", "EncodedChunk", "EncoderConfig", "decode_chunk", "encode_chunk"]
+# before any kernel is defined: numba picks each kernel's cache folder at its definition
+_precompile.use_writable_cache()
+_precompile.announce_compiles()
+
+from palstream.codec.config import DEFAULT_TARGET_PSNR, EncoderConfig  # noqa: E402
+from palstream.codec.chunk import BitstreamError, EncodedChunk, decode_chunk, encode_chunk  # noqa: E402
+from palstream.codec.precompile import compile_kernels  # noqa: E402
+
+__all__ = [
+    "DEFAULT_TARGET_PSNR", "BitstreamError", "EncodedChunk", "EncoderConfig", "compile_kernels", "decode_chunk",
+    "encode_chunk",
+]

@@ -81,8 +81,10 @@ filesystem is read-only) and storage credentials, always by Secret reference. */
   value: /tmp
 - name: DASK_TEMPORARY_DIRECTORY
   value: /tmp/dask
+# The codec's kernels as compiled into the image (Dockerfile); palstream copies them to /tmp
+# at first use, since numba needs a writable cache.
 - name: NUMBA_CACHE_DIR
-  value: /tmp/numba
+  value: /opt/palstream/numba-cache
 - name: MPLCONFIGDIR
   value: /tmp/matplotlib
 # Worker processes: glibc malloc settings that keep the codec off mmap page faults (~15 % of a

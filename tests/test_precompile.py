@@ -1,0 +1,114 @@
+"""Compile-ahead: a notice whenever the codec compiles, a read-only cache that still works, and
+compile_kernels covering every kernel signature the codec uses."""
+
+import ctypes
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from palstream.codec.precompile import AHEAD_NOTICE, FIRST_USE_NOTICE
+
+DATA = Path(__file__).parent / "data"
+# one small kernel: compiles in about a second
+FLUSH = "import numpy as np; from palstream.codec import rangecoder; rangecoder.flush(rangecoder.new_state(), np.zeros(16, np.uint8))"
+
+
+def _python(code: str, cache: Path, tmp: Path, read_only: bool = False) -> subprocess.CompletedProcess:
+    """Run ``code`` with ``cache`` as numba's cache folder; ``read_only``: as root too, folders
+    without write permission stay unwritable."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "TMPDIR": str(tmp)}
+    drop = _without_root_overrides if read_only and os.geteuid() == 0 else None
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=tmp, preexec_fn=drop
+    )
+
+
+def test_a_cold_cache_says_it_compiles_and_a_warm_one_is_silent(tmp_path):
+    cache = tmp_path / "cache"
+    cold = _python(FLUSH, cache, tmp_path)
+    assert cold.returncode == 0, cold.stderr
+    assert cold.stderr.splitlines() == [FIRST_USE_NOTICE]
+    warm = _python(FLUSH, cache, tmp_path)
+    assert warm.returncode == 0 and warm.stderr == ""
+
+
+def _without_root_overrides() -> None:
+    """Drop the capabilities that let root write into read-only folders (Linux ``prctl``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_a_read_only_cache_is_copied_and_used_with_one_warning(tmp_path):
+    baked = tmp_path / "baked"
+    assert _python(FLUSH, baked, tmp_path).returncode == 0  # the image build's compile
+    for path in [baked, *baked.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    report = "; from numba.core import config; print(config.CACHE_DIR)"
+    first = _python(FLUSH + report, baked, tmp_path, read_only=True)
+    assert first.returncode == 0, first.stderr
+    lines = first.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: numba cache {baked} is read-only; using a copy in ")
+    copy = Path(first.stdout.strip())
+    assert copy.is_relative_to(tmp_path) and copy != baked  # and no compile notice: the kernel came from the copy
+    again = _python(FLUSH + report, baked, tmp_path, read_only=True)
+    assert again.returncode == 0 and again.stderr == "" and again.stdout == first.stdout  # copied once
+
+
+COVERAGE = """
+import sys
+import numpy as np
+from numba.core.registry import CPUDispatcher
+from palstream.codec import EncoderConfig, compile_kernels, decode_chunk, encode_chunk
+from palstream.codec import analysis, rangecoder, syntax
+from palstream.io import read_frames
+from palstream.learned import chroma
+
+compile_kernels()
+kernels = [f for m in (analysis, rangecoder, syntax, chroma) for f in vars(m).values() if isinstance(f, CPUDispatcher)]
+before = {k: set(k.signatures) for k in kernels}
+for clip, n in (("camera_64x48.mkv", 6), ("screen_37x29.mkv", 4)):
+    frames = read_frames(sys.argv[1] + "/" + clip, 0, n)
+    for config in (EncoderConfig(lossless=True), EncoderConfig(target_psnr=38.0), EncoderConfig(palette="cgan-v1")):
+        decode_chunk(encode_chunk(frames, config).payload)
+new = [f"{k.py_func.__module__}.{k.__name__}{s}" for k in kernels for s in set(k.signatures) - before[k]]
+print("\\n".join(new))
+"""
+
+
+def test_compile_kernels_covers_every_signature_the_codec_uses(tmp_path):
+    """In a fresh process, encoding and decoding real clips after compile_kernels() needs no kernel
+    signature that compile_kernels() did not already compile or load."""
+    run = subprocess.run(
+        [sys.executable, "-c", COVERAGE, str(DATA)], capture_output=True, text=True, timeout=1800, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == ""
+
+
+@pytest.mark.slow
+def test_compile_ahead_says_so_at_once_and_later_encodes_start_in_seconds(tmp_path):
+    """Cold: the notice within seconds of starting, the kernels compiled once; then a fresh
+    process encodes and decodes a clip without compiling anything."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+    start = time.perf_counter()
+    ahead = subprocess.Popen([sys.executable, "-m", "palstream.codec"], env=env, stderr=subprocess.PIPE, text=True)
+    first = ahead.stderr.readline().rstrip("\n")
+    noticed = time.perf_counter() - start
+    rest = ahead.communicate(timeout=3600)[1]
+    assert ahead.returncode == 0, rest
+    assert first == AHEAD_NOTICE and noticed < 10  # about 0.5 s on an idle 2-core machine
+    warm = subprocess.run([sys.executable, "-m", "palstream.codec"], env=env, capture_output=True, text=True)
+    assert warm.returncode == 0 and warm.stderr == ""
+    code = (
+        "from palstream.codec import EncoderConfig, decode_chunk, encode_chunk; from palstream.io import read_frames; "
+        f"f = read_frames({str(DATA / 'camera_64x48.mkv')!r}, 0, 6); decode_chunk(encode_chunk(f, EncoderConfig()).payload)"
+    )
+    use = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert use.returncode == 0 and use.stderr == ""
