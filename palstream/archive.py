@@ -2,42 +2,70 @@
 
 Layout (``{i:06d}`` is the zero-padded chunk index)::
 
-    zarr.json                root group; attributes describe the whole archive (see FORMAT.md)
+    zarr.json                root group; attributes describe the whole archive, sealed by a digest
     chunks/{i:06d}/          1-D uint8 array: the chunk's payload bytes (one zarr chunk, crc32c)
-    commits/{i:06d}/         empty group whose attributes repeat the payload's sha256 and length
+    commits/{i:06d}/         empty group whose attributes repeat the payload's sha256 and length,
+                             and bind the chunk to the archive (digest of the root's core)
 
 One task writes one chunk: first the array metadata (with the chunk's sha256 and statistics),
 then its data, and last its commit marker. A chunk is *committed* only when its marker exists
 *and* agrees with the array's metadata, so a half-written chunk is never taken for done.
 ``finalize`` checks every chunk and only then sets ``status`` to ``"complete"``.
+
+Writing goes through zarr. Reading does not: every ``zarr.json`` is read as bytes with a size
+ceiling, parsed as strict JSON and compared field by field with what FORMAT.md allows, because
+zarr would honour whatever a damaged document declares (a gzip codec, a shape of 10^12).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import math
-from fractions import Fraction
+import os
+import re
+import uuid
+import warnings
+from decimal import Decimal
 from typing import Callable, Iterator
 
 import fsspec
+import google_crc32c
 import numpy as np
 import zarr
 import zarr.codecs
 
 import palstream
 from palstream.codec import BitstreamError, EncodedChunk, EncoderConfig, decode_chunk
+from palstream.codec.chunk import HEADER, MAGIC
 from palstream.errors import ArchiveError, DamagedChunkError
 from palstream.frames import Frames
 from palstream.io import SourceInfo, fsspec_options
 
 FORMAT_NAME = "palstream"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # Sanity limits for declared sizes: reading a malformed archive must fail cleanly, not allocate wildly.
 MAX_DIMENSION = 16384
 MAX_FRAMES = 10**9
 MAX_GOP = 1024
+MAX_ROOT_JSON = 64 << 20  # root zarr.json; tuner runs make it grow with the number of batches
+MAX_NODE_JSON = 1 << 20  # a chunk array's or commit marker's zarr.json
+MAX_JSON_DEPTH = 32  # documents of the format nest 4 deep; deeper ones are damage, refused before recursion
+MAX_JSON_INT = 2**53  # RFC 8785 numbers are IEEE doubles: larger integers have no canonical form
+PAYLOAD_BYTES_PER_SAMPLE = 4  # payload ceiling per coded sample (FORMAT.md §3): far above any real chunk
+CTU = 64  # coded planes are padded to multiples of 64 (BITSTREAM.md §2)
+TEMP_MARK = ".palstream-tmp-"
 _REQUIRED_ATTRS = ("format", "format_version", "source", "encoder", "gop", "n_chunks", "frame_count", "status")
+_CORE_ATTRS = ("format", "format_version", "source", "encoder", "gop", "n_chunks", "frame_count")
+_MUTABLE_ENCODER_KEYS = ("configs", "chunk_configs")  # appended by the tuner's driver during a job
+_NAMED_FIELDS = ("source", "encoder")  # the integrity record names the altered key inside these
+_FOREIGN = "belongs to another archive"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+_RATIO = re.compile(r"([0-9]{1,10})/([0-9]{1,10})")
 
 
 def _key(index: int) -> str:
@@ -57,337 +85,399 @@ def json_safe(value):
     return value
 
 
-def _store_args(url: str, storage_options: dict | None) -> dict:
-    if "://" not in str(url):
-        return {}  # a plain path: zarr's LocalStore
-    options = fsspec_options(url, storage_options)
-    if str(url).startswith("file://"):
-        options["auto_mkdir"] = True  # zarr needs it to create a new local folder through fsspec
-    return {"storage_options": options}
+# -- canonical JSON and digests (FORMAT.md §5) ---------------------------------------------------
 
 
-def _open_group(url: str, mode: str, storage_options: dict | None, **kwargs) -> zarr.Group:
-    return zarr.open_group(str(url), mode=mode, **_store_args(url, storage_options), **kwargs)
+def _jcs_number(value: float) -> str:
+    """A finite double as ECMAScript's Number::toString writes it (RFC 8785 §3.2.2.3)."""
+    if value == 0:
+        return "0"
+    sign, digits, exponent = Decimal(repr(abs(value))).normalize().as_tuple()
+    digits = "".join(map(str, digits))
+    k, n = len(digits), len(digits) + exponent  # ECMAScript's k and n: value = 0.digits * 10^n
+    if k <= n <= 21:
+        text = digits + "0" * (n - k)
+    elif 0 < n <= 21:
+        text = f"{digits[:n]}.{digits[n:]}"
+    elif -6 < n <= 0:
+        text = "0." + "0" * -n + digits
+    else:
+        mantissa = digits if k == 1 else f"{digits[0]}.{digits[1:]}"
+        text = f"{mantissa}e{'+' if n - 1 > 0 else '-'}{abs(n - 1)}"
+    return ("-" if value < 0 else "") + text
 
 
-def check_destination(url: str, storage_options: dict | None = None, overwrite: bool = False) -> None:
-    """Refuse an existing output (unless ``overwrite``) or an unwritable location, before any work.
-
-    Writes and removes one empty probe object. ``overwrite`` only ever replaces an existing
-    palstream archive, never an unrelated file or folder.
+def canonical_json(value) -> bytes:
+    """``value`` serialised by the JSON Canonicalization Scheme (RFC 8785), UTF-8.
 
     Raises
     ------
-    ArchiveError
-        The destination exists, is not a palstream archive, or cannot be written.
-    """
-    try:
-        fs, path = fsspec.core.url_to_fs(str(url), **fsspec_options(url, storage_options))
-        if fs.exists(path):
-            if fs.isfile(path):
-                raise ArchiveError(f"{url} exists and is a file; choose another archive path")
-            if fs.ls(path, detail=False):
-                if not _is_palstream(fs, path):
-                    raise ArchiveError(f"{url} exists and is not a palstream archive; choose another path")
-                if not overwrite:
-                    raise ArchiveError(f"archive {url} already exists; pass --overwrite to replace it")
-        local = "file" in fs.protocol or "local" in fs.protocol
-        created = local and not fs.exists(path)
-        if local:
-            fs.makedirs(path, exist_ok=True)
-        test = f"{path.rstrip('/')}/.palstream-write-test"
-        fs.pipe_file(test, b"")
-        fs.rm_file(test)
-        if created:
-            fs.rmdir(path)  # leave nothing behind until the archive is really created
-    except ArchiveError:
-        raise
-    except (OSError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-        raise ArchiveError(f"cannot write archive {url}: {reason}; choose a writable location") from None
-
-
-def _is_palstream(fs, path: str) -> bool:
-    try:
-        meta = json.loads(fs.cat_file(f"{path.rstrip('/')}/zarr.json"))
-    except (OSError, ValueError):
-        return False
-    return meta.get("attributes", {}).get("format") == FORMAT_NAME
-
-
-class ArchiveWriter:
-    """Writes an archive chunk by chunk; every chunk can be written by a different task.
-
-    Use :meth:`create` for a new archive and :meth:`open` to resume an incomplete one.
+    ValueError
+        The value has no canonical form: an integer beyond 2^53, a non-finite float, a lone
+        surrogate, or a type JSON lacks.
     """
 
-    def __init__(self, group: zarr.Group, url: str):
-        self._group = group
-        self.url = url
-        self.attrs = _validated_attrs(dict(group.attrs), url)
-        self.n_chunks = self.attrs["n_chunks"]
+    def write(v, out: list) -> None:
+        if v is None or isinstance(v, bool):
+            out.append({None: "null", True: "true", False: "false"}[v])
+        elif isinstance(v, int):
+            if abs(v) > MAX_JSON_INT:
+                raise ValueError(f"integer {v} is beyond 2^53")
+            out.append(str(v))
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                raise ValueError("non-finite number")
+            out.append(_jcs_number(v))
+        elif isinstance(v, str):
+            out.append(json.dumps(v, ensure_ascii=False))
+        elif isinstance(v, (list, tuple)):
+            out.append("[")
+            for i, item in enumerate(v):
+                out.append("," if i else "")
+                write(item, out)
+            out.append("]")
+        elif isinstance(v, dict):
+            out.append("{")
+            # RFC 8785 sorts names by their UTF-16 code units
+            for i, name in enumerate(sorted(v, key=lambda s: s.encode("utf-16-be", "surrogatepass"))):
+                out.append(("," if i else "") + json.dumps(name, ensure_ascii=False) + ":")
+                write(v[name], out)
+            out.append("}")
+        else:
+            raise ValueError(f"{type(v).__name__} is not JSON")
 
-    @classmethod
-    def create(
-        cls,
-        url: str,
-        source: SourceInfo,
-        config: EncoderConfig,
-        generator=None,
-        n_chunks: int | None = None,
-        storage_options: dict | None = None,
-        overwrite: bool = False,
-    ) -> "ArchiveWriter":
-        """Create an empty archive with status ``"incomplete"``.
-
-        Parameters
-        ----------
-        url : str
-            Local path or fsspec URL of the archive (a folder / key prefix).
-        source : SourceInfo
-            The probed source.
-        config : EncoderConfig
-            Recorded with its digest.
-        generator : PaletteGenerator, optional
-            Recorded by name and weights hash; default: the generator named in ``config``.
-        n_chunks : int, optional
-            Must equal ``ceil(source.frame_count / config.gop)`` (the default).
-        storage_options : dict, optional
-            Passed to fsspec.
-        overwrite : bool, default False
-            Replace an existing palstream archive at ``url``.
-        """
-        expected = math.ceil(source.frame_count / config.gop)
-        if n_chunks is not None and n_chunks != expected:
-            raise ArchiveError(
-                f"{n_chunks} chunks do not fit {source.frame_count} frames in GOPs of {config.gop}; use {expected}"
-            )
-        check_destination(url, storage_options, overwrite)
-        attrs = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "source": source.to_dict(),
-            "encoder": {
-                "palstream_version": palstream.__version__,
-                "config": config.to_dict(),
-                "config_digest": config.digest,
-                "palette_generator": {
-                    "name": generator.name if generator is not None else config.palette,
-                    "weights_hash": generator.weights_hash if generator is not None else None,
-                },
-            },
-            "gop": config.gop,
-            "n_chunks": expected,
-            "frame_count": source.frame_count,
-            "status": "incomplete",
-        }
-        try:
-            group = _open_group(url, "w", storage_options, attributes=attrs)
-            group.create_group("chunks")
-            group.create_group("commits")
-        except OSError as exc:
-            raise ArchiveError(f"cannot write archive {url}: {exc}; choose a writable location") from None
-        return cls(group, str(url))
-
-    @classmethod
-    def open(cls, url: str, storage_options: dict | None = None) -> "ArchiveWriter":
-        """Reopen an existing archive to write its remaining chunks (resume)."""
-        return cls(_open_existing(url, "r+", storage_options), str(url))
-
-    def chunk_frames(self, index: int) -> range:
-        """Frame numbers of chunk ``index`` in the source."""
-        return _chunk_frames(self.attrs, index)
-
-    def write_chunk(self, index: int, encoded: EncodedChunk) -> None:
-        """Store one encoded chunk, then its commit marker.
-
-        Idempotent: rewriting a committed chunk with the same payload does nothing. A different
-        payload first removes the old marker, so the chunk is never committed with mixed data.
-        """
-        frames = self.chunk_frames(index)
-        payload = bytes(encoded.payload)
-        if not payload:
-            raise ArchiveError(f"chunk {index} has an empty payload; the encoder failed")
-        if encoded.stats.get("frames", len(frames)) != len(frames):
-            raise ArchiveError(f"chunk {index} holds {encoded.stats['frames']} frames; expected {len(frames)}")
-        sha = hashlib.sha256(payload).hexdigest()
-        marker = self._marker(index)
-        if marker is not None:
-            if marker.get("sha256") == sha and self._array_consistent(index, marker):
-                return
-            del self._group[f"commits/{_key(index)}"]
-        attributes = {
-            "sha256": sha,
-            "frames": len(frames),
-            "first_frame": frames.start,
-            # Timings vary run to run; leaving them out keeps archive bytes reproducible.
-            "stats": json_safe({k: v for k, v in encoded.stats.items() if not k.endswith("_seconds")}),
-        }
-        array = self._group.create_array(
-            f"chunks/{_key(index)}",
-            shape=(len(payload),),
-            chunks=(len(payload),),
-            dtype="uint8",
-            filters=None,
-            compressors=[zarr.codecs.Crc32cCodec()],  # payload is entropy-coded: checksum, no compressor
-            fill_value=0,
-            attributes=attributes,
-            overwrite=True,
-            config={"write_empty_chunks": True},
-        )
-        array[:] = np.frombuffer(payload, np.uint8)
-        self._group.create_group(
-            f"commits/{_key(index)}", attributes={"sha256": sha, "bytes": len(payload)}, overwrite=True
-        )
-
-    def record_chunk_config(self, first: int, count: int, config: EncoderConfig) -> None:
-        """Record that chunks ``[first, first + count)`` are encoded with ``config`` (FORMAT.md §2.2).
-
-        For the tuner's batches, whose configuration differs from ``encoder.config``. Called by
-        the job's single driver before those chunks' tasks run; repeating a record (a resumed
-        job) writes nothing.
-        """
-        encoder = dict(self.attrs["encoder"])
-        run = {"first": first, "count": count, "digest": config.digest}
-        runs = list(encoder.get("chunk_configs", []))
-        if run in runs:
-            return
-        overlap = [r for r in runs if r["first"] < first + count and first < r["first"] + r["count"]]
-        if overlap:
-            raise ArchiveError(
-                f"archive {self.url}: chunks {first}..{first + count - 1} already have configuration "
-                f"{overlap[0]['digest']}; a chunk's configuration is decided once"
-            )
-        configs = {**encoder.get("configs", {}), config.digest: config.to_dict()}
-        runs = sorted([*runs, run], key=lambda r: r["first"])
-        self._group.attrs.update({"encoder": {**encoder, "configs": configs, "chunk_configs": runs}})
-        self.attrs = _validated_attrs(dict(self._group.attrs), self.url)
-
-    def revoke(self, index: int) -> None:
-        """Delete chunk ``index``'s commit marker, so the chunk counts as not written (and is redone)."""
-        if self._marker(index) is not None:
-            del self._group[f"commits/{_key(index)}"]
-
-    def _marker(self, index: int) -> dict | None:
-        try:
-            return dict(self._group[f"commits/{_key(index)}"].attrs)
-        except KeyError:
-            return None
-
-    def _array_consistent(self, index: int, marker: dict) -> bool:
-        try:
-            array = self._group[f"chunks/{_key(index)}"]
-        except KeyError:
-            return False
-        return array.attrs.get("sha256") == marker.get("sha256") and array.shape == (marker.get("bytes"),)
-
-    def committed(self) -> set[int]:
-        """Indices whose commit marker exists and matches the chunk's recorded sha256 and length."""
-        return _committed(self._group, self.n_chunks)
-
-    def finalize(self) -> None:
-        """Check that every chunk is committed and intact, then mark the archive complete.
-
-        Raises
-        ------
-        ArchiveError
-            Chunks are missing or damaged (the archive stays ``"incomplete"``).
-        """
-        missing = sorted(set(range(self.n_chunks)) - self.committed())
-        if missing:
-            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-            raise ArchiveError(f"archive {self.url} lacks {len(missing)} chunk(s) ({shown}); write them, then finalize")
-        archive = Archive(self._group, self.url)
-        damaged = archive.verify()
-        if damaged:
-            raise ArchiveError(f"archive {self.url} cannot be finalized: {damaged[0]}; rewrite that chunk")
-        payload_bytes = sum(self._group[f"chunks/{_key(i)}"].shape[0] for i in range(self.n_chunks))
-        self._group.attrs.update({"status": "complete", "payload_bytes": payload_bytes})
-        self.attrs = dict(self._group.attrs)
+    out: list[str] = []
+    write(value, out)
+    return "".join(out).encode("utf-8")  # a lone surrogate raises UnicodeEncodeError (a ValueError)
 
 
-def _committed(group: zarr.Group, n_chunks: int) -> set[int]:
-    try:
-        commits = group["commits"]
-        chunks = group["chunks"]
-    except KeyError:
-        return set()
-    names = set(chunks.array_keys())
-    done = set()
-    for name, marker in commits.groups():
-        if not (name.isdigit() and len(name) == 6 and int(name) < n_chunks and name in names):
+def _sha256(value) -> str:
+    return hashlib.sha256(canonical_json(value)).hexdigest()
+
+
+def _core(attrs: dict) -> dict:
+    """The root attributes fixed at creation: what every commit marker binds its chunk to."""
+    core = {k: attrs[k] for k in _CORE_ATTRS if k in attrs}
+    if isinstance(core.get("encoder"), dict):
+        core["encoder"] = {k: v for k, v in core["encoder"].items() if k not in _MUTABLE_ENCODER_KEYS}
+    return core
+
+
+def _field_digests(attrs: dict) -> dict:
+    fields = {}
+    for name, value in attrs.items():
+        if name == "integrity":
             continue
-        array = chunks[name]
-        if array.attrs.get("sha256") == marker.attrs.get("sha256") and array.shape == (marker.attrs.get("bytes"),):
-            done.add(int(name))
-    return done
+        if name in _NAMED_FIELDS and isinstance(value, dict):
+            fields.update({f"{name}.{sub}": _sha256(v)[:16] for sub, v in value.items()})
+        else:
+            fields[name] = _sha256(value)[:16]
+    return fields
 
 
-def _open_existing(url: str, mode: str, storage_options: dict | None) -> zarr.Group:
+def _seal(attrs: dict) -> dict:
+    """``attrs`` with its integrity record (FORMAT.md §2.3) recomputed."""
+    body = {k: v for k, v in attrs.items() if k != "integrity"}
+    return {**body, "integrity": {"sha256": _sha256(body), "fields": _field_digests(body)}}
+
+
+def _root_alteration(attrs: dict) -> str | None:
+    """None when the root attributes match their integrity record, else what changed."""
+    record = attrs.get("integrity")
+    body = {k: v for k, v in attrs.items() if k != "integrity"}
     try:
-        return _open_group(url, mode, storage_options)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-        raise ArchiveError(f"no palstream archive at {url}; check the path") from None
-    except (OSError, ValueError) as exc:
-        raise ArchiveError(f"cannot open archive {url}: {exc}") from None
+        actual = _sha256(body)
+        fields = _field_digests(body)
+    except ValueError as exc:
+        return f"a value has no canonical JSON form ({exc})"
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("sha256"), str)
+        and _HEX64.fullmatch(record["sha256"])
+        and isinstance(record.get("fields"), dict)
+        and all(isinstance(v, str) and _HEX16.fullmatch(v) for v in record["fields"].values())
+    ):
+        return "its integrity record is missing or damaged"
+    recorded = record["fields"]
+    changed = [k for k in fields if k in recorded and recorded[k] != fields[k]]
+    added = [k for k in fields if k not in recorded]
+    removed = [k for k in recorded if k not in fields]
+    if record["sha256"] == actual:
+        if changed or added or removed:
+            return "its integrity record is damaged (the field digests disagree; the attributes match the main digest)"
+        return None
+    parts = [f"{', '.join(names)} {what}" for names, what in ((changed, "changed"), (added, "added"), (removed, "removed")) if names]
+    return "; ".join(parts) or "its integrity digest does not match (the digest itself is damaged)"
 
 
-def _validated_attrs(attrs: dict, url: str) -> dict:
-    """Check the root attributes; every number later used for sizes or indexing is range-checked."""
-    missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
+# -- raw, bounded reading ------------------------------------------------------------------------
+
+
+class _Store:
+    """Bytes of an archive's objects through fsspec, each read bounded by a ceiling."""
+
+    def __init__(self, url: str, storage_options: dict | None):
+        self.url = str(url)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.url, **fsspec_options(url, storage_options))
+        except (ValueError, ImportError, OSError) as exc:
+            raise ArchiveError(f"cannot open archive {url}: {exc}; check the URL") from None
+        self.root = root.rstrip("/")
+
+    def read(self, key: str, limit: int) -> bytes | None:
+        """At most ``limit + 1`` bytes of ``key`` (so an oversized object shows); None if absent."""
+        try:
+            return self.fs.cat_file(f"{self.root}/{key}", start=0, end=limit + 1)
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError:
+            raise OSError(errno.EISDIR, "a folder where an object belongs") from None
+
+    def names(self, key: str) -> list[str]:
+        """Names directly under the folder/prefix ``key`` ([] if absent)."""
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.root}/{key}", detail=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse(data: bytes, limit: int) -> dict:
+    """A zarr.json document as a dict; ValueError for anything but a strict JSON object."""
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    try:
+        doc = json.loads(data.decode("utf-8"), parse_float=_finite, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    level, depth = [doc], 0
+    while level:  # iterative, so the depth check itself cannot overflow the stack
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, (dict, list))]
+    return doc
+
+
+def _show(value) -> str:
+    """A value for a one-line message, however large."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _same(a, b) -> bool:
+    """JSON equality that also compares types (``3.0`` is not ``3``, ``true`` is not ``1``)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def _is_int(value, lo: int, hi: int) -> bool:
+    return type(value) is int and lo <= value <= hi
+
+
+def _node_attributes(doc: dict, node_type: str) -> dict:
+    """The attributes of a zarr v3 group document, after checking it is exactly a group."""
+    extra = set(doc) - {"zarr_format", "node_type", "attributes", "consolidated_metadata"}
+    if extra:
+        raise ValueError(f"unexpected key(s) {_show(sorted(extra))}")
+    if not _same(doc.get("zarr_format"), 3) or not _same(doc.get("node_type"), node_type):
+        raise ValueError(f"not a zarr v3 {node_type}")
+    if doc.get("consolidated_metadata") is not None:
+        raise ValueError("consolidated metadata is not part of the format")
+    if not isinstance(doc.get("attributes"), dict):
+        raise ValueError("its attributes are not an object")
+    return doc["attributes"]
+
+
+def _array_document(length) -> dict:
+    """The one chunk-array document FORMAT.md §3 allows, attributes aside."""
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": [length],
+        "data_type": "uint8",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [length]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0,
+        "codecs": [{"name": "bytes"}, {"name": "crc32c"}],
+        "storage_transformers": [],
+    }
+
+
+def max_payload_bytes(frames: int, width: int, height: int) -> int:
+    """Largest payload FORMAT.md §3 allows for a chunk of ``frames`` frames of ``width`` x ``height``."""
+    padded = (width + -width % CTU) * (height + -height % CTU)
+    return HEADER.size + PAYLOAD_BYTES_PER_SAMPLE * frames * padded * 3 // 2
+
+
+# -- root attributes ----------------------------------------------------------------------------
+
+
+def _check_root(doc: dict, url: str) -> dict:
+    """The root attributes, every field checked against FORMAT.md §2 before anything uses it."""
+
+    def bad(what: str) -> ArchiveError:
+        return ArchiveError(f"archive {url} is malformed: {what}; restore zarr.json from a copy or re-encode")
+
+    try:
+        attrs = _node_attributes(doc, "group")
+    except ValueError as exc:
+        raise bad(f"zarr.json {exc}") from None
     if attrs.get("format") != FORMAT_NAME:
-        raise ArchiveError(f"{url} is not a palstream archive (format attribute is {attrs.get('format')!r})")
+        raise ArchiveError(f"{url} is not a palstream archive (format attribute is {_show(attrs.get('format'))})")
+    missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
     if missing:
-        raise ArchiveError(f"archive {url} is malformed: missing attribute(s) {', '.join(missing)}")
-    if attrs["format_version"] != FORMAT_VERSION:
+        raise bad(f"missing attribute(s) {', '.join(missing)}")
+    version = attrs["format_version"]
+    if not _is_int(version, 0, MAX_JSON_INT) or version not in READABLE_VERSIONS:
         raise ArchiveError(
-            f"archive {url} has format version {attrs['format_version']}; this palstream reads version {FORMAT_VERSION}"
+            f"archive {url} has format version {_show(version)}; this palstream reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}: use the palstream that wrote it"
         )
-    source = attrs["source"]
-    try:
-        if not isinstance(source, dict) or not isinstance(source.get("color"), dict):
-            raise TypeError
-        SourceInfo.from_dict(source)
-        if Fraction(source["fps"]) <= 0:
-            raise ValueError
-    except (TypeError, ValueError, ZeroDivisionError):
-        raise ArchiveError(f"archive {url} is malformed: its source attribute is incomplete or invalid") from None
 
     def check_int(value, lo, hi, what):
-        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-            raise ArchiveError(f"archive {url} is malformed: {what} {value!r} is out of range {lo}..{hi}")
+        if not _is_int(value, lo, hi):
+            raise bad(f"{what} {_show(value)} is out of range {lo}..{hi}")
 
-    check_int(source["width"], 1, MAX_DIMENSION, "width")
-    check_int(source["height"], 1, MAX_DIMENSION, "height")
+    source = attrs["source"]
+    if not isinstance(source, dict):
+        raise bad("its source attribute is not an object")
+    for name in ("url", "name", "sha256", "fps", "time_base", "pix_fmt"):
+        if not isinstance(source.get(name), str):
+            raise bad(f"source.{name} is missing or not a string")
+    if not _HEX64.fullmatch(source["sha256"]):
+        raise bad("source.sha256 is not 64 lowercase hex digits")
+    fps, time_base = _RATIO.fullmatch(source["fps"]), _RATIO.fullmatch(source["time_base"])
+    if not fps or int(fps[1]) == 0 or int(fps[2]) == 0:
+        raise bad(f"source.fps {_show(source['fps'])} is not a positive num/den")
+    if not time_base or int(time_base[2]) == 0:
+        raise bad(f"source.time_base {_show(source['time_base'])} is not num/den")
+    color = source.get("color")
+    if not isinstance(color, dict) or not all(isinstance(v, str) for v in color.values()):
+        raise bad("source.color is not an object of names")
+    check_int(source.get("size_bytes"), 0, MAX_JSON_INT, "source.size_bytes")
+    check_int(source.get("width"), 1, MAX_DIMENSION, "width")
+    check_int(source.get("height"), 1, MAX_DIMENSION, "height")
     check_int(attrs["frame_count"], 1, MAX_FRAMES, "frame_count")
+    if not _same(source.get("frame_count"), attrs["frame_count"]):
+        raise bad(f"source.frame_count {_show(source.get('frame_count'))} differs from frame_count")
     check_int(attrs["gop"], 1, MAX_GOP, "gop")
     expected = math.ceil(attrs["frame_count"] / attrs["gop"])
-    if attrs["n_chunks"] != expected:
-        raise ArchiveError(
-            f"archive {url} is malformed: n_chunks {attrs['n_chunks']!r} does not match "
-            f"{attrs['frame_count']} frames in GOPs of {attrs['gop']} ({expected})"
+    if not _same(attrs["n_chunks"], expected):
+        raise bad(
+            f"n_chunks {_show(attrs['n_chunks'])} does not match {attrs['frame_count']} frames in GOPs of {attrs['gop']} ({expected})"
         )
-    if attrs["status"] not in ("incomplete", "complete"):
-        raise ArchiveError(f"archive {url} is malformed: status {attrs['status']!r}")
+    if attrs["status"] not in ("incomplete", "complete") or not isinstance(attrs["status"], str):
+        raise bad(f"status {_show(attrs['status'])} is neither incomplete nor complete")
+    if attrs["status"] == "complete" or "payload_bytes" in attrs:
+        check_int(attrs.get("payload_bytes"), expected, MAX_JSON_INT, "payload_bytes")
+    _check_encoder(attrs["encoder"], expected, bad)
     return attrs
 
 
+def _check_encoder(encoder, n_chunks: int, bad: Callable[[str], ArchiveError]) -> None:
+    if not isinstance(encoder, dict):
+        raise bad("its encoder attribute is not an object")
+    if not isinstance(encoder.get("palstream_version"), str) or not isinstance(encoder.get("config_digest"), str):
+        raise bad("encoder.palstream_version or encoder.config_digest is missing or not a string")
+    if not isinstance(encoder.get("config"), dict):
+        raise bad("encoder.config is not an object")
+    generator = encoder.get("palette_generator")
+    if not (
+        isinstance(generator, dict)
+        and isinstance(generator.get("name"), str)
+        and (generator.get("weights_hash") is None or isinstance(generator["weights_hash"], str))
+    ):
+        raise bad("encoder.palette_generator is not {name, weights_hash}")
+    configs = encoder.get("configs", {})
+    if not isinstance(configs, dict) or not all(isinstance(c, dict) for c in configs.values()):
+        raise bad("encoder.configs is not an object of configurations")
+    runs = encoder.get("chunk_configs", [])
+    if not isinstance(runs, list):
+        raise bad("encoder.chunk_configs is not a list")
+    end = 0
+    for run in runs:
+        if not (
+            isinstance(run, dict)
+            and _is_int(run.get("first"), end, n_chunks - 1)
+            and _is_int(run.get("count"), 1, n_chunks - run["first"])
+            and isinstance(run.get("digest"), str)
+            and run["digest"] in configs
+        ):
+            raise bad(f"encoder.chunk_configs entry {_show(run)} is invalid, overlaps or is out of order")
+        end = run["first"] + run["count"]
+
+
 def _chunk_frames(attrs: dict, index: int) -> range:
-    if not isinstance(index, int) or not 0 <= index < attrs["n_chunks"]:
+    if not _is_int(index, 0, attrs["n_chunks"] - 1):
         raise ArchiveError(f"chunk {index} does not exist; the archive has chunks 0..{attrs['n_chunks'] - 1}")
     start = index * attrs["gop"]
     return range(start, min(start + attrs["gop"], attrs["frame_count"]))
 
 
-class Archive:
-    """A palstream archive opened for reading (see :func:`open_archive`)."""
+def _load_root(store: _Store, url: str, force: bool) -> tuple[dict, str | None]:
+    """Validated root attributes and, when ``force`` let an altered root through, what changed."""
+    try:
+        data = store.read("zarr.json", MAX_ROOT_JSON)
+    except OSError as exc:
+        raise ArchiveError(f"cannot open archive {url}: {exc.strerror or exc}; check the path and permissions") from None
+    if data is None:
+        raise ArchiveError(f"no palstream archive at {url}; check the path")
+    try:
+        doc = _parse(data, MAX_ROOT_JSON)
+    except ValueError as exc:
+        raise ArchiveError(f"archive {url} is malformed: zarr.json {exc}; restore it from a copy or re-encode") from None
+    altered = None
+    attrs = doc.get("attributes")
+    # Checked whenever present, whatever format_version says: a version edited down to 1 is caught.
+    if isinstance(attrs, dict) and (_same(attrs.get("format_version"), 2) or "integrity" in attrs):
+        altered = _root_alteration(attrs)
+        # An altered root cannot be trusted for sizes or provenance: refuse it before its values are used.
+        if altered and not force:
+            raise ArchiveError(
+                f"archive {url}: root metadata altered: {altered}; restore zarr.json from a copy or re-encode "
+                "(force=True reads it anyway)"
+            )
+    return _check_root(doc, url), altered
 
-    def __init__(self, group: zarr.Group, url: str):
-        self._group = group
-        self.url = url
-        self.attrs = _validated_attrs(dict(group.attrs), url)
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+class Archive:
+    """A palstream archive opened for reading (see :func:`open_archive`).
+
+    Every read is bounded and checked: chunk metadata must be exactly the documented zarr array,
+    payload lengths are capped by the frame size, and in format 2 each commit marker binds its
+    chunk to the root's digest.
+    """
+
+    def __init__(self, url: str, storage_options: dict | None = None, force: bool = False):
+        self.url = str(url)
+        self._store = _Store(url, storage_options)
+        self.attrs, self.root_altered = _load_root(self._store, self.url, force)
         self.n_chunks: int = self.attrs["n_chunks"]
         self.source = SourceInfo.from_dict(self.attrs["source"])
+        self._core_sha256 = _sha256(_core(self.attrs)) if self.root_protected and not self.root_altered else None
+        if self.root_altered:
+            warnings.warn(f"archive {url}: root metadata altered ({self.root_altered}); read anyway because forced")
 
     @property
     def complete(self) -> bool:
@@ -397,20 +487,82 @@ class Archive:
     def frame_count(self) -> int:
         return self.attrs["frame_count"]
 
+    @property
+    def root_protected(self) -> bool:
+        """Whether the root attributes carry an integrity digest (format version 2 and later)."""
+        return self.attrs["format_version"] >= 2
+
     def chunk_frames(self, index: int) -> range:
         """Frame numbers (in the source) that chunk ``index`` holds."""
         return _chunk_frames(self.attrs, index)
 
-    def chunk_attrs(self, index: int) -> dict:
-        """The chunk array's attributes (sha256, frames, first_frame, stats); {} if not written."""
-        self.chunk_frames(index)
+    def _chunk_meta(self, index: int) -> tuple[int, dict]:
+        """Payload length and attributes of a committed chunk, every field checked (FORMAT.md §5 1-2).
+
+        Raises
+        ------
+        DamagedChunkError
+            Not written, or its metadata or commit marker is malformed or disagrees.
+        """
+        frames = self.chunk_frames(index)
         try:
-            return dict(self._group[f"chunks/{_key(index)}"].attrs)
-        except KeyError:
+            array_data = self._store.read(f"chunks/{_key(index)}/zarr.json", MAX_NODE_JSON)
+            marker_data = self._store.read(f"commits/{_key(index)}/zarr.json", MAX_NODE_JSON)
+        except OSError as exc:
+            raise DamagedChunkError(index, f"metadata unreadable ({exc.strerror or exc})") from None
+        if array_data is None or marker_data is None:
+            raise DamagedChunkError(index, "not written (the encode did not finish); re-encode or resume the job")
+        try:
+            array = _parse(array_data, MAX_NODE_JSON)
+        except ValueError as exc:
+            raise DamagedChunkError(index, f"array metadata {exc}") from None
+        try:
+            marker = _node_attributes(_parse(marker_data, MAX_NODE_JSON), "group")
+        except ValueError as exc:
+            raise DamagedChunkError(index, f"commit marker {exc}") from None
+        attrs = array.get("attributes")
+        shape = array.get("shape")
+        length = shape[0] if isinstance(shape, list) and shape else None
+        ceiling = max_payload_bytes(len(frames), self.source.width, self.source.height)
+        if not _is_int(length, 1, ceiling):
+            raise DamagedChunkError(index, f"declared payload length {_show(length)} is outside 1..{ceiling}")
+        if not isinstance(attrs, dict) or not _same({k: v for k, v in array.items() if k != "attributes"}, _array_document(length)):
+            raise DamagedChunkError(index, "array metadata is not the documented uint8/crc32c array (FORMAT.md §3)")
+        if not (isinstance(attrs.get("sha256"), str) and _HEX64.fullmatch(attrs["sha256"])):
+            raise DamagedChunkError(index, "array metadata has no valid sha256")
+        if not _same(attrs.get("frames"), len(frames)) or not _same(attrs.get("first_frame"), frames.start):
+            raise DamagedChunkError(index, "recorded frame range does not match the archive's GOP layout")
+        if not isinstance(attrs.get("stats", {}), dict):
+            raise DamagedChunkError(index, "array metadata stats is not an object")
+        if not _same(marker.get("sha256"), attrs["sha256"]) or not _same(marker.get("bytes"), length):
+            raise DamagedChunkError(index, "commit marker does not match the stored chunk")
+        # Forced past an altered root, chunks are read without binding them to it. A format-2
+        # marker under a format-1 root means the root was edited down to the unprotected version.
+        if not self.root_altered and ("core_sha256" in marker or self.root_protected):
+            if marker.get("core_sha256") != self._core_sha256:
+                raise DamagedChunkError(index, f"commit marker {_FOREIGN} (its core_sha256 does not match the root's)")
+        if self.root_protected:
+            try:
+                attrs_sha = _sha256(attrs)
+            except ValueError as exc:
+                raise DamagedChunkError(index, f"array attributes have no canonical form ({exc})") from None
+            if marker.get("attributes_sha256") != attrs_sha:
+                raise DamagedChunkError(index, "array attributes altered (attributes_sha256 of the commit marker differs)")
+        return length, attrs
+
+    def chunk_attrs(self, index: int) -> dict:
+        """The chunk array's attributes (sha256, frames, first_frame, stats).
+
+        ``{}`` when the chunk is not written or its metadata is damaged (:meth:`verify` names it).
+        """
+        try:
+            return dict(self._chunk_meta(index)[1])
+        except DamagedChunkError:
             return {}
 
     def committed(self) -> set[int]:
-        return _committed(self._group, self.n_chunks)
+        """Indices whose commit marker exists and agrees with the chunk's metadata."""
+        return _committed(self)
 
     def chunk_config(self, index: int) -> dict:
         """The encoder configuration that encoded chunk ``index`` (FORMAT.md §2.2).
@@ -420,57 +572,57 @@ class Archive:
         self.chunk_frames(index)
         encoder = self.attrs["encoder"]
         for run in encoder.get("chunk_configs", []):
-            try:
-                if run["first"] <= index < run["first"] + run["count"]:
-                    return dict(encoder["configs"][run["digest"]])
-            except (KeyError, TypeError):
-                raise ArchiveError(f"archive {self.url} is malformed: encoder.chunk_configs entry {run!r}") from None
+            if run["first"] <= index < run["first"] + run["count"]:
+                return dict(encoder["configs"][run["digest"]])
         return dict(encoder["config"])
 
     def payload_bytes(self) -> int:
-        """Total bytes of the written chunk payloads (from metadata; zarr overhead excluded)."""
+        """Total bytes of the committed chunk payloads (from metadata; zarr overhead excluded)."""
         total = 0
         for index in range(self.n_chunks):
             try:
-                total += self._group[f"chunks/{_key(index)}"].shape[0]
-            except KeyError:
+                total += self._chunk_meta(index)[0]
+            except DamagedChunkError:
                 continue
         return total
 
     def read_chunk(self, index: int) -> bytes:
-        """The payload of chunk ``index``, checked against its recorded sha256.
+        """The payload of chunk ``index``, checked against its metadata, crc32c and sha256.
 
         Raises
         ------
         DamagedChunkError
-            Not written/committed, wrong size, crc32c or sha256 mismatch.
+            Not written/committed, malformed metadata, wrong size, crc32c or sha256 mismatch, or a
+            payload header that disagrees with the archive's frame count and size.
         """
-        frames = self.chunk_frames(index)
+        length, attrs = self._chunk_meta(index)
         try:
-            array = self._group[f"chunks/{_key(index)}"]
-            marker = dict(self._group[f"commits/{_key(index)}"].attrs)
-        except KeyError:
-            raise DamagedChunkError(
-                index, "not written (the encode did not finish); re-encode or resume the job"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise DamagedChunkError(index, f"metadata unreadable ({exc})") from None
-        sha = array.attrs.get("sha256")
-        if not isinstance(array, zarr.Array) or array.ndim != 1 or array.dtype != np.uint8:
-            raise DamagedChunkError(index, "stored as the wrong kind of array")
-        if marker.get("sha256") != sha or array.shape != (marker.get("bytes"),):
-            raise DamagedChunkError(index, "commit marker does not match the stored chunk")
-        if array.attrs.get("frames") != len(frames) or array.attrs.get("first_frame") != frames.start:
-            raise DamagedChunkError(index, "recorded frame range does not match the archive's GOP layout")
-        if array.nchunks_initialized != 1:
+            stored = self._store.read(f"chunks/{_key(index)}/c/0", length + 4)
+        except OSError as exc:
+            raise DamagedChunkError(index, f"payload unreadable ({exc.strerror or exc})") from None
+        if stored is None:
             raise DamagedChunkError(index, "payload data is missing")
-        try:
-            payload = array[:].tobytes()
-        except (ValueError, OSError) as exc:
-            raise DamagedChunkError(index, f"payload unreadable ({str(exc).split('.')[0]})") from None
-        if hashlib.sha256(payload).hexdigest() != sha:
+        if len(stored) != length + 4:
+            raise DamagedChunkError(index, f"payload object holds {len(stored)} bytes, expected {length + 4}")
+        payload = stored[:length]
+        if google_crc32c.value(payload).to_bytes(4, "little") != stored[length:]:
+            raise DamagedChunkError(index, "crc32c mismatch")
+        if hashlib.sha256(payload).hexdigest() != attrs["sha256"]:
             raise DamagedChunkError(index, "sha256 mismatch")
+        self._check_header(index, payload)
         return payload
+
+    def _check_header(self, index: int, payload: bytes) -> None:
+        """The payload header must declare this chunk's frames and size (FORMAT.md §3), so the
+        decoder never sizes its work by a header the archive contradicts."""
+        if len(payload) < HEADER.size or payload[:4] != MAGIC:
+            raise DamagedChunkError(index, "payload is not a palstream chunk (no PSC1 header)")
+        frames, width, height = HEADER.unpack_from(payload)[3:6]
+        expected = (len(self.chunk_frames(index)), self.source.width, self.source.height)
+        if (frames, width, height) != expected:
+            raise DamagedChunkError(
+                index, f"payload header declares {frames} frames of {width}x{height}, the archive {expected[0]} of {expected[1]}x{expected[2]}"
+            )
 
     def decode_chunk(self, index: int) -> Frames:
         """Decode chunk ``index``; any damage or malformed payload raises :class:`DamagedChunkError`."""
@@ -479,22 +631,52 @@ class Archive:
             frames = decode_chunk(payload)
         except BitstreamError as exc:
             raise DamagedChunkError(index, f"payload does not decode ({exc})") from None
-        except MemoryError:
-            # a header declaring absurd sizes; the codec should refuse it first (see BITSTREAM.md §1)
-            raise DamagedChunkError(index, "payload declares frames too large to allocate") from None
         expected = (len(self.chunk_frames(index)), self.source.height, self.source.width)
         if frames.y.shape != expected:
             raise DamagedChunkError(index, f"decodes to frames of shape {frames.y.shape}, expected {expected}")
         return frames
 
     def verify(self) -> list[DamagedChunkError]:
-        """Fixity check of every chunk (commit marker, crc32c, sha256); returns the damaged ones."""
+        """Fixity check of every chunk (metadata, commit marker, crc32c, sha256); returns the damaged ones.
+
+        A format-1 archive, whose root has no digest, is checked too, with a warning that changes
+        to its root metadata cannot be detected.
+
+        Raises
+        ------
+        ArchiveError
+            The root metadata was altered (opened with ``force``), or every commit marker
+            disagrees with the root's core digest (the root was replaced).
+        """
+        if self.root_altered:
+            raise ArchiveError(f"archive {self.url}: root metadata altered: {self.root_altered}; restore zarr.json from a copy or re-encode")
+        if not self.root_protected:
+            warnings.warn(
+                f"archive {self.url} is format version 1: its root metadata is unprotected (no digest), "
+                "so changes to it cannot be detected; re-encode it to protect it"
+            )
+        for folder in ("chunks", "commits"):
+            try:
+                data = self._store.read(f"{folder}/zarr.json", MAX_NODE_JSON)
+                if data is None or _node_attributes(_parse(data, MAX_NODE_JSON), "group") != {}:
+                    raise ValueError("missing or not an empty group")
+            except (OSError, ValueError) as exc:
+                raise ArchiveError(
+                    f"archive {self.url}: {folder}/zarr.json is damaged ({exc}); restore it as "
+                    '{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+                ) from None
         damaged = []
         for index in range(self.n_chunks):
             try:
                 self.read_chunk(index)
             except DamagedChunkError as exc:
                 damaged.append(exc)
+        foreign = [e for e in damaged if _FOREIGN in e.reason]
+        if foreign and len(foreign) == len(damaged) == self.n_chunks:
+            raise ArchiveError(
+                f"archive {self.url}: root metadata altered: its core does not match the digest recorded in every "
+                "commit marker; restore zarr.json from a copy or re-encode"
+            )
         return damaged
 
     def decode(
@@ -526,6 +708,386 @@ class Archive:
             yield decoded[max(start, frames.start) - frames.start : min(stop, frames.stop) - frames.start]
 
 
-def open_archive(url: str, storage_options: dict | None = None) -> Archive:
-    """Open an archive for reading; malformed root metadata raises :class:`ArchiveError`."""
-    return Archive(_open_existing(url, "r", storage_options), str(url))
+def _committed(archive: Archive) -> set[int]:
+    done = set()
+    for name in archive._store.names("commits"):
+        if not (name.isdigit() and len(name) <= 10 and name == _key(int(name)) and int(name) < archive.n_chunks):
+            continue
+        try:
+            archive._chunk_meta(int(name))
+        except DamagedChunkError:
+            continue
+        done.add(int(name))
+    return done
+
+
+def open_archive(url: str, storage_options: dict | None = None, force: bool = False) -> Archive:
+    """Open an archive for reading.
+
+    Parameters
+    ----------
+    url : str
+        Local path or fsspec URL.
+    storage_options : dict, optional
+        Passed to fsspec.
+    force : bool, default False
+        Read an archive whose root metadata fails its integrity digest (with a warning).
+
+    Raises
+    ------
+    ArchiveError
+        No archive there, malformed root metadata, or (unless ``force``) root metadata altered.
+    """
+    return Archive(url, storage_options, force)
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def _store_args(url: str, storage_options: dict | None) -> dict:
+    if "://" not in str(url):
+        return {}  # a plain path: zarr's LocalStore
+    options = fsspec_options(url, storage_options)
+    if str(url).startswith("file://"):
+        options["auto_mkdir"] = True  # zarr needs it to create a new local folder through fsspec
+    return {"storage_options": options}
+
+
+def _open_group(url: str, mode: str, storage_options: dict | None, **kwargs) -> zarr.Group:
+    return zarr.open_group(str(url), mode=mode, **_store_args(url, storage_options), **kwargs)
+
+
+def _is_local(fs) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols
+
+
+def check_destination(url: str, storage_options: dict | None = None, overwrite: bool = False) -> None:
+    """Refuse an existing output (unless ``overwrite``) or an unwritable location, before any work.
+
+    Writes and removes one empty probe object. ``overwrite`` only ever replaces an existing
+    palstream archive, never an unrelated file or folder.
+
+    Raises
+    ------
+    ArchiveError
+        The destination exists, is not a palstream archive, or cannot be written.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(str(url), **fsspec_options(url, storage_options))
+        if fs.exists(path):
+            if fs.isfile(path):
+                raise ArchiveError(f"{url} exists and is a file; choose another archive path")
+            if fs.ls(path, detail=False):
+                if not _is_palstream(fs, path):
+                    raise ArchiveError(f"{url} exists and is not a palstream archive; choose another path")
+                if not overwrite:
+                    raise ArchiveError(f"archive {url} already exists; pass --overwrite to replace it")
+        local = _is_local(fs)
+        created = local and not fs.exists(path)
+        if local:
+            fs.makedirs(path, exist_ok=True)
+        test = f"{path.rstrip('/')}/.palstream-write-test"
+        fs.pipe_file(test, b"")
+        fs.rm_file(test)
+        if created:
+            fs.rmdir(path)  # leave nothing behind until the archive is really created
+    except ArchiveError:
+        raise
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise ArchiveError(f"cannot write archive {url}: {reason}; choose a writable location") from None
+
+
+def _is_palstream(fs, path: str) -> bool:
+    try:
+        doc = _parse(fs.cat_file(f"{path.rstrip('/')}/zarr.json", start=0, end=MAX_ROOT_JSON + 1), MAX_ROOT_JSON)
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc.get("attributes"), dict) and doc["attributes"].get("format") == FORMAT_NAME
+
+
+def _rename_exchange(a: str, b: str) -> None:
+    """Swap two local paths atomically (Linux renameat2 RENAME_EXCHANGE; os has no binding for it)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is unavailable")
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _swap_into_place(fs, new: str, target: str) -> None:
+    """Put the finished archive at ``new`` in place of the one at ``target`` (FORMAT.md §4.1)."""
+    if _is_local(fs):
+        try:
+            _rename_exchange(new, target)  # one atomic step: readers see the old or the new archive
+        except OSError:
+            # A filesystem without exchange: a crash between these renames leaves the old archive
+            # at `aside` and the new at `new`, both whole; nothing is ever half replaced.
+            aside = f"{new}.old"
+            os.rename(target, aside)
+            os.rename(new, target)
+            new = aside
+        fs.rm(new, recursive=True)
+        return
+    # Object storage has no rename. The root goes first and comes back last, so an interruption
+    # leaves a prefix that is no archive at all (never a mix taken for one), and the complete new
+    # archive still at `new`.
+    objects = {p[len(new) :]: p for p in fs.find(new)}
+    fs.rm_file(f"{target}/zarr.json")
+    for rel, path in objects.items():
+        if rel != "/zarr.json":
+            fs.copy(path, target + rel)
+    stale = [p for p in fs.find(target) if p[len(target) :] not in objects]
+    if stale:
+        fs.rm(stale)
+    fs.copy(objects["/zarr.json"], f"{target}/zarr.json")
+    fs.rm(new, recursive=True)
+
+
+class ArchiveWriter:
+    """Writes an archive chunk by chunk; every chunk can be written by a different task.
+
+    Use :meth:`create` for a new archive and :meth:`open` to resume an incomplete one. With
+    ``create(..., overwrite=True)`` on an existing archive the new one is written beside it
+    (``<url>.palstream-tmp-<id>``) and replaces it only in :meth:`finalize`; :meth:`abort`
+    removes what this writer created and leaves the old archive untouched.
+    """
+
+    def __init__(self, url: str, write_url: str, storage_options: dict | None, created: bool):
+        self.url = str(url)
+        self.write_url = str(write_url)
+        self._options = storage_options
+        self._created = created
+        self._reader = Archive(write_url, storage_options)
+        if not self._reader.root_protected:
+            raise ArchiveError(
+                f"archive {url} is format version 1, which this palstream reads but does not extend; re-encode it"
+            )
+        self._group = _open_group(write_url, "r+", storage_options)
+        self.attrs = self._reader.attrs
+        self.n_chunks = self.attrs["n_chunks"]
+
+    @property
+    def replacing(self) -> bool:
+        """Whether this writer builds a replacement beside an existing archive."""
+        return self.write_url != self.url
+
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        source: SourceInfo,
+        config: EncoderConfig,
+        generator=None,
+        n_chunks: int | None = None,
+        storage_options: dict | None = None,
+        overwrite: bool = False,
+    ) -> "ArchiveWriter":
+        """Create an empty archive with status ``"incomplete"``.
+
+        Parameters
+        ----------
+        url : str
+            Local path or fsspec URL of the archive (a folder / key prefix).
+        source : SourceInfo
+            The probed source.
+        config : EncoderConfig
+            Recorded with its digest.
+        generator : PaletteGenerator, optional
+            Recorded by name and weights hash; default: the generator named in ``config``.
+        n_chunks : int, optional
+            Must equal ``ceil(source.frame_count / config.gop)`` (the default).
+        storage_options : dict, optional
+            Passed to fsspec.
+        overwrite : bool, default False
+            Replace an existing palstream archive at ``url``: the new archive is written at
+            ``<url>.palstream-tmp-<id>`` and swapped in by :meth:`finalize`; until then (and
+            after a failure or :meth:`abort`) the old archive stays as it was.
+        """
+        expected = math.ceil(source.frame_count / config.gop)
+        if n_chunks is not None and n_chunks != expected:
+            raise ArchiveError(
+                f"{n_chunks} chunks do not fit {source.frame_count} frames in GOPs of {config.gop}; use {expected}"
+            )
+        check_destination(url, storage_options, overwrite)
+        attrs = _seal(
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "source": source.to_dict(),
+                "encoder": {
+                    "palstream_version": palstream.__version__,
+                    "config": config.to_dict(),
+                    "config_digest": config.digest,
+                    "palette_generator": {
+                        "name": generator.name if generator is not None else config.palette,
+                        "weights_hash": generator.weights_hash if generator is not None else None,
+                    },
+                },
+                "gop": config.gop,
+                "n_chunks": expected,
+                "frame_count": source.frame_count,
+                "status": "incomplete",
+            }
+        )
+        write_url = str(url)
+        try:
+            fs, path = fsspec.core.url_to_fs(str(url), **fsspec_options(url, storage_options))
+            if overwrite and _is_palstream(fs, path):
+                for stale in fs.glob(f"{path.rstrip('/')}{TEMP_MARK}*"):
+                    fs.rm(stale, recursive=True)  # left by a killed replacement of this archive
+                write_url = f"{str(url).rstrip('/')}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
+            group = _open_group(write_url, "w", storage_options, attributes=attrs)
+            group.create_group("chunks")
+            group.create_group("commits")
+        except OSError as exc:
+            raise ArchiveError(f"cannot write archive {url}: {exc}; choose a writable location") from None
+        return cls(url, write_url, storage_options, created=True)
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict | None = None) -> "ArchiveWriter":
+        """Reopen an existing archive to write its remaining chunks (resume)."""
+        return cls(url, url, storage_options, created=False)
+
+    def chunk_frames(self, index: int) -> range:
+        """Frame numbers of chunk ``index`` in the source."""
+        return _chunk_frames(self.attrs, index)
+
+    def write_chunk(self, index: int, encoded: EncodedChunk) -> None:
+        """Store one encoded chunk, then its commit marker.
+
+        Idempotent: rewriting a committed chunk with the same payload does nothing. A different
+        payload first removes the old marker, so the chunk is never committed with mixed data.
+        """
+        frames = self.chunk_frames(index)
+        payload = bytes(encoded.payload)
+        if not payload:
+            raise ArchiveError(f"chunk {index} has an empty payload; the encoder failed")
+        if encoded.stats.get("frames", len(frames)) != len(frames):
+            raise ArchiveError(f"chunk {index} holds {encoded.stats['frames']} frames; expected {len(frames)}")
+        ceiling = max_payload_bytes(len(frames), self._reader.source.width, self._reader.source.height)
+        if len(payload) > ceiling:
+            raise ArchiveError(f"chunk {index} payload of {len(payload)} bytes exceeds the format's {ceiling}; the encoder failed")
+        sha = hashlib.sha256(payload).hexdigest()
+        try:
+            if self._reader._chunk_meta(index)[1]["sha256"] == sha:
+                return  # already committed with this payload: a duplicated task
+        except DamagedChunkError:
+            pass  # not committed (or damaged): write it
+        if self._reader._store.read(f"commits/{_key(index)}/zarr.json", MAX_NODE_JSON) is not None:
+            del self._group[f"commits/{_key(index)}"]
+        attributes = json_safe(
+            {
+                "sha256": sha,
+                "frames": len(frames),
+                "first_frame": frames.start,
+                # Timings vary run to run; leaving them out keeps archive bytes reproducible.
+                "stats": {k: v for k, v in encoded.stats.items() if not k.endswith("_seconds")},
+            }
+        )
+        array = self._group.create_array(
+            f"chunks/{_key(index)}",
+            shape=(len(payload),),
+            chunks=(len(payload),),
+            dtype="uint8",
+            filters=None,
+            compressors=[zarr.codecs.Crc32cCodec()],  # payload is entropy-coded: checksum, no compressor
+            fill_value=0,
+            attributes=attributes,
+            overwrite=True,
+            config={"write_empty_chunks": True},
+        )
+        array[:] = np.frombuffer(payload, np.uint8)
+        marker = {
+            "sha256": sha,
+            "bytes": len(payload),
+            "core_sha256": self._reader._core_sha256,
+            "attributes_sha256": _sha256(attributes),
+        }
+        self._group.create_group(f"commits/{_key(index)}", attributes=marker, overwrite=True)
+
+    def _write_root(self, changes: dict) -> None:
+        sealed = _seal({**self.attrs, **changes})
+        self._group.attrs.update({**changes, "integrity": sealed["integrity"]})
+        self._reader = Archive(self.write_url, self._options)
+        self.attrs = self._reader.attrs
+
+    def record_chunk_config(self, first: int, count: int, config: EncoderConfig) -> None:
+        """Record that chunks ``[first, first + count)`` are encoded with ``config`` (FORMAT.md §2.2).
+
+        For the tuner's batches, whose configuration differs from ``encoder.config``. Called by
+        the job's single driver before those chunks' tasks run; repeating a record (a resumed
+        job) writes nothing.
+        """
+        encoder = dict(self.attrs["encoder"])
+        run = {"first": first, "count": count, "digest": config.digest}
+        runs = list(encoder.get("chunk_configs", []))
+        if run in runs:
+            return
+        overlap = [r for r in runs if r["first"] < first + count and first < r["first"] + r["count"]]
+        if overlap:
+            raise ArchiveError(
+                f"archive {self.url}: chunks {first}..{first + count - 1} already have configuration "
+                f"{overlap[0]['digest']}; a chunk's configuration is decided once"
+            )
+        configs = {**encoder.get("configs", {}), config.digest: config.to_dict()}
+        runs = sorted([*runs, run], key=lambda r: r["first"])
+        self._write_root({"encoder": {**encoder, "configs": configs, "chunk_configs": runs}})
+
+    def revoke(self, index: int) -> None:
+        """Delete chunk ``index``'s commit marker, so the chunk counts as not written (and is redone)."""
+        if self._reader._store.read(f"commits/{_key(index)}/zarr.json", MAX_NODE_JSON) is not None:
+            del self._group[f"commits/{_key(index)}"]
+
+    def committed(self) -> set[int]:
+        """Indices whose commit marker exists and matches the chunk's recorded sha256 and length."""
+        return self._reader.committed()
+
+    def finalize(self) -> None:
+        """Check that every chunk is committed and intact, mark the archive complete, and (when
+        replacing) swap it into place.
+
+        Raises
+        ------
+        ArchiveError
+            Chunks are missing or damaged (the archive stays ``"incomplete"``; an archive being
+            replaced stays as it was).
+        """
+        missing = sorted(set(range(self.n_chunks)) - self.committed())
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            raise ArchiveError(f"archive {self.url} lacks {len(missing)} chunk(s) ({shown}); write them, then finalize")
+        damaged = self._reader.verify()
+        if damaged:
+            raise ArchiveError(f"archive {self.url} cannot be finalized: {damaged[0]}; rewrite that chunk")
+        payload_bytes = self._reader.payload_bytes()
+        self._write_root({"status": "complete", "payload_bytes": payload_bytes})
+        if self.replacing:
+            try:
+                fs, new = fsspec.core.url_to_fs(self.write_url, **fsspec_options(self.write_url, self._options))
+                _swap_into_place(fs, new.rstrip("/"), fsspec.core.url_to_fs(self.url, **fsspec_options(self.url, self._options))[1].rstrip("/"))
+            except OSError as exc:
+                raise ArchiveError(
+                    f"cannot replace archive {self.url} with the new one at {self.write_url}: {exc}; "
+                    "move it into place by hand"
+                ) from None
+            self.write_url = self.url
+            self._reader = Archive(self.url, self._options)
+        self._created = False  # finished: nothing left for abort() to remove
+
+    def abort(self) -> None:
+        """Remove what this writer created and could not finish (best effort).
+
+        A replacement's temporary archive goes; an archive being replaced is never touched; an
+        archive reopened with :meth:`open` is left for a later resume.
+        """
+        if not self._created:
+            return
+        try:
+            fs, path = fsspec.core.url_to_fs(self.write_url, **fsspec_options(self.write_url, self._options))
+            fs.rm(path, recursive=True)
+        except OSError:
+            pass  # the archive stays with status "incomplete", which readers report

@@ -1,9 +1,14 @@
-"""The zarr v3 archive container: commit protocol, resume, fixity, damage isolation, malformed metadata."""
+"""The zarr v3 archive container: commit protocol, resume, fixity, damage isolation, malformed metadata,
+the root digest, bounded reads and atomic replacement."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import shutil
+import tracemalloc
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -11,7 +16,7 @@ import pytest
 import zarr
 
 from palstream import io
-from palstream.archive import ArchiveWriter, open_archive
+from palstream.archive import ArchiveWriter, _seal, canonical_json, open_archive
 from palstream.pipeline import decode_file, encode_file
 from palstream.codec import EncodedChunk, EncoderConfig, encode_chunk
 from palstream.errors import ArchiveError, DamagedChunkError, InputError
@@ -51,7 +56,7 @@ def copy_of(lossless_archive, tmp_path):
 def test_layout_and_self_describing_attributes(lossless_archive, data_dir):
     archive = open_archive(str(lossless_archive))
     attrs = archive.attrs
-    assert attrs["format"] == "palstream" and attrs["format_version"] == 1 and attrs["status"] == "complete"
+    assert attrs["format"] == "palstream" and attrs["format_version"] == 2 and attrs["status"] == "complete"
     assert (attrs["n_chunks"], attrs["frame_count"], attrs["gop"]) == (3, 6, 2)
     assert attrs["source"]["sha256"] == io.probe(str(data_dir / "screen_37x29.mkv")).sha256
     assert attrs["encoder"]["config"] == CONFIG.to_dict()
@@ -177,7 +182,8 @@ def test_sha_mismatch_in_metadata_is_damage(copy_of):
     assert [e.index for e in open_archive(str(path)).verify()] == [2]
 
 
-def _edit_root(path, **changes):
+def _edit_root(path, reseal=True, **changes):
+    """Change root attributes; ``reseal`` recomputes the integrity record, as a careful tool would."""
     meta_path = path / "zarr.json"
     meta = json.loads(meta_path.read_text())
     for key, value in changes.items():
@@ -185,6 +191,8 @@ def _edit_root(path, **changes):
             meta["attributes"].pop(key)
         else:
             meta["attributes"][key] = value
+    if reseal:
+        meta["attributes"] = _seal(meta["attributes"])
     meta_path.write_text(json.dumps(meta))
 
 
@@ -214,19 +222,19 @@ def test_malformed_root_metadata_is_an_archive_error(copy_of, changes, words):
 def test_declared_source_values_out_of_range_are_errors(copy_of, key, value, words):
     path = copy_of()
     meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"]["source"][key] = value
-    (path / "zarr.json").write_text(json.dumps(meta))
+    _edit_root(path, source={**meta["attributes"]["source"], key: value})
     with pytest.raises(ArchiveError, match=words):
         open_archive(str(path))
 
 
-def test_unknown_attributes_are_ignored(copy_of):
+def test_unknown_attributes_are_ignored_but_covered_by_the_digest(copy_of):
     path = copy_of()
     meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"]["source"]["added_later"] = 1
-    meta["attributes"]["added_later"] = {"x": 1}
-    (path / "zarr.json").write_text(json.dumps(meta))
-    assert open_archive(str(path)).verify() == []
+    _edit_root(path, source={**meta["attributes"]["source"], "added_later": 1}, added_later={"x": 1})
+    assert open_archive(str(path)).verify() == []  # a later writer's attributes, sealed: fine
+    _edit_root(path, reseal=False, added_by_hand=1)
+    with pytest.raises(ArchiveError, match="root metadata altered: added_by_hand added"):
+        open_archive(str(path))
 
 
 def test_declared_chunk_length_mismatch_is_damage(copy_of):
@@ -295,17 +303,17 @@ def test_s3_archive_round_trip_and_damage(s3_endpoint, source, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "mangle",
+    "mangle, header_lies",
     [
-        pytest.param(lambda p: p[:6] + (999).to_bytes(2, "little") + p[8:], id="frame-count"),
-        pytest.param(lambda p: p[:8] + (16000).to_bytes(2, "little") + p[10:], id="width"),
-        pytest.param(lambda p: p[:6] + bytes.fromhex("0004 0040 0040") + p[12:], id="1024-frames-of-16384x16384"),
-        pytest.param(lambda p: p[: len(p) // 2], id="truncated"),
-        pytest.param(lambda p: bytes(len(p)), id="zeros"),
-        pytest.param(lambda p: p[:20] + bytes(b ^ 0xA5 for b in p[20:]), id="scrambled-body"),
+        pytest.param(lambda p: p[:6] + (999).to_bytes(2, "little") + p[8:], True, id="frame-count"),
+        pytest.param(lambda p: p[:8] + (16000).to_bytes(2, "little") + p[10:], True, id="width"),
+        pytest.param(lambda p: p[:6] + bytes.fromhex("0004 0040 0040") + p[12:], True, id="1024-frames-of-16384x16384"),
+        pytest.param(lambda p: p[: len(p) // 2], False, id="truncated"),
+        pytest.param(lambda p: bytes(len(p)), True, id="zeros"),
+        pytest.param(lambda p: p[:20] + bytes(b ^ 0xA5 for b in p[20:]), False, id="scrambled-body"),
     ],
 )
-def test_malformed_payload_with_valid_checksums_is_isolated(copy_of, source, mangle):
+def test_malformed_payload_with_valid_checksums_is_isolated(copy_of, source, mangle, header_lies):
     """A chunk whose bytes are intact but whose bitstream lies is damage of that chunk only."""
     url, _, _ = source
     path = copy_of()
@@ -313,7 +321,11 @@ def test_malformed_payload_with_valid_checksums_is_isolated(copy_of, source, man
     payload = open_archive(str(path)).read_chunk(1)
     writer.write_chunk(1, EncodedChunk(mangle(payload), {}))
     archive = open_archive(str(path))
-    assert archive.verify() == []  # fixity holds: the stored bytes are what was written
+    found = archive.verify()
+    if header_lies:  # checksums hold, but the header contradicts the archive: found before any decoding
+        assert [e.index for e in found] == [1] and "header" in found[0].reason
+    else:
+        assert found == []  # fixity holds: the stored bytes are what was written
     damaged = []
     frames = list(archive.decode(on_damaged=damaged.append))
     whole = io.read_frames(url)
@@ -322,3 +334,314 @@ def test_malformed_payload_with_valid_checksums_is_isolated(copy_of, source, man
         assert _same(Frames.concatenate(frames), Frames.concatenate([whole[:2], whole[4:]]))
     else:  # a scrambled body may still parse; it must then decode to frames of the declared shape
         assert Frames.concatenate(frames).y.shape == whole.y.shape
+
+
+# -- issue 20: the reader trusts nothing it reads -------------------------------------------------
+
+
+def _edit_json(path: Path, edit) -> None:
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def _one_line(exc: Exception) -> bool:
+    return "\n" not in str(exc) and len(str(exc)) < 400
+
+
+def test_chunk_shape_of_10_to_the_12_with_a_matching_marker_is_damage_not_memory_error(copy_of, tmp_path):
+    path = copy_of()
+    _edit_json(path / "chunks" / "000001" / "zarr.json", lambda m: m.update(shape=[10**12]) or m["chunk_grid"]["configuration"].update(chunk_shape=[10**12]))
+    _edit_json(path / "commits" / "000001" / "zarr.json", lambda m: m["attributes"].update(bytes=10**12))
+    archive = open_archive(str(path))
+    damaged = archive.verify()
+    assert [e.index for e in damaged] == [1] and "outside 1.." in damaged[0].reason
+    result = decode_file(str(path), str(tmp_path / "rest.y4m"))
+    assert result.frames_written == 4 and [e.index for e in result.damaged] == [1]
+
+
+def test_a_compressor_added_to_chunk_metadata_is_damage_and_nothing_is_inflated(copy_of):
+    path = copy_of()
+    bomb = gzip.compress(bytes(200 << 20), 9)  # 200 MB of zeros in ~200 KB
+    _chunk_file(path, 0).write_bytes(bomb)
+    size = len(bomb)
+
+    def add_gzip(meta):
+        meta.update(shape=[size])
+        meta["chunk_grid"]["configuration"]["chunk_shape"] = [size]
+        meta["codecs"] = [{"name": "bytes"}, {"name": "gzip", "configuration": {"level": 9}}]
+
+    _edit_json(path / "chunks" / "000000" / "zarr.json", add_gzip)
+    _edit_json(path / "commits" / "000000" / "zarr.json", lambda m: m["attributes"].update(bytes=size))
+    tracemalloc.start()
+    try:
+        damaged = open_archive(str(path)).verify()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [e.index for e in damaged] == [0]
+    assert peak < 20 << 20, f"verify allocated {peak} bytes"
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda m: m.update(data_type="uint16"), id="dtype"),
+        pytest.param(lambda m: m.update(shape=[m["shape"][0], 1]), id="2-d"),
+        pytest.param(lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[1]), id="chunk-grid"),
+        pytest.param(lambda m: m.update(fill_value=7), id="fill-value"),
+        pytest.param(lambda m: m.update(shape=[float(m["shape"][0])]), id="float-shape"),
+        pytest.param(lambda m: m.update(codecs=[{"name": "bytes"}]), id="no-crc32c"),
+        pytest.param(lambda m: m.update(extra_key=1), id="unknown-key"),
+        pytest.param(lambda m: m.update(attributes=[m["attributes"]]), id="nested-attributes"),
+        pytest.param(lambda m: m["attributes"].update(frames="2"), id="frames-as-string"),
+        pytest.param(lambda m: m["attributes"].update(stats={"psnr_y": 99.0}), id="stats-edited"),
+        pytest.param(lambda m: m.update(attributez=m.pop("attributes")), id="renamed-key"),
+    ],
+)
+def test_chunk_metadata_must_be_exactly_the_documented_array(copy_of, edit):
+    path = copy_of()
+    _edit_json(path / "chunks" / "000002" / "zarr.json", edit)
+    archive = open_archive(str(path))
+    damaged = archive.verify()
+    assert [e.index for e in damaged] == [2] and _one_line(damaged[0])
+    with pytest.raises(DamagedChunkError):
+        archive.decode_chunk(2)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"attributes": {"sha256": "x"', "[1, 2]", '{"attributes": NaN}', '{"a": 1e999}', "[" * 5000 + "]" * 5000, "\xff\xfe"],
+    ids=["truncated", "list", "nan", "overflow", "deep", "not-utf8"],
+)
+def test_unparseable_metadata_documents_are_one_line_errors(copy_of, text):
+    path = copy_of()
+    (path / "commits" / "000000" / "zarr.json").write_bytes(text.encode("latin-1"))
+    damaged = open_archive(str(path)).verify()
+    assert [e.index for e in damaged] == [0] and _one_line(damaged[0])
+    (path / "zarr.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(ArchiveError) as caught:
+        open_archive(str(path))
+    assert _one_line(caught.value)
+
+
+def test_a_payload_header_declaring_huge_frames_is_refused_before_decoding(copy_of):
+    path = copy_of()
+    header = b"PSC1" + bytes([3, 1]) + bytes.fromhex("0500 0040 0040") + bytes([4, 8, 64, 0]) + (0).to_bytes(4, "little")
+    ArchiveWriter.open(str(path)).write_chunk(1, EncodedChunk(header, {}))
+    archive = open_archive(str(path))
+    damaged = archive.verify()
+    assert [e.index for e in damaged] == [1] and "declares 5 frames of 16384x16384" in damaged[0].reason
+    with pytest.raises(DamagedChunkError, match="header"):
+        archive.decode_chunk(1)
+
+
+def _flip_text(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert text.count(old) == 1, old
+    path.write_text(text.replace(old, new))
+
+
+@pytest.mark.parametrize(
+    "old, new, field",
+    [
+        ('"fps": "15/1"', '"fps": "25/1"', "source.fps"),
+        ('"range": "tv"', '"range": "pc"', "source.color"),
+        ('"name": "screen_37x29.mkv"', '"name": "screen_37x28.mkv"', "source.name"),
+        ('"url": "', '"url": "x', "source.url"),
+        ('"sha256": "f', '"sha256": "e', "source.sha256"),
+        ('"lossless": true', '"lossless": false', "encoder.config"),
+        ('"status": "complete"', '"status": "incomplete"', "status"),
+        ('"format_version": 2', '"format_version": 1', "format_version"),
+    ],
+)
+def test_altered_root_metadata_is_named_and_refused_unless_forced(copy_of, old, new, field):
+    path = copy_of()
+    _flip_text(path / "zarr.json", old, new)
+    with pytest.raises(ArchiveError, match=f"root metadata altered: {field} changed") as caught:
+        open_archive(str(path))
+    assert _one_line(caught.value)
+    with pytest.warns(UserWarning, match="root metadata altered"):
+        forced = open_archive(str(path), force=True)
+    with pytest.raises(ArchiveError, match="root metadata altered"):
+        forced.verify()
+    assert len(list(forced.decode())) == 3  # forced: the chunks still decode
+
+
+def test_a_damaged_integrity_record_is_named(copy_of):
+    path = copy_of()
+    meta = json.loads((path / "zarr.json").read_text())
+    digest = meta["attributes"]["integrity"]["sha256"]
+    _flip_text(path / "zarr.json", digest, ("0" if digest[0] != "0" else "1") + digest[1:])
+    with pytest.raises(ArchiveError, match="digest itself is damaged"):
+        open_archive(str(path))
+
+
+def test_a_root_from_another_archive_does_not_match_the_chunks(copy_of, source, tmp_path):
+    """Its own digest is valid, but the commit markers bind every chunk to the original root."""
+    url, _, _ = source
+    path = copy_of()
+    other = encode_file(url, str(tmp_path / "other.zarr"), EncoderConfig(lossless=True, gop=2, max_block=32))
+    shutil.copy(Path(other.url) / "zarr.json", path / "zarr.json")
+    with pytest.raises(ArchiveError, match="root metadata altered: its core does not match"):
+        open_archive(str(path)).verify()
+
+
+def test_huge_chunk_count_is_refused_at_once(copy_of):
+    path = copy_of()
+    _edit_root(path, reseal=False, n_chunks=10**9, frame_count=2 * 10**9 - 1)
+    with pytest.raises(ArchiveError, match="root metadata altered"):
+        open_archive(str(path))
+    _edit_root(path, n_chunks=10**9)  # resealed: the layout check still refuses it
+    with pytest.raises(ArchiveError, match="n_chunks 1000000000 does not match"):
+        open_archive(str(path))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"source": [{"width": 37}]},
+        {"gop": "2"},
+        {"gop": 2.0},
+        {"gop": True},
+        {"encoder": {"config": {}}},
+        {"encoder": "kmeans"},
+        {"status": ["complete"]},
+        {"payload_bytes": -1},
+        {"frame_count": 2**70},
+    ],
+    ids=repr,
+)
+def test_wrong_types_and_nesting_in_root_metadata_are_one_line_errors(copy_of, changes):
+    path = copy_of()
+    _edit_root(path, **changes)
+    with pytest.raises(ArchiveError) as caught:
+        open_archive(str(path))
+    assert _one_line(caught.value)
+
+
+def test_renamed_required_root_key_is_named(copy_of):
+    path = copy_of()
+    _flip_text(path / "zarr.json", '"gop": 2', '"gpo": 2')
+    with pytest.raises(ArchiveError, match="gop removed; gpo added|gpo added; gop removed|gpo added"):
+        open_archive(str(path))
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [(0.0, "0"), (-0.0, "0"), (45.0, "45"), (1e21, "1e+21"), (1e20, "100000000000000000000"), (1e-7, "1e-7"),
+     (0.000001, "0.000001"), (333333333.3333333, "333333333.3333333"), (5e-324, "5e-324"), (-1.5e-9, "-1.5e-9")],
+)
+def test_canonical_numbers_follow_rfc_8785(value, text):
+    assert canonical_json(value) == text.encode()
+
+
+def test_canonical_json_sorts_by_utf16_and_escapes_minimally():
+    doc = {"b": [1, None, True, "x\n\u00e9"], "\ue000": 1, "\U0001f600": 2, "a": "q\"\\"}
+    expected = '{"a":"q\\"\\\\","b":[1,null,true,"x\\n\u00e9"],"\U0001f600":2,"\ue000":1}'
+    assert canonical_json(doc) == expected.encode("utf-8")
+    with pytest.raises(ValueError):
+        canonical_json(2**60)
+
+
+def test_status_transition_and_chunk_configs_keep_the_root_sealed(source, tmp_path):
+    url, info, chunks = source
+    path = str(tmp_path / "job.zarr")
+    writer = ArchiveWriter.create(path, info, CONFIG)
+    writer.record_chunk_config(1, 2, EncoderConfig(lossless=True, gop=2, max_block=32))
+    for i, frames in enumerate(chunks):
+        writer.write_chunk(i, encode_chunk(frames, CONFIG))
+    assert open_archive(path).verify() == []  # incomplete, sealed
+    writer.finalize()
+    archive = open_archive(path)
+    assert archive.complete and archive.verify() == []
+    marker = json.loads((tmp_path / "job.zarr" / "commits" / "000000" / "zarr.json").read_text())["attributes"]
+    assert set(marker) == {"sha256", "bytes", "core_sha256", "attributes_sha256"}
+
+
+def test_format_1_archives_still_read_with_an_unprotected_root_warning(data_dir, tmp_path):
+    """tests/data/screen_37x29_v1.zarr was written by palstream before format 2 (commit 50509d6)."""
+    path = tmp_path / "v1.zarr"
+    shutil.copytree(data_dir / "screen_37x29_v1.zarr", path)
+    archive = open_archive(str(path))
+    assert archive.attrs["format_version"] == 1 and not archive.root_protected
+    with pytest.warns(UserWarning, match="root metadata is unprotected"):
+        assert archive.verify() == []
+    assert _same(_decode_all(archive), io.read_frames(str(data_dir / "screen_37x29.mkv")))
+    with pytest.raises(ArchiveError, match="does not extend"):
+        ArchiveWriter.open(str(path))
+    meta = path / "chunks" / "000001" / "zarr.json"
+    _edit_json(meta, lambda m: m.update(codecs=[{"name": "bytes"}, {"name": "gzip"}]))
+    with pytest.warns(UserWarning):
+        assert [e.index for e in open_archive(str(path)).verify()] == [1]
+
+
+# -- issue 20: atomic replacement -----------------------------------------------------------------
+
+
+def _hashes(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p.name != path.name and p.name.startswith(path.name))
+
+
+def test_a_failed_overwrite_keeps_the_old_archive_byte_for_byte(copy_of, source):
+    _, info, chunks = source
+    path = copy_of()
+    before = _hashes(path)
+    writer = ArchiveWriter.create(str(path), info, EncoderConfig(lossless=True, gop=3), overwrite=True)
+    assert writer.replacing and writer.write_url.startswith(str(path) + ".palstream-tmp-")
+    writer.write_chunk(0, encode_chunk(Frames.concatenate(chunks)[:3], EncoderConfig(lossless=True, gop=3)))
+    with pytest.raises(ArchiveError, match="lacks 1 chunk"):
+        writer.finalize()
+    assert _hashes(path) == before
+    writer.abort()
+    assert _hashes(path) == before and _siblings(path) == []
+
+
+def test_an_interrupted_overwrite_keeps_the_old_archive_and_the_next_one_cleans_up(copy_of, source):
+    _, info, chunks = source
+    path = copy_of()
+    before = _hashes(path)
+    killed = ArchiveWriter.create(str(path), info, CONFIG, overwrite=True)
+    killed.write_chunk(0, encode_chunk(chunks[0], CONFIG))
+    del killed  # the process dies here: no finalize, no abort
+    assert _hashes(path) == before and len(_siblings(path)) == 1
+    assert open_archive(str(path)).verify() == []
+    config = EncoderConfig(lossless=True, gop=3)
+    writer = ArchiveWriter.create(str(path), info, config, overwrite=True)
+    whole = Frames.concatenate(chunks)
+    for i in range(2):
+        writer.write_chunk(i, encode_chunk(whole[3 * i : 3 * i + 3], config))
+    assert _hashes(path) == before  # still the old archive until finalize
+    writer.finalize()
+    archive = open_archive(str(path))
+    assert archive.complete and archive.n_chunks == 2 and archive.verify() == []
+    assert _siblings(path) == []  # the killed run's temporary archive is gone too
+
+
+def test_overwrite_on_object_storage_swaps_root_last(source):
+    _, info, chunks = source
+    url = "memory://palstream-tests/replace.zarr"
+    fs = fsspec.filesystem("memory")
+    writer = ArchiveWriter.create(url, info, CONFIG)
+    for i, frames in enumerate(chunks):
+        writer.write_chunk(i, encode_chunk(frames, CONFIG))
+    writer.finalize()
+    before = {p: fs.cat_file(p) for p in fs.find("/palstream-tests/replace.zarr")}
+    config = EncoderConfig(lossless=True, gop=3)
+    replacement = ArchiveWriter.create(url, info, config, overwrite=True)
+    whole = Frames.concatenate(chunks)
+    replacement.write_chunk(0, encode_chunk(whole[:3], config))
+    replacement.abort()
+    assert {p: fs.cat_file(p) for p in fs.find("/palstream-tests/replace.zarr")} == before
+    replacement = ArchiveWriter.create(url, info, config, overwrite=True)
+    for i in range(2):
+        replacement.write_chunk(i, encode_chunk(whole[3 * i : 3 * i + 3], config))
+    replacement.finalize()
+    archive = open_archive(url)
+    assert archive.n_chunks == 2 and archive.verify() == [] and not fs.exists("/palstream-tests/replace.zarr/chunks/000002")
+    assert fs.glob("/palstream-tests/replace.zarr.palstream-tmp-*") == []
+    fs.rm("/palstream-tests/replace.zarr", recursive=True)
