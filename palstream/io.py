@@ -8,6 +8,11 @@ Input policy (what an archivist gets, see README "Input formats"):
 - Sources with more than 8 bits per sample, or with an alpha channel, are refused with an
   :class:`~palstream.errors.InputError`: palstream would silently drop what the archivist keeps.
 - Odd widths and heights are kept exactly (chroma planes round up, see :class:`~palstream.frames.Frames`).
+- A truncated or damaged source is refused by :func:`probe`, every time, unless the caller opts in
+  with ``allow_truncated=True``; then the frames before the break are kept and
+  :attr:`SourceInfo.truncated` records what was detected.
+- FIFOs, devices, sockets and other non-regular local files are refused before they are opened.
+- Credentials in input URLs never reach anything stored or printed (:func:`redact_url`).
 """
 
 from __future__ import annotations
@@ -16,18 +21,21 @@ import contextlib
 import hashlib
 import math
 import os
+import re
+import stat
 import threading
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from typing import Iterator
+from urllib.parse import parse_qsl, urlencode
 
 import av
 import av.logging
 import fsspec
 import numpy as np
 
-from palstream.errors import InputError
+from palstream.errors import InputError, storage_error
 from palstream.frames import Frames
 
 # FFmpeg's enum values (libavutil/pixfmt.h) -> the names ffprobe prints.
@@ -98,7 +106,7 @@ class SourceInfo:
     Parameters
     ----------
     url : str
-        Where the source was read from (path or fsspec URL).
+        Where the source was read from (path or fsspec URL), credentials redacted (:func:`redact_url`).
     name : str
         File name without directories.
     size_bytes : int
@@ -108,7 +116,7 @@ class SourceInfo:
     width, height : int
         Luma size in pixels (odd sizes allowed).
     frame_count : int
-        Exact number of decodable video frames.
+        Exact number of decodable video frames (those before the break, for a kept truncated source).
     fps : str
         Frame rate as ``"num/den"``.
     time_base : str
@@ -118,6 +126,12 @@ class SourceInfo:
     color : dict
         ``matrix``, ``range`` (``tv``/``pc``/``unspecified``), ``primaries``, ``transfer``,
         ``chroma_location``: FFmpeg's names.
+    truncated : dict or None
+        None for a complete source. For a truncated or damaged source kept on request
+        (``probe(..., allow_truncated=True)``): ``reason`` (one line: what breaks where),
+        ``decoded_frames``, ``decoded_seconds``, ``file_bytes`` and what the container declares,
+        ``declared_frames``, ``declared_seconds``, ``declared_bytes`` (each None where it declares
+        nothing).
     """
 
     url: str
@@ -131,13 +145,17 @@ class SourceInfo:
     time_base: str
     pix_fmt: str
     color: dict = field(default_factory=dict)
+    truncated: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SourceInfo":
-        """Inverse of :meth:`to_dict`; keys added by later versions are ignored (FORMAT.md §1)."""
+        """Inverse of :meth:`to_dict`; keys added by later versions are ignored (FORMAT.md §1).
+
+        Archives written before ``truncated`` existed read as complete sources (``truncated=None``).
+        """
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -157,19 +175,121 @@ def fsspec_options(url: str, storage_options: dict | None) -> dict:
     return {} if protocol in ("file", "local") else dict(storage_options or {})
 
 
+# Query parameters that carry secrets in presigned / SAS / token URLs (S3, GCS, Azure, generic).
+_SECRET_QUERY = re.compile(r"signature|sig$|token|secret|passw|credential|key|auth", re.IGNORECASE)
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>[^?#]*)(?P<query>\?[^#]*)?(?P<frag>#.*)?$")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its credentials replaced by ``***``: what may be stored, logged or printed.
+
+    Removes the user-info part (``s3://KEY:SECRET@bucket/x``, ``https://user:pass@host/x``) and
+    the values of query parameters that carry secrets (``X-Amz-Signature``, ``X-Amz-Credential``,
+    ``X-Amz-Security-Token``, ``sig``, ``token``, ``key``, ...). Local paths are returned unchanged.
+
+    Parameters
+    ----------
+    url : str
+        A path or URL.
+
+    Returns
+    -------
+    str
+        The same location without secrets.
+    """
+    text = str(url)
+    match = _URL.match(text)
+    if match is None:
+        return text
+    scheme, rest = match["scheme"], match["rest"]
+    authority = rest.split("/", 1)[0]
+    if "@" in authority:
+        rest = "***@" + rest[authority.rindex("@") + 1 :]
+    elif ":" in authority and not authority.rsplit(":", 1)[1].isdigit() and "@" in rest:
+        # an AWS secret key may contain "/", which splits the user-info across the path
+        rest = "***@" + rest[rest.index("@") + 1 :]
+    query = match["query"] or ""
+    if len(query) > 1:
+        pairs = parse_qsl(query[1:], keep_blank_values=True)
+        query = "?" + urlencode([(k, "***" if _SECRET_QUERY.search(k) else v) for k, v in pairs], safe="*/:")
+    return scheme + rest + query + (match["frag"] or "")
+
+
+def _display_name(url: str) -> str:
+    """The file name of ``url``: its last path component, without a query string."""
+    text = str(url)
+    match = _URL.match(text)
+    path = match["rest"] if match else text
+    return os.path.basename(path.rstrip("/"))
+
+
+def _local_path(url: str) -> str | None:
+    """The filesystem path behind a local path or ``file://`` URL; None for other protocols."""
+    text = str(url)
+    if "://" not in text:
+        return text
+    protocol, rest = text.split("://", 1)
+    return rest if protocol in ("file", "local") else None
+
+
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_regular_file(url: str) -> None:
+    """Refuse a local input that is not a regular file, without opening it.
+
+    Opening a FIFO blocks until a writer appears, and a device or socket cannot be read twice
+    (probe, then encode) or hashed; ``os.stat`` answers without opening. Remote URLs pass.
+
+    Raises
+    ------
+    InputError
+        Missing, a directory, a FIFO, a device, a socket, or otherwise not a regular file.
+    """
+    path = _local_path(url)
+    if path is None:
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"input {url} does not exist; check the path or URL") from None
+    except OSError as exc:
+        raise InputError(f"cannot open input {url}: {exc.strerror}; check the path and its permissions") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"input {url} is a directory; give a video file")
+    if not stat.S_ISREG(mode):
+        kind = next((text for test, text in _SPECIAL_KINDS if test(mode)), "not a regular file")
+        raise InputError(
+            f"input {url} is {kind}: palstream reads a source twice and hashes it; copy the stream to a file first"
+        )
+
+
 _log_lock = threading.Lock()
-_log_users = 0  # readers inside _libav_errors; FFmpeg's log level is process-wide
-_log_saved_level = None
+_log_users = 0  # readers inside _libav_errors; FFmpeg's log level and PyAV's de-duplication are process-wide
+_log_saved = None
 
 
 @contextlib.contextmanager
 def _libav_errors():
-    """Collect FFmpeg's error-level log lines (they reveal truncation PyAV does not raise)."""
-    global _log_users, _log_saved_level
+    """Collect the FFmpeg log lines of this thread's demuxing and decoding (damage PyAV does not raise).
+
+    PyAV drops a log line identical to the previous one, process-wide: the same file probed twice
+    logs "File ended prematurely" twice and the second line never reached a capture, so a second
+    probe passed. Captures therefore run with the de-duplication off (and FFmpeg's error level on),
+    restored when the last capture ends. Lines are attributed by thread, so decoding happens in
+    the calling thread (:func:`_open_input` turns FFmpeg's own threads off).
+    """
+    global _log_users, _log_saved
     with _log_lock:
         if _log_users == 0:
-            _log_saved_level = av.logging.get_level()
+            _log_saved = (av.logging.get_level(), av.logging.get_skip_repeated())
             av.logging.set_level(av.logging.ERROR)
+            av.logging.set_skip_repeated(False)
         _log_users += 1
     try:
         with av.logging.Capture() as logs:
@@ -178,32 +298,82 @@ def _libav_errors():
         with _log_lock:
             _log_users -= 1
             if _log_users == 0:
-                av.logging.set_level(_log_saved_level)
+                av.logging.set_level(_log_saved[0])
+                av.logging.set_skip_repeated(_log_saved[1])
+
+
+def _new_errors(logs: list, seen: int) -> str | None:
+    """The first error-level line logged after ``seen`` lines, or None."""
+    for level, _, message in logs[seen:]:
+        if level <= av.logging.ERROR:
+            return message.strip() or "FFmpeg reported an error"
+    return None
+
+
+@contextlib.contextmanager
+def _storage_failures(url: str):
+    """Turn a storage backend's exception (S3, HTTP) while reading ``url`` into one ``InputError``."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001  every backend raises its own family
+        mapped = storage_error(exc, url, "read input", InputError)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+def _open_handle(url: str, storage_options: dict | None):
+    """The input's fsspec file object, opened for reading; failures as one-line ``InputError``."""
+    shown = redact_url(url)
+    check_regular_file(url)
+    try:
+        return fsspec.open(str(url), "rb", **fsspec_options(url, storage_options)).open()
+    except Exception as exc:  # noqa: BLE001  every backend raises its own family
+        mapped = storage_error(exc, shown, "read input", InputError)
+        if mapped is not None:
+            raise mapped from None
+        if isinstance(exc, FileNotFoundError):
+            raise InputError(f"input {shown} does not exist; check the path or URL") from None
+        if isinstance(exc, IsADirectoryError):
+            raise InputError(f"input {shown} is a directory; give a video file") from None
+        if isinstance(exc, OSError):
+            raise InputError(f"cannot open input {shown}: {_first_line(exc)}; check the path and its permissions") from None
+        raise
 
 
 @contextlib.contextmanager
 def _open_input(url: str, storage_options: dict | None):
-    """Open ``url`` through fsspec and yield a PyAV input container and its video stream."""
-    name = os.path.basename(str(url).rstrip("/"))
+    """Open ``url`` through fsspec; yield a PyAV input container, its video stream and the file handle.
+
+    Storage failures while the caller reads (S3, HTTP) come out as one-line ``InputError``.
+    """
+    name = _display_name(url)
+    handle = _open_handle(url, storage_options)
     try:
-        handle = fsspec.open(str(url), "rb", **fsspec_options(url, storage_options)).open()
-    except FileNotFoundError:
-        raise InputError(f"input {url} does not exist; check the path or URL") from None
-    except IsADirectoryError:
-        raise InputError(f"input {url} is a directory; give a video file") from None
-    except OSError as exc:
-        raise InputError(f"cannot open input {url}: {exc}; check the path and its permissions") from None
-    try:
-        try:
-            container = av.open(handle, mode="r")
-        except (av.error.InvalidDataError, av.error.EOFError):
-            raise InputError(f"{name} is not a video FFmpeg can read; give a video file (mp4, mkv, y4m, ...)") from None
-        except av.FFmpegError as exc:
-            raise InputError(f"{name} cannot be opened as a video: {exc}") from None
-        with container:
-            if not container.streams.video:
-                raise InputError(f"{name} has no video stream (audio, subtitles or data only); give a video file")
-            yield container, container.streams.video[0]
+        with _storage_failures(redact_url(url)):
+            try:
+                container = av.open(handle, mode="r")
+            except (av.FFmpegError, OSError) as exc:
+                # a cut file can also make FFmpeg seek before its start (a Python OSError from the handle)
+                if not isinstance(exc, av.FFmpegError) and storage_error(exc, url, "read input") is not None:
+                    raise
+                cut = _structure_break(handle, _file_size(handle))
+                if cut:
+                    raise InputError(f"{name} is truncated: {cut[0]}; re-copy or re-export it") from None
+                if isinstance(exc, (av.error.InvalidDataError, av.error.EOFError)):
+                    raise InputError(
+                        f"{name} is not a video FFmpeg can read; give a video file (mp4, mkv, y4m, ...)"
+                    ) from None
+                raise InputError(f"{name} cannot be opened as a video: {_first_line(exc)}") from None
+            with container:
+                if not container.streams.video:
+                    if cut := _structure_break(handle, _file_size(handle)):
+                        raise InputError(f"{name} is truncated: {cut[0]}; re-copy or re-export it")
+                    raise InputError(f"{name} has no video stream (audio, subtitles or data only); give a video file")
+                stream = container.streams.video[0]
+                # FFmpeg's worker threads log under their own thread ids, outside this thread's capture
+                stream.thread_type = "NONE"
+                yield container, stream, handle
     finally:
         handle.close()
 
@@ -252,18 +422,245 @@ def _planes(frame: "av.VideoFrame") -> tuple[np.ndarray, np.ndarray, np.ndarray]
 def _file_digest(url: str, storage_options: dict | None) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
-    with fsspec.open(str(url), "rb", **fsspec_options(url, storage_options)) as handle:
+    with _storage_failures(redact_url(url)), _open_handle(url, storage_options) as handle:
         while block := handle.read(1 << 20):
             digest.update(block)
             size += len(block)
     return size, digest.hexdigest()
 
 
-def probe(url: str, storage_options: dict | None = None) -> SourceInfo:
+def _file_size(handle) -> int:
+    handle.seek(0, os.SEEK_END)
+    return handle.tell()
+
+
+def _read_at(handle, offset: int, length: int) -> bytes:
+    handle.seek(offset)
+    return handle.read(length)
+
+
+_EBML_MAGIC = b"\x1a\x45\xdf\xa3"
+_MATROSKA_SEGMENT = b"\x18\x53\x80\x67"
+_MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"styp", b"moof", b"sidx", b"pnot", b"uuid"}
+
+
+def _ebml_size(data: bytes, at: int) -> tuple[int | None, int]:
+    """EBML variable-size integer at ``at``: (value, or None for "unknown size"; its length in bytes)."""
+    first = data[at]
+    length = 9 - first.bit_length()
+    if not 1 <= length <= 8 or at + length > len(data):
+        return None, max(length, 1)
+    value = int.from_bytes(data[at : at + length], "big") & ((1 << (7 * length)) - 1)
+    return (None if value == (1 << (7 * length)) - 1 else value), length
+
+
+def _structure_break(handle, size: int) -> tuple[str, int | None] | None:
+    """Where the container's own byte structure says the file was cut: (reason, declared length), or None.
+
+    Matroska declares its segment's length, an ISO BMFF (mp4, mov) file is a chain of boxes
+    with declared lengths, and a y4m stream starts with one header line: any of them ending
+    past the end of the file is a truncation, found whatever the demuxer makes of the rest.
+    """
+    head = _read_at(handle, 0, 256)
+    if head.startswith(_EBML_MAGIC):
+        header_size, length = _ebml_size(head, 4)
+        at = 4 + length + (header_size or 0)
+        if header_size is None or at + 5 > len(head):
+            return None if header_size is not None else ("its EBML header is incomplete", None)
+        if head[at : at + 4] != _MATROSKA_SEGMENT:
+            return None
+        segment_size, length = _ebml_size(head, at + 4)
+        if segment_size is None:
+            return None  # written live, without a final size
+        declared = at + 4 + length + segment_size
+        if declared > size:
+            return f"the Matroska segment declares {declared} bytes and the file ends at byte {size}", declared
+        return None
+    if head.startswith(b"YUV4MPEG2"):
+        return None if b"\n" in head else ("its YUV4MPEG2 header line is incomplete", None)
+    if head[4:8] in _MP4_BOXES:
+        offset = 0
+        while offset < size:
+            box = _read_at(handle, offset, 16)
+            if len(box) < 8:
+                return f"a box header at byte {offset} is incomplete (file ends at byte {size})", None
+            length, kind = int.from_bytes(box[:4], "big"), box[4:8].decode("latin-1")
+            if length == 1:
+                length = int.from_bytes(box[8:16], "big") if len(box) == 16 else 0
+            elif length == 0:
+                return None  # the last box runs to the end of the file
+            if length < 8:
+                return f"the box at byte {offset} declares an impossible size {length}", None
+            if offset + length > size:
+                end = offset + length
+                return f"its '{kind}' box declares bytes {offset}..{end} and the file ends at byte {size}", end
+            offset += length
+    return None
+
+
+def _y4m_end(handle, scan: _Scan) -> int:
+    """Where the whole frames of a y4m file end: after the last whole frame, or after the header line."""
+    if scan.byte_end is not None:
+        return scan.byte_end
+    return _read_at(handle, 0, 4096).index(b"\n") + 1
+
+
+def _declared_seconds(stream) -> float | None:
+    """The stream's duration as its container states it (Matroska's per-track DURATION tag), or None."""
+    text = stream.metadata.get("DURATION")
+    match = re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d+)?)", text.strip()) if text else None
+    if match is None:
+        return None
+    return int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3])
+
+
+@dataclass
+class _Scan:
+    """What one pass over a stream's packets found: frames decoded, where it broke, what it consumed."""
+
+    frames: int = 0
+    packets: int = 0
+    byte_end: int | None = None  # end of the last whole packet in the file, where the demuxer says
+    start: float | None = None  # seconds
+    end: float | None = None  # seconds: the last decoded frame's timestamp plus its duration
+    problem: str | None = None  # the first damage seen, one line
+
+    def note(self, frame: "av.VideoFrame", time_base: Fraction) -> None:
+        self.frames += 1
+        if frame.pts is not None and time_base:
+            start = float(frame.pts * time_base)
+            end = float((frame.pts + (frame.duration or 0)) * time_base)
+            self.start = start if self.start is None else min(self.start, start)
+            self.end = end if self.end is None else max(self.end, end)
+
+
+def _frames(container, stream, logs: list, scan: _Scan) -> Iterator["av.VideoFrame"]:
+    """Every frame that decodes cleanly, in order; stops at the first damage and records it in ``scan``.
+
+    The one decoding loop behind :func:`probe` and the readers, so both count the same frames.
+    Damage is a decoder or demuxer error, a packet the demuxer flags corrupt (an mp4 sample cut
+    by the end of the file), or an FFmpeg error log line (an FFV1 slice CRC mismatch is only
+    logged). A break while demuxing still lets the decoder return the frames of the whole packets
+    it holds; a break while decoding a packet keeps nothing of that packet's output.
+    """
+    time_base = stream.time_base
+    packets = container.demux(stream)
+    peeked = []
+    while True:
+        seen = len(logs)
+        try:
+            packet = peeked.pop() if peeked else next(packets)
+        except StopIteration:
+            break
+        except av.FFmpegError as exc:
+            scan.problem = f"the container cannot be read after frame {scan.frames} ({_first_line(exc)})"
+            break
+        if packet.size == 0:  # end of stream
+            if (error := _new_errors(logs, seen)) is not None:
+                scan.problem = f"the container ends abruptly after frame {scan.frames} ({error})"
+            break
+        if (error := _new_errors(logs, seen)) is not None:
+            scan.problem = f"packet {scan.packets} (after frame {scan.frames}) is damaged: {error}"
+            break
+        if packet.is_corrupt:
+            # A short read flags a packet corrupt; so do MPEG-TS continuity gaps, which the decoder
+            # may well survive. Only a flagged packet that ends the stream is a cut: drop it.
+            try:
+                following = next(packets)
+            except (StopIteration, av.FFmpegError):
+                following = None
+            if following is None or following.size == 0:
+                scan.problem = f"the file ends inside packet {scan.packets} (after frame {scan.frames})"
+                break
+            peeked.append(following)
+        try:
+            decoded = packet.decode()
+        except av.FFmpegError as exc:
+            scan.problem = f"frame data after frame {scan.frames} does not decode ({_first_line(exc)})"
+            return
+        if (error := _new_errors(logs, seen)) is not None:
+            scan.problem = f"frame data after frame {scan.frames} is damaged ({error})"
+            return
+        scan.packets += 1
+        if packet.pos is not None and packet.pos >= 0:
+            scan.byte_end = packet.pos + packet.size
+        for frame in decoded:
+            scan.note(frame, time_base)
+            yield frame
+    if stream.codec_context is None:  # no decoder: FFmpeg did not find the codec's parameters
+        scan.problem = scan.problem or "the video stream has no decodable codec parameters"
+        return
+    seen = len(logs)
+    try:
+        decoded = stream.codec_context.decode(None)  # the decoder's delayed frames
+    except av.FFmpegError as exc:
+        scan.problem = scan.problem or f"the last frames do not decode ({_first_line(exc)})"
+        return
+    if (error := _new_errors(logs, seen)) is not None:
+        scan.problem = scan.problem or f"the last frames are damaged ({error})"
+        return
+    for frame in decoded:
+        scan.note(frame, time_base)
+        yield frame
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _completeness(container, stream, handle, scan: _Scan) -> dict:
+    """Compare what decoded with what the file and its container declare; ``reason`` is None if complete."""
+    size = _file_size(handle)
+    declared_frames = stream.frames if container.format.name.startswith("mov") and stream.frames > 0 else None
+    declared_seconds = _declared_seconds(stream)
+    decoded_seconds = None if scan.end is None else scan.end - (scan.start or 0.0)
+    facts = {
+        "reason": scan.problem,
+        "damaged": scan.problem is not None,
+        "decoded_frames": scan.frames,
+        "declared_frames": declared_frames,
+        "decoded_seconds": decoded_seconds,
+        "declared_seconds": declared_seconds,
+        "file_bytes": size,
+        "declared_bytes": None,
+    }
+    cut = _structure_break(handle, size)
+    if cut is not None:
+        # the structure names the cut exactly; a decoding break at the end is its symptom
+        facts.update(reason=cut[0], damaged=False, declared_bytes=cut[1])
+    elif scan.problem is None:
+        facts["reason"] = _shortfall(container, stream, handle, scan, size, facts)
+    return facts
+
+
+def _shortfall(container, stream, handle, scan: _Scan, size: int, facts: dict) -> str | None:
+    """What the container declares beyond the frames that decoded cleanly, or None."""
+    fps = stream.average_rate or stream.guessed_rate or stream.base_rate
+    declared_frames, declared_seconds, decoded_seconds = (
+        facts["declared_frames"],
+        facts["declared_seconds"],
+        facts["decoded_seconds"],
+    )
+    if container.format.name == "yuv4mpegpipe" and (whole := _y4m_end(handle, scan)) < size:
+        return f"{size - whole} bytes after frame {scan.frames} (byte {whole}) are an incomplete frame"
+    if declared_frames is not None and scan.packets < declared_frames:
+        # samples, not decoded frames: an edit list may hide samples from the output, never from the file
+        return f"its index declares {declared_frames} samples and the file holds {scan.packets}"
+    # a missing last frame shortens the stream by one frame duration: half of one is the tolerance
+    if None not in (declared_seconds, decoded_seconds) and fps and declared_seconds - decoded_seconds > 0.5 / fps:
+        return f"its header declares {declared_seconds:.3f} s and the frames end at {decoded_seconds:.3f} s"
+    return None
+
+
+def probe(url: str, storage_options: dict | None = None, allow_truncated: bool = False) -> SourceInfo:
     """Describe a source video and check that palstream can read all of it.
 
-    Every frame is decoded once (no conversion), so the frame count is exact and a
-    truncated or corrupt file is refused here, before any archive is written.
+    Every frame is decoded once (no conversion), so the frame count is exact, and the result is
+    compared with what the file declares: the byte structure of the container (Matroska segment
+    size, mp4 boxes, whole y4m frames), mp4's sample count, Matroska's track duration. A
+    truncated or damaged file is refused here, before any archive is written, the same way on
+    every call.
 
     Parameters
     ----------
@@ -271,6 +668,9 @@ def probe(url: str, storage_options: dict | None = None) -> SourceInfo:
         Local path or fsspec URL (``file://``, ``memory://``, ``s3://``, ...).
     storage_options : dict, optional
         Passed to fsspec (e.g. S3 endpoint and credentials).
+    allow_truncated : bool, default False
+        Keep a truncated or damaged source: ``frame_count`` is then the number of frames before
+        the break, and :attr:`SourceInfo.truncated` records what was detected.
 
     Returns
     -------
@@ -279,31 +679,29 @@ def probe(url: str, storage_options: dict | None = None) -> SourceInfo:
     Raises
     ------
     InputError
-        Missing file, not a video, truncated/corrupt, zero frames, or a refused pixel format.
+        Missing file, not a regular file, not a video, truncated/corrupt (unless
+        ``allow_truncated``), zero frames, a refused pixel format, or a storage failure.
     """
-    name = os.path.basename(str(url).rstrip("/"))
+    name = _display_name(url)
     first = None
-    count = 0
-    with _libav_errors() as logs, _open_input(url, storage_options) as (container, stream):
-        try:
-            for frame in container.decode(stream):
-                if first is None:
-                    first = frame
-                    _classify(frame.format, name)
-                elif (frame.width, frame.height, frame.format.name) != (first.width, first.height, first.format.name):
-                    raise InputError(
-                        f"{name} changes from {first.width}x{first.height} {first.format.name} to {frame.width}x"
-                        f"{frame.height} {frame.format.name} at frame {count}; split it where the size changes"
-                    )
-                count += 1
-        except av.FFmpegError as exc:
-            raise InputError(
-                f"{name} is corrupt after frame {count}: {_reason(exc, logs)}; re-export or repair it"
-            ) from None
+    scan = _Scan()
+    with _open_input(url, storage_options) as (container, stream, handle), _libav_errors() as logs:
+        for frame in _frames(container, stream, logs, scan):
+            if first is None:
+                first = frame
+                _classify(frame.format, name)
+            elif (frame.width, frame.height, frame.format.name) != (first.width, first.height, first.format.name):
+                raise InputError(
+                    f"{name} changes from {first.width}x{first.height} {first.format.name} to {frame.width}x"
+                    f"{frame.height} {frame.format.name} at frame {scan.frames - 1}; split it where the size changes"
+                )
+        facts = _completeness(container, stream, handle, scan)
         fps = stream.average_rate or stream.guessed_rate or stream.base_rate
         time_base = stream.time_base
-    if logs:
-        raise InputError(f"{name} is truncated or corrupt ({_reason(None, logs)}); re-export or repair it")
+    if facts["reason"] is not None and (not allow_truncated or first is None):
+        state = "is corrupt" if facts["damaged"] else "is truncated"
+        keep = f", or keep the {scan.frames} frames before the break with --allow-truncated" if first else ""
+        raise InputError(f"{name} {state}: {facts['reason']}; re-copy or re-export it{keep}")
     if first is None:
         raise InputError(f"{name} has a video stream but zero frames; give a video with at least one frame")
     if not fps:
@@ -320,24 +718,19 @@ def probe(url: str, storage_options: dict | None = None) -> SourceInfo:
     if first.format.is_rgb or first.format.has_palette:
         color.update(matrix="smpte170m", range="tv")  # what the conversion to YCbCr produces
     return SourceInfo(
-        url=str(url),
+        url=redact_url(url),
         name=name,
         size_bytes=size,
         sha256=sha,
         width=first.width,
         height=first.height,
-        frame_count=count,
+        frame_count=scan.frames,
         fps=f"{fps.numerator}/{fps.denominator}",
         time_base=f"{time_base.numerator}/{time_base.denominator}" if time_base else "0/1",
         pix_fmt=first.format.name,
         color=color,
+        truncated=None if facts["reason"] is None else facts,
     )
-
-
-def _reason(exc: Exception | None, logs: list) -> str:
-    if logs:
-        return logs[0][2].strip()
-    return str(exc).split(";")[0] if exc else "unknown error"
 
 
 class _Converter:
@@ -357,24 +750,32 @@ class _Converter:
         return _planes(frame)
 
 
-def _decode_frames(url: str, storage_options: dict | None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Every frame as 8-bit 4:2:0 planes, converting (with one warning) per the input policy."""
-    name = os.path.basename(str(url).rstrip("/"))
+def _decode_frames(
+    url: str, storage_options: dict | None, frame_count: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Every frame as 8-bit 4:2:0 planes, converting (with one warning) per the input policy.
+
+    With ``frame_count`` (what :func:`probe` fixed) exactly that many frames are yielded: reading
+    stops there (a kept truncated source breaks after them), and a source that breaks or ends
+    before them raises. Without it, any damage raises.
+    """
+    name = _display_name(url)
     convert = _Converter(name)
+    scan = _Scan()
     count = 0
-    with _libav_errors() as logs, _open_input(url, storage_options) as (container, stream):
-        try:
-            for frame in container.decode(stream):
-                if logs:
-                    break
-                count += 1
-                yield convert(frame)
-        except av.FFmpegError as exc:
-            raise InputError(
-                f"{name} is corrupt after frame {count}: {_reason(exc, logs)}; re-export or repair it"
-            ) from None
-    if logs:
-        raise InputError(f"{name} is truncated or corrupt ({_reason(None, logs)}); re-export or repair it")
+    with _open_input(url, storage_options) as (container, stream, _), _libav_errors() as logs:
+        for frame in _frames(container, stream, logs, scan):
+            if count == frame_count:
+                return
+            count += 1
+            yield convert(frame)
+    if scan.problem is not None:
+        raise InputError(f"{name} is corrupt: {scan.problem}; re-copy or re-export it")
+    if frame_count is not None and count < frame_count:
+        raise InputError(
+            f"{name} ends after {count} frames but was probed with {frame_count}; "
+            "it changed since it was probed: probe it again"
+        )
 
 
 def _read_by_seeking(
@@ -385,40 +786,42 @@ def _read_by_seeking(
     A frame's number is taken from its timestamp, (pts - start_time) * time_base * fps. The read
     is accepted only if the first decoded frame is at or before ``start`` and the numbers then run
     without a gap or repeat; otherwise (variable frame rate, missing timestamps, a seek that lands
-    late, any FFmpeg complaint) the caller decodes from the first frame instead.
+    late, any damage before ``stop``) the caller decodes from the first frame instead.
     """
-    name = os.path.basename(str(url).rstrip("/"))
-    convert = _Converter(name)
+    convert = _Converter(_display_name(url))
     kept = []
-    with _libav_errors() as logs, _open_input(url, storage_options) as (container, stream):
+    scan = _Scan()
+    with _open_input(url, storage_options) as (container, stream, _), _libav_errors() as logs:
         fps, time_base = stream.average_rate, stream.time_base
         if not fps or not time_base:
             return None
         origin = stream.start_time or 0
         try:
             container.seek(origin + math.floor(start / (fps * time_base)), stream=stream, backward=True)
-            previous = None
-            for frame in container.decode(stream):
-                if frame.pts is None:
-                    return None
-                index = round((frame.pts - origin) * time_base * fps)
-                if (index > start) if previous is None else (index != previous + 1):
-                    return None  # landed after the wanted frame, or timestamps with gaps/repeats
-                previous = index
-                if index >= start:
-                    kept.append(convert(frame))
-                if stop is not None and index >= stop - 1:
-                    break
         except av.FFmpegError:
             return None
-    return None if logs else kept
+        previous = None
+        for frame in _frames(container, stream, logs, scan):
+            if frame.pts is None:
+                return None
+            index = round((frame.pts - origin) * time_base * fps)
+            if (index > start) if previous is None else (index != previous + 1):
+                return None  # landed after the wanted frame, or timestamps with gaps/repeats
+            previous = index
+            if index >= start:
+                kept.append(convert(frame))
+            if stop is not None and index >= stop - 1:
+                return kept
+    return None if scan.problem is not None else kept
 
 
 def _stack(planes: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Frames:
     return Frames(*(np.stack([p[i] for p in planes]) for i in range(3)))
 
 
-def iter_chunks(url: str, frames_per_chunk: int, storage_options: dict | None = None) -> Iterator[Frames]:
+def iter_chunks(
+    url: str, frames_per_chunk: int, storage_options: dict | None = None, frame_count: int | None = None
+) -> Iterator[Frames]:
     """Read a video sequentially in runs of ``frames_per_chunk`` frames (the last may be shorter).
 
     Parameters
@@ -429,16 +832,24 @@ def iter_chunks(url: str, frames_per_chunk: int, storage_options: dict | None = 
         Frames per yielded run, >= 1 (the GOP size when encoding).
     storage_options : dict, optional
         Passed to fsspec.
+    frame_count : int, optional
+        The frame count :func:`probe` fixed (``SourceInfo.frame_count``): exactly that many frames
+        are yielded, also from a truncated source kept with ``allow_truncated``.
 
     Yields
     ------
     Frames
         8-bit 4:2:0 frames; conversions warn with :class:`ConversionWarning`.
+
+    Raises
+    ------
+    InputError
+        The source breaks before ``frame_count`` frames (or anywhere, without ``frame_count``).
     """
     if frames_per_chunk < 1:
         raise ValueError("frames_per_chunk must be >= 1")
     batch = []
-    for planes in _decode_frames(url, storage_options):
+    for planes in _decode_frames(url, storage_options, frame_count):
         batch.append(planes)
         if len(batch) == frames_per_chunk:
             yield _stack(batch)
@@ -447,7 +858,9 @@ def iter_chunks(url: str, frames_per_chunk: int, storage_options: dict | None = 
         yield _stack(batch)
 
 
-def read_frames(url: str, start: int = 0, count: int | None = None, storage_options: dict | None = None) -> Frames:
+def read_frames(
+    url: str, start: int = 0, count: int | None = None, storage_options: dict | None = None, *, exact: bool = False
+) -> Frames:
     """Frames ``[start, start + count)`` of a video as 8-bit 4:2:0 (all from ``start`` if count is None).
 
     For ``start > 0`` it seeks to the preceding keyframe when the stream's timestamps prove the
@@ -464,11 +877,15 @@ def read_frames(url: str, start: int = 0, count: int | None = None, storage_opti
         Number of frames; default all frames from ``start``.
     storage_options : dict, optional
         Passed to fsspec for remote URLs.
+    exact : bool, default False
+        Raise unless exactly ``count`` frames are read (what encoding a planned range needs);
+        by default ``count`` is a maximum, as in slicing.
 
     Raises
     ------
     InputError
-        Unreadable source, or the range holds no frame.
+        Unreadable source, the range holds no frame, the source is damaged before the end of the
+        range, or (``exact``) fewer than ``count`` frames.
     """
     if start < 0 or (count is not None and count < 1):
         raise ValueError("start must be >= 0 and count >= 1")
@@ -481,6 +898,12 @@ def read_frames(url: str, start: int = 0, count: int | None = None, storage_opti
                 break
             if index >= start:
                 kept.append(planes)
+    name = _display_name(url)
     if not kept:
-        raise InputError(f"{os.path.basename(str(url))} has no frames in [{start}, {stop}); check the frame range")
+        raise InputError(f"{name} has no frames in [{start}, {stop}); check the frame range")
+    if exact and count is not None and len(kept) < count:
+        raise InputError(
+            f"{name} ends after frame {start + len(kept)}, inside the asked range [{start}, {stop}); "
+            "probe it again: it is shorter than when it was probed"
+        )
     return _stack(kept)
