@@ -126,7 +126,14 @@ def _progress() -> Progress:
     )
 
 
-def _encode(input: str, archive: str, config, overwrite: bool, storage_options: dict | None = None) -> str:
+def _encode(
+    input: str,
+    archive: str,
+    config,
+    overwrite: bool,
+    storage_options: dict | None = None,
+    allow_truncated: bool = False,
+) -> str:
     """Encode with a progress bar; returns a one-line summary."""
     from palstream.pipeline import encode_file
 
@@ -140,6 +147,7 @@ def _encode(input: str, archive: str, config, overwrite: bool, storage_options: 
             storage_options=storage_options,
             overwrite=overwrite,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
+            allow_truncated=allow_truncated,
         )
     seconds = time.perf_counter() - started
     src, payload = result.source, result.payload_bytes()
@@ -175,6 +183,14 @@ def encode(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing palstream archive at ARCHIVE.")
     ] = False,
+    allow_truncated: Annotated[
+        bool,
+        typer.Option(
+            "--allow-truncated",
+            help="Keep a truncated or damaged source's frames before the break (refused by default); "
+            "the archive records what was missing.",
+        ),
+    ] = False,
     storage_profile: ProfileOpt = None,
     endpoint_url: EndpointOpt = None,
 ) -> None:
@@ -190,7 +206,9 @@ def encode(
         palette=palette,
         gop=gop,
     )
-    summary = _encode(input, archive, config, overwrite, _storage_options(storage_profile, endpoint_url))
+    summary = _encode(
+        input, archive, config, overwrite, _storage_options(storage_profile, endpoint_url), allow_truncated
+    )
     _say(f"wrote {archive}: {summary}")
 
 

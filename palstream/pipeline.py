@@ -29,6 +29,7 @@ def encode_file(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     threads: int | None = None,
+    allow_truncated: bool = False,
 ) -> Archive:
     """Encode a whole video into a new archive, GOP chunk by GOP chunk (streaming).
 
@@ -48,6 +49,9 @@ def encode_file(
         ``progress(frames_done, frame_count)`` after each chunk.
     threads : int, optional
         Chunks encoded at once; default: one per CPU core. The archive bytes do not depend on it.
+    allow_truncated : bool, default False
+        Keep a truncated or damaged source's frames before the break instead of refusing it;
+        the archive's source record says so (``SourceInfo.truncated``).
 
     Returns
     -------
@@ -65,7 +69,7 @@ def encode_file(
 
     check_destination(archive, storage_options, overwrite)
     generator = create_palette_generator(config.palette)
-    source = probe(input, storage_options)
+    source = probe(input, storage_options, allow_truncated=allow_truncated)
     writer = ArchiveWriter.create(
         archive, source, config, generator, storage_options=storage_options, overwrite=overwrite
     )
@@ -85,7 +89,7 @@ def encode_file(
                 if progress is not None:
                     progress(done, source.frame_count)
 
-            for index, frames in enumerate(iter_chunks(input, config.gop, storage_options)):
+            for index, frames in enumerate(iter_chunks(input, config.gop, storage_options, source.frame_count)):
                 pending.append((index, len(frames), pool.submit(encode_chunk, frames, config, generator)))
                 if len(pending) >= workers:
                     write_oldest()
