@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from distributed import WorkerPlugin
 
 from palstream.batch.plan import (
     Plan,
@@ -249,7 +250,7 @@ def test_workers_do_not_print_tracebacks_of_palstream_tasks():
 # -- a real job ----------------------------------------------------------------------------------
 
 
-class FirstProbeFails:
+class FirstProbeFails(WorkerPlugin):
     """Worker plugin: the first probe of each file whose name contains ``target`` raises an InputError.
 
     What a flaky probe does (an input refused once, accepted when tried again): a job must
