@@ -173,3 +173,32 @@ def test_quality_ladder_fills_each_dead_zone_cliff():
         # the busy offset rounds an error one below the plain rung's smallest coded error to level 1
         smallest = -(-(q4 - rnd[0]) // 4)
         assert (4 * (smallest - 1) + busy) // q4 == 1 and (4 * (smallest - 1) + rnd[0]) // q4 == 0
+
+
+def _synthetic(t: int, h: int, w: int) -> Frames:
+    """A gradient moving a pixel a frame, flat rectangles and a noisy band: skipped, inter,
+    intra and palette leaves of every size."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:h, :w]
+    y = np.empty((t, h, w), np.uint8)
+    for f in range(t):
+        y[f] = (xx + f + yy // 2) % 256
+    y[:, h // 4 : h // 2, w // 4 : w // 2] = 200
+    y[:, h // 2 : h // 2 + 64] = rng.integers(0, 256, (t, 64, w), dtype=np.uint8)
+    ch, cw = (h + 1) // 2, (w + 1) // 2
+    u = np.broadcast_to((np.arange(cw) % 256).astype(np.uint8), (t, ch, cw)).copy()
+    v = np.full((t, ch, cw), 128, np.uint8)
+    return Frames(y, u, v)
+
+
+@pytest.mark.parametrize(
+    "size, max_block",
+    [((1024, 1040), 16), ((1088, 1920), 16), ((4160, 4096), 64)],  # more top-level blocks than 4096 (issue 13)
+    ids=["1040x1024-max16", "1920x1088-max16", "4096x4160-default"],
+)
+def test_frames_of_many_top_level_blocks_round_trip_exactly(size, max_block):
+    """The analysis once pushed every top-level block of a frame onto a 4096-row stack: these
+    sizes aborted with heap corruption, or raised IndexError under NUMBA_BOUNDSCHECK=1."""
+    frames = _synthetic(2 if max_block == 16 else 1, *size)
+    encoded = encode_chunk(frames, EncoderConfig(lossless=True, max_block=max_block))
+    assert _same(decode_chunk(encoded.payload), frames)

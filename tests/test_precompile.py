@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from palstream.codec.precompile import AHEAD_NOTICE, FIRST_USE_NOTICE
 
 DATA = Path(__file__).parent / "data"
@@ -91,24 +89,17 @@ def test_compile_kernels_covers_every_signature_the_codec_uses(tmp_path):
     assert run.stdout.strip() == ""
 
 
-@pytest.mark.slow
-def test_compile_ahead_says_so_at_once_and_later_encodes_start_in_seconds(tmp_path):
-    """Cold: the notice within seconds of starting, the kernels compiled once; then a fresh
-    process encodes and decodes a clip without compiling anything."""
-    cache = tmp_path / "cache"
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+def test_compile_ahead_says_so_at_once(tmp_path):
+    """With a cold cache, ``python -m palstream.codec`` names what it is doing before it compiles
+    for minutes (stopped here after that first line)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
     start = time.perf_counter()
     ahead = subprocess.Popen([sys.executable, "-m", "palstream.codec"], env=env, stderr=subprocess.PIPE, text=True)
-    first = ahead.stderr.readline().rstrip("\n")
-    noticed = time.perf_counter() - start
-    rest = ahead.communicate(timeout=3600)[1]
-    assert ahead.returncode == 0, rest
-    assert first == AHEAD_NOTICE and noticed < 10  # about 0.5 s on an idle 2-core machine
-    warm = subprocess.run([sys.executable, "-m", "palstream.codec"], env=env, capture_output=True, text=True)
-    assert warm.returncode == 0 and warm.stderr == ""
-    code = (
-        "from palstream.codec import EncoderConfig, decode_chunk, encode_chunk; from palstream.io import read_frames; "
-        f"f = read_frames({str(DATA / 'camera_64x48.mkv')!r}, 0, 6); decode_chunk(encode_chunk(f, EncoderConfig()).payload)"
-    )
-    use = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert use.returncode == 0 and use.stderr == ""
+    try:
+        first = ahead.stderr.readline().rstrip("\n")
+        noticed = time.perf_counter() - start
+    finally:
+        ahead.kill()
+        ahead.communicate()
+    assert first == AHEAD_NOTICE
+    assert noticed < 10  # about 0.5 s on an idle 2-core machine; a loaded one takes longer to start Python

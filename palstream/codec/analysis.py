@@ -713,44 +713,44 @@ def decide(
                     lmv[lev][by, bx, 4] = bmot[4]
                     lmv[lev][by, bx, 6] = bdc
                 lmv[lev][by, bx, 5] = bvar
-    # top-down: write the chosen leaves into the 8x8 cell maps
+    # top-down, one max_block-sized block at a time (as the syntax does), so the stack holds one
+    # block's subtree, never the frame's: each level below the top adds at most 3 entries
     top = 0
     while top < nlev - 1 and sizes[top] < max_block:
         top += 1
-    stack = np.empty((4096, 3), np.int64)
-    sp = 0
-    s = sizes[top]
-    for by in range(h // s):
-        for bx in range(w // s):
-            stack[sp, 0] = top
-            stack[sp, 1] = by
-            stack[sp, 2] = bx
-            sp += 1
-    while sp > 0:
-        sp -= 1
-        lev = stack[sp, 0]
-        by = stack[sp, 1]
-        bx = stack[sp, 2]
-        if lsplit[lev][by, bx]:
-            for j in range(4):
-                stack[sp, 0] = lev - 1
-                stack[sp, 1] = 2 * by + j // 2
-                stack[sp, 2] = 2 * bx + j % 2
-                sp += 1
-            continue
-        s = sizes[lev]
-        n8 = s // 8
-        cy8 = by * n8
-        cx8 = bx * n8
-        for yy in range(cy8, cy8 + n8):
-            for xx in range(cx8, cx8 + n8):
-                leafsize[yy, xx] = s
-                mode[yy, xx] = lmode[lev][by, bx]
-                for i in range(7):
-                    mv[yy, xx, i] = lmv[lev][by, bx, i]
-        ny = lpyn[lev][by, bx]
-        nc = lpcn[lev][by, bx]
-        pal_yn[cy8, cx8] = ny
-        pal_y[cy8, cx8, :ny] = lpy[lev][by, bx, :ny]
-        pal_cn[cy8, cx8] = nc
-        pal_c[cy8, cx8, :nc] = lpc[lev][by, bx, :nc]
+    stack = np.empty((3 * top + 1, 3), np.int64)
+    ctu = sizes[top]
+    for cty in range(h // ctu):
+        for ctx in range(w // ctu):
+            stack[0, 0] = top
+            stack[0, 1] = cty
+            stack[0, 2] = ctx
+            sp = 1
+            while sp > 0:
+                sp -= 1
+                lev = stack[sp, 0]
+                by = stack[sp, 1]
+                bx = stack[sp, 2]
+                if lsplit[lev][by, bx]:
+                    for j in range(4):
+                        stack[sp, 0] = lev - 1
+                        stack[sp, 1] = 2 * by + j // 2
+                        stack[sp, 2] = 2 * bx + j % 2
+                        sp += 1
+                    continue
+                s = sizes[lev]
+                n8 = s // 8
+                cy8 = by * n8
+                cx8 = bx * n8
+                for yy in range(cy8, cy8 + n8):
+                    for xx in range(cx8, cx8 + n8):
+                        leafsize[yy, xx] = s
+                        mode[yy, xx] = lmode[lev][by, bx]
+                        for i in range(7):
+                            mv[yy, xx, i] = lmv[lev][by, bx, i]
+                ny = lpyn[lev][by, bx]
+                nc = lpcn[lev][by, bx]
+                pal_yn[cy8, cx8] = ny
+                pal_y[cy8, cx8, :ny] = lpy[lev][by, bx, :ny]
+                pal_cn[cy8, cx8] = nc
+                pal_c[cy8, cx8, :nc] = lpc[lev][by, bx, :nc]
