@@ -17,22 +17,19 @@ import hashlib
 import json
 import os
 import posixpath
-import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from urllib.parse import parse_qsl, urlsplit
 
 from palstream import __version__
-from palstream.codec import EncoderConfig
-from palstream.errors import ConfigError, InputError
 from palstream.batch.spec import JobSpec
 from palstream.batch.store import JOB_DIR, filesystem, join, read_json, write_json
+from palstream.codec import EncoderConfig
+from palstream.errors import ConfigError, InputError
+from palstream.io import redact_url
 
 PLAN_VERSION = 2
 KNOWN_PLAN_VERSIONS = (1, 2)  # version 1: flat layout, no source paths
 ARCHIVE_SUFFIX = ".zarr"
-# Query parameters that carry a credential (presigned S3/GCS/Azure URLs, API tokens).
-_SECRET_QUERY = re.compile(r"signature|credential|token|secret|password|passwd|key|sig$|^sv$|^se$", re.I)
 
 
 @dataclass(frozen=True)
@@ -199,17 +196,14 @@ def check_archive_path(path, where: str) -> str:
 def credential_free(url: str) -> str:
     """``url`` if it carries no credential; a one-line ``ConfigError`` otherwise.
 
-    A password in the URL or a signed query string would be stored in ``plan.json`` and
-    ``job.json`` and shown by ``status``; credentials come from the environment or a profile.
+    A password in the URL or a signed query string (what ``palstream.io.redact_url`` removes)
+    would be stored in ``plan.json`` and ``job.json`` and shown by ``status``; credentials come
+    from the environment or a profile.
     """
-    if "://" not in url:
-        return url
-    parts = urlsplit(url)
-    secret = parts.password is not None or any(_SECRET_QUERY.search(k) for k, _ in parse_qsl(parts.query, keep_blank_values=True))
-    if secret:
-        shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+    redacted = redact_url(url)
+    if redacted != url:
         raise ConfigError(
-            f"input {shown} carries credentials in its URL, which would be stored in the job's files; "
+            f"input {redacted} carries credentials in its URL, which would be stored in the job's files; "
             "set them in the environment (AWS_ACCESS_KEY_ID, ...) or use storage.aws_profile"
         )
     return url

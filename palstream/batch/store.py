@@ -26,7 +26,9 @@ import uuid
 
 import fsspec
 
+from palstream import errors
 from palstream.errors import ArchiveError, ConfigError, PalstreamError
+from palstream.io import redact_url
 
 JOB_DIR = "_palstream"
 LOCK_STALE_SECONDS = 120.0  # a lock whose heartbeat is older than this belongs to a dead driver
@@ -68,6 +70,9 @@ def check_writable(output: str, options: dict | None = None) -> None:
             raise ArchiveError(f"output {output}: bucket {path.split('/', 1)[0]!r} does not exist; create it first") from None
         raise ArchiveError(f"output {output} is not writable ({_one_line(exc)}); check the path and permissions") from None
     except Exception as exc:  # noqa: BLE001  every backend raises its own family; all mean "cannot write"
+        mapped = errors.storage_error(exc, output, "write the output", ArchiveError)
+        if mapped is not None:
+            raise mapped from None
         raise ArchiveError(f"output {output} is not writable ({_one_line(exc)}); check the path, endpoint and permissions") from None
 
 
@@ -97,12 +102,19 @@ def read_json(url: str, options: dict | None = None) -> dict | None:
     return data
 
 
-def storage_error(url: str, exc: BaseException, action: str) -> ArchiveError:
-    """One line for a storage failure: what could not be done where, the backend's first line, what to check."""
+def storage_error(url: str, exc: BaseException, action: str) -> PalstreamError:
+    """One line for a storage failure of a job file: what could not be done where, and what to check.
+
+    Remote failures (credentials, endpoint, permissions, timeout) are named by
+    ``palstream.errors.storage_error``; others get the backend's first line.
+    """
     if isinstance(exc, PalstreamError):
-        return exc if isinstance(exc, ArchiveError) else ArchiveError(str(exc))
+        return exc
+    mapped = errors.storage_error(exc, url, action, ArchiveError)
+    if mapped is not None:
+        return mapped
     hint = "check the endpoint, credentials and permissions" if "://" in url else "check the path and permissions"
-    return ArchiveError(f"cannot {action} {url} ({_one_line(exc)}); {hint}")
+    return ArchiveError(f"cannot {action} {redact_url(url)} ({_one_line(exc)}); {hint}")
 
 
 def _ensure_parent(fs, path: str) -> None:
