@@ -137,10 +137,16 @@ def storage_error(
     if "InvalidBucketName" in codes:
         return cls(f"cannot {action} {where}: the bucket name is not valid; check the URL")
     if codes & _DENIED_CODES:
-        code = next(iter(sorted(codes & _DENIED_CODES)))
+        code = min(codes & _DENIED_CODES, key=lambda c: (c.isdigit(), c))  # S3's error code before the HTTP status
         return cls(
             f"cannot {action} {where}: access denied ({code}); check the credentials ({_CREDENTIALS_FIX}) "
             "and that they are allowed to " + action.split()[0]
+        )
+    if "ParamValidationError" in names and "bucket name" in first.lower() + str(exc).lower():
+        # botocore's text repeats the bucket part of the URL, credentials included: not shown
+        return cls(
+            f"cannot {action} {where}: the bucket name is not valid; check the URL "
+            f"(credentials do not go in it: {_CREDENTIALS_FIX})"
         )
     if "ValueError" in names and "endpoint" in first.lower():
         return cls(f"cannot {action} {where}: {first}; give --endpoint-url as http(s)://host:port")
