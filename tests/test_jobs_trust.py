@@ -34,7 +34,7 @@ from palstream.batch.plan import (
 from palstream.batch.spec import JobSpec
 from palstream.batch.status import EXIT_FAILED, EXIT_INCOMPLETE
 from palstream.batch.store import read_json, write_bytes
-from palstream.batch.worker import _DropPalstreamTaskFailures, encode_unit, finalize_archive, probe_source
+from palstream.batch.worker import _DropPalstreamTaskFailures, _read_unit, encode_unit, finalize_archive, probe_source
 from palstream.codec import EncoderConfig
 from palstream.errors import ArchiveError, ConfigError
 
@@ -209,6 +209,24 @@ def test_probe_returns_a_refusal_as_a_value(tmp_path):
     result = probe_source(str(cut), {})
     assert set(result) == {"refused"} and "cut.mkv" in result["refused"]
     assert probe_source(str(DATA / CLIP), {})["info"]["frame_count"] == 8
+
+
+def test_truncated_input_is_kept_only_with_the_opt_in_which_the_plan_records():
+    cut = str(DATA / "truncated.mkv")
+    assert "refused" in probe_source(cut, {})
+    kept = probe_source(cut, {}, allow_truncated=True)["info"]
+    assert kept["truncated"]["reason"] and kept["frame_count"] >= 1
+    plan = Plan.build(EncoderConfig(gop=4), [(cut, kept, None)], allow_truncated=True)
+    assert plan.data["allow_truncated"] and plan.sources[0]["info"]["truncated"] == kept["truncated"]
+    assert not plan.matches([cut], EncoderConfig(gop=4), None)  # a submit without the opt-in is another job
+    # A unit of the kept source reads exactly its planned frames, not into the break.
+    unit = {"source_url": cut, "start": 0, "count": kept["frame_count"], "source_truncated": True,
+            "source_frames": kept["frame_count"]}
+    assert len(_read_unit(unit, {"source_options": {}}, 4)) == kept["frame_count"]
+    spec = JobSpec.from_dict({"inputs": [cut], "output": "o", "allow_truncated": True})
+    assert JobSpec.from_dict(spec.to_dict()).allow_truncated
+    with pytest.raises(ConfigError, match="allow_truncated"):
+        JobSpec.from_dict({"inputs": [cut], "output": "o", "allow_truncated": "yes"})
 
 
 def _unit(tmp_path: Path, start: int, count: int, size: int) -> dict:

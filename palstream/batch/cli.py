@@ -130,6 +130,13 @@ def submit(
     lossless: Annotated[Optional[bool], typer.Option("--lossless/--lossy", help="Bit-exact 4:2:0 (default: lossy).")] = None,
     palette: Annotated[Optional[str], typer.Option(help="Palette generator name (default kmeans).")] = None,
     gop: Annotated[Optional[int], typer.Option(help="Frames per chunk, the unit of work (default 32).")] = None,
+    allow_truncated: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--allow-truncated",
+            help="Archive the frames before the break of a truncated or damaged input instead of refusing it (recorded in the plan and the archive).",
+        ),
+    ] = None,
     tune: Annotated[
         Optional[bool], typer.Option("--tune/--no-tune", help="Let the tuner choose each batch's encoder configuration (see docs/tuner.md).")
     ] = None,
@@ -156,6 +163,7 @@ def submit(
         threads_per_worker=threads_per_worker,
         retries=retries,
         max_in_flight=max_in_flight,
+        allow_truncated=allow_truncated,
         codec={"target_psnr": target_psnr, "lossless": lossless, "palette": palette, "gop": gop},
         storage={"profile": storage_profile, "endpoint_url": endpoint_url},
         tuner={

@@ -12,6 +12,7 @@ The driver never touches CUDA: GPUs are counted through NVML, not torch.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import os
@@ -24,7 +25,25 @@ from palstream.batch.spec import JobSpec
 from palstream.batch.worker import PalstreamWorkerPlugin
 from palstream.errors import ConfigError, PalstreamError
 
+# An external scheduler must answer within this (a wrong address fails after it).
 CONNECT_TIMEOUT_SECONDS = 15
+
+# Dask's timeouts assume an idle machine. On a busy one (CI: 2 cores shared by several jobs) a new
+# worker process takes tens of seconds to import torch and start, its event loop is blocked while
+# the palstream plugin warms the codec up (minutes if the kernels must be compiled), and every
+# process answers late. Set for the clusters palstream starts and for the driver's connections.
+BUSY_MACHINE_CONFIG = {
+    # Connecting includes the handshake with the peer's event loop (default 30 s).
+    "distributed.comm.timeouts.connect": "60s",
+    # A killed worker's nanny starts a new one; the cluster waits this long for it to register
+    # before it closes that nanny mid-start (default 15 s; the close then fails the job's end).
+    "distributed.deploy.lost-worker-timeout": "10 minutes",
+    # The scheduler restarts a worker whose heartbeats stop for this long (default 5 minutes).
+    "distributed.scheduler.worker-ttl": "15 minutes",
+}
+# Time a worker process gets to stop when the cluster closes, including the rest of its start if a
+# nanny is still restarting it; Dask's nanny allows 5 s, then raises TimeoutError.
+WORKER_STOP_SECONDS = 300
 # The scheduler's HTTP server (/metrics, /health) on a free local port, not the shared 8787.
 _SCHEDULER_HTTP = {"dashboard_address": "127.0.0.1:0"}
 
@@ -99,25 +118,45 @@ def open_client(spec: JobSpec) -> Iterator[Client]:
     """A client on the job's cluster, with the workers set up; the cluster closes on exit
     (an external scheduler is left running)."""
     cluster = None
-    # Nannies read this when they are created and reuse it when they restart a worker.
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment()}):
+    # Nannies read the environment when they are created and reuse it when they restart a worker;
+    # they hand the whole Dask configuration to their worker processes.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment(), **BUSY_MACHINE_CONFIG}):
         if spec.cluster == "local":
             cluster = _local_cluster(spec)
         elif spec.cluster == "cuda":
             cluster = _cuda_cluster(spec)
-    try:
         try:
-            client = Client(cluster if cluster is not None else spec.cluster, timeout=CONNECT_TIMEOUT_SECONDS)
-        except (OSError, TimeoutError) as exc:
-            raise PalstreamError(
-                f"cannot reach the Dask scheduler at {spec.cluster} ({exc}); check the address and that it is running"
-            ) from None
-        with client:
-            setup_workers(client, spec.threads_per_worker, spec.codec.palette)
-            yield client
+            timeout = CONNECT_TIMEOUT_SECONDS if cluster is None else dask.config.get("distributed.comm.timeouts.connect")
+            try:
+                client = Client(cluster if cluster is not None else spec.cluster, timeout=timeout)
+            except (OSError, TimeoutError) as exc:
+                raise PalstreamError(
+                    f"cannot reach the Dask scheduler at {spec.cluster} ({exc}); check the address and that it is running"
+                ) from None
+            with client:
+                setup_workers(client, spec.threads_per_worker, spec.codec.palette)
+                yield client
+        finally:
+            if cluster is not None:
+                close_cluster(cluster)
+
+
+def close_cluster(cluster) -> None:
+    """Close a local cluster, giving each worker process :data:`WORKER_STOP_SECONDS` to stop.
+
+    Parameters
+    ----------
+    cluster : distributed.SpecCluster
+        A ``LocalCluster`` or ``LocalCUDACluster`` (their workers run under nannies).
+    """
+
+    async def stop_workers():
+        await asyncio.gather(*(nanny.close(timeout=WORKER_STOP_SECONDS) for nanny in list(cluster.workers.values())))
+
+    try:
+        cluster.sync(stop_workers)
     finally:
-        if cluster is not None:
-            cluster.close()
+        cluster.close()  # the scheduler; nannies already closed return at once
 
 
 def setup_workers(client: Client, threads: int = 1, palette: str | None = None) -> None:

@@ -73,7 +73,7 @@ def write_manifests(client, output: str, options: dict, plan, report) -> None:
                 "payload_bytes": fixity["payload_bytes"] if fixity else "",
                 "payload_sha256": fixity["payload_sha256"] if fixity else "",
                 "min_psnr_y": f"{min(psnrs):.2f}" if psnrs else ("exact" if fixity and plan.config.lossless else ""),
-                "reason": reasons.get(src["url"], ""),
+                "reason": reasons.get(src["url"]) or _kept_truncated(src["info"]),
             }
         )
     for rejected in plan.rejected:
@@ -90,3 +90,8 @@ def write_manifests(client, output: str, options: dict, plan, report) -> None:
     writer.writerows(rows)
     write_bytes(join(output, "manifest.csv"), text.getvalue().encode(), options)
     write_bytes(join(output, "manifest-sha256.txt"), "".join(f"{line}\n" for line in checksums).encode(), options)
+
+
+def _kept_truncated(info: dict) -> str:
+    truncated = info.get("truncated")
+    return f"kept truncated (--allow-truncated): {truncated['reason']}" if truncated else ""

@@ -60,12 +60,17 @@ class Plan:
 
     @classmethod
     def build(
-        cls, config: EncoderConfig, probed: list[tuple[str, dict | None, str | None]], tuner: dict | None = None
+        cls,
+        config: EncoderConfig,
+        probed: list[tuple[str, dict | None, str | None]],
+        tuner: dict | None = None,
+        allow_truncated: bool = False,
     ) -> "Plan":
         """Plan from ``(url, SourceInfo dict or None, rejection reason or None)`` per input.
 
-        ``tuner`` (the ``[tuner]`` settings of a tuned job) becomes part of the job's identity:
-        an output never mixes tuned and untuned runs, or two tunings.
+        ``tuner`` (the ``[tuner]`` settings of a tuned job) and ``allow_truncated`` become part
+        of the job's identity: an output never mixes tuned and untuned runs, or two tunings, or
+        runs that keep and refuse truncated inputs.
         """
         layout = mirror_layout([url for url, _, _ in probed])
         sources, rejected = [], []
@@ -87,16 +92,23 @@ class Plan:
         data = {"version": PLAN_VERSION, "codec": config.to_dict(), "sources": sources, "rejected": rejected}
         if tuner is not None:
             data["tuner"] = tuner
+        if allow_truncated:  # absent by default: plans of other jobs keep their hashes
+            data["allow_truncated"] = True
         return cls.from_data(data)
 
     @classmethod
     def from_data(cls, data: dict) -> "Plan":
         return cls(data, hashlib.sha256(_canonical(data)).hexdigest())
 
-    def matches(self, urls: list[str], config: EncoderConfig, tuner: dict | None) -> bool:
-        """Whether this plan is the job of ``urls`` encoded with ``config`` (and ``tuner``)."""
+    def matches(self, urls: list[str], config: EncoderConfig, tuner: dict | None, allow_truncated: bool = False) -> bool:
+        """Whether this plan is the job of ``urls`` encoded with ``config`` (``tuner``, ``allow_truncated``)."""
         planned = sorted([s["url"] for s in self.sources] + [r["url"] for r in self.rejected])
-        return planned == sorted(urls) and self.config == config and self.tuner == tuner
+        return (
+            planned == sorted(urls)
+            and self.config == config
+            and self.tuner == tuner
+            and self.data.get("allow_truncated", False) == allow_truncated
+        )
 
     @property
     def config(self) -> EncoderConfig:

@@ -192,7 +192,7 @@ def run_job(
         urls = []
     else:
         urls = expand_inputs(spec.inputs, spec.storage.options)
-        if plan is not None and not plan.matches(urls, spec.codec, _tuner_settings(spec)):
+        if plan is not None and not plan.matches(urls, spec.codec, _tuner_settings(spec), spec.allow_truncated):
             raise ConfigError(
                 f"output {spec.output} already holds a different job (plan {plan.hash[:12]}: other inputs or settings); "
                 "finish it with `palstream resume`, or choose another --out"
@@ -252,7 +252,9 @@ def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str], log: JobLog)
     in this job's plan.
     """
     futures = [
-        client.submit(probe_source, url, spec.storage.options(url), key=f"probe_source-{i}", retries=0, pure=False)
+        client.submit(
+            probe_source, url, spec.storage.options(url), spec.allow_truncated, key=f"probe_source-{i}", retries=0, pure=False
+        )
         for i, url in enumerate(urls)
     ]
     distributed.wait(futures)
@@ -265,7 +267,7 @@ def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str], log: JobLog)
                 log.write(f"refused {url}: {result['refused']}")
         else:  # e.g. KilledWorker: the input crashed the decoder
             probed.append((url, None, log.failure(f"refused {url}: its probe failed", fut)))
-    return Plan.build(spec.codec, probed, _tuner_settings(spec))
+    return Plan.build(spec.codec, probed, _tuner_settings(spec), spec.allow_truncated)
 
 
 class _Execution:
@@ -366,6 +368,8 @@ class _Execution:
             "count": unit.count,
             "source_url": src["url"],
             "source_bytes": src["info"].get("size_bytes"),
+            "source_frames": src["info"]["frame_count"],
+            "source_truncated": src["info"].get("truncated") is not None,
             "archive_url": self.plan.archive_url(self.spec.output, unit.source),
             "summary_url": join(self.spec.output, JOB_DIR, "units", f"{unit.source}-{unit.index}.json"),
         }

@@ -202,6 +202,9 @@ class JobSpec:
         Endpoint/region/profile for ``s3://`` inputs and outputs.
     tuner : TunerSpec
         The ``[tuner]`` table (off by default).
+    allow_truncated : bool, default False
+        Archive the frames before the break of a truncated or damaged input instead of refusing
+        it; the plan and the archive record what was detected (``SourceInfo.truncated``).
     """
 
     inputs: tuple[str, ...]
@@ -214,6 +217,7 @@ class JobSpec:
     max_in_flight: int = 0
     storage: StorageSpec = field(default_factory=StorageSpec)
     tuner: TunerSpec = field(default_factory=TunerSpec)
+    allow_truncated: bool = False
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "job") -> "JobSpec":
@@ -266,8 +270,12 @@ class JobSpec:
             tuner = TunerSpec.from_dict(tuner, where=f"{where}.tuner")
         elif not isinstance(tuner, TunerSpec):
             raise ConfigError(f"{where}.tuner: must be a table, got {tuner!r}")
+        allow_truncated = data.get("allow_truncated", False)
+        if not isinstance(allow_truncated, bool):
+            raise ConfigError(f"{where}.allow_truncated: must be true or false, got {allow_truncated!r}")
         return cls(
             inputs=tuple(inputs),
+            allow_truncated=allow_truncated,
             output=data["output"].rstrip("/"),
             codec=config,
             cluster=cluster,

@@ -8,6 +8,7 @@ and returns a summary of a few numbers. No frames travel through the scheduler.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import socket
@@ -207,6 +208,17 @@ def encode_unit(unit: dict, job: dict) -> dict:
     return summary
 
 
+def _read_unit(unit: dict, job: dict, gop: int):
+    """The unit's frames. A kept truncated source is read up to the planned frame count by
+    ``io.iter_chunks`` (``io.read_frames`` would read on into the break and fail)."""
+    from palstream import io
+
+    if unit.get("source_truncated"):
+        chunks = io.iter_chunks(unit["source_url"], gop, job["source_options"], frame_count=unit["source_frames"])
+        return next(itertools.islice(chunks, unit["start"] // gop, None))
+    return io.read_frames(unit["source_url"], unit["start"], unit["count"], storage_options=job["source_options"])
+
+
 def _source_size(url: str, options: dict) -> int:
     from palstream.batch.store import filesystem
     from palstream.io import fsspec_options
@@ -238,10 +250,7 @@ def _encode_unit(unit: dict, job: dict) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     # The source is checked against the plan before the archive is touched.
     _check_source_size(unit["source_url"], job["source_options"], unit.get("source_bytes"))
-    frames = with_storage_retries(
-        lambda: io.read_frames(unit["source_url"], unit["start"], unit["count"], storage_options=job["source_options"]),
-        "reading the source",
-    )
+    frames = with_storage_retries(lambda: _read_unit(unit, job, config.gop), "reading the source")
     if len(frames) != unit["count"]:
         raise InputError(
             f"{unit['source_url']} gave {len(frames)} frames at {unit['start']}, the plan expects {unit['count']}: "
@@ -365,8 +374,11 @@ def archive_fixity(archive_url: str, output_options: dict) -> dict:
     return {"files": files, "bytes": total, "payload_sha256": payload.hexdigest(), "payload_bytes": size}
 
 
-def probe_source(url: str, options: dict) -> dict:
+def probe_source(url: str, options: dict, allow_truncated: bool = False) -> dict:
     """Probe one input (``probe_source-*``), run once per input.
+
+    With ``allow_truncated`` a truncated or damaged input is accepted with the frames before
+    its break, and its ``info["truncated"]`` says what was detected.
 
     Returns
     -------
@@ -378,7 +390,7 @@ def probe_source(url: str, options: dict) -> dict:
     from palstream import io
 
     try:
-        return {"info": io.probe(url, storage_options=options).to_dict()}
+        return {"info": io.probe(url, storage_options=options, allow_truncated=allow_truncated).to_dict()}
     except PalstreamError as exc:
         return {"refused": str(exc)}
 
