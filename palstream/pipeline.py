@@ -7,18 +7,22 @@ runs the codec over it.
 from __future__ import annotations
 
 import os
+import shutil
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Callable
 
 import fsspec
+import numpy as np
 
 from palstream.archive import Archive, ArchiveWriter, check_destination, open_archive
 from palstream.codec import EncoderConfig, encode_chunk
-from palstream.errors import ArchiveError, DamagedChunkError
+from palstream.errors import DamagedChunkError, PalstreamError
+from palstream.frames import Frames
 from palstream.io import fsspec_options, iter_chunks, probe
-from palstream.writers import write_video
+from palstream.writers import STDOUT, write_video
 
 
 def encode_file(
@@ -67,13 +71,16 @@ def encode_file(
     """
     from palstream.palettes import create_palette_generator
 
-    check_destination(archive, storage_options, overwrite)
-    generator = create_palette_generator(config.palette)
-    source = probe(input, storage_options, allow_truncated=allow_truncated)
-    writer = ArchiveWriter.create(
-        archive, source, config, generator, storage_options=storage_options, overwrite=overwrite
-    )
+    new_folder = _first_missing_folder(archive)
+    existed = _exists(archive, storage_options)
+    writer = None
     try:
+        check_destination(archive, storage_options, overwrite)
+        generator = create_palette_generator(config.palette)
+        source = probe(input, storage_options, allow_truncated=allow_truncated)
+        writer = ArchiveWriter.create(
+            archive, source, config, generator, storage_options=storage_options, overwrite=overwrite
+        )
         done = 0
         # Chunks are independent and the codec kernels release the GIL: encode up to `threads`
         # of them at once, and write them in order (at most `threads` chunks held in memory).
@@ -97,9 +104,36 @@ def encode_file(
                 write_oldest()
         writer.finalize()
     except BaseException:
-        _remove_incomplete(archive, storage_options)
+        if writer is not None:
+            writer.abort()  # its new archive (or replacement) goes; an archive it replaces stays
+        elif not existed:
+            _remove_incomplete(archive, storage_options)
+        if new_folder is not None:
+            shutil.rmtree(new_folder, ignore_errors=True)
         raise
     return open_archive(archive, storage_options)
+
+
+def _exists(url: str, storage_options: dict | None) -> bool:
+    try:
+        fs, path = fsspec.core.url_to_fs(str(url), **fsspec_options(url, storage_options))
+        return fs.exists(path)
+    except (OSError, ValueError):
+        return False  # check_destination reports why
+
+
+def _first_missing_folder(url: str) -> Path | None:
+    """The outermost parent folder of a local archive that does not exist yet (creating the
+    archive creates it; a failed encode removes it again), or None."""
+    location = _location(str(url))[1]
+    if _location(str(url))[0] != "file":
+        return None
+    missing = None
+    for parent in location.parents:
+        if parent.exists():
+            break
+        missing = parent
+    return missing
 
 
 def _remove_incomplete(url: str, storage_options: dict | None) -> None:
@@ -111,30 +145,67 @@ def _remove_incomplete(url: str, storage_options: dict | None) -> None:
         pass  # the archive stays with status "incomplete", which readers report
 
 
+FILL = 128  # Y = Cb = Cr = 128: the mid-grey that stands in for each frame of a damaged chunk
+
+
 @dataclass
 class DecodeResult:
-    """What :func:`decode_file` wrote."""
+    """What :func:`decode_file` wrote.
+
+    ``frames_written`` counts every frame in the output, decoded or fill; ``filled`` holds, for
+    each chunk in ``damaged``, the frame numbers (in the archive) written as mid-grey fill.
+    """
 
     frames_written: int
     damaged: list[DamagedChunkError] = field(default_factory=list)
+    filled: list[range] = field(default_factory=list)
 
 
 def parse_frame_range(text: str | None, frame_count: int) -> tuple[int, int]:
-    """``"A:B"`` (either side optional, Python slice semantics without step) -> (start, stop)."""
+    """``"A:B"`` (either side optional; B exclusive) -> (start, stop), with ``0 <= A < B <= frame_count``.
+
+    Raises
+    ------
+    PalstreamError
+        Not ``A:B``, or a range that selects nothing or reaches outside the archive (never clamped).
+    """
     if not text:
         return 0, frame_count
     parts = text.split(":")
     try:
         if len(parts) != 2:
             raise ValueError
-        start = int(parts[0]) if parts[0] else 0
-        stop = int(parts[1]) if parts[1] else frame_count
+        start = int(parts[0]) if parts[0].strip() else 0
+        stop = int(parts[1]) if parts[1].strip() else frame_count
     except ValueError:
-        raise ArchiveError(f"frame range {text!r} is not A:B; e.g. 0:32 or 10:") from None
-    start, stop, _ = slice(start, stop).indices(frame_count)
-    if start >= stop:
-        raise ArchiveError(f"frame range {text!r} selects no frames of 0:{frame_count}")
+        raise PalstreamError(f"frame range {text!r} is not A:B; e.g. 0:32 or 10:") from None
+    return _checked_range(start, stop, frame_count, text)
+
+
+def _checked_range(start: int, stop: int, frame_count: int, text: str) -> tuple[int, int]:
+    if not 0 <= start < stop <= frame_count:
+        raise PalstreamError(
+            f"frame range {text} is outside the archive's frames 0:{frame_count} or empty; "
+            f"give A:B with 0 <= A < B <= {frame_count}"
+        )
     return start, stop
+
+
+def _location(url: str) -> tuple[str, PurePath]:
+    """(protocol, path) of a local path or URL; local paths resolved through links."""
+    if "://" in url and not url.startswith("file://"):
+        protocol, rest = url.split("://", 1)
+        return protocol, PurePosixPath("/" + rest.strip("/"))
+    return "file", Path(os.path.realpath(url.removeprefix("file://")))
+
+
+def _refuse_output_inside(output: str, archive: str) -> None:
+    """An output inside the archive (or the archive itself) would change what it decodes from."""
+    if output == STDOUT:
+        return
+    (out_protocol, out), (protocol, root) = _location(output), _location(archive)
+    if out_protocol == protocol and (out == root or root in out.parents):
+        raise PalstreamError(f"output {output} is inside the archive {archive}; write it somewhere else")
 
 
 def decode_file(
@@ -143,38 +214,74 @@ def decode_file(
     frames: str | slice | None = None,
     storage_options: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
+    format: str | None = None,
 ) -> DecodeResult:
     """Decode an archive (or a frame range of it) to a video file.
 
-    Damaged chunks are skipped and reported in the result; the other chunks are written.
+    Every frame of the range is written, so timing holds: the frames of a damaged chunk are
+    written as mid-grey fill (Y = Cb = Cr = 128) and named in the result. The output appears
+    only when it is complete (see :func:`palstream.writers.write_video`).
 
     Parameters
     ----------
     archive : str
         Archive location.
     output : str
-        Output path; format by extension (see :func:`palstream.writers.write_video`).
+        Output path; format by extension (see :func:`palstream.writers.write_video`); ``-`` for stdout.
     frames : str or slice, optional
-        ``"A:B"`` or ``slice(A, B)``; default all frames.
+        ``"A:B"`` or ``slice(A, B)`` with ``0 <= A < B <= frame_count``; default all frames.
     storage_options : dict, optional
         fsspec options for the archive.
     progress : callable, optional
         ``progress(frames_done, frames_total)``.
+    overwrite : bool, default False
+        Replace an existing output.
+    format : str, optional
+        ``"y4m"`` (default) or ``"yuv"`` when ``output`` is ``-``.
+
+    Raises
+    ------
+    PalstreamError
+        A frame range outside the archive; an output that exists (without ``overwrite``), is
+        inside the archive, is not a regular file, or cannot be written. Checked before decoding.
+    ArchiveError
+        The archive cannot be opened.
     """
+    output = str(output)
     reader = open_archive(archive, storage_options)
     if isinstance(frames, slice):
-        start, stop, _ = frames.indices(reader.frame_count)
+        if frames.step not in (None, 1):
+            raise PalstreamError(f"frame range {frames} has a step; give a contiguous range")
+        first = 0 if frames.start is None else frames.start
+        last = reader.frame_count if frames.stop is None else frames.stop
+        start, stop = _checked_range(first, last, reader.frame_count, f"{first}:{last}")
     else:
         start, stop = parse_frame_range(frames, reader.frame_count)
+    _refuse_output_inside(output, str(archive))
     result = DecodeResult(0)
+    source = reader.source
+    gop = reader.attrs["gop"]
 
     def chunks():
-        done = 0
-        for decoded in reader.decode(start, stop, on_damaged=result.damaged.append):
-            done += len(decoded)
+        for index in range(start // gop, (stop - 1) // gop + 1):
+            held = reader.chunk_frames(index)
+            wanted = range(max(start, held.start), min(stop, held.stop))
+            try:
+                decoded = reader.decode_chunk(index)[wanted.start - held.start : wanted.stop - held.start]
+            except DamagedChunkError as exc:
+                result.damaged.append(exc)
+                result.filled.append(wanted)
+                decoded = _fill(len(wanted), source.height, source.width)
+            result.frames_written += len(decoded)
             if progress is not None:
-                progress(done, stop - start)
+                progress(result.frames_written, stop - start)
             yield decoded
 
-    result.frames_written = write_video(chunks(), output, reader.source)
+    write_video(chunks(), output, source, overwrite=overwrite, format=format)
     return result
+
+
+def _fill(count: int, height: int, width: int) -> Frames:
+    ch, cw = (height + 1) // 2, (width + 1) // 2
+    return Frames(*(np.full(shape, FILL, np.uint8) for shape in ((count, height, width), (count, ch, cw), (count, ch, cw))))

@@ -5,7 +5,14 @@ The input side (probing, reading, the input policy) is :mod:`palstream.io`; this
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import secrets
+import shutil
+import stat
+import sys
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -30,7 +37,44 @@ _CODEC_BY_EXTENSION = {
 _Y4M_CHROMA = {"center": "C420jpeg", "left": "C420mpeg2", "topleft": "C420paldv"}
 
 
-def write_video(frames_iter: Iterable[Frames], path: str, source: SourceInfo) -> int:
+STDOUT = "-"
+STREAM_FORMATS = ("y4m", "yuv")  # the formats that can go to stdout: written front to back, no seeking
+_FRAME_FILE = re.compile(r"frame_\d{6}\.png")  # what a PNG folder written here holds
+
+
+def output_format(path: str, format: str | None = None) -> str:
+    """The format ``path`` is written in: ``"y4m"``, ``"yuv"``, ``"png"`` (frames) or ``"container"`` (PyAV).
+
+    ``path`` ``"-"`` is stdout, in ``format`` (``"y4m"``, the default, or ``"yuv"``); for any
+    other path the extension decides and ``format`` must be None.
+
+    Raises
+    ------
+    PalstreamError
+        A format that cannot go to stdout, or ``format`` given with a file path.
+    """
+    if path == STDOUT:
+        format = format or "y4m"
+        if format not in STREAM_FORMATS:
+            raise PalstreamError(f"{format} cannot be written to stdout; use --format y4m or --format yuv")
+        return format
+    if format is not None:
+        raise PalstreamError(f"--format applies only to '-' (stdout); {path} gets the format of its extension")
+    suffix = Path(path).suffix.lower()
+    if suffix in (".y4m", ".yuv"):
+        return suffix[1:]
+    if "%" in path or path.endswith(("/", os.sep)) or os.path.isdir(path) or not suffix:
+        return "png"
+    return "container"
+
+
+def write_video(
+    frames_iter: Iterable[Frames],
+    path: str,
+    source: SourceInfo,
+    overwrite: bool = False,
+    format: str | None = None,
+) -> int:
     """Write decoded frames to ``path``; the format follows its extension.
 
     - ``.y4m``: YUV4MPEG2 with frame rate, colour range and chroma siting (exact).
@@ -39,48 +83,204 @@ def write_video(frames_iter: Iterable[Frames], path: str, source: SourceInfo) ->
       frame (``frame_000000.png``, ... in a folder).
     - anything else through PyAV: ``.mkv``/``.avi``/``.nut`` FFV1 (exact), ``.mp4``/``.mov`` H.264,
       ``.webm`` VP9, other extensions the container's default video codec.
+    - ``-``: stdout, as y4m or raw (``format``).
+
+    Local outputs are written under a temporary name beside ``path`` and moved into place only
+    when complete, so a failed write leaves nothing behind (remote ``.y4m``/``.yuv`` objects are
+    removed instead).
 
     Parameters
     ----------
     frames_iter : iterable of Frames
         Runs of frames in display order.
     path : str
-        Output path (local) or, for ``.y4m``/``.yuv``, any fsspec URL.
+        Output path (local) or, for ``.y4m``/``.yuv``, any fsspec URL; ``-`` for stdout.
     source : SourceInfo
         Supplies frame rate and colour metadata.
+    overwrite : bool, default False
+        Replace an existing output (a file, or a folder holding only ``frame_*.png`` files).
+    format : str, optional
+        ``"y4m"`` or ``"yuv"`` for stdout; must be None for other paths.
 
     Returns
     -------
     int
         Frames written.
+
+    Raises
+    ------
+    PalstreamError
+        The output exists (without ``overwrite``), is not a regular file (a FIFO, a device), or
+        cannot be written; checked before the first frame is taken from ``frames_iter``.
     """
     path = str(path)
-    suffix = Path(path).suffix.lower()
-    if suffix == ".y4m":
-        return _write_y4m(frames_iter, path, source)
-    if suffix == ".yuv":
-        return _write_raw(frames_iter, path)
-    if "%" in path or path.endswith(("/", os.sep)) or os.path.isdir(path) or not suffix:
-        return _write_png(frames_iter, path, source)
-    return _write_pyav(frames_iter, path, source)
+    kind = output_format(path, format)
+    if path == STDOUT:
+        return _write_stdout(frames_iter, kind, source)
+    if "://" in path and not path.startswith("file://"):
+        if kind not in STREAM_FORMATS:
+            raise PalstreamError(
+                f"cannot write {path}: video containers and PNG frames are written to local paths; use .y4m or .yuv for URLs"
+            )
+        return _write_remote(frames_iter, path, kind, source, overwrite)
+    path = path.removeprefix("file://")
+    if kind == "png" and "%" in path:
+        return _write_png_pattern(frames_iter, path, source, overwrite)
+    check_output(path, overwrite, kind)
+    with _staged(path, kind) as temp:
+        if kind == "png":
+            return _write_png(frames_iter, os.path.join(temp, "frame_%06d.png"), source)
+        if kind == "container":
+            return _write_pyav(frames_iter, temp, source, path)
+        with open(temp, "xb") as out:
+            return (_write_y4m if kind == "y4m" else _write_raw)(frames_iter, out, source)
 
 
-def _open_output(path: str):
-    if "://" not in path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return fsspec.open(path, "wb")
+def check_output(path: str, overwrite: bool = False, kind: str | None = None) -> None:
+    """Refuse a local output that exists (unless ``overwrite``) or that is not a regular file or folder.
+
+    Raises
+    ------
+    PalstreamError
+        With the problem and the fix on one line.
+    """
+    kind = kind or output_format(path)
+    target = Path(path)
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PalstreamError(f"cannot write {path}: {parent} is not a folder; choose another output path")
+    if not os.path.lexists(target):
+        return
+    if kind == "png":
+        if not target.is_dir():
+            raise PalstreamError(f"{path} exists and is not a folder; choose another output folder for PNG frames")
+        names = os.listdir(target)
+        if names and not overwrite:
+            raise PalstreamError(f"output folder {path} is not empty; pass --overwrite to replace its frames")
+        if any(not _FRAME_FILE.fullmatch(name) for name in names):
+            raise PalstreamError(f"output folder {path} holds other files than frame_*.png; choose another folder")
+        return
+    if target.is_dir():
+        raise PalstreamError(f"{path} is a folder; give a file name such as {os.path.join(path, 'out.mkv')}")
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:  # a dangling symbolic link
+        mode = os.lstat(target).st_mode
+    if not stat.S_ISREG(mode):
+        raise PalstreamError(f"{path} is not a regular file (a FIFO, device or socket); choose a file path or '-'")
+    if not overwrite:
+        raise PalstreamError(f"{path} already exists; pass --overwrite to replace it")
 
 
-def _write_raw(frames_iter, path) -> int:
-    written = 0
-    with _open_output(path) as out:
-        for frames in frames_iter:
-            out.write(frames.tobytes())
-            written += len(frames)
+@contextlib.contextmanager
+def _new_parents(target: Path):
+    """Create the missing parent folders of ``target``; remove them again if the block fails."""
+    top = target.parent
+    while not top.parent.exists():
+        top = top.parent
+    fresh = not top.exists()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if fresh:
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _staged(path: str, kind: str):
+    """A temporary name beside ``path`` (a folder for PNG frames), moved onto ``path`` on success
+    and removed on any failure, with the parent folders this call created."""
+    target = Path(path).absolute()
+    with _new_parents(target):
+        temp = target.parent / f".{target.name}.partial-{secrets.token_hex(4)}{target.suffix}"
+        try:
+            if kind == "png":
+                temp.mkdir()
+            yield str(temp)
+            if kind == "png" and target.is_dir():  # check_output allowed it: it holds old frames only
+                shutil.rmtree(target)
+            os.replace(temp, target)
+        except BaseException:
+            _remove(temp)
+            raise
+
+
+def _pattern_regex(name: str) -> re.Pattern:
+    """The file names a ``%d`` pattern such as ``frame_%04d.png`` produces."""
+    parts = re.split(r"%0?\d*d", name)
+    if len(parts) != 2 or "%" in "".join(parts):
+        raise PalstreamError(f"output pattern {name} needs exactly one %d (e.g. frame_%04d.png) and no other %")
+    return re.compile(re.escape(parts[0]) + r"\d+" + re.escape(parts[1]))
+
+
+def _write_png_pattern(frames_iter, path: str, source: SourceInfo, overwrite: bool) -> int:
+    """PNG frames named by a ``%d`` pattern: written into a temporary folder beside them, then
+    moved into place (replacing the old frames of that pattern) once all are written."""
+    folder, name = os.path.split(os.path.abspath(path))
+    matches = _pattern_regex(name).fullmatch
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise PalstreamError(f"cannot write {path}: {folder} is not a folder; choose another output path")
+    old = [n for n in os.listdir(folder) if matches(n)] if os.path.isdir(folder) else []
+    if old and not overwrite:
+        raise PalstreamError(f"{os.path.join(folder, old[0])} already exists; pass --overwrite to replace the frames")
+    with _new_parents(Path(folder, name)):
+        temp = tempfile.mkdtemp(prefix=".frames.partial-", dir=folder)
+        try:
+            written = _write_png(frames_iter, os.path.join(temp, name), source)
+            for n in old:
+                os.remove(os.path.join(folder, n))
+            for n in os.listdir(temp):
+                os.replace(os.path.join(temp, n), os.path.join(folder, n))
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
     return written
 
 
-def _write_y4m(frames_iter, path, source: SourceInfo) -> int:
+def _write_stdout(frames_iter, kind: str, source: SourceInfo) -> int:
+    out = sys.stdout.buffer
+    if out.isatty():
+        raise PalstreamError("stdout is a terminal; redirect it to a file or pipe it into another program")
+    try:
+        written = (_write_y4m if kind == "y4m" else _write_raw)(frames_iter, out, source)
+        out.flush()
+    except BrokenPipeError:
+        raise PalstreamError("stdout was closed before every frame was written (broken pipe)") from None
+    return written
+
+
+def _write_remote(frames_iter, url: str, kind: str, source: SourceInfo, overwrite: bool) -> int:
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path) and not overwrite:
+        raise PalstreamError(f"{url} already exists; pass --overwrite to replace it")
+    try:
+        with fs.open(path, "wb") as out:
+            return (_write_y4m if kind == "y4m" else _write_raw)(frames_iter, out, source)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.rm(path)
+        raise
+
+
+def _write_raw(frames_iter, out, source: SourceInfo) -> int:
+    written = 0
+    for frames in frames_iter:
+        out.write(frames.tobytes())
+        written += len(frames)
+    return written
+
+
+def _write_y4m(frames_iter, out, source: SourceInfo) -> int:
     fps = source.fps_fraction
     tokens = [
         f"YUV4MPEG2 W{source.width} H{source.height} F{fps.numerator}:{fps.denominator} Ip A1:1",
@@ -90,13 +290,12 @@ def _write_y4m(frames_iter, path, source: SourceInfo) -> int:
     if colour_range in ("tv", "pc"):
         tokens.append("XCOLORRANGE=" + ("FULL" if colour_range == "pc" else "LIMITED"))
     written = 0
-    with _open_output(path) as out:
-        out.write((" ".join(tokens) + "\n").encode())
-        for frames in frames_iter:
-            for t in range(len(frames)):
-                out.write(b"FRAME\n")
-                out.write(frames[t : t + 1].tobytes())
-            written += len(frames)
+    out.write((" ".join(tokens) + "\n").encode())
+    for frames in frames_iter:
+        for t in range(len(frames)):
+            out.write(b"FRAME\n")
+            out.write(frames[t : t + 1].tobytes())
+        written += len(frames)
     return written
 
 
@@ -124,9 +323,7 @@ _SWS_MATRIX = {
 }
 
 
-def _write_png(frames_iter, path, source: SourceInfo) -> int:
-    pattern = path if "%" in path else os.path.join(path, "frame_%06d.png")
-    os.makedirs(os.path.dirname(pattern) or ".", exist_ok=True)
+def _write_png(frames_iter, pattern, source: SourceInfo) -> int:
     codec = None
     written = 0
     for frames in frames_iter:
@@ -143,18 +340,13 @@ def _write_png(frames_iter, path, source: SourceInfo) -> int:
     return written
 
 
-def _write_pyav(frames_iter, path, source: SourceInfo) -> int:
-    if "://" in path and not path.startswith("file://"):
-        raise PalstreamError(
-            f"cannot write {path}: video containers are written to local paths; use .y4m or .yuv for URLs"
-        )
-    path = path.removeprefix("file://")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def _write_pyav(frames_iter, path, source: SourceInfo, target: str) -> int:
+    """Through PyAV into ``path``, choosing the codec and naming errors by the final ``target``."""
     fps = source.fps_fraction
     written = 0
     try:
         with av.open(path, mode="w") as container:
-            codec = _CODEC_BY_EXTENSION.get(Path(path).suffix.lower(), container.default_video_codec)
+            codec = _CODEC_BY_EXTENSION.get(Path(target).suffix.lower(), container.default_video_codec)
             stream = container.add_stream(codec, rate=fps)
             # Lossy viewing codecs need even sizes: pad by repeating the last row/column.
             even = codec != "ffv1"
@@ -174,7 +366,7 @@ def _write_pyav(frames_iter, path, source: SourceInfo) -> int:
                     written += 1
             container.mux(stream.encode(None))
     except (av.FFmpegError, ValueError) as exc:
-        raise PalstreamError(f"cannot write {path}: {exc}; choose .y4m, .yuv, .mkv or .mp4") from None
+        raise PalstreamError(f"cannot write {target}: {exc}; choose .y4m, .yuv, .mkv or .mp4") from None
     return written
 
 

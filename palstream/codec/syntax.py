@@ -12,7 +12,7 @@ All planes are padded to a multiple of 64 (luma) by the caller. Everything is in
 import numpy as np
 from numba import njit
 
-from palstream.codec.rangecoder import UEG_CONTEXTS, code_bit, code_bypass, code_tree, code_ueg
+from palstream.codec.rangecoder import MAX_OVERRUN, OVERRUN, UEG_CONTEXTS, code_bit, code_bypass, code_tree, code_ueg
 
 SKIP, INTER, INTRA, PALETTE = 0, 1, 2, 3
 CTU = 64
@@ -491,17 +491,23 @@ def code_frame(
     leafsize, mode, mv, pal_y, pal_yn, pal_c, pal_cn,
     pred_y, npred_y, pred_c, npred_c,
 ):
-    """Code one frame: per 64x64 CTU a quadtree of leaves, each leaf a mode and its data."""
+    """Code one frame: per 64x64 CTU a quadtree of leaves, each leaf a mode and its data.
+
+    ``kprev_*`` hold the previous frame's levels; ``kmap_*`` are cleared a CTU row at a time,
+    just before it is coded (the caller swaps the two sets between frames), so a stream that
+    ends early has touched no more of them than it decoded. The decoder returns as soon as it
+    has read more than ``MAX_OVERRUN`` bytes past the end of the body (the caller reports it):
+    a header cannot make it work through frames its data does not hold.
+    """
     h, w = rec_y.shape
-    kprev_y[:, :] = kmap_y
-    kprev_u[:, :] = kmap_u
-    kprev_v[:, :] = kmap_v
-    kmap_y[:, :] = 0
-    kmap_u[:, :] = 0
-    kmap_v[:, :] = 0
     stack = np.empty((80, 3), np.int64)  # up to 64 max_block nodes + 3 per level below
     for cy in range(0, h, CTU):
+        kmap_y[cy:cy + CTU, :] = 0
+        kmap_u[cy // 2:(cy + CTU) // 2, :] = 0
+        kmap_v[cy // 2:(cy + CTU) // 2, :] = 0
         for cx in range(0, w, CTU):
+            if not enc and st[OVERRUN] > MAX_OVERRUN:
+                return
             # nodes of max_block size covering the CTU, pushed in reverse Z order
             per = CTU // max_block
             sp = 0
