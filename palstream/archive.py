@@ -192,6 +192,7 @@ def _root_alteration(attrs: dict) -> str | None:
         return f"a value has no canonical JSON form ({exc})"
     if not (
         isinstance(record, dict)
+        and record.keys() == {"sha256", "fields"}
         and isinstance(record.get("sha256"), str)
         and _HEX64.fullmatch(record["sha256"])
         and isinstance(record.get("fields"), dict)
