@@ -194,9 +194,13 @@ def test_status_exits_nonzero_for_pending_and_refused_inputs(tmp_path, run_cli):
     assert result.code == EXIT_FAILED == 4 and "cut.mkv is truncated" in result.stdout
 
 
-def test_bad_metrics_port_is_a_one_line_error(tmp_path, run_cli):
+def test_bad_driver_options_are_one_line_errors(tmp_path, run_cli):
     result = run_cli("submit", str(DATA / CLIP), "--out", str(tmp_path / "out"), "--metrics-port", "99999", "--no-progress")
     assert result.code == 1 and "99999" in _one_error_line(result.stderr)
+    assert not (tmp_path / "out").exists()
+    result = run_cli("submit", str(DATA / CLIP), "--out", str(tmp_path / "out"), "--worker-targets",
+                     str(tmp_path / "missing" / "targets.json"), "--no-progress")
+    assert result.code == 1 and "--worker-targets" in _one_error_line(result.stderr)
     assert not (tmp_path / "out").exists()
 
 

@@ -179,6 +179,9 @@ def run_job(
     """
     if metrics_port is not None and not 1 <= metrics_port <= 65535:
         raise ConfigError(f"--metrics-port {metrics_port} is not a TCP port; give 1..65535")
+    if worker_targets is not None and not os.access(os.path.dirname(os.path.abspath(worker_targets)), os.W_OK):
+        # The watcher thread rewrites this file while the job runs; it must not fail silently there.
+        raise ConfigError(f"--worker-targets {worker_targets}: its folder does not exist or is not writable; give a writable path")
     out_opts = spec.storage.options(spec.output)
     check_writable(spec.output, out_opts)
     if spec.tuner.enabled and not resume:
