@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from palstream.batch.plan import load_plan
-from palstream.batch.store import JOB_DIR, JobLock, filesystem, join, read_json
+from palstream.batch.store import JOB_DIR, JobLock, filesystem, join, read_json, storage_error
 from palstream.errors import ArchiveError, PalstreamError
 from palstream.tuner.session import ledger_summary
 
@@ -122,13 +122,17 @@ def job_status(output: str, options: dict | None = None) -> dict:
 
 def unit_summaries(output: str, options: dict | None) -> dict[tuple[int, int], dict]:
     """The per-unit summaries the workers wrote, by ``(source, unit)``; torn ones are skipped."""
-    fs, path = filesystem(join(output, JOB_DIR, "units"), options)
+    url = join(output, JOB_DIR, "units")
     try:
+        fs, path = filesystem(url, options)
         names = fs.ls(path, detail=False)
+        blobs = fs.cat(names) if names else {}
     except FileNotFoundError:
         return {}
+    except Exception as exc:  # noqa: BLE001  every backend raises its own family
+        raise storage_error(url, exc, "read") from None
     found = {}
-    for name, blob in fs.cat(names).items() if names else []:
+    for name, blob in blobs.items():
         try:
             s = json.loads(blob)
             found[(s["source"], s["index"])] = s
