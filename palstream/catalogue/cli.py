@@ -1,0 +1,92 @@
+"""``palstream catalogue rebuild``, ``palstream ls`` and ``palstream serve``: thin commands over ``palstream.catalogue``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from palstream.errors import PalstreamError
+
+RootArg = Annotated[str, typer.Argument(help="A job's output root, or any local folder of archives.")]
+CatalogueOpt = Annotated[
+    Optional[str], typer.Option("--catalogue", help="SQLite file to use instead of ROOT/_palstream/catalogue.sqlite (for a read-only root).")
+]
+
+catalogue_app = typer.Typer(help="The library catalogue of an output root (ROOT/_palstream/catalogue.sqlite).", no_args_is_help=True)
+
+
+@catalogue_app.command("rebuild")
+def rebuild(root: RootArg, catalogue: CatalogueOpt = None) -> None:
+    """Index every archive under ROOT again, from the archives themselves."""
+    from palstream.catalogue.index import Catalogue, rebuild as run
+
+    result = run(root, catalogue)
+    typer.echo(f"catalogued {result['archives']} archive(s) under {root} in {Catalogue.of(root, catalogue).path}")
+
+
+def ls(
+    root: RootArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: the archives and their totals.")] = False,
+    search: Annotated[str, typer.Option("--search", "-s", help="Words that must appear in the path, name, URL or SHA-256.")] = "",
+    sort: Annotated[str, typer.Option(help="Sort key: path, source_name, state, fixity, frames, duration_s, source_bytes, payload_bytes, bpp, ratio, psnr_min, verified_at.")] = "path",
+    catalogue: CatalogueOpt = None,
+) -> None:
+    """List the archives under ROOT from its catalogue (brought up to date first)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from palstream.catalogue import index
+    from palstream.catalogue.formatting import duration, number, size
+
+    index.refresh(root, catalogue)
+    cat = index.Catalogue.of(root, catalogue)
+    rows = index.list_archives(cat, query=search, sort=sort)
+    totals = index.totals(rows)
+    if as_json:
+        typer.echo(json.dumps({"root": str(cat.root), "archives": rows, "totals": totals}))
+        return
+    table = Table()
+    for col in ("archive", "state", "fixity", "size", "frames", "duration", "payload", "ratio", "bpp", "min PSNR-Y"):
+        table.add_column(col, justify="left" if col in ("archive", "state", "fixity", "size") else "right")
+    for r in rows:
+        psnr = f"{r['psnr_min']:.2f} dB" if r["psnr_min"] is not None else ("exact" if r["exact_chunks"] else "-")
+        table.add_row(
+            r["path"], r["state"], r["fixity"], f"{r['width']}x{r['height']}" if r["width"] else "", str(r["frames"] or "-"),
+            duration(r["duration_s"]), size(r["payload_bytes"]), number(r["ratio"], 1), number(r["bpp"], 3), psnr,
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"{totals['archives']} archive(s), {totals['frames']} frames, {duration(totals['duration_s'])}, "
+        f"source {size(totals['source_bytes'])}, payload {size(totals['payload_bytes'])}",
+        markup=False,
+    )
+
+
+def serve(
+    root: RootArg,
+    host: Annotated[str, typer.Option(help="Interface to listen on (keep 127.0.0.1 unless the network is trusted: there is no login).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
+    catalogue: CatalogueOpt = None,
+) -> None:
+    """Browse, search, check and play back the archives under ROOT in a web browser (read-only)."""
+    try:
+        import uvicorn
+
+        from palstream.catalogue.server import create_app
+    except ModuleNotFoundError as exc:
+        raise PalstreamError(f"serve needs palstream's 'serve' extra ({exc.name} is not installed); install it with: pip install 'palstream[serve]'") from None
+    if not 0 < port < 65536:
+        raise PalstreamError(f"--port {port} is not a TCP port; give 1..65535")
+    app = create_app(root, catalogue)
+    typer.echo(f"serving {root} at http://{host}:{port}/ (Ctrl-C stops)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def register(app: typer.Typer) -> None:
+    """Add this package's commands to the main app."""
+    app.add_typer(catalogue_app, name="catalogue")
+    app.command()(ls)
+    app.command()(serve)

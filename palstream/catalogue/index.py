@@ -1,0 +1,533 @@
+"""The catalogue of an output root: one SQLite file indexing every archive under it.
+
+``<root>/_palstream/catalogue.sqlite`` holds a row per archive (source, size, duration, encoder
+settings, bpp, PSNR from the chunk statistics, fixity state and last verification time) and a
+row per chunk. Everything in it is read from the archives themselves, so deleting it loses only
+the verification history: :func:`rebuild` makes it again, :func:`refresh` re-reads only archives
+that changed since they were indexed.
+
+Only local output roots are catalogued for now (SQLite needs a local file); archives are read
+through :func:`palstream.archive.open_archive`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
+
+from palstream.archive import open_archive
+from palstream.batch.store import JOB_DIR
+from palstream.errors import ArchiveError, PalstreamError
+
+CATALOGUE_NAME = "catalogue.sqlite"
+SCHEMA_VERSION = 1
+ARCHIVE_SUFFIX = ".zarr"
+TEMP_MARK = ".palstream-tmp-"  # replacements being written beside an archive (palstream.archive)
+
+_ARCHIVE_COLUMNS = (
+    ("path", "TEXT PRIMARY KEY"),  # relative to the root, '/'-separated
+    ("state", "TEXT NOT NULL"),  # complete, incomplete, unreadable
+    ("error", "TEXT"),  # why an archive is unreadable
+    ("source_name", "TEXT"),
+    ("source_url", "TEXT"),
+    ("source_bytes", "INTEGER"),
+    ("source_sha256", "TEXT"),
+    ("width", "INTEGER"),
+    ("height", "INTEGER"),
+    ("frames", "INTEGER"),
+    ("fps", "TEXT"),
+    ("duration_s", "REAL"),
+    ("pix_fmt", "TEXT"),
+    ("streams", "TEXT"),  # JSON list of what the archive keeps
+    ("color", "TEXT"),  # JSON object
+    ("truncated", "TEXT"),  # JSON object for a truncated source kept on request, else NULL
+    ("lossless", "INTEGER"),
+    ("target_psnr", "REAL"),
+    ("gop", "INTEGER"),
+    ("palette", "TEXT"),
+    ("config_digest", "TEXT"),
+    ("palstream_version", "TEXT"),
+    ("encoder", "TEXT"),  # JSON: the archive's whole encoder record
+    ("n_chunks", "INTEGER"),
+    ("committed", "INTEGER"),
+    ("payload_bytes", "INTEGER"),
+    ("archive_bytes", "INTEGER"),
+    ("bpp", "REAL"),
+    ("ratio", "REAL"),  # source file bytes / payload bytes
+    ("psnr_min", "REAL"),  # lowest finite PSNR-Y of the chunks; NULL with exact chunks only
+    ("psnr_mean", "REAL"),
+    ("exact_chunks", "INTEGER"),  # chunks coded exactly (PSNR infinite)
+    ("fixity", "TEXT NOT NULL"),  # unverified, intact, damaged, incomplete, unreadable
+    ("fixity_detail", "TEXT"),
+    ("verified_at", "REAL"),  # Unix time of the last verification
+    ("root_sha256", "TEXT"),  # the root's integrity digest: a verification holds while it is unchanged
+    ("signature", "TEXT"),  # file times and sizes that tell refresh the archive changed
+    ("indexed_at", "REAL"),
+)
+ARCHIVE_FIELDS = tuple(name for name, _ in _ARCHIVE_COLUMNS)
+_JSON_FIELDS = ("streams", "color", "truncated", "encoder")
+_CHUNK_COLUMNS = (
+    ("path", "TEXT NOT NULL"),
+    ("idx", "INTEGER NOT NULL"),
+    ("first_frame", "INTEGER"),
+    ("frames", "INTEGER"),
+    ("bytes", "INTEGER"),
+    ("bpp", "REAL"),
+    ("psnr_y", "REAL"),  # NULL for an exact chunk
+    ("sha256", "TEXT"),
+    ("state", "TEXT NOT NULL"),  # committed, missing, damaged
+    ("detail", "TEXT"),
+)
+CHUNK_FIELDS = tuple(name for name, _ in _CHUNK_COLUMNS)
+# Sort keys the library table offers (column names, never user text, go into SQL).
+SORT_KEYS = ("path", "source_name", "state", "fixity", "frames", "duration_s", "source_bytes", "payload_bytes", "bpp", "ratio", "psnr_min", "verified_at")
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """The catalogue of one local output root.
+
+    Parameters
+    ----------
+    root : Path
+        The output root (resolved).
+    path : Path
+        The SQLite file (by default ``<root>/_palstream/catalogue.sqlite``).
+    """
+
+    root: Path
+    path: Path
+
+    @classmethod
+    def of(cls, root: str | os.PathLike, path: str | os.PathLike | None = None) -> "Catalogue":
+        """The catalogue of ``root``; ``path`` puts the SQLite file elsewhere (a read-only root).
+
+        Raises
+        ------
+        PalstreamError
+            ``root`` is a URL or not a folder.
+        """
+        text = str(root)
+        if "://" in text and not text.startswith("file://"):
+            raise PalstreamError(
+                f"{text}: the catalogue indexes local output roots only; mount or copy the root locally"
+            )
+        folder = Path(text.removeprefix("file://")).resolve()
+        if not folder.is_dir():
+            raise PalstreamError(f"{root} is not a folder; give a job's output root or a folder of archives")
+        where = Path(path).resolve() if path is not None else folder / JOB_DIR / CATALOGUE_NAME
+        return cls(folder, where)
+
+    @contextlib.contextmanager
+    def connect(self, create: bool = True) -> Iterator[sqlite3.Connection]:
+        """A connection (one per call: the server's threads each get their own); commits on success."""
+        if not create and not self.path.exists():
+            raise PalstreamError(f"{self.root} has no catalogue yet; run: palstream catalogue rebuild {self.root}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=30)
+        except (OSError, sqlite3.Error) as exc:
+            raise PalstreamError(
+                f"cannot open the catalogue {self.path}: {exc}; give a writable place with --catalogue"
+            ) from None
+        db.row_factory = sqlite3.Row
+        try:
+            with db:
+                _ensure_schema(db)
+            with db:
+                yield db
+        except sqlite3.Error as exc:
+            raise PalstreamError(
+                f"the catalogue {self.path} cannot be used ({exc}); rebuild it: palstream catalogue rebuild {self.root}"
+            ) from None
+        finally:
+            db.close()
+
+    def archive_url(self, rel: str) -> str:
+        """Local path of the archive at ``rel`` (a catalogue key), after checking it stays under the root.
+
+        Raises
+        ------
+        PalstreamError
+            ``rel`` is absolute, holds ``..``, or resolves (through links) outside the root.
+        """
+        parts = PurePosixPath(rel).parts
+        if not rel or rel.startswith("/") or "\\" in rel or any(p in ("..", ".", "") for p in parts):
+            raise OutsideRootError(f"{rel!r} is not a path inside the catalogue's root")
+        resolved = (self.root / rel).resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise OutsideRootError(f"{rel!r} leads outside the catalogue's root")
+        return str(resolved)
+
+
+class OutsideRootError(PalstreamError):
+    """A requested path is not under the catalogue's root."""
+
+
+def _ensure_schema(db: sqlite3.Connection) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version == SCHEMA_VERSION:
+        return
+    # Everything in the catalogue comes from the archives: an older layout is simply rebuilt.
+    db.execute("DROP TABLE IF EXISTS archives")
+    db.execute("DROP TABLE IF EXISTS chunks")
+    db.execute(f"CREATE TABLE archives ({', '.join(f'{n} {t}' for n, t in _ARCHIVE_COLUMNS)})")
+    db.execute(f"CREATE TABLE chunks ({', '.join(f'{n} {t}' for n, t in _CHUNK_COLUMNS)}, PRIMARY KEY (path, idx))")
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+# -- finding and reading archives ---------------------------------------------------------------
+
+
+def find_archives(root: Path) -> list[str]:
+    """Relative paths of every ``*.zarr`` folder with a ``zarr.json`` under ``root``, sorted.
+
+    The job's own folder, replacements being written and links leading out of ``root`` are left out.
+    """
+    found = []
+    for folder, dirs, _ in os.walk(root):
+        here = Path(folder)
+        keep = []
+        for name in sorted(dirs):
+            if here == root and name == JOB_DIR or TEMP_MARK in name:
+                continue
+            full = here / name
+            if full.is_symlink() and root not in full.resolve().parents:
+                continue
+            if name.endswith(ARCHIVE_SUFFIX) and (full / "zarr.json").is_file():
+                found.append(full.relative_to(root).as_posix())  # an archive: not descended into
+            else:
+                keep.append(name)
+        dirs[:] = keep
+    return sorted(found)
+
+
+def _signature(folder: Path) -> str:
+    """What changes when an archive is written to: its root document and its commit folder."""
+    parts = []
+    for sub in ("zarr.json", "commits"):
+        try:
+            st = (folder / sub).stat()
+            parts.append(f"{st.st_mtime_ns}:{st.st_size}")
+        except OSError:
+            parts.append("-")
+    return "/".join(parts)
+
+
+def _tree_bytes(folder: Path) -> int:
+    total = 0
+    for here, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(here, name)).st_size
+    return total
+
+
+def describe(root: Path, rel: str) -> tuple[dict, list[dict]]:
+    """The catalogue row of the archive at ``root/rel`` and its chunk rows, read from the archive.
+
+    An archive that cannot be opened gives a row with state ``unreadable`` and the reason.
+    """
+    folder = root / rel
+    now = time.time()
+    row = dict.fromkeys(ARCHIVE_FIELDS)
+    row.update(path=rel, signature=_signature(folder), indexed_at=now, archive_bytes=_tree_bytes(folder))
+    try:
+        archive = open_archive(str(folder))
+    except ArchiveError as exc:
+        row.update(state="unreadable", error=str(exc), fixity="unreadable", fixity_detail=str(exc), source_name=folder.name)
+        return row, []
+    attrs, src = archive.attrs, archive.source
+    encoder = attrs["encoder"]
+    config = encoder["config"]
+    chunks, finite, exact = [], [], 0
+    committed = archive.committed()
+    for index in range(archive.n_chunks):
+        frames = archive.chunk_frames(index)
+        chunk = dict(path=rel, idx=index, first_frame=frames.start, frames=len(frames))
+        if index in committed:
+            meta = archive.chunk_attrs(index)
+            stats = meta.get("stats", {})
+            psnr = stats.get("psnr_y")
+            chunk.update(
+                bytes=stats.get("bytes"), bpp=stats.get("bpp"), psnr_y=psnr, sha256=meta.get("sha256"), state="committed"
+            )
+            if isinstance(psnr, (int, float)):
+                finite.append((psnr, len(frames)))
+            else:
+                exact += 1  # FORMAT.md: a null PSNR is infinite (an exact chunk)
+        else:
+            chunk.update(state="missing", detail="not written or its metadata is damaged")
+        chunks.append(chunk)
+    payload = archive.payload_bytes()
+    pixels = src.frame_count * src.width * src.height
+    row.update(
+        state="complete" if archive.complete else "incomplete",
+        source_name=src.name,
+        source_url=src.url,
+        source_bytes=src.size_bytes,
+        source_sha256=src.sha256,
+        width=src.width,
+        height=src.height,
+        frames=src.frame_count,
+        fps=src.fps,
+        duration_s=float(src.frame_count / Fraction(src.fps)),
+        pix_fmt=src.pix_fmt,
+        # Only the video stream is archived today; audio and subtitles join this list once kept.
+        streams=[{"type": "video", "width": src.width, "height": src.height, "fps": src.fps, "pix_fmt": src.pix_fmt}],
+        color=src.color,
+        truncated=src.truncated,
+        lossless=bool(config.get("lossless")),
+        target_psnr=config.get("target_psnr"),
+        gop=attrs["gop"],
+        palette=encoder["palette_generator"]["name"],
+        config_digest=encoder["config_digest"],
+        palstream_version=encoder["palstream_version"],
+        encoder=encoder,
+        n_chunks=archive.n_chunks,
+        committed=len(committed),
+        payload_bytes=payload,
+        bpp=8.0 * payload / pixels if payload else None,
+        ratio=src.size_bytes / payload if payload else None,
+        psnr_min=min(p for p, _ in finite) if finite else None,
+        psnr_mean=sum(p * n for p, n in finite) / sum(n for _, n in finite) if finite else None,
+        exact_chunks=exact,
+        fixity="unverified",
+        root_sha256=(attrs.get("integrity") or {}).get("sha256"),
+    )
+    return row, chunks
+
+
+# -- writing the catalogue ----------------------------------------------------------------------
+
+
+def _store(db: sqlite3.Connection, row: dict, chunks: list[dict]) -> None:
+    """Insert or replace one archive, keeping its last verification while the archive is unchanged."""
+    old = db.execute("SELECT root_sha256, signature, fixity, fixity_detail, verified_at FROM archives WHERE path = ?", (row["path"],)).fetchone()
+    old_chunks = {}
+    if old is not None and old["verified_at"] is not None and row["state"] != "unreadable" and (old["root_sha256"], old["signature"]) == (row["root_sha256"], row["signature"]):
+        row.update(fixity=old["fixity"], fixity_detail=old["fixity_detail"], verified_at=old["verified_at"])
+        old_chunks = {r["idx"]: (r["state"], r["detail"]) for r in db.execute("SELECT idx, state, detail FROM chunks WHERE path = ?", (row["path"],))}
+    for chunk in chunks:
+        if chunk["idx"] in old_chunks:
+            chunk["state"], chunk["detail"] = old_chunks[chunk["idx"]]
+    values = {k: (json.dumps(v) if k in _JSON_FIELDS and v is not None else v) for k, v in row.items()}
+    db.execute(f"INSERT OR REPLACE INTO archives ({', '.join(ARCHIVE_FIELDS)}) VALUES ({', '.join('?' * len(ARCHIVE_FIELDS))})", [values[k] for k in ARCHIVE_FIELDS])
+    db.execute("DELETE FROM chunks WHERE path = ?", (row["path"],))
+    db.executemany(
+        f"INSERT INTO chunks ({', '.join(CHUNK_FIELDS)}) VALUES ({', '.join('?' * len(CHUNK_FIELDS))})",
+        [[c.get(k) for k in CHUNK_FIELDS] for c in chunks],
+    )
+
+
+def refresh(root: str | os.PathLike, catalogue: str | os.PathLike | None = None, full: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Bring the catalogue of ``root`` up to date with the archives under it.
+
+    Archives whose files changed since they were indexed (or all, with ``full``) are read again;
+    archives that disappeared are dropped. A kept verification stays while an archive's root
+    digest and files are unchanged.
+
+    Parameters
+    ----------
+    root : path
+        Output root.
+    catalogue : path, optional
+        SQLite file; default ``<root>/_palstream/catalogue.sqlite``.
+    full : bool, default False
+        Read every archive again (``palstream catalogue rebuild``).
+    progress : callable, optional
+        ``progress(done, total)`` after each archive read.
+
+    Returns
+    -------
+    dict
+        ``{"archives": n, "read": n, "dropped": n}``.
+    """
+    cat = Catalogue.of(root, catalogue)
+    found = find_archives(cat.root)
+    with cat.connect() as db:
+        known = {r["path"]: r["signature"] for r in db.execute("SELECT path, signature FROM archives")}
+    stale = [rel for rel in found if full or known.get(rel) != _signature(cat.root / rel)]
+    gone = sorted(set(known) - set(found))
+    described = []
+    for done, rel in enumerate(stale, 1):
+        described.append(describe(cat.root, rel))  # read outside the transaction: the server keeps reading
+        if progress is not None:
+            progress(done, len(stale))
+    with cat.connect() as db:
+        for rel in gone:
+            db.execute("DELETE FROM archives WHERE path = ?", (rel,))
+            db.execute("DELETE FROM chunks WHERE path = ?", (rel,))
+        for row, chunks in described:
+            _store(db, row, chunks)
+    return {"archives": len(found), "read": len(stale), "dropped": len(gone)}
+
+
+def rebuild(root: str | os.PathLike, catalogue: str | os.PathLike | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Read every archive under ``root`` again (see :func:`refresh`)."""
+    return refresh(root, catalogue, full=True, progress=progress)
+
+
+def record_archive(root: str | os.PathLike, archive: str | os.PathLike, catalogue: str | os.PathLike | None = None) -> None:
+    """Index (again) one archive under ``root``: for the batch system after it finalizes an archive.
+
+    Raises
+    ------
+    PalstreamError
+        ``archive`` is not under ``root``.
+    """
+    cat = Catalogue.of(root, catalogue)
+    rel = _relative(cat, archive)
+    row, chunks = describe(cat.root, rel)
+    with cat.connect() as db:
+        _store(db, row, chunks)
+
+
+def _relative(cat: Catalogue, archive: str | os.PathLike) -> str:
+    path = Path(str(archive).removeprefix("file://")).resolve()
+    if cat.root not in path.parents:
+        raise OutsideRootError(f"archive {archive} is not under the catalogue's root {cat.root}")
+    return path.relative_to(cat.root).as_posix()
+
+
+def verify_archive(root: str | os.PathLike, rel: str, catalogue: str | os.PathLike | None = None) -> dict:
+    """Check the fixity of one archive now and record the result and its time in the catalogue.
+
+    Returns
+    -------
+    dict
+        The archive's updated row (see :func:`get_archive`).
+
+    Raises
+    ------
+    PalstreamError
+        ``rel`` is outside the root or not in the catalogue.
+    """
+    cat = Catalogue.of(root, catalogue)
+    url = cat.archive_url(rel)
+    if not (Path(url) / "zarr.json").is_file():
+        raise MissingArchiveError(f"no archive at {rel}; it was moved or deleted (refresh the catalogue)")
+    row, chunks = describe(cat.root, rel)
+    if row["state"] != "unreadable":
+        try:
+            damaged = {exc.index: exc.reason for exc in open_archive(url).verify()}
+            if damaged:
+                row.update(fixity="damaged", fixity_detail=f"{len(damaged)} of {row['n_chunks']} chunk(s) damaged: " + "; ".join(f"chunk {i}: {r}" for i, r in sorted(damaged.items())))
+            elif row["state"] != "complete":
+                row.update(fixity="incomplete", fixity_detail="the archive was never finalized (status incomplete); resume or re-encode it")
+            else:
+                row.update(fixity="intact", fixity_detail=f"all {row['n_chunks']} chunk(s) intact")
+            for chunk in chunks:
+                if chunk["idx"] in damaged:
+                    chunk.update(state="damaged", detail=damaged[chunk["idx"]])
+                elif chunk["state"] == "committed":
+                    chunk.update(state="intact", detail=None)
+        except ArchiveError as exc:
+            row.update(fixity="damaged", fixity_detail=str(exc))
+    row["verified_at"] = time.time()
+    with cat.connect() as db:
+        db.execute("DELETE FROM archives WHERE path = ?", (rel,))  # a fresh verification replaces the kept one
+        _store(db, row, chunks)
+    return get_archive(cat, rel)
+
+
+class MissingArchiveError(PalstreamError):
+    """The catalogue names an archive that is no longer there (or never was)."""
+
+
+# -- reading the catalogue ----------------------------------------------------------------------
+
+
+def _decode_row(row: sqlite3.Row) -> dict:
+    out = dict(row)
+    for key in _JSON_FIELDS:
+        if key in out and out[key] is not None:
+            out[key] = json.loads(out[key])
+    if "lossless" in out and out["lossless"] is not None:
+        out["lossless"] = bool(out["lossless"])
+    return out
+
+
+def list_archives(
+    cat: Catalogue,
+    query: str = "",
+    state: str = "",
+    fixity: str = "",
+    min_psnr: float | None = None,
+    sort: str = "path",
+    descending: bool = False,
+) -> list[dict]:
+    """Rows of the catalogue, filtered and sorted (the library table and ``palstream ls``).
+
+    Parameters
+    ----------
+    cat : Catalogue
+    query : str
+        Words that must each appear in the archive path, source name, source URL or SHA-256.
+    state, fixity : str
+        Keep only this state (``complete``, ``incomplete``, ``unreadable``) / fixity state.
+    min_psnr : float, optional
+        Keep archives whose lowest PSNR-Y is at least this (exact archives always pass).
+    sort : str
+        One of :data:`SORT_KEYS`.
+    descending : bool
+        Reverse order.
+    """
+    if sort not in SORT_KEYS:
+        raise PalstreamError(f"cannot sort by {sort!r}; choose one of {', '.join(SORT_KEYS)}")
+    where, args = [], []
+    for word in query.split():
+        where.append("(path LIKE ? ESCAPE '\\' OR source_name LIKE ? ESCAPE '\\' OR source_url LIKE ? ESCAPE '\\' OR source_sha256 LIKE ? ESCAPE '\\')")
+        pattern = "%" + word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        args += [pattern] * 4
+    if state:
+        where.append("state = ?")
+        args.append(state)
+    if fixity:
+        where.append("fixity = ?")
+        args.append(fixity)
+    if min_psnr is not None:
+        where.append("(psnr_min >= ? OR (psnr_min IS NULL AND exact_chunks > 0))")
+        args.append(min_psnr)
+    sql = f"SELECT * FROM archives {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {sort} IS NULL, {sort} {'DESC' if descending else 'ASC'}, path"
+    with cat.connect() as db:
+        return [_decode_row(r) for r in db.execute(sql, args)]
+
+
+def get_archive(cat: Catalogue, rel: str) -> dict:
+    """One archive's row with its chunk rows under ``"chunks"``.
+
+    Raises
+    ------
+    MissingArchiveError
+        Not in the catalogue.
+    """
+    with cat.connect() as db:
+        row = db.execute("SELECT * FROM archives WHERE path = ?", (rel,)).fetchone()
+        if row is None:
+            raise MissingArchiveError(f"no archive {rel!r} in the catalogue of {cat.root}")
+        chunks = [dict(r) for r in db.execute("SELECT * FROM chunks WHERE path = ? ORDER BY idx", (rel,))]
+    return {**_decode_row(row), "chunks": chunks}
+
+
+def totals(rows: list[dict]) -> dict:
+    """Sums over catalogue rows: archives, frames, duration, source and payload bytes, overall ratio."""
+    payload = sum(r["payload_bytes"] or 0 for r in rows)
+    source = sum(r["source_bytes"] or 0 for r in rows if r["payload_bytes"])
+    return {
+        "archives": len(rows),
+        "frames": sum(r["frames"] or 0 for r in rows),
+        "duration_s": sum(r["duration_s"] or 0 for r in rows),
+        "source_bytes": sum(r["source_bytes"] or 0 for r in rows),
+        "payload_bytes": payload,
+        "archive_bytes": sum(r["archive_bytes"] or 0 for r in rows),
+        "ratio": source / payload if payload else None,
+        "damaged": sum(r["fixity"] in ("damaged", "unreadable") for r in rows),
+    }
