@@ -764,11 +764,13 @@ def _decode_frames(
     scan = _Scan()
     count = 0
     with _open_input(url, storage_options) as (container, stream, _), _libav_errors() as logs:
+        if frame_count == 0:
+            return
         for frame in _frames(container, stream, logs, scan):
-            if count == frame_count:
-                return
             count += 1
             yield convert(frame)
+            if count == frame_count:
+                return  # what follows (a kept cut or damage) was judged by probe
     if scan.problem is not None:
         raise InputError(f"{name} is corrupt: {scan.problem}; re-copy or re-export it")
     if frame_count is not None and count < frame_count:
