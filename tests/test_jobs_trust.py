@@ -290,11 +290,11 @@ class FirstProbeFails(WorkerPlugin):
 
         real, seen = io.probe, set()
 
-        def probe(url, storage_options=None):
+        def probe(url, storage_options=None, **options):
             if self.target in str(url) and url not in seen:
                 seen.add(url)
                 raise InputError(f"{url} is truncated (forced on the first probe)")
-            return real(url, storage_options)
+            return real(url, storage_options, **options)
 
         io.probe = probe
 
