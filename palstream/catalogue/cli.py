@@ -34,6 +34,7 @@ def ls(
     catalogue: CatalogueOpt = None,
 ) -> None:
     """List the archives under ROOT from its catalogue (brought up to date first)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -47,16 +48,19 @@ def ls(
     if as_json:
         typer.echo(json.dumps({"root": str(cat.root), "archives": rows, "totals": totals}))
         return
-    table = Table()
-    for col in ("archive", "state", "fixity", "size", "frames", "duration", "payload", "ratio", "bpp", "min PSNR-Y"):
-        table.add_column(col, justify="left" if col in ("archive", "state", "fixity", "size") else "right")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("archive", overflow="fold", min_width=min(40, max((len(r["path"]) for r in rows), default=7)))
+    for col in ("state", "fixity", "frames", "duration", "payload", "ratio", "min PSNR-Y"):
+        table.add_column(col, justify="left" if col in ("state", "fixity") else "right", no_wrap=True)
     for r in rows:
         psnr = f"{r['psnr_min']:.2f} dB" if r["psnr_min"] is not None else ("exact" if r["exact_chunks"] else "-")
         table.add_row(
-            r["path"], r["state"], r["fixity"], f"{r['width']}x{r['height']}" if r["width"] else "", str(r["frames"] or "-"),
-            duration(r["duration_s"]), size(r["payload_bytes"]), number(r["ratio"], 1), number(r["bpp"], 3), psnr,
+            r["path"], r["state"], r["fixity"], str(r["frames"] or "-"), duration(r["duration_s"]),
+            size(r["payload_bytes"]), f"{number(r['ratio'], 1)}x" if r["ratio"] else "-", psnr,
         )
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # scripts and pagers: no 80-column default squeezing the table
     console.print(table)
     console.print(
         f"{totals['archives']} archive(s), {totals['frames']} frames, {duration(totals['duration_s'])}, "

@@ -20,9 +20,9 @@ def duration(seconds) -> str:
     """``m:ss.d`` (``h:mm:ss.d`` from an hour); ``–`` for None."""
     if seconds is None:
         return "–"
-    whole = int(seconds)
+    whole, tenths = divmod(round(seconds * 10), 10)
     hours, rest = divmod(whole, 3600)
-    text = f"{rest // 60:d}:{rest % 60:02d}.{int((seconds - whole) * 10)}"
+    text = f"{rest // 60:d}:{rest % 60:02d}.{tenths}"
     return f"{hours}:{text.zfill(7)}" if hours else text
 
 

@@ -1,0 +1,323 @@
+"""The library catalogue and ``palstream serve`` without a browser: SQLite index, ``ls --json``,
+and the web app through Starlette's TestClient (paths, errors, playback, read-only root)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette", reason="the catalogue server needs palstream's 'serve' extra")
+from starlette.testclient import TestClient  # noqa: E402
+
+from palstream.catalogue import index  # noqa: E402
+from palstream.catalogue.server import create_app  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> Path:
+    """An output root with two archives, one in a subfolder (GOPs of 4: 3 and 2 chunks)."""
+    from palstream.codec import EncoderConfig
+    from palstream.pipeline import encode_file
+
+    root = tmp_path_factory.mktemp("library")
+    encode_file(str(DATA / "batch_testsrc_64x48.mkv"), str(root / "testsrc.zarr"), EncoderConfig(gop=4))
+    encode_file(str(DATA / "batch_mandel_48x32.mkv"), str(root / "fractals" / "mandel.zarr"), EncoderConfig(gop=4))
+    return root
+
+
+@pytest.fixture
+def root(library, tmp_path) -> Path:
+    """A private copy of the library, free to damage."""
+    copy = tmp_path / "out"
+    shutil.copytree(library, copy)
+    return copy
+
+
+@pytest.fixture
+def palstream_cli(run_cli):
+    """``palstream ...`` with the catalogue's commands."""
+    from palstream import cli
+    from palstream.catalogue.cli import register
+
+    if "ls" not in {c.callback.__name__ for c in cli.app.registered_commands}:
+        register(cli.app)  # until palstream/cli.py registers them itself
+    return run_cli
+
+
+def _client(root: Path, **kwargs) -> TestClient:
+    return TestClient(create_app(str(root), **kwargs))
+
+
+def _tree(folder: Path) -> dict:
+    """Every file under ``folder`` with its size, mtime and sha256."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            st = path.stat()
+            files[path.relative_to(folder).as_posix()] = (st.st_size, st.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+        else:
+            files[path.relative_to(folder).as_posix() + "/"] = None
+    return files
+
+
+def _flip_payload_byte(archive: Path, chunk: int) -> None:
+    payload = archive / "chunks" / f"{chunk:06d}" / "c" / "0"
+    data = bytearray(payload.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    payload.write_bytes(bytes(data))
+
+
+def test_rebuild_indexes_every_archive_from_its_metadata(root):
+    result = index.rebuild(root)
+    assert result == {"archives": 2, "read": 2, "dropped": 0}
+    cat = index.Catalogue.of(root)
+    assert cat.path == root / "_palstream" / "catalogue.sqlite"
+    rows = {r["path"]: r for r in index.list_archives(cat)}
+    assert set(rows) == {"testsrc.zarr", "fractals/mandel.zarr"}
+    testsrc = rows["testsrc.zarr"]
+    source = DATA / "batch_testsrc_64x48.mkv"
+    assert testsrc["source_name"] == "batch_testsrc_64x48.mkv"
+    assert testsrc["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert testsrc["source_bytes"] == source.stat().st_size
+    assert (testsrc["width"], testsrc["height"], testsrc["frames"], testsrc["fps"]) == (64, 48, 12, "10/1")
+    assert testsrc["duration_s"] == pytest.approx(1.2)
+    assert (testsrc["state"], testsrc["fixity"], testsrc["verified_at"]) == ("complete", "unverified", None)
+    assert (testsrc["gop"], testsrc["n_chunks"], testsrc["committed"], testsrc["lossless"]) == (4, 3, 3, False)
+    assert testsrc["streams"] == [{"type": "video", "width": 64, "height": 48, "fps": "10/1", "pix_fmt": testsrc["pix_fmt"]}]
+    assert testsrc["bpp"] == pytest.approx(8 * testsrc["payload_bytes"] / (12 * 64 * 48))
+    assert testsrc["psnr_min"] >= 44.9  # the default quality floor is 45 dB per chunk
+    detail = index.get_archive(cat, "testsrc.zarr")
+    assert [c["first_frame"] for c in detail["chunks"]] == [0, 4, 8]
+    assert min(c["psnr_y"] for c in detail["chunks"]) == pytest.approx(testsrc["psnr_min"])
+    # the catalogue is only an index: deleted, it comes back the same
+    cat.path.unlink()
+    index.rebuild(root)
+    again = {r["path"]: r for r in index.list_archives(cat)}
+    strip = lambda r: {k: v for k, v in r.items() if k != "indexed_at"}  # noqa: E731
+    assert {k: strip(v) for k, v in again.items()} == {k: strip(v) for k, v in rows.items()}
+
+
+def test_refresh_follows_added_removed_and_verified_archives(root):
+    cat = index.Catalogue.of(root)
+    index.refresh(root)
+    shutil.copytree(root / "testsrc.zarr", root / "more" / "copy.zarr")
+    shutil.rmtree(root / "fractals")
+    assert index.refresh(root) == {"archives": 2, "read": 1, "dropped": 1}
+    assert [r["path"] for r in index.list_archives(cat)] == ["more/copy.zarr", "testsrc.zarr"]
+    verified = index.verify_archive(root, "testsrc.zarr")
+    assert verified["fixity"] == "intact" and verified["verified_at"] is not None
+    assert all(c["state"] == "intact" for c in verified["chunks"])
+    # a rebuild keeps a verification while the archive is unchanged...
+    index.rebuild(root)
+    assert index.get_archive(cat, "testsrc.zarr")["verified_at"] == verified["verified_at"]
+    # ...and forgets it once the archive is written to
+    os.utime(root / "testsrc.zarr" / "zarr.json")
+    index.refresh(root)
+    assert index.get_archive(cat, "testsrc.zarr")["fixity"] == "unverified"
+
+
+def test_record_archive_indexes_one_archive_and_refuses_one_outside_the_root(root, tmp_path):
+    index.record_archive(root, root / "fractals" / "mandel.zarr")
+    assert [r["path"] for r in index.list_archives(index.Catalogue.of(root))] == ["fractals/mandel.zarr"]
+    with pytest.raises(index.OutsideRootError, match="not under the catalogue's root"):
+        index.record_archive(root, tmp_path)
+
+
+def test_ls_json_lists_the_archives_with_totals(root, palstream_cli):
+    result = palstream_cli("ls", root, "--json")
+    assert result.code == 0, result.stderr
+    listing = json.loads(result.stdout)
+    assert [a["path"] for a in listing["archives"]] == ["fractals/mandel.zarr", "testsrc.zarr"]
+    assert listing["totals"]["archives"] == 2 and listing["totals"]["frames"] == 20
+    assert listing["totals"]["payload_bytes"] == sum(a["payload_bytes"] for a in listing["archives"])
+    searched = json.loads(palstream_cli("ls", root, "--json", "--search", "mandel").stdout)
+    assert [a["path"] for a in searched["archives"]] == ["fractals/mandel.zarr"]
+    table = palstream_cli("ls", root)
+    assert table.code == 0 and "testsrc.zarr" in table.stdout and "2 archive(s), 20 frames" in table.stdout
+
+
+def test_catalogue_rebuild_command_and_one_line_errors(root, tmp_path, palstream_cli):
+    result = palstream_cli("catalogue", "rebuild", root)
+    assert result.code == 0 and "catalogued 2 archive(s)" in result.stdout
+    for args, message in (
+        (("ls", tmp_path / "absent"), "is not a folder"),
+        (("ls", "s3://bucket/out"), "indexes local output roots only"),
+        (("ls", root, "--sort", "colour"), "cannot sort by 'colour'"),
+    ):
+        result = palstream_cli(*args)
+        assert result.code == 1
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
+
+
+def test_library_page_searches_filters_sorts_and_totals(root):
+    client = _client(root)
+    page = client.get("/")
+    assert page.status_code == 200
+    assert 'href="/archive/fractals/mandel.zarr"' in page.text and 'href="/archive/testsrc.zarr"' in page.text
+    assert "<strong>2</strong> archives" in page.text
+    found = client.get("/", params={"q": "testsrc"})
+    assert 'href="/archive/testsrc.zarr"' in found.text and "mandel.zarr" not in found.text
+    assert "<strong>1</strong> archive " in found.text
+    assert "No archive matches." in client.get("/", params={"q": "no-such-video"}).text
+    by_bpp = client.get("/api/archives", params={"sort": "bpp", "order": "desc"}).json()["archives"]
+    assert [a["bpp"] for a in by_bpp] == sorted((a["bpp"] for a in by_bpp), reverse=True)
+    assert client.get("/api/archives", params={"fixity": "intact"}).json()["archives"] == []
+    assert len(client.get("/api/archives", params={"min_psnr": "40"}).json()["archives"]) == 2
+    assert client.get("/api/archives", params={"min_psnr": "99"}).json()["archives"] == []
+    bad = client.get("/api/archives", params={"sort": "1; DROP TABLE archives"})
+    assert bad.status_code == 400 and "cannot sort by" in bad.json()["error"]
+    assert client.get("/api/archives", params={"min_psnr": "high"}).status_code == 400
+
+
+def test_archive_page_shows_metadata_contact_sheet_chunks_and_player(root):
+    client = _client(root)
+    page = client.get("/archive/testsrc.zarr")
+    assert page.status_code == 200
+    assert hashlib.sha256((DATA / "batch_testsrc_64x48.mkv").read_bytes()).hexdigest() in page.text
+    thumbs = [part.split('"')[0] for part in page.text.split('src="/thumb/')[1:]]
+    assert len(thumbs) == 12  # one per frame of this 12-frame clip
+    png = client.get("/thumb/" + thumbs[5])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    with av.open(io.BytesIO(png.content)) as container:
+        image = next(container.decode(video=0))
+        assert (image.width, image.height) == (64, 48)
+    assert page.text.count('<tr><td class="num">') == 3  # one row per chunk
+    assert 'id="player"' in page.text and 'src="/play/testsrc.zarr?start=0&amp;stop=12"' in page.text
+    assert "<circle" in page.text  # the rate/quality plot has its points
+
+
+def test_playback_is_h264_mp4_of_the_range_and_download_is_exact_ffv1(root):
+    from palstream.archive import open_archive
+
+    client = _client(root)
+    mp4 = client.get("/play/testsrc.zarr", params={"start": 2, "stop": 11})
+    assert mp4.status_code == 200 and mp4.headers["content-type"] == "video/mp4"
+    with av.open(io.BytesIO(mp4.content)) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+        assert sum(1 for _ in container.decode(video=0)) == 9
+    part = client.get("/play/testsrc.zarr", params={"start": 2, "stop": 11}, headers={"Range": "bytes=0-99"})
+    assert part.status_code == 206 and part.content == mp4.content[:100]
+    assert part.headers["content-range"] == f"bytes 0-99/{len(mp4.content)}"
+    mkv = client.get("/download/testsrc.zarr", params={"start": 3, "stop": 7})
+    assert mkv.status_code == 200 and 'filename="testsrc_3-7.mkv"' in mkv.headers["content-disposition"]
+    expected = np.concatenate([run.y for run in open_archive(str(root / "testsrc.zarr")).decode(3, 7)])
+    with av.open(io.BytesIO(mkv.content)) as container:
+        assert container.streams.video[0].codec_context.name == "ffv1"
+        frames = [f.to_ndarray(format="yuv420p") for f in container.decode(video=0)]
+    assert len(frames) == 4
+    assert np.array_equal(np.stack([f[:48] for f in frames]), expected)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/archive/%2e%2e/%2e%2e/etc/passwd",
+        "/thumb/..%2F..%2Fetc%2Fpasswd?frame=0",
+        "/play/fractals/%2e%2e/%2e%2e/x.zarr",
+        "/download//etc/passwd",
+        "/archive/outside/link.zarr",
+    ],
+)
+def test_paths_outside_the_root_are_refused_with_403(root, tmp_path, path):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(root / "testsrc.zarr", elsewhere / "link.zarr")
+    (root / "outside").symlink_to(elsewhere)  # a link inside the root that leads out of it
+    client = _client(root)
+    assert "outside/link.zarr" not in client.get("/").text  # not catalogued either
+    response = client.get(path)
+    assert response.status_code == 403
+    assert "only archives under the served root are shown" in response.text and "Traceback" not in response.text
+
+
+def test_missing_archive_is_404_and_never_a_traceback(root):
+    client = _client(root)
+    assert client.get("/archive/absent.zarr").status_code == 404
+    assert client.get("/no/such/page").status_code == 404
+    shutil.rmtree(root / "fractals" / "mandel.zarr")  # gone after it was catalogued
+    for path in ("/archive/fractals/mandel.zarr", "/thumb/fractals/mandel.zarr?frame=0", "/play/fractals/mandel.zarr"):
+        response = client.get(path)
+        assert response.status_code == 404 and "moved or deleted" in response.text
+
+
+def test_verify_now_names_a_flipped_byte_and_damaged_ranges_get_422(root):
+    _flip_payload_byte(root / "testsrc.zarr", 1)
+    client = _client(root)
+    page = client.post("/verify/testsrc.zarr")
+    assert page.status_code == 200  # after the redirect back to the archive page
+    assert 'id="fixity-state">damaged' in page.text
+    assert "1 of 3 chunk(s) damaged: chunk 1: crc32c mismatch" in page.text
+    row = index.get_archive(index.Catalogue.of(root), "testsrc.zarr")
+    assert [c["state"] for c in row["chunks"]] == ["intact", "damaged", "intact"] and row["verified_at"]
+    assert "damaged" in client.get("/", params={"fixity": "damaged"}).text
+    assert client.get("/play/testsrc.zarr", params={"start": 0, "stop": 4}).status_code == 200  # chunk 0 is intact
+    for path in ("/play/testsrc.zarr?start=2&stop=6", "/download/testsrc.zarr?start=5&stop=6", "/thumb/testsrc.zarr?frame=4"):
+        response = client.get(path)
+        assert response.status_code == 422 and "chunk 1 is damaged" in response.text
+
+
+def test_unreadable_archive_is_listed_and_its_pages_answer_422(root):
+    (root / "fractals" / "mandel.zarr" / "zarr.json").write_text("{ not json")
+    client = _client(root)
+    listed = client.get("/api/archives").json()["archives"]
+    broken = next(a for a in listed if a["path"] == "fractals/mandel.zarr")
+    assert broken["state"] == "unreadable" and "malformed" in broken["error"]
+    page = client.get("/archive/fractals/mandel.zarr")
+    assert page.status_code == 200 and "This archive cannot be read" in page.text
+    assert client.get("/thumb/fractals/mandel.zarr?frame=0").status_code == 422
+    assert client.get("/play/fractals/mandel.zarr").status_code == 422
+
+
+def test_bad_and_huge_ranges_get_a_clear_status(root, monkeypatch):
+    client = _client(root)
+    for params in ({"start": 0, "stop": 10**12}, {"start": 5, "stop": 5}, {"start": -1, "stop": 3}, {"start": "a", "stop": 3}):
+        response = client.get("/play/testsrc.zarr", params=params)
+        assert response.status_code == 400, params
+    assert client.get("/thumb/testsrc.zarr", params={"frame": 12}).status_code == 400
+    monkeypatch.setattr("palstream.catalogue.media.MAX_PLAY_FRAMES", 8)
+    huge = client.get("/play/testsrc.zarr", params={"start": 0, "stop": 12})
+    assert huge.status_code == 413 and "at most 8 frames" in huge.text
+    assert client.get("/download/testsrc.zarr", params={"start": 0, "stop": 12}).status_code == 413
+
+
+def test_an_internal_failure_is_a_500_page_without_a_traceback(root, monkeypatch):
+    client = TestClient(create_app(str(root)), raise_server_exceptions=False)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom in the middle of a request")
+
+    monkeypatch.setattr(index, "get_archive", fail)
+    response = client.get("/archive/testsrc.zarr")
+    assert response.status_code == 500
+    assert "internal error" in response.text and "Traceback" not in response.text and "boom" not in response.text
+
+
+def test_the_server_writes_nothing_into_the_root_but_the_catalogue(root, tmp_path):
+    index.refresh(root)
+    before = _tree(root)
+    client = _client(root)
+    for path in ("/", "/?q=mandel&sort=bpp&order=desc", "/api/archives", "/archive/testsrc.zarr", "/thumb/testsrc.zarr?frame=3", "/play/testsrc.zarr", "/download/fractals/mandel.zarr?start=0&stop=8"):
+        assert client.get(path).status_code == 200, path
+    assert client.post("/verify/testsrc.zarr").status_code == 200
+    after = _tree(root)
+    catalogue = {"_palstream/catalogue.sqlite"}
+    assert {k: v for k, v in after.items() if k not in catalogue} == {k: v for k, v in before.items() if k not in catalogue}
+    # with the catalogue elsewhere (a read-only root), not even the catalogue is written there
+    shutil.rmtree(root / "_palstream")
+    before = _tree(root)
+    elsewhere = tmp_path / "cat.sqlite"
+    client = _client(root, catalogue=str(elsewhere))
+    assert client.get("/").status_code == 200 and client.post("/verify/testsrc.zarr").status_code == 200
+    assert _tree(root) == before
+    with sqlite3.connect(elsewhere) as db:
+        assert db.execute("SELECT fixity FROM archives WHERE path = 'testsrc.zarr'").fetchone() == ("intact",)
