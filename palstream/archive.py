@@ -496,7 +496,7 @@ class Archive:
         self.source = SourceInfo.from_dict(self.attrs["source"])
         self._core_sha256 = _sha256(_core(self.attrs)) if self.root_protected and not self.root_altered else None
         if self.root_altered:
-            warnings.warn(f"archive {url}: root metadata altered ({self.root_altered}); read anyway because forced")
+            warnings.warn(f"archive {url}: root metadata altered ({self.root_altered}); read anyway because forced", stacklevel=2)
 
     @property
     def complete(self) -> bool:
@@ -668,15 +668,17 @@ class Archive:
         Raises
         ------
         ArchiveError
-            The root metadata was altered (opened with ``force``), or every commit marker
-            disagrees with the root's core digest (the root was replaced).
+            The root metadata was altered (opened with ``force``), or the commit markers
+            disagree with the root's core digest (the root was replaced), or the ``chunks`` or
+            ``commits`` group document is damaged.
         """
         if self.root_altered:
             raise ArchiveError(f"archive {self.url}: root metadata altered: {self.root_altered}; restore zarr.json from a copy or re-encode")
         if not self.root_protected:
             warnings.warn(
                 f"archive {self.url} is format version 1: its root metadata is unprotected (no digest), "
-                "so changes to it cannot be detected; re-encode it to protect it"
+                "so changes to it cannot be detected; re-encode it to protect it",
+                stacklevel=2,
             )
         for folder in ("chunks", "commits"):
             try:
