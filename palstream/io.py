@@ -605,6 +605,8 @@ def _frames(container, stream, logs: list, scan: _Scan) -> Iterator["av.VideoFra
 
 
 def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, av.FFmpegError) and exc.strerror:
+        return exc.strerror  # without the errno and the C function PyAV appends
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -700,7 +702,8 @@ def probe(url: str, storage_options: dict | None = None, allow_truncated: bool =
         time_base = stream.time_base
     if facts["reason"] is not None and (not allow_truncated or first is None):
         state = "is corrupt" if facts["damaged"] else "is truncated"
-        keep = f", or keep the {scan.frames} frames before the break with --allow-truncated" if first else ""
+        frames = f"{scan.frames} frame" + ("s" if scan.frames != 1 else "")
+        keep = f", or keep the {frames} before the break with --allow-truncated" if first else ""
         raise InputError(f"{name} {state}: {facts['reason']}; re-copy or re-export it{keep}")
     if first is None:
         raise InputError(f"{name} has a video stream but zero frames; give a video with at least one frame")
