@@ -268,20 +268,22 @@ def decode_file(
             held = reader.chunk_frames(index)
             wanted = range(max(start, held.start), min(stop, held.stop))
             try:
-                decoded = reader.decode_chunk(index)[wanted.start - held.start : wanted.stop - held.start]
+                runs = [reader.decode_chunk(index)[wanted.start - held.start : wanted.stop - held.start]]
             except DamagedChunkError as exc:
                 result.damaged.append(exc)
                 result.filled.append(wanted)
-                decoded = _fill(len(wanted), source.height, source.width)
-            result.frames_written += len(decoded)
-            if progress is not None:
-                progress(result.frames_written, stop - start)
-            yield decoded
+                runs = [_fill(source.height, source.width)] * len(wanted)  # one frame in memory, however many
+            for run in runs:
+                result.frames_written += len(run)
+                if progress is not None:
+                    progress(result.frames_written, stop - start)
+                yield run
 
     write_video(chunks(), output, source, overwrite=overwrite, format=format)
     return result
 
 
-def _fill(count: int, height: int, width: int) -> Frames:
+def _fill(height: int, width: int) -> Frames:
+    """One mid-grey frame (``FILL``)."""
     ch, cw = (height + 1) // 2, (width + 1) // 2
-    return Frames(*(np.full(shape, FILL, np.uint8) for shape in ((count, height, width), (count, ch, cw), (count, ch, cw))))
+    return Frames(*(np.full(shape, FILL, np.uint8) for shape in ((1, height, width), (1, ch, cw), (1, ch, cw))))

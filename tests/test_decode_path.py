@@ -313,3 +313,18 @@ def test_a_failed_encode_leaves_no_stub_and_no_new_folder(data_dir, tmp_path, mo
     with pytest.raises(RuntimeError):
         encode_file(str(data_dir / "screen_37x29.mkv"), str(target), EncoderConfig(lossless=True, gop=2))
     assert _files(tmp_path) == []
+
+
+def test_a_failed_overwrite_keeps_the_old_archive_byte_for_byte(data_dir, lossless_archive, tmp_path, monkeypatch):
+    path = tmp_path / "a.zarr"
+    shutil.copytree(lossless_archive, path)
+    before = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("encoder crashed")
+
+    monkeypatch.setattr("palstream.pipeline.encode_chunk", broken)
+    with pytest.raises(RuntimeError):
+        encode_file(str(data_dir / "screen_37x29.mkv"), str(path), EncoderConfig(lossless=True, gop=3), overwrite=True)
+    assert {p: p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["a.zarr"]  # no replacement left beside it
