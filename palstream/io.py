@@ -353,6 +353,8 @@ def _open_input(url: str, storage_options: dict | None):
         with _storage_failures(redact_url(url)):
             try:
                 container = av.open(handle, mode="r")
+            except UnicodeDecodeError:
+                raise InputError(f"{name} is corrupt: its metadata is not valid UTF-8 text; re-copy or re-export it") from None
             except (av.FFmpegError, OSError) as exc:
                 # a cut file can also make FFmpeg seek before its start (a Python OSError from the handle)
                 if not isinstance(exc, av.FFmpegError) and storage_error(exc, url, "read input") is not None:

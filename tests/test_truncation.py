@@ -124,6 +124,29 @@ def test_damage_that_only_ffmpeg_logs_is_refused_every_time(data_dir, tmp_path):
             io.probe(str(path))
 
 
+@pytest.mark.parametrize("offset", [1650, 1850, 2140])
+def test_h264_damage_logged_with_the_same_line_each_time_is_refused_every_time(data_dir, tmp_path, offset):
+    # H.264 conceals these and logs one line, identical on every decode: with PyAV's repeat
+    # de-duplication on, the second probe of the file in a process saw no error and passed
+    data = bytearray((data_dir / "camera_48x32_gop4.mp4").read_bytes())
+    data[offset : offset + 4] = bytes(b ^ 0xFF for b in data[offset : offset + 4])
+    path = tmp_path / "damaged.mp4"
+    path.write_bytes(bytes(data))
+    for _ in range(3):
+        with pytest.raises(InputError, match="damaged.mp4 is corrupt: "):
+            io.probe(str(path))
+
+
+def test_metadata_that_is_not_utf8_is_one_line(data_dir, tmp_path):
+    data = bytearray((data_dir / "camera_48x32_gop4.mp4").read_bytes())
+    at = data.index(b"VideoHandler")
+    data[at + 1] ^= 0xAA
+    path = tmp_path / "bad_text.mp4"
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="bad_text.mp4 is corrupt: its metadata is not valid UTF-8"):
+        io.probe(str(path))
+
+
 def test_complete_files_in_the_same_formats_pass(data_dir, faststart_mp4):
     for path in (data_dir / "camera_48x32.y4m", data_dir / "camera_64x48.mkv", faststart_mp4, data_dir / "camera_48x32.mp4"):
         assert io.probe(str(path)).truncated is None
@@ -398,3 +421,45 @@ def test_decoded_frames_of_a_kept_source_are_unchanged_by_threading(data_dir):
     ours = io.read_frames(url)
     assert len(threaded) == len(ours)
     assert all(np.array_equal(t[:32], y) for t, y in zip(threaded, ours.y))
+
+
+def test_probe_leaves_pyav_logging_as_it_found_it(cut_file):
+    path, _ = cut_file("mkv-mid-frame")
+    av.logging.set_skip_repeated(True)  # PyAV's default, which made the second probe pass
+    level = av.logging.get_level()
+    for _ in range(2):
+        with pytest.raises(InputError, match="truncated"):
+            io.probe(str(path))
+    assert av.logging.get_skip_repeated() is True and av.logging.get_level() == level
+
+
+def test_concurrent_probes_keep_their_verdicts_apart(data_dir, tmp_path):
+    # Dask workers probe in threads: one thread's FFmpeg errors must not reach another's verdict
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = bytearray((data_dir / "camera_64x48.mkv").read_bytes())
+    data[6356:6364] = bytes(b ^ 0x5A for b in data[6356:6364])
+    damaged = tmp_path / "damaged.mkv"
+    damaged.write_bytes(bytes(data))
+    good = str(data_dir / "camera_64x48.mkv")
+
+    def verdict(path):
+        try:
+            return io.probe(str(path)).frame_count
+        except InputError:
+            return "refused"
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(verdict, [damaged, good] * 12))
+    assert got == ["refused", 5] * 12
+
+
+def test_encode_from_s3_with_a_missing_bucket_is_one_line(run_cli, s3_endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    result = run_cli("encode", "s3://no-such-bucket/x.mkv", tmp_path / "out.zarr", "--endpoint-url", s3_endpoint)
+    assert result.code == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: cannot read input s3://no-such-bucket/x.mkv: bucket no-such-bucket does not exist; "
+        "check the URL or create the bucket"
+    ]
