@@ -257,6 +257,10 @@ def test_verify_now_names_a_flipped_byte_and_damaged_ranges_get_422(root):
     assert page.status_code == 200  # after the redirect back to the archive page
     assert 'id="fixity-state">damaged' in page.text
     assert "1 of 3 chunk(s) damaged: chunk 1: crc32c mismatch" in page.text
+    # the contact sheet and the player say which frames are lost instead of showing broken media
+    assert 'src="/thumb/testsrc.zarr?frame=3"' in page.text and 'src="/thumb/testsrc.zarr?frame=4"' not in page.text
+    assert "chunk 1 is damaged</div>" in page.text and 'id="range-damaged">Chunk 1 of this range is damaged' in page.text
+    assert "range-damaged" not in client.get("/archive/testsrc.zarr", params={"start": 8, "stop": 12}).text
     row = index.get_archive(index.Catalogue.of(root), "testsrc.zarr")
     assert [c["state"] for c in row["chunks"]] == ["intact", "damaged", "intact"] and row["verified_at"]
     assert "damaged" in client.get("/", params={"fixity": "damaged"}).text

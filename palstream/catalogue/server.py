@@ -9,6 +9,7 @@ and only archives the catalogue lists, resolved inside the root, are ever read.
 from __future__ import annotations
 
 import math
+from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -159,6 +160,8 @@ def create_app(root: str, catalogue: str | None = None, refresh: bool = True) ->
         frame_count = row["frames"] or 0
         start, stop = frame_range(request, frame_count, DEFAULT_PLAY_FRAMES) if frame_count else (0, 0)
         plot = _rd_points(row["chunks"])
+        damaged = sorted(c["idx"] for c in row["chunks"] if c["state"] == "damaged")
+        gop = row["gop"] or 1
         return templates.TemplateResponse(
             request,
             "archive.html",
@@ -169,6 +172,8 @@ def create_app(root: str, catalogue: str | None = None, refresh: bool = True) ->
                 "stop": stop,
                 "range": urlencode({"start": start, "stop": stop}),
                 "plot": plot,
+                "damaged": damaged,
+                "range_damaged": [i for i in damaged if start // gop <= i <= (stop - 1) // gop],
             },
         )
 
@@ -236,7 +241,8 @@ def create_app(root: str, catalogue: str | None = None, refresh: bool = True) ->
             detail = f"nothing at {request.url.path}; see the library"
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": detail}, status_code=status)
-        return templates.TemplateResponse(request, "error.html", {"status": status, "detail": detail}, status_code=status)
+        context = {"status": status, "phrase": HTTPStatus(status).phrase, "detail": detail}
+        return templates.TemplateResponse(request, "error.html", context, status_code=status)
 
     routes = [
         Route("/", library),

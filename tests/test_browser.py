@@ -1,0 +1,174 @@
+"""``palstream serve`` in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
+
+The server runs on 127.0.0.1 in a thread, over a library of two archives encoded here. Skipped
+where Playwright or a Chromium executable is missing. With ``PALSTREAM_SCREENSHOTS=1`` the pages
+are saved to ``docs/catalogue/`` (the library also gets the 640x360 demo clip, for legible images).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need Playwright (pip install playwright)")
+pytest.importorskip("uvicorn", reason="the browser tests need palstream's 'serve' extra")
+
+DATA = Path(__file__).parent / "data"
+SHOTS = Path(__file__).parent.parent / "docs" / "catalogue"
+SCREENSHOTS = os.environ.get("PALSTREAM_SCREENSHOTS") == "1"
+CHROMIUM = os.environ.get("PALSTREAM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+TIMEOUT_MS = 60_000  # generous: two busy cores, and the first decode may compile the codec
+
+if CHROMIUM is None:
+    pytest.skip(
+        "no Chromium executable (install Debian's chromium: apt-get install -y chromium, or set PALSTREAM_CHROMIUM)",
+        allow_module_level=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> Path:
+    """An output root with two small archives, one in a subfolder."""
+    from palstream.codec import EncoderConfig
+    from palstream.pipeline import encode_file
+
+    root = tmp_path_factory.mktemp("library")
+    encode_file(str(DATA / "batch_testsrc_64x48.mkv"), str(root / "testsrc.zarr"), EncoderConfig(gop=4))
+    encode_file(str(DATA / "batch_mandel_48x32.mkv"), str(root / "fractals" / "mandel.zarr"), EncoderConfig(gop=4))
+    if SCREENSHOTS:
+        demo = Path(__file__).parent.parent / "palstream" / "data" / "demo.mkv"
+        encode_file(str(demo), str(root / "screens" / "demo.zarr"), EncoderConfig(gop=4))
+    return root
+
+
+class _Server:
+    """``palstream serve``'s app under uvicorn on a free 127.0.0.1 port, in a thread."""
+
+    def __init__(self, root: Path):
+        import uvicorn
+
+        from palstream.catalogue.server import create_app
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(str(root)), host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "_Server":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as p:
+        # --no-sandbox: CI containers run as root, where Chromium's sandbox cannot start
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(library):
+    with _Server(library) as running:
+        yield running
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    yield page
+    context.close()
+
+
+def _shot(page, name: str) -> None:
+    if SCREENSHOTS:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def _rows(page) -> list[str]:
+    return page.locator("#library tbody tr.archive-row td:first-child a").all_inner_texts()
+
+
+def test_the_table_lists_the_archives_and_search_filters(page, server):
+    page.goto(server.url + "/")
+    assert {"testsrc.zarr", "fractals/mandel.zarr"} <= set(_rows(page))
+    assert "archive" in page.locator("#totals").inner_text()
+    _shot(page, "library")
+    page.fill("#search", "mandel")
+    page.press("#search", "Enter")
+    page.wait_for_url("**/?q=mandel*")
+    assert _rows(page) == ["fractals/mandel.zarr"]
+    page.fill("#search", "no-such-video")
+    page.press("#search", "Enter")
+    page.wait_for_url("**/?q=no-such-video*")
+    assert _rows(page) == [] and "No archive matches." in page.inner_text("#library")
+
+
+def test_thumbnails_load_and_playback_starts(page, server):
+    page.goto(server.url + "/")
+    page.click("text=testsrc.zarr")
+    page.wait_for_url("**/archive/testsrc.zarr")
+    thumbs = page.locator("img.thumb")
+    assert thumbs.count() == 12
+    page.wait_for_function("[...document.querySelectorAll('img.thumb')].every(i => i.complete && i.naturalWidth > 0)")
+    assert thumbs.first.evaluate("i => i.naturalWidth") == 64
+    page.evaluate("document.getElementById('player').play()")
+    page.wait_for_function("document.getElementById('player').readyState >= 2")
+    first = page.evaluate("document.getElementById('player').currentTime")
+    page.wait_for_function(f"document.getElementById('player').currentTime !== {first}")
+    assert page.evaluate("document.getElementById('player').error") is None
+    if SCREENSHOTS:
+        page.goto(server.url + "/archive/screens/demo.zarr")
+        page.wait_for_function("[...document.querySelectorAll('img.thumb')].every(i => i.complete && i.naturalWidth > 0)")
+        page.evaluate("document.getElementById('player').play()")
+        page.wait_for_function("document.getElementById('player').currentTime > 0.3")
+        page.evaluate("document.getElementById('player').pause()")
+        _shot(page, "archive")
+
+
+def test_verify_now_reports_a_flipped_byte(page, library, tmp_path):
+    root = tmp_path / "out"
+    shutil.copytree(library, root)
+    payload = root / "testsrc.zarr" / "chunks" / "000002" / "c" / "0"
+    data = bytearray(payload.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    payload.write_bytes(bytes(data))
+    with _Server(root) as server:
+        page.goto(server.url + "/archive/testsrc.zarr")
+        assert page.inner_text("#fixity-state") == "unverified"
+        page.click("#verify")
+        page.wait_for_url("**/archive/testsrc.zarr?verified=1*")
+        assert page.inner_text("#fixity-state") == "damaged"
+        assert "chunk 2: crc32c mismatch" in page.inner_text("#fixity-detail")
+        assert "damaged" in page.locator("#chunks tbody tr").nth(2).inner_text()
+        assert page.locator(".no-thumb").count() == 4  # frames 8..11, instead of broken images
+        page.wait_for_function("[...document.querySelectorAll('img.thumb')].every(i => i.complete && i.naturalWidth > 0)")
+        assert "Chunk 2 of this range is damaged" in page.inner_text("#range-damaged")
+        page.locator("#fixity").scroll_into_view_if_needed()
+        _shot(page, "verify-damaged")
+        response = page.goto(server.url + "/archive/..%2F..%2Fetc%2Fpasswd")
+        assert response.status == 403 and "only archives under the served root" in page.inner_text("#error-detail")
+        _shot(page, "error-403")
