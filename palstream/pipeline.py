@@ -48,7 +48,8 @@ def encode_file(
     storage_options : dict, optional
         fsspec options for both input and archive.
     overwrite : bool, default False
-        Replace an existing palstream archive.
+        Replace an existing palstream archive: the new one is built beside it and swapped in
+        when complete (:meth:`ArchiveWriter.create`).
     progress : callable, optional
         ``progress(frames_done, frame_count)`` after each chunk.
     threads : int, optional
@@ -68,6 +69,12 @@ def encode_file(
         Output exists (without ``overwrite``) or cannot be written: checked before any work.
     InputError
         The source cannot be read; checked before the archive is created.
+
+    Notes
+    -----
+    After any failure (interrupts included) nothing this call created remains: no stub
+    archive, no replacement beside the old one, no parent folder it made; an archive it was
+    replacing stays as it was.
     """
     from palstream.palettes import create_palette_generator
 

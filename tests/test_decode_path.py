@@ -328,3 +328,15 @@ def test_a_failed_overwrite_keeps_the_old_archive_byte_for_byte(data_dir, lossle
         encode_file(str(data_dir / "screen_37x29.mkv"), str(path), EncoderConfig(lossless=True, gop=3), overwrite=True)
     assert {p: p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
     assert sorted(os.listdir(tmp_path)) == ["a.zarr"]  # no replacement left beside it
+
+
+def test_an_output_below_a_file_is_one_line(run_cli, lossless_archive, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "is not a folder" in _one_error_line(run_cli("decode", lossless_archive, blocker / "out.y4m"))
+    assert "is not a folder" in _one_error_line(run_cli("decode", lossless_archive, blocker))  # no extension: PNGs
+    folder = tmp_path / "x.y4m"
+    folder.mkdir()
+    assert "is a folder" in _one_error_line(run_cli("decode", lossless_archive, folder, "--overwrite"))
+    assert list(folder.iterdir()) == []
+    assert blocker.read_text() == "x"
