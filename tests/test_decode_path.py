@@ -340,3 +340,14 @@ def test_an_output_below_a_file_is_one_line(run_cli, lossless_archive, tmp_path)
     assert "is a folder" in _one_error_line(run_cli("decode", lossless_archive, folder, "--overwrite"))
     assert list(folder.iterdir()) == []
     assert blocker.read_text() == "x"
+
+
+def test_video_is_not_written_to_a_terminal(run_cli, lossless_archive, monkeypatch):
+    class Terminal(stdio.BytesIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", stdio.TextIOWrapper(terminal, write_through=True))
+    assert "terminal" in _one_error_line(run_cli("decode", lossless_archive, "-"))
+    assert terminal.getvalue() == b""
