@@ -113,6 +113,9 @@ def storage_error(
         if isinstance(response, dict):
             codes.add(str(response.get("Error", {}).get("Code", "")))
             codes.add(str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")))
+        status = getattr(error, "status", None)  # aiohttp's HTTP errors (fsspec's http:// and https://)
+        if isinstance(status, int):
+            codes.add(str(status))
         kwargs = getattr(error, "kwargs", None)
         if isinstance(kwargs, dict) and kwargs.get("endpoint_url"):
             endpoint = _origin(str(kwargs["endpoint_url"]))
@@ -138,10 +141,11 @@ def storage_error(
         return cls(f"cannot {action} {where}: the bucket name is not valid; check the URL")
     if codes & _DENIED_CODES:
         code = min(codes & _DENIED_CODES, key=lambda c: (c.isdigit(), c))  # S3's error code before the HTTP status
-        return cls(
-            f"cannot {action} {where}: access denied ({code}); check the credentials ({_CREDENTIALS_FIX}) "
-            "and that they are allowed to " + action.split()[0]
-        )
+        if str(url).startswith(("http://", "https://")):
+            fix = "check the URL's credentials, token or signature (signed URLs expire)"
+        else:
+            fix = f"check the credentials ({_CREDENTIALS_FIX}) and that they are allowed to {action.split()[0]}"
+        return cls(f"cannot {action} {where}: access denied ({code}); {fix}")
     if "ParamValidationError" in names and "bucket name" in first.lower() + str(exc).lower():
         # botocore's text repeats the bucket part of the URL, credentials included: not shown
         return cls(

@@ -337,7 +337,8 @@ def _open_handle(url: str, storage_options: dict | None):
         if isinstance(exc, IsADirectoryError):
             raise InputError(f"input {shown} is a directory; give a video file") from None
         if isinstance(exc, OSError):
-            raise InputError(f"cannot open input {shown}: {_first_line(exc)}; check the path and its permissions") from None
+            reason = _first_line(exc).replace(str(url), shown)  # backends quote the URL they were given
+            raise InputError(f"cannot open input {shown}: {reason}; check the path and its permissions") from None
         raise
 
 

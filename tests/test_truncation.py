@@ -413,6 +413,27 @@ def test_storage_error_leaves_local_and_unknown_failures_to_the_caller():
     assert isinstance(error, PalstreamError) and "s3://***@b/x.mkv" in str(error)
 
 
+def test_storage_error_reads_http_statuses_through_fsspec_wrapping():
+    # fsspec's HTTP filesystem reports any failed request as FileNotFoundError raised from aiohttp's error
+    # (moto answers signed URLs with 500 once its auth is on, so this status comes from a built exception)
+    from aiohttp import ClientResponseError
+
+    url = "https://host/x.mkv?X-Amz-Signature=abc"
+    try:
+        try:
+            raise ClientResponseError(None, (), status=403, message="Forbidden")
+        except ClientResponseError as exc:
+            raise FileNotFoundError(url) from exc
+    except FileNotFoundError as wrapped:
+        error = storage_error(wrapped, url, "read input", InputError)
+    assert isinstance(error, InputError)
+    assert str(error) == (
+        "cannot read input https://host/x.mkv?X-Amz-Signature=***: access denied (403); "
+        "check the URL's credentials, token or signature (signed URLs expire)"
+    )
+    assert storage_error(FileNotFoundError(url), url, "read input") is None  # a plain 404: the caller's "does not exist"
+
+
 def test_decoded_frames_of_a_kept_source_are_unchanged_by_threading(data_dir):
     # probe and readers decode in the calling thread (for the log capture); the samples are the same
     url = str(data_dir / "camera_48x32_gop4.mp4")
