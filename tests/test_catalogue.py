@@ -325,3 +325,29 @@ def test_the_server_writes_nothing_into_the_root_but_the_catalogue(root, tmp_pat
     assert _tree(root) == before
     with sqlite3.connect(elsewhere) as db:
         assert db.execute("SELECT fixity FROM archives WHERE path = 'testsrc.zarr'").fetchone() == ("intact",)
+
+
+def test_a_verification_elsewhere_is_recorded_in_the_enclosing_catalogue(root, tmp_path):
+    from palstream.archive import open_archive
+
+    index.refresh(root)
+    archive = root / "fractals" / "mandel.zarr"
+    _flip_payload_byte(archive, 0)
+    assert index.record_verification(archive, open_archive(str(archive)).verify())
+    row = index.get_archive(index.Catalogue.of(root), "fractals/mandel.zarr")
+    assert row["fixity"] == "damaged" and row["fixity_detail"].startswith("1 of 2 chunk(s) damaged: chunk 0: crc32c mismatch")
+    loose = tmp_path / "loose.zarr"
+    shutil.copytree(root / "testsrc.zarr", loose)
+    assert not index.record_verification(loose, [])  # no catalogue above it: nothing to update
+    assert not index.record_verification("s3://bucket/x.zarr", [])
+
+
+def test_serve_binds_to_localhost_by_default_and_refuses_a_bad_port(root, palstream_cli, monkeypatch):
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    assert palstream_cli("serve", root).code == 0
+    assert calls[0]["host"] == "127.0.0.1" and calls[0]["port"] == 8765
+    bad = palstream_cli("serve", root, "--port", "99999")
+    assert bad.code == 1 and bad.stderr == "error: --port 99999 is not a TCP port; give 1..65535\n"

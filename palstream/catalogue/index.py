@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 from palstream.archive import open_archive
 from palstream.batch.store import JOB_DIR
-from palstream.errors import ArchiveError, PalstreamError
+from palstream.errors import ArchiveError, DamagedChunkError, PalstreamError
 
 CATALOGUE_NAME = "catalogue.sqlite"
 SCHEMA_VERSION = 1
@@ -408,34 +408,70 @@ def verify_archive(root: str | os.PathLike, rel: str, catalogue: str | os.PathLi
     Raises
     ------
     PalstreamError
-        ``rel`` is outside the root or not in the catalogue.
+        ``rel`` is outside the root, or no archive is there.
     """
     cat = Catalogue.of(root, catalogue)
     url = cat.archive_url(rel)
     if not (Path(url) / "zarr.json").is_file():
         raise MissingArchiveError(f"no archive at {rel}; it was moved or deleted (refresh the catalogue)")
+    try:
+        outcome: list[DamagedChunkError] | ArchiveError = open_archive(url).verify()
+    except ArchiveError as exc:
+        outcome = exc  # unreadable or altered root: recorded as such
+    _record_verification(cat, rel, outcome)
+    return get_archive(cat, rel)
+
+
+def record_verification(archive: str | os.PathLike, outcome: list[DamagedChunkError] | ArchiveError) -> bool:
+    """Record a verification done elsewhere (``palstream verify``) in the catalogue of the output
+    root that holds ``archive``, if any: the nearest folder above it with ``_palstream/catalogue.sqlite``.
+
+    Parameters
+    ----------
+    archive : path
+        The verified archive (a local path; URLs have no catalogue).
+    outcome : list of DamagedChunkError, or ArchiveError
+        What :meth:`palstream.archive.Archive.verify` returned, or the error it raised.
+
+    Returns
+    -------
+    bool
+        Whether a catalogue was updated.
+    """
+    text = str(archive)
+    if "://" in text and not text.startswith("file://"):
+        return False
+    path = Path(text.removeprefix("file://")).resolve()
+    for parent in path.parents:
+        if (parent / JOB_DIR / CATALOGUE_NAME).is_file():
+            cat = Catalogue.of(parent)
+            _record_verification(cat, path.relative_to(parent).as_posix(), outcome)
+            return True
+    return False
+
+
+def _record_verification(cat: Catalogue, rel: str, outcome: list[DamagedChunkError] | ArchiveError) -> None:
     row, chunks = describe(cat.root, rel)
-    if row["state"] != "unreadable":
-        try:
-            damaged = {exc.index: exc.reason for exc in open_archive(url).verify()}
-            if damaged:
-                row.update(fixity="damaged", fixity_detail=f"{len(damaged)} of {row['n_chunks']} chunk(s) damaged: " + "; ".join(f"chunk {i}: {r}" for i, r in sorted(damaged.items())))
-            elif row["state"] != "complete":
-                row.update(fixity="incomplete", fixity_detail="the archive was never finalized (status incomplete); resume or re-encode it")
-            else:
-                row.update(fixity="intact", fixity_detail=f"all {row['n_chunks']} chunk(s) intact")
-            for chunk in chunks:
-                if chunk["idx"] in damaged:
-                    chunk.update(state="damaged", detail=damaged[chunk["idx"]])
-                elif chunk["state"] == "committed":
-                    chunk.update(state="intact", detail=None)
-        except ArchiveError as exc:
-            row.update(fixity="damaged", fixity_detail=str(exc))
+    if isinstance(outcome, ArchiveError):
+        row.update(fixity="damaged" if row["state"] != "unreadable" else "unreadable", fixity_detail=str(outcome))
+    elif row["state"] != "unreadable":
+        damaged = {exc.index: exc.reason for exc in outcome}
+        if damaged:
+            listed = "; ".join(f"chunk {i}: {r}" for i, r in sorted(damaged.items()))
+            row.update(fixity="damaged", fixity_detail=f"{len(damaged)} of {row['n_chunks']} chunk(s) damaged: {listed}")
+        elif row["state"] != "complete":
+            row.update(fixity="incomplete", fixity_detail="the archive was never finalized (status incomplete); resume or re-encode it")
+        else:
+            row.update(fixity="intact", fixity_detail=f"all {row['n_chunks']} chunk(s) intact")
+        for chunk in chunks:
+            if chunk["idx"] in damaged:
+                chunk.update(state="damaged", detail=damaged[chunk["idx"]])
+            elif chunk["state"] == "committed":
+                chunk.update(state="intact", detail=None)
     row["verified_at"] = time.time()
     with cat.connect() as db:
         db.execute("DELETE FROM archives WHERE path = ?", (rel,))  # a fresh verification replaces the kept one
         _store(db, row, chunks)
-    return get_archive(cat, rel)
 
 
 class MissingArchiveError(PalstreamError):
