@@ -444,6 +444,7 @@ def _read_at(handle, offset: int, length: int) -> bytes:
 
 _EBML_MAGIC = b"\x1a\x45\xdf\xa3"
 _MATROSKA_SEGMENT = b"\x18\x53\x80\x67"
+_Y4M_HEADER_MAX = 4096  # longer than any header line a y4m writer produces
 _MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"styp", b"moof", b"sidx", b"pnot", b"uuid"}
 
 
@@ -480,7 +481,8 @@ def _structure_break(handle, size: int) -> tuple[str, int | None] | None:
             return f"the Matroska segment declares {declared} bytes and the file ends at byte {size}", declared
         return None
     if head.startswith(b"YUV4MPEG2"):
-        return None if b"\n" in head else ("its YUV4MPEG2 header line is incomplete", None)
+        whole = b"\n" in _read_at(handle, 0, _Y4M_HEADER_MAX)
+        return None if whole else ("its YUV4MPEG2 header line is incomplete", None)
     if head[4:8] in _MP4_BOXES:
         offset = 0
         while offset < size:
@@ -505,7 +507,7 @@ def _y4m_end(handle, scan: _Scan) -> int:
     """Where the whole frames of a y4m file end: after the last whole frame, or after the header line."""
     if scan.byte_end is not None:
         return scan.byte_end
-    return _read_at(handle, 0, 4096).index(b"\n") + 1
+    return _read_at(handle, 0, _Y4M_HEADER_MAX).index(b"\n") + 1
 
 
 def _declared_seconds(stream) -> float | None:
