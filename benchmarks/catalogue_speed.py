@@ -69,7 +69,7 @@ def main() -> None:
         root = Path(tmp) / "library"
         paths = build_library(root)
         rebuild = [timed(lambda: index.rebuild(root)) for _ in range(args.runs)]
-        client = TestClient(create_app(str(root)))
+        client = TestClient(create_app(str(root)), base_url="http://127.0.0.1")
         client.get("/")  # first request: templates compiled
 
         def library() -> None:

@@ -56,7 +56,7 @@ def palstream_cli(run_cli):
 
 
 def _client(root: Path, **kwargs) -> TestClient:
-    return TestClient(create_app(str(root), **kwargs))
+    return TestClient(create_app(str(root), **kwargs), base_url="http://127.0.0.1")
 
 
 def _tree(folder: Path) -> dict:
@@ -240,6 +240,12 @@ def test_paths_outside_the_root_are_refused_with_403(root, tmp_path, path):
     assert "only archives under the served root are shown" in response.text and "Traceback" not in response.text
 
 
+def test_requests_for_another_host_name_are_refused(root):
+    client = _client(root)
+    assert client.get("/", headers={"Host": "localhost:8765"}).status_code == 200
+    assert client.get("/", headers={"Host": "attacker.example"}).status_code == 400  # DNS rebinding
+
+
 def test_missing_archive_is_404_and_never_a_traceback(root):
     client = _client(root)
     assert client.get("/archive/absent.zarr").status_code == 404
@@ -295,7 +301,7 @@ def test_bad_and_huge_ranges_get_a_clear_status(root, monkeypatch):
 
 
 def test_an_internal_failure_is_a_500_page_without_a_traceback(root, monkeypatch):
-    client = TestClient(create_app(str(root)), raise_server_exceptions=False)
+    client = TestClient(create_app(str(root)), base_url="http://127.0.0.1", raise_server_exceptions=False)
 
     def fail(*args, **kwargs):
         raise RuntimeError("boom in the middle of a request")

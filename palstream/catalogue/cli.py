@@ -79,12 +79,14 @@ def serve(
     try:
         import uvicorn
 
-        from palstream.catalogue.server import create_app
+        from palstream.catalogue.server import LOCAL_HOSTS, create_app
     except ModuleNotFoundError as exc:
         raise PalstreamError(f"serve needs palstream's 'serve' extra ({exc.name} is not installed); install it with: pip install 'palstream[serve]'") from None
     if not 0 < port < 65536:
         raise PalstreamError(f"--port {port} is not a TCP port; give 1..65535")
-    app = create_app(root, catalogue)
+    # Bound to every interface, the user has chosen the network: any Host name is accepted then.
+    hosts = ["*"] if host in ("0.0.0.0", "::") else [*LOCAL_HOSTS, host]
+    app = create_app(root, catalogue, hosts=hosts)
     typer.echo(f"serving {root} at http://{host}:{port}/ (Ctrl-C stops)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

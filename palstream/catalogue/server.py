@@ -11,11 +11,14 @@ from __future__ import annotations
 import math
 from http import HTTPStatus
 from pathlib import Path
+from typing import Sequence
 from urllib.parse import quote, urlencode
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -31,6 +34,8 @@ HERE = Path(__file__).parent
 CONTACT_SHEET = 12  # frames shown per archive
 DEFAULT_PLAY_FRAMES = 250
 
+# Host names the app answers to: a page elsewhere cannot reach it through DNS rebinding.
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 STATES = ("complete", "incomplete", "unreadable")
 FIXITY_STATES = ("unverified", "intact", "damaged", "incomplete", "unreadable")
 
@@ -50,7 +55,7 @@ class _Error(HTTPException):
     """An HTTP error with a one-line message for the error page."""
 
 
-def create_app(root: str, catalogue: str | None = None, refresh: bool = True) -> Starlette:
+def create_app(root: str, catalogue: str | None = None, refresh: bool = True, hosts: Sequence[str] = LOCAL_HOSTS) -> Starlette:
     """The web app for the output root ``root``.
 
     Parameters
@@ -61,6 +66,8 @@ def create_app(root: str, catalogue: str | None = None, refresh: bool = True) ->
         SQLite file; default ``<root>/_palstream/catalogue.sqlite``.
     refresh : bool, default True
         Bring the catalogue up to date now and on every load of the library page.
+    hosts : sequence of str, default LOCAL_HOSTS
+        Host names accepted in the ``Host`` header (``"*"``: any); others get 400.
 
     Raises
     ------
@@ -254,7 +261,11 @@ def create_app(root: str, catalogue: str | None = None, refresh: bool = True) ->
         Route("/verify/{rel:path}", verify, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: error_page, Exception: error_page})
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(hosts))],
+        exception_handlers={HTTPException: error_page, Exception: error_page},
+    )
 
 
 def _ranged(request: Request, data: bytes, media_type: str) -> Response:
