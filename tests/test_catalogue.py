@@ -217,6 +217,9 @@ def test_playback_is_h264_mp4_of_the_range_and_download_is_exact_ffv1(root):
         frames = [f.to_ndarray(format="yuv420p") for f in container.decode(video=0)]
     assert len(frames) == 4
     assert np.array_equal(np.stack([f[:48] for f in frames]), expected)
+    mp4 = client.get("/download/testsrc.zarr", params={"start": 3, "stop": 7, "format": "mp4"})
+    assert mp4.headers["content-type"] == "video/mp4" and 'filename="testsrc_3-7.mp4"' in mp4.headers["content-disposition"]
+    assert client.get("/download/testsrc.zarr", params={"format": "gif"}).status_code == 400
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ DEFAULT_PLAY_FRAMES = 250
 # Host names the app answers to: a page elsewhere cannot reach it through DNS rebinding.
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 STATES = ("complete", "incomplete", "unreadable")
+DOWNLOADS = {"mkv": (ffv1_mkv, "video/x-matroska"), "mp4": (playable_mp4, "video/mp4")}  # ?format= -> encoder, type
 FIXITY_STATES = ("unverified", "intact", "damaged", "incomplete", "unreadable")
 
 
@@ -224,12 +225,16 @@ def create_app(root: str, catalogue: str | None = None, refresh: bool = True, ho
         return _ranged(request, data, "video/mp4")
 
     def download(request: Request):
-        data, start, stop, row = decode_range(request, ffv1_mkv)
+        kind = request.query_params.get("format", "mkv")
+        if kind not in DOWNLOADS:
+            raise _Error(400, f"format {kind!r} is not offered; choose mkv (FFV1, exact) or mp4 (H.264)")
+        encode, media_type = DOWNLOADS[kind]
+        data, start, stop, row = decode_range(request, encode)
         name = Path(row["path"]).name.removesuffix(".zarr")
         return Response(
             data,
-            media_type="video/x-matroska",
-            headers={"Content-Disposition": f'attachment; filename="{quote(name)}_{start}-{stop}.mkv"'},
+            media_type=media_type,
+            headers={"Content-Disposition": f'attachment; filename="{quote(name)}_{start}-{stop}.{kind}"'},
         )
 
     async def verify(request: Request):
