@@ -252,7 +252,7 @@ def test_a_unit_whose_source_changed_or_is_short_is_refused_and_writes_nothing(t
 
 def test_finalize_refuses_a_source_whose_hash_changed(tmp_path):
     source = {"url": str(DATA / CLIP), "options": {}, "size_bytes": (DATA / CLIP).stat().st_size, "sha256": "0" * 64}
-    result = finalize_archive(str(tmp_path / "never.zarr"), {}, source)
+    result = finalize_archive(str(tmp_path / "never.zarr"), {}, source, str(tmp_path / "fixity.json"))
     assert result["outcome"] == "refused" and "sha256" in result["reason"]
     assert list(tmp_path.iterdir()) == []
 
@@ -326,7 +326,7 @@ def test_a_library_job_keeps_refusals_mirrors_the_tree_and_writes_manifests(tmp_
         captured = capfd.readouterr()
         return code, captured.out, captured.err
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
         client.register_plugin(FirstProbeFails(f"a/{CLIP}"))
         address = cluster.scheduler_address
         code, _, err = cli("submit", str(lib / "*" / "*.mkv"), "--out", str(out), "--cluster", address,

@@ -226,9 +226,7 @@ class JobLog:
         try:
             fs, path = filesystem(self.url, options)
             self.text = fs.cat_file(path).decode(errors="replace")
-        except FileNotFoundError:
-            self.text = ""
-        except Exception:  # noqa: BLE001  an unreadable old log must not stop the job; it is rewritten
+        except Exception:  # noqa: BLE001  no log yet, or an unreadable one: it must not stop the job
             self.text = ""
 
     def write(self, message: str, detail: str | None = None) -> None:
@@ -370,7 +368,7 @@ class _Execution:
             "start": unit.start,
             "count": unit.count,
             "source_url": src["url"],
-            "source_bytes": src["info"].get("size_bytes"),
+            "source_bytes": src["info"]["size_bytes"],
             "source_frames": src["info"]["frame_count"],
             "source_truncated": src["info"].get("truncated") is not None,
             "archive_url": self.plan.archive_url(self.spec.output, unit.source),

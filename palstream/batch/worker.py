@@ -227,9 +227,7 @@ def _source_size(url: str, options: dict) -> int:
     return fs.size(path)
 
 
-def _check_source_size(url: str, options: dict, planned: int | None) -> None:
-    if planned is None:
-        return
+def _check_source_size(url: str, options: dict, planned: int) -> None:
     size = with_storage_retries(lambda: _source_size(url, options), "reading the source's size")
     if size != planned:
         raise InputError(
@@ -239,7 +237,7 @@ def _check_source_size(url: str, options: dict, planned: int | None) -> None:
 
 
 def _encode_unit(unit: dict, job: dict) -> tuple[dict, dict]:
-    from palstream import archive, io
+    from palstream import archive
     from palstream.batch.store import write_json
     from palstream.codec import EncoderConfig, encode_chunk
 
@@ -249,7 +247,7 @@ def _encode_unit(unit: dict, job: dict) -> tuple[dict, dict]:
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     # The source is checked against the plan before the archive is touched.
-    _check_source_size(unit["source_url"], job["source_options"], unit.get("source_bytes"))
+    _check_source_size(unit["source_url"], job["source_options"], unit["source_bytes"])
     frames = with_storage_retries(lambda: _read_unit(unit, job, config.gop), "reading the source")
     if len(frames) != unit["count"]:
         raise InputError(
@@ -291,7 +289,7 @@ def _encode_unit(unit: dict, job: dict) -> tuple[dict, dict]:
     return summary, stages
 
 
-def finalize_archive(archive_url: str, output_options: dict, source: dict | None = None, fixity_url: str | None = None) -> dict:
+def finalize_archive(archive_url: str, output_options: dict, source: dict, fixity_url: str) -> dict:
     """Check the source, verify every chunk's checksum and mark the archive complete (``finalize_archive-*``).
 
     Parameters
@@ -300,10 +298,10 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict | None
         The archive.
     output_options : dict
         fsspec options of the output root.
-    source : dict, optional
+    source : dict
         ``url``, ``options``, ``size_bytes`` and ``sha256`` of the source as planned: an archive
         whose source changed since the plan is never marked complete.
-    fixity_url : str, optional
+    fixity_url : str
         Where to write the archive's fixity record (see :func:`archive_fixity`).
 
     Returns
@@ -315,23 +313,21 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict | None
     from palstream import archive
     from palstream.batch.store import write_json
 
-    if source is not None:
-        try:
-            _check_source_size(source["url"], source["options"], source["size_bytes"])
-            digest = with_storage_retries(lambda: _sha256(source["url"], source["options"]), "hashing the source")
-        except InputError as exc:
-            return {"outcome": "refused", "reason": str(exc)}
-        if digest != source["sha256"]:
-            return {
-                "outcome": "refused",
-                "reason": f"{source['url']} has sha256 {digest[:12]}..., the plan recorded {source['sha256'][:12]}...: "
-                "the source changed since it was planned; restore it, or encode it in a new job",
-            }
+    try:
+        _check_source_size(source["url"], source["options"], source["size_bytes"])
+        digest = with_storage_retries(lambda: _sha256(source["url"], source["options"]), "hashing the source")
+    except InputError as exc:
+        return {"outcome": "refused", "reason": str(exc)}
+    if digest != source["sha256"]:
+        return {
+            "outcome": "refused",
+            "reason": f"{source['url']} has sha256 {digest[:12]}..., the plan recorded {source['sha256'][:12]}...: "
+            "the source changed since it was planned; restore it, or encode it in a new job",
+        }
     writer = with_storage_retries(lambda: archive.ArchiveWriter.open(archive_url, storage_options=output_options), "opening the archive")
     with_storage_retries(writer.finalize, "finalizing the archive")
     fixity = archive_fixity(archive_url, output_options)
-    if fixity_url is not None:
-        with_storage_retries(lambda: write_json(fixity_url, fixity, output_options), "writing the fixity record")
+    with_storage_retries(lambda: write_json(fixity_url, fixity, output_options), "writing the fixity record")
     return {"outcome": "complete", "fixity": fixity}
 
 
