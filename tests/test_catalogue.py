@@ -253,6 +253,7 @@ def test_missing_archive_is_404_and_never_a_traceback(root):
     client = _client(root)
     assert client.get("/archive/absent.zarr").status_code == 404
     assert client.get("/no/such/page").status_code == 404
+    assert "holds no palstream job" in client.get("/job").text  # a folder of archives, not a job's output
     shutil.rmtree(root / "fractals" / "mandel.zarr")  # gone after it was catalogued
     for path in ("/archive/fractals/mandel.zarr", "/thumb/fractals/mandel.zarr?frame=0", "/play/fractals/mandel.zarr"):
         response = client.get(path)
@@ -360,3 +361,22 @@ def test_serve_binds_to_localhost_by_default_and_refuses_a_bad_port(root, palstr
     assert calls[0]["host"] == "127.0.0.1" and calls[0]["port"] == 8765
     bad = palstream_cli("serve", root, "--port", "99999")
     assert bad.code == 1 and bad.stderr == "error: --port 99999 is not a TCP port; give 1..65535\n"
+
+
+@pytest.mark.slow
+def test_a_real_job_is_catalogued_and_its_job_page_shows_progress(tmp_path, run_cli):
+    out = tmp_path / "job"
+    inputs = [DATA / "batch_testsrc_64x48.mkv", DATA / "batch_mandel_48x32.mkv"]
+    result = run_cli("submit", *inputs, "--out", out, "--workers", "1", "--gop", "4", "--no-progress")
+    assert result.code == 0, result.stderr
+    before = _tree(out)
+    client = _client(out)
+    listed = client.get("/api/archives").json()["archives"]
+    assert sorted(a["path"] for a in listed) == ["batch_mandel_48x32.zarr", "batch_testsrc_64x48.zarr"]
+    assert all(a["state"] == "complete" for a in listed)
+    job = client.get("/job")
+    assert job.status_code == 200 and 'id="job-state">complete' in job.text and 'id="job-units">5 of 5' in job.text
+    assert 'href="/archive/batch_testsrc_64x48.zarr"' in job.text
+    after = _tree(out)
+    assert {k for k in after if k not in before} == {"_palstream/catalogue.sqlite"}
+    assert all(after[k] == v for k, v in before.items())

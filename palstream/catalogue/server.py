@@ -246,6 +246,18 @@ def create_app(root: str, catalogue: str | None = None, refresh: bool = True, ho
             raise _Error(422, str(exc)) from None
         return RedirectResponse(f"/archive/{quote(rel)}?verified=1#fixity", status_code=303)
 
+    def job_page(request: Request):
+        from palstream.batch.status import job_status
+
+        if not (cat.root / index.JOB_DIR / "plan.json").is_file():
+            raise _Error(404, f"{cat.root} holds no palstream job (no {index.JOB_DIR}/plan.json); it is a folder of archives")
+        try:
+            job = job_status(str(cat.root))
+        except PalstreamError as exc:
+            raise _Error(422, str(exc)) from None
+        known = {r["path"] for r in index.list_archives(cat)}
+        return templates.TemplateResponse(request, "job.html", {"root": cat.root, "job": job, "catalogued": known})
+
     async def error_page(request: Request, exc: Exception):
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         detail = exc.detail if isinstance(exc, HTTPException) else "internal error; the server log has the details"
@@ -259,6 +271,7 @@ def create_app(root: str, catalogue: str | None = None, refresh: bool = True, ho
     routes = [
         Route("/", library),
         Route("/api/archives", api_archives),
+        Route("/job", job_page),
         Route("/archive/{rel:path}", archive_page),
         Route("/thumb/{rel:path}", thumbnail),
         Route("/play/{rel:path}", play),
