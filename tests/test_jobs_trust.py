@@ -141,6 +141,14 @@ def test_resume_refuses_a_stored_scheduler_the_command_line_did_not_name(tmp_pat
     assert "tcp://203.0.113.9:8786" in line and "--cluster" in line
 
 
+def test_resume_refuses_a_stored_storage_endpoint_the_user_did_not_name(tmp_path, run_cli):
+    out, _ = _job(tmp_path, storage={"endpoint_url": "http://203.0.113.9:9000"})
+    result = run_cli("resume", out, "--no-progress")
+    assert result.code == 1
+    line = _one_error_line(result.stderr)
+    assert "http://203.0.113.9:9000" in line and "--endpoint-url" in line
+
+
 @pytest.mark.parametrize("name, text", [("plan.json", "{not json"), ("job.json", "[1, 2]"), ("plan.json", "\xff\xfe")])
 def test_malformed_job_files_are_one_line_errors(tmp_path, run_cli, name, text):
     out, _ = _job(tmp_path)

@@ -183,8 +183,9 @@ def submit(
     _run(spec, resume=False, metrics_port=metrics_port, metrics_host=metrics_host, progress=progress, worker_targets=worker_targets)
 
 
-def _output_of(target: str, storage: dict) -> tuple[str, dict]:
-    """Output root and stored job settings for a job file or an output root."""
+def _output_of(target: str, storage: dict) -> tuple[str, dict, dict]:
+    """Output root, stored job settings, and the storage settings the user gave (job file and
+    command line), for a job file or an output root."""
     from palstream.batch.plan import load_job_settings
     from palstream.batch.spec import StorageSpec, load_job_file
 
@@ -201,7 +202,7 @@ def _output_of(target: str, storage: dict) -> tuple[str, dict]:
     settings = load_job_settings(target, options)
     if settings is None:
         raise PalstreamError(f"{target} holds no palstream job (no _palstream/job.json); give a job file or a job's output root")
-    return target, settings
+    return target, settings, storage
 
 
 def status(
@@ -225,7 +226,7 @@ def status(
     from palstream.batch.status import exit_code, job_status
 
     storage = _overrides(storage={"profile": storage_profile, "endpoint_url": endpoint_url}).get("storage", {})
-    output, settings = _output_of(target, storage)
+    output, settings, _ = _output_of(target, storage)
     options = StorageSpec.from_dict({**settings.get("storage", {}), **storage}).options(output)
     info = job_status(output, options)
     if as_json:
@@ -285,7 +286,7 @@ def resume(
     The job's files are checked first (hashes, paths inside the output root). A job that ran on
     an existing scheduler resumes there only when --cluster names it again.
     """
-    from palstream.batch.spec import CLUSTER_KINDS, JobSpec
+    from palstream.batch.spec import CLUSTER_KINDS, JobSpec, StorageSpec
 
     over = _overrides(
         workers=workers,
@@ -295,16 +296,22 @@ def resume(
         max_in_flight=max_in_flight,
         storage={"profile": storage_profile, "endpoint_url": endpoint_url},
     )
-    output, settings = _output_of(target, over.get("storage", {}))
+    output, settings, given = _output_of(target, over.get("storage", {}))
+    # job.json sits in the output root, which others may write: never connect to a scheduler, nor
+    # send signed storage requests to an endpoint, that the user did not name.
     stored = settings.get("cluster", "local")
     if cluster is None and stored not in CLUSTER_KINDS:
-        # job.json sits in the output root, which others may write: never connect (and send the
-        # job's storage settings) to a scheduler that the command line did not name.
         raise PalstreamError(
             f"{output}/_palstream/job.json names the scheduler {stored!r}; confirm it with --cluster {stored}, "
             "or run here with --cluster local"
         )
-    settings = _merge(settings, over)
+    endpoint = settings.get("storage", {}).get("endpoint_url")
+    if endpoint and StorageSpec.from_dict(given).endpoint_url is None:
+        raise PalstreamError(
+            f"{output}/_palstream/job.json names the storage endpoint {endpoint}; confirm it with --endpoint-url {endpoint} "
+            "(or the --storage-profile that sets it)"
+        )
+    settings = _merge(settings, {**over, "storage": given} if given else over)
     settings["output"] = output
     spec = JobSpec.from_dict(settings, where=f"{output}/_palstream/job.json")
     _run(spec, resume=True, metrics_port=metrics_port, metrics_host=metrics_host, progress=progress, worker_targets=worker_targets)
