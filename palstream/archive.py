@@ -495,6 +495,13 @@ class Archive:
         self.n_chunks: int = self.attrs["n_chunks"]
         self.source = SourceInfo.from_dict(self.attrs["source"])
         self._core_sha256 = _sha256(_core(self.attrs)) if self.root_protected and not self.root_altered else None
+        # Before any loop over n_chunks: a root replaced whole, digest and all, claims a layout the
+        # chunks do not share (a forged n_chunks of 10^9 would otherwise make decode run for days).
+        if self._root_replaced():
+            raise ArchiveError(
+                f"archive {url}: root metadata altered: its core does not match the digest recorded in the "
+                "commit markers; restore zarr.json from a copy or re-encode"
+            )
         if self.root_altered:
             warnings.warn(f"archive {url}: root metadata altered ({self.root_altered}); read anyway because forced", stacklevel=2)
 
@@ -668,8 +675,7 @@ class Archive:
         Raises
         ------
         ArchiveError
-            The root metadata was altered (opened with ``force``), or the commit markers
-            disagree with the root's core digest (the root was replaced), or the ``chunks`` or
+            The root metadata was altered (opened with ``force``), or the ``chunks`` or
             ``commits`` group document is damaged.
         """
         if self.root_altered:
@@ -690,11 +696,6 @@ class Archive:
                     f"archive {self.url}: {folder}/zarr.json is damaged ({exc}); restore it as "
                     '{"zarr_format": 3, "node_type": "group", "attributes": {}}'
                 ) from None
-        if self._root_replaced():
-            raise ArchiveError(
-                f"archive {self.url}: root metadata altered: its core does not match the digest recorded in the "
-                "commit markers; restore zarr.json from a copy or re-encode"
-            )
         damaged = []
         for index in range(self.n_chunks):
             try:
@@ -704,10 +705,7 @@ class Archive:
         return damaged
 
     def _root_replaced(self) -> bool:
-        """Whether the first few commit markers that exist all disagree with this root's core.
-
-        Checked before the chunk loop, so a root claiming a huge ``n_chunks`` is caught at once.
-        """
+        """Whether the first few commit markers that exist all disagree with this root's core."""
         if self._core_sha256 is None:
             return False
         names = sorted(n for n in self._store.names("commits") if n.isdigit() and len(n) <= 10)[:3]
@@ -777,7 +775,8 @@ def open_archive(url: str, storage_options: dict | None = None, force: bool = Fa
     Raises
     ------
     ArchiveError
-        No archive there, malformed root metadata, or (unless ``force``) root metadata altered.
+        No archive there, malformed root metadata, or (unless ``force``) root metadata altered:
+        its integrity digest fails, or its core disagrees with the commit markers.
     """
     return Archive(url, storage_options, force)
 
