@@ -1,8 +1,8 @@
 """``palstream serve`` in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
 
-The server runs on 127.0.0.1 in a thread, over a library of two archives encoded here. Skipped
+The server runs on 127.0.0.1 in a thread, over the output of a real two-clip job. Skipped
 where Playwright or a Chromium executable is missing. With ``PALSTREAM_SCREENSHOTS=1`` the pages
-are saved to ``docs/catalogue/`` (the library also gets the 640x360 demo clip, for legible images).
+are saved to ``docs/catalogue/`` (the job then also encodes the 640x360 demo clip, for legible images).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +27,8 @@ DATA = Path(__file__).parent / "data"
 SHOTS = Path(__file__).parent.parent / "docs" / "catalogue"
 SCREENSHOTS = os.environ.get("PALSTREAM_SCREENSHOTS") == "1"
 CHROMIUM = os.environ.get("PALSTREAM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+TESTSRC, MANDEL, DEMO = "batch_testsrc_64x48.zarr", "batch_mandel_48x32.zarr", "demo.zarr"  # the job's archives
+_ARCHIVES = (TESTSRC, MANDEL, DEMO) if SCREENSHOTS else (TESTSRC, MANDEL)
 TIMEOUT_MS = 60_000  # generous: two busy cores, and the first decode may compile the codec
 
 if CHROMIUM is None:
@@ -36,16 +40,18 @@ if CHROMIUM is None:
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory) -> Path:
-    """An output root with two small archives, one in a subfolder."""
-    from palstream.codec import EncoderConfig
-    from palstream.pipeline import encode_file
-
-    root = tmp_path_factory.mktemp("library")
-    encode_file(str(DATA / "batch_testsrc_64x48.mkv"), str(root / "testsrc.zarr"), EncoderConfig(gop=4))
-    encode_file(str(DATA / "batch_mandel_48x32.mkv"), str(root / "fractals" / "mandel.zarr"), EncoderConfig(gop=4))
+    """The output root of a real job (``palstream submit``) over two small clips, GOPs of 4."""
+    folder = tmp_path_factory.mktemp("library")
+    clips = [DATA / "batch_testsrc_64x48.mkv", DATA / "batch_mandel_48x32.mkv"]
     if SCREENSHOTS:
-        demo = Path(__file__).parent.parent / "palstream" / "data" / "demo.mkv"
-        encode_file(str(demo), str(root / "screens" / "demo.zarr"), EncoderConfig(gop=4))
+        clips.append(Path(__file__).parent.parent / "palstream" / "data" / "demo.mkv")
+    (folder / "in").mkdir()
+    for clip in clips:  # one input folder: every archive lands at the top of the output root
+        shutil.copy(clip, folder / "in")
+    root = folder / "out"
+    command = [sys.executable, "-c", "from palstream.cli import main; main()", "submit", *sorted(map(str, (folder / "in").iterdir()))]
+    done = subprocess.run([*command, "--out", str(root), "--workers", "1", "--gop", "4", "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
     return root
 
 
@@ -114,23 +120,26 @@ def _rows(page) -> list[str]:
 
 def test_the_table_lists_the_archives_and_search_filters(page, server):
     page.goto(server.url + "/")
-    assert {"testsrc.zarr", "fractals/mandel.zarr"} <= set(_rows(page))
+    assert sorted(_rows(page)) == sorted(_ARCHIVES)
     assert "archive" in page.locator("#totals").inner_text()
     _shot(page, "library")
     page.fill("#search", "mandel")
     page.press("#search", "Enter")
     page.wait_for_url("**/?q=mandel*")
-    assert _rows(page) == ["fractals/mandel.zarr"]
+    assert _rows(page) == [MANDEL]
     page.fill("#search", "no-such-video")
     page.press("#search", "Enter")
     page.wait_for_url("**/?q=no-such-video*")
     assert _rows(page) == [] and "No archive matches." in page.inner_text("#library")
+    page.click("header >> text=job")
+    assert page.inner_text("#job-state") == "complete" and page.locator("#videos tbody tr").count() == len(_ARCHIVES)
+    _shot(page, "job")
 
 
 def test_thumbnails_load_and_playback_starts(page, server):
     page.goto(server.url + "/")
-    page.click("text=testsrc.zarr")
-    page.wait_for_url("**/archive/testsrc.zarr")
+    page.click(f"text={TESTSRC}")
+    page.wait_for_url(f"**/archive/{TESTSRC}")
     thumbs = page.locator("img.thumb")
     assert thumbs.count() == 12
     page.wait_for_function("[...document.querySelectorAll('img.thumb')].every(i => i.complete && i.naturalWidth > 0)")
@@ -141,7 +150,7 @@ def test_thumbnails_load_and_playback_starts(page, server):
     page.wait_for_function(f"document.getElementById('player').currentTime !== {first}")
     assert page.evaluate("document.getElementById('player').error") is None
     if SCREENSHOTS:
-        page.goto(server.url + "/archive/screens/demo.zarr")
+        page.goto(f"{server.url}/archive/{DEMO}")
         page.wait_for_function("[...document.querySelectorAll('img.thumb')].every(i => i.complete && i.naturalWidth > 0)")
         page.evaluate("document.getElementById('player').play()")
         page.wait_for_function("document.getElementById('player').currentTime > 0.3")
@@ -152,15 +161,15 @@ def test_thumbnails_load_and_playback_starts(page, server):
 def test_verify_now_reports_a_flipped_byte(page, library, tmp_path):
     root = tmp_path / "out"
     shutil.copytree(library, root)
-    payload = root / "testsrc.zarr" / "chunks" / "000002" / "c" / "0"
+    payload = root / TESTSRC / "chunks" / "000002" / "c" / "0"
     data = bytearray(payload.read_bytes())
     data[len(data) // 2] ^= 0x10
     payload.write_bytes(bytes(data))
     with _Server(root) as server:
-        page.goto(server.url + "/archive/testsrc.zarr")
+        page.goto(f"{server.url}/archive/{TESTSRC}")
         assert page.inner_text("#fixity-state") == "unverified"
         page.click("#verify")
-        page.wait_for_url("**/archive/testsrc.zarr?verified=1*")
+        page.wait_for_url(f"**/archive/{TESTSRC}?verified=1*")
         assert page.inner_text("#fixity-state") == "damaged"
         assert "chunk 2: crc32c mismatch" in page.inner_text("#fixity-detail")
         assert "damaged" in page.locator("#chunks tbody tr").nth(2).inner_text()
