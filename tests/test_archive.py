@@ -655,3 +655,33 @@ def test_overwrite_on_object_storage_swaps_root_last(source):
     assert archive.n_chunks == 2 and archive.verify() == [] and not fs.exists("/palstream-tests/replace.zarr/chunks/000002")
     assert fs.glob("/palstream-tests/replace.zarr.palstream-tmp-*") == []
     fs.rm("/palstream-tests/replace.zarr", recursive=True)
+
+
+def test_overwrite_without_an_atomic_exchange_still_replaces_whole(copy_of, source, monkeypatch):
+    """Where renameat2 is missing, two renames put the new archive in place; nothing is mixed."""
+    from palstream import archive as archive_module
+
+    def unsupported(a, b):
+        raise OSError(38, "renameat2 is unavailable")
+
+    monkeypatch.setattr(archive_module, "_rename_exchange", unsupported)
+    _, info, chunks = source
+    path = copy_of()
+    config = EncoderConfig(lossless=True, gop=3)
+    writer = ArchiveWriter.create(str(path), info, config, overwrite=True)
+    whole = Frames.concatenate(chunks)
+    for i in range(2):
+        writer.write_chunk(i, encode_chunk(whole[3 * i : 3 * i + 3], config))
+    writer.finalize()
+    archive = open_archive(str(path))
+    assert archive.n_chunks == 2 and archive.verify() == [] and _siblings(path) == []
+
+
+def test_a_folder_whose_root_document_is_not_an_object_is_not_overwritten(source, tmp_path):
+    url, _, _ = source
+    other = tmp_path / "odd.zarr"
+    other.mkdir()
+    (other / "zarr.json").write_text("[1, 2]")
+    with pytest.raises(ArchiveError, match="not a palstream archive"):
+        encode_file(url, str(other), CONFIG, overwrite=True)
+    assert (other / "zarr.json").read_text() == "[1, 2]"
