@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import sqlite3
 from pathlib import Path
 
@@ -361,6 +362,9 @@ def test_serve_binds_to_localhost_by_default_and_refuses_a_bad_port(root, palstr
     assert calls[0]["host"] == "127.0.0.1" and calls[0]["port"] == 8765
     bad = palstream_cli("serve", root, "--port", "99999")
     assert bad.code == 1 and bad.stderr == "error: --port 99999 is not a TCP port; give 1..65535\n"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = palstream_cli("serve", root, "--port", taken.getsockname()[1])
+    assert busy.code == 1 and busy.stderr.startswith("error: cannot listen on 127.0.0.1:") and busy.stderr.count("\n") == 1
 
 
 @pytest.mark.slow

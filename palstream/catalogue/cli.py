@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Annotated, Optional
 
 import typer
@@ -84,6 +85,11 @@ def serve(
         raise PalstreamError(f"serve needs palstream's 'serve' extra ({exc.name} is not installed); install it with: pip install 'palstream[serve]'") from None
     if not 0 < port < 65536:
         raise PalstreamError(f"--port {port} is not a TCP port; give 1..65535")
+    try:  # uvicorn reports a taken port in several log lines; one error line here instead
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise PalstreamError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port or --host") from None
     # Bound to every interface, the user has chosen the network: any Host name is accepted then.
     hosts = ["*"] if host in ("0.0.0.0", "::") else [*LOCAL_HOSTS, host]
     app = create_app(root, catalogue, hosts=hosts)
