@@ -207,8 +207,14 @@ def _root_alteration(attrs: dict) -> str | None:
         if changed or added or removed:
             return "its integrity record is damaged (the field digests disagree; the attributes match the main digest)"
         return None
-    parts = [f"{', '.join(names)} {what}" for names, what in ((changed, "changed"), (added, "added"), (removed, "removed")) if names]
+    parts = [f"{_names(names)} {what}" for names, what in ((changed, "changed"), (added, "added"), (removed, "removed")) if names]
     return "; ".join(parts) or "its integrity digest does not match (the digest itself is damaged)"
+
+
+def _names(names: list[str]) -> str:
+    """Attribute names for a one-line message: odd ones escaped, long lists cut."""
+    shown = [n if n.isprintable() and len(n) <= 40 else _show(n) for n in names[:6]]
+    return ", ".join(shown) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
 
 
 # -- raw, bounded reading ------------------------------------------------------------------------
