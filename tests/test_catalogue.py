@@ -72,6 +72,13 @@ def _tree(folder: Path) -> dict:
     return files
 
 
+def _planes(frame: av.VideoFrame) -> np.ndarray:
+    """Y, Cb and Cr of a 4:2:0 frame of any size, flattened into one array."""
+    return np.concatenate(
+        [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width].ravel() for p in frame.planes]
+    )
+
+
 def _flip_payload_byte(archive: Path, chunk: int) -> None:
     payload = archive / "chunks" / f"{chunk:06d}" / "c" / "0"
     data = bytearray(payload.read_bytes())
@@ -270,7 +277,7 @@ def test_verify_now_names_a_flipped_byte_and_damaged_ranges_get_422(root):
     assert "1 of 3 chunk(s) damaged: chunk 1: crc32c mismatch" in page.text
     # the contact sheet and the player say which frames are lost instead of showing broken media
     assert 'src="/thumb/testsrc.zarr?frame=3"' in page.text and 'src="/thumb/testsrc.zarr?frame=4"' not in page.text
-    assert "chunk 1 is damaged</div>" in page.text and 'id="range-damaged">Chunk 1 of this range is damaged' in page.text
+    assert "chunk 1 is damaged</div>" in page.text and 'id="range-damaged">Chunk 1 of this range is damaged or not written' in page.text
     assert "range-damaged" not in client.get("/archive/testsrc.zarr", params={"start": 8, "stop": 12}).text
     row = index.get_archive(index.Catalogue.of(root), "testsrc.zarr")
     assert [c["state"] for c in row["chunks"]] == ["intact", "damaged", "intact"] and row["verified_at"]
@@ -279,6 +286,38 @@ def test_verify_now_names_a_flipped_byte_and_damaged_ranges_get_422(root):
     for path in ("/play/testsrc.zarr?start=2&stop=6", "/download/testsrc.zarr?start=5&stop=6", "/thumb/testsrc.zarr?frame=4"):
         response = client.get(path)
         assert response.status_code == 422 and "chunk 1 is damaged" in response.text
+
+
+def test_a_chunk_without_its_commit_marker_is_shown_as_not_written(root):
+    shutil.rmtree(root / "testsrc.zarr" / "commits" / "000002")
+    client = _client(root)
+    row = next(a for a in client.get("/api/archives").json()["archives"] if a["path"] == "testsrc.zarr")
+    assert (row["committed"], row["n_chunks"]) == (2, 3)
+    page = client.get("/archive/testsrc.zarr")
+    assert page.status_code == 200 and page.text.count("chunk 2 is not written</div>") == 4
+    assert 'id="range-damaged">Chunk 2 of this range' in page.text
+    response = client.get("/play/testsrc.zarr", params={"start": 7, "stop": 9})
+    assert response.status_code == 422 and "chunk 2 is damaged: not written" in response.text
+
+
+def test_an_odd_sized_lossless_archive_plays_and_downloads_exactly(lossless_archive, tmp_path):
+    root = tmp_path / "out"
+    shutil.copytree(lossless_archive, root / "screen.zarr")
+    client = _client(root)
+    row = client.get("/api/archives").json()["archives"][0]
+    assert row["lossless"] and row["psnr_min"] is None and row["exact_chunks"] == 3
+    assert len(client.get("/api/archives", params={"min_psnr": "60"}).json()["archives"]) == 1  # exact passes any floor
+    assert "exact" in client.get("/").text
+    with av.open(io.BytesIO(client.get("/thumb/screen.zarr", params={"frame": 5}).content)) as container:
+        assert next(container.decode(video=0)).width == 37
+    with av.open(io.BytesIO(client.get("/play/screen.zarr").content)) as container:
+        frames = list(container.decode(video=0))
+        assert len(frames) == 6 and (frames[0].width, frames[0].height) == (38, 30)  # H.264 4:2:0 needs even sizes
+    with av.open(io.BytesIO(client.get("/download/screen.zarr").content)) as container:
+        frames = [_planes(f) for f in container.decode(video=0)]
+    with av.open(str(DATA / "screen_37x29.mkv")) as container:
+        source = [_planes(f) for f in container.decode(video=0)]
+    assert len(frames) == 6 and all(np.array_equal(a, b) for a, b in zip(frames, source))
 
 
 def test_unreadable_archive_is_listed_and_its_pages_answer_422(root):

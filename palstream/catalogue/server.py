@@ -168,7 +168,7 @@ def create_app(root: str, catalogue: str | None = None, refresh: bool = True, ho
         frame_count = row["frames"] or 0
         start, stop = frame_range(request, frame_count, DEFAULT_PLAY_FRAMES) if frame_count else (0, 0)
         plot = _rd_points(row["chunks"])
-        damaged = sorted(c["idx"] for c in row["chunks"] if c["state"] == "damaged")
+        lost = {c["idx"]: "damaged" if c["state"] == "damaged" else "not written" for c in row["chunks"] if c["state"] in ("damaged", "missing")}
         gop = row["gop"] or 1
         return templates.TemplateResponse(
             request,
@@ -180,8 +180,8 @@ def create_app(root: str, catalogue: str | None = None, refresh: bool = True, ho
                 "stop": stop,
                 "range": urlencode({"start": start, "stop": stop}),
                 "plot": plot,
-                "damaged": damaged,
-                "range_damaged": [i for i in damaged if start // gop <= i <= (stop - 1) // gop],
+                "lost": lost,
+                "range_lost": [i for i in sorted(lost) if start // gop <= i <= (stop - 1) // gop],
             },
         )
 
