@@ -20,7 +20,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need Playwright (pip install playwright)")
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="the browser tests need Playwright (pip install playwright)"
+)
 pytest.importorskip("uvicorn", reason="the browser tests need palstream's 'serve' extra")
 
 DATA = Path(__file__).parent / "data"
@@ -49,8 +51,19 @@ def library(tmp_path_factory) -> Path:
     for clip in clips:  # one input folder: every archive lands at the top of the output root
         shutil.copy(clip, folder / "in")
     root = folder / "out"
-    command = [sys.executable, "-c", "from palstream.cli import main; main()", "submit", *sorted(map(str, (folder / "in").iterdir()))]
-    done = subprocess.run([*command, "--out", str(root), "--workers", "1", "--gop", "4", "--no-progress"], capture_output=True, text=True, timeout=900)
+    command = [
+        sys.executable,
+        "-c",
+        "from palstream.cli import main; main()",
+        "submit",
+        *sorted(map(str, (folder / "in").iterdir())),
+    ]
+    done = subprocess.run(
+        [*command, "--out", str(root), "--workers", "1", "--gop", "4", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr
     return root
 
@@ -67,10 +80,12 @@ class _Server:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(str(root)), host="127.0.0.1", port=port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(str(root)), host="127.0.0.1", port=port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "_Server":
+    def __enter__(self) -> _Server:
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:
@@ -88,7 +103,9 @@ class _Server:
 def browser():
     with playwright_api.sync_playwright() as p:
         # --no-sandbox: CI containers run as root, where Chromium's sandbox cannot start
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"]
+        )
         yield browser
         browser.close()
 
@@ -151,7 +168,9 @@ def test_thumbnails_load_and_playback_starts(page, server):
     assert page.evaluate("document.getElementById('player').error") is None
     if SCREENSHOTS:
         page.goto(f"{server.url}/archive/{DEMO}")
-        page.wait_for_function("[...document.querySelectorAll('img.thumb')].every(i => i.complete && i.naturalWidth > 0)")
+        page.wait_for_function(
+            "[...document.querySelectorAll('img.thumb')].every(i => i.complete && i.naturalWidth > 0)"
+        )
         page.evaluate("document.getElementById('player').play()")
         page.wait_for_function("document.getElementById('player').currentTime > 0.3")
         page.evaluate("document.getElementById('player').pause()")
@@ -174,7 +193,9 @@ def test_verify_now_reports_a_flipped_byte(page, library, tmp_path):
         assert "chunk 2: crc32c mismatch" in page.inner_text("#fixity-detail")
         assert "damaged" in page.locator("#chunks tbody tr").nth(2).inner_text()
         assert page.locator(".no-thumb").count() == 4  # frames 8..11, instead of broken images
-        page.wait_for_function("[...document.querySelectorAll('img.thumb')].every(i => i.complete && i.naturalWidth > 0)")
+        page.wait_for_function(
+            "[...document.querySelectorAll('img.thumb')].every(i => i.complete && i.naturalWidth > 0)"
+        )
         assert "Chunk 2 of this range is damaged" in page.inner_text("#range-damaged")
         page.locator("#fixity").scroll_into_view_if_needed()
         _shot(page, "verify-damaged")

@@ -66,7 +66,11 @@ def _tree(folder: Path) -> dict:
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             st = path.stat()
-            files[path.relative_to(folder).as_posix()] = (st.st_size, st.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+            files[path.relative_to(folder).as_posix()] = (
+                st.st_size,
+                st.st_mtime_ns,
+                hashlib.sha256(path.read_bytes()).hexdigest(),
+            )
         else:
             files[path.relative_to(folder).as_posix() + "/"] = None
     return files
@@ -102,7 +106,9 @@ def test_rebuild_indexes_every_archive_from_its_metadata(root):
     assert testsrc["duration_s"] == pytest.approx(1.2)
     assert (testsrc["state"], testsrc["fixity"], testsrc["verified_at"]) == ("complete", "unverified", None)
     assert (testsrc["gop"], testsrc["n_chunks"], testsrc["committed"], testsrc["lossless"]) == (4, 3, 3, False)
-    assert testsrc["streams"] == [{"type": "video", "width": 64, "height": 48, "fps": "10/1", "pix_fmt": testsrc["pix_fmt"]}]
+    assert testsrc["streams"] == [
+        {"type": "video", "width": 64, "height": 48, "fps": "10/1", "pix_fmt": testsrc["pix_fmt"]}
+    ]
     assert testsrc["bpp"] == pytest.approx(8 * testsrc["payload_bytes"] / (12 * 64 * 48))
     assert testsrc["psnr_min"] >= 44.9  # the default quality floor is 45 dB per chunk
     detail = index.get_archive(cat, "testsrc.zarr")
@@ -112,8 +118,8 @@ def test_rebuild_indexes_every_archive_from_its_metadata(root):
     cat.path.unlink()
     index.rebuild(root)
     again = {r["path"]: r for r in index.list_archives(cat)}
-    strip = lambda r: {k: v for k, v in r.items() if k != "indexed_at"}  # noqa: E731
-    assert {k: strip(v) for k, v in again.items()} == {k: strip(v) for k, v in rows.items()}
+    unstamped = [{k: {f: v for f, v in r.items() if f != "indexed_at"} for k, r in t.items()} for t in (again, rows)]
+    assert unstamped[0] == unstamped[1]
 
 
 def test_refresh_follows_added_removed_and_verified_archives(root):
@@ -162,6 +168,7 @@ def test_catalogue_rebuild_command_and_one_line_errors(root, tmp_path, palstream
         (("ls", tmp_path / "absent"), "is not a folder"),
         (("ls", "s3://bucket/out"), "indexes local output roots only"),
         (("ls", root, "--sort", "colour"), "cannot sort by 'colour'"),
+        (("serve", root / "testsrc.zarr"), "is an archive, not a folder of archives"),
     ):
         result = palstream_cli(*args)
         assert result.code == 1
@@ -226,7 +233,10 @@ def test_playback_is_h264_mp4_of_the_range_and_download_is_exact_ffv1(root):
     assert len(frames) == 4
     assert np.array_equal(np.stack([f[:48] for f in frames]), expected)
     mp4 = client.get("/download/testsrc.zarr", params={"start": 3, "stop": 7, "format": "mp4"})
-    assert mp4.headers["content-type"] == "video/mp4" and 'filename="testsrc_3-7.mp4"' in mp4.headers["content-disposition"]
+    assert (
+        mp4.headers["content-type"] == "video/mp4"
+        and 'filename="testsrc_3-7.mp4"' in mp4.headers["content-disposition"]
+    )
     assert client.get("/download/testsrc.zarr", params={"format": "gif"}).status_code == 400
 
 
@@ -277,13 +287,20 @@ def test_verify_now_names_a_flipped_byte_and_damaged_ranges_get_422(root):
     assert "1 of 3 chunk(s) damaged: chunk 1: crc32c mismatch" in page.text
     # the contact sheet and the player say which frames are lost instead of showing broken media
     assert 'src="/thumb/testsrc.zarr?frame=3"' in page.text and 'src="/thumb/testsrc.zarr?frame=4"' not in page.text
-    assert "chunk 1 is damaged</div>" in page.text and 'id="range-damaged">Chunk 1 of this range is damaged or not written' in page.text
+    assert (
+        "chunk 1 is damaged</div>" in page.text
+        and 'id="range-damaged">Chunk 1 of this range is damaged or not written' in page.text
+    )
     assert "range-damaged" not in client.get("/archive/testsrc.zarr", params={"start": 8, "stop": 12}).text
     row = index.get_archive(index.Catalogue.of(root), "testsrc.zarr")
     assert [c["state"] for c in row["chunks"]] == ["intact", "damaged", "intact"] and row["verified_at"]
     assert "damaged" in client.get("/", params={"fixity": "damaged"}).text
     assert client.get("/play/testsrc.zarr", params={"start": 0, "stop": 4}).status_code == 200  # chunk 0 is intact
-    for path in ("/play/testsrc.zarr?start=2&stop=6", "/download/testsrc.zarr?start=5&stop=6", "/thumb/testsrc.zarr?frame=4"):
+    for path in (
+        "/play/testsrc.zarr?start=2&stop=6",
+        "/download/testsrc.zarr?start=5&stop=6",
+        "/thumb/testsrc.zarr?frame=4",
+    ):
         response = client.get(path)
         assert response.status_code == 422 and "chunk 1 is damaged" in response.text
 
@@ -334,7 +351,12 @@ def test_unreadable_archive_is_listed_and_its_pages_answer_422(root):
 
 def test_bad_and_huge_ranges_get_a_clear_status(root, monkeypatch):
     client = _client(root)
-    for params in ({"start": 0, "stop": 10**12}, {"start": 5, "stop": 5}, {"start": -1, "stop": 3}, {"start": "a", "stop": 3}):
+    for params in (
+        {"start": 0, "stop": 10**12},
+        {"start": 5, "stop": 5},
+        {"start": -1, "stop": 3},
+        {"start": "a", "stop": 3},
+    ):
         response = client.get("/play/testsrc.zarr", params=params)
         assert response.status_code == 400, params
     assert client.get("/thumb/testsrc.zarr", params={"frame": 12}).status_code == 400
@@ -360,12 +382,22 @@ def test_the_server_writes_nothing_into_the_root_but_the_catalogue(root, tmp_pat
     index.refresh(root)
     before = _tree(root)
     client = _client(root)
-    for path in ("/", "/?q=mandel&sort=bpp&order=desc", "/api/archives", "/archive/testsrc.zarr", "/thumb/testsrc.zarr?frame=3", "/play/testsrc.zarr", "/download/fractals/mandel.zarr?start=0&stop=8"):
+    for path in (
+        "/",
+        "/?q=mandel&sort=bpp&order=desc",
+        "/api/archives",
+        "/archive/testsrc.zarr",
+        "/thumb/testsrc.zarr?frame=3",
+        "/play/testsrc.zarr",
+        "/download/fractals/mandel.zarr?start=0&stop=8",
+    ):
         assert client.get(path).status_code == 200, path
     assert client.post("/verify/testsrc.zarr").status_code == 200
     after = _tree(root)
     catalogue = {"_palstream/catalogue.sqlite"}
-    assert {k: v for k, v in after.items() if k not in catalogue} == {k: v for k, v in before.items() if k not in catalogue}
+    assert {k: v for k, v in after.items() if k not in catalogue} == {
+        k: v for k, v in before.items() if k not in catalogue
+    }
     # with the catalogue elsewhere (a read-only root), not even the catalogue is written there
     shutil.rmtree(root / "_palstream")
     before = _tree(root)
@@ -385,7 +417,9 @@ def test_a_verification_elsewhere_is_recorded_in_the_enclosing_catalogue(root, t
     _flip_payload_byte(archive, 0)
     assert index.record_verification(archive, open_archive(str(archive)).verify())
     row = index.get_archive(index.Catalogue.of(root), "fractals/mandel.zarr")
-    assert row["fixity"] == "damaged" and row["fixity_detail"].startswith("1 of 2 chunk(s) damaged: chunk 0: crc32c mismatch")
+    assert row["fixity"] == "damaged" and row["fixity_detail"].startswith(
+        "1 of 2 chunk(s) damaged: chunk 0: crc32c mismatch"
+    )
     loose = tmp_path / "loose.zarr"
     shutil.copytree(root / "testsrc.zarr", loose)
     assert not index.record_verification(loose, [])  # no catalogue above it: nothing to update
@@ -403,7 +437,9 @@ def test_serve_binds_to_localhost_by_default_and_refuses_a_bad_port(root, palstr
     assert bad.code == 1 and bad.stderr == "error: --port 99999 is not a TCP port; give 1..65535\n"
     with socket.create_server(("127.0.0.1", 0)) as taken:
         busy = palstream_cli("serve", root, "--port", taken.getsockname()[1])
-    assert busy.code == 1 and busy.stderr.startswith("error: cannot listen on 127.0.0.1:") and busy.stderr.count("\n") == 1
+    assert (
+        busy.code == 1 and busy.stderr.startswith("error: cannot listen on 127.0.0.1:") and busy.stderr.count("\n") == 1
+    )
 
 
 @pytest.mark.slow

@@ -12,16 +12,22 @@ from palstream.errors import PalstreamError
 
 RootArg = Annotated[str, typer.Argument(help="A job's output root, or any local folder of archives.")]
 CatalogueOpt = Annotated[
-    Optional[str], typer.Option("--catalogue", help="SQLite file to use instead of ROOT/_palstream/catalogue.sqlite (for a read-only root).")
+    Optional[str],
+    typer.Option(
+        "--catalogue", help="SQLite file to use instead of ROOT/_palstream/catalogue.sqlite (for a read-only root)."
+    ),
 ]
 
-catalogue_app = typer.Typer(help="The library catalogue of an output root (ROOT/_palstream/catalogue.sqlite).", no_args_is_help=True)
+catalogue_app = typer.Typer(
+    help="The library catalogue of an output root (ROOT/_palstream/catalogue.sqlite).", no_args_is_help=True
+)
 
 
 @catalogue_app.command("rebuild")
 def rebuild(root: RootArg, catalogue: CatalogueOpt = None) -> None:
     """Index every archive under ROOT again, from the archives themselves."""
-    from palstream.catalogue.index import Catalogue, rebuild as run
+    from palstream.catalogue.index import Catalogue
+    from palstream.catalogue.index import rebuild as run
 
     result = run(root, catalogue)
     typer.echo(f"catalogued {result['archives']} archive(s) under {root} in {Catalogue.of(root, catalogue).path}")
@@ -29,9 +35,16 @@ def rebuild(root: RootArg, catalogue: CatalogueOpt = None) -> None:
 
 def ls(
     root: RootArg,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: the archives and their totals.")] = False,
-    search: Annotated[str, typer.Option("--search", "-s", help="Words that must appear in the path, name, URL or SHA-256.")] = "",
-    sort: Annotated[str, typer.Option(help="Sort key: path, source_name, state, fixity, frames, duration_s, source_bytes, payload_bytes, bpp, ratio, psnr_min, verified_at.")] = "path",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object: the archives and their totals.")
+    ] = False,
+    search: Annotated[
+        str, typer.Option("--search", "-s", help="Words that must appear in the path, name, URL or SHA-256.")
+    ] = "",
+    sort: Annotated[
+        str,
+        typer.Option(help="Sort key: path, source_name, state, fixity, frames, bpp, ratio, psnr_min, verified_at, ..."),
+    ] = "path",
     catalogue: CatalogueOpt = None,
 ) -> None:
     """List the archives under ROOT from its catalogue (brought up to date first)."""
@@ -56,8 +69,14 @@ def ls(
     for r in rows:
         psnr = f"{r['psnr_min']:.2f} dB" if r["psnr_min"] is not None else ("exact" if r["exact_chunks"] else "-")
         table.add_row(
-            r["path"], r["state"], r["fixity"], str(r["frames"] or "-"), duration(r["duration_s"]),
-            size(r["payload_bytes"]), f"{number(r['ratio'], 1)}x" if r["ratio"] else "-", psnr,
+            r["path"],
+            r["state"],
+            r["fixity"],
+            str(r["frames"] or "-"),
+            duration(r["duration_s"]),
+            size(r["payload_bytes"]),
+            f"{number(r['ratio'], 1)}x" if r["ratio"] else "-",
+            psnr,
         )
     console = Console()
     if not console.is_terminal:
@@ -72,7 +91,10 @@ def ls(
 
 def serve(
     root: RootArg,
-    host: Annotated[str, typer.Option(help="Interface to listen on (keep 127.0.0.1 unless the network is trusted: there is no login).")] = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option(help="Interface to listen on (keep 127.0.0.1 unless the network is trusted: there is no login)."),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
     catalogue: CatalogueOpt = None,
 ) -> None:
@@ -82,14 +104,18 @@ def serve(
 
         from palstream.catalogue.server import LOCAL_HOSTS, create_app
     except ModuleNotFoundError as exc:
-        raise PalstreamError(f"serve needs palstream's 'serve' extra ({exc.name} is not installed); install it with: pip install 'palstream[serve]'") from None
+        raise PalstreamError(
+            f"serve needs palstream's 'serve' extra ({exc.name} is not installed); install it with: pip install 'palstream[serve]'"
+        ) from None
     if not 0 < port < 65536:
         raise PalstreamError(f"--port {port} is not a TCP port; give 1..65535")
     try:  # uvicorn reports a taken port in several log lines; one error line here instead
         with socket.create_server((host, port)):
             pass
     except OSError as exc:
-        raise PalstreamError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port or --host") from None
+        raise PalstreamError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port or --host"
+        ) from None
     # Bound to every interface, the user has chosen the network: any Host name is accepted then.
     hosts = ["*"] if host in ("0.0.0.0", "::") else [*LOCAL_HOSTS, host]
     app = create_app(root, catalogue, hosts=hosts)

@@ -17,10 +17,10 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
 
 from palstream.archive import open_archive
 from palstream.batch.store import JOB_DIR
@@ -86,8 +86,22 @@ _CHUNK_COLUMNS = (
     ("detail", "TEXT"),
 )
 CHUNK_FIELDS = tuple(name for name, _ in _CHUNK_COLUMNS)
+_SEARCHED = ("path", "source_name", "source_url", "source_sha256")  # columns a search word may match
 # Sort keys the library table offers (column names, never user text, go into SQL).
-SORT_KEYS = ("path", "source_name", "state", "fixity", "frames", "duration_s", "source_bytes", "payload_bytes", "bpp", "ratio", "psnr_min", "verified_at")
+SORT_KEYS = (
+    "path",
+    "source_name",
+    "state",
+    "fixity",
+    "frames",
+    "duration_s",
+    "source_bytes",
+    "payload_bytes",
+    "bpp",
+    "ratio",
+    "psnr_min",
+    "verified_at",
+)
 
 
 @dataclass(frozen=True)
@@ -106,7 +120,7 @@ class Catalogue:
     path: Path
 
     @classmethod
-    def of(cls, root: str | os.PathLike, path: str | os.PathLike | None = None) -> "Catalogue":
+    def of(cls, root: str | os.PathLike, path: str | os.PathLike | None = None) -> Catalogue:
         """The catalogue of ``root``; ``path`` puts the SQLite file elsewhere (a read-only root).
 
         Raises
@@ -122,14 +136,14 @@ class Catalogue:
         folder = Path(text.removeprefix("file://")).resolve()
         if not folder.is_dir():
             raise PalstreamError(f"{root} is not a folder; give a job's output root or a folder of archives")
+        if (folder / "zarr.json").is_file():
+            raise PalstreamError(f"{root} is an archive, not a folder of archives; give the folder that holds it")
         where = Path(path).resolve() if path is not None else folder / JOB_DIR / CATALOGUE_NAME
         return cls(folder, where)
 
     @contextlib.contextmanager
-    def connect(self, create: bool = True) -> Iterator[sqlite3.Connection]:
+    def connect(self) -> Iterator[sqlite3.Connection]:
         """A connection (one per call: the server's threads each get their own); commits on success."""
-        if not create and not self.path.exists():
-            raise PalstreamError(f"{self.root} has no catalogue yet; run: palstream catalogue rebuild {self.root}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=30)
@@ -242,7 +256,9 @@ def describe(root: Path, rel: str) -> tuple[dict, list[dict]]:
     try:
         archive = open_archive(str(folder))
     except ArchiveError as exc:
-        row.update(state="unreadable", error=str(exc), fixity="unreadable", fixity_detail=str(exc), source_name=folder.name)
+        row.update(
+            state="unreadable", error=str(exc), fixity="unreadable", fixity_detail=str(exc), source_name=folder.name
+        )
         return row, []
     attrs, src = archive.attrs, archive.source
     encoder = attrs["encoder"]
@@ -251,13 +267,17 @@ def describe(root: Path, rel: str) -> tuple[dict, list[dict]]:
     committed = archive.committed()
     for index in range(archive.n_chunks):
         frames = archive.chunk_frames(index)
-        chunk = dict(path=rel, idx=index, first_frame=frames.start, frames=len(frames))
+        chunk = {"path": rel, "idx": index, "first_frame": frames.start, "frames": len(frames)}
         if index in committed:
             meta = archive.chunk_attrs(index)
             stats = meta.get("stats", {})
             psnr = stats.get("psnr_y")
             chunk.update(
-                bytes=stats.get("bytes"), bpp=stats.get("bpp"), psnr_y=psnr, sha256=meta.get("sha256"), state="committed"
+                bytes=stats.get("bytes"),
+                bpp=stats.get("bpp"),
+                psnr_y=psnr,
+                sha256=meta.get("sha256"),
+                state="committed",
             )
             if isinstance(psnr, (int, float)):
                 finite.append((psnr, len(frames)))
@@ -310,16 +330,29 @@ def describe(root: Path, rel: str) -> tuple[dict, list[dict]]:
 
 def _store(db: sqlite3.Connection, row: dict, chunks: list[dict]) -> None:
     """Insert or replace one archive, keeping its last verification while the archive is unchanged."""
-    old = db.execute("SELECT root_sha256, signature, fixity, fixity_detail, verified_at FROM archives WHERE path = ?", (row["path"],)).fetchone()
+    old = db.execute(
+        "SELECT root_sha256, signature, fixity, fixity_detail, verified_at FROM archives WHERE path = ?", (row["path"],)
+    ).fetchone()
     old_chunks = {}
-    if old is not None and old["verified_at"] is not None and row["state"] != "unreadable" and (old["root_sha256"], old["signature"]) == (row["root_sha256"], row["signature"]):
+    if (
+        old is not None
+        and old["verified_at"] is not None
+        and row["state"] != "unreadable"
+        and (old["root_sha256"], old["signature"]) == (row["root_sha256"], row["signature"])
+    ):
         row.update(fixity=old["fixity"], fixity_detail=old["fixity_detail"], verified_at=old["verified_at"])
-        old_chunks = {r["idx"]: (r["state"], r["detail"]) for r in db.execute("SELECT idx, state, detail FROM chunks WHERE path = ?", (row["path"],))}
+        old_chunks = {
+            r["idx"]: (r["state"], r["detail"])
+            for r in db.execute("SELECT idx, state, detail FROM chunks WHERE path = ?", (row["path"],))
+        }
     for chunk in chunks:
         if chunk["idx"] in old_chunks:
             chunk["state"], chunk["detail"] = old_chunks[chunk["idx"]]
     values = {k: (json.dumps(v) if k in _JSON_FIELDS and v is not None else v) for k, v in row.items()}
-    db.execute(f"INSERT OR REPLACE INTO archives ({', '.join(ARCHIVE_FIELDS)}) VALUES ({', '.join('?' * len(ARCHIVE_FIELDS))})", [values[k] for k in ARCHIVE_FIELDS])
+    db.execute(
+        f"INSERT OR REPLACE INTO archives ({', '.join(ARCHIVE_FIELDS)}) VALUES ({', '.join('?' * len(ARCHIVE_FIELDS))})",
+        [values[k] for k in ARCHIVE_FIELDS],
+    )
     db.execute("DELETE FROM chunks WHERE path = ?", (row["path"],))
     db.executemany(
         f"INSERT INTO chunks ({', '.join(CHUNK_FIELDS)}) VALUES ({', '.join('?' * len(CHUNK_FIELDS))})",
@@ -327,7 +360,12 @@ def _store(db: sqlite3.Connection, row: dict, chunks: list[dict]) -> None:
     )
 
 
-def refresh(root: str | os.PathLike, catalogue: str | os.PathLike | None = None, full: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
+def refresh(
+    root: str | os.PathLike,
+    catalogue: str | os.PathLike | None = None,
+    full: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Bring the catalogue of ``root`` up to date with the archives under it.
 
     Archives whose files changed since they were indexed (or all, with ``full``) are read again;
@@ -370,12 +408,18 @@ def refresh(root: str | os.PathLike, catalogue: str | os.PathLike | None = None,
     return {"archives": len(found), "read": len(stale), "dropped": len(gone)}
 
 
-def rebuild(root: str | os.PathLike, catalogue: str | os.PathLike | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+def rebuild(
+    root: str | os.PathLike,
+    catalogue: str | os.PathLike | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Read every archive under ``root`` again (see :func:`refresh`)."""
     return refresh(root, catalogue, full=True, progress=progress)
 
 
-def record_archive(root: str | os.PathLike, archive: str | os.PathLike, catalogue: str | os.PathLike | None = None) -> None:
+def record_archive(
+    root: str | os.PathLike, archive: str | os.PathLike, catalogue: str | os.PathLike | None = None
+) -> None:
     """Index (again) one archive under ``root``: for the batch system after it finalizes an archive.
 
     Raises
@@ -458,9 +502,14 @@ def _record_verification(cat: Catalogue, rel: str, outcome: list[DamagedChunkErr
         damaged = {exc.index: exc.reason for exc in outcome}
         if damaged:
             listed = "; ".join(f"chunk {i}: {r}" for i, r in sorted(damaged.items()))
-            row.update(fixity="damaged", fixity_detail=f"{len(damaged)} of {row['n_chunks']} chunk(s) damaged: {listed}")
+            row.update(
+                fixity="damaged", fixity_detail=f"{len(damaged)} of {row['n_chunks']} chunk(s) damaged: {listed}"
+            )
         elif row["state"] != "complete":
-            row.update(fixity="incomplete", fixity_detail="the archive was never finalized (status incomplete); resume or re-encode it")
+            row.update(
+                fixity="incomplete",
+                fixity_detail="the archive was never finalized (status incomplete); resume or re-encode it",
+            )
         else:
             row.update(fixity="intact", fixity_detail=f"all {row['n_chunks']} chunk(s) intact")
         for chunk in chunks:
@@ -520,9 +569,9 @@ def list_archives(
         raise PalstreamError(f"cannot sort by {sort!r}; choose one of {', '.join(SORT_KEYS)}")
     where, args = [], []
     for word in query.split():
-        where.append("(path LIKE ? ESCAPE '\\' OR source_name LIKE ? ESCAPE '\\' OR source_url LIKE ? ESCAPE '\\' OR source_sha256 LIKE ? ESCAPE '\\')")
+        where.append("(" + " OR ".join(f"{c} LIKE ? ESCAPE '\\'" for c in _SEARCHED) + ")")
         pattern = "%" + word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        args += [pattern] * 4
+        args += [pattern] * len(_SEARCHED)
     if state:
         where.append("state = ?")
         args.append(state)
@@ -532,7 +581,9 @@ def list_archives(
     if min_psnr is not None:
         where.append("(psnr_min >= ? OR (psnr_min IS NULL AND exact_chunks > 0))")
         args.append(min_psnr)
-    sql = f"SELECT * FROM archives {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {sort} IS NULL, {sort} {'DESC' if descending else 'ASC'}, path"
+    condition = f"WHERE {' AND '.join(where)}" if where else ""
+    order = f"{sort} IS NULL, {sort} {'DESC' if descending else 'ASC'}, path"  # missing values last
+    sql = f"SELECT * FROM archives {condition} ORDER BY {order}"
     with cat.connect() as db:
         return [_decode_row(r) for r in db.execute(sql, args)]
 

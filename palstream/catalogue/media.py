@@ -11,7 +11,7 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
-from typing import Iterable
+from collections.abc import Iterable
 
 import av
 import numpy as np
@@ -27,7 +27,15 @@ MAX_PLAY_SAMPLES = 600 * 1920 * 1080  # ...and at most this many luma samples (f
 PLAY_CRF = "20"
 
 # YCbCr -> RGB matrices swscale knows, by FFmpeg matrix name (others and "unspecified": BT.601).
-_SWS_MATRIX = {"bt709": "ITU709", "fcc": "FCC", "bt470bg": "ITU601", "smpte170m": "SMPTE170M", "smpte240m": "SMPTE240M", "bt2020nc": "BT2020", "bt2020c": "BT2020"}
+_SWS_MATRIX = {
+    "bt709": "ITU709",
+    "fcc": "FCC",
+    "bt470bg": "ITU601",
+    "smpte170m": "SMPTE170M",
+    "smpte240m": "SMPTE240M",
+    "bt2020nc": "BT2020",
+    "bt2020c": "BT2020",
+}
 
 
 class RangeTooLargeError(ValueError):
@@ -70,7 +78,13 @@ def thumbnail_png(frames: Frames, t: int, source: SourceInfo, width: int = THUMB
     out_w = min(width, source.width)
     out_h = max(1, round(source.height * out_w / source.width))
     frame = _yuv_frame(frames, t, _pixel_format(source), frames.width, frames.height)
-    rgb = frame.reformat(width=out_w, height=out_h, format="rgb24", src_colorspace=_SWS_MATRIX.get(source.color.get("matrix"), "ITU601"), interpolation="AREA")
+    rgb = frame.reformat(
+        width=out_w,
+        height=out_h,
+        format="rgb24",
+        src_colorspace=_SWS_MATRIX.get(source.color.get("matrix"), "ITU601"),
+        interpolation="AREA",
+    )
     codec = av.CodecContext.create("png", "w")
     codec.width, codec.height, codec.pix_fmt = out_w, out_h, "rgb24"
     return b"".join(bytes(p) for p in codec.encode(rgb))
@@ -81,7 +95,9 @@ def playable_mp4(runs: Iterable[Frames], source: SourceInfo) -> bytes:
     buffer = io.BytesIO()
     # H.264 in 4:2:0 needs even sizes: pad by repeating the last row/column.
     width, height = source.width + source.width % 2, source.height + source.height % 2
-    with av.open(buffer, mode="w", format="mp4", options={"movflags": "frag_keyframe+empty_moov+default_base_moof"}) as container:
+    with av.open(
+        buffer, mode="w", format="mp4", options={"movflags": "frag_keyframe+empty_moov+default_base_moof"}
+    ) as container:
         stream = container.add_stream("libx264", rate=source.fps_fraction)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": PLAY_CRF, "preset": "veryfast", "tune": "zerolatency"}

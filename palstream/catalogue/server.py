@@ -9,9 +9,9 @@ and only archives the catalogue lists, resolved inside the root, are ever read.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from http import HTTPStatus
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import quote, urlencode
 
 from starlette.applications import Starlette
@@ -56,7 +56,9 @@ class _Error(HTTPException):
     """An HTTP error with a one-line message for the error page."""
 
 
-def create_app(root: str, catalogue: str | None = None, refresh: bool = True, hosts: Sequence[str] = LOCAL_HOSTS) -> Starlette:
+def create_app(
+    root: str, catalogue: str | None = None, refresh: bool = True, hosts: Sequence[str] = LOCAL_HOSTS
+) -> Starlette:
     """The web app for the output root ``root``.
 
     Parameters
@@ -80,7 +82,11 @@ def create_app(root: str, catalogue: str | None = None, refresh: bool = True, ho
         index.refresh(cat.root, cat.path)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters.update(
-        size=formatting.size, duration=formatting.duration, when=formatting.when, number=formatting.number, urlpath=quote
+        size=formatting.size,
+        duration=formatting.duration,
+        when=formatting.when,
+        number=formatting.number,
+        urlpath=quote,
     )
     cache = DecodedCache()
 
@@ -147,14 +153,27 @@ def create_app(root: str, catalogue: str | None = None, refresh: bool = True, ho
         rows = index.list_archives(cat, **chosen)
 
         def sort_link(key: str) -> str:
-            order = "asc" if chosen["sort"] == key and chosen["descending"] else ("desc" if chosen["sort"] == key else "asc")
+            order = (
+                "asc"
+                if chosen["sort"] == key and chosen["descending"]
+                else ("desc" if chosen["sort"] == key else "asc")
+            )
             params = {k: v for k, v in request.query_params.items() if k not in ("sort", "order")}
             return "?" + urlencode({**params, "sort": key, "order": order})
 
         return templates.TemplateResponse(
             request,
             "library.html",
-            {"root": cat.root, "rows": rows, "totals": index.totals(rows), "f": chosen, "sort_link": sort_link, "states": STATES, "fixity_states": FIXITY_STATES, "min_psnr": request.query_params.get("min_psnr", "")},
+            {
+                "root": cat.root,
+                "rows": rows,
+                "totals": index.totals(rows),
+                "f": chosen,
+                "sort_link": sort_link,
+                "states": STATES,
+                "fixity_states": FIXITY_STATES,
+                "min_psnr": request.query_params.get("min_psnr", ""),
+            },
         )
 
     def api_archives(request: Request):
@@ -168,7 +187,11 @@ def create_app(root: str, catalogue: str | None = None, refresh: bool = True, ho
         frame_count = row["frames"] or 0
         start, stop = frame_range(request, frame_count, DEFAULT_PLAY_FRAMES) if frame_count else (0, 0)
         plot = _rd_points(row["chunks"])
-        lost = {c["idx"]: "damaged" if c["state"] == "damaged" else "not written" for c in row["chunks"] if c["state"] in ("damaged", "missing")}
+        lost = {
+            c["idx"]: "damaged" if c["state"] == "damaged" else "not written"
+            for c in row["chunks"]
+            if c["state"] in ("damaged", "missing")
+        }
         gop = row["gop"] or 1
         return templates.TemplateResponse(
             request,
@@ -213,12 +236,16 @@ def create_app(root: str, catalogue: str | None = None, refresh: bool = True, ho
         def runs():
             for i in range(start // gop, (stop - 1) // gop + 1):
                 held = archive.chunk_frames(i)
-                yield cache.chunk(archive, key, i)[max(start, held.start) - held.start : min(stop, held.stop) - held.start]
+                yield cache.chunk(archive, key, i)[
+                    max(start, held.start) - held.start : min(stop, held.stop) - held.start
+                ]
 
         try:
             return encode(runs(), archive.source), start, stop, row
         except DamagedChunkError as exc:
-            raise _Error(422, f"{exc}; this range cannot be played: choose frames outside that chunk or restore the archive") from None
+            raise _Error(
+                422, f"{exc}; this range cannot be played: choose frames outside that chunk or restore the archive"
+            ) from None
 
     def play(request: Request):
         data, *_ = decode_range(request, playable_mp4)
@@ -250,7 +277,9 @@ def create_app(root: str, catalogue: str | None = None, refresh: bool = True, ho
         from palstream.batch.status import job_status
 
         if not (cat.root / index.JOB_DIR / "plan.json").is_file():
-            raise _Error(404, f"{cat.root} holds no palstream job (no {index.JOB_DIR}/plan.json); it is a folder of archives")
+            raise _Error(
+                404, f"{cat.root} holds no palstream job (no {index.JOB_DIR}/plan.json); it is a folder of archives"
+            )
         try:
             job = job_status(str(cat.root))
         except PalstreamError as exc:
@@ -322,7 +351,8 @@ def _rd_points(chunks: list[dict]) -> dict | None:
         "height": height,
         "pad": pad,
         "points": [
-            {"idx": i, "bpp": b, "psnr": p, "x": pad + (b - x0) * scale_x, "y": height - pad - (p - y0) * scale_y} for i, b, p in points
+            {"idx": i, "bpp": b, "psnr": p, "x": pad + (b - x0) * scale_x, "y": height - pad - (p - y0) * scale_y}
+            for i, b, p in points
         ],
         "x_max": x1,
         "y_min": y0,
