@@ -242,6 +242,9 @@ class _Store:
             It cannot be read.
         """
         path = f"{self.root}/{key}"
+        # Other writers change objects under us (zarr, other tasks): never size them from a stale
+        # listing cache (s3fs keeps one per filesystem instance).
+        self.fs.invalidate_cache(path)
         try:
             size = self.fs.size(path)
             if size is not None and size > limit:
@@ -258,6 +261,7 @@ class _Store:
 
     def names(self, key: str) -> list[str]:
         """Names directly under the folder/prefix ``key`` ([] if absent)."""
+        self.fs.invalidate_cache(f"{self.root}/{key}")
         try:
             return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.root}/{key}", detail=False)]
         except (FileNotFoundError, NotADirectoryError):
