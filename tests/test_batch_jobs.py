@@ -24,7 +24,6 @@ import pytest
 from typer.testing import CliRunner
 
 from palstream.archive import open_archive
-from palstream.pipeline import encode_file
 from palstream.batch import cluster as batch_cluster
 from palstream.batch.runner import run_job
 from palstream.batch.spec import JobSpec
@@ -32,6 +31,7 @@ from palstream.batch.status import job_status
 from palstream.batch.store import JobLockedError
 from palstream.cli import app
 from palstream.codec import EncoderConfig
+from palstream.pipeline import encode_file
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import glob
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import dask
 from distributed import Client, LocalCluster

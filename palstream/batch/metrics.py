@@ -13,7 +13,7 @@ import contextlib
 import socket
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
@@ -99,7 +99,7 @@ FINAL_SCRAPE_SECONDS = 60.0
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002  scrapes are not worth a log line each
+    def log_message(self, format, *args):  # scrapes are not worth a log line each
         pass
 
 
