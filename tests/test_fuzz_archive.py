@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).parent.parent
 
 
+@pytest.mark.slow
 def test_three_hundred_mutations_are_all_detected_or_harmless(lossless_archive, tmp_path):
     out = tmp_path / "fuzz.json"
     command = [sys.executable, "-m", "benchmarks.fuzz_archive", "--cases", "300", "--seed", "20",
