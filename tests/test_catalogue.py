@@ -166,7 +166,7 @@ def test_catalogue_rebuild_command_and_one_line_errors(root, tmp_path, palstream
     assert result.code == 0 and "catalogued 2 archive(s)" in result.stdout
     for args, message in (
         (("ls", tmp_path / "absent"), "is not a folder"),
-        (("ls", "s3://bucket/out"), "indexes local output roots only"),
+        (("ls", "memory://no-such-root"), "is not a folder"),
         (("ls", root, "--sort", "colour"), "cannot sort by 'colour'"),
         (("serve", root / "testsrc.zarr"), "is an archive, not a folder of archives"),
     ):
@@ -334,7 +334,7 @@ def test_an_odd_sized_lossless_archive_plays_and_downloads_exactly(lossless_arch
         frames = [_planes(f) for f in container.decode(video=0)]
     with av.open(str(DATA / "screen_37x29.mkv")) as container:
         source = [_planes(f) for f in container.decode(video=0)]
-    assert len(frames) == 6 and all(np.array_equal(a, b) for a, b in zip(frames, source))
+    assert len(frames) == 6 and all(np.array_equal(a, b) for a, b in zip(frames, source, strict=True))
 
 
 def test_unreadable_archive_is_listed_and_its_pages_answer_422(root):
@@ -459,3 +459,57 @@ def test_a_real_job_is_catalogued_and_its_job_page_shows_progress(tmp_path, run_
     after = _tree(out)
     assert {k for k in after if k not in before} == {"_palstream/catalogue.sqlite"}
     assert all(after[k] == v for k, v in before.items())
+
+
+def test_a_remote_root_is_catalogued_in_the_cache_and_served(library, tmp_path, monkeypatch):
+    import uuid
+
+    import fsspec
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    root = f"memory://remote-{uuid.uuid4().hex[:8]}/out"
+    fs.put(str(library / "testsrc.zarr"), f"{root}/testsrc.zarr", recursive=True)
+    fs.put(str(library / "fractals" / "mandel.zarr"), f"{root}/fractals/mandel.zarr", recursive=True)
+    assert index.refresh(root) == {"archives": 2, "read": 2, "dropped": 0}
+    cat = index.Catalogue.of(root)
+    assert cat.path.parent == tmp_path / "cache" / "palstream" / "catalogues"  # SQLite needs a local file
+    row = index.get_archive(cat, "testsrc.zarr")
+    assert row["state"] == "complete" and row["frames"] == 12 and row["archive_bytes"] > row["payload_bytes"]
+    before = set(fs.find(root))
+    client = _client(root)
+    assert 'href="/archive/fractals/mandel.zarr"' in client.get("/").text
+    assert client.get("/thumb/testsrc.zarr", params={"frame": 2}).headers["content-type"] == "image/png"
+    assert client.get("/play/testsrc.zarr").headers["content-type"] == "video/mp4"
+    assert client.get("/archive/..%2Fother").status_code == 403
+    payload = f"{root}/testsrc.zarr/chunks/000001/c/0"
+    data = bytearray(fs.cat_file(payload))
+    data[len(data) // 2] ^= 0x01
+    fs.pipe_file(payload, bytes(data))
+    assert "chunk 1: crc32c mismatch" in client.post("/verify/testsrc.zarr").text
+    assert set(fs.find(root)) == before  # nothing written under the remote root
+    fs.rm(f"{root}/fractals", recursive=True)
+    assert [a["path"] for a in client.get("/api/archives").json()["archives"]] == ["testsrc.zarr"]
+
+
+@pytest.mark.slow  # a moto S3 server, and botocore's retries against an endpoint that does not answer
+def test_ls_of_an_s3_root_with_the_storage_options_of_every_command(
+    library, s3_endpoint, palstream_cli, tmp_path, monkeypatch
+):
+    import fsspec
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("s3", endpoint_url=s3_endpoint, skip_instance_cache=True)
+    fs.put(str(library / "testsrc.zarr"), "archives/lib/a/testsrc.zarr", recursive=True)
+    result = palstream_cli("ls", "s3://archives/lib", "--json", "--endpoint-url", s3_endpoint)
+    assert result.code == 0, result.stderr
+    listing = json.loads(result.stdout)
+    assert [(a["path"], a["state"]) for a in listing["archives"]] == [("a/testsrc.zarr", "complete")]
+    unreachable = palstream_cli("ls", "s3://archives/lib", "--endpoint-url", "http://127.0.0.1:9")
+    assert (
+        unreachable.code == 1
+        and unreachable.stderr.count("\n") == 1
+        and "no storage endpoint answers" in unreachable.stderr
+    )

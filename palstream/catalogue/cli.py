@@ -8,9 +8,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from palstream.batch.cli import EndpointOpt, ProfileOpt
 from palstream.errors import PalstreamError
 
-RootArg = Annotated[str, typer.Argument(help="A job's output root, or any local folder of archives.")]
+RootArg = Annotated[
+    str, typer.Argument(help="A job's output root or any folder of archives: a path or URL (s3://...).")
+]
 CatalogueOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -23,14 +26,28 @@ catalogue_app = typer.Typer(
 )
 
 
-@catalogue_app.command("rebuild")
-def rebuild(root: RootArg, catalogue: CatalogueOpt = None) -> None:
-    """Index every archive under ROOT again, from the archives themselves."""
+def _catalogue(root: str, catalogue: str | None, storage_profile: str | None, endpoint_url: str | None):
+    """The catalogue of ROOT, with storage options resolved as for every other command (storage/README.md)."""
+    from palstream.batch.spec import StorageSpec
     from palstream.catalogue.index import Catalogue
+
+    spec = StorageSpec.from_dict({"profile": storage_profile, "endpoint_url": endpoint_url}, where="command line")
+    return Catalogue.of(root, catalogue, spec.options(root) if "://" in root else None)
+
+
+@catalogue_app.command("rebuild")
+def rebuild(
+    root: RootArg,
+    catalogue: CatalogueOpt = None,
+    storage_profile: ProfileOpt = None,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Index every archive under ROOT again, from the archives themselves."""
     from palstream.catalogue.index import rebuild as run
 
-    result = run(root, catalogue)
-    typer.echo(f"catalogued {result['archives']} archive(s) under {root} in {Catalogue.of(root, catalogue).path}")
+    cat = _catalogue(root, catalogue, storage_profile, endpoint_url)
+    result = run(cat)
+    typer.echo(f"catalogued {result['archives']} archive(s) under {root} in {cat.path}")
 
 
 def ls(
@@ -46,6 +63,8 @@ def ls(
         typer.Option(help="Sort key: path, source_name, state, fixity, frames, bpp, ratio, psnr_min, verified_at, ..."),
     ] = "path",
     catalogue: CatalogueOpt = None,
+    storage_profile: ProfileOpt = None,
+    endpoint_url: EndpointOpt = None,
 ) -> None:
     """List the archives under ROOT from its catalogue (brought up to date first)."""
     from rich import box
@@ -55,12 +74,12 @@ def ls(
     from palstream.catalogue import index
     from palstream.catalogue.formatting import duration, number, size
 
-    index.refresh(root, catalogue)
-    cat = index.Catalogue.of(root, catalogue)
+    cat = _catalogue(root, catalogue, storage_profile, endpoint_url)
+    index.refresh(cat)
     rows = index.list_archives(cat, query=search, sort=sort)
     totals = index.totals(rows)
     if as_json:
-        typer.echo(json.dumps({"root": str(cat.root), "archives": rows, "totals": totals}))
+        typer.echo(json.dumps({"root": cat.root, "archives": rows, "totals": totals}))
         return
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("archive", overflow="fold", min_width=min(40, max((len(r["path"]) for r in rows), default=7)))
@@ -97,6 +116,8 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
     catalogue: CatalogueOpt = None,
+    storage_profile: ProfileOpt = None,
+    endpoint_url: EndpointOpt = None,
 ) -> None:
     """Browse, search, check and play back the archives under ROOT in a web browser (read-only)."""
     try:
@@ -118,7 +139,8 @@ def serve(
         ) from None
     # Bound to every interface, the user has chosen the network: any Host name is accepted then.
     hosts = ["*"] if host in ("0.0.0.0", "::") else [*LOCAL_HOSTS, host]
-    app = create_app(root, catalogue, hosts=hosts)
+    cat = _catalogue(root, catalogue, storage_profile, endpoint_url)
+    app = create_app(root, cat.path, hosts=hosts, storage_options=cat.options)
     typer.echo(f"serving {root} at http://{host}:{port}/ (Ctrl-C stops)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

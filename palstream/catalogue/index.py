@@ -6,25 +6,33 @@ row per chunk. Everything in it is read from the archives themselves, so deletin
 the verification history: :func:`rebuild` makes it again, :func:`refresh` re-reads only archives
 that changed since they were indexed.
 
-Only local output roots are catalogued for now (SQLite needs a local file); archives are read
-through :func:`palstream.archive.open_archive`.
+A remote root (``s3://...``) is catalogued too: SQLite needs a local file, so its catalogue lives
+in the user's cache folder (or where ``catalogue`` says). Archives are read through
+:func:`palstream.archive.open_archive`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
 
+import fsspec
+
+from palstream import errors
 from palstream.archive import open_archive
 from palstream.batch.store import JOB_DIR
 from palstream.errors import ArchiveError, DamagedChunkError, PalstreamError
+from palstream.io import fsspec_options, redact_url
 
 CATALOGUE_NAME = "catalogue.sqlite"
 SCHEMA_VERSION = 1
@@ -106,40 +114,69 @@ SORT_KEYS = (
 
 @dataclass(frozen=True)
 class Catalogue:
-    """The catalogue of one local output root.
+    """The catalogue of one output root, and how to reach the archives under it.
 
     Parameters
     ----------
-    root : Path
-        The output root (resolved).
+    root : str
+        The output root: a resolved local path, or a URL (``s3://bucket/prefix``) without a final ``/``.
     path : Path
-        The SQLite file (by default ``<root>/_palstream/catalogue.sqlite``).
+        The SQLite file: ``<root>/_palstream/catalogue.sqlite`` for a local root, a file in the
+        user's cache folder for a remote one (SQLite needs a local file).
+    options : dict, optional
+        fsspec storage options of a remote root.
     """
 
-    root: Path
+    root: str
     path: Path
+    options: dict | None = field(default=None, compare=False)
 
     @classmethod
-    def of(cls, root: str | os.PathLike, path: str | os.PathLike | None = None) -> Catalogue:
+    def of(
+        cls, root: str | os.PathLike, path: str | os.PathLike | None = None, storage_options: dict | None = None
+    ) -> Catalogue:
         """The catalogue of ``root``; ``path`` puts the SQLite file elsewhere (a read-only root).
 
         Raises
         ------
         PalstreamError
-            ``root`` is a URL or not a folder.
+            ``root`` is not a folder (or holds nothing), is an archive itself, or cannot be read.
         """
         text = str(root)
-        if "://" in text and not text.startswith("file://"):
-            raise PalstreamError(
-                f"{text}: the catalogue indexes local output roots only; mount or copy the root locally"
-            )
-        folder = Path(text.removeprefix("file://")).resolve()
-        if not folder.is_dir():
-            raise PalstreamError(f"{root} is not a folder; give a job's output root or a folder of archives")
-        if (folder / "zarr.json").is_file():
-            raise PalstreamError(f"{root} is an archive, not a folder of archives; give the folder that holds it")
-        where = Path(path).resolve() if path is not None else folder / JOB_DIR / CATALOGUE_NAME
-        return cls(folder, where)
+        remote = "://" in text and not text.startswith("file://")
+        if remote:
+            root = text.rstrip("/")
+            fs, base = _filesystem(root, storage_options)
+            try:
+                exists, is_archive = fs.isdir(base), fs.isfile(f"{base}/zarr.json")
+            except Exception as exc:  # noqa: BLE001  (any backend failure becomes one line)
+                raise errors.storage_error(exc, root, "read output root") or PalstreamError(
+                    f"cannot read {redact_url(root)}: {exc}; check the URL and the storage settings"
+                ) from None
+        else:
+            root = str(Path(text.removeprefix("file://")).resolve())
+            exists, is_archive = os.path.isdir(root), os.path.isfile(os.path.join(root, "zarr.json"))
+        if not exists:
+            raise PalstreamError(f"{text} is not a folder; give a job's output root or a folder of archives")
+        if is_archive:
+            raise PalstreamError(f"{text} is an archive, not a folder of archives; give the folder that holds it")
+        if path is not None:
+            where = Path(path).resolve()
+        elif remote:
+            where = _cache_folder() / f"{re.sub(r'[^A-Za-z0-9]+', '-', redact_url(root))[:60]}-{_digest(root)}.sqlite"
+        else:
+            where = Path(root, JOB_DIR, CATALOGUE_NAME)
+        return cls(root, where, storage_options if remote else None)
+
+    @property
+    def remote(self) -> bool:
+        """Whether the root is on remote storage (reached through fsspec)."""
+        return "://" in self.root
+
+    @functools.cached_property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The filesystem of a remote root."""
+        return _filesystem(self.root, self.options)[0]
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
@@ -165,20 +202,64 @@ class Catalogue:
             db.close()
 
     def archive_url(self, rel: str) -> str:
-        """Local path of the archive at ``rel`` (a catalogue key), after checking it stays under the root.
+        """Path or URL of the archive at ``rel`` (a catalogue key), after checking it stays under the root.
 
         Raises
         ------
-        PalstreamError
+        OutsideRootError
             ``rel`` is absolute, holds ``..``, or resolves (through links) outside the root.
         """
         parts = PurePosixPath(rel).parts
         if not rel or rel.startswith("/") or "\\" in rel or any(p in ("..", ".", "") for p in parts):
             raise OutsideRootError(f"{rel!r} is not a path inside the catalogue's root")
-        resolved = (self.root / rel).resolve()
-        if resolved != self.root and self.root not in resolved.parents:
+        if self.remote:
+            return f"{self.root}/{rel}"
+        root = Path(self.root)
+        resolved = (root / rel).resolve()
+        if root not in resolved.parents:
             raise OutsideRootError(f"{rel!r} leads outside the catalogue's root")
         return str(resolved)
+
+    def holds(self, key: str) -> bool:
+        """Whether the object or file ``key`` (relative to the root, already checked) exists."""
+        if self.remote:
+            return self.fs.isfile(f"{self.root}/{key}")
+        return os.path.isfile(os.path.join(self.root, key))
+
+    def relative(self, archive: str | os.PathLike) -> str:
+        """The catalogue key of ``archive``, a path or URL under the root.
+
+        Raises
+        ------
+        OutsideRootError
+            ``archive`` is not under the root.
+        """
+        text = str(archive).rstrip("/")
+        if self.remote:
+            rel = text[len(self.root) + 1 :] if text.startswith(self.root + "/") else ""
+        else:
+            path, root = Path(text.removeprefix("file://")).resolve(), Path(self.root)
+            rel = path.relative_to(root).as_posix() if root in path.parents else ""
+        if not rel:
+            raise OutsideRootError(f"archive {archive} is not under the catalogue's root {self.root}")
+        self.archive_url(rel)
+        return rel
+
+
+def _filesystem(url: str, options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        fs, base = fsspec.core.url_to_fs(url, **fsspec_options(url, options))
+    except (ValueError, ImportError, OSError) as exc:
+        raise PalstreamError(f"cannot open {redact_url(url)}: {exc}; check the URL") from None
+    return fs, base.rstrip("/")
+
+
+def _cache_folder() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "palstream" / "catalogues"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 class OutsideRootError(PalstreamError):
@@ -200,11 +281,20 @@ def _ensure_schema(db: sqlite3.Connection) -> None:
 # -- finding and reading archives ---------------------------------------------------------------
 
 
-def find_archives(root: Path) -> list[str]:
-    """Relative paths of every ``*.zarr`` folder with a ``zarr.json`` under ``root``, sorted.
+def find_archives(cat: Catalogue) -> list[str]:
+    """Catalogue keys of every ``*.zarr`` folder with a ``zarr.json`` under the root, sorted.
 
-    The job's own folder, replacements being written and links leading out of ``root`` are left out.
+    The job's own folder, replacements being written and links leading out of the root are left
+    out; archives are not descended into (their chunks are never listed).
+
+    Raises
+    ------
+    PalstreamError
+        A remote root cannot be listed.
     """
+    if cat.remote:
+        return _find_remote(cat)
+    root = Path(cat.root)
     found = []
     for folder, dirs, _ in os.walk(root):
         here = Path(folder)
@@ -223,42 +313,80 @@ def find_archives(root: Path) -> list[str]:
     return sorted(found)
 
 
-def _signature(folder: Path) -> str:
-    """What changes when an archive is written to: its root document and its commit folder."""
+def _find_remote(cat: Catalogue) -> list[str]:
+    fs, base = cat.fs, _filesystem(cat.root, cat.options)[1]
+    fs.invalidate_cache()  # listings are cached by fsspec: each refresh must see the store as it is now
+    found, folders = [], [base]
+    try:
+        while folders:
+            here = folders.pop()
+            for entry in fs.ls(here, detail=True):
+                full = entry["name"].rstrip("/")
+                name = full.rsplit("/", 1)[-1]
+                if entry["type"] != "directory" or (here == base and name == JOB_DIR) or TEMP_MARK in name:
+                    continue
+                if name.endswith(ARCHIVE_SUFFIX) and fs.isfile(f"{full}/zarr.json"):
+                    found.append(full[len(base) + 1 :])
+                else:
+                    folders.append(full)
+    except Exception as exc:  # noqa: BLE001  (any backend failure becomes one line)
+        raise errors.storage_error(exc, cat.root, "list output root") or PalstreamError(
+            f"cannot list {redact_url(cat.root)}: {exc}; check the URL and the storage settings"
+        ) from None
+    return sorted(found)
+
+
+def _signature(cat: Catalogue, rel: str) -> str:
+    """What changes when an archive is written to: its root document and (locally) its commit folder.
+
+    Remote stores have no folder times: there, chunks committed since (with the root unchanged)
+    show up once the archive is finalized, or with a rebuild.
+    """
+    if cat.remote:
+        try:
+            info = cat.fs.info(f"{cat.archive_url(rel)}/zarr.json")
+        except (OSError, ValueError):
+            return "-"
+        stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime") or info.get("created")
+        return f"{stamp}:{info.get('size')}"
     parts = []
     for sub in ("zarr.json", "commits"):
         try:
-            st = (folder / sub).stat()
+            st = os.stat(os.path.join(cat.root, rel, sub))
             parts.append(f"{st.st_mtime_ns}:{st.st_size}")
         except OSError:
             parts.append("-")
     return "/".join(parts)
 
 
-def _tree_bytes(folder: Path) -> int:
+def _tree_bytes(cat: Catalogue, rel: str) -> int | None:
+    """Bytes of every file of the archive (None where the store cannot say)."""
+    if cat.remote:
+        try:
+            return int(cat.fs.du(cat.archive_url(rel)))
+        except (OSError, ValueError, TypeError):
+            return None
     total = 0
-    for here, _, files in os.walk(folder):
+    for here, _, files in os.walk(os.path.join(cat.root, rel)):
         for name in files:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(here, name)).st_size
     return total
 
 
-def describe(root: Path, rel: str) -> tuple[dict, list[dict]]:
-    """The catalogue row of the archive at ``root/rel`` and its chunk rows, read from the archive.
+def describe(cat: Catalogue, rel: str) -> tuple[dict, list[dict]]:
+    """The catalogue row of the archive at ``rel`` and its chunk rows, read from the archive.
 
     An archive that cannot be opened gives a row with state ``unreadable`` and the reason.
     """
-    folder = root / rel
-    now = time.time()
+    url = cat.archive_url(rel)
     row = dict.fromkeys(ARCHIVE_FIELDS)
-    row.update(path=rel, signature=_signature(folder), indexed_at=now, archive_bytes=_tree_bytes(folder))
+    row.update(path=rel, signature=_signature(cat, rel), indexed_at=time.time(), archive_bytes=_tree_bytes(cat, rel))
     try:
-        archive = open_archive(str(folder))
+        archive = open_archive(url, cat.options)
     except ArchiveError as exc:
-        row.update(
-            state="unreadable", error=str(exc), fixity="unreadable", fixity_detail=str(exc), source_name=folder.name
-        )
+        name = rel.rsplit("/", 1)[-1]
+        row.update(state="unreadable", error=str(exc), fixity="unreadable", fixity_detail=str(exc), source_name=name)
         return row, []
     attrs, src = archive.attrs, archive.source
     encoder = attrs["encoder"]
@@ -360,11 +488,19 @@ def _store(db: sqlite3.Connection, row: dict, chunks: list[dict]) -> None:
     )
 
 
+Root = str | os.PathLike | Catalogue  # an output root, or its catalogue already opened
+
+
+def _open(root: Root, catalogue: str | os.PathLike | None, storage_options: dict | None) -> Catalogue:
+    return root if isinstance(root, Catalogue) else Catalogue.of(root, catalogue, storage_options)
+
+
 def refresh(
-    root: str | os.PathLike,
+    root: Root,
     catalogue: str | os.PathLike | None = None,
     full: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    storage_options: dict | None = None,
 ) -> dict:
     """Bring the catalogue of ``root`` up to date with the archives under it.
 
@@ -374,29 +510,31 @@ def refresh(
 
     Parameters
     ----------
-    root : path
+    root : path, URL or Catalogue
         Output root.
     catalogue : path, optional
-        SQLite file; default ``<root>/_palstream/catalogue.sqlite``.
+        SQLite file; default ``<root>/_palstream/catalogue.sqlite`` (a cache file for a remote root).
     full : bool, default False
         Read every archive again (``palstream catalogue rebuild``).
     progress : callable, optional
         ``progress(done, total)`` after each archive read.
+    storage_options : dict, optional
+        fsspec options of a remote root.
 
     Returns
     -------
     dict
         ``{"archives": n, "read": n, "dropped": n}``.
     """
-    cat = Catalogue.of(root, catalogue)
-    found = find_archives(cat.root)
+    cat = _open(root, catalogue, storage_options)
+    found = find_archives(cat)
     with cat.connect() as db:
         known = {r["path"]: r["signature"] for r in db.execute("SELECT path, signature FROM archives")}
-    stale = [rel for rel in found if full or known.get(rel) != _signature(cat.root / rel)]
+    stale = [rel for rel in found if full or known.get(rel) != _signature(cat, rel)]
     gone = sorted(set(known) - set(found))
     described = []
     for done, rel in enumerate(stale, 1):
-        described.append(describe(cat.root, rel))  # read outside the transaction: the server keeps reading
+        described.append(describe(cat, rel))  # read outside the transaction: the server keeps reading
         if progress is not None:
             progress(done, len(stale))
     with cat.connect() as db:
@@ -409,16 +547,20 @@ def refresh(
 
 
 def rebuild(
-    root: str | os.PathLike,
+    root: Root,
     catalogue: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
+    storage_options: dict | None = None,
 ) -> dict:
     """Read every archive under ``root`` again (see :func:`refresh`)."""
-    return refresh(root, catalogue, full=True, progress=progress)
+    return refresh(root, catalogue, full=True, progress=progress, storage_options=storage_options)
 
 
 def record_archive(
-    root: str | os.PathLike, archive: str | os.PathLike, catalogue: str | os.PathLike | None = None
+    root: Root,
+    archive: str | os.PathLike,
+    catalogue: str | os.PathLike | None = None,
+    storage_options: dict | None = None,
 ) -> None:
     """Index (again) one archive under ``root``: for the batch system after it finalizes an archive.
 
@@ -427,21 +569,15 @@ def record_archive(
     PalstreamError
         ``archive`` is not under ``root``.
     """
-    cat = Catalogue.of(root, catalogue)
-    rel = _relative(cat, archive)
-    row, chunks = describe(cat.root, rel)
+    cat = _open(root, catalogue, storage_options)
+    row, chunks = describe(cat, cat.relative(archive))
     with cat.connect() as db:
         _store(db, row, chunks)
 
 
-def _relative(cat: Catalogue, archive: str | os.PathLike) -> str:
-    path = Path(str(archive).removeprefix("file://")).resolve()
-    if cat.root not in path.parents:
-        raise OutsideRootError(f"archive {archive} is not under the catalogue's root {cat.root}")
-    return path.relative_to(cat.root).as_posix()
-
-
-def verify_archive(root: str | os.PathLike, rel: str, catalogue: str | os.PathLike | None = None) -> dict:
+def verify_archive(
+    root: Root, rel: str, catalogue: str | os.PathLike | None = None, storage_options: dict | None = None
+) -> dict:
     """Check the fixity of one archive now and record the result and its time in the catalogue.
 
     Returns
@@ -454,12 +590,12 @@ def verify_archive(root: str | os.PathLike, rel: str, catalogue: str | os.PathLi
     PalstreamError
         ``rel`` is outside the root, or no archive is there.
     """
-    cat = Catalogue.of(root, catalogue)
+    cat = _open(root, catalogue, storage_options)
     url = cat.archive_url(rel)
-    if not (Path(url) / "zarr.json").is_file():
+    if not cat.holds(f"{rel}/zarr.json"):
         raise MissingArchiveError(f"no archive at {rel}; it was moved or deleted (refresh the catalogue)")
     try:
-        outcome: list[DamagedChunkError] | ArchiveError = open_archive(url).verify()
+        outcome: list[DamagedChunkError] | ArchiveError = open_archive(url, cat.options).verify()
     except ArchiveError as exc:
         outcome = exc  # unreadable or altered root: recorded as such
     _record_verification(cat, rel, outcome)
@@ -488,14 +624,13 @@ def record_verification(archive: str | os.PathLike, outcome: list[DamagedChunkEr
     path = Path(text.removeprefix("file://")).resolve()
     for parent in path.parents:
         if (parent / JOB_DIR / CATALOGUE_NAME).is_file():
-            cat = Catalogue.of(parent)
-            _record_verification(cat, path.relative_to(parent).as_posix(), outcome)
+            _record_verification(Catalogue.of(parent), path.relative_to(parent).as_posix(), outcome)
             return True
     return False
 
 
 def _record_verification(cat: Catalogue, rel: str, outcome: list[DamagedChunkError] | ArchiveError) -> None:
-    row, chunks = describe(cat.root, rel)
+    row, chunks = describe(cat, rel)
     if isinstance(outcome, ArchiveError):
         row.update(fixity="damaged" if row["state"] != "unreadable" else "unreadable", fixity_detail=str(outcome))
     elif row["state"] != "unreadable":

@@ -57,29 +57,35 @@ class _Error(HTTPException):
 
 
 def create_app(
-    root: str, catalogue: str | None = None, refresh: bool = True, hosts: Sequence[str] = LOCAL_HOSTS
+    root: str,
+    catalogue: str | None = None,
+    refresh: bool = True,
+    hosts: Sequence[str] = LOCAL_HOSTS,
+    storage_options: dict | None = None,
 ) -> Starlette:
     """The web app for the output root ``root``.
 
     Parameters
     ----------
     root : str
-        Local output root (a job's output or any folder of archives).
+        Output root (a job's output or any folder of archives): a local path or a URL.
     catalogue : str, optional
-        SQLite file; default ``<root>/_palstream/catalogue.sqlite``.
+        SQLite file; default ``<root>/_palstream/catalogue.sqlite`` (a cache file for a remote root).
     refresh : bool, default True
         Bring the catalogue up to date now and on every load of the library page.
     hosts : sequence of str, default LOCAL_HOSTS
         Host names accepted in the ``Host`` header (``"*"``: any); others get 400.
+    storage_options : dict, optional
+        fsspec options of a remote root.
 
     Raises
     ------
     PalstreamError
-        ``root`` is not a local folder, or the catalogue cannot be written.
+        ``root`` is not a folder of archives or cannot be read, or the catalogue cannot be written.
     """
-    cat = index.Catalogue.of(root, catalogue)
+    cat = index.Catalogue.of(root, catalogue, storage_options)
     if refresh:
-        index.refresh(cat.root, cat.path)
+        index.refresh(cat)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters.update(
         size=formatting.size,
@@ -100,7 +106,7 @@ def create_app(
             row = index.get_archive(cat, rel)
         except index.MissingArchiveError as exc:
             raise _Error(404, f"{exc}; see the library for what is there") from None
-        if not (Path(url) / "zarr.json").is_file():
+        if not cat.holds(f"{rel}/zarr.json"):
             raise _Error(404, f"archive {rel} was moved or deleted since it was catalogued; reload the library")
         row["url"] = url
         return row
@@ -109,7 +115,7 @@ def create_app(
         if row["state"] == "unreadable":
             raise _Error(422, f"archive {row['path']} cannot be read: {row['error']}")
         try:
-            archive = open_archive(row["url"])
+            archive = open_archive(row["url"], cat.options)
         except ArchiveError as exc:
             raise _Error(422, str(exc)) from None
         return archive, (row["path"], (archive.attrs.get("integrity") or {}).get("sha256"))
@@ -148,7 +154,7 @@ def create_app(
 
     def library(request: Request):
         if refresh:
-            index.refresh(cat.root, cat.path)
+            index.refresh(cat)
         chosen = filters(request)
         rows = index.list_archives(cat, **chosen)
 
@@ -178,9 +184,9 @@ def create_app(
 
     def api_archives(request: Request):
         if refresh:
-            index.refresh(cat.root, cat.path)
+            index.refresh(cat)
         rows = index.list_archives(cat, **filters(request))
-        return JSONResponse({"root": str(cat.root), "archives": rows, "totals": index.totals(rows)})
+        return JSONResponse({"root": cat.root, "archives": rows, "totals": index.totals(rows)})
 
     def archive_page(request: Request):
         row = lookup(request.path_params["rel"])
@@ -268,7 +274,7 @@ def create_app(
         rel = request.path_params["rel"]
         lookup(rel)
         try:
-            await run_in_threadpool(index.verify_archive, cat.root, rel, cat.path)
+            await run_in_threadpool(index.verify_archive, cat, rel)
         except PalstreamError as exc:
             raise _Error(422, str(exc)) from None
         return RedirectResponse(f"/archive/{quote(rel)}?verified=1#fixity", status_code=303)
@@ -276,12 +282,12 @@ def create_app(
     def job_page(request: Request):
         from palstream.batch.status import job_status
 
-        if not (cat.root / index.JOB_DIR / "plan.json").is_file():
+        if not cat.holds(f"{index.JOB_DIR}/plan.json"):
             raise _Error(
                 404, f"{cat.root} holds no palstream job (no {index.JOB_DIR}/plan.json); it is a folder of archives"
             )
         try:
-            job = job_status(str(cat.root))
+            job = job_status(cat.root, cat.options)
         except PalstreamError as exc:
             raise _Error(422, str(exc)) from None
         known = {r["path"] for r in index.list_archives(cat)}
