@@ -1120,6 +1120,7 @@ class ArchiveWriter:
                 fs, new = fsspec.core.url_to_fs(self.write_url, **fsspec_options(self.write_url, self._options))
                 _swap_into_place(fs, new.rstrip("/"), fsspec.core.url_to_fs(self.url, **fsspec_options(self.url, self._options))[1].rstrip("/"))
             except OSError as exc:
+                self._created = False  # the new archive may now be the only whole copy: abort() keeps it
                 raise ArchiveError(
                     f"cannot replace archive {self.url} with the new one at {self.write_url}: {exc}; "
                     "move it into place by hand"

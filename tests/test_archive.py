@@ -685,3 +685,23 @@ def test_a_folder_whose_root_document_is_not_an_object_is_not_overwritten(source
     with pytest.raises(ArchiveError, match="not a palstream archive"):
         encode_file(url, str(other), CONFIG, overwrite=True)
     assert (other / "zarr.json").read_text() == "[1, 2]"
+
+
+def test_a_failed_swap_keeps_both_archives_and_abort_keeps_the_new_one(copy_of, source, monkeypatch):
+    from palstream import archive as archive_module
+
+    def interrupted(fs, new, target):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(archive_module, "_swap_into_place", interrupted)
+    _, info, chunks = source
+    path = copy_of()
+    before = _hashes(path)
+    writer = ArchiveWriter.create(str(path), info, CONFIG, overwrite=True)
+    for i, frames in enumerate(chunks):
+        writer.write_chunk(i, encode_chunk(frames, CONFIG))
+    with pytest.raises(ArchiveError, match="move it into place by hand"):
+        writer.finalize()
+    writer.abort()
+    assert _hashes(path) == before
+    assert open_archive(writer.write_url).complete  # the finished replacement is kept for the user
