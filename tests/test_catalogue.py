@@ -361,6 +361,7 @@ def test_bad_and_huge_ranges_get_a_clear_status(root, monkeypatch):
         assert response.status_code == 400, params
     assert client.get("/thumb/testsrc.zarr", params={"frame": 12}).status_code == 400
     monkeypatch.setattr("palstream.catalogue.media.MAX_PLAY_FRAMES", 8)
+    assert 'src="/play/testsrc.zarr?start=0&amp;stop=8"' in client.get("/archive/testsrc.zarr").text  # playable
     huge = client.get("/play/testsrc.zarr", params={"start": 0, "stop": 12})
     assert huge.status_code == 413 and "at most 8 frames" in huge.text
     assert client.get("/download/testsrc.zarr", params={"start": 0, "stop": 12}).status_code == 413

@@ -73,13 +73,14 @@ def ls(
 
     from palstream.catalogue import index
     from palstream.catalogue.formatting import duration, number, size
+    from palstream.io import redact_url
 
     cat = _catalogue(root, catalogue, storage_profile, endpoint_url)
     index.refresh(cat)
     rows = index.list_archives(cat, query=search, sort=sort)
     totals = index.totals(rows)
     if as_json:
-        typer.echo(json.dumps({"root": cat.root, "archives": rows, "totals": totals}))
+        typer.echo(json.dumps({"root": redact_url(cat.root), "archives": rows, "totals": totals}))
         return
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("archive", overflow="fold", min_width=min(40, max((len(r["path"]) for r in rows), default=7)))

@@ -196,7 +196,7 @@ class Catalogue:
                 yield db
         except sqlite3.Error as exc:
             raise PalstreamError(
-                f"the catalogue {self.path} cannot be used ({exc}); rebuild it: palstream catalogue rebuild {self.root}"
+                f"the catalogue {self.path} cannot be used ({exc}); rebuild it: palstream catalogue rebuild {redact_url(self.root)}"
             ) from None
         finally:
             db.close()
@@ -241,7 +241,9 @@ class Catalogue:
             path, root = Path(text.removeprefix("file://")).resolve(), Path(self.root)
             rel = path.relative_to(root).as_posix() if root in path.parents else ""
         if not rel:
-            raise OutsideRootError(f"archive {archive} is not under the catalogue's root {self.root}")
+            raise OutsideRootError(
+                f"archive {redact_url(str(archive))} is not under the catalogue's root {redact_url(self.root)}"
+            )
         self.archive_url(rel)
         return rel
 
@@ -734,7 +736,7 @@ def get_archive(cat: Catalogue, rel: str) -> dict:
     with cat.connect() as db:
         row = db.execute("SELECT * FROM archives WHERE path = ?", (rel,)).fetchone()
         if row is None:
-            raise MissingArchiveError(f"no archive {rel!r} in the catalogue of {cat.root}")
+            raise MissingArchiveError(f"no archive {rel!r} in the catalogue of {redact_url(cat.root)}")
         chunks = [dict(r) for r in db.execute("SELECT * FROM chunks WHERE path = ? ORDER BY idx", (rel,))]
     return {**_decode_row(row), "chunks": chunks}
 

@@ -42,6 +42,11 @@ class RangeTooLargeError(ValueError):
     """A playback or download range over the server's limits."""
 
 
+def max_frames(width: int, height: int) -> int:
+    """Most frames of ``width`` x ``height`` one playback or download request decodes."""
+    return min(MAX_PLAY_FRAMES, max(1, MAX_PLAY_SAMPLES // (width * height)))
+
+
 def check_range(source: SourceInfo, start: int, stop: int) -> None:
     """Refuse a range the server will not decode in one request.
 
@@ -51,7 +56,7 @@ def check_range(source: SourceInfo, start: int, stop: int) -> None:
         More than :data:`MAX_PLAY_FRAMES` frames or :data:`MAX_PLAY_SAMPLES` luma samples.
     """
     frames = stop - start
-    limit = min(MAX_PLAY_FRAMES, max(1, MAX_PLAY_SAMPLES // (source.width * source.height)))
+    limit = max_frames(source.width, source.height)
     if frames > limit:
         raise RangeTooLargeError(
             f"range {start}:{stop} is {frames} frames; one request plays or downloads at most {limit} frames "

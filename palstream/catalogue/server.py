@@ -27,8 +27,16 @@ from starlette.templating import Jinja2Templates
 
 from palstream.archive import open_archive
 from palstream.catalogue import formatting, index
-from palstream.catalogue.media import DecodedCache, RangeTooLargeError, check_range, ffv1_mkv, playable_mp4
+from palstream.catalogue.media import (
+    DecodedCache,
+    RangeTooLargeError,
+    check_range,
+    ffv1_mkv,
+    max_frames,
+    playable_mp4,
+)
 from palstream.errors import ArchiveError, DamagedChunkError, PalstreamError
+from palstream.io import redact_url
 
 HERE = Path(__file__).parent
 CONTACT_SHEET = 12  # frames shown per archive
@@ -159,11 +167,7 @@ def create_app(
         rows = index.list_archives(cat, **chosen)
 
         def sort_link(key: str) -> str:
-            order = (
-                "asc"
-                if chosen["sort"] == key and chosen["descending"]
-                else ("desc" if chosen["sort"] == key else "asc")
-            )
+            order = "desc" if chosen["sort"] == key and not chosen["descending"] else "asc"  # a click toggles
             params = {k: v for k, v in request.query_params.items() if k not in ("sort", "order")}
             return "?" + urlencode({**params, "sort": key, "order": order})
 
@@ -171,7 +175,7 @@ def create_app(
             request,
             "library.html",
             {
-                "root": cat.root,
+                "root": redact_url(cat.root),
                 "rows": rows,
                 "totals": index.totals(rows),
                 "f": chosen,
@@ -186,12 +190,14 @@ def create_app(
         if refresh:
             index.refresh(cat)
         rows = index.list_archives(cat, **filters(request))
-        return JSONResponse({"root": cat.root, "archives": rows, "totals": index.totals(rows)})
+        return JSONResponse({"root": redact_url(cat.root), "archives": rows, "totals": index.totals(rows)})
 
     def archive_page(request: Request):
         row = lookup(request.path_params["rel"])
         frame_count = row["frames"] or 0
-        start, stop = frame_range(request, frame_count, DEFAULT_PLAY_FRAMES) if frame_count else (0, 0)
+        # the default range is one the server will play: at most DEFAULT_PLAY_FRAMES, within the limit
+        default = min(DEFAULT_PLAY_FRAMES, max_frames(row["width"], row["height"])) if frame_count else 0
+        start, stop = frame_range(request, frame_count, default) if frame_count else (0, 0)
         plot = _rd_points(row["chunks"])
         lost = {
             c["idx"]: "damaged" if c["state"] == "damaged" else "not written"
@@ -284,14 +290,17 @@ def create_app(
 
         if not cat.holds(f"{index.JOB_DIR}/plan.json"):
             raise _Error(
-                404, f"{cat.root} holds no palstream job (no {index.JOB_DIR}/plan.json); it is a folder of archives"
+                404,
+                f"{redact_url(cat.root)} holds no palstream job (no {index.JOB_DIR}/plan.json); it is a folder of archives",
             )
         try:
             job = job_status(cat.root, cat.options)
         except PalstreamError as exc:
             raise _Error(422, str(exc)) from None
         known = {r["path"] for r in index.list_archives(cat)}
-        return templates.TemplateResponse(request, "job.html", {"root": cat.root, "job": job, "catalogued": known})
+        return templates.TemplateResponse(
+            request, "job.html", {"root": redact_url(cat.root), "job": job, "catalogued": known}
+        )
 
     async def error_page(request: Request, exc: Exception):
         status = exc.status_code if isinstance(exc, HTTPException) else 500
