@@ -514,3 +514,13 @@ def test_ls_of_an_s3_root_with_the_storage_options_of_every_command(
         and unreachable.stderr.count("\n") == 1
         and "no storage endpoint answers" in unreachable.stderr
     )
+
+
+def test_the_commands_load_without_the_archive_reader():
+    import subprocess
+    import sys
+
+    # palstream.cli imports every command group at start: the catalogue's must not slow that down
+    code = "import sys, palstream.catalogue.cli; sys.exit(sorted({'zarr', 'numba', 'starlette'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
