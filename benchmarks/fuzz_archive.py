@@ -20,6 +20,7 @@ The last four are failures. Run from the repository root::
     .venv/bin/python -m benchmarks.fuzz_archive --cases 100000 --jobs 2
     .venv/bin/python -m benchmarks.fuzz_archive --cases 300 --seed 7 --out /tmp/fuzz.json
     .venv/bin/python -m benchmarks.fuzz_archive --seed 7 --case 123     # one case, verbosely
+    .venv/bin/python -m benchmarks.fuzz_archive --merge part1.json part2.json  # runs continued with --first
 
 The archive is tests/data/screen_37x29.mkv encoded losslessly in GOPs of 2 (three chunks) unless
 ``--archive`` names an existing one. Results: a table on stdout and ``--out`` (default
@@ -446,6 +447,29 @@ def _table(counts: dict[str, Counter], total: Counter) -> str:
     return "\n".join(rows)
 
 
+def _merge(paths: list[Path], out: Path) -> int:
+    parts = [json.loads(p.read_text()) for p in paths]
+    total: Counter = Counter()
+    counts: dict[str, Counter] = {}
+    for part in parts:
+        total.update(part["totals"])
+        for family, c in part["by_family"].items():
+            counts.setdefault(family, Counter()).update(c)
+    print(_table(counts, total))
+    report = {
+        "cases": sum(total.values()),
+        "totals": dict(total),
+        "by_family": {f: dict(c) for f, c in sorted(counts.items())},
+        "slowest_case_seconds": max(p["slowest_case_seconds"] for p in parts),
+        "peak_rss_kb": max(p["peak_rss_kb"] for p in parts),
+        "failing_or_undetected": [c for p in parts for c in p["failing_or_undetected"]][:200],
+        "parts": [{k: v for k, v in p.items() if k != "failing_or_undetected"} for p in parts],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    return 1 if any(total[k] for k in (*FAILURES, "UNDETECTED")) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=1000, help="number of mutated cases (default 1000)")
@@ -456,7 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="time ceiling per case, seconds (default 30)")
     parser.add_argument("--archive", type=Path, help="archive to mutate (default: the 37x29 clip, lossless, GOP 2)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fuzz_archive.json")
+    parser.add_argument("--merge", type=Path, nargs="+", help="combine the reports of runs over disjoint cases into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        return _merge(args.merge, args.out)
 
     scratch = Path(tempfile.mkdtemp(prefix="palstream-fuzz-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     try:
