@@ -38,10 +38,12 @@ app = typer.Typer(
 # Command groups living beside their library code register themselves here.
 from palstream.batch.cli import EndpointOpt, ProfileOpt  # noqa: E402  (one definition of the storage options)
 from palstream.batch.cli import register as _register_batch  # noqa: E402
+from palstream.catalogue.cli import register as _register_catalogue  # noqa: E402
 from palstream.learned.cli import register as _register_learned  # noqa: E402
 from palstream.tuner.cli import register as _register_tuner  # noqa: E402
 
 _register_batch(app)
+_register_catalogue(app)
 _register_learned(app)
 _register_tuner(app)
 
@@ -262,6 +264,18 @@ def decode(
         typer.echo(f"wrote {result.frames_written} frames to stdout", err=True)  # stdout carries the video
 
 
+def _record_verification(archive: str, outcome) -> None:
+    """Keep the catalogue of the output root holding ``archive`` (if any) current; never fails verify."""
+    import sqlite3
+
+    from palstream.catalogue import record_verification
+
+    try:
+        record_verification(archive, outcome)
+    except (PalstreamError, OSError, sqlite3.Error) as exc:
+        warnings.warn(f"the verification was not recorded in the library catalogue: {exc}", stacklevel=2)
+
+
 @app.command()
 def verify(
     archive: Annotated[str, typer.Argument(help="Archive to check (path or fsspec URL).")],
@@ -272,7 +286,12 @@ def verify(
     from palstream.archive import open_archive
 
     reader = open_archive(archive, _storage_options(storage_profile, endpoint_url))
-    damaged = reader.verify()
+    try:
+        damaged = reader.verify()
+    except ArchiveError as exc:
+        _record_verification(archive, exc)
+        raise
+    _record_verification(archive, damaged)
     if damaged:
         raise ArchiveError(f"{len(damaged)} of {reader.n_chunks} chunks damaged: " + "; ".join(map(str, damaged)))
     if not reader.complete:

@@ -45,15 +45,6 @@ def root(library, tmp_path) -> Path:
     return copy
 
 
-@pytest.fixture
-def palstream_cli(run_cli):
-    """``palstream ...`` with the catalogue's commands."""
-    from palstream import cli
-    from palstream.catalogue.cli import register
-
-    if "ls" not in {c.callback.__name__ for c in cli.app.registered_commands}:
-        register(cli.app)  # until palstream/cli.py registers them itself
-    return run_cli
 
 
 def _client(root: Path, **kwargs) -> TestClient:
@@ -148,21 +139,21 @@ def test_record_archive_indexes_one_archive_and_refuses_one_outside_the_root(roo
         index.record_archive(root, tmp_path)
 
 
-def test_ls_json_lists_the_archives_with_totals(root, palstream_cli):
-    result = palstream_cli("ls", root, "--json")
+def test_ls_json_lists_the_archives_with_totals(root, run_cli):
+    result = run_cli("ls", root, "--json")
     assert result.code == 0, result.stderr
     listing = json.loads(result.stdout)
     assert [a["path"] for a in listing["archives"]] == ["fractals/mandel.zarr", "testsrc.zarr"]
     assert listing["totals"]["archives"] == 2 and listing["totals"]["frames"] == 20
     assert listing["totals"]["payload_bytes"] == sum(a["payload_bytes"] for a in listing["archives"])
-    searched = json.loads(palstream_cli("ls", root, "--json", "--search", "mandel").stdout)
+    searched = json.loads(run_cli("ls", root, "--json", "--search", "mandel").stdout)
     assert [a["path"] for a in searched["archives"]] == ["fractals/mandel.zarr"]
-    table = palstream_cli("ls", root)
+    table = run_cli("ls", root)
     assert table.code == 0 and "testsrc.zarr" in table.stdout and "2 archive(s), 20 frames" in table.stdout
 
 
-def test_catalogue_rebuild_command_and_one_line_errors(root, tmp_path, palstream_cli):
-    result = palstream_cli("catalogue", "rebuild", root)
+def test_catalogue_rebuild_command_and_one_line_errors(root, tmp_path, run_cli):
+    result = run_cli("catalogue", "rebuild", root)
     assert result.code == 0 and "catalogued 2 archive(s)" in result.stdout
     for args, message in (
         (("ls", tmp_path / "absent"), "is not a folder"),
@@ -170,7 +161,7 @@ def test_catalogue_rebuild_command_and_one_line_errors(root, tmp_path, palstream
         (("ls", root, "--sort", "colour"), "cannot sort by 'colour'"),
         (("serve", root / "testsrc.zarr"), "is an archive, not a folder of archives"),
     ):
-        result = palstream_cli(*args)
+        result = run_cli(*args)
         assert result.code == 1
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
 
@@ -427,17 +418,17 @@ def test_a_verification_elsewhere_is_recorded_in_the_enclosing_catalogue(root, t
     assert not index.record_verification("s3://bucket/x.zarr", [])
 
 
-def test_serve_binds_to_localhost_by_default_and_refuses_a_bad_port(root, palstream_cli, monkeypatch):
+def test_serve_binds_to_localhost_by_default_and_refuses_a_bad_port(root, run_cli, monkeypatch):
     import uvicorn
 
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
-    assert palstream_cli("serve", root).code == 0
+    assert run_cli("serve", root).code == 0
     assert calls[0]["host"] == "127.0.0.1" and calls[0]["port"] == 8765
-    bad = palstream_cli("serve", root, "--port", "99999")
+    bad = run_cli("serve", root, "--port", "99999")
     assert bad.code == 1 and bad.stderr == "error: --port 99999 is not a TCP port; give 1..65535\n"
     with socket.create_server(("127.0.0.1", 0)) as taken:
-        busy = palstream_cli("serve", root, "--port", taken.getsockname()[1])
+        busy = run_cli("serve", root, "--port", taken.getsockname()[1])
     assert (
         busy.code == 1 and busy.stderr.startswith("error: cannot listen on 127.0.0.1:") and busy.stderr.count("\n") == 1
     )
@@ -450,6 +441,7 @@ def test_a_real_job_is_catalogued_and_its_job_page_shows_progress(tmp_path, run_
     result = run_cli("submit", *inputs, "--out", out, "--workers", "1", "--gop", "4", "--no-progress")
     assert result.code == 0, result.stderr
     before = _tree(out)
+    assert "_palstream/catalogue.sqlite" in before  # the job keeps its root's catalogue current
     client = _client(out)
     listed = client.get("/api/archives").json()["archives"]
     assert sorted(a["path"] for a in listed) == ["batch_mandel_48x32.zarr", "batch_testsrc_64x48.zarr"]
@@ -458,8 +450,8 @@ def test_a_real_job_is_catalogued_and_its_job_page_shows_progress(tmp_path, run_
     assert job.status_code == 200 and 'id="job-state">complete' in job.text and 'id="job-units">5 of 5' in job.text
     assert 'href="/archive/batch_testsrc_64x48.zarr"' in job.text
     after = _tree(out)
-    assert {k for k in after if k not in before} == {"_palstream/catalogue.sqlite"}
-    assert all(after[k] == v for k, v in before.items())
+    assert set(after) == set(before)  # the server wrote no new file
+    assert all(after[k] == v for k, v in before.items() if k != "_palstream/catalogue.sqlite")
 
 
 def test_a_remote_root_is_catalogued_in_the_cache_and_served(library, tmp_path, monkeypatch):
@@ -495,7 +487,7 @@ def test_a_remote_root_is_catalogued_in_the_cache_and_served(library, tmp_path, 
 
 @pytest.mark.slow  # a moto S3 server, and botocore's retries against an endpoint that does not answer
 def test_ls_of_an_s3_root_with_the_storage_options_of_every_command(
-    library, s3_endpoint, palstream_cli, tmp_path, monkeypatch
+    library, s3_endpoint, run_cli, tmp_path, monkeypatch
 ):
     import fsspec
 
@@ -504,11 +496,11 @@ def test_ls_of_an_s3_root_with_the_storage_options_of_every_command(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     fs = fsspec.filesystem("s3", endpoint_url=s3_endpoint, skip_instance_cache=True)
     fs.put(str(library / "testsrc.zarr"), "archives/lib/a/testsrc.zarr", recursive=True)
-    result = palstream_cli("ls", "s3://archives/lib", "--json", "--endpoint-url", s3_endpoint)
+    result = run_cli("ls", "s3://archives/lib", "--json", "--endpoint-url", s3_endpoint)
     assert result.code == 0, result.stderr
     listing = json.loads(result.stdout)
     assert [(a["path"], a["state"]) for a in listing["archives"]] == [("a/testsrc.zarr", "complete")]
-    unreachable = palstream_cli("ls", "s3://archives/lib", "--endpoint-url", "http://127.0.0.1:9")
+    unreachable = run_cli("ls", "s3://archives/lib", "--endpoint-url", "http://127.0.0.1:9")
     assert (
         unreachable.code == 1
         and unreachable.stderr.count("\n") == 1
@@ -524,3 +516,12 @@ def test_the_commands_load_without_the_archive_reader():
     code = "import sys, palstream.catalogue.cli; print(sorted({'zarr', 'numba', 'starlette'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout == "[]\n", done.stdout + done.stderr
+
+
+def test_palstream_verify_records_its_outcome_in_the_catalogue(root, run_cli):
+    index.rebuild(root)
+    assert run_cli("verify", root / "testsrc.zarr").code == 0
+    _flip_payload_byte(root / "fractals" / "mandel.zarr", 1)
+    assert run_cli("verify", root / "fractals" / "mandel.zarr").code == 1
+    fixity = {a["path"]: a["fixity"] for a in json.loads(run_cli("ls", root, "--json").stdout)["archives"]}
+    assert fixity == {"testsrc.zarr": "intact", "fractals/mandel.zarr": "damaged"}

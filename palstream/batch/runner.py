@@ -352,6 +352,7 @@ class _Execution:
         self.report.seconds = time.monotonic() - self.started
         write_json(join(self.spec.output, JOB_DIR, "report.json"), {**self.report.to_dict(), "finished": time.time()}, self.out_opts)
         write_manifests(self.client, self.spec.output, self.out_opts, self.plan, self.report)
+        self._refresh_catalogue()
         self.log.write(
             f"run of plan {self.plan.hash[:12]} ended: {self.report.units_encoded} unit(s) encoded, "
             f"{len(self.report.quarantined)} failure(s), {'complete' if self.report.complete else 'incomplete'}"
@@ -499,6 +500,18 @@ class _Execution:
         else:
             reason = self.log.failure(f"finalizing the archive of {src['url']} failed", fut)
             self._quarantine(source, None, f"finalize failed: {reason}")
+
+    def _refresh_catalogue(self) -> None:
+        """Bring the output root's library catalogue up to date (``palstream ls``/``serve``); a
+        catalogue that cannot be written is logged and never fails the job: the archives are the record."""
+        import sqlite3
+
+        from palstream import catalogue
+
+        try:
+            catalogue.refresh(self.spec.output, storage_options=self.out_opts)
+        except (PalstreamError, OSError, sqlite3.Error) as exc:
+            self.log.write(f"the library catalogue was not refreshed: {exc}")
 
     # -- reporting ---------------------------------------------------------------------------
     def _threads(self) -> int:
