@@ -304,6 +304,12 @@ def test_s3_archive_round_trip_and_damage(s3_endpoint, source, tmp_path):
     data[0] ^= 1
     fs.pipe_file(key, bytes(data))
     assert [e.index for e in open_archive(target, options).verify()] == [1]
+    # replacing on object storage: copied over root last, stale objects gone, no temporary prefix left
+    archive = encode_file(url, target, EncoderConfig(lossless=True, gop=3), storage_options=options, overwrite=True)
+    assert archive.n_chunks == 2 and open_archive(target, options).verify() == []
+    fs.invalidate_cache()
+    assert not fs.exists("archives/lib/screen.zarr/chunks/000002/c/0")
+    assert fs.glob("archives/lib/screen.zarr.palstream-tmp-*") == []
 
 
 @pytest.mark.parametrize(
