@@ -963,26 +963,28 @@ class ArchiveWriter:
                 f"{n_chunks} chunks do not fit {source.frame_count} frames in GOPs of {config.gop}; use {expected}"
             )
         check_destination(url, storage_options, overwrite)
-        attrs = _seal(
-            {
-                "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "source": source.to_dict(),
-                "encoder": {
-                    "palstream_version": palstream.__version__,
-                    "config": config.to_dict(),
-                    "config_digest": config.digest,
-                    "palette_generator": {
-                        "name": generator.name if generator is not None else config.palette,
-                        "weights_hash": generator.weights_hash if generator is not None else None,
-                    },
+        attrs = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "source": source.to_dict(),
+            "encoder": {
+                "palstream_version": palstream.__version__,
+                "config": config.to_dict(),
+                "config_digest": config.digest,
+                "palette_generator": {
+                    "name": generator.name if generator is not None else config.palette,
+                    "weights_hash": generator.weights_hash if generator is not None else None,
                 },
-                "gop": config.gop,
-                "n_chunks": expected,
-                "frame_count": source.frame_count,
-                "status": "incomplete",
-            }
-        )
+            },
+            "gop": config.gop,
+            "n_chunks": expected,
+            "frame_count": source.frame_count,
+            "status": "incomplete",
+        }
+        try:
+            attrs = _seal(attrs)
+        except ValueError as exc:  # e.g. a file name that is not valid UTF-8 has no canonical JSON
+            raise ArchiveError(f"cannot record the source of {url} in the archive ({exc}); rename the source file") from None
         write_url = str(url)
         try:
             fs, path = fsspec.core.url_to_fs(str(url), **fsspec_options(url, storage_options))

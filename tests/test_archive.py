@@ -711,3 +711,13 @@ def test_a_failed_swap_keeps_both_archives_and_abort_keeps_the_new_one(copy_of, 
     writer.abort()
     assert _hashes(path) == before
     assert open_archive(writer.write_url).complete  # the finished replacement is kept for the user
+
+
+def test_a_source_name_without_canonical_json_is_a_one_line_error(source, tmp_path):
+    """A file name of invalid UTF-8 (surrogate-escaped by Python) cannot be sealed: refused, not a traceback."""
+    from dataclasses import replace
+
+    _, info, _ = source
+    with pytest.raises(ArchiveError, match="rename the source file"):
+        ArchiveWriter.create(str(tmp_path / "a.zarr"), replace(info, name="caf\udce9.mkv"), CONFIG)
+    assert not (tmp_path / "a.zarr").exists()
