@@ -11,6 +11,7 @@ from pathlib import Path
 from palstream.codec.precompile import AHEAD_NOTICE, FIRST_USE_NOTICE
 
 DATA = Path(__file__).parent / "data"
+DEMO = Path(__file__).parents[1] / "palstream" / "data" / "demo.mkv"
 # one small kernel: compiles in about a second
 FLUSH = "import numpy as np; from palstream.codec import rangecoder; rangecoder.flush(rangecoder.new_state(), np.zeros(16, np.uint8))"
 
@@ -75,8 +76,9 @@ from palstream.learned import chroma
 compile_kernels()
 kernels = [f for m in (analysis, rangecoder, syntax, chroma) for f in vars(m).values() if isinstance(f, CPUDispatcher)]
 before = {k: set(k.signatures) for k in kernels}
-for clip, n in (("camera_64x48.mkv", 6), ("screen_37x29.mkv", 4)):
-    frames = read_frames(sys.argv[1] + "/" + clip, 0, n)
+# the shipped demo has blocks the palette generators get to propose for (cgan-v1's own kernels)
+for path, n in ((sys.argv[1] + "/camera_64x48.mkv", 6), (sys.argv[1] + "/screen_37x29.mkv", 4), (sys.argv[2], 2)):
+    frames = read_frames(path, 0, n)
     for config in (EncoderConfig(lossless=True), EncoderConfig(target_psnr=38.0), EncoderConfig(palette="cgan-v1")):
         decode_chunk(encode_chunk(frames, config).payload)
 new = [f"{k.py_func.__module__}.{k.__name__}{s}" for k in kernels for s in set(k.signatures) - before[k]]
@@ -88,7 +90,8 @@ def test_compile_kernels_covers_every_signature_the_codec_uses(tmp_path):
     """In a fresh process, encoding and decoding real clips after compile_kernels() needs no kernel
     signature that compile_kernels() did not already compile or load."""
     run = subprocess.run(
-        [sys.executable, "-c", COVERAGE, str(DATA)], capture_output=True, text=True, timeout=1800, cwd=tmp_path
+        [sys.executable, "-c", COVERAGE, str(DATA), str(DEMO)], capture_output=True, text=True, timeout=1800,
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == ""
