@@ -151,7 +151,7 @@ def test_cli_prints_weight_errors_as_one_line(tmp_path, monkeypatch, capsys):
     """At the CLI edge a WeightsError is `error: ...` and exit 1, never a traceback."""
     from palstream import cli
 
-    def fail():
+    def fail(**kwargs):  # stands in for the typer app, which main() calls with standalone_mode
         CganGenerator(device="cpu", weights=tmp_path / "gone.pt").load()
 
     monkeypatch.setattr(cli, "app", fail)
