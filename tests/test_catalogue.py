@@ -495,12 +495,13 @@ def test_ls_of_an_s3_root_with_the_storage_options_of_every_command(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     fs = fsspec.filesystem("s3", endpoint_url=s3_endpoint, skip_instance_cache=True)
-    fs.put(str(library / "testsrc.zarr"), "archives/lib/a/testsrc.zarr", recursive=True)
-    result = run_cli("ls", "s3://archives/lib", "--json", "--endpoint-url", s3_endpoint)
+    # a prefix of its own: the bucket is shared by the session's S3 tests
+    fs.put(str(library / "testsrc.zarr"), "archives/catalogue-lib/a/testsrc.zarr", recursive=True)
+    result = run_cli("ls", "s3://archives/catalogue-lib", "--json", "--endpoint-url", s3_endpoint)
     assert result.code == 0, result.stderr
     listing = json.loads(result.stdout)
     assert [(a["path"], a["state"]) for a in listing["archives"]] == [("a/testsrc.zarr", "complete")]
-    unreachable = run_cli("ls", "s3://archives/lib", "--endpoint-url", "http://127.0.0.1:9")
+    unreachable = run_cli("ls", "s3://archives/catalogue-lib", "--endpoint-url", "http://127.0.0.1:9")
     assert (
         unreachable.code == 1
         and unreachable.stderr.count("\n") == 1
