@@ -341,6 +341,7 @@ class _Execution:
         self.frames_done = sum(u.count for u in units if u.index in self.committed[u.source])
         self._set_unit_gauges(len(todo), 0)
         metrics.job_workers_requested.set(requested_workers(self.spec, self.client))
+        metrics.job_start.set(time.time())  # units start now: probing is over (the stalled alert counts from here)
         stop = threading.Event()
         watcher = threading.Thread(target=self._watch_workers, args=(stop,), daemon=True)
         watcher.start()

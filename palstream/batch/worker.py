@@ -7,6 +7,8 @@ and returns a summary of a few numbers. No frames travel through the scheduler.
 
 from __future__ import annotations
 
+import asyncio
+
 import hashlib
 import itertools
 import logging
@@ -50,7 +52,7 @@ class PalstreamWorkerPlugin(WorkerPlugin):
         self._generators: dict = {}
         self.device = "cpu"
 
-    def setup(self, worker) -> None:
+    async def setup(self, worker) -> None:
         import torch
 
         _quiet_task_failures()
@@ -71,7 +73,10 @@ class PalstreamWorkerPlugin(WorkerPlugin):
         import palstream.archive  # noqa: F401
 
         if self.palette is not None:
-            _warm_up(self.generator(self.palette), self.palette)
+            # Dask runs setup on the worker's event loop: warming up (a second from numba's cache,
+            # minutes if the kernels must compile) runs in a thread, so heartbeats go on meanwhile.
+            generator = await asyncio.get_running_loop().run_in_executor(None, self.generator, self.palette)
+            await asyncio.get_running_loop().run_in_executor(None, _warm_up, generator, self.palette)
 
     def generator(self, name: str) -> "TimedGenerator":
         """The palette generator ``name``, created on first use and kept for the worker's life."""
