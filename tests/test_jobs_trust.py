@@ -202,6 +202,16 @@ def test_status_exits_nonzero_for_pending_and_refused_inputs(tmp_path, run_cli):
     assert result.code == EXIT_FAILED == 4 and "cut.mkv is truncated" in result.stdout
 
 
+def test_status_names_an_archive_that_is_there_but_does_not_open(tmp_path, run_cli):
+    out, _ = _job(tmp_path)
+    target = Path(load_plan(out).archive_url(out, 0))
+    target.mkdir(parents=True)
+    (target / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {"format": "palstream"}}))
+    result = run_cli("status", out)
+    assert result.code == EXIT_FAILED
+    assert "damaged" in result.stdout and f"damaged: {CLIP}" in result.stdout
+
+
 def test_bad_driver_options_are_one_line_errors(tmp_path, run_cli):
     result = run_cli("submit", str(DATA / CLIP), "--out", str(tmp_path / "out"), "--metrics-port", "99999", "--no-progress")
     assert result.code == 1 and "99999" in _one_error_line(result.stderr)

@@ -261,6 +261,9 @@ def status(
         for arm, stats in tuner["by_arm"].items():
             arm_mean = f"{stats['mean_reward']:.3f}" if stats["mean_reward"] is not None else "-"
             console.print(f"  {arm}: {stats['decisions']} decision(s), mean reward {arm_mean}", markup=False)
+    for v in info["videos"]:
+        if v["error"]:
+            console.print(f"damaged: {v['name']}: {v['error']}", markup=False)
     for q in info["quarantined"]:
         where = f" unit {q['unit']}" if q["unit"] is not None else ""
         console.print(f"quarantined: {q['input']}{where}: {q['reason']}", markup=False)

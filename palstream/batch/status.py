@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from palstream.batch.plan import load_plan
+from palstream.batch.plan import fs_exists, load_plan
 from palstream.batch.store import JOB_DIR, JobLock, filesystem, join, read_json, storage_error
 from palstream.errors import ArchiveError, PalstreamError
 from palstream.tuner.session import ledger_summary
@@ -24,7 +24,7 @@ def exit_code(info: dict) -> int:
     """The exit code of ``palstream status`` for a :func:`job_status` result."""
     if info["state"] == "complete":
         return EXIT_COMPLETE
-    if info["state"] != "running" and info["quarantined"]:
+    if info["state"] != "running" and (info["quarantined"] or any(v["state"] == "damaged" for v in info["videos"])):
         return EXIT_FAILED
     return EXIT_INCOMPLETE
 
@@ -39,8 +39,9 @@ def job_status(output: str, options: dict | None = None) -> dict:
         (lock holder or None), ``units_done``/``units_total``, ``frames_done``/``frames_total``,
         ``frames_per_second`` (last run, or so far while running), ``videos`` (one dict per
         input: ``name`` (path under the input root), ``archive``, ``state`` (``complete``,
-        ``partial``, ``pending``, ``quarantined``), ``units_done``, ``units_total``, ``frames_done``,
-        ``ratio``, ``psnr_y``), ``quarantined`` (from the last run's report), ``tuner`` (tuned
+        ``partial``, ``pending``, ``quarantined``, ``damaged``: there and unreadable), ``units_done``,
+        ``units_total``, ``frames_done``, ``ratio``, ``psnr_y``, ``error`` (why a damaged archive does
+        not open, else None)), ``quarantined`` (from the last run's report), ``tuner`` (tuned
         jobs: decisions and mean reward by arm, see ``palstream.tuner.session.ledger_summary``;
         None otherwise).
     """
@@ -61,11 +62,14 @@ def job_status(output: str, options: dict | None = None) -> dict:
     videos = []
     for i, src in enumerate(plan.sources):
         url = plan.archive_url(output, i)
+        damage = None
         try:
             arc = archive.open_archive(url, options)
             committed, complete = arc.committed(), arc.complete
-        except ArchiveError:
+        except ArchiveError as exc:
             committed, complete = set(), False
+            if fs_exists(url, options):  # an archive is there and does not open: say why, never "pending"
+                damage = str(exc)
         units = src["units"]
         mine = [summaries[(i, j)] for j in committed if (i, j) in summaries]
         raw = sum(s["raw_bytes"] for s in mine)
@@ -73,6 +77,8 @@ def job_status(output: str, options: dict | None = None) -> dict:
         psnrs = [s["psnr_y"] for s in mine if s.get("psnr_y") is not None]
         if complete:
             state = "complete"
+        elif damage is not None:
+            state = "damaged"
         elif src["url"] in failed_inputs and not running:
             state = "quarantined"
         elif committed:
@@ -90,12 +96,13 @@ def job_status(output: str, options: dict | None = None) -> dict:
                 "frames_total": src["info"]["frame_count"],
                 "ratio": raw / coded if coded else None,
                 "psnr_y": min(psnrs) if psnrs else None,
+                "error": damage,
             }
         )
     for rejected in plan.rejected:
         videos.append(
             {"name": rejected.get("path", rejected["url"].rsplit("/", 1)[-1]), "archive": None, "state": "quarantined", "units_done": 0,
-             "units_total": 0, "frames_done": 0, "frames_total": 0, "ratio": None, "psnr_y": None}
+             "units_total": 0, "frames_done": 0, "frames_total": 0, "ratio": None, "psnr_y": None, "error": None}
         )
     if running:
         state = "running"
