@@ -482,7 +482,7 @@ def _load_root(store: _Store, url: str, force: bool) -> tuple[dict, str | None]:
         if altered and not force:
             raise ArchiveError(
                 f"archive {url}: root metadata altered: {altered}; restore zarr.json from a copy or re-encode "
-                "(force=True reads it anyway)"
+                "(--force, or force=True, reads it anyway)"
             )
     return _check_root(doc, url), altered
 

@@ -104,6 +104,16 @@ def _say(message: str) -> None:
         typer.echo(message)
 
 
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Read an archive whose root metadata fails its checksum (a warning names what changed); "
+        "for rescuing what is left, never for trusting it.",
+    ),
+]
+
+
 def _storage_options(storage_profile: str | None, endpoint_url: str | None) -> dict:
     """fsspec options for s3:// inputs and archives, resolved as in the batch CLI (storage/README.md)."""
     from palstream.batch.spec import StorageSpec
@@ -232,6 +242,7 @@ def decode(
     format: Annotated[
         Optional[str], typer.Option("--format", help="Format of - (stdout): y4m (default) or yuv (raw 4:2:0).")
     ] = None,
+    force: ForceOpt = False,
     storage_profile: ProfileOpt = None,
     endpoint_url: EndpointOpt = None,
 ) -> None:
@@ -252,6 +263,7 @@ def decode(
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             overwrite=overwrite,
             format=format,
+            force=force,
         )
     if result.damaged:
         names = "; ".join(
@@ -305,13 +317,14 @@ def info(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (the archive attributes plus per-chunk records).")
     ] = False,
+    force: ForceOpt = False,
     storage_profile: ProfileOpt = None,
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Describe an archive: source, encoder, status, size."""
     from palstream.archive import open_archive
 
-    reader = open_archive(archive, _storage_options(storage_profile, endpoint_url))
+    reader = open_archive(archive, _storage_options(storage_profile, endpoint_url), force=force)
     chunks = [{"index": i, **reader.chunk_attrs(i)} for i in range(reader.n_chunks)]
     if as_json:
         typer.echo(json.dumps({**reader.attrs, "chunks": chunks}))

@@ -223,6 +223,7 @@ def decode_file(
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
     format: str | None = None,
+    force: bool = False,
 ) -> DecodeResult:
     """Decode an archive (or a frame range of it) to a video file.
 
@@ -246,6 +247,8 @@ def decode_file(
         Replace an existing output.
     format : str, optional
         ``"y4m"`` (default) or ``"yuv"`` when ``output`` is ``-``.
+    force : bool, default False
+        Decode even if the archive's root metadata fails its checksum (a warning says what changed).
 
     Raises
     ------
@@ -256,7 +259,7 @@ def decode_file(
         The archive cannot be opened.
     """
     output = str(output)
-    reader = open_archive(archive, storage_options)
+    reader = open_archive(archive, storage_options, force=force)
     if isinstance(frames, slice):
         if frames.step not in (None, 1):
             raise PalstreamError(f"frame range {frames} has a step; give a contiguous range")

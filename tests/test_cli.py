@@ -276,3 +276,18 @@ def test_a_command_whose_extra_is_missing_names_the_extra(data_dir, tmp_path):
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and "'encode' extra" in line and "pip install 'palstream[encode]'" in line
     assert not archive.exists()
+
+
+def test_altered_root_is_refused_unless_forced(run_cli, lossless_archive, tmp_path):
+    path = tmp_path / "a.zarr"
+    shutil.copytree(lossless_archive, path)
+    root = path / "zarr.json"
+    root.write_text(root.read_text().replace('"fps": "15/1"', '"fps": "25/1"'))
+    out = tmp_path / "out.y4m"
+    line = _one_error_line(run_cli("decode", path, out))
+    assert "root metadata altered: source.fps changed" in line and "--force" in line and not out.exists()
+    _one_error_line(run_cli("info", path))
+    forced = run_cli("decode", path, out, "--force")
+    assert forced.code == 0 and "warning: " in forced.stderr and out.exists()
+    assert run_cli("info", path, "--force").code == 0
+    assert _one_error_line(run_cli("verify", path))  # forcing reads it; it never makes it intact
