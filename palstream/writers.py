@@ -323,13 +323,20 @@ _SWS_MATRIX = {
 }
 
 
+def rgb_frame(frames: Frames, t: int, source: SourceInfo, width: int | None = None, height: int | None = None):
+    """Frame ``t`` as an RGB ``av.VideoFrame`` through the source's YCbCr matrix and range;
+    scaled to ``width`` x ``height`` by area averaging when given (thumbnails)."""
+    yuv = _to_av_frame(frames, t, _av_format(source))
+    scale = {} if width is None else {"width": width, "height": height, "interpolation": "AREA"}
+    return yuv.reformat(format="rgb24", src_colorspace=_SWS_MATRIX.get(source.color.get("matrix"), "ITU601"), **scale)
+
+
 def _write_png(frames_iter, pattern, source: SourceInfo) -> int:
     codec = None
     written = 0
     for frames in frames_iter:
         for t in range(len(frames)):
-            yuv = _to_av_frame(frames, t, _av_format(source))
-            rgb = yuv.reformat(format="rgb24", src_colorspace=_SWS_MATRIX.get(source.color.get("matrix"), "ITU601"))
+            rgb = rgb_frame(frames, t, source)
             if codec is None:
                 codec = av.CodecContext.create("png", "w")
                 codec.width, codec.height, codec.pix_fmt = frames.width, frames.height, "rgb24"

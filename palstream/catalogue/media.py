@@ -19,24 +19,12 @@ import numpy as np
 from palstream.archive import Archive
 from palstream.frames import Frames
 from palstream.io import SourceInfo
-from palstream.writers import write_video
+from palstream.writers import rgb_frame, write_video
 
 THUMB_WIDTH = 320  # thumbnails are scaled down to this width at most
 MAX_PLAY_FRAMES = 900  # one playback or download request decodes at most this many frames...
 MAX_PLAY_SAMPLES = 600 * 1920 * 1080  # ...and at most this many luma samples (frames x width x height)
 PLAY_CRF = "20"
-
-# YCbCr -> RGB matrices swscale knows, by FFmpeg matrix name (others and "unspecified": BT.601).
-_SWS_MATRIX = {
-    "bt709": "ITU709",
-    "fcc": "FCC",
-    "bt470bg": "ITU601",
-    "smpte170m": "SMPTE170M",
-    "smpte240m": "SMPTE240M",
-    "bt2020nc": "BT2020",
-    "bt2020c": "BT2020",
-}
-
 
 class RangeTooLargeError(ValueError):
     """A playback or download range over the server's limits."""
@@ -74,22 +62,11 @@ def _yuv_frame(frames: Frames, t: int, fmt: str, width: int, height: int) -> av.
     return frame
 
 
-def _pixel_format(source: SourceInfo) -> str:
-    return "yuvj420p" if source.color.get("range") == "pc" else "yuv420p"
-
-
 def thumbnail_png(frames: Frames, t: int, source: SourceInfo, width: int = THUMB_WIDTH) -> bytes:
     """Frame ``t`` of ``frames`` as an RGB PNG, scaled down to ``width`` pixels wide at most."""
     out_w = min(width, source.width)
     out_h = max(1, round(source.height * out_w / source.width))
-    frame = _yuv_frame(frames, t, _pixel_format(source), frames.width, frames.height)
-    rgb = frame.reformat(
-        width=out_w,
-        height=out_h,
-        format="rgb24",
-        src_colorspace=_SWS_MATRIX.get(source.color.get("matrix"), "ITU601"),
-        interpolation="AREA",
-    )
+    rgb = rgb_frame(frames, t, source, out_w, out_h)
     codec = av.CodecContext.create("png", "w")
     codec.width, codec.height, codec.pix_fmt = out_w, out_h, "rgb24"
     return b"".join(bytes(p) for p in codec.encode(rgb))
