@@ -27,7 +27,7 @@ from palstream.archive import open_archive
 from palstream.batch import cluster as batch_cluster
 from palstream.batch.runner import run_job
 from palstream.batch.spec import JobSpec
-from palstream.batch.status import job_status
+from palstream.batch.status import EXIT_FAILED, job_status
 from palstream.batch.store import JobLockedError
 from palstream.cli import app
 from palstream.codec import EncoderConfig
@@ -146,7 +146,7 @@ def test_job_completes_quarantines_corrupt_input_exports_metrics_and_matches_enc
     assert all(v["ratio"] > 1 for v in status["videos"] if v["state"] == "complete")
 
     result = CliRunner().invoke(app, ["status", str(out)])
-    assert result.exit_code == 0
+    assert result.exit_code == EXIT_FAILED  # finished, with a quarantined input
     assert "batch_testsrc_64x48.mkv" in result.output and "quarantined: " in result.output
 
     # Fixing the library means a new job; rerunning the same one recomputes nothing.
