@@ -19,6 +19,7 @@ import numpy as np
 
 from palstream.archive import Archive, ArchiveWriter, check_destination, open_archive
 from palstream.codec import EncoderConfig, encode_chunk
+from palstream.codec.precompile import announce_if_cold
 from palstream.errors import DamagedChunkError, PalstreamError
 from palstream.frames import Frames
 from palstream.io import fsspec_options, iter_chunks, probe
@@ -76,6 +77,7 @@ def encode_file(
     archive, no replacement beside the old one, no parent folder it made; an archive it was
     replacing stays as it was.
     """
+    announce_if_cold()  # a cold cache means minutes of compiling: say so before seconds of set-up (torch)
     from palstream.palettes import create_palette_generator
 
     new_folder = _first_missing_folder(archive)
@@ -259,6 +261,7 @@ def decode_file(
         The archive cannot be opened.
     """
     output = str(output)
+    announce_if_cold()
     reader = open_archive(archive, storage_options, force=force)
     if isinstance(frames, slice):
         if frames.step not in (None, 1):

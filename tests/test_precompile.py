@@ -111,3 +111,32 @@ def test_compile_ahead_says_so_at_once(tmp_path):
         ahead.communicate()
     assert first == AHEAD_NOTICE
     assert noticed < 10  # about 0.5 s on an idle 2-core machine; a loaded one takes longer to start Python
+
+
+def test_a_cold_encode_says_so_first_before_its_set_up(tmp_path):
+    """With an empty cache the notice comes before torch is imported and the source read (seconds
+    of set-up); the process is stopped there, before minutes of compiling. Python's import-time
+    log on the same stderr shows the order."""
+    env = {
+        **os.environ,
+        "NUMBA_CACHE_DIR": str(tmp_path / "cache"),
+        "TMPDIR": str(tmp_path),
+        "PYTHONPROFILEIMPORTTIME": "1",
+    }
+    cli = "import sys; sys.argv = ['palstream', *sys.argv[1:]]; from palstream.cli import main; main()"
+    process = subprocess.Popen(
+        [sys.executable, "-c", cli, "encode", str(DEMO), str(tmp_path / "a.zarr")], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        before = []
+        for line in process.stderr:
+            if line.rstrip("\n") == FIRST_USE_NOTICE:
+                break
+            before.append(line)
+        else:
+            raise AssertionError("no compile notice: " + "".join(before[-5:]))
+        imported = {line.rsplit("|", 1)[-1].strip() for line in before if line.startswith("import time:")}
+        assert "palstream.codec" in imported and "torch" not in imported
+    finally:
+        process.kill()
+        process.wait()

@@ -27,6 +27,8 @@ import time
 import numpy as np
 from numba.core import config as numba_config
 from numba.core import event
+from numba.core.caching import FunctionCache
+from numba.core.registry import CPUDispatcher as Dispatcher
 
 # Cold `python -m palstream.codec` (65 kernels, one thread): 4.7 min of CPU measured on the
 # project's 2-core machines, which is the wall time where the machine is otherwise idle.
@@ -44,6 +46,7 @@ class _CompileNotice(event.Listener):
     def __init__(self) -> None:
         self.message = FIRST_USE_NOTICE
         self.compiled = 0  # palstream functions numba compiled (not loaded from its cache)
+        self.said = False
         self._lock = threading.Lock()  # Dask workers compile from several threads
 
     def on_start(self, ev: event.Event) -> None:
@@ -51,8 +54,34 @@ class _CompileNotice(event.Listener):
             return
         with self._lock:
             self.compiled += 1
-            if self.compiled == 1:
-                print(self.message, file=sys.stderr, flush=True)
+            self._say()
+
+    def _say(self) -> None:
+        if not self.said:
+            self.said = True
+            print(self.message, file=sys.stderr, flush=True)
+
+    def early(self, modules) -> None:
+        """Say it now if numba's cache holds no kernel of ``modules`` at all (a stat each).
+
+        A cold encode first imports torch and reads the whole source (seconds) before its first
+        kernel compiles; this makes the notice the first thing it prints. Only an empty cache
+        counts: kernels that are only ever inlined into others never get an entry of their own. A
+        stale cache (kernels whose source changed) is announced by :meth:`on_start`, when they
+        recompile.
+        """
+        try:
+            cached = any(
+                os.path.exists(kernel._cache._cache_file._index_path)  # numba's index file (internal)
+                for module in modules
+                for kernel in vars(module).values()
+                if isinstance(kernel, Dispatcher) and isinstance(kernel._cache, FunctionCache)
+            )
+        except AttributeError:  # another numba layout: on_start still announces the compile
+            return
+        if not cached:
+            with self._lock:
+                self._say()
 
     def on_end(self, ev: event.Event) -> None:
         pass
@@ -60,6 +89,14 @@ class _CompileNotice(event.Listener):
 
 _notice = _CompileNotice()
 _registered = False
+
+
+def announce_if_cold() -> None:
+    """Print the first-use notice now if the codec's kernels are not in numba's cache: for the
+    long paths (encode, decode), before their seconds of set-up."""
+    from palstream.codec import analysis, rangecoder, syntax
+
+    _notice.early((analysis, rangecoder, syntax))
 
 
 def announce_compiles() -> None:
@@ -173,6 +210,7 @@ def compile_kernels(palettes: tuple[str, ...] = ("kmeans", "cgan-v1")) -> int:
 
     announce_compiles()
     _notice.message = AHEAD_NOTICE
+    announce_if_cold()
     before = _notice.compiled
     start = time.perf_counter()
     try:
