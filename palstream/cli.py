@@ -98,10 +98,10 @@ def _global_options(
         )
 
 
-def _say(message: str) -> None:
+def _say(message: str, err: bool = False) -> None:
     """A status line (what was written, how fast): silenced by ``-q``; results use ``typer.echo``."""
     if _verbosity.level >= 0:
-        typer.echo(message)
+        typer.echo(message, err=err)
 
 
 ForceOpt = Annotated[
@@ -272,8 +272,8 @@ def decode(
         raise ArchiveError(f"{names}; wrote all {result.frames_written} frames to {output}, timing kept")
     if output != "-":
         _say(f"wrote {result.frames_written} frames to {output}")
-    elif _verbosity.level >= 0:
-        typer.echo(f"wrote {result.frames_written} frames to stdout", err=True)  # stdout carries the video
+    else:
+        _say(f"wrote {result.frames_written} frames to stdout", err=True)  # stdout carries the video
 
 
 def _record_verification(archive: str, outcome) -> None:
