@@ -6,8 +6,8 @@ frames against the source, and wall-clock times. Coded bits exclude container ov
 every codec, so sizes compare bitstreams, not file formats:
 
 - FFV1, SVT-AV1: the packets' payloads (Matroska, IVF) plus the codec's extradata.
-- x264 / x265: the Annex B elementary stream without SEI NAL units (x264/x265 write their
-  option strings there; a decoder does not need them).
+- x264 / x265 (and x264 ``-qp 0``, lossless): the Annex B elementary stream without SEI NAL
+  units (x264/x265 write their option strings there; a decoder does not need them).
 - GIF: the whole file (the GIF format has no separable container; its framing is a few
   dozen bytes per frame).
 - pngquant: the PLTE, tRNS and IDAT chunk payloads of each frame's PNG (palette and
@@ -16,6 +16,9 @@ every codec, so sizes compare bitstreams, not file formats:
 
 Times are wall-clock seconds of the whole tool invocation (process start included for the
 external tools), so they are indicative; palstream's are measured in-process.
+
+The external tools run through the static FFmpeg of the ``imageio-ffmpeg`` package (libx264,
+libx265, libsvtav1, ffv1, gif, png); ``IMAGEIO_FFMPEG_EXE`` points it at another binary.
 """
 
 from __future__ import annotations
@@ -28,21 +31,31 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cache
 from pathlib import Path
 
 import av
+import imageio_ffmpeg
 import numpy as np
 
 from benchmarks import naive
 from palstream.frames import Frames
 from palstream.palettes import create_palette_generator
 
-FFMPEG = "ffmpeg"
 PNGQUANT = "pngquant"
 
 
 class ToolError(RuntimeError):
     """An external tool is missing or failed; the message is one line."""
+
+
+@cache
+def ffmpeg_exe() -> str:
+    """The ffmpeg binary every external codec runs through (``imageio-ffmpeg``'s, or ``IMAGEIO_FFMPEG_EXE``)."""
+    try:
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError as exc:
+        raise ToolError(f"no ffmpeg binary ({exc}); pip install imageio-ffmpeg or set IMAGEIO_FFMPEG_EXE") from None
 
 
 @dataclass(frozen=True)
@@ -169,7 +182,7 @@ def run_tool(args: list[str]) -> float:
 
 
 def ffmpeg(*args: str) -> float:
-    return run_tool([FFMPEG, "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args])
+    return run_tool([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args])
 
 
 def decode_with_ffmpeg(clip: Clip, coded: Path, work: Path) -> tuple[Frames, float]:
@@ -213,11 +226,13 @@ class Codec:
 
 
 def _ffmpeg_has_encoder(encoder: str) -> str | None:
-    if shutil.which(FFMPEG) is None:
-        return f"{FFMPEG} not found on PATH; install it (Debian: apt-get install ffmpeg)"
-    listing = subprocess.run([FFMPEG, "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
+    try:
+        exe = ffmpeg_exe()
+    except ToolError as exc:
+        return str(exc)
+    listing = subprocess.run([exe, "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
     if not re.search(rf"^\s*\S+\s+{re.escape(encoder)}\s", listing, re.M):
-        return f"{FFMPEG} has no {encoder} encoder; use an ffmpeg built with it (Debian's has it)"
+        return f"{exe} has no {encoder} encoder; set IMAGEIO_FFMPEG_EXE to an ffmpeg built with it"
     return None
 
 
@@ -294,6 +309,26 @@ class X265(_X26x):
 
 class X264(_X26x):
     name, family, encoder = "x264", "video", "libx264"
+
+
+class X264Lossless(Codec):
+    """x264 ``-preset medium -qp 0``: lossless H.264 in the source's pixel format (yuv420p), an archivists' anchor."""
+
+    name, family = "x264 qp0", "lossless"
+
+    def missing(self):
+        return _ffmpeg_has_encoder("libx264")
+
+    def settings(self, quick):
+        return ["qp 0"]
+
+    def run(self, clip, setting, work):
+        coded = work / "lossless.h264"
+        enc = ffmpeg(*clip.raw_input_args(), "-c:v", "libx264", "-preset", "medium", "-qp", "0",
+                     "-pix_fmt", "yuv420p", "-f", "h264", str(coded))  # fmt: skip
+        bits = 8 * _annexb_bytes_without_sei(coded, hevc=False)
+        decoded, dec = decode_with_ffmpeg(clip, coded, work)
+        return _point(self.name, setting, clip, bits, decoded, enc, dec)
 
 
 class SVTAV1(Codec):
@@ -413,4 +448,4 @@ class NaiveKMeans(Codec):
         return _point(self.name, f"K {k_luma}/{k_chroma}", clip, 8 * len(payload), decoded, enc, dec)
 
 
-ANCHORS: tuple[type[Codec], ...] = (FFV1, X265, X264, SVTAV1, GIF, Pngquant, NaiveKMeans)
+ANCHORS: tuple[type[Codec], ...] = (FFV1, X264Lossless, X265, X264, SVTAV1, GIF, Pngquant, NaiveKMeans)

@@ -1,13 +1,14 @@
-"""Codec rate–distortion and speed benchmark: palstream against today's tools (issue 2, item 11).
+"""Codec rate–distortion and speed benchmark: palstream against today's tools (issues 2 and 16).
 
 One command measures, per corpus clip and in the same run, palstream (several
-``--target-psnr`` and ``--lossless``) beside FFV1, x265, x264, FFmpeg GIF, pngquant and the
-naive k-means + zstd palette codec; prints the tables and the "Done when" checks; writes
-``codec_rd.json``, ``codec_rd.csv`` and one RD plot per clip; and regenerates the
-"Codec RD (issue 2)" section of ``BENCHMARKS.md``::
+``--target-psnr`` and ``--lossless``) beside FFV1, x264 ``-qp 0``, x265, x264, SVT-AV1, FFmpeg
+GIF, pngquant and the naive k-means + zstd palette codec, plus a still scene with sensor noise
+made by ``make_still_noisy`` (reported apart, not in the corpus geomeans); prints the tables and
+issue 16's "Done when" checks; writes ``codec_rd.json``, ``codec_rd.csv`` and one RD plot per
+clip; and regenerates its section of ``BENCHMARKS.md``::
 
-    .venv/bin/python -m benchmarks.codec_rd              # full run over ../shared/corpus
-    .venv/bin/python -m benchmarks.codec_rd --quick --frames 8
+    .venv/bin/python -m benchmarks.codec_rd              # full run: first 32 frames, one thread
+    .venv/bin/python -m benchmarks.codec_rd --quick --frames 4 --clips 'screen*' --no-still-noisy
 """
 
 from __future__ import annotations
@@ -36,20 +37,22 @@ from rich.table import Table
 
 import palstream
 import palstream.codec.chunk
-from benchmarks.anchors import ANCHORS, Clip, Codec, Point, ToolError, measure
+from benchmarks.anchors import ANCHORS, Clip, Codec, Point, ToolError, ffmpeg_exe, measure
+from benchmarks.make_still_noisy import DEFAULT_CACHE, make_still_noisy
 from palstream.codec import DEFAULT_TARGET_PSNR, EncoderConfig, decode_chunk, encode_chunk
-from palstream.codec.config import PSNR_RANGE
 from palstream.errors import PalstreamError
 from palstream.frames import Frames
 from palstream.io import probe, read_frames
 from palstream.palettes import create_palette_generator
 
 REPO = Path(__file__).resolve().parent.parent
-SECTION = "## Codec RD (issue 2)"
 RD_TARGETS = (40.0, 45.0)  # dB PSNR-Y at which bpp is interpolated and compared
-PALETTE_RATIO_MAX = 1 / 3  # palstream bits / palette-tool bits at the tool's PSNR-Y
-FFV1_RATIO_AT_45_MAX = 1 / 3
-X265_GEOMEAN_MAX = 4.0
+# Issue 16 "Done when": palstream / anchor bits.
+X265_GEOMEAN_MAX = {"40": 1.6, "45": 1.25}
+X265_CLIP_MAX = 2.5
+LOSSLESS_GEOMEAN_MAX = {"x264 qp0": 1.0, "FFV1": 0.7}
+OVERSHOOT_MEAN_MAX = 0.3  # dB above the chunk's PSNR-Y floor, mean over chunks
+STILL_NOISY_X265_MAX = 2.0
 SPEED_SIZE = (640, 360)  # the resolution the speed targets are stated for
 ENCODE_FPS_MIN, DECODE_FPS_MIN = 10.0, 100.0
 
@@ -95,11 +98,14 @@ class Palstream(Codec):
         payloads = [encode_chunk(chunk, config, generator).payload for chunk in chunks]
         enc = time.perf_counter() - start
         start = time.perf_counter()
-        decoded = Frames.concatenate([decode_chunk(p) for p in payloads])
+        parts = [decode_chunk(p) for p in payloads]
         dec = time.perf_counter() - start
         bits = 8 * sum(len(p) for p in payloads)
-        quality = measure(clip.frames, decoded)
-        return Point(self.name, _label(setting), bits, clip.luma_pixels, len(clip.frames), *quality, enc, dec)
+        quality = measure(clip.frames, Frames.concatenate(parts))
+        # The rate control's floor is per chunk: each chunk's PSNR-Y (None: exact, coded losslessly).
+        chunk_psnr = [measure(chunk, part)[0] for chunk, part in zip(chunks, parts, strict=True)]
+        extra = {"chunk_psnr_y": [None if math.isinf(q) else round(q, 4) for q in chunk_psnr]}
+        return Point(self.name, _label(setting), bits, clip.luma_pixels, len(clip.frames), *quality, enc, dec, extra)
 
 
 # --- measurement -----------------------------------------------------------------------------
@@ -155,84 +161,138 @@ def verdict(value: float | None, limit: float) -> str:
     return "n/a" if value is None else ("PASS" if value <= limit else "FAIL")
 
 
-def summarise(clip: Clip, points: list[Point], matched: dict[str, tuple[Point, Point]]) -> dict:
-    """Per-clip interpolated rates, ratios and the issue's "Done when" checks."""
+def geomean(values: list[float | None]) -> float | None:
+    """Geometric mean, or None when any value is unknown (a partial mean would flatter)."""
+    if not values or any(v is None for v in values):
+        return None
+    return float(np.exp(np.mean(np.log(values))))
+
+
+def summarise(clip: Clip, points: list[Point]) -> dict:
+    """Per-clip interpolated rates, ratios to the anchors, lossless ratios, chunk overshoot and speed."""
     by_codec: dict[str, list[Point]] = {}
     for p in points:
         by_codec.setdefault(p.codec, []).append(p)
     families = {cls.name: cls.family for cls in ANCHORS} | {Palstream.name: Palstream.family}
     palette_tools = [c for c in by_codec if families.get(c) == "palette"]
     ours = by_codec.get(Palstream.name, [])
-    ffv1 = next((p.bpp for p in by_codec.get("FFV1", []) if p.lossless), None)
-    lossless = next((p for p in ours if p.setting == "lossless"), None)
+    exact = {c: next((p.bpp for p in pts if p.lossless), None) for c, pts in by_codec.items()}
 
     rates = {c: {f"{t:g}": bpp_at(pts, t) for t in RD_TARGETS} for c, pts in by_codec.items()}
     ratios = {}
     for t in RD_TARGETS:
         key = f"{t:g}"
+        mine = rates.get(Palstream.name, {}).get(key)
         best = [rates[c][key] for c in palette_tools if rates[c][key] is not None]
         ratios[key] = {
-            "x265": ratio(rates.get(Palstream.name, {}).get(key), rates.get("x265", {}).get(key)),
-            "best_palette_tool": ratio(rates.get(Palstream.name, {}).get(key), min(best) if best else None),
-            "ffv1": ratio(rates.get(Palstream.name, {}).get(key), ffv1),
+            "x265": ratio(mine, rates.get("x265", {}).get(key)),
+            "best_palette_tool": ratio(mine, min(best) if best else None),
+            "FFV1": ratio(mine, exact.get("FFV1")),
         }
 
-    checks = {}
-    for tool, (theirs, mine) in matched.items():
-        r = mine.bpp / theirs.bpp
-        reached = mine.psnr_y >= theirs.psnr_y
-        checks[f"≤ 1/3 of {tool} at its PSNR-Y"] = {
-            "status": "PASS" if r <= PALETTE_RATIO_MAX and reached else "FAIL",
-            "detail": f"{tool} {theirs.setting}: {theirs.bpp:.4f} bpp @ {theirs.psnr_y:.2f} dB; palstream "
-            f"{mine.setting}: {mine.bpp:.4f} bpp @ {_db(mine.psnr_y)} → ratio {r:.3f}"
-            + ("" if reached else " (target not reached)"),
-            "ratio": r,
+    lossless_point = next((p for p in ours if p.setting == "lossless"), None)
+    lossless = None
+    if lossless_point is not None:
+        lossless = {
+            "bpp": lossless_point.bpp,
+            "exact": lossless_point.lossless,
+            **{anchor: ratio(lossless_point.bpp, exact.get(anchor)) for anchor in LOSSLESS_GEOMEAN_MAX},
         }
-    r45 = ratios["45"]["ffv1"]
-    checks["≤ 1/3 of FFV1 at 45 dB"] = {
-        "status": verdict(r45, FFV1_RATIO_AT_45_MAX),
-        "detail": f"palstream {_num(rates.get(Palstream.name, {}).get('45'))} bpp @ 45 dB, FFV1 {_num(ffv1)} bpp "
-        f"→ ratio {_num(r45, 3)}",
-        "ratio": r45,
-    }
-    if lossless is not None:
-        rl = ratio(lossless.bpp, ffv1)
-        status = verdict(rl, 1.0) if lossless.lossless else "FAIL"
-        checks["--lossless ≤ FFV1"] = {
-            "status": status,
-            "detail": f"palstream {lossless.bpp:.4f} bpp ({'exact' if lossless.lossless else 'NOT exact'}), "
-            f"FFV1 {_num(ffv1)} bpp → ratio {_num(rl, 3)}",
-            "ratio": rl,
+
+    overshoot = {}
+    for p in ours:
+        if p.setting == "lossless":
+            continue
+        target = float(p.setting.split()[1])
+        chunks = p.extra["chunk_psnr_y"]
+        above = [q - target for q in chunks if q is not None]
+        overshoot[p.setting] = {
+            "target": target,
+            "chunk_psnr_y": chunks,
+            "mean_db": float(np.mean(above)) if above else None,
+            "max_db": max(above) if above else None,
+            "below_floor": sum(d < 0 for d in above),
+            "exact_chunks": sum(q is None for q in chunks),  # coded losslessly: no finite overshoot
         }
-    if (clip.frames.width, clip.frames.height) == SPEED_SIZE:
-        default = next((p for p in ours if p.setting == _label(DEFAULT_TARGET_PSNR)), None)
-        if default is not None:
-            enc_fps, dec_fps = default.frames / default.encode_s, default.frames / default.decode_s
-            checks["speed at default quality"] = {
-                "status": "PASS" if enc_fps >= ENCODE_FPS_MIN and dec_fps >= DECODE_FPS_MIN else "FAIL",
-                "detail": f"encode {enc_fps:.2f} fps (≥ {ENCODE_FPS_MIN:g}), decode {dec_fps:.1f} fps "
-                f"(≥ {DECODE_FPS_MIN:g}) at {default.setting}",
-            }
-    return {"bpp_at": rates, "ratios": ratios, "checks": checks, "ffv1_bpp": ffv1}
+
+    speed = None
+    default = next((p for p in ours if p.setting == _label(DEFAULT_TARGET_PSNR)), None)
+    if (clip.frames.width, clip.frames.height) == SPEED_SIZE and default is not None:
+        speed = {"setting": default.setting, "encode_fps": default.frames / default.encode_s,
+                 "decode_fps": default.frames / default.decode_s}  # fmt: skip
+    return {"bpp_at": rates, "ratios": ratios, "lossless": lossless, "overshoot": overshoot, "speed": speed,
+            "exact_bpp": exact}  # fmt: skip
 
 
-def corpus_checks(summaries: list[tuple[str, dict]]) -> dict:
-    """Geometric mean over clips of palstream bpp / x265 bpp at each PSNR-Y target."""
-    out = {}
-    for t in RD_TARGETS:
-        key = f"{t:g}"
-        per_clip = {name: s["ratios"][key]["x265"] for name, s in summaries}
-        known = [r for r in per_clip.values() if r is not None]
-        complete = bool(known) and len(known) == len(per_clip)
-        geomean = float(np.exp(np.mean(np.log(known)))) if known else None
-        out[f"geomean palstream/x265 at {key} dB ≤ {X265_GEOMEAN_MAX:g}"] = {
-            "status": verdict(geomean, X265_GEOMEAN_MAX) if complete else "n/a",
-            "detail": f"geomean {_num(geomean, 3)} over {len(known)}/{len(per_clip)} clips"
-            + ("" if complete else " (some clips have no interpolated ratio)"),
-            "geomean": geomean,
-            "per_clip": per_clip,
-        }
-    return out
+def done_when(corpus: dict[str, dict], still: dict[str, dict], one_thread: bool) -> list[dict]:
+    """Issue 16's "Done when" lines, each PASS, FAIL or n/a (a number that could not be measured).
+
+    ``corpus`` and ``still`` map clip names to ``summarise`` results; the still noisy scene is
+    judged on its own lines and is in none of the corpus lines.
+    """
+    checks = []
+
+    def add(check: str, status: str, numbers: str, value=None) -> None:
+        checks.append({"check": check, "status": status, "numbers": numbers, "value": value})
+
+    def missing(values: dict) -> str:
+        unknown = [n for n, v in values.items() if v is None]
+        return f"; n/a for {', '.join(unknown)}" if unknown else ""
+
+    for key, limit in X265_GEOMEAN_MAX.items():
+        per_clip = {n: s["ratios"][key]["x265"] for n, s in corpus.items()}
+        g = geomean(list(per_clip.values()))
+        numbers = f"{_num(g, 3)} over {len(per_clip)} clips{missing(per_clip)}"
+        add(f"geomean palstream/x265-medium at {key} dB ≤ {limit:g}", verdict(g, limit), numbers, g)
+
+    per_point = {f"{n} @ {k} dB": s["ratios"][k]["x265"] for n, s in corpus.items() for k in X265_GEOMEAN_MAX}
+    known = {where: r for where, r in per_point.items() if r is not None}
+    worst = max(known, key=known.get, default=None)
+    above = [f"{where} {r:.3f}" for where, r in known.items() if r > X265_CLIP_MAX]
+    status = verdict(known[worst], X265_CLIP_MAX) if worst and len(known) == len(per_point) else "n/a"
+    numbers = (f"worst {worst} {known[worst]:.3f}" if worst else "n/a") + missing(per_point)
+    add(f"no clip above {X265_CLIP_MAX:g}× x265 at 40 or 45 dB", status,
+        numbers + (f"; above: {', '.join(above)}" if above else ""), known.get(worst))  # fmt: skip
+
+    lossless = {n: s["lossless"] or {} for n, s in corpus.items()}
+    not_exact = [n for n, result in lossless.items() if result and not result["exact"]]
+    for anchor, limit in LOSSLESS_GEOMEAN_MAX.items():
+        per_clip = {n: result.get(anchor) for n, result in lossless.items()}
+        g = geomean(list(per_clip.values()))
+        numbers = f"{_num(g, 3)} over {len(per_clip)} clips{missing(per_clip)}"
+        add(f"--lossless geomean ≤ {limit:g}× {anchor}, decoded exactly", "FAIL" if not_exact else verdict(g, limit),
+            numbers + (f"; NOT exact: {', '.join(not_exact)}" if not_exact else ""), g)  # fmt: skip
+
+    speeds = {n: s["speed"] for n, s in corpus.items() if s["speed"]}
+    numbers = "; ".join(f"{n}: encode {v['encode_fps']:.1f}, decode {v['decode_fps']:.1f} fps" for n, v in speeds.items())
+    numbers = (numbers or "no 640×360 clip at 45 dB") + ("" if one_thread else " (not one thread: use --threads 1)")
+    fast = all(v["encode_fps"] >= ENCODE_FPS_MIN and v["decode_fps"] >= DECODE_FPS_MIN for v in speeds.values())
+    status = ("PASS" if fast else "FAIL") if speeds and one_thread else "n/a"
+    add(f"encode ≥ {ENCODE_FPS_MIN:g} fps, decode ≥ {DECODE_FPS_MIN:g} fps at 640×360, 45 dB, one thread", status, numbers)
+
+    overshoots = [o for s in corpus.values() for o in s["overshoot"].values()]
+    by_target: dict[float, list[float]] = {}
+    for o in overshoots:
+        by_target.setdefault(o["target"], []).extend(q - o["target"] for q in o["chunk_psnr_y"] if q is not None)
+    deltas = [d for per_target in by_target.values() for d in per_target]
+    exact_chunks = sum(o["exact_chunks"] for o in overshoots)
+    below = sum(d < 0 for d in deltas)
+    lowest = min(deltas, default=None)
+    add("every chunk at or above its PSNR-Y floor", ("PASS" if below == 0 else "FAIL") if deltas else "n/a",
+        f"{below} of {len(deltas)} chunks below; lowest {_num(lowest, 2)} dB from its floor", below)  # fmt: skip
+    mean = float(np.mean(deltas)) if deltas else None
+    numbers = f"mean {_num(mean, 2)} dB, max {_num(max(deltas, default=None), 2)} dB over {len(deltas)} chunks; "
+    numbers += "mean per target: " + ", ".join(f"{t:g} dB {np.mean(d):.2f}" for t, d in sorted(by_target.items()) if d)
+    numbers += f"; {exact_chunks} chunks coded losslessly, not in the mean"
+    add(f"mean overshoot per chunk ≤ {OVERSHOOT_MEAN_MAX:g} dB", verdict(mean, OVERSHOOT_MEAN_MAX), numbers, mean)
+
+    for key in X265_GEOMEAN_MAX:
+        per_clip = {n: s["ratios"][key]["x265"] for n, s in still.items()}
+        worst = None if not per_clip or None in per_clip.values() else max(per_clip.values())
+        numbers = "; ".join(f"{n} {_num(r, 3)}" for n, r in per_clip.items()) or "not measured"
+        add(f"still scene with sensor noise ≤ {STILL_NOISY_X265_MAX:g}× x265 at {key} dB",
+            verdict(worst, STILL_NOISY_X265_MAX), numbers, worst)  # fmt: skip
+    return checks
 
 
 # --- reporting -------------------------------------------------------------------------------
@@ -260,30 +320,66 @@ def clip_rows(points: list[Point]) -> list[list[str]]:
 
 POINT_HEADER = ["codec", "setting", "bpp", "PSNR-Y dB", "PSNR-YUV dB", "enc fps", "dec fps"]
 RATE_HEADER = ["codec", "bpp @ 40 dB", "bpp @ 45 dB", "lossless bpp"]
-RATIO_HEADER = ["ratio", "@ 40 dB", "@ 45 dB"]
+RATIO_HEADER = ["ratio", "@ 40 dB", "@ 45 dB", "lossless"]
 
 
-def rate_rows(points: list[Point], summary: dict) -> list[list[str]]:
+def rate_rows(summary: dict) -> list[list[str]]:
     rows = []
     for codec, rates in summary["bpp_at"].items():
-        exact = [p.bpp for p in points if p.codec == codec and p.lossless]
-        rows.append([codec, _num(rates["40"]), _num(rates["45"]), _num(min(exact)) if exact else "–"])
+        exact = summary["exact_bpp"][codec]
+        rows.append([codec, _num(rates["40"]), _num(rates["45"]), "–" if exact is None else _num(exact)])
     return rows
 
 
 def ratio_rows(summary: dict) -> list[list[str]]:
-    return [
-        [f"palstream / {label}", _num(summary["ratios"]["40"][ref], 3), _num(summary["ratios"]["45"][ref], 3)]
-        for ref, label in (("x265", "x265"), ("best_palette_tool", "best palette tool"), ("ffv1", "FFV1"))
-    ]
+    lossless = summary["lossless"] or {}
+    rows = []
+    for ref, label in (("x265", "x265"), ("best_palette_tool", "best palette tool"), ("FFV1", "FFV1"),
+                       ("x264 qp0", "x264 qp0")):  # fmt: skip
+        at = [_num(summary["ratios"][f"{t:g}"][ref], 3) if ref in summary["ratios"]["40"] else "–" for t in RD_TARGETS]
+        rows.append([f"palstream / {label}", *at, _num(lossless[ref], 3) if ref in lossless else "–"])
+    return rows
 
 
-CHECK_HEADER = ["clip", "check", "result", "numbers"]
+DONE_HEADER = ["check (issue 16)", "result", "numbers"]
+CLIP_HEADER = ["clip", "palstream/x265 @ 40 dB", "@ 45 dB", "lossless / x264 qp0", "lossless / FFV1", "lossless exact",
+               "enc fps @ 45 dB", "dec fps @ 45 dB"]  # fmt: skip
+OVERSHOOT_HEADER = ["clip", "target dB", "chunk PSNR-Y dB", "mean above floor dB", "max above floor dB", "below floor"]
 
 
-def check_rows(summaries: dict, corpus_result: dict) -> list[list[str]]:
-    rows = [[name, k, c["status"], c["detail"]] for name, s in summaries.items() for k, c in s["checks"].items()]
-    return rows + [["corpus", k, c["status"], c["detail"]] for k, c in corpus_result.items()]
+def done_rows(checks: list[dict]) -> list[list[str]]:
+    return [[c["check"], c["status"], c["numbers"]] for c in checks]
+
+
+def clip_summary_rows(corpus: dict, still: dict, points: dict[str, list[Point]]) -> list[list[str]]:
+    """One row per clip: the numbers the issue-16 checks pool, then their corpus geomeans, then the still scene."""
+
+    def row(name: str, s: dict) -> list[str]:
+        lossless = s["lossless"] or {}
+        default = next((p for p in points[name] if p.setting == _label(DEFAULT_TARGET_PSNR)), None)
+        return [
+            name, _num(s["ratios"]["40"]["x265"], 3), _num(s["ratios"]["45"]["x265"], 3),
+            _num(lossless.get("x264 qp0"), 3), _num(lossless.get("FFV1"), 3),
+            ("yes" if lossless["exact"] else "NO") if lossless else "n/a",
+            _fps(default.frames, default.encode_s) if default else "n/a",
+            _fps(default.frames, default.decode_s) if default else "n/a",
+        ]  # fmt: skip
+
+    rows = [row(n, s) for n, s in corpus.items()]
+    x265 = [_num(geomean([s["ratios"][k]["x265"] for s in corpus.values()]), 3) for k in ("40", "45")]
+    lossless = [_num(geomean([(s["lossless"] or {}).get(a) for s in corpus.values()]), 3) for a in LOSSLESS_GEOMEAN_MAX]
+    rows.append(["geomean (corpus)", *x265, *lossless, "", "", ""])
+    return rows + [[f"{r[0]} (apart: not in the geomean)", *r[1:]] for r in (row(n, s) for n, s in still.items())]
+
+
+def overshoot_rows(summaries: dict[str, dict]) -> list[list[str]]:
+    rows = []
+    for name, s in summaries.items():
+        for o in s["overshoot"].values():
+            chunks = ", ".join("exact" if q is None else f"{q:.2f}" for q in o["chunk_psnr_y"])
+            rows.append([name, f"{o['target']:g}", chunks, _num(o["mean_db"], 2), _num(o["max_db"], 2),
+                         str(o["below_floor"])])  # fmt: skip
+    return rows
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -336,10 +432,11 @@ def plot_clip(name: str, points: list[Point], path: Path) -> None:
 
 
 def write_markdown(report: dict, tables: dict, md_path: Path, out: Path) -> None:
-    """Replace (or append) the "Codec RD (issue 2)" section of ``md_path``."""
+    """Replace the report's section of ``md_path``, or insert it as the first section."""
     env = report["environment"]
+    heading = f"## {report['section']}"
     lines = [
-        SECTION,
+        heading,
         "",
         "Generated by `benchmarks/codec_rd.py` (see `benchmarks/README.md` for method and definitions).",
         "",
@@ -349,24 +446,34 @@ def write_markdown(report: dict, tables: dict, md_path: Path, out: Path) -> None
         f"torch threads {env['torch_threads']}, numba threads {env['numba_threads']}; "
         f"the external tools use their default threading; load average (1/5/15 min) {env['load_before']} at start, "
         f"{report['load_after']} at end (other work shares the cores, so fps are indicative).",
-        f"- palstream codec: {env['palstream_codec']}, commit {env['palstream_commit']}",
+        f"- palstream codec: {env['palstream_codec']}, commit {env['palstream_commit']}; anchors: {env['ffmpeg']}.",
         f"- Clips: {report['clips_note']}; frames per clip: {report['frames_note']}; "
-        f"sweep: {'quick' if report['quick'] else 'full'}.",
+        f"sweep: {'quick' if report['quick'] else 'full'}. The still scene with sensor noise "
+        f"({report['still_noisy_note']}) is reported apart and is in no corpus geomean.",
         "- bpp = coded bits / (luma pixels × frames), container overhead excluded for every codec; PSNR on 8-bit "
         "yuv420p against the source, MSE pooled over the clip; PSNR-YUV from the 6:1:1 weighted MSE. "
         "bpp at 40/45 dB: log(bpp) interpolated along each codec's measured RD frontier, *n/a* outside it "
-        "(never extrapolated).",
+        "(never extrapolated). Overshoot: each palstream chunk's PSNR-Y minus its target, for every target of "
+        "the sweep.",
         f"- Raw data: `{_rel(out / 'codec_rd.json')}`, `{_rel(out / 'codec_rd.csv')}`; plots: "
         f"`{_rel(out)}/rd_<clip>.png`.",
         "",
-        "### Done-when checks",
+        "### Done when (issue 16)",
+        "",
+        markdown_table(*tables["done when"]),
+        "",
+        "Not judged here: bit-exact decoding of every point beyond the lossless ones, golden bytes and the "
+        "bad-input checks (the test suite's).",
+        "",
+        "### Per clip",
+        "",
+        markdown_table(*tables["per clip"]),
+        "",
+        "### PSNR-Y floor overshoot per chunk",
+        "",
+        markdown_table(*tables["overshoot"]),
         "",
     ]
-    lines += [markdown_table(CHECK_HEADER, check_rows(report["summaries"], report["corpus_checks"])), ""]
-    for key, check in report["corpus_checks"].items():
-        per_clip = ", ".join(f"{n} {_num(r, 3)}" for n, r in check["per_clip"].items())
-        lines.append(f"- {key}: per clip {per_clip}")
-    lines.append("")
     for clip in report["clips"]:
         lines += [
             f"### {clip['name']} ({clip['width']}×{clip['height']}, {clip['frames']} frames)",
@@ -388,17 +495,21 @@ def write_markdown(report: dict, tables: dict, md_path: Path, out: Path) -> None
             lines += [f"Failed points: {'; '.join(clip['failures'])}", ""]
     if report["skipped"]:
         lines += ["Not measured: " + "; ".join(f"{k}: {v}" for k, v in report["skipped"].items()), ""]
-    section = "\n".join(lines)
+    section = "\n".join(lines).rstrip("\n") + "\n"
 
-    text = md_path.read_text() if md_path.exists() else "# Benchmarks\n\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        # The section ends where the next level-2 heading (another benchmark's section) begins.
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[nxt + 1 :] if nxt >= 0 else "")
-    md_path.write_text(text.rstrip("\n") + "\n")
+    text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
+    start = text.find(heading + "\n")
+    if start < 0:  # a new section goes first, under the title: the newest measurement on top
+        first = text.find("\n## ")
+        if first < 0:
+            text = text.rstrip("\n") + "\n\n"
+        start = end = first + 1 if first >= 0 else len(text)
+        section += "\n" if first >= 0 else ""
+    else:  # the section ends where the next level-2 heading (another benchmark's section) begins
+        nxt = text.find("\n## ", start + len(heading))
+        end = nxt + 1 if nxt >= 0 else len(text)
+        section += "\n" if nxt >= 0 else ""
+    md_path.write_text(text[:start] + section + text[end:])
 
 
 def _rel(path: Path) -> str:
@@ -426,7 +537,7 @@ def environment() -> dict:
         "numba_threads": numba.get_num_threads(),
         "palstream_version": getattr(palstream, "__version__", "unknown"),
         "palstream_codec": "zlib PLACEHOLDER (lossless only, not the palette codec)" if placeholder else "palette codec",
-        "ffmpeg": _first_line(["ffmpeg", "-version"]),
+        "ffmpeg": _ffmpeg_version(),
         "pngquant": _first_line(["pngquant", "--version"]),
     }
 
@@ -445,6 +556,13 @@ def _load() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def _ffmpeg_version() -> str:
+    try:
+        return _first_line([ffmpeg_exe(), "-version"]).split(" Copyright")[0]
+    except ToolError as exc:
+        return str(exc)
+
+
 def _first_line(args: list[str]) -> str:
     try:
         return subprocess.run(args, capture_output=True, text=True).stdout.strip().splitlines()[0]
@@ -453,31 +571,6 @@ def _first_line(args: list[str]) -> str:
 
 
 # --- command ---------------------------------------------------------------------------------
-
-
-def matched_runs(ours: Palstream, clip: Clip, points: list[Point], work: Path, failures: list[str]):
-    """Encode palstream at the PSNR-Y each palette tool reached at its best setting (the "Done when" rule)."""
-    matched = {}
-    runs = {p.setting: p for p in points if p.codec == ours.name}
-    for tool in (cls.name for cls in ANCHORS if cls.family == "palette"):
-        theirs = [p for p in points if p.codec == tool and math.isfinite(p.psnr_y)]
-        if not theirs:
-            continue
-        best = max(theirs, key=lambda p: p.psnr_y)
-        # Targets below the codec's range over-deliver quality (a stricter test); above it, --lossless.
-        # Rounded up to 0.01 dB so that reaching the target means reaching the tool's PSNR-Y.
-        target = "lossless" if best.psnr_y > PSNR_RANGE[1] else math.ceil(max(best.psnr_y, PSNR_RANGE[0]) * 100) / 100
-        result = runs.get(_label(target)) or run_codec(ours, clip, target, work)
-        if isinstance(result, str):
-            failures.append(result)
-            console.print(f"[red]{result}[/red]")
-            continue
-        if _label(target) not in runs:
-            runs[result.setting] = result
-            result.extra["matched_to"] = f"{tool} {best.setting}"
-            show(result)
-        matched[tool] = (best, result)
-    return matched
 
 
 def show(p: Point) -> None:
@@ -494,21 +587,27 @@ def _label(setting) -> str:
 def main(
     corpus: Annotated[Path, typer.Option(help="Folder of source clips.")] = REPO.parent / "shared" / "corpus",
     clips: Annotated[str, typer.Option(help="Glob of clip file names inside the corpus folder.")] = "*.mkv",
-    frames: Annotated[int | None, typer.Option(min=1, help="Use at most N frames of each clip.")] = None,
+    frames: Annotated[int, typer.Option(min=1, help="Use at most N frames of each clip.")] = 32,
     quick: Annotated[bool, typer.Option(help="Fewer sweep points per codec (for a smoke run).")] = False,
+    still_noisy: Annotated[
+        bool, typer.Option(help="Also measure the still scene with sensor noise (make_still_noisy), reported apart.")
+    ] = True,
+    cache: Annotated[Path, typer.Option(help="Folder for the generated still noisy clip.")] = DEFAULT_CACHE,
     out: Annotated[Path, typer.Option(help="Folder for JSON, CSV and PNG results.")] = REPO / "benchmarks" / "results",
-    markdown: Annotated[Path, typer.Option(help="Markdown file whose 'Codec RD (issue 2)' section is regenerated.")] = (
+    markdown: Annotated[Path, typer.Option(help="Markdown file whose section (--section) is regenerated.")] = (
         REPO / "BENCHMARKS.md"
     ),
-    threads: Annotated[
-        int | None, typer.Option(min=1, help="torch and numba threads for palstream and the naive codec (default: all).")
+    section: Annotated[
+        str | None, typer.Option(help="Heading of that section (default 'Codec RD vs anchors, N frames (issue 16)').")
     ] = None,
+    threads: Annotated[
+        int, typer.Option(min=1, help="torch and numba threads for palstream and the naive codec (speed check: 1).")
+    ] = 1,
 ) -> None:
-    """Measure palstream and the anchors on every clip; print and write the results."""
-    if threads:
-        # On an oversubscribed machine torch's spinning OpenMP workers can be 10x slower than 1 thread.
-        torch.set_num_threads(threads)
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    """Measure palstream and the anchors on every clip; print and write the results and issue 16's checks."""
+    # On an oversubscribed machine torch's spinning OpenMP workers can be 10x slower than 1 thread.
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     paths = sorted(p for p in corpus.glob("*") if fnmatch.fnmatch(p.name, clips)) if corpus.is_dir() else []
     if not paths:
         print(f"error: no clip matches {clips!r} in {corpus}; pass --corpus DIR and/or --clips GLOB", file=sys.stderr)
@@ -521,26 +620,52 @@ def main(
         console.print(f"[yellow]skipping {name}: {reason}[/yellow]")
     codecs = [c for c in codecs if c.name not in skipped]
 
-    env = environment()
-    report_clips, summaries, all_points, tables = [], [], [], {}
+    still_note = "not measured: --no-still-noisy"
+    jobs = [(path, True) for path in paths]
+    if still_noisy:
+        try:
+            still_path = make_still_noisy(corpus, cache)
+            jobs.append((still_path, False))
+            still_note = f"`{still_path.stem}`, made by `benchmarks/make_still_noisy.py`"
+        except (PalstreamError, ToolError) as exc:
+            still_note = f"could not be made: {exc}"
+            skipped["still noisy scene"] = still_note
+            console.print(f"[red]still noisy scene: {still_note}[/red]")
 
-    def build_report(done: bool) -> dict:
-        return {
+    env = environment()
+    one_thread = env["torch_threads"] == 1 and env["numba_threads"] == 1
+    report_clips, all_points, tables = [], [], {}
+    corpus_summaries: dict[str, dict] = {}
+    still_summaries: dict[str, dict] = {}
+    points_by_clip: dict[str, list[Point]] = {}
+
+    def build_report(done: bool) -> tuple[dict, dict]:
+        summaries = corpus_summaries | still_summaries
+        checks = done_when(corpus_summaries, still_summaries, one_thread)
+        tables["done when"] = (DONE_HEADER, done_rows(checks))
+        tables["per clip"] = (CLIP_HEADER, clip_summary_rows(corpus_summaries, still_summaries, points_by_clip))
+        tables["overshoot"] = (OVERSHOOT_HEADER, overshoot_rows(summaries))
+        report = {
             "command": " ".join([".venv/bin/python -m benchmarks.codec_rd", *map(shlex.quote, sys.argv[1:])]),
+            "section": section or f"Codec RD vs anchors, {frames} frames (issue 16)",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "environment": env,
             "load_after": _load(),
             "quick": quick,
-            "frames_note": f"first {frames}" if frames else "all",
-            "clips_note": f"{len(summaries)} of {len(paths)} clips" + ("" if done else " (run still going or interrupted)"),
+            "frames_note": f"first {frames}",
+            "clips_note": f"{len(corpus_summaries)} of {len(paths)} corpus clips"
+            + ("" if done else " (run still going or interrupted)"),
+            "still_noisy_note": still_note,
             "skipped": skipped,
             "clips": report_clips,
-            "summaries": dict(summaries),
-            "corpus_checks": corpus_checks(summaries),
+            "summaries": summaries,
+            "in_corpus_geomean": list(corpus_summaries),
+            "done_when": checks,
         }
+        return report, tables
 
     warmed = False
-    for path in paths:
+    for path, in_corpus in jobs:
         with tempfile.TemporaryDirectory(prefix="codec_rd_") as tmp:
             work = Path(tmp)
             try:
@@ -566,35 +691,36 @@ def main(
                         continue
                     points.append(result)
                     show(result)
-            matched = matched_runs(ours, clip, points, work, failures)
-            points += list({id(m): m for _, m in matched.values() if all(m is not p for p in points)}.values())
-        summary = summarise(clip, points, matched)
-        summaries.append((clip.name, summary))
+        summary = summarise(clip, points)
+        (corpus_summaries if in_corpus else still_summaries)[clip.name] = summary
+        points_by_clip[clip.name] = points
         all_points += [(clip.name, p) for p in points]
         plot = f"rd_{clip.name}.png"
         plot_clip(clip.name, points, out / plot)
         tables[clip.name] = {
             "all points": (POINT_HEADER, clip_rows(points)),
-            "interpolated rates": (RATE_HEADER, rate_rows(points, summary)),
+            "interpolated rates": (RATE_HEADER, rate_rows(summary)),
             "ratios": (RATIO_HEADER, ratio_rows(summary)),
         }
         for title, (header, rows) in tables[clip.name].items():
             print_table(f"{clip.name}: {title}", header, rows)
         report_clips.append({
             "name": clip.name, "width": clip.frames.width, "height": clip.frames.height,
-            "frames": len(clip.frames), "fps": str(clip.fps), "plot": plot,
+            "frames": len(clip.frames), "fps": str(clip.fps), "plot": plot, "in_corpus_geomean": in_corpus,
             "points": [p.to_dict() for p in points], "failures": failures,
         })  # fmt: skip
 
         # Written after every clip, so that an interrupted run still leaves what it measured.
-        write_outputs(build_report(done=False), tables, all_points, out, markdown)
+        write_outputs(*build_report(done=False), all_points, out, markdown)
 
-    if not summaries:
-        print("error: no clip could be read; check the corpus files", file=sys.stderr)
+    if not corpus_summaries:
+        print("error: no corpus clip could be read; check the corpus files", file=sys.stderr)
         raise typer.Exit(1)
-    report = build_report(done=True)
+    report, tables = build_report(done=True)
     write_outputs(report, tables, all_points, out, markdown)
-    print_table("Done-when checks (issue 2)", CHECK_HEADER, check_rows(report["summaries"], report["corpus_checks"]))
+    print_table("Per clip (issue 16)", *tables["per clip"])
+    print_table("PSNR-Y floor overshoot per chunk", *tables["overshoot"])
+    print_table("Done when (issue 16)", *tables["done when"])
     console.print(f"wrote {_rel(out / 'codec_rd.json')}, codec_rd.csv, rd_*.png and {_rel(markdown)}")
 
 
