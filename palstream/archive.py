@@ -42,11 +42,13 @@ from palstream.codec import BitstreamError, EncodedChunk, EncoderConfig, decode_
 from palstream.codec.chunk import HEADER, MAGIC
 from palstream.errors import ArchiveError, DamagedChunkError
 from palstream.frames import Frames
-from palstream.io import SourceInfo, fsspec_options
+from palstream.io import INDEX_COLUMNS, KeptStream, SideStreams, SourceInfo, fsspec_options, read_side_streams
 
 FORMAT_NAME = "palstream"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+STREAM_CHUNK_BYTES = 16 << 20  # zarr chunk of a kept stream's packet bytes (FORMAT.md §3.1)
+INDEX_CHUNK_ROWS = 1 << 16  # zarr chunk of a kept stream's packet index
 # Sanity limits for declared sizes: reading a malformed archive must fail cleanly, not allocate wildly.
 MAX_DIMENSION = 16384
 MAX_FRAMES = 10**9
@@ -70,6 +72,15 @@ _RATIO = re.compile(r"([0-9]{1,10})/([0-9]{1,10})")
 
 def _key(index: int) -> str:
     return f"{index:06d}"
+
+
+class DamagedStreamError(ArchiveError):
+    """A kept stream (audio, subtitles, an attachment: FORMAT.md §3.1) fails its checksums."""
+
+    def __init__(self, source_index: int, reason: str):
+        super().__init__(f"stream {source_index} is damaged: {reason}")
+        self.source_index = source_index
+        self.reason = reason
 
 
 def json_safe(value):
@@ -416,7 +427,42 @@ def _check_root(doc: dict, url: str) -> dict:
     if attrs["status"] == "complete" or "payload_bytes" in attrs:
         check_int(attrs.get("payload_bytes"), expected, MAX_JSON_INT, "payload_bytes")
     _check_encoder(attrs["encoder"], expected, bad)
+    _check_side_attributes(attrs, bad)
     return attrs
+
+
+def _check_side_attributes(attrs: dict, bad: Callable[[str], ArchiveError]) -> None:
+    """The format-3 attributes (FORMAT.md §2.1 timing, §2.4), checked where present."""
+    timing = attrs["source"].get("timing")
+    if timing is not None:
+        runs = timing.get("pts_runs") if isinstance(timing, dict) else None
+        if not (
+            isinstance(timing.get("time_base") if isinstance(timing, dict) else None, str)
+            and _RATIO.fullmatch(timing["time_base"])
+            and int(_RATIO.fullmatch(timing["time_base"])[2]) != 0
+            and isinstance(runs, list)
+            and all(isinstance(r, list) and len(r) == 3 and all(_is_int(v, -MAX_JSON_INT, MAX_JSON_INT) for v in r) for r in runs)
+            and all(r[2] >= 1 for r in runs)
+            and sum(r[2] for r in runs) == attrs["frame_count"]
+        ):
+            raise bad("source.timing is not {time_base, pts_runs} covering every frame")
+    for key, kind in (("container", dict), ("chapters", list), ("streams", list), ("dropped_streams", list)):
+        if key in attrs and not isinstance(attrs[key], kind):
+            raise bad(f"{key} is not a JSON {'object' if kind is dict else 'array'}")
+    for number, stream in enumerate(attrs.get("streams", [])):
+        if not (
+            isinstance(stream, dict)
+            and isinstance(stream.get("type"), str)
+            and isinstance(stream.get("codec"), str)
+            and _is_int(stream.get("source_index"), 0, MAX_JSON_INT)
+            and _is_int(stream.get("bytes"), 0, MAX_JSON_INT)
+            and _is_int(stream.get("packets"), 0, MAX_JSON_INT)
+            and isinstance(stream.get("data_sha256"), str)
+            and _HEX64.fullmatch(stream["data_sha256"])
+            and isinstance(stream.get("index_sha256"), str)
+            and _HEX64.fullmatch(stream["index_sha256"])
+        ):
+            raise bad(f"streams[{number}] lacks type, codec, source_index, bytes, packets or its digests")
 
 
 def _check_encoder(encoder, n_chunks: int, bad: Callable[[str], ArchiveError]) -> None:
@@ -476,7 +522,7 @@ def _load_root(store: _Store, url: str, force: bool) -> tuple[dict, str | None]:
     altered = None
     attrs = doc.get("attributes")
     # Checked whenever present, whatever format_version says: a version edited down to 1 is caught.
-    if isinstance(attrs, dict) and (_same(attrs.get("format_version"), 2) or "integrity" in attrs):
+    if isinstance(attrs, dict) and (attrs.get("format_version") in (2, 3) or "integrity" in attrs):
         altered = _root_alteration(attrs)
         # An altered root cannot be trusted for sizes or provenance: refuse it before its values are used.
         if altered and not force:
@@ -500,6 +546,7 @@ class Archive:
 
     def __init__(self, url: str, storage_options: dict | None = None, force: bool = False):
         self.url = str(url)
+        self._options = storage_options
         self._store = _Store(url, storage_options)
         self.attrs, self.root_altered = _load_root(self._store, self.url, force)
         self.n_chunks: int = self.attrs["n_chunks"]
@@ -711,6 +758,65 @@ class Archive:
             try:
                 self.read_chunk(index)
             except DamagedChunkError as exc:
+                damaged.append(exc)
+        return damaged
+
+    @property
+    def streams(self) -> list[dict]:
+        """Descriptions of the kept streams besides the video (FORMAT.md §2.4); [] when none."""
+        return [dict(s) for s in self.attrs.get("streams", [])]
+
+    def _stream_array(self, number: int, name: str, shape: tuple, dtype: str) -> np.ndarray:
+        source_index = self.attrs["streams"][number]["source_index"]
+        try:
+            array = _open_group(self.url, "r", self._options)[f"streams/{_key(number)}/{name}"]
+            if tuple(array.shape) != shape or array.dtype != np.dtype(dtype):
+                raise DamagedStreamError(source_index, f"its {name} array is {array.dtype}{list(array.shape)}, the root declares {dtype}{list(shape)}")
+            return np.ascontiguousarray(array[...], dtype=dtype)
+        except DamagedStreamError:
+            raise
+        except Exception as exc:  # noqa: BLE001  zarr and the stores raise many kinds for damaged objects
+            raise DamagedStreamError(source_index, f"its {name} array is unreadable ({type(exc).__name__}: {_show(str(exc))})") from None
+
+    def read_stream(self, number: int) -> KeptStream:
+        """Kept stream ``number`` (position in :attr:`streams`): packets checked against their sha256.
+
+        Raises
+        ------
+        DamagedStreamError
+            An object is missing, malformed, or fails its CRC-32C or SHA-256.
+        """
+        info = self.streams[number]
+        data = self._stream_array(number, "data", (info["bytes"],), "uint8").tobytes()
+        index = self._stream_array(number, "index", (info["packets"], len(INDEX_COLUMNS)), "<i8")
+        if hashlib.sha256(data).hexdigest() != info["data_sha256"]:
+            raise DamagedStreamError(info["source_index"], "sha256 mismatch of its packets")
+        if hashlib.sha256(index.tobytes()).hexdigest() != info["index_sha256"]:
+            raise DamagedStreamError(info["source_index"], "sha256 mismatch of its packet index")
+        if info["type"] != "attachment" and (int(index[:, 3].sum()) != len(data) or (index[:, 3] < 0).any()):
+            raise DamagedStreamError(info["source_index"], "its packet sizes do not add up to its bytes")
+        return KeptStream(info, data, index)
+
+    def side_streams(self, drop_streams=()) -> SideStreams | None:
+        """Chapters, container tags and every kept stream (less ``drop_streams``, source indices),
+        read and checked; None for an archive that records no streams (written before format 3)."""
+        if "streams" not in self.attrs:
+            return None
+        kept = [self.read_stream(n) for n, s in enumerate(self.streams) if s["source_index"] not in set(drop_streams)]
+        return SideStreams(
+            dict(self.attrs.get("container", {})),
+            list(self.attrs.get("chapters", [])),
+            kept,
+            list(self.attrs.get("dropped_streams", [])),
+        )
+
+    def verify_streams(self) -> list[DamagedStreamError]:
+        """Fixity check of every kept stream (CRC-32C of each zarr chunk, SHA-256 of packets and index)."""
+        damaged = []
+        for number in range(len(self.streams)):
+            try:
+                self.read_stream(number)
+            except DamagedStreamError as exc:
                 damaged.append(exc)
         return damaged
 
@@ -1061,6 +1167,60 @@ class ArchiveWriter:
         }
         self._group.create_group(f"commits/{_key(index)}", attributes=marker, overwrite=True)
 
+    def _store_array(self, key: str, values: np.ndarray, chunk: tuple) -> None:
+        chunks = tuple(max(1, min(n, c)) for n, c in zip(values.shape, chunk))
+        array = self._group.create_array(
+            key,
+            shape=values.shape,
+            chunks=chunks,
+            dtype=values.dtype,
+            filters=None,
+            compressors=[zarr.codecs.Crc32cCodec()],  # packets are coded already: checksum, no compressor
+            fill_value=0,
+            overwrite=True,
+            config={"write_empty_chunks": True},
+        )
+        if values.size:
+            array[...] = values
+
+    def write_streams(self, side: SideStreams) -> None:
+        """Store the source's other streams, chapters and tags (FORMAT.md §2.4, §3.1), once.
+
+        Idempotent: an archive that records them already is left as it is, so a resumed
+        finalisation writes them exactly once. The root lists them only after every array is
+        written; a writer killed before that leaves arrays the next call overwrites.
+        """
+        if "streams" in self.attrs:
+            return
+        records = []
+        for number, kept in enumerate(side.streams):
+            index = np.ascontiguousarray(kept.index, dtype="<i8").reshape(-1, len(INDEX_COLUMNS))
+            self._store_array(f"streams/{_key(number)}/data", np.frombuffer(kept.data, np.uint8), (STREAM_CHUNK_BYTES,))
+            self._store_array(f"streams/{_key(number)}/index", index, (INDEX_CHUNK_ROWS, len(INDEX_COLUMNS)))
+            records.append(
+                {
+                    **kept.info,
+                    "packets": len(index),
+                    "bytes": len(kept.data),
+                    "data_sha256": hashlib.sha256(kept.data).hexdigest(),
+                    "index_sha256": hashlib.sha256(index.tobytes()).hexdigest(),
+                }
+            )
+        try:
+            self._write_root({**side.to_attributes(), "streams": json_safe(records)})
+        except ValueError as exc:  # a tag without a canonical JSON form (a lone surrogate)
+            raise ArchiveError(f"cannot record the streams of {self.url} ({exc}); fix the source's tags") from None
+
+    def keep_streams(
+        self, source_url: str, storage_options: dict | None = None, audio: str = "copy", drop_streams=()
+    ) -> None:
+        """Read the source's other streams and :meth:`write_streams` them, unless already recorded.
+
+        What a batch's finalisation calls, before :meth:`finalize`, with the job's source URL and options.
+        """
+        if "streams" not in self.attrs:
+            self.write_streams(read_side_streams(source_url, storage_options, audio, drop_streams))
+
     def _write_root(self, changes: dict) -> None:
         sealed = _seal({**self.attrs, **changes})
         self._group.attrs.update({**changes, "integrity": sealed["integrity"]})
@@ -1115,6 +1275,9 @@ class ArchiveWriter:
         damaged = self._reader.verify()
         if damaged:
             raise ArchiveError(f"archive {self.url} cannot be finalized: {damaged[0]}; rewrite that chunk")
+        damaged_streams = self._reader.verify_streams()
+        if damaged_streams:
+            raise ArchiveError(f"archive {self.url} cannot be finalized: {damaged_streams[0]}; re-encode it")
         payload_bytes = self._reader.payload_bytes()
         self._write_root({"status": "complete", "payload_bytes": payload_bytes})
         if self.replacing:

@@ -17,6 +17,7 @@ Input policy (what an archivist gets, see README "Input formats"):
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import math
@@ -27,7 +28,7 @@ import threading
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
-from typing import Iterator
+from typing import Iterable, Iterator
 from urllib.parse import parse_qsl, urlencode
 
 import av
@@ -126,6 +127,14 @@ class SourceInfo:
     color : dict
         ``matrix``, ``range`` (``tv``/``pc``/``unspecified``), ``primaries``, ``transfer``,
         ``chroma_location``: FFmpeg's names.
+    timing : dict or None
+        The presentation time of every frame (FORMAT.md §2.1): ``time_base`` ``"num/den"`` and
+        ``pts_runs``, runs ``[first_pts, step, count]`` in that time base (one run for a constant
+        frame rate); None in archives written before format 3 (frames then run at ``fps`` from 0).
+    field_order : str or None
+        ``progressive``, ``tt``, ``bb``, ``tb``, ``bt`` (FFmpeg's names) or ``unknown``; None before format 3.
+    sample_aspect_ratio : str or None
+        Pixel aspect ratio ``"num/den"`` (``"0/1"`` when unknown); None before format 3.
     truncated : dict or None
         None for a complete source. For a truncated or damaged source kept on request
         (``probe(..., allow_truncated=True)``): ``reason`` (one line: what breaks where),
@@ -145,6 +154,9 @@ class SourceInfo:
     time_base: str
     pix_fmt: str
     color: dict = field(default_factory=dict)
+    timing: dict | None = None
+    field_order: str | None = None
+    sample_aspect_ratio: str | None = None
     truncated: dict | None = None
 
     def to_dict(self) -> dict:
@@ -163,6 +175,37 @@ class SourceInfo:
     def fps_fraction(self) -> Fraction:
         """Frame rate as an exact fraction."""
         return Fraction(self.fps)
+
+    def frame_times(self) -> tuple[Fraction, list[int]]:
+        """(time base, presentation timestamp of every frame): the recorded timing, or for
+        archives without one, frames at ``fps`` from 0."""
+        if self.timing is None:
+            time_base = 1 / self.fps_fraction
+            return time_base, list(range(self.frame_count))
+        pts = [first + step * i for first, step, count in self.timing["pts_runs"] for i in range(count)]
+        return Fraction(self.timing["time_base"]), pts[: self.frame_count]
+
+    @property
+    def constant_rate(self) -> bool:
+        """Whether every frame lasts the same (all that y4m and raw outputs can carry)."""
+        return self.timing is None or len(self.timing["pts_runs"]) <= 1
+
+
+def pts_runs(pts: list[int]) -> list[list[int]]:
+    """Timestamps as runs ``[first, step, count]`` (``first + step * i`` for i < count): one run
+    for a constant frame rate, a few for a variable one."""
+    runs: list[list[int]] = []
+    for value in pts:
+        if runs and runs[-1][2] == 1:
+            runs[-1][1:] = [value - runs[-1][0], 2]
+        elif runs and value == runs[-1][0] + runs[-1][1] * runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([value, 0, 1])
+    return runs
+
+
+FIELD_ORDERS = {0: "unknown", 1: "progressive", 2: "tt", 3: "bb", 4: "tb", 5: "bt"}  # AVFieldOrder
 
 
 def fsspec_options(url: str, storage_options: dict | None) -> dict:
@@ -529,9 +572,11 @@ class _Scan:
     start: float | None = None  # seconds
     end: float | None = None  # seconds: the last decoded frame's timestamp plus its duration
     problem: str | None = None  # the first damage seen, one line
+    pts: list = field(default_factory=list)  # every frame's timestamp, None where it has none
 
     def note(self, frame: "av.VideoFrame", time_base: Fraction) -> None:
         self.frames += 1
+        self.pts.append(frame.pts)
         if frame.pts is not None and time_base:
             start = float(frame.pts * time_base)
             end = float((frame.pts + (frame.duration or 0)) * time_base)
@@ -705,6 +750,10 @@ def probe(url: str, storage_options: dict | None = None, allow_truncated: bool =
         facts = _completeness(container, stream, handle, scan)
         fps = stream.average_rate or stream.guessed_rate or stream.base_rate
         time_base = stream.time_base
+        field_order = FIELD_ORDERS.get(stream.codec_context.field_order, "unknown")
+        if field_order == "unknown" and first is not None and not first.interlaced_frame:
+            field_order = "progressive"
+        aspect = stream.codec_context.sample_aspect_ratio or Fraction(0, 1)
     if facts["reason"] is not None and (not allow_truncated or first is None):
         state = "is corrupt" if facts["damaged"] else "is truncated"
         frames = f"{scan.frames} frame" + ("s" if scan.frames != 1 else "")
@@ -737,8 +786,18 @@ def probe(url: str, storage_options: dict | None = None, allow_truncated: bool =
         time_base=f"{time_base.numerator}/{time_base.denominator}" if time_base else "0/1",
         pix_fmt=first.format.name,
         color=color,
+        timing=_timing(scan.pts[: scan.frames], time_base),
+        field_order=field_order,
+        sample_aspect_ratio=f"{aspect.numerator}/{aspect.denominator}",
         truncated=None if facts["reason"] is None else facts,
     )
+
+
+def _timing(pts: list, time_base: Fraction | None) -> dict | None:
+    """The frames' presentation times (:attr:`SourceInfo.timing`); None when some frame has none."""
+    if not time_base or any(p is None for p in pts):
+        return None
+    return {"time_base": f"{time_base.numerator}/{time_base.denominator}", "pts_runs": pts_runs(pts)}
 
 
 class _Converter:
@@ -917,3 +976,249 @@ def read_frames(
             "probe it again: it is shorter than when it was probed"
         )
     return _stack(kept)
+
+
+# -- the other streams: audio, subtitles, attachments, data (FORMAT.md §2.4) --------------------
+
+NO_PTS = -(2**63)  # FFmpeg's AV_NOPTS_VALUE: a packet without a timestamp
+PACKET_KEYFRAME, PACKET_DISCARD = 1, 2  # flags of a packet's index row
+INDEX_COLUMNS = ("pts", "dts", "duration", "size", "flags")
+AUDIO_MODES = ("copy", "flac")
+# Containers tried, in order, for a stream's codec parameters (FORMAT.md §2.4: `parameters`).
+_PARAMETER_FORMATS = ("matroska", "nut", "mp4")
+
+
+@dataclass
+class KeptStream:
+    """One stream besides the archived video, as the archive keeps it.
+
+    Parameters
+    ----------
+    info : dict
+        Its JSON description (FORMAT.md §2.4): ``source_index``, ``type``, ``codec``,
+        ``metadata``, ``disposition``, ``parameters``, ... (checksums are added when stored).
+    data : bytes
+        Its packets back to back; for an attachment, the attached file.
+    index : numpy.ndarray
+        int64 ``(packets, 5)``: pts, dts, duration, size, flags per packet (``(0, 5)`` for an
+        attachment); a missing timestamp is :data:`NO_PTS`.
+    """
+
+    info: dict
+    data: bytes
+    index: np.ndarray
+
+    def packets(self) -> Iterator[tuple[bytes, np.ndarray]]:
+        """(bytes, index row) of every packet, in stored order."""
+        offsets = np.concatenate([[0], np.cumsum(self.index[:, 3])])
+        for row, start, stop in zip(self.index, offsets[:-1], offsets[1:]):
+            yield self.data[start:stop], row
+
+
+@dataclass
+class SideStreams:
+    """Everything of a source file except its archived video stream (see :func:`read_side_streams`)."""
+
+    container: dict  # format name, container metadata (tags)
+    chapters: list  # {id, start, end, time_base "num/den", metadata}
+    streams: list  # KeptStream, in source order
+    dropped: list  # {source_index, type, codec, reason} of streams not kept (--drop-stream)
+
+    def to_attributes(self) -> dict:
+        """The archive's root attributes describing these (FORMAT.md §2.4), stream data aside."""
+        return {
+            "container": self.container,
+            "chapters": self.chapters,
+            "streams": [s.info for s in self.streams],
+            "dropped_streams": self.dropped,
+        }
+
+
+def _ratio(value) -> str:
+    value = Fraction(value or 0)
+    return f"{value.numerator}/{value.denominator}"
+
+
+def _stream_parameters(stream, packet) -> tuple[str, bytes] | tuple[None, None]:
+    """The stream's codec parameters as a tiny container holding it and its first packet, which
+    FFmpeg reads back to remux the stream; (None, None) when no container takes the codec."""
+    import io as _bytes_io
+
+    for name in _PARAMETER_FORMATS:
+        buffer = _bytes_io.BytesIO()
+        try:
+            with av.open(buffer, "w", format=name) as out:
+                copy = out.add_stream_from_template(stream)
+                if packet is not None:
+                    out.mux(_packet(packet[0], packet[1], copy, stream.time_base))
+                else:
+                    out.start_encoding()
+            blob = buffer.getvalue()
+            with av.open(_bytes_io.BytesIO(blob), format=name) as check:
+                if check.streams and check.streams[0].type == stream.type:
+                    return name, blob
+        except (av.FFmpegError, ValueError, OSError):
+            continue
+    return None, None
+
+
+def _packet(data: bytes, row, stream, time_base) -> "av.Packet":
+    """An ``av.Packet`` for ``stream`` from stored bytes and an index row."""
+    packet = av.Packet(data)
+    pts, dts, duration, _, flags = (int(v) for v in row)
+    packet.pts = None if pts == NO_PTS else pts
+    packet.dts = None if dts == NO_PTS else dts
+    packet.duration = duration
+    packet.is_keyframe = bool(flags & PACKET_KEYFRAME)  # PACKET_DISCARD is recorded; PyAV cannot set it
+    packet.time_base = time_base
+    packet.stream = stream
+    return packet
+
+
+def _describe(stream) -> dict:
+    context = stream.codec_context
+    info = {
+        "source_index": stream.index,
+        "type": stream.type,
+        "codec": "attachment" if stream.type == "attachment" else context.name if context is not None else "unknown",
+        "time_base": _ratio(stream.time_base),
+        "start_time": stream.start_time,
+        "duration": stream.duration,
+        "metadata": dict(stream.metadata),
+        "disposition": [name for name, flag in av.stream.Disposition.__members__.items() if stream.disposition & flag],
+    }
+    if stream.type == "audio":
+        info.update(sample_rate=context.sample_rate, channels=context.channels, layout=context.layout.name)
+    elif stream.type == "attachment":
+        info.update(filename=stream.name, mimetype=stream.mimetype)
+    elif context is not None and stream.type in ("video", "subtitle"):
+        info.update(width=getattr(context, "width", 0) or 0, height=getattr(context, "height", 0) or 0)
+    return info
+
+
+def read_side_streams(
+    url: str, storage_options: dict | None = None, audio: str = "copy", drop_streams: Iterable[int] = ()
+) -> SideStreams:
+    """Every stream of a source except its archived video, with chapters and container tags.
+
+    Packets are copied as the demuxer gives them (bit-exact); ``audio="flac"`` re-encodes audio
+    to FLAC losslessly (from the decoded samples) instead. The first video stream is the one
+    palstream codes; any other (a second angle, cover art) is kept as packets too.
+
+    Parameters
+    ----------
+    url : str
+        Local path or fsspec URL of the source.
+    storage_options : dict, optional
+        Passed to fsspec.
+    audio : {"copy", "flac"}, default "copy"
+        How audio is kept.
+    drop_streams : iterable of int
+        Source stream indices not to keep (recorded as dropped on request).
+
+    Raises
+    ------
+    InputError
+        ``drop_streams`` names the video or a stream that does not exist; ``audio="flac"`` for
+        audio whose samples FLAC cannot hold exactly (floating point); the source breaks.
+    """
+    if audio not in AUDIO_MODES:
+        raise InputError(f"--audio {audio} is not one of {', '.join(AUDIO_MODES)}; choose copy or flac")
+    name = _display_name(url)
+    drop = set(drop_streams)
+    with _open_input(url, storage_options) as (container, video, _):
+        absent = sorted(drop - {s.index for s in container.streams} | (drop & {video.index}))
+        if absent:
+            raise InputError(
+                f"--drop-stream {absent[0]}: {name} has no such stream besides the archived video "
+                f"(stream {video.index}); see its streams with ffprobe or palstream info"
+            )
+        kept = [s for s in container.streams if s.index != video.index and s.index not in drop]
+        dropped = [
+            {"source_index": s.index, "type": s.type, "codec": _describe(s)["codec"], "reason": "dropped by --drop-stream"}
+            for s in container.streams
+            if s.index in drop
+        ]
+        packets: dict[int, list] = {s.index: [] for s in kept if s.type != "attachment"}
+        video.discard = av.stream.Discard.all
+        try:
+            for packet in container.demux():
+                if packet.size == 0 or packet.stream.index not in packets:
+                    continue
+                flags = (PACKET_KEYFRAME if packet.is_keyframe else 0) | (PACKET_DISCARD if packet.is_discard else 0)
+                row = [NO_PTS if packet.pts is None else packet.pts, NO_PTS if packet.dts is None else packet.dts]
+                packets[packet.stream.index].append((bytes(packet), [*row, packet.duration or 0, packet.size, flags]))
+        except av.FFmpegError as exc:
+            raise InputError(f"{name} is corrupt: its streams cannot be read ({_first_line(exc)}); re-copy or re-export it") from None
+        streams = []
+        for stream in kept:
+            info = _describe(stream)
+            if stream.type == "attachment":
+                streams.append(KeptStream(info, bytes(stream.data), np.zeros((0, 5), np.int64)))
+                continue
+            found = packets[stream.index]
+            if audio == "flac" and stream.type == "audio" and info["codec"] != "flac":
+                stream, found, info = _to_flac(stream, found, info, name)
+            info["parameters_format"], blob = _stream_parameters(stream, found[0] if found else None)
+            info["parameters"] = None if blob is None else base64.b64encode(blob).decode("ascii")
+            index = np.array([row for _, row in found], np.int64).reshape(-1, 5)
+            streams.append(KeptStream(info, b"".join(data for data, _ in found), index))
+        chapters = [
+            {
+                "id": chapter["id"],
+                "start": chapter["start"],
+                "end": chapter["end"],
+                "time_base": _ratio(chapter["time_base"]),
+                "metadata": dict(chapter["metadata"]),
+            }
+            for chapter in container.chapters()
+        ]
+        described = {"format": container.format.name, "metadata": dict(container.metadata)}
+    return SideStreams(described, chapters, streams, dropped)
+
+
+def _to_flac(stream, found: list, info: dict, name: str):
+    """Audio re-encoded to FLAC from its decoded samples: (template stream, packets, description).
+
+    The FLAC stream is muxed into an in-memory NUT file (which keeps the sample time base) and
+    read back, so it is kept exactly as a copied FLAC source would be.
+    """
+    import io as _bytes_io
+
+    decoder = stream.codec_context
+    frames = []
+    for data, row in found:
+        frames.extend(decoder.decode(_packet(data, row, stream, stream.time_base)))
+    frames.extend(decoder.decode(None))
+    if not frames:
+        return stream, found, info
+    sample_format = frames[0].format.name.rstrip("p")
+    if sample_format not in ("s16", "s32", "u8"):
+        raise InputError(
+            f"--audio flac: stream {info['source_index']} of {name} ({info['codec']}) decodes to {frames[0].format.name} "
+            "samples, which FLAC cannot hold exactly; keep it as it is with --audio copy"
+        )
+    buffer = _bytes_io.BytesIO()
+    with av.open(buffer, "w", format="nut") as out:
+        target = out.add_stream("flac", rate=frames[0].sample_rate)
+        target.layout = frames[0].layout
+        target.format = "s32" if sample_format == "s32" else "s16"
+        resampler = av.AudioResampler(format=target.format, layout=frames[0].layout, rate=frames[0].sample_rate)
+        time_base = Fraction(1, frames[0].sample_rate)
+        samples = round((frames[0].pts or 0) * (frames[0].time_base or stream.time_base) / time_base)  # the source's start
+        for frame in frames:
+            for converted in resampler.resample(frame):
+                converted.pts, converted.time_base = samples, time_base  # counted in samples: no rounding
+                samples += converted.samples
+                out.mux(target.encode(converted))
+        out.mux(target.encode(None))
+    nut = av.open(_bytes_io.BytesIO(buffer.getvalue()), format="nut")
+    flac = nut.streams[0]
+    packets = []
+    for packet in nut.demux(flac):
+        if packet.size:
+            flags = PACKET_KEYFRAME if packet.is_keyframe else 0
+            packets.append((bytes(packet), [packet.pts, packet.dts, packet.duration or 0, packet.size, flags]))
+    described = {**_describe(flac), **{k: info[k] for k in ("source_index", "metadata", "disposition")}}
+    described.update(transcoded_from=info["codec"], start_time=flac.start_time)
+    return flac, packets, described

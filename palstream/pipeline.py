@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,13 +18,13 @@ from typing import Callable
 import fsspec
 import numpy as np
 
-from palstream.archive import Archive, ArchiveWriter, check_destination, open_archive
+from palstream.archive import Archive, ArchiveWriter, DamagedStreamError, check_destination, open_archive
 from palstream.codec import EncoderConfig, encode_chunk
 from palstream.codec.precompile import announce_if_cold
 from palstream.errors import DamagedChunkError, PalstreamError
 from palstream.frames import Frames
-from palstream.io import fsspec_options, iter_chunks, probe
-from palstream.writers import STDOUT, write_video
+from palstream.io import fsspec_options, iter_chunks, probe, read_side_streams
+from palstream.writers import STDOUT, output_format, write_video
 
 
 def encode_file(
@@ -35,6 +36,8 @@ def encode_file(
     progress: Callable[[int, int], None] | None = None,
     threads: int | None = None,
     allow_truncated: bool = False,
+    audio: str = "copy",
+    drop_streams: tuple[int, ...] = (),
 ) -> Archive:
     """Encode a whole video into a new archive, GOP chunk by GOP chunk (streaming).
 
@@ -58,6 +61,11 @@ def encode_file(
     allow_truncated : bool, default False
         Keep a truncated or damaged source's frames before the break instead of refusing it;
         the archive's source record says so (``SourceInfo.truncated``).
+    audio : {"copy", "flac"}, default "copy"
+        Audio packets kept bit-exact as they are, or re-encoded losslessly to FLAC.
+    drop_streams : tuple of int
+        Source stream indices not to keep (recorded in the archive as dropped on request);
+        every other stream, chapter, attachment and tag is kept (:func:`palstream.io.read_side_streams`).
 
     Returns
     -------
@@ -87,6 +95,7 @@ def encode_file(
         check_destination(archive, storage_options, overwrite)
         generator = create_palette_generator(config.palette)
         source = probe(input, storage_options, allow_truncated=allow_truncated)
+        side = read_side_streams(input, storage_options, audio, drop_streams)  # refused here, before the video's work
         writer = ArchiveWriter.create(
             archive, source, config, generator, storage_options=storage_options, overwrite=overwrite
         )
@@ -111,6 +120,7 @@ def encode_file(
                     write_oldest()
             while pending:
                 write_oldest()
+        writer.write_streams(side)
         writer.finalize()
     except BaseException:
         if writer is not None:
@@ -226,6 +236,8 @@ def decode_file(
     overwrite: bool = False,
     format: str | None = None,
     force: bool = False,
+    video_only: bool = False,
+    drop_streams: tuple[int, ...] = (),
 ) -> DecodeResult:
     """Decode an archive (or a frame range of it) to a video file.
 
@@ -251,14 +263,21 @@ def decode_file(
         ``"y4m"`` (default) or ``"yuv"`` when ``output`` is ``-``.
     force : bool, default False
         Decode even if the archive's root metadata fails its checksum (a warning says what changed).
+    video_only : bool, default False
+        Write the video alone. Otherwise a container output (``.mkv``, ``.mp4``, ...) of the whole
+        archive gets every kept stream, attachment, chapter and tag, packets as stored; outputs
+        that hold video only (y4m, raw, PNG) and frame ranges warn that the rest is left out.
+    drop_streams : tuple of int
+        Kept streams (source indices) to leave out of the output.
 
     Raises
     ------
     PalstreamError
         A frame range outside the archive; an output that exists (without ``overwrite``), is
-        inside the archive, is not a regular file, or cannot be written. Checked before decoding.
+        inside the archive, is not a regular file, or cannot be written; a kept stream the
+        output container cannot hold (named, with ``--drop-stream``). Checked before decoding.
     ArchiveError
-        The archive cannot be opened.
+        The archive cannot be opened; a kept stream is damaged (named, with ``--drop-stream``).
     """
     output = str(output)
     announce_if_cold()
@@ -292,8 +311,31 @@ def decode_file(
                     progress(result.frames_written, stop - start)
                 yield run
 
-    write_video(chunks(), output, source, overwrite=overwrite, format=format)
+    side = None if video_only else _side_streams(reader, output, format, drop_streams, (start, stop))
+    write_video(chunks(), output, source, overwrite=overwrite, format=format, side=side, first_frame=start)
     return result
+
+
+def _side_streams(reader: Archive, output: str, format: str | None, drop_streams, span: tuple[int, int]):
+    """What goes beside the video into ``output``: the archive's other streams for a container
+    output of every frame; None (with a warning naming what is left out) otherwise."""
+    kept = [s for s in reader.streams if s["source_index"] not in set(drop_streams)]
+    container = output_format(output, format) == "container"
+    if not container and not reader.source.constant_rate:
+        warnings.warn(f"{output} has a constant frame rate: the source's variable timing is kept in .mkv or .mp4", stacklevel=3)
+    if container and span == (0, reader.frame_count):
+        try:
+            return reader.side_streams(drop_streams)
+        except DamagedStreamError as exc:
+            raise DamagedStreamError(exc.source_index, f"{exc.reason}; decode without it with --drop-stream {exc.source_index}") from None
+    if kept or reader.attrs.get("chapters"):
+        why = f"{output} holds" if not container else "a frame range is written as"
+        warnings.warn(
+            f"{why} video only: the archive's {len(kept)} other stream(s) and {len(reader.attrs.get('chapters', []))} "
+            "chapter(s) are left out; decode all frames to .mkv to keep them (--video-only silences this)",
+            stacklevel=3,
+        )
+    return None
 
 
 def _fill(height: int, width: int) -> Frames:

@@ -5,7 +5,10 @@ The input side (probing, reading, the input policy) is :mod:`palstream.io`; this
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import heapq
+import io
 import os
 import re
 import secrets
@@ -22,7 +25,10 @@ import numpy as np
 
 from palstream.errors import PalstreamError
 from palstream.frames import Frames
-from palstream.io import MATRIX_NAMES, PRIMARIES_NAMES, RANGE_NAMES, TRANSFER_NAMES, SourceInfo
+from fractions import Fraction
+
+from palstream.io import FIELD_ORDERS, MATRIX_NAMES, PRIMARIES_NAMES, RANGE_NAMES, TRANSFER_NAMES, SideStreams, SourceInfo
+from palstream.io import _packet as stored_packet
 
 # Output containers PyAV writes, and the codec palstream chooses for each (lossless where possible).
 _CODEC_BY_EXTENSION = {
@@ -33,6 +39,10 @@ _CODEC_BY_EXTENSION = {
     ".mov": "libx264",
     ".webm": "libvpx-vp9",
 }
+# y4m interlacing tokens by field order (FFmpeg's names); "mixed" where the order changes.
+_Y4M_FIELDS = {"progressive": "Ip", "tt": "It", "tb": "It", "bb": "Ib", "bt": "Ib"}
+# x264 needs its own flag to code interlaced pictures (a field order alone is only a label).
+_X264_FIELDS = {"tt": "tff=1", "tb": "tff=1", "bb": "bff=1", "bt": "bff=1"}
 # y4m chroma siting tokens (FFmpeg's chroma_location names).
 _Y4M_CHROMA = {"center": "C420jpeg", "left": "C420mpeg2", "topleft": "C420paldv"}
 
@@ -74,6 +84,8 @@ def write_video(
     source: SourceInfo,
     overwrite: bool = False,
     format: str | None = None,
+    side: SideStreams | None = None,
+    first_frame: int = 0,
 ) -> int:
     """Write decoded frames to ``path``; the format follows its extension.
 
@@ -101,6 +113,11 @@ def write_video(
         Replace an existing output (a file, or a folder holding only ``frame_*.png`` files).
     format : str, optional
         ``"y4m"`` or ``"yuv"`` for stdout; must be None for other paths.
+    side : SideStreams, optional
+        Streams, chapters and tags to mux beside the video (containers only): packets are
+        copied as stored, with their timestamps.
+    first_frame : int, default 0
+        Number of the first frame in the source, whose recorded timestamp it gets (containers).
 
     Returns
     -------
@@ -111,10 +128,13 @@ def write_video(
     ------
     PalstreamError
         The output exists (without ``overwrite``), is not a regular file (a FIFO, a device), or
-        cannot be written; checked before the first frame is taken from ``frames_iter``.
+        cannot be written; checked before the first frame is taken from ``frames_iter``. A
+        stream of ``side`` the container cannot hold is named with the flag that leaves it out.
     """
     path = str(path)
     kind = output_format(path, format)
+    if side is not None and kind != "container":
+        raise PalstreamError(f"{path} holds video only; other streams go into containers such as .mkv")
     if path == STDOUT:
         return _write_stdout(frames_iter, kind, source)
     if "://" in path and not path.startswith("file://"):
@@ -131,7 +151,7 @@ def write_video(
         if kind == "png":
             return _write_png(frames_iter, os.path.join(temp, "frame_%06d.png"), source)
         if kind == "container":
-            return _write_pyav(frames_iter, temp, source, path)
+            return _write_pyav(frames_iter, temp, source, path, side, first_frame)
         with open(temp, "xb") as out:
             return (_write_y4m if kind == "y4m" else _write_raw)(frames_iter, out, source)
 
@@ -282,8 +302,11 @@ def _write_raw(frames_iter, out, source: SourceInfo) -> int:
 
 def _write_y4m(frames_iter, out, source: SourceInfo) -> int:
     fps = source.fps_fraction
+    aspect = Fraction(source.sample_aspect_ratio or "1/1") or Fraction(1)  # 0/1 (unknown) is written square
+    fields = _Y4M_FIELDS.get(source.field_order, "Ip")
     tokens = [
-        f"YUV4MPEG2 W{source.width} H{source.height} F{fps.numerator}:{fps.denominator} Ip A1:1",
+        f"YUV4MPEG2 W{source.width} H{source.height} F{fps.numerator}:{fps.denominator} {fields} "
+        f"A{aspect.numerator}:{aspect.denominator}",
         _Y4M_CHROMA.get(source.color.get("chroma_location"), "C420jpeg"),
     ]
     colour_range = source.color.get("range")
@@ -347,34 +370,100 @@ def _write_png(frames_iter, pattern, source: SourceInfo) -> int:
     return written
 
 
-def _write_pyav(frames_iter, path, source: SourceInfo, target: str) -> int:
-    """Through PyAV into ``path``, choosing the codec and naming errors by the final ``target``."""
-    fps = source.fps_fraction
+def _write_pyav(frames_iter, path, source: SourceInfo, target: str, side: SideStreams | None, first_frame: int) -> int:
+    """Through PyAV into ``path``, choosing the codec and naming errors by the final ``target``.
+
+    Frames get the source's recorded timestamps (variable frame rate and start offset kept),
+    field order and pixel aspect ratio; ``side``'s packets are interleaved by time.
+    """
+    time_base, pts = source.frame_times()
     written = 0
     try:
         with av.open(path, mode="w") as container:
             codec = _CODEC_BY_EXTENSION.get(Path(target).suffix.lower(), container.default_video_codec)
-            stream = container.add_stream(codec, rate=fps)
+            stream = container.add_stream(codec, rate=source.fps_fraction)
             # Lossy viewing codecs need even sizes: pad by repeating the last row/column.
             even = codec != "ffv1"
             stream.width = source.width + (source.width % 2 if even else 0)
             stream.height = source.height + (source.height % 2 if even else 0)
             stream.pix_fmt = "yuv420p"
+            stream.time_base = stream.codec_context.time_base = time_base
             if codec == "libx264":
                 stream.options = {"crf": "12", "preset": "medium"}
+                if source.field_order in _X264_FIELDS:
+                    stream.options["x264-params"] = _X264_FIELDS[source.field_order]
             _tag_colour(stream.codec_context, source.color)
+            _tag_geometry(stream.codec_context, source)
+            pending = _add_side(container, side, target) if side is not None else []
             for frames in frames_iter:
                 if even:
                     frames = _pad_even(frames)
                 for t in range(len(frames)):
                     frame = _to_av_frame(frames, t, "yuv420p")
-                    frame.pts = written
-                    container.mux(stream.encode(frame))
+                    frame.pts, frame.time_base = pts[first_frame + written], time_base
+                    for packet in stream.encode(frame):
+                        _mux_until(container, pending, packet.pts * time_base if packet.pts is not None else None)
+                        container.mux(packet)
                     written += 1
             container.mux(stream.encode(None))
+            _mux_until(container, pending, None)
     except (av.FFmpegError, ValueError) as exc:
         raise PalstreamError(f"cannot write {target}: {exc}; choose .y4m, .yuv, .mkv or .mp4") from None
     return written
+
+
+def _tag_geometry(context, source: SourceInfo) -> None:
+    """Field order and pixel aspect ratio as recorded (archives before format 3 record neither)."""
+    codes = {name: code for code, name in FIELD_ORDERS.items()}
+    if source.field_order in codes:
+        context.field_order = codes[source.field_order]
+    if source.sample_aspect_ratio and Fraction(source.sample_aspect_ratio):
+        context.sample_aspect_ratio = Fraction(source.sample_aspect_ratio)
+
+
+def _add_side(container, side: SideStreams, target: str) -> list:
+    """Add ``side``'s streams, attachments, chapters and tags to ``container``; return its packets
+    as a heap ordered by time, for :func:`_mux_until`."""
+    container.metadata.update(side.container.get("metadata", {}))
+    pending = []
+    for kept in side.streams:
+        info = kept.info
+        name = f"stream {info['source_index']} ({info['type']} {info['codec']})"
+        leave_out = f"leave it out with --drop-stream {info['source_index']}"
+        if info["type"] == "attachment":
+            if "matroska" not in container.format.name:
+                raise PalstreamError(f"{target} cannot hold {name}: attachments need .mkv; decode to .mkv or {leave_out}")
+            attachment = container.add_attachment(info["filename"], info["mimetype"], kept.data)
+            attachment.metadata.update(info["metadata"])
+            continue
+        if info.get("parameters") is None:
+            raise PalstreamError(f"{name} is kept as opaque packets without codec parameters a muxer takes; {leave_out}")
+        template = av.open(io.BytesIO(base64.b64decode(info["parameters"])), format=info["parameters_format"]).streams[0]
+        try:
+            stream = container.add_stream_from_template(template)
+        except ValueError:
+            raise PalstreamError(f"{target} cannot hold {name}; decode to .mkv, or {leave_out}") from None
+        stream.metadata.update(info["metadata"])
+        stream.disposition = sum(av.stream.Disposition[d] for d in info["disposition"] if d in av.stream.Disposition.__members__)
+        time_base = Fraction(info["time_base"])
+        stream.time_base = time_base
+        for order, (data, row) in enumerate(kept.packets()):
+            when = row[1] if row[1] != -(2**63) else row[0]  # dts, else pts, decides the muxing order
+            heapq.heappush(pending, (when * time_base, len(pending), order, data, row, stream, time_base))
+    container.set_chapters(
+        [
+            {**chapter, "time_base": Fraction(chapter["time_base"]), "metadata": dict(chapter["metadata"])}
+            for chapter in side.chapters
+        ]
+    )
+    return pending
+
+
+def _mux_until(container, pending: list, until) -> None:
+    """Mux the side packets due before time ``until`` (seconds, a Fraction; None: all of them)."""
+    while pending and (until is None or pending[0][0] <= until):
+        _, _, _, data, row, stream, time_base = heapq.heappop(pending)
+        container.mux(stored_packet(data, row, stream, time_base))
 
 
 def _tag_colour(context, color: dict) -> None:
