@@ -42,7 +42,14 @@ from palstream.codec import BitstreamError, EncodedChunk, EncoderConfig, decode_
 from palstream.codec.chunk import HEADER, MAGIC
 from palstream.errors import ArchiveError, DamagedChunkError
 from palstream.frames import Frames
-from palstream.io import INDEX_COLUMNS, KeptStream, SideStreams, SourceInfo, fsspec_options, read_side_streams
+from palstream.io import (
+    INDEX_COLUMNS,
+    KeptStream,
+    SideStreams,
+    SourceInfo,
+    fsspec_options,
+    read_side_streams,
+)
 
 FORMAT_NAME = "palstream"
 FORMAT_VERSION = 3

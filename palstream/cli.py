@@ -114,6 +114,15 @@ ForceOpt = Annotated[
 ]
 
 
+DropOpt = Annotated[
+    Optional[list[int]],
+    typer.Option(
+        "--drop-stream",
+        help="Leave out the source stream with this index (as ffprobe and 'palstream info' number them); repeatable.",
+    ),
+]
+
+
 def _storage_options(storage_profile: str | None, endpoint_url: str | None) -> dict:
     """fsspec options for s3:// inputs and archives, resolved as in the batch CLI (storage/README.md)."""
     from palstream.batch.spec import StorageSpec
@@ -145,6 +154,8 @@ def _encode(
     overwrite: bool,
     storage_options: dict | None = None,
     allow_truncated: bool = False,
+    audio: str = "copy",
+    drop_streams: tuple[int, ...] = (),
 ) -> str:
     """Encode with a progress bar; returns a one-line summary."""
     from palstream.pipeline import encode_file
@@ -160,6 +171,8 @@ def _encode(
             overwrite=overwrite,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             allow_truncated=allow_truncated,
+            audio=audio,
+            drop_streams=drop_streams,
         )
     seconds = time.perf_counter() - started
     src, payload = result.source, result.payload_bytes()
@@ -167,6 +180,7 @@ def _encode(
         f"{result.frame_count} frames of {src.width}x{src.height} in {seconds:.1f} s "
         f"({result.frame_count / seconds:.1f} fps): {payload} bytes, "
         f"{payload * 8 / (result.frame_count * src.width * src.height):.4f} bpp"
+        + (f"; kept {len(result.streams)} other stream(s)" if result.streams else "")
     )
 
 
@@ -203,10 +217,18 @@ def encode(
             "the archive records what was missing.",
         ),
     ] = False,
+    audio: Annotated[
+        str,
+        typer.Option(
+            help="How audio is kept: copy (packets bit-exact, the default) or flac (re-encoded losslessly; "
+            "refused for audio that decodes to floating point, such as AAC)."
+        ),
+    ] = "copy",
+    drop_stream: DropOpt = None,
     storage_profile: ProfileOpt = None,
     endpoint_url: EndpointOpt = None,
 ) -> None:
-    """Encode a video into a palstream archive."""
+    """Encode a video into a palstream archive, with every other stream, chapter and tag of the file."""
     from palstream.codec import DEFAULT_TARGET_PSNR, EncoderConfig
     from palstream.errors import ConfigError
 
@@ -219,7 +241,14 @@ def encode(
         gop=gop,
     )
     summary = _encode(
-        input, archive, config, overwrite, _storage_options(storage_profile, endpoint_url), allow_truncated
+        input,
+        archive,
+        config,
+        overwrite,
+        _storage_options(storage_profile, endpoint_url),
+        allow_truncated,
+        audio,
+        tuple(drop_stream or ()),
     )
     _say(f"wrote {archive}: {summary}")
 
@@ -243,10 +272,21 @@ def decode(
         Optional[str], typer.Option("--format", help="Format of - (stdout): y4m (default) or yuv (raw 4:2:0).")
     ] = None,
     force: ForceOpt = False,
+    video_only: Annotated[
+        bool,
+        typer.Option(
+            "--video-only", help="Write the video alone, without the archive's other streams, chapters and tags."
+        ),
+    ] = False,
+    drop_stream: DropOpt = None,
     storage_profile: ProfileOpt = None,
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Decode an archive (or some of its frames) to a video file.
+
+    A container output (.mkv, .mp4) of all frames gets every kept stream, attachment, chapter and
+    tag, packets bit-identical to the source's; a stream the container cannot hold is refused by
+    name (leave it out with --drop-stream).
 
     The frames of a damaged chunk are written as mid-grey (Y = Cb = Cr = 128), so the frames
     after them keep their time; the command names them and exits 1.
@@ -264,6 +304,8 @@ def decode(
             overwrite=overwrite,
             format=format,
             force=force,
+            video_only=video_only,
+            drop_streams=tuple(drop_stream or ()),
         )
     if result.damaged:
         names = "; ".join(
@@ -294,7 +336,7 @@ def verify(
     storage_profile: ProfileOpt = None,
     endpoint_url: EndpointOpt = None,
 ) -> None:
-    """Check every chunk's checksums; exit 0 when intact, else name each damaged chunk and exit 1."""
+    """Check every chunk's and kept stream's checksums; exit 0 when intact, else name each damaged part and exit 1."""
     from palstream.archive import open_archive
 
     reader = open_archive(archive, _storage_options(storage_profile, endpoint_url))
@@ -304,11 +346,15 @@ def verify(
         _record_verification(archive, exc)
         raise
     _record_verification(archive, damaged)
-    if damaged:
-        raise ArchiveError(f"{len(damaged)} of {reader.n_chunks} chunks damaged: " + "; ".join(map(str, damaged)))
+    damaged_streams = reader.verify_streams()
+    if damaged or damaged_streams:
+        parts = [f"{len(damaged)} of {reader.n_chunks} chunks damaged"] if damaged else []
+        parts += [f"{len(damaged_streams)} of {len(reader.streams)} streams damaged"] if damaged_streams else []
+        raise ArchiveError(", ".join(parts) + ": " + "; ".join(map(str, [*damaged, *damaged_streams])))
     if not reader.complete:
         raise ArchiveError(f"archive {archive} was never finalized (status incomplete); re-encode or resume it")
-    _say(f"ok: {reader.n_chunks} chunks, {reader.frame_count} frames intact")
+    streams = f", {len(reader.streams)} other streams" if reader.streams else ""
+    _say(f"ok: {reader.n_chunks} chunks, {reader.frame_count} frames{streams} intact")
 
 
 @app.command()
@@ -331,6 +377,7 @@ def info(
         return
     src, enc = reader.source, reader.attrs["encoder"]
     payload = reader.payload_bytes()
+    stream_bytes = sum(s["bytes"] for s in reader.streams)
     config = enc["config"]
     quality = "lossless" if config.get("lossless") else f"target PSNR-Y {config.get('target_psnr')} dB"
     lines = [
@@ -342,10 +389,59 @@ def info(
         f"encoder      palstream {enc['palstream_version']}, {quality}, GOP {reader.attrs['gop']}, "
         f"palette {enc['palette_generator']['name']}, config {enc['config_digest']}",
         f"chunks       {reader.n_chunks} ({len(reader.committed())} committed)",
-        f"payload      {payload} bytes, {payload * 8 / (src.frame_count * src.width * src.height):.4f} bpp, "
-        f"{src.size_bytes / max(payload, 1):.2f}x smaller than the source file",
+        f"payload      {payload} bytes of video, {payload * 8 / (src.frame_count * src.width * src.height):.4f} bpp"
+        + (f", {stream_bytes} bytes of other streams" if reader.streams else ""),
+        f"size         {_against_source(payload + stream_bytes, src.size_bytes)}",
     ]
+    if src.timing is not None:
+        lines.insert(3, f"timing       {_describe_timing(src)}, field order {src.field_order}, pixel aspect {src.sample_aspect_ratio}")
+    lines += [_describe_stream(stream) for stream in reader.streams]
+    lines += [f"dropped      stream {d['source_index']} ({d['type']} {d['codec']}): {d['reason']}" for d in reader.attrs.get("dropped_streams", [])]
+    if reader.attrs.get("chapters"):
+        lines.append(f"chapters     {len(reader.attrs['chapters'])}: " + ", ".join(_show_chapter(c) for c in reader.attrs["chapters"]))
     typer.echo("\n".join(lines))
+
+
+def _against_source(archive_bytes: int, source_bytes: int) -> str:
+    """The archive's size against its source's, in the direction that is true."""
+    if archive_bytes > source_bytes:
+        return f"{archive_bytes} bytes, {archive_bytes / max(source_bytes, 1):.2f}× larger than the source file ({source_bytes} bytes)"
+    return f"{archive_bytes} bytes, {source_bytes / max(archive_bytes, 1):.2f}× smaller than the source file ({source_bytes} bytes)"
+
+
+def _describe_timing(src) -> str:
+    from fractions import Fraction
+
+    time_base, pts = src.frame_times()
+    start = float(pts[0] * time_base)
+    rate = "constant frame rate" if src.constant_rate else f"variable frame rate ({len(src.timing['pts_runs'])} runs)"
+    return f"{rate}, starts at {start:.3f} s, time base {Fraction(time_base)}"
+
+
+def _describe_stream(stream: dict) -> str:
+    """One line of ``info`` for a kept stream: codec, language, duration, checksum."""
+    from fractions import Fraction
+
+    details = {
+        "audio": lambda: f", {stream.get('sample_rate')} Hz, {stream.get('layout')}",
+        "attachment": lambda: f", {stream.get('filename')} ({stream.get('mimetype')})",
+    }.get(stream["type"], lambda: "")()
+    language = stream.get("metadata", {}).get("language", "und")
+    duration = ""
+    if isinstance(stream.get("duration"), int) and stream["type"] != "attachment":
+        duration = f", {float(stream['duration'] * Fraction(stream['time_base'])):.3f} s"
+    flac = f" (from {stream['transcoded_from']})" if stream.get("transcoded_from") else ""
+    return (
+        f"stream {stream['source_index']:<5} {stream['type']} {stream['codec']}{flac}{details}, {language}{duration}, "
+        f"{stream['packets']} packets, {stream['bytes']} bytes, sha256 {stream['data_sha256'][:16]}..."
+    )
+
+
+def _show_chapter(chapter: dict) -> str:
+    from fractions import Fraction
+
+    start = float(chapter["start"] * Fraction(chapter["time_base"]))
+    return f"{chapter.get('metadata', {}).get('title', chapter['id'])} at {start:.3f} s"
 
 
 def _eval_table(report: dict) -> Table:

@@ -985,7 +985,7 @@ PACKET_KEYFRAME, PACKET_DISCARD = 1, 2  # flags of a packet's index row
 INDEX_COLUMNS = ("pts", "dts", "duration", "size", "flags")
 AUDIO_MODES = ("copy", "flac")
 # Containers tried, in order, for a stream's codec parameters (FORMAT.md §2.4: `parameters`).
-_PARAMETER_FORMATS = ("matroska", "nut", "mp4")
+_PARAMETER_FORMATS = ("nut", "matroska", "mp4")  # NUT keeps time bases and channel layouts
 
 
 @dataclass

@@ -18,7 +18,13 @@ from typing import Callable
 import fsspec
 import numpy as np
 
-from palstream.archive import Archive, ArchiveWriter, DamagedStreamError, check_destination, open_archive
+from palstream.archive import (
+    Archive,
+    ArchiveWriter,
+    DamagedStreamError,
+    check_destination,
+    open_archive,
+)
 from palstream.codec import EncoderConfig, encode_chunk
 from palstream.codec.precompile import announce_if_cold
 from palstream.errors import DamagedChunkError, PalstreamError

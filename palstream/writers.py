@@ -9,6 +9,7 @@ import base64
 import contextlib
 import heapq
 import io
+import itertools
 import os
 import re
 import secrets
@@ -16,6 +17,7 @@ import shutil
 import stat
 import sys
 import tempfile
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
 
@@ -25,9 +27,15 @@ import numpy as np
 
 from palstream.errors import PalstreamError
 from palstream.frames import Frames
-from fractions import Fraction
-
-from palstream.io import FIELD_ORDERS, MATRIX_NAMES, PRIMARIES_NAMES, RANGE_NAMES, TRANSFER_NAMES, SideStreams, SourceInfo
+from palstream.io import (
+    FIELD_ORDERS,
+    MATRIX_NAMES,
+    PRIMARIES_NAMES,
+    RANGE_NAMES,
+    TRANSFER_NAMES,
+    SideStreams,
+    SourceInfo,
+)
 from palstream.io import _packet as stored_packet
 
 # Output containers PyAV writes, and the codec palstream chooses for each (lossless where possible).
@@ -394,7 +402,10 @@ def _write_pyav(frames_iter, path, source: SourceInfo, target: str, side: SideSt
                     stream.options["x264-params"] = _X264_FIELDS[source.field_order]
             _tag_colour(stream.codec_context, source.color)
             _tag_geometry(stream.codec_context, source)
-            pending = _add_side(container, side, target) if side is not None else []
+            pending = []
+            if side is not None:
+                _refuse_unwritable(container.format.name, side, target)  # before any frame is decoded
+                pending = _add_side(container, side, target)
             for frames in frames_iter:
                 if even:
                     frames = _pad_even(frames)
@@ -457,6 +468,27 @@ def _add_side(container, side: SideStreams, target: str) -> list:
         ]
     )
     return pending
+
+
+def _refuse_unwritable(format_name: str, side: SideStreams, target: str) -> None:
+    """Refuse, by name, the first kept stream the muxer does not take: each is written alone
+    (header, first packet, trailer) into a scratch container of the output's format."""
+    for kept in side.streams:
+        if kept.info["type"] == "attachment" or kept.info.get("parameters") is None:
+            continue
+        template = av.open(io.BytesIO(base64.b64decode(kept.info["parameters"])), format=kept.info["parameters_format"]).streams[0]
+        try:
+            with av.open(io.BytesIO(), "w", format=format_name) as probe:
+                stream = probe.add_stream_from_template(template)
+                for data, row in itertools.islice(kept.packets(), 1):  # some muxers check at the first packet or the trailer
+                    probe.mux(stored_packet(data, row, stream, Fraction(kept.info["time_base"])))
+                probe.start_encoding()
+        except (av.FFmpegError, ValueError):
+            index = kept.info["source_index"]
+            raise PalstreamError(
+                f"{target} cannot hold stream {index} ({kept.info['type']} {kept.info['codec']}); decode to .mkv, "
+                f"or leave it out with --drop-stream {index}"
+            ) from None
 
 
 def _mux_until(container, pending: list, until) -> None:
