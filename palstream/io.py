@@ -985,7 +985,9 @@ PACKET_KEYFRAME, PACKET_DISCARD = 1, 2  # flags of a packet's index row
 INDEX_COLUMNS = ("pts", "dts", "duration", "size", "flags")
 AUDIO_MODES = ("copy", "flac")
 # Containers tried, in order, for a stream's codec parameters (FORMAT.md §2.4: `parameters`).
-_PARAMETER_FORMATS = ("nut", "matroska", "mp4")  # NUT keeps time bases and channel layouts
+# The source's own family goes first (what its container could express survives: Matroska's codec
+# delay, mp4's channel layouts); NUT keeps time bases and layouts for the rest.
+_PARAMETER_FORMATS = ("nut", "matroska", "mp4")
 
 
 @dataclass
@@ -1039,12 +1041,13 @@ def _ratio(value) -> str:
     return f"{value.numerator}/{value.denominator}"
 
 
-def _stream_parameters(stream, packet) -> tuple[str, bytes] | tuple[None, None]:
+def _stream_parameters(stream, packet, source_format: str) -> tuple[str, bytes] | tuple[None, None]:
     """The stream's codec parameters as a tiny container holding it and its first packet, which
     FFmpeg reads back to remux the stream; (None, None) when no container takes the codec."""
     import io as _bytes_io
 
-    for name in _PARAMETER_FORMATS:
+    family = next((name for name in _PARAMETER_FORMATS if name in source_format.split(",")), None)
+    for name in sorted(_PARAMETER_FORMATS, key=lambda n: n != family):
         buffer = _bytes_io.BytesIO()
         try:
             with av.open(buffer, "w", format=name) as out:
@@ -1159,7 +1162,7 @@ def read_side_streams(
             found = packets[stream.index]
             if audio == "flac" and stream.type == "audio" and info["codec"] != "flac":
                 stream, found, info = _to_flac(stream, found, info, name)
-            info["parameters_format"], blob = _stream_parameters(stream, found[0] if found else None)
+            info["parameters_format"], blob = _stream_parameters(stream, found[0] if found else None, container.format.name)
             info["parameters"] = None if blob is None else base64.b64encode(blob).decode("ascii")
             index = np.array([row for _, row in found], np.int64).reshape(-1, 5)
             streams.append(KeptStream(info, b"".join(data for data, _ in found), index))

@@ -47,10 +47,11 @@ _CODEC_BY_EXTENSION = {
     ".mov": "libx264",
     ".webm": "libvpx-vp9",
 }
-# y4m interlacing tokens by field order (FFmpeg's names); "mixed" where the order changes.
-_Y4M_FIELDS = {"progressive": "Ip", "tt": "It", "tb": "It", "bb": "Ib", "bt": "Ib"}
+# y4m interlacing tokens by field order (FFmpeg's names).
+# FFmpeg's "bt" is bottom coded first, top displayed first: y4m and x264 name the displayed order.
+_Y4M_FIELDS = {"progressive": "Ip", "tt": "It", "bt": "It", "bb": "Ib", "tb": "Ib"}
 # x264 needs its own flag to code interlaced pictures (a field order alone is only a label).
-_X264_FIELDS = {"tt": "tff=1", "tb": "tff=1", "bb": "bff=1", "bt": "bff=1"}
+_X264_FIELDS = {"tt": "tff=1", "bt": "tff=1", "bb": "bff=1", "tb": "bff=1"}
 # y4m chroma siting tokens (FFmpeg's chroma_location names).
 _Y4M_CHROMA = {"center": "C420jpeg", "left": "C420mpeg2", "topleft": "C420paldv"}
 
