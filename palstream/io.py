@@ -187,8 +187,13 @@ class SourceInfo:
 
     @property
     def constant_rate(self) -> bool:
-        """Whether every frame lasts the same (all that y4m and raw outputs can carry)."""
-        return self.timing is None or len(self.timing["pts_runs"]) <= 1
+        """Whether every frame is where ``fps`` puts it, to within one tick of the time base (all
+        that y4m and raw outputs can carry; Matroska's milliseconds round 15 fps to 66/67 ms)."""
+        if self.timing is None or len(self.timing["pts_runs"]) <= 1:
+            return True
+        time_base, pts = self.frame_times()
+        tick = 1 / (self.fps_fraction * time_base)
+        return all(abs(p - pts[0] - i * tick) <= 1 for i, p in enumerate(pts))
 
 
 def pts_runs(pts: list[int]) -> list[list[int]]:

@@ -317,8 +317,12 @@ def decode_file(
                     progress(result.frames_written, stop - start)
                 yield run
 
-    side = None if video_only else _side_streams(reader, output, format, drop_streams, (start, stop))
+    with warnings.catch_warnings(record=True) as notes:  # said once the output is written, not before its checks
+        warnings.simplefilter("always")
+        side = None if video_only else _side_streams(reader, output, format, drop_streams, (start, stop))
     write_video(chunks(), output, source, overwrite=overwrite, format=format, side=side, first_frame=start)
+    for note in notes:
+        warnings.warn(note.message, stacklevel=2)
     return result
 
 

@@ -56,7 +56,7 @@ def copy_of(lossless_archive, tmp_path):
 def test_layout_and_self_describing_attributes(lossless_archive, data_dir):
     archive = open_archive(str(lossless_archive))
     attrs = archive.attrs
-    assert attrs["format"] == "palstream" and attrs["format_version"] == 2 and attrs["status"] == "complete"
+    assert attrs["format"] == "palstream" and attrs["format_version"] == 3 and attrs["status"] == "complete"
     assert (attrs["n_chunks"], attrs["frame_count"], attrs["gop"]) == (3, 6, 2)
     assert attrs["source"]["sha256"] == io.probe(str(data_dir / "screen_37x29.mkv")).sha256
     assert attrs["encoder"]["config"] == CONFIG.to_dict()
@@ -462,7 +462,7 @@ def _flip_text(path: Path, old: str, new: str) -> None:
         ('"sha256": "f', '"sha256": "e', "source.sha256"),
         ('"lossless": true', '"lossless": false', "encoder.config"),
         ('"status": "complete"', '"status": "incomplete"', "status"),
-        ('"format_version": 2', '"format_version": 1', "format_version"),
+        ('"format_version": 3', '"format_version": 1', "format_version"),
     ],
 )
 def test_altered_root_metadata_is_named_and_refused_unless_forced(copy_of, old, new, field):
@@ -506,7 +506,8 @@ def test_huge_chunk_count_is_refused_at_once(copy_of):
     with pytest.raises(ArchiveError, match="n_chunks 1000000000 does not match"):
         open_archive(str(path))
     meta = json.loads((path / "zarr.json").read_text())
-    source = {**meta["attributes"]["source"], "frame_count": 2 * 10**9 // 2}
+    timing = {**meta["attributes"]["source"]["timing"], "pts_runs": [[0, 1, 10**9]]}  # format 3: one per frame
+    source = {**meta["attributes"]["source"], "frame_count": 2 * 10**9 // 2, "timing": timing}
     # consistent and resealed, as an incomplete archive (a complete one fails payload_bytes first)
     _edit_root(path, n_chunks=5 * 10**8, frame_count=10**9, source=source, status="incomplete", payload_bytes=None)
     with pytest.raises(ArchiveError, match="core does not match"):  # the commit markers still disagree
