@@ -46,6 +46,7 @@ CUSTOM_KINDS = {
     ("kubernetes.dask.org/v1", "DaskJob"): "daskjob-kubernetes.dask.org-v1.json",
     ("kubernetes.dask.org/v1", "DaskCluster"): "daskcluster-kubernetes.dask.org-v1.json",
     ("kubernetes.dask.org/v1", "DaskWorkerGroup"): "daskworkergroup-kubernetes.dask.org-v1.json",
+    ("kubernetes.dask.org/v1", "DaskAutoscaler"): "daskautoscaler-kubernetes.dask.org-v1.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring.coreos.com-v1.json",
 }
 YAMLLINT_CONFIG = """

@@ -384,6 +384,8 @@ def test_notes_say_how_to_watch_and_scale():
         ({"job.spec": ""}, "job.spec is empty: pass the job TOML with --set-file job.spec="),
         ({"workers.gpu.enabled": False}, "no workers: set workers.cpu.replicas >= 1 or enable GPU workers"),
         ({"workers.gpu.replicass": 3}, "additional properties 'replicass' not allowed"),
+        ({"workers.cpu.autoscale.enabled": True, "workers.cpu.autoscale.minimum": 9, "workers.cpu.autoscale.maximum": 4},
+         "workers.cpu.autoscale.minimum (9) is above its maximum (4)"),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(overrides, message):
@@ -409,3 +411,17 @@ def test_dockerfile_builds_from_files_that_exist():
     assert '"/src[gpu]"' in text
     user = next(arg for op, arg in instructions if op == "USER").strip()
     assert user == str(hv.load_values(hv.CHART / "values.yaml")["podSecurityContext"]["runAsUser"])
+
+
+def test_cpu_workers_autoscale_with_the_backlog_through_the_operator():
+    docs = manifests("s3")
+    scaler = next(d for d in docs if d["kind"] == "DaskAutoscaler")
+    job = next(d for d in docs if d["kind"] == "DaskJob")
+    assert scaler["spec"] == {"cluster": job["metadata"]["name"], "minimum": 1, "maximum": 16}
+    command = job["spec"]["job"]["spec"]["containers"][0]["command"]
+    cpu = values("s3")["workers"]["cpu"]
+    # The runner keeps enough tasks in flight for the scheduler to see the backlog it scales on.
+    assert command[command.index("--max-in-flight") + 1] == str(16 * cpu.get("nthreads", 4))
+    assert not any(d["kind"] == "DaskAutoscaler" for d in manifests("cpu"))
+    with pytest.raises(hv.ChartError, match="workers.cpu.autoscale needs the dask-kubernetes operator"):
+        render_with("plain", **{"workers.cpu.autoscale.enabled": True})

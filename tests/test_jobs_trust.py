@@ -381,3 +381,34 @@ def test_a_library_job_keeps_refusals_mirrors_the_tree_and_writes_manifests(tmp_
     assert listed and all(line.split("  ", 1)[1].startswith(good["archive"] + "/") for line in listed)
     check = subprocess.run(["sha256sum", "--check", "--quiet", "manifest-sha256.txt"], cwd=out, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.slow
+def test_a_commit_index_that_names_an_uncommitted_unit_is_caught_by_finalize_and_the_unit_runs_again(tmp_path):
+    """The job's commit index is a cache of the archives' markers: a resume that trusts it runs
+    nothing for the units it names, and finalize, which reads the markers, sends back any unit
+    the archive lacks; it runs again and the archive completes."""
+    from palstream.archive import ArchiveWriter, open_archive
+    from palstream.batch.runner import run_job
+
+    lib = tmp_path / "library"
+    lib.mkdir()
+    shutil.copy(DATA / CLIP, lib / CLIP)
+    out = tmp_path / "out"
+    spec = JobSpec.from_dict({"inputs": [str(lib / CLIP)], "output": str(out), "workers": 1, "units_per_task": 2,
+                              "codec": {"gop": 2}})
+    first = run_job(spec)
+    assert first.complete and first.units_encoded == 4
+    records = sorted(p.name for p in (out / "_palstream" / "commits").iterdir())
+    assert records == ["0-0.jsonl", "0-2.jsonl"]  # one record per task of two units
+    archive = out / f"{Path(CLIP).stem}.zarr"
+    reference = [open_archive(str(archive)).read_chunk(i) for i in range(4)]
+    # The marker of unit 3 goes (damage, or a hand edit); the index still names the unit, and the
+    # archive is no longer known to be finalized.
+    ArchiveWriter.open(str(archive)).revoke(3)
+    (out / "_palstream" / "fixity" / "0.json").unlink()
+    resumed = run_job(spec, resume=True)
+    assert resumed.complete and resumed.units_encoded == 1, resumed.to_dict()
+    assert "not committed in the archive; running them again" in (out / "_palstream" / "job.log").read_text()
+    assert [open_archive(str(archive)).read_chunk(i) for i in range(4)] == reference
+    assert open_archive(str(archive)).committed() == {0, 1, 2, 3}

@@ -322,7 +322,8 @@ def test_tuned_job_ledger_floor_replay_and_resume(tmp_path, cluster):
     writer = ArchiveWriter.open(str(out / "demo.zarr"))
     for unit in last["units"]:
         writer.revoke(unit)
-        (out / "_palstream" / "units" / f"0-{unit}.json").unlink()
+        (out / "_palstream" / "commits" / f"0-{unit}.jsonl").unlink()  # tuned jobs: one unit per task and record
+    (out / "_palstream" / "fixity" / "0.json").unlink()  # nor was the archive finalized
     kept = [r for r in records if not (r["event"] == "reward" and r["batch"] == last["batch"])]
     (out / "_palstream" / "tuner" / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     resumed = run_job(tuned_spec([DEMO], out, cluster), resume=True)

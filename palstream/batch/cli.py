@@ -21,7 +21,10 @@ ClusterOpt = Annotated[
 ]
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="Threads per worker (default 1).")]
 RetriesOpt = Annotated[Optional[int], typer.Option(help="Extra attempts per failing unit before it is quarantined (default 2).")]
-InFlightOpt = Annotated[Optional[int], typer.Option(help="Units in flight at once (default: one per worker thread).")]
+InFlightOpt = Annotated[Optional[int], typer.Option(help="Tasks in flight at once (default: one per worker thread).")]
+PerTaskOpt = Annotated[
+    Optional[int], typer.Option(help="Consecutive units of one input per Dask task (default 1; tens to hundreds for large libraries).")
+]
 ProfileOpt = Annotated[
     Optional[str],
     typer.Option(help="Storage profile from storage/profiles.toml (or $PALSTREAM_STORAGE_PROFILES).", envvar="PALSTREAM_STORAGE_PROFILE"),
@@ -126,6 +129,7 @@ def submit(
     threads_per_worker: ThreadsOpt = None,
     retries: RetriesOpt = None,
     max_in_flight: InFlightOpt = None,
+    units_per_task: PerTaskOpt = None,
     target_psnr: Annotated[Optional[float], typer.Option(help="Quality floor in dB PSNR-Y per chunk (default 45).")] = None,
     lossless: Annotated[Optional[bool], typer.Option("--lossless/--lossy", help="Bit-exact 4:2:0 (default: lossy).")] = None,
     palette: Annotated[Optional[str], typer.Option(help="Palette generator name (default kmeans).")] = None,
@@ -163,6 +167,7 @@ def submit(
         threads_per_worker=threads_per_worker,
         retries=retries,
         max_in_flight=max_in_flight,
+        units_per_task=units_per_task,
         allow_truncated=allow_truncated,
         codec={"target_psnr": target_psnr, "lossless": lossless, "palette": palette, "gop": gop},
         storage={"profile": storage_profile, "endpoint_url": endpoint_url},
@@ -277,6 +282,7 @@ def resume(
     threads_per_worker: ThreadsOpt = None,
     retries: RetriesOpt = None,
     max_in_flight: InFlightOpt = None,
+    units_per_task: PerTaskOpt = None,
     storage_profile: ProfileOpt = None,
     endpoint_url: EndpointOpt = None,
     metrics_port: MetricsPortOpt = None,
@@ -297,6 +303,7 @@ def resume(
         threads_per_worker=threads_per_worker,
         retries=retries,
         max_in_flight=max_in_flight,
+        units_per_task=units_per_task,
         storage={"profile": storage_profile, "endpoint_url": endpoint_url},
     )
     output, settings, given = _output_of(target, over.get("storage", {}))

@@ -49,6 +49,10 @@ def write_manifests(client, output: str, options: dict, plan, report) -> None:
     reasons: dict[str, str] = {}
     for q in report.quarantined:
         reasons.setdefault(q["input"], q["reason"])
+    psnrs_by_source: dict[int, list[float]] = {}
+    for (source, _), summary in summaries.items():
+        if summary.get("psnr_y") is not None:
+            psnrs_by_source.setdefault(source, []).append(summary["psnr_y"])
     rows, checksums = [], []
     for i, src in enumerate(plan.sources):
         state = report.archives.get(src["archive"], "incomplete")
@@ -60,7 +64,7 @@ def write_manifests(client, output: str, options: dict, plan, report) -> None:
                 fixity = client.submit(archive_fixity, plan.archive_url(output, i), options, key=f"archive_fixity-{plan.hash[:12]}-{i}", pure=False).result()
                 write_json(url, fixity, options)
             checksums += [f"{digest}  {src['archive']}/{name}" for name, digest in sorted(fixity["files"].items())]
-        psnrs = [s["psnr_y"] for (j, _), s in summaries.items() if j == i and s.get("psnr_y") is not None]
+        psnrs = psnrs_by_source.get(i, [])
         rows.append(
             {
                 "source": src.get("path", src["info"]["name"]),

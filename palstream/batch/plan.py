@@ -32,7 +32,7 @@ KNOWN_PLAN_VERSIONS = (1, 2)  # version 1: flat layout, no source paths
 ARCHIVE_SUFFIX = ".zarr"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unit:
     """One task: frames ``[start, start + count)`` of input ``source`` -> chunk ``index`` of its archive."""
 

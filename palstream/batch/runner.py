@@ -3,9 +3,12 @@
 Exactly once, by construction:
 
 - the driver alone creates each archive, at its final shape, before any task runs;
-- a task writes only its own chunk, then that chunk's commit marker, and skips a unit whose
+- a task writes only its own chunks, each followed by its commit marker, and skips a unit whose
   marker exists (an earlier attempt on a worker that died after committing);
-- ``resume`` and a rerun of ``submit`` run only units without a commit marker;
+- ``resume`` and a rerun of ``submit`` run only the units the job's commit index does not name
+  (``palstream.batch.commits``: one record per finished task, read in O(tasks)); the index is a
+  cache of the markers: finalize reads the markers and the units the index claimed but the
+  archive lacks run again;
 - an archive is finalized (source checked against the plan's size and SHA-256, every chunk's
   checksum verified, success marker written) only when all its units are committed, and the
   job's ``_palstream/SUCCESS`` is written last.
@@ -37,11 +40,12 @@ from distributed import Client, as_completed
 from palstream import __version__
 from palstream.batch import metrics
 from palstream.batch.cluster import open_client, requested_workers
+from palstream.batch.commits import read_index, record_url
 from palstream.batch.manifest import write_manifests
-from palstream.batch.plan import Plan, expand_inputs, load_plan, save_job_settings, save_plan
+from palstream.batch.plan import Plan, Unit, expand_inputs, load_plan, save_job_settings, save_plan
 from palstream.batch.spec import JobSpec
 from palstream.batch.store import JOB_DIR, JobLock, check_writable, filesystem, join, write_bytes, write_json
-from palstream.batch.worker import encode_unit, finalize_archive, generator_identity, probe_source
+from palstream.batch.worker import encode_units, finalize_archive, generator_identity, probe_source
 from palstream.errors import ArchiveError, ConfigError, PalstreamError
 
 TASK_PREFIX = "encode_chunk"
@@ -278,41 +282,72 @@ class _Execution:
         self.out_opts = spec.storage.options(spec.output)
         self.report = JobReport(spec.output, plan.hash, units_total=len(plan.units()), log=log.url)
         self.report.quarantined = [{"input": r["url"], "unit": None, "reason": r["reason"]} for r in plan.rejected]
-        self.committed: dict[int, set[int]] = {}
+        self.committed: dict[int, set[int]] = {i: set() for i in range(len(plan.sources))}
+        self.units_committed = 0  # sum of len(committed[i]), kept so a progress event costs O(1)
         self.frames_done = 0
         self.started = time.monotonic()
 
     # -- setup -------------------------------------------------------------------------------
     def _prepare_archives(self) -> None:
-        """Create missing archives at final shape (single writer) and read their commit markers."""
-        from palstream import archive
-        from palstream.io import SourceInfo
+        """Find what is done: the job's commit index and the archives finalized by earlier runs.
 
-        config = self.plan.config
+        One LIST and one GET per task record, one LIST of the fixity records and a root read per
+        finalized archive: nothing per chunk, so a resume of 10^6 units takes seconds. Archives
+        are created when their first units are submitted (:meth:`_ensure_archive`).
+        """
+        from palstream import archive
+
         # The archive records the generator's name and weights hash; a worker, which loads the
         # model anyway, reports them, so the driver never loads a model (nor touches CUDA).
         identity = self.client.submit(
-            generator_identity, config.palette, key=f"generator_identity-{self.plan.hash[:12]}", pure=False
+            generator_identity, self.plan.config.palette, key=f"generator_identity-{self.plan.hash[:12]}", pure=False
         ).result()
-        generator = SimpleNamespace(**identity)
+        self.generator = SimpleNamespace(**identity)
+        sources = self.plan.sources
+        for source, index in read_index(self.spec.output, self.out_opts):
+            if 0 <= source < len(sources) and 0 <= index < len(sources[source]["units"]):
+                self._commit(source, index)
+        self.created = {i for i, done in self.committed.items() if done}
         self.finalized: set[int] = set()
-        for i, src in enumerate(self.plan.sources):
-            url = self.plan.archive_url(self.spec.output, i)
-            try:
-                writer = archive.ArchiveWriter.open(url, storage_options=self.out_opts)
-            except ArchiveError:
-                writer = archive.ArchiveWriter.create(
-                    url,
-                    SourceInfo.from_dict(src["info"]),
-                    config,
-                    generator,
-                    len(src["units"]),
-                    storage_options=self.out_opts,
-                )
-            self.committed[i] = set(writer.committed())
-            if writer.attrs["status"] == "complete":
+        for i in self._fixity_records():
+            if i < len(sources) and archive.open_archive(self.plan.archive_url(self.spec.output, i), self.out_opts).complete:
                 self.finalized.add(i)
-                self.report.archives[src["archive"]] = "complete"
+                self.created.add(i)
+                for index in range(len(sources[i]["units"])):
+                    self._commit(i, index)
+                self.report.archives[sources[i]["archive"]] = "complete"
+
+    def _fixity_records(self) -> list[int]:
+        """Inputs whose archive an earlier run finalized (it writes ``fixity/<i>.json`` last)."""
+        fs, path = filesystem(join(self.spec.output, JOB_DIR, "fixity"), self.out_opts)
+        try:
+            names = [n.rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            return []
+        return [int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()]
+
+    def _ensure_archive(self, source: int) -> None:
+        """Create input ``source``'s archive at final shape unless it exists (the driver is its single writer)."""
+        if source in self.created:
+            return
+        from palstream import archive
+        from palstream.io import SourceInfo
+
+        src = self.plan.sources[source]
+        url = self.plan.archive_url(self.spec.output, source)
+        try:
+            archive.ArchiveWriter.open(url, storage_options=self.out_opts)
+        except ArchiveError:
+            archive.ArchiveWriter.create(
+                url, SourceInfo.from_dict(src["info"]), self.plan.config, self.generator, len(src["units"]),
+                storage_options=self.out_opts,
+            )
+        self.created.add(source)
+
+    def _commit(self, source: int, index: int) -> None:
+        if index not in self.committed[source]:
+            self.committed[source].add(index)
+            self.units_committed += 1
 
     # -- run ---------------------------------------------------------------------------------
     def run(self) -> JobReport:
@@ -323,30 +358,29 @@ class _Execution:
         if self.plan.tuner is not None:
             from palstream.tuner.session import TunedUnits
 
+            for i in range(len(self.plan.sources)):
+                self._ensure_archive(i)  # the tuner records each batch's configuration in its archive
             # The tuner hands out units batch by batch, deciding each batch's configuration.
-            todo = self.tuned = TunedUnits(
+            self.tuned = TunedUnits(
                 self.client, self.spec.output, self.out_opts, self.plan, self.committed,
                 self.quarantined_sources, self.spec.storage.options, self.spec.retries,
             )
+            todo = _OnePerTask(self.tuned)
+            pending = len(self.tuned)
         else:
-            # Largest units first (frames x pixels): the last units to finish are then small ones,
-            # which keeps every worker busy until the end.
-            todo = deque(
-                sorted(
-                    (u for u in units if u.index not in self.committed[u.source]),
-                    key=lambda u: -u.count * self.plan.sources[u.source]["info"]["width"] * self.plan.sources[u.source]["info"]["height"],
-                )
-            )
-        self.report.units_skipped = len(units) - len(todo)
+            todo = deque(self._tasks([u for u in units if u.index not in self.committed[u.source]]))
+            pending = sum(len(task) for task in todo)
+        self.todo = todo
+        self.report.units_skipped = len(units) - pending
         self.frames_done = sum(u.count for u in units if u.index in self.committed[u.source])
-        self._set_unit_gauges(len(todo), 0)
+        self._set_unit_gauges(pending, 0)
         metrics.job_workers_requested.set(requested_workers(self.spec, self.client))
         metrics.job_start.set(time.time())  # units start now: probing is over (the stalled alert counts from here)
         stop = threading.Event()
         watcher = threading.Thread(target=self._watch_workers, args=(stop,), daemon=True)
         watcher.start()
         try:
-            self._run_units(todo)
+            self._run_units()
         finally:
             stop.set()
             watcher.join()
@@ -362,90 +396,131 @@ class _Execution:
             write_json(join(self.spec.output, JOB_DIR, "SUCCESS"), self._provenance(), self.out_opts)
         return self.report
 
-    def _submit_unit(self, unit, ac: as_completed) -> None:
-        src = self.plan.sources[unit.source]
+    def _tasks(self, units: list) -> list[list]:
+        """Runs of at most ``units_per_task`` consecutive units of one input, largest first.
+
+        Largest first (frames x pixels): the last tasks to finish are then small ones, which
+        keeps every worker busy until the end.
+        """
+        tasks: list[list] = []
+        for unit in units:  # in plan order: input by input, unit by unit
+            last = tasks[-1] if tasks else None
+            if last and len(last) < self.spec.units_per_task and last[-1].source == unit.source and last[-1].index + 1 == unit.index:
+                last.append(unit)
+            else:
+                tasks.append([unit])
+
+        def size(task):
+            info = self.plan.sources[task[0].source]["info"]
+            return sum(u.count for u in task) * info["width"] * info["height"]
+
+        return sorted(tasks, key=lambda task: -size(task))
+
+    def _submit_task(self, units: list, ac: as_completed) -> None:
+        first = units[0]
+        src = self.plan.sources[first.source]
+        self._ensure_archive(first.source)
+        archive_url = self.plan.archive_url(self.spec.output, first.source)
         task = {
-            "source": unit.source,
-            "index": unit.index,
-            "start": unit.start,
-            "count": unit.count,
-            "source_url": src["url"],
-            "source_bytes": src["info"]["size_bytes"],
-            "source_frames": src["info"]["frame_count"],
-            "source_truncated": src["info"].get("truncated") is not None,
-            "archive_url": self.plan.archive_url(self.spec.output, unit.source),
-            "summary_url": join(self.spec.output, JOB_DIR, "units", f"{unit.source}-{unit.index}.json"),
+            "units": [
+                {
+                    "source": unit.source,
+                    "index": unit.index,
+                    "start": unit.start,
+                    "count": unit.count,
+                    "source_url": src["url"],
+                    "source_bytes": src["info"]["size_bytes"],
+                    "source_frames": src["info"]["frame_count"],
+                    "source_truncated": src["info"].get("truncated") is not None,
+                    "archive_url": archive_url,
+                }
+                for unit in units
+            ],
+            "record_url": record_url(self.spec.output, first.source, first.index),
         }
         job = {
-            "codec": self.tuned.config_for(unit) if self.tuned is not None else self.plan.data["codec"],
+            "codec": self.tuned.config_for(first) if self.tuned is not None else self.plan.data["codec"],
             "output_options": self.out_opts,
             "source_options": self.spec.storage.options(src["url"]),
         }
         fut = self.client.submit(
-            encode_unit,
+            encode_units,
             task,
             job,
-            key=f"{TASK_PREFIX}-{self.plan.hash[:12]}-{unit.source}-{unit.index}",
+            key=f"{TASK_PREFIX}-{self.plan.hash[:12]}-{first.source}-{first.index}",
             retries=self.spec.retries,
             pure=False,
         )
-        self.inflight[fut.key] = unit
+        self.inflight[fut.key] = units
+        self.tasks_in_flight += 1
         ac.add(fut)
 
-    def _run_units(self, todo) -> None:  # a deque, or the tuner's TunedUnits
-        # One unit per worker thread by default: Dask binds a task to a worker when it is
+    def _run_units(self) -> None:
+        # One task per worker thread by default: Dask binds a task to a worker when it is
         # submitted, so a backlog queued on one worker cannot move to the one that frees first,
         # and the largest-first order would not hold (measured on the corpus, 2 workers: a 1.1 s
-        # tail at 2 per thread, none at 1; a worker waits only the driver's round trip per unit).
+        # tail at 2 per thread, none at 1; a worker waits only the driver's round trip per task).
+        # The window is what keeps a library of 10^6 units from becoming 10^6 futures.
         limit = self.spec.max_in_flight or self._threads()
         self.inflight: dict = {}
+        self.tasks_in_flight = 0
+        self.requeued: set[int] = set()
         ac = as_completed()
-        remaining = {i: len(src["units"]) - len(self.committed[i]) for i, src in enumerate(self.plan.sources)}
-        for i, left in remaining.items():
+        self.remaining = {i: len(src["units"]) - len(self.committed[i]) for i, src in enumerate(self.plan.sources)}
+        for i, left in self.remaining.items():
             if left == 0 and i not in self.finalized:
                 self._submit_finalize(i, ac)
-        while todo and len(self.inflight) < limit:
-            self._submit_unit(todo.popleft(), ac)
+        self._fill(ac, limit)
         for fut in ac:
             kind = self.inflight.pop(fut.key)
             if isinstance(kind, int):  # a finalize task
-                self._finalized(kind, fut)
+                self._finalized(kind, fut, ac)
             else:
-                self._unit_finished(kind, fut, remaining, ac)
+                self.tasks_in_flight -= 1
+                self._task_finished(kind, fut, ac)
             fut.release()
-            while todo and sum(1 for k in self.inflight.values() if not isinstance(k, int)) < limit:
-                unit = todo.popleft()
-                if unit.source in self.quarantined_sources:
-                    continue
-                self._submit_unit(unit, ac)
-            self._set_unit_gauges(len(todo), len(self.inflight))
+            self._fill(ac, limit)
 
-    def _unit_finished(self, unit, fut, remaining: dict, ac) -> None:
-        src_url = self.plan.sources[unit.source]["url"]
-        if fut.status == "finished" and fut.result()["outcome"] == "refused":
-            # The source no longer matches the plan (truncated, changed): nothing was written.
-            reason = fut.result()["reason"]
-            self.log.write(f"refused {src_url} unit {unit.index}: {reason}")
-            self._quarantine(unit.source, unit.index, reason)
-        elif fut.status == "finished":
-            summary = fut.result()
-            if not self._meets_floor(unit, summary):
-                return
-            self.committed[unit.source].add(unit.index)
-            self.frames_done += unit.count
-            self.report.units_encoded += 1
-            self.report.frames_encoded += unit.count
-            metrics.job_frames.inc(unit.count)
-            metrics.job_last_progress.set(time.time())
-            remaining[unit.source] -= 1
-            if remaining[unit.source] == 0:
-                self._submit_finalize(unit.source, ac)
-            if self.tuned is not None:
-                self.tuned.unit_finished(unit, summary)
-            self._emit(summary)
-        else:
-            # Retries are spent (or the unit killed its workers): give this input up, keep the rest going.
-            self._quarantine(unit.source, unit.index, self.log.failure(f"quarantined {src_url} unit {unit.index}", fut))
+    def _fill(self, ac, limit: int) -> None:
+        """Submit tasks until ``limit`` are in flight or none are left."""
+        while self.todo and self.tasks_in_flight < limit:
+            task = self.todo.popleft()
+            if task[0].source not in self.quarantined_sources:
+                self._submit_task(task, ac)
+        self._set_unit_gauges(len(self.todo), self.tasks_in_flight)
+
+    def _task_finished(self, units: list, fut, ac) -> None:
+        first = units[0]
+        src_url = self.plan.sources[first.source]["url"]
+        if fut.status != "finished":
+            # Retries are spent (or the task killed its workers): give this input up, keep the rest going.
+            self._quarantine(first.source, first.index, self.log.failure(f"quarantined {src_url} unit {first.index}", fut))
+            return
+        result = fut.result()
+        by_index = {u.index: u for u in units}
+        for summary in result["summaries"]:
+            self._unit_committed(by_index[summary["index"]], summary, ac)
+        if result["refused"] is not None:
+            # The source no longer matches the plan (truncated, changed): nothing was written for that unit.
+            refused = result["refused"]
+            self.log.write(f"refused {src_url} unit {refused['index']}: {refused['reason']}")
+            self._quarantine(first.source, refused["index"], refused["reason"])
+
+    def _unit_committed(self, unit, summary: dict, ac) -> None:
+        if not self._meets_floor(unit, summary):
+            return
+        self._commit(unit.source, unit.index)
+        self.frames_done += unit.count
+        self.report.units_encoded += 1
+        self.report.frames_encoded += unit.count
+        metrics.job_frames.inc(unit.count)
+        metrics.job_last_progress.set(time.time())
+        self.remaining[unit.source] -= 1
+        if self.remaining[unit.source] == 0:
+            self._submit_finalize(unit.source, ac)
+        if self.tuned is not None:
+            self.tuned.unit_finished(unit, summary)
+        self._emit(summary)
 
     def _quarantine(self, source: int, unit: int | None, reason: str) -> None:
         src = self.plan.sources[source]
@@ -491,10 +566,27 @@ class _Execution:
         self.inflight[fut.key] = source
         ac.add(fut)
 
-    def _finalized(self, source: int, fut) -> None:
+    def _finalized(self, source: int, fut, ac) -> None:
         src = self.plan.sources[source]
         if fut.status == "finished" and fut.result()["outcome"] == "complete":
             self.report.archives[src["archive"]] = "complete"
+        elif fut.status == "finished" and fut.result()["outcome"] == "missing" and source not in self.requeued:
+            # The commit index named units whose markers the archive lacks: run them again, once.
+            missing = fut.result()["units"]
+            self.log.write(f"{src['url']}: {len(missing)} unit(s) the commit index named are not committed in the archive; running them again")
+            self.requeued.add(source)
+            for index in missing:
+                self.committed[source].discard(index)
+                self.units_committed -= 1
+                self.frames_done -= self.plan.sources[source]["units"][index][1]
+            self.remaining[source] = len(missing)
+            units = [Unit(source, j, *self.plan.sources[source]["units"][j]) for j in missing]
+            for task in reversed(self._tasks(units) if self.tuned is None else [[u] for u in units]):
+                self.todo.appendleft(task)
+        elif fut.status == "finished" and fut.result()["outcome"] == "missing":
+            reason = f"units {fut.result()['units'][:10]} do not commit (their markers are missing after a rerun)"
+            self.log.write(f"quarantined {src['url']}: {reason}")
+            self._quarantine(source, None, reason)
         elif fut.status == "finished":
             self.log.write(f"refused {src['url']}: {fut.result()['reason']}")
             self._quarantine(source, None, fut.result()["reason"])
@@ -522,7 +614,7 @@ class _Execution:
     def _emit(self, summary: dict | None) -> None:
         if self.on_progress is None:
             return
-        done_units = sum(len(c) for c in self.committed.values())
+        done_units = self.units_committed
         quarantined_units = sum(
             len(self.plan.sources[s]["units"]) - len(self.committed[s]) for s in self.quarantined_sources
         )
@@ -543,7 +635,7 @@ class _Execution:
     def _set_unit_gauges(self, pending: int, running: int) -> None:
         metrics.job_units.labels("pending").set(pending)
         metrics.job_units.labels("running").set(running)
-        metrics.job_units.labels("committed").set(sum(len(c) for c in self.committed.values()))
+        metrics.job_units.labels("committed").set(self.units_committed)
         metrics.job_units.labels("quarantined").set(len(self.report.quarantined))
 
     def _watch_workers(self, stop: threading.Event) -> None:
@@ -592,3 +684,19 @@ def _one_line(exc: BaseException | None) -> str:
         return "unknown error"
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+class _OnePerTask:
+    """The tuner's unit queue as a queue of one-unit tasks (each unit gets its batch's configuration)."""
+
+    def __init__(self, units):
+        self.units, self.front = units, deque()
+
+    def __len__(self) -> int:
+        return len(self.front) + len(self.units)
+
+    def popleft(self) -> list:
+        return self.front.popleft() if self.front else [self.units.popleft()]
+
+    def appendleft(self, task: list) -> None:
+        self.front.appendleft(task)

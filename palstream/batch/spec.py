@@ -197,7 +197,11 @@ class JobSpec:
         Extra attempts of a failing unit before it is quarantined.
     max_in_flight : int, default 0
         Units submitted but not finished at any time; 0 means one per worker thread (more helps
-        where reading and writing a unit waits on remote storage).
+        where reading and writing a unit waits on remote storage). Counted in tasks.
+    units_per_task : int, default 1
+        Consecutive units of one input that one Dask task encodes. The scheduler spends about a
+        millisecond per task: for libraries of 10^5 units and more, or units of well under a
+        second, give tens to hundreds (docs/scale.md). Tuned jobs run one unit per task.
     storage : StorageSpec
         Endpoint/region/profile for ``s3://`` inputs and outputs.
     tuner : TunerSpec
@@ -215,6 +219,7 @@ class JobSpec:
     threads_per_worker: int = 1
     retries: int = 2
     max_in_flight: int = 0
+    units_per_task: int = 1
     storage: StorageSpec = field(default_factory=StorageSpec)
     tuner: TunerSpec = field(default_factory=TunerSpec)
     allow_truncated: bool = False
@@ -242,7 +247,7 @@ class JobSpec:
         ints = {}
         if data.get("workers") is None:
             data.pop("workers", None)
-        for name, lo in (("workers", 1), ("threads_per_worker", 1), ("retries", 0), ("max_in_flight", 0)):
+        for name, lo in (("workers", 1), ("threads_per_worker", 1), ("retries", 0), ("max_in_flight", 0), ("units_per_task", 1)):
             if name in data:
                 value = data[name]
                 if isinstance(value, bool) or not isinstance(value, int) or value < lo:

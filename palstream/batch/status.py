@@ -1,15 +1,13 @@
 """What ``palstream status`` reports: per-video progress, throughput, ratio, quality, failures.
 
 Progress comes from the archives' commit markers (the truth); ratio, quality and timing come
-from the small per-unit summaries the workers write next to the plan.
+from the per-unit summaries in the job's commit index (``palstream.batch.commits``).
 """
 
 from __future__ import annotations
 
-import json
-
 from palstream.batch.plan import fs_exists, load_plan
-from palstream.batch.store import JOB_DIR, JobLock, filesystem, join, read_json, storage_error
+from palstream.batch.store import JOB_DIR, JobLock, join, read_json
 from palstream.errors import ArchiveError, PalstreamError
 from palstream.tuner.session import ledger_summary
 
@@ -128,24 +126,10 @@ def job_status(output: str, options: dict | None = None) -> dict:
 
 
 def unit_summaries(output: str, options: dict | None) -> dict[tuple[int, int], dict]:
-    """The per-unit summaries the workers wrote, by ``(source, unit)``; torn ones are skipped."""
-    url = join(output, JOB_DIR, "units")
-    try:
-        fs, path = filesystem(url, options)
-        names = fs.ls(path, detail=False)
-        blobs = fs.cat(names) if names else {}
-    except FileNotFoundError:
-        return {}
-    except Exception as exc:  # noqa: BLE001  every backend raises its own family
-        raise storage_error(url, exc, "read") from None
-    found = {}
-    for name, blob in blobs.items():
-        try:
-            s = json.loads(blob)
-            found[(s["source"], s["index"])] = s
-        except (ValueError, KeyError, TypeError):
-            continue  # a summary is advisory; a torn one is skipped
-    return found
+    """The per-unit summaries the workers recorded in the job's commit index, by ``(source, unit)``."""
+    from palstream.batch.commits import read_index
+
+    return read_index(output, options)
 
 
 def _span_rate(summaries: list[dict]) -> float | None:

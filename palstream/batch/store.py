@@ -10,7 +10,7 @@ Layout of an output root::
     <output>/_palstream/job.log     full details of every failure (the terminal gets one line each)
     <output>/_palstream/fixity/     per-archive file checksums, written when an archive is finalized
     <output>/_palstream/lock.json   held by the running driver (see JobLock)
-    <output>/_palstream/units/      one small JSON summary per committed unit (for `status`)
+    <output>/_palstream/commits/    the commit index: one record per finished task (palstream.batch.commits)
     <output>/_palstream/report.json quarantined units and outcome of the last run
     <output>/_palstream/SUCCESS     written last, once every archive is finalized
 """

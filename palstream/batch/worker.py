@@ -1,8 +1,8 @@
 """What runs inside each Dask worker: the per-worker plugin and the unit task.
 
-The driver sends only small dicts; each task reads its own frames from the source, encodes
-them with the worker's palette generator, writes its chunk and commit marker into the archive,
-and returns a summary of a few numbers. No frames travel through the scheduler.
+The driver sends only small dicts; each task reads its units' frames from the source, encodes
+them with the worker's palette generator, writes each chunk and commit marker into the archive,
+records the task's units in the job's commit index and returns a summary of a few numbers per unit. No frames travel through the scheduler.
 """
 
 from __future__ import annotations
@@ -172,8 +172,55 @@ def with_storage_retries(action, what: str, deadline: float = STORAGE_RETRY_SECO
         delay = min(delay * 2, 5.0)
 
 
-def encode_unit(unit: dict, job: dict) -> dict:
-    """Encode one unit and commit it; the task every ``encode_chunk-*`` key runs.
+def encode_units(task: dict, job: dict) -> dict:
+    """Encode a run of consecutive units of one input, commit each, then record them; the task
+    every ``encode_chunk-*`` key runs.
+
+    Many units per task keep the scheduler's load per unit small (a task costs the scheduler
+    about a millisecond; a library has 10^6-10^8 units). The archive is opened and the source's
+    size checked once per task, and the task writes one commit-index record for all its units
+    (:mod:`palstream.batch.commits`) instead of an object per unit.
+
+    Parameters
+    ----------
+    task : dict
+        ``units``: the unit dicts of :func:`encode_unit`, consecutive units of one input;
+        ``record_url``: where to write the task's commit-index record.
+    job : dict
+        As for :func:`encode_unit`.
+
+    Returns
+    -------
+    dict
+        ``summaries``: :func:`encode_unit`'s summary per committed unit, in order; ``refused``:
+        None, or the refusal of the unit that stopped the task (the units after it are not run).
+    """
+    summaries, refused, context = [], None, _TaskContext()
+    for unit in task["units"]:
+        result = encode_unit(unit, job, context)
+        if result["outcome"] == "refused":
+            refused = result
+            break
+        summaries.append(result)
+    if summaries:
+        from palstream.batch.commits import write_record
+
+        # Written after every chunk of the task is committed: the index never runs ahead of the markers.
+        with_storage_retries(lambda: write_record(task["record_url"], summaries, job["output_options"]), "writing the commit record")
+    return {"summaries": summaries, "refused": refused}
+
+
+class _TaskContext:
+    """What the units of one task share: the archive writer, the encoder settings, and whether the source was checked."""
+
+    def __init__(self):
+        self.writer = None
+        self.config = None
+        self.source_checked = False
+
+
+def encode_unit(unit: dict, job: dict, context: _TaskContext | None = None) -> dict:
+    """Encode one unit and commit it.
 
     A second execution of a unit (its first worker died after committing, before reporting)
     encodes the same bytes again and ``ArchiveWriter.write_chunk`` leaves the committed chunk
@@ -187,10 +234,12 @@ def encode_unit(unit: dict, job: dict) -> dict:
     ----------
     unit : dict
         ``source`` and ``index`` (plan positions), ``start``/``count`` (frames), ``source_url``,
-        ``source_bytes`` (the planned size), ``archive_url``, ``summary_url``.
+        ``source_bytes`` (the planned size), ``archive_url``.
     job : dict
         ``codec`` (EncoderConfig dict), ``source_options`` and ``output_options`` (fsspec
         storage options without credentials).
+    context : _TaskContext, optional
+        Shared by the units of one task (see :func:`encode_units`).
 
     Returns
     -------
@@ -202,7 +251,7 @@ def encode_unit(unit: dict, job: dict) -> dict:
     from palstream.batch import metrics
 
     try:
-        summary, stages = _encode_unit(unit, job)
+        summary, stages = _encode_unit(unit, job, context or _TaskContext())
     except InputError as exc:
         metrics.units.labels("failed").inc()
         return {"outcome": "refused", "source": unit["source"], "index": unit["index"], "reason": str(exc)}
@@ -241,18 +290,21 @@ def _check_source_size(url: str, options: dict, planned: int) -> None:
         )
 
 
-def _encode_unit(unit: dict, job: dict) -> tuple[dict, dict]:
+def _encode_unit(unit: dict, job: dict, context: _TaskContext) -> tuple[dict, dict]:
     from palstream import archive
-    from palstream.batch.store import write_json
     from palstream.codec import EncoderConfig, encode_chunk
 
     started = time.time()
     out_opts = job["output_options"]
-    config = EncoderConfig.from_dict(job["codec"])
+    if context.config is None:
+        context.config = EncoderConfig.from_dict(job["codec"])
+    config = context.config
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     # The source is checked against the plan before the archive is touched.
-    _check_source_size(unit["source_url"], job["source_options"], unit["source_bytes"])
+    if not context.source_checked:  # once per task: the units of a task share their source
+        _check_source_size(unit["source_url"], job["source_options"], unit["source_bytes"])
+        context.source_checked = True
     frames = with_storage_retries(lambda: _read_unit(unit, job, config.gop), "reading the source")
     if len(frames) != unit["count"]:
         raise InputError(
@@ -260,9 +312,11 @@ def _encode_unit(unit: dict, job: dict) -> tuple[dict, dict]:
             "the source is truncated or changed since it was planned; restore it, or encode it in a new job"
         )
     stages["decode"] = time.perf_counter() - t0
-    writer = with_storage_retries(
-        lambda: archive.ArchiveWriter.open(unit["archive_url"], storage_options=out_opts), "opening the archive"
-    )
+    if context.writer is None:
+        context.writer = with_storage_retries(
+            lambda: archive.ArchiveWriter.open(unit["archive_url"], storage_options=out_opts), "opening the archive"
+        )
+    writer = context.writer
     generator = _plugin().generator(config.palette)
     generator.take_seconds()
     t0 = time.perf_counter()
@@ -289,8 +343,6 @@ def _encode_unit(unit: dict, job: dict) -> tuple[dict, dict]:
         "stage_seconds": stages,
         "worker": f"{socket.gethostname()}:{os.getpid()}",
     }
-    # For `palstream status` only; the archive's commit marker is what counts as done.
-    with_storage_retries(lambda: write_json(unit["summary_url"], summary, out_opts), "writing the unit summary")
     return summary, stages
 
 
@@ -312,8 +364,10 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict, fixit
     Returns
     -------
     dict
-        ``{"outcome": "complete", "fixity": ...}``, or ``{"outcome": "refused", "reason": ...}``
-        when the source changed (a value, so no retry turns it into a success).
+        ``{"outcome": "complete", "fixity": ...}``; ``{"outcome": "refused", "reason": ...}``
+        when the source changed (a value, so no retry turns it into a success); or
+        ``{"outcome": "missing", "units": [...]}`` when chunks the job's commit index counted as
+        done have no valid commit marker (nothing is changed; the driver runs those units again).
     """
     from palstream import archive
     from palstream.batch.store import write_json
@@ -330,6 +384,9 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict, fixit
             "the source changed since it was planned; restore it, or encode it in a new job",
         }
     writer = with_storage_retries(lambda: archive.ArchiveWriter.open(archive_url, storage_options=output_options), "opening the archive")
+    missing = sorted(set(range(writer.n_chunks)) - with_storage_retries(writer.committed, "reading the commit markers"))
+    if missing:  # the job's commit index named units the archive lacks: the driver runs them again
+        return {"outcome": "missing", "units": missing}
     with_storage_retries(writer.finalize, "finalizing the archive")
     fixity = archive_fixity(archive_url, output_options)
     with_storage_retries(lambda: write_json(fixity_url, fixity, output_options), "writing the fixity record")

@@ -314,14 +314,15 @@ class TunedUnits:
 
     def _settle_committed_batches(self) -> None:
         """Reward decided batches whose units were all committed by an earlier run (from their summaries)."""
+        from palstream.batch.commits import read_index
+
+        summaries = read_index(self.output, self.options)
         for batch in self.batches:
             if batch.id not in self.decisions or batch.id in self.rewarded:
                 continue
             for u in batch.units:
-                if u in self.committed[batch.source]:
-                    summary = read_json(join(self.output, JOB_DIR, "units", f"{batch.source}-{u}.json"), self.options)
-                    if summary is not None:
-                        self.results.setdefault(batch.id, {})[u] = summary
+                if u in self.committed[batch.source] and (batch.source, u) in summaries:
+                    self.results.setdefault(batch.id, {})[u] = summaries[(batch.source, u)]
             if len(self.results.get(batch.id, {})) == len(batch.units):
                 self._reward(batch)
 

@@ -72,6 +72,13 @@ tcp://{{ include "palstream.schedulerService" . }}.{{ .Release.Namespace }}.svc.
 {{- if and (lt (int .Values.workers.cpu.replicas) 1) (not $gpu.enabled) -}}
 {{- fail "no workers: set workers.cpu.replicas >= 1 or enable GPU workers (workers.gpu.enabled=true)" -}}
 {{- end -}}
+{{- $autoscale := .Values.workers.cpu.autoscale -}}
+{{- if and $autoscale.enabled (not .Values.operator) -}}
+{{- fail "workers.cpu.autoscale needs the dask-kubernetes operator (operator=true); without it, scale the worker Deployment by hand" -}}
+{{- end -}}
+{{- if and $autoscale.enabled (gt (int $autoscale.minimum) (int $autoscale.maximum)) -}}
+{{- fail (printf "workers.cpu.autoscale.minimum (%v) is above its maximum (%v)" $autoscale.minimum $autoscale.maximum) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Environment shared by runner and workers: writable paths under /tmp (the root
@@ -161,6 +168,11 @@ command:
   - {{ .Values.job.metricsPort | quote }}
   # Pod logs are no terminal: a progress bar would only add noise; see `palstream status`.
   - --no-progress
+  {{- if .Values.workers.cpu.autoscale.enabled }}
+  # Enough tasks in flight for the scheduler to see a backlog to scale on.
+  - --max-in-flight
+  - {{ mul .Values.workers.cpu.autoscale.maximum .Values.workers.cpu.nthreads | quote }}
+  {{- end }}
   {{- range .Values.job.extraArgs }}
   - {{ . | quote }}
   {{- end }}

@@ -1,0 +1,498 @@
+"""Scale simulator (issue 19): a synthetic library of 10^6 units through the real batch system.
+
+What is real: the planner (``Plan.build``/``save_plan``/``load_plan``), the job lock, the commit
+index, the runner (``run_job``: bounded window, tasks of many units, finalize, manifests), the
+worker tasks (``encode_units``, ``finalize_archive``), a ``distributed.LocalCluster`` of worker
+processes, and the storage: a local folder, or moto's S3 server on 127.0.0.1 behind a counter of
+requests by kind. What is a stub: the encoder (``encode_chunk`` sleeps ``--encode-ms`` and returns
+``--payload-bytes`` of deterministic bytes), the frame reader and the probe (each input is a
+small real file whose probe says it holds ``units x gop`` frames), and, with ``--archive stub``,
+the archive: the write path issue 19 asks of ``palstream/archive.py`` (three objects per unit:
+chunk metadata, payload, a commit marker written if absent; ``committed`` by one LIST per
+archive; finalize one PUT), because today's ``ArchiveWriter.write_chunk`` costs ~9 ms and 10-20
+requests per unit (``--archive real`` measures it, at 10^4 units).
+
+A run: build the library; start the cluster (it outlives the drivers, as a Kubernetes cluster
+does); run the job in a driver process; optionally add and kill workers during the run
+(``--elastic``) and kill the driver at ``--kill-at`` of the units, then resume the job in a new
+driver process (``run_job(resume=True)``: what ``palstream resume --cluster ...`` runs); check
+that every unit is committed, recorded once in the commit index, and rewritten at most as often
+as units were in flight when something died.
+
+    .venv/bin/python benchmarks/scale_sim.py --units 1000000 --archives 10000 --kill-at 0.5 --elastic
+    .venv/bin/python benchmarks/scale_sim.py --units 10000 --archives 100 --storage s3 --kill-at 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from distributed import WorkerPlugin
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "scale"
+
+
+# -- the stubs, installed in every worker and in the driver --------------------------------------
+def install_stubs(settings: dict) -> None:
+    """Replace the encoder, the frame reader, the probe (and, for ``archive: stub``, the archive)."""
+    import numpy as np
+
+    import palstream.archive
+    import palstream.batch.store
+    import palstream.batch.runner
+    import palstream.batch.worker
+    import palstream.codec
+    import palstream.io
+    from palstream.codec import EncodedChunk
+    from palstream.frames import Frames
+
+    gop, per_archive = settings["gop"], settings["units_per_archive"]
+
+    def probe(url, storage_options=None, allow_truncated=False):
+        fs, path = palstream.batch.store.filesystem(url, storage_options)
+        blob = fs.cat_file(path)
+        return palstream.io.SourceInfo(
+            url=url, name=url.rsplit("/", 1)[-1], size_bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest(),
+            width=64, height=64, frame_count=gop * per_archive, fps="25/1", time_base="1/25", pix_fmt="yuv420p",
+            color={"matrix": "bt709", "range": "tv", "primaries": "bt709", "transfer": "bt709", "chroma_location": "left"},
+        )
+
+    frames = {}
+
+    def read_unit(unit, job, gop_):
+        count = unit["count"]
+        if count not in frames:
+            y, uv = np.zeros((count, 2, 2), np.uint8), np.zeros((count, 1, 1), np.uint8)
+            frames[count] = Frames(y, uv, uv.copy())
+        return frames[count]
+
+    def encode_chunk(frames, config, generator=None, **_):
+        if settings["encode_ms"]:
+            time.sleep(settings["encode_ms"] / 1000)
+        seed = hashlib.sha256(f"{len(frames)}".encode()).digest()
+        payload = (seed * (settings["payload_bytes"] // 32 + 1))[: settings["payload_bytes"]]
+        return EncodedChunk(payload, {"frames": len(frames), "psnr_y": 50.0})
+
+    palstream.io.probe = probe
+    palstream.batch.worker._read_unit = read_unit
+    palstream.codec.encode_chunk = encode_chunk
+    if settings["archive"] in ("stub", "marker"):
+        StubArchive.MODE = settings["archive"]
+        palstream.archive.ArchiveWriter = StubArchive
+        palstream.archive.open_archive = StubArchive.open
+        palstream.batch.runner._Execution._refresh_catalogue = lambda self: None  # reads real archives only
+
+
+class StubArchive:
+    """The per-unit write path asked of ``palstream/archive.py``: three objects per unit.
+
+    ``c/<i>.meta`` (the chunk's metadata), ``c/<i>.data`` (its payload), then ``c/<i>.commit``,
+    created only if absent (``O_EXCL`` locally, ``If-None-Match: *`` on S3): a unit encoded twice
+    rewrites the same two objects and leaves a ``c/<i>.again`` note the simulator counts.
+    ``committed()`` is one LIST; ``finalize()`` one PUT of the root document. In ``marker`` mode
+    only the commit marker is written (10^6 units of three objects need ~12 GB of 4 KiB blocks).
+    """
+
+    MODE = "stub"
+
+    def __init__(self, url: str, options: dict | None, attrs: dict):
+        from palstream.batch.store import filesystem
+
+        self.url, self.options, self.attrs = url, options, attrs
+        self.fs, self.path = filesystem(url, options)
+        self.n_chunks = attrs["n_chunks"]
+
+    @classmethod
+    def create(cls, url, source, config, generator=None, n_chunks=None, storage_options=None, overwrite=False):
+        from palstream.batch.store import write_json
+
+        attrs = {"n_chunks": n_chunks, "status": "incomplete", "frame_count": source.frame_count}
+        write_json(f"{url}/zarr.json", attrs, storage_options)
+        return cls(url, storage_options, attrs)
+
+    @classmethod
+    def open(cls, url, storage_options=None, force=False):
+        from palstream.batch.store import read_json
+        from palstream.errors import ArchiveError
+
+        attrs = read_json(f"{url}/zarr.json", storage_options)
+        if attrs is None:
+            raise ArchiveError(f"no archive at {url}")
+        return cls(url, storage_options, attrs)
+
+    @property
+    def complete(self) -> bool:
+        return self.attrs["status"] == "complete"
+
+    def _put(self, name: str, blob: bytes, exclusive: bool = False) -> bool:
+        path = f"{self.path}/c/{name}"
+        if "file" in self.fs.protocol or "local" in self.fs.protocol:
+            return self._put_local(path, blob, exclusive)
+        if not exclusive:
+            self.fs.pipe_file(path, blob)
+            return True
+        try:
+            with self.fs.open(path, "xb") as f:
+                f.write(blob)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:  # s3fs: a failed If-None-Match
+            if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                return False
+            raise
+
+    def _put_local(self, path: str, blob: bytes, exclusive: bool) -> bool:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, flags, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        return True
+
+    def write_chunk(self, index: int, encoded) -> None:
+        payload = bytes(encoded.payload)
+        sha = hashlib.sha256(payload).hexdigest()
+        if self.MODE == "stub":
+            self._put(f"{index}.meta", json.dumps({"sha256": sha, "bytes": len(payload), "stats": encoded.stats}).encode())
+            self._put(f"{index}.data", payload)
+        if not self._put(f"{index}.commit", json.dumps({"sha256": sha, "bytes": len(payload)}).encode(), exclusive=True):
+            self._put(f"{index}.again", b"")
+
+    def committed(self) -> set[int]:
+        try:
+            names = self.fs.ls(f"{self.path}/c", detail=False)
+        except FileNotFoundError:
+            return set()
+        return {int(n.rsplit("/", 1)[-1][:-7]) for n in names if n.endswith(".commit")}
+
+    def revoke(self, index: int) -> None:
+        self.fs.rm_file(f"{self.path}/c/{index}.commit")
+
+    def finalize(self) -> None:
+        from palstream.batch.store import write_json
+
+        self.attrs = {**self.attrs, "status": "complete"}
+        write_json(f"{self.url}/zarr.json", self.attrs, self.options)
+
+    def read_chunk(self, index: int) -> bytes:
+        return self.fs.cat_file(f"{self.path}/c/{index}.{'data' if self.MODE == 'stub' else 'commit'}")
+
+
+class Stubs(WorkerPlugin):
+    """Installs the stubs in every worker, present and future (restarted or added ones too)."""
+
+    name = "scale-sim-stubs"
+    idempotent = True
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+
+    def setup(self, worker) -> None:
+        install_stubs(self.settings)
+
+
+# -- a counting S3 server -------------------------------------------------------------------------
+class CountingS3:
+    """moto's S3 server on 127.0.0.1, counting requests by kind (PUT, GET, HEAD, LIST, DELETE, POST)."""
+
+    def __init__(self):
+        from moto.server import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
+
+        self.counts: dict[str, int] = {}
+        self.lock = threading.Lock()
+        app = DomainDispatcherApplication(create_backend_app)
+
+        def counted(environ, start_response):
+            method, query = environ["REQUEST_METHOD"], environ.get("QUERY_STRING", "")
+            path = environ.get("PATH_INFO", "").strip("/")
+            kind = "LIST" if method == "GET" and ("list-type" in query or "/" not in path) else method
+            with self.lock:
+                self.counts[kind] = self.counts.get(kind, 0) + 1
+            return app(environ, start_response)
+
+        self.server = make_server("127.0.0.1", 0, counted, threaded=True)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def take(self) -> dict[str, int]:
+        with self.lock:
+            counts, self.counts = self.counts, {}
+        return counts
+
+
+def s3_options(endpoint: str) -> dict:
+    return {"endpoint_url": endpoint, "key": "test", "secret": "test", "client_kwargs": {"region_name": "us-east-1"}}
+
+
+# -- the driver process ---------------------------------------------------------------------------
+def drive(config_path: str) -> None:
+    """One driver: submit (or resume) the job and write what it measured beside the config."""
+    config = json.loads(Path(config_path).read_text())
+    install_stubs(config["settings"])
+    from palstream.batch import runner
+    from palstream.batch.runner import run_job
+    from palstream.batch.spec import JobSpec
+
+    prepared = {}
+    original = runner._Execution._prepare_archives
+
+    def timed_prepare(self):
+        # How long the driver takes to find what is done (the resume target: <= 30 s at 10^6 units).
+        t0 = time.perf_counter()
+        original(self)
+        prepared["seconds"] = time.perf_counter() - t0
+        prepared["committed"] = self.units_committed
+
+    runner._Execution._prepare_archives = timed_prepare
+    progress_file = Path(config["progress"])
+    last = [0.0]
+
+    def on_progress(p):
+        now = time.monotonic()
+        if now - last[0] > 0.2:
+            last[0] = now
+            progress_file.write_text(f"{p.units_done} {p.units_total}")
+
+    os.environ.update(config.get("env", {}))
+    spec = JobSpec.from_dict(config["job"])
+    t0 = time.perf_counter()
+    report = run_job(spec, resume=config["resume"], on_progress=on_progress)
+    result = {
+        "seconds": time.perf_counter() - t0,
+        "report": {k: v for k, v in report.to_dict().items() if k not in ("archives", "quarantined")},
+        "quarantined": report.quarantined[:5],
+        "complete": report.complete,
+        "prepare_seconds": prepared.get("seconds"),
+        "committed_at_start": prepared.get("committed"),
+        "driver_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    Path(config["result"]).write_text(json.dumps(result))
+
+
+# -- the experiment -------------------------------------------------------------------------------
+def build_library(root: str, options: dict, n: int) -> None:
+    """``n`` small distinct input files (what a probe hashes and a unit's size check reads)."""
+    from palstream.batch.store import filesystem
+
+    fs, path = filesystem(root, options)
+    if "file" in fs.protocol or "local" in fs.protocol:
+        os.makedirs(path, exist_ok=True)
+        for i in range(n):
+            Path(path, f"v{i:06d}.mkv").write_bytes(f"synthetic video {i}\n".encode())
+    else:
+        fs.pipe({f"{path}/v{i:06d}.mkv": f"synthetic video {i}\n".encode() for i in range(n)})
+
+
+def measure_plan(n_archives: int, per_archive: int, gop: int) -> dict:
+    """Planning a library of ``n_archives x per_archive`` units: time, peak memory, plan size."""
+    import tracemalloc
+
+    from palstream.batch.plan import Plan, load_plan, save_plan
+    from palstream.codec import EncoderConfig
+
+    info = {"url": "", "name": "", "size_bytes": 20, "sha256": "0" * 64, "width": 64, "height": 64,
+            "frame_count": gop * per_archive, "fps": "25/1", "time_base": "1/25", "pix_fmt": "yuv420p",
+            "color": {}, "truncated": None}
+    probed = [(f"/lib/v{i:06d}.mkv", {**info, "url": f"/lib/v{i:06d}.mkv", "name": f"v{i:06d}.mkv"}, None) for i in range(n_archives)]
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    plan = Plan.build(EncoderConfig(gop=gop), probed)
+    units = plan.units()
+    build = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        save_plan(out, plan)
+        save = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        load_plan(out)
+        load = time.perf_counter() - t0
+        size = Path(out, "_palstream", "plan.json").stat().st_size
+    return {"units": len(units), "build_seconds": round(build, 2), "build_peak_mib": round(peak / 2**20, 1),
+            "save_seconds": round(save, 2), "load_seconds": round(load, 2), "plan_json_mib": round(size / 2**20, 1)}
+
+
+def run_driver(config: dict, work: Path, name: str, kill_at: float | None, cluster, client, elastic: bool) -> dict:
+    """Run one driver process; sample the scheduler; kill it at ``kill_at`` of the units."""
+    config = {**config, "progress": str(work / f"{name}.progress"), "result": str(work / f"{name}.json")}
+    Path(config["progress"]).write_text("0 1")
+    path = work / f"{name}.config.json"
+    path.write_text(json.dumps(config))
+    proc = subprocess.Popen([sys.executable, __file__, "_drive", str(path)])
+    samples, killed, events = [], False, []
+    steps = iter([(0.2, "add"), (0.3, "kill"), (0.4, "remove")]) if elastic else iter(())
+    step = next(steps, None)
+    t0 = time.monotonic()
+    while proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            done, total = map(int, Path(config["progress"]).read_text().split())
+            tasks = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+        except (ValueError, OSError):
+            continue
+        samples.append({"t": round(time.monotonic() - t0, 1), "units_done": done, "scheduler_tasks": tasks})
+        if step is not None and done >= step[0] * total:
+            events.append(change_workers(step[1], cluster, client, round(time.monotonic() - t0, 1)))
+            step = next(steps, None)
+        if kill_at is not None and done >= kill_at * total and not killed:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            events.append({"t": round(time.monotonic() - t0, 1), "event": "driver killed", "units_done": done})
+    result = json.loads(Path(config["result"]).read_text()) if not killed else {"killed": True}
+    result["wall_seconds"] = round(time.monotonic() - t0, 1)
+    result["max_scheduler_tasks"] = max((s["scheduler_tasks"] for s in samples), default=0)
+    result["events"] = events
+    return result
+
+
+def change_workers(what: str, cluster, client, t: float) -> dict:
+    """Add a worker, kill one (SIGKILL: a preempted spot node; its nanny restarts it), or retire one."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    if what == "add":
+        cluster.scale(len(cluster.workers) + 1)
+    elif what == "kill":
+        pid = client.run(os.getpid, workers=[sorted(workers)[0]])[sorted(workers)[0]]
+        os.kill(pid, signal.SIGKILL)
+    else:
+        cluster.scale(len(cluster.workers) - 1)
+    return {"t": t, "event": f"worker {what}", "workers_before": len(workers)}
+
+
+def check_exactly_once(output: str, options: dict, n_archives: int, per_archive: int, archive: str) -> dict:
+    """Every unit committed, named by one commit record, and how many were written again."""
+    from palstream.batch.commits import FOLDER
+    from palstream.batch.store import JOB_DIR, filesystem
+
+    fs, root = filesystem(output, options)
+    records: dict[tuple[int, int], int] = {}
+    names = fs.ls(f"{root}/{JOB_DIR}/{FOLDER}", detail=False)
+    for blob in fs.cat(names).values():
+        for line in blob.splitlines():
+            s = json.loads(line)
+            records[(s["source"], s["index"])] = records.get((s["source"], s["index"]), 0) + 1
+    out = {"units_in_index": len(records), "units_in_two_records": sum(1 for c in records.values() if c > 1)}
+    if archive != "real":
+        files = fs.find(f"{root}")
+        out["units_committed"] = sum(1 for f in files if f.endswith(".commit"))
+        out["units_written_again"] = sum(1 for f in files if f.endswith(".again"))
+        out["archives_complete"] = sum(
+            1 for f in files if f.endswith(".zarr/zarr.json") and json.loads(fs.cat_file(f))["status"] == "complete"
+        )
+    out["all_units_committed_once"] = out["units_in_index"] == n_archives * per_archive and out["units_in_two_records"] == 0
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--units", type=int, default=1_000_000)
+    ap.add_argument("--archives", type=int, default=10_000)
+    ap.add_argument("--gop", type=int, default=16)
+    ap.add_argument("--units-per-task", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--max-in-flight", type=int, default=0, help="tasks in flight (0: one per worker thread)")
+    ap.add_argument("--encode-ms", type=float, default=0.0, help="stub encoder time per unit")
+    ap.add_argument("--payload-bytes", type=int, default=64)
+    ap.add_argument("--storage", choices=("local", "s3"), default="local")
+    ap.add_argument("--archive", choices=("stub", "marker", "real"), default="stub")
+    ap.add_argument("--kill-at", type=float, default=None, help="kill the driver at this fraction of units, then resume")
+    ap.add_argument("--elastic", action="store_true", help="add, kill and retire workers during the first run")
+    ap.add_argument("--workdir", default=None, help="where the library and output go (default: a temporary folder)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args()
+    if args.units % args.archives:
+        ap.error("--units must be a multiple of --archives")
+    per_archive = args.units // args.archives
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    from palstream.batch.cluster import BUSY_MACHINE_CONFIG, worker_environment
+
+    result: dict = {"args": vars(args), "plan": measure_plan(args.archives, per_archive, args.gop)}
+    print("plan:", result["plan"], flush=True)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="scale-sim-"))
+    work.mkdir(parents=True, exist_ok=True)
+    s3 = CountingS3() if args.storage == "s3" else None
+    if s3 is not None:
+        import boto3
+
+        boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                     region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        inputs, output, options = f"s3://{BUCKET}/in", f"s3://{BUCKET}/out", s3_options(s3.endpoint)
+        storage = {"endpoint_url": s3.endpoint}
+        env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+        os.environ.update(env)
+    else:
+        inputs, output, options, storage, env = str(work / "in"), str(work / "out"), {}, {}, {}
+    t0 = time.perf_counter()
+    build_library(inputs, options, args.archives)
+    result["library_seconds"] = round(time.perf_counter() - t0, 1)
+    settings = {"gop": args.gop, "units_per_archive": per_archive, "encode_ms": args.encode_ms,
+                "payload_bytes": args.payload_bytes, "archive": args.archive}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": {**worker_environment(), **env}, **BUSY_MACHINE_CONFIG}):
+        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40)
+    client = Client(cluster)
+    client.register_plugin(Stubs(settings))
+    job = {"inputs": [f"{inputs}/*.mkv"], "output": output, "cluster": cluster.scheduler_address, "codec": {"gop": args.gop},
+           "units_per_task": args.units_per_task, "max_in_flight": args.max_in_flight, "storage": storage}
+    config = {"settings": settings, "job": job, "env": env}
+    runs = []
+    if s3 is not None:
+        s3.take()
+    first = run_driver({**config, "resume": False}, work, "run1", args.kill_at, cluster, client, args.elastic)
+    first["requests"] = s3.take() if s3 else None
+    runs.append(first)
+    print("run 1:", first, flush=True)
+    if args.kill_at is not None:
+        time.sleep(1.0)  # the scheduler releases the dead driver's tasks
+        second = run_driver({**config, "resume": True}, work, "resume", None, cluster, client, False)
+        second["requests"] = s3.take() if s3 else None
+        runs.append(second)
+        print("resume:", second, flush=True)
+    result["runs"] = runs
+    result["check"] = check_exactly_once(output, options, args.archives, per_archive, args.archive)
+    total_requests: dict[str, int] = {}
+    for run in runs:
+        for kind, n in (run.get("requests") or {}).items():
+            total_requests[kind] = total_requests.get(kind, 0) + n
+    if s3 is not None:
+        result["requests_per_unit"] = {k: round(v / args.units, 3) for k, v in sorted(total_requests.items())}
+        result["requests_per_unit"]["all"] = round(sum(total_requests.values()) / args.units, 3)
+    wall = sum(r["wall_seconds"] for r in runs)
+    result["wall_seconds"] = round(wall, 1)
+    result["overhead_ms_per_unit"] = round((wall * args.workers - args.units * args.encode_ms / 1000) / args.units * 1000, 3)
+    print("check:", result["check"], flush=True)
+    print(f"wall {wall:.0f} s for {args.units} units: {result['overhead_ms_per_unit']} ms per unit per worker outside the encoder")
+    if s3 is not None:
+        print("requests per unit:", result["requests_per_unit"])
+    client.close()
+    cluster.close()
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "_drive":
+        drive(sys.argv[2])
+    else:
+        main()
