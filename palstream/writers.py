@@ -10,6 +10,7 @@ import contextlib
 import heapq
 import io
 import itertools
+import math
 import os
 import re
 import secrets
@@ -388,7 +389,7 @@ def _write_pyav(frames_iter, path, source: SourceInfo, target: str, side: SideSt
     time_base, pts = source.frame_times()
     written = 0
     try:
-        with av.open(path, mode="w") as container:
+        with av.open(path, mode="w", options=_container_options(target, time_base, side)) as container:
             codec = _CODEC_BY_EXTENSION.get(Path(target).suffix.lower(), container.default_video_codec)
             stream = container.add_stream(codec, rate=source.fps_fraction)
             # Lossy viewing codecs need even sizes: pad by repeating the last row/column.
@@ -422,6 +423,17 @@ def _write_pyav(frames_iter, path, source: SourceInfo, target: str, side: SideSt
     except (av.FFmpegError, ValueError) as exc:
         raise PalstreamError(f"cannot write {target}: {exc}; choose .y4m, .yuv, .mkv or .mp4") from None
     return written
+
+
+def _container_options(target: str, time_base: Fraction, side: SideStreams | None) -> dict:
+    """mp4/mov: a movie time scale in which every stream's start is exact (the edit lists that
+    carry start offsets count in it; the default 1000 moves audio by up to half a millisecond)."""
+    if Path(target).suffix.lower() not in (".mp4", ".mov"):
+        return {}
+    scale = 1
+    for base in [time_base, *(Fraction(k.info["time_base"]) for k in (side.streams if side else []) if k.info["type"] != "attachment")]:
+        scale = math.lcm(scale, base.denominator)
+    return {"movie_timescale": str(scale)} if scale < 2**31 else {}
 
 
 def _tag_geometry(context, source: SourceInfo) -> None:

@@ -239,20 +239,22 @@ def test_mp4_with_a_start_offset_keeps_its_timing(tmp_path):
     assert _frame_times(source)[0] >= 10
     archive = tmp_path / "offset.zarr"
     encode_file(str(source), str(archive), EncoderConfig(gop=8))
-    for out in (tmp_path / "offset.mkv",):  # mp4 output: video times hold, audio is shifted (open item of issue 17)
+    for out in (tmp_path / "offset.mkv", tmp_path / "offset_out.mp4"):
         decode_file(str(archive), str(out))
         assert [round(float(t), 3) for t in _frame_times(out)] == [round(float(t), 3) for t in _frame_times(source)]
         original, back = _contents(source)["streams"][1]["packets"], _contents(out)["streams"][1]["packets"]
         assert [p[0] for p in back] == [p[0] for p in original]
         tb_src, tb_out = _contents(source)["streams"][1]["time_base"], _contents(out)["streams"][1]["time_base"]
-        # equal to within one tick of the output's time base (Matroska counts milliseconds)
+        # equal to within one tick of the output's time base (Matroska counts milliseconds; mp4 is exact)
         assert all(abs(p[1] * tb_out - q[1] * tb_src) <= tb_out for p, q in zip(back, original, strict=True))
+        if out.suffix == ".mp4":
+            assert back == original
 
 
 @pytest.mark.slow
 def test_interlaced_720x480_keeps_field_order_and_aspect(tmp_path, run_cli):
-    """Recorded, shown, and restored in y4m (field order and SAR) and in mkv/mp4 (field order;
-    their SAR is not written yet: PyAV's encoder drops it, an open item of issue 17)."""
+    """Recorded, shown, and restored in y4m and mp4 (field order and SAR) and in mkv (field order;
+    Matroska takes the SAR from a stream field PyAV cannot set: an open item of issue 17)."""
     source = tmp_path / "interlaced.mkv"
     _ffmpeg(
         "-f", "lavfi", "-i", "testsrc2=size=720x480:rate=30000/1001:duration=0.067",
@@ -274,6 +276,8 @@ def test_interlaced_720x480_keeps_field_order_and_aspect(tmp_path, run_cli):
             stream = container.streams.video[0]
             frame = next(container.decode(stream))
             assert frame.interlaced_frame or stream.codec_context.field_order == 5, name  # 5: bt
+            if name == "out.mp4":
+                assert stream.sample_aspect_ratio == Fraction(10, 11)
 
 
 def test_archives_without_streams_still_decode(data_dir, tmp_path):
