@@ -7,6 +7,7 @@ test states exactly what it archives.
 from __future__ import annotations
 
 import hashlib
+import struct
 import subprocess
 from fractions import Fraction
 from pathlib import Path
@@ -115,6 +116,52 @@ def test_every_stream_chapter_tag_and_attachment_comes_back_bit_identical(full_m
     assert result["chapters"] == source["chapters"] and len(result["chapters"]) == 2
     assert result["attachments"] == source["attachments"] == {"font.ttf": bytes(range(256)) * 8}
     assert _frame_times(out) == _frame_times(full_mkv)
+
+
+def _dvd_subtitle_packet() -> bytes:
+    """A DVD subpicture (SPU) of a 4x2 bitmap in colour 1: the bitmap subtitles of DVDs.
+
+    FFmpeg cannot convert text subtitles to bitmaps, so the test writes the packet itself:
+    size, control offset, one run-length coded line per field, then the control sequence
+    (palette, alpha, area, field offsets, start display, end).
+    """
+    pixels = bytes([0x11, 0x11])  # 4 pixels of colour 1, top field line then bottom field line
+    control_at = 4 + len(pixels)
+    control = struct.pack(">HH", 0, control_at) + bytes(
+        [0x03, 0x01, 0x23, 0x04, 0xFF, 0xF0, 0x05, 0x00, 0x00, 0x03, 0x00, 0x00, 0x01, 0x06, 0x00, 0x04, 0x00, 0x05, 0x01, 0xFF]
+    )
+    return struct.pack(">HH", 4 + len(pixels) + len(control), control_at) + pixels + control
+
+
+def test_bitmap_subtitles_come_back_bit_identical(tmp_path):
+    source = tmp_path / "bitmap.mkv"
+    with av.open(str(source), "w") as container:
+        video = container.add_stream("ffv1", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        subtitles = container.add_mux_stream("dvd_subtitle")
+        subtitles.time_base = Fraction(1, 1000)
+        subtitles.metadata["language"] = "fra"
+        for t in range(3):
+            frame = av.VideoFrame(64, 48, "yuv420p")
+            frame.pts = t
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        for start in (0, 150):
+            packet = av.Packet(_dvd_subtitle_packet())
+            packet.pts = packet.dts = start
+            packet.duration, packet.time_base, packet.stream = 100, Fraction(1, 1000), subtitles
+            container.mux(packet)
+    archive, out = tmp_path / "bitmap.zarr", tmp_path / "out.mkv"
+    encode_file(str(source), str(archive), EncoderConfig(lossless=True, gop=4))
+    assert [(s["type"], s["codec"]) for s in open_archive(str(archive)).streams] == [("subtitle", "dvdsub")]
+    decode_file(str(archive), str(out))
+    original, back = _contents(source)["streams"][1], _contents(out)["streams"][1]
+    assert [p[:3] for p in back["packets"]] == [p[:3] for p in original["packets"]] and len(back["packets"]) == 2
+    assert back["tags"] == {"language": "fra"}
+    with av.open(str(out)) as container:
+        stream = container.streams.subtitles[0]
+        planes = [r for p in container.demux(stream) if p.size for s in stream.codec_context.decode(p) for r in s]
+    assert len(planes) == 2 and all(type(r).__name__ == "BitmapSubtitlePlane" for r in planes)
 
 
 def test_info_lists_streams_and_verify_finds_a_flipped_audio_byte(full_archive, run_cli, tmp_path):
