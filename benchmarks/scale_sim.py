@@ -344,7 +344,7 @@ def run_driver(config: dict, work: Path, name: str, kill_at: float | None, clust
     step = next(steps, None)
     t0 = time.monotonic()
     while proc.poll() is None:
-        time.sleep(0.5)
+        time.sleep(1.0)
         try:
             done, total = map(int, Path(config["progress"]).read_text().split())
             tasks = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
@@ -402,6 +402,11 @@ def check_exactly_once(output: str, options: dict, n_archives: int, per_archive:
     return out
 
 
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--units", type=int, default=1_000_000)
@@ -449,6 +454,8 @@ def main() -> None:
     result["library_seconds"] = round(time.perf_counter() - t0, 1)
     settings = {"gop": args.gop, "units_per_archive": per_archive, "encode_ms": args.encode_ms,
                 "payload_bytes": args.payload_bytes, "archive": args.archive}
+    cpu_before = _cpu_seconds()
+    load_before = os.getloadavg()
     with dask.config.set({"distributed.nanny.pre-spawn-environ": {**worker_environment(), **env}, **BUSY_MACHINE_CONFIG}):
         cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40)
     client = Client(cluster)
@@ -487,6 +494,14 @@ def main() -> None:
         print("requests per unit:", result["requests_per_unit"])
     client.close()
     cluster.close()
+    # Every process of the run: the scheduler (in this process), the drivers and the workers
+    # (children, reaped by now): CPU time does not grow with the machine's other load as wall time does.
+    cpu = _cpu_seconds() - cpu_before
+    result["cpu_seconds"] = round(cpu, 1)
+    result["cpu_ms_per_unit_outside_encoder"] = round((cpu - args.units * args.encode_ms / 1000) / args.units * 1000, 3)
+    result["load_average_before_after"] = [load_before, os.getloadavg()]
+    print(f"CPU {cpu:.0f} s of all processes: {result['cpu_ms_per_unit_outside_encoder']} ms per unit outside the encoder; "
+          f"load average {load_before} -> {os.getloadavg()}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -16,6 +16,7 @@ record with the same name, so a unit appears in at most one record of a given ba
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 from palstream.batch.store import JOB_DIR, filesystem, join, storage_error, write_bytes
 
@@ -32,28 +33,50 @@ def write_record(url: str, summaries: list[dict], options: dict | None = None) -
     write_bytes(url, "".join(json.dumps(s, sort_keys=True) + "\n" for s in summaries).encode(), options)
 
 
-def read_index(output: str, options: dict | None = None) -> dict[tuple[int, int], dict]:
-    """Every unit the index names, by ``(source, unit)``: one LIST and one GET per task record.
+READ_BATCH = 256  # records fetched together (concurrently on object stores), so memory stays bounded
 
-    Torn or foreign lines are skipped (the index is advisory; the archives' markers decide).
+
+def iter_summaries(output: str, options: dict | None = None, skip: set[int] = frozenset()) -> Iterator[dict]:
+    """The unit summaries of the index, record by record: one LIST and one GET per task record.
+
+    Records of the inputs in ``skip`` (archives known to be finalized) are not read. Torn or
+    foreign lines are skipped (the index is advisory; the archives' markers decide).
     """
     url = join(output, JOB_DIR, FOLDER)
     try:
         fs, path = filesystem(url, options)
-        names = [n for n in fs.ls(path, detail=False) if n.endswith(".jsonl")]
-        blobs = fs.cat(names) if names else {}
+        names = [n for n in fs.ls(path, detail=False) if n.endswith(".jsonl") and _source_of(n) not in skip]
     except FileNotFoundError:
-        return {}
+        return
     except Exception as exc:  # noqa: BLE001  every backend raises its own family
         raise storage_error(url, exc, "read") from None
-    found: dict[tuple[int, int], dict] = {}
-    for blob in blobs.values():
-        for line in blob.splitlines():
-            try:
-                summary = json.loads(line)
-                key = (summary["source"], summary["index"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            if all(isinstance(k, int) and not isinstance(k, bool) for k in key):
-                found[key] = summary
-    return found
+    for begin in range(0, len(names), READ_BATCH):
+        try:
+            blobs = fs.cat(names[begin : begin + READ_BATCH], on_error="omit")
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(url, exc, "read") from None
+        for blob in blobs.values():
+            for line in blob.splitlines():
+                try:
+                    summary = json.loads(line)
+                    key = (summary["source"], summary["index"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if all(isinstance(k, int) and not isinstance(k, bool) for k in key):
+                    yield summary
+
+
+def committed_units(output: str, options: dict | None = None, skip: set[int] = frozenset()) -> set[tuple[int, int]]:
+    """``(source, unit)`` of every unit the index names (what a resume needs: no summaries kept)."""
+    return {(s["source"], s["index"]) for s in iter_summaries(output, options, skip)}
+
+
+def read_index(output: str, options: dict | None = None) -> dict[tuple[int, int], dict]:
+    """Every unit summary of the index, by ``(source, unit)``."""
+    return {(s["source"], s["index"]): s for s in iter_summaries(output, options)}
+
+
+def _source_of(name: str) -> int | None:
+    """The input a record belongs to, from its name ``<source>-<first>.jsonl``."""
+    head = name.rsplit("/", 1)[-1].split("-", 1)[0]
+    return int(head) if head.isdigit() else None

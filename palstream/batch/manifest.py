@@ -42,15 +42,15 @@ def write_manifests(client, output: str, options: dict, plan, report) -> None:
     report : palstream.batch.runner.JobReport
         This run's report (states and failure reasons).
     """
-    from palstream.batch.status import unit_summaries
+    from palstream.batch.commits import iter_summaries
     from palstream.batch.worker import archive_fixity
 
-    summaries = unit_summaries(output, options)
     reasons: dict[str, str] = {}
     for q in report.quarantined:
         reasons.setdefault(q["input"], q["reason"])
     psnrs_by_source: dict[int, list[float]] = {}
-    for (source, _), summary in summaries.items():
+    for summary in iter_summaries(output, options):  # streamed: 10^6 summaries are never held at once
+        source = summary["source"]
         if summary.get("psnr_y") is not None:
             psnrs_by_source.setdefault(source, []).append(summary["psnr_y"])
     rows, checksums = [], []

@@ -40,7 +40,7 @@ from distributed import Client, as_completed
 from palstream import __version__
 from palstream.batch import metrics
 from palstream.batch.cluster import open_client, requested_workers
-from palstream.batch.commits import read_index, record_url
+from palstream.batch.commits import committed_units, record_url
 from palstream.batch.manifest import write_manifests
 from palstream.batch.plan import Plan, Unit, expand_inputs, load_plan, save_job_settings, save_plan
 from palstream.batch.spec import JobSpec
@@ -49,6 +49,7 @@ from palstream.batch.worker import encode_units, finalize_archive, generator_ide
 from palstream.errors import ArchiveError, ConfigError, PalstreamError
 
 TASK_PREFIX = "encode_chunk"
+PROBES_PER_THREAD = 4  # probes in flight per worker thread while planning
 
 
 @dataclass
@@ -256,22 +257,38 @@ def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str], log: JobLog)
     A probe is never retried: a refusal, or a crash of the probe, is the input's final answer
     in this job's plan.
     """
-    futures = [
-        client.submit(
+    def submit(i: int):
+        url = urls[i]
+        return client.submit(
             probe_source, url, spec.storage.options(url), spec.allow_truncated, key=f"probe_source-{i}", retries=0, pure=False
         )
-        for i, url in enumerate(urls)
-    ]
-    distributed.wait(futures)
-    probed = []
-    for url, fut in zip(urls, futures):
+
+    # A bounded window here too: a library of 10^5 inputs is never 10^5 tasks on the scheduler.
+    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info(n_workers=-1)["workers"].values())
+    submitted = min(max(PROBES_PER_THREAD * threads, 1), len(urls))
+    index = {}
+    pending = as_completed()
+    for i in range(submitted):
+        fut = submit(i)
+        index[fut.key] = i
+        pending.add(fut)
+    probed: list = [None] * len(urls)
+    for fut in pending:
+        i = index.pop(fut.key)
+        url = urls[i]
         if fut.status == "finished":
             result = fut.result()
-            probed.append((url, result.get("info"), result.get("refused")))
+            probed[i] = (url, result.get("info"), result.get("refused"))
             if "refused" in result:
                 log.write(f"refused {url}: {result['refused']}")
         else:  # e.g. KilledWorker: the input crashed the decoder
-            probed.append((url, None, log.failure(f"refused {url}: its probe failed", fut)))
+            probed[i] = (url, None, log.failure(f"refused {url}: its probe failed", fut))
+        fut.release()
+        if submitted < len(urls):
+            nxt = submit(submitted)
+            index[nxt.key] = submitted
+            pending.add(nxt)
+            submitted += 1
     return Plan.build(spec.codec, probed, _tuner_settings(spec), spec.allow_truncated)
 
 
@@ -304,18 +321,18 @@ class _Execution:
         ).result()
         self.generator = SimpleNamespace(**identity)
         sources = self.plan.sources
-        for source, index in read_index(self.spec.output, self.out_opts):
-            if 0 <= source < len(sources) and 0 <= index < len(sources[source]["units"]):
-                self._commit(source, index)
-        self.created = {i for i, done in self.committed.items() if done}
         self.finalized: set[int] = set()
         for i in self._fixity_records():
             if i < len(sources) and archive.open_archive(self.plan.archive_url(self.spec.output, i), self.out_opts).complete:
                 self.finalized.add(i)
-                self.created.add(i)
                 for index in range(len(sources[i]["units"])):
                     self._commit(i, index)
                 self.report.archives[sources[i]["archive"]] = "complete"
+        # The records of finalized archives are not even read: their fixity record stands for them.
+        for source, index in committed_units(self.spec.output, self.out_opts, skip=self.finalized):
+            if 0 <= source < len(sources) and 0 <= index < len(sources[source]["units"]):
+                self._commit(source, index)
+        self.created = {i for i, done in self.committed.items() if done}
 
     def _fixity_records(self) -> list[int]:
         """Inputs whose archive an earlier run finalized (it writes ``fixity/<i>.json`` last)."""
