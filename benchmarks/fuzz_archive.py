@@ -6,7 +6,7 @@ The outcome is classified:
 
 - ``detected``: an open/verify/decode error of one line, or a damaged chunk named;
 - ``harmless``: verify passed and everything the reader exposes (decoded frames, root and chunk
-  attributes) is identical to the unmutated archive's;
+  attributes, kept streams' packets) is identical to the unmutated archive's;
 - ``UNDETECTED``: verify passed and something the reader exposes changed;
 - ``resealed``: a payload changed *and* its CRC-32C, sha256 and commit marker were recomputed (a
   deliberate forgery no checksum can see): only the decoder's robustness is tested, and decoding
@@ -206,10 +206,19 @@ def mutate(files: dict, rng: random.Random) -> tuple[str, str]:
     """Apply one mutation to ``files`` (relative path -> bytes; None deletes); returns (family, what)."""
     chunks = sorted({p.split("/")[1] for p in files if p.startswith("chunks/") and p.count("/") >= 2})
     index = rng.choice(chunks)
+    kept = sorted(p for p in files if p.startswith("streams/") and files[p] is not None)  # format 3
     family = rng.choices(
-        ["root", "chunk-meta", "marker", "payload", "resealed", "groups", "objects", "attack"],
-        weights=[30, 22, 14, 14, 8, 3, 4, 5],
+        ["root", "chunk-meta", "marker", "payload", "resealed", "groups", "objects", "attack", "streams"],
+        weights=[30, 22, 14, 14, 8, 3, 4, 5, 10 if kept else 0],
     )[0]
+    if family == "streams":  # a kept stream's packets, index or their array metadata
+        target = rng.choice(kept)
+        if target.endswith("zarr.json") and rng.random() < 0.5:
+            doc, what = _structural(json.loads(files[target]), rng)
+            files[target] = _dump(doc, rng)
+        else:
+            files[target], what = _bytes_op(files[target], rng)
+        return family, f"{target}: {what}"
     target = {
         "root": "zarr.json",
         "chunk-meta": f"chunks/{index}/zarr.json",
@@ -315,7 +324,7 @@ def observe(url: str) -> dict:
             warnings.simplefilter("ignore")
             archive = open_archive(url)
             stage = "verify"
-            damaged = archive.verify()
+            damaged = archive.verify() + archive.verify_streams()
             if damaged:
                 return {"outcome": "detected", "stage": stage, "message": str(damaged[0])}
             if not archive.complete:
@@ -324,6 +333,9 @@ def observe(url: str) -> dict:
             digest = hashlib.sha256(canonical_json(archive.attrs))
             for i in range(archive.n_chunks):
                 digest.update(canonical_json(archive.chunk_attrs(i)))
+            side = archive.side_streams()  # format 3: the kept streams' packets, index and description
+            for kept in side.streams if side is not None else []:
+                digest.update(canonical_json(kept.info) + kept.data + kept.index.tobytes())
             decoded_damage = []
             for frames in archive.decode(on_damaged=decoded_damage.append):
                 for plane in (frames.y, frames.u, frames.v):
