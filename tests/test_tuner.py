@@ -13,9 +13,10 @@ import pytest
 from palstream.codec import EncoderConfig
 from palstream.errors import ConfigError
 from palstream.frames import Frames
+from palstream.quality import FloorViolation, check_floor
 from palstream.tuner.agent import LinUCB, load_policy
 from palstream.tuner.features import FEATURE_NAMES, content_features, context_vector
-from palstream.tuner.reward import FloorViolation, RewardWeights, check_floor, components
+from palstream.tuner.reward import RewardWeights, components
 from palstream.tuner.space import ARM_NAMES, ARMS, arm_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,7 +204,7 @@ def test_reward_components_and_the_floor():
 
 
 def test_ledger_cuts_a_torn_last_line(tmp_path):
-    from palstream.tuner.session import Ledger
+    from palstream.batch.tuned import Ledger
 
     path = tmp_path / "ledger.jsonl"
     ledger = Ledger(str(path))
@@ -359,3 +360,18 @@ def test_a_unit_below_the_floor_is_never_accepted(tmp_path, monkeypatch, run_cli
     assert open_archive(str(tmp_path / "out" / "batch_testsrc_64x48.zarr")).committed() == set()
     result = run_cli("status", str(tmp_path / "out"))
     assert "below the job's floor" in result.stdout and "tuner: 1 batch decision(s), 0 rewarded" in result.stdout
+
+
+def test_the_tuner_imports_nothing_from_the_batch_system():
+    """The tuned queue lives in palstream.batch.tuned and the floor in palstream.quality: the
+    dependency goes one way (batch -> tuner), so neither can be changed into a cycle."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, pkgutil, importlib, palstream.tuner as t\n"
+        "[importlib.import_module(f'palstream.tuner.{m.name}') for m in pkgutil.iter_modules(t.__path__)]\n"
+        "print(sorted(m for m in sys.modules if m.startswith('palstream.batch')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -373,7 +373,7 @@ class _Execution:
         self.quarantined_sources: set[int] = set()
         self.tuned = None
         if self.plan.tuner is not None:
-            from palstream.tuner.session import TunedUnits
+            from palstream.batch.tuned import TunedUnits
 
             for i in range(len(self.plan.sources)):
                 self._ensure_archive(i)  # the tuner records each batch's configuration in its archive
@@ -549,7 +549,7 @@ class _Execution:
     def _meets_floor(self, unit, summary: dict) -> bool:
         """A unit below the job's quality floor is never accepted: uncommit it and quarantine its input."""
         from palstream import archive
-        from palstream.tuner.reward import FloorViolation, check_floor
+        from palstream.quality import FloorViolation, check_floor
 
         src = self.plan.sources[unit.source]
         config = self.plan.config

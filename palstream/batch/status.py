@@ -9,7 +9,7 @@ from __future__ import annotations
 from palstream.batch.plan import fs_exists, load_plan
 from palstream.batch.store import JOB_DIR, JobLock, join, read_json
 from palstream.errors import ArchiveError, PalstreamError
-from palstream.tuner.session import ledger_summary
+from palstream.batch.tuned import ledger_summary
 
 # `palstream status` exit codes (documented in its --help and docs/batch.md). 1 stays the
 # CLI's "could not do it" (no job, unreadable or tampered job files, bad options).
@@ -40,7 +40,7 @@ def job_status(output: str, options: dict | None = None) -> dict:
         ``partial``, ``pending``, ``quarantined``, ``damaged``: there and unreadable), ``units_done``,
         ``units_total``, ``frames_done``, ``ratio``, ``psnr_y``, ``error`` (why a damaged archive does
         not open, else None)), ``quarantined`` (from the last run's report), ``tuner`` (tuned
-        jobs: decisions and mean reward by arm, see ``palstream.tuner.session.ledger_summary``;
+        jobs: decisions and mean reward by arm, see ``palstream.batch.tuned.ledger_summary``;
         None otherwise).
     """
     from palstream import archive

@@ -45,7 +45,13 @@ def tune(
         if not isinstance(found, dict) or found.get("format") != MEASUREMENTS_FORMAT:
             raise ConfigError(f"{from_measurements} is not a tuner measurements file; give a file written by --measurements")
     else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         from palstream.codec import EncoderConfig
 

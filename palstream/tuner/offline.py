@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 from palstream.codec import EncoderConfig, encode_chunk
+from palstream.quality import check_floor
 from palstream.tuner.agent import LinUCB
 from palstream.tuner.features import content_features, context_vector
-from palstream.tuner.reward import check_floor, components
+from palstream.tuner.reward import components
 from palstream.tuner.space import ARM_NAMES, arm_config
 
 MEASUREMENTS_FORMAT = "palstream-tuner-measurements"

@@ -8,8 +8,8 @@ so one policy serves jobs with different weights::
            + quality_weight * min(min PSNR-Y - floor, QUALITY_CAP_DB)      (0 when lossless)
            - cost_weight    * log2(1 + encode seconds per megapixel-frame)
 
-The quality floor is not traded: a unit below it is an error (:class:`FloorViolation`), never a
-low reward.
+The quality floor is not traded: a unit below it is an error (``palstream.quality.check_floor``),
+never a low reward.
 """
 
 from __future__ import annotations
@@ -17,15 +17,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from palstream.errors import ConfigError, PalstreamError
+from palstream.errors import ConfigError
 
 COMPONENTS = ("log2_ratio", "quality_db", "cost")
 QUALITY_CAP_DB = 3.0  # quality far above the floor is worth no more than 3 dB of it
-FLOOR_TOLERANCE_DB = 1e-6  # PSNR is a float; equality with the floor passes
-
-
-class FloorViolation(PalstreamError):
-    """A unit came out below the job's quality floor: the codec broke its promise."""
 
 
 @dataclass(frozen=True)
@@ -57,17 +52,6 @@ class RewardWeights:
 
     def reward(self, comps: dict[str, float]) -> float:
         return sum(w * comps[name] for w, name in zip(self.vector(), COMPONENTS))
-
-
-def check_floor(psnr_y: float | None, target_psnr: float, lossless: bool, where: str) -> None:
-    """Raise :class:`FloorViolation` when a lossy unit's PSNR-Y is below the floor (None means exact)."""
-    if lossless or psnr_y is None:
-        return
-    if psnr_y < target_psnr - FLOOR_TOLERANCE_DB:
-        raise FloorViolation(
-            f"{where} came out at PSNR-Y {psnr_y:.3f} dB, below the job's floor of {target_psnr:g} dB; "
-            "this is a codec bug: report it with the source"
-        )
 
 
 def components(units: list[dict], width: int, height: int, target_psnr: float, lossless: bool) -> dict[str, float]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from palstream.batch import metrics
+from palstream.batch.commits import read_index
 from palstream.batch.plan import Plan, Unit
 from palstream.batch.store import JOB_DIR, filesystem, join, read_json, write_json
 from palstream.codec import EncoderConfig
@@ -314,8 +315,6 @@ class TunedUnits:
 
     def _settle_committed_batches(self) -> None:
         """Reward decided batches whose units were all committed by an earlier run (from their summaries)."""
-        from palstream.batch.commits import read_index
-
         summaries = read_index(self.output, self.options)
         for batch in self.batches:
             if batch.id not in self.decisions or batch.id in self.rewarded:
