@@ -1058,7 +1058,7 @@ def _stream_parameters(stream, packet, source_format: str) -> tuple[str, bytes] 
             with av.open(buffer, "w", format=name) as out:
                 copy = out.add_stream_from_template(stream)
                 if packet is not None:
-                    out.mux(_packet(packet[0], packet[1], copy, stream.time_base))
+                    out.mux(stored_packet(packet[0], packet[1], copy, stream.time_base))
                 else:
                     out.start_encoding()
             blob = buffer.getvalue()
@@ -1070,7 +1070,7 @@ def _stream_parameters(stream, packet, source_format: str) -> tuple[str, bytes] 
     return None, None
 
 
-def _packet(data: bytes, row, stream, time_base) -> "av.Packet":
+def stored_packet(data: bytes, row, stream, time_base) -> "av.Packet":
     """An ``av.Packet`` for ``stream`` from stored bytes and an index row."""
     packet = av.Packet(data)
     pts, dts, duration, _, flags = (int(v) for v in row)
@@ -1196,7 +1196,7 @@ def _to_flac(stream, found: list, info: dict, name: str):
     decoder = stream.codec_context
     frames = []
     for data, row in found:
-        frames.extend(decoder.decode(_packet(data, row, stream, stream.time_base)))
+        frames.extend(decoder.decode(stored_packet(data, row, stream, stream.time_base)))
     frames.extend(decoder.decode(None))
     if not frames:
         return stream, found, info

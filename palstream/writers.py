@@ -31,13 +31,15 @@ from palstream.frames import Frames
 from palstream.io import (
     FIELD_ORDERS,
     MATRIX_NAMES,
+    NO_PTS,
     PRIMARIES_NAMES,
     RANGE_NAMES,
     TRANSFER_NAMES,
+    KeptStream,
     SideStreams,
     SourceInfo,
+    stored_packet,
 )
-from palstream.io import _packet as stored_packet
 
 # Output containers PyAV writes, and the codec palstream chooses for each (lossless where possible).
 _CODEC_BY_EXTENSION = {
@@ -46,6 +48,7 @@ _CODEC_BY_EXTENSION = {
     ".nut": "ffv1",
     ".mp4": "libx264",
     ".mov": "libx264",
+    ".ts": "libx264",
     ".webm": "libvpx-vp9",
 }
 # y4m interlacing tokens by field order (FFmpeg's names).
@@ -426,8 +429,11 @@ def _write_pyav(frames_iter, path, source: SourceInfo, target: str, side: SideSt
 
 
 def _container_options(target: str, time_base: Fraction, side: SideStreams | None) -> dict:
-    """mp4/mov: a movie time scale in which every stream's start is exact (the edit lists that
-    carry start offsets count in it; the default 1000 moves audio by up to half a millisecond)."""
+    """Options that keep every stream's times: for mp4/mov a movie time scale in which every
+    start is exact (the edit lists that carry start offsets count in it; the default 1000 moves
+    audio by up to half a millisecond); for MPEG-TS no shift of all times by the first dts."""
+    if Path(target).suffix.lower() == ".ts":
+        return {"avoid_negative_ts": "disabled"}  # its mux delay holds the encoder's negative first dts: times stay
     if Path(target).suffix.lower() not in (".mp4", ".mov"):
         return {}
     scale = 1
@@ -451,29 +457,11 @@ def _add_side(container, side: SideStreams, target: str) -> list:
     container.metadata.update(side.container.get("metadata", {}))
     pending = []
     for kept in side.streams:
-        info = kept.info
-        name = f"stream {info['source_index']} ({info['type']} {info['codec']})"
-        leave_out = f"leave it out with --drop-stream {info['source_index']}"
-        if info["type"] == "attachment":
-            if "matroska" not in container.format.name:
-                raise PalstreamError(f"{target} cannot hold {name}: attachments need .mkv; decode to .mkv or {leave_out}")
-            attachment = container.add_attachment(info["filename"], info["mimetype"], kept.data)
-            attachment.metadata.update(info["metadata"])
-            continue
-        if info.get("parameters") is None:
-            raise PalstreamError(f"{name} is kept as opaque packets without codec parameters a muxer takes; {leave_out}")
-        template = av.open(io.BytesIO(base64.b64decode(info["parameters"])), format=info["parameters_format"]).streams[0]
-        try:
-            stream = container.add_stream_from_template(template)
-        except ValueError:
-            raise PalstreamError(f"{target} cannot hold {name}; decode to .mkv, or {leave_out}") from None
-        stream.metadata.update(info["metadata"])
-        stream.disposition = sum(av.stream.Disposition[d] for d in info["disposition"] if d in av.stream.Disposition.__members__)
-        time_base = Fraction(info["time_base"])
-        stream.time_base = time_base
-        for order, (data, row) in enumerate(kept.packets()):
-            when = row[1] if row[1] != -(2**63) else row[0]  # dts, else pts, decides the muxing order
-            heapq.heappush(pending, (when * time_base, len(pending), order, data, row, stream, time_base))
+        stream = _new_stream(container, kept, target)
+        time_base = Fraction(kept.info["time_base"])
+        for data, row in kept.packets():
+            when = row[1] if row[1] != NO_PTS else row[0]  # dts, else pts, decides the muxing order
+            heapq.heappush(pending, (when * time_base, len(pending), data, row, stream, time_base))
     container.set_chapters(
         [
             {**chapter, "time_base": Fraction(chapter["time_base"]), "metadata": dict(chapter["metadata"])}
@@ -483,31 +471,58 @@ def _add_side(container, side: SideStreams, target: str) -> list:
     return pending
 
 
+def _new_stream(container, kept: KeptStream, target: str):
+    """The output stream of a kept stream, with its tags, disposition and time base (None for an
+    attachment); a container that cannot take it is refused by name, with the flag that leaves it out."""
+    info = kept.info
+    try:
+        if info["type"] == "attachment":
+            if "matroska" not in container.format.name:
+                raise ValueError("attachments need Matroska")
+            container.add_attachment(info["filename"], info["mimetype"], kept.data).metadata.update(info["metadata"])
+            return None
+        if info.get("parameters") is not None:
+            blob = io.BytesIO(base64.b64decode(info["parameters"]))
+            stream = container.add_stream_from_template(av.open(blob, format=info["parameters_format"]).streams[0])
+        elif info["type"] == "data":
+            stream = container.add_data_stream()  # opaque packets: for containers that take raw data (.ts)
+        else:
+            raise ValueError("opaque packets of a known type")
+    except (av.FFmpegError, ValueError):
+        raise PalstreamError(_refusal(kept, target)) from None
+    stream.metadata.update(info["metadata"])
+    stream.disposition = sum(av.stream.Disposition[d] for d in info["disposition"] if d in av.stream.Disposition.__members__)
+    stream.time_base = Fraction(info["time_base"])
+    return stream
+
+
 def _refuse_unwritable(format_name: str, side: SideStreams, target: str) -> None:
     """Refuse, by name, the first kept stream the muxer does not take: each is written alone
     (header, first packet, trailer) into a scratch container of the output's format."""
     for kept in side.streams:
-        if kept.info["type"] == "attachment" or kept.info.get("parameters") is None:
-            continue
-        template = av.open(io.BytesIO(base64.b64decode(kept.info["parameters"])), format=kept.info["parameters_format"]).streams[0]
         try:
             with av.open(io.BytesIO(), "w", format=format_name) as probe:
-                stream = probe.add_stream_from_template(template)
-                for data, row in itertools.islice(kept.packets(), 1):  # some muxers check at the first packet or the trailer
-                    probe.mux(stored_packet(data, row, stream, Fraction(kept.info["time_base"])))
+                stream = _new_stream(probe, kept, target)
+                for data, row in itertools.islice(kept.packets(), 1 if stream is not None else 0):
+                    probe.mux(stored_packet(data, row, stream, Fraction(kept.info["time_base"])))  # some muxers check here
                 probe.start_encoding()
         except (av.FFmpegError, ValueError):
-            index = kept.info["source_index"]
-            raise PalstreamError(
-                f"{target} cannot hold stream {index} ({kept.info['type']} {kept.info['codec']}); decode to .mkv, "
-                f"or leave it out with --drop-stream {index}"
-            ) from None
+            raise PalstreamError(_refusal(kept, target)) from None
+
+
+def _refusal(kept: KeptStream, target: str) -> str:
+    info = kept.info
+    other = "" if Path(target).suffix.lower() == ".mkv" else "decode to .mkv, or "
+    return (
+        f"{target} cannot hold stream {info['source_index']} ({info['type']} {info['codec']}); {other}"
+        f"leave it out with --drop-stream {info['source_index']}"
+    )
 
 
 def _mux_until(container, pending: list, until) -> None:
     """Mux the side packets due before time ``until`` (seconds, a Fraction; None: all of them)."""
     while pending and (until is None or pending[0][0] <= until):
-        _, _, _, data, row, stream, time_base = heapq.heappop(pending)
+        _, _, data, row, stream, time_base = heapq.heappop(pending)
         container.mux(stored_packet(data, row, stream, time_base))
 
 

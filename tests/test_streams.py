@@ -333,3 +333,32 @@ def test_archives_without_streams_still_decode(data_dir, tmp_path):
     decode_file(str(data_dir / "screen_37x29_v1.zarr"), str(out))
     assert len(_frame_times(out)) == open_archive(str(data_dir / "screen_37x29_v1.zarr")).frame_count
 
+
+
+def test_an_unknown_data_stream_is_kept_as_opaque_packets(tmp_path, run_cli):
+    source = tmp_path / "data.ts"
+    with av.open(str(source), "w") as container:
+        video = container.add_stream("mpeg2video", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        data = container.add_data_stream()  # no codec: what FFmpeg calls an unknown data stream
+        data.time_base = Fraction(1, 1000)
+        for t in range(3):
+            frame = av.VideoFrame(64, 48, "yuv420p")
+            frame.pts = t
+            container.mux(video.encode(frame))
+            packet = av.Packet(b"opaque %d" % t)
+            packet.pts = packet.dts = t * 100
+            packet.time_base, packet.stream = Fraction(1, 1000), data
+            container.mux(packet)
+        container.mux(video.encode(None))
+    archive = tmp_path / "data.zarr"
+    encode_file(str(source), str(archive), EncoderConfig(gop=4))
+    assert [(s["type"], s["codec"], s["parameters"]) for s in open_archive(str(archive)).streams] == [("data", "unknown", None)]
+    refused = run_cli("decode", archive, tmp_path / "out.mkv")
+    assert refused.code == 1
+    assert refused.stderr == f"error: {tmp_path / 'out.mkv'} cannot hold stream 1 (data unknown); leave it out with --drop-stream 1\n"
+    assert run_cli("decode", archive, tmp_path / "out.ts").code == 0  # MPEG-TS takes raw data streams
+    assert _frame_times(tmp_path / "out.ts") == _frame_times(source)
+    assert [p[:3] for p in _contents(tmp_path / "out.ts")["streams"][1]["packets"]] == [
+        p[:3] for p in _contents(source)["streams"][1]["packets"]
+    ]
