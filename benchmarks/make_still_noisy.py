@@ -11,15 +11,16 @@ made from it, honestly and reproducibly:
 2. to every frame, temporally and spatially independent sensor noise, drawn with
    ``numpy.random.default_rng(SEED)``: luma gets shot noise plus read noise,
    ``Y' = Y + GAIN·(Poisson(n) − n) + Normal(0, READ_SIGMA)`` with ``n = max(Y − 16, 0) / GAIN``
-   photo-electrons (variance
-   ``READ_SIGMA² + GAIN·(Y − 16)``: σ 1.5 levels at black, 2.5 at mid-grey, 3.2 at white);
+   photo-electrons (variance ``READ_SIGMA² + GAIN·(Y − 16)``: σ 1.5 levels at black, 2.5 at
+   mid-grey, 3.2 at white);
    Cb and Cr get ``Normal(0, CHROMA_SIGMA)`` (smaller: 4:2:0 chroma averages four sensor sites,
    and cameras denoise chroma harder);
 3. rounded to the nearest level and clipped to 0..255, then stored losslessly as FFV1 (like
    the corpus) at the source's 10 fps.
 
 The file goes to a cache folder (nothing large is committed) under a name that carries a hash of
-the recipe and of the source frame, so a changed recipe or source never reuses a stale file::
+the recipe, the source frame and numpy's version, so a changed recipe or source never reuses a
+stale file::
 
     .venv/bin/python -m benchmarks.make_still_noisy            # prints the path of the clip
 """
