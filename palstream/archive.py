@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -773,36 +774,54 @@ class Archive:
         """Descriptions of the kept streams besides the video (FORMAT.md §2.4); [] when none."""
         return [dict(s) for s in self.attrs.get("streams", [])]
 
-    def _stream_array(self, number: int, name: str, shape: tuple, dtype: str) -> np.ndarray:
+    def _stream_array(self, number: int, name: str, shape: tuple, dtype: str):
+        """Kept stream ``number``'s zarr array ``name``, after checking it has the declared shape."""
         source_index = self.attrs["streams"][number]["source_index"]
         try:
             array = _open_group(self.url, "r", self._options)[f"streams/{_key(number)}/{name}"]
-            if tuple(array.shape) != shape or array.dtype != np.dtype(dtype):
-                raise DamagedStreamError(source_index, f"its {name} array is {array.dtype}{list(array.shape)}, the root declares {dtype}{list(shape)}")
-            return np.ascontiguousarray(array[...], dtype=dtype)
-        except DamagedStreamError:
-            raise
         except Exception as exc:  # noqa: BLE001  zarr and the stores raise many kinds for damaged objects
-            raise DamagedStreamError(source_index, f"its {name} array is unreadable ({type(exc).__name__}: {_show(str(exc))})") from None
+            raise DamagedStreamError(source_index, f"its {name} array does not open ({type(exc).__name__}: {_show(str(exc))})") from None
+        if not isinstance(array, zarr.Array) or tuple(array.shape) != shape or array.dtype != np.dtype(dtype):
+            raise DamagedStreamError(source_index, f"its {name} array is not the {dtype}{list(shape)} the root declares")
+        return array
+
+    def _stream_region(self, number: int, array, start: int, stop: int) -> np.ndarray:
+        try:
+            return np.ascontiguousarray(array[start:stop])
+        except Exception as exc:  # noqa: BLE001  a CRC-32C mismatch, a missing or malformed chunk object
+            source_index = self.attrs["streams"][number]["source_index"]
+            raise DamagedStreamError(source_index, f"bytes {start}..{stop} unreadable ({type(exc).__name__}: {_show(str(exc))})") from None
+
+    def _stream_pieces(self, number: int) -> Iterator[bytes]:
+        """Kept stream ``number``'s bytes, one zarr chunk at a time; its SHA-256 is checked at the end."""
+        info = self.attrs["streams"][number]
+        array = self._stream_array(number, "data", (info["bytes"],), "uint8")
+        digest = hashlib.sha256()
+        for start in range(0, info["bytes"], STREAM_CHUNK_BYTES):
+            piece = self._stream_region(number, array, start, min(start + STREAM_CHUNK_BYTES, info["bytes"])).tobytes()
+            digest.update(piece)
+            yield piece
+        if digest.hexdigest() != info["data_sha256"]:
+            raise DamagedStreamError(info["source_index"], "sha256 mismatch of its packets")
 
     def read_stream(self, number: int) -> KeptStream:
-        """Kept stream ``number`` (position in :attr:`streams`): packets checked against their sha256.
+        """Kept stream ``number`` (position in :attr:`streams`): its index read and checked now, its
+        bytes read chunk by chunk as they are used and checked against their SHA-256 at the end.
 
         Raises
         ------
         DamagedStreamError
-            An object is missing, malformed, or fails its CRC-32C or SHA-256.
+            An object is missing, malformed, or fails its CRC-32C or SHA-256 (the bytes: when the
+            last of them is read).
         """
         info = self.streams[number]
-        data = self._stream_array(number, "data", (info["bytes"],), "uint8").tobytes()
-        index = self._stream_array(number, "index", (info["packets"], len(INDEX_COLUMNS)), "<i8")
-        if hashlib.sha256(data).hexdigest() != info["data_sha256"]:
-            raise DamagedStreamError(info["source_index"], "sha256 mismatch of its packets")
-        if hashlib.sha256(index.tobytes()).hexdigest() != info["index_sha256"]:
+        shape = (info["packets"], len(INDEX_COLUMNS))
+        index = self._stream_region(number, self._stream_array(number, "index", shape, "<i8"), 0, info["packets"])
+        if hashlib.sha256(index.astype("<i8").tobytes()).hexdigest() != info["index_sha256"]:
             raise DamagedStreamError(info["source_index"], "sha256 mismatch of its packet index")
-        if info["type"] != "attachment" and (int(index[:, 3].sum()) != len(data) or (index[:, 3] < 0).any()):
+        if info["type"] != "attachment" and (int(index[:, 3].sum()) != info["bytes"] or (index[:, 3] < 1).any()):
             raise DamagedStreamError(info["source_index"], "its packet sizes do not add up to its bytes")
-        return KeptStream(info, data, index)
+        return KeptStream(info, index, functools.partial(self._stream_pieces, number))
 
     def side_streams(self, drop_streams=()) -> SideStreams | None:
         """Chapters, container tags and every kept stream (less ``drop_streams``, source indices),
@@ -822,7 +841,8 @@ class Archive:
         damaged = []
         for number in range(len(self.streams)):
             try:
-                self.read_stream(number)
+                for _ in self.read_stream(number).pieces():
+                    pass
             except DamagedStreamError as exc:
                 damaged.append(exc)
         return damaged
@@ -1010,6 +1030,42 @@ def _swap_into_place(fs, new: str, target: str) -> None:
     fs.rm(new, recursive=True)
 
 
+class _StreamSink:
+    """A kept stream's bytes into its data array, a zarr chunk at a time, hashed on the way.
+
+    The size of a copied stream is known from its index; an attachment's (``size`` None) is
+    written when it is closed, from one piece."""
+
+    def __init__(self, writer: "ArchiveWriter", key: str, size: int | None):
+        self.writer, self.key, self.expected = writer, key, size
+        self.array = None if size is None else self._create(size)
+        self.buffer = bytearray()
+        self.size = 0
+        self.digest = hashlib.sha256()
+
+    def _create(self, size: int):
+        return self.writer._new_array(self.key, (size,), "uint8", (STREAM_CHUNK_BYTES,))
+
+    def add(self, piece: bytes) -> None:
+        self.digest.update(piece)
+        self.buffer += piece
+        if self.array is not None:
+            whole = len(self.buffer) - len(self.buffer) % STREAM_CHUNK_BYTES
+            if whole and self.size + whole <= self.expected:
+                self.array[self.size : self.size + whole] = np.frombuffer(bytes(self.buffer[:whole]), np.uint8)
+                del self.buffer[:whole]
+                self.size += whole
+
+    def close(self) -> None:
+        if self.array is None:  # an attachment: one piece, written whole
+            self.array = self._create(len(self.buffer))
+        end = self.size + len(self.buffer)
+        if self.buffer and end <= self.array.shape[0]:
+            self.array[self.size : end] = np.frombuffer(bytes(self.buffer), np.uint8)
+        self.size = end
+        self.buffer = bytearray()
+
+
 class ArchiveWriter:
     """Writes an archive chunk by chunk; every chunk can be written by a different task.
 
@@ -1174,43 +1230,63 @@ class ArchiveWriter:
         }
         self._group.create_group(f"commits/{_key(index)}", attributes=marker, overwrite=True)
 
-    def _store_array(self, key: str, values: np.ndarray, chunk: tuple) -> None:
-        chunks = tuple(max(1, min(n, c)) for n, c in zip(values.shape, chunk))
-        array = self._group.create_array(
+    def _new_array(self, key: str, shape: tuple, dtype, chunk: tuple):
+        """A new (or replaced) array of FORMAT.md §3.1: ``chunk``-sized zarr chunks, CRC-32C, no compressor."""
+        chunks = tuple(max(1, min(n, c)) for n, c in zip(shape, chunk))
+        return self._group.create_array(
             key,
-            shape=values.shape,
+            shape=shape,
             chunks=chunks,
-            dtype=values.dtype,
+            dtype=dtype,
             filters=None,
             compressors=[zarr.codecs.Crc32cCodec()],  # packets are coded already: checksum, no compressor
             fill_value=0,
             overwrite=True,
             config={"write_empty_chunks": True},
         )
-        if values.size:
-            array[...] = values
 
     def write_streams(self, side: SideStreams) -> None:
         """Store the source's other streams, chapters and tags (FORMAT.md §2.4, §3.1), once.
 
-        Idempotent: an archive that records them already is left as it is, so a resumed
-        finalisation writes them exactly once. The root lists them only after every array is
-        written; a writer killed before that leaves arrays the next call overwrites.
+        Bytes go to the arrays one zarr chunk at a time as ``side`` yields them (never a whole
+        stream in memory). Idempotent: an archive that records them already is left as it is, so
+        a resumed finalisation writes them exactly once. The root lists them only after every
+        array is written; a writer killed before that leaves arrays the next call overwrites.
+
+        Raises
+        ------
+        ArchiveError
+            The source's streams changed between the pass that indexed them and this one.
         """
         if "streams" in self.attrs:
             return
-        records = []
+        arrays, indexes = [], []
         for number, kept in enumerate(side.streams):
             index = np.ascontiguousarray(kept.index, dtype="<i8").reshape(-1, len(INDEX_COLUMNS))
-            self._store_array(f"streams/{_key(number)}/data", np.frombuffer(kept.data, np.uint8), (STREAM_CHUNK_BYTES,))
-            self._store_array(f"streams/{_key(number)}/index", index, (INDEX_CHUNK_ROWS, len(INDEX_COLUMNS)))
+            size = int(index[:, 3].sum()) if kept.info["type"] != "attachment" else None
+            arrays.append((size, f"streams/{_key(number)}/data"))
+            indexes.append(index)
+            array = self._new_array(f"streams/{_key(number)}/index", index.shape, "<i8", (INDEX_CHUNK_ROWS, len(INDEX_COLUMNS)))
+            if index.size:
+                array[...] = index
+        written = [_StreamSink(self, key, size) for size, key in arrays]
+        for number, piece in side.pieces():
+            written[number].add(piece)
+        records = []
+        for number, (kept, sink) in enumerate(zip(side.streams, written)):
+            sink.close()
+            if kept.info["type"] != "attachment" and sink.size != int(indexes[number][:, 3].sum()):
+                raise ArchiveError(
+                    f"stream {kept.info['source_index']} of the source gave {sink.size} bytes, its index "
+                    f"{int(indexes[number][:, 3].sum())}: the source changed while it was read; encode it again"
+                )
             records.append(
                 {
                     **kept.info,
-                    "packets": len(index),
-                    "bytes": len(kept.data),
-                    "data_sha256": hashlib.sha256(kept.data).hexdigest(),
-                    "index_sha256": hashlib.sha256(index.tobytes()).hexdigest(),
+                    "packets": len(indexes[number]),
+                    "bytes": sink.size,
+                    "data_sha256": sink.digest.hexdigest(),
+                    "index_sha256": hashlib.sha256(indexes[number].tobytes()).hexdigest(),
                 }
             )
         try:

@@ -17,9 +17,12 @@ Input policy (what an archivist gets, see README "Input formats"):
 
 from __future__ import annotations
 
+import array
 import base64
 import contextlib
+import functools
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -28,7 +31,7 @@ import threading
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 from urllib.parse import parse_qsl, urlencode
 
 import av
@@ -1004,22 +1007,35 @@ class KeptStream:
     info : dict
         Its JSON description (FORMAT.md §2.4): ``source_index``, ``type``, ``codec``,
         ``metadata``, ``disposition``, ``parameters``, ... (checksums are added when stored).
-    data : bytes
-        Its packets back to back; for an attachment, the attached file.
     index : numpy.ndarray
         int64 ``(packets, 5)``: pts, dts, duration, size, flags per packet (``(0, 5)`` for an
         attachment); a missing timestamp is :data:`NO_PTS`.
+    pieces : callable
+        Returns an iterator over its bytes (packets back to back; an attachment: the file),
+        front to back, in pieces of any size: streams are never held whole in memory.
     """
 
     info: dict
-    data: bytes
     index: np.ndarray
+    pieces: Callable[[], Iterator[bytes]]
+
+    @property
+    def data(self) -> bytes:
+        """All its bytes at once (attachments, tests)."""
+        return b"".join(self.pieces())
 
     def packets(self) -> Iterator[tuple[bytes, np.ndarray]]:
         """(bytes, index row) of every packet, in stored order."""
-        offsets = np.concatenate([[0], np.cumsum(self.index[:, 3])])
-        for row, start, stop in zip(self.index, offsets[:-1], offsets[1:]):
-            yield self.data[start:stop], row
+        rows = iter(self.index)
+        row = next(rows, None)
+        pending = b""
+        for piece in self.pieces():
+            data, at = (pending + piece if pending else piece), 0
+            while row is not None and len(data) - at >= row[3]:
+                yield data[at : at + int(row[3])], row
+                at += int(row[3])
+                row = next(rows, None)
+            pending = data[at:]
 
 
 @dataclass
@@ -1030,6 +1046,8 @@ class SideStreams:
     chapters: list  # {id, start, end, time_base "num/den", metadata}
     streams: list  # KeptStream, in source order
     dropped: list  # {source_index, type, codec, reason} of streams not kept (--drop-stream)
+    # One pass over every stream's bytes: (position in `streams`, piece); default: stream after stream
+    read: Callable[[], Iterator[tuple[int, bytes]]] | None = None
 
     def to_attributes(self) -> dict:
         """The archive's root attributes describing these (FORMAT.md §2.4), stream data aside."""
@@ -1039,6 +1057,12 @@ class SideStreams:
             "streams": [s.info for s in self.streams],
             "dropped_streams": self.dropped,
         }
+
+    def pieces(self) -> Iterator[tuple[int, bytes]]:
+        """(position in :attr:`streams`, bytes) of every stream's data, each stream's in order."""
+        if self.read is not None:
+            return self.read()
+        return ((number, piece) for number, kept in enumerate(self.streams) for piece in kept.pieces())
 
 
 def _ratio(value) -> str:
@@ -1147,30 +1171,37 @@ def read_side_streams(
             for s in container.streams
             if s.index in drop
         ]
-        packets: dict[int, list] = {s.index: [] for s in kept if s.type != "attachment"}
-        video.discard = av.stream.Discard.all
-        try:
-            for packet in container.demux():
-                if packet.size == 0 or packet.stream.index not in packets:
-                    continue
-                flags = (PACKET_KEYFRAME if packet.is_keyframe else 0) | (PACKET_DISCARD if packet.is_discard else 0)
-                row = [NO_PTS if packet.pts is None else packet.pts, NO_PTS if packet.dts is None else packet.dts]
-                packets[packet.stream.index].append((bytes(packet), [*row, packet.duration or 0, packet.size, flags]))
-        except av.FFmpegError as exc:
-            raise InputError(f"{name} is corrupt: its streams cannot be read ({_first_line(exc)}); re-copy or re-export it") from None
+        flac = {s.index for s in kept if audio == "flac" and s.type == "audio" and _describe(s)["codec"] != "flac"}
+        rows = {s.index: array.array("q") for s in kept if s.type != "attachment"}
+        first: dict[int, tuple] = {}  # each stream's first packet: its codec parameters are written with it
+        held: dict[int, list] = {index: [] for index in flac}  # audio to re-encode: decoded whole
+        for packet, row in _side_packets(container, video, rows, name):
+            rows[packet.stream.index].extend(row)
+            if packet.stream.index not in first:
+                first[packet.stream.index] = (bytes(packet), row)
+            if packet.stream.index in held:
+                held[packet.stream.index].append((bytes(packet), row))
         streams = []
+        copied: dict[int, int] = {}  # source index -> position in `streams`, for the second pass
         for stream in kept:
             info = _describe(stream)
             if stream.type == "attachment":
-                streams.append(KeptStream(info, bytes(stream.data), np.zeros((0, 5), np.int64)))
+                data = bytes(stream.data)
+                streams.append(KeptStream(info, np.zeros((0, 5), np.int64), lambda data=data: iter([data])))
                 continue
-            found = packets[stream.index]
-            if audio == "flac" and stream.type == "audio" and info["codec"] != "flac":
-                stream, found, info = _to_flac(stream, found, info, name)
-            info["parameters_format"], blob = _stream_parameters(stream, found[0] if found else None, container.format.name)
+            index = np.frombuffer(rows[stream.index], np.int64).reshape(-1, 5).copy()
+            packet = first.get(stream.index)
+            if stream.index in flac:
+                stream, found, info = _to_flac(stream, held.pop(stream.index), info, name)
+                index = np.array([row for _, row in found], np.int64).reshape(-1, 5)
+                data = b"".join(d for d, _ in found)
+                pieces, packet = (lambda data=data: iter([data])), (found[0] if found else None)
+            else:
+                copied[stream.index] = len(streams)
+                pieces = functools.partial(_stream_pieces, url, storage_options, stream.index, name)
+            info["parameters_format"], blob = _stream_parameters(stream, packet, container.format.name)
             info["parameters"] = None if blob is None else base64.b64encode(blob).decode("ascii")
-            index = np.array([row for _, row in found], np.int64).reshape(-1, 5)
-            streams.append(KeptStream(info, b"".join(data for data, _ in found), index))
+            streams.append(KeptStream(info, index, pieces))
         chapters = [
             {
                 "id": chapter["id"],
@@ -1182,7 +1213,42 @@ def read_side_streams(
             for chapter in container.chapters()
         ]
         described = {"format": container.format.name, "metadata": dict(container.metadata)}
-    return SideStreams(described, chapters, streams, dropped)
+
+    def read() -> Iterator[tuple[int, bytes]]:  # one second pass for every copied stream, then the rest
+        for source_index, data in _demux_again(url, storage_options, set(copied), name):
+            yield copied[source_index], data
+        for number, kept_stream in enumerate(streams):
+            if number not in copied.values():
+                yield from ((number, piece) for piece in kept_stream.pieces())
+
+    return SideStreams(described, chapters, streams, dropped, read)
+
+
+def _side_packets(container, video, wanted, name: str):
+    """(packet, index row) of the packets of the streams in ``wanted``, in file order."""
+    video.discard = av.stream.Discard.all
+    try:
+        for packet in container.demux():
+            if packet.size == 0 or packet.stream.index not in wanted:
+                continue
+            flags = (PACKET_KEYFRAME if packet.is_keyframe else 0) | (PACKET_DISCARD if packet.is_discard else 0)
+            pts, dts = (NO_PTS if t is None else t for t in (packet.pts, packet.dts))
+            yield packet, [pts, dts, packet.duration or 0, packet.size, flags]
+    except av.FFmpegError as exc:
+        raise InputError(f"{name} is corrupt: its streams cannot be read ({_first_line(exc)}); re-copy or re-export it") from None
+
+
+def _demux_again(url: str, storage_options: dict | None, wanted: set, name: str) -> Iterator[tuple[int, bytes]]:
+    """(source index, packet bytes) of the streams in ``wanted``: the pass that stores them."""
+    if not wanted:
+        return
+    with _open_input(url, storage_options) as (container, video, _):
+        for packet, _row in _side_packets(container, video, wanted, name):
+            yield packet.stream.index, bytes(packet)
+
+
+def _stream_pieces(url: str, storage_options: dict | None, source_index: int, name: str) -> Iterator[bytes]:
+    return (data for _, data in _demux_again(url, storage_options, {source_index}, name))
 
 
 def _to_flac(stream, found: list, info: dict, name: str):
@@ -1194,27 +1260,31 @@ def _to_flac(stream, found: list, info: dict, name: str):
     import io as _bytes_io
 
     decoder = stream.codec_context
-    frames = []
-    for data, row in found:
-        frames.extend(decoder.decode(stored_packet(data, row, stream, stream.time_base)))
-    frames.extend(decoder.decode(None))
-    if not frames:
+
+    def decoded():
+        for data, row in found:
+            yield from decoder.decode(stored_packet(data, row, stream, stream.time_base))
+        yield from decoder.decode(None)
+
+    frames = decoded()
+    head = next(frames, None)
+    if head is None:
         return stream, found, info
-    sample_format = frames[0].format.name.rstrip("p")
+    sample_format = head.format.name.rstrip("p")
     if sample_format not in ("s16", "s32", "u8"):
         raise InputError(
-            f"--audio flac: stream {info['source_index']} of {name} ({info['codec']}) decodes to {frames[0].format.name} "
+            f"--audio flac: stream {info['source_index']} of {name} ({info['codec']}) decodes to {head.format.name} "
             "samples, which FLAC cannot hold exactly; keep it as it is with --audio copy"
         )
     buffer = _bytes_io.BytesIO()
     with av.open(buffer, "w", format="nut") as out:
-        target = out.add_stream("flac", rate=frames[0].sample_rate)
-        target.layout = frames[0].layout
+        target = out.add_stream("flac", rate=head.sample_rate)
+        target.layout = head.layout
         target.format = "s32" if sample_format == "s32" else "s16"
-        resampler = av.AudioResampler(format=target.format, layout=frames[0].layout, rate=frames[0].sample_rate)
-        time_base = Fraction(1, frames[0].sample_rate)
-        samples = round((frames[0].pts or 0) * (frames[0].time_base or stream.time_base) / time_base)  # the source's start
-        for frame in frames:
+        resampler = av.AudioResampler(format=target.format, layout=head.layout, rate=head.sample_rate)
+        time_base = Fraction(1, head.sample_rate)
+        samples = round((head.pts or 0) * (head.time_base or stream.time_base) / time_base)  # the source's start
+        for frame in itertools.chain([head], frames):
             for converted in resampler.resample(frame):
                 converted.pts, converted.time_base = samples, time_base  # counted in samples: no rounding
                 samples += converted.samples

@@ -317,10 +317,13 @@ def decode_file(
                     progress(result.frames_written, stop - start)
                 yield run
 
-    with warnings.catch_warnings(record=True) as notes:  # said once the output is written, not before its checks
-        warnings.simplefilter("always")
-        side = None if video_only else _side_streams(reader, output, format, drop_streams, (start, stop))
-    write_video(chunks(), output, source, overwrite=overwrite, format=format, side=side, first_frame=start)
+    try:
+        with warnings.catch_warnings(record=True) as notes:  # said once the output is written, not before its checks
+            warnings.simplefilter("always")
+            side = None if video_only else _side_streams(reader, output, format, drop_streams, (start, stop))
+        write_video(chunks(), output, source, overwrite=overwrite, format=format, side=side, first_frame=start)
+    except DamagedStreamError as exc:  # found before decoding (its index) or at its end (its bytes): no output
+        raise DamagedStreamError(exc.source_index, f"{exc.reason}; decode without it with --drop-stream {exc.source_index}") from None
     for note in notes:
         warnings.warn(note.message, stacklevel=2)
     return result
@@ -334,10 +337,7 @@ def _side_streams(reader: Archive, output: str, format: str | None, drop_streams
     if not container and not reader.source.constant_rate:
         warnings.warn(f"{output} has a constant frame rate: the source's variable timing is kept in .mkv or .mp4", stacklevel=3)
     if container and span == (0, reader.frame_count):
-        try:
-            return reader.side_streams(drop_streams)
-        except DamagedStreamError as exc:
-            raise DamagedStreamError(exc.source_index, f"{exc.reason}; decode without it with --drop-stream {exc.source_index}") from None
+        return reader.side_streams(drop_streams)
     if kept or reader.attrs.get("chapters"):
         why = f"{output} holds" if not container else "a frame range is written as"
         warnings.warn(

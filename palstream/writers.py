@@ -407,7 +407,7 @@ def _write_pyav(frames_iter, path, source: SourceInfo, target: str, side: SideSt
                     stream.options["x264-params"] = _X264_FIELDS[source.field_order]
             _tag_colour(stream.codec_context, source.color)
             _tag_geometry(stream.codec_context, source)
-            pending = []
+            pending = _Interleaved(iter(()))
             if side is not None:
                 _refuse_unwritable(container.format.name, side, target)  # before any frame is decoded
                 pending = _add_side(container, side, target)
@@ -418,11 +418,12 @@ def _write_pyav(frames_iter, path, source: SourceInfo, target: str, side: SideSt
                     frame = _to_av_frame(frames, t, "yuv420p")
                     frame.pts, frame.time_base = pts[first_frame + written], time_base
                     for packet in stream.encode(frame):
-                        _mux_until(container, pending, packet.pts * time_base if packet.pts is not None else None)
+                        if packet.dts is not None:
+                            pending.mux_until(container, packet.dts * time_base)
                         container.mux(packet)
                     written += 1
             container.mux(stream.encode(None))
-            _mux_until(container, pending, None)
+            pending.mux_until(container, None)
     except (av.FFmpegError, ValueError) as exc:
         raise PalstreamError(f"cannot write {target}: {exc}; choose .y4m, .yuv, .mkv or .mp4") from None
     return written
@@ -451,24 +452,44 @@ def _tag_geometry(context, source: SourceInfo) -> None:
         context.sample_aspect_ratio = Fraction(source.sample_aspect_ratio)
 
 
-def _add_side(container, side: SideStreams, target: str) -> list:
-    """Add ``side``'s streams, attachments, chapters and tags to ``container``; return its packets
-    as a heap ordered by time, for :func:`_mux_until`."""
+def _add_side(container, side: SideStreams, target: str) -> "_Interleaved":
+    """Add ``side``'s streams, attachments, chapters and tags to ``container``; return its packets,
+    merged by time as they are read, for :meth:`_Interleaved.mux_until`."""
     container.metadata.update(side.container.get("metadata", {}))
-    pending = []
+    timed = []
     for kept in side.streams:
         stream = _new_stream(container, kept, target)
-        time_base = Fraction(kept.info["time_base"])
-        for data, row in kept.packets():
-            when = row[1] if row[1] != NO_PTS else row[0]  # dts, else pts, decides the muxing order
-            heapq.heappush(pending, (when * time_base, len(pending), data, row, stream, time_base))
+        if stream is not None:
+            timed.append(_timed_packets(kept, stream))
     container.set_chapters(
         [
             {**chapter, "time_base": Fraction(chapter["time_base"]), "metadata": dict(chapter["metadata"])}
             for chapter in side.chapters
         ]
     )
-    return pending
+    return _Interleaved(heapq.merge(*timed, key=lambda item: item[0]))
+
+
+def _timed_packets(kept: KeptStream, stream):
+    """(time in seconds, packet) of a kept stream, in stored order."""
+    time_base = Fraction(kept.info["time_base"])
+    for data, row in kept.packets():
+        when = row[1] if row[1] != NO_PTS else row[0]  # dts, else pts, decides the muxing order
+        yield when * time_base, stored_packet(data, row, stream, time_base)
+
+
+class _Interleaved:
+    """Side packets merged by time, muxed as the video's time passes theirs."""
+
+    def __init__(self, merged):
+        self.merged = merged
+        self.next = next(merged, None)
+
+    def mux_until(self, container, until) -> None:
+        """Mux the side packets due by time ``until`` (seconds, a Fraction; None: all of them)."""
+        while self.next is not None and (until is None or self.next[0] <= until):
+            container.mux(self.next[1])
+            self.next = next(self.merged, None)
 
 
 def _new_stream(container, kept: KeptStream, target: str):
@@ -517,13 +538,6 @@ def _refusal(kept: KeptStream, target: str) -> str:
         f"{target} cannot hold stream {info['source_index']} ({info['type']} {info['codec']}); {other}"
         f"leave it out with --drop-stream {info['source_index']}"
     )
-
-
-def _mux_until(container, pending: list, until) -> None:
-    """Mux the side packets due before time ``until`` (seconds, a Fraction; None: all of them)."""
-    while pending and (until is None or pending[0][0] <= until):
-        _, _, data, row, stream, time_base = heapq.heappop(pending)
-        container.mux(stored_packet(data, row, stream, time_base))
 
 
 def _tag_colour(context, color: dict) -> None:

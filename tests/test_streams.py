@@ -17,7 +17,7 @@ import pytest
 
 from palstream.archive import open_archive
 from palstream.codec import EncoderConfig
-from palstream.errors import InputError, PalstreamError
+from palstream.errors import InputError
 from palstream.pipeline import decode_file, encode_file
 
 ffmpeg_exe = pytest.importorskip("imageio_ffmpeg").get_ffmpeg_exe
