@@ -345,8 +345,9 @@ def verify(
     except ArchiveError as exc:
         _record_verification(archive, exc)
         raise
-    _record_verification(archive, damaged)
     damaged_streams = reader.verify_streams()
+    # the catalogue keeps chunk damage per chunk; a damaged stream damages the archive as a whole
+    _record_verification(archive, damaged if damaged or not damaged_streams else ArchiveError("; ".join(map(str, damaged_streams))))
     if damaged or damaged_streams:
         parts = [f"{len(damaged)} of {reader.n_chunks} chunks damaged"] if damaged else []
         parts += [f"{len(damaged_streams)} of {len(reader.streams)} streams damaged"] if damaged_streams else []
