@@ -397,6 +397,8 @@ def info(
     if src.timing is not None:
         lines.insert(3, f"timing       {_describe_timing(src)}, field order {src.field_order}, pixel aspect {src.sample_aspect_ratio}")
     lines += [_describe_stream(stream) for stream in reader.streams]
+    if "streams" not in reader.attrs:
+        lines.append("streams      not recorded: this archive holds the video only (written without its other streams)")
     lines += [f"dropped      stream {d['source_index']} ({d['type']} {d['codec']}): {d['reason']}" for d in reader.attrs.get("dropped_streams", [])]
     if reader.attrs.get("chapters"):
         lines.append(f"chapters     {len(reader.attrs['chapters'])}: " + ", ".join(_show_chapter(c) for c in reader.attrs["chapters"]))
