@@ -15,9 +15,10 @@ from pathlib import Path
 import av
 import pytest
 
-from palstream.archive import open_archive
-from palstream.codec import EncoderConfig
+from palstream.archive import ArchiveWriter, open_archive
+from palstream.codec import EncoderConfig, encode_chunk
 from palstream.errors import InputError
+from palstream.io import probe, read_frames
 from palstream.pipeline import decode_file, encode_file
 
 ffmpeg_exe = pytest.importorskip("imageio_ffmpeg").get_ffmpeg_exe
@@ -254,13 +255,33 @@ def test_drop_stream_of_the_video_or_a_missing_stream_is_refused(full_mkv, tmp_p
 
 def test_streams_are_written_exactly_once(full_mkv, full_archive, tmp_path):
     """What a resumed batch finalisation does: keep_streams on an archive that has them writes nothing."""
-    from palstream.archive import ArchiveWriter
-
     copy = tmp_path / "copy.zarr"
     subprocess.run(["cp", "-r", str(full_archive), str(copy)], check=True)
     before = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
     ArchiveWriter.open(str(copy)).keep_streams(str(full_mkv))
     assert {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()} == before
+
+
+def test_a_kill_before_the_streams_are_recorded_is_redone_whole(full_mkv, tmp_path, monkeypatch):
+    """A finalisation killed after writing the stream arrays, before the root lists them: the
+    resumed one writes them again and records them once; the archive verifies."""
+    url = str(tmp_path / "resumed.zarr")
+    config = EncoderConfig(lossless=True, gop=10)
+    writer = ArchiveWriter.create(url, probe(str(full_mkv)), config)
+    writer.write_chunk(0, encode_chunk(read_frames(str(full_mkv)), config))
+
+    def killed(changes):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "_write_root", killed)
+    with pytest.raises(KeyboardInterrupt):
+        writer.keep_streams(str(full_mkv))
+    assert (tmp_path / "resumed.zarr" / "streams").is_dir() and "streams" not in open_archive(url).attrs
+    resumed = ArchiveWriter.open(url)
+    resumed.keep_streams(str(full_mkv))
+    resumed.finalize()
+    archive = open_archive(url)
+    assert len(archive.streams) == 4 and archive.verify() == [] and archive.verify_streams() == []
 
 
 def test_vfr_timing_comes_back(data_dir, tmp_path):
