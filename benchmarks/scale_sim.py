@@ -215,7 +215,11 @@ class CountingS3:
 
     def __init__(self):
         from moto.server import DomainDispatcherApplication, create_backend_app
-        from werkzeug.serving import make_server
+        from werkzeug.serving import WSGIRequestHandler, make_server
+
+        class Quiet(WSGIRequestHandler):
+            def log_request(self, *args, **kwargs):  # a line per request would cost more than the request
+                pass
 
         self.counts: dict[str, int] = {}
         self.lock = threading.Lock()
@@ -229,7 +233,7 @@ class CountingS3:
                 self.counts[kind] = self.counts.get(kind, 0) + 1
             return app(environ, start_response)
 
-        self.server = make_server("127.0.0.1", 0, counted, threaded=True)
+        self.server = make_server("127.0.0.1", 0, counted, threaded=True, request_handler=Quiet)
         self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -286,6 +290,94 @@ def drive(config_path: str) -> None:
         "driver_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     Path(config["result"]).write_text(json.dumps(result))
+
+
+# -- resume at 10^6 units without running them: a synthesized half-done job ---------------------
+def synthesize_state(output: str, n_archives: int, per_archive: int, per_task: int, gop: int, finalized: bool) -> None:
+    """The output of a job of ``n_archives x per_archive`` units killed at half its units.
+
+    ``finalized``: the first half of the archives are complete (what a run in plan order leaves);
+    otherwise every archive has its first half of units committed and none is finalized (the
+    worst case for a resume: every commit record must be read).
+    """
+    from palstream.batch.commits import record_url, write_record
+    from palstream.batch.plan import save_plan
+    from palstream.batch.store import JOB_DIR, join, write_json
+
+    plan = synthetic_plan(n_archives, per_archive, gop)
+    save_plan(output, plan)
+    summary = {"outcome": "committed", "frames": gop, "raw_bytes": 96 * gop, "bytes": 64, "psnr_y": 50.0, "seconds": 0.001,
+               "finished": 0.0, "stage_seconds": {"encode": 0.0}, "worker": "synthesized"}
+    for i in range(n_archives):
+        done = per_archive if (finalized and i < n_archives // 2) else (0 if finalized else per_archive // 2)
+        if not done:
+            continue
+        url = plan.archive_url(output, i)
+        attrs = {"n_chunks": per_archive, "status": "complete" if done == per_archive else "incomplete", "frame_count": gop * per_archive}
+        write_json(f"{url}/zarr.json", attrs)
+        for first in range(0, done, per_task):
+            write_record(record_url(output, i, first), [{**summary, "source": i, "index": j} for j in range(first, min(first + per_task, done))])
+        if done == per_archive:
+            write_json(join(output, JOB_DIR, "fixity", f"{i}.json"), {"files": {}, "bytes": 0, "payload_sha256": "", "payload_bytes": 0})
+
+
+def synthetic_plan(n_archives: int, per_archive: int, gop: int):
+    from palstream.batch.plan import Plan
+    from palstream.codec import EncoderConfig
+
+    info = {"url": "", "name": "", "size_bytes": 20, "sha256": "0" * 64, "width": 64, "height": 64,
+            "frame_count": gop * per_archive, "fps": "25/1", "time_base": "1/25", "pix_fmt": "yuv420p",
+            "color": {}, "truncated": None}
+    probed = [(f"/lib/v{i:06d}.mkv", {**info, "url": f"/lib/v{i:06d}.mkv", "name": f"v{i:06d}.mkv"}, None) for i in range(n_archives)]
+    return Plan.build(EncoderConfig(gop=gop), probed)
+
+
+def time_prepare(output: str, result_path: str) -> None:
+    """In a fresh driver process: load the plan and find what is done, as a resume does."""
+    install_stubs({"gop": 16, "units_per_archive": 1, "encode_ms": 0, "payload_bytes": 64, "archive": "marker"})
+    from distributed import Client, LocalCluster
+
+    from palstream.batch.plan import load_plan
+    from palstream.batch.runner import JobLog, _Execution
+    from palstream.batch.spec import JobSpec
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40) as cluster, \
+            Client(cluster) as client:
+        t0 = time.perf_counter()
+        plan = load_plan(output)
+        loaded = time.perf_counter() - t0
+        from palstream.batch.worker import generator_identity
+
+        client.submit(generator_identity, plan.config.palette, pure=False).result()  # worker start-up, not resume work
+        spec = JobSpec.from_dict({"inputs": ["/lib/x.mkv"], "output": output, "codec": {"gop": 16}})
+        execution = _Execution(client, spec, plan, None, None, JobLog(output, {}))
+        t0 = time.perf_counter()
+        execution._prepare_archives()
+        prepared = time.perf_counter() - t0
+        units = plan.units()
+        todo = [u for u in units if u.index not in execution.committed[u.source]]
+        Path(result_path).write_text(json.dumps({
+            "load_plan_seconds": round(loaded, 2), "prepare_seconds": round(prepared, 2),
+            "committed_found": execution.units_committed, "finalized_found": len(execution.finalized),
+            "units_left": len(todo), "driver_max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }))
+
+
+def resume_bench(args) -> dict:
+    """Resume-finding time at ``--units`` for both synthesized states (see :func:`synthesize_state`)."""
+    out = {}
+    for finalized in (True, False):
+        work = Path(tempfile.mkdtemp(prefix="scale-resume-", dir=args.workdir))
+        output = str(work / "out")
+        t0 = time.perf_counter()
+        synthesize_state(output, args.archives, args.units // args.archives, args.units_per_task, args.gop, finalized)
+        made = time.perf_counter() - t0
+        result_path = work / "prepare.json"
+        subprocess.run([sys.executable, __file__, "_prepare", output, str(result_path)], check=True)
+        name = "half_the_archives_finalized" if finalized else "every_archive_half_done"
+        out[name] = {**json.loads(result_path.read_text()), "state_build_seconds": round(made, 1)}
+        print(name, out[name], flush=True)
+    return out
 
 
 # -- the experiment -------------------------------------------------------------------------------
@@ -421,19 +513,27 @@ def main() -> None:
     ap.add_argument("--archive", choices=("stub", "marker", "real"), default="stub")
     ap.add_argument("--kill-at", type=float, default=None, help="kill the driver at this fraction of units, then resume")
     ap.add_argument("--elastic", action="store_true", help="add, kill and retire workers during the first run")
+    ap.add_argument("--resume-bench", action="store_true",
+                    help="only time how a resume finds the done units of a synthesized half-done job of --units")
+    ap.add_argument("--skip-plan-measure", action="store_true", help="do not time Plan.build on its own first")
     ap.add_argument("--workdir", default=None, help="where the library and output go (default: a temporary folder)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     if args.units % args.archives:
         ap.error("--units must be a multiple of --archives")
     per_archive = args.units // args.archives
+    if args.resume_bench:
+        result = {"args": vars(args), "resume": resume_bench(args), "load_average": os.getloadavg()}
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
 
     import dask
     from distributed import Client, LocalCluster
 
     from palstream.batch.cluster import BUSY_MACHINE_CONFIG, worker_environment
 
-    result: dict = {"args": vars(args), "plan": measure_plan(args.archives, per_archive, args.gop)}
+    result: dict = {"args": vars(args), "plan": None if args.skip_plan_measure else measure_plan(args.archives, per_archive, args.gop)}
     print("plan:", result["plan"], flush=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="scale-sim-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -509,5 +609,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "_drive":
         drive(sys.argv[2])
+    elif len(sys.argv) == 4 and sys.argv[1] == "_prepare":
+        time_prepare(sys.argv[2], sys.argv[3])
     else:
         main()
