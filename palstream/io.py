@@ -31,6 +31,7 @@ import threading
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
+from io import BytesIO
 from typing import Callable, Iterable, Iterator
 from urllib.parse import parse_qsl, urlencode
 
@@ -1073,11 +1074,9 @@ def _ratio(value) -> str:
 def _stream_parameters(stream, packet, source_format: str) -> tuple[str, bytes] | tuple[None, None]:
     """The stream's codec parameters as a tiny container holding it and its first packet, which
     FFmpeg reads back to remux the stream; (None, None) when no container takes the codec."""
-    import io as _bytes_io
-
     family = next((name for name in _PARAMETER_FORMATS if name in source_format.split(",")), None)
     for name in sorted(_PARAMETER_FORMATS, key=lambda n: n != family):
-        buffer = _bytes_io.BytesIO()
+        buffer = BytesIO()
         try:
             with av.open(buffer, "w", format=name) as out:
                 copy = out.add_stream_from_template(stream)
@@ -1086,7 +1085,7 @@ def _stream_parameters(stream, packet, source_format: str) -> tuple[str, bytes] 
                 else:
                     out.start_encoding()
             blob = buffer.getvalue()
-            with av.open(_bytes_io.BytesIO(blob), format=name) as check:
+            with av.open(BytesIO(blob), format=name) as check:
                 if check.streams and check.streams[0].type == stream.type:
                     return name, blob
         except (av.FFmpegError, ValueError, OSError):
@@ -1174,7 +1173,7 @@ def read_side_streams(
         flac = {s.index for s in kept if audio == "flac" and s.type == "audio" and _describe(s)["codec"] != "flac"}
         rows = {s.index: array.array("q") for s in kept if s.type != "attachment"}
         first: dict[int, tuple] = {}  # each stream's first packet: its codec parameters are written with it
-        held: dict[int, list] = {index: [] for index in flac}  # audio to re-encode: decoded whole
+        held: dict[int, list] = {index: [] for index in flac}  # audio to re-encode: its packets, for the decoder
         for packet, row in _side_packets(container, video, rows, name):
             rows[packet.stream.index].extend(row)
             if packet.stream.index not in first:
@@ -1257,8 +1256,6 @@ def _to_flac(stream, found: list, info: dict, name: str):
     The FLAC stream is muxed into an in-memory NUT file (which keeps the sample time base) and
     read back, so it is kept exactly as a copied FLAC source would be.
     """
-    import io as _bytes_io
-
     decoder = stream.codec_context
 
     def decoded():
@@ -1276,7 +1273,7 @@ def _to_flac(stream, found: list, info: dict, name: str):
             f"--audio flac: stream {info['source_index']} of {name} ({info['codec']}) decodes to {head.format.name} "
             "samples, which FLAC cannot hold exactly; keep it as it is with --audio copy"
         )
-    buffer = _bytes_io.BytesIO()
+    buffer = BytesIO()
     with av.open(buffer, "w", format="nut") as out:
         target = out.add_stream("flac", rate=head.sample_rate)
         target.layout = head.layout
@@ -1290,7 +1287,7 @@ def _to_flac(stream, found: list, info: dict, name: str):
                 samples += converted.samples
                 out.mux(target.encode(converted))
         out.mux(target.encode(None))
-    nut = av.open(_bytes_io.BytesIO(buffer.getvalue()), format="nut")
+    nut = av.open(BytesIO(buffer.getvalue()), format="nut")
     flac = nut.streams[0]
     packets = []
     for packet in nut.demux(flac):
