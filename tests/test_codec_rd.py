@@ -17,7 +17,10 @@ from palstream.frames import Frames
 def summary(x265_40, x265_45, vs_x264=0.9, vs_ffv1=0.6, exact=True, chunks=((45.0, [45.1]),), speed=None):
     """The part of a ``summarise`` result that ``done_when`` reads."""
     return {
-        "ratios": {"40": {"x265": x265_40}, "45": {"x265": x265_45}},
+        "ratios": {
+            "40": {"x265": x265_40, "x265_at_target": x265_40},
+            "45": {"x265": x265_45, "x265_at_target": x265_45},
+        },
         "lossless": {"bpp": 1.0, "exact": exact, "x264 qp0": vs_x264, "FFV1": vs_ffv1},
         "overshoot": {
             f"target {t:g} dB": {"target": t, "chunk_psnr_y": q, "exact_chunks": sum(v is None for v in q)}
@@ -57,6 +60,9 @@ def test_done_when_pools_the_corpus_and_judges_the_still_scene_apart():
     assert overshoot["value"] == pytest.approx(0.15) and "1 chunks coded losslessly" in overshoot["numbers"]
     assert checks["still scene with sensor noise ≤ 2× x265 at 40 dB"]["status"] == "FAIL"
     assert checks["still scene with sensor noise ≤ 2× x265 at 45 dB"]["status"] == "PASS"
+    still["noisy"]["ratios"]["45"]["x265_at_target"] = 2.5  # its 45 dB encode overshoots onto a costly rung
+    checks = by_check(done_when(corpus, still, one_thread=True))
+    assert checks["still scene with sensor noise ≤ 2× x265 at 45 dB"]["status"] == "FAIL"
 
 
 def test_done_when_fails_what_it_must_and_never_passes_an_unknown():
