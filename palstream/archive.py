@@ -32,7 +32,6 @@ import warnings
 from decimal import Decimal
 from typing import Callable, Iterator
 
-import fsspec
 import google_crc32c
 import numpy as np
 import zarr
@@ -41,16 +40,16 @@ import zarr.codecs
 import palstream
 from palstream.codec import BitstreamError, EncodedChunk, EncoderConfig, decode_chunk
 from palstream.codec.chunk import HEADER, MAGIC
-from palstream.errors import ArchiveError, DamagedChunkError
+from palstream.errors import ArchiveError, DamagedChunkError, PalstreamError
 from palstream.frames import Frames
 from palstream.io import (
     INDEX_COLUMNS,
     KeptStream,
     SideStreams,
     SourceInfo,
-    fsspec_options,
     read_side_streams,
 )
+from palstream.storage import Location
 
 FORMAT_NAME = "palstream"
 FORMAT_VERSION = 3
@@ -242,13 +241,11 @@ def _names(names: list[str]) -> str:
 class _Store:
     """Bytes of an archive's objects through fsspec, each read bounded by a ceiling."""
 
-    def __init__(self, url: str, storage_options: dict | None):
-        self.url = str(url)
+    def __init__(self, location: Location):
         try:
-            self.fs, root = fsspec.core.url_to_fs(self.url, **fsspec_options(url, storage_options))
-        except (ValueError, ImportError, OSError) as exc:
-            raise ArchiveError(f"cannot open archive {url}: {exc}; check the URL") from None
-        self.root = root.rstrip("/")
+            self.fs, self.root = location.filesystem()
+        except PalstreamError as exc:
+            raise ArchiveError(f"archive: {exc}") from None
 
     def read(self, key: str, limit: int) -> bytes | None:
         """The bytes of ``key``, None if absent.
@@ -376,25 +373,25 @@ def max_payload_bytes(frames: int, width: int, height: int) -> int:
 # -- root attributes ----------------------------------------------------------------------------
 
 
-def _check_root(doc: dict, url: str) -> dict:
+def _check_root(doc: dict, location: Location) -> dict:
     """The root attributes, every field checked against FORMAT.md §2 before anything uses it."""
 
     def bad(what: str) -> ArchiveError:
-        return ArchiveError(f"archive {url} is malformed: {what}; restore zarr.json from a copy or re-encode")
+        return ArchiveError(f"archive {location} is malformed: {what}; restore zarr.json from a copy or re-encode")
 
     try:
         attrs = _node_attributes(doc, "group")
     except ValueError as exc:
         raise bad(f"zarr.json {exc}") from None
     if attrs.get("format") != FORMAT_NAME:
-        raise ArchiveError(f"{url} is not a palstream archive (format attribute is {_show(attrs.get('format'))})")
+        raise ArchiveError(f"{location} is not a palstream archive (format attribute is {_show(attrs.get('format'))})")
     missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
     if missing:
         raise bad(f"missing attribute(s) {', '.join(missing)}")
     version = attrs["format_version"]
     if not _is_int(version, 0, MAX_JSON_INT) or version not in READABLE_VERSIONS:
         raise ArchiveError(
-            f"archive {url} has format version {_show(version)}; this palstream reads versions "
+            f"archive {location} has format version {_show(version)}; this palstream reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}: use the palstream that wrote it"
         )
 
@@ -513,20 +510,20 @@ def _chunk_frames(attrs: dict, index: int) -> range:
     return range(start, min(start + attrs["gop"], attrs["frame_count"]))
 
 
-def _load_root(store: _Store, url: str, force: bool) -> tuple[dict, str | None]:
+def _load_root(store: _Store, location: Location, force: bool) -> tuple[dict, str | None]:
     """Validated root attributes and, when ``force`` let an altered root through, what changed."""
     try:
         data = store.read("zarr.json", MAX_ROOT_JSON)
     except OSError as exc:
-        raise ArchiveError(f"cannot open archive {url}: {exc.strerror or exc}; check the path and permissions") from None
+        raise ArchiveError(f"cannot open archive {location}: {exc.strerror or exc}; check the path and permissions") from None
     except ValueError as exc:
-        raise ArchiveError(f"archive {url} is malformed: {exc}; restore zarr.json from a copy or re-encode") from None
+        raise ArchiveError(f"archive {location} is malformed: {exc}; restore zarr.json from a copy or re-encode") from None
     if data is None:
-        raise ArchiveError(f"no palstream archive at {url}; check the path")
+        raise ArchiveError(f"no palstream archive at {location}; check the path")
     try:
         doc = _parse(data, MAX_ROOT_JSON)
     except ValueError as exc:
-        raise ArchiveError(f"archive {url} is malformed: zarr.json {exc}; restore it from a copy or re-encode") from None
+        raise ArchiveError(f"archive {location} is malformed: zarr.json {exc}; restore it from a copy or re-encode") from None
     altered = None
     attrs = doc.get("attributes")
     # Checked whenever present, whatever format_version says: a version edited down to 1 is caught.
@@ -535,10 +532,10 @@ def _load_root(store: _Store, url: str, force: bool) -> tuple[dict, str | None]:
         # An altered root cannot be trusted for sizes or provenance: refuse it before its values are used.
         if altered and not force:
             raise ArchiveError(
-                f"archive {url}: root metadata altered: {altered}; restore zarr.json from a copy or re-encode "
+                f"archive {location}: root metadata altered: {altered}; restore zarr.json from a copy or re-encode "
                 "(--force, or force=True, reads it anyway)"
             )
-    return _check_root(doc, url), altered
+    return _check_root(doc, location), altered
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -552,11 +549,10 @@ class Archive:
     chunk to the root's digest.
     """
 
-    def __init__(self, url: str, storage_options: dict | None = None, force: bool = False):
-        self.url = str(url)
-        self._options = storage_options
-        self._store = _Store(url, storage_options)
-        self.attrs, self.root_altered = _load_root(self._store, self.url, force)
+    def __init__(self, location: Location, force: bool = False):
+        self.location = location
+        self._store = _Store(location)
+        self.attrs, self.root_altered = _load_root(self._store, location, force)
         self.n_chunks: int = self.attrs["n_chunks"]
         self.source = SourceInfo.from_dict(self.attrs["source"])
         self._core_sha256 = _sha256(_core(self.attrs)) if self.root_protected and not self.root_altered else None
@@ -564,11 +560,11 @@ class Archive:
         # chunks do not share (a forged n_chunks of 10^9 would otherwise make decode run for days).
         if self._root_replaced():
             raise ArchiveError(
-                f"archive {url}: root metadata altered: its core does not match the digest recorded in the "
+                f"archive {location}: root metadata altered: its core does not match the digest recorded in the "
                 "commit markers; restore zarr.json from a copy or re-encode"
             )
         if self.root_altered:
-            warnings.warn(f"archive {url}: root metadata altered ({self.root_altered}); read anyway because forced", stacklevel=2)
+            warnings.warn(f"archive {location}: root metadata altered ({self.root_altered}); read anyway because forced", stacklevel=2)
 
     @property
     def complete(self) -> bool:
@@ -653,9 +649,24 @@ class Archive:
         except DamagedChunkError:
             return {}
 
+    def is_committed(self, index: int) -> bool:
+        """Whether chunk ``index`` is committed: its commit marker exists and agrees with the chunk's
+        metadata (FORMAT.md §5). The one commit predicate: every other answer is built on it."""
+        try:
+            self._chunk_meta(index)
+        except DamagedChunkError:
+            return False
+        return True
+
     def committed(self) -> set[int]:
-        """Indices whose commit marker exists and agrees with the chunk's metadata."""
-        return _committed(self)
+        """Indices of the committed chunks (:meth:`is_committed`), found from the markers listed."""
+        names = self._store.names("commits")
+        indices = {int(n) for n in names if n.isdigit() and len(n) <= 10 and n == _key(int(n)) and int(n) < self.n_chunks}
+        return {index for index in indices if self.is_committed(index)}
+
+    def uncommitted(self) -> list[int]:
+        """Indices of the chunks not committed, in order: what a resume still has to write."""
+        return sorted(set(range(self.n_chunks)) - self.committed())
 
     def chunk_config(self, index: int) -> dict:
         """The encoder configuration that encoded chunk ``index`` (FORMAT.md §2.2).
@@ -744,10 +755,10 @@ class Archive:
             ``commits`` group document is damaged.
         """
         if self.root_altered:
-            raise ArchiveError(f"archive {self.url}: root metadata altered: {self.root_altered}; restore zarr.json from a copy or re-encode")
+            raise ArchiveError(f"archive {self.location}: root metadata altered: {self.root_altered}; restore zarr.json from a copy or re-encode")
         if not self.root_protected:
             warnings.warn(
-                f"archive {self.url} is format version 1: its root metadata is unprotected (no digest), "
+                f"archive {self.location} is format version 1: its root metadata is unprotected (no digest), "
                 "so changes to it cannot be detected; re-encode it to protect it",
                 stacklevel=2,
             )
@@ -758,7 +769,7 @@ class Archive:
                     raise ValueError("missing or not an empty group")
             except (OSError, ValueError) as exc:
                 raise ArchiveError(
-                    f"archive {self.url}: {folder}/zarr.json is damaged ({exc}); restore it as "
+                    f"archive {self.location}: {folder}/zarr.json is damaged ({exc}); restore it as "
                     '{"zarr_format": 3, "node_type": "group", "attributes": {}}'
                 ) from None
         damaged = []
@@ -778,7 +789,7 @@ class Archive:
         """Kept stream ``number``'s zarr array ``name``, after checking it has the declared shape."""
         source_index = self.attrs["streams"][number]["source_index"]
         try:
-            array = _open_group(self.url, "r", self._options)[f"streams/{_key(number)}/{name}"]
+            array = _open_group(self.location, "r")[f"streams/{_key(number)}/{name}"]
         except Exception as exc:  # noqa: BLE001  zarr and the stores raise many kinds for damaged objects
             raise DamagedStreamError(source_index, f"its {name} array does not open ({type(exc).__name__}: {_show(str(exc))})") from None
         if not isinstance(array, zarr.Array) or tuple(array.shape) != shape or array.dtype != np.dtype(dtype):
@@ -890,28 +901,16 @@ class Archive:
             yield decoded[max(start, frames.start) - frames.start : min(stop, frames.stop) - frames.start]
 
 
-def _committed(archive: Archive) -> set[int]:
-    done = set()
-    for name in archive._store.names("commits"):
-        if not (name.isdigit() and len(name) <= 10 and name == _key(int(name)) and int(name) < archive.n_chunks):
-            continue
-        try:
-            archive._chunk_meta(int(name))
-        except DamagedChunkError:
-            continue
-        done.add(int(name))
-    return done
-
-
-def open_archive(url: str, storage_options: dict | None = None, force: bool = False) -> Archive:
+def open_archive(location: str | Location, storage_options: dict | None = None, force: bool = False) -> Archive:
     """Open an archive for reading.
 
     Parameters
     ----------
-    url : str
-        Local path or fsspec URL.
+    location : str or Location
+        Local path, fsspec URL, or a location with its storage options.
     storage_options : dict, optional
-        Passed to fsspec.
+        Only for ``palstream.batch``, which still passes its options apart (removed when it moves
+        to :class:`~palstream.storage.Location`).
     force : bool, default False
         Read an archive whose root metadata fails its integrity digest (with a warning).
 
@@ -921,31 +920,17 @@ def open_archive(url: str, storage_options: dict | None = None, force: bool = Fa
         No archive there, malformed root metadata, or (unless ``force``) root metadata altered:
         its integrity digest fails, or its core disagrees with the commit markers.
     """
-    return Archive(url, storage_options, force)
+    return Archive(Location.of(location, storage_options), force)
 
 
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _store_args(url: str, storage_options: dict | None) -> dict:
-    if "://" not in str(url):
-        return {}  # a plain path: zarr's LocalStore
-    options = fsspec_options(url, storage_options)
-    if str(url).startswith("file://"):
-        options["auto_mkdir"] = True  # zarr needs it to create a new local folder through fsspec
-    return {"storage_options": options}
+def _open_group(location: Location, mode: str, **kwargs) -> zarr.Group:
+    return zarr.open_group(**location.zarr_args(), mode=mode, **kwargs)
 
 
-def _open_group(url: str, mode: str, storage_options: dict | None, **kwargs) -> zarr.Group:
-    return zarr.open_group(str(url), mode=mode, **_store_args(url, storage_options), **kwargs)
-
-
-def _is_local(fs) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return "file" in protocols or "local" in protocols
-
-
-def check_destination(url: str, storage_options: dict | None = None, overwrite: bool = False) -> None:
+def check_destination(location: Location, overwrite: bool = False) -> None:
     """Refuse an existing output (unless ``overwrite``) or an unwritable location, before any work.
 
     Writes and removes one empty probe object. ``overwrite`` only ever replaces an existing
@@ -957,18 +942,17 @@ def check_destination(url: str, storage_options: dict | None = None, overwrite: 
         The destination exists, is not a palstream archive, or cannot be written.
     """
     try:
-        fs, path = fsspec.core.url_to_fs(str(url), **fsspec_options(url, storage_options))
+        fs, path = location.filesystem()
         if fs.exists(path):
             if fs.isfile(path):
-                raise ArchiveError(f"{url} exists and is a file; choose another archive path")
+                raise ArchiveError(f"{location} exists and is a file; choose another archive path")
             if fs.ls(path, detail=False):
                 if not _is_palstream(fs, path):
-                    raise ArchiveError(f"{url} exists and is not a palstream archive; choose another path")
+                    raise ArchiveError(f"{location} exists and is not a palstream archive; choose another path")
                 if not overwrite:
-                    raise ArchiveError(f"archive {url} already exists; pass --overwrite to replace it")
-        local = _is_local(fs)
-        created = local and not fs.exists(path)
-        if local:
+                    raise ArchiveError(f"archive {location} already exists; pass --overwrite to replace it")
+        created = location.is_local and not fs.exists(path)
+        if location.is_local:
             fs.makedirs(path, exist_ok=True)
         test = f"{path.rstrip('/')}/.palstream-write-test"
         fs.pipe_file(test, b"")
@@ -977,9 +961,11 @@ def check_destination(url: str, storage_options: dict | None = None, overwrite: 
             fs.rmdir(path)  # leave nothing behind until the archive is really created
     except ArchiveError:
         raise
+    except PalstreamError as exc:  # no filesystem for the URL
+        raise ArchiveError(f"cannot write archive: {exc}") from None
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-        raise ArchiveError(f"cannot write archive {url}: {reason}; choose a writable location") from None
+        raise ArchiveError(f"cannot write archive {location}: {reason}; choose a writable location") from None
 
 
 def _is_palstream(fs, path: str) -> bool:
@@ -1001,9 +987,11 @@ def _rename_exchange(a: str, b: str) -> None:
         raise OSError(code, os.strerror(code))
 
 
-def _swap_into_place(fs, new: str, target: str) -> None:
-    """Put the finished archive at ``new`` in place of the one at ``target`` (FORMAT.md §4.1)."""
-    if _is_local(fs):
+def _swap_into_place(replacement: Location, location: Location) -> None:
+    """Put the finished archive at ``replacement`` in place of the one at ``location`` (FORMAT.md §4.1)."""
+    fs, new = replacement.filesystem()
+    target = location.filesystem()[1]
+    if location.is_local:
         try:
             _rename_exchange(new, target)  # one atomic step: readers see the old or the new archive
         except OSError:
@@ -1075,29 +1063,28 @@ class ArchiveWriter:
     removes what this writer created and leaves the old archive untouched.
     """
 
-    def __init__(self, url: str, write_url: str, storage_options: dict | None, created: bool):
-        self.url = str(url)
-        self.write_url = str(write_url)
-        self._options = storage_options
+    def __init__(self, location: Location, write_location: Location, created: bool):
+        self.location = location
+        self.write_location = write_location
         self._created = created
-        self._reader = Archive(write_url, storage_options)
+        self._reader = Archive(write_location)
         if not self._reader.root_protected:
             raise ArchiveError(
-                f"archive {url} is format version 1, which this palstream reads but does not extend; re-encode it"
+                f"archive {location} is format version 1, which this palstream reads but does not extend; re-encode it"
             )
-        self._group = _open_group(write_url, "r+", storage_options)
+        self._group = _open_group(write_location, "r+")
         self.attrs = self._reader.attrs
         self.n_chunks = self.attrs["n_chunks"]
 
     @property
     def replacing(self) -> bool:
         """Whether this writer builds a replacement beside an existing archive."""
-        return self.write_url != self.url
+        return self.write_location != self.location
 
     @classmethod
     def create(
         cls,
-        url: str,
+        location: str | Location,
         source: SourceInfo,
         config: EncoderConfig,
         generator=None,
@@ -1109,8 +1096,9 @@ class ArchiveWriter:
 
         Parameters
         ----------
-        url : str
-            Local path or fsspec URL of the archive (a folder / key prefix).
+        location : str or Location
+            Local path or fsspec URL of the archive (a folder / key prefix), or a location with
+            its storage options.
         source : SourceInfo
             The probed source.
         config : EncoderConfig
@@ -1120,10 +1108,11 @@ class ArchiveWriter:
         n_chunks : int, optional
             Must equal ``ceil(source.frame_count / config.gop)`` (the default).
         storage_options : dict, optional
-            Passed to fsspec.
+            Only for ``palstream.batch``, which still passes its options apart (removed when it
+            moves to :class:`~palstream.storage.Location`).
         overwrite : bool, default False
-            Replace an existing palstream archive at ``url``: the new archive is written at
-            ``<url>.palstream-tmp-<id>`` and swapped in by :meth:`finalize`; until then (and
+            Replace an existing palstream archive at ``location``: the new archive is written at
+            ``<location>.palstream-tmp-<id>`` and swapped in by :meth:`finalize`; until then (and
             after a failure or :meth:`abort`) the old archive stays as it was.
         """
         expected = math.ceil(source.frame_count / config.gop)
@@ -1131,7 +1120,8 @@ class ArchiveWriter:
             raise ArchiveError(
                 f"{n_chunks} chunks do not fit {source.frame_count} frames in GOPs of {config.gop}; use {expected}"
             )
-        check_destination(url, storage_options, overwrite)
+        location = Location.of(location, storage_options)
+        check_destination(location, overwrite)
         attrs = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -1153,25 +1143,30 @@ class ArchiveWriter:
         try:
             attrs = _seal(attrs)
         except ValueError as exc:  # e.g. a file name that is not valid UTF-8 has no canonical JSON
-            raise ArchiveError(f"cannot record the source of {url} in the archive ({exc}); rename the source file") from None
-        write_url = str(url)
+            raise ArchiveError(f"cannot record the source of {location} in the archive ({exc}); rename the source file") from None
+        write_location = location
         try:
-            fs, path = fsspec.core.url_to_fs(str(url), **fsspec_options(url, storage_options))
+            fs, path = location.filesystem()
             if overwrite and _is_palstream(fs, path):
-                for stale in fs.glob(f"{path.rstrip('/')}{TEMP_MARK}*"):
+                for stale in fs.glob(f"{path}{TEMP_MARK}*"):
                     fs.rm(stale, recursive=True)  # left by a killed replacement of this archive
-                write_url = f"{str(url).rstrip('/')}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
-            group = _open_group(write_url, "w", storage_options, attributes=attrs)
+                write_location = Location(f"{location.url.rstrip('/')}{TEMP_MARK}{uuid.uuid4().hex[:12]}", location.options)
+            group = _open_group(write_location, "w", attributes=attrs)
             group.create_group("chunks")
             group.create_group("commits")
         except OSError as exc:
-            raise ArchiveError(f"cannot write archive {url}: {exc}; choose a writable location") from None
-        return cls(url, write_url, storage_options, created=True)
+            raise ArchiveError(f"cannot write archive {location}: {exc}; choose a writable location") from None
+        return cls(location, write_location, created=True)
 
     @classmethod
-    def open(cls, url: str, storage_options: dict | None = None) -> "ArchiveWriter":
-        """Reopen an existing archive to write its remaining chunks (resume)."""
-        return cls(url, url, storage_options, created=False)
+    def open(cls, location: str | Location, storage_options: dict | None = None) -> "ArchiveWriter":
+        """Reopen an existing archive to write its remaining chunks (resume).
+
+        ``storage_options`` only for ``palstream.batch``, which still passes its options apart
+        (removed when it moves to :class:`~palstream.storage.Location`).
+        """
+        location = Location.of(location, storage_options)
+        return cls(location, location, created=False)
 
     def chunk_frames(self, index: int) -> range:
         """Frame numbers of chunk ``index`` in the source."""
@@ -1193,11 +1188,8 @@ class ArchiveWriter:
         if len(payload) > ceiling:
             raise ArchiveError(f"chunk {index} payload of {len(payload)} bytes exceeds the format's {ceiling}; the encoder failed")
         sha = hashlib.sha256(payload).hexdigest()
-        try:
-            if self._reader._chunk_meta(index)[1]["sha256"] == sha:
-                return  # already committed with this payload: a duplicated task
-        except DamagedChunkError:
-            pass  # not committed (or damaged): write it
+        if self._reader.chunk_attrs(index).get("sha256") == sha:
+            return  # already committed with this payload: a duplicated task
         if self._reader._store.read(f"commits/{_key(index)}/zarr.json", MAX_NODE_JSON) is not None:
             del self._group[f"commits/{_key(index)}"]
         attributes = json_safe(
@@ -1292,22 +1284,22 @@ class ArchiveWriter:
         try:
             self._write_root({**side.to_attributes(), "streams": json_safe(records)})
         except ValueError as exc:  # a tag without a canonical JSON form (a lone surrogate)
-            raise ArchiveError(f"cannot record the streams of {self.url} ({exc}); fix the source's tags") from None
+            raise ArchiveError(f"cannot record the streams of {self.location} ({exc}); fix the source's tags") from None
 
     def keep_streams(
-        self, source_url: str, storage_options: dict | None = None, audio: str = "copy", drop_streams=()
+        self, source: str | Location, audio: str = "copy", drop_streams=()
     ) -> None:
         """Read the source's other streams and :meth:`write_streams` them, unless already recorded.
 
         What a batch's finalisation calls, before :meth:`finalize`, with the job's source URL and options.
         """
         if "streams" not in self.attrs:
-            self.write_streams(read_side_streams(source_url, storage_options, audio, drop_streams))
+            self.write_streams(read_side_streams(source, audio, drop_streams))
 
     def _write_root(self, changes: dict) -> None:
         sealed = _seal({**self.attrs, **changes})
         self._group.attrs.update({**changes, "integrity": sealed["integrity"]})
-        self._reader = Archive(self.write_url, self._options)
+        self._reader = Archive(self.write_location)
         self.attrs = self._reader.attrs
 
     def record_chunk_config(self, first: int, count: int, config: EncoderConfig) -> None:
@@ -1325,7 +1317,7 @@ class ArchiveWriter:
         overlap = [r for r in runs if r["first"] < first + count and first < r["first"] + r["count"]]
         if overlap:
             raise ArchiveError(
-                f"archive {self.url}: chunks {first}..{first + count - 1} already have configuration "
+                f"archive {self.location}: chunks {first}..{first + count - 1} already have configuration "
                 f"{overlap[0]['digest']}; a chunk's configuration is decided once"
             )
         configs = {**encoder.get("configs", {}), config.digest: config.to_dict()}
@@ -1338,8 +1330,12 @@ class ArchiveWriter:
             del self._group[f"commits/{_key(index)}"]
 
     def committed(self) -> set[int]:
-        """Indices whose commit marker exists and matches the chunk's recorded sha256 and length."""
+        """Indices of the committed chunks (:meth:`Archive.is_committed`)."""
         return self._reader.committed()
+
+    def uncommitted(self) -> list[int]:
+        """Indices of the chunks not committed, in order (:meth:`Archive.uncommitted`)."""
+        return self._reader.uncommitted()
 
     def finalize(self) -> None:
         """Check that every chunk is committed and intact, mark the archive complete, and (when
@@ -1351,30 +1347,29 @@ class ArchiveWriter:
             Chunks are missing or damaged (the archive stays ``"incomplete"``; an archive being
             replaced stays as it was).
         """
-        missing = sorted(set(range(self.n_chunks)) - self.committed())
+        missing = self.uncommitted()
         if missing:
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-            raise ArchiveError(f"archive {self.url} lacks {len(missing)} chunk(s) ({shown}); write them, then finalize")
+            raise ArchiveError(f"archive {self.location} lacks {len(missing)} chunk(s) ({shown}); write them, then finalize")
         damaged = self._reader.verify()
         if damaged:
-            raise ArchiveError(f"archive {self.url} cannot be finalized: {damaged[0]}; rewrite that chunk")
+            raise ArchiveError(f"archive {self.location} cannot be finalized: {damaged[0]}; rewrite that chunk")
         damaged_streams = self._reader.verify_streams()
         if damaged_streams:
-            raise ArchiveError(f"archive {self.url} cannot be finalized: {damaged_streams[0]}; re-encode it")
+            raise ArchiveError(f"archive {self.location} cannot be finalized: {damaged_streams[0]}; re-encode it")
         payload_bytes = self._reader.payload_bytes()
         self._write_root({"status": "complete", "payload_bytes": payload_bytes})
         if self.replacing:
             try:
-                fs, new = fsspec.core.url_to_fs(self.write_url, **fsspec_options(self.write_url, self._options))
-                _swap_into_place(fs, new.rstrip("/"), fsspec.core.url_to_fs(self.url, **fsspec_options(self.url, self._options))[1].rstrip("/"))
+                _swap_into_place(self.write_location, self.location)
             except OSError as exc:
                 self._created = False  # the new archive may now be the only whole copy: abort() keeps it
                 raise ArchiveError(
-                    f"cannot replace archive {self.url} with the new one at {self.write_url}: {exc}; "
+                    f"cannot replace archive {self.location} with the new one at {self.write_location}: {exc}; "
                     "move it into place by hand"
                 ) from None
-            self.write_url = self.url
-            self._reader = Archive(self.url, self._options)
+            self.write_location = self.location
+            self._reader = Archive(self.location)
         self._created = False  # finished: nothing left for abort() to remove
 
     def abort(self) -> None:
@@ -1386,7 +1381,7 @@ class ArchiveWriter:
         if not self._created:
             return
         try:
-            fs, path = fsspec.core.url_to_fs(self.write_url, **fsspec_options(self.write_url, self._options))
+            fs, path = self.write_location.filesystem()
             fs.rm(path, recursive=True)
-        except OSError:
+        except (OSError, PalstreamError):
             pass  # the archive stays with status "incomplete", which readers report

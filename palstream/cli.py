@@ -26,6 +26,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageErro
 
 import palstream
 from palstream.errors import ArchiveError, PalstreamError
+from palstream.storage import Location
 
 app = typer.Typer(
     name="palstream",
@@ -123,12 +124,13 @@ DropOpt = Annotated[
 ]
 
 
-def _storage_options(storage_profile: str | None, endpoint_url: str | None) -> dict:
-    """fsspec options for s3:// inputs and archives, resolved as in the batch CLI (storage/README.md)."""
+def _location(value: str, storage_profile: str | None, endpoint_url: str | None) -> Location:
+    """``value`` with the fsspec options for s3:// resolved as in the batch CLI (storage/README.md);
+    a local location drops them (:class:`~palstream.storage.Location`)."""
     from palstream.batch.spec import StorageSpec
 
     spec = StorageSpec.from_dict({"profile": storage_profile, "endpoint_url": endpoint_url}, where="command line")
-    return spec.options("s3://")  # applied only to remote URLs (palstream.io.fsspec_options)
+    return Location.of(value, spec.options("s3://"))
 
 
 def _progress() -> Progress:
@@ -148,11 +150,10 @@ def _progress() -> Progress:
 
 
 def _encode(
-    input: str,
-    archive: str,
+    input: str | Location,
+    archive: str | Location,
     config,
     overwrite: bool,
-    storage_options: dict | None = None,
     allow_truncated: bool = False,
     audio: str = "copy",
     drop_streams: tuple[int, ...] = (),
@@ -167,7 +168,6 @@ def _encode(
             input,
             archive,
             config,
-            storage_options=storage_options,
             overwrite=overwrite,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             allow_truncated=allow_truncated,
@@ -241,11 +241,10 @@ def encode(
         gop=gop,
     )
     summary = _encode(
-        input,
-        archive,
+        _location(input, storage_profile, endpoint_url),
+        _location(archive, storage_profile, endpoint_url),
         config,
         overwrite,
-        _storage_options(storage_profile, endpoint_url),
         allow_truncated,
         audio,
         tuple(drop_stream or ()),
@@ -296,10 +295,9 @@ def decode(
     with _progress() as bar:
         task = bar.add_task("decoding", total=None)
         result = decode_file(
-            archive,
+            _location(archive, storage_profile, endpoint_url),
             output,
             frames,
-            storage_options=_storage_options(storage_profile, endpoint_url),
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             overwrite=overwrite,
             format=format,
@@ -339,7 +337,7 @@ def verify(
     """Check every chunk's and kept stream's checksums; exit 0 when intact, else name each damaged part and exit 1."""
     from palstream.archive import open_archive
 
-    reader = open_archive(archive, _storage_options(storage_profile, endpoint_url))
+    reader = open_archive(_location(archive, storage_profile, endpoint_url))
     try:
         damaged = reader.verify()
     except ArchiveError as exc:
@@ -371,7 +369,7 @@ def info(
     """Describe an archive: source, encoder, status, size."""
     from palstream.archive import open_archive
 
-    reader = open_archive(archive, _storage_options(storage_profile, endpoint_url), force=force)
+    reader = open_archive(_location(archive, storage_profile, endpoint_url), force=force)
     chunks = [{"index": i, **reader.chunk_attrs(i)} for i in range(reader.n_chunks)]
     if as_json:
         typer.echo(json.dumps({**reader.attrs, "chunks": chunks}))
@@ -478,7 +476,7 @@ def evaluate(
     from palstream.archive import json_safe
     from palstream.metrics import evaluate as run_eval
 
-    report = run_eval(source, archive, _storage_options(storage_profile, endpoint_url))
+    report = run_eval(_location(source, storage_profile, endpoint_url), _location(archive, storage_profile, endpoint_url))
     if as_json:
         typer.echo(json.dumps(json_safe(report)))
     else:

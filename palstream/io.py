@@ -12,7 +12,7 @@ Input policy (what an archivist gets, see README "Input formats"):
   with ``allow_truncated=True``; then the frames before the break are kept and
   :attr:`SourceInfo.truncated` records what was detected.
 - FIFOs, devices, sockets and other non-regular local files are refused before they are opened.
-- Credentials in input URLs never reach anything stored or printed (:func:`redact_url`).
+- Credentials in input URLs never reach anything stored or printed (:func:`palstream.storage.redact_url`).
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from io import BytesIO
 from typing import Callable, Iterable, Iterator
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import urlsplit
 
 import av
 import av.logging
-import fsspec
 import numpy as np
 
-from palstream.errors import InputError, storage_error
+from palstream.errors import InputError
 from palstream.frames import Frames
+from palstream.storage import Location, storage_error
 
 # FFmpeg's enum values (libavutil/pixfmt.h) -> the names ffprobe prints.
 MATRIX_NAMES = {
@@ -111,7 +111,8 @@ class SourceInfo:
     Parameters
     ----------
     url : str
-        Where the source was read from (path or fsspec URL), credentials redacted (:func:`redact_url`).
+        Where the source was read from (path or fsspec URL), credentials redacted
+        (:func:`palstream.storage.redact_url`).
     name : str
         File name without directories.
     size_bytes : int
@@ -217,71 +218,10 @@ def pts_runs(pts: list[int]) -> list[list[int]]:
 FIELD_ORDERS = {0: "unknown", 1: "progressive", 2: "tt", 3: "bb", 4: "tb", 5: "bt"}  # AVFieldOrder
 
 
-def fsspec_options(url: str, storage_options: dict | None) -> dict:
-    """The fsspec options that apply to ``url``: none for local paths and ``file://`` URLs.
-
-    One set of options (e.g. an S3 endpoint) can then be passed for a job whose input is local
-    and whose archive is remote, or the other way round.
-    """
-    protocol = str(url).split("://", 1)[0] if "://" in str(url) else "file"
-    return {} if protocol in ("file", "local") else dict(storage_options or {})
-
-
-# Query parameters that carry secrets in presigned / SAS / token URLs (S3, GCS, Azure, generic).
-_SECRET_QUERY = re.compile(r"signature|sig$|token|secret|passw|credential|key|auth", re.IGNORECASE)
-_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>[^?#]*)(?P<query>\?[^#]*)?(?P<frag>#.*)?$")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its credentials replaced by ``***``: what may be stored, logged or printed.
-
-    Removes the user-info part (``s3://KEY:SECRET@bucket/x``, ``https://user:pass@host/x``) and
-    the values of query parameters that carry secrets (``X-Amz-Signature``, ``X-Amz-Credential``,
-    ``X-Amz-Security-Token``, ``sig``, ``token``, ``key``, ...). Local paths are returned unchanged.
-
-    Parameters
-    ----------
-    url : str
-        A path or URL.
-
-    Returns
-    -------
-    str
-        The same location without secrets.
-    """
-    text = str(url)
-    match = _URL.match(text)
-    if match is None:
-        return text
-    scheme, rest = match["scheme"], match["rest"]
-    authority = rest.split("/", 1)[0]
-    if "@" in authority:
-        rest = "***@" + rest[authority.rindex("@") + 1 :]
-    elif ":" in authority and not authority.rsplit(":", 1)[1].isdigit() and "@" in rest:
-        # an AWS secret key may contain "/", which splits the user-info across the path
-        rest = "***@" + rest[rest.index("@") + 1 :]
-    query = match["query"] or ""
-    if len(query) > 1:
-        pairs = parse_qsl(query[1:], keep_blank_values=True)
-        query = "?" + urlencode([(k, "***" if _SECRET_QUERY.search(k) else v) for k, v in pairs], safe="*/:")
-    return scheme + rest + query + (match["frag"] or "")
-
-
-def _display_name(url: str) -> str:
-    """The file name of ``url``: its last path component, without a query string."""
-    text = str(url)
-    match = _URL.match(text)
-    path = match["rest"] if match else text
+def _display_name(source: Location) -> str:
+    """The file name of ``source``: its last path component, without a query string."""
+    path = source.local_path or urlsplit(source.url).path
     return os.path.basename(path.rstrip("/"))
-
-
-def _local_path(url: str) -> str | None:
-    """The filesystem path behind a local path or ``file://`` URL; None for other protocols."""
-    text = str(url)
-    if "://" not in text:
-        return text
-    protocol, rest = text.split("://", 1)
-    return rest if protocol in ("file", "local") else None
 
 
 _SPECIAL_KINDS = (
@@ -292,7 +232,7 @@ _SPECIAL_KINDS = (
 )
 
 
-def check_regular_file(url: str) -> None:
+def check_regular_file(source: str | Location) -> None:
     """Refuse a local input that is not a regular file, without opening it.
 
     Opening a FIFO blocks until a writer appears, and a device or socket cannot be read twice
@@ -303,7 +243,8 @@ def check_regular_file(url: str) -> None:
     InputError
         Missing, a directory, a FIFO, a device, a socket, or otherwise not a regular file.
     """
-    path = _local_path(url)
+    source = Location.of(source)
+    path, url = source.local_path, source.redacted
     if path is None:
         return
     try:
@@ -363,25 +304,26 @@ def _new_errors(logs: list, seen: int) -> str | None:
 
 
 @contextlib.contextmanager
-def _storage_failures(url: str):
-    """Turn a storage backend's exception (S3, HTTP) while reading ``url`` into one ``InputError``."""
+def _storage_failures(source: Location):
+    """Turn a storage backend's exception (S3, HTTP) while reading ``source`` into one ``InputError``."""
     try:
         yield
     except Exception as exc:  # noqa: BLE001  every backend raises its own family
-        mapped = storage_error(exc, url, "read input", InputError)
+        mapped = storage_error(exc, source, "read input", InputError)
         if mapped is None:
             raise
         raise mapped from None
 
 
-def _open_handle(url: str, storage_options: dict | None):
+def _open_handle(source: Location):
     """The input's fsspec file object, opened for reading; failures as one-line ``InputError``."""
-    shown = redact_url(url)
-    check_regular_file(url)
+    shown, url = source.redacted, source.url
+    check_regular_file(source)
     try:
-        return fsspec.open(str(url), "rb", **fsspec_options(url, storage_options)).open()
+        fs, path = source.filesystem()
+        return fs.open(path, "rb")
     except Exception as exc:  # noqa: BLE001  every backend raises its own family
-        mapped = storage_error(exc, shown, "read input", InputError)
+        mapped = storage_error(exc, source, "read input", InputError)
         if mapped is not None:
             raise mapped from None
         if isinstance(exc, FileNotFoundError):
@@ -395,22 +337,22 @@ def _open_handle(url: str, storage_options: dict | None):
 
 
 @contextlib.contextmanager
-def _open_input(url: str, storage_options: dict | None):
-    """Open ``url`` through fsspec; yield a PyAV input container, its video stream and the file handle.
+def _open_input(source: Location):
+    """Open ``source`` through fsspec; yield a PyAV input container, its video stream and the file handle.
 
     Storage failures while the caller reads (S3, HTTP) come out as one-line ``InputError``.
     """
-    name = _display_name(url)
-    handle = _open_handle(url, storage_options)
+    name = _display_name(source)
+    handle = _open_handle(source)
     try:
-        with _storage_failures(redact_url(url)):
+        with _storage_failures(source):
             try:
                 container = av.open(handle, mode="r")
             except UnicodeDecodeError:
                 raise InputError(f"{name} is corrupt: its metadata is not valid UTF-8 text; re-copy or re-export it") from None
             except (av.FFmpegError, OSError) as exc:
                 # a cut file can also make FFmpeg seek before its start (a Python OSError from the handle)
-                if not isinstance(exc, av.FFmpegError) and storage_error(exc, url, "read input") is not None:
+                if not isinstance(exc, av.FFmpegError) and storage_error(exc, source, "read input") is not None:
                     raise
                 cut = _structure_break(handle, _file_size(handle))
                 if cut:
@@ -474,10 +416,10 @@ def _planes(frame: "av.VideoFrame") -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return out[0], out[1], out[2]
 
 
-def _file_digest(url: str, storage_options: dict | None) -> tuple[int, str]:
+def _file_digest(source: Location) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
-    with _storage_failures(redact_url(url)), _open_handle(url, storage_options) as handle:
+    with _storage_failures(source), _open_handle(source) as handle:
         while block := handle.read(1 << 20):
             digest.update(block)
             size += len(block)
@@ -714,7 +656,7 @@ def _shortfall(container, stream, handle, scan: _Scan, size: int, facts: dict) -
     return None
 
 
-def probe(url: str, storage_options: dict | None = None, allow_truncated: bool = False) -> SourceInfo:
+def probe(source: str | Location, storage_options: dict | None = None, allow_truncated: bool = False) -> SourceInfo:
     """Describe a source video and check that palstream can read all of it.
 
     Every frame is decoded once (no conversion), so the frame count is exact, and the result is
@@ -725,10 +667,12 @@ def probe(url: str, storage_options: dict | None = None, allow_truncated: bool =
 
     Parameters
     ----------
-    url : str
-        Local path or fsspec URL (``file://``, ``memory://``, ``s3://``, ...).
+    source : str or Location
+        Local path, fsspec URL (``file://``, ``memory://``, ``s3://``, ...), or a location with
+        its storage options (an S3 endpoint and credentials).
     storage_options : dict, optional
-        Passed to fsspec (e.g. S3 endpoint and credentials).
+        Only for ``palstream.batch``, which still passes its options apart (removed when it moves
+        to :class:`~palstream.storage.Location`).
     allow_truncated : bool, default False
         Keep a truncated or damaged source: ``frame_count`` is then the number of frames before
         the break, and :attr:`SourceInfo.truncated` records what was detected.
@@ -743,10 +687,11 @@ def probe(url: str, storage_options: dict | None = None, allow_truncated: bool =
         Missing file, not a regular file, not a video, truncated/corrupt (unless
         ``allow_truncated``), zero frames, a refused pixel format, or a storage failure.
     """
-    name = _display_name(url)
+    source = Location.of(source, storage_options)
+    name = _display_name(source)
     first = None
     scan = _Scan()
-    with _open_input(url, storage_options) as (container, stream, handle), _libav_errors() as logs:
+    with _open_input(source) as (container, stream, handle), _libav_errors() as logs:
         for frame in _frames(container, stream, logs, scan):
             if first is None:
                 first = frame
@@ -772,7 +717,7 @@ def probe(url: str, storage_options: dict | None = None, allow_truncated: bool =
         raise InputError(f"{name} has a video stream but zero frames; give a video with at least one frame")
     if not fps:
         raise InputError(f"{name} does not state a frame rate; remux it with ffmpeg -r RATE")
-    size, sha = _file_digest(url, storage_options)
+    size, sha = _file_digest(source)
     color = {
         "matrix": MATRIX_NAMES.get(first.colorspace, "unspecified"),
         "range": "pc" if first.format.name.startswith("yuvj") else RANGE_NAMES.get(first.color_range, "unspecified"),
@@ -784,7 +729,7 @@ def probe(url: str, storage_options: dict | None = None, allow_truncated: bool =
     if first.format.is_rgb or first.format.has_palette:
         color.update(matrix="smpte170m", range="tv")  # what the conversion to YCbCr produces
     return SourceInfo(
-        url=redact_url(url),
+        url=source.redacted,
         name=name,
         size_bytes=size,
         sha256=sha,
@@ -827,7 +772,7 @@ class _Converter:
 
 
 def _decode_frames(
-    url: str, storage_options: dict | None, frame_count: int | None = None
+    source: Location, frame_count: int | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Every frame as 8-bit 4:2:0 planes, converting (with one warning) per the input policy.
 
@@ -835,11 +780,11 @@ def _decode_frames(
     stops there (a kept truncated source breaks after them), and a source that breaks or ends
     before them raises. Without it, any damage raises.
     """
-    name = _display_name(url)
+    name = _display_name(source)
     convert = _Converter(name)
     scan = _Scan()
     count = 0
-    with _open_input(url, storage_options) as (container, stream, _), _libav_errors() as logs:
+    with _open_input(source) as (container, stream, _), _libav_errors() as logs:
         if frame_count == 0:
             return
         for frame in _frames(container, stream, logs, scan):
@@ -857,7 +802,7 @@ def _decode_frames(
 
 
 def _read_by_seeking(
-    url: str, start: int, stop: int | None, storage_options: dict | None
+    source: Location, start: int, stop: int | None
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
     """Frames [start, stop) by seeking to the keyframe before ``start``; None if that cannot be proven exact.
 
@@ -866,10 +811,10 @@ def _read_by_seeking(
     without a gap or repeat; otherwise (variable frame rate, missing timestamps, a seek that lands
     late, any damage before ``stop``) the caller decodes from the first frame instead.
     """
-    convert = _Converter(_display_name(url))
+    convert = _Converter(_display_name(source))
     kept = []
     scan = _Scan()
-    with _open_input(url, storage_options) as (container, stream, _), _libav_errors() as logs:
+    with _open_input(source) as (container, stream, _), _libav_errors() as logs:
         fps, time_base = stream.average_rate, stream.time_base
         if not fps or not time_base:
             return None
@@ -898,18 +843,19 @@ def _stack(planes: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Frames:
 
 
 def iter_chunks(
-    url: str, frames_per_chunk: int, storage_options: dict | None = None, frame_count: int | None = None
+    source: str | Location, frames_per_chunk: int, storage_options: dict | None = None, frame_count: int | None = None
 ) -> Iterator[Frames]:
     """Read a video sequentially in runs of ``frames_per_chunk`` frames (the last may be shorter).
 
     Parameters
     ----------
-    url : str
-        Local path or fsspec URL.
+    source : str or Location
+        Local path, fsspec URL, or a location with its storage options.
     frames_per_chunk : int
         Frames per yielded run, >= 1 (the GOP size when encoding).
     storage_options : dict, optional
-        Passed to fsspec.
+        Only for ``palstream.batch``, which still passes its options apart (removed when it moves
+        to :class:`~palstream.storage.Location`).
     frame_count : int, optional
         The frame count :func:`probe` fixed (``SourceInfo.frame_count``): exactly that many frames
         are yielded, also from a truncated source kept with ``allow_truncated``.
@@ -927,7 +873,7 @@ def iter_chunks(
     if frames_per_chunk < 1:
         raise ValueError("frames_per_chunk must be >= 1")
     batch = []
-    for planes in _decode_frames(url, storage_options, frame_count):
+    for planes in _decode_frames(Location.of(source, storage_options), frame_count):
         batch.append(planes)
         if len(batch) == frames_per_chunk:
             yield _stack(batch)
@@ -937,7 +883,12 @@ def iter_chunks(
 
 
 def read_frames(
-    url: str, start: int = 0, count: int | None = None, storage_options: dict | None = None, *, exact: bool = False
+    source: str | Location,
+    start: int = 0,
+    count: int | None = None,
+    storage_options: dict | None = None,
+    *,
+    exact: bool = False,
 ) -> Frames:
     """Frames ``[start, start + count)`` of a video as 8-bit 4:2:0 (all from ``start`` if count is None).
 
@@ -947,14 +898,15 @@ def read_frames(
 
     Parameters
     ----------
-    url : str
-        Local path or fsspec URL.
+    source : str or Location
+        Local path, fsspec URL, or a location with its storage options.
     start : int, default 0
         First frame number (0-based).
     count : int, optional
         Number of frames; default all frames from ``start``.
     storage_options : dict, optional
-        Passed to fsspec for remote URLs.
+        Only for ``palstream.batch``, which still passes its options apart (removed when it moves
+        to :class:`~palstream.storage.Location`).
     exact : bool, default False
         Raise unless exactly ``count`` frames are read (what encoding a planned range needs);
         by default ``count`` is a maximum, as in slicing.
@@ -968,15 +920,16 @@ def read_frames(
     if start < 0 or (count is not None and count < 1):
         raise ValueError("start must be >= 0 and count >= 1")
     stop = None if count is None else start + count
-    kept = _read_by_seeking(url, start, stop, storage_options) if start > 0 else None
+    source = Location.of(source, storage_options)
+    kept = _read_by_seeking(source, start, stop) if start > 0 else None
     if kept is None:
         kept = []
-        for index, planes in enumerate(_decode_frames(url, storage_options)):
+        for index, planes in enumerate(_decode_frames(source)):
             if stop is not None and index >= stop:
                 break
             if index >= start:
                 kept.append(planes)
-    name = _display_name(url)
+    name = _display_name(source)
     if not kept:
         raise InputError(f"{name} has no frames in [{start}, {stop}); check the frame range")
     if exact and count is not None and len(kept) < count:
@@ -1128,7 +1081,7 @@ def _describe(stream) -> dict:
 
 
 def read_side_streams(
-    url: str, storage_options: dict | None = None, audio: str = "copy", drop_streams: Iterable[int] = ()
+    source: str | Location, audio: str = "copy", drop_streams: Iterable[int] = ()
 ) -> SideStreams:
     """Every stream of a source except its archived video, with chapters and container tags.
 
@@ -1138,10 +1091,8 @@ def read_side_streams(
 
     Parameters
     ----------
-    url : str
-        Local path or fsspec URL of the source.
-    storage_options : dict, optional
-        Passed to fsspec.
+    source : str or Location
+        Local path or fsspec URL of the source, or a location with its storage options.
     audio : {"copy", "flac"}, default "copy"
         How audio is kept.
     drop_streams : iterable of int
@@ -1155,9 +1106,10 @@ def read_side_streams(
     """
     if audio not in AUDIO_MODES:
         raise InputError(f"--audio {audio} is not one of {', '.join(AUDIO_MODES)}; choose copy or flac")
-    name = _display_name(url)
+    source = Location.of(source)
+    name = _display_name(source)
     drop = set(drop_streams)
-    with _open_input(url, storage_options) as (container, video, _):
+    with _open_input(source) as (container, video, _):
         absent = sorted(drop - {s.index for s in container.streams} | (drop & {video.index}))
         if absent:
             raise InputError(
@@ -1197,7 +1149,7 @@ def read_side_streams(
                 pieces, packet = (lambda data=data: iter([data])), (found[0] if found else None)
             else:
                 copied[stream.index] = len(streams)
-                pieces = functools.partial(_stream_pieces, url, storage_options, stream.index, name)
+                pieces = functools.partial(_stream_pieces, source, stream.index, name)
             info["parameters_format"], blob = _stream_parameters(stream, packet, container.format.name)
             info["parameters"] = None if blob is None else base64.b64encode(blob).decode("ascii")
             streams.append(KeptStream(info, index, pieces))
@@ -1214,7 +1166,7 @@ def read_side_streams(
         described = {"format": container.format.name, "metadata": dict(container.metadata)}
 
     def read() -> Iterator[tuple[int, bytes]]:  # one second pass for every copied stream, then the rest
-        for source_index, data in _demux_again(url, storage_options, set(copied), name):
+        for source_index, data in _demux_again(source, set(copied), name):
             yield copied[source_index], data
         for number, kept_stream in enumerate(streams):
             if number not in copied.values():
@@ -1237,17 +1189,17 @@ def _side_packets(container, video, wanted, name: str):
         raise InputError(f"{name} is corrupt: its streams cannot be read ({_first_line(exc)}); re-copy or re-export it") from None
 
 
-def _demux_again(url: str, storage_options: dict | None, wanted: set, name: str) -> Iterator[tuple[int, bytes]]:
+def _demux_again(source: Location, wanted: set, name: str) -> Iterator[tuple[int, bytes]]:
     """(source index, packet bytes) of the streams in ``wanted``: the pass that stores them."""
     if not wanted:
         return
-    with _open_input(url, storage_options) as (container, video, _):
+    with _open_input(source) as (container, video, _):
         for packet, _row in _side_packets(container, video, wanted, name):
             yield packet.stream.index, bytes(packet)
 
 
-def _stream_pieces(url: str, storage_options: dict | None, source_index: int, name: str) -> Iterator[bytes]:
-    return (data for _, data in _demux_again(url, storage_options, {source_index}, name))
+def _stream_pieces(source: Location, source_index: int, name: str) -> Iterator[bytes]:
+    return (data for _, data in _demux_again(source, {source_index}, name))
 
 
 def _to_flac(stream, found: list, info: dict, name: str):
@@ -1297,3 +1249,12 @@ def _to_flac(stream, found: list, info: dict, name: str):
     described = {**_describe(flac), **{k: info[k] for k in ("source_index", "metadata", "disposition")}}
     described.update(transcoded_from=info["codec"], start_time=flac.start_time)
     return flac, packets, described
+
+
+# batch/ still imports these two names from here; removed when batch/ moves to palstream.storage.
+from palstream.storage import redact_url  # noqa: E402, F401
+
+
+def fsspec_options(url: str, storage_options: dict | None) -> dict:
+    """The fsspec options that apply to ``url`` (none for local ones): ``Location(url, options).options``."""
+    return dict(Location(url, storage_options or {}).options)

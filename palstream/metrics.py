@@ -29,6 +29,7 @@ from palstream.archive import open_archive
 from palstream.errors import InputError
 from palstream.frames import Frames
 from palstream.io import iter_chunks, probe
+from palstream.storage import Location
 from palstream.writers import write_video
 
 MS_SSIM_MIN_SIDE = 161  # 5 scales of an 11-pixel window: (11 - 1) * 2**4 < side
@@ -119,17 +120,15 @@ def _vmaf(exe: str, reference: Path, distorted: Path) -> float:
     return float(match.group(1))
 
 
-def evaluate(source_url: str, archive_url: str, storage_options: dict | None = None, vmaf: bool = True) -> dict:
+def evaluate(source_video: str | Location, archive_location: str | Location, vmaf: bool = True) -> dict:
     """Compare an archive with its source.
 
     Parameters
     ----------
-    source_url : str
-        The original video (path or fsspec URL).
-    archive_url : str
+    source_video : str or Location
+        The original video (path or fsspec URL, or a location with its storage options).
+    archive_location : str or Location
         The palstream archive.
-    storage_options : dict, optional
-        fsspec options for both.
     vmaf : bool, default True
         Compute VMAF when an FFmpeg with libvmaf is available.
 
@@ -147,9 +146,10 @@ def evaluate(source_url: str, archive_url: str, storage_options: dict | None = N
     DamagedChunkError
         A chunk of the archive is damaged (run ``palstream verify``).
     """
-    archive = open_archive(archive_url, storage_options)
+    source_video = Location.of(source_video)
+    archive = open_archive(archive_location)
     info = archive.source
-    source = probe(source_url, storage_options)
+    source = probe(source_video)
     if (source.width, source.height, source.frame_count) != (info.width, info.height, info.frame_count):
         raise InputError(
             f"{source.name} is {source.width}x{source.height}, {source.frame_count} frames but the archive holds "
@@ -162,7 +162,7 @@ def evaluate(source_url: str, archive_url: str, storage_options: dict | None = N
         ref_path, dec_path = Path(tmp, "reference.y4m"), Path(tmp, "decoded.y4m")
 
         def compared():
-            sources = iter_chunks(source_url, archive.attrs["gop"], storage_options)
+            sources = iter_chunks(source_video, archive.attrs["gop"])
             for reference, decoded in zip(sources, archive.decode(), strict=True):
                 acc.add(reference, decoded)
                 yield decoded
@@ -170,7 +170,7 @@ def evaluate(source_url: str, archive_url: str, storage_options: dict | None = N
         if exe:
             # Both sides as 4:2:0 y4m, so VMAF sees exactly the planes palstream coded.
             write_video(compared(), dec_path, info)
-            write_video(iter_chunks(source_url, archive.attrs["gop"], storage_options), ref_path, info)
+            write_video(iter_chunks(source_video, archive.attrs["gop"]), ref_path, info)
             try:
                 vmaf_score = _vmaf(exe, ref_path, dec_path)
             except RuntimeError as exc:

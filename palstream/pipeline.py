@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Callable
 
-import fsspec
 import numpy as np
 
 from palstream.archive import (
@@ -29,15 +28,15 @@ from palstream.codec import EncoderConfig, encode_chunk
 from palstream.codec.precompile import announce_if_cold
 from palstream.errors import DamagedChunkError, PalstreamError
 from palstream.frames import Frames
-from palstream.io import fsspec_options, iter_chunks, probe, read_side_streams
+from palstream.io import iter_chunks, probe, read_side_streams
+from palstream.storage import Location
 from palstream.writers import STDOUT, output_format, write_video
 
 
 def encode_file(
-    input: str,
-    archive: str,
+    input: str | Location,
+    archive: str | Location,
     config: EncoderConfig,
-    storage_options: dict | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     threads: int | None = None,
@@ -49,14 +48,13 @@ def encode_file(
 
     Parameters
     ----------
-    input : str
-        Source video: local path or fsspec URL.
-    archive : str
-        Archive location: local path or fsspec URL (``file://``, ``memory://``, ``s3://``).
+    input : str or Location
+        Source video: local path or fsspec URL, or a location with its storage options.
+    archive : str or Location
+        Archive location: local path or fsspec URL (``file://``, ``memory://``, ``s3://``), or a
+        location with its storage options.
     config : EncoderConfig
         Encoder settings; ``config.gop`` frames per chunk.
-    storage_options : dict, optional
-        fsspec options for both input and archive.
     overwrite : bool, default False
         Replace an existing palstream archive: the new one is built beside it and swapped in
         when complete (:meth:`ArchiveWriter.create`).
@@ -94,17 +92,16 @@ def encode_file(
     announce_if_cold()  # a cold cache means minutes of compiling: say so before seconds of set-up (torch)
     from palstream.palettes import create_palette_generator
 
+    input, archive = Location.of(input), Location.of(archive)
     new_folder = _first_missing_folder(archive)
-    existed = _exists(archive, storage_options)
+    existed = _exists(archive)
     writer = None
     try:
-        check_destination(archive, storage_options, overwrite)
+        check_destination(archive, overwrite)
         generator = create_palette_generator(config.palette)
-        source = probe(input, storage_options, allow_truncated=allow_truncated)
-        side = read_side_streams(input, storage_options, audio, drop_streams)  # refused here, before the video's work
-        writer = ArchiveWriter.create(
-            archive, source, config, generator, storage_options=storage_options, overwrite=overwrite
-        )
+        source = probe(input, allow_truncated=allow_truncated)
+        side = read_side_streams(input, audio, drop_streams)  # refused here, before the video's work
+        writer = ArchiveWriter.create(archive, source, config, generator, overwrite=overwrite)
         done = 0
         # Chunks are independent and the codec kernels release the GIL: encode up to `threads`
         # of them at once, and write them in order (at most `threads` chunks held in memory).
@@ -120,7 +117,7 @@ def encode_file(
                 if progress is not None:
                     progress(done, source.frame_count)
 
-            for index, frames in enumerate(iter_chunks(input, config.gop, storage_options, source.frame_count)):
+            for index, frames in enumerate(iter_chunks(input, config.gop, frame_count=source.frame_count)):
                 pending.append((index, len(frames), pool.submit(encode_chunk, frames, config, generator)))
                 if len(pending) >= workers:
                     write_oldest()
@@ -132,41 +129,41 @@ def encode_file(
         if writer is not None:
             writer.abort()  # its new archive (or replacement) goes; an archive it replaces stays
         elif not existed:
-            _remove_incomplete(archive, storage_options)
+            _remove_incomplete(archive)
         if new_folder is not None:
             shutil.rmtree(new_folder, ignore_errors=True)
         raise
-    return open_archive(archive, storage_options)
+    return open_archive(archive)
 
 
-def _exists(url: str, storage_options: dict | None) -> bool:
+def _exists(location: Location) -> bool:
     try:
-        fs, path = fsspec.core.url_to_fs(str(url), **fsspec_options(url, storage_options))
+        fs, path = location.filesystem()
         return fs.exists(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, PalstreamError):
         return False  # check_destination reports why
 
 
-def _first_missing_folder(url: str) -> Path | None:
+def _first_missing_folder(location: Location) -> Path | None:
     """The outermost parent folder of a local archive that does not exist yet (creating the
     archive creates it; a failed encode removes it again), or None."""
-    location = _location(str(url))[1]
-    if _location(str(url))[0] != "file":
+    protocol, path = _location(location)
+    if protocol != "file":
         return None
     missing = None
-    for parent in location.parents:
+    for parent in path.parents:
         if parent.exists():
             break
         missing = parent
     return missing
 
 
-def _remove_incomplete(url: str, storage_options: dict | None) -> None:
+def _remove_incomplete(location: Location) -> None:
     """Delete the archive this call created and could not finish (best effort)."""
     try:
-        fs, path = fsspec.core.url_to_fs(str(url), **fsspec_options(url, storage_options))
+        fs, path = location.filesystem()
         fs.rm(path, recursive=True)
-    except OSError:
+    except (OSError, PalstreamError):
         pass  # the archive stays with status "incomplete", which readers report
 
 
@@ -216,15 +213,15 @@ def _checked_range(start: int, stop: int, frame_count: int, text: str) -> tuple[
     return start, stop
 
 
-def _location(url: str) -> tuple[str, PurePath]:
+def _location(value: str | Location) -> tuple[str, PurePath]:
     """(protocol, path) of a local path or URL; local paths resolved through links."""
-    if "://" in url and not url.startswith("file://"):
-        protocol, rest = url.split("://", 1)
-        return protocol, PurePosixPath("/" + rest.strip("/"))
-    return "file", Path(os.path.realpath(url.removeprefix("file://")))
+    location = Location.of(value)
+    if location.is_local:
+        return "file", Path(os.path.realpath(location.local_path))
+    return location.protocol, PurePosixPath("/" + location.url.split("://", 1)[1].strip("/"))
 
 
-def _refuse_output_inside(output: str, archive: str) -> None:
+def _refuse_output_inside(output: str, archive: Location) -> None:
     """An output inside the archive (or the archive itself) would change what it decodes from."""
     if output == STDOUT:
         return
@@ -234,10 +231,9 @@ def _refuse_output_inside(output: str, archive: str) -> None:
 
 
 def decode_file(
-    archive: str,
+    archive: str | Location,
     output: str,
     frames: str | slice | None = None,
-    storage_options: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
     format: str | None = None,
@@ -253,14 +249,12 @@ def decode_file(
 
     Parameters
     ----------
-    archive : str
-        Archive location.
+    archive : str or Location
+        Archive location: local path or fsspec URL, or a location with its storage options.
     output : str
         Output path; format by extension (see :func:`palstream.writers.write_video`); ``-`` for stdout.
     frames : str or slice, optional
         ``"A:B"`` or ``slice(A, B)`` with ``0 <= A < B <= frame_count``; default all frames.
-    storage_options : dict, optional
-        fsspec options for the archive.
     progress : callable, optional
         ``progress(frames_done, frames_total)``.
     overwrite : bool, default False
@@ -287,7 +281,8 @@ def decode_file(
     """
     output = str(output)
     announce_if_cold()
-    reader = open_archive(archive, storage_options, force=force)
+    archive = Location.of(archive)
+    reader = open_archive(archive, force=force)
     if isinstance(frames, slice):
         if frames.step not in (None, 1):
             raise PalstreamError(f"frame range {frames} has a step; give a contiguous range")
@@ -296,7 +291,7 @@ def decode_file(
         start, stop = _checked_range(first, last, reader.frame_count, f"{first}:{last}")
     else:
         start, stop = parse_frame_range(frames, reader.frame_count)
-    _refuse_output_inside(output, str(archive))
+    _refuse_output_inside(output, archive)
     result = DecodeResult(0)
     source = reader.source
     gop = reader.attrs["gop"]

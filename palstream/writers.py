@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Iterable
 
 import av
-import fsspec
 import numpy as np
 
 from palstream.errors import PalstreamError
@@ -40,6 +39,7 @@ from palstream.io import (
     SourceInfo,
     stored_packet,
 )
+from palstream.storage import Location
 
 # Output containers PyAV writes, and the codec palstream chooses for each (lossless where possible).
 _CODEC_BY_EXTENSION = {
@@ -150,13 +150,14 @@ def write_video(
         raise PalstreamError(f"{path} holds video only; other streams go into containers such as .mkv")
     if path == STDOUT:
         return _write_stdout(frames_iter, kind, source)
-    if "://" in path and not path.startswith("file://"):
+    location = Location.of(path)
+    if not location.is_local:
         if kind not in STREAM_FORMATS:
             raise PalstreamError(
                 f"cannot write {path}: video containers and PNG frames are written to local paths; use .y4m or .yuv for URLs"
             )
-        return _write_remote(frames_iter, path, kind, source, overwrite)
-    path = path.removeprefix("file://")
+        return _write_remote(frames_iter, location, kind, source, overwrite)
+    path = location.local_path
     if kind == "png" and "%" in path:
         return _write_png_pattern(frames_iter, path, source, overwrite)
     check_output(path, overwrite, kind)
@@ -292,10 +293,10 @@ def _write_stdout(frames_iter, kind: str, source: SourceInfo) -> int:
     return written
 
 
-def _write_remote(frames_iter, url: str, kind: str, source: SourceInfo, overwrite: bool) -> int:
-    fs, path = fsspec.core.url_to_fs(url)
+def _write_remote(frames_iter, location: Location, kind: str, source: SourceInfo, overwrite: bool) -> int:
+    fs, path = location.filesystem()
     if fs.exists(path) and not overwrite:
-        raise PalstreamError(f"{url} already exists; pass --overwrite to replace it")
+        raise PalstreamError(f"{location} already exists; pass --overwrite to replace it")
     try:
         with fs.open(path, "wb") as out:
             return (_write_y4m if kind == "y4m" else _write_raw)(frames_iter, out, source)

@@ -21,6 +21,7 @@ from palstream.pipeline import decode_file, encode_file
 from palstream.codec import EncodedChunk, EncoderConfig, encode_chunk
 from palstream.errors import ArchiveError, DamagedChunkError, InputError
 from palstream.frames import Frames
+from palstream.storage import Location
 
 CONFIG = EncoderConfig(lossless=True, gop=2)
 
@@ -292,21 +293,21 @@ def test_decoding_twice_gives_identical_bytes(lossless_archive, tmp_path):
 def test_s3_archive_round_trip_and_damage(s3_endpoint, source, tmp_path):
     url, _, _ = source
     options = {"endpoint_url": s3_endpoint, "key": "test", "secret": "test", "skip_instance_cache": True}
-    target = "s3://archives/lib/screen.zarr"
-    archive = encode_file(url, target, CONFIG, storage_options=options)
+    target = Location("s3://archives/lib/screen.zarr", options)
+    archive = encode_file(url, target, CONFIG)
     assert archive.complete and archive.verify() == []
     assert _same(_decode_all(archive), io.read_frames(url))
     with pytest.raises(ArchiveError, match="--overwrite"):
-        ArchiveWriter.create(target, io.probe(url), CONFIG, storage_options=options)
+        ArchiveWriter.create(target, io.probe(url), CONFIG)
     fs = fsspec.filesystem("s3", **options)
     key = "archives/lib/screen.zarr/chunks/000001/c/0"
     data = bytearray(fs.cat_file(key))
     data[0] ^= 1
     fs.pipe_file(key, bytes(data))
-    assert [e.index for e in open_archive(target, options).verify()] == [1]
+    assert [e.index for e in open_archive(target).verify()] == [1]
     # replacing on object storage: copied over root last, stale objects gone, no temporary prefix left
-    archive = encode_file(url, target, EncoderConfig(lossless=True, gop=3), storage_options=options, overwrite=True)
-    assert archive.n_chunks == 2 and open_archive(target, options).verify() == []
+    archive = encode_file(url, target, EncoderConfig(lossless=True, gop=3), overwrite=True)
+    assert archive.n_chunks == 2 and open_archive(target).verify() == []
     fs.invalidate_cache()
     assert not fs.exists("archives/lib/screen.zarr/chunks/000002/c/0")
     assert fs.glob("archives/lib/screen.zarr.palstream-tmp-*") == []
@@ -492,7 +493,7 @@ def test_a_root_from_another_archive_does_not_match_the_chunks(copy_of, source, 
     url, _, _ = source
     path = copy_of()
     other = encode_file(url, str(tmp_path / "other.zarr"), EncoderConfig(lossless=True, gop=2, max_block=32))
-    shutil.copy(Path(other.url) / "zarr.json", path / "zarr.json")
+    shutil.copy(Path(other.location.url) / "zarr.json", path / "zarr.json")
     with pytest.raises(ArchiveError, match="root metadata altered: its core does not match"):
         open_archive(str(path))
 
@@ -609,7 +610,7 @@ def test_a_failed_overwrite_keeps_the_old_archive_byte_for_byte(copy_of, source)
     path = copy_of()
     before = _hashes(path)
     writer = ArchiveWriter.create(str(path), info, EncoderConfig(lossless=True, gop=3), overwrite=True)
-    assert writer.replacing and writer.write_url.startswith(str(path) + ".palstream-tmp-")
+    assert writer.replacing and writer.write_location.url.startswith(str(path) + ".palstream-tmp-")
     writer.write_chunk(0, encode_chunk(Frames.concatenate(chunks)[:3], EncoderConfig(lossless=True, gop=3)))
     with pytest.raises(ArchiveError, match="lacks 1 chunk"):
         writer.finalize()
@@ -697,7 +698,7 @@ def test_a_folder_whose_root_document_is_not_an_object_is_not_overwritten(source
 def test_a_failed_swap_keeps_both_archives_and_abort_keeps_the_new_one(copy_of, source, monkeypatch):
     from palstream import archive as archive_module
 
-    def interrupted(fs, new, target):
+    def interrupted(replacement, location):
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(archive_module, "_swap_into_place", interrupted)
@@ -711,7 +712,7 @@ def test_a_failed_swap_keeps_both_archives_and_abort_keeps_the_new_one(copy_of, 
         writer.finalize()
     writer.abort()
     assert _hashes(path) == before
-    assert open_archive(writer.write_url).complete  # the finished replacement is kept for the user
+    assert open_archive(writer.write_location).complete  # the finished replacement is kept for the user
 
 
 def test_a_source_name_without_canonical_json_is_a_one_line_error(source, tmp_path):

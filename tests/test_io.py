@@ -11,6 +11,7 @@ import pytest
 from palstream import io, writers
 from palstream.errors import InputError
 from palstream.frames import Frames
+from palstream.storage import Location
 
 
 def _same(a: Frames, b: Frames) -> bool:
@@ -145,9 +146,9 @@ def test_ranges_read_by_seeking_equal_the_sequential_read(data_dir, name):
 
 def test_seeking_is_used_for_constant_rate_and_refused_for_variable_rate(data_dir):
     # mid-GOP starts in H.264 with B-frames: seek to the keyframe before, then decode forward
-    assert all(io._read_by_seeking(str(data_dir / "camera_48x32_gop4.mp4"), s, s + 2, None) for s in range(1, 10))
+    assert all(io._read_by_seeking(Location(str(data_dir / "camera_48x32_gop4.mp4")), s, s + 2) for s in range(1, 10))
     # timestamps jump after frame 4: frame numbers cannot be derived from time, so decode from the start
-    assert io._read_by_seeking(str(data_dir / "camera_48x32_vfr.mkv"), 6, 8, None) is None
+    assert io._read_by_seeking(Location(str(data_dir / "camera_48x32_vfr.mkv")), 6, 8) is None
 
 
 def test_video_outputs_carry_the_recorded_colour_metadata(data_dir, tmp_path):

@@ -30,9 +30,10 @@ def _catalogue(root: str, catalogue: str | None, storage_profile: str | None, en
     """The catalogue of ROOT, with storage options resolved as for every other command (storage/README.md)."""
     from palstream.batch.spec import StorageSpec
     from palstream.catalogue.index import Catalogue
+    from palstream.storage import Location
 
     spec = StorageSpec.from_dict({"profile": storage_profile, "endpoint_url": endpoint_url}, where="command line")
-    return Catalogue.of(root, catalogue, spec.options(root) if "://" in root else None)
+    return Catalogue.of(Location.of(root, spec.options(root)), catalogue)
 
 
 @catalogue_app.command("rebuild")
@@ -73,14 +74,13 @@ def ls(
 
     from palstream.catalogue import index
     from palstream.catalogue.formatting import duration, number, size
-    from palstream.io import redact_url
 
     cat = _catalogue(root, catalogue, storage_profile, endpoint_url)
     index.refresh(cat)
     rows = index.list_archives(cat, query=search, sort=sort)
     totals = index.totals(rows)
     if as_json:
-        typer.echo(json.dumps({"root": redact_url(cat.root), "archives": rows, "totals": totals}))
+        typer.echo(json.dumps({"root": cat.location.redacted, "archives": rows, "totals": totals}))
         return
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("archive", overflow="fold", min_width=min(40, max((len(r["path"]) for r in rows), default=7)))
@@ -141,7 +141,7 @@ def serve(
     # Bound to every interface, the user has chosen the network: any Host name is accepted then.
     hosts = ["*"] if host in ("0.0.0.0", "::") else [*LOCAL_HOSTS, host]
     cat = _catalogue(root, catalogue, storage_profile, endpoint_url)
-    app = create_app(root, cat.path, hosts=hosts, storage_options=cat.options)
+    app = create_app(cat.location, cat.path, hosts=hosts)
     typer.echo(f"serving {root} at http://{host}:{port}/ (Ctrl-C stops)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -28,11 +28,10 @@ from pathlib import Path, PurePosixPath
 
 import fsspec
 
-from palstream import errors
 from palstream.archive import open_archive
 from palstream.batch.store import JOB_DIR
 from palstream.errors import ArchiveError, DamagedChunkError, PalstreamError
-from palstream.io import fsspec_options, redact_url
+from palstream.storage import Location, storage_error
 
 CATALOGUE_NAME = "catalogue.sqlite"
 SCHEMA_VERSION = 1
@@ -118,23 +117,19 @@ class Catalogue:
 
     Parameters
     ----------
-    root : str
-        The output root: a resolved local path, or a URL (``s3://bucket/prefix``) without a final ``/``.
+    location : Location
+        The output root: a resolved local path, or a URL (``s3://bucket/prefix``) without a final
+        ``/`` with its storage options.
     path : Path
         The SQLite file: ``<root>/_palstream/catalogue.sqlite`` for a local root, a file in the
         user's cache folder for a remote one (SQLite needs a local file).
-    options : dict, optional
-        fsspec storage options of a remote root.
     """
 
-    root: str
+    location: Location
     path: Path
-    options: dict | None = field(default=None, compare=False)
 
     @classmethod
-    def of(
-        cls, root: str | os.PathLike, path: str | os.PathLike | None = None, storage_options: dict | None = None
-    ) -> Catalogue:
+    def of(cls, root: str | os.PathLike | Location, path: str | os.PathLike | None = None) -> Catalogue:
         """The catalogue of ``root``; ``path`` puts the SQLite file elsewhere (a read-only root).
 
         Raises
@@ -142,41 +137,45 @@ class Catalogue:
         PalstreamError
             ``root`` is not a folder (or holds nothing), is an archive itself, or cannot be read.
         """
-        text = str(root)
-        remote = "://" in text and not text.startswith("file://")
-        if remote:
-            root = text.rstrip("/")
-            fs, base = _filesystem(root, storage_options)
+        given = Location.of(root)
+        if given.is_local:
+            location = Location(str(Path(given.local_path).resolve()))
+            exists, is_archive = os.path.isdir(location.url), os.path.isfile(os.path.join(location.url, "zarr.json"))
+        else:
+            location = Location(given.url.rstrip("/"), given.options)
+            fs, base = location.filesystem()
             try:
                 exists, is_archive = fs.isdir(base), fs.isfile(f"{base}/zarr.json")
             except Exception as exc:  # noqa: BLE001  (any backend failure becomes one line)
-                raise errors.storage_error(exc, root, "read output root") or PalstreamError(
-                    f"cannot read {redact_url(root)}: {exc}; check the URL and the storage settings"
+                raise storage_error(exc, location, "read output root") or PalstreamError(
+                    f"cannot read {location}: {exc}; check the URL and the storage settings"
                 ) from None
-        else:
-            root = str(Path(text.removeprefix("file://")).resolve())
-            exists, is_archive = os.path.isdir(root), os.path.isfile(os.path.join(root, "zarr.json"))
         if not exists:
-            raise PalstreamError(f"{text} is not a folder; give a job's output root or a folder of archives")
+            raise PalstreamError(f"{given} is not a folder; give a job's output root or a folder of archives")
         if is_archive:
-            raise PalstreamError(f"{text} is an archive, not a folder of archives; give the folder that holds it")
+            raise PalstreamError(f"{given} is an archive, not a folder of archives; give the folder that holds it")
         if path is not None:
             where = Path(path).resolve()
-        elif remote:
-            where = _cache_folder() / f"{re.sub(r'[^A-Za-z0-9]+', '-', redact_url(root))[:60]}-{_digest(root)}.sqlite"
+        elif location.is_local:
+            where = Path(location.url, JOB_DIR, CATALOGUE_NAME)
         else:
-            where = Path(root, JOB_DIR, CATALOGUE_NAME)
-        return cls(root, where, storage_options if remote else None)
+            where = _cache_folder() / f"{re.sub(r'[^A-Za-z0-9]+', '-', location.redacted)[:60]}-{_digest(location.url)}.sqlite"
+        return cls(location, where)
+
+    @property
+    def root(self) -> str:
+        """The output root's path or URL."""
+        return self.location.url
 
     @property
     def remote(self) -> bool:
         """Whether the root is on remote storage (reached through fsspec)."""
-        return "://" in self.root
+        return not self.location.is_local
 
     @functools.cached_property
     def fs(self) -> fsspec.AbstractFileSystem:
         """The filesystem of a remote root."""
-        return _filesystem(self.root, self.options)[0]
+        return self.location.filesystem()[0]
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
@@ -196,13 +195,13 @@ class Catalogue:
                 yield db
         except sqlite3.Error as exc:
             raise PalstreamError(
-                f"the catalogue {self.path} cannot be used ({exc}); rebuild it: palstream catalogue rebuild {redact_url(self.root)}"
+                f"the catalogue {self.path} cannot be used ({exc}); rebuild it: palstream catalogue rebuild {self.location}"
             ) from None
         finally:
             db.close()
 
-    def archive_url(self, rel: str) -> str:
-        """Path or URL of the archive at ``rel`` (a catalogue key), after checking it stays under the root.
+    def archive_location(self, rel: str) -> Location:
+        """The archive at ``rel`` (a catalogue key), after checking it stays under the root.
 
         Raises
         ------
@@ -213,12 +212,12 @@ class Catalogue:
         if not rel or rel.startswith("/") or "\\" in rel or any(p in ("..", ".", "") for p in parts):
             raise OutsideRootError(f"{rel!r} is not a path inside the catalogue's root")
         if self.remote:
-            return f"{self.root}/{rel}"
+            return self.location.child(rel)
         root = Path(self.root)
         resolved = (root / rel).resolve()
         if root not in resolved.parents:
             raise OutsideRootError(f"{rel!r} leads outside the catalogue's root")
-        return str(resolved)
+        return Location(str(resolved))
 
     def holds(self, key: str) -> bool:
         """Whether the object or file ``key`` (relative to the root, already checked) exists."""
@@ -226,7 +225,7 @@ class Catalogue:
             return self.fs.isfile(f"{self.root}/{key}")
         return os.path.isfile(os.path.join(self.root, key))
 
-    def relative(self, archive: str | os.PathLike) -> str:
+    def relative(self, archive: str | os.PathLike | Location) -> str:
         """The catalogue key of ``archive``, a path or URL under the root.
 
         Raises
@@ -234,26 +233,17 @@ class Catalogue:
         OutsideRootError
             ``archive`` is not under the root.
         """
-        text = str(archive).rstrip("/")
+        location = Location.of(archive)
+        text = location.url.rstrip("/")
         if self.remote:
             rel = text[len(self.root) + 1 :] if text.startswith(self.root + "/") else ""
         else:
-            path, root = Path(text.removeprefix("file://")).resolve(), Path(self.root)
+            path, root = Path(location.local_path or text).resolve(), Path(self.root)
             rel = path.relative_to(root).as_posix() if root in path.parents else ""
         if not rel:
-            raise OutsideRootError(
-                f"archive {redact_url(str(archive))} is not under the catalogue's root {redact_url(self.root)}"
-            )
-        self.archive_url(rel)
+            raise OutsideRootError(f"archive {location} is not under the catalogue's root {self.location}")
+        self.archive_location(rel)
         return rel
-
-
-def _filesystem(url: str, options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    try:
-        fs, base = fsspec.core.url_to_fs(url, **fsspec_options(url, options))
-    except (ValueError, ImportError, OSError) as exc:
-        raise PalstreamError(f"cannot open {redact_url(url)}: {exc}; check the URL") from None
-    return fs, base.rstrip("/")
 
 
 def _cache_folder() -> Path:
@@ -316,7 +306,7 @@ def find_archives(cat: Catalogue) -> list[str]:
 
 
 def _find_remote(cat: Catalogue) -> list[str]:
-    fs, base = cat.fs, _filesystem(cat.root, cat.options)[1]
+    fs, base = cat.location.filesystem()
     fs.invalidate_cache()  # listings are cached by fsspec: each refresh must see the store as it is now
     found, folders = [], [base]
     try:
@@ -332,8 +322,8 @@ def _find_remote(cat: Catalogue) -> list[str]:
                 else:
                     folders.append(full)
     except Exception as exc:  # noqa: BLE001  (any backend failure becomes one line)
-        raise errors.storage_error(exc, cat.root, "list output root") or PalstreamError(
-            f"cannot list {redact_url(cat.root)}: {exc}; check the URL and the storage settings"
+        raise storage_error(exc, cat.location, "list output root") or PalstreamError(
+            f"cannot list {cat.location}: {exc}; check the URL and the storage settings"
         ) from None
     return sorted(found)
 
@@ -346,7 +336,7 @@ def _signature(cat: Catalogue, rel: str) -> str:
     """
     if cat.remote:
         try:
-            info = cat.fs.info(f"{cat.archive_url(rel)}/zarr.json")
+            info = cat.fs.info(cat.archive_location(rel).child("zarr.json").url)
         except (OSError, ValueError):
             return "-"
         stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime") or info.get("created")
@@ -365,7 +355,7 @@ def _tree_bytes(cat: Catalogue, rel: str) -> int | None:
     """Bytes of every file of the archive (None where the store cannot say)."""
     if cat.remote:
         try:
-            return int(cat.fs.du(cat.archive_url(rel)))
+            return int(cat.fs.du(cat.archive_location(rel).url))
         except (OSError, ValueError, TypeError):
             return None
     total = 0
@@ -381,11 +371,11 @@ def describe(cat: Catalogue, rel: str) -> tuple[dict, list[dict]]:
 
     An archive that cannot be opened gives a row with state ``unreadable`` and the reason.
     """
-    url = cat.archive_url(rel)
+    location = cat.archive_location(rel)
     row = dict.fromkeys(ARCHIVE_FIELDS)
     row.update(path=rel, signature=_signature(cat, rel), indexed_at=time.time(), archive_bytes=_tree_bytes(cat, rel))
     try:
-        archive = open_archive(url, cat.options)
+        archive = open_archive(location)
     except ArchiveError as exc:
         name = rel.rsplit("/", 1)[-1]
         row.update(state="unreadable", error=str(exc), fixity="unreadable", fixity_detail=str(exc), source_name=name)
@@ -490,11 +480,11 @@ def _store(db: sqlite3.Connection, row: dict, chunks: list[dict]) -> None:
     )
 
 
-Root = str | os.PathLike | Catalogue  # an output root, or its catalogue already opened
+Root = str | os.PathLike | Location | Catalogue  # an output root, or its catalogue already opened
 
 
-def _open(root: Root, catalogue: str | os.PathLike | None, storage_options: dict | None) -> Catalogue:
-    return root if isinstance(root, Catalogue) else Catalogue.of(root, catalogue, storage_options)
+def _open(root: Root, catalogue: str | os.PathLike | None) -> Catalogue:
+    return root if isinstance(root, Catalogue) else Catalogue.of(root, catalogue)
 
 
 def refresh(
@@ -521,14 +511,17 @@ def refresh(
     progress : callable, optional
         ``progress(done, total)`` after each archive read.
     storage_options : dict, optional
-        fsspec options of a remote root.
+        Only for ``palstream.batch``, which still passes its options apart (removed when it moves
+        to :class:`~palstream.storage.Location`).
 
     Returns
     -------
     dict
         ``{"archives": n, "read": n, "dropped": n}``.
     """
-    cat = _open(root, catalogue, storage_options)
+    if storage_options is not None:  # batch/ compat: removed when batch/ moves to palstream.storage
+        root = Location.of(root, storage_options)
+    cat = _open(root, catalogue)
     found = find_archives(cat)
     with cat.connect() as db:
         known = {r["path"]: r["signature"] for r in db.execute("SELECT path, signature FROM archives")}
@@ -552,17 +545,15 @@ def rebuild(
     root: Root,
     catalogue: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
-    storage_options: dict | None = None,
 ) -> dict:
     """Read every archive under ``root`` again (see :func:`refresh`)."""
-    return refresh(root, catalogue, full=True, progress=progress, storage_options=storage_options)
+    return refresh(root, catalogue, full=True, progress=progress)
 
 
 def record_archive(
     root: Root,
-    archive: str | os.PathLike,
+    archive: str | os.PathLike | Location,
     catalogue: str | os.PathLike | None = None,
-    storage_options: dict | None = None,
 ) -> None:
     """Index (again) one archive under ``root``: for the batch system after it finalizes an archive.
 
@@ -571,14 +562,14 @@ def record_archive(
     PalstreamError
         ``archive`` is not under ``root``.
     """
-    cat = _open(root, catalogue, storage_options)
+    cat = _open(root, catalogue)
     row, chunks = describe(cat, cat.relative(archive))
     with cat.connect() as db:
         _store(db, row, chunks)
 
 
 def verify_archive(
-    root: Root, rel: str, catalogue: str | os.PathLike | None = None, storage_options: dict | None = None
+    root: Root, rel: str, catalogue: str | os.PathLike | None = None
 ) -> dict:
     """Check the fixity of one archive now and record the result and its time in the catalogue.
 
@@ -592,19 +583,19 @@ def verify_archive(
     PalstreamError
         ``rel`` is outside the root, or no archive is there.
     """
-    cat = _open(root, catalogue, storage_options)
-    url = cat.archive_url(rel)
+    cat = _open(root, catalogue)
+    location = cat.archive_location(rel)
     if not cat.holds(f"{rel}/zarr.json"):
         raise MissingArchiveError(f"no archive at {rel}; it was moved or deleted (refresh the catalogue)")
     try:
-        outcome: list[DamagedChunkError] | ArchiveError = open_archive(url, cat.options).verify()
+        outcome: list[DamagedChunkError] | ArchiveError = open_archive(location).verify()
     except ArchiveError as exc:
         outcome = exc  # unreadable or altered root: recorded as such
     _record_verification(cat, rel, outcome)
     return get_archive(cat, rel)
 
 
-def record_verification(archive: str | os.PathLike, outcome: list[DamagedChunkError] | ArchiveError) -> bool:
+def record_verification(archive: str | os.PathLike | Location, outcome: list[DamagedChunkError] | ArchiveError) -> bool:
     """Record a verification done elsewhere (``palstream verify``) in the catalogue of the output
     root that holds ``archive``, if any: the nearest folder above it with ``_palstream/catalogue.sqlite``.
 
@@ -620,10 +611,10 @@ def record_verification(archive: str | os.PathLike, outcome: list[DamagedChunkEr
     bool
         Whether a catalogue was updated.
     """
-    text = str(archive)
-    if "://" in text and not text.startswith("file://"):
+    location = Location.of(archive)
+    if not location.is_local:
         return False
-    path = Path(text.removeprefix("file://")).resolve()
+    path = Path(location.local_path).resolve()
     for parent in path.parents:
         if (parent / JOB_DIR / CATALOGUE_NAME).is_file():
             _record_verification(Catalogue.of(parent), path.relative_to(parent).as_posix(), outcome)
@@ -736,7 +727,7 @@ def get_archive(cat: Catalogue, rel: str) -> dict:
     with cat.connect() as db:
         row = db.execute("SELECT * FROM archives WHERE path = ?", (rel,)).fetchone()
         if row is None:
-            raise MissingArchiveError(f"no archive {rel!r} in the catalogue of {redact_url(cat.root)}")
+            raise MissingArchiveError(f"no archive {rel!r} in the catalogue of {cat.location}")
         chunks = [dict(r) for r in db.execute("SELECT * FROM chunks WHERE path = ? ORDER BY idx", (rel,))]
     return {**_decode_row(row), "chunks": chunks}
 

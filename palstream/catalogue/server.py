@@ -36,7 +36,7 @@ from palstream.catalogue.media import (
     playable_mp4,
 )
 from palstream.errors import ArchiveError, DamagedChunkError, PalstreamError
-from palstream.io import redact_url
+from palstream.storage import Location
 
 HERE = Path(__file__).parent
 CONTACT_SHEET = 12  # frames shown per archive
@@ -65,33 +65,31 @@ class _Error(HTTPException):
 
 
 def create_app(
-    root: str,
+    root: str | Location,
     catalogue: str | None = None,
     refresh: bool = True,
     hosts: Sequence[str] = LOCAL_HOSTS,
-    storage_options: dict | None = None,
 ) -> Starlette:
     """The web app for the output root ``root``.
 
     Parameters
     ----------
-    root : str
-        Output root (a job's output or any folder of archives): a local path or a URL.
+    root : str or Location
+        Output root (a job's output or any folder of archives): a local path or a URL, or a
+        location with its storage options.
     catalogue : str, optional
         SQLite file; default ``<root>/_palstream/catalogue.sqlite`` (a cache file for a remote root).
     refresh : bool, default True
         Bring the catalogue up to date now and on every load of the library page.
     hosts : sequence of str, default LOCAL_HOSTS
         Host names accepted in the ``Host`` header (``"*"``: any); others get 400.
-    storage_options : dict, optional
-        fsspec options of a remote root.
 
     Raises
     ------
     PalstreamError
         ``root`` is not a folder of archives or cannot be read, or the catalogue cannot be written.
     """
-    cat = index.Catalogue.of(root, catalogue, storage_options)
+    cat = index.Catalogue.of(root, catalogue)
     if refresh:
         index.refresh(cat)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -107,7 +105,7 @@ def create_app(
     def lookup(rel: str) -> dict:
         """The catalogue row of ``rel``; 403 outside the root, 404 unknown or gone."""
         try:
-            url = cat.archive_url(rel)
+            location = cat.archive_location(rel)
         except index.OutsideRootError as exc:
             raise _Error(403, f"{exc}; only archives under the served root are shown") from None
         try:
@@ -116,14 +114,14 @@ def create_app(
             raise _Error(404, f"{exc}; see the library for what is there") from None
         if not cat.holds(f"{rel}/zarr.json"):
             raise _Error(404, f"archive {rel} was moved or deleted since it was catalogued; reload the library")
-        row["url"] = url
+        row["location"] = location
         return row
 
     def open_row(row: dict):
         if row["state"] == "unreadable":
             raise _Error(422, f"archive {row['path']} cannot be read: {row['error']}")
         try:
-            archive = open_archive(row["url"], cat.options)
+            archive = open_archive(row["location"])
         except ArchiveError as exc:
             raise _Error(422, str(exc)) from None
         return archive, (row["path"], (archive.attrs.get("integrity") or {}).get("sha256"))
@@ -175,7 +173,7 @@ def create_app(
             request,
             "library.html",
             {
-                "root": redact_url(cat.root),
+                "root": cat.location.redacted,
                 "rows": rows,
                 "totals": index.totals(rows),
                 "f": chosen,
@@ -190,7 +188,7 @@ def create_app(
         if refresh:
             index.refresh(cat)
         rows = index.list_archives(cat, **filters(request))
-        return JSONResponse({"root": redact_url(cat.root), "archives": rows, "totals": index.totals(rows)})
+        return JSONResponse({"root": cat.location.redacted, "archives": rows, "totals": index.totals(rows)})
 
     def archive_page(request: Request):
         row = lookup(request.path_params["rel"])
@@ -291,15 +289,15 @@ def create_app(
         if not cat.holds(f"{index.JOB_DIR}/plan.json"):
             raise _Error(
                 404,
-                f"{redact_url(cat.root)} holds no palstream job (no {index.JOB_DIR}/plan.json); it is a folder of archives",
+                f"{cat.location.redacted} holds no palstream job (no {index.JOB_DIR}/plan.json); it is a folder of archives",
             )
         try:
-            job = job_status(cat.root, cat.options)
+            job = job_status(cat.root, cat.location.options)  # batch/ still takes (url, options)
         except PalstreamError as exc:
             raise _Error(422, str(exc)) from None
         known = {r["path"] for r in index.list_archives(cat)}
         return templates.TemplateResponse(
-            request, "job.html", {"root": redact_url(cat.root), "job": job, "catalogued": known}
+            request, "job.html", {"root": cat.location.redacted, "job": job, "catalogued": known}
         )
 
     async def error_page(request: Request, exc: Exception):

@@ -12,6 +12,7 @@ import hashlib
 import numpy as np
 
 from palstream.frames import Frames
+from palstream.storage import Location
 
 SAMPLE_FRAMES = 4
 BLOCK = 16
@@ -80,12 +81,14 @@ def features_hash() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def unit_features(source_url: str, start: int, count: int, options: dict) -> dict[str, float]:
+def unit_features(source: str | Location, start: int, count: int, options: dict | None = None) -> dict[str, float]:
     """Content statistics of frames ``[start, start + min(count, SAMPLE_FRAMES))`` of a source.
 
-    Runs as a Dask task (key ``unit_features-*``) so the driver never decodes video.
+    Runs as a Dask task (key ``unit_features-*``) so the driver never decodes video. ``options``
+    only for ``palstream.batch``, which still passes its storage options apart (removed when it
+    moves to :class:`~palstream.storage.Location`).
     """
     from palstream import io
 
-    frames = io.read_frames(source_url, start, min(count, SAMPLE_FRAMES), storage_options=options)
+    frames = io.read_frames(Location.of(source, options), start, min(count, SAMPLE_FRAMES))
     return content_features(frames)
