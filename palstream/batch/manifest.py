@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import uuid
 
 from palstream.batch.store import JOB_DIR, join, read_json, write_bytes, write_json
 
@@ -61,7 +62,7 @@ def write_manifests(client, output: str, options: dict, plan, report) -> None:
             url = join(output, JOB_DIR, "fixity", f"{i}.json")
             fixity = read_json(url, options)
             if fixity is None:
-                fixity = client.submit(archive_fixity, plan.archive_url(output, i), options, key=f"archive_fixity-{plan.hash[:12]}-{i}", pure=False).result()
+                fixity = client.submit(archive_fixity, plan.archive_url(output, i), options, key=f"archive_fixity-{plan.hash[:12]}-{i}-{uuid.uuid4().hex[:8]}", pure=False).result()
                 write_json(url, fixity, options)
             checksums += [f"{digest}  {src['archive']}/{name}" for name, digest in sorted(fixity["files"].items())]
         psnrs = psnrs_by_source.get(i, [])

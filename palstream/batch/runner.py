@@ -27,6 +27,7 @@ import os
 import threading
 import time
 import traceback
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -209,12 +210,15 @@ def run_job(
             )
     log = JobLog(spec.output, out_opts)
     with metrics.serve_driver_metrics(metrics_port, metrics_host), JobLock(spec.output, out_opts), open_client(spec) as client:
+        # Task keys carry this run's token: on a cluster that outlives a killed driver, its tasks
+        # are still being forgotten when the next driver starts, and a reused key comes back cancelled.
+        run = uuid.uuid4().hex[:8]
         # A stored plan is continued as it is: its probe results and refusals are final.
         if plan is None:
-            plan = _probe_and_plan(client, spec, urls, log)
+            plan = _probe_and_plan(client, spec, urls, log, run)
         save_plan(spec.output, plan, out_opts)
         save_job_settings(spec.output, spec, out_opts)
-        return _Execution(client, spec, plan, on_progress, worker_targets, log).run()
+        return _Execution(client, spec, plan, on_progress, worker_targets, log, run).run()
 
 
 def _tuner_settings(spec: JobSpec) -> dict | None:
@@ -253,7 +257,7 @@ class JobLog:
         return reason
 
 
-def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str], log: JobLog) -> Plan:
+def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str], log: JobLog, run: str) -> Plan:
     """Probe every input once, on the cluster (decoding a library is work for the workers).
 
     A probe is never retried: a refusal, or a crash of the probe, is the input's final answer
@@ -262,7 +266,7 @@ def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str], log: JobLog)
     def submit(i: int):
         url = urls[i]
         return client.submit(
-            probe_source, url, spec.storage.options(url), spec.allow_truncated, key=f"probe_source-{i}", retries=0, pure=False
+            probe_source, url, spec.storage.options(url), spec.allow_truncated, key=f"probe_source-{i}-{run}", retries=0, pure=False
         )
 
     # A bounded window here too: a library of 10^5 inputs is never 10^5 tasks on the scheduler.
@@ -295,8 +299,8 @@ def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str], log: JobLog)
 
 
 class _Execution:
-    def __init__(self, client: Client, spec: JobSpec, plan: Plan, on_progress, worker_targets: str | None, log: JobLog):
-        self.client, self.spec, self.plan, self.on_progress = client, spec, plan, on_progress
+    def __init__(self, client: Client, spec: JobSpec, plan: Plan, on_progress, worker_targets: str | None, log: JobLog, run: str):
+        self.client, self.spec, self.plan, self.on_progress, self.run_token = client, spec, plan, on_progress, run
         self.worker_targets, self.log = worker_targets, log
         self.out_opts = spec.storage.options(spec.output)
         self.report = JobReport(spec.output, plan.hash, units_total=len(plan.units()), log=log.url)
@@ -319,7 +323,7 @@ class _Execution:
         # The archive records the generator's name and weights hash; a worker, which loads the
         # model anyway, reports them, so the driver never loads a model (nor touches CUDA).
         identity = self.client.submit(
-            generator_identity, self.plan.config.palette, key=f"generator_identity-{self.plan.hash[:12]}", pure=False
+            generator_identity, self.plan.config.palette, key=f"generator_identity-{self.plan.hash[:12]}-{self.run_token}", pure=False
         ).result()
         self.generator = SimpleNamespace(**identity)
         sources = self.plan.sources
@@ -473,7 +477,7 @@ class _Execution:
             encode_units,
             task,
             job,
-            key=f"{TASK_PREFIX}-{self.plan.hash[:12]}-{first.source}-{first.index}",
+            key=f"{TASK_PREFIX}-{self.plan.hash[:12]}-{first.source}-{first.index}-{self.run_token}",
             retries=self.spec.retries,
             pure=False,
         )
@@ -585,7 +589,7 @@ class _Execution:
             self.out_opts,
             planned,
             join(self.spec.output, JOB_DIR, "fixity", f"{source}.json"),
-            key=f"finalize_archive-{self.plan.hash[:12]}-{source}",
+            key=f"finalize_archive-{self.plan.hash[:12]}-{source}-{self.run_token}",
             retries=self.spec.retries,
             pure=False,
         )

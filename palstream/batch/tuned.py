@@ -19,6 +19,7 @@ re-encoded with the same configuration) and decides only the batches never decid
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -249,7 +250,7 @@ class TunedUnits:
         try:
             features = self.client.submit(
                 unit_features, src["url"], first.start, first.count, self.source_options(src["url"]),
-                key=f"unit_features-{self.plan.hash[:12]}-{batch.id}", retries=self.retries, pure=False,
+                key=f"unit_features-{self.plan.hash[:12]}-{batch.id}-{uuid.uuid4().hex[:8]}", retries=self.retries, pure=False,
             ).result()
         except Exception as exc:  # noqa: BLE001  an unreadable batch fails in its units too; decide without context
             note = f"features failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
