@@ -1252,7 +1252,7 @@ def _to_flac(stream, found: list, info: dict, name: str):
 
 
 # batch/ still imports these two names from here; removed when batch/ moves to palstream.storage.
-from palstream.storage import redact_url  # noqa: E402, F401
+from palstream.storage import redact_url  # noqa: F401
 
 
 def fsspec_options(url: str, storage_options: dict | None) -> dict:

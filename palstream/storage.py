@@ -110,16 +110,6 @@ class Location:
             options["auto_mkdir"] = True
         return {"store": self.url, "storage_options": options}
 
-    def make_parent(self) -> None:
-        """Create the folder that will hold this location, where the filesystem has folders.
-
-        fsspec's local filesystem writes no file into a missing folder (unless built with
-        ``auto_mkdir``); object stores have no folders.
-        """
-        if self.is_local:
-            fs, path = self.filesystem()
-            fs.makedirs(path.rsplit("/", 1)[0] or "/", exist_ok=True)
-
     @property
     def redacted(self) -> str:
         """The URL without credentials: what may be stored, logged or printed."""

@@ -123,7 +123,8 @@ def test_data_without_marker_is_not_committed(source, tmp_path):
     for i, frames in enumerate(chunks):
         writer.write_chunk(i, encode_chunk(frames, CONFIG))
     shutil.rmtree(path / "commits" / "000001")  # as if the task died between data and marker
-    assert writer.committed() == {0, 2}
+    assert writer.committed() == {0, 2} and writer.uncommitted() == [1]
+    assert not open_archive(str(path)).is_committed(1)
     errors = open_archive(str(path)).verify()
     assert [e.index for e in errors] == [1] and "not written" in errors[0].reason
 
@@ -136,7 +137,9 @@ def test_marker_that_disagrees_with_data_is_not_committed(source, tmp_path):
         writer.write_chunk(i, encode_chunk(frames, CONFIG))
     marker = zarr.open_group(str(path / "commits" / "000002"), mode="r+")
     marker.attrs["sha256"] = "0" * 64
-    assert writer.committed() == {0, 1}
+    assert writer.committed() == {0, 1} and writer.uncommitted() == [2]
+    reader = open_archive(str(path))
+    assert [reader.is_committed(i) for i in range(3)] == [True, True, False]
 
 
 def test_write_chunk_checks_frame_count(source, tmp_path):

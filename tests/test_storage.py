@@ -1,0 +1,69 @@
+"""palstream.storage: one Location value (url + fsspec options) for every input, archive and root."""
+
+import pickle
+
+import pytest
+
+from palstream.errors import ArchiveError, PalstreamError
+from palstream.storage import Location, storage_error
+
+S3 = {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}
+
+
+@pytest.mark.parametrize("url", ["/data/clip.mkv", "clip.mkv", "file:///data/clip.mkv", "local:///data/clip.mkv"])
+def test_local_locations_drop_their_options(url):
+    location = Location.of(url, S3)
+    assert location.is_local and location.options == {}
+    assert location.local_path.endswith("clip.mkv") and "://" not in location.local_path
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/clip.mkv", "memory://x/clip.mkv", "https://host/clip.mkv"])
+def test_remote_locations_keep_their_options(url):
+    location = Location.of(url, S3)
+    assert not location.is_local and location.options == S3 and location.local_path is None
+
+
+def test_of_takes_a_location_as_is_and_refuses_options_beside_it():
+    location = Location("s3://bucket/x", S3)
+    assert Location.of(location) is location
+    with pytest.raises(TypeError, match="inside the Location"):
+        Location.of(location, S3)
+
+
+def test_a_location_prints_without_credentials():
+    location = Location.of("s3://KEY:SECRET@bucket/a.zarr?X-Amz-Signature=abc", {"secret": "s"})
+    for shown in (str(location), repr(location), f"{location}", location.redacted):
+        assert "SECRET" not in shown and "abc" not in shown and "'s'" not in shown
+    assert location.url.startswith("s3://KEY:SECRET@")  # what storage calls get
+
+
+def test_child_keeps_the_options_and_joins_with_one_slash():
+    child = Location("s3://bucket/root/", S3).child("a", "b.zarr")
+    assert child == Location("s3://bucket/root/a/b.zarr", S3)
+
+
+def test_a_location_crosses_process_boundaries_and_hashes_by_url():
+    location = Location("s3://bucket/x", S3)
+    assert pickle.loads(pickle.dumps(location)) == location  # Dask pickles task arguments
+    assert hash(location) == hash(Location("s3://bucket/x", {"other": 1}))
+    assert location != Location("s3://bucket/x", {"other": 1})
+
+
+def test_filesystem_and_zarr_arguments():
+    fs, path = Location("memory://storage-test/dir/").filesystem()
+    fs.pipe_file(f"{path}/a", b"1")
+    assert fs.cat_file(f"{path}/a") == b"1" and not path.endswith("/")
+    assert Location("/data/a.zarr").zarr_args() == {"store": "/data/a.zarr"}  # zarr's LocalStore
+    assert Location("file:///data/a.zarr").zarr_args()["storage_options"] == {"auto_mkdir": True}
+    assert Location("s3://b/a.zarr", S3).zarr_args() == {"store": "s3://b/a.zarr", "storage_options": S3}
+
+
+def test_an_unknown_protocol_is_one_line_naming_the_url():
+    with pytest.raises(PalstreamError, match=r"cannot open nosuch://\*\*\*@x/y: .*; check the URL"):
+        Location("nosuch://user:pw@x/y").filesystem()
+
+
+def test_storage_error_takes_a_location_and_ignores_local_ones():
+    assert storage_error(ConnectionRefusedError(), Location("/data/x.zarr"), "write archive") is None
+    error = storage_error(ConnectionRefusedError(), Location("s3://k:s@b/x.zarr", S3), "write archive", ArchiveError)
+    assert isinstance(error, ArchiveError) and "s3://***@b/x.zarr" in str(error) and "k:s" not in str(error)
