@@ -63,8 +63,7 @@ class Location:
     @property
     def protocol(self) -> str:
         """fsspec's protocol of the URL: ``"file"`` for a plain path."""
-        protocol = fsspec.utils.get_protocol(self.url)
-        return protocol if isinstance(protocol, str) else protocol[0]
+        return fsspec.utils.get_protocol(self.url)
 
     @property
     def is_local(self) -> bool:
@@ -79,7 +78,8 @@ class Location:
         return self.url.split("://", 1)[1] if "://" in self.url else self.url
 
     def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
-        """``(fs, path)`` through fsspec (``url_to_fs``), with this location's options.
+        """``(fs, path)`` from fsspec's ``url_to_fs`` with this location's options, the path without a
+        final ``/``; wrapped so that a URL fsspec cannot open is one line naming it (redacted).
 
         Raises
         ------
@@ -93,7 +93,8 @@ class Location:
         return fs, path.rstrip("/") or path
 
     def child(self, *parts: str) -> Location:
-        """``self/part/...`` with the same options (``/`` for local paths and URLs alike)."""
+        """``self/part/...`` with the same options (``/`` for local paths and URLs alike: fsspec's
+        paths are posix-style on every protocol, and ``os.path.join`` would not be on Windows)."""
         return Location("/".join([self.url.rstrip("/"), *parts]), self.options)
 
     def zarr_args(self) -> dict:

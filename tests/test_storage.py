@@ -4,8 +4,8 @@ import pickle
 
 import pytest
 
-from palstream.errors import ArchiveError, PalstreamError
-from palstream.storage import Location, storage_error
+from palstream.errors import ArchiveError, InputError, PalstreamError
+from palstream.storage import Location, redact_url, storage_error
 
 S3 = {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}
 
@@ -67,3 +67,51 @@ def test_storage_error_takes_a_location_and_ignores_local_ones():
     assert storage_error(ConnectionRefusedError(), Location("/data/x.zarr"), "write archive") is None
     error = storage_error(ConnectionRefusedError(), Location("s3://k:s@b/x.zarr", S3), "write archive", ArchiveError)
     assert isinstance(error, ArchiveError) and "s3://***@b/x.zarr" in str(error) and "k:s" not in str(error)
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("s3://AKIAEXAMPLE:se/cr+et@bucket/a/x.mkv", "s3://***@bucket/a/x.mkv"),
+        ("https://user:pass@host:8443/x.mkv", "https://***@host:8443/x.mkv"),
+        (
+            "https://b.s3.amazonaws.com/x.mkv?X-Amz-Credential=AK%2F1&X-Amz-Signature=ab12&X-Amz-Security-Token=t&part=2",
+            "https://b.s3.amazonaws.com/x.mkv?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***&part=2",
+        ),
+        ("https://acct.blob.core.windows.net/c/x.mkv?sv=2022&sig=abc%3D", "https://acct.blob.core.windows.net/c/x.mkv?sv=2022&sig=***"),
+        ("https://host/x.mkv?token=abc", "https://host/x.mkv?token=***"),
+        ("s3://bucket/folder@2x/x.mkv", "s3://bucket/folder@2x/x.mkv"),
+        ("http://host:9000/x@y.mkv", "http://host:9000/x@y.mkv"),
+        ("/data/p@th:1/x.mkv", "/data/p@th:1/x.mkv"),
+    ],
+)
+def test_redact_url(url, shown):
+    assert redact_url(url) == shown
+
+
+def test_storage_error_leaves_local_and_unknown_failures_to_the_caller():
+    assert storage_error(PermissionError("denied"), "/data/x.mkv", "read input") is None
+    assert storage_error(KeyError("x"), "s3://b/x.mkv", "read input") is None
+    error = storage_error(ConnectionRefusedError(), "s3://k:s@b/x.mkv", "write archive")
+    assert isinstance(error, PalstreamError) and "s3://***@b/x.mkv" in str(error)
+
+
+def test_storage_error_reads_http_statuses_through_fsspec_wrapping():
+    # fsspec's HTTP filesystem reports any failed request as FileNotFoundError raised from aiohttp's error
+    # (moto answers signed URLs with 500 once its auth is on, so this status comes from a built exception)
+    from aiohttp import ClientResponseError
+
+    url = "https://host/x.mkv?X-Amz-Signature=abc"
+    try:
+        try:
+            raise ClientResponseError(None, (), status=403, message="Forbidden")
+        except ClientResponseError as exc:
+            raise FileNotFoundError(url) from exc
+    except FileNotFoundError as wrapped:
+        error = storage_error(wrapped, url, "read input", InputError)
+    assert isinstance(error, InputError)
+    assert str(error) == (
+        "cannot read input https://host/x.mkv?X-Amz-Signature=***: access denied (403); "
+        "check the URL's credentials, token or signature (signed URLs expire)"
+    )
+    assert storage_error(FileNotFoundError(url), url, "read input") is None  # a plain 404: the caller's "does not exist"

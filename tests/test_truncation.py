@@ -18,9 +18,9 @@ import pytest
 
 from palstream import io
 from palstream.archive import open_archive
-from palstream.errors import InputError, PalstreamError
-from palstream.storage import redact_url, storage_error
+from palstream.errors import InputError
 from palstream.frames import Frames
+from palstream.storage import redact_url
 
 Y4M_HEADER, Y4M_FRAME = 76, 6 + 48 * 32 * 3 // 2  # camera_48x32.y4m: header line, "FRAME\n" + 4:2:0 samples
 
@@ -250,26 +250,6 @@ def test_devices_and_sockets_are_refused(tmp_path):
             io.probe(str(path))
 
 
-@pytest.mark.parametrize(
-    "url, shown",
-    [
-        ("s3://AKIAEXAMPLE:se/cr+et@bucket/a/x.mkv", "s3://***@bucket/a/x.mkv"),
-        ("https://user:pass@host:8443/x.mkv", "https://***@host:8443/x.mkv"),
-        (
-            "https://b.s3.amazonaws.com/x.mkv?X-Amz-Credential=AK%2F1&X-Amz-Signature=ab12&X-Amz-Security-Token=t&part=2",
-            "https://b.s3.amazonaws.com/x.mkv?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***&part=2",
-        ),
-        ("https://acct.blob.core.windows.net/c/x.mkv?sv=2022&sig=abc%3D", "https://acct.blob.core.windows.net/c/x.mkv?sv=2022&sig=***"),
-        ("https://host/x.mkv?token=abc", "https://host/x.mkv?token=***"),
-        ("s3://bucket/folder@2x/x.mkv", "s3://bucket/folder@2x/x.mkv"),
-        ("http://host:9000/x@y.mkv", "http://host:9000/x@y.mkv"),
-        ("/data/p@th:1/x.mkv", "/data/p@th:1/x.mkv"),
-    ],
-)
-def test_redact_url(url, shown):
-    assert redact_url(url) == shown
-
-
 S3_KEYS = {"key": "test", "secret": "test", "skip_instance_cache": True}
 
 
@@ -405,34 +385,6 @@ def test_s3_input_with_access_denied_is_one_line(authenticating_s3):
     options = {"endpoint_url": authenticating_s3, **S3_KEYS}
     message = _one_line_input_error(lambda: io.probe("s3://locked/camera.mkv", options))
     assert "cannot read input s3://locked/camera.mkv: access denied (" in message and "AWS_ACCESS_KEY_ID" in message
-
-
-def test_storage_error_leaves_local_and_unknown_failures_to_the_caller():
-    assert storage_error(PermissionError("denied"), "/data/x.mkv", "read input") is None
-    assert storage_error(KeyError("x"), "s3://b/x.mkv", "read input") is None
-    error = storage_error(ConnectionRefusedError(), "s3://k:s@b/x.mkv", "write archive")
-    assert isinstance(error, PalstreamError) and "s3://***@b/x.mkv" in str(error)
-
-
-def test_storage_error_reads_http_statuses_through_fsspec_wrapping():
-    # fsspec's HTTP filesystem reports any failed request as FileNotFoundError raised from aiohttp's error
-    # (moto answers signed URLs with 500 once its auth is on, so this status comes from a built exception)
-    from aiohttp import ClientResponseError
-
-    url = "https://host/x.mkv?X-Amz-Signature=abc"
-    try:
-        try:
-            raise ClientResponseError(None, (), status=403, message="Forbidden")
-        except ClientResponseError as exc:
-            raise FileNotFoundError(url) from exc
-    except FileNotFoundError as wrapped:
-        error = storage_error(wrapped, url, "read input", InputError)
-    assert isinstance(error, InputError)
-    assert str(error) == (
-        "cannot read input https://host/x.mkv?X-Amz-Signature=***: access denied (403); "
-        "check the URL's credentials, token or signature (signed URLs expire)"
-    )
-    assert storage_error(FileNotFoundError(url), url, "read input") is None  # a plain 404: the caller's "does not exist"
 
 
 def test_decoded_frames_of_a_kept_source_are_unchanged_by_threading(data_dir):
