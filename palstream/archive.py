@@ -19,7 +19,6 @@ zarr would honour whatever a damaged document declares (a gzip codec, a shape of
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import hashlib
@@ -49,7 +48,7 @@ from palstream.io import (
     SourceInfo,
     read_side_streams,
 )
-from palstream.storage import Location
+from palstream.storage import Location, rename_exchange
 
 FORMAT_NAME = "palstream"
 FORMAT_VERSION = 3
@@ -976,24 +975,13 @@ def _is_palstream(fs, path: str) -> bool:
     return isinstance(doc.get("attributes"), dict) and doc["attributes"].get("format") == FORMAT_NAME
 
 
-def _rename_exchange(a: str, b: str) -> None:
-    """Swap two local paths atomically (Linux renameat2 RENAME_EXCHANGE; os has no binding for it)."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        raise OSError(errno.ENOSYS, "renameat2 is unavailable")
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
 def _swap_into_place(replacement: Location, location: Location) -> None:
     """Put the finished archive at ``replacement`` in place of the one at ``location`` (FORMAT.md §4.1)."""
     fs, new = replacement.filesystem()
     target = location.filesystem()[1]
     if location.is_local:
         try:
-            _rename_exchange(new, target)  # one atomic step: readers see the old or the new archive
+            rename_exchange(new, target)  # one atomic step: readers see the old or the new archive
         except OSError:
             # A filesystem without exchange: a crash between these renames leaves the old archive
             # at `aside` and the new at `new`, both whole; nothing is ever half replaced.

@@ -11,6 +11,8 @@ Low layer: imports only :mod:`palstream.errors` and third-party libraries.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import re
 from collections.abc import Mapping
@@ -121,6 +123,23 @@ class Location:
 
     def __repr__(self) -> str:
         return f"Location({self.redacted!r})"  # options may hold secrets
+
+
+def rename_exchange(a: str, b: str) -> None:
+    """Swap two local paths atomically (Linux renameat2 RENAME_EXCHANGE; neither os nor fsspec has it).
+
+    Raises
+    ------
+    OSError
+        The system has no ``renameat2`` (``ENOSYS``) or the filesystem refuses the exchange.
+    """
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is unavailable")
+    at_fdcwd, exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), exchange) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 # Query parameters that carry secrets in presigned / SAS / token URLs (S3, GCS, Azure, generic).

@@ -675,7 +675,7 @@ def test_overwrite_without_an_atomic_exchange_still_replaces_whole(copy_of, sour
     def unsupported(a, b):
         raise OSError(38, "renameat2 is unavailable")
 
-    monkeypatch.setattr(archive_module, "_rename_exchange", unsupported)
+    monkeypatch.setattr(archive_module, "rename_exchange", unsupported)
     _, info, chunks = source
     path = copy_of()
     config = EncoderConfig(lossless=True, gop=3)

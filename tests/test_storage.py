@@ -115,3 +115,23 @@ def test_storage_error_reads_http_statuses_through_fsspec_wrapping():
         "check the URL's credentials, token or signature (signed URLs expire)"
     )
     assert storage_error(FileNotFoundError(url), url, "read input") is None  # a plain 404: the caller's "does not exist"
+
+
+def test_rename_exchange_swaps_two_folders_in_one_step(tmp_path):
+    import errno
+
+    from palstream.storage import rename_exchange
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f").write_text("a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "f").write_text("b")
+    try:
+        rename_exchange(str(tmp_path / "a"), str(tmp_path / "b"))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.EINVAL):
+            pytest.skip(f"this system or filesystem has no atomic exchange ({exc}); archive.py falls back to two renames")
+        raise
+    assert (tmp_path / "a" / "f").read_text() == "b" and (tmp_path / "b" / "f").read_text() == "a"
+    with pytest.raises(OSError):
+        rename_exchange(str(tmp_path / "a"), str(tmp_path / "missing"))
