@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from palstream.batch.commits import read_index, record_url, write_record
+from palstream.batch.commits import committed_units, read_index, record_url, write_record
 from palstream.batch.plan import Plan, Unit
 from palstream.batch.runner import _Execution
 from palstream.codec import EncoderConfig
@@ -35,11 +35,14 @@ def test_the_commit_index_reads_one_record_per_task_and_skips_torn_lines(tmp_pat
     write_record(record_url(out, 0, 0), [{"source": 0, "index": 0, "bytes": 5}, {"source": 0, "index": 1, "bytes": 6}])
     write_record(record_url(out, 1, 4), [{"source": 1, "index": 4, "bytes": 7}])
     torn = tmp_path / "_palstream" / "commits" / "2-0.jsonl"
-    torn.write_text('{"source": 2, "index": 0}\n{"source": 2, "ind')  # a record cut short
-    (tmp_path / "_palstream" / "commits" / "3-0.jsonl").write_text('{"source": true, "index": 0}\n[1]\n')
+    torn.write_text('{"source": 2, "units": [0, 1]}\n{"source": 2, "index": 0}\n{"source": 2, "ind')  # cut short
+    (tmp_path / "_palstream" / "commits" / "3-0.jsonl").write_text('{"source": true, "units": [0]}\n[1]\n')
     index = read_index(out)
     assert sorted(index) == [(0, 0), (0, 1), (1, 4), (2, 0)]
     assert index[(0, 1)]["bytes"] == 6
+    # A resume reads only each record's first line: the units its task committed.
+    assert committed_units(out) == {(0, 0), (0, 1), (1, 4), (2, 0), (2, 1)}
+    assert committed_units(out, skip={0, 2}) == {(1, 4)}
 
 
 def test_units_are_grouped_into_tasks_of_consecutive_units_of_one_input_largest_first():
