@@ -2,7 +2,7 @@
 
 Exactly once, by construction:
 
-- the driver alone creates each archive, at its final shape, before any task runs;
+- the driver alone creates each archive, at its final shape, before any of its tasks runs;
 - a task writes only its own chunks, each followed by its commit marker, and skips a unit whose
   marker exists (an earlier attempt on a worker that died after committing);
 - ``resume`` and a rerun of ``submit`` run only the units the job's commit index does not name
