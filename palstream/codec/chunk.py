@@ -52,6 +52,30 @@ PROPOSAL_SIZE = 16  # entries the generator proposes; the RD merge prunes them p
 PROPOSAL_COVERAGE = 0.75  # share of a block's pixels its 16 most frequent levels must cover
 
 
+def proposal_candidates(blocks: np.ndarray, max_palette: int) -> np.ndarray:
+    """The blocks the encoder asks the palette generator about: more distinct levels than an exact
+    palette may hold (``min(max_palette, pixels // 4)``), yet their ``PROPOSAL_SIZE`` most
+    frequent levels cover ``PROPOSAL_COVERAGE`` of the pixels.
+
+    Parameters
+    ----------
+    blocks : np.ndarray
+        uint8 (N, pixels): luma blocks, one a row.
+    max_palette : int
+        ``EncoderConfig.max_palette``.
+
+    Returns
+    -------
+    np.ndarray
+        int (M,): the indices of the candidate rows, ascending.
+    """
+    n, pixels = blocks.shape
+    hist = np.bincount((np.arange(n)[:, None] * 256 + blocks).ravel(), minlength=n * 256).reshape(n, 256)
+    many = np.flatnonzero((hist > 0).sum(1) > min(max_palette, pixels // 4))
+    top = np.partition(hist[many], -PROPOSAL_SIZE, axis=1)[:, -PROPOSAL_SIZE:]
+    return many[top.sum(1) >= PROPOSAL_COVERAGE * pixels]
+
+
 def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
     """Generator palettes for the chunk's many-coloured 16x16 blocks whose colours still cluster.
 
@@ -67,11 +91,7 @@ def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
     b = analysis.PROPOSAL_BLOCK
     hb, wb = h // b, w // b
     blocks = luma.reshape(t, hb, b, wb, b).transpose(0, 1, 3, 2, 4).reshape(-1, b * b)
-    n = blocks.shape[0]
-    hist = np.bincount((np.arange(n)[:, None] * 256 + blocks).ravel(), minlength=n * 256).reshape(n, 256)
-    many = np.flatnonzero((hist > 0).sum(1) > min(config.max_palette, b * b // 4))
-    top = np.partition(hist[many], -PROPOSAL_SIZE, axis=1)[:, -PROPOSAL_SIZE:]
-    pick = many[top.sum(1) >= PROPOSAL_COVERAGE * b * b]
+    pick = proposal_candidates(blocks, config.max_palette)
     prop_y = np.zeros((t, hb, wb, PROPOSAL_SIZE), np.int64)
     prop_c = np.zeros((t, hb, wb, PROPOSAL_SIZE), np.int64)
     prop_n = np.zeros((t, hb, wb), np.int32)
@@ -106,7 +126,6 @@ def _generator(name: str):
 def _encode_at(padded, rung, config: EncoderConfig, proposals, motion):
     q4, rounding = rung
     rnd4 = rounding[0]
-    t, h, w = padded[0].shape
     lam = 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
     dweight = 1e6 if config.lossless else 1.0
     rd_lambda = max(lam, 1.0)
@@ -114,17 +133,16 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, motion):
     tol = int(lam * 2)
     noise = 0 if config.lossless else round(q4 * INTRA_NOISE)
 
-    def decide(f, src, ref, ref2, maps):
-        analysis.decide(
-            *src, *ref, *ref2, f > 0, f > 1, motion[f], table, rd_lambda, dweight, noise,
-            config.min_block, config.max_block, config.max_palette, *(p[f] for p in proposals), *maps.args(),
-        )
+    pricing = analysis.Pricing(table, rd_lambda, dweight, noise, config.min_block, config.max_block, config.max_palette)
+
+    def decide(f, src, ref, ref2, decisions):
+        analysis.decide(src, ref, ref2, f > 0, f > 1, motion[f], pricing, tuple(p[f] for p in proposals), decisions)
 
     recon = tuple(np.zeros_like(p) for p in padded)
     capacity = padded[0].size * 3 + 4096
     while True:
         buf = np.zeros(capacity, np.uint8)
-        st = code_frames(True, buf, padded, recon, q4, rounding, tol, config.min_block, config.max_block, decide)
+        st = code_frames(True, buf, padded, recon, syntax.Coding(q4, rounding, tol, config.min_block, config.max_block), decide)
         size = rangecoder.flush(st, buf)
         if size <= capacity:
             return bytes(buf[:size]), recon

@@ -28,30 +28,15 @@ class BitstreamError(ArchiveError):
     """A chunk payload does not parse (damaged or not palstream data)."""
 
 
-class _DecisionMaps:
-    """Per-8x8-cell decisions shared by the analysis, the syntax writer and the reader."""
-
-    def __init__(self, h: int, w: int):
-        h8, w8 = h // 8, w // 8
-        self.leafsize = np.zeros((h8, w8), np.int32)
-        self.mode = np.zeros((h8, w8), np.int32)
-        self.mv = np.zeros((h8, w8, 7), np.int32)  # vector, uses a second reference, second vector, predictor variant, offset
-        self.pal_y = np.zeros((h8, w8, syntax.MAX_PAL), np.int64)
-        self.pal_yn = np.zeros((h8, w8), np.int32)
-        self.pal_c = np.zeros((h8, w8, syntax.MAX_PAL), np.int64)
-        self.pal_cn = np.zeros((h8, w8), np.int32)
-
-    def args(self):
-        return (self.leafsize, self.mode, self.mv, self.pal_y, self.pal_yn, self.pal_c, self.pal_cn)
-
-
-def code_frames(enc, buf, planes, recon, q4, rounding, tol, min_block, max_block, decide=None, frames=None, emit=None):
+def code_frames(enc, buf, planes, recon, coding, decide=None, frames=None, emit=None):
     """Code every frame of a chunk in one direction; returns the coder state.
 
-    The encoder passes ``planes`` (the source) and ``recon`` with a slot for every frame. The
-    decoder passes ``frames`` (the count) and ``recon`` with three slots, used in turn (the syntax
-    references at most two frames back), and receives each frame through ``emit(f, rec)`` once it
-    is complete; it stops at the first frame that reads past the end of the body.
+    The encoder passes ``planes`` (the source), ``recon`` with a slot for every frame, and
+    ``decide(f, src, ref, ref2, decisions)``, which fills the ``syntax.Decisions`` of frame ``f``.
+    The decoder passes ``frames`` (the count) and ``recon`` with three slots, used in turn (the
+    syntax references at most two frames back), and receives each frame through ``emit(f, rec)``
+    once it is complete; it stops at the first frame that reads past the end of the body. Planes
+    travel as (Y, Cb, Cr) tuples; ``coding`` is the chunk's ``syntax.Coding``.
     """
     t = planes[0].shape[0] if enc else frames
     slots = recon[0].shape[0]
@@ -60,11 +45,13 @@ def code_frames(enc, buf, planes, recon, q4, rounding, tol, min_block, max_block
     if not enc:
         rangecoder.start_decoding(st, buf)
     probs = rangecoder.new_probs(syntax.N_CONTEXTS)
-    maps = _DecisionMaps(h, w)
+    decisions = syntax.Decisions.zeros(h, w)
     # signed residual levels of the current and the previous frame, for contexts; swapped per frame
-    kmaps = tuple(np.zeros(shape, np.int8) for shape in [(h, w), (h // 2, w // 2), (h // 2, w // 2)] * 2)
-    pred_y, npred_y = np.zeros(syntax.MAX_PAL, np.int64), np.zeros(1, np.int64)
-    pred_c, npred_c = np.zeros(syntax.MAX_PAL, np.int64), np.zeros(1, np.int64)
+    levels, prev_levels = (tuple(np.zeros(shape, np.int8) for shape in [(h, w), (h // 2, w // 2), (h // 2, w // 2)])
+                           for _ in range(2))
+    # palette predictor lists: luma keys, their count, chroma keys, their count
+    predictors = (np.zeros(syntax.MAX_PAL, np.int64), np.zeros(1, np.int64), np.zeros(syntax.MAX_PAL, np.int64),
+                  np.zeros(1, np.int64))
     for f in range(t):
         rec = tuple(p[f % slots] for p in recon)
         if f >= slots:
@@ -74,14 +61,13 @@ def code_frames(enc, buf, planes, recon, q4, rounding, tol, min_block, max_block
         ref = tuple(p[(f - 1) % slots] for p in recon) if f > 0 else rec
         ref2 = tuple(p[(f - 2) % slots] for p in recon) if f > 1 else ref
         if decide is not None:
-            decide(f, src, ref, ref2, maps)
+            decide(f, src, ref, ref2, decisions)
         syntax.code_frame(
-            enc, st, buf, probs, *src, *rec, *ref, *ref2, *kmaps,
-            f == 0, f > 1, q4, rounding, tol, min_block, max_block, *maps.args(), pred_y, npred_y, pred_c, npred_c,
+            enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, f == 0, f > 1, coding, decisions, predictors
         )
         if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
             break
-        kmaps = kmaps[3:] + kmaps[:3]
+        levels, prev_levels = prev_levels, levels
         if emit is not None:
             emit(f, rec)
     return st
@@ -149,7 +135,7 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None) -
         out.v[f] = rec[2][:ch, :cw]
 
     buf = np.frombuffer(payload, np.uint8, offset=HEADER.size).copy()  # writable: one compiled coder for both directions
-    st = code_frames(False, buf, None, recon, q4, (0,) * 5, 0, min_block, max_block, frames=t, emit=emit)
+    st = code_frames(False, buf, None, recon, syntax.Coding(q4, (0,) * 5, 0, min_block, max_block), frames=t, emit=emit)
     if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
         raise BitstreamError("chunk body ends before its frames are complete (truncated)")
     return out
