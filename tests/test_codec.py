@@ -101,7 +101,7 @@ def test_truncated_payload_is_an_error(camera):
 
 @pytest.mark.parametrize(
     "field, value",
-    [(0, 0), (4, 1), (4, 2), (4, 250), (6, 0), (8, 0), (12, 3), (13, 3), (14, 128), (15, 1)],  # see HEADER in codec/chunk.py; 4, 1 and 4, 2: bitstreams 1 and 2
+    [(0, 0), (4, 1), (4, 2), (4, 250), (6, 0), (8, 0), (12, 3), (13, 3), (14, 128), (15, 1)],  # see HEADER in codec/decoder.py; 4, 1 and 4, 2: bitstreams 1 and 2
 )
 def test_header_fields_out_of_range_are_errors(camera, field, value):
     payload = bytearray(encode_chunk(camera[:2], EncoderConfig(target_psnr=40.0)).payload)
