@@ -101,7 +101,7 @@ def test_truncated_payload_is_an_error(camera):
 
 @pytest.mark.parametrize(
     "field, value",
-    [(0, 0), (4, 1), (4, 2), (4, 250), (6, 0), (8, 0), (12, 3), (13, 3), (14, 128), (15, 1)],  # see HEADER in codec/chunk.py; 4, 1 and 4, 2: bitstreams 1 and 2
+    [(0, 0), (4, 1), (4, 2), (4, 250), (6, 0), (8, 0), (12, 3), (13, 3), (14, 128), (15, 1)],  # see HEADER in codec/decoder.py; 4, 1 and 4, 2: bitstreams 1 and 2
 )
 def test_header_fields_out_of_range_are_errors(camera, field, value):
     payload = bytearray(encode_chunk(camera[:2], EncoderConfig(target_psnr=40.0)).payload)
@@ -202,3 +202,21 @@ def test_frames_of_many_top_level_blocks_round_trip_exactly(size, max_block):
     frames = _synthetic(2 if max_block == 16 else 1, *size)
     encoded = encode_chunk(frames, EncoderConfig(lossless=True, max_block=max_block))
     assert _same(decode_chunk(encoded.payload), frames)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["/nonexistent-tree", "."], "holds no palstream/codec"),
+        ([".", ".", "--rounds", "2"], "too few"),
+        ([".", ".", "--corpus", "/nonexistent-corpus"], "clip not found"),
+    ],
+    ids=["no-tree", "two-rounds", "no-corpus"],
+)
+def test_codec_ab_refuses_bad_input_in_one_line(argv, message):
+    """benchmarks/codec_ab.py checks its arguments before it measures anything."""
+    root = Path(__file__).parent.parent
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "codec_ab.py"), *argv], cwd=root,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and not done.stdout
+    assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr

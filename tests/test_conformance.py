@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from palstream.codec import BitstreamError, decode_chunk
-from palstream.codec.chunk import VERSION
+from palstream.codec.decoder import VERSION
 
 FOLDER = Path(__file__).parent / "conformance"
 VECTORS = [

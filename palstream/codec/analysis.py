@@ -6,11 +6,15 @@ splits when its four children are cheaper. The decoder never runs any of this.
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
-from palstream.codec.syntax import INTER, INTRA, MAX_PAL, MED_WEIGHT, PALETTE, SKIP, inter_prediction, motion_sample
+from palstream.codec.syntax import (
+    BI, CELL_FIELDS, INTER, INTRA, MAX_PAL, MED_WEIGHT, MV2_X, MV2_Y, MV_X, MV_Y, OFFSET, PALETTE, SKIP, VARIANT,
+    chroma_motion, inter_prediction, motion_sample,
+)
 
 PROPOSAL_BLOCK = 16  # leaf size whose many-coloured blocks get palettes from the PaletteGenerator
 INDEX_RATE_SCALE = 1.25  # the contexts adapt across blocks, so an index map costs more than its entropy
@@ -151,14 +155,16 @@ def motion_search(cur, ref, prev_mv, search_range, grid=True):
 def motion_search_chunk(luma, search_range):
     """Motion field of every frame between source frames: per 8x8 cell the vector into the
     previous frame and the vector into the one before (searched around twice the first, over
-    twice the range), as (vy, vx, vy2, vx2) in half-pels; zero where there is no such frame."""
+    twice the range), in half-pels, as the first four fields of a cell record (MV_Y, MV_X, MV2_Y,
+    MV2_X); zero where there is no such frame."""
     t, h, w = luma.shape
-    field = np.zeros((t, h // 8, w // 8, 4), np.int32)
+    field = np.zeros((t, h // 8, w // 8, BI), np.int32)
     for f in range(1, t):
-        field[f, :, :, :2] = motion_search(luma[f], luma[f - 1], field[f - 1, :, :, :2], search_range)
+        field[f, :, :, MV_Y:MV_X + 1] = motion_search(luma[f], luma[f - 1], field[f - 1, :, :, MV_Y:MV_X + 1], search_range)
         if f >= 2:
             # around twice the first vector, no grid: noise, not motion, is what averaging removes
-            field[f, :, :, 2:] = motion_search(luma[f], luma[f - 2], 2 * field[f, :, :, :2], 2 * search_range, False)
+            second = motion_search(luma[f], luma[f - 2], 2 * field[f, :, :, MV_Y:MV_X + 1], 2 * search_range, False)
+            field[f, :, :, MV2_Y:MV2_X + 1] = second
     return field
 
 
@@ -296,7 +302,7 @@ def _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, scratch, out):
     """Inter costs (each INTER variant) of one 8x8 luma cell and its 4x4 chroma cells under
     motion ``mot``, into ``out`` (``cur``, ``med``, ``ref``, ``ref2``: the (Y, Cb, Cr) planes;
     ``scratch``: int32[2, 8, 8] for the predictions)."""
-    cmot = (mot[0], mot[1] >> 1, mot[2] >> 1, mot[3] >> 1, mot[4] >> 1)
+    cmot = chroma_motion(mot)
     for v in range(4):
         out[v] = 0.0
     _inter_cost(cur[0], med[0], ref[0], ref2[0], table, 8 * cy8, 8 * cx8, 8, mot, scratch, out)
@@ -306,11 +312,11 @@ def _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, scratch, out):
 
 @njit(cache=True, nogil=True, inline="always")
 def _cell_motion(field, cy8, cx8, bi):
-    """Motion of a cell as (bi, vy, vx, vy2, vx2): its vector, and with ``bi`` its second one."""
+    """Motion tuple of a cell: its vector, and with ``bi`` its second one."""
     if bi:
-        return (np.int64(1), np.int64(field[cy8, cx8, 0]), np.int64(field[cy8, cx8, 1]),
-                np.int64(field[cy8, cx8, 2]), np.int64(field[cy8, cx8, 3]))
-    return (np.int64(0), np.int64(field[cy8, cx8, 0]), np.int64(field[cy8, cx8, 1]), np.int64(0), np.int64(0))
+        return (np.int64(field[cy8, cx8, MV_Y]), np.int64(field[cy8, cx8, MV_X]), np.int64(field[cy8, cx8, MV2_Y]),
+                np.int64(field[cy8, cx8, MV2_X]), np.int64(1))
+    return (np.int64(field[cy8, cx8, MV_Y]), np.int64(field[cy8, cx8, MV_X]), np.int64(0), np.int64(0), np.int64(0))
 
 
 @njit(cache=True, nogil=True)
@@ -496,200 +502,268 @@ def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys, c
     return dweight * dist + lam * rate, u
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _price_intra(intra_raw, lam):
+    """RD cost of the block as an INTRA leaf, and the cheaper predictor variant."""
+    variant = 1 if intra_raw[1] < intra_raw[0] else 0
+    return intra_raw[variant] + lam * 2.0, variant
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _price_skip(skip_sse, lam, dweight):
+    """RD cost of the block as a SKIP leaf."""
+    return dweight * skip_sse + lam * 1.0
+
+
+@njit(cache=True, nogil=True, inline="always")  # see decide
+def _intra_skip_costs(err, cur, ref, has_ref, table, intra_raw, skip_raw, lev, by, bx, s):
+    """The block's intra cost under each predictor variant (without the mode's rate) into
+    ``intra_raw[lev][by, bx]``, its squared error when skipped into ``skip_raw[lev][by, bx]``:
+    priced at 8x8, summed over the quadrants above."""
+    ir = intra_raw[lev][by, bx]
+    if lev == 0:
+        y0 = by * s
+        x0 = bx * s
+        c0y = y0 // 2
+        c0x = x0 // 2
+        cs = s // 2
+        for v in range(2):
+            ir[v] = (_block_cost(err[0][v], table, y0, x0, s) + _block_cost(err[1][v], table, c0y, c0x, cs)
+                     + _block_cost(err[2][v], table, c0y, c0x, cs))
+        sr = 0
+        if has_ref:
+            sr = (_skip_sse(cur[0], ref[0], y0, x0, s) + _skip_sse(cur[1], ref[1], c0y, c0x, cs)
+                  + _skip_sse(cur[2], ref[2], c0y, c0x, cs))
+    else:
+        sr = 0
+        for j4 in range(4):
+            for v in range(2):  # element by element: array expressions allocate
+                ir[v] += intra_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2, v]
+            sr += skip_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2]
+    skip_raw[lev][by, bx] = sr
+
+
+@njit(cache=True, nogil=True, inline="always")  # see decide
+def _price_inter(planes, field, cell_inter, below, table, lam, has_ref2, lev, by, bx, s, scratch, motion):
+    """RD cost of the block as an INTER leaf: (J, variant, luma offset) of its best candidate, whose
+    motion tuple goes into ``motion``; J is infinite where there is no candidate.
+
+    Candidates, each priced once: at 8x8 the cell's own motion with one reference and with two;
+    above, the motion each INTER quadrant chose (``below``: the level below's modes and cell
+    records) and the top-left cell's own single-reference motion. The best one then gets a luma
+    offset where that pays. ``planes``: (cur, med, ref, ref2), each (Y, Cb, Cr); ``cell_inter``:
+    each 8x8 cell's costs under its own motion (``_cell_inter_cost``)."""
+    cur, med, ref, ref2 = planes
+    below_mode, below_cells = below
+    tried, prediction, leaf_prediction, cost, jmot = scratch
+    ntried = 0
+    jinter = np.inf
+    ivar = 0
+    for qd in range(5 if lev > 0 else 2):
+        if lev == 0:
+            if qd == 1 and not has_ref2:
+                continue
+            b2 = qd
+            mot = _cell_motion(field, by, bx, b2)
+        elif qd < 4:
+            cy = 2 * by + qd // 2
+            cx = 2 * bx + qd % 2
+            if below_mode[cy, cx] != INTER:
+                continue
+            child = below_cells[cy, cx]
+            b2 = child[BI]
+            mot = (np.int64(child[MV_Y]), np.int64(child[MV_X]), np.int64(child[MV2_Y]), np.int64(child[MV2_X]),
+                   np.int64(child[BI]))
+        else:
+            b2 = 0
+            mot = _cell_motion(field, by * (s // 8), bx * (s // 8), 0)
+        seen = False
+        for i in range(ntried):
+            if (tried[i, 0] == mot[0] and tried[i, 1] == mot[1] and tried[i, 2] == mot[2]
+                    and tried[i, 3] == mot[3] and tried[i, 4] == mot[4]):
+                seen = True
+        if seen:
+            continue
+        for i in range(5):
+            tried[ntried, i] = mot[i]
+        ntried += 1
+        j = lam * (3.0 + 0.5 * (abs(mot[MV_Y]) + abs(mot[MV_X])))
+        if b2:
+            j += lam * (2.0 + 0.5 * (abs(mot[MV2_Y] - 2 * mot[MV_Y]) + abs(mot[MV2_X] - 2 * mot[MV_X])))
+        jmot[0] = j
+        for v in range(1, 4):
+            jmot[v] = j + lam * 1.0  # the weight
+        for cy8 in range(by * (s // 8), (by + 1) * (s // 8)):
+            for cx8 in range(bx * (s // 8), (bx + 1) * (s // 8)):
+                if _cell_motion(field, cy8, cx8, b2) == mot:
+                    for v in range(4):  # the cell's own motion: known
+                        jmot[v] += cell_inter[cy8, cx8, b2, v]
+                else:
+                    _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, prediction, cost)
+                    for v in range(4):
+                        jmot[v] += cost[v]
+        for v in range(4):
+            if jmot[v] < jinter:
+                jinter = jmot[v]
+                ivar = v
+                for i in range(5):
+                    motion[i] = mot[i]
+    if jinter == np.inf:
+        return jinter, 0, 0
+    mot = (motion[0], motion[1], motion[2], motion[3], motion[4])
+    dc, delta = _offset_gain(cur[0], med[0], ref[0], ref2[0], table, lam, by * s, bx * s, s, mot, ivar, leaf_prediction)
+    if delta < 0:
+        jinter += delta
+    else:
+        dc = 0
+    return jinter, ivar, dc
+
+
+@njit(cache=True, nogil=True, inline="always")  # see decide
+def _price_palette_leaf(keys, changes, proposals, lam, dweight, max_pal, many, by, bx, s, scratch, out_y, out_c):
+    """RD cost of the block as a PALETTE leaf, with its palettes' sorted keys in ``out_y`` and
+    ``out_c``: (J, luma palette size, chroma palette size, too many colours for exact palettes);
+    sizes of 0 mean no palette leaf.
+
+    Exact palettes (one cluster per distinct value, merged by ``_price_palette``) unless the block
+    has too many distinct values (``many``: a quadrant had); then, for a PROPOSAL_BLOCK block, the
+    generator's proposal. ``keys``, ``changes``: luma and chroma keys of the frame and their
+    ``_change_sums``; ``proposals``: (luma keys, count, chroma keys, count) per 16x16 block."""
+    keys_y, keys_c = keys
+    changes_y, changes_c = changes
+    prop_y, prop_yn, prop_c, prop_cn = proposals
+    counts, clusters, centres = scratch
+    _, cc, su, sv, qq = clusters
+    y0 = by * s
+    x0 = bx * s
+    c0y = y0 // 2
+    c0x = x0 // 2
+    cs = s // 2
+    ny = 0
+    nc = 0
+    jy = np.inf
+    jc = np.inf
+    if not many:
+        n, tr = _exact_clusters(keys_y, changes_y, y0, x0, s, False, max_pal, counts, *clusters)
+        if n > 0:
+            jy, ny = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, s * s, False, lam, dweight, out_y, centres)
+    if ny > 0:
+        n, tr = _exact_clusters(keys_c, changes_c, c0y, c0x, cs, True, max_pal, counts, *clusters)
+        if n > 0:
+            jc, nc = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, cs * cs, True, lam, dweight, out_c, centres)
+    too_many = ny == 0 or nc == 0
+    if ny == 0 and s == PROPOSAL_BLOCK and prop_yn[by, bx] > 0:
+        # many distinct values: price the palette the generator proposed instead
+        n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx])
+        jy, ny = _price_palette(n, pcc, psu, psv, pqq, tr, s * s, False, lam, dweight, out_y, centres)
+        n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx])
+        jc, nc = _price_palette(n, pcc, psu, psv, pqq, tr, cs * cs, True, lam, dweight, out_c, centres)
+    return jy + jc + lam * 2.0, ny, nc, too_many
+
+
+class Pricing(NamedTuple):
+    """What ``decide`` prices leaves with: the rung being coded and the encoder's settings."""
+
+    table: np.ndarray  # J of each prediction error -255..255 (``residual_cost_table``)
+    lam: float  # lambda: squared error per bit
+    dweight: float  # weight of the squared error (1e6 when lossless)
+    noise: int  # amplitude of the reconstruction error the intra estimates assume, quarter levels (``_intra_errors``)
+    min_block: int
+    max_block: int
+    max_pal: int
+
+
 @njit(cache=True, nogil=True)
-def decide(
-    cur_y, cur_u, cur_v, ref_y, ref_u, ref_v, ref2_y, ref2_u, ref2_v, has_ref, has_ref2, field, table, lam, dweight, noise,
-    min_block, max_block, max_pal, prop_y, prop_yn, prop_c, prop_cn, leafsize, mode, mv, pal_y, pal_yn, pal_c, pal_cn,
-):
-    """Fill the decision maps (per 8x8 cell) with the RD-best quadtree of the frame, each leaf's
-    mode and predictor variant; ``noise`` (quarter levels) is the amplitude of the reconstruction
-    error the intra estimates assume (``_intra_errors``)."""
-    h, w = cur_y.shape
-    err_y, med_y = _intra_errors(cur_y, noise)
-    err_u, med_u = _intra_errors(cur_u, noise)
-    err_v, med_v = _intra_errors(cur_v, noise)
-    cur = (cur_y, cur_u, cur_v)
-    med = (med_y, med_u, med_v)
-    ref = (ref_y, ref_u, ref_v)
-    ref2 = (ref2_y, ref2_u, ref2_v)
-    keys_c = cur_u.astype(np.int64) * 256 + cur_v.astype(np.int64)
-    keys_y = cur_y.astype(np.int64)
+def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisions):
+    """Fill ``decisions`` (``syntax.Decisions``) with the RD-best quadtree of the frame and each
+    leaf's mode, motion, predictor variant, luma offset and palettes.
+
+    ``cur``, ``ref``, ``ref2``: (Y, Cb, Cr) planes of the source frame, the previous reconstructed
+    frame and the one before; ``field``: the frame's motion field (``motion_search_chunk``);
+    ``pricing``: a ``Pricing``; ``proposals``: the generator's palettes per 16x16 block (luma keys,
+    their count, chroma keys, their count). Bottom-up, level by level (8x8 up to max_block), each
+    block is priced as a leaf in every mode (``_price_intra``, ``_price_skip``, ``_price_inter``,
+    ``_price_palette_leaf``) and against its four quadrants; ``_write_out`` then writes the tree.
+    The per-block helpers are inlined (numba's ``inline="always"``): called, each call passed some
+    twenty arrays for little work per block, and the screen clip encoded 5-10 % slower per CPU
+    second (``benchmarks/codec_ab.py``).
+    """
+    table, lam, dweight, noise, min_block, max_block, max_pal = pricing
+    h, w = cur[0].shape
+    err_y, med_y = _intra_errors(cur[0], noise)
+    err_u, med_u = _intra_errors(cur[1], noise)
+    err_v, med_v = _intra_errors(cur[2], noise)
+    err = (err_y, err_u, err_v)
+    planes = (cur, (med_y, med_u, med_v), ref, ref2)
+    keys = (cur[0].astype(np.int64), cur[1].astype(np.int64) * 256 + cur[2].astype(np.int64))
+    changes = (_change_sums(keys[0]), _change_sums(keys[1]))
     nlev = 4
-    # per level: best cost, leaf mode, mv, split flag, palettes
     sizes = np.array([8, 16, 32, 64])
+    # per level: best cost, whether to split, the leaf (mode, cell record, palettes)
     best = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
-    lmode = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
-    lmv = [np.zeros((h // s, w // s, 7), np.int32) for s in (8, 16, 32, 64)]
     lsplit = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
+    lmode = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
+    lcells = [np.zeros((h // s, w // s, CELL_FIELDS), np.int32) for s in (8, 16, 32, 64)]
     lpy = [np.empty((h // s, w // s, MAX_PAL), np.int64) for s in (8, 16, 32, 64)]  # read only where chosen
     lpyn = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
     lpc = [np.empty((h // s, w // s, MAX_PAL), np.int64) for s in (8, 16, 32, 64)]
     lpcn = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
-    tmp_y = np.empty(MAX_PAL, np.int64)
-    tmp_c = np.empty(MAX_PAL, np.int64)
-    counts = np.zeros(65536, np.int32)
-    changes_y = _change_sums(keys_y)
-    changes_c = _change_sums(keys_c)
-    seen_keys = np.empty(MAX_PAL + 1, np.int64)
-    cc = np.empty(MAX_PAL + 1)
-    su = np.empty(MAX_PAL + 1)
-    sv = np.empty(MAX_PAL + 1)
-    qq = np.empty(MAX_PAL + 1)
-    scratch = (seen_keys, cc, su, sv, qq)
-    centres = (np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1, np.bool_))
     toomany = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     intra_raw = [np.zeros((h // s, w // s, 2)) for s in (8, 16, 32, 64)]  # per predictor variant
     skip_raw = [np.zeros((h // s, w // s), np.int64) for s in (8, 16, 32, 64)]
-    tried = np.empty((8, 5), np.int64)
-    bmot = np.zeros(5, np.int64)
     # cost of each 8x8 cell under its own motion: [one / two refs][INTER variant]
     cell_inter = np.zeros((h // 8, w // 8, 2, 4))
     prediction = np.empty((2, 8, 8), np.int32)
-    leaf_prediction = np.empty((2, 64, 64), np.int32)
+    inter_scratch = (np.empty((8, 5), np.int64), prediction, np.empty((2, 64, 64), np.int32), np.zeros(4), np.zeros(4))
     imot = np.zeros(5, np.int64)
-    cost = np.zeros(4)
-    jmot = np.zeros(4)
+    clusters = (np.empty(MAX_PAL + 1, np.int64), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1),
+                np.empty(MAX_PAL + 1))
+    centres = (np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1, np.bool_))
+    palette_scratch = (np.zeros(65536, np.int32), clusters, centres)
+    tmp_y = np.empty(MAX_PAL, np.int64)
+    tmp_c = np.empty(MAX_PAL, np.int64)
     for lev in range(nlev):
         s = sizes[lev]
         if s > max_block:
             break
-        cs = s // 2
         for by in range(h // s):
             for bx in range(w // s):
-                y0 = by * s
-                x0 = bx * s
-                c0y = y0 // 2
-                c0x = x0 // 2
+                _intra_skip_costs(err, cur, ref, has_ref, table, intra_raw, skip_raw, lev, by, bx, s)
+                if lev == 0 and has_ref:
+                    for b2 in range(2 if has_ref2 else 1):
+                        _cell_inter_cost(cur, planes[1], ref, ref2, table, by, bx, _cell_motion(field, by, bx, b2), prediction,
+                                         cell_inter[by, bx, b2])
                 jbest = np.inf
                 bm = INTRA
                 bvar = 0
                 bdc = 0
-                # intra and skip costs add up over quadrants: sum the level below
-                ir = intra_raw[lev][by, bx]
-                if lev == 0:
-                    for v in range(2):
-                        ir[v] = (_block_cost(err_y[v], table, y0, x0, s) + _block_cost(err_u[v], table, c0y, c0x, cs)
-                                 + _block_cost(err_v[v], table, c0y, c0x, cs))
-                    sr = 0
-                    if has_ref:
-                        sr = (_skip_sse(cur_y, ref_y, y0, x0, s) + _skip_sse(cur_u, ref_u, c0y, c0x, cs)
-                              + _skip_sse(cur_v, ref_v, c0y, c0x, cs))
-                else:
-                    sr = 0
-                    for j4 in range(4):
-                        for v in range(2):  # element by element: array expressions allocate
-                            ir[v] += intra_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2, v]
-                        sr += skip_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2]
-                if lev == 0 and has_ref:
-                    for b2 in range(2 if has_ref2 else 1):
-                        _cell_inter_cost(cur, med, ref, ref2, table, by, bx, _cell_motion(field, by, bx, b2), prediction,
-                                         cell_inter[by, bx, b2])
-                skip_raw[lev][by, bx] = sr
                 if s >= min_block:
-                    bvar = 1 if ir[1] < ir[0] else 0
-                    jbest = ir[bvar] + lam * 2.0
+                    jbest, bvar = _price_intra(intra_raw[lev][by, bx], lam)
                     if has_ref:
-                        j = dweight * sr + lam * 1.0
+                        j = _price_skip(skip_raw[lev][by, bx], lam, dweight)
                         if j < jbest:
                             jbest = j
                             bm = SKIP
                             bvar = 0
-                        # inter candidates, each priced once: at 8x8 the cell's own motion with one
-                        # reference and with two; above, the motion each inter quadrant chose and the
-                        # top-left cell's own single-reference motion
-                        ntried = 0
-                        jinter = np.inf
-                        ivar = 0
-                        for qd in range(5 if lev > 0 else 2):
-                            if lev == 0:
-                                if qd == 1 and not has_ref2:
-                                    continue
-                                b2 = qd
-                                mot = _cell_motion(field, by, bx, b2)
-                            elif qd < 4:
-                                cy = 2 * by + qd // 2
-                                cx = 2 * bx + qd % 2
-                                if lmode[lev - 1][cy, cx] != INTER:
-                                    continue
-                                child = lmv[lev - 1][cy, cx]
-                                b2 = child[2]
-                                mot = (np.int64(child[2]), np.int64(child[0]), np.int64(child[1]),
-                                       np.int64(child[3]), np.int64(child[4]))
-                            else:
-                                b2 = 0
-                                mot = _cell_motion(field, by * (s // 8), bx * (s // 8), 0)
-                            seen = False
-                            for i in range(ntried):
-                                if (tried[i, 0] == mot[0] and tried[i, 1] == mot[1] and tried[i, 2] == mot[2]
-                                        and tried[i, 3] == mot[3] and tried[i, 4] == mot[4]):
-                                    seen = True
-                            if seen:
-                                continue
-                            for i in range(5):
-                                tried[ntried, i] = mot[i]
-                            ntried += 1
-                            j = lam * (3.0 + 0.5 * (abs(mot[1]) + abs(mot[2])))
-                            if b2:
-                                j += lam * (2.0 + 0.5 * (abs(mot[3] - 2 * mot[1]) + abs(mot[4] - 2 * mot[2])))
-                            jmot[0] = j
-                            for v in range(1, 4):
-                                jmot[v] = j + lam * 1.0  # the weight
-                            for cy8 in range(by * (s // 8), (by + 1) * (s // 8)):
-                                for cx8 in range(bx * (s // 8), (bx + 1) * (s // 8)):
-                                    if _cell_motion(field, cy8, cx8, b2) == mot:
-                                        for v in range(4):  # the cell's own motion: known
-                                            jmot[v] += cell_inter[cy8, cx8, b2, v]
-                                    else:
-                                        _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, prediction, cost)
-                                        for v in range(4):
-                                            jmot[v] += cost[v]
-                            for v in range(4):
-                                if jmot[v] < jinter:
-                                    jinter = jmot[v]
-                                    ivar = v
-                                    for i in range(5):
-                                        imot[i] = mot[i]
-                        if jinter < np.inf:
-                            # the best inter candidate, with a luma offset where that pays
-                            mot = (imot[0], imot[1], imot[2], imot[3], imot[4])
-                            dc, delta = _offset_gain(cur_y, med_y, ref_y, ref2_y, table, lam, y0, x0, s, mot, ivar, leaf_prediction)
-                            if delta < 0:
-                                jinter += delta
-                            else:
-                                dc = 0
-                            if jinter < jbest:
-                                jbest = jinter
-                                bm = INTER
-                                bvar = ivar
-                                bdc = dc
-                                for i in range(5):
-                                    bmot[i] = imot[i]
+                        below = (lmode[max(lev - 1, 0)], lcells[max(lev - 1, 0)])  # at level 0: unused
+                        jinter, ivar, dc = _price_inter(planes, field, cell_inter, below, table, lam, has_ref2, lev, by, bx, s,
+                                                        inter_scratch, imot)
+                        if jinter < jbest:
+                            jbest = jinter
+                            bm = INTER
+                            bvar = ivar
+                            bdc = dc
                     # a block holds at least as many colours as any of its quadrants
                     many = lev > 0 and (
                         toomany[lev - 1][2 * by, 2 * bx] or toomany[lev - 1][2 * by, 2 * bx + 1]
                         or toomany[lev - 1][2 * by + 1, 2 * bx] or toomany[lev - 1][2 * by + 1, 2 * bx + 1]
                     )
-                    ny = 0
-                    nc = 0
-                    jy = np.inf
-                    jc = np.inf
-                    if not many:
-                        n, tr = _exact_clusters(keys_y, changes_y, y0, x0, s, False, max_pal, counts, *scratch)
-                        if n > 0:
-                            jy, ny = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, s * s, False, lam, dweight, tmp_y, centres)
-                    if ny > 0:
-                        n, tr = _exact_clusters(keys_c, changes_c, c0y, c0x, cs, True, max_pal, counts, *scratch)
-                        if n > 0:
-                            jc, nc = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, cs * cs, True, lam, dweight, tmp_c, centres)
-                    toomany[lev][by, bx] = ny == 0 or nc == 0
-                    if ny == 0 and s == PROPOSAL_BLOCK and prop_yn[by, bx] > 0:
-                        # many distinct values: price the palette the generator proposed instead
-                        n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx])
-                        jy, ny = _price_palette(n, pcc, psu, psv, pqq, tr, s * s, False, lam, dweight, tmp_y, centres)
-                        n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx])
-                        jc, nc = _price_palette(n, pcc, psu, psv, pqq, tr, cs * cs, True, lam, dweight, tmp_c, centres)
-                    if nc > 0 and jy + jc + lam * 2.0 < jbest:
-                        jbest = jy + jc + lam * 2.0
+                    jpal, ny, nc, too_many = _price_palette_leaf(
+                        keys, changes, proposals, lam, dweight, max_pal, many, by, bx, s, palette_scratch, tmp_y, tmp_c
+                    )
+                    toomany[lev][by, bx] = too_many
+                    if nc > 0 and jpal < jbest:
+                        jbest = jpal
                         bm = PALETTE
                         bvar = 0
                         lpy[lev][by, bx, :ny] = tmp_y[:ny]
@@ -697,31 +771,40 @@ def decide(
                         lpc[lev][by, bx, :nc] = tmp_c[:nc]
                         lpcn[lev][by, bx] = nc
                 if lev > 0 and s > min_block:
-                    below = best[lev - 1]
-                    js = (below[2 * by, 2 * bx] + below[2 * by, 2 * bx + 1] + below[2 * by + 1, 2 * bx]
-                          + below[2 * by + 1, 2 * bx + 1] + lam * 1.0)
+                    below_best = best[lev - 1]
+                    js = (below_best[2 * by, 2 * bx] + below_best[2 * by, 2 * bx + 1] + below_best[2 * by + 1, 2 * bx]
+                          + below_best[2 * by + 1, 2 * bx + 1] + lam * 1.0)
                     if js < jbest:
                         jbest = js
                         lsplit[lev][by, bx] = True
                 best[lev][by, bx] = jbest
                 lmode[lev][by, bx] = bm
-                if bm == INTER:  # in the syntax's cell layout: vector, uses a second reference, second vector
-                    lmv[lev][by, bx, 0] = bmot[1]
-                    lmv[lev][by, bx, 1] = bmot[2]
-                    lmv[lev][by, bx, 2] = bmot[0]
-                    lmv[lev][by, bx, 3] = bmot[3]
-                    lmv[lev][by, bx, 4] = bmot[4]
-                    lmv[lev][by, bx, 6] = bdc
-                lmv[lev][by, bx, 5] = bvar
-    # top-down, one max_block-sized block at a time (as the syntax does), so the stack holds one
-    # block's subtree, never the frame's: each level below the top adds at most 3 entries
+                cell = lcells[lev][by, bx]
+                if bm == INTER:
+                    cell[MV_Y] = imot[MV_Y]
+                    cell[MV_X] = imot[MV_X]
+                    cell[MV2_Y] = imot[MV2_Y]
+                    cell[MV2_X] = imot[MV2_X]
+                    cell[BI] = imot[BI]
+                    cell[OFFSET] = bdc
+                cell[VARIANT] = bvar
+    _write_out(lsplit, (lmode, lcells, lpy, lpyn, lpc, lpcn), sizes, max_block, decisions)
+
+
+@njit(cache=True, nogil=True)
+def _write_out(split, leaves, sizes, max_block, decisions):
+    """The chosen quadtree into the per-cell ``decisions``, top-down, one max_block-sized block at
+    a time (as the syntax visits them), so the stack holds one block's subtree, never the frame's:
+    each level below the top adds at most 3 entries. ``leaves``: per level, the leaf's mode, cell
+    record and palettes (keys, count; luma then chroma)."""
+    lmode, lcells, lpy, lpyn, lpc, lpcn = leaves
     top = 0
-    while top < nlev - 1 and sizes[top] < max_block:
+    while top < len(sizes) - 1 and sizes[top] < max_block:
         top += 1
     stack = np.empty((3 * top + 1, 3), np.int64)
-    ctu = sizes[top]
-    for cty in range(h // ctu):
-        for ctx in range(w // ctu):
+    rows, cols = split[top].shape
+    for cty in range(rows):
+        for ctx in range(cols):
             stack[0, 0] = top
             stack[0, 1] = cty
             stack[0, 2] = ctx
@@ -731,7 +814,7 @@ def decide(
                 lev = stack[sp, 0]
                 by = stack[sp, 1]
                 bx = stack[sp, 2]
-                if lsplit[lev][by, bx]:
+                if split[lev][by, bx]:
                     for j in range(4):
                         stack[sp, 0] = lev - 1
                         stack[sp, 1] = 2 * by + j // 2
@@ -744,13 +827,13 @@ def decide(
                 cx8 = bx * n8
                 for yy in range(cy8, cy8 + n8):
                     for xx in range(cx8, cx8 + n8):
-                        leafsize[yy, xx] = s
-                        mode[yy, xx] = lmode[lev][by, bx]
-                        for i in range(7):
-                            mv[yy, xx, i] = lmv[lev][by, bx, i]
+                        decisions.leaf_size[yy, xx] = s
+                        decisions.mode[yy, xx] = lmode[lev][by, bx]
+                        for i in range(CELL_FIELDS):
+                            decisions.cells[yy, xx, i] = lcells[lev][by, bx, i]
                 ny = lpyn[lev][by, bx]
                 nc = lpcn[lev][by, bx]
-                pal_yn[cy8, cx8] = ny
-                pal_y[cy8, cx8, :ny] = lpy[lev][by, bx, :ny]
-                pal_cn[cy8, cx8] = nc
-                pal_c[cy8, cx8, :nc] = lpc[lev][by, bx, :nc]
+                decisions.pal_yn[cy8, cx8] = ny
+                decisions.pal_y[cy8, cx8, :ny] = lpy[lev][by, bx, :ny]
+                decisions.pal_cn[cy8, cx8] = nc
+                decisions.pal_c[cy8, cx8, :nc] = lpc[lev][by, bx, :nc]

@@ -1,6 +1,7 @@
-"""One chunk (GOP) of frames to bytes and back: header, rate control, frame loop.
+"""The chunk (GOP) encoder: palette proposals, rate control, and the header it writes.
 
-The payload layout is specified in ``storage/BITSTREAM.md``.
+The payload layout is specified in ``storage/BITSTREAM.md``; the decoder and the frame loop
+that both directions run are in ``decoder.py``.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-import struct
 import time
 from dataclasses import dataclass, field, replace
 
@@ -16,20 +16,8 @@ import numpy as np
 
 from palstream.codec import analysis, rangecoder, syntax
 from palstream.codec.config import EncoderConfig
-from palstream.errors import ArchiveError
+from palstream.codec.decoder import FLAG_LOSSLESS, HEADER, MAGIC, MAX_DIMENSION, MAX_FRAMES, VERSION, code_frames
 from palstream.frames import Frames
-
-MAGIC = b"PSC1"
-VERSION = 3
-HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width, height, step*4, min, max, 0, body bytes
-FLAG_LOSSLESS = 1
-MAX_DIMENSION = 16384
-MAX_FRAMES = 1024
-MAX_CHUNK_SAMPLES = 1 << 31  # decoded samples of one chunk (2 GiB): a larger header is a lie or an error
-
-
-class BitstreamError(ArchiveError):
-    """A chunk payload does not parse (damaged or not palstream data)."""
 
 
 @dataclass
@@ -57,28 +45,35 @@ def initial_step(target_psnr: float) -> int:
     return max(1, int(math.sqrt(12 * mse + 1)))
 
 
-class _DecisionMaps:
-    """Per-8x8-cell decisions shared by the analysis, the syntax writer and the reader."""
-
-    def __init__(self, h: int, w: int):
-        h8, w8 = h // 8, w // 8
-        self.leafsize = np.zeros((h8, w8), np.int32)
-        self.mode = np.zeros((h8, w8), np.int32)
-        self.mv = np.zeros((h8, w8, 7), np.int32)  # vector, uses a second reference, second vector, predictor variant, offset
-        self.pal_y = np.zeros((h8, w8, syntax.MAX_PAL), np.int64)
-        self.pal_yn = np.zeros((h8, w8), np.int32)
-        self.pal_c = np.zeros((h8, w8, syntax.MAX_PAL), np.int64)
-        self.pal_cn = np.zeros((h8, w8), np.int32)
-
-    def args(self):
-        return (self.leafsize, self.mode, self.mv, self.pal_y, self.pal_yn, self.pal_c, self.pal_cn)
-
-
 LAMBDA = 0.375  # bits are worth LAMBDA * step^2 squared error each (tuned on corpus clips, 8 frames)
 ROUNDING = 0.3  # dead-zone rounding offset, in steps: levels lean toward zero, cheaper to code
 INTRA_NOISE = 0.5  # the analysis prices intra prediction from neighbours noisy by +-INTRA_NOISE/2 step
 PROPOSAL_SIZE = 16  # entries the generator proposes; the RD merge prunes them per block
 PROPOSAL_COVERAGE = 0.75  # share of a block's pixels its 16 most frequent levels must cover
+
+
+def proposal_candidates(blocks: np.ndarray, max_palette: int) -> np.ndarray:
+    """The blocks the encoder asks the palette generator about: more distinct levels than an exact
+    palette may hold (``min(max_palette, pixels // 4)``), yet their ``PROPOSAL_SIZE`` most
+    frequent levels cover ``PROPOSAL_COVERAGE`` of the pixels.
+
+    Parameters
+    ----------
+    blocks : np.ndarray
+        uint8 (N, pixels): luma blocks, one a row.
+    max_palette : int
+        ``EncoderConfig.max_palette``.
+
+    Returns
+    -------
+    np.ndarray
+        int (M,): the indices of the candidate rows, ascending.
+    """
+    n, pixels = blocks.shape
+    hist = np.bincount((np.arange(n)[:, None] * 256 + blocks).ravel(), minlength=n * 256).reshape(n, 256)
+    many = np.flatnonzero((hist > 0).sum(1) > min(max_palette, pixels // 4))
+    top = np.partition(hist[many], -PROPOSAL_SIZE, axis=1)[:, -PROPOSAL_SIZE:]
+    return many[top.sum(1) >= PROPOSAL_COVERAGE * pixels]
 
 
 def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
@@ -96,11 +91,7 @@ def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
     b = analysis.PROPOSAL_BLOCK
     hb, wb = h // b, w // b
     blocks = luma.reshape(t, hb, b, wb, b).transpose(0, 1, 3, 2, 4).reshape(-1, b * b)
-    n = blocks.shape[0]
-    hist = np.bincount((np.arange(n)[:, None] * 256 + blocks).ravel(), minlength=n * 256).reshape(n, 256)
-    many = np.flatnonzero((hist > 0).sum(1) > min(config.max_palette, b * b // 4))
-    top = np.partition(hist[many], -PROPOSAL_SIZE, axis=1)[:, -PROPOSAL_SIZE:]
-    pick = many[top.sum(1) >= PROPOSAL_COVERAGE * b * b]
+    pick = proposal_candidates(blocks, config.max_palette)
     prop_y = np.zeros((t, hb, wb, PROPOSAL_SIZE), np.int64)
     prop_c = np.zeros((t, hb, wb, PROPOSAL_SIZE), np.int64)
     prop_n = np.zeros((t, hb, wb), np.int32)
@@ -124,48 +115,6 @@ def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
     return prop_y, prop_n, prop_c, prop_n
 
 
-def _run(enc, buf, planes, recon, q4, rounding, tol, min_block, max_block, decide=None, frames=None, emit=None):
-    """Code every frame of a chunk in one direction; returns the coder state.
-
-    The encoder passes ``planes`` (the source) and ``recon`` with a slot for every frame. The
-    decoder passes ``frames`` (the count) and ``recon`` with three slots, used in turn (the syntax
-    references at most two frames back), and receives each frame through ``emit(f, rec)`` once it
-    is complete; it stops at the first frame that reads past the end of the body.
-    """
-    t = planes[0].shape[0] if enc else frames
-    slots = recon[0].shape[0]
-    h, w = recon[0].shape[1:]
-    st = rangecoder.new_state()
-    if not enc:
-        rangecoder.start_decoding(st, buf)
-    probs = rangecoder.new_probs(syntax.N_CONTEXTS)
-    maps = _DecisionMaps(h, w)
-    # signed residual levels of the current and the previous frame, for contexts; swapped per frame
-    kmaps = tuple(np.zeros(shape, np.int8) for shape in [(h, w), (h // 2, w // 2), (h // 2, w // 2)] * 2)
-    pred_y, npred_y = np.zeros(syntax.MAX_PAL, np.int64), np.zeros(1, np.int64)
-    pred_c, npred_c = np.zeros(syntax.MAX_PAL, np.int64), np.zeros(1, np.int64)
-    for f in range(t):
-        rec = tuple(p[f % slots] for p in recon)
-        if f >= slots:
-            for p in rec:  # a reused slot must read as undecoded (zero), as a fresh one does
-                p[...] = 0
-        src = tuple(p[f] for p in planes) if enc else rec
-        ref = tuple(p[(f - 1) % slots] for p in recon) if f > 0 else rec
-        ref2 = tuple(p[(f - 2) % slots] for p in recon) if f > 1 else ref
-        if decide is not None:
-            decide(f, src, ref, ref2, maps)
-        syntax.code_frame(
-            enc, st, buf, probs, *src, *rec, *ref, *ref2, *kmaps,
-            f == 0, f > 1, q4, rounding, tol, min_block, max_block, *maps.args(), pred_y, npred_y, pred_c, npred_c,
-        )
-        if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
-            break
-        kmaps = kmaps[3:] + kmaps[:3]
-        if emit is not None:
-            emit(f, rec)
-    return st
-
-
 @functools.lru_cache(maxsize=4)
 def _generator(name: str):
     """One generator per name and process: learned ones load their weights once."""
@@ -177,7 +126,6 @@ def _generator(name: str):
 def _encode_at(padded, rung, config: EncoderConfig, proposals, motion):
     q4, rounding = rung
     rnd4 = rounding[0]
-    t, h, w = padded[0].shape
     lam = 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
     dweight = 1e6 if config.lossless else 1.0
     rd_lambda = max(lam, 1.0)
@@ -185,17 +133,16 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, motion):
     tol = int(lam * 2)
     noise = 0 if config.lossless else round(q4 * INTRA_NOISE)
 
-    def decide(f, src, ref, ref2, maps):
-        analysis.decide(
-            *src, *ref, *ref2, f > 0, f > 1, motion[f], table, rd_lambda, dweight, noise,
-            config.min_block, config.max_block, config.max_palette, *(p[f] for p in proposals), *maps.args(),
-        )
+    pricing = analysis.Pricing(table, rd_lambda, dweight, noise, config.min_block, config.max_block, config.max_palette)
+
+    def decide(f, src, ref, ref2, decisions):
+        analysis.decide(src, ref, ref2, f > 0, f > 1, motion[f], pricing, tuple(p[f] for p in proposals), decisions)
 
     recon = tuple(np.zeros_like(p) for p in padded)
     capacity = padded[0].size * 3 + 4096
     while True:
         buf = np.zeros(capacity, np.uint8)
-        st = _run(True, buf, padded, recon, q4, rounding, tol, config.min_block, config.max_block, decide)
+        st = code_frames(True, buf, padded, recon, syntax.Coding(q4, rounding, tol, config.min_block, config.max_block), decide)
         size = rangecoder.flush(st, buf)
         if size <= capacity:
             return bytes(buf[:size]), recon
@@ -371,71 +318,3 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
         "encode_seconds": time.perf_counter() - start,
     }
     return EncodedChunk(payload, stats)
-
-
-def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None) -> Frames:
-    """Decode one GOP payload to frames.
-
-    Work and memory follow the data: the header is checked before anything is allocated, the
-    output grows a frame at a time, and decoding stops within one CTU of reading past the end of
-    the body, however many frames the header declares.
-
-    Parameters
-    ----------
-    payload : bytes
-        The chunk as stored (header and body, ``storage/BITSTREAM.md``).
-    expected : tuple of int, optional
-        ``(frames, height, width)`` that the container says this chunk holds; a header that
-        declares anything else is refused before decoding.
-
-    Returns
-    -------
-    Frames
-        ``frames`` frames of ``height`` x ``width``.
-
-    Raises
-    ------
-    BitstreamError
-        The payload is malformed, truncated, or disagrees with ``expected``.
-    """
-    if len(payload) < HEADER.size:
-        raise BitstreamError(f"payload of {len(payload)} bytes is shorter than its {HEADER.size}-byte header")
-    magic, version, flags, t, w, h, q4, min_block, max_block, reserved, body_len = HEADER.unpack_from(payload)
-    if magic != MAGIC:
-        raise BitstreamError("payload does not start with the palstream chunk magic 'PSC1'")
-    if version != VERSION:
-        raise BitstreamError(f"chunk bitstream version {version} is not supported (this decoder reads {VERSION})")
-    if not (1 <= t <= MAX_FRAMES and 1 <= w <= MAX_DIMENSION and 1 <= h <= MAX_DIMENSION):
-        raise BitstreamError(f"declared size {t} frames of {w}x{h} is out of range")
-    if expected is not None and tuple(expected) != (t, h, w):
-        et, eh, ew = expected
-        raise BitstreamError(f"header declares {t} frames of {w}x{h}, the archive {et} frames of {ew}x{eh}")
-    if flags & ~FLAG_LOSSLESS or reserved:
-        raise BitstreamError(f"unknown header flags {flags:#x} / reserved byte {reserved}: written by a newer palstream?")
-    if q4 < 4 or min_block not in (8, 16, 32, 64) or max_block not in (8, 16, 32, 64) or min_block > max_block:
-        raise BitstreamError(f"declared coding parameters (step {q4}/4, blocks {min_block}..{max_block}) are invalid")
-    if body_len != len(payload) - HEADER.size:
-        raise BitstreamError(f"declared body of {body_len} bytes but {len(payload) - HEADER.size} are present")
-    ph, pw = h + (-h % syntax.CTU), w + (-w % syntax.CTU)
-    if t * ph * pw * 3 // 2 > MAX_CHUNK_SAMPLES:
-        raise BitstreamError(f"declared size {t} frames of {w}x{h} exceeds the decoder's {MAX_CHUNK_SAMPLES >> 30} GiB chunk limit")
-    slots = min(t, 3)
-    recon = (
-        np.zeros((slots, ph, pw), np.uint8),
-        np.zeros((slots, ph // 2, pw // 2), np.uint8),
-        np.zeros((slots, ph // 2, pw // 2), np.uint8),
-    )
-    ch, cw = (h + 1) // 2, (w + 1) // 2
-    # np.empty: pages are only taken as decoded frames are copied in
-    out = Frames(np.empty((t, h, w), np.uint8), np.empty((t, ch, cw), np.uint8), np.empty((t, ch, cw), np.uint8))
-
-    def emit(f, rec):
-        out.y[f] = rec[0][:h, :w]
-        out.u[f] = rec[1][:ch, :cw]
-        out.v[f] = rec[2][:ch, :cw]
-
-    buf = np.frombuffer(payload, np.uint8, offset=HEADER.size).copy()  # writable: one compiled coder for both directions
-    st = _run(False, buf, None, recon, q4, (0,) * 5, 0, min_block, max_block, frames=t, emit=emit)
-    if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
-        raise BitstreamError("chunk body ends before its frames are complete (truncated)")
-    return out

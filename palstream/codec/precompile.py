@@ -205,8 +205,9 @@ def compile_kernels(palettes: tuple[str, ...] = ("kmeans", "cgan-v1")) -> int:
     int
         How many kernels numba compiled (0: the cache was warm).
     """
-    from palstream.codec.chunk import decode_chunk, encode_chunk
+    from palstream.codec.chunk import encode_chunk
     from palstream.codec.config import EncoderConfig
+    from palstream.codec.decoder import decode_chunk
 
     announce_compiles()
     _notice.message = AHEAD_NOTICE

@@ -9,6 +9,8 @@ See ``storage/BITSTREAM.md`` for the syntax in prose.
 All planes are padded to a multiple of 64 (luma) by the caller. Everything is integer.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
@@ -18,6 +20,47 @@ SKIP, INTER, INTRA, PALETTE = 0, 1, 2, 3
 CTU = 64
 MV_LIMIT = 1024
 MAX_PAL = 64
+
+# Fields of the per-8x8-cell leaf record ``Decisions.cells[cy8, cx8, field]``. Motion comes first,
+# in the one order every motion value has: a motion tuple is (MV_Y, MV_X, MV2_Y, MV2_X, BI), the
+# half-pel vectors into the previous frame and into the one before, and whether the second is
+# used; the motion search's field holds the first four.
+MV_Y, MV_X, MV2_Y, MV2_X, BI, VARIANT, OFFSET = range(7)  # VARIANT: predictor variant; OFFSET: INTER luma offset
+CELL_FIELDS = 7
+
+
+class Decisions(NamedTuple):
+    """Per-8x8-cell decisions of a frame: the analysis fills them, ``code_frame`` writes them (and
+    fills them when decoding). Every cell of a leaf holds the leaf's values; a PALETTE leaf's
+    palettes are kept in its top-left cell. The syntax reads only cells already coded in the frame."""
+
+    leaf_size: np.ndarray  # int32 (h/8, w/8)
+    mode: np.ndarray  # int32 (h/8, w/8): SKIP, INTER, INTRA or PALETTE
+    cells: np.ndarray  # int32 (h/8, w/8, CELL_FIELDS): motion, variant, offset (MV_Y .. OFFSET)
+    pal_y: np.ndarray  # int64 (h/8, w/8, MAX_PAL): sorted luma levels
+    pal_yn: np.ndarray  # int32 (h/8, w/8): how many
+    pal_c: np.ndarray  # int64 (h/8, w/8, MAX_PAL): sorted chroma keys Cb * 256 + Cr
+    pal_cn: np.ndarray  # int32 (h/8, w/8)
+
+    @classmethod
+    def zeros(cls, h: int, w: int) -> "Decisions":
+        """All-zero decisions for a frame of ``h`` x ``w`` luma samples."""
+        h8, w8 = h // 8, w // 8
+        return cls(
+            np.zeros((h8, w8), np.int32), np.zeros((h8, w8), np.int32), np.zeros((h8, w8, CELL_FIELDS), np.int32),
+            np.zeros((h8, w8, MAX_PAL), np.int64), np.zeros((h8, w8), np.int32),
+            np.zeros((h8, w8, MAX_PAL), np.int64), np.zeros((h8, w8), np.int32),
+        )
+
+
+class Coding(NamedTuple):
+    """A chunk's coding parameters, as ``code_frame`` takes them."""
+
+    q4: int  # quantiser step in quarter levels
+    rounding: tuple  # encoder: dead-zone rounding offsets (quarter levels) by non-zero neighbours, 5 entries
+    tol: int  # encoder: distortion a palette index may add to repeat a neighbour's index
+    min_block: int
+    max_block: int
 
 
 class _Contexts:
@@ -194,19 +237,25 @@ def _motion_block(ref, y0, x0, size, mvy, mvx, out):
 
 @njit(cache=True, nogil=True)
 def inter_prediction(ref, ref2, y0, x0, size, mot, scratch):
-    """Motion-compensated prediction of a block: ``mot`` = (bi, mvy, mvx, mvy2, mvx2); with
+    """Motion-compensated prediction of a block: ``mot`` = (vy, vx, vy2, vx2, bi); with
     ``bi``, the rounded mean of the previous frame's and the one-before's predictions.
     Returns ``scratch[0]``, whose top-left ``size`` x ``size`` samples hold it (``scratch``:
     int32[2, >= size, >= size], preallocated by the caller: this runs for every candidate)."""
     out = scratch[0]
-    _motion_block(ref, y0, x0, size, mot[1], mot[2], out)
-    if mot[0]:
+    _motion_block(ref, y0, x0, size, mot[MV_Y], mot[MV_X], out)
+    if mot[BI]:
         second = scratch[1]
-        _motion_block(ref2, y0, x0, size, mot[3], mot[4], second)
+        _motion_block(ref2, y0, x0, size, mot[MV2_Y], mot[MV2_X], second)
         for y in range(size):
             for x in range(size):
                 out[y, x] = (out[y, x] + second[y, x] + 1) >> 1
     return out
+
+
+@njit(cache=True, nogil=True, inline="always")
+def chroma_motion(mot):
+    """A luma motion tuple's chroma counterpart: the same displacement in chroma half-pels."""
+    return (mot[MV_Y] >> 1, mot[MV_X] >> 1, mot[MV2_Y] >> 1, mot[MV2_X] >> 1, mot[BI])
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -484,31 +533,35 @@ def code_indices(enc, st, buf, probs, src_a, src_b, rec_a, rec_b, kmaps_a, kmaps
 
 @njit(cache=True, nogil=True)
 def code_frame(
-    enc, st, buf, probs,
-    src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v, ref2_y, ref2_u, ref2_v,
-    kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v,
-    intra_only, has_ref2, q4, rounding, tol, min_block, max_block,
-    leafsize, mode, mv, pal_y, pal_yn, pal_c, pal_cn,
-    pred_y, npred_y, pred_c, npred_c,
+    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, has_ref2, coding, decisions, predictors
 ):
     """Code one frame: per 64x64 CTU a quadtree of leaves, each leaf a mode and its data.
 
-    ``kprev_*`` hold the previous frame's levels; ``kmap_*`` are cleared a CTU row at a time,
-    just before it is coded (the caller swaps the two sets between frames), so a stream that
-    ends early has touched no more of them than it decoded. The decoder returns as soon as it
-    has read more than ``MAX_OVERRUN`` bytes past the end of the body (the caller reports it):
-    a header cannot make it work through frames its data does not hold.
+    ``src``, ``rec``, ``ref``, ``ref2``: (Y, Cb, Cr) planes of the source (when decoding: ``rec``),
+    the frame being reconstructed, the previous frame and the one before. ``levels`` and
+    ``prev_levels``: (Y, Cb, Cr) signed residual levels of this frame and the previous one;
+    ``levels`` are cleared a CTU row at a time, just before it is coded (the caller swaps the two
+    between frames), so a stream that ends early has touched no more of them than it decoded.
+    ``coding``: the chunk's ``Coding``. ``decisions``: the frame's ``Decisions`` (read when
+    encoding, filled when decoding). ``predictors``: the palette predictor lists, (luma keys,
+    their count, chroma keys, their count), updated in place.
+
+    The decoder returns as soon as it has read more than ``MAX_OVERRUN`` bytes past the end of the
+    body (the caller reports it): a header cannot make it work through frames its data does not hold.
     """
-    h, w = rec_y.shape
+    h, w = rec[0].shape
+    min_block = coding.min_block
+    max_block = coding.max_block
+    leaf_size = decisions.leaf_size
     stack = np.empty((80, 3), np.int64)  # up to 64 max_block nodes + 3 per level below
     for cy in range(0, h, CTU):
-        kmap_y[cy:cy + CTU, :] = 0
-        kmap_u[cy // 2:(cy + CTU) // 2, :] = 0
-        kmap_v[cy // 2:(cy + CTU) // 2, :] = 0
+        levels[0][cy:cy + CTU, :] = 0
+        levels[1][cy // 2:(cy + CTU) // 2, :] = 0
+        levels[2][cy // 2:(cy + CTU) // 2, :] = 0
         for cx in range(0, w, CTU):
             if not enc and st[OVERRUN] > MAX_OVERRUN:
                 return
-            # nodes of max_block size covering the CTU, pushed in reverse Z order
+            # nodes of max_block size covering the CTU, pushed so that they pop in row-major order
             per = CTU // max_block
             sp = 0
             for j in range(per * per - 1, -1, -1):
@@ -530,20 +583,18 @@ def code_frame(
                     while t > s:
                         t //= 2
                         depth += 1
-                    split = code_bit(enc, st, buf, probs, CTX_SPLIT + depth, 1 if leafsize[cy8, cx8] < s else 0)
+                    split = code_bit(enc, st, buf, probs, CTX_SPLIT + depth, 1 if leaf_size[cy8, cx8] < s else 0)
                 if split:
                     half = s // 2
-                    for j in range(3, -1, -1):
+                    for j in range(3, -1, -1):  # popped in Z order
                         stack[sp, 0] = y0 + (j // 2) * half
                         stack[sp, 1] = x0 + (j % 2) * half
                         stack[sp, 2] = half
                         sp += 1
                     continue
                 _code_leaf(
-                    enc, st, buf, probs, src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
-                    ref2_y, ref2_u, ref2_v, kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v, intra_only, has_ref2,
-                    q4, rounding, tol, leafsize, mode, mv,
-                    pal_y, pal_yn, pal_c, pal_cn, pred_y, npred_y, pred_c, npred_c, y0, x0, s,
+                    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, has_ref2, coding,
+                    decisions, predictors, y0, x0, s,
                 )
 
 
@@ -567,11 +618,13 @@ def _code_vector_component(enc, st, buf, probs, zero_ctx, mag_ctx, predicted, va
 
 @njit(cache=True, nogil=True)
 def _code_leaf(
-    enc, st, buf, probs, src_y, src_u, src_v, rec_y, rec_u, rec_v, ref_y, ref_u, ref_v,
-    ref2_y, ref2_u, ref2_v, kmap_y, kmap_u, kmap_v, kprev_y, kprev_u, kprev_v, intra_only, has_ref2,
-    q4, rounding, tol, leafsize, mode, mv,
-    pal_y, pal_yn, pal_c, pal_cn, pred_y, npred_y, pred_c, npred_c, y0, x0, s,
+    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, has_ref2, coding, decisions, predictors,
+    y0, x0, s,
 ):
+    """One leaf of size ``s`` at luma (``y0``, ``x0``): its mode, motion, variant and offset, then
+    its samples (``code_frame`` describes the arguments)."""
+    mode = decisions.mode
+    cells = decisions.cells
     cy8 = y0 // 8
     cx8 = x0 // 8
     n8 = s // 8
@@ -593,6 +646,11 @@ def _code_leaf(
             m = PALETTE if code_bit(enc, st, buf, probs, CTX_PALETTE + npal, 1 if m == PALETTE else 0) else INTRA
     else:
         m = PALETTE if code_bit(enc, st, buf, probs, CTX_PALETTE + npal, 1 if m == PALETTE else 0) else INTRA
+    left = cells[cy8, cx8 - 1] if cx8 > 0 else cells[cy8, cx8]  # read only where it exists
+    top = cells[cy8 - 1, cx8] if cy8 > 0 else cells[cy8, cx8]
+    left_is = mode[cy8, cx8 - 1] if cx8 > 0 else -1  # the neighbours' modes, -1 where there is none
+    top_is = mode[cy8 - 1, cx8] if cy8 > 0 else -1
+    this = cells[cy8, cx8]  # the encoder's decisions; overwritten below with what was coded
     mvy = 0
     mvx = 0
     bi = 0
@@ -602,58 +660,50 @@ def _code_leaf(
         # predictor: left neighbour's vector if it is inter, else the top one's, else zero
         py = 0
         px = 0
-        if cx8 > 0 and mode[cy8, cx8 - 1] == INTER:
-            py = mv[cy8, cx8 - 1, 0]
-            px = mv[cy8, cx8 - 1, 1]
-        elif cy8 > 0 and mode[cy8 - 1, cx8] == INTER:
-            py = mv[cy8 - 1, cx8, 0]
-            px = mv[cy8 - 1, cx8, 1]
-        mvy = _code_vector_component(enc, st, buf, probs, CTX_MV_ZERO, CTX_MV_MAG, py, mv[cy8, cx8, 0])
-        mvx = _code_vector_component(enc, st, buf, probs, CTX_MV_ZERO + 1, CTX_MV_MAG + UEG_CONTEXTS, px, mv[cy8, cx8, 1])
+        if left_is == INTER:
+            py = left[MV_Y]
+            px = left[MV_X]
+        elif top_is == INTER:
+            py = top[MV_Y]
+            px = top[MV_X]
+        mvy = _code_vector_component(enc, st, buf, probs, CTX_MV_ZERO, CTX_MV_MAG, py, this[MV_Y])
+        mvx = _code_vector_component(enc, st, buf, probs, CTX_MV_ZERO + 1, CTX_MV_MAG + UEG_CONTEXTS, px, this[MV_X])
         if has_ref2:
             # optional second vector into the frame before, predicted as twice the first
-            nbi = 0
-            if cx8 > 0 and mode[cy8, cx8 - 1] == INTER and mv[cy8, cx8 - 1, 2]:
-                nbi += 1
-            if cy8 > 0 and mode[cy8 - 1, cx8] == INTER and mv[cy8 - 1, cx8, 2]:
-                nbi += 1
-            bi = code_bit(enc, st, buf, probs, CTX_BI + nbi, mv[cy8, cx8, 2] if enc else 0)
+            nbi = (1 if left_is == INTER and left[BI] else 0) + (1 if top_is == INTER and top[BI] else 0)
+            bi = code_bit(enc, st, buf, probs, CTX_BI + nbi, this[BI] if enc else 0)
             if bi:
-                my2 = _code_vector_component(enc, st, buf, probs, CTX_MV2_ZERO, CTX_MV2_MAG, 2 * mvy, mv[cy8, cx8, 3])
+                my2 = _code_vector_component(enc, st, buf, probs, CTX_MV2_ZERO, CTX_MV2_MAG, 2 * mvy, this[MV2_Y])
                 mx2 = _code_vector_component(
-                    enc, st, buf, probs, CTX_MV2_ZERO + 1, CTX_MV2_MAG + UEG_CONTEXTS, 2 * mvx, mv[cy8, cx8, 4]
+                    enc, st, buf, probs, CTX_MV2_ZERO + 1, CTX_MV2_MAG + UEG_CONTEXTS, 2 * mvx, this[MV2_X]
                 )
     variant = 0
     if m == INTER or m == INTRA:
-        nvar = 0
-        if cx8 > 0 and mode[cy8, cx8 - 1] == m and mv[cy8, cx8 - 1, 5]:
-            nvar += 1
-        if cy8 > 0 and mode[cy8 - 1, cx8] == m and mv[cy8 - 1, cx8, 5]:
-            nvar += 1
+        nvar = (1 if left_is == m and left[VARIANT] else 0) + (1 if top_is == m and top[VARIANT] else 0)
         ctx = CTX_VARIANT + (3 if m == INTRA else 0) + nvar
-        want = mv[cy8, cx8, 5] if enc else 0
+        want = this[VARIANT] if enc else 0
         variant = code_bit(enc, st, buf, probs, ctx, 1 if want else 0)
         if variant and m == INTER and code_bit(enc, st, buf, probs, CTX_WEIGHT, 1 if want >= 2 else 0):
             variant = 2 + code_bit(enc, st, buf, probs, CTX_WEIGHT + 1, 1 if want == 3 else 0)
     dc = 0
     if m == INTER:
-        ndc = 0
-        if cx8 > 0 and mode[cy8, cx8 - 1] == INTER and mv[cy8, cx8 - 1, 6]:
-            ndc += 1
-        if cy8 > 0 and mode[cy8 - 1, cx8] == INTER and mv[cy8 - 1, cx8, 6]:
-            ndc += 1
-        dc = _code_signed(enc, st, buf, probs, CTX_DC_ZERO + ndc, CTX_DC_MAG, mv[cy8, cx8, 6] if enc else 0)
+        ndc = (1 if left_is == INTER and left[OFFSET] else 0) + (1 if top_is == INTER and top[OFFSET] else 0)
+        dc = _code_signed(enc, st, buf, probs, CTX_DC_ZERO + ndc, CTX_DC_MAG, this[OFFSET] if enc else 0)
     for yy in range(cy8, cy8 + n8):
         for xx in range(cx8, cx8 + n8):
-            leafsize[yy, xx] = s
+            decisions.leaf_size[yy, xx] = s
             mode[yy, xx] = m
-            mv[yy, xx, 0] = mvy
-            mv[yy, xx, 1] = mvx
-            mv[yy, xx, 2] = bi
-            mv[yy, xx, 3] = my2
-            mv[yy, xx, 4] = mx2
-            mv[yy, xx, 5] = variant
-            mv[yy, xx, 6] = dc
+            cells[yy, xx, MV_Y] = mvy
+            cells[yy, xx, MV_X] = mvx
+            cells[yy, xx, MV2_Y] = my2
+            cells[yy, xx, MV2_X] = mx2
+            cells[yy, xx, BI] = bi
+            cells[yy, xx, VARIANT] = variant
+            cells[yy, xx, OFFSET] = dc
+    src_y, src_u, src_v = src
+    rec_y, rec_u, rec_v = rec
+    ref_y, ref_u, ref_v = ref
+    kmap_y, kmap_u, kmap_v = levels
     c0y = y0 // 2
     c0x = x0 // 2
     cs = s // 2
@@ -665,6 +715,9 @@ def _code_leaf(
         kmap_u[c0y:c0y + cs, c0x:c0x + cs] = 0
         kmap_v[c0y:c0y + cs, c0x:c0x + cs] = 0
     elif m == PALETTE:
+        pred_y, npred_y, pred_c, npred_c = predictors
+        pal_y, pal_yn, pal_c, pal_cn = decisions.pal_y, decisions.pal_yn, decisions.pal_c, decisions.pal_cn
+        tol = coding.tol
         keys = np.empty(MAX_PAL, np.int64)
         n = pal_yn[cy8, cx8] if enc else 0
         if enc:
@@ -688,11 +741,15 @@ def _code_leaf(
         pal_c[cy8, cx8, :n2] = keys2[:n2]
         code_indices(enc, st, buf, probs, src_u, src_v, rec_u, rec_v, kmap_u, kmap_v, c0y, c0x, cs, keys2, n2, True, 2 * tol)
     else:
-        mot = (np.int64(bi), np.int64(mvy), np.int64(mvx), np.int64(my2), np.int64(mx2))
+        ref2_y, ref2_u, ref2_v = ref2
+        kprev_y, kprev_u, kprev_v = prev_levels
+        q4 = coding.q4
+        rounding = coding.rounding
+        mot = (np.int64(mvy), np.int64(mvx), np.int64(my2), np.int64(mx2), np.int64(bi))
         code_residual_block(
             enc, st, buf, probs, src_y, rec_y, ref_y, ref2_y, kmap_y, kprev_y, y0, x0, s, q4, rounding, m, variant, 0, mot, dc
         )
-        cmot = (mot[0], mot[1] >> 1, mot[2] >> 1, mot[3] >> 1, mot[4] >> 1)
+        cmot = chroma_motion(mot)
         code_residual_block(
             enc, st, buf, probs, src_u, rec_u, ref_u, ref2_u, kmap_u, kprev_u, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot, 0
         )

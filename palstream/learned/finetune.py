@@ -2,8 +2,8 @@
 
 ``palstream train --reinforce --init WEIGHTS`` (issue 5, item 6). The codec asks the generator
 for 16-entry palettes of "candidate" 16x16 blocks (many distinct levels, yet the 16 most frequent
-cover >= 75% of the pixels; :func:`candidate_mask`, the rule of
-``palstream.codec.chunk._palette_proposals``). Fine-tuning treats the generator as a policy on
+cover >= 75% of the pixels; :func:`candidate_mask`, the codec's own rule
+``palstream.codec.chunk.proposal_candidates``). Fine-tuning treats the generator as a policy on
 exactly those blocks:
 
 * **action**: the network's width logits (:meth:`PaletteNet.policy`) plus Gaussian noise of a fixed
@@ -35,18 +35,18 @@ import constriction
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
+from palstream.codec.analysis import PROPOSAL_BLOCK as BLOCK
+from palstream.codec.chunk import LAMBDA, PROPOSAL_SIZE, proposal_candidates
+from palstream.codec.config import EncoderConfig
 from palstream.errors import InputError, PalstreamError
 from palstream.learned.data import Plane420, list_sources, read_frames
 from palstream.learned.generator import load_weights, save_weights
 from palstream.learned.model import RANK_STEPS, PaletteNet
 
-BLOCK = 16  # palstream.codec.analysis.PROPOSAL_BLOCK
-PROPOSAL_SIZE = 16  # palstream.codec.chunk.PROPOSAL_SIZE: entries the codec asks for
-PROPOSAL_COVERAGE = 0.75  # palstream.codec.chunk.PROPOSAL_COVERAGE
-MAX_PALETTE = 64  # EncoderConfig.max_palette default, part of the candidate rule
-# The codec trades one bit for chunk.LAMBDA * step^2 squared error (LAMBDA = 0.375); step 6 lies
-# between the steps its rate control picks for 40 and 45 dB on the corpus.
-DEFAULT_LAMBDA = 0.375 * 6**2
+MAX_PALETTE = EncoderConfig.max_palette  # the default, part of the candidate rule
+# The codec trades one bit for LAMBDA * step^2 squared error; step 6 lies between the steps its
+# rate control picks for 40 and 45 dB on the corpus.
+DEFAULT_LAMBDA = LAMBDA * 6**2
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class ReinforceConfig:
 
 
 def candidate_mask(luma: np.ndarray, max_palette: int = MAX_PALETTE) -> np.ndarray:
-    """The codec's rule for asking the generator (``palstream.codec.chunk._palette_proposals``).
+    """The codec's rule for asking the generator (``palstream.codec.chunk.proposal_candidates``), as a mask.
 
     Parameters
     ----------
@@ -126,13 +126,9 @@ def candidate_mask(luma: np.ndarray, max_palette: int = MAX_PALETTE) -> np.ndarr
         bool (N,): more distinct levels than ``min(max_palette, 64)``, yet the 16 most frequent
         levels cover at least 75% of the pixels.
     """
-    n, p = luma.shape
-    if n == 0:
-        return np.zeros(0, bool)
-    hist = np.bincount((np.arange(n)[:, None] * 256 + luma).ravel(), minlength=n * 256).reshape(n, 256)
-    distinct = (hist > 0).sum(1)
-    top = np.partition(hist, -PROPOSAL_SIZE, axis=1)[:, -PROPOSAL_SIZE:].sum(1)
-    return (distinct > min(max_palette, p // 4)) & (top >= PROPOSAL_COVERAGE * p)
+    mask = np.zeros(len(luma), bool)
+    mask[proposal_candidates(luma, max_palette)] = True
+    return mask
 
 
 def candidate_blocks(frame: Plane420, stride: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,141 @@
+"""Bytes back to frames: the chunk header, the frame loop both directions run, and ``decode_chunk``.
+
+The payload layout is specified in ``storage/BITSTREAM.md``. The encoder (``chunk.py``) writes
+this header and runs this frame loop too, with its decisions: its reconstruction is the
+decoder's output by construction. Numpy and numba only: decoding never needs torch.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from palstream.codec import rangecoder, syntax
+from palstream.errors import ArchiveError
+from palstream.frames import Frames
+
+MAGIC = b"PSC1"
+VERSION = 3
+HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width, height, step*4, min, max, 0, body bytes
+FLAG_LOSSLESS = 1
+MAX_DIMENSION = 16384
+MAX_FRAMES = 1024
+MAX_CHUNK_SAMPLES = 1 << 31  # decoded samples of one chunk (2 GiB): a larger header is a lie or an error
+
+
+class BitstreamError(ArchiveError):
+    """A chunk payload does not parse (damaged or not palstream data)."""
+
+
+def code_frames(enc, buf, planes, recon, coding, decide=None, frames=None, emit=None):
+    """Code every frame of a chunk in one direction; returns the coder state.
+
+    The encoder passes ``planes`` (the source), ``recon`` with a slot for every frame, and
+    ``decide(f, src, ref, ref2, decisions)``, which fills the ``syntax.Decisions`` of frame ``f``.
+    The decoder passes ``frames`` (the count) and ``recon`` with three slots, used in turn (the
+    syntax references at most two frames back), and receives each frame through ``emit(f, rec)``
+    once it is complete; it stops at the first frame that reads past the end of the body. Planes
+    travel as (Y, Cb, Cr) tuples; ``coding`` is the chunk's ``syntax.Coding``.
+    """
+    t = planes[0].shape[0] if enc else frames
+    slots = recon[0].shape[0]
+    h, w = recon[0].shape[1:]
+    st = rangecoder.new_state()
+    if not enc:
+        rangecoder.start_decoding(st, buf)
+    probs = rangecoder.new_probs(syntax.N_CONTEXTS)
+    decisions = syntax.Decisions.zeros(h, w)
+    # signed residual levels of the current and the previous frame, for contexts; swapped per frame
+    levels, prev_levels = (tuple(np.zeros(shape, np.int8) for shape in [(h, w), (h // 2, w // 2), (h // 2, w // 2)])
+                           for _ in range(2))
+    # palette predictor lists: luma keys, their count, chroma keys, their count
+    predictors = (np.zeros(syntax.MAX_PAL, np.int64), np.zeros(1, np.int64), np.zeros(syntax.MAX_PAL, np.int64),
+                  np.zeros(1, np.int64))
+    for f in range(t):
+        rec = tuple(p[f % slots] for p in recon)
+        if f >= slots:
+            for p in rec:  # a reused slot must read as undecoded (zero), as a fresh one does
+                p[...] = 0
+        src = tuple(p[f] for p in planes) if enc else rec
+        ref = tuple(p[(f - 1) % slots] for p in recon) if f > 0 else rec
+        ref2 = tuple(p[(f - 2) % slots] for p in recon) if f > 1 else ref
+        if decide is not None:
+            decide(f, src, ref, ref2, decisions)
+        syntax.code_frame(
+            enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, f == 0, f > 1, coding, decisions, predictors
+        )
+        if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
+            break
+        levels, prev_levels = prev_levels, levels
+        if emit is not None:
+            emit(f, rec)
+    return st
+
+
+def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None) -> Frames:
+    """Decode one GOP payload to frames.
+
+    Work and memory follow the data: the header is checked before anything is allocated, the
+    output grows a frame at a time, and decoding stops within one CTU of reading past the end of
+    the body, however many frames the header declares.
+
+    Parameters
+    ----------
+    payload : bytes
+        The chunk as stored (header and body, ``storage/BITSTREAM.md``).
+    expected : tuple of int, optional
+        ``(frames, height, width)`` that the container says this chunk holds; a header that
+        declares anything else is refused before decoding.
+
+    Returns
+    -------
+    Frames
+        ``frames`` frames of ``height`` x ``width``.
+
+    Raises
+    ------
+    BitstreamError
+        The payload is malformed, truncated, or disagrees with ``expected``.
+    """
+    if len(payload) < HEADER.size:
+        raise BitstreamError(f"payload of {len(payload)} bytes is shorter than its {HEADER.size}-byte header")
+    magic, version, flags, t, w, h, q4, min_block, max_block, reserved, body_len = HEADER.unpack_from(payload)
+    if magic != MAGIC:
+        raise BitstreamError("payload does not start with the palstream chunk magic 'PSC1'")
+    if version != VERSION:
+        raise BitstreamError(f"chunk bitstream version {version} is not supported (this decoder reads {VERSION})")
+    if not (1 <= t <= MAX_FRAMES and 1 <= w <= MAX_DIMENSION and 1 <= h <= MAX_DIMENSION):
+        raise BitstreamError(f"declared size {t} frames of {w}x{h} is out of range")
+    if expected is not None and tuple(expected) != (t, h, w):
+        et, eh, ew = expected
+        raise BitstreamError(f"header declares {t} frames of {w}x{h}, the archive {et} frames of {ew}x{eh}")
+    if flags & ~FLAG_LOSSLESS or reserved:
+        raise BitstreamError(f"unknown header flags {flags:#x} / reserved byte {reserved}: written by a newer palstream?")
+    if q4 < 4 or min_block not in (8, 16, 32, 64) or max_block not in (8, 16, 32, 64) or min_block > max_block:
+        raise BitstreamError(f"declared coding parameters (step {q4}/4, blocks {min_block}..{max_block}) are invalid")
+    if body_len != len(payload) - HEADER.size:
+        raise BitstreamError(f"declared body of {body_len} bytes but {len(payload) - HEADER.size} are present")
+    ph, pw = h + (-h % syntax.CTU), w + (-w % syntax.CTU)
+    if t * ph * pw * 3 // 2 > MAX_CHUNK_SAMPLES:
+        raise BitstreamError(f"declared size {t} frames of {w}x{h} exceeds the decoder's {MAX_CHUNK_SAMPLES >> 30} GiB chunk limit")
+    slots = min(t, 3)
+    recon = (
+        np.zeros((slots, ph, pw), np.uint8),
+        np.zeros((slots, ph // 2, pw // 2), np.uint8),
+        np.zeros((slots, ph // 2, pw // 2), np.uint8),
+    )
+    ch, cw = (h + 1) // 2, (w + 1) // 2
+    # np.empty: pages are only taken as decoded frames are copied in
+    out = Frames(np.empty((t, h, w), np.uint8), np.empty((t, ch, cw), np.uint8), np.empty((t, ch, cw), np.uint8))
+
+    def emit(f, rec):
+        out.y[f] = rec[0][:h, :w]
+        out.u[f] = rec[1][:ch, :cw]
+        out.v[f] = rec[2][:ch, :cw]
+
+    buf = np.frombuffer(payload, np.uint8, offset=HEADER.size).copy()  # writable: one compiled coder for both directions
+    st = code_frames(False, buf, None, recon, syntax.Coding(q4, (0,) * 5, 0, min_block, max_block), frames=t, emit=emit)
+    if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
+        raise BitstreamError("chunk body ends before its frames are complete (truncated)")
+    return out
