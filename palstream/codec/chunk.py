@@ -16,6 +16,7 @@ import numpy as np
 
 from palstream.codec import analysis, rangecoder, syntax
 from palstream.codec.config import EncoderConfig
+from palstream.codec.ratecontrol import LambdaControl
 from palstream.errors import ArchiveError
 from palstream.frames import Frames
 
@@ -174,18 +175,18 @@ def _generator(name: str):
     return create_palette_generator(name)
 
 
-def _encode_at(padded, rung, config: EncoderConfig, proposals, motion):
+def _encode_at(padded, rung, config: EncoderConfig, proposals, motion, control: LambdaControl | None = None):
+    """Code the frames of ``padded`` at one rung; ``control`` scales the RD lambda frame by frame."""
     q4, rounding = rung
     rnd4 = rounding[0]
-    t, h, w = padded[0].shape
     lam = 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
     dweight = 1e6 if config.lossless else 1.0
-    rd_lambda = max(lam, 1.0)
-    table = analysis.residual_cost_table(q4, rnd4, rd_lambda, dweight)
     tol = int(lam * 2)
     noise = 0 if config.lossless else round(q4 * INTRA_NOISE)
 
     def decide(f, src, ref, ref2, maps):
+        rd_lambda = max(lam * (control.scale(f, recon[0]) if control else 1.0), 1.0)
+        table = analysis.residual_cost_table(q4, rnd4, rd_lambda, dweight)
         analysis.decide(
             *src, *ref, *ref2, f > 0, f > 1, motion[f], table, rd_lambda, dweight, noise,
             config.min_block, config.max_block, config.max_palette, *(p[f] for p in proposals), *maps.args(),
@@ -318,10 +319,10 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
     motion = analysis.motion_search_chunk(padded[0], config.search_range)
     attempts = 0
 
-    def encode_at(rung, count, config=config):
+    def encode_at(rung, count, config=config, control=None):
         nonlocal attempts
         attempts += 1
-        body, recon = _encode_at(tuple(p[:count] for p in padded), LADDER[rung], config, proposals, motion)
+        body, recon = _encode_at(tuple(p[:count] for p in padded), LADDER[rung], config, proposals, motion, control)
         diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
         return body, float(np.mean(diff**2))
 
@@ -331,14 +332,18 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
         body, mse = encode_at(rung, t)
     else:
         rung, probes = _choose_rung(encode_at, config.target_psnr, t)
-        body, mse = encode_at(rung, t)
+        # the full encode spends what the rung leaves between the chunk and its floor (rungs are
+        # 0.3-0.8 dB apart; the prefix misjudges chunks that change later) by scaling the RD
+        # lambda frame by frame: one encode lands ~0.1 dB above the floor
+        target_mse = 255.0**2 / 10 ** (config.target_psnr / 10)
+        control = LambdaControl(frames.y, target_mse)
+        body, mse = encode_at(rung, t, control=control)
         # the quality floor is a promise: step down until the whole chunk meets it, by the
         # step that the measured MSE says is needed (MSE grows about as the step squared), and
         # faster each time that falls short (where skipped blocks, not the step, set the quality);
         # where the prefix was probed at this rung, the rest of the chunk is that much harder than
         # the prefix at every rung, which may rule out the rungs in between (content that changes
         # after the prefix: a screen recording)
-        target_mse = 255.0**2 / 10 ** (config.target_psnr / 10)
         failures = 0
         while _psnr(mse) < config.target_psnr and rung > 0:
             needed = STEPS[rung] * math.sqrt(target_mse / mse)
@@ -350,7 +355,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
                     finer = min(finer, max(likely))
             rung = finer
             failures += 1
-            body, mse = encode_at(rung, t)
+            body, mse = encode_at(rung, t, control=control)
         if _psnr(mse) < config.target_psnr:
             # even step 1 misses the floor where the RD trade-off still prefers skipped blocks
             # or merged palette entries (camera noise at 50 dB and more): code the chunk exactly
