@@ -185,7 +185,7 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, motion, control: 
     noise = 0 if config.lossless else round(q4 * INTRA_NOISE)
 
     def decide(f, src, ref, ref2, maps):
-        rd_lambda = max(lam * (control.scale(f, recon[0]) if control else 1.0), 1.0)
+        rd_lambda = max(lam, 1.0) * (control.scale(f, recon[0]) if control else 1.0)
         table = analysis.residual_cost_table(q4, rnd4, rd_lambda, dweight)
         analysis.decide(
             *src, *ref, *ref2, f > 0, f > 1, motion[f], table, rd_lambda, dweight, noise,
@@ -238,6 +238,12 @@ def _rung_at(step: float) -> int:
 
 
 PROBES = 5  # rate-control probes per chunk at most, each on the first eighth of its frames
+# The full encode's lambda control (ratecontrol.LambdaControl) gains about this much PSNR by lowering
+# lambda, and a coarser step with a lower lambda costs fewer bits than a finer one with a higher
+# lambda (corpus, 32 frames: -3 % at 0.5 dB; at 1 dB lambda falls so low it costs bits), so the
+# probes look for the coarsest rung whose prefix lands within it of the floor.
+PROBE_SLACK_DB = 0.5
+RETRY_STEP = 0.85  # a full encode that misses the floor is retried at this times the step it needed, or finer
 
 
 def _choose_rung(encode_at, target_psnr: float, frames: int) -> tuple[int, dict[int, float]]:
@@ -331,7 +337,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
         rung = 0
         body, mse = encode_at(rung, t)
     else:
-        rung, probes = _choose_rung(encode_at, config.target_psnr, t)
+        rung, probes = _choose_rung(encode_at, config.target_psnr - PROBE_SLACK_DB, t)
         # the full encode spends what the rung leaves between the chunk and its floor (rungs are
         # 0.3-0.8 dB apart; the prefix misjudges chunks that change later) by scaling the RD
         # lambda frame by frame: one encode lands ~0.1 dB above the floor
@@ -339,15 +345,16 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
         control = LambdaControl(frames.y, target_mse)
         body, mse = encode_at(rung, t, control=control)
         # the quality floor is a promise: step down until the whole chunk meets it, by the
-        # step that the measured MSE says is needed (MSE grows about as the step squared), and
-        # faster each time that falls short (where skipped blocks, not the step, set the quality);
+        # step that the measured MSE says is needed (MSE grows about as the step squared) and
+        # RETRY_STEP more each time, for lambda control to spend (it missed because the chunk
+        # turned harder than it could foresee: a failure costs a full encode, slack does not);
         # where the prefix was probed at this rung, the rest of the chunk is that much harder than
         # the prefix at every rung, which may rule out the rungs in between (content that changes
         # after the prefix: a screen recording)
         failures = 0
         while _psnr(mse) < config.target_psnr and rung > 0:
-            needed = STEPS[rung] * math.sqrt(target_mse / mse)
-            finer = min(rung - 1, _rung_at(min(needed, STEPS[rung] - (1 << failures))))  # 1, 2, 4, .. quarters finer
+            needed = STEPS[rung] * math.sqrt(target_mse / mse) * RETRY_STEP ** (failures + 1)
+            finer = min(rung - 1, _rung_at(needed))
             if probes.get(rung):
                 harder = mse / probes[rung]
                 likely = [r for r, m in probes.items() if r < rung and m * harder <= target_mse]
