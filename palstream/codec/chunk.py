@@ -14,9 +14,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from palstream.codec import analysis, rangecoder, syntax
+from palstream.codec import analysis, rangecoder, ratecontrol, syntax
 from palstream.codec.config import EncoderConfig
-from palstream.codec.ratecontrol import LambdaControl
 from palstream.errors import ArchiveError
 from palstream.frames import Frames
 
@@ -175,7 +174,7 @@ def _generator(name: str):
     return create_palette_generator(name)
 
 
-def _encode_at(padded, rung, config: EncoderConfig, proposals, motion, control: LambdaControl | None = None):
+def _encode_at(padded, rung, config: EncoderConfig, proposals, motion, control: ratecontrol.LambdaControl | None = None):
     """Code the frames of ``padded`` at one rung; ``control`` scales the RD lambda frame by frame."""
     q4, rounding = rung
     rnd4 = rounding[0]
@@ -246,9 +245,8 @@ PROBE_SLACK_DB = 0.5
 RETRY_STEP = 0.85  # a full encode that misses the floor is retried at this times the step it needed, or finer
 
 
-def _choose_rung(encode_at, target_psnr: float, frames: int) -> tuple[int, dict[int, float]]:
-    """Coarsest rung of ``LADDER`` whose encode of a prefix of the chunk still meets the target,
-    and the prefix MSE of every probed rung.
+def _choose_rung(encode_at, target_psnr: float, frames: int) -> int:
+    """Coarsest rung of ``LADDER`` whose encode of a prefix of the chunk still meets the target.
 
     Probes the first eighth of the chunk at the step the uniform-error model predicts, then
     where a line of log MSE against log step meets the target: through the two latest probes
@@ -264,7 +262,7 @@ def _choose_rung(encode_at, target_psnr: float, frames: int) -> tuple[int, dict[
     for _ in range(PROBES):
         _, probes[rung] = encode_at(rung, probe)
         if probes[rung] == 0:
-            return rung, probes
+            return rung
         passing = [r for r, m in probes.items() if m <= target_mse]
         failing = [r for r, m in probes.items() if m > target_mse]
         if passing and failing:
@@ -289,7 +287,7 @@ def _choose_rung(encode_at, target_psnr: float, frames: int) -> tuple[int, dict[
             break
         rung = guess
     passing = [r for r, m in probes.items() if m <= target_mse]
-    return (max(passing) if passing else max(0, min(probes) - 1)), probes
+    return max(passing) if passing else max(0, min(probes) - 1)
 
 
 def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> EncodedChunk:
@@ -337,32 +335,24 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
         rung = 0
         body, mse = encode_at(rung, t)
     else:
-        rung, probes = _choose_rung(encode_at, config.target_psnr - PROBE_SLACK_DB, t)
+        rung = _choose_rung(encode_at, config.target_psnr - PROBE_SLACK_DB, t)
         # the full encode spends what the rung leaves between the chunk and its floor (rungs are
         # 0.3-0.8 dB apart; the prefix misjudges chunks that change later) by scaling the RD
         # lambda frame by frame: one encode lands ~0.1 dB above the floor
         target_mse = 255.0**2 / 10 ** (config.target_psnr / 10)
-        control = LambdaControl(frames.y, target_mse)
+        control = ratecontrol.LambdaControl(frames.y, target_mse)
         body, mse = encode_at(rung, t, control=control)
         # the quality floor is a promise: step down until the whole chunk meets it, by the
         # step that the measured MSE says is needed (MSE grows about as the step squared) and
-        # RETRY_STEP more each time, for lambda control to spend (it missed because the chunk
-        # turned harder than it could foresee: a failure costs a full encode, slack does not);
-        # where the prefix was probed at this rung, the rest of the chunk is that much harder than
-        # the prefix at every rung, which may rule out the rungs in between (content that changes
-        # after the prefix: a screen recording)
-        failures = 0
+        # RETRY_STEP more, for lambda control to spend (it missed because the chunk turned
+        # harder than it could foresee: a miss costs a full encode, slack does not), steering
+        # further above the floor; after a second miss, at the nominal lambda (film at 50 dB
+        # turned hard in its last frames, after control had spent the slack, at every rung)
+        control = ratecontrol.LambdaControl(frames.y, target_mse, ratecontrol.RETRY_AIM_DB)
         while _psnr(mse) < config.target_psnr and rung > 0:
-            needed = STEPS[rung] * math.sqrt(target_mse / mse) * RETRY_STEP ** (failures + 1)
-            finer = min(rung - 1, _rung_at(needed))
-            if probes.get(rung):
-                harder = mse / probes[rung]
-                likely = [r for r, m in probes.items() if r < rung and m * harder <= target_mse]
-                if likely:
-                    finer = min(finer, max(likely))
-            rung = finer
-            failures += 1
+            rung = min(rung - 1, _rung_at(STEPS[rung] * math.sqrt(target_mse / mse) * RETRY_STEP))
             body, mse = encode_at(rung, t, control=control)
+            control = None
         if _psnr(mse) < config.target_psnr:
             # even step 1 misses the floor where the RD trade-off still prefers skipped blocks
             # or merged palette entries (camera noise at 50 dB and more): code the chunk exactly

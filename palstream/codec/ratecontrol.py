@@ -16,12 +16,16 @@ import math
 import numpy as np
 
 AIM_DB = 0.1  # the controller steers to this much above the floor (frame-to-frame noise stays above it)
+# after a miss: the chunk turned harder late, after the slack was spent (a dialog opening in a screen
+# recording, the last frames of the film at 50 dB); its retry keeps more in hand
+RETRY_AIM_DB = 0.4
 GAIN = 0.5  # share of the log-MSE error corrected per frame: MSE grows about as lambda near the nominal one
 # Largest change of the multiplier from one frame to the next. Spending slack is slow: a coarser
 # frame also degrades the references of the frames after it, which shows only later (film grain
 # at 50 dB overspent and missed with 2x a frame); recovering is fast.
 RISE_LIMIT, FALL_LIMIT = 1.25, 2.0
-SCALE_RANGE = (0.25, 4.0)  # beyond these the decisions stop moving (fine end) or cost too much in reference quality
+# below 0.25 the decisions stop moving; 8 spends the slack a retry leaves on screen content
+SCALE_RANGE = (0.25, 8.0)
 
 
 class LambdaControl:
@@ -33,12 +37,13 @@ class LambdaControl:
         The chunk's luma frames (T, H, W), uncropped by padding.
     floor_mse : float
         Largest luma MSE of the whole chunk that meets its PSNR floor.
+    aim_db : float, default AIM_DB
+        How far above the floor, in dB PSNR, to steer.
     """
 
-    def __init__(self, source_y: np.ndarray, floor_mse: float):
+    def __init__(self, source_y: np.ndarray, floor_mse: float, aim_db: float = AIM_DB):
         self.source_y = source_y
-        self.floor_mse = floor_mse
-        self.aim_mse = floor_mse / 10 ** (AIM_DB / 10)
+        self.aim_mse = floor_mse / 10 ** (aim_db / 10)
         self.frame_mse: list[float] = []
         self.scales: list[float] = []
 
