@@ -54,8 +54,9 @@ class LambdaControl:
             self.scales = [1.0]
             return 1.0
         t, h, w = self.source_y.shape
-        diff = recon_y[f - 1, :h, :w].astype(np.float64) - self.source_y[f - 1]
-        self.frame_mse.append(float(np.mean(diff * diff)))
+        # float32 dot: a twentieth of the time of a float64 mean, ~1e-5 off; the chunk's check is exact
+        diff = np.subtract(recon_y[f - 1, :h, :w], self.source_y[f - 1], dtype=np.int16).astype(np.float32).ravel()
+        self.frame_mse.append(float(np.dot(diff, diff)) / diff.size)
         allowed = (self.aim_mse * t - sum(self.frame_mse)) / (t - f)  # per frame, for the frames left
         last = max(self.frame_mse[-1], 1e-3)
         change = math.exp(GAIN * math.log(allowed / last)) if allowed > 0 else 1 / FALL_LIMIT
