@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from palstream.codec import analysis, rangecoder, syntax
+from palstream.codec import analysis, rangecoder, ratecontrol, syntax
 from palstream.codec.config import EncoderConfig
 from palstream.codec.decoder import FLAG_LOSSLESS, HEADER, MAGIC, MAX_DIMENSION, MAX_FRAMES, VERSION, code_frames
 from palstream.frames import Frames
@@ -123,19 +123,19 @@ def _generator(name: str):
     return create_palette_generator(name)
 
 
-def _encode_at(padded, rung, config: EncoderConfig, proposals, motion):
+def _encode_at(padded, rung, config: EncoderConfig, proposals, motion, control: ratecontrol.LambdaControl | None = None):
+    """Code the frames of ``padded`` at one rung; ``control`` scales the RD lambda frame by frame."""
     q4, rounding = rung
     rnd4 = rounding[0]
     lam = 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
     dweight = 1e6 if config.lossless else 1.0
-    rd_lambda = max(lam, 1.0)
-    table = analysis.residual_cost_table(q4, rnd4, rd_lambda, dweight)
     tol = int(lam * 2)
     noise = 0 if config.lossless else round(q4 * INTRA_NOISE)
 
-    pricing = analysis.Pricing(table, rd_lambda, dweight, noise, config.min_block, config.max_block, config.max_palette)
-
     def decide(f, src, ref, ref2, decisions):
+        rd_lambda = max(lam, 1.0) * (control.scale(f, recon[0]) if control else 1.0)
+        table = analysis.residual_cost_table(q4, rnd4, rd_lambda, dweight)
+        pricing = analysis.Pricing(table, rd_lambda, dweight, noise, config.min_block, config.max_block, config.max_palette)
         analysis.decide(src, ref, ref2, f > 0, f > 1, motion[f], pricing, tuple(p[f] for p in proposals), decisions)
 
     recon = tuple(np.zeros_like(p) for p in padded)
@@ -184,11 +184,16 @@ def _rung_at(step: float) -> int:
 
 
 PROBES = 5  # rate-control probes per chunk at most, each on the first eighth of its frames
+# The full encode's lambda control (ratecontrol.LambdaControl) gains about this much PSNR by lowering
+# lambda, and a coarser step with a lower lambda costs fewer bits than a finer one with a higher
+# lambda (corpus, 32 frames: -3 % at 0.5 dB; at 1 dB lambda falls so low it costs bits), so the
+# probes look for the coarsest rung whose prefix lands within it of the floor.
+PROBE_SLACK_DB = 0.5
+RETRY_STEP = 0.85  # a full encode that misses the floor is retried at this times the step it needed, or finer
 
 
-def _choose_rung(encode_at, target_psnr: float, frames: int) -> tuple[int, dict[int, float]]:
-    """Coarsest rung of ``LADDER`` whose encode of a prefix of the chunk still meets the target,
-    and the prefix MSE of every probed rung.
+def _choose_rung(encode_at, target_psnr: float, frames: int) -> int:
+    """Coarsest rung of ``LADDER`` whose encode of a prefix of the chunk still meets the target.
 
     Probes the first eighth of the chunk at the step the uniform-error model predicts, then
     where a line of log MSE against log step meets the target: through the two latest probes
@@ -204,7 +209,7 @@ def _choose_rung(encode_at, target_psnr: float, frames: int) -> tuple[int, dict[
     for _ in range(PROBES):
         _, probes[rung] = encode_at(rung, probe)
         if probes[rung] == 0:
-            return rung, probes
+            return rung
         passing = [r for r, m in probes.items() if m <= target_mse]
         failing = [r for r, m in probes.items() if m > target_mse]
         if passing and failing:
@@ -229,7 +234,7 @@ def _choose_rung(encode_at, target_psnr: float, frames: int) -> tuple[int, dict[
             break
         rung = guess
     passing = [r for r, m in probes.items() if m <= target_mse]
-    return (max(passing) if passing else max(0, min(probes) - 1)), probes
+    return max(passing) if passing else max(0, min(probes) - 1)
 
 
 def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> EncodedChunk:
@@ -265,10 +270,10 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
     motion = analysis.motion_search_chunk(padded[0], config.search_range)
     attempts = 0
 
-    def encode_at(rung, count, config=config):
+    def encode_at(rung, count, config=config, control=None):
         nonlocal attempts
         attempts += 1
-        body, recon = _encode_at(tuple(p[:count] for p in padded), LADDER[rung], config, proposals, motion)
+        body, recon = _encode_at(tuple(p[:count] for p in padded), LADDER[rung], config, proposals, motion, control)
         diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
         return body, float(np.mean(diff**2))
 
@@ -277,27 +282,24 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
         rung = 0
         body, mse = encode_at(rung, t)
     else:
-        rung, probes = _choose_rung(encode_at, config.target_psnr, t)
-        body, mse = encode_at(rung, t)
-        # the quality floor is a promise: step down until the whole chunk meets it, by the
-        # step that the measured MSE says is needed (MSE grows about as the step squared), and
-        # faster each time that falls short (where skipped blocks, not the step, set the quality);
-        # where the prefix was probed at this rung, the rest of the chunk is that much harder than
-        # the prefix at every rung, which may rule out the rungs in between (content that changes
-        # after the prefix: a screen recording)
+        rung = _choose_rung(encode_at, config.target_psnr - PROBE_SLACK_DB, t)
+        # the full encode spends what the rung leaves between the chunk and its floor (rungs are
+        # 0.3-0.8 dB apart; the prefix misjudges chunks that change later) by scaling the RD
+        # lambda frame by frame: one encode lands ~0.1 dB above the floor
         target_mse = 255.0**2 / 10 ** (config.target_psnr / 10)
-        failures = 0
+        control = ratecontrol.LambdaControl(frames.y, target_mse)
+        body, mse = encode_at(rung, t, control=control)
+        # the quality floor is a promise: step down until the whole chunk meets it, by the
+        # step that the measured MSE says is needed (MSE grows about as the step squared) and
+        # RETRY_STEP more, for lambda control to spend (it missed because the chunk turned
+        # harder than it could foresee: a miss costs a full encode, slack does not), steering
+        # further above the floor; after a second miss, at the nominal lambda (film at 50 dB
+        # turned hard in its last frames, after control had spent the slack, at every rung)
+        control = ratecontrol.LambdaControl(frames.y, target_mse, ratecontrol.RETRY_AIM_DB)
         while _psnr(mse) < config.target_psnr and rung > 0:
-            needed = STEPS[rung] * math.sqrt(target_mse / mse)
-            finer = min(rung - 1, _rung_at(min(needed, STEPS[rung] - (1 << failures))))  # 1, 2, 4, .. quarters finer
-            if probes.get(rung):
-                harder = mse / probes[rung]
-                likely = [r for r, m in probes.items() if r < rung and m * harder <= target_mse]
-                if likely:
-                    finer = min(finer, max(likely))
-            rung = finer
-            failures += 1
-            body, mse = encode_at(rung, t)
+            rung = min(rung - 1, _rung_at(STEPS[rung] * math.sqrt(target_mse / mse) * RETRY_STEP))
+            body, mse = encode_at(rung, t, control=control)
+            control = None
         if _psnr(mse) < config.target_psnr:
             # even step 1 misses the floor where the RD trade-off still prefers skipped blocks
             # or merged palette entries (camera noise at 50 dB and more): code the chunk exactly
