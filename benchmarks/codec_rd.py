@@ -676,7 +676,7 @@ def main(
         report = {
             "command": " ".join([".venv/bin/python -m benchmarks.codec_rd", *map(shlex.quote, sys.argv[1:])]),
             "section": section or f"Codec RD vs anchors, {frames} frames (issue 16)",
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "environment": env,
             "load_after": _load(),
             "quick": quick,

@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,8 @@ import torch
 
 from palstream.learned.backbone import block_features, create_backbone
 from palstream.learned.data import grid_blocks, palette_mse, read_frames
-from palstream.learned.generator import CganGenerator
 from palstream.learned.decoding import generate_palettes
+from palstream.learned.generator import CganGenerator
 from palstream.palettes import create_palette_generator
 from palstream.palettes.kmeans import lloyd
 
@@ -89,6 +90,12 @@ def candidate_mask(luma: np.ndarray) -> np.ndarray:
     return (distinct > min(64, luma.shape[1] // 4)) & (top16 >= 0.75 * luma.shape[1])
 
 
+def _generate_with_features(cgan, backbone, frames, parts, x, kk):
+    """cgan-v1 conditioned on the CNN features, whose computation is part of the timed work."""
+    feats = torch.cat([block_features(backbone, f.y, f.u, f.v, p[2]) for f, p in zip(frames, parts)])
+    return cgan.generate_with_scores(x, kk, feats)[0]
+
+
 def timed(fn, repeat: int, device: str):
     best, out = float("inf"), None
     for _ in range(repeat):
@@ -123,23 +130,19 @@ def run(corpus: Path, frames_per_clip: int, repeat: int, weights: Path | None, d
             for comp, blocks in (("luma", luma), ("chroma", chroma)):
                 x = torch.from_numpy(blocks).float().to(device)
                 kk = torch.full((len(x),), min(k, x.shape[1]), dtype=torch.long, device=device)
+                # every method takes (blocks, k); partial() binds this case's blocks when it is timed
                 methods = {
-                    "kmeans(10)": lambda: kmeans.generate(x, kk),
-                    "cgan-v1": lambda: cgan.generate(x, kk),
-                    "cgan-v1 refine 1": lambda: lloyd(x, cgan.generate(x, kk), kk, 1),
+                    "kmeans(10)": kmeans.generate,
+                    "cgan-v1": cgan.generate,
+                    "cgan-v1 refine 1": lambda x, kk: lloyd(x, cgan.generate(x, kk), kk, 1),
                 }
                 if device == "cpu":  # the CPU-only reference methods
-                    methods["median cut"] = lambda: median_cut(x, int(kk[0]))
-                    methods["no network (ablation)"] = lambda: no_network(x, kk)
+                    methods["median cut"] = lambda x, kk: median_cut(x, int(kk[0]))
+                    methods["no network (ablation)"] = no_network
                 if backbone is not None:
-
-                    def with_features():
-                        feats = torch.cat([block_features(backbone, f.y, f.u, f.v, p[2]) for f, p in zip(frames, parts)])
-                        return cgan.generate_with_scores(x, kk, feats)[0]
-
-                    methods["cgan-v1 + CNN features"] = with_features
+                    methods["cgan-v1 + CNN features"] = partial(_generate_with_features, cgan, backbone, frames, parts)
                 for name, fn in methods.items():
-                    pal, seconds = timed(fn, repeat, device)
+                    pal, seconds = timed(partial(fn, x, kk), repeat, device)
                     mse = palette_mse(x, pal, kk).cpu().numpy()
                     results.append(
                         {

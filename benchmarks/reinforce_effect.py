@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from palette_quality import HELD_OUT, cgan_generator
+
 from palstream.learned.data import grid_blocks, palette_mse, read_frames
 from palstream.learned.finetune import BLOCK, DEFAULT_LAMBDA, PROPOSAL_SIZE, collect_candidates, rd_cost
 from palstream.learned.generator import weights_info

@@ -35,7 +35,7 @@ import numpy as np
 from palstream.codec import EncoderConfig
 from palstream.tuner.agent import LinUCB
 from palstream.tuner.features import context_vector
-from palstream.tuner.offline import measure, pretrain, unit_components
+from palstream.tuner.offline import measure, pretrain
 from palstream.tuner.reward import RewardWeights
 from palstream.tuner.space import ARM_NAMES
 

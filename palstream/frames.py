@@ -43,13 +43,13 @@ class Frames:
     def width(self) -> int:
         return self.y.shape[2]
 
-    def __getitem__(self, index: slice) -> "Frames":
+    def __getitem__(self, index: slice) -> Frames:
         if not isinstance(index, slice):
             raise TypeError("Frames supports slicing only; use frames[i:i+1] for one frame")
         return Frames(self.y[index], self.u[index], self.v[index])
 
     @classmethod
-    def concatenate(cls, parts: list["Frames"]) -> "Frames":
+    def concatenate(cls, parts: list[Frames]) -> Frames:
         return cls(*(np.concatenate([getattr(p, n) for p in parts]) for n in "yuv"))
 
     def tobytes(self) -> bytes:

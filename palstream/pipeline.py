@@ -10,10 +10,10 @@ import os
 import shutil
 import warnings
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PurePosixPath
-from typing import Callable
 
 import numpy as np
 

@@ -18,9 +18,9 @@ import shutil
 import stat
 import sys
 import tempfile
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable
 
 import av
 import numpy as np
@@ -336,7 +336,7 @@ def _write_y4m(frames_iter, out, source: SourceInfo) -> int:
     return written
 
 
-def _to_av_frame(frames: Frames, t: int, fmt: str) -> "av.VideoFrame":
+def _to_av_frame(frames: Frames, t: int, fmt: str) -> av.VideoFrame:
     frame = av.VideoFrame(frames.width, frames.height, fmt)
     for plane, data in zip(frame.planes, (frames.y[t], frames.u[t], frames.v[t]), strict=True):
         rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
@@ -453,7 +453,7 @@ def _tag_geometry(context, source: SourceInfo) -> None:
         context.sample_aspect_ratio = Fraction(source.sample_aspect_ratio)
 
 
-def _add_side(container, side: SideStreams, target: str) -> "_Interleaved":
+def _add_side(container, side: SideStreams, target: str) -> _Interleaved:
     """Add ``side``'s streams, attachments, chapters and tags to ``container``; return its packets,
     merged by time as they are read, for :meth:`_Interleaved.mux_until`."""
     container.metadata.update(side.container.get("metadata", {}))

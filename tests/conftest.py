@@ -49,8 +49,8 @@ def run_cli(capsys, monkeypatch):
 @pytest.fixture(scope="session")
 def lossless_archive(tmp_path_factory) -> Path:
     """The 37x29 screen clip (6 frames), encoded losslessly in GOPs of 2: three chunks."""
-    from palstream.pipeline import encode_file
     from palstream.codec import EncoderConfig
+    from palstream.pipeline import encode_file
 
     path = tmp_path_factory.mktemp("archives") / "screen_lossless.zarr"
     encode_file(str(DATA / "screen_37x29.mkv"), str(path), EncoderConfig(lossless=True, gop=2))

@@ -398,7 +398,7 @@ def test_bad_values_fail_with_a_clear_message(overrides, message):
 
 def test_dockerfile_builds_from_files_that_exist():
     text = (REPO / "Dockerfile").read_text()
-    logical = re.sub(r"\\\n", " ", "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#")))
+    logical = re.sub(r"\\\n", " ", "\n".join(row for row in text.splitlines() if not row.lstrip().startswith("#")))
     instructions = [line.split(None, 1) for line in logical.splitlines() if line.strip()]
     base = next(arg for op, arg in instructions if op == "FROM")
     assert re.match(r"nvidia/cuda:[\d.]+-runtime-", base), base

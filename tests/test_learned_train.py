@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from palstream.cli import app
 from palstream.learned.data import palette_mse
-from palstream.learned.train import Trainer, TrainConfig
+from palstream.learned.train import TrainConfig, Trainer
 
 DATA = Path(__file__).parent / "data" / "learned"  # a 128x96 photo crop and a 3-frame 96x64 animation clip
 TINY = dict(blocks_per_size={8: 160, 16: 48}, size_weights={8: 0.5, 16: 0.5}, batch=32, eval_every=5, eval_blocks=24)

@@ -220,7 +220,7 @@ def _finishes(call, seconds: float = 20.0):
     def run():
         try:
             call()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             outcome["error"] = exc
 
     thread = threading.Thread(target=run, daemon=True)

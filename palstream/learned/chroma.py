@@ -33,7 +33,6 @@ import numpy as np
 from numba import njit
 
 import palstream.codec  # noqa: F401  (sets up numba's cache folder before these kernels are defined)
-
 from palstream.learned.model import COMPANDING, HISTOGRAM_BINS
 from palstream.palettes.base import MAX_PALETTE
 

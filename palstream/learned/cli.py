@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,11 +19,11 @@ def train(
     data: Annotated[list[Path], typer.Option("--data", help="Folder of training images and clips; repeat for several.")],
     out: Annotated[Path, typer.Option("--out", help="Weights file to write (e.g. cgan-v1.pt).")],
     holdout: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--holdout", help="File-name pattern kept out of training and used for the held-out metric; repeatable."),
     ] = None,
     steps: Annotated[
-        Optional[int], typer.Option(help="Optimiser steps (default 2000; with --reinforce 600).", min=1)
+        int | None, typer.Option(help="Optimiser steps (default 2000; with --reinforce 600).", min=1)
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of data sampling and initialisation.")] = 0,
     features: Annotated[
@@ -33,10 +33,10 @@ def train(
     hidden: Annotated[int, typer.Option(help="Width of the generator's hidden layers.", min=8)] = 64,
     layers: Annotated[int, typer.Option(help="Hidden layers of the generator MLP.", min=1)] = 2,
     report_dir: Annotated[
-        Optional[Path], typer.Option(help="Where the loss plot and model card go (default: beside --out).")
+        Path | None, typer.Option(help="Where the loss plot and model card go (default: beside --out).")
     ] = None,
     checkpoint: Annotated[
-        Optional[Path], typer.Option(help="Checkpoint file (default: OUT + '.ckpt'); an existing one is resumed.")
+        Path | None, typer.Option(help="Checkpoint file (default: OUT + '.ckpt'); an existing one is resumed.")
     ] = None,
     reinforce: Annotated[
         bool,
@@ -46,12 +46,12 @@ def train(
             "the codec sends to the generator (docs/tuner.md) instead of training from scratch.",
         ),
     ] = False,
-    init: Annotated[Optional[Path], typer.Option("--init", help="With --reinforce: the weights to start from.")] = None,
+    init: Annotated[Path | None, typer.Option("--init", help="With --reinforce: the weights to start from.")] = None,
     sigma: Annotated[
-        Optional[float], typer.Option(help="With --reinforce: exploration noise on the width logits (default 0.5).")
+        float | None, typer.Option(help="With --reinforce: exploration noise on the width logits (default 0.5).")
     ] = None,
     rd_lambda: Annotated[
-        Optional[float], typer.Option("--rd-lambda", help="With --reinforce: squared error one bit is worth (default 13.5).")
+        float | None, typer.Option("--rd-lambda", help="With --reinforce: squared error one bit is worth (default 13.5).")
     ] = None,
 ) -> None:
     """Train the learned palette generator (cgan-v1) on real images and clips, or fine-tune it (--reinforce)."""
@@ -70,7 +70,7 @@ def train(
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from palstream.learned.train import Trainer, TrainConfig, plot_history, write_model_card
+    from palstream.learned.train import TrainConfig, Trainer, plot_history, write_model_card
 
     torch.set_num_threads(threads)
     config = TrainConfig(seed=seed, steps=steps, features=features, hidden=hidden, layers=layers)

@@ -211,7 +211,7 @@ class LevelHistogram:
         mean = whole[1] / whole[0].clamp(min=1)
         sd = (big.clamp(min=0) / whole[0].clamp(min=1)).sqrt()
         a, b = mean - sd, mean + sd
-        for it in range(SPLIT_STEPS + 1):
+        for _ in range(SPLIT_STEPS + 1):
             cut = ((a + b) * 0.5).ceil().clamp(0, HISTOGRAM_BINS).long()
             cut = torch.maximum(torch.minimum(cut, chi), clo)
             vc = self.take(cut)

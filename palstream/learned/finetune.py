@@ -29,9 +29,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import constriction
 import numpy as np
 import torch
-import constriction
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 

@@ -132,7 +132,7 @@ class CganGenerator(PaletteGenerator):
         self._nets: dict[int, PaletteNet] | None = None
         self.backbone_name = ""
 
-    def load(self) -> "CganGenerator":
+    def load(self) -> CganGenerator:
         """Read and verify the weights now (raises :class:`WeightsError`)."""
         if self._nets is None:
             luma, chroma, self.backbone_name, self._sha256 = load_weights(self.weights_path, self.expected_sha256)
@@ -181,7 +181,9 @@ class CganGenerator(PaletteGenerator):
             features = None  # weights trained without features: the block statistics are all it uses
         if features is not None:
             features = features.to(self.device)
-        from palstream.learned.decoding import generate_palettes  # here: decoding imports palettes.base, which imports us
+        from palstream.learned.decoding import (
+            generate_palettes,  # here: decoding imports palettes.base, which imports us
+        )
 
         palettes, shares = generate_palettes(net, samples, k, kmax, features)
         # Largest pixel share first: a prefix of the palette is the best smaller palette we have.

@@ -378,7 +378,7 @@ def write_model_card(path: Path, trainer: Trainer, sha256: str, weights: Path, c
         "",
         "## Data",
         f"- training files ({len(trainer.train_sources)}): " + ", ".join(p.name for p in trainer.train_sources),
-        f"- held out (never trained on; held-out metric): " + (", ".join(p.name for p in trainer.held_sources) or "none"),
+        "- held out (never trained on; held-out metric): " + (", ".join(p.name for p in trainer.held_sources) or "none"),
         f"- {trainer.n_train_frames} training frames (every {cfg.clip_every}th frame of a clip), "
         + ", ".join(f"{n} blocks of {s}x{s}" for s, n in sizes.items())
         + "; palette size per block log-uniform in 1..64; k-means(10, k-means++) palettes as targets.",
