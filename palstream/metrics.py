@@ -74,11 +74,15 @@ class _Accumulator:
                     self.ms_ssim += ms_ssim(ref, dec, data_range=255, size_average=False).tolist()
 
     def report(self) -> dict:
-        out = {f"psnr_{p}": psnr(self.sse[p] / self.samples[p]) for p in "yuv"}
-        out["psnr_yuv"] = psnr_yuv(out["psnr_y"], out["psnr_u"], out["psnr_v"])
-        out["ssim_y"] = float(np.mean(self.ssim)) if self.ssim else None
-        out["ms_ssim"] = float(np.mean(self.ms_ssim)) if self.ms_ssim else None
-        return out
+        y, u, v = (psnr(self.sse[p] / self.samples[p]) for p in "yuv")
+        return {
+            "psnr_y": y,
+            "psnr_u": u,
+            "psnr_v": v,
+            "psnr_yuv": psnr_yuv(y, u, v),
+            "ssim_y": float(np.mean(self.ssim)) if self.ssim else None,
+            "ms_ssim": float(np.mean(self.ms_ssim)) if self.ms_ssim else None,
+        }
 
 
 def vmaf_ffmpeg() -> tuple[str | None, str]:

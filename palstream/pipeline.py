@@ -147,8 +147,8 @@ def _exists(location: Location) -> bool:
 def _first_missing_folder(location: Location) -> Path | None:
     """The outermost parent folder of a local archive that does not exist yet (creating the
     archive creates it; a failed encode removes it again), or None."""
-    protocol, path = _location(location)
-    if protocol != "file":
+    _, path = _location(location)
+    if not isinstance(path, Path):  # a URL
         return None
     missing = None
     for parent in path.parents:
@@ -216,8 +216,9 @@ def _checked_range(start: int, stop: int, frame_count: int, text: str) -> tuple[
 def _location(value: str | Location) -> tuple[str, PurePath]:
     """(protocol, path) of a local path or URL; local paths resolved through links."""
     location = Location.of(value)
-    if location.is_local:
-        return "file", Path(os.path.realpath(location.local_path))
+    local_path = location.local_path
+    if local_path is not None:
+        return "file", Path(os.path.realpath(local_path))
     return location.protocol, PurePosixPath("/" + location.url.split("://", 1)[1].strip("/"))
 
 

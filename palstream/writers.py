@@ -53,11 +53,11 @@ _CODEC_BY_EXTENSION = {
 }
 # y4m interlacing tokens by field order (FFmpeg's names).
 # FFmpeg's "bt" is bottom coded first, top displayed first: y4m and x264 name the displayed order.
-_Y4M_FIELDS = {"progressive": "Ip", "tt": "It", "bt": "It", "bb": "Ib", "tb": "Ib"}
+_Y4M_FIELDS: dict[str | None, str] = {"progressive": "Ip", "tt": "It", "bt": "It", "bb": "Ib", "tb": "Ib"}
 # x264 needs its own flag to code interlaced pictures (a field order alone is only a label).
 _X264_FIELDS = {"tt": "tff=1", "bt": "tff=1", "bb": "bff=1", "tb": "bff=1"}
 # y4m chroma siting tokens (FFmpeg's chroma_location names).
-_Y4M_CHROMA = {"center": "C420jpeg", "left": "C420mpeg2", "topleft": "C420paldv"}
+_Y4M_CHROMA: dict[str | None, str] = {"center": "C420jpeg", "left": "C420mpeg2", "topleft": "C420paldv"}
 
 
 STDOUT = "-"
@@ -93,7 +93,7 @@ def output_format(path: str, format: str | None = None) -> str:
 
 def write_video(
     frames_iter: Iterable[Frames],
-    path: str,
+    path: str | os.PathLike[str],
     source: SourceInfo,
     overwrite: bool = False,
     format: str | None = None,
@@ -118,7 +118,7 @@ def write_video(
     ----------
     frames_iter : iterable of Frames
         Runs of frames in display order.
-    path : str
+    path : str or path-like
         Output path (local) or, for ``.y4m``/``.yuv``, any fsspec URL; ``-`` for stdout.
     source : SourceInfo
         Supplies frame rate and colour metadata.
@@ -151,13 +151,14 @@ def write_video(
     if path == STDOUT:
         return _write_stdout(frames_iter, kind, source)
     location = Location.of(path)
-    if not location.is_local:
+    local_path = location.local_path
+    if local_path is None:
         if kind not in STREAM_FORMATS:
             raise PalstreamError(
                 f"cannot write {path}: video containers and PNG frames are written to local paths; use .y4m or .yuv for URLs"
             )
         return _write_remote(frames_iter, location, kind, source, overwrite)
-    path = location.local_path
+    path = local_path
     if kind == "png" and "%" in path:
         return _write_png_pattern(frames_iter, path, source, overwrite)
     check_output(path, overwrite, kind)
@@ -339,7 +340,8 @@ def _write_y4m(frames_iter, out, source: SourceInfo) -> int:
 def _to_av_frame(frames: Frames, t: int, fmt: str) -> av.VideoFrame:
     frame = av.VideoFrame(frames.width, frames.height, fmt)
     for plane, data in zip(frame.planes, (frames.y[t], frames.u[t], frames.v[t]), strict=True):
-        rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+        # A plane is a buffer (PyAV's Buffer.__buffer__), which numpy's stubs accept only from Python 3.12.
+        rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)  # type: ignore[call-overload]
         rows[:, : plane.width] = data
     return frame
 
@@ -349,7 +351,7 @@ def _av_format(source: SourceInfo) -> str:
 
 
 # YCbCr -> RGB matrices swscale knows, by FFmpeg matrix name (others and "unspecified": BT.601).
-_SWS_MATRIX = {
+_SWS_MATRIX: dict[str | None, str] = {
     "bt709": "ITU709",
     "fcc": "FCC",
     "bt470bg": "ITU601",
@@ -364,8 +366,10 @@ def rgb_frame(frames: Frames, t: int, source: SourceInfo, width: int | None = No
     """Frame ``t`` as an RGB ``av.VideoFrame`` through the source's YCbCr matrix and range;
     scaled to ``width`` x ``height`` by area averaging when given (thumbnails)."""
     yuv = _to_av_frame(frames, t, _av_format(source))
-    scale = {} if width is None else {"width": width, "height": height, "interpolation": "AREA"}
-    return yuv.reformat(format="rgb24", src_colorspace=_SWS_MATRIX.get(source.color.get("matrix"), "ITU601"), **scale)
+    matrix = _SWS_MATRIX.get(source.color.get("matrix"), "ITU601")
+    if width is None:
+        return yuv.reformat(format="rgb24", src_colorspace=matrix)
+    return yuv.reformat(width=width, height=height, format="rgb24", src_colorspace=matrix, interpolation="AREA")
 
 
 def _write_png(frames_iter, pattern, source: SourceInfo) -> int:
@@ -396,6 +400,7 @@ def _write_pyav(frames_iter, path, source: SourceInfo, target: str, side: SideSt
         with av.open(path, mode="w", options=_container_options(target, time_base, side)) as container:
             codec = _CODEC_BY_EXTENSION.get(Path(target).suffix.lower(), container.default_video_codec)
             stream = container.add_stream(codec, rate=source.fps_fraction)
+            assert isinstance(stream, av.VideoStream)  # typed as any stream kind: the codec name is known only at run time
             # Lossy viewing codecs need even sizes: pad by repeating the last row/column.
             even = codec != "ffv1"
             stream.width = source.width + (source.width % 2 if even else 0)

@@ -178,11 +178,11 @@ def build_blocks(
     for size, count in per_size.items():
         lumas, chromas, feats = [], [], []
         for frame in frames:
-            luma, chroma, boxes = grid_blocks(frame, size)
-            if not len(luma):
+            frame_luma, frame_chroma, boxes = grid_blocks(frame, size)
+            if not len(frame_luma):
                 continue
-            lumas.append(torch.from_numpy(luma))
-            chromas.append(torch.from_numpy(chroma))
+            lumas.append(torch.from_numpy(frame_luma))
+            chromas.append(torch.from_numpy(frame_chroma))
             if backbone is not None:
                 feats.append(block_features(backbone, frame.y, frame.u, frame.v, boxes))
         if not lumas:

@@ -71,13 +71,12 @@ class LevelHistogram:
         dev = counts.device
         self.n, self.p = n, p
         bins = HISTOGRAM_BINS
-        integral = sums is None
         # Integer levels (what the codec sends) give integer tables: float32 holds them exactly
         # while P * 255^2 < 2^24 (blocks up to 16x16), at half the memory traffic.
-        self.dtype = torch.float32 if integral and p * 255 * 255 < (1 << 24) else torch.float64
+        self.dtype = torch.float32 if sums is None and p * 255 * 255 < (1 << 24) else torch.float64
         self.counts = counts.to(self.dtype)
         levels = torch.arange(bins, device=dev, dtype=self.dtype)
-        if integral:
+        if sums is None:
             self.sums = self.counts * levels
             squares = self.sums * levels
             self.reps = levels.expand(n, bins)
@@ -93,7 +92,8 @@ class LevelHistogram:
     def take(self, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prefix count, sum and square at bin boundaries: bounds (N, ...) int64 in 0..256 -> 3 x (N, ...)."""
         flat = (bounds.reshape(self.n, -1) + self.row_base).reshape(-1)
-        return tuple(t.index_select(0, flat).reshape(bounds.shape).double() for t in self.flat)
+        count, total, square = (t.index_select(0, flat).reshape(bounds.shape).double() for t in self.flat)
+        return count, total, square
 
     def value_at_rank(self, ranks: torch.Tensor) -> torch.Tensor:
         """(N, R) float64: the sample value at each (0-based) rank, as a sort would give it."""
@@ -132,14 +132,15 @@ class LevelHistogram:
         eps = 1e-3  # as in companded_segments: an empty interval takes the sample at its rank
         return (tot[..., kk:] - tot[..., :kk] + eps * fallback) / (count_hi - count_lo + eps)
 
-    def cells(self, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cells(self, entries: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Nearest-entry cells of ascending entries (N, S, K) (+inf past k): bin bounds (N, S, K+1) and
         (count, sum, square) of each cell, 3 x (N, S, K). Levels below a midpoint go left."""
         mid = (entries[..., :-1] + entries[..., 1:]) * 0.5
         cuts = mid.ceil().clamp(0, HISTOGRAM_BINS).long()
         edge = cuts.new_zeros(*cuts.shape[:-1], 1)  # not zeros_like(cuts[..., :1]): k = 1 leaves no cuts
         bounds = torch.cat([edge, cuts, edge + HISTOGRAM_BINS], -1)
-        return bounds, tuple(v[..., 1:] - v[..., :-1] for v in self.take(bounds))
+        count, total, square = (v[..., 1:] - v[..., :-1] for v in self.take(bounds))
+        return bounds, (count, total, square)
 
     def lloyd(self, entries: torch.Tensor, k: torch.Tensor, steps: int, swaps: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Lloyd updates on the histogram, with merge-and-split moves, then the exact error.
@@ -180,7 +181,9 @@ class LevelHistogram:
         entries = torch.where(active, entries, entries[..., :1])
         return entries, cnt * active, sse
 
-    def swap(self, means: torch.Tensor, active: torch.Tensor, bounds: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    def swap(
+        self, means: torch.Tensor, active: torch.Tensor, bounds: torch.Tensor, cell: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         """A merge-and-split move on each block (and start) where it lowers the error.
 
         Lloyd stops at a local optimum; this move leaves it. The two adjacent cells whose merge
@@ -265,13 +268,13 @@ def _luma(net, samples: torch.Tensor, k: torch.Tensor, kmax: int, features, pres
     entries = samples.new_zeros(n, kmax, dtype=torch.float64)
     shares = samples.new_zeros(n, kmax, dtype=torch.float64)
     if bool(fits.any()):  # at most k distinct levels: they are the palette (zero error)
-        rows = fits.nonzero()[:, 0]
-        level_sums = counts[rows] * torch.arange(HISTOGRAM_BINS, device=x.device) if sums is None else sums[rows]
-        e, c = exact_levels(counts[rows], level_sums, kmax)
-        entries[rows], shares[rows] = e, c / p
+        exact = fits.nonzero()[:, 0]
+        level_sums = counts[exact] * torch.arange(HISTOGRAM_BINS, device=x.device) if sums is None else sums[exact]
+        e, c = exact_levels(counts[exact], level_sums, kmax)
+        entries[exact], shares[exact] = e, c / p
     if bool(fits.all()):
         return entries[..., None].float(), shares.float()
-    rows = (~fits).nonzero()[:, 0] if bool(fits.any()) else slice(None)
+    rows: torch.Tensor | slice = (~fits).nonzero()[:, 0] if bool(fits.any()) else slice(None)
     kk = k[rows]
     hist = LevelHistogram(counts[rows], p, None if sums is None else sums[rows], None if squares is None else squares[rows])
     active = active_mask(kk, kmax)

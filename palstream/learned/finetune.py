@@ -309,7 +309,7 @@ class ReinforceTrainer:
             keep = torch.randperm(len(luma_blocks), generator=self.gen)[: config.max_blocks].sort().values
             luma_blocks, chroma_blocks = luma_blocks[keep], chroma_blocks[keep]
         self.blocks = {1: luma_blocks, 2: chroma_blocks}
-        self.held = None
+        self.held: dict[int, torch.Tensor] | None = None
         if self.held_sources:
             say(f"searching {len(self.held_sources)} held-out files for candidate blocks")
             held = collect_candidates(self.held_sources, BLOCK, config.clip_every)
@@ -318,7 +318,7 @@ class ReinforceTrainer:
         self.step = 0
         self.history: list[dict] = []
         self.train_seconds = 0.0
-        self.baseline = self.evaluate() if self.held else {}
+        self.baseline = self.evaluate()
 
     def sample(self, c: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """Sample palettes for blocks ``x`` and measure them.
@@ -337,11 +337,13 @@ class ReinforceTrainer:
         cfg, kk = self.cfg, PROPOSAL_SIZE
         b, s = len(x), cfg.samples
         k = torch.full((b,), kk, dtype=torch.long)
-        logits, block = self.nets[str(c)].policy(x, k, kk)
+        net = self.nets[str(c)]
+        assert isinstance(net, PaletteNet)  # ModuleDict items are typed as Module
+        logits, block = net.policy(x, k, kk)
         z = logits.detach()[:, None, :] + cfg.sigma * torch.randn(b, s, kk, generator=self.gen)
         with torch.no_grad():
-            wide = tuple(t.repeat_interleave(s, 0) for t in block)
-            pal, _ = PaletteNet.decode(z.reshape(b * s, kk), wide, k.repeat_interleave(s), RANK_STEPS)
+            ordered, keys, axis = (t.repeat_interleave(s, 0) for t in block)  # each block once per sample
+            pal, _ = PaletteNet.decode(z.reshape(b * s, kk), (ordered, keys, axis), k.repeat_interleave(s), RANK_STEPS)
             sse, bits = coded_cost(x.repeat_interleave(s, 0), pal)
             mean_pal, _ = PaletteNet.decode(logits.detach(), block, k, RANK_STEPS)
             msse, mbits = coded_cost(x, mean_pal)
@@ -352,7 +354,7 @@ class ReinforceTrainer:
     def train_step(self) -> dict:
         """One policy-gradient step for both networks on one batch of candidate blocks."""
         idx = torch.randint(len(self.blocks[1]), (self.cfg.batch,), generator=self.gen)
-        total, record = 0.0, {}
+        total, record = torch.zeros(()), {}
         for c in (1, 2):
             logits, z, cost, info = self.sample(c, self.blocks[c][idx].float())
             total = total + reinforce_loss(logits, z, cost, self.cfg.sigma)
@@ -367,8 +369,11 @@ class ReinforceTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out totals per component with the generator as shipped (noise-free, rank updates, best of two)."""
-        out = {}
+        """Held-out totals per component with the generator as shipped (noise-free, rank updates, best of two);
+        empty without held-out blocks."""
+        out: dict[str, float] = {}
+        if self.held is None:
+            return out
         for c, name in ((1, "luma"), (2, "chroma")):
             x = self.held[c].float()
             k = torch.full((len(x),), PROPOSAL_SIZE, dtype=torch.long)
@@ -382,7 +387,7 @@ class ReinforceTrainer:
         while self.step < self.cfg.steps:
             t0 = time.perf_counter()
             record = self.train_step()
-            if self.held and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps):
+            if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                 record.update(self.evaluate())
             self.train_seconds += time.perf_counter() - t0
             self.history.append(record)
@@ -402,11 +407,13 @@ class ReinforceTrainer:
         }
         for net in self.nets.values():
             net.eval().requires_grad_(False)
-        return save_weights(path, self.nets["1"], self.nets["2"], self.backbone_name, finetune=record)
+        luma, chroma = self.nets["1"], self.nets["2"]
+        assert isinstance(luma, PaletteNet) and isinstance(chroma, PaletteNet)  # ModuleDict items are typed as Module
+        return save_weights(path, luma, chroma, self.backbone_name, finetune=record)
 
     def report(self, path: Path, weights: Path, sha256: str, command: str) -> None:
         """JSON report: settings, data, held-out cost before and after, per-step history."""
-        final = next((h for h in reversed(self.history) if "heldout_luma_cost" in h), {})
+        final: dict = next((h for h in reversed(self.history) if "heldout_luma_cost" in h), {})
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(
             json.dumps(

@@ -134,10 +134,15 @@ class CganGenerator(PaletteGenerator):
 
     def load(self) -> CganGenerator:
         """Read and verify the weights now (raises :class:`WeightsError`)."""
+        self._networks()
+        return self
+
+    def _networks(self) -> dict[int, PaletteNet]:
+        """The luma (1) and chroma (2) networks by sample components, read on first use."""
         if self._nets is None:
             luma, chroma, self.backbone_name, self._sha256 = load_weights(self.weights_path, self.expected_sha256)
             self._nets = {1: luma.to(self.device), 2: chroma.to(self.device)}
-        return self
+        return self._nets
 
     @property
     def weights_hash(self) -> str:
@@ -168,14 +173,14 @@ class CganGenerator(PaletteGenerator):
         scores : torch.Tensor
             float32 (N, max(k)): share of the block's pixels each entry takes (0..1); -1 past k[i].
         """
-        self.load()
+        nets = self._networks()
         if samples.ndim != 3 or samples.shape[-1] not in (1, 2):
             raise PalstreamError(f"samples must have shape (N, P, 1) or (N, P, 2), got {tuple(samples.shape)}")
         if len(k) and (int(k.min()) < 1 or int(k.max()) > MAX_PALETTE):
             raise PalstreamError(f"palette sizes must be 1..{MAX_PALETTE}, got {int(k.min())}..{int(k.max())}")
         samples = samples.to(self.device, torch.float32)
         k = k.to(self.device)
-        net = self._nets[samples.shape[-1]]
+        net = nets[samples.shape[-1]]
         kmax = int(k.max()) if len(k) else 1
         if features is not None and not net.cfg.feature_dim:
             features = None  # weights trained without features: the block statistics are all it uses

@@ -206,7 +206,7 @@ class Trainer:
         present = torch.rand(batch, generator=self.sampler) >= cfg.feature_dropout
         features = data.features[idx] if data.features is not None else None
         w = {"hard": cfg.w_hard, "soft": cfg.w_soft, "div": cfg.w_diversity, "adv": cfg.w_adv}
-        losses, fakes, total = {}, {}, 0.0
+        losses, fakes, total = {}, {}, torch.zeros(())
         for c, samples, k, km, mse in (
             (1, data.luma, data.k_luma, data.km_luma, data.mse_luma),
             (2, data.chroma, data.k_chroma, data.km_chroma, data.mse_chroma),
@@ -226,7 +226,7 @@ class Trainer:
         for group in self.opt.param_groups:  # cosine decay to 5% of the initial rate
             group["lr"] = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * self.step / cfg.steps)))
         self.opt.step()
-        d_loss = sum(self._disc_loss(c, *fakes[c]) for c in (1, 2))
+        d_loss = self._disc_loss(1, *fakes[1]) + self._disc_loss(2, *fakes[2])
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
@@ -320,7 +320,9 @@ class Trainer:
 
     def export(self, path: Path) -> str:
         """Write the generator weights; returns their sha256."""
-        return save_weights(path, self.nets["1"], self.nets["2"], FEATURE_BACKBONE if self.cfg.features else None)
+        luma, chroma = self.nets["1"], self.nets["2"]
+        assert isinstance(luma, PaletteNet) and isinstance(chroma, PaletteNet)  # ModuleDict items are typed as Module
+        return save_weights(path, luma, chroma, FEATURE_BACKBONE if self.cfg.features else None)
 
 
 def plot_history(history: list[dict], path: Path) -> None:
@@ -365,7 +367,7 @@ def plot_history(history: list[dict], path: Path) -> None:
 def write_model_card(path: Path, trainer: Trainer, sha256: str, weights: Path, command: str) -> None:
     """Markdown model card: data, objective, hyper-parameters, held-out metrics, training time."""
     cfg = trainer.cfg
-    last = next((h for h in reversed(trainer.history) if "heldout_luma_ratio" in h), {})
+    last: dict = next((h for h in reversed(trainer.history) if "heldout_luma_ratio" in h), {})
     sizes = {s: len(b) for s, b in trainer.blocks.items()}
     lines = [
         f"# Model card: {weights.stem}",

@@ -25,15 +25,17 @@ class PaletteGenerator(ABC):
     ----------
     name : str
         Registered name, recorded in the archive.
-    weights_hash : str or None
-        sha256 of the weights file for learned generators; None for algorithmic ones.
     """
 
     name: str = ""
-    weights_hash: str | None = None
 
     def __init__(self, device: str | torch.device | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def weights_hash(self) -> str | None:
+        """sha256 of the weights file for learned generators; None for algorithmic ones."""
+        return None
 
     @abstractmethod
     def generate(self, samples: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
