@@ -37,7 +37,7 @@ app = typer.Typer(
 )
 
 # Command groups living beside their library code register themselves here.
-from palstream.batch.cli import EndpointOpt, ProfileOpt  # noqa: E402  (one definition of the storage options)
+from palstream.batch.cli import DropOpt, EndpointOpt, ProfileOpt  # noqa: E402  (one definition of the shared options)
 from palstream.batch.cli import register as _register_batch  # noqa: E402
 from palstream.catalogue.cli import register as _register_catalogue  # noqa: E402
 from palstream.learned.cli import register as _register_learned  # noqa: E402
@@ -111,15 +111,6 @@ ForceOpt = Annotated[
         "--force",
         help="Read an archive whose root metadata fails its checksum (a warning names what changed); "
         "for rescuing what is left, never for trusting it.",
-    ),
-]
-
-
-DropOpt = Annotated[
-    Optional[list[int]],
-    typer.Option(
-        "--drop-stream",
-        help="Leave out the source stream with this index (as ffprobe and 'palstream info' number them); repeatable.",
     ),
 ]
 

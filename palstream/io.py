@@ -1031,7 +1031,8 @@ def _stream_parameters(stream, packet, source_format: str) -> tuple[str, bytes] 
     for name in sorted(_PARAMETER_FORMATS, key=lambda n: n != family):
         buffer = BytesIO()
         try:
-            with av.open(buffer, "w", format=name) as out:
+            # bitexact: no random segment UID or muxer version, so the same stream always gives the same bytes
+            with av.open(buffer, "w", format=name, container_options={"fflags": "+bitexact"}) as out:
                 copy = out.add_stream_from_template(stream)
                 if packet is not None:
                     out.mux(stored_packet(packet[0], packet[1], copy, stream.time_base))

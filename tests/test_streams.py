@@ -383,3 +383,44 @@ def test_an_unknown_data_stream_is_kept_as_opaque_packets(tmp_path, run_cli):
     assert [p[:3] for p in _contents(tmp_path / "out.ts")["streams"][1]["packets"]] == [
         p[:3] for p in _contents(source)["streams"][1]["packets"]
     ]
+
+
+def _batch_finalized(source: Path, archive: Path, config: EncoderConfig, **streams) -> dict:
+    """An archive built as a batch job builds it: created by the driver, chunks by the units, the
+    other streams and completion by ``finalize_archive``; returns the finalisation's outcome."""
+    from palstream.batch.worker import finalize_archive
+
+    info = probe(str(source))
+    writer = ArchiveWriter.create(str(archive), info, config)
+    for index, start in enumerate(range(0, info.frame_count, config.gop)):
+        writer.write_chunk(index, encode_chunk(read_frames(str(source), start, config.gop), config))
+    planned = {"url": str(source), "options": {}, "size_bytes": info.size_bytes, "sha256": info.sha256}
+    planned.update({"audio": "copy", "drop_streams": (), **streams})
+    return finalize_archive(str(archive), {}, planned, str(archive.parent / f"{archive.name}.fixity.json"))
+
+
+def test_batch_finalisation_keeps_the_streams_as_encode_does_and_writes_them_once(full_mkv, full_archive, tmp_path):
+    archive = tmp_path / "batch.zarr"
+    assert _batch_finalized(full_mkv, archive, EncoderConfig(gop=4))["outcome"] == "complete"
+    batch, encoded = open_archive(str(archive)), open_archive(str(full_archive))
+    assert batch.complete and batch.verify() == [] and batch.verify_streams() == []
+    assert batch.streams == encoded.streams and len(batch.streams) == 4
+    assert [batch.read_chunk(i) for i in range(batch.n_chunks)] == [encoded.read_chunk(i) for i in range(encoded.n_chunks)]
+    decode_file(str(archive), str(tmp_path / "batch.mkv"))
+    decode_file(str(full_archive), str(tmp_path / "encode.mkv"))
+    assert _contents(tmp_path / "batch.mkv") == _contents(tmp_path / "encode.mkv")
+    assert _frame_times(tmp_path / "batch.mkv") == _frame_times(full_mkv)
+    # A resumed finalisation (the driver killed after the streams were recorded) writes none of them again.
+    streams = {p: p.stat().st_mtime_ns for p in (archive / "streams").rglob("*") if p.is_file()}
+    writer = ArchiveWriter.open(str(archive))
+    writer.keep_streams(str(full_mkv))
+    assert {p: p.stat().st_mtime_ns for p in (archive / "streams").rglob("*") if p.is_file()} == streams
+
+
+def test_batch_finalisation_refuses_streams_it_cannot_keep_as_asked(full_mkv, tmp_path):
+    outcome = _batch_finalized(full_mkv, tmp_path / "flac.zarr", EncoderConfig(gop=10), audio="flac")
+    assert outcome["outcome"] == "refused" and "decodes to fltp samples" in outcome["reason"]
+    assert not open_archive(str(tmp_path / "flac.zarr")).complete
+    dropped = _batch_finalized(full_mkv, tmp_path / "drop.zarr", EncoderConfig(gop=10), drop_streams=(1,))
+    assert dropped["outcome"] == "complete"
+    assert [s["source_index"] for s in open_archive(str(tmp_path / "drop.zarr")).streams] == [2, 3, 4]

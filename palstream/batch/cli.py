@@ -38,6 +38,13 @@ TargetsOpt = Annotated[
     Optional[str], typer.Option(help="Keep this Prometheus file_sd JSON listing the workers' /metrics addresses.")
 ]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Live progress bar.")]
+DropOpt = Annotated[
+    Optional[list[int]],
+    typer.Option(
+        "--drop-stream",
+        help="Leave out the source stream with this index (as ffprobe and 'palstream info' number them); repeatable.",
+    ),
+]
 
 
 TABLES = ("codec", "storage", "tuner")  # job-file tables that command-line options fill in
@@ -141,6 +148,14 @@ def submit(
             help="Archive the frames before the break of a truncated or damaged input instead of refusing it (recorded in the plan and the archive).",
         ),
     ] = None,
+    audio: Annotated[
+        Optional[str],
+        typer.Option(
+            help="How each archive keeps its source's audio: copy (packets bit-exact, the default) or flac "
+            "(re-encoded losslessly; refused for audio that decodes to floating point, such as AAC)."
+        ),
+    ] = None,
+    drop_stream: DropOpt = None,
     tune: Annotated[
         Optional[bool], typer.Option("--tune/--no-tune", help="Let the tuner choose each batch's encoder configuration (see docs/tuner.md).")
     ] = None,
@@ -169,6 +184,8 @@ def submit(
         max_in_flight=max_in_flight,
         units_per_task=units_per_task,
         allow_truncated=allow_truncated,
+        audio=audio,
+        drop_streams=drop_stream,
         codec={"target_psnr": target_psnr, "lossless": lossless, "palette": palette, "gop": gop},
         storage={"profile": storage_profile, "endpoint_url": endpoint_url},
         tuner={

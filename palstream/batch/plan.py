@@ -65,12 +65,14 @@ class Plan:
         probed: list[tuple[str, dict | None, str | None]],
         tuner: dict | None = None,
         allow_truncated: bool = False,
+        streams: dict | None = None,
     ) -> "Plan":
         """Plan from ``(url, SourceInfo dict or None, rejection reason or None)`` per input.
 
-        ``tuner`` (the ``[tuner]`` settings of a tuned job) and ``allow_truncated`` become part
-        of the job's identity: an output never mixes tuned and untuned runs, or two tunings, or
-        runs that keep and refuse truncated inputs.
+        ``tuner`` (the ``[tuner]`` settings of a tuned job), ``allow_truncated`` and ``streams``
+        (:func:`streams_settings`) become part of the job's identity: an output never mixes
+        tuned and untuned runs, or two tunings, or runs that keep and refuse truncated inputs,
+        or that keep the other streams differently.
         """
         layout = mirror_layout([url for url, _, _ in probed])
         sources, rejected = [], []
@@ -94,21 +96,36 @@ class Plan:
             data["tuner"] = tuner
         if allow_truncated:  # absent by default: plans of other jobs keep their hashes
             data["allow_truncated"] = True
+        if streams:  # absent for the defaults (audio copied, nothing dropped), as above
+            data["streams"] = streams
         return cls.from_data(data)
 
     @classmethod
     def from_data(cls, data: dict) -> "Plan":
         return cls(data, hashlib.sha256(_canonical(data)).hexdigest())
 
-    def matches(self, urls: list[str], config: EncoderConfig, tuner: dict | None, allow_truncated: bool = False) -> bool:
-        """Whether this plan is the job of ``urls`` encoded with ``config`` (``tuner``, ``allow_truncated``)."""
+    def matches(
+        self, urls: list[str], config: EncoderConfig, tuner: dict | None, allow_truncated: bool = False, streams: dict | None = None
+    ) -> bool:
+        """Whether this plan is the job of ``urls`` encoded with ``config`` (``tuner``, ``allow_truncated``, ``streams``)."""
         planned = sorted([s["url"] for s in self.sources] + [r["url"] for r in self.rejected])
         return (
             planned == sorted(urls)
             and self.config == config
             and self.tuner == tuner
             and self.data.get("allow_truncated", False) == allow_truncated
+            and self.data.get("streams") == (streams or None)
         )
+
+    @property
+    def audio(self) -> str:
+        """How the archives keep audio: ``"copy"`` or ``"flac"`` (``palstream encode --audio``)."""
+        return self.data.get("streams", {}).get("audio", "copy")
+
+    @property
+    def drop_streams(self) -> tuple[int, ...]:
+        """Source stream indices the archives leave out (``palstream encode --drop-stream``)."""
+        return tuple(self.data.get("streams", {}).get("drop_streams", ()))
 
     @property
     def config(self) -> EncoderConfig:
@@ -140,6 +157,16 @@ class Plan:
 
     def total_frames(self) -> int:
         return sum(src["info"]["frame_count"] for src in self.sources)
+
+
+def streams_settings(spec: JobSpec) -> dict | None:
+    """How the job keeps each input's other streams, as the plan records it: None for the defaults."""
+    settings = {}
+    if spec.audio != "copy":
+        settings["audio"] = spec.audio
+    if spec.drop_streams:
+        settings["drop_streams"] = list(spec.drop_streams)
+    return settings or None
 
 
 def _parts(url: str) -> list[str]:

@@ -44,7 +44,7 @@ from palstream.batch import metrics
 from palstream.batch.cluster import open_client, requested_workers
 from palstream.batch.commits import committed_units, record_url
 from palstream.batch.manifest import write_manifests
-from palstream.batch.plan import Plan, Unit, expand_inputs, load_plan, save_job_settings, save_plan
+from palstream.batch.plan import Plan, Unit, expand_inputs, load_plan, save_job_settings, save_plan, streams_settings
 from palstream.batch.spec import JobSpec
 from palstream.batch.store import JOB_DIR, JobLock, check_writable, filesystem, join, write_bytes, write_json
 from palstream.batch.worker import encode_units, finalize_archive, generator_identity, probe_source
@@ -203,7 +203,9 @@ def run_job(
         urls = []
     else:
         urls = expand_inputs(spec.inputs, spec.storage.options)
-        if plan is not None and not plan.matches(urls, spec.codec, _tuner_settings(spec), spec.allow_truncated):
+        if plan is not None and not plan.matches(
+            urls, spec.codec, _tuner_settings(spec), spec.allow_truncated, streams_settings(spec)
+        ):
             raise ConfigError(
                 f"output {spec.output} already holds a different job (plan {plan.hash[:12]}: other inputs or settings); "
                 "finish it with `palstream resume`, or choose another --out"
@@ -266,7 +268,15 @@ def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str], log: JobLog,
     def submit(i: int):
         url = urls[i]
         return client.submit(
-            probe_source, url, spec.storage.options(url), spec.allow_truncated, key=f"probe_source-{i}-{run}", retries=0, pure=False
+            probe_source,
+            url,
+            spec.storage.options(url),
+            spec.allow_truncated,
+            spec.audio,
+            spec.drop_streams,
+            key=f"probe_source-{i}-{run}",
+            retries=0,
+            pure=False,
         )
 
     # A bounded window here too: a library of 10^5 inputs is never 10^5 tasks on the scheduler.
@@ -295,7 +305,7 @@ def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str], log: JobLog,
             index[nxt.key] = submitted
             pending.add(nxt)
             submitted += 1
-    return Plan.build(spec.codec, probed, _tuner_settings(spec), spec.allow_truncated)
+    return Plan.build(spec.codec, probed, _tuner_settings(spec), spec.allow_truncated, streams_settings(spec))
 
 
 class _Execution:
@@ -582,6 +592,8 @@ class _Execution:
             "options": self.spec.storage.options(src["url"]),
             "size_bytes": src["info"]["size_bytes"],
             "sha256": src["info"]["sha256"],
+            "audio": self.plan.audio,
+            "drop_streams": self.plan.drop_streams,
         }
         fut = self.client.submit(
             finalize_archive,

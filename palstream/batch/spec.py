@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from palstream.codec import EncoderConfig
 from palstream.errors import ConfigError
+from palstream.io import AUDIO_MODES
 
 CLUSTER_KINDS = ("local", "cuda")
 SCHEDULER_SCHEMES = ("tcp://", "tls://", "inproc://", "ucx://")
@@ -209,6 +210,13 @@ class JobSpec:
     allow_truncated : bool, default False
         Archive the frames before the break of a truncated or damaged input instead of refusing
         it; the plan and the archive record what was detected (``SourceInfo.truncated``).
+    audio : {"copy", "flac"}, default "copy"
+        How each archive keeps its source's audio, as ``palstream encode --audio``: packets
+        bit-exact, or re-encoded to FLAC losslessly (refused for floating-point audio).
+    drop_streams : tuple of int, default ()
+        Source stream indices every archive leaves out, as ``palstream encode --drop-stream``
+        (an input without such a stream is refused). Every other stream, chapter, tag and
+        attachment is kept.
     """
 
     inputs: tuple[str, ...]
@@ -223,6 +231,8 @@ class JobSpec:
     storage: StorageSpec = field(default_factory=StorageSpec)
     tuner: TunerSpec = field(default_factory=TunerSpec)
     allow_truncated: bool = False
+    audio: str = "copy"
+    drop_streams: tuple[int, ...] = ()
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "job") -> "JobSpec":
@@ -278,9 +288,19 @@ class JobSpec:
         allow_truncated = data.get("allow_truncated", False)
         if not isinstance(allow_truncated, bool):
             raise ConfigError(f"{where}.allow_truncated: must be true or false, got {allow_truncated!r}")
+        audio = data.get("audio", "copy")
+        if audio not in AUDIO_MODES:
+            raise ConfigError(f"{where}.audio: must be one of {', '.join(AUDIO_MODES)}, got {audio!r}")
+        drop_streams = data.get("drop_streams", [])
+        if not isinstance(drop_streams, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in drop_streams
+        ):
+            raise ConfigError(f"{where}.drop_streams: must be a list of stream indices (integers >= 0), got {drop_streams!r}")
         return cls(
             inputs=tuple(inputs),
             allow_truncated=allow_truncated,
+            audio=audio,
+            drop_streams=tuple(sorted(set(drop_streams))),
             output=data["output"].rstrip("/"),
             codec=config,
             cluster=cluster,
@@ -293,6 +313,7 @@ class JobSpec:
         """Plain dict (TOML/JSON-able); round-trips through :meth:`from_dict`."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["inputs"] = list(self.inputs)
+        out["drop_streams"] = list(self.drop_streams)
         out["codec"] = self.codec.to_dict()
         out["storage"] = {k: v for k, v in self.storage.to_dict().items() if v not in (None, False)}
         out["tuner"] = {k: v for k, v in self.tuner.to_dict().items() if v is not None}

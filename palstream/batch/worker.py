@@ -21,6 +21,7 @@ from distributed import WorkerPlugin, get_worker
 
 from palstream.codec import BitstreamError
 from palstream.errors import ArchiveError, DamagedChunkError, InputError, PalstreamError
+from palstream.storage import Location
 
 PLUGIN_NAME = "palstream"
 # Keys of the tasks this module runs: their failures reach the driver, which writes one line to
@@ -357,7 +358,8 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict, fixit
         fsspec options of the output root.
     source : dict
         ``url``, ``options``, ``size_bytes`` and ``sha256`` of the source as planned: an archive
-        whose source changed since the plan is never marked complete.
+        whose source changed since the plan is never marked complete; ``audio`` and
+        ``drop_streams``: how the source's other streams are kept.
     fixity_url : str
         Where to write the archive's fixity record (see :func:`archive_fixity`).
 
@@ -365,7 +367,8 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict, fixit
     -------
     dict
         ``{"outcome": "complete", "fixity": ...}``; ``{"outcome": "refused", "reason": ...}``
-        when the source changed (a value, so no retry turns it into a success); or
+        when the source changed or its other streams cannot be kept as asked (a value, so no
+        retry turns it into a success); or
         ``{"outcome": "missing", "units": [...]}`` when chunks the job's commit index counted as
         done have no valid commit marker (nothing is changed; the driver runs those units again).
     """
@@ -387,6 +390,15 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict, fixit
     missing = sorted(set(range(writer.n_chunks)) - with_storage_retries(writer.committed, "reading the commit markers"))
     if missing:  # the job's commit index named units the archive lacks: the driver runs them again
         return {"outcome": "missing", "units": missing}
+    # The other streams are written once per archive, here: keep_streams writes nothing when the
+    # root lists them already, and a run killed before the root is written is redone whole.
+    try:
+        with_storage_retries(
+            lambda: writer.keep_streams(Location(source["url"], source["options"]), source["audio"], source["drop_streams"]),
+            "keeping the source's other streams",
+        )
+    except InputError as exc:
+        return {"outcome": "refused", "reason": str(exc)}
     with_storage_retries(writer.finalize, "finalizing the archive")
     fixity = archive_fixity(archive_url, output_options)
     with_storage_retries(lambda: write_json(fixity_url, fixity, output_options), "writing the fixity record")
@@ -432,11 +444,15 @@ def archive_fixity(archive_url: str, output_options: dict) -> dict:
     return {"files": files, "bytes": total, "payload_sha256": payload.hexdigest(), "payload_bytes": size}
 
 
-def probe_source(url: str, options: dict, allow_truncated: bool = False) -> dict:
+def probe_source(
+    url: str, options: dict, allow_truncated: bool = False, audio: str = "copy", drop_streams: tuple[int, ...] = ()
+) -> dict:
     """Probe one input (``probe_source-*``), run once per input.
 
     With ``allow_truncated`` a truncated or damaged input is accepted with the frames before
-    its break, and its ``info["truncated"]`` says what was detected.
+    its break, and its ``info["truncated"]`` says what was detected. Its other streams are
+    indexed with ``audio`` and ``drop_streams`` (packets read, nothing kept), so an input
+    whose streams cannot be kept as asked is refused here rather than at its finalisation.
 
     Returns
     -------
@@ -447,8 +463,11 @@ def probe_source(url: str, options: dict, allow_truncated: bool = False) -> dict
     """
     from palstream import io
 
+    source = Location(url, options)
     try:
-        return {"info": io.probe(url, storage_options=options, allow_truncated=allow_truncated).to_dict()}
+        info = io.probe(source, allow_truncated=allow_truncated).to_dict()
+        io.read_side_streams(source, audio, drop_streams)
+        return {"info": info}
     except PalstreamError as exc:
         return {"refused": str(exc)}
 
