@@ -424,3 +424,27 @@ def test_batch_finalisation_refuses_streams_it_cannot_keep_as_asked(full_mkv, tm
     dropped = _batch_finalized(full_mkv, tmp_path / "drop.zarr", EncoderConfig(gop=10), drop_streams=(1,))
     assert dropped["outcome"] == "complete"
     assert [s["source_index"] for s in open_archive(str(tmp_path / "drop.zarr")).streams] == [2, 3, 4]
+
+
+@pytest.mark.slow
+def test_submit_of_a_library_gives_the_archive_encode_gives(full_mkv, full_archive, tmp_path):
+    """The real batch (a local Dask cluster, worker processes): same streams, packets, chapters,
+    tags, timing and chunks as ``palstream encode``; a resubmit keeping the streams otherwise is refused."""
+    from palstream.batch.runner import run_job
+    from palstream.batch.spec import JobSpec
+    from palstream.errors import ConfigError
+
+    job = {"inputs": [str(full_mkv)], "output": str(tmp_path / "out"), "workers": 1, "codec": {"gop": 4}}
+    report = run_job(JobSpec.from_dict(job))
+    assert report.complete, report.quarantined
+    batch, encoded = open_archive(str(tmp_path / "out" / "full.zarr")), open_archive(str(full_archive))
+    assert batch.complete and batch.verify() == [] and batch.verify_streams() == []
+    for key in ("streams", "chapters", "container", "source"):
+        assert batch.attrs.get(key) == encoded.attrs.get(key), key
+    assert [batch.read_chunk(i) for i in range(batch.n_chunks)] == [encoded.read_chunk(i) for i in range(encoded.n_chunks)]
+    decode_file(str(tmp_path / "out" / "full.zarr"), str(tmp_path / "batch.mkv"))
+    decode_file(str(full_archive), str(tmp_path / "encode.mkv"))
+    assert _contents(tmp_path / "batch.mkv") == _contents(tmp_path / "encode.mkv")
+    assert _frame_times(tmp_path / "batch.mkv") == _frame_times(full_mkv)
+    with pytest.raises(ConfigError, match="already holds a different job"):
+        run_job(JobSpec.from_dict({**job, "drop_streams": [1]}))
