@@ -80,6 +80,14 @@ def _key(index: int) -> str:
     return f"{index:06d}"
 
 
+class IncompleteArchiveError(ArchiveError):
+    """Chunks of an archive being finalized are not committed; ``missing`` lists them, in order."""
+
+    def __init__(self, message: str, missing: list[int]):
+        super().__init__(message)
+        self.missing = missing
+
+
 class DamagedStreamError(ArchiveError):
     """A kept stream (audio, subtitles, an attachment: FORMAT.md §3.1) fails its checksums."""
 
@@ -245,34 +253,51 @@ class _Store:
             self.fs, self.root = location.filesystem()
         except PalstreamError as exc:
             raise ArchiveError(f"archive: {exc}") from None
+        self.local = location.is_local
+        self.seen: dict[str, tuple[str, int]] | None = None  # when a dict: SHA-256 and size of each object read whole
 
     def read(self, key: str, limit: int) -> bytes | None:
-        """The bytes of ``key``, None if absent.
+        """The bytes of ``key``, None if absent: on object storage one ranged GET of at most
+        ``limit + 1`` bytes; a local file is sized first (free there), so no buffer of ``limit``
+        bytes is ever allocated for it.
 
         Raises
         ------
         ValueError
-            The object is larger than ``limit`` bytes (nothing is read then).
+            The object is larger than ``limit`` bytes.
         OSError
             It cannot be read.
         """
         path = f"{self.root}/{key}"
-        # Other writers change objects under us (zarr, other tasks): never size them from a stale
-        # listing cache (s3fs keeps one per filesystem instance).
-        self.fs.invalidate_cache(path)
         try:
-            size = self.fs.size(path)
-            if size is not None and size > limit:
-                raise ValueError(f"{key} holds {size} bytes, more than the {limit} allowed")
-            # bounded even if the object grew since: a read of limit + 1 shows that it did
-            data = self.fs.cat_file(path, start=0, end=min(limit, size if size is not None else limit) + 1)
+            end = limit + 1
+            if self.local:
+                end = min(end, self.fs.size(path) + 1)  # + 1: a file that grew since shows it
+            data = self.fs.cat_file(path, start=0, end=end)
         except FileNotFoundError:
             return None
         except IsADirectoryError:
             raise OSError(errno.EISDIR, "a folder where an object belongs") from None
         if len(data) > limit:
             raise ValueError(f"{key} holds more than the {limit} bytes allowed")
+        if self.seen is not None:
+            self.seen[key] = (hashlib.sha256(data).hexdigest(), len(data))
         return data
+
+    def put(self, key: str, data: bytes, create: bool = False) -> bool:
+        """Write ``key`` (one PUT); with ``create``, only if absent (``O_EXCL`` locally,
+        ``If-None-Match: *`` on S3). False when ``create`` found the object there already."""
+        path = f"{self.root}/{key}"
+        mode = "create" if create else "overwrite"
+        try:
+            try:
+                self.fs.pipe_file(path, data, mode=mode)
+            except FileNotFoundError:  # a local folder not made yet (object stores have none)
+                self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.pipe_file(path, data, mode=mode)
+        except FileExistsError:
+            return False
+        return True
 
     def names(self, key: str) -> list[str]:
         """Names directly under the folder/prefix ``key`` ([] if absent)."""
@@ -348,19 +373,25 @@ def _node_attributes(doc: dict, node_type: str) -> dict:
     return doc["attributes"]
 
 
-def _array_document(length) -> dict:
-    """The one chunk-array document FORMAT.md §3 allows, attributes aside."""
+def _array_document(length, attributes: dict | None = None) -> dict:
+    """The one chunk-array document FORMAT.md §3 allows (keys in zarr's order), with ``attributes``."""
     return {
-        "zarr_format": 3,
-        "node_type": "array",
         "shape": [length],
         "data_type": "uint8",
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [length]}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
         "fill_value": 0,
         "codecs": [{"name": "bytes"}, {"name": "crc32c"}],
+        **({} if attributes is None else {"attributes": attributes}),
+        "zarr_format": 3,
+        "node_type": "array",
         "storage_transformers": [],
     }
+
+
+def _document_bytes(doc: dict) -> bytes:
+    """A zarr.json document serialised as zarr writes it, so archive bytes do not depend on the writer."""
+    return json.dumps(doc, indent=2).encode()
 
 
 def max_payload_bytes(frames: int, width: int, height: int) -> int:
@@ -698,7 +729,10 @@ class Archive:
             Not written/committed, malformed metadata, wrong size, crc32c or sha256 mismatch, or a
             payload header that disagrees with the archive's frame count and size.
         """
-        length, attrs = self._chunk_meta(index)
+        return self._payload(index, *self._chunk_meta(index))
+
+    def _payload(self, index: int, length: int, attrs: dict) -> bytes:
+        """The payload of chunk ``index`` whose metadata :meth:`_chunk_meta` gave, checked (FORMAT.md §5 step 3)."""
         try:
             stored = self._store.read(f"chunks/{_key(index)}/c/0", length + 4)
         except OSError as exc:
@@ -761,6 +795,17 @@ class Archive:
                 "so changes to it cannot be detected; re-encode it to protect it",
                 stacklevel=2,
             )
+        self._check_groups()
+        damaged = []
+        for index in range(self.n_chunks):
+            try:
+                self.read_chunk(index)
+            except DamagedChunkError as exc:
+                damaged.append(exc)
+        return damaged
+
+    def _check_groups(self) -> None:
+        """The ``chunks`` and ``commits`` group documents must be empty zarr groups (FORMAT.md §1)."""
         for folder in ("chunks", "commits"):
             try:
                 data = self._store.read(f"{folder}/zarr.json", MAX_NODE_JSON)
@@ -771,13 +816,6 @@ class Archive:
                     f"archive {self.location}: {folder}/zarr.json is damaged ({exc}); restore it as "
                     '{"zarr_format": 3, "node_type": "group", "attributes": {}}'
                 ) from None
-        damaged = []
-        for index in range(self.n_chunks):
-            try:
-                self.read_chunk(index)
-            except DamagedChunkError as exc:
-                damaged.append(exc)
-        return damaged
 
     @property
     def streams(self) -> list[dict]:
@@ -1061,6 +1099,7 @@ class ArchiveWriter:
                 f"archive {location} is format version 1, which this palstream reads but does not extend; re-encode it"
             )
         self._group = _open_group(write_location, "r+")
+        self._store = _Store(write_location)
         self.attrs = self._reader.attrs
         self.n_chunks = self.attrs["n_chunks"]
 
@@ -1161,10 +1200,13 @@ class ArchiveWriter:
         return _chunk_frames(self.attrs, index)
 
     def write_chunk(self, index: int, encoded: EncodedChunk) -> None:
-        """Store one encoded chunk, then its commit marker.
+        """Store one encoded chunk: its array metadata, its data, then its commit marker, if absent.
 
-        Idempotent: rewriting a committed chunk with the same payload does nothing. A different
-        payload first removes the old marker, so the chunk is never committed with mixed data.
+        Three PUTs and nothing read (FORMAT.md §4). Idempotent: when the marker is there already
+        (a duplicated task), it is read once; the same marker means the same payload and nothing
+        more is done, another one (a stale or half-written marker) is replaced by this chunk's.
+        Until then the old marker disagrees with the new metadata, so the chunk is never taken
+        for committed with mixed data.
         """
         frames = self.chunk_frames(index)
         payload = bytes(encoded.payload)
@@ -1176,10 +1218,6 @@ class ArchiveWriter:
         if len(payload) > ceiling:
             raise ArchiveError(f"chunk {index} payload of {len(payload)} bytes exceeds the format's {ceiling}; the encoder failed")
         sha = hashlib.sha256(payload).hexdigest()
-        if self._reader.chunk_attrs(index).get("sha256") == sha:
-            return  # already committed with this payload: a duplicated task
-        if self._reader._store.read(f"commits/{_key(index)}/zarr.json", MAX_NODE_JSON) is not None:
-            del self._group[f"commits/{_key(index)}"]
         attributes = json_safe(
             {
                 "sha256": sha,
@@ -1189,26 +1227,24 @@ class ArchiveWriter:
                 "stats": {k: v for k, v in encoded.stats.items() if not k.endswith("_seconds")},
             }
         )
-        array = self._group.create_array(
-            f"chunks/{_key(index)}",
-            shape=(len(payload),),
-            chunks=(len(payload),),
-            dtype="uint8",
-            filters=None,
-            compressors=[zarr.codecs.Crc32cCodec()],  # payload is entropy-coded: checksum, no compressor
-            fill_value=0,
-            attributes=attributes,
-            overwrite=True,
-            config={"write_empty_chunks": True},
-        )
-        array[:] = np.frombuffer(payload, np.uint8)
         marker = {
             "sha256": sha,
             "bytes": len(payload),
             "core_sha256": self._reader._core_sha256,
             "attributes_sha256": _sha256(attributes),
         }
-        self._group.create_group(f"commits/{_key(index)}", attributes=marker, overwrite=True)
+        marker_bytes = _document_bytes({"attributes": marker, "zarr_format": 3, "node_type": "group"})
+        store, key = self._store, _key(index)
+        store.put(f"chunks/{key}/zarr.json", _document_bytes(_array_document(len(payload), attributes)))
+        store.put(f"chunks/{key}/c/0", payload + google_crc32c.value(payload).to_bytes(4, "little"))
+        if store.put(f"commits/{key}/zarr.json", marker_bytes, create=True):
+            return
+        try:
+            if store.read(f"commits/{key}/zarr.json", MAX_NODE_JSON) == marker_bytes:
+                return  # committed before with this payload: a duplicated task
+        except ValueError:
+            pass  # an oversized marker is damage: replaced below
+        store.put(f"commits/{key}/zarr.json", marker_bytes)
 
     def _new_array(self, key: str, shape: tuple, dtype, chunk: tuple):
         """A new (or replaced) array of FORMAT.md §3.1: ``chunk``-sized zarr chunks, CRC-32C, no compressor."""
@@ -1314,8 +1350,9 @@ class ArchiveWriter:
 
     def revoke(self, index: int) -> None:
         """Delete chunk ``index``'s commit marker, so the chunk counts as not written (and is redone)."""
-        if self._reader._store.read(f"commits/{_key(index)}/zarr.json", MAX_NODE_JSON) is not None:
-            del self._group[f"commits/{_key(index)}"]
+        fs, path = self._store.fs, f"{self._store.root}/commits/{_key(index)}"
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
     def committed(self) -> set[int]:
         """Indices of the committed chunks (:meth:`Archive.is_committed`)."""
@@ -1325,28 +1362,58 @@ class ArchiveWriter:
         """Indices of the chunks not committed, in order (:meth:`Archive.uncommitted`)."""
         return self._reader.uncommitted()
 
-    def finalize(self) -> None:
-        """Check that every chunk is committed and intact, mark the archive complete, and (when
-        replacing) swap it into place.
+    def finalize(self) -> dict:
+        """Check every chunk, mark the archive complete, (when replacing) swap it into place, and
+        return its fixity record.
+
+        One pass reads each chunk's three objects once (FORMAT.md §5 steps 0-3: what ``verify``
+        checks); the fixity record is built from those same bytes, so nothing is read twice.
+
+        Returns
+        -------
+        dict
+            ``files``: ``{path relative to the archive: sha256}`` of every object of the archive;
+            ``bytes``: their total size; ``payload_sha256`` and ``payload_bytes``: of the chunk
+            payloads concatenated in chunk order.
 
         Raises
         ------
+        IncompleteArchiveError
+            Chunks are not committed (its ``missing`` lists them).
         ArchiveError
-            Chunks are missing or damaged (the archive stays ``"incomplete"``; an archive being
-            replaced stays as it was).
+            Chunks or kept streams are damaged. In both cases the archive stays ``"incomplete"``;
+            an archive being replaced stays as it was.
         """
-        missing = self.uncommitted()
+        reader = self._reader
+        reader._store.seen = seen = {}
+        reader._check_groups()
+        missing, damaged, payload, payload_bytes = [], [], hashlib.sha256(), 0
+        for index in range(self.n_chunks):
+            try:
+                meta = reader._chunk_meta(index)
+            except DamagedChunkError:
+                missing.append(index)
+                continue
+            try:
+                chunk = reader._payload(index, *meta)
+            except DamagedChunkError as exc:
+                damaged.append(exc)
+                continue
+            payload.update(chunk)
+            payload_bytes += len(chunk)
+        reader._store.seen = None
         if missing:
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-            raise ArchiveError(f"archive {self.location} lacks {len(missing)} chunk(s) ({shown}); write them, then finalize")
-        damaged = self._reader.verify()
+            raise IncompleteArchiveError(
+                f"archive {self.location} lacks {len(missing)} chunk(s) ({shown}); write them, then finalize", missing
+            )
         if damaged:
             raise ArchiveError(f"archive {self.location} cannot be finalized: {damaged[0]}; rewrite that chunk")
-        damaged_streams = self._reader.verify_streams()
+        damaged_streams = reader.verify_streams()
         if damaged_streams:
             raise ArchiveError(f"archive {self.location} cannot be finalized: {damaged_streams[0]}; re-encode it")
-        payload_bytes = self._reader.payload_bytes()
         self._write_root({"status": "complete", "payload_bytes": payload_bytes})
+        seen.pop("zarr.json", None)  # rewritten just now
         if self.replacing:
             try:
                 _swap_into_place(self.write_location, self.location)
@@ -1358,7 +1425,23 @@ class ArchiveWriter:
                 ) from None
             self.write_location = self.location
             self._reader = Archive(self.location)
+            self._store = _Store(self.location)
         self._created = False  # finished: nothing left for abort() to remove
+        return {**self._fixity(seen), "payload_sha256": payload.hexdigest(), "payload_bytes": payload_bytes}
+
+    def _fixity(self, seen: dict[str, tuple[str, int]]) -> dict:
+        """SHA-256 and size of every object of the archive: those in ``seen`` from the reads that
+        checked them, the others (root, kept streams) read now."""
+        store = self._store
+        files, total = {}, 0
+        for path in sorted(store.fs.find(store.root)):
+            key = path[len(store.root) + 1 :]
+            if key not in seen:
+                blob = store.fs.cat_file(path)
+                seen[key] = (hashlib.sha256(blob).hexdigest(), len(blob))
+            files[key], size = seen[key]
+            total += size
+        return {"files": files, "bytes": total}
 
     def abort(self) -> None:
         """Remove what this writer created and could not finish (best effort).
