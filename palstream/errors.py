@@ -29,11 +29,3 @@ class DamagedChunkError(ArchiveError):
         self.index = index
         self.reason = reason
 
-
-# batch/ still imports this name from here; removed when batch/ moves to palstream.storage.
-def __getattr__(name: str):
-    if name == "storage_error":
-        from palstream.storage import storage_error
-
-        return storage_error
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

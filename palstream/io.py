@@ -843,7 +843,7 @@ def _stack(planes: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Frames:
 
 
 def iter_chunks(
-    source: str | Location, frames_per_chunk: int, storage_options: dict | None = None, frame_count: int | None = None
+    source: str | Location, frames_per_chunk: int, frame_count: int | None = None
 ) -> Iterator[Frames]:
     """Read a video sequentially in runs of ``frames_per_chunk`` frames (the last may be shorter).
 
@@ -853,9 +853,6 @@ def iter_chunks(
         Local path, fsspec URL, or a location with its storage options.
     frames_per_chunk : int
         Frames per yielded run, >= 1 (the GOP size when encoding).
-    storage_options : dict, optional
-        Only for ``palstream.batch``, which still passes its options apart (removed when it moves
-        to :class:`~palstream.storage.Location`).
     frame_count : int, optional
         The frame count :func:`probe` fixed (``SourceInfo.frame_count``): exactly that many frames
         are yielded, also from a truncated source kept with ``allow_truncated``.
@@ -873,7 +870,7 @@ def iter_chunks(
     if frames_per_chunk < 1:
         raise ValueError("frames_per_chunk must be >= 1")
     batch = []
-    for planes in _decode_frames(Location.of(source, storage_options), frame_count):
+    for planes in _decode_frames(Location.of(source), frame_count):
         batch.append(planes)
         if len(batch) == frames_per_chunk:
             yield _stack(batch)
@@ -886,7 +883,6 @@ def read_frames(
     source: str | Location,
     start: int = 0,
     count: int | None = None,
-    storage_options: dict | None = None,
     *,
     exact: bool = False,
 ) -> Frames:
@@ -904,9 +900,6 @@ def read_frames(
         First frame number (0-based).
     count : int, optional
         Number of frames; default all frames from ``start``.
-    storage_options : dict, optional
-        Only for ``palstream.batch``, which still passes its options apart (removed when it moves
-        to :class:`~palstream.storage.Location`).
     exact : bool, default False
         Raise unless exactly ``count`` frames are read (what encoding a planned range needs);
         by default ``count`` is a maximum, as in slicing.
@@ -920,7 +913,7 @@ def read_frames(
     if start < 0 or (count is not None and count < 1):
         raise ValueError("start must be >= 0 and count >= 1")
     stop = None if count is None else start + count
-    source = Location.of(source, storage_options)
+    source = Location.of(source)
     kept = _read_by_seeking(source, start, stop) if start > 0 else None
     if kept is None:
         kept = []
@@ -1250,12 +1243,3 @@ def _to_flac(stream, found: list, info: dict, name: str):
     described = {**_describe(flac), **{k: info[k] for k in ("source_index", "metadata", "disposition")}}
     described.update(transcoded_from=info["codec"], start_time=flac.start_time)
     return flac, packets, described
-
-
-# batch/ still imports these two names from here; removed when batch/ moves to palstream.storage.
-from palstream.storage import redact_url  # noqa: F401
-
-
-def fsspec_options(url: str, storage_options: dict | None) -> dict:
-    """The fsspec options that apply to ``url`` (none for local ones): ``Location(url, options).options``."""
-    return dict(Location(url, storage_options or {}).options)

@@ -25,7 +25,7 @@ from palstream.batch.spec import JobSpec
 from palstream.batch.store import JOB_DIR, filesystem, join, read_json, write_json
 from palstream.codec import EncoderConfig
 from palstream.errors import ConfigError, InputError
-from palstream.io import redact_url
+from palstream.storage import redact_url
 
 PLAN_VERSION = 2
 KNOWN_PLAN_VERSIONS = (1, 2)  # version 1: flat layout, no source paths
@@ -235,7 +235,7 @@ def check_archive_path(path, where: str) -> str:
 def credential_free(url: str) -> str:
     """``url`` if it carries no credential; a one-line ``ConfigError`` otherwise.
 
-    A password in the URL or a signed query string (what ``palstream.io.redact_url`` removes)
+    A password in the URL or a signed query string (what ``palstream.storage.redact_url`` removes)
     would be stored in ``plan.json`` and ``job.json`` and shown by ``status``; credentials come
     from the environment or a profile.
     """

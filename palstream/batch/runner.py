@@ -49,6 +49,7 @@ from palstream.batch.spec import JobSpec
 from palstream.batch.store import JOB_DIR, JobLock, check_writable, filesystem, join, write_bytes, write_json
 from palstream.batch.worker import encode_units, finalize_archive, generator_identity, probe_source
 from palstream.errors import ArchiveError, ConfigError, PalstreamError
+from palstream.storage import Location
 
 TASK_PREFIX = "encode_chunk"
 PROBES_IN_FLIGHT = 512  # probes submitted at a time: enough to hide the round trips, never a whole library
@@ -374,13 +375,12 @@ class _Execution:
         from palstream.io import SourceInfo
 
         src = self.plan.sources[source]
-        url = self.plan.archive_url(self.spec.output, source)
+        location = Location(self.plan.archive_url(self.spec.output, source), self.out_opts)
         try:
-            archive.ArchiveWriter.open(url, storage_options=self.out_opts)
+            archive.ArchiveWriter.open(location)
         except ArchiveError:
             archive.ArchiveWriter.create(
-                url, SourceInfo.from_dict(src["info"]), self.plan.config, self.generator, len(src["units"]),
-                storage_options=self.out_opts,
+                location, SourceInfo.from_dict(src["info"]), self.plan.config, self.generator, len(src["units"])
             )
         self.created.add(source)
 
@@ -580,7 +580,7 @@ class _Execution:
             check_floor(summary.get("psnr_y"), config.target_psnr, config.lossless, f"{src['url']} unit {unit.index}")
             return True
         except FloorViolation as exc:
-            archive.ArchiveWriter.open(self.plan.archive_url(self.spec.output, unit.source), storage_options=self.out_opts).revoke(unit.index)
+            archive.ArchiveWriter.open(Location(self.plan.archive_url(self.spec.output, unit.source), self.out_opts)).revoke(unit.index)
             self.log.write(f"quarantined {src['url']} unit {unit.index}: {exc}")
             self._quarantine(unit.source, unit.index, str(exc))
             return False
@@ -644,7 +644,7 @@ class _Execution:
         from palstream import catalogue
 
         try:
-            catalogue.refresh(self.spec.output, storage_options=self.out_opts)
+            catalogue.refresh(Location(self.spec.output, self.out_opts))
         except (PalstreamError, OSError, sqlite3.Error) as exc:
             self.log.write(f"the library catalogue was not refreshed: {exc}")
 

@@ -24,11 +24,9 @@ import threading
 import time
 import uuid
 
-import fsspec
-
-from palstream import errors
 from palstream.errors import ArchiveError, ConfigError, PalstreamError
-from palstream.io import redact_url
+from palstream.storage import Location, redact_url
+from palstream.storage import storage_error as remote_storage_error
 
 JOB_DIR = "_palstream"
 LOCK_STALE_SECONDS = 120.0  # a lock whose heartbeat is older than this belongs to a dead driver
@@ -49,8 +47,8 @@ def join(root: str, *parts: str) -> str:
 
 
 def filesystem(url: str, options: dict | None = None):
-    """``(fs, path)`` for ``url``; ``options`` are fsspec storage options."""
-    return fsspec.core.url_to_fs(url, **(options or {}))
+    """``(fs, path)`` for ``url``; ``options`` are fsspec storage options (applied to remote URLs only)."""
+    return Location(url, options or {}).filesystem()
 
 
 def check_writable(output: str, options: dict | None = None) -> None:
@@ -70,7 +68,7 @@ def check_writable(output: str, options: dict | None = None) -> None:
             raise ArchiveError(f"output {output}: bucket {path.split('/', 1)[0]!r} does not exist; create it first") from None
         raise ArchiveError(f"output {output} is not writable ({_one_line(exc)}); check the path and permissions") from None
     except Exception as exc:  # noqa: BLE001  every backend raises its own family; all mean "cannot write"
-        mapped = errors.storage_error(exc, output, "write the output", ArchiveError)
+        mapped = remote_storage_error(exc, output, "write the output", ArchiveError)
         if mapped is not None:
             raise mapped from None
         raise ArchiveError(f"output {output} is not writable ({_one_line(exc)}); check the path, endpoint and permissions") from None
@@ -106,11 +104,11 @@ def storage_error(url: str, exc: BaseException, action: str) -> PalstreamError:
     """One line for a storage failure of a job file: what could not be done where, and what to check.
 
     Remote failures (credentials, endpoint, permissions, timeout) are named by
-    ``palstream.errors.storage_error``; others get the backend's first line.
+    :func:`palstream.storage.storage_error`; others get the backend's first line.
     """
     if isinstance(exc, PalstreamError):
         return exc
-    mapped = errors.storage_error(exc, url, action, ArchiveError)
+    mapped = remote_storage_error(exc, url, action, ArchiveError)
     if mapped is not None:
         return mapped
     hint = "check the endpoint, credentials and permissions" if "://" in url else "check the path and permissions"

@@ -30,6 +30,7 @@ from palstream.batch.plan import Plan, Unit
 from palstream.batch.store import JOB_DIR, filesystem, join, read_json, write_json
 from palstream.codec import EncoderConfig
 from palstream.errors import ConfigError
+from palstream.storage import Location
 from palstream.tuner.agent import LinUCB, load_policy
 from palstream.tuner.features import context_vector, unit_features
 from palstream.tuner.reward import RewardWeights, components
@@ -249,7 +250,7 @@ class TunedUnits:
         features, note = None, None
         try:
             features = self.client.submit(
-                unit_features, src["url"], first.start, first.count, self.source_options(src["url"]),
+                unit_features, Location(src["url"], self.source_options(src["url"])), first.start, first.count,
                 key=f"unit_features-{self.plan.hash[:12]}-{batch.id}-{uuid.uuid4().hex[:8]}", retries=self.retries, pure=False,
             ).result()
         except Exception as exc:  # noqa: BLE001  an unreadable batch fails in its units too; decide without context
@@ -285,7 +286,7 @@ class TunedUnits:
         # Ledger first, then the archive, then the units: a crash in between leaves a decision
         # that a resumed driver reuses, never a chunk whose configuration is unrecorded.
         self.ledger.append(record)
-        writer = archive.ArchiveWriter.open(self.plan.archive_url(self.output, batch.source), storage_options=self.options)
+        writer = archive.ArchiveWriter.open(Location(self.plan.archive_url(self.output, batch.source), self.options))
         writer.record_chunk_config(batch.units[0], len(batch.units), config)
         self.decisions[batch.id] = record
         metrics.tuner_decisions.labels(arm).inc()

@@ -268,17 +268,15 @@ def _read_unit(unit: dict, job: dict, gop: int):
     ``io.iter_chunks`` (``io.read_frames`` would read on into the break and fail)."""
     from palstream import io
 
+    source = Location(unit["source_url"], job["source_options"])
     if unit.get("source_truncated"):
-        chunks = io.iter_chunks(unit["source_url"], gop, job["source_options"], frame_count=unit["source_frames"])
+        chunks = io.iter_chunks(source, gop, frame_count=unit["source_frames"])
         return next(itertools.islice(chunks, unit["start"] // gop, None))
-    return io.read_frames(unit["source_url"], unit["start"], unit["count"], storage_options=job["source_options"])
+    return io.read_frames(source, unit["start"], unit["count"])
 
 
 def _source_size(url: str, options: dict) -> int:
-    from palstream.batch.store import filesystem
-    from palstream.io import fsspec_options
-
-    fs, path = filesystem(url, fsspec_options(url, options))
+    fs, path = Location(url, options).filesystem()
     return fs.size(path)
 
 
@@ -315,7 +313,7 @@ def _encode_unit(unit: dict, job: dict, context: _TaskContext) -> tuple[dict, di
     stages["decode"] = time.perf_counter() - t0
     if context.writer is None:
         context.writer = with_storage_retries(
-            lambda: archive.ArchiveWriter.open(unit["archive_url"], storage_options=out_opts), "opening the archive"
+            lambda: archive.ArchiveWriter.open(Location(unit["archive_url"], out_opts)), "opening the archive"
         )
     writer = context.writer
     generator = _plugin().generator(config.palette)
@@ -386,8 +384,8 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict, fixit
             "reason": f"{source['url']} has sha256 {digest[:12]}..., the plan recorded {source['sha256'][:12]}...: "
             "the source changed since it was planned; restore it, or encode it in a new job",
         }
-    writer = with_storage_retries(lambda: archive.ArchiveWriter.open(archive_url, storage_options=output_options), "opening the archive")
-    missing = sorted(set(range(writer.n_chunks)) - with_storage_retries(writer.committed, "reading the commit markers"))
+    writer = with_storage_retries(lambda: archive.ArchiveWriter.open(Location(archive_url, output_options)), "opening the archive")
+    missing = with_storage_retries(writer.uncommitted, "reading the commit markers")
     if missing:  # the job's commit index named units the archive lacks: the driver runs them again
         return {"outcome": "missing", "units": missing}
     # The other streams are written once per archive, here: keep_streams writes nothing when the
@@ -406,10 +404,7 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict, fixit
 
 
 def _sha256(url: str, options: dict) -> str:
-    from palstream.batch.store import filesystem
-    from palstream.io import fsspec_options
-
-    fs, path = filesystem(url, fsspec_options(url, options))
+    fs, path = Location(url, options).filesystem()
     with fs.open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
@@ -426,16 +421,15 @@ def archive_fixity(archive_url: str, output_options: dict) -> dict:
         zarr's file layout).
     """
     from palstream import archive
-    from palstream.batch.store import filesystem
 
-    fs, root = filesystem(archive_url, output_options)
-    root = root.rstrip("/")
+    location = Location(archive_url, output_options)
+    fs, root = location.filesystem()
     files, total = {}, 0
     for path in sorted(fs.find(root)):
         blob = fs.cat_file(path)
         files[path[len(root) + 1 :]] = hashlib.sha256(blob).hexdigest()
         total += len(blob)
-    arc = archive.open_archive(archive_url, output_options)
+    arc = archive.open_archive(location)
     payload, size = hashlib.sha256(), 0
     for i in range(arc.n_chunks):
         chunk = arc.read_chunk(i)

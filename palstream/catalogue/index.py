@@ -492,7 +492,6 @@ def refresh(
     catalogue: str | os.PathLike | None = None,
     full: bool = False,
     progress: Callable[[int, int], None] | None = None,
-    storage_options: dict | None = None,
 ) -> dict:
     """Bring the catalogue of ``root`` up to date with the archives under it.
 
@@ -510,17 +509,12 @@ def refresh(
         Read every archive again (``palstream catalogue rebuild``).
     progress : callable, optional
         ``progress(done, total)`` after each archive read.
-    storage_options : dict, optional
-        Only for ``palstream.batch``, which still passes its options apart (removed when it moves
-        to :class:`~palstream.storage.Location`).
 
     Returns
     -------
     dict
         ``{"archives": n, "read": n, "dropped": n}``.
     """
-    if storage_options is not None:  # batch/ compat: removed when batch/ moves to palstream.storage
-        root = Location.of(root, storage_options)
     cat = _open(root, catalogue)
     found = find_archives(cat)
     with cat.connect() as db:

@@ -81,14 +81,13 @@ def features_hash() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def unit_features(source: str | Location, start: int, count: int, options: dict | None = None) -> dict[str, float]:
-    """Content statistics of frames ``[start, start + min(count, SAMPLE_FRAMES))`` of a source.
+def unit_features(source: str | Location, start: int, count: int) -> dict[str, float]:
+    """Content statistics of frames ``[start, start + min(count, SAMPLE_FRAMES))`` of a source
+    (a path, URL or :class:`~palstream.storage.Location` with its storage options).
 
-    Runs as a Dask task (key ``unit_features-*``) so the driver never decodes video. ``options``
-    only for ``palstream.batch``, which still passes its storage options apart (removed when it
-    moves to :class:`~palstream.storage.Location`).
+    Runs as a Dask task (key ``unit_features-*``) so the driver never decodes video.
     """
     from palstream import io
 
-    frames = io.read_frames(Location.of(source, options), start, min(count, SAMPLE_FRAMES))
+    frames = io.read_frames(source, start, min(count, SAMPLE_FRAMES))
     return content_features(frames)
