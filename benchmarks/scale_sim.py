@@ -40,6 +40,8 @@ from pathlib import Path
 
 from distributed import WorkerPlugin
 
+from palstream.storage import Location
+
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "scale"
 
@@ -50,8 +52,8 @@ def install_stubs(settings: dict) -> None:
     import numpy as np
 
     import palstream.archive
-    import palstream.batch.store
     import palstream.batch.runner
+    import palstream.batch.store
     import palstream.batch.worker
     import palstream.codec
     import palstream.io
@@ -61,9 +63,11 @@ def install_stubs(settings: dict) -> None:
 
     gop, per_archive = settings["gop"], settings["units_per_archive"]
 
-    def probe(url, storage_options=None, allow_truncated=False):
-        fs, path = palstream.batch.store.filesystem(url, storage_options)
+    def probe(source, storage_options=None, allow_truncated=False):
+        location = Location.of(source, storage_options)  # the batch passes a Location or a URL and options
+        fs, path = location.filesystem()
         blob = fs.cat_file(path)
+        url = location.url
         return palstream.io.SourceInfo(
             url=url, name=url.rsplit("/", 1)[-1], size_bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest(),
             width=64, height=64, frame_count=gop * per_archive, fps="25/1", time_base="1/25", pix_fmt="yuv420p",
@@ -87,7 +91,12 @@ def install_stubs(settings: dict) -> None:
         header = HEADER.pack(MAGIC, VERSION, 0, len(frames), 64, 64, 0, 0, 0, 0, body)
         return EncodedChunk(header + bytes(body), {"frames": len(frames), "psnr_y": 50.0})
 
+    def read_side_streams(source, audio="copy", drop_streams=()):
+        return palstream.io.SideStreams({}, [], [], [])  # the synthetic inputs hold one video stream
+
     palstream.io.probe = probe
+    palstream.io.read_side_streams = read_side_streams
+    palstream.archive.read_side_streams = read_side_streams
     palstream.batch.worker._read_unit = read_unit
     palstream.codec.encode_chunk = encode_chunk
     if settings["archive"] in ("stub", "marker"):
@@ -95,6 +104,12 @@ def install_stubs(settings: dict) -> None:
         palstream.archive.ArchiveWriter = StubArchive
         palstream.archive.open_archive = StubArchive.open
         palstream.batch.runner._Execution._refresh_catalogue = lambda self: None  # reads real archives only
+
+
+def _url_and_options(location, options) -> tuple[str, dict]:
+    """A Location, or a URL and its options, as a URL and options."""
+    location = Location.of(location, options)
+    return location.url, dict(location.options)
 
 
 class StubArchive:
@@ -120,6 +135,7 @@ class StubArchive:
     def create(cls, url, source, config, generator=None, n_chunks=None, storage_options=None, overwrite=False):
         from palstream.batch.store import write_json
 
+        url, storage_options = _url_and_options(url, storage_options)
         attrs = {"n_chunks": n_chunks, "status": "incomplete", "frame_count": source.frame_count}
         write_json(f"{url}/zarr.json", attrs, storage_options)
         return cls(url, storage_options, attrs)
@@ -129,6 +145,7 @@ class StubArchive:
         from palstream.batch.store import read_json
         from palstream.errors import ArchiveError
 
+        url, storage_options = _url_and_options(url, storage_options)
         attrs = read_json(f"{url}/zarr.json", storage_options)
         if attrs is None:
             raise ArchiveError(f"no archive at {url}")

@@ -70,20 +70,23 @@ tuner_reward = Histogram(
 # Make every labelled series exist from the start, so dashboards and alerts see zeros, not gaps.
 for _outcome in UNIT_OUTCOMES:
     units.labels(_outcome)
-for _stage in STAGES:
-    stage_duration.labels(_stage)
 for _state in JOB_STATES:
     job_units.labels(_state)
 for _arm in ARM_NAMES:
     tuner_decisions.labels(_arm)
+# The series a committed unit updates, resolved once: ``labels()`` per unit was a measurable share
+# of the batch's own CPU per unit (issue 19).
+_committed_units = units.labels("committed")
+_stage_series = {stage: stage_duration.labels(stage) for stage in STAGES}
 
 
 def record_unit(summary: dict, stage_seconds: dict[str, float]) -> None:
     """Record one committed unit (called in the worker; failures count in ``units{outcome="failed"}``)."""
-    units.labels("committed").inc()
+    _committed_units.inc()
     for stage, seconds in stage_seconds.items():
-        if stage in STAGES:
-            stage_duration.labels(stage).observe(seconds)
+        series = _stage_series.get(stage)
+        if series is not None:
+            series.observe(seconds)
     source_frames.inc(summary["frames"])
     source_bytes.inc(summary["raw_bytes"])
     encoded_frames.inc(summary["frames"])
