@@ -32,6 +32,7 @@ from palstream.batch.store import JobLockedError
 from palstream.cli import app
 from palstream.codec import EncoderConfig
 from palstream.pipeline import encode_file
+from palstream.storage import Location
 
 pytestmark = pytest.mark.slow
 
@@ -305,7 +306,7 @@ def test_s3_job_survives_a_restart_of_the_object_store(library, reference, s3_se
     options = spec.storage.options("s3://archive/job")
     # A local and an S3 input share no folder: each archive is under its protocol's folder.
     assert_identical("s3://archive/job", reference, options, archives=report.archives)
-    status = job_status("s3://archive/job", options)
+    status = job_status(Location("s3://archive/job", options))
     assert status["state"] == "complete"
     assert "palstream-test-secret" not in json.dumps(status)
     stored = b"".join(fs.cat_file(p) for p in fs.find("archive/job/_palstream"))

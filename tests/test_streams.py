@@ -446,5 +446,8 @@ def test_submit_of_a_library_gives_the_archive_encode_gives(full_mkv, full_archi
     decode_file(str(full_archive), str(tmp_path / "encode.mkv"))
     assert _contents(tmp_path / "batch.mkv") == _contents(tmp_path / "encode.mkv")
     assert _frame_times(tmp_path / "batch.mkv") == _frame_times(full_mkv)
+    from palstream.batch.status import job_status
+
+    assert [v["state"] for v in job_status(str(tmp_path / "out"))["videos"]] == ["complete"]
     with pytest.raises(ConfigError, match="already holds a different job"):
         run_job(JobSpec.from_dict({**job, "drop_streams": [1]}))

@@ -246,11 +246,12 @@ def status(
 
     from palstream.batch.spec import StorageSpec
     from palstream.batch.status import exit_code, job_status
+    from palstream.storage import Location
 
     storage = _overrides(storage={"profile": storage_profile, "endpoint_url": endpoint_url}).get("storage", {})
     output, settings, _ = _output_of(target, storage)
     options = StorageSpec.from_dict({**settings.get("storage", {}), **storage}).options(output)
-    info = job_status(output, options)
+    info = job_status(Location(output, options))
     if as_json:
         typer.echo(json.dumps(info, indent=1))
         raise typer.Exit(exit_code(info))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from palstream.batch.plan import fs_exists, load_plan
 from palstream.batch.store import JOB_DIR, JobLock, join, read_json
 from palstream.errors import ArchiveError, PalstreamError
+from palstream.storage import Location
 from palstream.batch.tuned import ledger_summary
 
 # `palstream status` exit codes (documented in its --help and docs/batch.md). 1 stays the
@@ -27,8 +28,8 @@ def exit_code(info: dict) -> int:
     return EXIT_INCOMPLETE
 
 
-def job_status(output: str, options: dict | None = None) -> dict:
-    """The state of the job stored under ``output``.
+def job_status(output: str | Location) -> dict:
+    """The state of the job stored under ``output`` (a path, URL, or location with its storage options).
 
     Returns
     -------
@@ -45,6 +46,8 @@ def job_status(output: str, options: dict | None = None) -> dict:
     """
     from palstream import archive
 
+    location = Location.of(output)
+    output, options = location.url, location.options
     plan = load_plan(output, options)
     if plan is None:
         raise PalstreamError(f"{output} holds no palstream job (no {JOB_DIR}/plan.json); give a job's output root")

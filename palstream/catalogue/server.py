@@ -292,7 +292,7 @@ def create_app(
                 f"{cat.location.redacted} holds no palstream job (no {index.JOB_DIR}/plan.json); it is a folder of archives",
             )
         try:
-            job = job_status(cat.root, cat.location.options)  # batch/ still takes (url, options)
+            job = job_status(cat.location)
         except PalstreamError as exc:
             raise _Error(422, str(exc)) from None
         known = {r["path"] for r in index.list_archives(cat)}
