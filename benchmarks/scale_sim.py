@@ -7,10 +7,11 @@ processes, and the storage: a local folder, or moto's S3 server on 127.0.0.1 beh
 requests by kind. What is a stub: the encoder (``encode_chunk`` sleeps ``--encode-ms`` and returns
 ``--payload-bytes`` of deterministic bytes), the frame reader and the probe (each input is a
 small real file whose probe says it holds ``units x gop`` frames), and, with ``--archive stub``,
-the archive: the write path issue 19 asks of ``palstream/archive.py`` (three objects per unit:
-chunk metadata, payload, a commit marker written if absent; ``committed`` by one LIST per
-archive; finalize one PUT), because today's ``ArchiveWriter.write_chunk`` costs ~9 ms and 10-20
-requests per unit (``--archive real`` measures it, at 10^4 units).
+the archive: a stand-in of the same three objects per unit as ``palstream/archive.py`` writes
+(chunk metadata, payload, a commit marker written if absent; ``committed`` by one LIST per
+archive; finalize one PUT, reading nothing back), or with ``--archive marker`` the marker alone
+(10^6 units of three objects need gigabytes of 4 KiB blocks). ``--archive real`` runs the real
+``ArchiveWriter``; ``--archive-breakdown`` counts the S3 requests of each of its operations.
 
 A run: build the library; start the cluster (it outlives the drivers, as a Kubernetes cluster
 does); run the job in a driver process; optionally add and kill workers during the run
@@ -21,6 +22,7 @@ as units were in flight when something died.
 
     .venv/bin/python benchmarks/scale_sim.py --units 1000000 --archives 10000 --kill-at 0.5 --elastic
     .venv/bin/python benchmarks/scale_sim.py --units 10000 --archives 100 --storage s3 --kill-at 0.5
+    .venv/bin/python benchmarks/scale_sim.py --archive-breakdown 200
 """
 
 from __future__ import annotations
@@ -531,6 +533,49 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def archive_breakdown(chunks: int) -> dict:
+    """Requests per chunk of each archive operation on S3 (moto, counted), in this process: the real
+    ``ArchiveWriter`` writing ``chunks`` stub chunks of one archive, and what the batch reads of it."""
+    import boto3
+
+    from palstream import archive, io
+    from palstream.batch.worker import archive_fixity
+    from palstream.codec import EncodedChunk, EncoderConfig
+    from palstream.codec.chunk import HEADER, MAGIC, VERSION
+
+    s3 = CountingS3()
+    boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    location = Location(f"s3://{BUCKET}/breakdown.zarr", s3_options(s3.endpoint))
+    gop = 16
+    info = io.SourceInfo(
+        url="s3://in/v.mkv", name="v.mkv", size_bytes=1, sha256="0" * 64, width=64, height=64,
+        frame_count=gop * chunks, fps="25/1", time_base="1/25", pix_fmt="yuv420p",
+        color={"matrix": "bt709", "range": "tv", "primaries": "bt709", "transfer": "bt709", "chroma_location": "left"},
+    )
+    writer = archive.ArchiveWriter.create(location, info, EncoderConfig(gop=gop))
+    body = 64 - HEADER.size
+    payload = HEADER.pack(MAGIC, VERSION, 0, gop, 64, 64, 0, 0, 0, 0, body) + bytes(body)
+    steps = {
+        "write_chunk": lambda: [writer.write_chunk(i, EncodedChunk(payload, {"frames": gop})) for i in range(chunks)],
+        "write_chunk again (a duplicated task)": lambda: writer.write_chunk(0, EncodedChunk(payload, {"frames": gop})),
+        "uncommitted()": writer.uncommitted,
+        "finalize()": writer.finalize,
+        "archive_fixity() (batch)": lambda: archive_fixity(location.url, dict(location.options)),
+        "committed() + payload_bytes() (catalogue)": lambda: (archive.open_archive(location).committed(),
+                                                              archive.open_archive(location).payload_bytes()),
+    }
+    out = {}
+    for name, step in steps.items():
+        s3.take()
+        step()
+        counts = {k: v for k, v in s3.take().items() if " " not in k}
+        per = 1 if "again" in name else chunks
+        out[name] = {k: round(v / per, 2) for k, v in sorted(counts.items())} | {"all": round(sum(counts.values()) / per, 2)}
+        print(f"{name:45s} per {'call' if per == 1 else 'chunk'}: {out[name]}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--units", type=int, default=1_000_000)
@@ -547,6 +592,8 @@ def main() -> None:
     ap.add_argument("--elastic", action="store_true", help="add, kill and retire workers during the first run")
     ap.add_argument("--resume-bench", action="store_true",
                     help="only time how a resume finds the done units of a synthesized half-done job of --units")
+    ap.add_argument("--archive-breakdown", type=int, default=0, metavar="CHUNKS",
+                    help="only count the S3 requests of each archive operation on one archive of CHUNKS chunks")
     ap.add_argument("--skip-plan-measure", action="store_true", help="do not time Plan.build on its own first")
     ap.add_argument("--workdir", default=None, help="where the library and output go (default: a temporary folder)")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -554,6 +601,11 @@ def main() -> None:
     if args.units % args.archives:
         ap.error("--units must be a multiple of --archives")
     per_archive = args.units // args.archives
+    if args.archive_breakdown:
+        result = {"args": vars(args), "requests_per_chunk": archive_breakdown(args.archive_breakdown)}
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
     if args.resume_bench:
         result = {"args": vars(args), "resume": resume_bench(args), "load_average": os.getloadavg()}
         if args.json:
