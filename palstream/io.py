@@ -656,7 +656,7 @@ def _shortfall(container, stream, handle, scan: _Scan, size: int, facts: dict) -
     return None
 
 
-def probe(source: str | Location, storage_options: dict | None = None, allow_truncated: bool = False) -> SourceInfo:
+def probe(source: str | Location, *, allow_truncated: bool = False) -> SourceInfo:
     """Describe a source video and check that palstream can read all of it.
 
     Every frame is decoded once (no conversion), so the frame count is exact, and the result is
@@ -670,9 +670,6 @@ def probe(source: str | Location, storage_options: dict | None = None, allow_tru
     source : str or Location
         Local path, fsspec URL (``file://``, ``memory://``, ``s3://``, ...), or a location with
         its storage options (an S3 endpoint and credentials).
-    storage_options : dict, optional
-        Only for ``palstream.batch``, which still passes its options apart (removed when it moves
-        to :class:`~palstream.storage.Location`).
     allow_truncated : bool, default False
         Keep a truncated or damaged source: ``frame_count`` is then the number of frames before
         the break, and :attr:`SourceInfo.truncated` records what was detected.
@@ -687,7 +684,7 @@ def probe(source: str | Location, storage_options: dict | None = None, allow_tru
         Missing file, not a regular file, not a video, truncated/corrupt (unless
         ``allow_truncated``), zero frames, a refused pixel format, or a storage failure.
     """
-    source = Location.of(source, storage_options)
+    source = Location.of(source)
     name = _display_name(source)
     first = None
     scan = _Scan()

@@ -20,7 +20,7 @@ from palstream import io
 from palstream.archive import open_archive
 from palstream.errors import InputError
 from palstream.frames import Frames
-from palstream.storage import redact_url
+from palstream.storage import Location, redact_url
 
 Y4M_HEADER, Y4M_FRAME = 76, 6 + 48 * 32 * 3 // 2  # camera_48x32.y4m: header line, "FRAME\n" + 4:2:0 samples
 
@@ -284,7 +284,7 @@ def test_credentials_in_an_input_url_are_stored_redacted(s3_endpoint, s3_clip):
 def test_credentials_in_an_s3_url_stay_out_of_errors(s3_endpoint):
     options = {"endpoint_url": s3_endpoint, "skip_instance_cache": True}
     with pytest.raises(InputError) as err:
-        io.probe("s3://AKIDEXAMPLE:s3cr3t@archives/inputs/camera.mkv", options)
+        io.probe(Location("s3://AKIDEXAMPLE:s3cr3t@archives/inputs/camera.mkv", options))
     message = str(err.value)
     assert "s3cr3t" not in message and "AKIDEXAMPLE" not in message and "\n" not in message
     assert message.startswith("cannot read input s3://***@archives/inputs/camera.mkv")
@@ -308,12 +308,12 @@ def _one_line_input_error(call) -> str:
 
 
 def test_s3_input_without_credentials_is_one_line(s3_endpoint, s3_clip, no_aws_credentials):
-    message = _one_line_input_error(lambda: io.probe(s3_clip, {"endpoint_url": s3_endpoint, "skip_instance_cache": True}))
+    message = _one_line_input_error(lambda: io.probe(Location(s3_clip, {"endpoint_url": s3_endpoint, "skip_instance_cache": True})))
     assert "no usable storage credentials" in message and "AWS_ACCESS_KEY_ID" in message
 
 
 def test_s3_input_in_a_missing_bucket_is_one_line(s3_endpoint):
-    message = _one_line_input_error(lambda: io.probe("s3://no-such-bucket/x.mkv", {"endpoint_url": s3_endpoint, **S3_KEYS}))
+    message = _one_line_input_error(lambda: io.probe(Location("s3://no-such-bucket/x.mkv", {"endpoint_url": s3_endpoint, **S3_KEYS})))
     assert "bucket no-such-bucket does not exist" in message
 
 
@@ -326,12 +326,12 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_s3_input_at_a_closed_port_is_one_line():
     endpoint = f"http://127.0.0.1:{_free_port()}"
-    message = _one_line_input_error(lambda: io.probe("s3://archives/x.mkv", {"endpoint_url": endpoint, **S3_KEYS}))
+    message = _one_line_input_error(lambda: io.probe(Location("s3://archives/x.mkv", {"endpoint_url": endpoint, **S3_KEYS})))
     assert f"no storage endpoint answers at {endpoint}" in message and "--endpoint-url" in message
 
 
 def test_s3_input_with_an_invalid_endpoint_is_one_line():
-    message = _one_line_input_error(lambda: io.probe("s3://archives/x.mkv", {"endpoint_url": "127.0.0.1:9", **S3_KEYS}))
+    message = _one_line_input_error(lambda: io.probe(Location("s3://archives/x.mkv", {"endpoint_url": "127.0.0.1:9", **S3_KEYS})))
     assert "Invalid endpoint" in message and "http(s)://host:port" in message
 
 
@@ -342,7 +342,7 @@ def test_s3_input_from_an_endpoint_that_never_answers_is_one_line():
         silent.listen(8)
         endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
         options = {"endpoint_url": endpoint, **S3_KEYS, "config_kwargs": {"read_timeout": 1, "connect_timeout": 1}}
-        message = _one_line_input_error(lambda: io.probe("s3://archives/x.mkv", options))
+        message = _one_line_input_error(lambda: io.probe(Location("s3://archives/x.mkv", options)))
     assert "timed out" in message and "--endpoint-url" in message
 
 
@@ -383,7 +383,7 @@ def authenticating_s3(data_dir):
 
 def test_s3_input_with_access_denied_is_one_line(authenticating_s3):
     options = {"endpoint_url": authenticating_s3, **S3_KEYS}
-    message = _one_line_input_error(lambda: io.probe("s3://locked/camera.mkv", options))
+    message = _one_line_input_error(lambda: io.probe(Location("s3://locked/camera.mkv", options)))
     assert "cannot read input s3://locked/camera.mkv: access denied (" in message and "AWS_ACCESS_KEY_ID" in message
 
 
