@@ -15,12 +15,13 @@ import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
 # typer vendors click and exports no public usage-error classes; typer is pinned (pyproject.toml).
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
@@ -184,7 +185,7 @@ def encode(
         str, typer.Argument(help="Archive to write: a folder path or fsspec URL (file://, memory://, s3://).")
     ],
     target_psnr: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             help="Quality floor in dB PSNR-Y that every chunk reaches (25..60; default 45, visually lossless)."
         ),
@@ -254,12 +255,12 @@ def decode(
         ),
     ],
     frames: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Frame range A:B inside the archive (B exclusive; either side may be empty)."),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUTPUT.")] = False,
     format: Annotated[
-        Optional[str], typer.Option("--format", help="Format of - (stdout): y4m (default) or yuv (raw 4:2:0).")
+        str | None, typer.Option("--format", help="Format of - (stdout): y4m (default) or yuv (raw 4:2:0).")
     ] = None,
     force: ForceOpt = False,
     video_only: Annotated[

@@ -29,10 +29,10 @@ import re
 import stat
 import threading
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from io import BytesIO
-from typing import Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
 import av
@@ -168,7 +168,7 @@ class SourceInfo:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SourceInfo":
+    def from_dict(cls, data: dict) -> SourceInfo:
         """Inverse of :meth:`to_dict`; keys added by later versions are ignored (FORMAT.md §1).
 
         Archives written before ``truncated`` existed read as complete sources (``truncated=None``).
@@ -308,7 +308,7 @@ def _storage_failures(source: Location):
     """Turn a storage backend's exception (S3, HTTP) while reading ``source`` into one ``InputError``."""
     try:
         yield
-    except Exception as exc:  # noqa: BLE001  every backend raises its own family
+    except Exception as exc:  # every backend raises its own family
         mapped = storage_error(exc, source, "read input", InputError)
         if mapped is None:
             raise
@@ -322,7 +322,7 @@ def _open_handle(source: Location):
     try:
         fs, path = source.filesystem()
         return fs.open(path, "rb")
-    except Exception as exc:  # noqa: BLE001  every backend raises its own family
+    except Exception as exc:  # every backend raises its own family
         mapped = storage_error(exc, source, "read input", InputError)
         if mapped is not None:
             raise mapped from None
@@ -375,7 +375,7 @@ def _open_input(source: Location):
         handle.close()
 
 
-def _classify(fmt: "av.video.format.VideoFormat", name: str) -> str | None:
+def _classify(fmt: av.video.format.VideoFormat, name: str) -> str | None:
     """Check a decoded pixel format against the input policy; return a warning text if lossy."""
     if any(c.bits > 8 for c in fmt.components):
         bits = max(c.bits for c in fmt.components)
@@ -407,7 +407,7 @@ def _target_format(fmt_name: str) -> str:
     return "yuvj420p" if fmt_name.startswith("yuvj") else "yuv420p"
 
 
-def _planes(frame: "av.VideoFrame") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _planes(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The three planes of a yuv420p/yuvj420p frame, without line padding (odd sizes kept)."""
     out = []
     for plane in frame.planes:
@@ -525,7 +525,7 @@ class _Scan:
     problem: str | None = None  # the first damage seen, one line
     pts: list = field(default_factory=list)  # every frame's timestamp, None where it has none
 
-    def note(self, frame: "av.VideoFrame", time_base: Fraction) -> None:
+    def note(self, frame: av.VideoFrame, time_base: Fraction) -> None:
         self.frames += 1
         self.pts.append(frame.pts)
         if frame.pts is not None and time_base:
@@ -535,7 +535,7 @@ class _Scan:
             self.end = end if self.end is None else max(self.end, end)
 
 
-def _frames(container, stream, logs: list, scan: _Scan) -> Iterator["av.VideoFrame"]:
+def _frames(container, stream, logs: list, scan: _Scan) -> Iterator[av.VideoFrame]:
     """Every frame that decodes cleanly, in order; stops at the first damage and records it in ``scan``.
 
     The one decoding loop behind :func:`probe` and the readers, so both count the same frames.
@@ -758,7 +758,7 @@ class _Converter:
         self.name = name
         self.warned = False
 
-    def __call__(self, frame: "av.VideoFrame") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(self, frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if frame.format.name not in _NATIVE:
             message = _classify(frame.format, self.name)
             if message and not self.warned:
@@ -1037,7 +1037,7 @@ def _stream_parameters(stream, packet, source_format: str) -> tuple[str, bytes] 
     return None, None
 
 
-def stored_packet(data: bytes, row, stream, time_base) -> "av.Packet":
+def stored_packet(data: bytes, row, stream, time_base) -> av.Packet:
     """An ``av.Packet`` for ``stream`` from stored bytes and an index row."""
     packet = av.Packet(data)
     pts, dts, duration, _, flags = (int(v) for v in row)

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 pytest.importorskip("starlette", reason="the catalogue server needs palstream's 'serve' extra")
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
 
-from palstream.catalogue import index  # noqa: E402
-from palstream.catalogue.server import create_app  # noqa: E402
+from palstream.catalogue import index
+from palstream.catalogue.server import create_app
 
 DATA = Path(__file__).parent / "data"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,7 +15,7 @@ RootArg = Annotated[
     str, typer.Argument(help="A job's output root or any folder of archives: a path or URL (s3://...).")
 ]
 CatalogueOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--catalogue", help="SQLite file to use instead of ROOT/_palstream/catalogue.sqlite (for a read-only root)."
     ),

@@ -146,7 +146,7 @@ class Catalogue:
             fs, base = location.filesystem()
             try:
                 exists, is_archive = fs.isdir(base), fs.isfile(f"{base}/zarr.json")
-            except Exception as exc:  # noqa: BLE001  (any backend failure becomes one line)
+            except Exception as exc:  # any backend failure becomes one line
                 raise storage_error(exc, location, "read output root") or PalstreamError(
                     f"cannot read {location}: {exc}; check the URL and the storage settings"
                 ) from None
@@ -321,7 +321,7 @@ def _find_remote(cat: Catalogue) -> list[str]:
                     found.append(full[len(base) + 1 :])
                 else:
                     folders.append(full)
-    except Exception as exc:  # noqa: BLE001  (any backend failure becomes one line)
+    except Exception as exc:  # any backend failure becomes one line
         raise storage_error(exc, cat.location, "list output root") or PalstreamError(
             f"cannot list {cat.location}: {exc}; check the URL and the storage settings"
         ) from None

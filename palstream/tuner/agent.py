@@ -100,7 +100,7 @@ class LinUCB:
         }
 
     @classmethod
-    def from_dict(cls, data, where: str) -> "LinUCB":
+    def from_dict(cls, data, where: str) -> LinUCB:
         """Load a policy document; ``where`` names its file in errors."""
         fix = "retrain it with `palstream tune`, or remove [tuner] policy to use the shipped default"
         if not isinstance(data, dict) or data.get("format") != POLICY_FORMAT:

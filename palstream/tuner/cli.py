@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,17 +19,17 @@ def register(app: typer.Typer) -> None:
 def tune(
     out: Annotated[Path, typer.Option("--out", help="Policy file to write (JSON): a job uses it as its tuner policy.")],
     data: Annotated[
-        Optional[list[str]], typer.Option("--data", help="A clip to measure (path or URL); repeat for several.")
+        list[str] | None, typer.Option("--data", help="A clip to measure (path or URL); repeat for several.")
     ] = None,
     frames: Annotated[int, typer.Option(help="Frames measured from the start of each clip.", min=1)] = 64,
     gop: Annotated[int, typer.Option(help="Frames per unit (the job's GOP).", min=1, max=1024)] = 8,
     target_psnr: Annotated[float, typer.Option(help="Quality floor of the measured encodes, dB PSNR-Y.")] = 45.0,
     alpha: Annotated[float, typer.Option(help="Exploration width of the policy (LinUCB alpha).", min=0.0)] = 0.5,
     measurements: Annotated[
-        Optional[Path], typer.Option(help="Also write every per-unit, per-arm measurement here (JSON), e.g. for benchmarks/tuner_regret.py.")
+        Path | None, typer.Option(help="Also write every per-unit, per-arm measurement here (JSON), e.g. for benchmarks/tuner_regret.py.")
     ] = None,
     from_measurements: Annotated[
-        Optional[Path], typer.Option(help="Pretrain from measurements written earlier by --measurements instead of encoding --data.")
+        Path | None, typer.Option(help="Pretrain from measurements written earlier by --measurements instead of encoding --data.")
     ] = None,
 ) -> None:
     """Pretrain the tuner: encode the first frames of each clip with every arm (one thread), fit a policy."""

@@ -10,8 +10,8 @@ replays jobs over the same measurements.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from palstream.codec import EncoderConfig, encode_chunk
 from palstream.quality import check_floor
