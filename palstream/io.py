@@ -411,7 +411,7 @@ def _planes(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The three planes of a yuv420p/yuvj420p frame, without line padding (odd sizes kept)."""
     out = []
     for plane in frame.planes:
-        rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+        rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)  # type: ignore[call-overload]  # PyAV planes are buffers; numpy's stubs say so only from Python 3.12
         out.append(rows[:, : plane.width].copy())
     return out[0], out[1], out[2]
 
@@ -546,7 +546,7 @@ def _frames(container, stream, logs: list, scan: _Scan) -> Iterator[av.VideoFram
     """
     time_base = stream.time_base
     packets = container.demux(stream)
-    peeked = []
+    peeked: list[av.Packet] = []
     while True:
         seen = len(logs)
         try:
@@ -1129,7 +1129,7 @@ def read_side_streams(
             info = _describe(stream)
             if stream.type == "attachment":
                 data = bytes(stream.data)
-                streams.append(KeptStream(info, np.zeros((0, 5), np.int64), lambda data=data: iter([data])))
+                streams.append(KeptStream(info, np.zeros((0, 5), np.int64), functools.partial(iter, [data])))
                 continue
             index = np.frombuffer(rows[stream.index], np.int64).reshape(-1, 5).copy()
             packet = first.get(stream.index)
@@ -1230,7 +1230,7 @@ def _to_flac(stream, found: list, info: dict, name: str):
                 samples += converted.samples
                 out.mux(target.encode(converted))
         out.mux(target.encode(None))
-    nut = av.open(BytesIO(buffer.getvalue()), format="nut")
+    nut = av.open(BytesIO(buffer.getvalue()), mode="r", format="nut")
     flac = nut.streams[0]
     packets = []
     for packet in nut.demux(flac):

@@ -60,7 +60,7 @@ class Location:
             if options:
                 raise TypeError("give the storage options inside the Location, not beside it")
             return value
-        return cls(os.fspath(value), options or {})
+        return cls(os.fspath(value), dict(options or {}))
 
     @property
     def protocol(self) -> str:
@@ -252,7 +252,7 @@ def storage_error(
     if isinstance(exc, PalstreamError) or location.is_local:
         return None
     url = location.url
-    chain = []
+    chain: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in chain and len(chain) < 16:
         chain.append(current)

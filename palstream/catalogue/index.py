@@ -138,8 +138,9 @@ class Catalogue:
             ``root`` is not a folder (or holds nothing), is an archive itself, or cannot be read.
         """
         given = Location.of(root)
-        if given.is_local:
-            location = Location(str(Path(given.local_path).resolve()))
+        local = given.local_path
+        if local is not None:
+            location = Location(str(Path(local).resolve()))
             exists, is_archive = os.path.isdir(location.url), os.path.isfile(os.path.join(location.url, "zarr.json"))
         else:
             location = Location(given.url.rstrip("/"), given.options)
@@ -606,9 +607,10 @@ def record_verification(archive: str | os.PathLike | Location, outcome: list[Dam
         Whether a catalogue was updated.
     """
     location = Location.of(archive)
-    if not location.is_local:
+    local = location.local_path
+    if local is None:
         return False
-    path = Path(location.local_path).resolve()
+    path = Path(local).resolve()
     for parent in path.parents:
         if (parent / JOB_DIR / CATALOGUE_NAME).is_file():
             _record_verification(Catalogue.of(parent), path.relative_to(parent).as_posix(), outcome)
@@ -689,7 +691,8 @@ def list_archives(
     """
     if sort not in SORT_KEYS:
         raise PalstreamError(f"cannot sort by {sort!r}; choose one of {', '.join(SORT_KEYS)}")
-    where, args = [], []
+    where: list[str] = []
+    args: list[str | float] = []
     for word in query.split():
         where.append("(" + " OR ".join(f"{c} LIKE ? ESCAPE '\\'" for c in _SEARCHED) + ")")
         pattern = "%" + word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

@@ -56,7 +56,7 @@ def _yuv_frame(frames: Frames, t: int, fmt: str, width: int, height: int) -> av.
     """Frame ``t`` as a PyAV frame of ``width`` x ``height`` (larger sizes pad by repeating edges)."""
     frame = av.VideoFrame(width, height, fmt)
     for plane, data in zip(frame.planes, (frames.y[t], frames.u[t], frames.v[t]), strict=True):
-        rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+        rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)  # type: ignore[call-overload]  # PyAV planes are buffers; numpy's stubs say so only from Python 3.12
         pad = ((0, plane.height - data.shape[0]), (0, plane.width - data.shape[1]))
         rows[:, : plane.width] = np.pad(data, pad, mode="edge") if any(p for _, p in pad) else data
     return frame

@@ -63,7 +63,7 @@ class LinUCB:
 
     def scores(self, x: np.ndarray, weights: RewardWeights) -> np.ndarray:
         """Upper confidence bound of every arm's reward at context ``x``."""
-        width = np.array([float(np.sqrt(max(x @ np.linalg.solve(a, x), 0.0))) for a in self.A])
+        width = np.array([float(np.sqrt(max(float(x @ np.linalg.solve(a, x)), 0.0))) for a in self.A])
         return self.predict(x, weights) + self.alpha * width
 
     def choose(self, x: np.ndarray, weights: RewardWeights, seed: int, decision: int) -> str:

@@ -45,6 +45,7 @@ def tune(
         if not isinstance(found, dict) or found.get("format") != MEASUREMENTS_FORMAT:
             raise ConfigError(f"{from_measurements} is not a tuner measurements file; give a file written by --measurements")
     else:
+        assert data is not None  # --data is required without --from-measurements (checked above)
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from palstream.codec import EncoderConfig, encode_chunk
 from palstream.quality import check_floor
@@ -54,11 +55,11 @@ def measure(
         encode_chunk(first, EncoderConfig.from_dict({**base.to_dict(), "palette": name}), generator)
     total = len(clips) * len(ARM_NAMES) * -(-frames // base.gop)
     done = 0
-    out = {"format": MEASUREMENTS_FORMAT, "base": base.to_dict(), "frames": frames, "arms": list(ARM_NAMES), "clips": []}
+    out: dict[str, Any] = {"format": MEASUREMENTS_FORMAT, "base": base.to_dict(), "frames": frames, "arms": list(ARM_NAMES), "clips": []}
     for clip in clips:
         video = io.read_frames(clip, 0, frames)
         height, width = video.y.shape[1:]
-        entry = {"name": Path(clip).stem, "width": int(width), "height": int(height), "units": []}
+        entry: dict[str, Any] = {"name": Path(clip).stem, "width": int(width), "height": int(height), "units": []}
         for start in range(0, len(video), base.gop):
             unit = video[start : start + base.gop]
             results = {}
