@@ -49,7 +49,7 @@ WEIGHT_SETTINGS = {
 
 
 def batch_outcome(meas: dict, clip: dict, units: list[dict], arm: str) -> dict:
-    """Reward components of a batch of measured units under one arm (as the session computes them)."""
+    """Reward components of a batch of measured units under one arm (as the tuned queue computes them)."""
     from palstream.tuner.reward import components
 
     base = EncoderConfig.from_dict(meas["base"])
@@ -57,7 +57,7 @@ def batch_outcome(meas: dict, clip: dict, units: list[dict], arm: str) -> dict:
 
 
 def job_batches(meas: dict, batch_units: int) -> list[tuple[int, list[dict]]]:
-    """(clip index, units) per batch, interleaved across clips like ``palstream.tuner.session.plan_batches``."""
+    """(clip index, units) per batch, interleaved across clips like ``palstream.batch.tuned.plan_batches``."""
     per_clip = [
         [(i, clip["units"][k : k + batch_units]) for k in range(0, len(clip["units"]), batch_units)]
         for i, clip in enumerate(meas["clips"])
