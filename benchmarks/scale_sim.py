@@ -204,6 +204,12 @@ class StubArchive:
             return set()
         return {int(n.rsplit("/", 1)[-1][:-7]) for n in names if n.endswith(".commit")}
 
+    def uncommitted(self) -> list[int]:
+        return sorted(set(range(self.n_chunks)) - self.committed())
+
+    def keep_streams(self, source, audio="copy", drop_streams=()) -> None:
+        pass  # the synthetic inputs hold one video stream
+
     def revoke(self, index: int) -> None:
         self.fs.rm_file(f"{self.path}/c/{index}.commit")
 
