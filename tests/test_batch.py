@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import socket
 import subprocess
@@ -19,11 +20,14 @@ import yaml
 
 from palstream.batch import cluster as batch_cluster
 from palstream.batch.cli import _merge
-from palstream.batch.plan import Plan, archive_name, expand_inputs, load_plan, save_plan
+from palstream.batch.plan import Plan, PlannedSource, archive_name, expand_inputs, load_plan, save_plan
 from palstream.batch.spec import JobSpec, StorageSpec, load_job_file
 from palstream.batch.store import JobLock, JobLockedError, check_writable, join
+from palstream.batch.worker import Task, UnitTask
 from palstream.codec import EncoderConfig
 from palstream.errors import ArchiveError, ConfigError, InputError
+from palstream.io import SourceInfo
+from palstream.storage import Location
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -131,8 +135,8 @@ def test_plan_units_are_gop_aligned_and_hash_is_content_based(tmp_path):
     config = EncoderConfig(gop=4)
     probed = [("/v/a.mkv", _info("a.mkv", 10), None), ("/v/bad.mkv", None, "bad.mkv is corrupt"), ("/v/b.mkv", _info("b.mkv", 4), None)]
     plan = Plan.build(config, probed)
-    assert plan.sources[0]["units"] == [[0, 4], [4, 4], [8, 2]]
-    assert plan.sources[1]["units"] == [[0, 4]]
+    assert plan.sources[0].units == ((0, 4), (4, 4), (8, 2))
+    assert plan.sources[1].units == ((0, 4),)
     assert plan.rejected == [{"url": "/v/bad.mkv", "path": "bad.mkv", "reason": "bad.mkv is corrupt"}]
     assert [(u.source, u.index, u.start, u.count) for u in plan.units()][:3] == [(0, 0, 0, 4), (0, 1, 4, 4), (0, 2, 8, 2)]
     assert Plan.build(config, probed).hash == plan.hash
@@ -150,6 +154,41 @@ def test_plan_units_are_gop_aligned_and_hash_is_content_based(tmp_path):
     stored.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="modified after it was written"):
         load_plan(out)
+
+
+def test_plan_sources_are_records_and_the_plan_file_keeps_its_json_form(tmp_path):
+    config = EncoderConfig(gop=4)
+    info = SourceInfo.from_dict(_info("a.mkv", 6))
+    plan = Plan.build(config, [("/v/a.mkv", info.to_dict(), None)])
+    src = plan.sources[0]
+    assert src == PlannedSource("/v/a.mkv", "a.mkv", "a.zarr", info, ((0, 4), (4, 2)))
+    assert src.info.frame_count == 6 and src.name == "a.mkv"
+    # The JSON form (and so the job's identity) is the one earlier versions wrote by hand.
+    written = {"url": "/v/a.mkv", "path": "a.mkv", "archive": "a.zarr", "info": info.to_dict(), "units": [[0, 4], [4, 2]]}
+    assert plan.data["sources"] == [written]
+    assert plan.hash == Plan.from_data({"version": 2, "codec": config.to_dict(), "sources": [written], "rejected": []}).hash
+    assert PlannedSource.from_dict(written).to_dict() == written
+
+    # A version 1 plan (no source paths) still reads; one whose probe result lacks a field is refused in one line.
+    old = {"version": 1, "codec": config.to_dict(), "sources": [{k: v for k, v in written.items() if k != "path"}], "rejected": []}
+    stored = tmp_path / "out" / "_palstream" / "plan.json"
+    stored.parent.mkdir(parents=True)
+    stored.write_text(json.dumps({**old, "hash": Plan.from_data(old).hash}))
+    loaded = load_plan(str(tmp_path / "out"))
+    assert loaded.sources[0].path is None and loaded.sources[0].name == "a.mkv"
+    assert loaded.sources[0].to_dict() == old["sources"][0]
+    del old["sources"][0]["info"]["pix_fmt"]
+    stored.write_text(json.dumps({**old, "hash": Plan.from_data(old).hash}))
+    with pytest.raises(ConfigError, match=r"source 0: its probe result lacks fields .*start a new output"):
+        load_plan(str(tmp_path / "out"))
+
+
+def test_a_task_crosses_the_dask_boundary_as_records():
+    """What the driver submits pickles to equal records (Dask ships it to a worker process)."""
+    unit = UnitTask(0, 1, 4, 4, Location("s3://lib/a.mkv", {"anon": True}), 8, 100, False, Location("/out/a.zarr"))
+    task = Task((unit,), EncoderConfig(gop=4), Location("/out/_palstream/commits/0-1.jsonl"))
+    assert pickle.loads(pickle.dumps(task)) == task
+    assert pickle.loads(pickle.dumps(task)).units[0].source_location.options == {"anon": True}
 
 
 def test_expand_inputs_globs_and_missing(tmp_path):

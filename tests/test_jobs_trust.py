@@ -34,9 +34,17 @@ from palstream.batch.plan import (
 from palstream.batch.spec import JobSpec
 from palstream.batch.status import EXIT_FAILED, EXIT_INCOMPLETE
 from palstream.batch.store import read_json, write_bytes
-from palstream.batch.worker import _DropPalstreamTaskFailures, _read_unit, encode_unit, finalize_archive, probe_source
+from palstream.batch.worker import (
+    UnitTask,
+    _DropPalstreamTaskFailures,
+    _read_unit,
+    encode_unit,
+    finalize_archive,
+    probe_source,
+)
 from palstream.codec import EncoderConfig
 from palstream.errors import ArchiveError, ConfigError
+from palstream.storage import Location
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -72,7 +80,7 @@ def test_outputs_mirror_the_input_tree_without_name_clashes():
     mixed = mirror_layout(["s3://bucket/x.mkv", "/in/x.mkv"])
     assert mixed["s3://bucket/x.mkv"][1] == "s3/bucket/x.zarr" and mixed["/in/x.mkv"][1] == "file/in/x.zarr"
     plan = Plan.build(EncoderConfig(gop=4), [("/in/a/x.mkv", _info("x.mkv", 4), None), ("/in/b/x.mkv", _info("x.mkv", 4), None)])
-    assert [s["archive"] for s in plan.sources] == ["a/x.zarr", "b/x.zarr"]
+    assert [s.archive for s in plan.sources] == ["a/x.zarr", "b/x.zarr"]
     # A rerun of `submit` continues this plan (no second probe) only for the same inputs and settings.
     assert plan.matches(["/in/b/x.mkv", "/in/a/x.mkv"], EncoderConfig(gop=4), None)
     assert not plan.matches(["/in/a/x.mkv"], EncoderConfig(gop=4), None)
@@ -239,31 +247,26 @@ def test_truncated_input_is_kept_only_with_the_opt_in_which_the_plan_records():
     kept = probe_source(cut, {}, allow_truncated=True)["info"]
     assert kept["truncated"]["reason"] and kept["frame_count"] >= 1
     plan = Plan.build(EncoderConfig(gop=4), [(cut, kept, None)], allow_truncated=True)
-    assert plan.data["allow_truncated"] and plan.sources[0]["info"]["truncated"] == kept["truncated"]
+    assert plan.data["allow_truncated"] and plan.sources[0].info.truncated == kept["truncated"]
     assert not plan.matches([cut], EncoderConfig(gop=4), None)  # a submit without the opt-in is another job
     # A unit of the kept source reads exactly its planned frames, not into the break.
-    unit = {"source_url": cut, "start": 0, "count": kept["frame_count"], "source_truncated": True,
-            "source_frames": kept["frame_count"]}
-    assert len(_read_unit(unit, {"source_options": {}}, 4)) == kept["frame_count"]
+    unit = UnitTask(0, 0, 0, kept["frame_count"], Location(cut), kept["frame_count"], kept["size_bytes"], True, Location("never.zarr"))
+    assert len(_read_unit(unit, 4)) == kept["frame_count"]
     spec = JobSpec.from_dict({"inputs": [cut], "output": "o", "allow_truncated": True})
     assert JobSpec.from_dict(spec.to_dict()).allow_truncated
     with pytest.raises(ConfigError, match="allow_truncated"):
         JobSpec.from_dict({"inputs": [cut], "output": "o", "allow_truncated": "yes"})
 
 
-def _unit(tmp_path: Path, start: int, count: int, size: int) -> dict:
-    return {"source": 0, "index": 0, "start": start, "count": count, "source_url": str(DATA / CLIP), "source_bytes": size,
-            "archive_url": str(tmp_path / "never.zarr"), "summary_url": str(tmp_path / "s.json")}
-
-
-JOB = {"codec": EncoderConfig(gop=4).to_dict(), "output_options": {}, "source_options": {}}
+def _unit(tmp_path: Path, start: int, count: int, size: int) -> UnitTask:
+    return UnitTask(0, 0, start, count, Location(str(DATA / CLIP)), 8, size, False, Location(str(tmp_path / "never.zarr")))
 
 
 def test_a_unit_whose_source_changed_or_is_short_is_refused_and_writes_nothing(tmp_path):
     size = (DATA / CLIP).stat().st_size
-    changed = encode_unit(_unit(tmp_path, 0, 4, size + 1), JOB)
+    changed = encode_unit(_unit(tmp_path, 0, 4, size + 1), EncoderConfig(gop=4))
     assert changed["outcome"] == "refused" and "changed since it was planned" in changed["reason"]
-    short = encode_unit(_unit(tmp_path, 6, 4, size), JOB)  # the plan says 4 frames, 2 are there
+    short = encode_unit(_unit(tmp_path, 6, 4, size), EncoderConfig(gop=4))  # the plan says 4 frames, 2 are there
     assert short["outcome"] == "refused" and "gave 2 frames" in short["reason"]
     assert list(tmp_path.iterdir()) == []
 

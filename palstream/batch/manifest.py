@@ -18,8 +18,12 @@ from __future__ import annotations
 import csv
 import io
 import uuid
+from typing import TYPE_CHECKING
 
 from palstream.batch.store import JOB_DIR, join, read_json, write_bytes, write_json
+
+if TYPE_CHECKING:
+    from palstream.io import SourceInfo
 
 COLUMNS = (
     "source", "archive", "state", "frames", "source_bytes", "source_sha256",
@@ -56,7 +60,7 @@ def write_manifests(client, output: str, options: dict, plan, report) -> None:
             psnrs_by_source.setdefault(source, []).append(summary["psnr_y"])
     rows, checksums = [], []
     for i, src in enumerate(plan.sources):
-        state = report.archives.get(src["archive"], "incomplete")
+        state = report.archives.get(src.archive, "incomplete")
         fixity = None
         if state == "complete":
             url = join(output, JOB_DIR, "fixity", f"{i}.json")
@@ -64,21 +68,21 @@ def write_manifests(client, output: str, options: dict, plan, report) -> None:
             if fixity is None:
                 fixity = client.submit(archive_fixity, plan.archive_url(output, i), options, key=f"archive_fixity-{plan.hash[:12]}-{i}-{uuid.uuid4().hex[:8]}", pure=False).result()
                 write_json(url, fixity, options)
-            checksums += [f"{digest}  {src['archive']}/{name}" for name, digest in sorted(fixity["files"].items())]
+            checksums += [f"{digest}  {src.archive}/{name}" for name, digest in sorted(fixity["files"].items())]
         psnrs = psnrs_by_source.get(i, [])
         rows.append(
             {
-                "source": src.get("path", src["info"]["name"]),
-                "archive": src["archive"],
+                "source": src.name,
+                "archive": src.archive,
                 "state": state,
-                "frames": src["info"]["frame_count"],
-                "source_bytes": src["info"]["size_bytes"],
-                "source_sha256": src["info"]["sha256"],
+                "frames": src.info.frame_count,
+                "source_bytes": src.info.size_bytes,
+                "source_sha256": src.info.sha256,
                 "archive_bytes": fixity["bytes"] if fixity else "",
                 "payload_bytes": fixity["payload_bytes"] if fixity else "",
                 "payload_sha256": fixity["payload_sha256"] if fixity else "",
                 "min_psnr_y": f"{min(psnrs):.2f}" if psnrs else ("exact" if fixity and plan.config.lossless else ""),
-                "reason": reasons.get(src["url"]) or _kept_truncated(src["info"]),
+                "reason": reasons.get(src.url) or _kept_truncated(src.info),
             }
         )
     for rejected in plan.rejected:
@@ -97,6 +101,5 @@ def write_manifests(client, output: str, options: dict, plan, report) -> None:
     write_bytes(join(output, "manifest-sha256.txt"), "".join(f"{line}\n" for line in checksums).encode(), options)
 
 
-def _kept_truncated(info: dict) -> str:
-    truncated = info.get("truncated")
-    return f"kept truncated (--allow-truncated): {truncated['reason']}" if truncated else ""
+def _kept_truncated(info: SourceInfo) -> str:
+    return f"kept truncated (--allow-truncated): {info.truncated['reason']}" if info.truncated else ""

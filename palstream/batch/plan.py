@@ -18,6 +18,7 @@ import json
 import os
 import posixpath
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import PurePosixPath
 
 from palstream import __version__
@@ -25,6 +26,7 @@ from palstream.batch.spec import JobSpec
 from palstream.batch.store import JOB_DIR, filesystem, join, read_json, write_json
 from palstream.codec import EncoderConfig
 from palstream.errors import ConfigError, InputError
+from palstream.io import SourceInfo
 from palstream.storage import redact_url
 
 PLAN_VERSION = 2
@@ -42,6 +44,49 @@ class Unit:
     count: int
 
 
+@dataclass(frozen=True, slots=True)
+class PlannedSource:
+    """One accepted input as the plan records it.
+
+    Attributes
+    ----------
+    url : str
+        The input's URL or absolute local path.
+    path : str or None
+        Its path relative to the inputs' common folder (None in version 1 plans).
+    archive : str
+        Its archive's path relative to the output root.
+    info : SourceInfo
+        Its probe result (frame count, size, SHA-256, ...).
+    units : tuple of (start, count)
+        Its GOP-aligned units, in frame order.
+    """
+
+    url: str
+    path: str | None
+    archive: str
+    info: SourceInfo
+    units: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PlannedSource:
+        return cls(
+            data["url"], data.get("path"), data["archive"], SourceInfo.from_dict(data["info"]),
+            tuple((start, count) for start, count in data["units"]),
+        )
+
+    def to_dict(self) -> dict:
+        """The plan file's JSON form (``path`` absent when None, as version 1 plans wrote it)."""
+        data = {"url": self.url, "path": self.path, "archive": self.archive, "info": self.info.to_dict(),
+                "units": [list(unit) for unit in self.units]}
+        return data if self.path is not None else {k: v for k, v in data.items() if k != "path"}
+
+    @property
+    def name(self) -> str:
+        """How reports name the input: its path under the inputs' folder, or its file name."""
+        return self.path if self.path is not None else self.info.name
+
+
 @dataclass(frozen=True)
 class Plan:
     """A validated plan.
@@ -49,10 +94,12 @@ class Plan:
     Attributes
     ----------
     data : dict
-        The JSON document: ``codec``, ``sources`` (each with ``url``, ``archive``, ``info`` and
-        ``units`` as ``[start, count]`` pairs) and ``rejected`` inputs (probe failures).
+        The JSON document: ``codec``, ``sources`` (:meth:`PlannedSource.to_dict` each) and
+        ``rejected`` inputs (probe failures). Kept as read: the hash is of these bytes.
     hash : str
         sha256 of the canonical JSON of ``data``: the job's identity.
+    sources : tuple of PlannedSource
+        ``data["sources"]`` as records (parsed on first use, after :func:`load_plan` checked them).
     """
 
     data: dict
@@ -81,16 +128,9 @@ class Plan:
             if info is None:
                 rejected.append({"url": url, "path": path, "reason": reason})
                 continue
-            n, gop = info["frame_count"], config.gop
-            sources.append(
-                {
-                    "url": url,
-                    "path": path,
-                    "archive": archive,
-                    "info": info,
-                    "units": [[s, min(gop, n - s)] for s in range(0, n, gop)],
-                }
-            )
+            source = SourceInfo.from_dict(info)
+            units = tuple((s, min(config.gop, source.frame_count - s)) for s in range(0, source.frame_count, config.gop))
+            sources.append(PlannedSource(url, path, archive, source, units).to_dict())
         data = {"version": PLAN_VERSION, "codec": config.to_dict(), "sources": sources, "rejected": rejected}
         if tuner is not None:
             data["tuner"] = tuner
@@ -108,7 +148,7 @@ class Plan:
         self, urls: list[str], config: EncoderConfig, tuner: dict | None, allow_truncated: bool = False, streams: dict | None = None
     ) -> bool:
         """Whether this plan is the job of ``urls`` encoded with ``config`` (``tuner``, ``allow_truncated``, ``streams``)."""
-        planned = sorted([s["url"] for s in self.sources] + [r["url"] for r in self.rejected])
+        planned = sorted([s.url for s in self.sources] + [r["url"] for r in self.rejected])
         return (
             planned == sorted(urls)
             and self.config == config
@@ -136,9 +176,9 @@ class Plan:
         """The ``[tuner]`` settings of a tuned job, None for an untuned one."""
         return self.data.get("tuner")
 
-    @property
-    def sources(self) -> list[dict]:
-        return self.data["sources"]
+    @cached_property
+    def sources(self) -> tuple[PlannedSource, ...]:
+        return tuple(PlannedSource.from_dict(src) for src in self.data["sources"])
 
     @property
     def rejected(self) -> list[dict]:
@@ -149,14 +189,14 @@ class Plan:
         return [
             Unit(i, j, start, count)
             for i, src in enumerate(self.sources)
-            for j, (start, count) in enumerate(src["units"])
+            for j, (start, count) in enumerate(src.units)
         ]
 
     def archive_url(self, output: str, source: int) -> str:
-        return join(output, self.sources[source]["archive"])
+        return join(output, self.sources[source].archive)
 
     def total_frames(self) -> int:
-        return sum(src["info"]["frame_count"] for src in self.sources)
+        return sum(src.info.frame_count for src in self.sources)
 
 
 def streams_settings(spec: JobSpec) -> dict | None:
@@ -326,6 +366,10 @@ def _check_plan(data: dict, where: str) -> None:
         expected = [[s, min(data["codec"]["gop"], n - s)] for s in range(0, n, data["codec"]["gop"])]
         if units != expected:
             raise bad(f"source {i}: units do not cover its {n} frames in GOPs")
+        try:
+            SourceInfo.from_dict(src["info"])
+        except TypeError:
+            raise bad(f"source {i}: its probe result lacks fields this version needs") from None
     if len(archives) != len(data["sources"]):
         raise bad("two sources share an archive")
 

@@ -47,7 +47,7 @@ from palstream.batch.manifest import write_manifests
 from palstream.batch.plan import Plan, Unit, expand_inputs, load_plan, save_job_settings, save_plan, streams_settings
 from palstream.batch.spec import JobSpec
 from palstream.batch.store import JOB_DIR, JobLock, check_writable, filesystem, join, write_bytes, write_json
-from palstream.batch.worker import encode_units, finalize_archive, generator_identity, probe_source
+from palstream.batch.worker import Task, UnitTask, encode_units, finalize_archive, generator_identity, probe_source
 from palstream.errors import ArchiveError, ConfigError, PalstreamError
 from palstream.storage import Location
 
@@ -314,6 +314,7 @@ class _Execution:
         self.client, self.spec, self.plan, self.on_progress, self.run_token = client, spec, plan, on_progress, run
         self.worker_targets, self.log = worker_targets, log
         self.out_opts = spec.storage.options(spec.output)
+        self.config = plan.config
         self.report = JobReport(spec.output, plan.hash, units_total=len(plan.units()), log=log.url)
         self.report.quarantined = [{"input": r["url"], "unit": None, "reason": r["reason"]} for r in plan.rejected]
         self.committed: dict[int, set[int]] = {i: set() for i in range(len(plan.sources))}
@@ -349,12 +350,12 @@ class _Execution:
             found = [i for i, done in zip(candidates, pool.map(complete, candidates)) if done]
         for i in found:
             self.finalized.add(i)
-            for index in range(len(sources[i]["units"])):
+            for index in range(len(sources[i].units)):
                 self._commit(i, index)
-            self.report.archives[sources[i]["archive"]] = "complete"
+            self.report.archives[sources[i].archive] = "complete"
         # The records of finalized archives are not even read: their fixity record stands for them.
         for source, index in committed_units(self.spec.output, self.out_opts, skip=self.finalized):
-            if 0 <= source < len(sources) and 0 <= index < len(sources[source]["units"]):
+            if 0 <= source < len(sources) and 0 <= index < len(sources[source].units):
                 self._commit(source, index)
         self.created = {i for i, done in self.committed.items() if done}
 
@@ -372,7 +373,6 @@ class _Execution:
         if source in self.created:
             return
         from palstream import archive
-        from palstream.io import SourceInfo
 
         src = self.plan.sources[source]
         location = Location(self.plan.archive_url(self.spec.output, source), self.out_opts)
@@ -380,7 +380,7 @@ class _Execution:
             archive.ArchiveWriter.open(location)
         except ArchiveError:
             archive.ArchiveWriter.create(
-                location, SourceInfo.from_dict(src["info"]), self.plan.config, self.generator, len(src["units"])
+                location, src.info, self.plan.config, self.generator, len(src.units)
             )
         self.created.add(source)
 
@@ -451,8 +451,8 @@ class _Execution:
                 tasks.append([unit])
 
         def size(task):
-            info = self.plan.sources[task[0].source]["info"]
-            return sum(u.count for u in task) * info["width"] * info["height"]
+            info = self.plan.sources[task[0].source].info
+            return sum(u.count for u in task) * info.width * info.height
 
         return sorted(tasks, key=lambda task: -size(task))
 
@@ -460,33 +460,22 @@ class _Execution:
         first = units[0]
         src = self.plan.sources[first.source]
         self._ensure_archive(first.source)
-        archive_url = self.plan.archive_url(self.spec.output, first.source)
-        task = {
-            "units": [
-                {
-                    "source": unit.source,
-                    "index": unit.index,
-                    "start": unit.start,
-                    "count": unit.count,
-                    "source_url": src["url"],
-                    "source_bytes": src["info"]["size_bytes"],
-                    "source_frames": src["info"]["frame_count"],
-                    "source_truncated": src["info"].get("truncated") is not None,
-                    "archive_url": archive_url,
-                }
+        source = Location(src.url, self.spec.storage.options(src.url))
+        archive = Location(self.plan.archive_url(self.spec.output, first.source), self.out_opts)
+        task = Task(
+            tuple(
+                UnitTask(
+                    unit.source, unit.index, unit.start, unit.count, source,
+                    src.info.frame_count, src.info.size_bytes, src.info.truncated is not None, archive,
+                )
                 for unit in units
-            ],
-            "record_url": record_url(self.spec.output, first.source, first.index),
-        }
-        job = {
-            "codec": self.tuned.config_for(first) if self.tuned is not None else self.plan.data["codec"],
-            "output_options": self.out_opts,
-            "source_options": self.spec.storage.options(src["url"]),
-        }
+            ),
+            self.tuned.config_for(first) if self.tuned is not None else self.config,
+            Location(record_url(self.spec.output, first.source, first.index), self.out_opts),
+        )
         fut = self.client.submit(
             encode_units,
             task,
-            job,
             key=f"{TASK_PREFIX}-{self.plan.hash[:12]}-{first.source}-{first.index}-{self.run_token}",
             retries=self.spec.retries,
             pure=False,
@@ -506,7 +495,7 @@ class _Execution:
         self.tasks_in_flight = 0
         self.requeued: set[int] = set()
         ac = as_completed()
-        self.remaining = {i: len(src["units"]) - len(self.committed[i]) for i, src in enumerate(self.plan.sources)}
+        self.remaining = {i: len(src.units) - len(self.committed[i]) for i, src in enumerate(self.plan.sources)}
         for i, left in self.remaining.items():
             if left == 0 and i not in self.finalized:
                 self._submit_finalize(i, ac)
@@ -531,7 +520,7 @@ class _Execution:
 
     def _task_finished(self, units: list, fut, ac) -> None:
         first = units[0]
-        src_url = self.plan.sources[first.source]["url"]
+        src_url = self.plan.sources[first.source].url
         if fut.status != "finished":
             # Retries are spent (or the task killed its workers): give this input up, keep the rest going.
             self._quarantine(first.source, first.index, self.log.failure(f"quarantined {src_url} unit {first.index}", fut))
@@ -564,9 +553,9 @@ class _Execution:
 
     def _quarantine(self, source: int, unit: int | None, reason: str) -> None:
         src = self.plan.sources[source]
-        self.report.quarantined.append({"input": src["url"], "unit": unit, "reason": reason})
+        self.report.quarantined.append({"input": src.url, "unit": unit, "reason": reason})
         self.quarantined_sources.add(source)
-        self.report.archives[src["archive"]] = "incomplete"
+        self.report.archives[src.archive] = "incomplete"
         self._emit(None)
 
     def _meets_floor(self, unit, summary: dict) -> bool:
@@ -577,21 +566,21 @@ class _Execution:
         src = self.plan.sources[unit.source]
         config = self.plan.config
         try:
-            check_floor(summary.get("psnr_y"), config.target_psnr, config.lossless, f"{src['url']} unit {unit.index}")
+            check_floor(summary.get("psnr_y"), config.target_psnr, config.lossless, f"{src.url} unit {unit.index}")
             return True
         except FloorViolation as exc:
             archive.ArchiveWriter.open(Location(self.plan.archive_url(self.spec.output, unit.source), self.out_opts)).revoke(unit.index)
-            self.log.write(f"quarantined {src['url']} unit {unit.index}: {exc}")
+            self.log.write(f"quarantined {src.url} unit {unit.index}: {exc}")
             self._quarantine(unit.source, unit.index, str(exc))
             return False
 
     def _submit_finalize(self, source: int, ac) -> None:
         src = self.plan.sources[source]
         planned = {
-            "url": src["url"],
-            "options": self.spec.storage.options(src["url"]),
-            "size_bytes": src["info"]["size_bytes"],
-            "sha256": src["info"]["sha256"],
+            "url": src.url,
+            "options": self.spec.storage.options(src.url),
+            "size_bytes": src.info.size_bytes,
+            "sha256": src.info.sha256,
             "audio": self.plan.audio,
             "drop_streams": self.plan.drop_streams,
         }
@@ -611,29 +600,29 @@ class _Execution:
     def _finalized(self, source: int, fut, ac) -> None:
         src = self.plan.sources[source]
         if fut.status == "finished" and fut.result()["outcome"] == "complete":
-            self.report.archives[src["archive"]] = "complete"
+            self.report.archives[src.archive] = "complete"
         elif fut.status == "finished" and fut.result()["outcome"] == "missing" and source not in self.requeued:
             # The commit index named units whose markers the archive lacks: run them again, once.
             missing = fut.result()["units"]
-            self.log.write(f"{src['url']}: {len(missing)} unit(s) the commit index named are not committed in the archive; running them again")
+            self.log.write(f"{src.url}: {len(missing)} unit(s) the commit index named are not committed in the archive; running them again")
             self.requeued.add(source)
             for index in missing:
                 self.committed[source].discard(index)
                 self.units_committed -= 1
-                self.frames_done -= self.plan.sources[source]["units"][index][1]
+                self.frames_done -= src.units[index][1]
             self.remaining[source] = len(missing)
-            units = [Unit(source, j, *self.plan.sources[source]["units"][j]) for j in missing]
+            units = [Unit(source, j, *src.units[j]) for j in missing]
             for task in reversed(self._tasks(units) if self.tuned is None else [[u] for u in units]):
                 self.todo.appendleft(task)
         elif fut.status == "finished" and fut.result()["outcome"] == "missing":
             reason = f"units {fut.result()['units'][:10]} do not commit (their markers are missing after a rerun)"
-            self.log.write(f"quarantined {src['url']}: {reason}")
+            self.log.write(f"quarantined {src.url}: {reason}")
             self._quarantine(source, None, reason)
         elif fut.status == "finished":
-            self.log.write(f"refused {src['url']}: {fut.result()['reason']}")
+            self.log.write(f"refused {src.url}: {fut.result()['reason']}")
             self._quarantine(source, None, fut.result()["reason"])
         else:
-            reason = self.log.failure(f"finalizing the archive of {src['url']} failed", fut)
+            reason = self.log.failure(f"finalizing the archive of {src.url} failed", fut)
             self._quarantine(source, None, f"finalize failed: {reason}")
 
     def _refresh_catalogue(self) -> None:
@@ -658,7 +647,7 @@ class _Execution:
             return
         done_units = self.units_committed
         quarantined_units = sum(
-            len(self.plan.sources[s]["units"]) - len(self.committed[s]) for s in self.quarantined_sources
+            len(self.plan.sources[s].units) - len(self.committed[s]) for s in self.quarantined_sources
         )
         elapsed = time.monotonic() - self.started
         self.on_progress(

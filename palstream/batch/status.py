@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from palstream.batch.plan import fs_exists, load_plan
 from palstream.batch.store import JOB_DIR, JobLock, join, read_json
+from palstream.batch.tuned import ledger_summary
 from palstream.errors import ArchiveError, PalstreamError
 from palstream.storage import Location
-from palstream.batch.tuned import ledger_summary
 
 # `palstream status` exit codes (documented in its --help and docs/batch.md). 1 stays the
 # CLI's "could not do it" (no job, unreadable or tampered job files, bad options).
@@ -71,7 +71,7 @@ def job_status(output: str | Location) -> dict:
             committed, complete = set(), False
             if fs_exists(url, options):  # an archive is there and does not open: say why, never "pending"
                 damage = str(exc)
-        units = src["units"]
+        units = src.units
         mine = [summaries[(i, j)] for j in committed if (i, j) in summaries]
         raw = sum(s["raw_bytes"] for s in mine)
         coded = sum(s["bytes"] for s in mine)
@@ -80,7 +80,7 @@ def job_status(output: str | Location) -> dict:
             state = "complete"
         elif damage is not None:
             state = "damaged"
-        elif src["url"] in failed_inputs and not running:
+        elif src.url in failed_inputs and not running:
             state = "quarantined"
         elif committed:
             state = "partial"
@@ -88,13 +88,13 @@ def job_status(output: str | Location) -> dict:
             state = "pending"
         videos.append(
             {
-                "name": src.get("path", src["info"]["name"]),
-                "archive": src["archive"],
+                "name": src.name,
+                "archive": src.archive,
                 "state": state,
                 "units_done": len(committed),
                 "units_total": len(units),
                 "frames_done": sum(units[j][1] for j in committed),
-                "frames_total": src["info"]["frame_count"],
+                "frames_total": src.info.frame_count,
                 "ratio": raw / coded if coded else None,
                 "psnr_y": min(psnrs) if psnrs else None,
                 "error": damage,

@@ -60,8 +60,8 @@ class Batch:
 def plan_batches(plan: Plan, batch_units: int) -> list[Batch]:
     """Every batch of the plan, interleaved across inputs (first batches of all inputs first)."""
     per_source = [
-        [Batch(i, tuple(range(first, min(first + batch_units, len(src["units"])))))
-         for first in range(0, len(src["units"]), batch_units)]
+        [Batch(i, tuple(range(first, min(first + batch_units, len(src.units)))))
+         for first in range(0, len(src.units), batch_units)]
         for i, src in enumerate(plan.sources)
     ]
     depth = max((len(b) for b in per_source), default=0)
@@ -124,7 +124,7 @@ def _replay_decisions(path: str, plan: Plan, batches: list[Batch]) -> dict[str, 
     base = plan.config
     found = {}
     for batch in batches:
-        archive = plan.sources[batch.source]["archive"]
+        archive = plan.sources[batch.source].archive
         record = by_key.get((archive, batch.units))
         if record is None:
             raise ConfigError(
@@ -210,9 +210,9 @@ class TunedUnits:
                 self.buffer = [self._unit(batch.source, u) for u in todo]
         return self.buffer.pop(0)
 
-    def config_for(self, unit: Unit) -> dict:
-        """The encoder configuration (dict) of ``unit``'s batch, as decided."""
-        return self.decisions[self.batch_of[(unit.source, unit.index)].id]["config"]
+    def config_for(self, unit: Unit) -> EncoderConfig:
+        """The encoder configuration of ``unit``'s batch, as decided."""
+        return EncoderConfig.from_dict(self.decisions[self.batch_of[(unit.source, unit.index)].id]["config"])
 
     def unit_finished(self, unit: Unit, summary: dict) -> None:
         """A committed unit's summary; the last one of a batch makes the batch's reward."""
@@ -228,7 +228,7 @@ class TunedUnits:
         return [u for u in batch.units if u not in self.committed[batch.source]]
 
     def _unit(self, source: int, index: int) -> Unit:
-        start, count = self.plan.sources[source]["units"][index]
+        start, count = self.plan.sources[source].units[index]
         return Unit(source, index, start, count)
 
     def _initial_agent(self, policy: str | None) -> LinUCB:
@@ -250,7 +250,7 @@ class TunedUnits:
         features, note = None, None
         try:
             features = self.client.submit(
-                unit_features, Location(src["url"], self.source_options(src["url"])), first.start, first.count,
+                unit_features, Location(src.url, self.source_options(src.url)), first.start, first.count,
                 key=f"unit_features-{self.plan.hash[:12]}-{batch.id}-{uuid.uuid4().hex[:8]}", retries=self.retries, pure=False,
             ).result()
         except Exception as exc:  # noqa: BLE001  an unreadable batch fails in its units too; decide without context
@@ -272,7 +272,7 @@ class TunedUnits:
             "batch": batch.id,
             "decision": len(self.decisions),
             "source": batch.source,
-            "archive": src["archive"],
+            "archive": src.archive,
             "units": list(batch.units),
             "features": features,
             "last_log2_ratio": last_ratio,
@@ -296,10 +296,10 @@ class TunedUnits:
         if batch.id in self.rewarded:
             return
         decision = self.decisions[batch.id]
-        info = self.plan.sources[batch.source]["info"]
+        info = self.plan.sources[batch.source].info
         config = EncoderConfig.from_dict(decision["config"])
         units = [self.results[batch.id][u] for u in batch.units]
-        comps = components(units, info["width"], info["height"], config.target_psnr, config.lossless)
+        comps = components(units, info.width, info.height, config.target_psnr, config.lossless)
         reward = self.weights.reward(comps)
         self.ledger.append(
             {"event": "reward", "version": LEDGER_VERSION, "batch": batch.id, "arm": decision["arm"],

@@ -8,7 +8,6 @@ records the task's units in the job's commit index and returns a summary of a fe
 from __future__ import annotations
 
 import asyncio
-
 import hashlib
 import itertools
 import logging
@@ -16,14 +15,66 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 from distributed import WorkerPlugin, get_worker
 
-from palstream.codec import BitstreamError
+from palstream.codec import BitstreamError, EncoderConfig
 from palstream.errors import ArchiveError, DamagedChunkError, InputError, PalstreamError
 from palstream.storage import Location
 
 PLUGIN_NAME = "palstream"
+
+
+@dataclass(frozen=True, slots=True)
+class UnitTask:
+    """What a worker needs to encode one unit: frames ``[start, start + count)`` of input
+    ``source`` -> chunk ``index`` of its archive, and the plan's record of the input.
+
+    Attributes
+    ----------
+    source, index : int
+        Plan positions: the input and the unit (its chunk) in its archive.
+    start, count : int
+        The unit's frames.
+    source_location : Location
+        The input, with its storage options.
+    source_frames, source_bytes : int
+        The input's planned frame count and size (a source that changed is refused).
+    source_truncated : bool
+        The plan kept a truncated input: read only up to ``source_frames``.
+    archive : Location
+        The input's archive.
+    """
+
+    source: int
+    index: int
+    start: int
+    count: int
+    source_location: Location
+    source_frames: int
+    source_bytes: int
+    source_truncated: bool
+    archive: Location
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One ``encode_chunk-*`` task: consecutive units of one input, encoded with ``config``.
+
+    Attributes
+    ----------
+    units : tuple of UnitTask
+        Consecutive units of one input.
+    config : EncoderConfig
+        The job's settings, or the tuner's choice for the units' batch.
+    record : Location
+        Where the task writes its commit-index record (:mod:`palstream.batch.commits`).
+    """
+
+    units: tuple[UnitTask, ...]
+    config: EncoderConfig
+    record: Location
 # Keys of the tasks this module runs: their failures reach the driver, which writes one line to
 # the terminal and the traceback to the job log, so the worker does not print them again.
 TASK_KEY_PREFIXES = ("encode_chunk-", "probe_source-", "finalize_archive-", "archive_fixity-", "unit_features-")
@@ -173,7 +224,7 @@ def with_storage_retries(action, what: str, deadline: float = STORAGE_RETRY_SECO
         delay = min(delay * 2, 5.0)
 
 
-def encode_units(task: dict, job: dict) -> dict:
+def encode_units(task: Task) -> dict:
     """Encode a run of consecutive units of one input, commit each, then record them; the task
     every ``encode_chunk-*`` key runs.
 
@@ -182,14 +233,6 @@ def encode_units(task: dict, job: dict) -> dict:
     size checked once per task, and the task writes one commit-index record for all its units
     (:mod:`palstream.batch.commits`) instead of an object per unit.
 
-    Parameters
-    ----------
-    task : dict
-        ``units``: the unit dicts of :func:`encode_unit`, consecutive units of one input;
-        ``record_url``: where to write the task's commit-index record.
-    job : dict
-        As for :func:`encode_unit`.
-
     Returns
     -------
     dict
@@ -197,8 +240,8 @@ def encode_units(task: dict, job: dict) -> dict:
         None, or the refusal of the unit that stopped the task (the units after it are not run).
     """
     summaries, refused, context = [], None, _TaskContext()
-    for unit in task["units"]:
-        result = encode_unit(unit, job, context)
+    for unit in task.units:
+        result = encode_unit(unit, task.config, context)
         if result["outcome"] == "refused":
             refused = result
             break
@@ -207,20 +250,19 @@ def encode_units(task: dict, job: dict) -> dict:
         from palstream.batch.commits import write_record
 
         # Written after every chunk of the task is committed: the index never runs ahead of the markers.
-        with_storage_retries(lambda: write_record(task["record_url"], summaries, job["output_options"]), "writing the commit record")
+        with_storage_retries(lambda: write_record(task.record.url, summaries, task.record.options), "writing the commit record")
     return {"summaries": summaries, "refused": refused}
 
 
 class _TaskContext:
-    """What the units of one task share: the archive writer, the encoder settings, and whether the source was checked."""
+    """What the units of one task share: the archive writer, and whether the source was checked."""
 
     def __init__(self):
         self.writer = None
-        self.config = None
         self.source_checked = False
 
 
-def encode_unit(unit: dict, job: dict, context: _TaskContext | None = None) -> dict:
+def encode_unit(unit: UnitTask, config: EncoderConfig, context: _TaskContext | None = None) -> dict:
     """Encode one unit and commit it.
 
     A second execution of a unit (its first worker died after committing, before reporting)
@@ -233,18 +275,18 @@ def encode_unit(unit: dict, job: dict, context: _TaskContext | None = None) -> d
 
     Parameters
     ----------
-    unit : dict
-        ``source`` and ``index`` (plan positions), ``start``/``count`` (frames), ``source_url``,
-        ``source_bytes`` (the planned size), ``archive_url``.
-    job : dict
-        ``codec`` (EncoderConfig dict), ``source_options`` and ``output_options`` (fsspec
-        storage options without credentials).
+    unit : UnitTask
+        The unit and the plan's record of its input.
+    config : EncoderConfig
+        The encoder settings.
     context : _TaskContext, optional
         Shared by the units of one task (see :func:`encode_units`).
 
     Returns
     -------
     dict
+        A plain dict, because it is written as JSON as it is into the task's commit-index record
+        (and read back from there by resume, the tuner and the manifests):
         ``outcome`` (``"committed"``), ``source``, ``index``, ``frames``, ``raw_bytes``,
         ``bytes``, ``psnr_y`` (None when exact), ``seconds``, ``finished``, ``stage_seconds``,
         ``worker``; or ``outcome`` (``"refused"``), ``source``, ``index``, ``reason``.
@@ -252,10 +294,10 @@ def encode_unit(unit: dict, job: dict, context: _TaskContext | None = None) -> d
     from palstream.batch import metrics
 
     try:
-        summary, stages = _encode_unit(unit, job, context or _TaskContext())
+        summary, stages = _encode_unit(unit, config, context or _TaskContext())
     except InputError as exc:
         metrics.units.labels("failed").inc()
-        return {"outcome": "refused", "source": unit["source"], "index": unit["index"], "reason": str(exc)}
+        return {"outcome": "refused", "source": unit.source, "index": unit.index, "reason": str(exc)}
     except BaseException:
         metrics.units.labels("failed").inc()
         raise
@@ -263,57 +305,52 @@ def encode_unit(unit: dict, job: dict, context: _TaskContext | None = None) -> d
     return summary
 
 
-def _read_unit(unit: dict, job: dict, gop: int):
+def _read_unit(unit: UnitTask, gop: int):
     """The unit's frames. A kept truncated source is read up to the planned frame count by
     ``io.iter_chunks`` (``io.read_frames`` would read on into the break and fail)."""
     from palstream import io
 
-    source = Location(unit["source_url"], job["source_options"])
-    if unit.get("source_truncated"):
-        chunks = io.iter_chunks(source, gop, frame_count=unit["source_frames"])
-        return next(itertools.islice(chunks, unit["start"] // gop, None))
-    return io.read_frames(source, unit["start"], unit["count"])
+    if unit.source_truncated:
+        chunks = io.iter_chunks(unit.source_location, gop, frame_count=unit.source_frames)
+        return next(itertools.islice(chunks, unit.start // gop, None))
+    return io.read_frames(unit.source_location, unit.start, unit.count)
 
 
-def _source_size(url: str, options: dict) -> int:
-    fs, path = Location(url, options).filesystem()
+def _source_size(source: Location) -> int:
+    fs, path = source.filesystem()
     return fs.size(path)
 
 
-def _check_source_size(url: str, options: dict, planned: int) -> None:
-    size = with_storage_retries(lambda: _source_size(url, options), "reading the source's size")
+def _check_source_size(source: Location, planned: int) -> None:
+    size = with_storage_retries(lambda: _source_size(source), "reading the source's size")
     if size != planned:
         raise InputError(
-            f"{url} is {size} bytes, the plan recorded {planned}: the source changed since it was planned; "
+            f"{source.url} is {size} bytes, the plan recorded {planned}: the source changed since it was planned; "
             "restore it, or encode it in a new job"
         )
 
 
-def _encode_unit(unit: dict, job: dict, context: _TaskContext) -> tuple[dict, dict]:
+def _encode_unit(unit: UnitTask, config: EncoderConfig, context: _TaskContext) -> tuple[dict, dict]:
     from palstream import archive
-    from palstream.codec import EncoderConfig, encode_chunk
+    from palstream.codec import encode_chunk
 
     started = time.time()
-    out_opts = job["output_options"]
-    if context.config is None:
-        context.config = EncoderConfig.from_dict(job["codec"])
-    config = context.config
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     # The source is checked against the plan before the archive is touched.
     if not context.source_checked:  # once per task: the units of a task share their source
-        _check_source_size(unit["source_url"], job["source_options"], unit["source_bytes"])
+        _check_source_size(unit.source_location, unit.source_bytes)
         context.source_checked = True
-    frames = with_storage_retries(lambda: _read_unit(unit, job, config.gop), "reading the source")
-    if len(frames) != unit["count"]:
+    frames = with_storage_retries(lambda: _read_unit(unit, config.gop), "reading the source")
+    if len(frames) != unit.count:
         raise InputError(
-            f"{unit['source_url']} gave {len(frames)} frames at {unit['start']}, the plan expects {unit['count']}: "
+            f"{unit.source_location.url} gave {len(frames)} frames at {unit.start}, the plan expects {unit.count}: "
             "the source is truncated or changed since it was planned; restore it, or encode it in a new job"
         )
     stages["decode"] = time.perf_counter() - t0
     if context.writer is None:
         context.writer = with_storage_retries(
-            lambda: archive.ArchiveWriter.open(Location(unit["archive_url"], out_opts)), "opening the archive"
+            lambda: archive.ArchiveWriter.open(unit.archive), "opening the archive"
         )
     writer = context.writer
     generator = _plugin().generator(config.palette)
@@ -325,15 +362,15 @@ def _encode_unit(unit: dict, job: dict, context: _TaskContext) -> tuple[dict, di
     # The codec may break its own time down (features, palettes, entropy).
     stages.update({k: float(v) for k, v in encoded.stats.get("stage_seconds", {}).items()})
     t0 = time.perf_counter()
-    with_storage_retries(lambda: writer.write_chunk(unit["index"], encoded), "writing the chunk")
+    with_storage_retries(lambda: writer.write_chunk(unit.index, encoded), "writing the chunk")
     stages["write"] = time.perf_counter() - t0
 
     psnr_y = encoded.stats.get("psnr_y")
     summary = {
         "outcome": "committed",
-        "source": unit["source"],
-        "index": unit["index"],
-        "frames": unit["count"],
+        "source": unit.source,
+        "index": unit.index,
+        "frames": unit.count,
         "raw_bytes": len(frames) * (frames.y[0].size + 2 * frames.u[0].size),
         "bytes": len(encoded.payload),
         "psnr_y": None if psnr_y is None or psnr_y == float("inf") else float(psnr_y),
@@ -374,7 +411,7 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict, fixit
     from palstream.batch.store import write_json
 
     try:
-        _check_source_size(source["url"], source["options"], source["size_bytes"])
+        _check_source_size(Location(source["url"], source["options"]), source["size_bytes"])
         digest = with_storage_retries(lambda: _sha256(source["url"], source["options"]), "hashing the source")
     except InputError as exc:
         return {"outcome": "refused", "reason": str(exc)}
