@@ -20,6 +20,7 @@ BLOCK = 8  # luma block whose weight is decided as one
 NOISE_PERCENTILE = 25  # share of (block, frame pair)s taken as static when estimating the noise
 LEVELS_PER_BAND = 32  # brightness bands of the noise estimate
 MIN_BAND_BLOCKS = 16  # fewer blocks than this in a band: it takes the chunk's noise estimate
+BAND_CAP = 3.0  # a band's noise estimate is at most this times the chunk's (still scene: 0.5-1.9 times)
 MIN_NOISE = 0.1  # luma noise variance below which the chunk is coded as it is (screen content, clean renders)
 # The filter may spend this share of the chunk's MSE budget against the source; the rest is the
 # coding's. Skipped frames pay the noise variance whatever the share, so it has to be high for
@@ -27,24 +28,34 @@ MIN_NOISE = 0.1  # luma noise variance below which the chunk is coded as it is (
 FILTER_SHARE = 0.9
 
 
-def noise_levels(luma: np.ndarray) -> np.ndarray:
-    """Luma noise variance of a chunk by brightness (sensor noise grows with the signal): per band
-    of ``LEVELS_PER_BAND`` levels, half the ``NOISE_PERCENTILE`` percentile of the mean squared
-    difference of consecutive frames over 8x8 blocks of that brightness (the most static ones);
-    bands with few blocks take the whole chunk's figure. Zeros for one frame."""
+def _block_changes(luma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean squared difference of consecutive frames over each 8x8 block, and the block's brightness band."""
     t, h, w = luma.shape
-    levels = np.zeros(256 // LEVELS_PER_BAND, np.float32)
-    if t < 2:
-        return levels
     hb, wb = h // BLOCK, w // BLOCK
     blocks = luma[:, : hb * BLOCK, : wb * BLOCK].astype(np.float32).reshape(t, hb, BLOCK, wb, BLOCK)
     block_mse = (np.diff(blocks, axis=0) ** 2).mean(axis=(2, 4)).ravel()
-    band = (blocks.mean(axis=(2, 4))[1:].ravel() // LEVELS_PER_BAND).astype(int)
-    levels[:] = np.percentile(block_mse, NOISE_PERCENTILE) / 2
+    return block_mse, (blocks.mean(axis=(2, 4))[1:].ravel() // LEVELS_PER_BAND).astype(int)
+
+
+def noise_variance(luma: np.ndarray) -> float:
+    """Luma noise variance of a chunk: half the ``NOISE_PERCENTILE`` percentile of the mean
+    squared difference of consecutive frames over 8x8 blocks (the most static ones); 0 for one frame."""
+    return float(np.percentile(_block_changes(luma)[0], NOISE_PERCENTILE)) / 2 if luma.shape[0] > 1 else 0.0
+
+
+def noise_levels(luma: np.ndarray) -> np.ndarray:
+    """:func:`noise_variance` by brightness band of ``LEVELS_PER_BAND`` levels (sensor noise grows
+    with the signal), at most ``BAND_CAP`` times the chunk's figure (a band where everything moves
+    has no static blocks to measure); bands with few blocks take the chunk's figure."""
+    overall = noise_variance(luma)
+    levels = np.full(256 // LEVELS_PER_BAND, overall, np.float32)
+    if luma.shape[0] < 2:
+        return levels
+    block_mse, band = _block_changes(luma)
     for b in range(levels.size):
         inside = block_mse[band == b]
         if inside.size >= MIN_BAND_BLOCKS:
-            levels[b] = np.percentile(inside, NOISE_PERCENTILE) / 2
+            levels[b] = min(np.percentile(inside, NOISE_PERCENTILE) / 2, BAND_CAP * overall)
     return levels
 
 
@@ -115,10 +126,9 @@ def denoise(planes: tuple[np.ndarray, np.ndarray, np.ndarray], floor_mse: float)
     source so that the filter alone costs at most ``FILTER_SHARE`` of ``floor_mse``.
     """
     luma = planes[0]
-    noise = noise_levels(luma)
-    bands = np.bincount(np.minimum(luma.ravel() // LEVELS_PER_BAND, noise.size - 1), minlength=noise.size)
-    if not MIN_NOISE <= float(np.average(noise, weights=bands)) < floor_mse:
+    if not MIN_NOISE <= noise_variance(luma) < floor_mse:
         return planes
+    noise = noise_levels(luma)
     t, h, w = luma.shape
     weights = (np.zeros((t, h // BLOCK, w // BLOCK), np.float32), np.zeros((t, h // BLOCK, w // BLOCK), np.float32))
     averaged = [_average(luma, BLOCK, weights, noise, True)]
