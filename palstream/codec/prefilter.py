@@ -28,13 +28,29 @@ MIN_NOISE = 0.1  # luma noise variance below which the chunk is coded as it is (
 FILTER_SHARE = 0.9
 
 
-def _block_changes(luma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean squared difference of consecutive frames over each 8x8 block, and the block's brightness band."""
+@njit(cache=True, nogil=True)
+def _block_changes(luma):
+    """Mean squared difference of consecutive frames over each 8x8 block (frames 1..T-1), and the
+    block's brightness band in the later frame; flattened."""
     t, h, w = luma.shape
     hb, wb = h // BLOCK, w // BLOCK
-    blocks = luma[:, : hb * BLOCK, : wb * BLOCK].astype(np.float32).reshape(t, hb, BLOCK, wb, BLOCK)
-    block_mse = (np.diff(blocks, axis=0) ** 2).mean(axis=(2, 4)).ravel()
-    return block_mse, (blocks.mean(axis=(2, 4))[1:].ravel() // LEVELS_PER_BAND).astype(int)
+    block_mse = np.empty((t - 1) * hb * wb, np.float32)
+    band = np.empty((t - 1) * hb * wb, np.int64)
+    i = 0
+    for f in range(1, t):
+        for by in range(hb):
+            for bx in range(wb):
+                d = 0
+                level = 0
+                for y in range(by * BLOCK, by * BLOCK + BLOCK):
+                    for x in range(bx * BLOCK, bx * BLOCK + BLOCK):
+                        e = np.int64(luma[f, y, x]) - np.int64(luma[f - 1, y, x])
+                        d += e * e
+                        level += luma[f, y, x]
+                block_mse[i] = d / (BLOCK * BLOCK)
+                band[i] = level // (BLOCK * BLOCK * LEVELS_PER_BAND)
+                i += 1
+    return block_mse, band
 
 
 def noise_variance(luma: np.ndarray) -> float:
