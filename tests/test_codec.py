@@ -278,11 +278,11 @@ def test_denoise_averages_still_noise_and_passes_changes_through():
     y = frames.y.copy()
     y[:, :, 32:] = (np.arange(8) * 30 + 20)[:, None, None]
     planes = (y, frames.u, frames.v)
-    out = prefilter.denoise(planes, floor_mse=10.0)
+    out = prefilter.denoise(planes, (64, 64), floor_mse=10.0)
     assert np.array_equal(out[0][:, :, 32:], y[:, :, 32:])
     assert np.std(np.diff(out[0][:, :, :32].astype(float), axis=0)) < 0.5 * np.std(np.diff(y[:, :, :32].astype(float), axis=0))
     assert np.mean((out[0].astype(float) - y) ** 2) <= prefilter.FILTER_SHARE * 10.0
-    assert prefilter.denoise(planes, floor_mse=2.0) is planes  # the noise is above the floor: code it
+    assert prefilter.denoise(planes, (64, 64), floor_mse=2.0) is planes  # the noise is above the floor: code it
 
 
 @pytest.mark.slow
@@ -294,7 +294,7 @@ def test_still_noisy_chunk_costs_less_and_keeps_its_floor(monkeypatch):
     frames = _still_noisy(8, 2.0)
     config = EncoderConfig(target_psnr=39.0)
     denoised = encode_chunk(frames, config)
-    monkeypatch.setattr(prefilter, "denoise", lambda planes, floor_mse: planes)
+    monkeypatch.setattr(prefilter, "denoise", lambda planes, size, floor_mse: planes)
     noisy = encode_chunk(frames, config)
     assert _psnr_y(decode_chunk(denoised.payload), frames) >= 39.0
     assert len(denoised.payload) < 0.7 * len(noisy.payload)

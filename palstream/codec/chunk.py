@@ -262,7 +262,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
     padded = (_pad(frames.y, syntax.CTU), _pad(frames.u, syntax.CTU // 2), _pad(frames.v, syntax.CTU // 2))
     source = padded  # issue 16 item 4: lossy chunks code temporally denoised frames (prefilter.py);
     if not config.lossless:  # the floor is still checked against ``frames``, and exact coding codes ``source``
-        padded = prefilter.denoise(padded, 255.0**2 / 10 ** (config.target_psnr / 10))
+        padded = prefilter.denoise(padded, (h, w), 255.0**2 / 10 ** (config.target_psnr / 10))
     if config.lossless:  # lossless palettes are exact; proposals could never be chosen
         nothing = np.zeros(padded[0].shape[:1] + (padded[0].shape[1] // 16, padded[0].shape[2] // 16), np.int32)
         proposals = (nothing[..., None].astype(np.int64), nothing, nothing[..., None].astype(np.int64), nothing)

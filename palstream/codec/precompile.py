@@ -224,7 +224,7 @@ def compile_kernels(palettes: tuple[str, ...] = ("kmeans", "cgan-v1")) -> int:
         # the synthetic clip is noiseless, so the encoder leaves it unfiltered: denoise a noisy copy
         rng = np.random.default_rng(0)
         noisy = tuple(np.clip(p + rng.normal(0, 2, p.shape), 0, 255).astype(np.uint8) for p in (clip.y, clip.u, clip.v))
-        prefilter.denoise(noisy, floor_mse=20.0)
+        prefilter.denoise(noisy, clip.y.shape[1:], floor_mse=20.0)
     finally:
         _notice.message = FIRST_USE_NOTICE
     compiled = _notice.compiled - before
