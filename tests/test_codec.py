@@ -249,3 +249,52 @@ def test_rate_control_lands_just_above_the_floor(target):
     frames = read_frames(str(Path(palstream.__file__).parent / "data" / "demo.mkv"), 0, 16)
     encoded = encode_chunk(frames, EncoderConfig(target_psnr=target))
     assert target <= _psnr_y(decode_chunk(encoded.payload), frames) <= target + 0.5
+
+
+def _still_noisy(frames: int, sigma: float) -> Frames:
+    """A smooth still picture repeated, with independent Gaussian noise of ``sigma`` in every luma sample."""
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[:64, :64]
+    scene = 60 + xx + yy // 2
+    y = np.clip(np.rint(scene + rng.normal(0, sigma, (frames, 64, 64))), 0, 255).astype(np.uint8)
+    return Frames(y, np.full((frames, 32, 32), 128, np.uint8), np.full((frames, 32, 32), 128, np.uint8))
+
+
+def test_noise_variance_is_measured_from_static_blocks():
+    from palstream.codec import prefilter
+
+    still = _still_noisy(8, 2.5)
+    assert prefilter.noise_variance(still.y) == pytest.approx(2.5**2, rel=0.25)
+    assert prefilter.noise_variance(still.y[:1]) == 0.0
+
+
+def test_denoise_averages_still_noise_and_passes_changes_through():
+    """Half the picture still and noisy, half a cut to another level every frame: the still half
+    is averaged, the changing half comes through as it was, and the filter costs at most its
+    share of the MSE budget."""
+    from palstream.codec import prefilter
+
+    frames = _still_noisy(8, 2.5)
+    y = frames.y.copy()
+    y[:, :, 32:] = (np.arange(8) * 30 + 20)[:, None, None]
+    planes = (y, frames.u, frames.v)
+    out = prefilter.denoise(planes, (64, 64), floor_mse=10.0)
+    assert np.array_equal(out[0][:, :, 32:], y[:, :, 32:])
+    assert np.std(np.diff(out[0][:, :, :32].astype(float), axis=0)) < 0.5 * np.std(np.diff(y[:, :, :32].astype(float), axis=0))
+    assert np.mean((out[0].astype(float) - y) ** 2) <= prefilter.FILTER_SHARE * 10.0
+    assert prefilter.denoise(planes, (64, 64), floor_mse=2.0) is planes  # the noise is above the floor: code it
+
+
+@pytest.mark.slow
+def test_still_noisy_chunk_costs_less_and_keeps_its_floor(monkeypatch):
+    """Sensor noise on a still scene at a floor the noise alone meets: the denoised chunk skips
+    instead of coding the noise, and still lands above its floor against the noisy source."""
+    from palstream.codec import prefilter
+
+    frames = _still_noisy(8, 2.0)
+    config = EncoderConfig(target_psnr=39.0)
+    denoised = encode_chunk(frames, config)
+    monkeypatch.setattr(prefilter, "denoise", lambda planes, size, floor_mse: planes)
+    noisy = encode_chunk(frames, config)
+    assert _psnr_y(decode_chunk(denoised.payload), frames) >= 39.0
+    assert len(denoised.payload) < 0.7 * len(noisy.payload)

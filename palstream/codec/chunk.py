@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from palstream.codec import analysis, rangecoder, ratecontrol, syntax
+from palstream.codec import analysis, prefilter, rangecoder, ratecontrol, syntax
 from palstream.codec.config import EncoderConfig
 from palstream.codec.decoder import FLAG_LOSSLESS, HEADER, MAGIC, MAX_DIMENSION, MAX_FRAMES, VERSION, code_frames
 from palstream.frames import Frames
@@ -260,6 +260,9 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
     if not 1 <= t <= MAX_FRAMES or not (1 <= h <= MAX_DIMENSION and 1 <= w <= MAX_DIMENSION):
         raise ValueError(f"chunk of {t} frames of {w}x{h} is out of range (1..{MAX_FRAMES} frames, 1..{MAX_DIMENSION} px)")
     padded = (_pad(frames.y, syntax.CTU), _pad(frames.u, syntax.CTU // 2), _pad(frames.v, syntax.CTU // 2))
+    source = padded  # issue 16 item 4: lossy chunks code temporally denoised frames (prefilter.py);
+    if not config.lossless:  # the floor is still checked against ``frames``, and exact coding codes ``source``
+        padded = prefilter.denoise(padded, (h, w), 255.0**2 / 10 ** (config.target_psnr / 10))
     if config.lossless:  # lossless palettes are exact; proposals could never be chosen
         nothing = np.zeros(padded[0].shape[:1] + (padded[0].shape[1] // 16, padded[0].shape[2] // 16), np.int32)
         proposals = (nothing[..., None].astype(np.int64), nothing, nothing[..., None].astype(np.int64), nothing)
@@ -273,7 +276,8 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
     def encode_at(rung, count, config=config, control=None):
         nonlocal attempts
         attempts += 1
-        body, recon = _encode_at(tuple(p[:count] for p in padded), LADDER[rung], config, proposals, motion, control)
+        coded = source if config.lossless else padded
+        body, recon = _encode_at(tuple(p[:count] for p in coded), LADDER[rung], config, proposals, motion, control)
         diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
         return body, float(np.mean(diff**2))
 
