@@ -463,7 +463,7 @@ def _flip_text(path: Path, old: str, new: str) -> None:
         ('"range": "tv"', '"range": "pc"', "source.color"),
         ('"name": "screen_37x29.mkv"', '"name": "screen_37x28.mkv"', "source.name"),
         ('"url": "', '"url": "x', "source.url"),
-        ('"sha256": "f', '"sha256": "e', "source.sha256"),
+        (None, None, "source.sha256"),
         ('"lossless": true', '"lossless": false', "encoder.config"),
         ('"status": "complete"', '"status": "incomplete"', "status"),
         ('"format_version": 3', '"format_version": 1', "format_version"),
@@ -471,6 +471,9 @@ def _flip_text(path: Path, old: str, new: str) -> None:
 )
 def test_altered_root_metadata_is_named_and_refused_unless_forced(copy_of, old, new, field):
     path = copy_of()
+    if field == "source.sha256":  # other digests in the root may start with the same character
+        digest = json.loads((path / "zarr.json").read_text())["attributes"]["source"]["sha256"]
+        old, new = f'"sha256": "{digest}"', f'"sha256": "{"e" if digest[0] != "e" else "f"}{digest[1:]}"'
     _flip_text(path / "zarr.json", old, new)
     with pytest.raises(ArchiveError, match=f"root metadata altered: {field} changed") as caught:
         open_archive(str(path))
