@@ -308,14 +308,16 @@ class FirstProbeFails(WorkerPlugin):
     def setup(self, worker):
         from palstream import io
         from palstream.errors import InputError
+        from palstream.storage import Location
 
         real, seen = io.probe, set()
 
-        def probe(url, storage_options=None, **options):
-            if self.target in str(url) and url not in seen:
+        def probe(source, **options):
+            url = Location.of(source).url
+            if self.target in url and url not in seen:
                 seen.add(url)
                 raise InputError(f"{url} is truncated (forced on the first probe)")
-            return real(url, storage_options, **options)
+            return real(source, **options)
 
         io.probe = probe
 
