@@ -28,8 +28,9 @@ import os
 import re
 import uuid
 import warnings
+from collections.abc import Callable, Iterator
 from decimal import Decimal
-from typing import Callable, Iterator
+from typing import Literal
 
 import google_crc32c
 import numpy as np
@@ -117,8 +118,9 @@ def _jcs_number(value: float) -> str:
     """A finite double as ECMAScript's Number::toString writes it (RFC 8785 §3.2.2.3)."""
     if value == 0:
         return "0"
-    sign, digits, exponent = Decimal(repr(abs(value))).normalize().as_tuple()
-    digits = "".join(map(str, digits))
+    sign, digit_tuple, exponent = Decimal(repr(abs(value))).normalize().as_tuple()
+    assert isinstance(exponent, int)  # a finite value: not "n", "N" or "F"
+    digits = "".join(map(str, digit_tuple))
     k, n = len(digits), len(digits) + exponent  # ECMAScript's k and n: value = 0.digits * 10^n
     if k <= n <= 21:
         text = digits + "0" * (n - k)
@@ -329,7 +331,8 @@ def _parse(data: bytes, limit: int) -> dict:
         raise ValueError("nested too deeply") from None
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
-    level, depth = [doc], 0
+    level: list[dict | list] = [doc]
+    depth = 0
     while level:  # iterative, so the depth check itself cannot overflow the stack
         depth += 1
         if depth > MAX_JSON_DEPTH:
@@ -471,10 +474,11 @@ def _check_side_attributes(attrs: dict, bad: Callable[[str], ArchiveError]) -> N
     timing = attrs["source"].get("timing")
     if timing is not None:
         runs = timing.get("pts_runs") if isinstance(timing, dict) else None
+        time_base = timing.get("time_base") if isinstance(timing, dict) else None
+        ratio = _RATIO.fullmatch(time_base) if isinstance(time_base, str) else None
         if not (
-            isinstance(timing.get("time_base") if isinstance(timing, dict) else None, str)
-            and _RATIO.fullmatch(timing["time_base"])
-            and int(_RATIO.fullmatch(timing["time_base"])[2]) != 0
+            ratio
+            and int(ratio[2]) != 0
             and isinstance(runs, list)
             and all(isinstance(r, list) and len(r) == 3 and all(_is_int(v, -MAX_JSON_INT, MAX_JSON_INT) for v in r) for r in runs)
             and all(r[2] >= 1 for r in runs)
@@ -643,7 +647,7 @@ class Archive:
         shape = array.get("shape")
         length = shape[0] if isinstance(shape, list) and shape else None
         ceiling = max_payload_bytes(len(frames), self.source.width, self.source.height)
-        if not _is_int(length, 1, ceiling):
+        if not isinstance(length, int) or not _is_int(length, 1, ceiling):
             raise DamagedChunkError(index, f"declared payload length {_show(length)} is outside 1..{ceiling}")
         if not isinstance(attrs, dict) or not _same({k: v for k, v in array.items() if k != "attributes"}, _array_document(length)):
             raise DamagedChunkError(index, "array metadata is not the documented uint8/crc32c array (FORMAT.md §3)")
@@ -827,7 +831,7 @@ class Archive:
         source_index = self.attrs["streams"][number]["source_index"]
         try:
             array = _open_group(self.location, "r")[f"streams/{_key(number)}/{name}"]
-        except Exception as exc:  # noqa: BLE001  zarr and the stores raise many kinds for damaged objects
+        except Exception as exc:  # zarr and the stores raise many kinds for damaged objects
             raise DamagedStreamError(source_index, f"its {name} array does not open ({type(exc).__name__}: {_show(str(exc))})") from None
         if not isinstance(array, zarr.Array) or tuple(array.shape) != shape or array.dtype != np.dtype(dtype):
             raise DamagedStreamError(source_index, f"its {name} array is not the {dtype}{list(shape)} the root declares")
@@ -836,7 +840,7 @@ class Archive:
     def _stream_region(self, number: int, array, start: int, stop: int) -> np.ndarray:
         try:
             return np.ascontiguousarray(array[start:stop])
-        except Exception as exc:  # noqa: BLE001  a CRC-32C mismatch, a missing or malformed chunk object
+        except Exception as exc:  # a CRC-32C mismatch, a missing or malformed chunk object
             source_index = self.attrs["streams"][number]["source_index"]
             raise DamagedStreamError(source_index, f"bytes {start}..{stop} unreadable ({type(exc).__name__}: {_show(str(exc))})") from None
 
@@ -963,7 +967,7 @@ def open_archive(location: str | Location, storage_options: dict | None = None, 
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _open_group(location: Location, mode: str, **kwargs) -> zarr.Group:
+def _open_group(location: Location, mode: Literal["r", "r+", "a", "w", "w-"], **kwargs) -> zarr.Group:
     return zarr.open_group(**location.zarr_args(), mode=mode, **kwargs)
 
 
@@ -1050,7 +1054,7 @@ class _StreamSink:
     The size of a copied stream is known from its index; an attachment's (``size`` None) is
     written when it is closed, from one piece."""
 
-    def __init__(self, writer: "ArchiveWriter", key: str, size: int | None):
+    def __init__(self, writer: ArchiveWriter, key: str, size: int | None):
         self.writer, self.key, self.expected = writer, key, size
         self.array = None if size is None else self._create(size)
         self.buffer = bytearray()
@@ -1065,7 +1069,7 @@ class _StreamSink:
         self.buffer += piece
         if self.array is not None:
             whole = len(self.buffer) - len(self.buffer) % STREAM_CHUNK_BYTES
-            if whole and self.size + whole <= self.expected:
+            if whole and self.expected is not None and self.size + whole <= self.expected:
                 self.array[self.size : self.size + whole] = np.frombuffer(bytes(self.buffer[:whole]), np.uint8)
                 del self.buffer[:whole]
                 self.size += whole
@@ -1118,7 +1122,7 @@ class ArchiveWriter:
         n_chunks: int | None = None,
         storage_options: dict | None = None,
         overwrite: bool = False,
-    ) -> "ArchiveWriter":
+    ) -> ArchiveWriter:
         """Create an empty archive with status ``"incomplete"``.
 
         Parameters
@@ -1186,7 +1190,7 @@ class ArchiveWriter:
         return cls(location, write_location, created=True)
 
     @classmethod
-    def open(cls, location: str | Location, storage_options: dict | None = None) -> "ArchiveWriter":
+    def open(cls, location: str | Location, storage_options: dict | None = None) -> ArchiveWriter:
         """Reopen an existing archive to write its remaining chunks (resume).
 
         ``storage_options`` only for ``palstream.batch``, which still passes its options apart
@@ -1385,7 +1389,8 @@ class ArchiveWriter:
             an archive being replaced stays as it was.
         """
         reader = self._reader
-        reader._store.seen = seen = {}
+        seen: dict[str, tuple[str, int]] = {}
+        reader._store.seen = seen
         reader._check_groups()
         missing, damaged, payload, payload_bytes = [], [], hashlib.sha256(), 0
         for index in range(self.n_chunks):

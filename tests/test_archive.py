@@ -17,10 +17,10 @@ import zarr
 
 from palstream import io
 from palstream.archive import ArchiveWriter, _seal, canonical_json, open_archive
-from palstream.pipeline import decode_file, encode_file
 from palstream.codec import EncodedChunk, EncoderConfig, encode_chunk
 from palstream.errors import ArchiveError, DamagedChunkError, InputError
 from palstream.frames import Frames
+from palstream.pipeline import decode_file, encode_file
 from palstream.storage import Location
 
 CONFIG = EncoderConfig(lossless=True, gop=2)

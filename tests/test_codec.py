@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from palstream.codec import BitstreamError, EncoderConfig, decode_chunk, encode_chunk
-from palstream.codec import rangecoder
+from palstream.codec import BitstreamError, EncoderConfig, decode_chunk, encode_chunk, rangecoder
 from palstream.errors import ConfigError
 from palstream.frames import Frames
 from palstream.io import read_frames

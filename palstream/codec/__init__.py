@@ -14,8 +14,8 @@ from palstream.codec import precompile as _precompile
 _precompile.use_writable_cache()
 _precompile.announce_compiles()
 
-from palstream.codec.config import DEFAULT_TARGET_PSNR, EncoderConfig  # noqa: E402
 from palstream.codec.chunk import EncodedChunk, encode_chunk  # noqa: E402
+from palstream.codec.config import DEFAULT_TARGET_PSNR, EncoderConfig  # noqa: E402
 from palstream.codec.decoder import BitstreamError, decode_chunk  # noqa: E402
 from palstream.codec.precompile import compile_kernels  # noqa: E402
 

@@ -12,8 +12,23 @@ import numpy as np
 from numba import njit
 
 from palstream.codec.syntax import (
-    BI, CELL_FIELDS, INTER, INTRA, MAX_PAL, MED_WEIGHT, MV2_X, MV2_Y, MV_X, MV_Y, OFFSET, PALETTE, SKIP, VARIANT,
-    chroma_motion, inter_prediction, motion_sample,
+    BI,
+    CELL_FIELDS,
+    INTER,
+    INTRA,
+    MAX_PAL,
+    MED_WEIGHT,
+    MV2_X,
+    MV2_Y,
+    MV_X,
+    MV_Y,
+    OFFSET,
+    PALETTE,
+    SKIP,
+    VARIANT,
+    chroma_motion,
+    inter_prediction,
+    motion_sample,
 )
 
 PROPOSAL_BLOCK = 16  # leaf size whose many-coloured blocks get palettes from the PaletteGenerator

@@ -291,7 +291,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
         # 0.3-0.8 dB apart; the prefix misjudges chunks that change later) by scaling the RD
         # lambda frame by frame: one encode lands ~0.1 dB above the floor
         target_mse = 255.0**2 / 10 ** (config.target_psnr / 10)
-        control = ratecontrol.LambdaControl(frames.y, target_mse)
+        control: ratecontrol.LambdaControl | None = ratecontrol.LambdaControl(frames.y, target_mse)
         body, mse = encode_at(rung, t, control=control)
         # the quality floor is a promise: step down until the whole chunk meets it, by the
         # step that the measured MSE says is needed (MSE grows about as the step squared) and

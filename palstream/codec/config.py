@@ -75,7 +75,7 @@ class EncoderConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EncoderConfig":
+    def from_dict(cls, data: dict) -> EncoderConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
