@@ -78,8 +78,8 @@ def install_stubs(settings: dict) -> None:
 
     frames = {}
 
-    def read_unit(unit, job, gop_):
-        count = unit["count"]
+    def read_unit(unit, gop_):
+        count = unit.count
         if count not in frames:
             y, uv = np.zeros((count, 2, 2), np.uint8), np.zeros((count, 1, 1), np.uint8)
             frames[count] = Frames(y, uv, uv.copy())

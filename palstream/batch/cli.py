@@ -6,40 +6,40 @@ Settings precedence: command line > job file > defaults (see ``docs/batch.md``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from palstream.errors import PalstreamError
 
-OutOpt = Annotated[Optional[str], typer.Option("--out", "-o", help="Output root (path or URL, e.g. s3://bucket/archives).")]
+OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Output root (path or URL, e.g. s3://bucket/archives).")]
 WorkersOpt = Annotated[
-    Optional[int], typer.Option(help="Workers: processes for 'local' (default: one per core), GPUs for 'cuda'.")
+    int | None, typer.Option(help="Workers: processes for 'local' (default: one per core), GPUs for 'cuda'.")
 ]
 ClusterOpt = Annotated[
-    Optional[str], typer.Option(help="'local' (default), 'cuda' (needs the gpu extra) or a scheduler address tcp://HOST:PORT.")
+    str | None, typer.Option(help="'local' (default), 'cuda' (needs the gpu extra) or a scheduler address tcp://HOST:PORT.")
 ]
-ThreadsOpt = Annotated[Optional[int], typer.Option(help="Threads per worker (default 1).")]
-RetriesOpt = Annotated[Optional[int], typer.Option(help="Extra attempts per failing unit before it is quarantined (default 2).")]
-InFlightOpt = Annotated[Optional[int], typer.Option(help="Tasks in flight at once (default: one per worker thread).")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="Threads per worker (default 1).")]
+RetriesOpt = Annotated[int | None, typer.Option(help="Extra attempts per failing unit before it is quarantined (default 2).")]
+InFlightOpt = Annotated[int | None, typer.Option(help="Tasks in flight at once (default: one per worker thread).")]
 PerTaskOpt = Annotated[
-    Optional[int], typer.Option(help="Consecutive units of one input per Dask task (default 1; tens to hundreds for large libraries).")
+    int | None, typer.Option(help="Consecutive units of one input per Dask task (default 1; tens to hundreds for large libraries).")
 ]
 ProfileOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(help="Storage profile from storage/profiles.toml (or $PALSTREAM_STORAGE_PROFILES).", envvar="PALSTREAM_STORAGE_PROFILE"),
 ]
 EndpointOpt = Annotated[
-    Optional[str], typer.Option(help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000.", envvar="PALSTREAM_S3_ENDPOINT")
+    str | None, typer.Option(help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000.", envvar="PALSTREAM_S3_ENDPOINT")
 ]
-MetricsPortOpt = Annotated[Optional[int], typer.Option(help="Serve the driver's Prometheus /metrics on this port.")]
+MetricsPortOpt = Annotated[int | None, typer.Option(help="Serve the driver's Prometheus /metrics on this port.")]
 MetricsHostOpt = Annotated[str, typer.Option(help="Interface for --metrics-port (keep 127.0.0.1 unless the network is trusted).")]
 TargetsOpt = Annotated[
-    Optional[str], typer.Option(help="Keep this Prometheus file_sd JSON listing the workers' /metrics addresses.")
+    str | None, typer.Option(help="Keep this Prometheus file_sd JSON listing the workers' /metrics addresses.")
 ]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Live progress bar.")]
 DropOpt = Annotated[
-    Optional[list[int]],
+    list[int] | None,
     typer.Option(
         "--drop-stream",
         help="Leave out the source stream with this index (as ffprobe and 'palstream info' number them); repeatable.",
@@ -137,19 +137,19 @@ def submit(
     retries: RetriesOpt = None,
     max_in_flight: InFlightOpt = None,
     units_per_task: PerTaskOpt = None,
-    target_psnr: Annotated[Optional[float], typer.Option(help="Quality floor in dB PSNR-Y per chunk (default 45).")] = None,
-    lossless: Annotated[Optional[bool], typer.Option("--lossless/--lossy", help="Bit-exact 4:2:0 (default: lossy).")] = None,
-    palette: Annotated[Optional[str], typer.Option(help="Palette generator name (default kmeans).")] = None,
-    gop: Annotated[Optional[int], typer.Option(help="Frames per chunk, the unit of work (default 32).")] = None,
+    target_psnr: Annotated[float | None, typer.Option(help="Quality floor in dB PSNR-Y per chunk (default 45).")] = None,
+    lossless: Annotated[bool | None, typer.Option("--lossless/--lossy", help="Bit-exact 4:2:0 (default: lossy).")] = None,
+    palette: Annotated[str | None, typer.Option(help="Palette generator name (default kmeans).")] = None,
+    gop: Annotated[int | None, typer.Option(help="Frames per chunk, the unit of work (default 32).")] = None,
     allow_truncated: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option(
             "--allow-truncated",
             help="Archive the frames before the break of a truncated or damaged input instead of refusing it (recorded in the plan and the archive).",
         ),
     ] = None,
     audio: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="How each archive keeps its source's audio: copy (packets bit-exact, the default) or flac "
             "(re-encoded losslessly; refused for audio that decodes to floating point, such as AAC)."
@@ -157,10 +157,10 @@ def submit(
     ] = None,
     drop_stream: DropOpt = None,
     tune: Annotated[
-        Optional[bool], typer.Option("--tune/--no-tune", help="Let the tuner choose each batch's encoder configuration (see docs/tuner.md).")
+        bool | None, typer.Option("--tune/--no-tune", help="Let the tuner choose each batch's encoder configuration (see docs/tuner.md).")
     ] = None,
     replay_ledger: Annotated[
-        Optional[str], typer.Option(help="Take every batch's configuration from a tuned job's _palstream/tuner/ledger.jsonl (implies --tune).")
+        str | None, typer.Option(help="Take every batch's configuration from a tuned job's _palstream/tuner/ledger.jsonl (implies --tune).")
     ] = None,
     storage_profile: ProfileOpt = None,
     endpoint_url: EndpointOpt = None,

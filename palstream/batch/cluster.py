@@ -72,7 +72,7 @@ def gpu_count() -> int:
             return int(pynvml.nvmlDeviceGetCount())
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001  no pynvml, or no driver: fall back to the kernel's view
+    except Exception:  # no pynvml, or no driver: fall back to the kernel's view
         return len(glob.glob("/proc/driver/nvidia/gpus/*"))
 
 

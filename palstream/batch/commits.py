@@ -17,7 +17,7 @@ record with the same name, so a unit appears in at most one record of a given ba
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 
 from palstream.batch.store import JOB_DIR, filesystem, join, storage_error, write_bytes
 
@@ -43,7 +43,7 @@ def write_record(url: str, summaries: list[dict], options: dict | None = None) -
 READ_BATCH = 256  # records fetched together (concurrently on object stores), so memory stays bounded
 
 
-def _records(output: str, options: dict | None, skip: set[int]) -> Iterator[bytes]:
+def _records(output: str, options: dict | None, skip: Set[int]) -> Iterator[bytes]:
     """The bytes of every task record, but those of the inputs in ``skip``, a batch at a time."""
     url = join(output, JOB_DIR, FOLDER)
     try:
@@ -51,16 +51,16 @@ def _records(output: str, options: dict | None, skip: set[int]) -> Iterator[byte
         names = [n for n in fs.ls(path, detail=False) if n.endswith(".jsonl") and _source_of(n) not in skip]
     except FileNotFoundError:
         return
-    except Exception as exc:  # noqa: BLE001  every backend raises its own family
+    except Exception as exc:  # every backend raises its own family
         raise storage_error(url, exc, "read") from None
     for begin in range(0, len(names), READ_BATCH):
         try:
             yield from fs.cat(names[begin : begin + READ_BATCH], on_error="omit").values()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise storage_error(url, exc, "read") from None
 
 
-def iter_summaries(output: str, options: dict | None = None, skip: set[int] = frozenset()) -> Iterator[dict]:
+def iter_summaries(output: str, options: dict | None = None, skip: Set[int] = frozenset()) -> Iterator[dict]:
     """The unit summaries of the index, record by record: one LIST and one GET per task record.
 
     Records of the inputs in ``skip`` (archives known to be finalized) are not read. Torn or
@@ -77,9 +77,9 @@ def iter_summaries(output: str, options: dict | None = None, skip: set[int] = fr
                 yield summary
 
 
-def committed_units(output: str, options: dict | None = None, skip: set[int] = frozenset()) -> set[tuple[int, int]]:
+def committed_units(output: str, options: dict | None = None, skip: Set[int] = frozenset()) -> set[tuple[int, int]]:
     """``(source, unit)`` of every unit the index names, from each record's first line only."""
-    found = set()
+    found: set[tuple[int, int]] = set()
     for blob in _records(output, options, skip):
         try:
             head = json.loads(blob.split(b"\n", 1)[0])

@@ -165,7 +165,7 @@ def serve_driver_metrics(
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         server_class = type("_MetricsServer", (_MetricsServer,), {"address_family": family})  # IPv4 or IPv6 host
-        server = make_server(host, port, scrapes, server_class, handler_class=_QuietHandler)
+        server: _MetricsServer = make_server(host, port, scrapes, server_class, handler_class=_QuietHandler)
     except OSError as exc:
         raise PalstreamError(f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); choose another --metrics-port") from None
     thread = threading.Thread(target=server.serve_forever, name="palstream-metrics", daemon=True)

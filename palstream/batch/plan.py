@@ -113,7 +113,7 @@ class Plan:
         tuner: dict | None = None,
         allow_truncated: bool = False,
         streams: dict | None = None,
-    ) -> "Plan":
+    ) -> Plan:
         """Plan from ``(url, SourceInfo dict or None, rejection reason or None)`` per input.
 
         ``tuner`` (the ``[tuner]`` settings of a tuned job), ``allow_truncated`` and ``streams``
@@ -141,7 +141,7 @@ class Plan:
         return cls.from_data(data)
 
     @classmethod
-    def from_data(cls, data: dict) -> "Plan":
+    def from_data(cls, data: dict) -> Plan:
         return cls(data, hashlib.sha256(_canonical(data)).hexdigest())
 
     def matches(
@@ -201,7 +201,7 @@ class Plan:
 
 def streams_settings(spec: JobSpec) -> dict | None:
     """How the job keeps each input's other streams, as the plan records it: None for the defaults."""
-    settings = {}
+    settings: dict[str, str | list[int]] = {}
     if spec.audio != "copy":
         settings["audio"] = spec.audio
     if spec.drop_streams:

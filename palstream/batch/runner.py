@@ -29,10 +29,10 @@ import time
 import traceback
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Callable
 from urllib.parse import urlparse
 
 import dask
@@ -240,7 +240,7 @@ class JobLog:
         try:
             fs, path = filesystem(self.url, options)
             self.text = fs.cat_file(path).decode(errors="replace")
-        except Exception:  # noqa: BLE001  no log yet, or an unreadable one: it must not stop the job
+        except Exception:  # no log yet, or an unreadable one: it must not stop the job
             self.text = ""
 
     def write(self, message: str, detail: str | None = None) -> None:
@@ -405,11 +405,12 @@ class _Execution:
                 self.client, self.spec.output, self.out_opts, self.plan, self.committed,
                 self.quarantined_sources, self.spec.storage.options, self.spec.retries,
             )
-            todo = _OnePerTask(self.tuned)
+            todo: deque[list] | _OnePerTask = _OnePerTask(self.tuned)
             pending = len(self.tuned)
         else:
-            todo = deque(self._tasks([u for u in units if u.index not in self.committed[u.source]]))
-            pending = sum(len(task) for task in todo)
+            tasks = deque(self._tasks([u for u in units if u.index not in self.committed[u.source]]))
+            pending = sum(len(task) for task in tasks)
+            todo = tasks
         self.todo = todo
         self.report.units_skipped = len(units) - pending
         self.frames_done = sum(u.count for u in units if u.index in self.committed[u.source])
@@ -684,7 +685,7 @@ class _Execution:
                 if self.worker_targets and targets != written:
                     _write_targets(self.worker_targets, targets)
                     written = targets
-            except Exception:  # noqa: BLE001  monitoring must never stop the job; retried next beat
+            except Exception:  # monitoring must never stop the job; retried next beat
                 pass
             if stop.wait(2.0):
                 return

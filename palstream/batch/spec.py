@@ -55,7 +55,7 @@ class StorageSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "storage") -> "StorageSpec":
+    def from_dict(cls, data: dict, where: str = "storage") -> StorageSpec:
         data = dict(data)
         for key in data:
             if key in SECRET_STORAGE_KEYS:
@@ -77,7 +77,7 @@ class StorageSpec:
         spec = cls(**data)
         return spec._with_profile() if spec.profile else spec
 
-    def _with_profile(self) -> "StorageSpec":
+    def _with_profile(self) -> StorageSpec:
         path = Path(os.environ.get("PALSTREAM_STORAGE_PROFILES", "storage/profiles.toml"))
         if not path.is_file():
             raise ConfigError(
@@ -148,7 +148,7 @@ class TunerSpec:
     replay: str | None = None
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "tuner") -> "TunerSpec":
+    def from_dict(cls, data: dict, where: str = "tuner") -> TunerSpec:
         from palstream.tuner.reward import RewardWeights
 
         data = dict(data)
@@ -235,7 +235,7 @@ class JobSpec:
     drop_streams: tuple[int, ...] = ()
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "job") -> "JobSpec":
+    def from_dict(cls, data: dict, where: str = "job") -> JobSpec:
         """Validate a job given as a dict (a parsed job file with CLI overrides laid over it)."""
         data = dict(data)
         _check_known(cls, data, where)

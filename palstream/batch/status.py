@@ -105,7 +105,7 @@ def job_status(output: str | Location) -> dict:
             {"name": rejected.get("path", rejected["url"].rsplit("/", 1)[-1]), "archive": None, "state": "quarantined", "units_done": 0,
              "units_total": 0, "frames_done": 0, "frames_total": 0, "ratio": None, "psnr_y": None, "error": None}
         )
-    if running:
+    if running and holder is not None:
         state = "running"
         recent = [s for s in summaries.values() if s.get("finished", 0) >= holder.get("started", 0)]
         fps = _span_rate(recent)
@@ -116,7 +116,7 @@ def job_status(output: str | Location) -> dict:
         "output": output,
         "plan": plan.hash,
         "state": state,
-        "running_by": f"pid {holder.get('pid')} on {holder.get('host')}" if running else None,
+        "running_by": f"pid {holder.get('pid')} on {holder.get('host')}" if running and holder is not None else None,
         "units_done": sum(v["units_done"] for v in videos),
         "units_total": sum(v["units_total"] for v in videos),
         "frames_done": sum(v["frames_done"] for v in videos),

@@ -67,7 +67,7 @@ def check_writable(output: str, options: dict | None = None) -> None:
         if output.startswith(("s3://", "s3a://")):  # s3fs: the bucket does not exist
             raise ArchiveError(f"output {output}: bucket {path.split('/', 1)[0]!r} does not exist; create it first") from None
         raise ArchiveError(f"output {output} is not writable ({_one_line(exc)}); check the path and permissions") from None
-    except Exception as exc:  # noqa: BLE001  every backend raises its own family; all mean "cannot write"
+    except Exception as exc:  # every backend raises its own family; all mean "cannot write"
         mapped = remote_storage_error(exc, output, "write the output", ArchiveError)
         if mapped is not None:
             raise mapped from None
@@ -89,7 +89,7 @@ def read_json(url: str, options: dict | None = None) -> dict | None:
         blob = fs.cat_file(path)
     except FileNotFoundError:
         return None
-    except Exception as exc:  # noqa: BLE001  every backend raises its own family
+    except Exception as exc:  # every backend raises its own family
         raise storage_error(url, exc, "read") from None
     try:
         data = json.loads(blob)
@@ -131,7 +131,7 @@ def write_bytes(url: str, blob: bytes, options: dict | None = None) -> None:
         fs, path = filesystem(url, options)
         _ensure_parent(fs, path)
         fs.pipe_file(path, blob)
-    except Exception as exc:  # noqa: BLE001  every backend raises its own family
+    except Exception as exc:  # every backend raises its own family
         raise storage_error(url, exc, "write") from None
 
 
@@ -214,7 +214,7 @@ class JobLock:
                 return True
         return time.time() - float(record.get("heartbeat", 0.0)) > self.stale_after
 
-    def acquire(self) -> "JobLock":
+    def acquire(self) -> JobLock:
         """Take the lock (taking over a stale one) and start the heartbeat thread."""
         for _ in range(3):
             if self._create():
@@ -244,7 +244,7 @@ class JobLock:
                     return  # someone broke our lock by hand; do not fight over it
                 fs, path = filesystem(self.url, self.options)
                 fs.pipe_file(path, self._record())
-            except Exception:  # noqa: BLE001  a missed heartbeat is retried at the next beat
+            except Exception:  # a missed heartbeat is retried at the next beat
                 continue
 
     def release(self) -> None:
@@ -256,10 +256,10 @@ class JobLock:
             if (self.holder() or {}).get("token") == self.token:
                 fs, path = filesystem(self.url, self.options)
                 fs.rm_file(path)
-        except Exception:  # noqa: BLE001  a lock left behind is stale once our pid is gone
+        except Exception:  # a lock left behind is stale once our pid is gone
             pass
 
-    def __enter__(self) -> "JobLock":
+    def __enter__(self) -> JobLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

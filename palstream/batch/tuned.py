@@ -171,13 +171,15 @@ class TunedUnits:
 
     def __init__(self, client, output: str, options: dict, plan: Plan, committed, skip_sources, source_options, retries: int = 2):
         settings = plan.tuner
+        assert settings is not None  # only a tuned job's plan has a tuned queue
         self.client, self.output, self.options, self.plan = client, output, options, plan
         self.committed, self.skip_sources, self.source_options, self.retries = committed, skip_sources, source_options, retries
         self.weights = RewardWeights(settings["ratio_weight"], settings["quality_weight"], settings["cost_weight"])
         self.seed = settings["seed"]
         self.batches = plan_batches(plan, settings["batch_units"])
         self.batch_of = {(b.source, u): b for b in self.batches for u in b.units}
-        self.replay = _replay_decisions(settings["replay"], plan, self.batches) if settings.get("replay") else None
+        self.replay_url = settings.get("replay")
+        self.replay = _replay_decisions(self.replay_url, plan, self.batches) if self.replay_url else None
         self.ledger = Ledger(tuner_url(output, LEDGER_NAME), options)
         self.ledger.repair()
         self.agent = self._initial_agent(settings.get("policy"))
@@ -253,12 +255,12 @@ class TunedUnits:
                 unit_features, Location(src.url, self.source_options(src.url)), first.start, first.count,
                 key=f"unit_features-{self.plan.hash[:12]}-{batch.id}-{uuid.uuid4().hex[:8]}", retries=self.retries, pure=False,
             ).result()
-        except Exception as exc:  # noqa: BLE001  an unreadable batch fails in its units too; decide without context
+        except Exception as exc:  # an unreadable batch fails in its units too; decide without context
             note = f"features failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if self.replay is not None:
             replayed = self.replay[batch.id]
             arm, config = replayed["arm"], EncoderConfig.from_dict(replayed["config"])
-            note = f"replayed from {self.plan.tuner['replay']}"
+            note = f"replayed from {self.replay_url}"
         elif features is None:
             arm = "default"
             config = arm_config(arm, self.plan.config)

@@ -109,7 +109,7 @@ class PalstreamWorkerPlugin(WorkerPlugin):
 
         _quiet_task_failures()
 
-        import palstream.batch.metrics  # noqa: F401  every worker's /metrics shows the series from the start
+        import palstream.batch.metrics
 
         torch.set_num_threads(self.threads)
         try:
@@ -130,7 +130,7 @@ class PalstreamWorkerPlugin(WorkerPlugin):
             generator = await asyncio.get_running_loop().run_in_executor(None, self.generator, self.palette)
             await asyncio.get_running_loop().run_in_executor(None, _warm_up, generator, self.palette)
 
-    def generator(self, name: str) -> "TimedGenerator":
+    def generator(self, name: str) -> TimedGenerator:
         """The palette generator ``name``, created on first use and kept for the worker's life."""
         if name not in self._generators:
             from palstream.palettes import create_palette_generator
@@ -197,9 +197,11 @@ def _quiet_task_failures() -> None:
 
 def _plugin() -> PalstreamWorkerPlugin:
     try:
-        return get_worker().plugins[PLUGIN_NAME]
+        plugin = get_worker().plugins[PLUGIN_NAME]
     except (ValueError, KeyError):  # not in a worker, or set up without the plugin (tests, scripts)
         return PalstreamWorkerPlugin()
+    assert isinstance(plugin, PalstreamWorkerPlugin)  # registered under PLUGIN_NAME by this module only
+    return plugin
 
 
 def with_storage_retries(action, what: str, deadline: float = STORAGE_RETRY_SECONDS):
@@ -217,7 +219,7 @@ def with_storage_retries(action, what: str, deadline: float = STORAGE_RETRY_SECO
         except PalstreamError as exc:
             if not isinstance(exc, ArchiveError) or time.monotonic() - start > deadline:
                 raise
-        except Exception as exc:  # noqa: BLE001  network/storage errors come in many types
+        except Exception as exc:  # network/storage errors come in many types
             if time.monotonic() - start > deadline:
                 raise ArchiveError(f"{what} failed for {deadline:.0f} s: {type(exc).__name__}: {exc}") from None
         time.sleep(delay)
