@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from distributed import WorkerPlugin, get_worker
 
+from palstream.batch.plan import Unit
 from palstream.codec import BitstreamError, EncoderConfig
 from palstream.errors import ArchiveError, DamagedChunkError, InputError, PalstreamError
 from palstream.storage import Location
@@ -27,16 +28,12 @@ PLUGIN_NAME = "palstream"
 
 
 @dataclass(frozen=True, slots=True)
-class UnitTask:
-    """What a worker needs to encode one unit: frames ``[start, start + count)`` of input
-    ``source`` -> chunk ``index`` of its archive, and the plan's record of the input.
+class UnitTask(Unit):
+    """What a worker needs to encode one unit: the plan's :class:`Unit` and the plan's record of
+    its input.
 
     Attributes
     ----------
-    source, index : int
-        Plan positions: the input and the unit (its chunk) in its archive.
-    start, count : int
-        The unit's frames.
     source_location : Location
         The input, with its storage options.
     source_frames, source_bytes : int
@@ -47,10 +44,6 @@ class UnitTask:
         The input's archive.
     """
 
-    source: int
-    index: int
-    start: int
-    count: int
     source_location: Location
     source_frames: int
     source_bytes: int
