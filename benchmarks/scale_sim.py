@@ -213,11 +213,15 @@ class StubArchive:
     def revoke(self, index: int) -> None:
         self.fs.rm_file(f"{self.path}/c/{index}.commit")
 
-    def finalize(self) -> None:
+    def finalize(self) -> dict:
+        """Mark complete and return the fixity record, as ``ArchiveWriter.finalize`` does (read back
+        whole here, as the batch did before finalize returned it)."""
         from palstream.batch.store import write_json
+        from palstream.batch.worker import archive_fixity
 
         self.attrs = {**self.attrs, "status": "complete"}
         write_json(f"{self.url}/zarr.json", self.attrs, self.options)
+        return archive_fixity(self.url, self.options)
 
     def read_chunk(self, index: int) -> bytes:
         return self.fs.cat_file(f"{self.path}/c/{index}.{'data' if self.MODE == 'stub' else 'commit'}")

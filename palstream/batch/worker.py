@@ -391,7 +391,7 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict, fixit
         whose source changed since the plan is never marked complete; ``audio`` and
         ``drop_streams``: how the source's other streams are kept.
     fixity_url : str
-        Where to write the archive's fixity record (see :func:`archive_fixity`).
+        Where to write the archive's fixity record (the one ``ArchiveWriter.finalize`` returns).
 
     Returns
     -------
@@ -429,8 +429,8 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict, fixit
         )
     except InputError as exc:
         return {"outcome": "refused", "reason": str(exc)}
-    with_storage_retries(writer.finalize, "finalizing the archive")
-    fixity = archive_fixity(archive_url, output_options)
+    # finalize returns the fixity record built from the bytes it checked: no second read of the archive
+    fixity = with_storage_retries(writer.finalize, "finalizing the archive")
     with_storage_retries(lambda: write_json(fixity_url, fixity, output_options), "writing the fixity record")
     return {"outcome": "complete", "fixity": fixity}
 
