@@ -204,9 +204,6 @@ class StubArchive:
             return set()
         return {int(n.rsplit("/", 1)[-1][:-7]) for n in names if n.endswith(".commit")}
 
-    def uncommitted(self) -> list[int]:
-        return sorted(set(range(self.n_chunks)) - self.committed())
-
     def keep_streams(self, source, audio="copy", drop_streams=()) -> None:
         pass  # the synthetic inputs hold one video stream
 
@@ -215,10 +212,15 @@ class StubArchive:
 
     def finalize(self) -> dict:
         """Mark complete and return the fixity record, as ``ArchiveWriter.finalize`` does (read back
-        whole here, as the batch did before finalize returned it)."""
+        whole here, as the batch did before finalize returned it); ``IncompleteArchiveError`` when
+        markers are missing."""
+        from palstream.archive import IncompleteArchiveError
         from palstream.batch.store import write_json
         from palstream.batch.worker import archive_fixity
 
+        missing = sorted(set(range(self.n_chunks)) - self.committed())
+        if missing:
+            raise IncompleteArchiveError(f"archive {self.url} lacks {len(missing)} chunk(s)", missing)
         self.attrs = {**self.attrs, "status": "complete"}
         write_json(f"{self.url}/zarr.json", self.attrs, self.options)
         return archive_fixity(self.url, self.options)
@@ -244,7 +246,7 @@ class Stubs(WorkerPlugin):
 class CountingS3:
     """moto's S3 server on 127.0.0.1, counting requests by kind (PUT, GET, HEAD, LIST, DELETE, POST)."""
 
-    def __init__(self):
+    def __init__(self, trace: str | None = None):
         from moto.server import DomainDispatcherApplication, create_backend_app
         from werkzeug.serving import WSGIRequestHandler, make_server
 
@@ -254,6 +256,7 @@ class CountingS3:
 
         self.counts: dict[str, int] = {}
         self.lock = threading.Lock()
+        self.trace = open(trace, "a") if trace else None  # one line per request: method and key
         app = DomainDispatcherApplication(create_backend_app)
 
         def counted(environ, start_response):
@@ -264,6 +267,8 @@ class CountingS3:
             with self.lock:
                 self.counts[kind] = self.counts.get(kind, 0) + 1
                 self.counts[f"{kind} {where}"] = self.counts.get(f"{kind} {where}", 0) + 1
+                if self.trace is not None:
+                    self.trace.write(f"{kind} {path}?{query}\n")
             return app(environ, start_response)
 
         self.server = make_server("127.0.0.1", 0, counted, threaded=True, request_handler=Quiet)
@@ -572,8 +577,7 @@ def archive_breakdown(chunks: int) -> dict:
         "uncommitted()": writer.uncommitted,
         "finalize()": writer.finalize,
         "archive_fixity() (batch)": lambda: archive_fixity(location.url, dict(location.options)),
-        "committed() + payload_bytes() (catalogue)": lambda: (archive.open_archive(location).committed(),
-                                                              archive.open_archive(location).payload_bytes()),
+        "committed_chunks() (the catalogue's one pass)": lambda: archive.open_archive(location).committed_chunks(),
     }
     out = {}
     for name, step in steps.items():
@@ -605,6 +609,7 @@ def main() -> None:
     ap.add_argument("--archive-breakdown", type=int, default=0, metavar="CHUNKS",
                     help="only count the S3 requests of each archive operation on one archive of CHUNKS chunks")
     ap.add_argument("--skip-plan-measure", action="store_true", help="do not time Plan.build on its own first")
+    ap.add_argument("--trace-requests", default=None, metavar="FILE", help="with --storage s3: append each request's method and key here")
     ap.add_argument("--workdir", default=None, help="where the library and output go (default: a temporary folder)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
@@ -631,7 +636,7 @@ def main() -> None:
     print("plan:", result["plan"], flush=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="scale-sim-"))
     work.mkdir(parents=True, exist_ok=True)
-    s3 = CountingS3() if args.storage == "s3" else None
+    s3 = CountingS3(args.trace_requests) if args.storage == "s3" else None
     if s3 is not None:
         import boto3
 
@@ -656,6 +661,9 @@ def main() -> None:
     client.register_plugin(Stubs(settings))
     job = {"inputs": [f"{inputs}/*.mkv"], "output": output, "cluster": cluster.scheduler_address, "codec": {"gop": args.gop},
            "units_per_task": args.units_per_task, "max_in_flight": args.max_in_flight, "storage": storage}
+    # A remote root's catalogue is a cache file keyed by the root's URL: a fresh one per run, or a
+    # rerun on the same bucket name would find every (byte-identical) archive indexed already.
+    env = {**env, "XDG_CACHE_HOME": str(work / "cache")}
     config = {"settings": settings, "job": job, "env": env}
     runs = []
     if s3 is not None:

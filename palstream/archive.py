@@ -692,11 +692,22 @@ class Archive:
             return False
         return True
 
-    def committed(self) -> set[int]:
-        """Indices of the committed chunks (:meth:`is_committed`), found from the markers listed."""
+    def committed_chunks(self) -> dict[int, tuple[int, dict]]:
+        """Payload length and attributes of every committed chunk (:meth:`is_committed`), found from
+        the markers listed; each chunk's metadata and marker are read once (a catalogue's one pass)."""
         names = self._store.names("commits")
-        indices = {int(n) for n in names if n.isdigit() and len(n) <= 10 and n == _key(int(n)) and int(n) < self.n_chunks}
-        return {index for index in indices if self.is_committed(index)}
+        indices = sorted(int(n) for n in names if n.isdigit() and len(n) <= 10 and n == _key(int(n)) and int(n) < self.n_chunks)
+        found = {}
+        for index in indices:
+            try:
+                found[index] = self._chunk_meta(index)
+            except DamagedChunkError:
+                continue
+        return found
+
+    def committed(self) -> set[int]:
+        """Indices of the committed chunks (:meth:`committed_chunks`)."""
+        return set(self.committed_chunks())
 
     def uncommitted(self) -> list[int]:
         """Indices of the chunks not committed, in order: what a resume still has to write."""
@@ -716,13 +727,7 @@ class Archive:
 
     def payload_bytes(self) -> int:
         """Total bytes of the committed chunk payloads (from metadata; zarr overhead excluded)."""
-        total = 0
-        for index in range(self.n_chunks):
-            try:
-                total += self._chunk_meta(index)[0]
-            except DamagedChunkError:
-                continue
-        return total
+        return sum(length for length, _ in self.committed_chunks().values())
 
     def read_chunk(self, index: int) -> bytes:
         """The payload of chunk ``index``, checked against its metadata, crc32c and sha256.
@@ -1202,6 +1207,18 @@ class ArchiveWriter:
     def chunk_frames(self, index: int) -> range:
         """Frame numbers of chunk ``index`` in the source."""
         return _chunk_frames(self.attrs, index)
+
+    def restore_groups(self) -> None:
+        """Write the ``chunks`` and ``commits`` group documents where they are absent.
+
+        zarr writes the root first, so a creation killed just after it leaves an archive that opens
+        and takes chunks but that :meth:`finalize` refuses; the job's driver calls this when it
+        reopens an archive. A group document that is there is left as it is (damage is ``verify``'s).
+        """
+        empty = _document_bytes({"attributes": {}, "zarr_format": 3, "node_type": "group"})
+        for folder in ("chunks", "commits"):
+            if self._store.read(f"{folder}/zarr.json", MAX_NODE_JSON) is None:
+                self._store.put(f"{folder}/zarr.json", empty, create=True)
 
     def write_chunk(self, index: int, encoded: EncodedChunk) -> None:
         """Store one encoded chunk: its array metadata, its data, then its commit marker, if absent.

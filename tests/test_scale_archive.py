@@ -12,6 +12,7 @@ import pytest
 from palstream import io
 from palstream.archive import ArchiveWriter, IncompleteArchiveError, open_archive
 from palstream.codec import EncoderConfig, encode_chunk
+from palstream.errors import ArchiveError
 from palstream.storage import Location
 
 CONFIG = EncoderConfig(lossless=True, gop=2)
@@ -112,3 +113,75 @@ def test_finalize_names_the_chunks_not_committed(chunks, tmp_path):
         writer.finalize()
     assert caught.value.missing == [1]
     assert not open_archive(str(tmp_path / "a.zarr")).complete
+
+
+def test_the_catalogue_reads_each_chunk_once(chunks, counting_s3):
+    """``committed_chunks`` (what the catalogue's ``describe`` reads) is one GET of each chunk's
+    metadata and marker; ``committed`` and ``payload_bytes`` agree with it."""
+    info, encoded = chunks
+    counts, options = counting_s3
+    location = Location("s3://scale/catalogued.zarr", options)
+    writer = ArchiveWriter.create(location, info, CONFIG)
+    for index in (0, 2):
+        writer.write_chunk(index, encoded[index])
+    reader = open_archive(location)
+    _take(counts)
+    found = reader.committed_chunks()
+    assert _take(counts) == {"LIST": 1, "GET": 2 * 2}
+    assert set(found) == reader.committed() == {0, 2}
+    assert sum(length for length, _ in found.values()) == reader.payload_bytes() == len(encoded[0].payload) + len(encoded[2].payload)
+    assert found[2][1]["sha256"] == reader.chunk_attrs(2)["sha256"]
+
+
+def test_an_archive_whose_creation_was_killed_after_its_root_is_restored(chunks, tmp_path):
+    """zarr writes the root first: a driver killed right after it leaves no group documents, which
+    finalize refuses; ``restore_groups`` (the driver calls it when it reopens an archive) writes them."""
+    info, encoded = chunks
+    path = tmp_path / "a.zarr"
+    ArchiveWriter.create(str(path), info, CONFIG)
+    groups = {folder: (path / folder / "zarr.json").read_bytes() for folder in ("chunks", "commits")}
+    (path / "commits" / "zarr.json").unlink()
+    writer = ArchiveWriter.open(str(path))
+    for index, chunk in enumerate(encoded):
+        writer.write_chunk(index, chunk)
+    with pytest.raises(ArchiveError, match="commits/zarr.json is damaged"):
+        writer.finalize()
+    ArchiveWriter.open(str(path)).restore_groups()
+    assert {folder: (path / folder / "zarr.json").read_bytes() for folder in ("chunks", "commits")} == groups  # zarr's bytes
+    ArchiveWriter.open(str(path)).finalize()
+    assert open_archive(str(path)).complete and open_archive(str(path)).verify() == []
+
+
+def test_the_batch_finalize_returns_missing_units_at_once(chunks, tmp_path):
+    """The batch's finalize sends back the units the archive lacks from finalize's own check (no
+    read of the markers before it), and does not retry that as a storage error."""
+    import time
+
+    from palstream.batch.worker import finalize_archive
+
+    info, encoded = chunks
+    writer = ArchiveWriter.create(str(tmp_path / "a.zarr"), info, CONFIG)
+    writer.write_chunk(1, encoded[1])
+    source = {"url": info.url, "options": {}, "size_bytes": info.size_bytes, "sha256": info.sha256,
+              "audio": "copy", "drop_streams": ()}
+    started = time.monotonic()
+    result = finalize_archive(str(tmp_path / "a.zarr"), {}, source, str(tmp_path / "fixity.json"))
+    assert result == {"outcome": "missing", "units": [0, 2]}
+    assert time.monotonic() - started < 10  # storage retries back off for 60 s
+    assert not (tmp_path / "fixity.json").exists() and not open_archive(str(tmp_path / "a.zarr")).complete
+
+
+def test_a_job_file_written_after_its_folder_was_listed_is_read(counting_s3):
+    """s3fs caches listings: a fixity record a worker writes after the driver listed ``fixity/``
+    must still be read (else the manifests read the whole archive again to rebuild it)."""
+    import boto3
+
+    from palstream.batch.store import filesystem, read_json, write_json
+
+    _, options = counting_s3
+    write_json("s3://scale/job/fixity/0.json", {"n": 0}, options)
+    fs, path = filesystem("s3://scale/job/fixity", options)
+    assert fs.ls(path, detail=False) == ["scale/job/fixity/0.json"]  # cached now
+    boto3.client("s3", endpoint_url=options["endpoint_url"], aws_access_key_id="test", aws_secret_access_key="test",
+                 region_name="us-east-1").put_object(Bucket="scale", Key="job/fixity/1.json", Body=b'{"n": 1}')
+    assert read_json("s3://scale/job/fixity/1.json", options) == {"n": 1}

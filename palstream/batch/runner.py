@@ -377,7 +377,7 @@ class _Execution:
         src = self.plan.sources[source]
         location = Location(self.plan.archive_url(self.spec.output, source), self.out_opts)
         try:
-            archive.ArchiveWriter.open(location)
+            archive.ArchiveWriter.open(location).restore_groups()  # a killed driver may have left them out
         except ArchiveError:
             archive.ArchiveWriter.create(
                 location, src.info, self.plan.config, self.generator, len(src.units)

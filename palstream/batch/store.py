@@ -86,6 +86,9 @@ def read_json(url: str, options: dict | None = None) -> dict | None:
     """
     try:
         fs, path = filesystem(url, options)
+        # s3fs sizes the object from a listing it cached, which may predate it (a fixity record a
+        # worker wrote after the driver listed fixity/): it would answer "absent" without asking.
+        fs.invalidate_cache(path)
         blob = fs.cat_file(path)
     except FileNotFoundError:
         return None

@@ -200,8 +200,8 @@ def _plugin() -> PalstreamWorkerPlugin:
 def with_storage_retries(action, what: str, deadline: float = STORAGE_RETRY_SECONDS):
     """Run ``action()``, retrying storage errors with exponential backoff until ``deadline`` s.
 
-    Errors the user must fix (``PalstreamError`` other than a storage ``ArchiveError``) are
-    raised at once.
+    Errors the user must fix (``PalstreamError`` other than a storage ``ArchiveError``) and an
+    ``IncompleteArchiveError`` (chunks not committed) are raised at once.
     """
     start, delay = time.monotonic(), 0.25
     while True:
@@ -210,7 +210,10 @@ def with_storage_retries(action, what: str, deadline: float = STORAGE_RETRY_SECO
         except (DamagedChunkError, BitstreamError):
             raise
         except PalstreamError as exc:
-            if not isinstance(exc, ArchiveError) or time.monotonic() - start > deadline:
+            from palstream.archive import IncompleteArchiveError
+
+            # Missing chunks stay missing however often finalize is retried: the caller reruns them.
+            if not isinstance(exc, ArchiveError) or isinstance(exc, IncompleteArchiveError) or time.monotonic() - start > deadline:
                 raise
         except Exception as exc:  # network/storage errors come in many types
             if time.monotonic() - start > deadline:
@@ -417,9 +420,6 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict, fixit
             "the source changed since it was planned; restore it, or encode it in a new job",
         }
     writer = with_storage_retries(lambda: archive.ArchiveWriter.open(Location(archive_url, output_options)), "opening the archive")
-    missing = with_storage_retries(writer.uncommitted, "reading the commit markers")
-    if missing:  # the job's commit index named units the archive lacks: the driver runs them again
-        return {"outcome": "missing", "units": missing}
     # The other streams are written once per archive, here: keep_streams writes nothing when the
     # root lists them already, and a run killed before the root is written is redone whole.
     try:
@@ -429,8 +429,12 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict, fixit
         )
     except InputError as exc:
         return {"outcome": "refused", "reason": str(exc)}
-    # finalize returns the fixity record built from the bytes it checked: no second read of the archive
-    fixity = with_storage_retries(writer.finalize, "finalizing the archive")
+    # finalize checks every chunk and returns the fixity record built from the bytes it checked:
+    # no read of the markers before it and none of the archive after it.
+    try:
+        fixity = with_storage_retries(writer.finalize, "finalizing the archive")
+    except archive.IncompleteArchiveError as exc:  # the job's commit index named units the archive lacks
+        return {"outcome": "missing", "units": exc.missing}
     with_storage_retries(lambda: write_json(fixity_url, fixity, output_options), "writing the fixity record")
     return {"outcome": "complete", "fixity": fixity}
 

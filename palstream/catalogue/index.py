@@ -385,12 +385,12 @@ def describe(cat: Catalogue, rel: str) -> tuple[dict, list[dict]]:
     encoder = attrs["encoder"]
     config = encoder["config"]
     chunks, finite, exact = [], [], 0
-    committed = archive.committed()
+    committed = archive.committed_chunks()  # each chunk's metadata and marker read once
     for index in range(archive.n_chunks):
         frames = archive.chunk_frames(index)
         chunk = {"path": rel, "idx": index, "first_frame": frames.start, "frames": len(frames)}
         if index in committed:
-            meta = archive.chunk_attrs(index)
+            meta = committed[index][1]
             stats = meta.get("stats", {})
             psnr = stats.get("psnr_y")
             chunk.update(
@@ -407,7 +407,7 @@ def describe(cat: Catalogue, rel: str) -> tuple[dict, list[dict]]:
         else:
             chunk.update(state="missing", detail="not written or its metadata is damaged")
         chunks.append(chunk)
-    payload = archive.payload_bytes()
+    payload = sum(length for length, _ in committed.values())
     pixels = src.frame_count * src.width * src.height
     row.update(
         state="complete" if archive.complete else "incomplete",
