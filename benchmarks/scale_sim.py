@@ -211,19 +211,24 @@ class StubArchive:
         self.fs.rm_file(f"{self.path}/c/{index}.commit")
 
     def finalize(self) -> dict:
-        """Mark complete and return the fixity record, as ``ArchiveWriter.finalize`` does (read back
-        whole here, as the batch did before finalize returned it); ``IncompleteArchiveError`` when
-        markers are missing."""
+        """Mark complete and return the fixity record, reading each object once, as
+        ``ArchiveWriter.finalize`` does; ``IncompleteArchiveError`` when markers are missing."""
         from palstream.archive import IncompleteArchiveError
         from palstream.batch.store import write_json
-        from palstream.batch.worker import archive_fixity
 
         missing = sorted(set(range(self.n_chunks)) - self.committed())
         if missing:
             raise IncompleteArchiveError(f"archive {self.url} lacks {len(missing)} chunk(s)", missing)
         self.attrs = {**self.attrs, "status": "complete"}
         write_json(f"{self.url}/zarr.json", self.attrs, self.options)
-        return archive_fixity(self.url, self.options)
+        blobs = {path[len(self.path) + 1 :]: self.fs.cat_file(path) for path in self.fs.find(self.path)}
+        payload_suffix = ".data" if self.MODE == "stub" else ".commit"
+        payload = hashlib.sha256()
+        for index in range(self.n_chunks):
+            payload.update(blobs[f"c/{index}{payload_suffix}"])
+        return {"files": {name: hashlib.sha256(blob).hexdigest() for name, blob in sorted(blobs.items())},
+                "bytes": sum(map(len, blobs.values())), "payload_sha256": payload.hexdigest(),
+                "payload_bytes": sum(len(blobs[f"c/{i}{payload_suffix}"]) for i in range(self.n_chunks))}
 
     def read_chunk(self, index: int) -> bytes:
         return self.fs.cat_file(f"{self.path}/c/{index}.{'data' if self.MODE == 'stub' else 'commit'}")
@@ -337,6 +342,7 @@ def drive(config_path: str) -> None:
         "prepare_seconds": prepared.get("seconds"),
         "committed_at_start": prepared.get("committed"),
         "driver_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "driver_cpu_seconds": round(_own_cpu_seconds(), 2),
     }
     Path(config["result"]).write_text(json.dumps(result))
 
@@ -543,6 +549,11 @@ def check_exactly_once(output: str, options: dict, n_archives: int, per_archive:
     return out
 
 
+def _own_cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
+
+
 def _cpu_seconds() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
@@ -694,6 +705,10 @@ def main() -> None:
     print(f"wall {wall:.0f} s for {args.units} units: {result['overhead_ms_per_unit']} ms per unit per worker outside the encoder")
     if s3 is not None:
         print("requests per unit:", result["requests_per_unit"])
+    # Where the CPU went: the workers alive now (a killed worker's share is only in the total below)
+    # and this process (the scheduler, the cluster's nannies and, on S3, moto).
+    result["worker_cpu_seconds"] = sorted(round(v, 1) for v in client.run(_own_cpu_seconds).values())
+    result["scheduler_process_cpu_seconds"] = round(_own_cpu_seconds(), 1)
     client.close()
     cluster.close()
     # Every process of the run: the scheduler (in this process), the drivers and the workers

@@ -320,6 +320,7 @@ class _Execution:
         self.committed: dict[int, set[int]] = {i: set() for i in range(len(plan.sources))}
         self.units_committed = 0  # sum of len(committed[i]), kept so a progress event costs O(1)
         self.frames_done = 0
+        self.frames_total = plan.total_frames()  # O(inputs): computed once, not per progress event
         self.started = time.monotonic()
 
     # -- setup -------------------------------------------------------------------------------
@@ -528,17 +529,22 @@ class _Execution:
             return
         result = fut.result()
         by_index = {u.index: u for u in units}
+        last = None
         for summary in result["summaries"]:
-            self._unit_committed(by_index[summary["index"]], summary, ac)
+            if self._unit_committed(by_index[summary["index"]], summary, ac):
+                last = summary
+        if last is not None:
+            self._emit(last)  # once per task: a task's units finish together
         if result["refused"] is not None:
             # The source no longer matches the plan (truncated, changed): nothing was written for that unit.
             refused = result["refused"]
             self.log.write(f"refused {src_url} unit {refused['index']}: {refused['reason']}")
             self._quarantine(first.source, refused["index"], refused["reason"])
 
-    def _unit_committed(self, unit, summary: dict, ac) -> None:
+    def _unit_committed(self, unit, summary: dict, ac) -> bool:
+        """Count a unit its task committed; False when it is below the floor (then quarantined)."""
         if not self._meets_floor(unit, summary):
-            return
+            return False
         self._commit(unit.source, unit.index)
         self.frames_done += unit.count
         self.report.units_encoded += 1
@@ -550,7 +556,7 @@ class _Execution:
             self._submit_finalize(unit.source, ac)
         if self.tuned is not None:
             self.tuned.unit_finished(unit, summary)
-        self._emit(summary)
+        return True
 
     def _quarantine(self, source: int, unit: int | None, reason: str) -> None:
         src = self.plan.sources[source]
@@ -565,9 +571,8 @@ class _Execution:
         from palstream.quality import FloorViolation, check_floor
 
         src = self.plan.sources[unit.source]
-        config = self.plan.config
         try:
-            check_floor(summary.get("psnr_y"), config.target_psnr, config.lossless, f"{src.url} unit {unit.index}")
+            check_floor(summary.get("psnr_y"), self.config.target_psnr, self.config.lossless, f"{src.url} unit {unit.index}")
             return True
         except FloorViolation as exc:
             archive.ArchiveWriter.open(Location(self.plan.archive_url(self.spec.output, unit.source), self.out_opts)).revoke(unit.index)
@@ -656,7 +661,7 @@ class _Execution:
                 units_done=done_units + quarantined_units,
                 units_total=self.report.units_total,
                 frames_done=self.frames_done,
-                frames_total=self.plan.total_frames(),
+                frames_total=self.frames_total,
                 frames_per_second=self.report.frames_encoded / elapsed if elapsed > 0 else 0.0,
                 last=summary,
                 quarantined=len(self.report.quarantined),
@@ -699,7 +704,7 @@ class _Execution:
             "finished": time.time(),
             "archives": sorted(self.report.archives),
             "units": self.report.units_total,
-            "frames": self.plan.total_frames(),
+            "frames": self.frames_total,
         }
 
 
