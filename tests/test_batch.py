@@ -20,7 +20,7 @@ import yaml
 
 from palstream.batch import cluster as batch_cluster
 from palstream.batch.cli import _merge
-from palstream.batch.plan import Plan, PlannedSource, archive_name, expand_inputs, load_plan, save_plan
+from palstream.batch.plan import Plan, PlannedSource, RejectedSource, archive_name, expand_inputs, load_plan, save_plan
 from palstream.batch.spec import JobSpec, StorageSpec, load_job_file
 from palstream.batch.store import JobLock, JobLockedError, check_writable, join
 from palstream.batch.worker import Task, UnitTask
@@ -137,7 +137,8 @@ def test_plan_units_are_gop_aligned_and_hash_is_content_based(tmp_path):
     plan = Plan.build(config, probed)
     assert plan.sources[0].units == ((0, 4), (4, 4), (8, 2))
     assert plan.sources[1].units == ((0, 4),)
-    assert plan.rejected == [{"url": "/v/bad.mkv", "path": "bad.mkv", "reason": "bad.mkv is corrupt"}]
+    assert plan.rejected == (RejectedSource("/v/bad.mkv", "bad.mkv", "bad.mkv is corrupt"),)
+    assert plan.data["rejected"] == [{"url": "/v/bad.mkv", "path": "bad.mkv", "reason": "bad.mkv is corrupt"}]  # plan.json as before
     assert [(u.source, u.index, u.start, u.count) for u in plan.units()][:3] == [(0, 0, 0, 4), (0, 1, 4, 4), (0, 2, 8, 2)]
     assert Plan.build(config, probed).hash == plan.hash
     assert Plan.build(EncoderConfig(gop=5), probed).hash != plan.hash
@@ -180,6 +181,18 @@ def test_plan_sources_are_records_and_the_plan_file_keeps_its_json_form(tmp_path
     del old["sources"][0]["info"]["pix_fmt"]
     stored.write_text(json.dumps({**old, "hash": Plan.from_data(old).hash}))
     with pytest.raises(ConfigError, match=r"source 0: its probe result lacks fields .*start a new output"):
+        load_plan(str(tmp_path / "out"))
+
+    # Refused inputs are records too: a version 1 entry (no path) is named by its file name; a
+    # malformed one is refused in one line.
+    old = {"version": 1, "codec": config.to_dict(), "sources": [], "rejected": [{"url": "/v/bad.mkv", "reason": "corrupt"}]}
+    stored.write_text(json.dumps({**old, "hash": Plan.from_data(old).hash}))
+    loaded = load_plan(str(tmp_path / "out"))
+    assert loaded.rejected == (RejectedSource("/v/bad.mkv", None, "corrupt"),) and loaded.rejected[0].name == "bad.mkv"
+    assert loaded.rejected[0].to_dict() == old["rejected"][0]
+    old["rejected"][0]["reason"] = None
+    stored.write_text(json.dumps({**old, "hash": Plan.from_data(old).hash}))
+    with pytest.raises(ConfigError, match=r"rejected input 0 is malformed; restore it"):
         load_plan(str(tmp_path / "out"))
 
 

@@ -35,6 +35,7 @@ from palstream.batch.spec import JobSpec
 from palstream.batch.status import EXIT_FAILED, EXIT_INCOMPLETE
 from palstream.batch.store import read_json, write_bytes
 from palstream.batch.worker import (
+    FinalizeTask,
     UnitTask,
     _DropPalstreamTaskFailures,
     _read_unit,
@@ -272,8 +273,9 @@ def test_a_unit_whose_source_changed_or_is_short_is_refused_and_writes_nothing(t
 
 
 def test_finalize_refuses_a_source_whose_hash_changed(tmp_path):
-    source = {"url": str(DATA / CLIP), "options": {}, "size_bytes": (DATA / CLIP).stat().st_size, "sha256": "0" * 64}
-    result = finalize_archive(str(tmp_path / "never.zarr"), {}, source, str(tmp_path / "fixity.json"))
+    task = FinalizeTask(Location(str(tmp_path / "never.zarr")), Location(str(DATA / CLIP)), (DATA / CLIP).stat().st_size,
+                        "0" * 64, "copy", (), Location(str(tmp_path / "fixity.json")))
+    result = finalize_archive(task)
     assert result["outcome"] == "refused" and "sha256" in result["reason"]
     assert list(tmp_path.iterdir()) == []
 

@@ -157,15 +157,15 @@ def test_the_batch_finalize_returns_missing_units_at_once(chunks, tmp_path):
     read of the markers before it), and does not retry that as a storage error."""
     import time
 
-    from palstream.batch.worker import finalize_archive
+    from palstream.batch.worker import FinalizeTask, finalize_archive
 
     info, encoded = chunks
     writer = ArchiveWriter.create(str(tmp_path / "a.zarr"), info, CONFIG)
     writer.write_chunk(1, encoded[1])
-    source = {"url": info.url, "options": {}, "size_bytes": info.size_bytes, "sha256": info.sha256,
-              "audio": "copy", "drop_streams": ()}
+    task = FinalizeTask(Location(str(tmp_path / "a.zarr")), Location(info.url), info.size_bytes, info.sha256, "copy", (),
+                        Location(str(tmp_path / "fixity.json")))
     started = time.monotonic()
-    result = finalize_archive(str(tmp_path / "a.zarr"), {}, source, str(tmp_path / "fixity.json"))
+    result = finalize_archive(task)
     assert result == {"outcome": "missing", "units": [0, 2]}
     assert time.monotonic() - started < 10  # storage retries back off for 60 s
     assert not (tmp_path / "fixity.json").exists() and not open_archive(str(tmp_path / "a.zarr")).complete

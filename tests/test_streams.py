@@ -20,6 +20,7 @@ from palstream.codec import EncoderConfig, encode_chunk
 from palstream.errors import InputError
 from palstream.io import probe, read_frames
 from palstream.pipeline import decode_file, encode_file
+from palstream.storage import Location
 
 ffmpeg_exe = pytest.importorskip("imageio_ffmpeg").get_ffmpeg_exe
 # Tags every muxer writes itself (its own version, the stream's length): not the source's to keep.
@@ -388,15 +389,16 @@ def test_an_unknown_data_stream_is_kept_as_opaque_packets(tmp_path, run_cli):
 def _batch_finalized(source: Path, archive: Path, config: EncoderConfig, **streams) -> dict:
     """An archive built as a batch job builds it: created by the driver, chunks by the units, the
     other streams and completion by ``finalize_archive``; returns the finalisation's outcome."""
-    from palstream.batch.worker import finalize_archive
+    from palstream.batch.worker import FinalizeTask, finalize_archive
 
     info = probe(str(source))
     writer = ArchiveWriter.create(str(archive), info, config)
     for index, start in enumerate(range(0, info.frame_count, config.gop)):
         writer.write_chunk(index, encode_chunk(read_frames(str(source), start, config.gop), config))
-    planned = {"url": str(source), "options": {}, "size_bytes": info.size_bytes, "sha256": info.sha256}
-    planned.update({"audio": "copy", "drop_streams": (), **streams})
-    return finalize_archive(str(archive), {}, planned, str(archive.parent / f"{archive.name}.fixity.json"))
+    planned = {"audio": "copy", "drop_streams": (), **streams}
+    fixity = Location(str(archive.parent / f"{archive.name}.fixity.json"))
+    return finalize_archive(FinalizeTask(Location(str(archive)), Location(str(source)), info.size_bytes, info.sha256,
+                                         planned["audio"], tuple(planned["drop_streams"]), fixity))
 
 
 def test_batch_finalisation_keeps_the_streams_as_encode_does_and_writes_them_once(full_mkv, full_archive, tmp_path):

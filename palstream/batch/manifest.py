@@ -88,9 +88,9 @@ def write_manifests(client, output: str, options: dict, plan, report) -> None:
     for rejected in plan.rejected:
         rows.append(
             {
-                "source": rejected.get("path", rejected["url"].rsplit("/", 1)[-1]),
+                "source": rejected.name,
                 "state": "quarantined",
-                "reason": rejected["reason"],
+                "reason": rejected.reason,
             }
         )
     text = io.StringIO()

@@ -87,6 +87,39 @@ class PlannedSource:
         return self.path if self.path is not None else self.info.name
 
 
+@dataclass(frozen=True, slots=True)
+class RejectedSource:
+    """An input the plan refused (its probe failed), as the plan records it.
+
+    Attributes
+    ----------
+    url : str
+        The input's URL or absolute local path.
+    path : str or None
+        Its path relative to the inputs' common folder (None in version 1 plans).
+    reason : str
+        Why it was refused (one line).
+    """
+
+    url: str
+    path: str | None
+    reason: str
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RejectedSource:
+        return cls(data["url"], data.get("path"), data["reason"])
+
+    def to_dict(self) -> dict:
+        """The plan file's JSON form (``path`` absent when None, as version 1 plans wrote it)."""
+        data = {"url": self.url, "path": self.path, "reason": self.reason}
+        return data if self.path is not None else {k: v for k, v in data.items() if k != "path"}
+
+    @property
+    def name(self) -> str:
+        """How reports name the input: its path under the inputs' folder, or its file name."""
+        return self.path if self.path is not None else self.url.rsplit("/", 1)[-1]
+
+
 @dataclass(frozen=True)
 class Plan:
     """A validated plan.
@@ -100,6 +133,8 @@ class Plan:
         sha256 of the canonical JSON of ``data``: the job's identity.
     sources : tuple of PlannedSource
         ``data["sources"]`` as records (parsed on first use, after :func:`load_plan` checked them).
+    rejected : tuple of RejectedSource
+        ``data["rejected"]`` as records.
     """
 
     data: dict
@@ -126,7 +161,7 @@ class Plan:
         for url, info, reason in probed:
             path, archive = layout[url]
             if info is None:
-                rejected.append({"url": url, "path": path, "reason": reason})
+                rejected.append(RejectedSource(url, path, reason or "").to_dict())
                 continue
             source = SourceInfo.from_dict(info)
             units = tuple((s, min(config.gop, source.frame_count - s)) for s in range(0, source.frame_count, config.gop))
@@ -148,7 +183,7 @@ class Plan:
         self, urls: list[str], config: EncoderConfig, tuner: dict | None, allow_truncated: bool = False, streams: dict | None = None
     ) -> bool:
         """Whether this plan is the job of ``urls`` encoded with ``config`` (``tuner``, ``allow_truncated``, ``streams``)."""
-        planned = sorted([s.url for s in self.sources] + [r["url"] for r in self.rejected])
+        planned = sorted([s.url for s in self.sources] + [r.url for r in self.rejected])
         return (
             planned == sorted(urls)
             and self.config == config
@@ -180,9 +215,9 @@ class Plan:
     def sources(self) -> tuple[PlannedSource, ...]:
         return tuple(PlannedSource.from_dict(src) for src in self.data["sources"])
 
-    @property
-    def rejected(self) -> list[dict]:
-        return self.data["rejected"]
+    @cached_property
+    def rejected(self) -> tuple[RejectedSource, ...]:
+        return tuple(RejectedSource.from_dict(r) for r in self.data["rejected"])
 
     def units(self) -> list[Unit]:
         """Every unit, input by input, in frame order."""
@@ -354,6 +389,10 @@ def _check_plan(data: dict, where: str) -> None:
         EncoderConfig.from_dict(data["codec"])
     except (KeyError, TypeError, ValueError) as exc:
         raise bad(f"codec settings are invalid ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    for i, rejected in enumerate(data["rejected"]):
+        if not (isinstance(rejected, dict) and isinstance(rejected.get("url"), str) and isinstance(rejected.get("reason"), str)
+                and isinstance(rejected.get("path", ""), str)):
+            raise bad(f"rejected input {i} is malformed")
     archives = set()
     for i, src in enumerate(data["sources"]):
         if not isinstance(src, dict) or not isinstance(src.get("url"), str) or not isinstance(src.get("info"), dict):

@@ -47,7 +47,15 @@ from palstream.batch.manifest import write_manifests
 from palstream.batch.plan import Plan, Unit, expand_inputs, load_plan, save_job_settings, save_plan, streams_settings
 from palstream.batch.spec import JobSpec
 from palstream.batch.store import JOB_DIR, JobLock, check_writable, filesystem, join, write_bytes, write_json
-from palstream.batch.worker import Task, UnitTask, encode_units, finalize_archive, generator_identity, probe_source
+from palstream.batch.worker import (
+    FinalizeTask,
+    Task,
+    UnitTask,
+    encode_units,
+    finalize_archive,
+    generator_identity,
+    probe_source,
+)
 from palstream.errors import ArchiveError, ConfigError, PalstreamError
 from palstream.storage import Location
 
@@ -316,7 +324,7 @@ class _Execution:
         self.out_opts = spec.storage.options(spec.output)
         self.config = plan.config
         self.report = JobReport(spec.output, plan.hash, units_total=len(plan.units()), log=log.url)
-        self.report.quarantined = [{"input": r["url"], "unit": None, "reason": r["reason"]} for r in plan.rejected]
+        self.report.quarantined = [{"input": r.url, "unit": None, "reason": r.reason} for r in plan.rejected]
         self.committed: dict[int, set[int]] = {i: set() for i in range(len(plan.sources))}
         self.units_committed = 0  # sum of len(committed[i]), kept so a progress event costs O(1)
         self.frames_done = 0
@@ -582,20 +590,18 @@ class _Execution:
 
     def _submit_finalize(self, source: int, ac) -> None:
         src = self.plan.sources[source]
-        planned = {
-            "url": src.url,
-            "options": self.spec.storage.options(src.url),
-            "size_bytes": src.info.size_bytes,
-            "sha256": src.info.sha256,
-            "audio": self.plan.audio,
-            "drop_streams": self.plan.drop_streams,
-        }
+        task = FinalizeTask(
+            archive=Location(self.plan.archive_url(self.spec.output, source), self.out_opts),
+            source=Location(src.url, self.spec.storage.options(src.url)),
+            source_bytes=src.info.size_bytes,
+            source_sha256=src.info.sha256,
+            audio=self.plan.audio,
+            drop_streams=self.plan.drop_streams,
+            fixity=Location(join(self.spec.output, JOB_DIR, "fixity", f"{source}.json"), self.out_opts),
+        )
         fut = self.client.submit(
             finalize_archive,
-            self.plan.archive_url(self.spec.output, source),
-            self.out_opts,
-            planned,
-            join(self.spec.output, JOB_DIR, "fixity", f"{source}.json"),
+            task,
             key=f"finalize_archive-{self.plan.hash[:12]}-{source}-{self.run_token}",
             retries=self.spec.retries,
             pure=False,

@@ -57,7 +57,7 @@ def job_status(output: str | Location) -> dict:
     holder = lock.holder()
     running = holder is not None and not lock.is_stale(holder)
     quarantined = report.get("quarantined", []) if report.get("plan") == plan.hash else [
-        {"input": r["url"], "unit": None, "reason": r["reason"]} for r in plan.rejected
+        {"input": r.url, "unit": None, "reason": r.reason} for r in plan.rejected
     ]
     failed_inputs = {q["input"] for q in quarantined}
     videos = []
@@ -102,7 +102,7 @@ def job_status(output: str | Location) -> dict:
         )
     for rejected in plan.rejected:
         videos.append(
-            {"name": rejected.get("path", rejected["url"].rsplit("/", 1)[-1]), "archive": None, "state": "quarantined", "units_done": 0,
+            {"name": rejected.name, "archive": None, "state": "quarantined", "units_done": 0,
              "units_total": 0, "frames_done": 0, "frames_total": 0, "ratio": None, "psnr_y": None, "error": None}
         )
     if running and holder is not None:

@@ -68,6 +68,37 @@ class Task:
     units: tuple[UnitTask, ...]
     config: EncoderConfig
     record: Location
+@dataclass(frozen=True, slots=True)
+class FinalizeTask:
+    """One ``finalize_archive-*`` task: check an input's archive, keep its other streams, complete it.
+
+    Attributes
+    ----------
+    archive : Location
+        The archive.
+    source : Location
+        The input, with its storage options.
+    source_bytes : int
+        The input's size as planned.
+    source_sha256 : str
+        Its SHA-256 as planned: an archive whose source changed since the plan is never completed.
+    audio : str
+        How the archive keeps the input's audio (``"copy"`` or ``"flac"``).
+    drop_streams : tuple of int
+        Input stream indices the archive leaves out.
+    fixity : Location
+        Where the archive's fixity record goes (the one ``ArchiveWriter.finalize`` returns).
+    """
+
+    archive: Location
+    source: Location
+    source_bytes: int
+    source_sha256: str
+    audio: str
+    drop_streams: tuple[int, ...]
+    fixity: Location
+
+
 # Keys of the tasks this module runs: their failures reach the driver, which writes one line to
 # the terminal and the traceback to the job log, so the worker does not print them again.
 TASK_KEY_PREFIXES = ("encode_chunk-", "probe_source-", "finalize_archive-", "archive_fixity-", "unit_features-")
@@ -380,21 +411,8 @@ def _encode_unit(unit: UnitTask, config: EncoderConfig, context: _TaskContext) -
     return summary, stages
 
 
-def finalize_archive(archive_url: str, output_options: dict, source: dict, fixity_url: str) -> dict:
+def finalize_archive(task: FinalizeTask) -> dict:
     """Check the source, verify every chunk's checksum and mark the archive complete (``finalize_archive-*``).
-
-    Parameters
-    ----------
-    archive_url : str
-        The archive.
-    output_options : dict
-        fsspec options of the output root.
-    source : dict
-        ``url``, ``options``, ``size_bytes`` and ``sha256`` of the source as planned: an archive
-        whose source changed since the plan is never marked complete; ``audio`` and
-        ``drop_streams``: how the source's other streams are kept.
-    fixity_url : str
-        Where to write the archive's fixity record (the one ``ArchiveWriter.finalize`` returns).
 
     Returns
     -------
@@ -409,22 +427,22 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict, fixit
     from palstream.batch.store import write_json
 
     try:
-        _check_source_size(Location(source["url"], source["options"]), source["size_bytes"])
-        digest = with_storage_retries(lambda: _sha256(source["url"], source["options"]), "hashing the source")
+        _check_source_size(task.source, task.source_bytes)
+        digest = with_storage_retries(lambda: _sha256(task.source), "hashing the source")
     except InputError as exc:
         return {"outcome": "refused", "reason": str(exc)}
-    if digest != source["sha256"]:
+    if digest != task.source_sha256:
         return {
             "outcome": "refused",
-            "reason": f"{source['url']} has sha256 {digest[:12]}..., the plan recorded {source['sha256'][:12]}...: "
+            "reason": f"{task.source.url} has sha256 {digest[:12]}..., the plan recorded {task.source_sha256[:12]}...: "
             "the source changed since it was planned; restore it, or encode it in a new job",
         }
-    writer = with_storage_retries(lambda: archive.ArchiveWriter.open(Location(archive_url, output_options)), "opening the archive")
+    writer = with_storage_retries(lambda: archive.ArchiveWriter.open(task.archive), "opening the archive")
     # The other streams are written once per archive, here: keep_streams writes nothing when the
     # root lists them already, and a run killed before the root is written is redone whole.
     try:
         with_storage_retries(
-            lambda: writer.keep_streams(Location(source["url"], source["options"]), source["audio"], source["drop_streams"]),
+            lambda: writer.keep_streams(task.source, task.audio, task.drop_streams),
             "keeping the source's other streams",
         )
     except InputError as exc:
@@ -435,12 +453,12 @@ def finalize_archive(archive_url: str, output_options: dict, source: dict, fixit
         fixity = with_storage_retries(writer.finalize, "finalizing the archive")
     except archive.IncompleteArchiveError as exc:  # the job's commit index named units the archive lacks
         return {"outcome": "missing", "units": exc.missing}
-    with_storage_retries(lambda: write_json(fixity_url, fixity, output_options), "writing the fixity record")
+    with_storage_retries(lambda: write_json(task.fixity.url, fixity, dict(task.fixity.options)), "writing the fixity record")
     return {"outcome": "complete", "fixity": fixity}
 
 
-def _sha256(url: str, options: dict) -> str:
-    fs, path = Location(url, options).filesystem()
+def _sha256(source: Location) -> str:
+    fs, path = source.filesystem()
     with fs.open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
