@@ -127,10 +127,8 @@ class StubArchive:
     MODE = "stub"
 
     def __init__(self, url: str, options: dict | None, attrs: dict):
-        from palstream.batch.store import filesystem
-
         self.url, self.options, self.attrs = url, options, attrs
-        self.fs, self.path = filesystem(url, options)
+        self.fs, self.path = Location(url, options).filesystem()
         self.n_chunks = attrs["n_chunks"]
 
     @classmethod
@@ -139,7 +137,7 @@ class StubArchive:
 
         url, storage_options = _url_and_options(url, storage_options)
         attrs = {"n_chunks": n_chunks, "status": "incomplete", "frame_count": source.frame_count}
-        write_json(f"{url}/zarr.json", attrs, storage_options)
+        write_json(Location(f"{url}/zarr.json", storage_options), attrs)
         return cls(url, storage_options, attrs)
 
     @classmethod
@@ -148,7 +146,7 @@ class StubArchive:
         from palstream.errors import ArchiveError
 
         url, storage_options = _url_and_options(url, storage_options)
-        attrs = read_json(f"{url}/zarr.json", storage_options)
+        attrs = read_json(Location(f"{url}/zarr.json", storage_options))
         if attrs is None:
             raise ArchiveError(f"no archive at {url}")
         return cls(url, storage_options, attrs)
@@ -220,7 +218,7 @@ class StubArchive:
         if missing:
             raise IncompleteArchiveError(f"archive {self.url} lacks {len(missing)} chunk(s)", missing)
         self.attrs = {**self.attrs, "status": "complete"}
-        write_json(f"{self.url}/zarr.json", self.attrs, self.options)
+        write_json(Location(f"{self.url}/zarr.json", self.options), self.attrs)
         blobs = {path[len(self.path) + 1 :]: self.fs.cat_file(path) for path in self.fs.find(self.path)}
         payload_suffix = ".data" if self.MODE == "stub" else ".commit"
         payload = hashlib.sha256()
@@ -355,25 +353,25 @@ def synthesize_state(output: str, n_archives: int, per_archive: int, per_task: i
     otherwise every archive has its first half of units committed and none is finalized (the
     worst case for a resume: every commit record must be read).
     """
-    from palstream.batch.commits import record_url, write_record
+    from palstream.batch.commits import record_location, write_record
     from palstream.batch.plan import save_plan
-    from palstream.batch.store import JOB_DIR, join, write_json
+    from palstream.batch.store import JOB_DIR, write_json
 
     plan = synthetic_plan(n_archives, per_archive, gop)
-    save_plan(output, plan)
+    root = Location(output)
+    save_plan(root, plan)
     summary = {"outcome": "committed", "frames": gop, "raw_bytes": 96 * gop, "bytes": 64, "psnr_y": 50.0, "seconds": 0.001,
                "finished": 0.0, "stage_seconds": {"encode": 0.0}, "worker": "synthesized"}
     for i in range(n_archives):
         done = per_archive if (finalized and i < n_archives // 2) else (0 if finalized else per_archive // 2)
         if not done:
             continue
-        url = plan.archive_url(output, i)
         attrs = {"n_chunks": per_archive, "status": "complete" if done == per_archive else "incomplete", "frame_count": gop * per_archive}
-        write_json(f"{url}/zarr.json", attrs)
+        write_json(plan.archive_location(root, i).child("zarr.json"), attrs)
         for first in range(0, done, per_task):
-            write_record(record_url(output, i, first), [{**summary, "source": i, "index": j} for j in range(first, min(first + per_task, done))])
+            write_record(record_location(root, i, first), [{**summary, "source": i, "index": j} for j in range(first, min(first + per_task, done))])
         if done == per_archive:
-            write_json(join(output, JOB_DIR, "fixity", f"{i}.json"), {"files": {}, "bytes": 0, "payload_sha256": "", "payload_bytes": 0})
+            write_json(root.child(JOB_DIR, "fixity", f"{i}.json"), {"files": {}, "bytes": 0, "payload_sha256": "", "payload_bytes": 0})
 
 
 def synthetic_plan(n_archives: int, per_archive: int, gop: int):
@@ -399,13 +397,13 @@ def time_prepare(output: str, result_path: str) -> None:
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40) as cluster, \
             Client(cluster) as client:
         t0 = time.perf_counter()
-        plan = load_plan(output)
+        plan = load_plan(Location(output))
         loaded = time.perf_counter() - t0
         from palstream.batch.worker import generator_identity
 
         client.submit(generator_identity, plan.config.palette, pure=False).result()  # worker start-up, not resume work
         spec = JobSpec.from_dict({"inputs": ["/lib/x.mkv"], "output": output, "codec": {"gop": 16}})
-        execution = _Execution(client, spec, plan, None, None, JobLog(output, {}), "resume-bench")
+        execution = _Execution(client, spec, plan, None, None, JobLog(Location(output)), "resume-bench")
         t0 = time.perf_counter()
         execution._prepare_archives()
         prepared = time.perf_counter() - t0
@@ -438,9 +436,7 @@ def resume_bench(args) -> dict:
 # -- the experiment -------------------------------------------------------------------------------
 def build_library(root: str, options: dict, n: int) -> None:
     """``n`` small distinct input files (what a probe hashes and a unit's size check reads)."""
-    from palstream.batch.store import filesystem
-
-    fs, path = filesystem(root, options)
+    fs, path = Location(root, options).filesystem()
     if "file" in fs.protocol or "local" in fs.protocol:
         os.makedirs(path, exist_ok=True)
         for i in range(n):
@@ -469,10 +465,10 @@ def measure_plan(n_archives: int, per_archive: int, gop: int) -> dict:
     tracemalloc.stop()
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        save_plan(out, plan)
+        save_plan(Location(out), plan)
         save = time.perf_counter() - t0
         t0 = time.perf_counter()
-        load_plan(out)
+        load_plan(Location(out))
         load = time.perf_counter() - t0
         size = Path(out, "_palstream", "plan.json").stat().st_size
     return {"units": len(units), "build_seconds": round(build, 2), "build_peak_mib": round(peak / 2**20, 1),
@@ -528,9 +524,9 @@ def change_workers(what: str, cluster, client, t: float) -> dict:
 def check_exactly_once(output: str, options: dict, n_archives: int, per_archive: int, archive: str) -> dict:
     """Every unit committed, named by one commit record, and how many were written again."""
     from palstream.batch.commits import FOLDER
-    from palstream.batch.store import JOB_DIR, filesystem
+    from palstream.batch.store import JOB_DIR
 
-    fs, root = filesystem(output, options)
+    fs, root = Location(output, options).filesystem()
     records: dict[tuple[int, int], int] = {}
     names = fs.ls(f"{root}/{JOB_DIR}/{FOLDER}", detail=False)
     for blob in fs.cat(names).values():
@@ -587,7 +583,7 @@ def archive_breakdown(chunks: int) -> dict:
         "write_chunk again (a duplicated task)": lambda: writer.write_chunk(0, EncodedChunk(payload, {"frames": gop})),
         "uncommitted()": writer.uncommitted,
         "finalize()": writer.finalize,
-        "archive_fixity() (batch)": lambda: archive_fixity(location.url, dict(location.options)),
+        "archive_fixity() (batch)": lambda: archive_fixity(location),
         "committed_chunks() (the catalogue's one pass)": lambda: archive.open_archive(location).committed_chunks(),
     }
     out = {}

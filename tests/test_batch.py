@@ -22,7 +22,7 @@ from palstream.batch import cluster as batch_cluster
 from palstream.batch.cli import _merge
 from palstream.batch.plan import Plan, PlannedSource, RejectedSource, archive_name, expand_inputs, load_plan, save_plan
 from palstream.batch.spec import JobSpec, StorageSpec, load_job_file
-from palstream.batch.store import JobLock, JobLockedError, check_writable, join
+from palstream.batch.store import JobLock, JobLockedError, check_writable
 from palstream.batch.worker import Task, UnitTask
 from palstream.codec import EncoderConfig
 from palstream.errors import ArchiveError, ConfigError, InputError
@@ -143,7 +143,7 @@ def test_plan_units_are_gop_aligned_and_hash_is_content_based(tmp_path):
     assert Plan.build(config, probed).hash == plan.hash
     assert Plan.build(EncoderConfig(gop=5), probed).hash != plan.hash
 
-    out = str(tmp_path / "out")
+    out = Location(str(tmp_path / "out"))
     save_plan(out, plan)
     save_plan(out, plan)  # the same plan again: kept
     assert load_plan(out).hash == plan.hash
@@ -175,25 +175,25 @@ def test_plan_sources_are_records_and_the_plan_file_keeps_its_json_form(tmp_path
     stored = tmp_path / "out" / "_palstream" / "plan.json"
     stored.parent.mkdir(parents=True)
     stored.write_text(json.dumps({**old, "hash": Plan.from_data(old).hash}))
-    loaded = load_plan(str(tmp_path / "out"))
+    loaded = load_plan(Location(str(tmp_path / "out")))
     assert loaded.sources[0].path is None and loaded.sources[0].name == "a.mkv"
     assert loaded.sources[0].to_dict() == old["sources"][0]
     del old["sources"][0]["info"]["pix_fmt"]
     stored.write_text(json.dumps({**old, "hash": Plan.from_data(old).hash}))
     with pytest.raises(ConfigError, match=r"source 0: its probe result lacks fields .*start a new output"):
-        load_plan(str(tmp_path / "out"))
+        load_plan(Location(str(tmp_path / "out")))
 
     # Refused inputs are records too: a version 1 entry (no path) is named by its file name; a
     # malformed one is refused in one line.
     old = {"version": 1, "codec": config.to_dict(), "sources": [], "rejected": [{"url": "/v/bad.mkv", "reason": "corrupt"}]}
     stored.write_text(json.dumps({**old, "hash": Plan.from_data(old).hash}))
-    loaded = load_plan(str(tmp_path / "out"))
+    loaded = load_plan(Location(str(tmp_path / "out")))
     assert loaded.rejected == (RejectedSource("/v/bad.mkv", None, "corrupt"),) and loaded.rejected[0].name == "bad.mkv"
     assert loaded.rejected[0].to_dict() == old["rejected"][0]
     old["rejected"][0]["reason"] = None
     stored.write_text(json.dumps({**old, "hash": Plan.from_data(old).hash}))
     with pytest.raises(ConfigError, match=r"rejected input 0 is malformed; restore it"):
-        load_plan(str(tmp_path / "out"))
+        load_plan(Location(str(tmp_path / "out")))
 
 
 def test_a_task_crosses_the_dask_boundary_as_records():
@@ -226,7 +226,7 @@ def test_unwritable_output_is_one_line_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(ArchiveError) as err:
-        check_writable(str(blocker / "out"))
+        check_writable(Location(str(blocker / "out")))
     assert "not writable" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -239,14 +239,14 @@ def test_unreachable_s3_output_is_one_line_error(monkeypatch):
     options = StorageSpec(endpoint_url=f"http://127.0.0.1:{port}").options("s3://bucket/out")
     options["config_kwargs"] = {"connect_timeout": 1, "retries": {"max_attempts": 1}}
     with pytest.raises(ArchiveError) as err:
-        check_writable("s3://bucket/out", options)
+        check_writable(Location("s3://bucket/out", options))
     message = str(err.value)
     assert "s3://bucket/out" in message and "no storage endpoint answers" in message
     assert "\n" not in message and "testing-secret" not in message
 
 
 def test_lock_refuses_a_second_run_and_takes_over_stale_locks(tmp_path):
-    out = str(tmp_path)
+    out = Location(str(tmp_path))
     first = JobLock(out).acquire()
     try:
         with pytest.raises(JobLockedError) as err:
@@ -256,7 +256,7 @@ def test_lock_refuses_a_second_run_and_takes_over_stale_locks(tmp_path):
         first.release()
     assert first.holder() is None
 
-    lock_file = Path(join(out, "_palstream", "lock.json"))
+    lock_file = Path(out.child("_palstream", "lock.json").url)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock_file.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "heartbeat": 1e18}))
     with JobLock(out) as taken:  # holder's process is gone on this host: stale
@@ -433,7 +433,7 @@ def test_lock_left_by_an_earlier_process_with_our_pid_is_stale(tmp_path):
 
     from palstream.batch.store import JobLock
 
-    lock = JobLock(str(tmp_path))
+    lock = JobLock(Location(str(tmp_path)))
     record = {"host": socket.gethostname(), "pid": os.getpid(), "started": 0.0, "heartbeat": 9e12}
     assert lock.is_stale(record)
     assert not lock.is_stale(dict(record, started=lock.started))

@@ -104,7 +104,7 @@ def test_archive_paths_outside_the_output_root_are_refused(path):
 def _tampered_plan(tmp_path: Path, edit) -> str:
     """An output root whose plan.json was edited and re-hashed, as a careful attacker would."""
     out = str(tmp_path / "out")
-    save_plan(out, Plan.build(EncoderConfig(gop=4), [("/in/x.mkv", _info("x.mkv", 8), None)]))
+    save_plan(Location(out), Plan.build(EncoderConfig(gop=4), [("/in/x.mkv", _info("x.mkv", 8), None)]))
     path = tmp_path / "out" / "_palstream" / "plan.json"
     data = json.loads(path.read_text())
     data.pop("hash"), data.pop("written_by")
@@ -117,23 +117,23 @@ def _tampered_plan(tmp_path: Path, edit) -> str:
 def test_a_rehashed_plan_cannot_send_writes_outside_the_output_root(tmp_path):
     out = _tampered_plan(tmp_path, lambda d: d["sources"][0].update(archive="../../escaped.zarr"))
     with pytest.raises(ConfigError, match="leaves the output root"):
-        load_plan(out)
+        load_plan(Location(out))
     out = _tampered_plan(tmp_path / "2", lambda d: d["sources"][0].update(units=[[0, 4]]))
     with pytest.raises(ConfigError, match="do not cover"):
-        load_plan(out)
+        load_plan(Location(out))
 
 
 def _job(tmp_path: Path, **kw) -> tuple[str, JobSpec]:
     out = str(tmp_path / "out")
     spec = JobSpec.from_dict({"inputs": [str(DATA / CLIP)], "output": out, "codec": {"gop": 4}, **kw})
-    save_plan(out, Plan.build(spec.codec, [(str(DATA / CLIP), _info(CLIP, 8), None)]))
-    save_job_settings(out, spec)
+    save_plan(Location(out), Plan.build(spec.codec, [(str(DATA / CLIP), _info(CLIP, 8), None)]))
+    save_job_settings(Location(out), spec)
     return out, spec
 
 
 def test_job_settings_are_hashed_and_an_edit_is_refused(tmp_path, run_cli):
     out, spec = _job(tmp_path)
-    assert JobSpec.from_dict({**load_job_settings(out), "output": out}) == spec
+    assert JobSpec.from_dict({**load_job_settings(Location(out)), "output": out}) == spec
     path = Path(out) / "_palstream" / "job.json"
     data = json.loads(path.read_text())
     data["retries"] = 9
@@ -187,8 +187,8 @@ def test_unreachable_s3_job_files_are_one_line_errors(monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     options = {"endpoint_url": f"http://127.0.0.1:{port}", "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
-    for action in (lambda: read_json("s3://bucket/out/_palstream/plan.json", options),
-                   lambda: write_bytes("s3://bucket/out/manifest.csv", b"x", options)):
+    for action in (lambda: read_json(Location("s3://bucket/out/_palstream/plan.json", options)),
+                   lambda: write_bytes(Location("s3://bucket/out/manifest.csv", options), b"x")):
         with pytest.raises(ArchiveError) as err:
             action()
         message = str(err.value)
@@ -205,15 +205,15 @@ def test_status_exits_nonzero_for_pending_and_refused_inputs(tmp_path, run_cli):
     assert result.code == EXIT_INCOMPLETE == 3
     assert run_cli("status", out, "--json").code == EXIT_INCOMPLETE
     refused = str(tmp_path / "refused")
-    save_plan(refused, Plan.build(EncoderConfig(gop=4), [("/in/cut.mkv", None, "cut.mkv is truncated")]))
-    save_job_settings(refused, JobSpec.from_dict({"inputs": ["/in/cut.mkv"], "output": refused}))
+    save_plan(Location(refused), Plan.build(EncoderConfig(gop=4), [("/in/cut.mkv", None, "cut.mkv is truncated")]))
+    save_job_settings(Location(refused), JobSpec.from_dict({"inputs": ["/in/cut.mkv"], "output": refused}))
     result = run_cli("status", refused)
     assert result.code == EXIT_FAILED == 4 and "cut.mkv is truncated" in result.stdout
 
 
 def test_status_names_an_archive_that_is_there_but_does_not_open(tmp_path, run_cli):
     out, _ = _job(tmp_path)
-    target = Path(load_plan(out).archive_url(out, 0))
+    target = Path(load_plan(Location(out)).archive_location(Location(out), 0).url)
     target.mkdir(parents=True)
     (target / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {"format": "palstream"}}))
     result = run_cli("status", out)
@@ -376,7 +376,7 @@ def test_a_library_job_keeps_refusals_mirrors_the_tree_and_writes_manifests(tmp_
 
     code, stdout, _ = cli("status", str(out))
     assert code == EXIT_FAILED and f"a/{CLIP}" in stdout
-    plan = read_json(str(out / "_palstream" / "plan.json"))
+    plan = read_json(Location(str(out / "_palstream" / "plan.json")))
     assert [s["archive"] for s in plan["sources"]] == [f"b/{Path(CLIP).stem}.zarr"]
 
     rows = {r["source"]: r for r in csv.DictReader((out / "manifest.csv").open())}

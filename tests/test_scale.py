@@ -16,10 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from palstream.batch.commits import committed_units, read_index, record_url, write_record
+from palstream.batch.commits import committed_units, read_index, record_location, write_record
 from palstream.batch.plan import Plan, Unit
 from palstream.batch.runner import _Execution
 from palstream.codec import EncoderConfig
+from palstream.storage import Location
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,10 +31,10 @@ def _info(name: str, frames: int, width: int = 48) -> dict:
 
 
 def test_the_commit_index_reads_one_record_per_task_and_skips_torn_lines(tmp_path):
-    out = str(tmp_path)
+    out = Location(str(tmp_path))
     assert read_index(out) == {}
-    write_record(record_url(out, 0, 0), [{"source": 0, "index": 0, "bytes": 5}, {"source": 0, "index": 1, "bytes": 6}])
-    write_record(record_url(out, 1, 4), [{"source": 1, "index": 4, "bytes": 7}])
+    write_record(record_location(out, 0, 0), [{"source": 0, "index": 0, "bytes": 5}, {"source": 0, "index": 1, "bytes": 6}])
+    write_record(record_location(out, 1, 4), [{"source": 1, "index": 4, "bytes": 7}])
     torn = tmp_path / "_palstream" / "commits" / "2-0.jsonl"
     torn.write_text('{"source": 2, "units": [0, 1]}\n{"source": 2, "index": 0}\n{"source": 2, "ind')  # cut short
     (tmp_path / "_palstream" / "commits" / "3-0.jsonl").write_text('{"source": true, "units": [0]}\n[1]\n')

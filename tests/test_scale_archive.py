@@ -77,7 +77,7 @@ def test_write_chunk_is_three_puts_and_finalize_reads_each_object_once(chunks, c
     assert taken["GET"] <= 3 * len(encoded) + 8 and taken.get("HEAD", 0) == 0 and taken["LIST"] <= 2, taken
     from palstream.batch.worker import archive_fixity
 
-    assert fixity == archive_fixity(location.url, options)  # the batch's record, read back whole
+    assert fixity == archive_fixity(location)  # the batch's record, read back whole
     assert open_archive(location).complete and open_archive(location).verify() == []
 
 
@@ -176,12 +176,12 @@ def test_a_job_file_written_after_its_folder_was_listed_is_read(counting_s3):
     must still be read (else the manifests read the whole archive again to rebuild it)."""
     import boto3
 
-    from palstream.batch.store import filesystem, read_json, write_json
+    from palstream.batch.store import read_json, write_json
 
     _, options = counting_s3
-    write_json("s3://scale/job/fixity/0.json", {"n": 0}, options)
-    fs, path = filesystem("s3://scale/job/fixity", options)
+    write_json(Location("s3://scale/job/fixity/0.json", options), {"n": 0})
+    fs, path = Location("s3://scale/job/fixity", options).filesystem()
     assert fs.ls(path, detail=False) == ["scale/job/fixity/0.json"]  # cached now
     boto3.client("s3", endpoint_url=options["endpoint_url"], aws_access_key_id="test", aws_secret_access_key="test",
                  region_name="us-east-1").put_object(Bucket="scale", Key="job/fixity/1.json", Body=b'{"n": 1}')
-    assert read_json("s3://scale/job/fixity/1.json", options) == {"n": 1}
+    assert read_json(Location("s3://scale/job/fixity/1.json", options)) == {"n": 1}

@@ -210,6 +210,7 @@ def _output_of(target: str, storage: dict) -> tuple[str, dict, dict]:
     command line), for a job file or an output root."""
     from palstream.batch.plan import load_job_settings
     from palstream.batch.spec import StorageSpec, load_job_file
+    from palstream.storage import Location
 
     if _is_job_file(target):
         data = load_job_file(target)
@@ -221,7 +222,7 @@ def _output_of(target: str, storage: dict) -> tuple[str, dict, dict]:
         target = str(Path(target).absolute())
     target = target.rstrip("/")
     options = StorageSpec.from_dict(storage).options(target)
-    settings = load_job_settings(target, options)
+    settings = load_job_settings(Location(target, options))
     if settings is None:
         raise PalstreamError(f"{target} holds no palstream job (no _palstream/job.json); give a job file or a job's output root")
     return target, settings, storage

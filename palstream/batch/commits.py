@@ -19,17 +19,18 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Set
 
-from palstream.batch.store import JOB_DIR, filesystem, join, storage_error, write_bytes
+from palstream.batch.store import JOB_DIR, storage_error, write_bytes
+from palstream.storage import Location
 
 FOLDER = "commits"
 
 
-def record_url(output: str, source: int, first: int) -> str:
+def record_location(output: Location, source: int, first: int) -> Location:
     """Where the task that starts at unit ``first`` of input ``source`` records its commits."""
-    return join(output, JOB_DIR, FOLDER, f"{source}-{first}.jsonl")
+    return output.child(JOB_DIR, FOLDER, f"{source}-{first}.jsonl")
 
 
-def write_record(url: str, summaries: list[dict], options: dict | None = None) -> None:
+def write_record(location: Location, summaries: list[dict]) -> None:
     """One object for the units of one task: a first line naming them, then one JSON line per unit.
 
     The first line (``{"source": s, "units": [...]}``) is all a resume parses: at 10^6 units,
@@ -37,17 +38,18 @@ def write_record(url: str, summaries: list[dict], options: dict | None = None) -
     """
     head = {"source": summaries[0]["source"], "units": [s["index"] for s in summaries]}
     lines = [json.dumps(head)] + [json.dumps(s, sort_keys=True) for s in summaries]
-    write_bytes(url, ("\n".join(lines) + "\n").encode(), options)
+    write_bytes(location, ("\n".join(lines) + "\n").encode())
 
 
 READ_BATCH = 256  # records fetched together (concurrently on object stores), so memory stays bounded
 
 
-def _records(output: str, options: dict | None, skip: Set[int]) -> Iterator[bytes]:
+def _records(output: Location, skip: Set[int]) -> Iterator[bytes]:
     """The bytes of every task record, but those of the inputs in ``skip``, a batch at a time."""
-    url = join(output, JOB_DIR, FOLDER)
+    folder = output.child(JOB_DIR, FOLDER)
+    url = folder.url
     try:
-        fs, path = filesystem(url, options)
+        fs, path = folder.filesystem()
         names = [n for n in fs.ls(path, detail=False) if n.endswith(".jsonl") and _source_of(n) not in skip]
     except FileNotFoundError:
         return
@@ -60,13 +62,13 @@ def _records(output: str, options: dict | None, skip: Set[int]) -> Iterator[byte
             raise storage_error(url, exc, "read") from None
 
 
-def iter_summaries(output: str, options: dict | None = None, skip: Set[int] = frozenset()) -> Iterator[dict]:
+def iter_summaries(output: Location, skip: Set[int] = frozenset()) -> Iterator[dict]:
     """The unit summaries of the index, record by record: one LIST and one GET per task record.
 
     Records of the inputs in ``skip`` (archives known to be finalized) are not read. Torn or
     foreign lines are skipped (the index is advisory; the archives' markers decide).
     """
-    for blob in _records(output, options, skip):
+    for blob in _records(output, skip):
         for line in blob.splitlines()[1:]:
             try:
                 summary = json.loads(line)
@@ -77,10 +79,10 @@ def iter_summaries(output: str, options: dict | None = None, skip: Set[int] = fr
                 yield summary
 
 
-def committed_units(output: str, options: dict | None = None, skip: Set[int] = frozenset()) -> set[tuple[int, int]]:
+def committed_units(output: Location, skip: Set[int] = frozenset()) -> set[tuple[int, int]]:
     """``(source, unit)`` of every unit the index names, from each record's first line only."""
     found: set[tuple[int, int]] = set()
-    for blob in _records(output, options, skip):
+    for blob in _records(output, skip):
         try:
             head = json.loads(blob.split(b"\n", 1)[0])
             source, units = head["source"], head["units"]
@@ -91,9 +93,9 @@ def committed_units(output: str, options: dict | None = None, skip: Set[int] = f
     return found
 
 
-def read_index(output: str, options: dict | None = None) -> dict[tuple[int, int], dict]:
+def read_index(output: Location) -> dict[tuple[int, int], dict]:
     """Every unit summary of the index, by ``(source, unit)``."""
-    return {(s["source"], s["index"]): s for s in iter_summaries(output, options)}
+    return {(s["source"], s["index"]): s for s in iter_summaries(output)}
 
 
 def _source_of(name: str) -> int | None:

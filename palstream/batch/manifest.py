@@ -20,7 +20,8 @@ import io
 import uuid
 from typing import TYPE_CHECKING
 
-from palstream.batch.store import JOB_DIR, join, read_json, write_bytes, write_json
+from palstream.batch.store import JOB_DIR, read_json, write_bytes, write_json
+from palstream.storage import Location
 
 if TYPE_CHECKING:
     from palstream.io import SourceInfo
@@ -31,17 +32,15 @@ COLUMNS = (
 )
 
 
-def write_manifests(client, output: str, options: dict, plan, report) -> None:
+def write_manifests(client, output: Location, plan, report) -> None:
     """Write ``manifest.csv`` and ``manifest-sha256.txt`` under ``output`` for ``plan``.
 
     Parameters
     ----------
     client : distributed.Client
         Computes a missing fixity record on a worker (archives finalized by an older version).
-    output : str
+    output : Location
         The output root.
-    options : dict
-        fsspec options of the output root.
     plan : palstream.batch.plan.Plan
         The job's plan.
     report : palstream.batch.runner.JobReport
@@ -54,7 +53,7 @@ def write_manifests(client, output: str, options: dict, plan, report) -> None:
     for q in report.quarantined:
         reasons.setdefault(q["input"], q["reason"])
     psnrs_by_source: dict[int, list[float]] = {}
-    for summary in iter_summaries(output, options):  # streamed: 10^6 summaries are never held at once
+    for summary in iter_summaries(output):  # streamed: 10^6 summaries are never held at once
         source = summary["source"]
         if summary.get("psnr_y") is not None:
             psnrs_by_source.setdefault(source, []).append(summary["psnr_y"])
@@ -63,11 +62,11 @@ def write_manifests(client, output: str, options: dict, plan, report) -> None:
         state = report.archives.get(src.archive, "incomplete")
         fixity = None
         if state == "complete":
-            url = join(output, JOB_DIR, "fixity", f"{i}.json")
-            fixity = read_json(url, options)
+            record = output.child(JOB_DIR, "fixity", f"{i}.json")
+            fixity = read_json(record)
             if fixity is None:
-                fixity = client.submit(archive_fixity, plan.archive_url(output, i), options, key=f"archive_fixity-{plan.hash[:12]}-{i}-{uuid.uuid4().hex[:8]}", pure=False).result()
-                write_json(url, fixity, options)
+                fixity = client.submit(archive_fixity, plan.archive_location(output, i), key=f"archive_fixity-{plan.hash[:12]}-{i}-{uuid.uuid4().hex[:8]}", pure=False).result()
+                write_json(record, fixity)
             checksums += [f"{digest}  {src.archive}/{name}" for name, digest in sorted(fixity["files"].items())]
         psnrs = psnrs_by_source.get(i, [])
         rows.append(
@@ -97,8 +96,8 @@ def write_manifests(client, output: str, options: dict, plan, report) -> None:
     writer = csv.DictWriter(text, COLUMNS, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_bytes(join(output, "manifest.csv"), text.getvalue().encode(), options)
-    write_bytes(join(output, "manifest-sha256.txt"), "".join(f"{line}\n" for line in checksums).encode(), options)
+    write_bytes(output.child("manifest.csv"), text.getvalue().encode())
+    write_bytes(output.child("manifest-sha256.txt"), "".join(f"{line}\n" for line in checksums).encode())
 
 
 def _kept_truncated(info: SourceInfo) -> str:

@@ -23,11 +23,11 @@ from pathlib import PurePosixPath
 
 from palstream import __version__
 from palstream.batch.spec import JobSpec
-from palstream.batch.store import JOB_DIR, filesystem, join, read_json, write_json
+from palstream.batch.store import JOB_DIR, read_json, write_json
 from palstream.codec import EncoderConfig
 from palstream.errors import ConfigError, InputError
 from palstream.io import SourceInfo
-from palstream.storage import redact_url
+from palstream.storage import Location, redact_url
 
 PLAN_VERSION = 2
 KNOWN_PLAN_VERSIONS = (1, 2)  # version 1: flat layout, no source paths
@@ -227,8 +227,9 @@ class Plan:
             for j, (start, count) in enumerate(src.units)
         ]
 
-    def archive_url(self, output: str, source: int) -> str:
-        return join(output, self.sources[source].archive)
+    def archive_location(self, output: Location, source: int) -> Location:
+        """Input ``source``'s archive under the output root ``output``."""
+        return output.child(self.sources[source].archive)
 
     def total_frames(self) -> int:
         return sum(src.info.frame_count for src in self.sources)
@@ -323,8 +324,8 @@ def credential_free(url: str) -> str:
     return url
 
 
-def plan_url(output: str) -> str:
-    return join(output, JOB_DIR, "plan.json")
+def plan_location(output: Location) -> Location:
+    return output.child(JOB_DIR, "plan.json")
 
 
 def expand_inputs(inputs: tuple[str, ...], storage_options_for) -> list[str]:
@@ -339,7 +340,7 @@ def expand_inputs(inputs: tuple[str, ...], storage_options_for) -> list[str]:
         remote = "://" in pattern and not pattern.startswith("file://")
         if not remote:
             pattern = os.path.abspath(pattern.removeprefix("file://"))
-        fs, path = filesystem(pattern, storage_options_for(pattern))
+        fs, path = Location(pattern, storage_options_for(pattern)).filesystem()
         if any(ch in pattern for ch in "*?["):
             matches = [p for p in fs.glob(path) if fs.isfile(p)]
             if not matches:
@@ -353,7 +354,7 @@ def expand_inputs(inputs: tuple[str, ...], storage_options_for) -> list[str]:
     return sorted(set(found))
 
 
-def load_plan(output: str, options: dict | None = None) -> Plan | None:
+def load_plan(output: Location) -> Plan | None:
     """The plan stored under ``output``, or None when there is none.
 
     Raises
@@ -362,8 +363,8 @@ def load_plan(output: str, options: dict | None = None) -> Plan | None:
         The file is not the plan palstream wrote: not JSON, hash mismatch, unknown version,
         malformed fields, or an archive path outside the output root.
     """
-    where = plan_url(output)
-    data = read_json(where, options)
+    where = plan_location(output).url
+    data = read_json(plan_location(output))
     if data is None:
         return None
     stored = data.pop("hash", None)
@@ -413,33 +414,33 @@ def _check_plan(data: dict, where: str) -> None:
         raise bad("two sources share an archive")
 
 
-def save_plan(output: str, plan: Plan, options: dict | None = None) -> None:
+def save_plan(output: Location, plan: Plan) -> None:
     """Write the plan once; an existing identical plan is kept, a different one is refused."""
-    existing = load_plan(output, options)
+    existing = load_plan(output)
     if existing is not None:
         if existing.hash != plan.hash:
             raise ConfigError(
-                f"output {output} already holds a different job (plan {existing.hash[:12]}, this job {plan.hash[:12]}); "
+                f"output {output.url} already holds a different job (plan {existing.hash[:12]}, this job {plan.hash[:12]}); "
                 "finish it with `palstream resume`, or choose another --out"
             )
         return
-    write_json(plan_url(output), {**plan.data, "hash": plan.hash, "written_by": f"palstream {__version__}"}, options)
+    write_json(plan_location(output), {**plan.data, "hash": plan.hash, "written_by": f"palstream {__version__}"})
 
 
-def job_url(output: str) -> str:
-    return join(output, JOB_DIR, "job.json")
+def job_location(output: Location) -> Location:
+    return output.child(JOB_DIR, "job.json")
 
 
-def save_job_settings(output: str, spec: JobSpec, options: dict | None = None) -> None:
+def save_job_settings(output: Location, spec: JobSpec) -> None:
     """Record how the job was run, under the hash of its canonical JSON, for ``resume``.
 
     No credentials: StorageSpec holds none, and inputs with credentials are refused.
     """
     data = spec.to_dict()
-    write_json(job_url(output), {**data, "hash": hashlib.sha256(_canonical(data)).hexdigest()}, options)
+    write_json(job_location(output), {**data, "hash": hashlib.sha256(_canonical(data)).hexdigest()})
 
 
-def load_job_settings(output: str, options: dict | None = None) -> dict | None:
+def load_job_settings(output: Location) -> dict | None:
     """The job settings stored under ``output`` (None when there are none), hash checked.
 
     Raises
@@ -447,8 +448,8 @@ def load_job_settings(output: str, options: dict | None = None) -> dict | None:
     ConfigError
         Not JSON, not an object, or modified after it was written (hash missing or wrong).
     """
-    where = job_url(output)
-    data = read_json(where, options)
+    where = job_location(output).url
+    data = read_json(job_location(output))
     if data is None:
         return None
     stored = data.pop("hash", None)
@@ -461,6 +462,6 @@ def _canonical(data: dict) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
-def fs_exists(url: str, options: dict | None = None) -> bool:
-    fs, path = filesystem(url, options)
+def fs_exists(location: Location) -> bool:
+    fs, path = location.filesystem()
     return fs.exists(path)

@@ -42,11 +42,11 @@ from distributed import Client, as_completed
 from palstream import __version__
 from palstream.batch import metrics
 from palstream.batch.cluster import open_client, requested_workers
-from palstream.batch.commits import committed_units, record_url
+from palstream.batch.commits import committed_units, record_location
 from palstream.batch.manifest import write_manifests
 from palstream.batch.plan import Plan, Unit, expand_inputs, load_plan, save_job_settings, save_plan, streams_settings
 from palstream.batch.spec import JobSpec
-from palstream.batch.store import JOB_DIR, JobLock, check_writable, filesystem, join, write_bytes, write_json
+from palstream.batch.store import JOB_DIR, JobLock, check_writable, write_bytes, write_json
 from palstream.batch.worker import (
     FinalizeTask,
     Task,
@@ -199,13 +199,13 @@ def run_job(
     if worker_targets is not None and not os.access(os.path.dirname(os.path.abspath(worker_targets)), os.W_OK):
         # The watcher thread rewrites this file while the job runs; it must not fail silently there.
         raise ConfigError(f"--worker-targets {worker_targets}: its folder does not exist or is not writable; give a writable path")
-    out_opts = spec.storage.options(spec.output)
-    check_writable(spec.output, out_opts)
+    output = Location(spec.output, spec.storage.options(spec.output))
+    check_writable(output)
     if spec.tuner.enabled and not resume:
         from palstream.tuner.agent import load_policy
 
         load_policy(spec.tuner.policy)  # a bad policy file is a one-line error before any work
-    plan = load_plan(spec.output, out_opts)
+    plan = load_plan(output)
     if resume:
         if plan is None:
             raise PalstreamError(f"output {spec.output} holds no job plan to resume; start the job with `palstream submit`")
@@ -219,16 +219,16 @@ def run_job(
                 f"output {spec.output} already holds a different job (plan {plan.hash[:12]}: other inputs or settings); "
                 "finish it with `palstream resume`, or choose another --out"
             )
-    log = JobLog(spec.output, out_opts)
-    with metrics.serve_driver_metrics(metrics_port, metrics_host), JobLock(spec.output, out_opts), open_client(spec) as client:
+    log = JobLog(output)
+    with metrics.serve_driver_metrics(metrics_port, metrics_host), JobLock(output), open_client(spec) as client:
         # Task keys carry this run's token: on a cluster that outlives a killed driver, its tasks
         # are still being forgotten when the next driver starts, and a reused key comes back cancelled.
         run = uuid.uuid4().hex[:8]
         # A stored plan is continued as it is: its probe results and refusals are final.
         if plan is None:
             plan = _probe_and_plan(client, spec, urls, log, run)
-        save_plan(spec.output, plan, out_opts)
-        save_job_settings(spec.output, spec, out_opts)
+        save_plan(output, plan)
+        save_job_settings(output, spec)
         return _Execution(client, spec, plan, on_progress, worker_targets, log, run).run()
 
 
@@ -243,10 +243,11 @@ class JobLog:
     Entries of earlier runs are kept (the file is rewritten whole: object stores cannot append).
     """
 
-    def __init__(self, output: str, options: dict):
-        self.url, self.options = join(output, JOB_DIR, "job.log"), options
+    def __init__(self, output: Location):
+        self.location = output.child(JOB_DIR, "job.log")
+        self.url = self.location.url
         try:
-            fs, path = filesystem(self.url, options)
+            fs, path = self.location.filesystem()
             self.text = fs.cat_file(path).decode(errors="replace")
         except Exception:  # no log yet, or an unreadable one: it must not stop the job
             self.text = ""
@@ -257,7 +258,7 @@ class JobLog:
         if detail:
             entry += "".join(f"    {line}\n" for line in detail.rstrip().splitlines())
         self.text += entry
-        write_bytes(self.url, self.text.encode(), self.options)
+        write_bytes(self.location, self.text.encode())
 
     def failure(self, what: str, fut) -> str:
         """Log a failed future with its traceback; returns the one-line reason."""
@@ -321,7 +322,7 @@ class _Execution:
     def __init__(self, client: Client, spec: JobSpec, plan: Plan, on_progress, worker_targets: str | None, log: JobLog, run: str):
         self.client, self.spec, self.plan, self.on_progress, self.run_token = client, spec, plan, on_progress, run
         self.worker_targets, self.log = worker_targets, log
-        self.out_opts = spec.storage.options(spec.output)
+        self.output = Location(spec.output, spec.storage.options(spec.output))
         self.config = plan.config
         self.report = JobReport(spec.output, plan.hash, units_total=len(plan.units()), log=log.url)
         self.report.quarantined = [{"input": r.url, "unit": None, "reason": r.reason} for r in plan.rejected]
@@ -352,7 +353,7 @@ class _Execution:
         candidates = [i for i in self._fixity_records() if i < len(sources)]
 
         def complete(i: int) -> bool:
-            return archive.open_archive(self.plan.archive_url(self.spec.output, i), self.out_opts).complete
+            return archive.open_archive(self.plan.archive_location(self.output, i)).complete
 
         # One root read per finalized archive, many at a time: on an object store each is a round trip.
         with ThreadPoolExecutor(ROOT_READS_IN_FLIGHT) as pool:
@@ -363,14 +364,14 @@ class _Execution:
                 self._commit(i, index)
             self.report.archives[sources[i].archive] = "complete"
         # The records of finalized archives are not even read: their fixity record stands for them.
-        for source, index in committed_units(self.spec.output, self.out_opts, skip=self.finalized):
+        for source, index in committed_units(self.output, skip=self.finalized):
             if 0 <= source < len(sources) and 0 <= index < len(sources[source].units):
                 self._commit(source, index)
         self.created = {i for i, done in self.committed.items() if done}
 
     def _fixity_records(self) -> list[int]:
         """Inputs whose archive an earlier run finalized (it writes ``fixity/<i>.json`` last)."""
-        fs, path = filesystem(join(self.spec.output, JOB_DIR, "fixity"), self.out_opts)
+        fs, path = self.output.child(JOB_DIR, "fixity").filesystem()
         try:
             names = [n.rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)]
         except FileNotFoundError:
@@ -384,7 +385,7 @@ class _Execution:
         from palstream import archive
 
         src = self.plan.sources[source]
-        location = Location(self.plan.archive_url(self.spec.output, source), self.out_opts)
+        location = self.plan.archive_location(self.output, source)
         try:
             archive.ArchiveWriter.open(location).restore_groups()  # a killed driver may have left them out
         except ArchiveError:
@@ -411,7 +412,7 @@ class _Execution:
                 self._ensure_archive(i)  # the tuner records each batch's configuration in its archive
             # The tuner hands out units batch by batch, deciding each batch's configuration.
             self.tuned = TunedUnits(
-                self.client, self.spec.output, self.out_opts, self.plan, self.committed,
+                self.client, self.output, self.plan, self.committed,
                 self.quarantined_sources, self.spec.storage.options, self.spec.retries,
             )
             todo: deque[list] | _OnePerTask = _OnePerTask(self.tuned)
@@ -435,15 +436,15 @@ class _Execution:
             stop.set()
             watcher.join()
         self.report.seconds = time.monotonic() - self.started
-        write_json(join(self.spec.output, JOB_DIR, "report.json"), {**self.report.to_dict(), "finished": time.time()}, self.out_opts)
-        write_manifests(self.client, self.spec.output, self.out_opts, self.plan, self.report)
+        write_json(self.output.child(JOB_DIR, "report.json"), {**self.report.to_dict(), "finished": time.time()})
+        write_manifests(self.client, self.output, self.plan, self.report)
         self._refresh_catalogue()
         self.log.write(
             f"run of plan {self.plan.hash[:12]} ended: {self.report.units_encoded} unit(s) encoded, "
             f"{len(self.report.quarantined)} failure(s), {'complete' if self.report.complete else 'incomplete'}"
         )
         if self.report.complete:
-            write_json(join(self.spec.output, JOB_DIR, "SUCCESS"), self._provenance(), self.out_opts)
+            write_json(self.output.child(JOB_DIR, "SUCCESS"), self._provenance())
         return self.report
 
     def _tasks(self, units: list) -> list[list]:
@@ -471,7 +472,7 @@ class _Execution:
         src = self.plan.sources[first.source]
         self._ensure_archive(first.source)
         source = Location(src.url, self.spec.storage.options(src.url))
-        archive = Location(self.plan.archive_url(self.spec.output, first.source), self.out_opts)
+        archive = self.plan.archive_location(self.output, first.source)
         task = Task(
             tuple(
                 UnitTask(
@@ -481,7 +482,7 @@ class _Execution:
                 for unit in units
             ),
             self.tuned.config_for(first) if self.tuned is not None else self.config,
-            Location(record_url(self.spec.output, first.source, first.index), self.out_opts),
+            record_location(self.output, first.source, first.index),
         )
         fut = self.client.submit(
             encode_units,
@@ -583,7 +584,7 @@ class _Execution:
             check_floor(summary.get("psnr_y"), self.config.target_psnr, self.config.lossless, f"{src.url} unit {unit.index}")
             return True
         except FloorViolation as exc:
-            archive.ArchiveWriter.open(Location(self.plan.archive_url(self.spec.output, unit.source), self.out_opts)).revoke(unit.index)
+            archive.ArchiveWriter.open(self.plan.archive_location(self.output, unit.source)).revoke(unit.index)
             self.log.write(f"quarantined {src.url} unit {unit.index}: {exc}")
             self._quarantine(unit.source, unit.index, str(exc))
             return False
@@ -591,13 +592,13 @@ class _Execution:
     def _submit_finalize(self, source: int, ac) -> None:
         src = self.plan.sources[source]
         task = FinalizeTask(
-            archive=Location(self.plan.archive_url(self.spec.output, source), self.out_opts),
+            archive=self.plan.archive_location(self.output, source),
             source=Location(src.url, self.spec.storage.options(src.url)),
             source_bytes=src.info.size_bytes,
             source_sha256=src.info.sha256,
             audio=self.plan.audio,
             drop_streams=self.plan.drop_streams,
-            fixity=Location(join(self.spec.output, JOB_DIR, "fixity", f"{source}.json"), self.out_opts),
+            fixity=self.output.child(JOB_DIR, "fixity", f"{source}.json"),
         )
         fut = self.client.submit(
             finalize_archive,
@@ -645,7 +646,7 @@ class _Execution:
         from palstream import catalogue
 
         try:
-            catalogue.refresh(Location(self.spec.output, self.out_opts))
+            catalogue.refresh(self.output)
         except (PalstreamError, OSError, sqlite3.Error) as exc:
             self.log.write(f"the library catalogue was not refreshed: {exc}")
 

@@ -7,7 +7,7 @@ from the per-unit summaries in the job's commit index (``palstream.batch.commits
 from __future__ import annotations
 
 from palstream.batch.plan import fs_exists, load_plan
-from palstream.batch.store import JOB_DIR, JobLock, join, read_json
+from palstream.batch.store import JOB_DIR, JobLock, read_json
 from palstream.batch.tuned import ledger_summary
 from palstream.errors import ArchiveError, PalstreamError
 from palstream.storage import Location
@@ -47,13 +47,12 @@ def job_status(output: str | Location) -> dict:
     from palstream import archive
 
     location = Location.of(output)
-    output, options = location.url, location.options
-    plan = load_plan(output, options)
+    plan = load_plan(location)
     if plan is None:
-        raise PalstreamError(f"{output} holds no palstream job (no {JOB_DIR}/plan.json); give a job's output root")
-    summaries = unit_summaries(output, options)
-    report = read_json(join(output, JOB_DIR, "report.json"), options) or {}
-    lock = JobLock(output, options)
+        raise PalstreamError(f"{location.url} holds no palstream job (no {JOB_DIR}/plan.json); give a job's output root")
+    summaries = unit_summaries(location)
+    report = read_json(location.child(JOB_DIR, "report.json")) or {}
+    lock = JobLock(location)
     holder = lock.holder()
     running = holder is not None and not lock.is_stale(holder)
     quarantined = report.get("quarantined", []) if report.get("plan") == plan.hash else [
@@ -62,14 +61,14 @@ def job_status(output: str | Location) -> dict:
     failed_inputs = {q["input"] for q in quarantined}
     videos = []
     for i, src in enumerate(plan.sources):
-        url = plan.archive_url(output, i)
+        archive_location = plan.archive_location(location, i)
         damage = None
         try:
-            arc = archive.open_archive(url, options)
+            arc = archive.open_archive(archive_location)
             committed, complete = arc.committed(), arc.complete
         except ArchiveError as exc:
             committed, complete = set(), False
-            if fs_exists(url, options):  # an archive is there and does not open: say why, never "pending"
+            if fs_exists(archive_location):  # an archive is there and does not open: say why, never "pending"
                 damage = str(exc)
         units = src.units
         mine = [summaries[(i, j)] for j in committed if (i, j) in summaries]
@@ -113,7 +112,7 @@ def job_status(output: str | Location) -> dict:
         state = "complete" if all(v["state"] == "complete" for v in videos) else "incomplete"
         fps = report.get("frames_per_second") if report.get("plan") == plan.hash else None
     return {
-        "output": output,
+        "output": location.url,
         "plan": plan.hash,
         "state": state,
         "running_by": f"pid {holder.get('pid')} on {holder.get('host')}" if running and holder is not None else None,
@@ -124,15 +123,15 @@ def job_status(output: str | Location) -> dict:
         "frames_per_second": fps,
         "videos": videos,
         "quarantined": quarantined,
-        "tuner": ledger_summary(output, options) if plan.tuner is not None else None,
+        "tuner": ledger_summary(location) if plan.tuner is not None else None,
     }
 
 
-def unit_summaries(output: str, options: dict | None) -> dict[tuple[int, int], dict]:
+def unit_summaries(output: Location) -> dict[tuple[int, int], dict]:
     """The per-unit summaries the workers recorded in the job's commit index, by ``(source, unit)``."""
     from palstream.batch.commits import read_index
 
-    return read_index(output, options)
+    return read_index(output)
 
 
 def _span_rate(summaries: list[dict]) -> float | None:

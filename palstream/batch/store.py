@@ -41,41 +41,31 @@ class JobFileError(ConfigError):
     """A file under ``_palstream/`` is not what palstream wrote (not JSON, not an object)."""
 
 
-def join(root: str, *parts: str) -> str:
-    """``root/part/...`` for local paths and URLs alike."""
-    return "/".join([root.rstrip("/"), *parts])
-
-
-def filesystem(url: str, options: dict | None = None):
-    """``(fs, path)`` for ``url``; ``options`` are fsspec storage options (applied to remote URLs only)."""
-    return Location(url, options or {}).filesystem()
-
-
-def check_writable(output: str, options: dict | None = None) -> None:
+def check_writable(output: Location) -> None:
     """Fail now, with one line, if ``output`` cannot be written (before any work is done).
 
     Creates the output folder where the filesystem has folders, then writes and removes a probe
     object under ``_palstream/``.
     """
     try:
-        fs, path = filesystem(output, options)
+        fs, path = output.filesystem()
         probe = f"{path}/{JOB_DIR}/.write-check-{uuid.uuid4().hex}"
         _ensure_parent(fs, probe)
         fs.pipe_file(probe, b"ok")
         fs.rm_file(probe)
     except FileNotFoundError as exc:
-        if output.startswith(("s3://", "s3a://")):  # s3fs: the bucket does not exist
-            raise ArchiveError(f"output {output}: bucket {path.split('/', 1)[0]!r} does not exist; create it first") from None
-        raise ArchiveError(f"output {output} is not writable ({_one_line(exc)}); check the path and permissions") from None
+        if output.url.startswith(("s3://", "s3a://")):  # s3fs: the bucket does not exist
+            raise ArchiveError(f"output {output.url}: bucket {path.split('/', 1)[0]!r} does not exist; create it first") from None
+        raise ArchiveError(f"output {output.url} is not writable ({_one_line(exc)}); check the path and permissions") from None
     except Exception as exc:  # every backend raises its own family; all mean "cannot write"
-        mapped = remote_storage_error(exc, output, "write the output", ArchiveError)
+        mapped = remote_storage_error(exc, output.url, "write the output", ArchiveError)
         if mapped is not None:
             raise mapped from None
-        raise ArchiveError(f"output {output} is not writable ({_one_line(exc)}); check the path, endpoint and permissions") from None
+        raise ArchiveError(f"output {output.url} is not writable ({_one_line(exc)}); check the path, endpoint and permissions") from None
 
 
-def read_json(url: str, options: dict | None = None) -> dict | None:
-    """The JSON object stored at ``url``, or None when it does not exist.
+def read_json(location: Location) -> dict | None:
+    """The JSON object stored at ``location``, or None when it does not exist.
 
     Raises
     ------
@@ -84,8 +74,9 @@ def read_json(url: str, options: dict | None = None) -> dict | None:
     ArchiveError
         The storage cannot be read (credentials, endpoint, permissions, timeout).
     """
+    url = location.url
     try:
-        fs, path = filesystem(url, options)
+        fs, path = location.filesystem()
         # s3fs sizes the object from a listing it cached, which may predate it (a fixity record a
         # worker wrote after the driver listed fixity/): it would answer "absent" without asking.
         fs.invalidate_cache(path)
@@ -124,18 +115,18 @@ def _ensure_parent(fs, path: str) -> None:
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
 
 
-def write_json(url: str, data: dict, options: dict | None = None) -> None:
-    write_bytes(url, json.dumps(data, indent=1, sort_keys=True).encode(), options)
+def write_json(location: Location, data: dict) -> None:
+    write_bytes(location, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
-def write_bytes(url: str, blob: bytes, options: dict | None = None) -> None:
-    """Write ``blob`` to ``url``; a storage failure is a one-line ``ArchiveError``."""
+def write_bytes(location: Location, blob: bytes) -> None:
+    """Write ``blob`` to ``location``; a storage failure is a one-line ``ArchiveError``."""
     try:
-        fs, path = filesystem(url, options)
+        fs, path = location.filesystem()
         _ensure_parent(fs, path)
         fs.pipe_file(path, blob)
     except Exception as exc:  # every backend raises its own family
-        raise storage_error(url, exc, "write") from None
+        raise storage_error(location.url, exc, "write") from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -166,9 +157,9 @@ class JobLock:
     makes :meth:`acquire` raise ``JobLockedError`` naming the holder.
     """
 
-    def __init__(self, output: str, options: dict | None = None, stale_after: float = LOCK_STALE_SECONDS):
-        self.url = join(output, JOB_DIR, "lock.json")
-        self.options = options or {}
+    def __init__(self, output: Location, stale_after: float = LOCK_STALE_SECONDS):
+        self.location = output.child(JOB_DIR, "lock.json")
+        self.url = self.location.url
         self.stale_after = stale_after
         self.token = uuid.uuid4().hex
         self.started = time.time()
@@ -188,7 +179,7 @@ class JobLock:
         ).encode()
 
     def _create(self) -> bool:
-        fs, path = filesystem(self.url, self.options)
+        fs, path = self.location.filesystem()
         _ensure_parent(fs, path)
         try:
             with fs.open(path, "xb") as f:
@@ -204,7 +195,7 @@ class JobLock:
     def holder(self) -> dict | None:
         """The current lock record, or None when the output is not locked."""
         try:
-            return read_json(self.url, self.options)
+            return read_json(self.location)
         except JobFileError:  # torn write by a killed driver: treat as stale
             return {"heartbeat": 0.0}
 
@@ -232,7 +223,7 @@ class JobLock:
                     f"(pid {record.get('pid')} on {record.get('host')}, heartbeat {age:.0f} s ago); wait for it to "
                     f"finish, or if it is dead remove {self.url}"
                 )
-            fs, path = filesystem(self.url, self.options)
+            fs, path = self.location.filesystem()
             fs.rm_file(path)
         else:
             raise JobLockedError(f"could not take the lock {self.url}: another run keeps taking it; retry later")
@@ -245,7 +236,7 @@ class JobLock:
             try:
                 if (self.holder() or {}).get("token") != self.token:
                     return  # someone broke our lock by hand; do not fight over it
-                fs, path = filesystem(self.url, self.options)
+                fs, path = self.location.filesystem()
                 fs.pipe_file(path, self._record())
             except Exception:  # a missed heartbeat is retried at the next beat
                 continue
@@ -257,7 +248,7 @@ class JobLock:
             self._thread.join()
         try:
             if (self.holder() or {}).get("token") == self.token:
-                fs, path = filesystem(self.url, self.options)
+                fs, path = self.location.filesystem()
                 fs.rm_file(path)
         except Exception:  # a lock left behind is stale once our pid is gone
             pass

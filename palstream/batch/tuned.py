@@ -27,7 +27,7 @@ import numpy as np
 from palstream.batch import metrics
 from palstream.batch.commits import read_index
 from palstream.batch.plan import Plan, Unit
-from palstream.batch.store import JOB_DIR, filesystem, join, read_json, write_json
+from palstream.batch.store import JOB_DIR, read_json, write_json
 from palstream.codec import EncoderConfig
 from palstream.errors import ConfigError
 from palstream.storage import Location
@@ -41,8 +41,8 @@ LEDGER_NAME = "ledger.jsonl"
 LEDGER_VERSION = 1
 
 
-def tuner_url(output: str, name: str) -> str:
-    return join(output, JOB_DIR, TUNER_DIR, name)
+def tuner_location(output: Location, name: str) -> Location:
+    return output.child(JOB_DIR, TUNER_DIR, name)
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,12 @@ def plan_batches(plan: Plan, batch_units: int) -> list[Batch]:
 class Ledger:
     """The job's append-only decision log (JSON Lines) on any fsspec filesystem."""
 
-    def __init__(self, url: str, options: dict | None = None):
-        self.url, self.options = url, options
+    def __init__(self, location: str | Location):
+        self.location = Location.of(location)
+        self.url = self.location.url
 
     def _lines(self) -> list[str]:
-        fs, path = filesystem(self.url, self.options)
+        fs, path = self.location.filesystem()
         try:
             return fs.cat_file(path).decode().splitlines(keepends=True)
         except FileNotFoundError:
@@ -97,12 +98,12 @@ class Ledger:
         """Cut a torn last line (the driver crashed while appending), so the next append starts clean."""
         lines = self._lines()
         if lines and not lines[-1].endswith("\n"):
-            fs, path = filesystem(self.url, self.options)
+            fs, path = self.location.filesystem()
             fs.pipe_file(path, "".join(lines[:-1]).encode())
 
     def append(self, record: dict) -> None:
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fs, path = filesystem(self.url, self.options)
+        fs, path = self.location.filesystem()
         if "file" in fs.protocol or "local" in fs.protocol:
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             with fs.open(path, "ab") as f:
@@ -157,8 +158,8 @@ class TunedUnits:
     ----------
     client : distributed.Client
         Runs the ``unit_features-*`` tasks (the driver never decodes video).
-    output, options : str, dict
-        The job's output root and its storage options.
+    output : Location
+        The job's output root.
     plan : Plan
         A plan with ``tuner`` settings.
     committed : dict of int -> set of int
@@ -169,10 +170,10 @@ class TunedUnits:
         ``url -> storage options`` for reading sources.
     """
 
-    def __init__(self, client, output: str, options: dict, plan: Plan, committed, skip_sources, source_options, retries: int = 2):
+    def __init__(self, client, output: Location, plan: Plan, committed, skip_sources, source_options, retries: int = 2):
         settings = plan.tuner
         assert settings is not None  # only a tuned job's plan has a tuned queue
-        self.client, self.output, self.options, self.plan = client, output, options, plan
+        self.client, self.output, self.plan = client, output, plan
         self.committed, self.skip_sources, self.source_options, self.retries = committed, skip_sources, source_options, retries
         self.weights = RewardWeights(settings["ratio_weight"], settings["quality_weight"], settings["cost_weight"])
         self.seed = settings["seed"]
@@ -180,7 +181,7 @@ class TunedUnits:
         self.batch_of = {(b.source, u): b for b in self.batches for u in b.units}
         self.replay_url = settings.get("replay")
         self.replay = _replay_decisions(self.replay_url, plan, self.batches) if self.replay_url else None
-        self.ledger = Ledger(tuner_url(output, LEDGER_NAME), options)
+        self.ledger = Ledger(tuner_location(output, LEDGER_NAME))
         self.ledger.repair()
         self.agent = self._initial_agent(settings.get("policy"))
         self.decisions: dict[str, dict] = {}
@@ -235,12 +236,12 @@ class TunedUnits:
 
     def _initial_agent(self, policy: str | None) -> LinUCB:
         """The job's starting policy: its saved copy when resuming, else the configured one (copied)."""
-        url = tuner_url(self.output, "initial_policy.json")
-        saved = read_json(url, self.options)
+        location = tuner_location(self.output, "initial_policy.json")
+        saved = read_json(location)
         if saved is not None:
-            return LinUCB.from_dict(saved, url)
+            return LinUCB.from_dict(saved, location.url)
         agent = load_policy(policy)
-        write_json(url, agent.to_dict(source=policy or "shipped default"), self.options)
+        write_json(location, agent.to_dict(source=policy or "shipped default"))
         return agent
 
     def _decide(self, batch: Batch) -> dict:
@@ -288,7 +289,7 @@ class TunedUnits:
         # Ledger first, then the archive, then the units: a crash in between leaves a decision
         # that a resumed driver reuses, never a chunk whose configuration is unrecorded.
         self.ledger.append(record)
-        writer = archive.ArchiveWriter.open(Location(self.plan.archive_url(self.output, batch.source), self.options))
+        writer = archive.ArchiveWriter.open(self.plan.archive_location(self.output, batch.source))
         writer.record_chunk_config(batch.units[0], len(batch.units), config)
         self.decisions[batch.id] = record
         metrics.tuner_decisions.labels(arm).inc()
@@ -309,7 +310,7 @@ class TunedUnits:
         )
         self._learn(decision, comps)
         metrics.tuner_reward.observe(reward)
-        write_json(tuner_url(self.output, "policy.json"), self.agent.to_dict(source=f"job {self.plan.hash[:12]}"), self.options)
+        write_json(tuner_location(self.output, "policy.json"), self.agent.to_dict(source=f"job {self.plan.hash[:12]}"))
 
     def _learn(self, decision: dict, comps: dict) -> None:
         self.rewarded.add(decision["batch"])
@@ -319,7 +320,7 @@ class TunedUnits:
 
     def _settle_committed_batches(self) -> None:
         """Reward decided batches whose units were all committed by an earlier run (from their summaries)."""
-        summaries = read_index(self.output, self.options)
+        summaries = read_index(self.output)
         for batch in self.batches:
             if batch.id not in self.decisions or batch.id in self.rewarded:
                 continue
@@ -330,9 +331,9 @@ class TunedUnits:
                 self._reward(batch)
 
 
-def ledger_summary(output: str, options: dict | None = None) -> dict | None:
+def ledger_summary(output: Location) -> dict | None:
     """What ``palstream status`` shows of a tuned job: decisions and mean reward by arm."""
-    records = Ledger(tuner_url(output, LEDGER_NAME), options).read()
+    records = Ledger(tuner_location(output, LEDGER_NAME)).read()
     if not records:
         return None
     decisions = [r for r in records if r.get("event") == "decision"]

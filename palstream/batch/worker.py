@@ -279,7 +279,7 @@ def encode_units(task: Task) -> dict:
         from palstream.batch.commits import write_record
 
         # Written after every chunk of the task is committed: the index never runs ahead of the markers.
-        with_storage_retries(lambda: write_record(task.record.url, summaries, task.record.options), "writing the commit record")
+        with_storage_retries(lambda: write_record(task.record, summaries), "writing the commit record")
     return {"summaries": summaries, "refused": refused}
 
 
@@ -453,7 +453,7 @@ def finalize_archive(task: FinalizeTask) -> dict:
         fixity = with_storage_retries(writer.finalize, "finalizing the archive")
     except archive.IncompleteArchiveError as exc:  # the job's commit index named units the archive lacks
         return {"outcome": "missing", "units": exc.missing}
-    with_storage_retries(lambda: write_json(task.fixity.url, fixity, dict(task.fixity.options)), "writing the fixity record")
+    with_storage_retries(lambda: write_json(task.fixity, fixity), "writing the fixity record")
     return {"outcome": "complete", "fixity": fixity}
 
 
@@ -463,7 +463,7 @@ def _sha256(source: Location) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def archive_fixity(archive_url: str, output_options: dict) -> dict:
+def archive_fixity(location: Location) -> dict:
     """Checksums of one archive, for the job's manifests (``archive_fixity-*``).
 
     Returns
@@ -476,7 +476,6 @@ def archive_fixity(archive_url: str, output_options: dict) -> dict:
     """
     from palstream import archive
 
-    location = Location(archive_url, output_options)
     fs, root = location.filesystem()
     files, total = {}, 0
     for path in sorted(fs.find(root)):
