@@ -106,4 +106,4 @@ def test_benchmark_tables_on_a_tiny_run(tmp_path, capsys):
     assert [r["palette"] for r in rows] == ["none", "kmeans"]
     assert all(r["generator_seconds"] >= 0 and r["bpp"] > 0 for r in rows)
     text = capsys.readouterr().out
-    assert "| screen_37x29.mkv | 40 | kmeans |" in text and "| none | +0.00 % |" in text
+    assert "| screen_37x29.mkv | 40 | kmeans (default) |" in text and "| none | +0.00 % |" in text
