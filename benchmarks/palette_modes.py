@@ -36,43 +36,39 @@ TARGETS = (40.0, 45.0)
 SCREEN_AND_2D = ("screen_", "animation2d_")  # the clips issue 15 expects palettes to win on
 
 
-class CountingGenerator:
-    """Wraps a palette generator: adds up the seconds spent in ``generate`` and the blocks asked about
-    (luma calls; each block is asked about once for luma, then for chroma)."""
+def counting(inner):
+    """``inner`` wrapped to add up the seconds spent in ``generate`` (the batch worker's
+    ``TimedGenerator``) and the blocks asked about (luma calls; each block is asked about once for
+    luma, then for chroma)."""
+    from palstream.batch.worker import TimedGenerator
 
-    def __init__(self, inner) -> None:
-        self._inner = inner
-        self.seconds = 0.0
-        self.blocks = 0
+    class CountingGenerator(TimedGenerator):
+        blocks = 0
 
-    def reset(self) -> None:
-        self.seconds = 0.0
-        self.blocks = 0
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def generate(self, samples, k):
-        start = time.perf_counter()
-        try:
-            return self._inner.generate(samples, k)
-        finally:
-            self.seconds += time.perf_counter() - start
+        def generate(self, samples, k):
             if samples.shape[2] == 1:
                 self.blocks += int(samples.shape[0])
+            return super().generate(samples, k)
+
+        def take(self) -> tuple[float, int]:
+            """Seconds and blocks since the last call."""
+            blocks, self.blocks = self.blocks, 0
+            return self.take_seconds(), blocks
+
+    return CountingGenerator(inner)
 
 
-def warmed(name: str) -> CountingGenerator:
+def warmed(name: str):
     """The generator ``name`` on the CPU, having generated once (weights loaded, first-call costs paid)."""
     import torch
 
     from palstream.palettes import create_palette_generator
 
-    generator = CountingGenerator(create_palette_generator(name, device="cpu"))
+    generator = counting(create_palette_generator(name, device="cpu"))
     rng = torch.Generator().manual_seed(0)
     for channels in (1, 2):
         generator.generate(torch.rand(64, 256 // channels ** 2, channels, generator=rng) * 255, torch.full((64,), 16))
-    generator.reset()
+    generator.take()
     return generator
 
 
@@ -85,17 +81,17 @@ def generators() -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def measure(frames, clip: str, target: float, palette: str, generator: CountingGenerator) -> dict:
+def measure(frames, clip: str, target: float, palette: str, generator) -> dict:
     """Encode ``frames`` at ``target`` with ``palette`` (``generator``, warmed); decode it again and
     check the counts agree."""
     from palstream.codec import EncoderConfig, ModeStats, decode_chunk, encode_chunk
     from palstream.codec.syntax import STAT_PAL_SOURCE, STAT_ROWS
 
-    generator.reset()
     encoded_modes, decoded_modes = ModeStats(), ModeStats()
     cpu = time.process_time()
     encoded = encode_chunk(frames, EncoderConfig(target_psnr=target, palette=palette), generator=generator, modes=encoded_modes)
     encode_cpu = time.process_time() - cpu
+    seconds, blocks = generator.take()
     decode_chunk(encoded.payload, modes=decoded_modes)
     shared = [r for r in range(STAT_ROWS) if not STAT_PAL_SOURCE <= r < STAT_PAL_SOURCE + 2]
     if not np.allclose(encoded_modes.counts[shared], decoded_modes.counts[shared], rtol=0, atol=1e-6):
@@ -109,8 +105,8 @@ def measure(frames, clip: str, target: float, palette: str, generator: CountingG
         "bpp": encoded.stats["bpp"],
         "psnr_y": encoded.stats["psnr_y"],
         "encode_cpu_seconds": encode_cpu,
-        "generator_seconds": generator.seconds,
-        "generator_blocks": generator.blocks,
+        "generator_seconds": seconds,
+        "generator_blocks": blocks,
         "modes": encoded_modes.to_dict(),
     }
 
