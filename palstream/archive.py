@@ -38,7 +38,7 @@ import zarr
 import zarr.codecs
 
 import palstream
-from palstream.codec import BitstreamError, EncodedChunk, EncoderConfig, decode_chunk
+from palstream.codec import BitstreamError, EncodedChunk, EncoderConfig, ModeStats, decode_chunk
 from palstream.codec.chunk import HEADER, MAGIC
 from palstream.errors import ArchiveError, DamagedChunkError, PalstreamError
 from palstream.frames import Frames
@@ -772,11 +772,12 @@ class Archive:
                 index, f"payload header declares {frames} frames of {width}x{height}, the archive {expected[0]} of {expected[1]}x{expected[2]}"
             )
 
-    def decode_chunk(self, index: int) -> Frames:
-        """Decode chunk ``index``; any damage or malformed payload raises :class:`DamagedChunkError`."""
+    def decode_chunk(self, index: int, modes: ModeStats | None = None) -> Frames:
+        """Decode chunk ``index``; any damage or malformed payload raises :class:`DamagedChunkError`.
+        ``modes`` receives its leaves' mode shares (``palstream.codec.modes``)."""
         payload = self.read_chunk(index)
         try:
-            frames = decode_chunk(payload)
+            frames = decode_chunk(payload, modes=modes)
         except BitstreamError as exc:
             raise DamagedChunkError(index, f"payload does not decode ({exc})") from None
         expected = (len(self.chunk_frames(index)), self.source.height, self.source.width)

@@ -196,7 +196,7 @@ def encode(
             "--lossless", help="Mathematically lossless: every decoded sample equals the source's 8-bit 4:2:0 sample."
         ),
     ] = False,
-    palette: Annotated[str, typer.Option(help="Palette generator by name (kmeans, or a learned one).")] = "kmeans",
+    palette: Annotated[str, typer.Option(help="Palette generator by name (kmeans, cgan-v1, or none: no proposals).")] = "kmeans",
     gop: Annotated[int, typer.Option(help="Frames per chunk (GOP); chunks decode independently.")] = 32,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing palstream archive at ARCHIVE.")
@@ -354,17 +354,27 @@ def info(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (the archive attributes plus per-chunk records).")
     ] = False,
+    modes: Annotated[
+        bool,
+        typer.Option(
+            "--modes",
+            help="Also decode every committed chunk and report the share of area and of bits by leaf mode "
+            "(skip, inter, intra, palette) and palette size; slow: it decodes the whole archive.",
+        ),
+    ] = False,
     force: ForceOpt = False,
     storage_profile: ProfileOpt = None,
     endpoint_url: EndpointOpt = None,
 ) -> None:
-    """Describe an archive: source, encoder, status, size."""
+    """Describe an archive: source, encoder, status, size (and, with --modes, what its bits are spent on)."""
     from palstream.archive import open_archive
 
     reader = open_archive(_location(archive, storage_profile, endpoint_url), force=force)
     chunks = [{"index": i, **reader.chunk_attrs(i)} for i in range(reader.n_chunks)]
+    shares, damaged = _mode_shares(reader) if modes else (None, [])
     if as_json:
-        typer.echo(json.dumps({**reader.attrs, "chunks": chunks}))
+        extra = {} if shares is None else {"modes": {**shares.to_dict(), "damaged_chunks": damaged}}
+        typer.echo(json.dumps({**reader.attrs, "chunks": chunks, **extra}))
         return
     src, enc = reader.source, reader.attrs["encoder"]
     payload = reader.payload_bytes()
@@ -392,7 +402,30 @@ def info(
     lines += [f"dropped      stream {d['source_index']} ({d['type']} {d['codec']}): {d['reason']}" for d in reader.attrs.get("dropped_streams", [])]
     if reader.attrs.get("chapters"):
         lines.append(f"chapters     {len(reader.attrs['chapters'])}: " + ", ".join(_show_chapter(c) for c in reader.attrs["chapters"]))
+    if shares is not None:
+        skipped = f"; {len(damaged)} damaged chunk(s) left out: {', '.join(map(str, damaged))}" if damaged else ""
+        lines.append(f"modes        {shares.chunks} chunks decoded, {shares.area:.0f} luma pixels, {shares.bits:.0f} bits{skipped}")
+        lines += [f"  {line}" for line in shares.table()]
     typer.echo("\n".join(lines))
+
+
+def _mode_shares(reader) -> tuple:
+    """Decode every committed chunk of ``reader`` into one ``ModeStats``; returns it and the damaged chunks' indices."""
+    from palstream.codec import ModeStats
+    from palstream.errors import DamagedChunkError
+
+    shares = ModeStats()
+    damaged = []
+    committed = sorted(reader.committed())
+    with _progress() as bar:
+        task = bar.add_task("decoding", total=sum(len(reader.chunk_frames(i)) for i in committed))
+        for index in committed:
+            try:
+                reader.decode_chunk(index, modes=shares)
+            except DamagedChunkError:
+                damaged.append(index)
+            bar.advance(task, len(reader.chunk_frames(index)))
+    return shares, damaged
 
 
 def _against_source(archive_bytes: int, source_bytes: int) -> str:

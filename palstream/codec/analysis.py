@@ -637,8 +637,8 @@ def _price_inter(planes, field, cell_inter, below, table, lam, has_ref2, lev, by
 @njit(cache=True, nogil=True, inline="always")  # see decide
 def _price_palette_leaf(keys, changes, proposals, lam, dweight, max_pal, many, by, bx, s, scratch, out_y, out_c):
     """RD cost of the block as a PALETTE leaf, with its palettes' sorted keys in ``out_y`` and
-    ``out_c``: (J, luma palette size, chroma palette size, too many colours for exact palettes);
-    sizes of 0 mean no palette leaf.
+    ``out_c``: (J, luma palette size, chroma palette size, too many colours for exact palettes,
+    the palettes are the generator's); sizes of 0 mean no palette leaf.
 
     Exact palettes (one cluster per distinct value, merged by ``_price_palette``) unless the block
     has too many distinct values (``many``: a quadrant had); then, for a PROPOSAL_BLOCK block, the
@@ -667,13 +667,14 @@ def _price_palette_leaf(keys, changes, proposals, lam, dweight, max_pal, many, b
         if n > 0:
             jc, nc = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, cs * cs, True, lam, dweight, out_c, centres)
     too_many = ny == 0 or nc == 0
-    if ny == 0 and s == PROPOSAL_BLOCK and prop_yn[by, bx] > 0:
+    generated = ny == 0 and s == PROPOSAL_BLOCK and prop_yn[by, bx] > 0
+    if generated:
         # many distinct values: price the palette the generator proposed instead
         n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx])
         jy, ny = _price_palette(n, pcc, psu, psv, pqq, tr, s * s, False, lam, dweight, out_y, centres)
         n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx])
         jc, nc = _price_palette(n, pcc, psu, psv, pqq, tr, cs * cs, True, lam, dweight, out_c, centres)
-    return jy + jc + lam * 2.0, ny, nc, too_many
+    return jy + jc + lam * 2.0, ny, nc, too_many, generated
 
 
 class Pricing(NamedTuple):
@@ -723,6 +724,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
     lpyn = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
     lpc = [np.empty((h // s, w // s, MAX_PAL), np.int64) for s in (8, 16, 32, 64)]
     lpcn = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
+    lpgen = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
     toomany = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     intra_raw = [np.zeros((h // s, w // s, 2)) for s in (8, 16, 32, 64)]  # per predictor variant
     skip_raw = [np.zeros((h // s, w // s), np.int64) for s in (8, 16, 32, 64)]
@@ -773,7 +775,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
                         toomany[lev - 1][2 * by, 2 * bx] or toomany[lev - 1][2 * by, 2 * bx + 1]
                         or toomany[lev - 1][2 * by + 1, 2 * bx] or toomany[lev - 1][2 * by + 1, 2 * bx + 1]
                     )
-                    jpal, ny, nc, too_many = _price_palette_leaf(
+                    jpal, ny, nc, too_many, generated = _price_palette_leaf(
                         keys, changes, proposals, lam, dweight, max_pal, many, by, bx, s, palette_scratch, tmp_y, tmp_c
                     )
                     toomany[lev][by, bx] = too_many
@@ -785,6 +787,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
                         lpyn[lev][by, bx] = ny
                         lpc[lev][by, bx, :nc] = tmp_c[:nc]
                         lpcn[lev][by, bx] = nc
+                        lpgen[lev][by, bx] = generated
                 if lev > 0 and s > min_block:
                     below_best = best[lev - 1]
                     js = (below_best[2 * by, 2 * bx] + below_best[2 * by, 2 * bx + 1] + below_best[2 * by + 1, 2 * bx]
@@ -803,7 +806,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
                     cell[BI] = imot[BI]
                     cell[OFFSET] = bdc
                 cell[VARIANT] = bvar
-    _write_out(lsplit, (lmode, lcells, lpy, lpyn, lpc, lpcn), sizes, max_block, decisions)
+    _write_out(lsplit, (lmode, lcells, lpy, lpyn, lpc, lpcn, lpgen), sizes, max_block, decisions)
 
 
 @njit(cache=True, nogil=True)
@@ -811,8 +814,8 @@ def _write_out(split, leaves, sizes, max_block, decisions):
     """The chosen quadtree into the per-cell ``decisions``, top-down, one max_block-sized block at
     a time (as the syntax visits them), so the stack holds one block's subtree, never the frame's:
     each level below the top adds at most 3 entries. ``leaves``: per level, the leaf's mode, cell
-    record and palettes (keys, count; luma then chroma)."""
-    lmode, lcells, lpy, lpyn, lpc, lpcn = leaves
+    record, palettes (keys, count; luma then chroma) and whether they are the generator's."""
+    lmode, lcells, lpy, lpyn, lpc, lpcn, lpgen = leaves
     top = 0
     while top < len(sizes) - 1 and sizes[top] < max_block:
         top += 1
@@ -852,3 +855,4 @@ def _write_out(split, leaves, sizes, max_block, decisions):
                 decisions.pal_y[cy8, cx8, :ny] = lpy[lev][by, bx, :ny]
                 decisions.pal_cn[cy8, cx8] = nc
                 decisions.pal_c[cy8, cx8, :nc] = lpc[lev][by, bx, :nc]
+                decisions.pal_gen[cy8, cx8] = lpgen[lev][by, bx]

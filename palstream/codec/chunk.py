@@ -16,7 +16,17 @@ import numpy as np
 
 from palstream.codec import analysis, prefilter, rangecoder, ratecontrol, syntax
 from palstream.codec.config import EncoderConfig
-from palstream.codec.decoder import FLAG_LOSSLESS, HEADER, MAGIC, MAX_DIMENSION, MAX_FRAMES, VERSION, code_frames
+from palstream.codec.decoder import (
+    FLAG_LOSSLESS,
+    HEADER,
+    MAGIC,
+    MAX_DIMENSION,
+    MAX_FRAMES,
+    NO_STATS,
+    VERSION,
+    code_frames,
+)
+from palstream.codec.modes import ModeStats
 from palstream.frames import Frames
 
 
@@ -81,7 +91,8 @@ def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
 
     Blocks with few distinct values get exact palettes in the analysis; blocks like antialiased
     text have too many for that yet few dominant ones: the generator proposes palettes for all
-    of them in one batched call per component.
+    of them in one batched call per component. A generator that returns no entries (``none``)
+    proposes nothing.
     """
     import torch  # encoder only: decoding must not need torch
 
@@ -105,6 +116,8 @@ def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
     keys = []
     for samples in (torch.from_numpy(blocks[pick, :, None].astype(np.float32)), torch.from_numpy(pairs.astype(np.float32))):
         palettes = generator.generate(samples, k)
+        if palettes.shape[1] == 0:
+            return prop_y, prop_n, prop_c, prop_n
         if config.refine:
             palettes = lloyd(samples.to(palettes.device), palettes, k.to(palettes.device), config.refine)
         levels = palettes.round().clamp(0, 255).to(torch.int64).cpu().numpy()
@@ -123,8 +136,10 @@ def _generator(name: str):
     return create_palette_generator(name)
 
 
-def _encode_at(padded, rung, config: EncoderConfig, proposals, motion, control: ratecontrol.LambdaControl | None = None):
-    """Code the frames of ``padded`` at one rung; ``control`` scales the RD lambda frame by frame."""
+def _encode_at(padded, rung, config: EncoderConfig, proposals, motion, control: ratecontrol.LambdaControl | None = None,
+               stats=NO_STATS):
+    """Code the frames of ``padded`` at one rung; ``control`` scales the RD lambda frame by frame;
+    ``stats``: leaf statistics to fill (``palstream.codec.modes``), or ``NO_STATS``."""
     q4, rounding = rung
     rnd4 = rounding[0]
     lam = 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
@@ -142,7 +157,9 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, motion, control: 
     capacity = padded[0].size * 3 + 4096
     while True:
         buf = np.zeros(capacity, np.uint8)
-        st = code_frames(True, buf, padded, recon, syntax.Coding(q4, rounding, tol, config.min_block, config.max_block), decide)
+        stats[...] = 0  # a retry into a larger buffer codes every leaf again
+        coding = syntax.Coding(q4, rounding, tol, config.min_block, config.max_block)
+        st = code_frames(True, buf, padded, recon, coding, decide, stats=stats)
         size = rangecoder.flush(st, buf)
         if size <= capacity:
             return bytes(buf[:size]), recon
@@ -237,7 +254,7 @@ def _choose_rung(encode_at, target_psnr: float, frames: int) -> int:
     return max(passing) if passing else max(0, min(probes) - 1)
 
 
-def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> EncodedChunk:
+def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: ModeStats | None = None) -> EncodedChunk:
     """Encode one GOP.
 
     Parameters
@@ -249,6 +266,9 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
     generator : PaletteGenerator, optional
         Proposes palettes for many-coloured blocks; default: the one named by ``config.palette``.
         Palettes are data in the payload, so decoding never needs it.
+    modes : ModeStats, optional
+        Receives the leaves of the encode that is kept (not of the rate control's probes), with
+        where each PALETTE leaf's luma palette came from, which the decoder cannot tell.
 
     Returns
     -------
@@ -272,12 +292,14 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
     # and the final encode share it (searching the reconstruction would repeat it per probe).
     motion = analysis.motion_search_chunk(padded[0], config.search_range)
     attempts = 0
+    counts = NO_STATS  # the leaves of the latest encode, which is the one kept
 
     def encode_at(rung, count, config=config, control=None):
-        nonlocal attempts
+        nonlocal attempts, counts
         attempts += 1
         coded = source if config.lossless else padded
-        body, recon = _encode_at(tuple(p[:count] for p in coded), LADDER[rung], config, proposals, motion, control)
+        counts = NO_STATS if modes is None else modes.new_counts()
+        body, recon = _encode_at(tuple(p[:count] for p in coded), LADDER[rung], config, proposals, motion, control, counts)
         diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
         return body, float(np.mean(diff**2))
 
@@ -313,6 +335,8 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None) -> Encod
     flags = FLAG_LOSSLESS if exact else 0
     header = HEADER.pack(MAGIC, VERSION, flags, t, w, h, q4, config.min_block, config.max_block, 0, len(body))
     payload = header + body
+    if modes is not None:
+        modes.add(counts, len(payload), sources=True)
     stats = {
         "frames": t,
         "bytes": len(payload),

@@ -12,6 +12,7 @@ import struct
 import numpy as np
 
 from palstream.codec import rangecoder, syntax
+from palstream.codec.modes import ModeStats
 from palstream.errors import ArchiveError
 from palstream.frames import Frames
 
@@ -28,7 +29,10 @@ class BitstreamError(ArchiveError):
     """A chunk payload does not parse (damaged or not palstream data)."""
 
 
-def code_frames(enc, buf, planes, recon, coding, decide=None, frames=None, emit=None):
+NO_STATS = np.zeros((0, 3))  # ``code_frame`` counts nothing: same type as a statistics array, so one compiled kernel
+
+
+def code_frames(enc, buf, planes, recon, coding, decide=None, frames=None, emit=None, stats=NO_STATS):
     """Code every frame of a chunk in one direction; returns the coder state.
 
     The encoder passes ``planes`` (the source), ``recon`` with a slot for every frame, and
@@ -36,7 +40,9 @@ def code_frames(enc, buf, planes, recon, coding, decide=None, frames=None, emit=
     The decoder passes ``frames`` (the count) and ``recon`` with three slots, used in turn (the
     syntax references at most two frames back), and receives each frame through ``emit(f, rec)``
     once it is complete; it stops at the first frame that reads past the end of the body. Planes
-    travel as (Y, Cb, Cr) tuples; ``coding`` is the chunk's ``syntax.Coding``.
+    travel as (Y, Cb, Cr) tuples; ``coding`` is the chunk's ``syntax.Coding``. ``stats``: a float64
+    (``syntax.STAT_ROWS``, 3) array that every coded leaf is added to (``palstream.codec.modes``),
+    or ``NO_STATS``.
     """
     t = planes[0].shape[0] if enc else frames
     slots = recon[0].shape[0]
@@ -63,7 +69,8 @@ def code_frames(enc, buf, planes, recon, coding, decide=None, frames=None, emit=
         if decide is not None:
             decide(f, src, ref, ref2, decisions)
         syntax.code_frame(
-            enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, f == 0, f > 1, coding, decisions, predictors
+            enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, f == 0, f > 1, coding, decisions, predictors,
+            stats,
         )
         if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
             break
@@ -73,7 +80,7 @@ def code_frames(enc, buf, planes, recon, coding, decide=None, frames=None, emit=
     return st
 
 
-def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None) -> Frames:
+def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None, modes: ModeStats | None = None) -> Frames:
     """Decode one GOP payload to frames.
 
     Work and memory follow the data: the header is checked before anything is allocated, the
@@ -87,6 +94,8 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None) -
     expected : tuple of int, optional
         ``(frames, height, width)`` that the container says this chunk holds; a header that
         declares anything else is refused before decoding.
+    modes : ModeStats, optional
+        Receives the chunk's leaves: mode, area and bits of each (``palstream.codec.modes``).
 
     Returns
     -------
@@ -135,7 +144,12 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None) -
         out.v[f] = rec[2][:ch, :cw]
 
     buf = np.frombuffer(payload, np.uint8, offset=HEADER.size).copy()  # writable: one compiled coder for both directions
-    st = code_frames(False, buf, None, recon, syntax.Coding(q4, (0,) * 5, 0, min_block, max_block), frames=t, emit=emit)
+    stats = NO_STATS if modes is None else modes.new_counts()
+    st = code_frames(
+        False, buf, None, recon, syntax.Coding(q4, (0,) * 5, 0, min_block, max_block), frames=t, emit=emit, stats=stats
+    )
     if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
         raise BitstreamError("chunk body ends before its frames are complete (truncated)")
+    if modes is not None:
+        modes.add(stats, len(payload))
     return out

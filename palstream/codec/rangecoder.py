@@ -10,6 +10,8 @@ State layout (``st``, int64[8]): low, range, cache, cache_size, position, code, 
 Probabilities (``probs``, int32[n, 2]): P(bit = 0) in 1/32768 units, fast and slow estimate.
 """
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -65,6 +67,15 @@ def flush(st, buf):
     for _ in range(5):
         _shift_low(st, buf)
     return st[POS]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def bits_consumed(enc, st):
+    """Information coded so far, in bits, up to a constant: the bytes shifted out of (encoder) or
+    into (decoder) the coder, less what the range still holds. Both directions shift a byte at the
+    same symbols (their ranges are equal), so differences agree between them exactly."""
+    shifted = st[POS] + st[CACHE_SIZE] if enc else st[POS]  # encoder: bytes written and the ones pending
+    return 8.0 * shifted - math.log2(st[RANGE])
 
 
 @njit(cache=True, nogil=True)

@@ -14,7 +14,16 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from palstream.codec.rangecoder import MAX_OVERRUN, OVERRUN, UEG_CONTEXTS, code_bit, code_bypass, code_tree, code_ueg
+from palstream.codec.rangecoder import (
+    MAX_OVERRUN,
+    OVERRUN,
+    UEG_CONTEXTS,
+    bits_consumed,
+    code_bit,
+    code_bypass,
+    code_tree,
+    code_ueg,
+)
 
 SKIP, INTER, INTRA, PALETTE = 0, 1, 2, 3
 CTU = 64
@@ -27,6 +36,17 @@ MAX_PAL = 64
 # used; the motion search's field holds the first four.
 MV_Y, MV_X, MV2_Y, MV2_X, BI, VARIANT, OFFSET = range(7)  # VARIANT: predictor variant; OFFSET: INTER luma offset
 CELL_FIELDS = 7
+
+# Rows of the per-leaf statistics ``code_frame`` accumulates when asked (``palstream.codec.modes``
+# reads them): one per leaf mode (SKIP .. PALETTE), the quadtree's split flags (bits only), then
+# PALETTE leaves by luma palette size bucket, by chroma palette size bucket, and by where the
+# encoder's luma palette came from (exact clusters or the generator's proposal; encoder only).
+STAT_TREE = 4
+STAT_PAL_Y = 5  # + size bucket: 1, 2-4, 5-16, 17-64 entries
+STAT_PAL_C = 9
+STAT_PAL_SOURCE = 13  # + 0 exact, + 1 generated
+STAT_ROWS = 15
+STAT_LEAVES, STAT_AREA, STAT_BITS = range(3)  # columns: leaves, luma pixels, bits
 
 
 class Decisions(NamedTuple):
@@ -41,6 +61,7 @@ class Decisions(NamedTuple):
     pal_yn: np.ndarray  # int32 (h/8, w/8): how many
     pal_c: np.ndarray  # int64 (h/8, w/8, MAX_PAL): sorted chroma keys Cb * 256 + Cr
     pal_cn: np.ndarray  # int32 (h/8, w/8)
+    pal_gen: np.ndarray  # int32 (h/8, w/8): encoder only, never coded: 1 where the luma palette is the generator's
 
     @classmethod
     def zeros(cls, h: int, w: int) -> "Decisions":
@@ -49,7 +70,7 @@ class Decisions(NamedTuple):
         return cls(
             np.zeros((h8, w8), np.int32), np.zeros((h8, w8), np.int32), np.zeros((h8, w8, CELL_FIELDS), np.int32),
             np.zeros((h8, w8, MAX_PAL), np.int64), np.zeros((h8, w8), np.int32),
-            np.zeros((h8, w8, MAX_PAL), np.int64), np.zeros((h8, w8), np.int32),
+            np.zeros((h8, w8, MAX_PAL), np.int64), np.zeros((h8, w8), np.int32), np.zeros((h8, w8), np.int32),
         )
 
 
@@ -533,7 +554,7 @@ def code_indices(enc, st, buf, probs, src_a, src_b, rec_a, rec_b, kmaps_a, kmaps
 
 @njit(cache=True, nogil=True)
 def code_frame(
-    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, has_ref2, coding, decisions, predictors
+    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, has_ref2, coding, decisions, predictors, stats
 ):
     """Code one frame: per 64x64 CTU a quadtree of leaves, each leaf a mode and its data.
 
@@ -544,7 +565,9 @@ def code_frame(
     between frames), so a stream that ends early has touched no more of them than it decoded.
     ``coding``: the chunk's ``Coding``. ``decisions``: the frame's ``Decisions`` (read when
     encoding, filled when decoding). ``predictors``: the palette predictor lists, (luma keys,
-    their count, chroma keys, their count), updated in place.
+    their count, chroma keys, their count), updated in place. ``stats``: float64 (STAT_ROWS, 3)
+    that the leaves' counts, areas and bits are added to (``_count_leaf``), or an empty array for none:
+    the hot path then pays one test per leaf.
 
     The decoder returns as soon as it has read more than ``MAX_OVERRUN`` bytes past the end of the
     body (the caller reports it): a header cannot make it work through frames its data does not hold.
@@ -554,6 +577,9 @@ def code_frame(
     max_block = coding.max_block
     leaf_size = decisions.leaf_size
     stack = np.empty((80, 3), np.int64)  # up to 64 max_block nodes + 3 per level below
+    counting = stats.shape[0] > 0
+    last = bits_consumed(enc, st) if counting else 0.0  # where the last leaf ended
+    start = last
     for cy in range(0, h, CTU):
         levels[0][cy:cy + CTU, :] = 0
         levels[1][cy // 2:(cy + CTU) // 2, :] = 0
@@ -592,10 +618,42 @@ def code_frame(
                         stack[sp, 2] = half
                         sp += 1
                     continue
+                if counting:
+                    start = bits_consumed(enc, st)
+                    stats[STAT_TREE, STAT_BITS] += start - last  # the split flags before this leaf
                 _code_leaf(
                     enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, has_ref2, coding,
                     decisions, predictors, y0, x0, s,
                 )
+                if counting:
+                    last = bits_consumed(enc, st)
+                    _count_leaf(enc, stats, decisions, cy8, cx8, s, last - start)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _size_bucket(n):
+    """Palette size bucket: 1, 2-4, 5-16, 17-64 entries."""
+    return 0 if n <= 1 else (1 if n <= 4 else (2 if n <= 16 else 3))
+
+
+@njit(cache=True, nogil=True)
+def _count_leaf(enc, stats, decisions, cy8, cx8, s, bits):
+    """Add a coded leaf to ``stats`` (rows ``STAT_*``): its mode, area and bits, and a PALETTE leaf's
+    palette sizes and, encoding, where its luma palette came from."""
+    m = decisions.mode[cy8, cx8]
+    _add_row(stats, m, s, bits)
+    if m == PALETTE:
+        _add_row(stats, STAT_PAL_Y + _size_bucket(decisions.pal_yn[cy8, cx8]), s, bits)
+        _add_row(stats, STAT_PAL_C + _size_bucket(decisions.pal_cn[cy8, cx8]), s, bits)
+        if enc:
+            _add_row(stats, STAT_PAL_SOURCE + (1 if decisions.pal_gen[cy8, cx8] else 0), s, bits)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_row(stats, row, s, bits):
+    stats[row, STAT_LEAVES] += 1
+    stats[row, STAT_AREA] += s * s
+    stats[row, STAT_BITS] += bits
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -53,6 +53,7 @@ class PaletteGenerator(ABC):
         -------
         torch.Tensor
             float32, shape (N, max(k), C), values in 0..255; row i uses its first k[i] entries.
+            Shape (N, 0, C): no proposal for any block (the ``none`` generator).
         """
 
 
@@ -60,7 +61,11 @@ class PaletteGenerator(ABC):
 # only when their name is asked for, as zarr's codec registry and entry points do: the learned
 # generator sits in a higher layer (palstream.learned imports this module), so importing it here
 # eagerly would close an import cycle and load torch models for every `--palette kmeans` run.
-_BUILTIN_MODULES = {"kmeans": "palstream.palettes.kmeans", "cgan-v1": "palstream.learned.generator"}
+_BUILTIN_MODULES = {
+    "kmeans": "palstream.palettes.kmeans",
+    "none": "palstream.palettes.none",
+    "cgan-v1": "palstream.learned.generator",
+}
 _REGISTRY: dict[str, Callable[..., PaletteGenerator]] = {}
 
 

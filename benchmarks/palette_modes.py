@@ -1,0 +1,219 @@
+"""Palette modes (issue 15): where the bits go, by leaf mode and palette, for each palette generator.
+
+Per corpus clip (its first ``--frames`` frames, one chunk), target PSNR-Y (40 and 45 dB) and palette
+generator (the default, ``none``, ``kmeans``, and ``cgan-v1`` when registered), one encode on one
+thread: bpp, PSNR-Y, the share of area and of bits by leaf mode (SKIP, INTER, INTRA, PALETTE), the
+PALETTE leaves by luma palette size (1, 2-4, 5-16, 17-64 entries) and by source (exact clusters or
+the generator's proposal), and the seconds the generator spent against k-means'. Leaf bits come
+from the encoder's range coder (``palstream.codec.modes``); every payload is decoded again and the
+decoder's counts must agree with the encoder's (the run stops otherwise).
+
+Prints markdown tables and writes ``benchmarks/results/palette_modes.json``. Run from the
+repository root::
+
+    .venv/bin/python benchmarks/palette_modes.py                      # issue 15's baseline: every clip, 16 frames
+    .venv/bin/python benchmarks/palette_modes.py --clips 'screen*' --frames 2 --targets 40
+"""
+
+from __future__ import annotations
+
+import os
+
+for _name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")  # one thread, before numba and torch start theirs
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = (40.0, 45.0)
+SCREEN_AND_2D = ("screen_", "animation2d_")  # the clips issue 15 expects palettes to win on
+
+
+def counting(inner):
+    """``inner`` wrapped to add up the seconds spent in ``generate`` (the batch worker's
+    ``TimedGenerator``) and the blocks asked about (luma calls; each block is asked about once for
+    luma, then for chroma)."""
+    from palstream.batch.worker import TimedGenerator
+
+    class CountingGenerator(TimedGenerator):
+        blocks = 0
+
+        def generate(self, samples, k):
+            if samples.shape[2] == 1:
+                self.blocks += int(samples.shape[0])
+            return super().generate(samples, k)
+
+        def take(self) -> tuple[float, int]:
+            """Seconds and blocks since the last call."""
+            blocks, self.blocks = self.blocks, 0
+            return self.take_seconds(), blocks
+
+    return CountingGenerator(inner)
+
+
+def warmed(name: str):
+    """The generator ``name`` on the CPU, having generated once (weights loaded, first-call costs paid)."""
+    import torch
+
+    from palstream.palettes import create_palette_generator
+
+    generator = counting(create_palette_generator(name, device="cpu"))
+    rng = torch.Generator().manual_seed(0)
+    for channels in (1, 2):
+        generator.generate(torch.rand(64, 256 // channels ** 2, channels, generator=rng) * 255, torch.full((64,), 16))
+    generator.take()
+    return generator
+
+
+def generators() -> list[str]:
+    """The default generator, ``none``, ``kmeans`` and ``cgan-v1`` when registered; each once."""
+    from palstream.codec import EncoderConfig
+    from palstream.palettes import palette_generator_names
+
+    names = [EncoderConfig().palette, "none", "kmeans"] + (["cgan-v1"] if "cgan-v1" in palette_generator_names() else [])
+    return list(dict.fromkeys(names))
+
+
+def measure(frames, clip: str, target: float, palette: str, generator) -> dict:
+    """Encode ``frames`` at ``target`` with ``palette`` (``generator``, warmed); decode it again and
+    check the counts agree."""
+    from palstream.codec import EncoderConfig, ModeStats, decode_chunk, encode_chunk
+    from palstream.codec.syntax import STAT_PAL_SOURCE, STAT_ROWS
+
+    encoded_modes, decoded_modes = ModeStats(), ModeStats()
+    cpu = time.process_time()
+    encoded = encode_chunk(frames, EncoderConfig(target_psnr=target, palette=palette), generator=generator, modes=encoded_modes)
+    encode_cpu = time.process_time() - cpu
+    seconds, blocks = generator.take()
+    decode_chunk(encoded.payload, modes=decoded_modes)
+    shared = [r for r in range(STAT_ROWS) if not STAT_PAL_SOURCE <= r < STAT_PAL_SOURCE + 2]
+    if not np.allclose(encoded_modes.counts[shared], decoded_modes.counts[shared], rtol=0, atol=1e-6):
+        raise SystemExit(f"{clip} {target} dB {palette}: the decoder's leaf counts differ from the encoder's")
+    return {
+        "clip": clip,
+        "target_db": target,
+        "palette": palette,
+        "frames": encoded.stats["frames"],
+        "bytes": encoded.stats["bytes"],
+        "bpp": encoded.stats["bpp"],
+        "psnr_y": encoded.stats["psnr_y"],
+        "encode_cpu_seconds": encode_cpu,
+        "generator_seconds": seconds,
+        "generator_blocks": blocks,
+        "modes": encoded_modes.to_dict(),
+    }
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}" if whole else "-"
+
+
+def tables(rows: list[dict]) -> str:
+    """Markdown: bpp and mode shares; palette sizes and sources; a summary against ``none`` and k-means."""
+    from palstream.codec import EncoderConfig
+
+    default = EncoderConfig().palette
+
+    def label(palette: str) -> str:
+        return f"{palette} (default)" if palette == default else palette
+
+    base = {(r["clip"], r["target_db"]): r for r in rows if r["palette"] == "none"}
+    kmeans = {(r["clip"], r["target_db"]): r for r in rows if r["palette"] == "kmeans"}
+    out = [
+        "| clip | dB | palette | bpp | vs none | PSNR-Y | area % skip / inter / intra / palette | "
+        "bits % skip / inter / intra / palette / tree | blocks asked / generated leaves | generator s | vs k-means |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        key = (r["clip"], r["target_db"])
+        m = r["modes"]
+        area = " / ".join(f"{100 * m['modes'][k]['area_share']:.1f}" for k in ("skip", "inter", "intra", "palette"))
+        bits = " / ".join(f"{100 * m['modes'][k]['bits_share']:.1f}" for k in ("skip", "inter", "intra", "palette"))
+        vs_none = f"{100 * (r['bpp'] / base[key]['bpp'] - 1):+.2f} %" if key in base else "-"
+        km = kmeans.get(key)
+        vs_km = f"{r['generator_seconds'] / km['generator_seconds']:.2f}×" if km and km["generator_seconds"] > 0 else "-"
+        out.append(
+            f"| {r['clip']} | {r['target_db']:g} | {label(r['palette'])} | {r['bpp']:.4f} | {vs_none} | {r['psnr_y']:.2f} | {area} | "
+            f"{bits} / {100 * m['quadtree']['bits_share']:.1f} | {r['generator_blocks']} / "
+            f"{m['palette_source']['generated']['leaves']} | {r['generator_seconds']:.3f} | {vs_km} |"
+        )
+    out += [
+        "",
+        "PALETTE leaves: luma palette size buckets (share of the frame's area and of all bits), and the"
+        " share of PALETTE area and bits whose luma palette was the generator's proposal.",
+        "",
+        "| clip | dB | palette | area % 1 / 2-4 / 5-16 / 17-64 | bits % 1 / 2-4 / 5-16 / 17-64 | "
+        "multi-entry bits % | generated: % of palette area | % of palette bits |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m = r["modes"]
+        sizes = m["palette_luma_sizes"]
+        area = " / ".join(f"{100 * sizes[k]['area_share']:.2f}" for k in sizes)
+        bits = " / ".join(f"{100 * sizes[k]['bits_share']:.2f}" for k in sizes)
+        multi = sum(sizes[k]["bits_share"] for k in sizes if k != "1")
+        pal, gen = m["modes"]["palette"], m["palette_source"]["generated"]
+        out.append(
+            f"| {r['clip']} | {r['target_db']:g} | {label(r['palette'])} | {area} | {bits} | {100 * multi:.2f} | "
+            f"{_pct(gen['area_px'], pal['area_px'])} | {_pct(gen['bits'], pal['bits'])} |"
+        )
+    out += ["", "| palette | geomean bpp vs none: all clips | screen + 2-D animation | clips worse than none |", "|---|---|---|---|"]
+    for palette in dict.fromkeys(r["palette"] for r in rows):
+        ratios = [(r["clip"], r["bpp"] / base[(r["clip"], r["target_db"])]["bpp"]) for r in rows
+                  if r["palette"] == palette and (r["clip"], r["target_db"]) in base]
+        flat = [v for c, v in ratios if c.startswith(SCREEN_AND_2D)]
+        worse = sum(v > 1 for _, v in ratios)
+        out.append(f"| {label(palette)} | {100 * (geomean([v for _, v in ratios]) - 1):+.2f} % | "
+                   f"{100 * (geomean(flat) - 1):+.2f} % | {worse} of {len(ratios)} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--corpus", type=Path, default=REPO.parent / "shared" / "corpus", help="folder of the corpus clips")
+    parser.add_argument("--clips", default="*.mkv", help="file name pattern in the corpus (default *.mkv: all)")
+    parser.add_argument("--frames", type=int, default=16, help="first N frames of each clip, one chunk (default 16)")
+    parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS), help="target PSNR-Y in dB (default 40 45)")
+    parser.add_argument("--palettes", nargs="+", default=None, help="generators (default: the default one, none, kmeans, cgan-v1)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "palette_modes.json")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from palstream.io import read_frames
+
+    torch.set_num_threads(1)
+    clips = sorted(args.corpus.glob(args.clips))
+    if not clips:
+        raise SystemExit(f"no clip matches {args.clips!r} in {args.corpus}")
+    palettes = args.palettes or generators()
+    warm = {name: warmed(name) for name in palettes}
+    rows = []
+    for path in clips:
+        frames = read_frames(str(path), 0, args.frames)
+        for target in args.targets:
+            for palette in palettes:
+                rows.append(measure(frames, path.name, target, palette, warm[palette]))
+                r = rows[-1]
+                print(f"{path.name} {target:g} dB {palette}: {r['bpp']:.4f} bpp, {r['psnr_y']:.2f} dB, "
+                      f"generator {r['generator_seconds']:.3f} s", file=sys.stderr, flush=True)
+    report = tables(rows)
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/palette_modes.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.out.write_text(json.dumps({"command": command.strip(), "frames": args.frames, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Mode shares (issue 15): leaf statistics from both directions of the syntax, the ``none``
+generator, ``info --modes``, and the palette-modes benchmark's tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from palstream.codec import EncoderConfig, ModeStats, decode_chunk, encode_chunk
+from palstream.codec.decoder import HEADER
+from palstream.codec.syntax import PALETTE, STAT_AREA, STAT_BITS, STAT_LEAVES, STAT_PAL_C, STAT_PAL_SOURCE, STAT_PAL_Y
+from palstream.io import read_frames
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return {"camera": read_frames(str(DATA / "camera_64x48.mkv"), 0, 4), "screen": read_frames(str(DATA / "screen_37x29.mkv"), 0, 3)}
+
+
+@pytest.mark.parametrize("clip, config", [("camera", EncoderConfig(target_psnr=40.0)), ("screen", EncoderConfig(lossless=True)),
+                                          ("screen", EncoderConfig(target_psnr=45.0))])
+def test_leaf_statistics_add_up_and_change_nothing(clips, clip, config):
+    frames = clips[clip]
+    encoded_modes, decoded_modes = ModeStats(), ModeStats()
+    encoded = encode_chunk(frames, config, modes=encoded_modes)
+    assert encoded.payload == encode_chunk(frames, config).payload
+    decoded = decode_chunk(encoded.payload, modes=decoded_modes)
+    plain = decode_chunk(encoded.payload)
+    assert all(np.array_equal(a, b) for a, b in zip((decoded.y, decoded.u, decoded.v), (plain.y, plain.u, plain.v)))
+
+    t, h, w = frames.y.shape
+    padded = t * (h + -h % 64) * (w + -w % 64)
+    for modes in (encoded_modes, decoded_modes):
+        assert modes.area == padded
+        body_bits = 8 * (len(encoded.payload) - HEADER.size)
+        assert body_bits - 64 <= modes.bits <= body_bits  # the coder's final flush and start: under 8 bytes
+    # both directions count the same leaves and bits; only the encoder knows the palettes' sources
+    source = slice(STAT_PAL_SOURCE, STAT_PAL_SOURCE + 2)
+    rest = np.ones(len(encoded_modes.counts), bool)
+    rest[source] = False
+    assert np.allclose(encoded_modes.counts[rest], decoded_modes.counts[rest], rtol=0, atol=1e-6)
+    assert not decoded_modes.counts[source].any()
+    assert encoded_modes.sources and not decoded_modes.sources
+    counts = encoded_modes.counts
+    for block in (slice(STAT_PAL_Y, STAT_PAL_Y + 4), slice(STAT_PAL_C, STAT_PAL_C + 4), source):
+        assert np.allclose(counts[block].sum(0), counts[PALETTE], rtol=0, atol=1e-6)
+    assert counts[:4, STAT_LEAVES].sum() > 0 and counts[:4, STAT_BITS].min() >= 0
+
+
+def test_screen_content_has_palette_leaves(clips):
+    modes = ModeStats()
+    encode_chunk(clips["screen"], EncoderConfig(lossless=True), modes=modes)
+    shares = modes.to_dict()
+    assert shares["modes"]["palette"]["leaves"] > 0
+    assert abs(sum(m["area_share"] for m in shares["modes"].values()) - 1) < 1e-9
+    assert modes.counts[PALETTE, STAT_AREA] == sum(v["area_px"] for v in shares["palette_luma_sizes"].values())
+
+
+def test_none_generator_proposes_nothing():
+    import torch
+
+    from palstream.codec import chunk, precompile
+    from palstream.palettes import create_palette_generator, palette_generator_names
+
+    assert "none" in palette_generator_names()
+    none = create_palette_generator("none", device="cpu")
+    assert none.generate(torch.rand(5, 256, 2) * 255, torch.full((5,), 16)).shape == (5, 0, 2)
+    clip = precompile._clip()  # a 16x16 block of > 64 levels that cluster: k-means is asked about it
+    padded = (chunk._pad(clip.y, 64), chunk._pad(clip.u, 32), chunk._pad(clip.v, 32))
+    config = EncoderConfig(target_psnr=40.0)
+    assert chunk._palette_proposals(*padded, config, create_palette_generator("kmeans", device="cpu"))[1].sum() > 0
+    assert chunk._palette_proposals(*padded, config, none)[1].sum() == 0
+    modes = ModeStats()
+    encode_chunk(clip, EncoderConfig(target_psnr=40.0, palette="none"), modes=modes)
+    assert modes.counts[STAT_PAL_SOURCE + 1, STAT_LEAVES] == 0
+
+
+def test_info_modes_reports_the_shares(run_cli, data_dir, tmp_path):
+    archive = tmp_path / "a.zarr"
+    assert run_cli("encode", data_dir / "screen_37x29.mkv", archive, "--target-psnr", "40", "--gop", "2", "--palette", "none").code == 0
+    plain = json.loads(run_cli("info", archive, "--json").stdout)
+    assert "modes" not in plain and plain["encoder"]["palette_generator"]["name"] == "none"
+    report = json.loads(run_cli("info", archive, "--json", "--modes").stdout)["modes"]
+    assert report["chunks"] == len(plain["chunks"]) and report["damaged_chunks"] == []
+    assert set(report["modes"]) == {"skip", "inter", "intra", "palette"}
+    assert set(report["palette_luma_sizes"]) == set(report["palette_chroma_sizes"]) == {"1", "2-4", "5-16", "17-64"}
+    assert "palette_source" not in report  # decoded: the sources are the encoder's alone
+    assert report["area_px"] == sum(m["area_px"] for m in report["modes"].values())
+    assert report["payload_bytes"] == sum(c["stats"]["bytes"] for c in plain["chunks"])
+    text = run_cli("info", archive, "--modes").stdout
+    assert "quadtree splits" in text and "palette luma 2-4" in text
+
+
+def test_benchmark_tables_on_a_tiny_run(tmp_path, capsys):
+    from benchmarks.palette_modes import main
+
+    out = tmp_path / "modes.json"
+    main(["--corpus", str(DATA), "--clips", "screen_37x29.mkv", "--frames", "2", "--targets", "40",
+          "--palettes", "none", "kmeans", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["palette"] for r in rows] == ["none", "kmeans"]
+    assert all(r["generator_seconds"] >= 0 and r["bpp"] > 0 for r in rows)
+    text = capsys.readouterr().out
+    assert "| screen_37x29.mkv | 40 | kmeans (default) |" in text and "| none | +0.00 % |" in text
