@@ -20,9 +20,13 @@ driver process (``run_job(resume=True)``: what ``palstream resume --cluster ...`
 that every unit is committed, recorded once in the commit index, and rewritten at most as often
 as units were in flight when something died.
 
-    .venv/bin/python benchmarks/scale_sim.py --units 1000000 --archives 10000 --kill-at 0.5 --elastic
-    .venv/bin/python benchmarks/scale_sim.py --units 10000 --archives 100 --storage s3 --kill-at 0.5
+    .venv/bin/python benchmarks/scale_sim.py --units 1000000 --archives 10000 --archive marker --kill-at 0.5
+        --skip-plan-measure --workdir /dev/shm/scale_1e6
+    .venv/bin/python benchmarks/scale_sim.py --units 2000 --archives 10 --storage s3 --archive real --kill-at 0.5
     .venv/bin/python benchmarks/scale_sim.py --archive-breakdown 200
+
+The CPU figures cover every process of the run (scheduler, nannies, drivers, workers) and the
+simulator's own final check; ``--trace-requests FILE`` writes each S3 request's method and key.
 """
 
 from __future__ import annotations
