@@ -438,10 +438,11 @@ TC_ROUNDING = 11  # encoder: levels round toward zero by this many 64ths of a st
 
 
 @njit(cache=True, nogil=True)
-def transform_levels(src, inter, sy, sx, py, px, q4, levels):
+def transform_levels(src, inter, sy, sx, py, px, q4, levels, coef):
     """Encoder: levels (zig-zag order, into ``levels``) of the 8x8 block at (``sy``, ``sx``) of
     ``src`` less its prediction, ``inter`` from (``py``, ``px``); returns the last non-zero
-    position, -1 if none."""
+    position, -1 if none. ``coef`` receives the forward transform (zig-zag order, 2^11 times the
+    inverse's coefficient units)."""
     a = np.empty((8, 8), np.int64)
     for u in range(8):
         for x in range(8):
@@ -458,6 +459,7 @@ def transform_levels(src, inter, sy, sx, py, px, q4, levels):
         f = 0
         for x in range(8):
             f += a[u, x] * DCT8[v, x]
+        coef[i] = f
         k = (abs(f) + off) // div
         levels[i] = -k if f < 0 else k
         if k:
@@ -494,6 +496,7 @@ def code_transform_block(enc, st, buf, probs, src, rec, kmap, inter, y0, x0, siz
     there back to DC (significance, sign, magnitude - 1). The kmap gets each sample's residual in
     spatial levels (|r| * 4 // q4, limited to 15), which is what neighbours' contexts expect."""
     levels = np.zeros(64, np.int64)
+    coef = np.empty(64, np.int64)
     res = np.empty((8, 8), np.int64)
     for sy in range(y0, y0 + size, 8):
         for sx in range(x0, x0 + size, 8):
@@ -504,7 +507,7 @@ def code_transform_block(enc, st, buf, probs, src, rec, kmap, inter, y0, x0, siz
                     nzl = 1
                 if sy > 0 and kmap[sy - 1, sx + i] != 0:
                     nzt = 1
-            last = transform_levels(src, inter, sy, sx, sy - y0, sx - x0, q4, levels) if enc else -1
+            last = transform_levels(src, inter, sy, sx, sy - y0, sx - x0, q4, levels, coef) if enc else -1
             if not code_bit(enc, st, buf, probs, CTX_TC_CODED + nzl + nzt, 1 if last >= 0 else 0):
                 rec[sy:sy + 8, sx:sx + 8] = inter[sy - y0:sy - y0 + 8, sx - x0:sx - x0 + 8]
                 kmap[sy:sy + 8, sx:sx + 8] = 0
