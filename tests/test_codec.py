@@ -311,6 +311,8 @@ def test_inverse_transform_undoes_the_forward_transform_at_step_one():
         src = rng.integers(0, 256, (8, 8)).astype(np.uint8)
         pred = rng.integers(0, 256, (8, 8)).astype(np.int32)
         last = syntax.transform_levels(src, pred, 0, 0, 0, 0, 4, levels, coef)
+        forward = syntax.DCT8 @ (src.astype(np.int64) - pred) @ syntax.DCT8.T  # what the butterflies compute
+        assert (coef == forward[syntax.ZIGZAG[:, 0], syntax.ZIGZAG[:, 1]]).all()
         syntax.inverse_transform(levels, last, 4, res)
         error = src.astype(np.int64) - pred - res
         assert np.mean(error**2) <= (1 - syntax.TC_ROUNDING / 64) ** 2 + 1 / 12

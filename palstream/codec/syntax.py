@@ -437,31 +437,55 @@ TC_SCALE = 4  # a level is worth TC_SCALE * q4 coefficient units: the orthonorma
 TC_ROUNDING = 11  # encoder: levels round toward zero by this many 64ths of a step (HEVC's inter dead zone, 1/6)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _dct8(x0, x1, x2, x3, x4, x5, x6, x7):
+    """``DCT8`` times a vector, by even/odd butterflies: 24 multiplications instead of 64, the same
+    integers."""
+    e0 = x0 + x7
+    e1 = x1 + x6
+    e2 = x2 + x5
+    e3 = x3 + x4
+    o0 = x0 - x7
+    o1 = x1 - x6
+    o2 = x2 - x5
+    o3 = x3 - x4
+    ee0 = e0 + e3
+    ee1 = e1 + e2
+    eo0 = e0 - e3
+    eo1 = e1 - e2
+    return (64 * (ee0 + ee1), 89 * o0 + 75 * o1 + 50 * o2 + 18 * o3, 83 * eo0 + 36 * eo1,
+            75 * o0 - 18 * o1 - 89 * o2 - 50 * o3, 64 * (ee0 - ee1), 50 * o0 - 89 * o1 + 18 * o2 + 75 * o3,
+            36 * eo0 - 83 * eo1, 18 * o0 - 50 * o1 + 75 * o2 - 89 * o3)
+
+
 @njit(cache=True, nogil=True)
 def transform_levels(src, inter, sy, sx, py, px, q4, levels, coef):
     """Encoder: levels (zig-zag order, into ``levels``) of the 8x8 block at (``sy``, ``sx``) of
     ``src`` less its prediction, ``inter`` from (``py``, ``px``); returns the last non-zero
     position, -1 if none. ``coef`` receives the forward transform (zig-zag order, 2^11 times the
     inverse's coefficient units)."""
-    a = np.empty((8, 8), np.int64)
-    for u in range(8):
+    d = np.empty((8, 8), np.int64)
+    for y in range(8):
         for x in range(8):
-            acc = 0
-            for y in range(8):
-                acc += DCT8[u, y] * (np.int64(src[sy + y, sx + x]) - np.int64(inter[py + y, px + x]))
-            a[u, x] = acc
+            d[y, x] = np.int64(src[sy + y, sx + x]) - np.int64(inter[py + y, px + x])
+    a = np.empty((8, 8), np.int64)  # columns transformed: a[u, x]
+    for x in range(8):
+        c = _dct8(d[0, x], d[1, x], d[2, x], d[3, x], d[4, x], d[5, x], d[6, x], d[7, x])
+        for u in range(8):
+            a[u, x] = c[u]
+    f = np.empty((8, 8), np.int64)  # then rows: f[u, v]
+    for u in range(8):
+        r = _dct8(a[u, 0], a[u, 1], a[u, 2], a[u, 3], a[u, 4], a[u, 5], a[u, 6], a[u, 7])
+        for v in range(8):
+            f[u, v] = r[v]
     div = 2048 * TC_SCALE * q4
     off = (div * TC_ROUNDING) >> 6
     last = -1
     for i in range(64):
-        u = ZIGZAG[i, 0]
-        v = ZIGZAG[i, 1]
-        f = 0
-        for x in range(8):
-            f += a[u, x] * DCT8[v, x]
-        coef[i] = f
-        k = (abs(f) + off) // div
-        levels[i] = -k if f < 0 else k
+        fi = f[ZIGZAG[i, 0], ZIGZAG[i, 1]]
+        coef[i] = fi
+        k = (abs(fi) + off) // div
+        levels[i] = -k if fi < 0 else k
         if k:
             last = i
     return last
