@@ -25,10 +25,14 @@ from palstream.codec.syntax import (
     OFFSET,
     PALETTE,
     SKIP,
+    TC_ROUNDING,
+    TC_SCALE,
+    TRANSFORM,
     VARIANT,
     chroma_motion,
     inter_prediction,
     motion_sample,
+    transform_levels,
 )
 
 PROPOSAL_BLOCK = 16  # leaf size whose many-coloured blocks get palettes from the PaletteGenerator
@@ -558,21 +562,63 @@ def _intra_skip_costs(err, cur, ref, has_ref, table, intra_raw, skip_raw, lev, b
     skip_raw[lev][by, bx] = sr
 
 
+@njit(cache=True, nogil=True)
+def _transform_cost(cur, pred, y0, x0, s, q4, lam, levels, coef):
+    """J of a block's luma residual coded by ``syntax.code_transform_block`` against prediction
+    ``pred``: squared error plus lambda times estimated bits (coded flag, last position, per level
+    up to it: significance, sign and the magnitude's ueg code). The error is measured on the
+    coefficients (the transform is orthogonal within 0.1 %), not on the reconstruction: that would
+    cost an inverse transform per block."""
+    step = TC_SCALE * q4  # a level, in the forward transform's units (16x orthonormal, after >> 11)
+    zero_bound = (step * (64 - TC_ROUNDING) / 64) ** 2 / 256.0 / 1.01
+    j = 0.0
+    for sy in range(0, s, 8):
+        for sx in range(0, s, 8):
+            sse = 0
+            for y in range(8):
+                for x in range(8):
+                    d = np.int64(cur[y0 + sy + y, x0 + sx + x]) - np.int64(pred[sy + y, sx + x])
+                    sse += d * d
+            if sse < zero_bound:  # no coefficient can reach a level: no transform needed
+                j += sse + lam * 0.3
+                continue
+            last = transform_levels(cur, pred, y0 + sy, x0 + sx, sy, sx, q4, levels, coef)
+            if last < 0:
+                j += sse + lam * 0.3
+                continue
+            bits = 5.0
+            err = 0.0
+            for i in range(64):
+                k = abs(levels[i])
+                e = abs(coef[i]) / 2048.0 - k * step
+                err += e * e
+                if i <= last:
+                    if k == 0:
+                        bits += 0.7
+                    else:
+                        bits += (1.0 if i < last else 0.0) + 2.0 + 2.0 * math.log2(k)
+            j += err / 256.0 + lam * bits
+    return j
+
+
 @njit(cache=True, nogil=True, inline="always")  # see decide
-def _price_inter(planes, field, cell_inter, below, table, lam, has_ref2, lev, by, bx, s, scratch, motion):
-    """RD cost of the block as an INTER leaf: (J, variant, luma offset) of its best candidate, whose
-    motion tuple goes into ``motion``; J is infinite where there is no candidate.
+def _price_inter(planes, field, cell_inter, below, table, lam, tq4, has_ref2, lev, by, bx, s, scratch, motion):
+    """RD cost of the block as an INTER leaf: (J, variant, luma offset, transform) of its best
+    candidate, whose motion tuple goes into ``motion``; J is infinite where there is no candidate.
 
     Candidates, each priced once: at 8x8 the cell's own motion with one reference and with two;
     above, the motion each INTER quadrant chose (``below``: the level below's modes and cell
     records) and the top-left cell's own single-reference motion. The best one then gets a luma
-    offset where that pays. ``planes``: (cur, med, ref, ref2), each (Y, Cb, Cr); ``cell_inter``:
-    each 8x8 cell's costs under its own motion (``_cell_inter_cost``)."""
+    offset where that pays. With ``tq4`` (the step, 0 where the chunk has no transform path), the
+    best candidate without a variant is priced with its luma residual transform-coded
+    (``_transform_cost``, no offset) too. ``planes``: (cur, med, ref, ref2), each (Y, Cb, Cr);
+    ``cell_inter``: each 8x8 cell's costs under its own motion (``_cell_inter_cost``)."""
     cur, med, ref, ref2 = planes
     below_mode, below_cells = below
-    tried, prediction, leaf_prediction, cost, jmot = scratch
+    tried, prediction, leaf_prediction, cost, jmot, motion0, levels, coef = scratch
     ntried = 0
     jinter = np.inf
+    jinter0 = np.inf  # the best candidate without a variant, for the transform path
     ivar = 0
     for qd in range(5 if lev > 0 else 2):
         if lev == 0:
@@ -617,6 +663,10 @@ def _price_inter(planes, field, cell_inter, below, table, lam, has_ref2, lev, by
                     _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, prediction, cost)
                     for v in range(4):
                         jmot[v] += cost[v]
+        if jmot[0] < jinter0:
+            jinter0 = jmot[0]
+            for i in range(5):
+                motion0[i] = mot[i]
         for v in range(4):
             if jmot[v] < jinter:
                 jinter = jmot[v]
@@ -624,14 +674,27 @@ def _price_inter(planes, field, cell_inter, below, table, lam, has_ref2, lev, by
                 for i in range(5):
                     motion[i] = mot[i]
     if jinter == np.inf:
-        return jinter, 0, 0
+        return jinter, 0, 0, 0
     mot = (motion[0], motion[1], motion[2], motion[3], motion[4])
     dc, delta = _offset_gain(cur[0], med[0], ref[0], ref2[0], table, lam, by * s, bx * s, s, mot, ivar, leaf_prediction)
     if delta < 0:
         jinter += delta
     else:
         dc = 0
-    return jinter, ivar, dc
+    if tq4 == 0:
+        return jinter, ivar, dc, 0
+    # the transform path replaces the luma residual's cost in the best variant-free candidate's J
+    y0 = by * s
+    x0 = bx * s
+    mot = (motion0[0], motion0[1], motion0[2], motion0[3], motion0[4])
+    pred = inter_prediction(ref[0], ref2[0], y0, x0, s, mot, leaf_prediction)
+    spatial = _offset_cost(cur[0], med[0], pred, table, lam, y0, x0, s, 0, 0)
+    jt = jinter0 - spatial + lam * 1.0 + _transform_cost(cur[0], pred, y0, x0, s, tq4, lam, levels, coef)
+    if jt < jinter:
+        for i in range(5):
+            motion[i] = motion0[i]
+        return jt, 0, 0, 1
+    return jinter, ivar, dc, 0
 
 
 @njit(cache=True, nogil=True, inline="always")  # see decide
@@ -687,6 +750,7 @@ class Pricing(NamedTuple):
     min_block: int
     max_block: int
     max_pal: int
+    tq4: int  # the step (quarter levels) of the transform path; 0 where the chunk has none (lossless)
 
 
 @njit(cache=True, nogil=True)
@@ -704,7 +768,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
     twenty arrays for little work per block, and the screen clip encoded 5-10 % slower per CPU
     second (``benchmarks/codec_ab.py``).
     """
-    table, lam, dweight, noise, min_block, max_block, max_pal = pricing
+    table, lam, dweight, noise, min_block, max_block, max_pal, tq4 = pricing
     h, w = cur[0].shape
     err_y, med_y = _intra_errors(cur[0], noise)
     err_u, med_u = _intra_errors(cur[1], noise)
@@ -731,7 +795,8 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
     # cost of each 8x8 cell under its own motion: [one / two refs][INTER variant]
     cell_inter = np.zeros((h // 8, w // 8, 2, 4))
     prediction = np.empty((2, 8, 8), np.int32)
-    inter_scratch = (np.empty((8, 5), np.int64), prediction, np.empty((2, 64, 64), np.int32), np.zeros(4), np.zeros(4))
+    inter_scratch = (np.empty((8, 5), np.int64), prediction, np.empty((2, 64, 64), np.int32), np.zeros(4), np.zeros(4),
+                     np.zeros(5, np.int64), np.zeros(64, np.int64), np.zeros(64, np.int64))
     imot = np.zeros(5, np.int64)
     clusters = (np.empty(MAX_PAL + 1, np.int64), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1),
                 np.empty(MAX_PAL + 1))
@@ -754,6 +819,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
                 bm = INTRA
                 bvar = 0
                 bdc = 0
+                btr = 0
                 if s >= min_block:
                     jbest, bvar = _price_intra(intra_raw[lev][by, bx], lam)
                     if has_ref:
@@ -763,13 +829,14 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
                             bm = SKIP
                             bvar = 0
                         below = (lmode[max(lev - 1, 0)], lcells[max(lev - 1, 0)])  # at level 0: unused
-                        jinter, ivar, dc = _price_inter(planes, field, cell_inter, below, table, lam, has_ref2, lev, by, bx, s,
-                                                        inter_scratch, imot)
+                        jinter, ivar, dc, tr = _price_inter(planes, field, cell_inter, below, table, lam, tq4, has_ref2, lev,
+                                                            by, bx, s, inter_scratch, imot)
                         if jinter < jbest:
                             jbest = jinter
                             bm = INTER
                             bvar = ivar
                             bdc = dc
+                            btr = tr
                     # a block holds at least as many colours as any of its quadrants
                     many = lev > 0 and (
                         toomany[lev - 1][2 * by, 2 * bx] or toomany[lev - 1][2 * by, 2 * bx + 1]
@@ -805,6 +872,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
                     cell[MV2_X] = imot[MV2_X]
                     cell[BI] = imot[BI]
                     cell[OFFSET] = bdc
+                    cell[TRANSFORM] = btr
                 cell[VARIANT] = bvar
     _write_out(lsplit, (lmode, lcells, lpy, lpyn, lpc, lpcn, lpgen), sizes, max_block, decisions)
 

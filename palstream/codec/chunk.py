@@ -150,7 +150,9 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, motion, control: 
     def decide(f, src, ref, ref2, decisions):
         rd_lambda = max(lam, 1.0) * (control.scale(f, recon[0]) if control else 1.0)
         table = analysis.residual_cost_table(q4, rnd4, rd_lambda, dweight)
-        pricing = analysis.Pricing(table, rd_lambda, dweight, noise, config.min_block, config.max_block, config.max_palette)
+        pricing = analysis.Pricing(
+            table, rd_lambda, dweight, noise, config.min_block, config.max_block, config.max_palette, q4 if q4 > 4 else 0
+        )
         analysis.decide(src, ref, ref2, f > 0, f > 1, motion[f], pricing, tuple(p[f] for p in proposals), decisions)
 
     recon = tuple(np.zeros_like(p) for p in padded)
@@ -158,7 +160,7 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, motion, control: 
     while True:
         buf = np.zeros(capacity, np.uint8)
         stats[...] = 0  # a retry into a larger buffer codes every leaf again
-        coding = syntax.Coding(q4, rounding, tol, config.min_block, config.max_block)
+        coding = syntax.Coding(q4, rounding, tol, config.min_block, config.max_block, q4 > 4)
         st = code_frames(True, buf, padded, recon, coding, decide, stats=stats)
         size = rangecoder.flush(st, buf)
         if size <= capacity:

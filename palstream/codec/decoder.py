@@ -17,7 +17,8 @@ from palstream.errors import ArchiveError
 from palstream.frames import Frames
 
 MAGIC = b"PSC1"
-VERSION = 3
+VERSION = 4  # what the encoder writes
+READABLE = (3, 4)  # version 3 is version 4 without the transform flag (storage/BITSTREAM.md)
 HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width, height, step*4, min, max, 0, body bytes
 FLAG_LOSSLESS = 1
 MAX_DIMENSION = 16384
@@ -112,8 +113,10 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None, m
     magic, version, flags, t, w, h, q4, min_block, max_block, reserved, body_len = HEADER.unpack_from(payload)
     if magic != MAGIC:
         raise BitstreamError("payload does not start with the palstream chunk magic 'PSC1'")
-    if version != VERSION:
-        raise BitstreamError(f"chunk bitstream version {version} is not supported (this decoder reads {VERSION})")
+    if version not in READABLE:
+        raise BitstreamError(
+            f"chunk bitstream version {version} is not supported (this decoder reads {', '.join(map(str, READABLE))})"
+        )
     if not (1 <= t <= MAX_FRAMES and 1 <= w <= MAX_DIMENSION and 1 <= h <= MAX_DIMENSION):
         raise BitstreamError(f"declared size {t} frames of {w}x{h} is out of range")
     if expected is not None and tuple(expected) != (t, h, w):
@@ -146,7 +149,7 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None, m
     buf = np.frombuffer(payload, np.uint8, offset=HEADER.size).copy()  # writable: one compiled coder for both directions
     stats = NO_STATS if modes is None else modes.new_counts()
     st = code_frames(
-        False, buf, None, recon, syntax.Coding(q4, (0,) * 5, 0, min_block, max_block), frames=t, emit=emit, stats=stats
+        False, buf, None, recon, syntax.Coding(q4, (0,) * 5, 0, min_block, max_block, version >= 4 and q4 > 4), frames=t, emit=emit, stats=stats
     )
     if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
         raise BitstreamError("chunk body ends before its frames are complete (truncated)")

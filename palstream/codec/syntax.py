@@ -34,18 +34,21 @@ MAX_PAL = 64
 # in the one order every motion value has: a motion tuple is (MV_Y, MV_X, MV2_Y, MV2_X, BI), the
 # half-pel vectors into the previous frame and into the one before, and whether the second is
 # used; the motion search's field holds the first four.
-MV_Y, MV_X, MV2_Y, MV2_X, BI, VARIANT, OFFSET = range(7)  # VARIANT: predictor variant; OFFSET: INTER luma offset
-CELL_FIELDS = 7
+# VARIANT: predictor variant; OFFSET: INTER luma offset; TRANSFORM: INTER luma residual coded by ``code_transform_block``
+MV_Y, MV_X, MV2_Y, MV2_X, BI, VARIANT, OFFSET, TRANSFORM = range(8)
+CELL_FIELDS = 8
 
 # Rows of the per-leaf statistics ``code_frame`` accumulates when asked (``palstream.codec.modes``
 # reads them): one per leaf mode (SKIP .. PALETTE), the quadtree's split flags (bits only), then
-# PALETTE leaves by luma palette size bucket, by chroma palette size bucket, and by where the
-# encoder's luma palette came from (exact clusters or the generator's proposal; encoder only).
+# PALETTE leaves by luma palette size bucket, by chroma palette size bucket, by where the
+# encoder's luma palette came from (exact clusters or the generator's proposal; encoder only), and
+# the INTER leaves whose luma is transform-coded.
 STAT_TREE = 4
 STAT_PAL_Y = 5  # + size bucket: 1, 2-4, 5-16, 17-64 entries
 STAT_PAL_C = 9
 STAT_PAL_SOURCE = 13  # + 0 exact, + 1 generated
-STAT_ROWS = 15
+STAT_TRANSFORM = 15
+STAT_ROWS = 16
 STAT_LEAVES, STAT_AREA, STAT_BITS = range(3)  # columns: leaves, luma pixels, bits
 
 
@@ -56,7 +59,7 @@ class Decisions(NamedTuple):
 
     leaf_size: np.ndarray  # int32 (h/8, w/8)
     mode: np.ndarray  # int32 (h/8, w/8): SKIP, INTER, INTRA or PALETTE
-    cells: np.ndarray  # int32 (h/8, w/8, CELL_FIELDS): motion, variant, offset (MV_Y .. OFFSET)
+    cells: np.ndarray  # int32 (h/8, w/8, CELL_FIELDS): motion, variant, offset, transform (MV_Y .. TRANSFORM)
     pal_y: np.ndarray  # int64 (h/8, w/8, MAX_PAL): sorted luma levels
     pal_yn: np.ndarray  # int32 (h/8, w/8): how many
     pal_c: np.ndarray  # int64 (h/8, w/8, MAX_PAL): sorted chroma keys Cb * 256 + Cr
@@ -82,6 +85,7 @@ class Coding(NamedTuple):
     tol: int  # encoder: distortion a palette index may add to repeat a neighbour's index
     min_block: int
     max_block: int
+    transform: bool  # INTER leaves carry a transform flag (bitstream 4 with a step above 1)
 
 
 class _Contexts:
@@ -116,6 +120,12 @@ CTX_RES_CODED = _c(4 * 3)  # sub-block 'has non-zero levels', by coded neighbour
 CTX_RES_ZERO = _c(4 * 48)  # neighbour magnitudes (6) x activity (4) x previous frame's level (2)
 CTX_RES_SIGN = _c(4 * 9)  # signs of the left and top levels
 CTX_RES_MAG = _c(4 * 6 * UEG_CONTEXTS)
+# transform path (INTER luma, bitstream 4)
+CTX_TRANSFORM = _c(3)  # by neighbours using it
+CTX_TC_CODED = _c(3)  # 8x8 block has non-zero levels, by neighbours' levels (as RES_CODED)
+CTX_TC_LAST = _c(64)  # zig-zag position of the last non-zero level: a 6-bit tree
+CTX_TC_SIG = _c(7 * 3)  # frequency band x non-zero levels among the two coded before
+CTX_TC_MAG = _c(3 * 3 * UEG_CONTEXTS)  # DC / low / high band x levels above 1 coded before (0, 1, 2+)
 # palettes: [component class 2]
 CTX_PAL_REUSE = _c(2 * 2)
 CTX_PAL_NEW = _c(2 * UEG_CONTEXTS)
@@ -316,7 +326,8 @@ def _sub_block_is_zero(src, rec, mode, variant, wm, inter, y0, x0, size, sy, sx,
 
 @njit(cache=True, nogil=True)
 def code_residual_block(
-    enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y0, x0, size, q4, rounding, mode, variant, plane_class, mot, dc
+    enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y0, x0, size, q4, rounding, mode, variant, plane_class, mot, dc,
+    transform,
 ):
     """Quantised prediction residual of one block of one plane: its 'palette of residual levels'.
 
@@ -327,7 +338,8 @@ def code_residual_block(
     a flag for 'all levels zero'; otherwise each level k (residual in steps of q4/4, rounded
     toward zero by the encoder's ``rounding``) is coded as zero flag, sign, magnitude - 1. The encoder
     rounds with ``rounding[j]`` (quarter levels) where j of the left, top, top-left and top-right
-    levels are non-zero: there a level is cheaper to code.
+    levels are non-zero: there a level is cheaper to code. With ``transform`` (INTER luma, variant
+    0) the residual is coded by ``code_transform_block`` instead.
     """
     cls = plane_class * 2 + (1 if mode == INTRA else 0)
     sub = min(size, 8 if plane_class == 0 else 4)
@@ -339,6 +351,9 @@ def code_residual_block(
         for y in range(size):
             for x in range(size):
                 inter[y, x] = _clamp(inter[y, x] + dc, 0, 255)
+    if transform:
+        code_transform_block(enc, st, buf, probs, src, rec, kmap, inter, y0, x0, size, q4)
+        return
     for sy in range(y0, y0 + size, sub):
         for sx in range(x0, x0 + size, sub):
             # context: does the sub-block to the left / above hold a non-zero level next to this one
@@ -392,6 +407,162 @@ def code_residual_block(
                             k = 0
                     rec[y, x] = _clamp(pred + dequantise(k, q4), 0, 255)
                     kmap[y, x] = _clamp(k, -15, 15)
+
+
+# Transform path (bitstream 4): HEVC's 8-point integer DCT; row u holds basis function u. Its rows
+# are orthogonal with squared norms within 0.1 % of 2^15, so the two inverse stages' shifts (7, 12)
+# undo a forward transform scaled by 2^-11 and make a coefficient 16x its orthonormal value.
+DCT8 = np.array([
+    [64, 64, 64, 64, 64, 64, 64, 64],
+    [89, 75, 50, 18, -18, -50, -75, -89],
+    [83, 36, -36, -83, -83, -36, 36, 83],
+    [75, -18, -89, -50, 50, 89, 18, -75],
+    [64, -64, -64, 64, 64, -64, -64, 64],
+    [50, -89, 18, 75, -75, -18, 89, -50],
+    [36, -83, 83, -36, -36, 83, -83, 36],
+    [18, -50, 75, -89, 89, -75, 50, -18],
+], np.int64)
+
+
+def _zigzag(n: int) -> np.ndarray:
+    """(row, column) of each position of the JPEG zig-zag scan of an n x n block."""
+    order = sorted(((y, x) for y in range(n) for x in range(n)), key=lambda p: (p[0] + p[1], p[0] if (p[0] + p[1]) % 2 else p[1]))
+    return np.array(order, np.int64)
+
+
+ZIGZAG = _zigzag(8)
+# frequency band of each zig-zag position for the significance contexts: 0, 1-2, 3-5, 6-9, 10-14, 15-27, 28-63
+TC_BAND = np.array([0] + [1] * 2 + [2] * 3 + [3] * 4 + [4] * 5 + [5] * 13 + [6] * 36, np.int64)
+TC_SCALE = 4  # a level is worth TC_SCALE * q4 coefficient units: the orthonormal step is the spatial step q4/4
+TC_ROUNDING = 11  # encoder: levels round toward zero by this many 64ths of a step (HEVC's inter dead zone, 1/6)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _dct8(x0, x1, x2, x3, x4, x5, x6, x7):
+    """``DCT8`` times a vector, by even/odd butterflies: 24 multiplications instead of 64, the same
+    integers."""
+    e0 = x0 + x7
+    e1 = x1 + x6
+    e2 = x2 + x5
+    e3 = x3 + x4
+    o0 = x0 - x7
+    o1 = x1 - x6
+    o2 = x2 - x5
+    o3 = x3 - x4
+    ee0 = e0 + e3
+    ee1 = e1 + e2
+    eo0 = e0 - e3
+    eo1 = e1 - e2
+    return (64 * (ee0 + ee1), 89 * o0 + 75 * o1 + 50 * o2 + 18 * o3, 83 * eo0 + 36 * eo1,
+            75 * o0 - 18 * o1 - 89 * o2 - 50 * o3, 64 * (ee0 - ee1), 50 * o0 - 89 * o1 + 18 * o2 + 75 * o3,
+            36 * eo0 - 83 * eo1, 18 * o0 - 50 * o1 + 75 * o2 - 89 * o3)
+
+
+@njit(cache=True, nogil=True)
+def transform_levels(src, inter, sy, sx, py, px, q4, levels, coef):
+    """Encoder: levels (zig-zag order, into ``levels``) of the 8x8 block at (``sy``, ``sx``) of
+    ``src`` less its prediction, ``inter`` from (``py``, ``px``); returns the last non-zero
+    position, -1 if none. ``coef`` receives the forward transform (zig-zag order, 2^11 times the
+    inverse's coefficient units)."""
+    d = np.empty((8, 8), np.int64)
+    for y in range(8):
+        for x in range(8):
+            d[y, x] = np.int64(src[sy + y, sx + x]) - np.int64(inter[py + y, px + x])
+    a = np.empty((8, 8), np.int64)  # columns transformed: a[u, x]
+    for x in range(8):
+        c = _dct8(d[0, x], d[1, x], d[2, x], d[3, x], d[4, x], d[5, x], d[6, x], d[7, x])
+        for u in range(8):
+            a[u, x] = c[u]
+    f = np.empty((8, 8), np.int64)  # then rows: f[u, v]
+    for u in range(8):
+        r = _dct8(a[u, 0], a[u, 1], a[u, 2], a[u, 3], a[u, 4], a[u, 5], a[u, 6], a[u, 7])
+        for v in range(8):
+            f[u, v] = r[v]
+    div = 2048 * TC_SCALE * q4
+    off = (div * TC_ROUNDING) >> 6
+    last = -1
+    for i in range(64):
+        fi = f[ZIGZAG[i, 0], ZIGZAG[i, 1]]
+        coef[i] = fi
+        k = (abs(fi) + off) // div
+        levels[i] = -k if fi < 0 else k
+        if k:
+            last = i
+    return last
+
+
+@njit(cache=True, nogil=True)
+def inverse_transform(levels, last, q4, out):
+    """Residual of an 8x8 block from its levels (zig-zag order, none after ``last``) into ``out``:
+    dequantised coefficients limited to 16 bits, columns then rows, each stage rounded and shifted."""
+    coef = np.zeros((8, 8), np.int64)
+    for i in range(last + 1):
+        coef[ZIGZAG[i, 0], ZIGZAG[i, 1]] = _clamp(levels[i] * TC_SCALE * q4, -32768, 32767)
+    t = np.empty((8, 8), np.int64)
+    for v in range(8):
+        for y in range(8):
+            acc = 0
+            for u in range(8):
+                acc += DCT8[u, y] * coef[u, v]
+            t[y, v] = _clamp((acc + 64) >> 7, -32768, 32767)
+    for y in range(8):
+        for x in range(8):
+            acc = 0
+            for v in range(8):
+                acc += t[y, v] * DCT8[v, x]
+            out[y, x] = (acc + 2048) >> 12
+
+
+@njit(cache=True, nogil=True)
+def code_transform_block(enc, st, buf, probs, src, rec, kmap, inter, y0, x0, size, q4):
+    """Transform-coded luma residual of an INTER leaf whose prediction is ``inter``: 8x8 blocks in
+    raster order, each a coded flag, then the last non-zero zig-zag position and the levels from
+    there back to DC (significance, sign, magnitude - 1). The kmap gets each sample's residual in
+    spatial levels (|r| * 4 // q4, limited to 15), which is what neighbours' contexts expect."""
+    levels = np.zeros(64, np.int64)
+    coef = np.empty(64, np.int64)
+    res = np.empty((8, 8), np.int64)
+    for sy in range(y0, y0 + size, 8):
+        for sx in range(x0, x0 + size, 8):
+            nzl = 0
+            nzt = 0
+            for i in range(8):
+                if sx > 0 and kmap[sy + i, sx - 1] != 0:
+                    nzl = 1
+                if sy > 0 and kmap[sy - 1, sx + i] != 0:
+                    nzt = 1
+            last = transform_levels(src, inter, sy, sx, sy - y0, sx - x0, q4, levels, coef) if enc else -1
+            if not code_bit(enc, st, buf, probs, CTX_TC_CODED + nzl + nzt, 1 if last >= 0 else 0):
+                rec[sy:sy + 8, sx:sx + 8] = inter[sy - y0:sy - y0 + 8, sx - x0:sx - x0 + 8]
+                kmap[sy:sy + 8, sx:sx + 8] = 0
+                continue
+            last = code_tree(enc, st, buf, probs, CTX_TC_LAST - 1, 6, last)
+            if not enc:
+                levels[:] = 0
+            big = 0  # levels above 1 coded so far
+            for i in range(last, -1, -1):
+                k = levels[i]
+                nz = 1
+                if i < last:
+                    near = (1 if levels[i + 1] else 0) + (1 if i + 2 <= last and levels[i + 2] else 0)
+                    nz = code_bit(enc, st, buf, probs, CTX_TC_SIG + TC_BAND[i] * 3 + near, 1 if k else 0)
+                if nz:
+                    neg = code_bypass(enc, st, buf, 1 if k < 0 else 0)
+                    band = 0 if i == 0 else (1 if i < 10 else 2)
+                    mag = code_ueg(enc, st, buf, probs, CTX_TC_MAG + (band * 3 + min(big, 2)) * UEG_CONTEXTS, abs(k) - 1) + 1
+                    if mag > 1:
+                        big += 1
+                    k = -mag if neg else mag
+                else:
+                    k = 0
+                levels[i] = k
+            inverse_transform(levels, last, q4, res)
+            for y in range(8):
+                for x in range(8):
+                    r = res[y, x]
+                    rec[sy + y, sx + x] = _clamp(np.int64(inter[sy - y0 + y, sx - x0 + x]) + r, 0, 255)
+                    k = min((4 * abs(r)) // q4, 15)
+                    kmap[sy + y, sx + x] = -k if r < 0 else k
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -639,9 +810,11 @@ def _size_bucket(n):
 @njit(cache=True, nogil=True)
 def _count_leaf(enc, stats, decisions, cy8, cx8, s, bits):
     """Add a coded leaf to ``stats`` (rows ``STAT_*``): its mode, area and bits, and a PALETTE leaf's
-    palette sizes and, encoding, where its luma palette came from."""
+    palette sizes and, encoding, where its luma palette came from; an INTER leaf's transform path."""
     m = decisions.mode[cy8, cx8]
     _add_row(stats, m, s, bits)
+    if m == INTER and decisions.cells[cy8, cx8, TRANSFORM]:
+        _add_row(stats, STAT_TRANSFORM, s, bits)
     if m == PALETTE:
         _add_row(stats, STAT_PAL_Y + _size_bucket(decisions.pal_yn[cy8, cx8]), s, bits)
         _add_row(stats, STAT_PAL_C + _size_bucket(decisions.pal_cn[cy8, cx8]), s, bits)
@@ -679,7 +852,7 @@ def _code_leaf(
     enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, has_ref2, coding, decisions, predictors,
     y0, x0, s,
 ):
-    """One leaf of size ``s`` at luma (``y0``, ``x0``): its mode, motion, variant and offset, then
+    """One leaf of size ``s`` at luma (``y0``, ``x0``): its mode, motion, variant, offset and transform flag, then
     its samples (``code_frame`` describes the arguments)."""
     mode = decisions.mode
     cells = decisions.cells
@@ -747,6 +920,10 @@ def _code_leaf(
     if m == INTER:
         ndc = (1 if left_is == INTER and left[OFFSET] else 0) + (1 if top_is == INTER and top[OFFSET] else 0)
         dc = _code_signed(enc, st, buf, probs, CTX_DC_ZERO + ndc, CTX_DC_MAG, this[OFFSET] if enc else 0)
+    tr = 0
+    if m == INTER and variant == 0 and coding.transform:
+        ntr = (1 if left_is == INTER and left[TRANSFORM] else 0) + (1 if top_is == INTER and top[TRANSFORM] else 0)
+        tr = code_bit(enc, st, buf, probs, CTX_TRANSFORM + ntr, this[TRANSFORM] if enc else 0)
     for yy in range(cy8, cy8 + n8):
         for xx in range(cx8, cx8 + n8):
             decisions.leaf_size[yy, xx] = s
@@ -758,6 +935,7 @@ def _code_leaf(
             cells[yy, xx, BI] = bi
             cells[yy, xx, VARIANT] = variant
             cells[yy, xx, OFFSET] = dc
+            cells[yy, xx, TRANSFORM] = tr
     src_y, src_u, src_v = src
     rec_y, rec_u, rec_v = rec
     ref_y, ref_u, ref_v = ref
@@ -805,12 +983,12 @@ def _code_leaf(
         rounding = coding.rounding
         mot = (np.int64(mvy), np.int64(mvx), np.int64(my2), np.int64(mx2), np.int64(bi))
         code_residual_block(
-            enc, st, buf, probs, src_y, rec_y, ref_y, ref2_y, kmap_y, kprev_y, y0, x0, s, q4, rounding, m, variant, 0, mot, dc
+            enc, st, buf, probs, src_y, rec_y, ref_y, ref2_y, kmap_y, kprev_y, y0, x0, s, q4, rounding, m, variant, 0, mot, dc, tr
         )
         cmot = chroma_motion(mot)
         code_residual_block(
-            enc, st, buf, probs, src_u, rec_u, ref_u, ref2_u, kmap_u, kprev_u, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot, 0
+            enc, st, buf, probs, src_u, rec_u, ref_u, ref2_u, kmap_u, kprev_u, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot, 0, 0
         )
         code_residual_block(
-            enc, st, buf, probs, src_v, rec_v, ref_v, ref2_v, kmap_v, kprev_v, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot, 0
+            enc, st, buf, probs, src_v, rec_v, ref_v, ref2_v, kmap_v, kprev_v, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot, 0, 0
         )
