@@ -44,6 +44,11 @@ class Unit:
     count: int
 
 
+def _plan_json(data: dict) -> dict:
+    """An input's entry as the plan file holds it: ``path`` absent when None, as version 1 plans wrote it."""
+    return data if data["path"] is not None else {k: v for k, v in data.items() if k != "path"}
+
+
 @dataclass(frozen=True, slots=True)
 class PlannedSource:
     """One accepted input as the plan records it.
@@ -77,9 +82,8 @@ class PlannedSource:
 
     def to_dict(self) -> dict:
         """The plan file's JSON form (``path`` absent when None, as version 1 plans wrote it)."""
-        data = {"url": self.url, "path": self.path, "archive": self.archive, "info": self.info.to_dict(),
-                "units": [list(unit) for unit in self.units]}
-        return data if self.path is not None else {k: v for k, v in data.items() if k != "path"}
+        return _plan_json({"url": self.url, "path": self.path, "archive": self.archive, "info": self.info.to_dict(),
+                           "units": [list(unit) for unit in self.units]})
 
     @property
     def name(self) -> str:
@@ -111,8 +115,7 @@ class RejectedSource:
 
     def to_dict(self) -> dict:
         """The plan file's JSON form (``path`` absent when None, as version 1 plans wrote it)."""
-        data = {"url": self.url, "path": self.path, "reason": self.reason}
-        return data if self.path is not None else {k: v for k, v in data.items() if k != "path"}
+        return _plan_json({"url": self.url, "path": self.path, "reason": self.reason})
 
     @property
     def name(self) -> str:
