@@ -37,6 +37,8 @@ from palstream.codec.syntax import (
 
 PROPOSAL_BLOCK = 16  # leaf size whose many-coloured blocks get palettes from the PaletteGenerator
 INDEX_RATE_SCALE = 1.25  # the contexts adapt across blocks, so an index map costs more than its entropy
+ESCAPE_BITS = 6.0  # what an escape costs beyond an index, about: a sample farther than this many bits' worth of error escapes
+DOMINANT = 8  # the most frequent values a palette with escapes starts from
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -518,7 +520,81 @@ def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys, c
         # the index; a pixel that repeats a neighbour, -log2 of that frequency (adaptive contexts)
         r = min(max(trans / npx, 0.5 / npx), 0.5)
         rate += INDEX_RATE_SCALE * (trans * (math.log2(u) - math.log2(r)) - (npx - trans) * math.log2(1.0 - r))
-    return dweight * dist + lam * rate, u
+    return dweight * dist + lam * rate, u, rate
+
+
+@njit(cache=True, nogil=True)
+def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, counts, seen, cc, su, sv, qq):
+    """The block's ``most`` most frequent values (seen at least twice) as clusters, ascending,
+    into the scratch ``cc, su, sv, qq`` as ``_exact_clusters`` does, each holding the values within
+    ``esc_tol`` (squared error) of it; every other sample is an escape (``syntax._code_escape``).
+    Returns (n, escaped samples, their bits and squared error, estimated); n = 0 where more than
+    half the samples would escape. ``counts``: zeroed scratch indexed by key, left zeroed;
+    ``seen``: room for s * s keys."""
+    n = 0
+    for y in range(y0, y0 + s):
+        for x in range(x0, x0 + s):
+            k = keys2d[y, x]
+            if counts[k] == 0:
+                seen[n] = k
+                n += 1
+            counts[k] += 1
+    # pick the dominant values, marking them by a negative count
+    nd = 0
+    dom = np.empty(DOMINANT, np.int64)
+    while nd < most:
+        bi = -1
+        bc = 1
+        for i in range(n):
+            c = counts[seen[i]]
+            if c > bc:
+                bc = c
+                bi = i
+        if bi < 0:
+            break
+        dom[nd] = seen[bi]
+        counts[seen[bi]] = -bc
+        nd += 1
+    _sort_prefix(dom, nd)
+    for j in range(nd):
+        cc[j] = 0.0
+        su[j] = 0.0
+        sv[j] = 0.0
+        qq[j] = 0.0
+    nesc = 0
+    bits = 0.0
+    step = q4 / 4.0
+    for i in range(n):
+        k = seen[i]
+        c = abs(counts[k])
+        counts[k] = 0
+        u = float(k >> 8) if two else float(k)
+        v = float(k & 255) if two else 0.0
+        best = 0
+        bestd = np.inf
+        for j in range(nd):
+            du = u - (float(dom[j] >> 8) if two else float(dom[j]))
+            dv = v - (float(dom[j] & 255) if two else 0.0)
+            d = du * du + dv * dv
+            if d < bestd:
+                best = j
+                bestd = d
+        if nd > 0 and bestd <= esc_tol:
+            cc[best] += c
+            su[best] += u * c
+            sv[best] += v * c
+            qq[best] += (u * u + v * v) * c
+        else:
+            # MED mostly predicts a fringe sample from a neighbouring dominant value: a level of about
+            # that distance, zero flag + sign + magnitude's ueg code (per component)
+            level = max(math.sqrt(bestd) / step, 1.0) if nd > 0 else 16.0
+            bits += c * ((2.0 if two else 1.0) * (3.2 + 2.0 * math.log2(level)) + 1.0)
+            nesc += c
+    if nd == 0 or 2 * nesc > s * s:
+        return 0, 0, 0.0, 0.0
+    # rounding to the nearest step: uniform error of step^2 / 12 per component; none at step 1
+    err = 0.0 if q4 == 4 else (2.0 if two else 1.0) * step * step / 12.0
+    return nd, nesc, bits, err * nesc
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -697,47 +773,88 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, has_ref2, le
     return jinter, ivar, dc, 0
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _best_palette(keys2d, changes, y0, x0, s, two, many, max_pal, esc_tol, q4, lam, dweight, scratch, out):
+    """RD-best palette of one component of a block: (J, size, estimated bits, too many colours for
+    an exact palette); size 0 means none. Candidates: exact (one cluster per distinct value, merged
+    by ``_price_palette``) unless ``many`` or too many distinct values, and, where the block has
+    more distinct values than ``DOMINANT``, its dominant values with escapes (``_dominant_clusters``)."""
+    counts, seen, clusters, centres, cand = scratch
+    _, cc, su, sv, qq = clusters
+    npx = s * s
+    j = np.inf
+    size = 0
+    rate = 0.0
+    n = 0
+    if not many:
+        n, tr = _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, *clusters)
+        if n > 0:
+            j, size, rate = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, npx, two, lam, dweight, out, centres)
+    too_many = n == 0
+    if too_many or n > DOMINANT:
+        nd, nesc, ebits, edist = _dominant_clusters(keys2d, y0, x0, s, two, min(max_pal, DOMINANT), esc_tol, q4, counts, seen, cc, su, sv, qq)
+        if nd > 0:
+            tr = _transitions(changes, y0, x0, s)
+            je, ne, re = _price_palette(nd, cc[:nd], su[:nd], sv[:nd], qq[:nd], tr, npx - nesc, two, lam, dweight, cand,
+                                        centres)
+            re += 1.0 + ebits  # the escape flag, the escapes
+            je += lam * (1.0 + ebits) + dweight * edist
+            if je < j:
+                j = je
+                size = ne
+                rate = re
+                out[:ne] = cand[:ne]
+    return j, size, rate, too_many
+
+
 @njit(cache=True, nogil=True, inline="always")  # see decide
-def _price_palette_leaf(keys, changes, proposals, lam, dweight, max_pal, many, by, bx, s, scratch, out_y, out_c):
+def _price_palette_leaf(keys, changes, proposals, pricing, many, by, bx, s, scratch, out_y, out_c):
     """RD cost of the block as a PALETTE leaf, with its palettes' sorted keys in ``out_y`` and
     ``out_c``: (J, luma palette size, chroma palette size, too many colours for exact palettes,
-    the palettes are the generator's); sizes of 0 mean no palette leaf.
+    the palettes are the generator's, estimated bits); sizes of 0 mean no palette leaf.
 
-    Exact palettes (one cluster per distinct value, merged by ``_price_palette``) unless the block
-    has too many distinct values (``many``: a quadrant had); then, for a PROPOSAL_BLOCK block, the
-    generator's proposal. ``keys``, ``changes``: luma and chroma keys of the frame and their
+    Each component's palette is ``_best_palette``'s; where the luma has too many distinct values
+    for an exact palette and the block is a PROPOSAL_BLOCK one, the generator's proposal competes
+    with them. ``keys``, ``changes``: luma and chroma keys of the frame and their
     ``_change_sums``; ``proposals``: (luma keys, count, chroma keys, count) per 16x16 block."""
     keys_y, keys_c = keys
     changes_y, changes_c = changes
     prop_y, prop_yn, prop_c, prop_cn = proposals
-    counts, clusters, centres = scratch
-    _, cc, su, sv, qq = clusters
+    lam = pricing.lam
+    dweight = pricing.dweight
+    max_pal = pricing.max_pal
+    esc_tol = pricing.esc_tol
+    q4 = pricing.q4
+    centres = scratch[3]
+    cand = scratch[4]
     y0 = by * s
     x0 = bx * s
     c0y = y0 // 2
     c0x = x0 // 2
     cs = s // 2
-    ny = 0
     nc = 0
-    jy = np.inf
     jc = np.inf
-    if not many:
-        n, tr = _exact_clusters(keys_y, changes_y, y0, x0, s, False, max_pal, counts, *clusters)
-        if n > 0:
-            jy, ny = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, s * s, False, lam, dweight, out_y, centres)
+    rc = 0.0
+    jy, ny, ry, many_y = _best_palette(keys_y, changes_y, y0, x0, s, False, many, max_pal, esc_tol, q4, lam, dweight,
+                                       scratch, out_y)
     if ny > 0:
-        n, tr = _exact_clusters(keys_c, changes_c, c0y, c0x, cs, True, max_pal, counts, *clusters)
-        if n > 0:
-            jc, nc = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, cs * cs, True, lam, dweight, out_c, centres)
-    too_many = ny == 0 or nc == 0
-    generated = ny == 0 and s == PROPOSAL_BLOCK and prop_yn[by, bx] > 0
-    if generated:
-        # many distinct values: price the palette the generator proposed instead
+        jc, nc, rc, many_c = _best_palette(keys_c, changes_c, c0y, c0x, cs, True, many, max_pal, 2 * esc_tol, q4, lam, dweight,
+                                           scratch, out_c)
+        many_y = many_y or many_c
+    generated = False
+    if many_y and s == PROPOSAL_BLOCK and prop_yn[by, bx] > 0:
+        # many distinct values: price the palettes the generator proposed too
         n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx])
-        jy, ny = _price_palette(n, pcc, psu, psv, pqq, tr, s * s, False, lam, dweight, out_y, centres)
+        gy, gny, gry = _price_palette(n, pcc, psu, psv, pqq, tr, s * s, False, lam, dweight, cand, centres)
+        tmp = np.empty(MAX_PAL, np.int64)
         n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx])
-        jc, nc = _price_palette(n, pcc, psu, psv, pqq, tr, cs * cs, True, lam, dweight, out_c, centres)
-    return jy + jc + lam * 2.0, ny, nc, too_many, generated
+        gc, gnc, grc = _price_palette(n, pcc, psu, psv, pqq, tr, cs * cs, True, lam, dweight, tmp, centres)
+        if gy + gc < jy + jc:
+            generated = True
+            jy, ny, ry, jc, nc, rc = gy, gny, gry, gc, gnc, grc
+            out_y[:ny] = cand[:ny]
+            out_c[:nc] = tmp[:nc]
+    return jy + jc + lam * 2.0, ny, nc, many_y, generated, ry + rc + 2.0
 
 
 class Pricing(NamedTuple):
@@ -751,6 +868,8 @@ class Pricing(NamedTuple):
     max_block: int
     max_pal: int
     tq4: int  # the step (quarter levels) of the transform path; 0 where the chunk has none (lossless)
+    q4: int  # the chunk's step, quarter levels
+    esc_tol: int  # squared error above which a palette sample escapes (``syntax.Coding.esc_tol``)
 
 
 @njit(cache=True, nogil=True)
@@ -768,7 +887,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
     twenty arrays for little work per block, and the screen clip encoded 5-10 % slower per CPU
     second (``benchmarks/codec_ab.py``).
     """
-    table, lam, dweight, noise, min_block, max_block, max_pal, tq4 = pricing
+    table, lam, dweight, noise, min_block, max_block, max_pal, tq4, _, _ = pricing
     h, w = cur[0].shape
     err_y, med_y = _intra_errors(cur[0], noise)
     err_u, med_u = _intra_errors(cur[1], noise)
@@ -789,6 +908,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
     lpc = [np.empty((h // s, w // s, MAX_PAL), np.int64) for s in (8, 16, 32, 64)]
     lpcn = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
     lpgen = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
+    lpbits = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
     toomany = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     intra_raw = [np.zeros((h // s, w // s, 2)) for s in (8, 16, 32, 64)]  # per predictor variant
     skip_raw = [np.zeros((h // s, w // s), np.int64) for s in (8, 16, 32, 64)]
@@ -801,7 +921,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
     clusters = (np.empty(MAX_PAL + 1, np.int64), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1),
                 np.empty(MAX_PAL + 1))
     centres = (np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1, np.bool_))
-    palette_scratch = (np.zeros(65536, np.int32), clusters, centres)
+    palette_scratch = (np.zeros(65536, np.int32), np.empty(4096, np.int64), clusters, centres, np.empty(MAX_PAL, np.int64))
     tmp_y = np.empty(MAX_PAL, np.int64)
     tmp_c = np.empty(MAX_PAL, np.int64)
     for lev in range(nlev):
@@ -842,8 +962,8 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
                         toomany[lev - 1][2 * by, 2 * bx] or toomany[lev - 1][2 * by, 2 * bx + 1]
                         or toomany[lev - 1][2 * by + 1, 2 * bx] or toomany[lev - 1][2 * by + 1, 2 * bx + 1]
                     )
-                    jpal, ny, nc, too_many, generated = _price_palette_leaf(
-                        keys, changes, proposals, lam, dweight, max_pal, many, by, bx, s, palette_scratch, tmp_y, tmp_c
+                    jpal, ny, nc, too_many, generated, pbits = _price_palette_leaf(
+                        keys, changes, proposals, pricing, many, by, bx, s, palette_scratch, tmp_y, tmp_c
                     )
                     toomany[lev][by, bx] = too_many
                     if nc > 0 and jpal < jbest:
@@ -855,6 +975,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
                         lpc[lev][by, bx, :nc] = tmp_c[:nc]
                         lpcn[lev][by, bx] = nc
                         lpgen[lev][by, bx] = generated
+                        lpbits[lev][by, bx] = pbits
                 if lev > 0 and s > min_block:
                     below_best = best[lev - 1]
                     js = (below_best[2 * by, 2 * bx] + below_best[2 * by, 2 * bx + 1] + below_best[2 * by + 1, 2 * bx]
@@ -874,7 +995,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
                     cell[OFFSET] = bdc
                     cell[TRANSFORM] = btr
                 cell[VARIANT] = bvar
-    _write_out(lsplit, (lmode, lcells, lpy, lpyn, lpc, lpcn, lpgen), sizes, max_block, decisions)
+    _write_out(lsplit, (lmode, lcells, lpy, lpyn, lpc, lpcn, lpgen, lpbits), sizes, max_block, decisions)
 
 
 @njit(cache=True, nogil=True)
@@ -882,8 +1003,9 @@ def _write_out(split, leaves, sizes, max_block, decisions):
     """The chosen quadtree into the per-cell ``decisions``, top-down, one max_block-sized block at
     a time (as the syntax visits them), so the stack holds one block's subtree, never the frame's:
     each level below the top adds at most 3 entries. ``leaves``: per level, the leaf's mode, cell
-    record, palettes (keys, count; luma then chroma) and whether they are the generator's."""
-    lmode, lcells, lpy, lpyn, lpc, lpcn, lpgen = leaves
+    record, palettes (keys, count; luma then chroma), whether they are the generator's and their
+    estimated bits."""
+    lmode, lcells, lpy, lpyn, lpc, lpcn, lpgen, lpbits = leaves
     top = 0
     while top < len(sizes) - 1 and sizes[top] < max_block:
         top += 1
@@ -924,3 +1046,4 @@ def _write_out(split, leaves, sizes, max_block, decisions):
                 decisions.pal_cn[cy8, cx8] = nc
                 decisions.pal_c[cy8, cx8, :nc] = lpc[lev][by, bx, :nc]
                 decisions.pal_gen[cy8, cx8] = lpgen[lev][by, bx]
+                decisions.pal_bits[cy8, cx8] = lpbits[lev][by, bx]

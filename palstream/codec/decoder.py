@@ -17,8 +17,8 @@ from palstream.errors import ArchiveError
 from palstream.frames import Frames
 
 MAGIC = b"PSC1"
-VERSION = 4  # what the encoder writes
-READABLE = (3, 4)  # version 3 is version 4 without the transform flag (storage/BITSTREAM.md)
+VERSION = 5  # what the encoder writes
+READABLE = (3, 4, 5)  # version 4 is version 5 without escapes, 3 is 4 without the transform flag (storage/BITSTREAM.md)
 HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width, height, step*4, min, max, 0, body bytes
 FLAG_LOSSLESS = 1
 MAX_DIMENSION = 16384
@@ -149,7 +149,8 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None, m
     buf = np.frombuffer(payload, np.uint8, offset=HEADER.size).copy()  # writable: one compiled coder for both directions
     stats = NO_STATS if modes is None else modes.new_counts()
     st = code_frames(
-        False, buf, None, recon, syntax.Coding(q4, (0,) * 5, 0, min_block, max_block, version >= 4 and q4 > 4), frames=t, emit=emit, stats=stats
+        False, buf, None, recon, syntax.Coding(q4, (0,) * 5, 0, min_block, max_block, version >= 4 and q4 > 4, version >= 5, 0), frames=t,
+        emit=emit, stats=stats,
     )
     if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
         raise BitstreamError("chunk body ends before its frames are complete (truncated)")
