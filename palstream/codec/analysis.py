@@ -11,9 +11,24 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
+from palstream.codec.rangecoder import UEG_CONTEXTS
 from palstream.codec.syntax import (
     BI,
     CELL_FIELDS,
+    CTX_ESC_MAG,
+    CTX_ESC_ZERO,
+    CTX_IDX_LEFT,
+    CTX_IDX_TOP,
+    CTX_INTER,
+    CTX_PAL_CR_MAG,
+    CTX_PAL_CR_ZERO,
+    CTX_PAL_DELTA,
+    CTX_PAL_ESCAPE,
+    CTX_PAL_FIRST,
+    CTX_PAL_NEW,
+    CTX_PAL_REUSE,
+    CTX_PALETTE,
+    CTX_SKIP,
     INTER,
     INTRA,
     MAX_PAL,
@@ -29,6 +44,7 @@ from palstream.codec.syntax import (
     TC_SCALE,
     TRANSFORM,
     VARIANT,
+    _key_distance,
     chroma_motion,
     inter_prediction,
     motion_sample,
@@ -36,7 +52,6 @@ from palstream.codec.syntax import (
 )
 
 PROPOSAL_BLOCK = 16  # leaf size whose many-coloured blocks get palettes from the PaletteGenerator
-INDEX_RATE_SCALE = 1.25  # the contexts adapt across blocks, so an index map costs more than its entropy
 ESCAPE_BITS = 6.0  # what an escape costs beyond an index, about: a sample farther than this many bits' worth of error escapes
 DOMINANT = 8  # the most frequent values a palette with escapes starts from
 
@@ -383,6 +398,156 @@ def _transitions(changes, y0, x0, s):
 
 
 @njit(cache=True, nogil=True)
+def _left_changes(changes, y0, x0, s):
+    """Pixels of the block, left column aside, whose value differs from the left neighbour's."""
+    along = changes[2]
+    t = 0
+    for y in range(y0, y0 + s):
+        t += along[y, x0 + s] - along[y, x0 + 1]
+    return t
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _bit_cost(probs, ctx, bit):
+    """Bits a binary decision costs in context ``ctx`` at the coder's current probabilities."""
+    p0 = (probs[ctx, 0] + probs[ctx, 1]) / 65536.0
+    return -math.log2(p0 if bit == 0 else 1.0 - p0)
+
+
+@njit(cache=True, nogil=True)
+def _ueg_cost(probs, base, v):
+    """Bits of ``rangecoder.code_ueg(base, v)`` at the current probabilities."""
+    if v == 0:
+        return _bit_cost(probs, base, 0)
+    e = 0
+    t = v
+    while t:
+        e += 1
+        t >>= 1
+    c = 0.0
+    for i in range(min(e, 20)):
+        c += _bit_cost(probs, base + i, 1)
+    if e < 20:
+        c += _bit_cost(probs, base + e, 0)
+    for j in range(e - 2, -1, -1):
+        c += _bit_cost(probs, base + 21 + 20 * e + j, (v >> j) & 1)
+    return c
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _adaptive_cost(ones, zeros):
+    """Bits of ``ones`` 1s and ``zeros`` 0s in a context that learns them as it goes: their
+    entropy plus about what learning costs (half a bit per doubling of the count, and one); the
+    static price of a context that has not seen such decisions yet is far above it."""
+    n = ones + zeros
+    if n == 0:
+        return 0.0
+    h = 0.0
+    if ones and zeros:
+        p = ones / n
+        h = -n * (p * math.log2(p) + (1.0 - p) * math.log2(1.0 - p))
+    return h + 0.5 * math.log2(n + 1.0) + 1.0
+
+
+@njit(cache=True, nogil=True)
+def _tree_cost(probs, base, n, v):
+    """Bits of ``rangecoder.code_tree(base, n, v)`` at the current probabilities."""
+    node = 1
+    c = 0.0
+    for i in range(n - 1, -1, -1):
+        b = (v >> i) & 1
+        c += _bit_cost(probs, base + node, b)
+        node = 2 * node + b
+    return c
+
+
+FRAME_COLOURS = 16  # the frame's most frequent values and colours, which its palettes will mostly have put in the predictor list
+
+
+def palette_coder(probs: np.ndarray, predictors: tuple, src: tuple, intra_only: bool) -> tuple:
+    """What ``_price_palette`` prices palettes with in a frame: the coder's probabilities as the
+    frame starts, each key's position in the palette predictor lists (-1: not there), per list
+    the bits of all its reuse flags at 0 and what each flag at 1 adds (``syntax.code_palette``),
+    and the bits of the leaf's mode flags (SKIP and INTER at 0 unless ``intra_only``, PALETTE at
+    1), with one neighbour of the leaf's mode and one SKIP (INTRA in an intra-only frame).
+
+    The lists are priced as the frame's palettes will find them: as the frame starts, then the
+    frame's ``FRAME_COLOURS`` most frequent luma values and (Cb, Cr) colours of ``src`` (the
+    source planes), which the first palettes coded put there (the first frame starts with empty
+    lists). The flags at 0 are priced as the coder adapts to them, flag by flag: up to 64 flags
+    share two contexts, and from a fresh context the static price, a bit each, is 10x what a
+    palette's flags cost."""
+    pred_y, npred_y, pred_c, npred_c = predictors
+    pos = (np.full(256, -1, np.int32), np.full(65536, -1, np.int32))
+    flags = np.zeros((2, 65))
+    frequent = (np.bincount(src[0].ravel(), minlength=256),
+                np.bincount((src[1].astype(np.int64) * 256 + src[2]).ravel(), minlength=65536))
+    for comp, (pred, npred) in enumerate(((pred_y, int(npred_y[0])), (pred_c, int(npred_c[0])))):
+        pos[comp][pred[:npred]] = np.arange(npred, dtype=np.int32)
+        for key in np.argsort(frequent[comp])[::-1][:FRAME_COLOURS]:
+            if npred < MAX_PAL and frequent[comp][key] and pos[comp][key] < 0:
+                pos[comp][key] = npred
+                npred += 1
+        state = probs[CTX_PAL_REUSE + 2 * comp: CTX_PAL_REUSE + 2 * comp + 2].astype(np.int64)
+        for i in range(npred):
+            pf, ps = state[1 if i < 4 else 0]
+            p0 = (pf + ps) / 65536.0
+            if i < 4:  # the list moves each palette to its front: a reused entry is mostly near it
+                flags[comp, i] = math.log2(p0 / (1 - p0))  # a flag at 1 instead of 0
+            else:
+                flags[comp, i] = flags[comp, 0]
+            flags[comp, 64] -= math.log2(p0)
+            state[1 if i < 4 else 0] = (pf + ((32768 - pf) >> 4), ps + ((32768 - ps) >> 7))
+    p0 = probs.sum(1) / 65536.0
+    mode = -math.log2(1.0 - p0[CTX_PALETTE + 1])
+    if not intra_only:
+        mode -= math.log2(p0[CTX_SKIP + 1]) + math.log2(p0[CTX_INTER])
+    return probs, pos[0], pos[1], flags, mode
+
+
+@njit(cache=True, nogil=True)
+def _entries_cost(coder, keys, u, two):
+    """Bits of ``syntax.code_palette`` for the sorted ``keys[:u]``: reuse flags over the predictor
+    list as the frame started, then the new entries."""
+    probs, pos_y, pos_c, flags, _ = coder
+    comp = 1 if two else 0
+    pos = pos_c if two else pos_y
+    c = flags[comp, 64]
+    nnew = 0
+    prev = -1
+    for i in range(u):
+        k = keys[i]
+        if pos[k] >= 0:
+            c += flags[comp, pos[k]]
+            continue
+        if not two:
+            if nnew == 0:
+                c += _tree_cost(probs, CTX_PAL_FIRST + comp * 256 - 1, 8, k)
+            else:
+                c += _ueg_cost(probs, CTX_PAL_DELTA + comp * UEG_CONTEXTS, k - prev - 1)
+        else:
+            cb = k >> 8
+            cr = k & 255
+            pu = prev >> 8 if nnew else 0
+            pcr = prev & 255 if nnew else 128
+            c += _ueg_cost(probs, CTX_PAL_DELTA + comp * UEG_CONTEXTS, cb - pu)
+            c += _bit_cost(probs, CTX_PAL_CR_ZERO, 1 if cr != pcr else 0)
+            if cr != pcr:
+                c += 1.0 + _ueg_cost(probs, CTX_PAL_CR_MAG, abs(cr - pcr) - 1)
+        nnew += 1
+        prev = k
+    return c + _ueg_cost(probs, CTX_PAL_NEW + comp * UEG_CONTEXTS, nnew)
+
+
+@njit(cache=True, nogil=True)
+def _escape_cost(probs, plane, level):
+    """Bits of one escape sample's level in one plane (``syntax._code_escape``)."""
+    if level == 0:
+        return _bit_cost(probs, CTX_ESC_ZERO + plane, 0)
+    return _bit_cost(probs, CTX_ESC_ZERO + plane, 1) + 1.0 + _ueg_cost(probs, CTX_ESC_MAG + plane * UEG_CONTEXTS, level - 1)
+
+
+@njit(cache=True, nogil=True)
 def _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, seen, cc, su, sv, qq):
     """Each distinct value of the block as one cluster, in ascending order, into the scratch
     ``cc, su, sv, qq`` (count, sum u, sum v, sum of squares); returns (n, transitions).
@@ -424,13 +589,18 @@ def _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, seen, cc, 
 
 
 @njit(cache=True, nogil=True)
-def _proposal_clusters(keys2d, y0, x0, s, two, proposal, k):
-    """Clusters of the block's pixels around the nearest entries of a proposed palette (sorted keys)."""
+def _proposal_clusters(keys2d, y0, x0, s, two, proposal, k, esc_tol, q4, probs):
+    """Clusters of the block's pixels around the nearest entries of a proposed palette (sorted
+    keys), but for those farther than ``esc_tol`` from every entry: escapes, as in
+    ``_dominant_clusters``. Returns (n, counts, sums u, sums v, sums of squares, the escapes' bits
+    and squared error)."""
     cc = np.zeros(k, np.float64)
     su = np.zeros(k, np.float64)
     sv = np.zeros(k, np.float64)
     qq = np.zeros(k, np.float64)
-    idx = np.empty((s, s), np.int64)
+    step = q4 / 4.0
+    nesc = 0
+    bits = 0.0
     for y in range(s):
         for x in range(s):
             key = keys2d[y0 + y, x0 + x]
@@ -438,6 +608,8 @@ def _proposal_clusters(keys2d, y0, x0, s, two, proposal, k):
             v = float(key & 255) if two else 0.0
             best = 0
             bestd = np.inf
+            bu = 0.0
+            bv = 0.0
             for i in range(k):
                 pu = float(proposal[i] >> 8) if two else float(proposal[i])
                 pv = float(proposal[i] & 255) if two else 0.0
@@ -445,21 +617,73 @@ def _proposal_clusters(keys2d, y0, x0, s, two, proposal, k):
                 if d < bestd:
                     best = i
                     bestd = d
-            idx[y, x] = best
+                    bu = u - pu
+                    bv = v - pv
+            if bestd > esc_tol:
+                e = _escape_cost(probs, 1 if two else 0, int(abs(bu) / step + 0.5))
+                if two:
+                    e += _escape_cost(probs, 2, int(abs(bv) / step + 0.5))
+                bits += e
+                nesc += 1
+                continue
             cc[best] += 1
             su[best] += u
             sv[best] += v
             qq[best] += u * u + v * v
     live = cc > 0
     n = int(live.sum())
-    return n, cc[live], su[live], sv[live], qq[live], _transitions(_change_sums(idx), 0, 0, s)
+    err = 0.0 if q4 == 4 else (2.0 if two else 1.0) * step * step / 12.0
+    return n, cc[live], su[live], sv[live], qq[live], bits, err * nesc
 
 
 @njit(cache=True, nogil=True)
-def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys, centres):
+def _index_changes(keys2d, y0, x0, s, two, keys, u, esc_tol):
+    """The index map ``syntax.code_indices`` would code for palette ``keys[:u]``, counted: samples
+    that differ from both their left and top neighbours in the block, samples that differ from
+    the left one, and escapes (farther than ``esc_tol`` from every entry)."""
+    trans = 0
+    lefts = 0
+    nesc = 0
+    row = np.empty(s, np.int64)  # the row above's indices
+    for y in range(s):
+        left = -1
+        for x in range(s):
+            v = keys2d[y0 + y, x0 + x]
+            best = 0
+            bestd = _key_distance(v, keys[0], two)
+            for i in range(1, u):
+                d = _key_distance(v, keys[i], two)
+                if d < bestd:
+                    best = i
+                    bestd = d
+            if bestd > esc_tol:
+                best = u
+                nesc += 1
+            dl = x > 0 and best != left
+            dt = y > 0 and best != row[x]
+            if dl:
+                lefts += 1
+            if (dl or x == 0) and (dt or y == 0):
+                trans += 1
+            left = best
+            row[x] = best
+    return trans, lefts, nesc
+
+
+@njit(cache=True, nogil=True)
+def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_keys, centres, coder, esc_tol):
     """Merge clusters greedily (Ward) while the distortion added costs less than the bits saved;
-    returns (J, palette size) with the sorted palette keys in ``out_keys``. ``centres`` is
-    scratch (u, v, alive) for at least n clusters."""
+    returns (J, palette size, estimated bits) with the sorted palette keys in ``out_keys``.
+    ``centres`` is scratch (u, v, alive) for at least n clusters. The escapes' own bits and error
+    are the caller's to add.
+
+    The bits are the syntax's at the coder's probabilities as the frame started (``coder``,
+    ``palette_coder``): the entries (``_entries_cost``), the escape flag, and the index map of the
+    block (``block``: keys, y0, x0, s), counted by ``_index_changes``, or, where the clusters are
+    the block's distinct values unmerged, given as ``changes`` (transitions, left changes; (-1, -1)
+    for none): a repeat of the left costs the 'same as left' flag, a repeat of the top both flags,
+    a change both flags at 0 and an explicit index, each flag at the cheaper of its static price
+    and what a context learning the block's decisions would charge (``_adaptive_cost``)."""
     cu, cv, alive = centres
     for i in range(n):
         cu[i] = su[i] / cc[i]
@@ -514,22 +738,44 @@ def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys, c
         if u == 0 or out_keys[i] != out_keys[u - 1]:
             out_keys[u] = out_keys[i]
             u += 1
-    rate = 8.0 * u
-    if u > 1:
-        # index map: a change (differs from left and top) costs about -log2 of its frequency plus
-        # the index; a pixel that repeats a neighbour, -log2 of that frequency (adaptive contexts)
-        r = min(max(trans / npx, 0.5 / npx), 0.5)
-        rate += INDEX_RATE_SCALE * (trans * (math.log2(u) - math.log2(r)) - (npx - trans) * math.log2(1.0 - r))
+    probs = coder[0]
+    comp = 1 if two else 0
+    keys2d, y0, x0, s = block
+    npx = s * s
+    trans, lefts = changes
+    nesc = 0
+    if u < n or trans < 0:
+        trans, lefts, nesc = _index_changes(keys2d, y0, x0, s, two, out_keys, u, float(esc_tol) if u < MAX_PAL else np.inf)
+    rate = _entries_cost(coder, out_keys, u, two)
+    m = u
+    if u < MAX_PAL:
+        rate += _bit_cost(probs, CTX_PAL_ESCAPE + comp, 1 if nesc else 0)
+        m += 1 if nesc else 0
+    if m > 1:
+        nbits = 0
+        while (1 << nbits) < m:
+            nbits += 1
+        left = CTX_IDX_LEFT + comp * 6
+        top = CTX_IDX_TOP + comp * 3 + 1
+        changes = min(trans, npx)
+        tops = max(min(lefts, npx) - changes, 0)
+        repeats = npx - changes - tops
+        rate += (min(repeats * _bit_cost(probs, left + 1, 1) + (tops + changes) * _bit_cost(probs, left + 4, 0),
+                     _adaptive_cost(repeats, tops + changes))
+                 + min(tops * _bit_cost(probs, top, 1) + changes * _bit_cost(probs, top, 0), _adaptive_cost(tops, changes))
+                 + changes * nbits)
     return dweight * dist + lam * rate, u, rate
 
 
 @njit(cache=True, nogil=True)
-def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, counts, seen, cc, su, sv, qq):
+def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, probs, counts, seen, cc, su, sv, qq):
     """The block's ``most`` most frequent values (seen at least twice) as clusters, ascending,
     into the scratch ``cc, su, sv, qq`` as ``_exact_clusters`` does, each holding the values within
     ``esc_tol`` (squared error) of it; every other sample is an escape (``syntax._code_escape``).
-    Returns (n, escaped samples, their bits and squared error, estimated); n = 0 where more than
-    half the samples would escape. ``counts``: zeroed scratch indexed by key, left zeroed;
+    Returns (n, escaped samples, their bits and squared error, estimated: MED mostly predicts an
+    escape from a neighbouring dominant value, so its level is about its distance to the nearest
+    one, priced at the coder's probabilities ``probs``); n = 0 where more than half the samples
+    would escape. ``counts``: zeroed scratch indexed by key, left zeroed;
     ``seen``: room for s * s keys."""
     n = 0
     for y in range(y0, y0 + s):
@@ -572,6 +818,8 @@ def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, counts, seen, 
         v = float(k & 255) if two else 0.0
         best = 0
         bestd = np.inf
+        bu = 0.0
+        bv = 0.0
         for j in range(nd):
             du = u - (float(dom[j] >> 8) if two else float(dom[j]))
             dv = v - (float(dom[j] & 255) if two else 0.0)
@@ -579,16 +827,18 @@ def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, counts, seen, 
             if d < bestd:
                 best = j
                 bestd = d
-        if nd > 0 and bestd <= esc_tol:
+                bu = du
+                bv = dv
+        if bestd <= esc_tol:
             cc[best] += c
             su[best] += u * c
             sv[best] += v * c
             qq[best] += (u * u + v * v) * c
         else:
-            # MED mostly predicts a fringe sample from a neighbouring dominant value: a level of about
-            # that distance, zero flag + sign + magnitude's ueg code (per component)
-            level = max(math.sqrt(bestd) / step, 1.0) if nd > 0 else 16.0
-            bits += c * ((2.0 if two else 1.0) * (3.2 + 2.0 * math.log2(level)) + 1.0)
+            e = _escape_cost(probs, 1 if two else 0, int(abs(bu) / step + 0.5))
+            if two:
+                e += _escape_cost(probs, 2, int(abs(bv) / step + 0.5))
+            bits += c * e
             nesc += c
     if nd == 0 or 2 * nesc > s * s:
         return 0, 0, 0.0, 0.0
@@ -774,14 +1024,13 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, has_ref2, le
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _best_palette(keys2d, changes, y0, x0, s, two, many, max_pal, esc_tol, q4, lam, dweight, scratch, out):
+def _best_palette(keys2d, changes, y0, x0, s, two, many, max_pal, esc_tol, q4, lam, dweight, coder, scratch, out):
     """RD-best palette of one component of a block: (J, size, estimated bits, too many colours for
     an exact palette); size 0 means none. Candidates: exact (one cluster per distinct value, merged
     by ``_price_palette``) unless ``many`` or too many distinct values, and, where the block has
     more distinct values than ``DOMINANT``, its dominant values with escapes (``_dominant_clusters``)."""
     counts, seen, clusters, centres, cand = scratch
     _, cc, su, sv, qq = clusters
-    npx = s * s
     j = np.inf
     size = 0
     rate = 0.0
@@ -789,16 +1038,17 @@ def _best_palette(keys2d, changes, y0, x0, s, two, many, max_pal, esc_tol, q4, l
     if not many:
         n, tr = _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, *clusters)
         if n > 0:
-            j, size, rate = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, npx, two, lam, dweight, out, centres)
+            j, size, rate = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], (tr, _left_changes(changes, y0, x0, s)),
+                                           (keys2d, y0, x0, s), two, lam, dweight, out, centres, coder, esc_tol)
     too_many = n == 0
     if too_many or n > DOMINANT:
-        nd, nesc, ebits, edist = _dominant_clusters(keys2d, y0, x0, s, two, min(max_pal, DOMINANT), esc_tol, q4, counts, seen, cc, su, sv, qq)
+        nd, nesc, ebits, edist = _dominant_clusters(keys2d, y0, x0, s, two, min(max_pal, DOMINANT), esc_tol, q4, coder[0],
+                                                    counts, seen, cc, su, sv, qq)
         if nd > 0:
-            tr = _transitions(changes, y0, x0, s)
-            je, ne, re = _price_palette(nd, cc[:nd], su[:nd], sv[:nd], qq[:nd], tr, npx - nesc, two, lam, dweight, cand,
-                                        centres)
-            re += 1.0 + ebits  # the escape flag, the escapes
-            je += lam * (1.0 + ebits) + dweight * edist
+            je, ne, re = _price_palette(nd, cc[:nd], su[:nd], sv[:nd], qq[:nd], (-1, -1), (keys2d, y0, x0, s), two, lam,
+                                        dweight, cand, centres, coder, esc_tol)
+            re += ebits
+            je += lam * ebits + dweight * edist
             if je < j:
                 j = je
                 size = ne
@@ -808,7 +1058,7 @@ def _best_palette(keys2d, changes, y0, x0, s, two, many, max_pal, esc_tol, q4, l
 
 
 @njit(cache=True, nogil=True, inline="always")  # see decide
-def _price_palette_leaf(keys, changes, proposals, pricing, many, by, bx, s, scratch, out_y, out_c):
+def _price_palette_leaf(keys, changes, proposals, pricing, coder, many, by, bx, s, scratch, out_y, out_c):
     """RD cost of the block as a PALETTE leaf, with its palettes' sorted keys in ``out_y`` and
     ``out_c``: (J, luma palette size, chroma palette size, too many colours for exact palettes,
     the palettes are the generator's, estimated bits); sizes of 0 mean no palette leaf.
@@ -816,7 +1066,8 @@ def _price_palette_leaf(keys, changes, proposals, pricing, many, by, bx, s, scra
     Each component's palette is ``_best_palette``'s; where the luma has too many distinct values
     for an exact palette and the block is a PROPOSAL_BLOCK one, the generator's proposal competes
     with them. ``keys``, ``changes``: luma and chroma keys of the frame and their
-    ``_change_sums``; ``proposals``: (luma keys, count, chroma keys, count) per 16x16 block."""
+    ``_change_sums``; ``proposals``: (luma keys, count, chroma keys, count) per 16x16 block;
+    ``coder``: ``palette_coder``'s prices."""
     keys_y, keys_c = keys
     changes_y, changes_c = changes
     prop_y, prop_yn, prop_c, prop_cn = proposals
@@ -836,25 +1087,35 @@ def _price_palette_leaf(keys, changes, proposals, pricing, many, by, bx, s, scra
     jc = np.inf
     rc = 0.0
     jy, ny, ry, many_y = _best_palette(keys_y, changes_y, y0, x0, s, False, many, max_pal, esc_tol, q4, lam, dweight,
-                                       scratch, out_y)
+                                       coder, scratch, out_y)
     if ny > 0:
-        jc, nc, rc, many_c = _best_palette(keys_c, changes_c, c0y, c0x, cs, True, many, max_pal, 2 * esc_tol, q4, lam, dweight,
-                                           scratch, out_c)
+        jc, nc, rc, many_c = _best_palette(keys_c, changes_c, c0y, c0x, cs, True, many, max_pal, 2 * esc_tol, q4, lam,
+                                           dweight, coder, scratch, out_c)
         many_y = many_y or many_c
     generated = False
     if many_y and s == PROPOSAL_BLOCK and prop_yn[by, bx] > 0:
         # many distinct values: price the palettes the generator proposed too
-        n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx])
-        gy, gny, gry = _price_palette(n, pcc, psu, psv, pqq, tr, s * s, False, lam, dweight, cand, centres)
+        probs = coder[0]
+        n, pcc, psu, psv, pqq, ebits, edist = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx],
+                                                                  esc_tol, q4, probs)
+        gy, gny, gry = _price_palette(n, pcc, psu, psv, pqq, (-1, -1), (keys_y, y0, x0, s), False, lam, dweight, cand, centres,
+                                      coder, esc_tol)
+        gy += lam * ebits + dweight * edist
+        gry += ebits
         tmp = np.empty(MAX_PAL, np.int64)
-        n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx])
-        gc, gnc, grc = _price_palette(n, pcc, psu, psv, pqq, tr, cs * cs, True, lam, dweight, tmp, centres)
+        n, pcc, psu, psv, pqq, ebits, edist = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx],
+                                                                  2 * esc_tol, q4, probs)
+        gc, gnc, grc = _price_palette(n, pcc, psu, psv, pqq, (-1, -1), (keys_c, c0y, c0x, cs), True, lam, dweight, tmp, centres,
+                                      coder, 2 * esc_tol)
+        gc += lam * ebits + dweight * edist
+        grc += ebits
         if gy + gc < jy + jc:
             generated = True
             jy, ny, ry, jc, nc, rc = gy, gny, gry, gc, gnc, grc
             out_y[:ny] = cand[:ny]
             out_c[:nc] = tmp[:nc]
-    return jy + jc + lam * 2.0, ny, nc, many_y, generated, ry + rc + 2.0
+    mode = coder[4]
+    return jy + jc + lam * mode, ny, nc, many_y, generated, ry + rc + mode
 
 
 class Pricing(NamedTuple):
@@ -873,14 +1134,15 @@ class Pricing(NamedTuple):
 
 
 @njit(cache=True, nogil=True)
-def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisions):
+def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, coder, decisions):
     """Fill ``decisions`` (``syntax.Decisions``) with the RD-best quadtree of the frame and each
     leaf's mode, motion, predictor variant, luma offset and palettes.
 
     ``cur``, ``ref``, ``ref2``: (Y, Cb, Cr) planes of the source frame, the previous reconstructed
     frame and the one before; ``field``: the frame's motion field (``motion_search_chunk``);
     ``pricing``: a ``Pricing``; ``proposals``: the generator's palettes per 16x16 block (luma keys,
-    their count, chroma keys, their count). Bottom-up, level by level (8x8 up to max_block), each
+    their count, chroma keys, their count); ``coder``: what palettes cost at the coder's state as
+    the frame starts (``palette_coder``). Bottom-up, level by level (8x8 up to max_block), each
     block is priced as a leaf in every mode (``_price_intra``, ``_price_skip``, ``_price_inter``,
     ``_price_palette_leaf``) and against its four quadrants; ``_write_out`` then writes the tree.
     The per-block helpers are inlined (numba's ``inline="always"``): called, each call passed some
@@ -963,7 +1225,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
                         or toomany[lev - 1][2 * by + 1, 2 * bx] or toomany[lev - 1][2 * by + 1, 2 * bx + 1]
                     )
                     jpal, ny, nc, too_many, generated, pbits = _price_palette_leaf(
-                        keys, changes, proposals, pricing, many, by, bx, s, palette_scratch, tmp_y, tmp_c
+                        keys, changes, proposals, pricing, coder, many, by, bx, s, palette_scratch, tmp_y, tmp_c
                     )
                     toomany[lev][by, bx] = too_many
                     if nc > 0 and jpal < jbest:

@@ -144,25 +144,25 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, motion, control: 
     rnd4 = rounding[0]
     lam = 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
     dweight = 1e6 if config.lossless else 1.0
-    tol = int(lam * 2)
     esc_tol = int(lam * analysis.ESCAPE_BITS)  # 0 when lossless: every inexact sample escapes, exactly
     noise = 0 if config.lossless else round(q4 * INTRA_NOISE)
 
-    def decide(f, src, ref, ref2, decisions):
+    def decide(f, src, ref, ref2, decisions, probs, predictors):
         rd_lambda = max(lam, 1.0) * (control.scale(f, recon[0]) if control else 1.0)
         table = analysis.residual_cost_table(q4, rnd4, rd_lambda, dweight)
         pricing = analysis.Pricing(
             table, rd_lambda, dweight, noise, config.min_block, config.max_block, config.max_palette, q4 if q4 > 4 else 0, q4,
             esc_tol,
         )
-        analysis.decide(src, ref, ref2, f > 0, f > 1, motion[f], pricing, tuple(p[f] for p in proposals), decisions)
+        analysis.decide(src, ref, ref2, f > 0, f > 1, motion[f], pricing, tuple(p[f] for p in proposals),
+                        analysis.palette_coder(probs, predictors, src, f == 0), decisions)
 
     recon = tuple(np.zeros_like(p) for p in padded)
     capacity = padded[0].size * 3 + 4096
     while True:
         buf = np.zeros(capacity, np.uint8)
         stats[...] = 0  # a retry into a larger buffer codes every leaf again
-        coding = syntax.Coding(q4, rounding, tol, config.min_block, config.max_block, q4 > 4, True, esc_tol)
+        coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol)
         st = code_frames(True, buf, padded, recon, coding, decide, stats=stats)
         size = rangecoder.flush(st, buf)
         if size <= capacity:
