@@ -151,11 +151,13 @@ def tables(rows: list[dict]) -> str:
     out += [
         "",
         "PALETTE leaves: luma palette size buckets (share of the frame's area and of all bits), and the"
-        " share of PALETTE area and bits whose luma palette was the generator's proposal.",
+        " share of PALETTE area and bits whose luma palette was the generator's proposal, that have escape"
+        " samples, and the analysis' estimate of the PALETTE leaves' bits over the bits they wrote.",
         "",
         "| clip | dB | palette | area % 1 / 2-4 / 5-16 / 17-64 | bits % 1 / 2-4 / 5-16 / 17-64 | "
-        "multi-entry bits % | generated: % of palette area | % of palette bits |",
-        "|---|---|---|---|---|---|---|---|",
+        "multi-entry bits % | generated: % of palette area | % of palette bits | with escapes: % of palette bits | "
+        "estimated / written bits |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["modes"]
@@ -164,9 +166,11 @@ def tables(rows: list[dict]) -> str:
         bits = " / ".join(f"{100 * sizes[k]['bits_share']:.2f}" for k in sizes)
         multi = sum(sizes[k]["bits_share"] for k in sizes if k != "1")
         pal, gen = m["modes"]["palette"], m["palette_source"]["generated"]
+        estimate = f"{m['palette_estimated_bits'] / pal['bits']:.2f}" if pal["bits"] else "-"
         out.append(
             f"| {r['clip']} | {r['target_db']:g} | {label(r['palette'])} | {area} | {bits} | {100 * multi:.2f} | "
-            f"{_pct(gen['area_px'], pal['area_px'])} | {_pct(gen['bits'], pal['bits'])} |"
+            f"{_pct(gen['area_px'], pal['area_px'])} | {_pct(gen['bits'], pal['bits'])} | "
+            f"{_pct(m['palette_escapes']['bits'], pal['bits'])} | {estimate} |"
         )
     out += ["", "| palette | geomean bpp vs none: all clips | screen + 2-D animation | clips worse than none |", "|---|---|---|---|"]
     for palette in dict.fromkeys(r["palette"] for r in rows):

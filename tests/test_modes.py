@@ -11,7 +11,17 @@ import pytest
 
 from palstream.codec import EncoderConfig, ModeStats, decode_chunk, encode_chunk
 from palstream.codec.decoder import HEADER
-from palstream.codec.syntax import PALETTE, STAT_AREA, STAT_BITS, STAT_LEAVES, STAT_PAL_C, STAT_PAL_SOURCE, STAT_PAL_Y
+from palstream.codec.syntax import (
+    PALETTE,
+    STAT_AREA,
+    STAT_BITS,
+    STAT_LEAVES,
+    STAT_PAL_C,
+    STAT_PAL_ESCAPE,
+    STAT_PAL_ESTIMATE,
+    STAT_PAL_SOURCE,
+    STAT_PAL_Y,
+)
 from palstream.io import read_frames
 
 DATA = Path(__file__).parent / "data"
@@ -40,11 +50,16 @@ def test_leaf_statistics_add_up_and_change_nothing(clips, clip, config):
         body_bits = 8 * (len(encoded.payload) - HEADER.size)
         assert body_bits - 64 <= modes.bits <= body_bits  # the coder's final flush and start: under 8 bytes
     # both directions count the same leaves and bits; only the encoder knows the palettes' sources
+    # and the analysis' estimate of their bits
     source = slice(STAT_PAL_SOURCE, STAT_PAL_SOURCE + 2)
     rest = np.ones(len(encoded_modes.counts), bool)
     rest[source] = False
+    rest[STAT_PAL_ESTIMATE] = False
     assert np.allclose(encoded_modes.counts[rest], decoded_modes.counts[rest], rtol=0, atol=1e-6)
-    assert not decoded_modes.counts[source].any()
+    assert not decoded_modes.counts[source].any() and not decoded_modes.counts[STAT_PAL_ESTIMATE].any()
+    # the estimate covers exactly the PALETTE leaves; the escapes' leaves are some of them
+    assert np.allclose(encoded_modes.counts[STAT_PAL_ESTIMATE, :2], encoded_modes.counts[PALETTE, :2])
+    assert (encoded_modes.counts[STAT_PAL_ESCAPE] <= encoded_modes.counts[PALETTE] + 1e-6).all()
     assert encoded_modes.sources and not decoded_modes.sources
     counts = encoded_modes.counts
     for block in (slice(STAT_PAL_Y, STAT_PAL_Y + 4), slice(STAT_PAL_C, STAT_PAL_C + 4), source):

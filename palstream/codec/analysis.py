@@ -435,6 +435,12 @@ def _ueg_cost(probs, base, v):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _fresh(probs, ctx):
+    """Whether context ``ctx`` has coded nothing yet in the chunk."""
+    return probs[ctx, 0] == 16384 and probs[ctx, 1] == 16384
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _adaptive_cost(ones, zeros):
     """Bits of ``ones`` 1s and ``zeros`` 0s in a context that learns them as it goes: their
     entropy plus about what learning costs (half a bit per doubling of the count, and one); the
@@ -484,7 +490,7 @@ def palette_coder(probs: np.ndarray, predictors: tuple, src: tuple, intra_only: 
                 np.bincount((src[1].astype(np.int64) * 256 + src[2]).ravel(), minlength=65536))
     for comp, (pred, npred) in enumerate(((pred_y, int(npred_y[0])), (pred_c, int(npred_c[0])))):
         pos[comp][pred[:npred]] = np.arange(npred, dtype=np.int32)
-        for key in np.argsort(frequent[comp])[::-1][:FRAME_COLOURS]:
+        for key in np.argpartition(frequent[comp], -FRAME_COLOURS)[-FRAME_COLOURS:]:
             if npred < MAX_PAL and frequent[comp][key] and pos[comp][key] < 0:
                 pos[comp][key] = npred
                 npred += 1
@@ -502,14 +508,27 @@ def palette_coder(probs: np.ndarray, predictors: tuple, src: tuple, intra_only: 
     mode = -math.log2(1.0 - p0[CTX_PALETTE + 1])
     if not intra_only:
         mode -= math.log2(p0[CTX_SKIP + 1]) + math.log2(p0[CTX_INTER])
-    return probs, pos[0], pos[1], flags, mode
+    return probs, pos[0], pos[1], flags, mode, _escape_table(probs)
+
+
+@njit(cache=True, nogil=True)
+def _escape_table(probs):
+    """Bits of an escape's level 0..255 in each plane (``syntax._code_escape``), looked up per
+    escaped value: priced one by one, they doubled the encoder's time."""
+    table = np.empty((3, 256))
+    for plane in range(3):
+        table[plane, 0] = _bit_cost(probs, CTX_ESC_ZERO + plane, 0)
+        nz = _bit_cost(probs, CTX_ESC_ZERO + plane, 1) + 1.0
+        for level in range(1, 256):
+            table[plane, level] = nz + _ueg_cost(probs, CTX_ESC_MAG + plane * UEG_CONTEXTS, level - 1)
+    return table
 
 
 @njit(cache=True, nogil=True)
 def _entries_cost(coder, keys, u, two):
     """Bits of ``syntax.code_palette`` for the sorted ``keys[:u]``: reuse flags over the predictor
     list as the frame started, then the new entries."""
-    probs, pos_y, pos_c, flags, _ = coder
+    probs, pos_y, pos_c, flags, _, _ = coder
     comp = 1 if two else 0
     pos = pos_c if two else pos_y
     c = flags[comp, 64]
@@ -539,12 +558,6 @@ def _entries_cost(coder, keys, u, two):
     return c + _ueg_cost(probs, CTX_PAL_NEW + comp * UEG_CONTEXTS, nnew)
 
 
-@njit(cache=True, nogil=True)
-def _escape_cost(probs, plane, level):
-    """Bits of one escape sample's level in one plane (``syntax._code_escape``)."""
-    if level == 0:
-        return _bit_cost(probs, CTX_ESC_ZERO + plane, 0)
-    return _bit_cost(probs, CTX_ESC_ZERO + plane, 1) + 1.0 + _ueg_cost(probs, CTX_ESC_MAG + plane * UEG_CONTEXTS, level - 1)
 
 
 @njit(cache=True, nogil=True)
@@ -589,7 +602,7 @@ def _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, seen, cc, 
 
 
 @njit(cache=True, nogil=True)
-def _proposal_clusters(keys2d, y0, x0, s, two, proposal, k, esc_tol, q4, probs):
+def _proposal_clusters(keys2d, y0, x0, s, two, proposal, k, esc_tol, q4, escape):
     """Clusters of the block's pixels around the nearest entries of a proposed palette (sorted
     keys), but for those farther than ``esc_tol`` from every entry: escapes, as in
     ``_dominant_clusters``. Returns (n, counts, sums u, sums v, sums of squares, the escapes' bits
@@ -620,9 +633,9 @@ def _proposal_clusters(keys2d, y0, x0, s, two, proposal, k, esc_tol, q4, probs):
                     bu = u - pu
                     bv = v - pv
             if bestd > esc_tol:
-                e = _escape_cost(probs, 1 if two else 0, int(abs(bu) / step + 0.5))
+                e = escape[1 if two else 0, min(int(abs(bu) / step + 0.5), 255)]
                 if two:
-                    e += _escape_cost(probs, 2, int(abs(bv) / step + 0.5))
+                    e += escape[2, min(int(abs(bv) / step + 0.5), 255)]
                 bits += e
                 nesc += 1
                 continue
@@ -645,19 +658,30 @@ def _index_changes(keys2d, y0, x0, s, two, keys, u, esc_tol):
     lefts = 0
     nesc = 0
     row = np.empty(s, np.int64)  # the row above's indices
+    nearest = np.empty(0 if two else 256, np.int64)  # luma: each level's index, looked up
+    if not two:
+        i = 0
+        for v in range(256):
+            while i + 1 < u and abs(keys[i + 1] - v) < abs(keys[i] - v):
+                i += 1
+            nearest[v] = i if (keys[i] - v) ** 2 <= esc_tol else u
     for y in range(s):
         left = -1
         for x in range(s):
             v = keys2d[y0 + y, x0 + x]
-            best = 0
-            bestd = _key_distance(v, keys[0], two)
-            for i in range(1, u):
-                d = _key_distance(v, keys[i], two)
-                if d < bestd:
-                    best = i
-                    bestd = d
-            if bestd > esc_tol:
-                best = u
+            if two:
+                best = 0
+                bestd = _key_distance(v, keys[0], two)
+                for i in range(1, u):
+                    d = _key_distance(v, keys[i], two)
+                    if d < bestd:
+                        best = i
+                        bestd = d
+                if bestd > esc_tol:
+                    best = u
+            else:
+                best = nearest[v]
+            if best == u:
                 nesc += 1
             dl = x > 0 and best != left
             dt = y > 0 and best != row[x]
@@ -682,8 +706,9 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
     block (``block``: keys, y0, x0, s), counted by ``_index_changes``, or, where the clusters are
     the block's distinct values unmerged, given as ``changes`` (transitions, left changes; (-1, -1)
     for none): a repeat of the left costs the 'same as left' flag, a repeat of the top both flags,
-    a change both flags at 0 and an explicit index, each flag at the cheaper of its static price
-    and what a context learning the block's decisions would charge (``_adaptive_cost``)."""
+    a change both flags at 0 and an explicit index, each flag at its static price, or, in a context
+    no block has used yet, at what a context learning the block's decisions charges
+    (``_adaptive_cost``)."""
     cu, cv, alive = centres
     for i in range(n):
         cu[i] = su[i] / cc[i]
@@ -760,22 +785,27 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
         changes = min(trans, npx)
         tops = max(min(lefts, npx) - changes, 0)
         repeats = npx - changes - tops
-        rate += (min(repeats * _bit_cost(probs, left + 1, 1) + (tops + changes) * _bit_cost(probs, left + 4, 0),
-                     _adaptive_cost(repeats, tops + changes))
-                 + min(tops * _bit_cost(probs, top, 1) + changes * _bit_cost(probs, top, 0), _adaptive_cost(tops, changes))
-                 + changes * nbits)
+        if _fresh(probs, left + 1):
+            rate += _adaptive_cost(repeats, tops + changes)
+        else:
+            rate += repeats * _bit_cost(probs, left + 1, 1) + (tops + changes) * _bit_cost(probs, left + 4, 0)
+        if _fresh(probs, top):
+            rate += _adaptive_cost(tops, changes)
+        else:
+            rate += tops * _bit_cost(probs, top, 1) + changes * _bit_cost(probs, top, 0)
+        rate += changes * nbits
     return dweight * dist + lam * rate, u, rate
 
 
 @njit(cache=True, nogil=True)
-def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, probs, counts, seen, cc, su, sv, qq):
+def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, escape, counts, seen, cc, su, sv, qq):
     """The block's ``most`` most frequent values (seen at least twice) as clusters, ascending,
     into the scratch ``cc, su, sv, qq`` as ``_exact_clusters`` does, each holding the values within
     ``esc_tol`` (squared error) of it; every other sample is an escape (``syntax._code_escape``).
     Returns (n, escaped samples, their bits and squared error, estimated: MED mostly predicts an
     escape from a neighbouring dominant value, so its level is about its distance to the nearest
-    one, priced at the coder's probabilities ``probs``); n = 0 where more than half the samples
-    would escape. ``counts``: zeroed scratch indexed by key, left zeroed;
+    one, priced by ``escape``, ``_escape_table``'s); n = 0 where more than half the samples would
+    escape. ``counts``: zeroed scratch indexed by key, left zeroed;
     ``seen``: room for s * s keys."""
     n = 0
     for y in range(y0, y0 + s):
@@ -835,9 +865,9 @@ def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, probs, counts,
             sv[best] += v * c
             qq[best] += (u * u + v * v) * c
         else:
-            e = _escape_cost(probs, 1 if two else 0, int(abs(bu) / step + 0.5))
+            e = escape[1 if two else 0, min(int(abs(bu) / step + 0.5), 255)]
             if two:
-                e += _escape_cost(probs, 2, int(abs(bv) / step + 0.5))
+                e += escape[2, min(int(abs(bv) / step + 0.5), 255)]
             bits += c * e
             nesc += c
     if nd == 0 or 2 * nesc > s * s:
@@ -1024,11 +1054,12 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, has_ref2, le
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _best_palette(keys2d, changes, y0, x0, s, two, many, max_pal, esc_tol, q4, lam, dweight, coder, scratch, out):
+def _best_palette(keys2d, changes, y0, x0, s, two, many, max_pal, esc_tol, q4, lam, dweight, coder, bound, scratch, out):
     """RD-best palette of one component of a block: (J, size, estimated bits, too many colours for
     an exact palette); size 0 means none. Candidates: exact (one cluster per distinct value, merged
     by ``_price_palette``) unless ``many`` or too many distinct values, and, where the block has
-    more distinct values than ``DOMINANT``, its dominant values with escapes (``_dominant_clusters``)."""
+    more distinct values than ``DOMINANT``, its dominant values with escapes (``_dominant_clusters``),
+    priced only where its escapes alone cost less than ``bound`` (the best J of the other modes)."""
     counts, seen, clusters, centres, cand = scratch
     _, cc, su, sv, qq = clusters
     j = np.inf
@@ -1042,9 +1073,9 @@ def _best_palette(keys2d, changes, y0, x0, s, two, many, max_pal, esc_tol, q4, l
                                            (keys2d, y0, x0, s), two, lam, dweight, out, centres, coder, esc_tol)
     too_many = n == 0
     if too_many or n > DOMINANT:
-        nd, nesc, ebits, edist = _dominant_clusters(keys2d, y0, x0, s, two, min(max_pal, DOMINANT), esc_tol, q4, coder[0],
+        nd, nesc, ebits, edist = _dominant_clusters(keys2d, y0, x0, s, two, min(max_pal, DOMINANT), esc_tol, q4, coder[5],
                                                     counts, seen, cc, su, sv, qq)
-        if nd > 0:
+        if nd > 0 and lam * ebits + dweight * edist < bound:
             je, ne, re = _price_palette(nd, cc[:nd], su[:nd], sv[:nd], qq[:nd], (-1, -1), (keys2d, y0, x0, s), two, lam,
                                         dweight, cand, centres, coder, esc_tol)
             re += ebits
@@ -1058,7 +1089,7 @@ def _best_palette(keys2d, changes, y0, x0, s, two, many, max_pal, esc_tol, q4, l
 
 
 @njit(cache=True, nogil=True, inline="always")  # see decide
-def _price_palette_leaf(keys, changes, proposals, pricing, coder, many, by, bx, s, scratch, out_y, out_c):
+def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, by, bx, s, scratch, out_y, out_c):
     """RD cost of the block as a PALETTE leaf, with its palettes' sorted keys in ``out_y`` and
     ``out_c``: (J, luma palette size, chroma palette size, too many colours for exact palettes,
     the palettes are the generator's, estimated bits); sizes of 0 mean no palette leaf.
@@ -1067,7 +1098,8 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, many, by, bx, 
     for an exact palette and the block is a PROPOSAL_BLOCK one, the generator's proposal competes
     with them. ``keys``, ``changes``: luma and chroma keys of the frame and their
     ``_change_sums``; ``proposals``: (luma keys, count, chroma keys, count) per 16x16 block;
-    ``coder``: ``palette_coder``'s prices."""
+    ``coder``: ``palette_coder``'s prices; ``bound``: the best J of the other modes, above which
+    no candidate needs an exact price."""
     keys_y, keys_c = keys
     changes_y, changes_c = changes
     prop_y, prop_yn, prop_c, prop_cn = proposals
@@ -1087,24 +1119,24 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, many, by, bx, 
     jc = np.inf
     rc = 0.0
     jy, ny, ry, many_y = _best_palette(keys_y, changes_y, y0, x0, s, False, many, max_pal, esc_tol, q4, lam, dweight,
-                                       coder, scratch, out_y)
+                                       coder, bound, scratch, out_y)
     if ny > 0:
         jc, nc, rc, many_c = _best_palette(keys_c, changes_c, c0y, c0x, cs, True, many, max_pal, 2 * esc_tol, q4, lam,
-                                           dweight, coder, scratch, out_c)
+                                           dweight, coder, bound - jy, scratch, out_c)
         many_y = many_y or many_c
     generated = False
     if many_y and s == PROPOSAL_BLOCK and prop_yn[by, bx] > 0:
         # many distinct values: price the palettes the generator proposed too
-        probs = coder[0]
+        escape = coder[5]
         n, pcc, psu, psv, pqq, ebits, edist = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx],
-                                                                  esc_tol, q4, probs)
+                                                                  esc_tol, q4, escape)
         gy, gny, gry = _price_palette(n, pcc, psu, psv, pqq, (-1, -1), (keys_y, y0, x0, s), False, lam, dweight, cand, centres,
                                       coder, esc_tol)
         gy += lam * ebits + dweight * edist
         gry += ebits
         tmp = np.empty(MAX_PAL, np.int64)
         n, pcc, psu, psv, pqq, ebits, edist = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx],
-                                                                  2 * esc_tol, q4, probs)
+                                                                  2 * esc_tol, q4, escape)
         gc, gnc, grc = _price_palette(n, pcc, psu, psv, pqq, (-1, -1), (keys_c, c0y, c0x, cs), True, lam, dweight, tmp, centres,
                                       coder, 2 * esc_tol)
         gc += lam * ebits + dweight * edist
@@ -1225,7 +1257,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, coder, 
                         or toomany[lev - 1][2 * by + 1, 2 * bx] or toomany[lev - 1][2 * by + 1, 2 * bx + 1]
                     )
                     jpal, ny, nc, too_many, generated, pbits = _price_palette_leaf(
-                        keys, changes, proposals, pricing, coder, many, by, bx, s, palette_scratch, tmp_y, tmp_c
+                        keys, changes, proposals, pricing, coder, jbest, many, by, bx, s, palette_scratch, tmp_y, tmp_c
                     )
                     toomany[lev][by, bx] = too_many
                     if nc > 0 and jpal < jbest:
