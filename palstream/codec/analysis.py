@@ -483,32 +483,77 @@ def palette_coder(probs: np.ndarray, predictors: tuple, src: tuple, intra_only: 
     lists). The flags at 0 are priced as the coder adapts to them, flag by flag: up to 64 flags
     share two contexts, and from a fresh context the static price, a bit each, is 10x what a
     palette's flags cost."""
-    pred_y, npred_y, pred_c, npred_c = predictors
-    pos = (np.full(256, -1, np.int32), np.full(65536, -1, np.int32))
+    pos_y = np.full(256, -1, np.int32)
+    pos_c = np.full(65536, -1, np.int32)
     flags = np.zeros((2, 65))
-    frequent = (np.bincount(src[0].ravel(), minlength=256),
-                np.bincount((src[1].astype(np.int64) * 256 + src[2]).ravel(), minlength=65536))
-    for comp, (pred, npred) in enumerate(((pred_y, int(npred_y[0])), (pred_c, int(npred_c[0])))):
-        pos[comp][pred[:npred]] = np.arange(npred, dtype=np.int32)
-        for key in np.argpartition(frequent[comp], -FRAME_COLOURS)[-FRAME_COLOURS:]:
-            if npred < MAX_PAL and frequent[comp][key] and pos[comp][key] < 0:
-                pos[comp][key] = npred
-                npred += 1
-        state = probs[CTX_PAL_REUSE + 2 * comp: CTX_PAL_REUSE + 2 * comp + 2].astype(np.int64)
-        for i in range(npred):
-            pf, ps = state[1 if i < 4 else 0]
-            p0 = (pf + ps) / 65536.0
-            if i < 4:  # the list moves each palette to its front: a reused entry is mostly near it
-                flags[comp, i] = math.log2(p0 / (1 - p0))  # a flag at 1 instead of 0
-            else:
-                flags[comp, i] = flags[comp, 0]
-            flags[comp, 64] -= math.log2(p0)
-            state[1 if i < 4 else 0] = (pf + ((32768 - pf) >> 4), ps + ((32768 - ps) >> 7))
-    p0 = probs.sum(1) / 65536.0
+    _predictor_prices(probs, predictors, src, pos_y, pos_c, flags)
+    p0 = probs.sum(1, dtype=np.int64) / 65536.0
     mode = -math.log2(1.0 - p0[CTX_PALETTE + 1])
     if not intra_only:
         mode -= math.log2(p0[CTX_SKIP + 1]) + math.log2(p0[CTX_INTER])
-    return probs, pos[0], pos[1], flags, mode, _escape_table(probs)
+    return probs, pos_y, pos_c, flags, mode, _escape_table(probs), _entry_table(probs)
+
+
+@njit(cache=True, nogil=True)
+def _predictor_prices(probs, predictors, src, pos_y, pos_c, flags):
+    """``palette_coder``'s predictor lists, into ``pos_y``, ``pos_c`` and ``flags`` (the frame's
+    colours counted on every other row and column)."""
+    pred_y, npred_y, pred_c, npred_c = predictors
+    hist_y = np.zeros(256, np.int64)
+    hist_c = np.zeros(65536, np.int64)
+    for y in range(0, src[0].shape[0], 2):
+        for x in range(0, src[0].shape[1], 2):
+            hist_y[src[0][y, x]] += 1
+    for y in range(0, src[1].shape[0], 2):
+        for x in range(0, src[1].shape[1], 2):
+            hist_c[np.int64(src[1][y, x]) * 256 + src[2][y, x]] += 1
+    for comp in range(2):
+        pred = pred_c if comp else pred_y
+        npred = npred_c[0] if comp else npred_y[0]
+        pos = pos_c if comp else pos_y
+        hist = hist_c if comp else hist_y
+        for i in range(npred):
+            pos[pred[i]] = i
+        for _ in range(FRAME_COLOURS):
+            key = np.argmax(hist)
+            if hist[key] == 0 or npred >= MAX_PAL:
+                break
+            hist[key] = 0
+            if pos[key] < 0:
+                pos[key] = npred
+                npred += 1
+        pf1 = np.int64(probs[CTX_PAL_REUSE + 2 * comp + 1, 0])
+        ps1 = np.int64(probs[CTX_PAL_REUSE + 2 * comp + 1, 1])
+        pf0 = np.int64(probs[CTX_PAL_REUSE + 2 * comp, 0])
+        ps0 = np.int64(probs[CTX_PAL_REUSE + 2 * comp, 1])
+        for i in range(npred):
+            if i < 4:
+                p0 = (pf1 + ps1) / 65536.0
+                pf1 += (32768 - pf1) >> 4
+                ps1 += (32768 - ps1) >> 7
+            else:
+                p0 = (pf0 + ps0) / 65536.0
+                pf0 += (32768 - pf0) >> 4
+                ps0 += (32768 - ps0) >> 7
+            # the list moves each palette to its front: a reused entry is mostly near it
+            flags[comp, i] = math.log2(p0 / (1 - p0)) if i < 4 else flags[comp, 0]  # a flag at 1 instead of 0
+            flags[comp, 64] -= math.log2(p0)
+
+
+@njit(cache=True, nogil=True)
+def _entry_table(probs):
+    """Bits of the values ``syntax.code_palette`` codes for new entries, 0..255, looked up per
+    entry: a luma palette's first new level (row 0), a luma delta (1), a Cb delta (2), the count
+    of new luma and chroma entries (3, 4), a Cr difference's magnitude less one with its sign (5)."""
+    table = np.empty((6, 256))
+    for v in range(256):
+        table[0, v] = _tree_cost(probs, CTX_PAL_FIRST - 1, 8, v)
+        table[1, v] = _ueg_cost(probs, CTX_PAL_DELTA, v)
+        table[2, v] = _ueg_cost(probs, CTX_PAL_DELTA + UEG_CONTEXTS, v)
+        table[3, v] = _ueg_cost(probs, CTX_PAL_NEW, v)
+        table[4, v] = _ueg_cost(probs, CTX_PAL_NEW + UEG_CONTEXTS, v)
+        table[5, v] = 1.0 + _ueg_cost(probs, CTX_PAL_CR_MAG, v)
+    return table
 
 
 @njit(cache=True, nogil=True)
@@ -528,7 +573,7 @@ def _escape_table(probs):
 def _entries_cost(coder, keys, u, two):
     """Bits of ``syntax.code_palette`` for the sorted ``keys[:u]``: reuse flags over the predictor
     list as the frame started, then the new entries."""
-    probs, pos_y, pos_c, flags, _, _ = coder
+    probs, pos_y, pos_c, flags, _, _, table = coder
     comp = 1 if two else 0
     pos = pos_c if two else pos_y
     c = flags[comp, 64]
@@ -540,22 +585,19 @@ def _entries_cost(coder, keys, u, two):
             c += flags[comp, pos[k]]
             continue
         if not two:
-            if nnew == 0:
-                c += _tree_cost(probs, CTX_PAL_FIRST + comp * 256 - 1, 8, k)
-            else:
-                c += _ueg_cost(probs, CTX_PAL_DELTA + comp * UEG_CONTEXTS, k - prev - 1)
+            c += table[0, k] if nnew == 0 else table[1, k - prev - 1]
         else:
             cb = k >> 8
             cr = k & 255
             pu = prev >> 8 if nnew else 0
             pcr = prev & 255 if nnew else 128
-            c += _ueg_cost(probs, CTX_PAL_DELTA + comp * UEG_CONTEXTS, cb - pu)
+            c += table[2, cb - pu]
             c += _bit_cost(probs, CTX_PAL_CR_ZERO, 1 if cr != pcr else 0)
             if cr != pcr:
-                c += 1.0 + _ueg_cost(probs, CTX_PAL_CR_MAG, abs(cr - pcr) - 1)
+                c += table[5, abs(cr - pcr) - 1]
         nnew += 1
         prev = k
-    return c + _ueg_cost(probs, CTX_PAL_NEW + comp * UEG_CONTEXTS, nnew)
+    return c + table[3 + comp, nnew]
 
 
 
@@ -658,30 +700,21 @@ def _index_changes(keys2d, y0, x0, s, two, keys, u, esc_tol):
     lefts = 0
     nesc = 0
     row = np.empty(s, np.int64)  # the row above's indices
-    nearest = np.empty(0 if two else 256, np.int64)  # luma: each level's index, looked up
-    if not two:
-        i = 0
-        for v in range(256):
-            while i + 1 < u and abs(keys[i + 1] - v) < abs(keys[i] - v):
-                i += 1
-            nearest[v] = i if (keys[i] - v) ** 2 <= esc_tol else u
     for y in range(s):
         left = -1
         for x in range(s):
             v = keys2d[y0 + y, x0 + x]
-            if two:
-                best = 0
-                bestd = _key_distance(v, keys[0], two)
-                for i in range(1, u):
-                    d = _key_distance(v, keys[i], two)
-                    if d < bestd:
-                        best = i
-                        bestd = d
-                if bestd > esc_tol:
-                    best = u
-            else:
-                best = nearest[v]
-            if best == u:
+            best = 0
+            bestd = _key_distance(v, keys[0], two)
+            for i in range(1, u):
+                d = _key_distance(v, keys[i], two)
+                if d < bestd:
+                    best = i
+                    bestd = d
+                elif not two:
+                    break  # sorted levels: farther from here on
+            if bestd > esc_tol:
+                best = u
                 nesc += 1
             dl = x > 0 and best != left
             dt = y > 0 and best != row[x]
@@ -703,8 +736,9 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
 
     The bits are the syntax's at the coder's probabilities as the frame started (``coder``,
     ``palette_coder``): the entries (``_entries_cost``), the escape flag, and the index map of the
-    block (``block``: keys, y0, x0, s), counted by ``_index_changes``, or, where the clusters are
-    the block's distinct values unmerged, given as ``changes`` (transitions, left changes; (-1, -1)
+    block (``block``: keys, y0, x0, s), counted by ``_index_changes``, or, for the block's distinct
+    values, given as ``changes`` (transitions, left changes of the values, which overcount a
+    merged palette's: counting its map cost the screen clip 20 % of its encoding time; (-1, -1)
     for none): a repeat of the left costs the 'same as left' flag, a repeat of the top both flags,
     a change both flags at 0 and an explicit index, each flag at its static price, or, in a context
     no block has used yet, at what a context learning the block's decisions charges
@@ -769,7 +803,7 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
     npx = s * s
     trans, lefts = changes
     nesc = 0
-    if u < n or trans < 0:
+    if trans < 0:
         trans, lefts, nesc = _index_changes(keys2d, y0, x0, s, two, out_keys, u, float(esc_tol) if u < MAX_PAL else np.inf)
     rate = _entries_cost(coder, out_keys, u, two)
     m = u
@@ -1054,12 +1088,14 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, has_ref2, le
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _best_palette(keys2d, changes, y0, x0, s, two, many, max_pal, esc_tol, q4, lam, dweight, coder, bound, scratch, out):
+def _best_palette(keys2d, changes, y0, x0, s, two, many, dominant, max_pal, esc_tol, q4, lam, dweight, coder, bound, scratch,
+                  out):
     """RD-best palette of one component of a block: (J, size, estimated bits, too many colours for
-    an exact palette); size 0 means none. Candidates: exact (one cluster per distinct value, merged
+    an exact palette, no candidate cost less than ``bound``); size 0 means none. Candidates: exact (one cluster per distinct value, merged
     by ``_price_palette``) unless ``many`` or too many distinct values, and, where the block has
     more distinct values than ``DOMINANT``, its dominant values with escapes (``_dominant_clusters``),
-    priced only where its escapes alone cost less than ``bound`` (the best J of the other modes)."""
+    priced only where its escapes alone cost less than ``bound`` (the best J of the other modes),
+    and tried only with ``dominant``."""
     counts, seen, clusters, centres, cand = scratch
     _, cc, su, sv, qq = clusters
     j = np.inf
@@ -1072,7 +1108,7 @@ def _best_palette(keys2d, changes, y0, x0, s, two, many, max_pal, esc_tol, q4, l
             j, size, rate = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], (tr, _left_changes(changes, y0, x0, s)),
                                            (keys2d, y0, x0, s), two, lam, dweight, out, centres, coder, esc_tol)
     too_many = n == 0
-    if too_many or n > DOMINANT:
+    if dominant and (too_many or n > DOMINANT):
         nd, nesc, ebits, edist = _dominant_clusters(keys2d, y0, x0, s, two, min(max_pal, DOMINANT), esc_tol, q4, coder[5],
                                                     counts, seen, cc, su, sv, qq)
         if nd > 0 and lam * ebits + dweight * edist < bound:
@@ -1085,14 +1121,15 @@ def _best_palette(keys2d, changes, y0, x0, s, two, many, max_pal, esc_tol, q4, l
                 size = ne
                 rate = re
                 out[:ne] = cand[:ne]
-    return j, size, rate, too_many
+    return j, size, rate, too_many, not j < bound
 
 
 @njit(cache=True, nogil=True, inline="always")  # see decide
-def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, by, bx, s, scratch, out_y, out_c):
+def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, dominant, by, bx, s, scratch, out_y, out_c):
     """RD cost of the block as a PALETTE leaf, with its palettes' sorted keys in ``out_y`` and
     ``out_c``: (J, luma palette size, chroma palette size, too many colours for exact palettes,
-    the palettes are the generator's, estimated bits); sizes of 0 mean no palette leaf.
+    the palettes are the generator's, estimated bits, no luma palette cost less than ``bound``); sizes
+    of 0 mean no palette leaf. ``dominant``: try palettes of dominant values (``_best_palette``).
 
     Each component's palette is ``_best_palette``'s; where the luma has too many distinct values
     for an exact palette and the block is a PROPOSAL_BLOCK one, the generator's proposal competes
@@ -1118,11 +1155,11 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, b
     nc = 0
     jc = np.inf
     rc = 0.0
-    jy, ny, ry, many_y = _best_palette(keys_y, changes_y, y0, x0, s, False, many, max_pal, esc_tol, q4, lam, dweight,
-                                       coder, bound, scratch, out_y)
+    jy, ny, ry, many_y, hopeless = _best_palette(keys_y, changes_y, y0, x0, s, False, many, dominant, max_pal, esc_tol, q4,
+                                                 lam, dweight, coder, bound, scratch, out_y)
     if ny > 0:
-        jc, nc, rc, many_c = _best_palette(keys_c, changes_c, c0y, c0x, cs, True, many, max_pal, 2 * esc_tol, q4, lam,
-                                           dweight, coder, bound - jy, scratch, out_c)
+        jc, nc, rc, many_c, _ = _best_palette(keys_c, changes_c, c0y, c0x, cs, True, many, dominant, max_pal, 2 * esc_tol,
+                                              q4, lam, dweight, coder, bound - jy, scratch, out_c)
         many_y = many_y or many_c
     generated = False
     if many_y and s == PROPOSAL_BLOCK and prop_yn[by, bx] > 0:
@@ -1147,7 +1184,7 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, b
             out_y[:ny] = cand[:ny]
             out_c[:nc] = tmp[:nc]
     mode = coder[4]
-    return jy + jc + lam * mode, ny, nc, many_y, generated, ry + rc + mode
+    return jy + jc + lam * mode, ny, nc, many_y, generated, ry + rc + mode, hopeless
 
 
 class Pricing(NamedTuple):
@@ -1204,6 +1241,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, coder, 
     lpgen = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
     lpbits = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
     toomany = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
+    hopeless = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     intra_raw = [np.zeros((h // s, w // s, 2)) for s in (8, 16, 32, 64)]  # per predictor variant
     skip_raw = [np.zeros((h // s, w // s), np.int64) for s in (8, 16, 32, 64)]
     # cost of each 8x8 cell under its own motion: [one / two refs][INTER variant]
@@ -1256,8 +1294,16 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, coder, 
                         toomany[lev - 1][2 * by, 2 * bx] or toomany[lev - 1][2 * by, 2 * bx + 1]
                         or toomany[lev - 1][2 * by + 1, 2 * bx] or toomany[lev - 1][2 * by + 1, 2 * bx + 1]
                     )
-                    jpal, ny, nc, too_many, generated, pbits = _price_palette_leaf(
-                        keys, changes, proposals, pricing, coder, jbest, many, by, bx, s, palette_scratch, tmp_y, tmp_c
+                    # where no quadrant's luma palette could compete, the block's palette of dominant values
+                    # rarely does (noise, text that INTRA codes better): trying anyway cost 10-20 % of
+                    # the encoder's time
+                    dominant = lev == 0 or not (
+                        hopeless[lev - 1][2 * by, 2 * bx] and hopeless[lev - 1][2 * by, 2 * bx + 1]
+                        and hopeless[lev - 1][2 * by + 1, 2 * bx] and hopeless[lev - 1][2 * by + 1, 2 * bx + 1]
+                    )
+                    jpal, ny, nc, too_many, generated, pbits, hopeless[lev][by, bx] = _price_palette_leaf(
+                        keys, changes, proposals, pricing, coder, jbest, many, dominant, by, bx, s, palette_scratch, tmp_y,
+                        tmp_c,
                     )
                     toomany[lev][by, bx] = too_many
                     if nc > 0 and jpal < jbest:
