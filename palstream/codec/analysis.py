@@ -849,22 +849,22 @@ def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, escape, counts
                 seen[n] = k
                 n += 1
             counts[k] += 1
-    # pick the dominant values, marking them by a negative count
+    # the dominant values, in one pass: most frequent first, the first seen among equals
     nd = 0
     dom = np.empty(DOMINANT, np.int64)
-    while nd < most:
-        bi = -1
-        bc = 1
-        for i in range(n):
-            c = counts[seen[i]]
-            if c > bc:
-                bc = c
-                bi = i
-        if bi < 0:
-            break
-        dom[nd] = seen[bi]
-        counts[seen[bi]] = -bc
-        nd += 1
+    top = np.empty(DOMINANT, np.int64)  # their counts
+    for i in range(n):
+        c = counts[seen[i]]
+        if c < 2 or (nd == most and c <= top[nd - 1]):
+            continue
+        j = nd if nd < most else most - 1
+        while j > 0 and top[j - 1] < c:
+            top[j] = top[j - 1]
+            dom[j] = dom[j - 1]
+            j -= 1
+        top[j] = c
+        dom[j] = seen[i]
+        nd = min(nd + 1, most)
     _sort_prefix(dom, nd)
     for j in range(nd):
         cc[j] = 0.0
@@ -876,7 +876,7 @@ def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, escape, counts
     step = q4 / 4.0
     for i in range(n):
         k = seen[i]
-        c = abs(counts[k])
+        c = counts[k]
         counts[k] = 0
         u = float(k >> 8) if two else float(k)
         v = float(k & 255) if two else 0.0
