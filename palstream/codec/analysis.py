@@ -728,7 +728,7 @@ def _index_changes(keys2d, y0, x0, s, two, keys, u, esc_tol):
 
 
 @njit(cache=True, nogil=True)
-def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_keys, centres, coder, esc_tol):
+def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_keys, centres, coder, esc_tol, limit):
     """Merge clusters greedily (Ward) while the distortion added costs less than the bits saved;
     returns (J, palette size, estimated bits) with the sorted palette keys in ``out_keys``.
     ``centres`` is scratch (u, v, alive) for at least n clusters. The escapes' own bits and error
@@ -742,7 +742,8 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
     for none): a repeat of the left costs the 'same as left' flag, a repeat of the top both flags,
     a change both flags at 0 and an explicit index, each flag at its static price, or, in a context
     no block has used yet, at what a context learning the block's decisions charges
-    (``_adaptive_cost``)."""
+    (``_adaptive_cost``). Where the distortion alone reaches ``limit``, the bits are not counted
+    and J is infinite: the caller has nothing cheaper than that to beat."""
     cu, cv, alive = centres
     for i in range(n):
         cu[i] = su[i] / cc[i]
@@ -797,6 +798,8 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
         if u == 0 or out_keys[i] != out_keys[u - 1]:
             out_keys[u] = out_keys[i]
             u += 1
+    if dweight * dist >= limit:
+        return np.inf, u, 0.0
     probs = coder[0]
     comp = 1 if two else 0
     keys2d, y0, x0, s = block
@@ -832,14 +835,15 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
 
 
 @njit(cache=True, nogil=True)
-def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, escape, counts, seen, cc, su, sv, qq):
+def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, escape, lam, dweight, limit, counts, seen, cc, su, sv, qq):
     """The block's ``most`` most frequent values (seen at least twice) as clusters, ascending,
     into the scratch ``cc, su, sv, qq`` as ``_exact_clusters`` does, each holding the values within
     ``esc_tol`` (squared error) of it; every other sample is an escape (``syntax._code_escape``).
     Returns (n, escaped samples, their bits and squared error, estimated: MED mostly predicts an
     escape from a neighbouring dominant value, so its level is about its distance to the nearest
     one, priced by ``escape``, ``_escape_table``'s); n = 0 where more than half the samples would
-    escape. ``counts``: zeroed scratch indexed by key, left zeroed;
+    escape or the escapes alone cost at least ``limit`` (J at ``lam``, ``dweight``): found as
+    soon as they do, which is early in most blocks of camera content. ``counts``: zeroed scratch indexed by key, left zeroed;
     ``seen``: room for s * s keys."""
     n = 0
     for y in range(y0, y0 + s):
@@ -874,10 +878,14 @@ def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, escape, counts
     nesc = 0
     bits = 0.0
     step = q4 / 4.0
+    # rounding to the nearest step: uniform error of step^2 / 12 per component; none at step 1
+    err = 0.0 if q4 == 4 else (2.0 if two else 1.0) * step * step / 12.0
     for i in range(n):
         k = seen[i]
         c = counts[k]
         counts[k] = 0
+        if nesc < 0:
+            continue  # given up: only leave the scratch zeroed
         u = float(k >> 8) if two else float(k)
         v = float(k & 255) if two else 0.0
         best = 0
@@ -904,10 +912,10 @@ def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, escape, counts
                 e += escape[2, min(int(abs(bv) / step + 0.5), 255)]
             bits += c * e
             nesc += c
-    if nd == 0 or 2 * nesc > s * s:
+            if 2 * nesc > s * s or lam * bits + dweight * err * nesc >= limit:
+                nesc = -1
+    if nd == 0 or nesc < 0:
         return 0, 0, 0.0, 0.0
-    # rounding to the nearest step: uniform error of step^2 / 12 per component; none at step 1
-    err = 0.0 if q4 == 4 else (2.0 if two else 1.0) * step * step / 12.0
     return nd, nesc, bits, err * nesc
 
 
@@ -1096,7 +1104,7 @@ def _best_palette(keys2d, changes, y0, x0, s, two, many, dominant, max_pal, esc_
     more distinct values than ``DOMINANT``, its dominant values with escapes (``_dominant_clusters``),
     priced only where its escapes alone cost less than ``bound`` (the best J of the other modes),
     and tried only with ``dominant``."""
-    counts, seen, clusters, centres, cand = scratch
+    counts, seen, clusters, centres, cand, _ = scratch
     _, cc, su, sv, qq = clusters
     j = np.inf
     size = 0
@@ -1106,16 +1114,17 @@ def _best_palette(keys2d, changes, y0, x0, s, two, many, dominant, max_pal, esc_
         n, tr = _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, *clusters)
         if n > 0:
             j, size, rate = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], (tr, _left_changes(changes, y0, x0, s)),
-                                           (keys2d, y0, x0, s), two, lam, dweight, out, centres, coder, esc_tol)
+                                           (keys2d, y0, x0, s), two, lam, dweight, out, centres, coder, esc_tol, bound)
     too_many = n == 0
     if dominant and (too_many or n > DOMINANT):
         nd, nesc, ebits, edist = _dominant_clusters(keys2d, y0, x0, s, two, min(max_pal, DOMINANT), esc_tol, q4, coder[5],
-                                                    counts, seen, cc, su, sv, qq)
-        if nd > 0 and lam * ebits + dweight * edist < bound:
+                                                    lam, dweight, bound, counts, seen, cc, su, sv, qq)
+        if nd > 0:
+            extra = lam * ebits + dweight * edist
             je, ne, re = _price_palette(nd, cc[:nd], su[:nd], sv[:nd], qq[:nd], (-1, -1), (keys2d, y0, x0, s), two, lam,
-                                        dweight, cand, centres, coder, esc_tol)
+                                        dweight, cand, centres, coder, esc_tol, bound - extra)
             re += ebits
-            je += lam * ebits + dweight * edist
+            je += extra
             if je < j:
                 j = je
                 size = ne
@@ -1157,7 +1166,11 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, d
     rc = 0.0
     jy, ny, ry, many_y, hopeless = _best_palette(keys_y, changes_y, y0, x0, s, False, many, dominant, max_pal, esc_tol, q4,
                                                  lam, dweight, coder, bound, scratch, out_y)
-    if ny > 0:
+    if ny > 0 and hopeless:
+        # no chroma palette can make up for the luma's: only whether the chroma has too many colours counts
+        many_y = many_y or many or _exact_clusters(keys_c, changes_c, c0y, c0x, cs, True, max_pal, scratch[0],
+                                                   *scratch[2])[0] == 0
+    elif ny > 0:
         jc, nc, rc, many_c, _ = _best_palette(keys_c, changes_c, c0y, c0x, cs, True, many, dominant, max_pal, 2 * esc_tol,
                                               q4, lam, dweight, coder, bound - jy, scratch, out_c)
         many_y = many_y or many_c
@@ -1167,16 +1180,18 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, d
         escape = coder[5]
         n, pcc, psu, psv, pqq, ebits, edist = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx],
                                                                   esc_tol, q4, escape)
+        extra = lam * ebits + dweight * edist
         gy, gny, gry = _price_palette(n, pcc, psu, psv, pqq, (-1, -1), (keys_y, y0, x0, s), False, lam, dweight, cand, centres,
-                                      coder, esc_tol)
-        gy += lam * ebits + dweight * edist
+                                      coder, esc_tol, bound - extra)
+        gy += extra
         gry += ebits
-        tmp = np.empty(MAX_PAL, np.int64)
+        tmp = scratch[5]
         n, pcc, psu, psv, pqq, ebits, edist = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx],
                                                                   2 * esc_tol, q4, escape)
+        extra = lam * ebits + dweight * edist
         gc, gnc, grc = _price_palette(n, pcc, psu, psv, pqq, (-1, -1), (keys_c, c0y, c0x, cs), True, lam, dweight, tmp, centres,
-                                      coder, 2 * esc_tol)
-        gc += lam * ebits + dweight * edist
+                                      coder, 2 * esc_tol, bound - gy - extra)
+        gc += extra
         grc += ebits
         if gy + gc < jy + jc:
             generated = True
@@ -1253,7 +1268,8 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, coder, 
     clusters = (np.empty(MAX_PAL + 1, np.int64), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1),
                 np.empty(MAX_PAL + 1))
     centres = (np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1, np.bool_))
-    palette_scratch = (np.zeros(65536, np.int32), np.empty(4096, np.int64), clusters, centres, np.empty(MAX_PAL, np.int64))
+    palette_scratch = (np.zeros(65536, np.int32), np.empty(4096, np.int64), clusters, centres, np.empty(MAX_PAL, np.int64),
+                       np.empty(MAX_PAL, np.int64))
     tmp_y = np.empty(MAX_PAL, np.int64)
     tmp_c = np.empty(MAX_PAL, np.int64)
     for lev in range(nlev):
