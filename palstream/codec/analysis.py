@@ -51,9 +51,8 @@ from palstream.codec.syntax import (
     transform_levels,
 )
 
-PROPOSAL_BLOCK = 16  # leaf size whose many-coloured blocks get palettes from the PaletteGenerator
 ESCAPE_BITS = 6.0  # what an escape costs beyond an index, about: a sample farther than this many bits' worth of error escapes
-DOMINANT = 8  # the most frequent values a palette with escapes starts from
+PROPOSAL_SIZES = (8, 16, 32, 64)  # leaf sizes the generator proposes palettes for (``proposal_rows``)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -603,6 +602,13 @@ def _entries_cost(coder, keys, u, two):
 
 
 @njit(cache=True, nogil=True)
+def exact_limit(samples, max_pal):
+    """The most distinct values an exact palette of a block of ``samples`` may hold: ``max_pal``, and
+    one per four samples (at least 4): past that, its index map costs more than a palette saves."""
+    return min(max_pal, max(4, samples // 4))
+
+
+@njit(cache=True, nogil=True)
 def _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, seen, cc, su, sv, qq):
     """Each distinct value of the block as one cluster, in ascending order, into the scratch
     ``cc, su, sv, qq`` (count, sum u, sum v, sum of squares); returns (n, transitions).
@@ -612,7 +618,7 @@ def _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, seen, cc, 
     most blocks of camera content. ``counts`` is zeroed scratch indexed by key; ``seen`` holds
     MAX_PAL + 1 keys.
     """
-    limit = min(max_pal, max(4, s * s // 4))
+    limit = exact_limit(s * s, max_pal)
     n = 0
     for y in range(y0, y0 + s):
         for x in range(x0, x0 + s):
@@ -641,54 +647,6 @@ def _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, seen, cc, 
         sv[i] = v * c
         qq[i] = (u * u + v * v) * c
     return n, _transitions(changes, y0, x0, s)
-
-
-@njit(cache=True, nogil=True)
-def _proposal_clusters(keys2d, y0, x0, s, two, proposal, k, esc_tol, q4, escape):
-    """Clusters of the block's pixels around the nearest entries of a proposed palette (sorted
-    keys), but for those farther than ``esc_tol`` from every entry: escapes, as in
-    ``_dominant_clusters``. Returns (n, counts, sums u, sums v, sums of squares, the escapes' bits
-    and squared error)."""
-    cc = np.zeros(k, np.float64)
-    su = np.zeros(k, np.float64)
-    sv = np.zeros(k, np.float64)
-    qq = np.zeros(k, np.float64)
-    step = q4 / 4.0
-    nesc = 0
-    bits = 0.0
-    for y in range(s):
-        for x in range(s):
-            key = keys2d[y0 + y, x0 + x]
-            u = float(key >> 8) if two else float(key)
-            v = float(key & 255) if two else 0.0
-            best = 0
-            bestd = np.inf
-            bu = 0.0
-            bv = 0.0
-            for i in range(k):
-                pu = float(proposal[i] >> 8) if two else float(proposal[i])
-                pv = float(proposal[i] & 255) if two else 0.0
-                d = (u - pu) ** 2 + (v - pv) ** 2
-                if d < bestd:
-                    best = i
-                    bestd = d
-                    bu = u - pu
-                    bv = v - pv
-            if bestd > esc_tol:
-                e = escape[1 if two else 0, min(int(abs(bu) / step + 0.5), 255)]
-                if two:
-                    e += escape[2, min(int(abs(bv) / step + 0.5), 255)]
-                bits += e
-                nesc += 1
-                continue
-            cc[best] += 1
-            su[best] += u
-            sv[best] += v
-            qq[best] += u * u + v * v
-    live = cc > 0
-    n = int(live.sum())
-    err = 0.0 if q4 == 4 else (2.0 if two else 1.0) * step * step / 12.0
-    return n, cc[live], su[live], sv[live], qq[live], bits, err * nesc
 
 
 @njit(cache=True, nogil=True)
@@ -835,16 +793,19 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
 
 
 @njit(cache=True, nogil=True)
-def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, escape, lam, dweight, limit, counts, seen, cc, su, sv, qq):
-    """The block's ``most`` most frequent values (seen at least twice) as clusters, ascending,
-    into the scratch ``cc, su, sv, qq`` as ``_exact_clusters`` does, each holding the values within
-    ``esc_tol`` (squared error) of it; every other sample is an escape (``syntax._code_escape``).
+def _palette_clusters(keys2d, y0, x0, s, two, entries, ne, esc_tol, q4, escape, lam, dweight, limit, counts, seen, cc, su,
+                      sv, qq):
+    """The block's samples as clusters around the nearest of a proposed palette's ``ne`` entries
+    (sorted keys), into the scratch ``cc, su, sv, qq`` as ``_exact_clusters`` does, ascending, entries
+    no sample is nearest to dropped; a sample farther than ``esc_tol`` (squared error) from every
+    entry is an escape (``syntax._code_escape``).
     Returns (n, escaped samples, their bits and squared error, estimated: MED mostly predicts an
-    escape from a neighbouring dominant value, so its level is about its distance to the nearest
-    one, priced by ``escape``, ``_escape_table``'s); n = 0 where more than half the samples would
+    escape from a neighbouring palette value, so its level is about its distance to the nearest
+    entry, priced by ``escape``, ``_escape_table``'s); n = 0 where more than half the samples would
     escape or the escapes alone cost at least ``limit`` (J at ``lam``, ``dweight``): found as
-    soon as they do, which is early in most blocks of camera content. ``counts``: zeroed scratch indexed by key, left zeroed;
-    ``seen``: room for s * s keys."""
+    soon as they do, which is early in most blocks of camera content. Works on the block's distinct
+    values, not its samples. ``counts``: zeroed scratch indexed by key, left zeroed; ``seen``: room
+    for s * s keys."""
     n = 0
     for y in range(y0, y0 + s):
         for x in range(x0, x0 + s):
@@ -853,24 +814,7 @@ def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, escape, lam, d
                 seen[n] = k
                 n += 1
             counts[k] += 1
-    # the dominant values, in one pass: most frequent first, the first seen among equals
-    nd = 0
-    dom = np.empty(DOMINANT, np.int64)
-    top = np.empty(DOMINANT, np.int64)  # their counts
-    for i in range(n):
-        c = counts[seen[i]]
-        if c < 2 or (nd == most and c <= top[nd - 1]):
-            continue
-        j = nd if nd < most else most - 1
-        while j > 0 and top[j - 1] < c:
-            top[j] = top[j - 1]
-            dom[j] = dom[j - 1]
-            j -= 1
-        top[j] = c
-        dom[j] = seen[i]
-        nd = min(nd + 1, most)
-    _sort_prefix(dom, nd)
-    for j in range(nd):
+    for j in range(ne):
         cc[j] = 0.0
         su[j] = 0.0
         sv[j] = 0.0
@@ -892,9 +836,9 @@ def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, escape, lam, d
         bestd = np.inf
         bu = 0.0
         bv = 0.0
-        for j in range(nd):
-            du = u - (float(dom[j] >> 8) if two else float(dom[j]))
-            dv = v - (float(dom[j] & 255) if two else 0.0)
+        for j in range(ne):
+            du = u - (float(entries[j] >> 8) if two else float(entries[j]))
+            dv = v - (float(entries[j] & 255) if two else 0.0)
             d = du * du + dv * dv
             if d < bestd:
                 best = j
@@ -914,9 +858,17 @@ def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, escape, lam, d
             nesc += c
             if 2 * nesc > s * s or lam * bits + dweight * err * nesc >= limit:
                 nesc = -1
-    if nd == 0 or nesc < 0:
+    if nesc < 0:
         return 0, 0, 0.0, 0.0
-    return nd, nesc, bits, err * nesc
+    live = 0
+    for j in range(ne):  # entries nothing is nearest to (or repeated ones) are not coded
+        if cc[j] > 0:
+            cc[live] = cc[j]
+            su[live] = su[j]
+            sv[live] = sv[j]
+            qq[live] = qq[j]
+            live += 1
+    return live, nesc, bits, err * nesc
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -1095,30 +1047,31 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, has_ref2, le
     return jinter, ivar, dc, 0
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _best_palette(keys2d, changes, y0, x0, s, two, many, dominant, max_pal, esc_tol, q4, lam, dweight, coder, bound, scratch,
-                  out):
+@njit(cache=True, nogil=True, inline="always")  # see decide
+def _best_palette(keys2d, changes, y0, x0, s, two, many, proposal, proposed, max_pal, esc_tol, q4, lam, dweight, coder, bound,
+                  scratch, out):
     """RD-best palette of one component of a block: (J, size, estimated bits, too many colours for
-    an exact palette, no candidate cost less than ``bound``); size 0 means none. Candidates: exact (one cluster per distinct value, merged
-    by ``_price_palette``) unless ``many`` or too many distinct values, and, where the block has
-    more distinct values than ``DOMINANT``, its dominant values with escapes (``_dominant_clusters``),
-    priced only where its escapes alone cost less than ``bound`` (the best J of the other modes),
-    and tried only with ``dominant``."""
+    an exact palette, no candidate cost less than ``bound``, the palette is the proposal); size 0
+    means none. Candidates: exact (one cluster per distinct value, merged by ``_price_palette``)
+    unless ``many`` or too many distinct values, and the generator's ``proposed`` entries of
+    ``proposal`` with escapes (``_palette_clusters``), priced only where its escapes alone cost
+    less than ``bound`` (the best J of the other modes)."""
     counts, seen, clusters, centres, cand, _ = scratch
     _, cc, su, sv, qq = clusters
     j = np.inf
     size = 0
     rate = 0.0
     n = 0
+    generated = False
     if not many:
         n, tr = _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, *clusters)
         if n > 0:
             j, size, rate = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], (tr, _left_changes(changes, y0, x0, s)),
                                            (keys2d, y0, x0, s), two, lam, dweight, out, centres, coder, esc_tol, bound)
     too_many = n == 0
-    if dominant and (too_many or n > DOMINANT):
-        nd, nesc, ebits, edist = _dominant_clusters(keys2d, y0, x0, s, two, min(max_pal, DOMINANT), esc_tol, q4, coder[5],
-                                                    lam, dweight, bound, counts, seen, cc, su, sv, qq)
+    if proposed > 0 and (too_many or n > proposed):  # an exact palette of fewer entries codes the same samples exactly
+        nd, nesc, ebits, edist = _palette_clusters(keys2d, y0, x0, s, two, proposal, proposed, esc_tol, q4, coder[5], lam,
+                                                   dweight, bound, counts, seen, cc, su, sv, qq)
         if nd > 0:
             extra = lam * ebits + dweight * edist
             je, ne, re = _price_palette(nd, cc[:nd], su[:nd], sv[:nd], qq[:nd], (-1, -1), (keys2d, y0, x0, s), two, lam,
@@ -1129,21 +1082,23 @@ def _best_palette(keys2d, changes, y0, x0, s, two, many, dominant, max_pal, esc_
                 j = je
                 size = ne
                 rate = re
+                generated = True
                 out[:ne] = cand[:ne]
-    return j, size, rate, too_many, not j < bound
+    return j, size, rate, too_many, not j < bound, generated
 
 
 @njit(cache=True, nogil=True, inline="always")  # see decide
-def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, dominant, by, bx, s, scratch, out_y, out_c):
+def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, propose, row, by, bx, s, scratch, out_y,
+                        out_c):
     """RD cost of the block as a PALETTE leaf, with its palettes' sorted keys in ``out_y`` and
     ``out_c``: (J, luma palette size, chroma palette size, too many colours for exact palettes,
-    the palettes are the generator's, estimated bits, no luma palette cost less than ``bound``); sizes
-    of 0 mean no palette leaf. ``dominant``: try palettes of dominant values (``_best_palette``).
+    the luma palette is the generator's, estimated bits, no luma palette cost less than ``bound``);
+    sizes of 0 mean no palette leaf.
 
-    Each component's palette is ``_best_palette``'s; where the luma has too many distinct values
-    for an exact palette and the block is a PROPOSAL_BLOCK one, the generator's proposal competes
-    with them. ``keys``, ``changes``: luma and chroma keys of the frame and their
-    ``_change_sums``; ``proposals``: (luma keys, count, chroma keys, count) per 16x16 block;
+    Each component's palette is ``_best_palette``'s: exact, or, with ``propose``, the generator's
+    proposal for the block (row ``row`` of ``proposals``: luma keys, their count, chroma keys,
+    their count, per block of every size in ``PROPOSAL_SIZES``, ``proposal_rows``) with escapes.
+    ``keys``, ``changes``: luma and chroma keys of the frame and their ``_change_sums``;
     ``coder``: ``palette_coder``'s prices; ``bound``: the best J of the other modes, above which
     no candidate needs an exact price."""
     keys_y, keys_c = keys
@@ -1154,8 +1109,6 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, d
     max_pal = pricing.max_pal
     esc_tol = pricing.esc_tol
     q4 = pricing.q4
-    centres = scratch[3]
-    cand = scratch[4]
     y0 = by * s
     x0 = bx * s
     c0y = y0 // 2
@@ -1164,40 +1117,20 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, d
     nc = 0
     jc = np.inf
     rc = 0.0
-    jy, ny, ry, many_y, hopeless = _best_palette(keys_y, changes_y, y0, x0, s, False, many, dominant, max_pal, esc_tol, q4,
-                                                 lam, dweight, coder, bound, scratch, out_y)
+    jy, ny, ry, many_y, hopeless, generated = _best_palette(
+        keys_y, changes_y, y0, x0, s, False, many, prop_y[row], prop_yn[row] if propose else 0, max_pal, esc_tol, q4, lam,
+        dweight, coder, bound, scratch, out_y,
+    )
     if ny > 0 and hopeless:
         # no chroma palette can make up for the luma's: only whether the chroma has too many colours counts
         many_y = many_y or many or _exact_clusters(keys_c, changes_c, c0y, c0x, cs, True, max_pal, scratch[0],
                                                    *scratch[2])[0] == 0
     elif ny > 0:
-        jc, nc, rc, many_c, _ = _best_palette(keys_c, changes_c, c0y, c0x, cs, True, many, dominant, max_pal, 2 * esc_tol,
-                                              q4, lam, dweight, coder, bound - jy, scratch, out_c)
+        jc, nc, rc, many_c, _, _ = _best_palette(
+            keys_c, changes_c, c0y, c0x, cs, True, many, prop_c[row], prop_cn[row] if propose else 0, max_pal, 2 * esc_tol,
+            q4, lam, dweight, coder, bound - jy, scratch, out_c,
+        )
         many_y = many_y or many_c
-    generated = False
-    if many_y and s == PROPOSAL_BLOCK and prop_yn[by, bx] > 0:
-        # many distinct values: price the palettes the generator proposed too
-        escape = coder[5]
-        n, pcc, psu, psv, pqq, ebits, edist = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx],
-                                                                  esc_tol, q4, escape)
-        extra = lam * ebits + dweight * edist
-        gy, gny, gry = _price_palette(n, pcc, psu, psv, pqq, (-1, -1), (keys_y, y0, x0, s), False, lam, dweight, cand, centres,
-                                      coder, esc_tol, bound - extra)
-        gy += extra
-        gry += ebits
-        tmp = scratch[5]
-        n, pcc, psu, psv, pqq, ebits, edist = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx],
-                                                                  2 * esc_tol, q4, escape)
-        extra = lam * ebits + dweight * edist
-        gc, gnc, grc = _price_palette(n, pcc, psu, psv, pqq, (-1, -1), (keys_c, c0y, c0x, cs), True, lam, dweight, tmp, centres,
-                                      coder, 2 * esc_tol, bound - gy - extra)
-        gc += extra
-        grc += ebits
-        if gy + gc < jy + jc:
-            generated = True
-            jy, ny, ry, jc, nc, rc = gy, gny, gry, gc, gnc, grc
-            out_y[:ny] = cand[:ny]
-            out_c[:nc] = tmp[:nc]
     mode = coder[4]
     return jy + jc + lam * mode, ny, nc, many_y, generated, ry + rc + mode, hopeless
 
@@ -1218,14 +1151,26 @@ class Pricing(NamedTuple):
 
 
 @njit(cache=True, nogil=True)
+def proposal_rows(h, w):
+    """Where each size of ``PROPOSAL_SIZES`` starts in a frame's proposals: the rows of a frame of
+    ``h`` x ``w`` luma pixels are its 8x8 blocks in raster order, then its 16x16 blocks, and so on;
+    the last entry is the number of rows."""
+    first = np.zeros(len(PROPOSAL_SIZES) + 1, np.int64)
+    for lev in range(len(PROPOSAL_SIZES)):
+        s = PROPOSAL_SIZES[lev]
+        first[lev + 1] = first[lev] + (h // s) * (w // s)
+    return first
+
+
+@njit(cache=True, nogil=True)
 def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, coder, decisions):
     """Fill ``decisions`` (``syntax.Decisions``) with the RD-best quadtree of the frame and each
     leaf's mode, motion, predictor variant, luma offset and palettes.
 
     ``cur``, ``ref``, ``ref2``: (Y, Cb, Cr) planes of the source frame, the previous reconstructed
     frame and the one before; ``field``: the frame's motion field (``motion_search_chunk``);
-    ``pricing``: a ``Pricing``; ``proposals``: the generator's palettes per 16x16 block (luma keys,
-    their count, chroma keys, their count); ``coder``: what palettes cost at the coder's state as
+    ``pricing``: a ``Pricing``; ``proposals``: the generator's palettes for the frame's blocks of every
+    size (luma keys, their count, chroma keys, their count; rows as ``proposal_rows``); ``coder``: what palettes cost at the coder's state as
     the frame starts (``palette_coder``). Bottom-up, level by level (8x8 up to max_block), each
     block is priced as a leaf in every mode (``_price_intra``, ``_price_skip``, ``_price_inter``,
     ``_price_palette_leaf``) and against its four quadrants; ``_write_out`` then writes the tree.
@@ -1244,6 +1189,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, coder, 
     changes = (_change_sums(keys[0]), _change_sums(keys[1]))
     nlev = 4
     sizes = np.array([8, 16, 32, 64])
+    first = proposal_rows(h, w)
     # per level: best cost, whether to split, the leaf (mode, cell record, palettes)
     best = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
     lsplit = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
@@ -1310,15 +1256,15 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, coder, 
                         toomany[lev - 1][2 * by, 2 * bx] or toomany[lev - 1][2 * by, 2 * bx + 1]
                         or toomany[lev - 1][2 * by + 1, 2 * bx] or toomany[lev - 1][2 * by + 1, 2 * bx + 1]
                     )
-                    # where no quadrant's luma palette could compete, the block's palette of dominant values
-                    # rarely does (noise, text that INTRA codes better): trying anyway cost 10-20 % of
-                    # the encoder's time
-                    dominant = lev == 0 or not (
+                    # where no quadrant's luma palette could compete, the block's proposal rarely does
+                    # (noise, text that INTRA codes better): trying anyway cost 10-20 % of the encoder's time
+                    propose = lev == 0 or not (
                         hopeless[lev - 1][2 * by, 2 * bx] and hopeless[lev - 1][2 * by, 2 * bx + 1]
                         and hopeless[lev - 1][2 * by + 1, 2 * bx] and hopeless[lev - 1][2 * by + 1, 2 * bx + 1]
                     )
                     jpal, ny, nc, too_many, generated, pbits, hopeless[lev][by, bx] = _price_palette_leaf(
-                        keys, changes, proposals, pricing, coder, jbest, many, dominant, by, bx, s, palette_scratch, tmp_y,
+                        keys, changes, proposals, pricing, coder, jbest, many, propose, first[lev] + by * (w // s) + bx, by,
+                        bx, s, palette_scratch, tmp_y,
                         tmp_c,
                     )
                     toomany[lev][by, bx] = too_many

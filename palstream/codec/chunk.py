@@ -58,74 +58,77 @@ def initial_step(target_psnr: float) -> int:
 LAMBDA = 0.375  # bits are worth LAMBDA * step^2 squared error each (tuned on corpus clips, 8 frames)
 ROUNDING = 0.3  # dead-zone rounding offset, in steps: levels lean toward zero, cheaper to code
 INTRA_NOISE = 0.5  # the analysis prices intra prediction from neighbours noisy by +-INTRA_NOISE/2 step
-PROPOSAL_SIZE = 16  # entries the generator proposes; the RD merge prunes them per block
-PROPOSAL_COVERAGE = 0.75  # share of a block's pixels its 16 most frequent levels must cover
+PROPOSAL_SIZE = 8  # entries asked of the generator per block; the RD merges and drops them per leaf
 
 
-def proposal_candidates(blocks: np.ndarray, max_palette: int) -> np.ndarray:
-    """The blocks the encoder asks the palette generator about: more distinct levels than an exact
-    palette may hold (``min(max_palette, pixels // 4)``), yet their ``PROPOSAL_SIZE`` most
-    frequent levels cover ``PROPOSAL_COVERAGE`` of the pixels.
+def proposal_candidates(keys):
+    """The blocks the generator is asked about: those of more than one distinct value (a flat
+    block's exact palette is perfect). That is nearly every block: the analysis skips exact
+    palettes where a quadrant had too many colours, and there a proposal is the only palette.
 
     Parameters
     ----------
-    blocks : np.ndarray
-        uint8 (N, pixels): luma blocks, one a row.
-    max_palette : int
-        ``EncoderConfig.max_palette``.
+    keys : torch.Tensor
+        int64 (N, P): the samples of N blocks, one a row, as keys (a luma level, or Cb * 256 + Cr).
 
     Returns
     -------
-    np.ndarray
-        int (M,): the indices of the candidate rows, ascending.
+    torch.Tensor
+        bool (N,): the candidates.
     """
-    n, pixels = blocks.shape
-    hist = np.bincount((np.arange(n)[:, None] * 256 + blocks).ravel(), minlength=n * 256).reshape(n, 256)
-    many = np.flatnonzero((hist > 0).sum(1) > min(max_palette, pixels // 4))
-    top = np.partition(hist[many], -PROPOSAL_SIZE, axis=1)[:, -PROPOSAL_SIZE:]
-    return many[top.sum(1) >= PROPOSAL_COVERAGE * pixels]
+    return (keys != keys[:, :1]).any(1)
+
+
+def _blocks(plane: np.ndarray, size: int) -> np.ndarray:
+    """(t, h, w) -> (t * h/size * w/size, size * size): the frames' blocks in raster order, one a row."""
+    t, h, w = plane.shape
+    return plane.reshape(t, h // size, size, w // size, size).transpose(0, 1, 3, 2, 4).reshape(-1, size * size)
+
+
+def _no_proposals(t: int, h: int, w: int, entries: int) -> tuple[np.ndarray, ...]:
+    """Empty proposals for ``t`` frames of ``h`` x ``w``: (luma keys, count, chroma keys, count) per
+    block, rows as ``analysis.proposal_rows``."""
+    rows = int(analysis.proposal_rows(h, w)[-1])
+    return tuple(np.zeros((t, rows, entries), np.int64) if i % 2 == 0 else np.zeros((t, rows), np.int32) for i in range(4))
 
 
 def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
-    """Generator palettes for the chunk's many-coloured 16x16 blocks whose colours still cluster.
-
-    Blocks with few distinct values get exact palettes in the analysis; blocks like antialiased
-    text have too many for that yet few dominant ones: the generator proposes palettes for all
-    of them in one batched call per component. A generator that returns no entries (``none``)
-    proposes nothing.
-    """
+    """The generator's palettes for the chunk's blocks of every leaf size where one can compete
+    (``proposal_candidates``), one batched call per size and component; a generator that returns
+    no entries (``none``) proposes nothing, so only exact palettes are coded. The analysis codes a
+    proposal with escapes for the samples no entry fits and merges or drops its entries by RD
+    (``analysis._best_palette``)."""
     import torch  # encoder only: decoding must not need torch
 
     from palstream.palettes.kmeans import lloyd
 
     t, h, w = luma.shape
-    b = analysis.PROPOSAL_BLOCK
-    hb, wb = h // b, w // b
-    blocks = luma.reshape(t, hb, b, wb, b).transpose(0, 1, 3, 2, 4).reshape(-1, b * b)
-    pick = proposal_candidates(blocks, config.max_palette)
-    prop_y = np.zeros((t, hb, wb, PROPOSAL_SIZE), np.int64)
-    prop_c = np.zeros((t, hb, wb, PROPOSAL_SIZE), np.int64)
-    prop_n = np.zeros((t, hb, wb), np.int32)
-    if pick.size == 0:
-        return prop_y, prop_n, prop_c, prop_n
-    c = b // 2
-    pairs = np.stack(
-        [p.reshape(t, hb, c, wb, c).transpose(0, 1, 3, 2, 4).reshape(-1, c * c) for p in (cb, cr)], axis=-1
-    )[pick]
-    k = torch.full((pick.size,), PROPOSAL_SIZE, dtype=torch.int64)
-    keys = []
-    for samples in (torch.from_numpy(blocks[pick, :, None].astype(np.float32)), torch.from_numpy(pairs.astype(np.float32))):
-        palettes = generator.generate(samples, k)
-        if palettes.shape[1] == 0:
-            return prop_y, prop_n, prop_c, prop_n
-        if config.refine:
-            palettes = lloyd(samples.to(palettes.device), palettes, k.to(palettes.device), config.refine)
-        levels = palettes.round().clamp(0, 255).to(torch.int64).cpu().numpy()
-        keys.append(np.sort(levels[..., 0] * 256 + levels[..., 1] if levels.shape[-1] == 2 else levels[..., 0], axis=1))
-    prop_y.reshape(-1, PROPOSAL_SIZE)[pick] = keys[0]
-    prop_c.reshape(-1, PROPOSAL_SIZE)[pick] = keys[1]
-    prop_n.reshape(-1)[pick] = PROPOSAL_SIZE
-    return prop_y, prop_n, prop_c, prop_n
+    entries = min(PROPOSAL_SIZE, config.max_palette)
+    first = analysis.proposal_rows(h, w)
+    proposals = _no_proposals(t, h, w, entries)
+    for lev, s in enumerate(analysis.PROPOSAL_SIZES):
+        if not config.min_block <= s <= config.max_block:
+            continue
+        per_frame = (h // s) * (w // s)
+        for comp, planes, size in ((0, (luma,), s), (1, (cb, cr), s // 2)):
+            samples = np.stack([_blocks(p, size) for p in planes], axis=-1).astype(np.int64)  # (N, size * size, C)
+            keys = torch.from_numpy(samples[..., 0] * 256 + samples[..., 1] if comp else samples[..., 0])
+            pick = torch.nonzero(proposal_candidates(keys)).squeeze(1).numpy()
+            if pick.size == 0:
+                continue
+            chosen = torch.from_numpy(samples[pick].astype(np.float32))
+            k = torch.full((pick.size,), entries, dtype=torch.int64)
+            palettes = generator.generate(chosen, k)
+            if palettes.shape[1] == 0:
+                return proposals
+            if config.refine:
+                palettes = lloyd(chosen.to(palettes.device), palettes, k.to(palettes.device), config.refine)
+            levels = palettes[:, :entries].round().clamp(0, 255).to(torch.int64).cpu().numpy()
+            found = levels[..., 0] * 256 + levels[..., 1] if comp else levels[..., 0]
+            frame, row = pick // per_frame, first[lev] + pick % per_frame
+            proposals[2 * comp][frame, row] = np.sort(found, axis=1)
+            proposals[2 * comp + 1][frame, row] = entries
+    return proposals
 
 
 @functools.lru_cache(maxsize=4)
@@ -288,8 +291,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
     if not config.lossless:  # the floor is still checked against ``frames``, and exact coding codes ``source``
         padded = prefilter.denoise(padded, (h, w), 255.0**2 / 10 ** (config.target_psnr / 10))
     if config.lossless:  # lossless palettes are exact; proposals could never be chosen
-        nothing = np.zeros(padded[0].shape[:1] + (padded[0].shape[1] // 16, padded[0].shape[2] // 16), np.int32)
-        proposals = (nothing[..., None].astype(np.int64), nothing, nothing[..., None].astype(np.int64), nothing)
+        proposals = _no_proposals(*padded[0].shape, min(PROPOSAL_SIZE, config.max_palette))
     else:
         proposals = _palette_proposals(*padded, config, generator or _generator(config.palette))
     # Motion is searched once per chunk, between source frames, so the rate-control probes

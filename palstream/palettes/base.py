@@ -62,6 +62,7 @@ class PaletteGenerator(ABC):
 # generator sits in a higher layer (palstream.learned imports this module), so importing it here
 # eagerly would close an import cycle and load torch models for every `--palette kmeans` run.
 _BUILTIN_MODULES = {
+    "dominant": "palstream.palettes.dominant",
     "kmeans": "palstream.palettes.kmeans",
     "none": "palstream.palettes.none",
     "cgan-v1": "palstream.learned.generator",
