@@ -52,7 +52,8 @@ from palstream.codec.syntax import (
 )
 
 ESCAPE_BITS = 6.0  # what an escape costs beyond an index, about: a sample farther than this many bits' worth of error escapes
-PROPOSAL_SIZES = (8, 16, 32, 64)  # leaf sizes the generator proposes palettes for (``proposal_rows``)
+PROPOSAL_SIZES = (8, 16, 32, 64)  # leaf sizes a batched generator proposes palettes for (``proposal_rows``)
+DOMINANT = 8  # entries of the ``dominant`` generator's palettes, which the analysis picks itself (``_palette_clusters``)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -792,13 +793,36 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
     return dweight * dist + lam * rate, u, rate
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _most_frequent(counts, seen, n, most, out, top):
+    """The ``most`` most frequent of the ``n`` keys in ``seen`` counted at least twice in ``counts``,
+    most frequent first, the first seen among equals, into ``out`` (their counts into ``top``), in
+    one pass; returns how many."""
+    nd = 0
+    for i in range(n):
+        c = counts[seen[i]]
+        if c < 2 or (nd == most and c <= top[nd - 1]):
+            continue
+        j = nd if nd < most else most - 1
+        while j > 0 and top[j - 1] < c:
+            top[j] = top[j - 1]
+            out[j] = out[j - 1]
+            j -= 1
+        top[j] = c
+        out[j] = seen[i]
+        nd = min(nd + 1, most)
+    return nd
+
+
 @njit(cache=True, nogil=True)
-def _palette_clusters(keys2d, y0, x0, s, two, entries, ne, esc_tol, q4, escape, lam, dweight, limit, counts, seen, cc, su,
-                      sv, qq):
-    """The block's samples as clusters around the nearest of a proposed palette's ``ne`` entries
-    (sorted keys), into the scratch ``cc, su, sv, qq`` as ``_exact_clusters`` does, ascending, entries
-    no sample is nearest to dropped; a sample farther than ``esc_tol`` (squared error) from every
-    entry is an escape (``syntax._code_escape``).
+def _palette_clusters(keys2d, y0, x0, s, two, entries, ne, dominant, esc_tol, q4, escape, lam, dweight, limit, counts, seen,
+                      cc, su, sv, qq):
+    """The block's samples as clusters around the nearest of a palette's entries, into the scratch
+    ``cc, su, sv, qq`` as ``_exact_clusters`` does, ascending, entries no sample is nearest to
+    dropped; a sample farther than ``esc_tol`` (squared error) from every entry is an escape
+    (``syntax._code_escape``). The entries: a proposal's ``ne`` (sorted keys of ``entries``), or,
+    with ``dominant``, the ``dominant`` generator's: the block's ``min(ne, DOMINANT)`` most frequent
+    values seen at least twice, the first seen among equals (``palstream.palettes.dominant``).
     Returns (n, escaped samples, their bits and squared error, estimated: MED mostly predicts an
     escape from a neighbouring palette value, so its level is about its distance to the nearest
     entry, priced by ``escape``, ``_escape_table``'s); n = 0 where more than half the samples would
@@ -814,6 +838,11 @@ def _palette_clusters(keys2d, y0, x0, s, two, entries, ne, esc_tol, q4, escape, 
                 seen[n] = k
                 n += 1
             counts[k] += 1
+    if dominant:
+        entries = np.empty(DOMINANT, np.int64)
+        top = np.empty(DOMINANT, np.int64)  # their counts
+        ne = _most_frequent(counts, seen, n, min(ne, DOMINANT), entries, top)
+        _sort_prefix(entries, ne)
     for j in range(ne):
         cc[j] = 0.0
         su[j] = 0.0
@@ -858,7 +887,7 @@ def _palette_clusters(keys2d, y0, x0, s, two, entries, ne, esc_tol, q4, escape, 
             nesc += c
             if 2 * nesc > s * s or lam * bits + dweight * err * nesc >= limit:
                 nesc = -1
-    if nesc < 0:
+    if ne == 0 or nesc < 0:
         return 0, 0, 0.0, 0.0
     live = 0
     for j in range(ne):  # entries nothing is nearest to (or repeated ones) are not coded
@@ -1048,14 +1077,15 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, has_ref2, le
 
 
 @njit(cache=True, nogil=True, inline="always")  # see decide
-def _best_palette(keys2d, changes, y0, x0, s, two, many, proposal, proposed, max_pal, esc_tol, q4, lam, dweight, coder, bound,
-                  scratch, out):
+def _best_palette(keys2d, changes, y0, x0, s, two, many, proposal, proposed, dominant, max_pal, esc_tol, q4, lam, dweight, coder,
+                  bound, scratch, out):
     """RD-best palette of one component of a block: (J, size, estimated bits, too many colours for
     an exact palette, no candidate cost less than ``bound``, the palette is the proposal); size 0
     means none. Candidates: exact (one cluster per distinct value, merged by ``_price_palette``)
-    unless ``many`` or too many distinct values, and the generator's ``proposed`` entries of
-    ``proposal`` with escapes (``_palette_clusters``), priced only where its escapes alone cost
-    less than ``bound`` (the best J of the other modes)."""
+    unless ``many`` or too many distinct values, and the generator's palette with escapes
+    (``_palette_clusters``: the ``proposed`` entries of ``proposal``, or with ``dominant`` the
+    block's dominant values), where it has fewer entries than the block has values, priced only
+    where its escapes alone cost less than ``bound`` (the best J of the other modes)."""
     counts, seen, clusters, centres, cand, _ = scratch
     _, cc, su, sv, qq = clusters
     j = np.inf
@@ -1069,9 +1099,10 @@ def _best_palette(keys2d, changes, y0, x0, s, two, many, proposal, proposed, max
             j, size, rate = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], (tr, _left_changes(changes, y0, x0, s)),
                                            (keys2d, y0, x0, s), two, lam, dweight, out, centres, coder, esc_tol, bound)
     too_many = n == 0
-    if proposed > 0 and (too_many or n > proposed):  # an exact palette of fewer entries codes the same samples exactly
-        nd, nesc, ebits, edist = _palette_clusters(keys2d, y0, x0, s, two, proposal, proposed, esc_tol, q4, coder[5], lam,
-                                                   dweight, bound, counts, seen, cc, su, sv, qq)
+    wanted = min(max_pal, DOMINANT) if dominant else proposed
+    if wanted > 0 and (too_many or n > wanted):
+        nd, nesc, ebits, edist = _palette_clusters(keys2d, y0, x0, s, two, proposal, wanted, dominant, esc_tol, q4, coder[5],
+                                                   lam, dweight, bound, counts, seen, cc, su, sv, qq)
         if nd > 0:
             extra = lam * ebits + dweight * edist
             je, ne, re = _price_palette(nd, cc[:nd], su[:nd], sv[:nd], qq[:nd], (-1, -1), (keys2d, y0, x0, s), two, lam,
@@ -1096,8 +1127,9 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, p
     sizes of 0 mean no palette leaf.
 
     Each component's palette is ``_best_palette``'s: exact, or, with ``propose``, the generator's
-    proposal for the block (row ``row`` of ``proposals``: luma keys, their count, chroma keys,
-    their count, per block of every size in ``PROPOSAL_SIZES``, ``proposal_rows``) with escapes.
+    with escapes: the block's dominant values where ``pricing.dominant``, else the proposal for the
+    block (row ``row`` of ``proposals``: luma keys, their count, chroma keys, their count, per block
+    of every size in ``PROPOSAL_SIZES``, ``proposal_rows``).
     ``keys``, ``changes``: luma and chroma keys of the frame and their ``_change_sums``;
     ``coder``: ``palette_coder``'s prices; ``bound``: the best J of the other modes, above which
     no candidate needs an exact price."""
@@ -1118,8 +1150,8 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, p
     jc = np.inf
     rc = 0.0
     jy, ny, ry, many_y, hopeless, generated = _best_palette(
-        keys_y, changes_y, y0, x0, s, False, many, prop_y[row], prop_yn[row] if propose else 0, max_pal, esc_tol, q4, lam,
-        dweight, coder, bound, scratch, out_y,
+        keys_y, changes_y, y0, x0, s, False, many, prop_y[row], prop_yn[row] if propose else 0, propose and pricing.dominant,
+        max_pal, esc_tol, q4, lam, dweight, coder, bound, scratch, out_y,
     )
     if ny > 0 and hopeless:
         # no chroma palette can make up for the luma's: only whether the chroma has too many colours counts
@@ -1127,8 +1159,8 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, p
                                                    *scratch[2])[0] == 0
     elif ny > 0:
         jc, nc, rc, many_c, _, _ = _best_palette(
-            keys_c, changes_c, c0y, c0x, cs, True, many, prop_c[row], prop_cn[row] if propose else 0, max_pal, 2 * esc_tol,
-            q4, lam, dweight, coder, bound - jy, scratch, out_c,
+            keys_c, changes_c, c0y, c0x, cs, True, many, prop_c[row], prop_cn[row] if propose else 0,
+            propose and pricing.dominant, max_pal, 2 * esc_tol, q4, lam, dweight, coder, bound - jy, scratch, out_c,
         )
         many_y = many_y or many_c
     mode = coder[4]
@@ -1148,6 +1180,7 @@ class Pricing(NamedTuple):
     tq4: int  # the step (quarter levels) of the transform path; 0 where the chunk has none (lossless)
     q4: int  # the chunk's step, quarter levels
     esc_tol: int  # squared error above which a palette sample escapes (``syntax.Coding.esc_tol``)
+    dominant: bool  # the palette generator is ``dominant``, which the analysis runs itself (``_palette_clusters``)
 
 
 @njit(cache=True, nogil=True)
@@ -1178,7 +1211,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, coder, 
     twenty arrays for little work per block, and the screen clip encoded 5-10 % slower per CPU
     second (``benchmarks/codec_ab.py``).
     """
-    table, lam, dweight, noise, min_block, max_block, max_pal, tq4, _, _ = pricing
+    table, lam, dweight, noise, min_block, max_block, max_pal, tq4, _, _, _ = pricing
     h, w = cur[0].shape
     err_y, med_y = _intra_errors(cur[0], noise)
     err_u, med_u = _intra_errors(cur[1], noise)

@@ -61,22 +61,28 @@ INTRA_NOISE = 0.5  # the analysis prices intra prediction from neighbours noisy 
 PROPOSAL_SIZE = 8  # entries asked of the generator per block; the RD merges and drops them per leaf
 
 
-def proposal_candidates(keys):
-    """The blocks the generator is asked about: those of more than one distinct value (a flat
-    block's exact palette is perfect). That is nearly every block: the analysis skips exact
-    palettes where a quadrant had too many colours, and there a proposal is the only palette.
+def proposal_candidates(keys, entries: int, max_palette: int):
+    """The blocks a batched generator is asked about: those with more distinct values than an
+    exact palette may hold (``analysis.exact_limit``) or than ``entries``, where a palette of
+    ``entries`` with escapes codes something an exact one does not.
 
     Parameters
     ----------
     keys : torch.Tensor
         int64 (N, P): the samples of N blocks, one a row, as keys (a luma level, or Cb * 256 + Cr).
+    entries : int
+        The palette size asked for.
+    max_palette : int
+        ``EncoderConfig.max_palette``.
 
     Returns
     -------
     torch.Tensor
         bool (N,): the candidates.
     """
-    return (keys != keys[:, :1]).any(1)
+    ordered = keys.sort(dim=1).values
+    distinct = (ordered[:, 1:] != ordered[:, :-1]).sum(1) + 1
+    return distinct > min(entries, analysis.exact_limit(keys.shape[1], max_palette))
 
 
 def _blocks(plane: np.ndarray, size: int) -> np.ndarray:
@@ -85,19 +91,21 @@ def _blocks(plane: np.ndarray, size: int) -> np.ndarray:
     return plane.reshape(t, h // size, size, w // size, size).transpose(0, 1, 3, 2, 4).reshape(-1, size * size)
 
 
-def _no_proposals(t: int, h: int, w: int, entries: int) -> tuple[np.ndarray, ...]:
-    """Empty proposals for ``t`` frames of ``h`` x ``w``: (luma keys, count, chroma keys, count) per
-    block, rows as ``analysis.proposal_rows``."""
+def _no_proposals(shape: tuple[int, ...], entries: int) -> tuple[np.ndarray, ...]:
+    """Empty proposals for luma planes of ``shape`` (t, h, w): (luma keys, count, chroma keys,
+    count) per block, rows as ``analysis.proposal_rows``."""
+    t, h, w = shape
     rows = int(analysis.proposal_rows(h, w)[-1])
     return tuple(np.zeros((t, rows, entries), np.int64) if i % 2 == 0 else np.zeros((t, rows), np.int32) for i in range(4))
 
 
 def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
-    """The generator's palettes for the chunk's blocks of every leaf size where one can compete
-    (``proposal_candidates``), one batched call per size and component; a generator that returns
+    """A batched generator's palettes for the chunk's blocks of every leaf size where one can
+    compete (``proposal_candidates``), one call per size and component; a generator that returns
     no entries (``none``) proposes nothing, so only exact palettes are coded. The analysis codes a
     proposal with escapes for the samples no entry fits and merges or drops its entries by RD
-    (``analysis._best_palette``)."""
+    (``analysis._best_palette``). Every block is a lot to ask on a CPU: k-means takes seconds a
+    frame, cgan-v1 about 130 ms at 640x360 (docs/codec.md), hence ``dominant``, run in the analysis."""
     import torch  # encoder only: decoding must not need torch
 
     from palstream.palettes.kmeans import lloyd
@@ -105,7 +113,7 @@ def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
     t, h, w = luma.shape
     entries = min(PROPOSAL_SIZE, config.max_palette)
     first = analysis.proposal_rows(h, w)
-    proposals = _no_proposals(t, h, w, entries)
+    proposals = _no_proposals(luma.shape, entries)
     for lev, s in enumerate(analysis.PROPOSAL_SIZES):
         if not config.min_block <= s <= config.max_block:
             continue
@@ -113,7 +121,7 @@ def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
         for comp, planes, size in ((0, (luma,), s), (1, (cb, cr), s // 2)):
             samples = np.stack([_blocks(p, size) for p in planes], axis=-1).astype(np.int64)  # (N, size * size, C)
             keys = torch.from_numpy(samples[..., 0] * 256 + samples[..., 1] if comp else samples[..., 0])
-            pick = torch.nonzero(proposal_candidates(keys)).squeeze(1).numpy()
+            pick = torch.nonzero(proposal_candidates(keys, entries, config.max_palette)).squeeze(1).numpy()
             if pick.size == 0:
                 continue
             chosen = torch.from_numpy(samples[pick].astype(np.float32))
@@ -139,10 +147,11 @@ def _generator(name: str):
     return create_palette_generator(name)
 
 
-def _encode_at(padded, rung, config: EncoderConfig, proposals, motion, control: ratecontrol.LambdaControl | None = None,
-               stats=NO_STATS):
-    """Code the frames of ``padded`` at one rung; ``control`` scales the RD lambda frame by frame;
-    ``stats``: leaf statistics to fill (``palstream.codec.modes``), or ``NO_STATS``."""
+def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, motion,
+               control: ratecontrol.LambdaControl | None = None, stats=NO_STATS):
+    """Code the frames of ``padded`` at one rung with the palette generator's ``proposals``, or its
+    palettes of ``dominant`` values; ``control`` scales the RD lambda frame by frame; ``stats``: leaf
+    statistics to fill (``palstream.codec.modes``), or ``NO_STATS``."""
     q4, rounding = rung
     rnd4 = rounding[0]
     lam = 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
@@ -155,7 +164,7 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, motion, control: 
         table = analysis.residual_cost_table(q4, rnd4, rd_lambda, dweight)
         pricing = analysis.Pricing(
             table, rd_lambda, dweight, noise, config.min_block, config.max_block, config.max_palette, q4 if q4 > 4 else 0, q4,
-            esc_tol,
+            esc_tol, dominant,
         )
         analysis.decide(src, ref, ref2, f > 0, f > 1, motion[f], pricing, tuple(p[f] for p in proposals),
                         analysis.palette_coder(probs, predictors, src, f == 0), decisions)
@@ -290,10 +299,13 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
     source = padded  # issue 16 item 4: lossy chunks code temporally denoised frames (prefilter.py);
     if not config.lossless:  # the floor is still checked against ``frames``, and exact coding codes ``source``
         padded = prefilter.denoise(padded, (h, w), 255.0**2 / 10 ** (config.target_psnr / 10))
-    if config.lossless:  # lossless palettes are exact; proposals could never be chosen
-        proposals = _no_proposals(*padded[0].shape, min(PROPOSAL_SIZE, config.max_palette))
+    generator = generator or _generator(config.palette)
+    # the analysis picks an in-codec generator's palettes itself, block by block; a lossless chunk
+    # asks no batched one (its escapes are exact and rarely pay for a proposal's entries)
+    if generator.in_codec or config.lossless:
+        proposals = _no_proposals(padded[0].shape, min(PROPOSAL_SIZE, config.max_palette))
     else:
-        proposals = _palette_proposals(*padded, config, generator or _generator(config.palette))
+        proposals = _palette_proposals(*padded, config, generator)
     # Motion is searched once per chunk, between source frames, so the rate-control probes
     # and the final encode share it (searching the reconstruction would repeat it per probe).
     motion = analysis.motion_search_chunk(padded[0], config.search_range)
@@ -305,7 +317,8 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
         attempts += 1
         coded = source if config.lossless else padded
         counts = NO_STATS if modes is None else modes.new_counts()
-        body, recon = _encode_at(tuple(p[:count] for p in coded), LADDER[rung], config, proposals, motion, control, counts)
+        body, recon = _encode_at(tuple(p[:count] for p in coded), LADDER[rung], config, proposals, generator.in_codec, motion,
+                                 control, counts)
         diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
         return body, float(np.mean(diff**2))
 

@@ -28,6 +28,9 @@ class PaletteGenerator(ABC):
     """
 
     name: str = ""
+    # True for a generator the codec runs itself, block by block where a palette can compete
+    # (``dominant``): asked in batches about every block, it would cost more than the encode.
+    in_codec: bool = False
 
     def __init__(self, device: str | torch.device | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -14,7 +14,7 @@ from palstream.palettes.base import PaletteGenerator, register_palette_generator
 
 
 def value_counts(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's distinct values, most frequent first (the smaller value first among equals).
+    """Each row's distinct values, most frequent first (the first seen first among equals).
 
     Parameters
     ----------
@@ -27,25 +27,32 @@ def value_counts(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         int64 (N, P) values and int64 (N, P) counts; past a row's distinct values, counts are 0.
     """
     n, p = keys.shape
-    ordered = keys.sort(dim=1).values
+    ordered, where = keys.sort(dim=1, stable=True)
     starts = torch.ones_like(ordered, dtype=torch.bool)
     starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
     run = starts.cumsum(1) - 1  # each sample's run (distinct value) in ascending order
     counts = torch.zeros_like(ordered).scatter_add_(1, run, torch.ones_like(ordered))
     values = torch.zeros_like(ordered).scatter_(1, run, ordered)
-    # one sort by (count descending, value ascending): unique scores, so every device agrees
-    score = counts * 65536 + (65535 - values)
+    first = torch.full_like(ordered, p).scatter_reduce_(1, run, where, "amin")  # where each value is first seen
+    # one sort by (count descending, first seen ascending): unique scores, so every device agrees
+    score = counts * (p + 1) + (p - first)
     order = score.argsort(dim=1, descending=True)
     return values.gather(1, order), counts.gather(1, order)
 
 
 @register_palette_generator("dominant")
 class DominantValues(PaletteGenerator):
-    """The ``k`` most frequent values of each block among those taken by at least two pixels.
+    """The ``k`` most frequent values of each block among those taken by at least two pixels, the
+    first seen (in raster order) among equals.
 
     A block with fewer such values repeats its most frequent one (an entry no pixel is nearest
-    to, which the encoder drops). Chroma samples (C = 2) count as (Cb, Cr) pairs.
+    to, which the encoder drops). Chroma samples (C = 2) count as (Cb, Cr) pairs. The encoder
+    does not call ``generate``: it picks the same values itself, block by block and only where a
+    palette can compete (``palstream.codec.analysis._palette_clusters``, up to 8 entries);
+    ``generate`` is the reference it is tested against.
     """
+
+    in_codec = True
 
     @torch.no_grad()
     def generate(self, samples: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
