@@ -386,7 +386,7 @@ def _change_sums(keys2d):
     return both, down, along
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _transitions(changes, y0, x0, s):
     """Pixels of the block whose value differs from both its left and its top neighbour in the
     block (index changes); the block's left column and top row have no such neighbour to match."""
@@ -397,7 +397,7 @@ def _transitions(changes, y0, x0, s):
     return 1 + (down[y1, x0] - down[y0 + 1, x0]) + (along[y0, x1] - along[y0, x0 + 1]) + inner
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _left_changes(changes, y0, x0, s):
     """Pixels of the block, left column aside, whose value differs from the left neighbour's."""
     along = changes[2]
@@ -468,6 +468,24 @@ def _tree_cost(probs, base, n, v):
 
 
 FRAME_COLOURS = 16  # the frame's most frequent values and colours, which its palettes will mostly have put in the predictor list
+# rows of ``palette_coder``'s price table: new entries (``_entry_table``), escapes (``_escape_table``),
+# reuse flags per list, and (``_flag_prices``) the flags that the escape flag, the index map and a
+# Cr difference cost
+ENTRY_ROW = 0
+ESCAPE_ROW = 6
+REUSE_ROW = 9
+FLAG_ROW = 11
+PRICE_ROWS = 12
+# columns of FLAG_ROW, per component (luma at 0, chroma at FLAG_COLUMNS), then the Cr difference's flag
+ESC_FLAG = 0  # the escape flag at 0, at 1
+LEFT_REPEAT = 2  # an index the same as the left's
+LEFT_OTHER = 3  # not the same as the left's
+TOP_REPEAT = 4  # the same as the top's
+TOP_OTHER = 5  # not the same as the top's
+LEFT_FRESH = 6  # 1.0 where the 'same as left' context has coded nothing yet
+TOP_FRESH = 7  # likewise the 'same as top' context
+FLAG_COLUMNS = 8
+CR_SAME = 2 * FLAG_COLUMNS  # a chroma entry's Cr the same as the previous entry's, not the same
 
 
 def palette_coder(probs: np.ndarray, predictors: tuple, src: tuple, intra_only: bool) -> tuple:
@@ -482,21 +500,47 @@ def palette_coder(probs: np.ndarray, predictors: tuple, src: tuple, intra_only: 
     source planes), which the first palettes coded put there (the first frame starts with empty
     lists). The flags at 0 are priced as the coder adapts to them, flag by flag: up to 64 flags
     share two contexts, and from a fresh context the static price, a bit each, is 10x what a
-    palette's flags cost."""
-    pos_y = np.full(256, -1, np.int32)
-    pos_c = np.full(65536, -1, np.int32)
-    flags = np.zeros((2, 65))
-    _predictor_prices(probs, predictors, src, pos_y, pos_c, flags)
+    palette's flags cost.
+
+    Returns (prices: rows ``ENTRY_ROW`` to ``FLAG_ROW``, positions: luma and chroma, indexed by
+    key, the mode flags' bits): each array a kernel takes costs it reference counting per call,
+    and the flags' ``log2`` per block cost more than looking them up."""
+    pos = np.full((2, 65536), -1, np.int32)
+    prices = np.zeros((PRICE_ROWS, 256))
+    prices[ENTRY_ROW:ESCAPE_ROW] = _entry_table(probs)
+    prices[ESCAPE_ROW:REUSE_ROW] = _escape_table(probs)
+    _predictor_prices(probs, predictors, src, pos, prices[REUSE_ROW:FLAG_ROW])
+    _flag_prices(probs, prices[FLAG_ROW])
     p0 = probs.sum(1, dtype=np.int64) / 65536.0
     mode = -math.log2(1.0 - p0[CTX_PALETTE + 1])
     if not intra_only:
         mode -= math.log2(p0[CTX_SKIP + 1]) + math.log2(p0[CTX_INTER])
-    return probs, pos_y, pos_c, flags, mode, _escape_table(probs), _entry_table(probs)
+    return prices, pos, mode
 
 
 @njit(cache=True, nogil=True)
-def _predictor_prices(probs, predictors, src, pos_y, pos_c, flags):
-    """``palette_coder``'s predictor lists, into ``pos_y``, ``pos_c`` and ``flags`` (the frame's
+def _flag_prices(probs, out):
+    """``palette_coder``'s ``FLAG_ROW``: the bits of the escape flag and the index map's flags per
+    component, and of the Cr difference's flag, at the probabilities as the frame starts."""
+    for comp in range(2):
+        at = comp * FLAG_COLUMNS
+        left = CTX_IDX_LEFT + comp * 6
+        top = CTX_IDX_TOP + comp * 3 + 1
+        out[at + ESC_FLAG] = _bit_cost(probs, CTX_PAL_ESCAPE + comp, 0)
+        out[at + ESC_FLAG + 1] = _bit_cost(probs, CTX_PAL_ESCAPE + comp, 1)
+        out[at + LEFT_REPEAT] = _bit_cost(probs, left + 1, 1)
+        out[at + LEFT_OTHER] = _bit_cost(probs, left + 4, 0)
+        out[at + TOP_REPEAT] = _bit_cost(probs, top, 1)
+        out[at + TOP_OTHER] = _bit_cost(probs, top, 0)
+        out[at + LEFT_FRESH] = 1.0 if _fresh(probs, left + 1) else 0.0
+        out[at + TOP_FRESH] = 1.0 if _fresh(probs, top) else 0.0
+    out[CR_SAME] = _bit_cost(probs, CTX_PAL_CR_ZERO, 0)
+    out[CR_SAME + 1] = _bit_cost(probs, CTX_PAL_CR_ZERO, 1)
+
+
+@njit(cache=True, nogil=True)
+def _predictor_prices(probs, predictors, src, pos, flags):
+    """``palette_coder``'s predictor lists, into ``pos`` (luma, chroma) and ``flags`` (the frame's
     colours counted on every other row and column)."""
     pred_y, npred_y, pred_c, npred_c = predictors
     hist_y = np.zeros(256, np.int64)
@@ -510,17 +554,16 @@ def _predictor_prices(probs, predictors, src, pos_y, pos_c, flags):
     for comp in range(2):
         pred = pred_c if comp else pred_y
         npred = npred_c[0] if comp else npred_y[0]
-        pos = pos_c if comp else pos_y
         hist = hist_c if comp else hist_y
         for i in range(npred):
-            pos[pred[i]] = i
+            pos[comp, pred[i]] = i
         for _ in range(FRAME_COLOURS):
             key = np.argmax(hist)
             if hist[key] == 0 or npred >= MAX_PAL:
                 break
             hist[key] = 0
-            if pos[key] < 0:
-                pos[key] = npred
+            if pos[comp, key] < 0:
+                pos[comp, key] = npred
                 npred += 1
         pf1 = np.int64(probs[CTX_PAL_REUSE + 2 * comp + 1, 0])
         ps1 = np.int64(probs[CTX_PAL_REUSE + 2 * comp + 1, 1])
@@ -573,62 +616,51 @@ def _escape_table(probs):
 def _entries_cost(coder, keys, u, two):
     """Bits of ``syntax.code_palette`` for the sorted ``keys[:u]``: reuse flags over the predictor
     list as the frame started, then the new entries."""
-    probs, pos_y, pos_c, flags, _, _, table = coder
+    table, pos, _ = coder
     comp = 1 if two else 0
-    pos = pos_c if two else pos_y
-    c = flags[comp, 64]
+    flags = REUSE_ROW + comp
+    c = table[flags, 64]
     nnew = 0
     prev = -1
     for i in range(u):
         k = keys[i]
-        if pos[k] >= 0:
-            c += flags[comp, pos[k]]
+        if pos[comp, k] >= 0:
+            c += table[flags, pos[comp, k]]
             continue
         if not two:
-            c += table[0, k] if nnew == 0 else table[1, k - prev - 1]
+            c += table[ENTRY_ROW, k] if nnew == 0 else table[ENTRY_ROW + 1, k - prev - 1]
         else:
             cb = k >> 8
             cr = k & 255
             pu = prev >> 8 if nnew else 0
             pcr = prev & 255 if nnew else 128
-            c += table[2, cb - pu]
-            c += _bit_cost(probs, CTX_PAL_CR_ZERO, 1 if cr != pcr else 0)
+            c += table[ENTRY_ROW + 2, cb - pu]
+            c += table[FLAG_ROW, CR_SAME + (1 if cr != pcr else 0)]
             if cr != pcr:
-                c += table[5, abs(cr - pcr) - 1]
+                c += table[ENTRY_ROW + 5, abs(cr - pcr) - 1]
         nnew += 1
         prev = k
-    return c + table[3 + comp, nnew]
+    return c + table[ENTRY_ROW + 3 + comp, nnew]
 
 
 
 
 @njit(cache=True, nogil=True)
-def _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, seen, cc, su, sv, qq):
+def _exact_clusters(keys2d, y0, x0, s, two, max_pal, counts, seen, cl):
     """Each distinct value of the block as one cluster, in ascending order, into the scratch
-    ``cc, su, sv, qq`` (count, sum u, sum v, sum of squares); returns (n, transitions).
+    ``cl`` (rows: count, sum u, sum v, sum of squares); returns n.
 
     Returns n = 0 when the block has too many distinct values for a palette to pay (more than
     ``max_pal``, or more than one per four pixels): found as soon as there are, which is early in
     most blocks of camera content. ``counts`` is zeroed scratch indexed by key; ``seen`` holds
-    MAX_PAL + 1 keys.
+    MAX_PAL + 1 keys. Runs of a value are counted before they touch ``counts`` (``_count_runs``).
     """
     limit = min(max_pal, max(4, s * s // 4))
-    n = 0
-    for y in range(y0, y0 + s):
-        for x in range(x0, x0 + s):
-            k = keys2d[y, x]
-            if counts[k] == 0:
-                seen[n] = k
-                n += 1
-                if n > limit:
-                    break
-            counts[k] += 1
-        if n > limit:
-            break
+    n = _count_runs(keys2d, y0, x0, s, limit, counts, seen)
     if n > limit:
         for i in range(limit):  # leave the scratch zeroed for the next block
             counts[seen[i]] = 0
-        return 0, 0
+        return 0
     _sort_prefix(seen, n)
     for i in range(n):
         k = seen[i]
@@ -636,23 +668,52 @@ def _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, seen, cc, 
         counts[k] = 0
         u = float(k >> 8) if two else float(k)
         v = float(k & 255) if two else 0.0
-        cc[i] = c
-        su[i] = u * c
-        sv[i] = v * c
-        qq[i] = (u * u + v * v) * c
-    return n, _transitions(changes, y0, x0, s)
+        cl[0, i] = c
+        cl[1, i] = u * c
+        cl[2, i] = v * c
+        cl[3, i] = (u * u + v * v) * c
+    return n
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _count_runs(keys2d, y0, x0, s, limit, counts, seen):
+    """Count the block's values into ``counts`` and list them in ``seen`` in the order first seen;
+    returns how many, stopping at ``limit`` + 1 (that value not counted). A run of one value is
+    counted in a register, then added: in flat areas, adding one pixel at a time waited on the
+    store before (the screen clip spent 17 % of ``decide`` here)."""
+    n = 0
+    prev = keys2d[y0, x0]
+    run = 0
+    for y in range(y0, y0 + s):
+        for x in range(x0, x0 + s):
+            k = keys2d[y, x]
+            if k == prev:
+                run += 1
+                continue
+            if counts[prev] == 0:
+                seen[n] = prev
+                n += 1
+                if n > limit:
+                    return n
+            counts[prev] += run
+            prev = k
+            run = 1
+    if counts[prev] == 0:
+        seen[n] = prev
+        n += 1
+        if n > limit:
+            return n
+    counts[prev] += run
+    return n
 
 
 @njit(cache=True, nogil=True)
 def _proposal_clusters(keys2d, y0, x0, s, two, proposal, k, esc_tol, q4, escape):
     """Clusters of the block's pixels around the nearest entries of a proposed palette (sorted
     keys), but for those farther than ``esc_tol`` from every entry: escapes, as in
-    ``_dominant_clusters``. Returns (n, counts, sums u, sums v, sums of squares, the escapes' bits
-    and squared error)."""
-    cc = np.zeros(k, np.float64)
-    su = np.zeros(k, np.float64)
-    sv = np.zeros(k, np.float64)
-    qq = np.zeros(k, np.float64)
+    ``_dominant_clusters``. Returns (n, the clusters as ``_exact_clusters`` gives them, the
+    escapes' bits and squared error)."""
+    cl = np.zeros((4, k))
     step = q4 / 4.0
     nesc = 0
     bits = 0.0
@@ -675,20 +736,23 @@ def _proposal_clusters(keys2d, y0, x0, s, two, proposal, k, esc_tol, q4, escape)
                     bu = u - pu
                     bv = v - pv
             if bestd > esc_tol:
-                e = escape[1 if two else 0, min(int(abs(bu) / step + 0.5), 255)]
+                e = escape[ESCAPE_ROW + (1 if two else 0), min(int(abs(bu) / step + 0.5), 255)]
                 if two:
-                    e += escape[2, min(int(abs(bv) / step + 0.5), 255)]
+                    e += escape[ESCAPE_ROW + 2, min(int(abs(bv) / step + 0.5), 255)]
                 bits += e
                 nesc += 1
                 continue
-            cc[best] += 1
-            su[best] += u
-            sv[best] += v
-            qq[best] += u * u + v * v
-    live = cc > 0
-    n = int(live.sum())
+            cl[0, best] += 1
+            cl[1, best] += u
+            cl[2, best] += v
+            cl[3, best] += u * u + v * v
+    n = 0
+    for i in range(k):  # the entries that hold samples, in order
+        if cl[0, i] > 0:
+            cl[:, n] = cl[:, i]
+            n += 1
     err = 0.0 if q4 == 4 else (2.0 if two else 1.0) * step * step / 12.0
-    return n, cc[live], su[live], sv[live], qq[live], bits, err * nesc
+    return n, cl, bits, err * nesc
 
 
 @njit(cache=True, nogil=True)
@@ -728,10 +792,11 @@ def _index_changes(keys2d, y0, x0, s, two, keys, u, esc_tol):
 
 
 @njit(cache=True, nogil=True)
-def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_keys, centres, coder, esc_tol, limit):
+def _price_palette(n, cl, changes, block, two, lam, dweight, out_keys, ce, coder, esc_tol, limit):
     """Merge clusters greedily (Ward) while the distortion added costs less than the bits saved;
     returns (J, palette size, estimated bits) with the sorted palette keys in ``out_keys``.
-    ``centres`` is scratch (u, v, alive) for at least n clusters. The escapes' own bits and error
+    ``cl``: the clusters (``_exact_clusters``); ``ce``: scratch rows (u, v, alive) for at least n
+    clusters. Each array a kernel takes costs reference counting per call. The escapes' own bits and error
     are the caller's to add.
 
     The bits are the syntax's at the coder's probabilities as the frame started (``coder``,
@@ -744,11 +809,10 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
     no block has used yet, at what a context learning the block's decisions charges
     (``_adaptive_cost``). Where the distortion alone reaches ``limit``, the bits are not counted
     and J is infinite: the caller has nothing cheaper than that to beat."""
-    cu, cv, alive = centres
     for i in range(n):
-        cu[i] = su[i] / cc[i]
-        cv[i] = sv[i] / cc[i]
-        alive[i] = True
+        ce[0, i] = cl[1, i] / cl[0, i]
+        ce[1, i] = cl[2, i] / cl[0, i]
+        ce[2, i] = 1.0
     dist = 0.0
     m = n
     while m > 1 and dweight < 1e5:
@@ -756,14 +820,14 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
         bi = -1
         bj = -1
         for i in range(n):
-            if not alive[i]:
+            if ce[2, i] == 0.0:
                 continue
             for j in range(i + 1, n):
-                if not alive[j]:
+                if ce[2, j] == 0.0:
                     continue
-                du = cu[i] - cu[j]
-                dv = cv[i] - cv[j]
-                w = cc[i] * cc[j] / (cc[i] + cc[j])
+                du = ce[0, i] - ce[0, j]
+                dv = ce[1, i] - ce[1, j]
+                w = cl[0, i] * cl[0, j] / (cl[0, i] + cl[0, j])
                 c = w * (du * du + dv * dv)
                 if c < best:
                     best = c
@@ -771,24 +835,24 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
                     bj = j
                 if not two:
                     break  # 1-D sorted levels: only the next live level can be nearest
-        saved = 6.0 + 0.5 * min(cc[bi], cc[bj])
+        saved = 6.0 + 0.5 * min(cl[0, bi], cl[0, bj])
         if best * dweight >= lam * saved:
             break
-        cc[bi] += cc[bj]
-        su[bi] += su[bj]
-        sv[bi] += sv[bj]
-        qq[bi] += qq[bj]
-        cu[bi] = su[bi] / cc[bi]
-        cv[bi] = sv[bi] / cc[bi]
-        alive[bj] = False
+        cl[0, bi] += cl[0, bj]
+        cl[1, bi] += cl[1, bj]
+        cl[2, bi] += cl[2, bj]
+        cl[3, bi] += cl[3, bj]
+        ce[0, bi] = cl[1, bi] / cl[0, bi]
+        ce[1, bi] = cl[2, bi] / cl[0, bi]
+        ce[2, bj] = 0.0
         m -= 1
     # integer centres; distortion of each cluster around its rounded centre
     k = 0
     for i in range(n):
-        if alive[i]:
-            ru = math.floor(cu[i] + 0.5)
-            rv = math.floor(cv[i] + 0.5)
-            dist += qq[i] - 2.0 * (ru * su[i] + rv * sv[i]) + (ru * ru + rv * rv) * cc[i]
+        if ce[2, i] != 0.0:
+            ru = math.floor(ce[0, i] + 0.5)
+            rv = math.floor(ce[1, i] + 0.5)
+            dist += cl[3, i] - 2.0 * (ru * cl[1, i] + rv * cl[2, i]) + (ru * ru + rv * rv) * cl[0, i]
             out_keys[k] = np.int64(ru) * 256 + np.int64(rv) if two else np.int64(ru)
             k += 1
     _sort_prefix(out_keys, k)
@@ -800,8 +864,9 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
             u += 1
     if dweight * dist >= limit:
         return np.inf, u, 0.0
-    probs = coder[0]
+    flags = coder[0][FLAG_ROW]
     comp = 1 if two else 0
+    at = comp * FLAG_COLUMNS
     keys2d, y0, x0, s = block
     npx = s * s
     trans, lefts = changes
@@ -811,48 +876,39 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
     rate = _entries_cost(coder, out_keys, u, two)
     m = u
     if u < MAX_PAL:
-        rate += _bit_cost(probs, CTX_PAL_ESCAPE + comp, 1 if nesc else 0)
+        rate += flags[at + ESC_FLAG + (1 if nesc else 0)]
         m += 1 if nesc else 0
     if m > 1:
         nbits = 0
         while (1 << nbits) < m:
             nbits += 1
-        left = CTX_IDX_LEFT + comp * 6
-        top = CTX_IDX_TOP + comp * 3 + 1
         changes = min(trans, npx)
         tops = max(min(lefts, npx) - changes, 0)
         repeats = npx - changes - tops
-        if _fresh(probs, left + 1):
+        if flags[at + LEFT_FRESH]:
             rate += _adaptive_cost(repeats, tops + changes)
         else:
-            rate += repeats * _bit_cost(probs, left + 1, 1) + (tops + changes) * _bit_cost(probs, left + 4, 0)
-        if _fresh(probs, top):
+            rate += repeats * flags[at + LEFT_REPEAT] + (tops + changes) * flags[at + LEFT_OTHER]
+        if flags[at + TOP_FRESH]:
             rate += _adaptive_cost(tops, changes)
         else:
-            rate += tops * _bit_cost(probs, top, 1) + changes * _bit_cost(probs, top, 0)
+            rate += tops * flags[at + TOP_REPEAT] + changes * flags[at + TOP_OTHER]
         rate += changes * nbits
     return dweight * dist + lam * rate, u, rate
 
 
 @njit(cache=True, nogil=True)
-def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, escape, lam, dweight, limit, counts, seen, cc, su, sv, qq):
+def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, escape, lam, dweight, limit, counts, seen, cl):
     """The block's ``most`` most frequent values (seen at least twice) as clusters, ascending,
-    into the scratch ``cc, su, sv, qq`` as ``_exact_clusters`` does, each holding the values within
+    into the scratch ``cl`` as ``_exact_clusters`` does, each holding the values within
     ``esc_tol`` (squared error) of it; every other sample is an escape (``syntax._code_escape``).
     Returns (n, escaped samples, their bits and squared error, estimated: MED mostly predicts an
     escape from a neighbouring dominant value, so its level is about its distance to the nearest
-    one, priced by ``escape``, ``_escape_table``'s); n = 0 where more than half the samples would
+    one, priced by ``escape``, ``palette_coder``'s prices); n = 0 where more than half the samples would
     escape or the escapes alone cost at least ``limit`` (J at ``lam``, ``dweight``): found as
     soon as they do, which is early in most blocks of camera content. ``counts``: zeroed scratch indexed by key, left zeroed;
     ``seen``: room for s * s keys."""
-    n = 0
-    for y in range(y0, y0 + s):
-        for x in range(x0, x0 + s):
-            k = keys2d[y, x]
-            if counts[k] == 0:
-                seen[n] = k
-                n += 1
-            counts[k] += 1
+    n = _count_runs(keys2d, y0, x0, s, s * s, counts, seen)
     # the dominant values, in one pass: most frequent first, the first seen among equals
     nd = 0
     dom = np.empty(DOMINANT, np.int64)
@@ -871,10 +927,10 @@ def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, escape, lam, d
         nd = min(nd + 1, most)
     _sort_prefix(dom, nd)
     for j in range(nd):
-        cc[j] = 0.0
-        su[j] = 0.0
-        sv[j] = 0.0
-        qq[j] = 0.0
+        cl[0, j] = 0.0
+        cl[1, j] = 0.0
+        cl[2, j] = 0.0
+        cl[3, j] = 0.0
     nesc = 0
     bits = 0.0
     step = q4 / 4.0
@@ -902,14 +958,14 @@ def _dominant_clusters(keys2d, y0, x0, s, two, most, esc_tol, q4, escape, lam, d
                 bu = du
                 bv = dv
         if bestd <= esc_tol:
-            cc[best] += c
-            su[best] += u * c
-            sv[best] += v * c
-            qq[best] += (u * u + v * v) * c
+            cl[0, best] += c
+            cl[1, best] += u * c
+            cl[2, best] += v * c
+            cl[3, best] += (u * u + v * v) * c
         else:
-            e = escape[1 if two else 0, min(int(abs(bu) / step + 0.5), 255)]
+            e = escape[ESCAPE_ROW + (1 if two else 0), min(int(abs(bu) / step + 0.5), 255)]
             if two:
-                e += escape[2, min(int(abs(bv) / step + 0.5), 255)]
+                e += escape[ESCAPE_ROW + 2, min(int(abs(bv) / step + 0.5), 255)]
             bits += c * e
             nesc += c
             if 2 * nesc > s * s or lam * bits + dweight * err * nesc >= limit:
@@ -1104,25 +1160,25 @@ def _best_palette(keys2d, changes, y0, x0, s, two, many, dominant, max_pal, esc_
     more distinct values than ``DOMINANT``, its dominant values with escapes (``_dominant_clusters``),
     priced only where its escapes alone cost less than ``bound`` (the best J of the other modes),
     and tried only with ``dominant``."""
-    counts, seen, clusters, centres, cand, _ = scratch
-    _, cc, su, sv, qq = clusters
+    counts, seen, cl, centres, cand, _ = scratch
     j = np.inf
     size = 0
     rate = 0.0
     n = 0
     if not many:
-        n, tr = _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, *clusters)
+        n = _exact_clusters(keys2d, y0, x0, s, two, max_pal, counts, seen, cl)
         if n > 0:
-            j, size, rate = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], (tr, _left_changes(changes, y0, x0, s)),
-                                           (keys2d, y0, x0, s), two, lam, dweight, out, centres, coder, esc_tol, bound)
+            map_changes = (_transitions(changes, y0, x0, s), _left_changes(changes, y0, x0, s))
+            j, size, rate = _price_palette(n, cl, map_changes, (keys2d, y0, x0, s), two, lam, dweight, out, centres, coder,
+                                           esc_tol, bound)
     too_many = n == 0
     if dominant and (too_many or n > DOMINANT):
-        nd, nesc, ebits, edist = _dominant_clusters(keys2d, y0, x0, s, two, min(max_pal, DOMINANT), esc_tol, q4, coder[5],
-                                                    lam, dweight, bound, counts, seen, cc, su, sv, qq)
+        nd, nesc, ebits, edist = _dominant_clusters(keys2d, y0, x0, s, two, min(max_pal, DOMINANT), esc_tol, q4, coder[0],
+                                                    lam, dweight, bound, counts, seen, cl)
         if nd > 0:
             extra = lam * ebits + dweight * edist
-            je, ne, re = _price_palette(nd, cc[:nd], su[:nd], sv[:nd], qq[:nd], (-1, -1), (keys2d, y0, x0, s), two, lam,
-                                        dweight, cand, centres, coder, esc_tol, bound - extra)
+            je, ne, re = _price_palette(nd, cl, (-1, -1), (keys2d, y0, x0, s), two, lam, dweight, cand, centres, coder, esc_tol,
+                                        bound - extra)
             re += ebits
             je += extra
             if je < j:
@@ -1168,8 +1224,7 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, d
                                                  lam, dweight, coder, bound, scratch, out_y)
     if ny > 0 and hopeless:
         # no chroma palette can make up for the luma's: only whether the chroma has too many colours counts
-        many_y = many_y or many or _exact_clusters(keys_c, changes_c, c0y, c0x, cs, True, max_pal, scratch[0],
-                                                   *scratch[2])[0] == 0
+        many_y = many_y or many or _exact_clusters(keys_c, c0y, c0x, cs, True, max_pal, *scratch[:3]) == 0
     elif ny > 0:
         jc, nc, rc, many_c, _ = _best_palette(keys_c, changes_c, c0y, c0x, cs, True, many, dominant, max_pal, 2 * esc_tol,
                                               q4, lam, dweight, coder, bound - jy, scratch, out_c)
@@ -1177,19 +1232,19 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, d
     generated = False
     if many_y and s == PROPOSAL_BLOCK and prop_yn[by, bx] > 0:
         # many distinct values: price the palettes the generator proposed too
-        escape = coder[5]
-        n, pcc, psu, psv, pqq, ebits, edist = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx],
+        escape = coder[0]
+        n, pcl, ebits, edist = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx],
                                                                   esc_tol, q4, escape)
         extra = lam * ebits + dweight * edist
-        gy, gny, gry = _price_palette(n, pcc, psu, psv, pqq, (-1, -1), (keys_y, y0, x0, s), False, lam, dweight, cand, centres,
+        gy, gny, gry = _price_palette(n, pcl, (-1, -1), (keys_y, y0, x0, s), False, lam, dweight, cand, centres,
                                       coder, esc_tol, bound - extra)
         gy += extra
         gry += ebits
         tmp = scratch[5]
-        n, pcc, psu, psv, pqq, ebits, edist = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx],
+        n, pcl, ebits, edist = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx],
                                                                   2 * esc_tol, q4, escape)
         extra = lam * ebits + dweight * edist
-        gc, gnc, grc = _price_palette(n, pcc, psu, psv, pqq, (-1, -1), (keys_c, c0y, c0x, cs), True, lam, dweight, tmp, centres,
+        gc, gnc, grc = _price_palette(n, pcl, (-1, -1), (keys_c, c0y, c0x, cs), True, lam, dweight, tmp, centres,
                                       coder, 2 * esc_tol, bound - gy - extra)
         gc += extra
         grc += ebits
@@ -1198,7 +1253,7 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, d
             jy, ny, ry, jc, nc, rc = gy, gny, gry, gc, gnc, grc
             out_y[:ny] = cand[:ny]
             out_c[:nc] = tmp[:nc]
-    mode = coder[4]
+    mode = coder[2]
     return jy + jc + lam * mode, ny, nc, many_y, generated, ry + rc + mode, hopeless
 
 
@@ -1265,11 +1320,9 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, coder, 
     inter_scratch = (np.empty((8, 5), np.int64), prediction, np.empty((2, 64, 64), np.int32), np.zeros(4), np.zeros(4),
                      np.zeros(5, np.int64), np.zeros(64, np.int64), np.zeros(64, np.int64))
     imot = np.zeros(5, np.int64)
-    clusters = (np.empty(MAX_PAL + 1, np.int64), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1),
-                np.empty(MAX_PAL + 1))
-    centres = (np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1, np.bool_))
-    palette_scratch = (np.zeros(65536, np.int32), np.empty(4096, np.int64), clusters, centres, np.empty(MAX_PAL, np.int64),
-                       np.empty(MAX_PAL, np.int64))
+    # counts by key, values seen, clusters, their centres, two palettes
+    palette_scratch = (np.zeros(65536, np.int32), np.empty(4096, np.int64), np.empty((4, MAX_PAL + 1)),
+                       np.empty((3, MAX_PAL + 1)), np.empty(MAX_PAL, np.int64), np.empty(MAX_PAL, np.int64))
     tmp_y = np.empty(MAX_PAL, np.int64)
     tmp_c = np.empty(MAX_PAL, np.int64)
     for lev in range(nlev):
