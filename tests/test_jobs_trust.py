@@ -410,12 +410,13 @@ def test_a_commit_index_that_names_an_uncommitted_unit_is_caught_by_finalize_and
     assert records == ["0-0.jsonl", "0-2.jsonl"]  # one record per task of two units
     archive = out / f"{Path(CLIP).stem}.zarr"
     reference = [open_archive(str(archive)).read_chunk(i) for i in range(4)]
-    # The marker of unit 3 goes (damage, or a hand edit); the index still names the unit, and the
-    # archive is no longer known to be finalized.
+    assert open_archive(str(archive)).attrs["shard_chunks"] == 2  # format 4: a shard per task
+    # The marker of unit 3 goes (damage, or a hand edit): it is its shard's, units 2 and 3; the
+    # index still names them, and the archive is no longer known to be finalized.
     ArchiveWriter.open(str(archive)).revoke(3)
     (out / "_palstream" / "fixity" / "0.json").unlink()
     resumed = run_job(spec, resume=True)
-    assert resumed.complete and resumed.units_encoded == 1, resumed.to_dict()
+    assert resumed.complete and resumed.units_encoded == 2, resumed.to_dict()
     assert "not committed in the archive; running them again" in (out / "_palstream" / "job.log").read_text()
     assert [open_archive(str(archive)).read_chunk(i) for i in range(4)] == reference
     assert open_archive(str(archive)).committed() == {0, 1, 2, 3}
