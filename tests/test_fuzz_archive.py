@@ -27,3 +27,19 @@ def test_three_hundred_mutations_are_all_detected_or_harmless(lossless_archive, 
     # the mutations are real: most are caught, and every family of the harness ran
     assert totals["detected"] > 150
     assert {"root", "chunk-meta", "marker", "payload", "resealed", "attack"} <= set(report["by_family"])
+
+
+@pytest.mark.slow
+def test_three_hundred_mutations_of_a_sharded_archive_are_all_detected_or_harmless(tmp_path):
+    """Format 4 (FORMAT.md §8): shards, shard markers and resealed payloads inside shards."""
+    out = tmp_path / "fuzz4.json"
+    command = [sys.executable, "-m", "benchmarks.fuzz_archive", "--format", "4", "--cases", "300", "--seed", "20",
+               "--timeout", "20", "--out", str(out)]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    totals = report["totals"]
+    assert sum(totals.values()) == 300
+    assert not any(totals.get(k) for k in ("TRACEBACK", "CRASH", "HANG", "OVER-MEMORY", "UNDETECTED")), report
+    assert totals["detected"] > 150
+    assert {"root", "shard", "shard-marker", "resealed", "attack"} <= set(report["by_family"])
