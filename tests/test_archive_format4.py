@@ -233,3 +233,24 @@ def _edit_marker(archive: Path, change) -> None:
     change(doc["attributes"])
     path.write_text(json.dumps(doc))
 
+
+
+def test_the_commands_and_the_catalogue_read_format_4(archive, run_cli, tmp_path):
+    from palstream.catalogue import index
+
+    result = run_cli("info", archive)
+    assert result.code == 0 and "v4" in result.stdout and "3 committed" in result.stdout, result
+    assert run_cli("verify", archive).code == 0
+    _flip(archive / "chunks" / "c" / "0", 40)  # inside chunk 0's payload
+    result = run_cli("verify", archive)
+    assert result.code == 1 and "chunk 0 is damaged: crc32c mismatch" in result.stderr and "chunk 1" not in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    out = tmp_path / "rest.yuv"
+    result = run_cli("decode", archive, out)
+    assert result.code == 1 and "chunk 0" in result.stderr and "Traceback" not in result.stderr
+    assert out.stat().st_size == 6 * (37 * 29 + 2 * 19 * 15)  # chunk 0's frames filled, the others decoded
+    index.rebuild(archive.parent)
+    cat = index.Catalogue.of(archive.parent)
+    row = {r["path"]: r for r in index.list_archives(cat)}["a.zarr"]
+    assert (row["n_chunks"], row["committed"], row["state"]) == (3, 3, "complete")
+    assert [c["first_frame"] for c in index.get_archive(cat, "a.zarr")["chunks"]] == [0, 2, 4]
