@@ -23,7 +23,7 @@ as units were in flight when something died.
     .venv/bin/python benchmarks/scale_sim.py --units 1000000 --archives 10000 --archive marker --kill-at 0.5
         --skip-plan-measure --workdir /dev/shm/scale_1e6
     .venv/bin/python benchmarks/scale_sim.py --units 2000 --archives 10 --storage s3 --archive real --kill-at 0.5
-    .venv/bin/python benchmarks/scale_sim.py --archive-breakdown 200
+    .venv/bin/python benchmarks/scale_sim.py --archive-breakdown 200 [--shard-chunks 25]
 
 The CPU figures cover every process of the run (scheduler, nannies, drivers, workers) and the
 simulator's own final check; ``--trace-requests FILE`` writes each S3 request's method and key.
@@ -595,9 +595,10 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def archive_breakdown(chunks: int) -> dict:
+def archive_breakdown(chunks: int, shard_chunks: int | None = None) -> dict:
     """Requests per chunk of each archive operation on S3 (moto, counted), in this process: the real
-    ``ArchiveWriter`` writing ``chunks`` stub chunks of one archive, and what the batch reads of it."""
+    ``ArchiveWriter`` writing ``chunks`` stub chunks of one archive (format 3, or format 4 in shards
+    of ``shard_chunks``), and what the batch reads of it."""
     import boto3
 
     from palstream import archive, io
@@ -615,17 +616,30 @@ def archive_breakdown(chunks: int) -> dict:
         frame_count=gop * chunks, fps="25/1", time_base="1/25", pix_fmt="yuv420p",
         color={"matrix": "bt709", "range": "tv", "primaries": "bt709", "transfer": "bt709", "chroma_location": "left"},
     )
-    writer = archive.ArchiveWriter.create(location, info, EncoderConfig(gop=gop))
+    writer = archive.ArchiveWriter.create(location, info, EncoderConfig(gop=gop), shard_chunks=shard_chunks)
     body = 64 - HEADER.size
     payload = HEADER.pack(MAGIC, VERSION, 0, gop, 64, 64, 0, 0, 0, 0, body) + bytes(body)
+    chunk = EncodedChunk(payload, {"frames": gop})
+    if shard_chunks is None:
+        writes = {
+            "write_chunk": lambda: [writer.write_chunk(i, chunk) for i in range(chunks)],
+            "write_chunk again (a duplicated task)": lambda: writer.write_chunk(0, chunk),
+        }
+    else:
+        shards = range(-(-chunks // shard_chunks))
+        writes = {
+            "write_shard": lambda: [writer.write_shard(s, [chunk] * len(writer.shard_range(s))) for s in shards],
+            "write_shard again (a duplicated task)": lambda: writer.write_shard(0, [chunk] * len(writer.shard_range(0))),
+        }
     steps = {
-        "write_chunk": lambda: [writer.write_chunk(i, EncodedChunk(payload, {"frames": gop})) for i in range(chunks)],
-        "write_chunk again (a duplicated task)": lambda: writer.write_chunk(0, EncodedChunk(payload, {"frames": gop})),
+        **writes,
         "uncommitted()": writer.uncommitted,
         "finalize()": writer.finalize,
         "archive_fixity() (batch)": lambda: archive_fixity(location),
         "committed_chunks() (the catalogue's one pass)": lambda: archive.open_archive(location).committed_chunks(),
+        "read_chunk() of every chunk (decode)": lambda: [reader.read_chunk(i) for i in range(chunks)],
     }
+    reader = archive.open_archive(location)
     out = {}
     for name, step in steps.items():
         s3.take()
@@ -655,6 +669,8 @@ def main() -> None:
                     help="only time how a resume finds the done units of a synthesized half-done job of --units")
     ap.add_argument("--archive-breakdown", type=int, default=0, metavar="CHUNKS",
                     help="only count the S3 requests of each archive operation on one archive of CHUNKS chunks")
+    ap.add_argument("--shard-chunks", type=int, default=None, metavar="K",
+                    help="with --archive-breakdown: a format-4 archive in shards of K chunks (default: format 3)")
     ap.add_argument("--skip-plan-measure", action="store_true", help="do not time Plan.build on its own first")
     ap.add_argument("--trace-requests", default=None, metavar="FILE", help="with --storage s3: append each request's method and key here")
     ap.add_argument("--workdir", default=None, help="where the library and output go (default: a temporary folder)")
@@ -664,7 +680,7 @@ def main() -> None:
         ap.error("--units must be a multiple of --archives")
     per_archive = args.units // args.archives
     if args.archive_breakdown:
-        result = {"args": vars(args), "requests_per_chunk": archive_breakdown(args.archive_breakdown)}
+        result = {"args": vars(args), "requests_per_chunk": archive_breakdown(args.archive_breakdown, args.shard_chunks)}
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
         return
