@@ -254,3 +254,50 @@ def test_the_commands_and_the_catalogue_read_format_4(archive, run_cli, tmp_path
     row = {r["path"]: r for r in index.list_archives(cat)}["a.zarr"]
     assert (row["n_chunks"], row["committed"], row["state"]) == (3, 3, "complete")
     assert [c["first_frame"] for c in index.get_archive(cat, "a.zarr")["chunks"]] == [0, 2, 4]
+
+
+VECTOR = Path(__file__).parent / "conformance" / "archive-4"
+
+
+def test_the_conformance_vector_reads_by_the_text_of_format_md_alone():
+    """What an independent reader of FORMAT.md §8 does, with json, struct, SHA-256, CRC-32C and
+    RFC 8785 only; then palstream's reader, which must agree and decode the expected frames."""
+    import hashlib
+    import struct
+
+    import google_crc32c
+
+    from palstream.archive import canonical_json
+
+    expected = json.loads((VECTOR / "expected.json").read_text())
+    root = VECTOR / expected["archive"]
+    attrs = json.loads((root / "zarr.json").read_bytes())["attributes"]
+    k, n = attrs["shard_chunks"], attrs["n_chunks"]
+    assert (attrs["format_version"], k, n) == (4, 2, 3)
+    core = {key: attrs[key] for key in ("format", "format_version", "source", "encoder", "gop", "n_chunks", "frame_count", "shard_chunks")}
+    core_sha = hashlib.sha256(canonical_json(core)).hexdigest()  # no configs/chunk_configs in this archive
+    payloads = []
+    for s, want in enumerate(expected["shards"]):
+        marker = json.loads((root / "commits" / f"{s:06d}" / "zarr.json").read_bytes())["attributes"]
+        body = {key: v for key, v in marker.items() if key != "marker_sha256"}
+        assert marker["marker_sha256"] == hashlib.sha256(canonical_json(body)).hexdigest()
+        assert marker["core_sha256"] == core_sha and marker["shard"] == s
+        blob = (root / "chunks" / "c" / str(s)).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == marker["sha256"] == want["sha256"] and len(blob) == marker["bytes"]
+        offset, index = 0, b""
+        for p, entry in enumerate(marker["chunks"]):
+            length = entry["bytes"]
+            inner = blob[offset : offset + length + 12]
+            assert struct.unpack("<II", inner[:8]) == (1, length)
+            assert google_crc32c.value(inner[:-4]).to_bytes(4, "little") == inner[-4:]
+            assert hashlib.sha256(inner[8:-4]).hexdigest() == entry["sha256"] and entry["first_frame"] == (s * k + p) * attrs["gop"]
+            payloads.append(inner[8:-4])
+            index += struct.pack("<QQ", offset, length + 12)
+            offset += length + 12
+        index += struct.pack("<QQ", 2**64 - 1, 2**64 - 1) * (k - len(marker["chunks"]))
+        assert blob[offset:] == index + google_crc32c.value(index).to_bytes(4, "little")
+    assert [hashlib.sha256(p).hexdigest() for p in payloads] == [c["payload_sha256"] for c in expected["chunks"]]
+    reader = open_archive(str(root))
+    assert reader.verify() == [] and reader.complete
+    assert [reader.read_chunk(i) for i in range(n)] == payloads
+    assert [hashlib.sha256(reader.decode_chunk(i).tobytes()).hexdigest() for i in range(n)] == [c["frames_sha256"] for c in expected["chunks"]]

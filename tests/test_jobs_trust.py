@@ -420,3 +420,29 @@ def test_a_commit_index_that_names_an_uncommitted_unit_is_caught_by_finalize_and
     assert "not committed in the archive; running them again" in (out / "_palstream" / "job.log").read_text()
     assert [open_archive(str(archive)).read_chunk(i) for i in range(4)] == reference
     assert open_archive(str(archive)).committed() == {0, 1, 2, 3}
+
+
+def test_a_format_4_task_writes_its_shard_whole_or_not_at_all(tmp_path):
+    """A task refused at its second unit (the source gave fewer frames than planned) writes no
+    shard, no marker and no commit record; the whole task writes one shard and one marker."""
+    from palstream import io
+    from palstream.archive import ArchiveWriter, open_archive
+    from palstream.batch.worker import Task, encode_units
+
+    source, size = Location(str(DATA / CLIP)), (DATA / CLIP).stat().st_size
+    archive = tmp_path / "a.zarr"
+    ArchiveWriter.create(str(archive), io.probe(str(DATA / CLIP)), EncoderConfig(gop=2), shard_chunks=2)
+
+    def task(second_start: int) -> Task:
+        units = (UnitTask(0, 0, 0, 2, source, 8, size, False, Location(str(archive))),
+                 UnitTask(0, 1, second_start, 2, source, 8, size, False, Location(str(archive))))
+        return Task(units, EncoderConfig(gop=2), Location(str(tmp_path / "record.jsonl")))
+
+    refused = encode_units(task(7))  # unit 1 planned at frame 7: one frame is there, not two
+    assert refused["summaries"] == [] and "gave 1 frames" in refused["refused"]["reason"]
+    assert not (archive / "chunks" / "c" / "0").exists() and not (tmp_path / "record.jsonl").exists()
+    assert open_archive(str(archive)).committed() == set()
+    done = encode_units(task(2))
+    assert [s["index"] for s in done["summaries"]] == [0, 1] and done["refused"] is None
+    assert open_archive(str(archive)).committed() == {0, 1} and (tmp_path / "record.jsonl").exists()
+    assert sorted(p.name for p in (archive / "commits").iterdir()) == ["000000", "zarr.json"]

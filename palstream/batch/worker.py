@@ -323,9 +323,13 @@ def _write_shards(context: _TaskContext, summaries: list[dict]) -> list[dict]:
                 f"(chunks {expected.start}..{expected.stop - 1}); a task must write whole shards"
             )
     t0 = time.perf_counter()
-    for shard, chunks in shards.items():
-        encoded = [chunk for _, chunk in chunks]
-        with_storage_retries(lambda: writer.write_shard(shard, encoded), "writing the shard")  # noqa: B023 (called at once)
+    try:
+        for shard, chunks in shards.items():
+            encoded = [chunk for _, chunk in chunks]
+            with_storage_retries(lambda: writer.write_shard(shard, encoded), "writing the shard")  # noqa: B023 (called at once)
+    except BaseException:
+        metrics.units.labels("failed").inc(len(summaries))
+        raise
     share = (time.perf_counter() - t0) / len(summaries)
     for summary, (_, stages) in zip(summaries, context.pending):
         stages["write"] = share  # the shard's write, split over its units
