@@ -1425,11 +1425,17 @@ class ArchiveWriter:
             raise ArchiveError(
                 f"archive {location} is format version 1, which this palstream reads but does not extend; re-encode it"
             )
-        self._group = _open_group(write_location, "r+")
         self._store = _Store(write_location)
         self.attrs = self._reader.attrs
         self.n_chunks = self.attrs["n_chunks"]
         self.shard_chunks: int | None = self._reader.shard_chunks  # None: one object per chunk (format 3)
+
+    @functools.cached_property
+    def _group(self) -> zarr.Group:
+        """The archive as a zarr group, for the kept streams' arrays only: opening it costs 8
+        requests on S3 (zarr looks for version-2 metadata too), which the tasks writing chunks and
+        the finalize of an archive without other streams skip."""
+        return _open_group(self.write_location, "r+")
 
     @property
     def replacing(self) -> bool:
@@ -1739,8 +1745,12 @@ class ArchiveWriter:
             self.write_streams(read_side_streams(source, audio, drop_streams))
 
     def _write_root(self, changes: dict) -> None:
-        sealed = _seal({**self.attrs, **changes})
-        self._group.attrs.update({**changes, "integrity": sealed["integrity"]})
+        """Rewrite the root with ``changes`` and a new integrity record in one PUT: zarr's
+        ``attrs.update`` writes the document once per key, and a writer killed between those
+        writes left a root whose digest no longer matched (an archive refused as altered)."""
+        attrs = {**self.attrs, **changes}  # zarr's key order: changed keys in place, new ones last
+        attrs["integrity"] = _seal(attrs)["integrity"]
+        self._store.put("zarr.json", _document_bytes({"attributes": attrs, "zarr_format": 3, "node_type": "group"}))
         self._reader = Archive(self.write_location)
         self.attrs = self._reader.attrs
 
