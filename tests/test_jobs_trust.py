@@ -446,3 +446,35 @@ def test_a_format_4_task_writes_its_shard_whole_or_not_at_all(tmp_path):
     assert [s["index"] for s in done["summaries"]] == [0, 1] and done["refused"] is None
     assert open_archive(str(archive)).committed() == {0, 1} and (tmp_path / "record.jsonl").exists()
     assert sorted(p.name for p in (archive / "commits").iterdir()) == ["000000", "zarr.json"]
+
+
+def test_a_unit_below_the_floor_revokes_its_whole_shard(tmp_path, monkeypatch):
+    """Format 4: the floor's revocation deletes the unit's shard marker, so none of the shard's
+    units stays committed; the shard before it does, and the input is quarantined."""
+    import numpy as np
+    from distributed import LocalCluster
+
+    import palstream.codec
+    from palstream import io
+    from palstream.archive import open_archive
+    from palstream.batch.runner import run_job
+    from palstream.codec import EncodedChunk
+
+    encode = palstream.codec.encode_chunk
+    third = io.read_frames(str(DATA / CLIP), 4, 2).y  # unit 2 of 8 frames in GOPs of 2
+
+    def third_below_floor(frames, config, generator=None):
+        encoded = encode(frames, config, generator)
+        if np.array_equal(frames.y, third):
+            return EncodedChunk(encoded.payload, {**encoded.stats, "psnr_y": config.target_psnr - 0.5})
+        return encoded
+
+    monkeypatch.setattr(palstream.codec, "encode_chunk", third_below_floor)  # in-process workers see it
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as local:
+        spec = JobSpec.from_dict({"inputs": [str(DATA / CLIP)], "output": str(tmp_path / "out"), "cluster": local.scheduler_address,
+                                  "units_per_task": 2, "max_in_flight": 1, "codec": {"gop": 2}})
+        report = run_job(spec)
+    assert not report.complete
+    assert [q["unit"] for q in report.quarantined] == [2] and "below the job's floor" in report.quarantined[0]["reason"]
+    archive = open_archive(str(tmp_path / "out" / f"{Path(CLIP).stem}.zarr"))
+    assert archive.attrs["shard_chunks"] == 2 and archive.committed() == {0, 1}
