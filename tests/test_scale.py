@@ -62,6 +62,22 @@ def test_units_are_grouped_into_tasks_of_consecutive_units_of_one_shard_largest_
     assert all(isinstance(u, Unit) for t in tasks for u in t)
 
 
+def test_tasks_follow_the_plans_shard_size_whatever_the_run_asks(tmp_path):
+    """A format-4 plan fixes the archives' shard size: a resume asking for other task sizes gets
+    tasks of whole shards, and the log says so; a plan from before format 4 follows the run."""
+    from palstream.batch.runner import JobLog
+    from palstream.batch.spec import JobSpec
+
+    probed = [("/v/a.mkv", _info("a.mkv", 20), None)]
+    spec = JobSpec.from_dict({"inputs": ["/v/a.mkv"], "output": str(tmp_path), "units_per_task": 5, "codec": {"gop": 4}})
+    log = JobLog(Location(str(tmp_path)))
+    sharded = _Execution(None, spec, Plan.build(EncoderConfig(gop=4), probed, shard_chunks=2), None, None, log, "run")
+    assert sharded.per_task == 2 and [len(t) for t in sharded._tasks(sharded.plan.units())] == [2, 2, 1]
+    assert "units_per_task 5 ignored" in (tmp_path / "_palstream" / "job.log").read_text()
+    older = _Execution(None, spec, Plan.build(EncoderConfig(gop=4), probed), None, None, log, "run")
+    assert older.per_task == 5 and older.plan.shard_chunks is None
+
+
 @pytest.mark.slow
 def test_scale_simulator_kill_resume_and_elastic_workers_commit_every_unit_once(tmp_path):
     result_file = tmp_path / "result.json"
