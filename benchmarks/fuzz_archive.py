@@ -237,6 +237,16 @@ def _sharded_payload(files: dict, index: int) -> bytes:
     return files[f"chunks/c/{shard}"][start : start + lengths[position]]
 
 
+def _mutate_document(files: dict, target: str, rng: random.Random) -> str:
+    """Damage the JSON document ``target``: its bytes, or its structure written back valid."""
+    if rng.random() < 0.5:
+        files[target], what = _bytes_op(files[target], rng)
+    else:
+        doc, what = _structural(json.loads(files[target]), rng)
+        files[target] = _dump(doc, rng)
+    return what
+
+
 def _mutate_sharded(files: dict, rng: random.Random) -> tuple[str, str]:
     """One mutation of a format-4 archive: its root, a shard, a shard's marker, the group and
     array documents, whole objects, a resealed payload, or a consistent lie across documents."""
@@ -255,12 +265,7 @@ def _mutate_sharded(files: dict, rng: random.Random) -> tuple[str, str]:
         "groups": rng.choice(["chunks/zarr.json", "commits/zarr.json"]),
     }.get(family)
     if family in ("root", "shard-marker", "groups"):
-        if rng.random() < 0.5:
-            files[target], what = _bytes_op(files[target], rng)
-        else:
-            doc, what = _structural(json.loads(files[target]), rng)
-            files[target] = _dump(doc, rng)
-        return family, f"{target}: {what}"
+        return family, f"{target}: {_mutate_document(files, target, rng)}"
     if family == "shard":
         files[target], what = _bytes_op(files[target], rng)
         return family, f"{target}: {what}"
@@ -343,12 +348,7 @@ def mutate(files: dict, rng: random.Random) -> tuple[str, str]:
         "groups": rng.choice(["chunks/zarr.json", "commits/zarr.json"]),
     }.get(family)
     if family in ("root", "chunk-meta", "marker", "groups"):
-        if rng.random() < 0.5:
-            files[target], what = _bytes_op(files[target], rng)
-        else:
-            doc, what = _structural(json.loads(files[target]), rng)
-            files[target] = _dump(doc, rng)
-        return family, f"{target}: {what}"
+        return family, f"{target}: {_mutate_document(files, target, rng)}"
     if family == "payload":
         files[target], what = _bytes_op(files[target], rng)
         return family, f"{target}: {what}"
