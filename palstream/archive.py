@@ -1580,14 +1580,19 @@ class ArchiveWriter:
         store, key = self._store, _key(index)
         store.put(f"chunks/{key}/zarr.json", _document_bytes(_array_document(len(payload), attributes)))
         store.put(f"chunks/{key}/c/0", payload + google_crc32c.value(payload).to_bytes(4, "little"))
-        if store.put(f"commits/{key}/zarr.json", marker_bytes, create=True):
+        self._commit(f"commits/{key}/zarr.json", marker_bytes, MAX_NODE_JSON)
+
+    def _commit(self, key: str, marker_bytes: bytes, limit: int) -> None:
+        """Create the commit marker ``key`` if absent (FORMAT.md §4 step 3, §8.5 steps 3-4); one
+        already there is kept if it is the same document (a duplicated task), else replaced."""
+        if self._store.put(key, marker_bytes, create=True):
             return
         try:
-            if store.read(f"commits/{key}/zarr.json", MAX_NODE_JSON) == marker_bytes:
-                return  # committed before with this payload: a duplicated task
+            if self._store.read(key, limit) == marker_bytes:
+                return
         except ValueError:
             pass  # an oversized marker is damage: replaced below
-        store.put(f"commits/{key}/zarr.json", marker_bytes)
+        self._store.put(key, marker_bytes)
 
     def _chunk_attributes(self, index: int, encoded: EncodedChunk) -> tuple[bytes, dict]:
         """Chunk ``index``'s payload, checked, and its attributes (FORMAT.md §3)."""
@@ -1661,14 +1666,7 @@ class ArchiveWriter:
         if stale is not None and stale != marker_bytes:
             store.delete(key.rsplit("/", 1)[0])
         store.put(_shard_key(shard), body)
-        if store.put(key, marker_bytes, create=True):
-            return
-        try:
-            if store.read(key, MAX_SHARD_MARKER_JSON) == marker_bytes:
-                return  # a duplicated task committed the same shard meanwhile
-        except ValueError:
-            pass
-        store.put(key, marker_bytes)
+        self._commit(key, marker_bytes, MAX_SHARD_MARKER_JSON)
 
     def _new_array(self, key: str, shape: tuple, dtype, chunk: tuple):
         """A new (or replaced) array of FORMAT.md §3.1: ``chunk``-sized zarr chunks, CRC-32C, no compressor."""
