@@ -690,20 +690,21 @@ def _count_runs(keys2d, y0, x0, s, limit, counts, seen):
             if k == prev:
                 run += 1
                 continue
-            if counts[prev] == 0:
-                seen[n] = prev
-                n += 1
-                if n > limit:
-                    return n
-            counts[prev] += run
+            # kept where new (no branch to mispredict: camera blocks bring new values at random)
+            c = counts[prev]
+            seen[n] = prev
+            n += c == 0
+            if n > limit:
+                return n
+            counts[prev] = c + run
             prev = k
             run = 1
-    if counts[prev] == 0:
-        seen[n] = prev
-        n += 1
-        if n > limit:
-            return n
-    counts[prev] += run
+    c = counts[prev]
+    seen[n] = prev
+    n += c == 0
+    if n > limit:
+        return n
+    counts[prev] = c + run
     return n
 
 
