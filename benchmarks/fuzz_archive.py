@@ -1,4 +1,5 @@
-"""Fuzzing of the archive reader (issue 20): mutated payloads, chunk metadata and root metadata.
+"""Fuzzing of the archive reader (issue 20): mutated payloads, chunk metadata and root metadata;
+with ``--format 4``, shards and shard markers (FORMAT.md §8).
 
 Each case copies a small archive, applies one mutation, and runs what a user would run on it,
 ``open_archive`` -> ``verify`` -> ``decode``, in a forked child with a time and memory ceiling.
@@ -19,11 +20,13 @@ The last four are failures. Run from the repository root::
 
     .venv/bin/python -m benchmarks.fuzz_archive --cases 100000 --jobs 2
     .venv/bin/python -m benchmarks.fuzz_archive --cases 300 --seed 7 --out /tmp/fuzz.json
+    .venv/bin/python -m benchmarks.fuzz_archive --format 4 --cases 300 --seed 7 --out /tmp/fuzz4.json
     .venv/bin/python -m benchmarks.fuzz_archive --seed 7 --case 123     # one case, verbosely
     .venv/bin/python -m benchmarks.fuzz_archive --merge part1.json part2.json  # runs continued with --first
 
-The archive is tests/data/screen_37x29.mkv encoded losslessly in GOPs of 2 (three chunks) unless
-``--archive`` names an existing one. Results: a table on stdout and ``--out`` (default
+The archive is tests/data/screen_37x29.mkv encoded losslessly in GOPs of 2 (three chunks; with
+``--format 4``, in shards of two: ``chunks/c/0`` holds chunks 0-1, ``chunks/c/1`` chunk 2) unless
+``--archive`` names an existing one (of either format). Results: a table on stdout and ``--out`` (default
 ``benchmarks/results/fuzz_archive.json``), listing every failing and undetected case with the
 seed and index that reproduce it. Exit status 1 when any case failed.
 """
@@ -202,15 +205,106 @@ def _reseal(files: dict, index: int, payload: bytes) -> None:
     files[f"commits/{key}/zarr.json"] = json.dumps(marker).encode()
 
 
-def mutate(files: dict, rng: random.Random) -> tuple[str, str]:
-    """Apply one mutation to ``files`` (relative path -> bytes; None deletes); returns (family, what)."""
-    chunks = sorted({p.split("/")[1] for p in files if p.startswith("chunks/") and p.count("/") >= 2})
-    index = rng.choice(chunks)
-    kept = sorted(p for p in files if p.startswith("streams/") and files[p] is not None)  # format 3
+def _reseal_sharded(files: dict, index: int, payload: bytes) -> None:
+    """Store ``payload`` as chunk ``index`` of a format-4 archive with its inner chunk's CRC-32C, the
+    shard's index, the shard digest and the marker (entry, size, digest) recomputed."""
+    from palstream.archive import INNER_OVERHEAD, _inner_chunk, _shard_index, _unsealed_marker_digest
+
+    k = json.loads(files["zarr.json"])["attributes"]["shard_chunks"]
+    shard, position = divmod(index, k)
+    key = f"commits/{shard:06d}/zarr.json"
+    doc = json.loads(files[key])
+    marker = doc["attributes"]
+    lengths = [c["bytes"] for c in marker["chunks"]]
+    blob, inners, offset = files[f"chunks/c/{shard}"], [], 0
+    for length in lengths:
+        inners.append(blob[offset : offset + length + INNER_OVERHEAD])
+        offset += length + INNER_OVERHEAD
+    inners[position], lengths[position] = _inner_chunk(payload), len(payload)
+    body = b"".join(inners) + _shard_index(lengths, k)
+    files[f"chunks/c/{shard}"] = body
+    marker["chunks"][position].update(sha256=hashlib.sha256(payload).hexdigest(), bytes=len(payload))
+    marker.update(sha256=hashlib.sha256(body).hexdigest(), bytes=len(body))
+    marker["marker_sha256"] = _unsealed_marker_digest(marker)
+    files[key] = json.dumps(doc).encode()
+
+
+def _sharded_payload(files: dict, index: int) -> bytes:
+    k = json.loads(files["zarr.json"])["attributes"]["shard_chunks"]
+    shard, position = divmod(index, k)
+    lengths = [c["bytes"] for c in json.loads(files[f"commits/{shard:06d}/zarr.json"])["attributes"]["chunks"]]
+    start = sum(lengths[:position]) + 12 * position + 8
+    return files[f"chunks/c/{shard}"][start : start + lengths[position]]
+
+
+def _mutate_document(files: dict, target: str, rng: random.Random) -> str:
+    """Damage the JSON document ``target``: its bytes, or its structure written back valid."""
+    if rng.random() < 0.5:
+        files[target], what = _bytes_op(files[target], rng)
+    else:
+        doc, what = _structural(json.loads(files[target]), rng)
+        files[target] = _dump(doc, rng)
+    return what
+
+
+def _mutate_sharded(files: dict, rng: random.Random) -> tuple[str, str]:
+    """One mutation of a format-4 archive: its root, a shard, a shard's marker, the group and
+    array documents, whole objects, a resealed payload, or a consistent lie across documents."""
+    attrs = json.loads(files["zarr.json"])["attributes"]
+    shard = rng.randrange(-(-attrs["n_chunks"] // attrs["shard_chunks"]))
+    index = rng.randrange(attrs["n_chunks"])
+    kept = sorted(p for p in files if p.startswith("streams/") and files[p] is not None)
     family = rng.choices(
-        ["root", "chunk-meta", "marker", "payload", "resealed", "groups", "objects", "attack", "streams"],
-        weights=[30, 22, 14, 14, 8, 3, 4, 5, 10 if kept else 0],
+        ["root", "shard-marker", "shard", "resealed", "groups", "objects", "attack", "streams"],
+        weights=[25, 22, 20, 8, 4, 4, 7, 10 if kept else 0],
     )[0]
+    target = {
+        "root": "zarr.json",
+        "shard-marker": f"commits/{shard:06d}/zarr.json",
+        "shard": f"chunks/c/{shard}",
+        "groups": rng.choice(["chunks/zarr.json", "commits/zarr.json"]),
+    }.get(family)
+    if family in ("root", "shard-marker", "groups"):
+        return family, f"{target}: {_mutate_document(files, target, rng)}"
+    if family == "shard":
+        files[target], what = _bytes_op(files[target], rng)
+        return family, f"{target}: {what}"
+    if family == "resealed":
+        payload, what = _bytes_op(_sharded_payload(files, index), rng)
+        if not payload:
+            payload, what = b"\0", "emptied (one byte)"
+        _reseal_sharded(files, index, payload)
+        return family, f"chunk {index} payload, resealed: {what}"
+    if family in ("objects", "streams"):
+        return _mutate_common(files, family, kept, rng)
+    kind = rng.choice(["huge", "header", "n_chunks", "shard_chunks"])
+    if kind == "huge":  # a marker that declares a huge chunk, sealed with its own digest
+        from palstream.archive import _unsealed_marker_digest
+
+        key = f"commits/{index // attrs['shard_chunks']:06d}/zarr.json"
+        doc = json.loads(files[key])
+        size = rng.choice([10**12, 10**9, 2**31])
+        doc["attributes"]["chunks"][index % attrs["shard_chunks"]]["bytes"] = size
+        doc["attributes"]["marker_sha256"] = _unsealed_marker_digest(doc["attributes"])
+        files[key] = json.dumps(doc).encode()
+        return family, f"chunk {index}: {size} bytes in a resealed marker"
+    if kind == "header":
+        payload = b"PSC1" + bytes([3, 1]) + bytes.fromhex("0500 0040 0040") + bytes([4, 8, 64, 0]) + (0).to_bytes(4, "little")
+        _reseal_sharded(files, index, payload)
+        return family, f"chunk {index}: resealed 20-byte payload declaring 5 frames of 16384x16384"
+    root = json.loads(files["zarr.json"])
+    if kind == "n_chunks":
+        n = rng.choice([10**9, 10**6, attrs["n_chunks"] + 1])
+        root["attributes"].update(n_chunks=n, frame_count=n * attrs["gop"])
+        root["attributes"]["source"]["frame_count"] = n * attrs["gop"]
+    else:
+        root["attributes"]["shard_chunks"] = rng.choice([1, 3, 1024, 4096])
+    files["zarr.json"] = json.dumps(root).encode()
+    return family, f"root: {kind} changed, integrity not resealed"
+
+
+def _mutate_common(files: dict, family: str, kept: list[str], rng: random.Random) -> tuple[str, str]:
+    """The mutations of whole objects and of kept streams, which both formats share."""
     if family == "streams":  # a kept stream's packets, index or their array metadata
         target = rng.choice(kept)
         if target.endswith("zarr.json") and rng.random() < 0.5:
@@ -219,6 +313,33 @@ def mutate(files: dict, rng: random.Random) -> tuple[str, str]:
         else:
             files[target], what = _bytes_op(files[target], rng)
         return family, f"{target}: {what}"
+    path = rng.choice(sorted(files))
+    op = rng.choice(["delete", "directory", "empty", "swap"])
+    if op == "delete":
+        files[path] = None
+    elif op == "directory":
+        files[path] = "dir"
+    elif op == "empty":
+        files[path] = b""
+    else:
+        other = rng.choice(sorted(p for p in files if files[p] is not None))
+        files[path], files[other] = files[other], files[path]
+    return family, f"{path}: {op}"
+
+
+def mutate(files: dict, rng: random.Random) -> tuple[str, str]:
+    """Apply one mutation to ``files`` (relative path -> bytes; None deletes); returns (family, what)."""
+    if "chunks/c/0" in files:
+        return _mutate_sharded(files, rng)
+    chunks = sorted({p.split("/")[1] for p in files if p.startswith("chunks/") and p.count("/") >= 2})
+    index = rng.choice(chunks)
+    kept = sorted(p for p in files if p.startswith("streams/") and files[p] is not None)  # format 3
+    family = rng.choices(
+        ["root", "chunk-meta", "marker", "payload", "resealed", "groups", "objects", "attack", "streams"],
+        weights=[30, 22, 14, 14, 8, 3, 4, 5, 10 if kept else 0],
+    )[0]
+    if family in ("streams", "objects"):
+        return _mutate_common(files, family, kept, rng)
     target = {
         "root": "zarr.json",
         "chunk-meta": f"chunks/{index}/zarr.json",
@@ -227,12 +348,7 @@ def mutate(files: dict, rng: random.Random) -> tuple[str, str]:
         "groups": rng.choice(["chunks/zarr.json", "commits/zarr.json"]),
     }.get(family)
     if family in ("root", "chunk-meta", "marker", "groups"):
-        if rng.random() < 0.5:
-            files[target], what = _bytes_op(files[target], rng)
-        else:
-            doc, what = _structural(json.loads(files[target]), rng)
-            files[target] = _dump(doc, rng)
-        return family, f"{target}: {what}"
+        return family, f"{target}: {_mutate_document(files, target, rng)}"
     if family == "payload":
         files[target], what = _bytes_op(files[target], rng)
         return family, f"{target}: {what}"
@@ -247,19 +363,6 @@ def mutate(files: dict, rng: random.Random) -> tuple[str, str]:
             payload, what = _bytes_op(payload, rng)
         _reseal(files, int(index), payload)
         return family, f"chunk {index} payload, resealed: {what}"
-    if family == "objects":
-        path = rng.choice(sorted(files))
-        op = rng.choice(["delete", "directory", "empty", "swap"])
-        if op == "delete":
-            files[path] = None
-        elif op == "directory":
-            files[path] = "dir"
-        elif op == "empty":
-            files[path] = b""
-        else:
-            other = rng.choice(sorted(p for p in files if files[p] is not None))
-            files[path], files[other] = files[other], files[path]
-        return family, f"{path}: {op}"
     return family, _attack(files, index, rng)
 
 
@@ -441,12 +544,23 @@ def _run_batch(indices: list[int]) -> list[dict]:
     return [run_case(s["files"], s["seed"], i, s["workdir"], s["timeout"], s["limit_as"]) for i in indices]
 
 
-def _build_archive(where: Path) -> None:
-    """Encode the default clip in a separate process (zarr's writer threads must not be forked)."""
-    code = (
-        "import sys; from palstream.pipeline import encode_file; from palstream.codec import EncoderConfig; "
-        "encode_file(sys.argv[1], sys.argv[2], EncoderConfig(lossless=True, gop=2))"
-    )
+def _build_archive(where: Path, version: int) -> None:
+    """Encode the default clip in a separate process (zarr's writer threads must not be forked):
+    format 3 as ``palstream encode`` writes it, or format 4 in shards of two chunks."""
+    if version == 3:
+        code = (
+            "import sys; from palstream.pipeline import encode_file; from palstream.codec import EncoderConfig; "
+            "encode_file(sys.argv[1], sys.argv[2], EncoderConfig(lossless=True, gop=2))"
+        )
+    else:
+        code = (
+            "import sys; from palstream import io; from palstream.archive import ArchiveWriter; "
+            "from palstream.codec import EncoderConfig, encode_chunk; c = EncoderConfig(lossless=True, gop=2); "
+            "w = ArchiveWriter.create(sys.argv[2], io.probe(sys.argv[1]), c, shard_chunks=2); "
+            "e = [encode_chunk(f, c) for f in io.iter_chunks(sys.argv[1], 2)]; "
+            "[w.write_shard(s, [e[i] for i in w.shard_range(s)]) for s in range(-(-len(e) // 2))]; "
+            "w.keep_streams(sys.argv[1]); w.finalize()"
+        )
     subprocess.run([sys.executable, "-c", code, str(SOURCE), str(where)], check=True, cwd=REPO)
 
 
@@ -491,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", type=int, help="run only this case index and print it")
     parser.add_argument("--timeout", type=float, default=30.0, help="time ceiling per case, seconds (default 30)")
     parser.add_argument("--archive", type=Path, help="archive to mutate (default: the 37x29 clip, lossless, GOP 2)")
+    parser.add_argument("--format", type=int, choices=(3, 4), default=3, help="format of the default archive (4: shards of 2 chunks)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fuzz_archive.json")
     parser.add_argument("--merge", type=Path, nargs="+", help="combine the reports of runs over disjoint cases into --out")
     args = parser.parse_args(argv)
@@ -503,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.archive:
             shutil.copytree(args.archive, base)
         else:
-            _build_archive(base)
+            _build_archive(base, args.format)
         context = multiprocessing.get_context("spawn")  # clean workers: nothing of this process is forked
         init = (str(base), args.seed, args.timeout, str(scratch))
         with context.Pool(args.jobs, initializer=_init_worker, initargs=init) as pool:

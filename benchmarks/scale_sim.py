@@ -23,7 +23,7 @@ as units were in flight when something died.
     .venv/bin/python benchmarks/scale_sim.py --units 1000000 --archives 10000 --archive marker --kill-at 0.5
         --skip-plan-measure --workdir /dev/shm/scale_1e6
     .venv/bin/python benchmarks/scale_sim.py --units 2000 --archives 10 --storage s3 --archive real --kill-at 0.5
-    .venv/bin/python benchmarks/scale_sim.py --archive-breakdown 200
+    .venv/bin/python benchmarks/scale_sim.py --archive-breakdown 200 [--shard-chunks 25]
 
 The CPU figures cover every process of the run (scheduler, nannies, drivers, workers) and the
 simulator's own final check; ``--trace-requests FILE`` writes each S3 request's method and key.
@@ -119,13 +119,16 @@ def _url_and_options(location, options) -> tuple[str, dict]:
 
 
 class StubArchive:
-    """The per-unit write path asked of ``palstream/archive.py``: three objects per unit.
+    """The write path asked of ``palstream/archive.py``: three objects per unit (format 3), or two
+    per shard of K units (format 4, what the batch writes since its plans record ``shard_chunks``).
 
-    ``c/<i>.meta`` (the chunk's metadata), ``c/<i>.data`` (its payload), then ``c/<i>.commit``,
-    created only if absent (``O_EXCL`` locally, ``If-None-Match: *`` on S3): a unit encoded twice
-    rewrites the same two objects and leaves a ``c/<i>.again`` note the simulator counts.
-    ``committed()`` is one LIST; ``finalize()`` one PUT of the root document. In ``marker`` mode
-    only the commit marker is written (10^6 units of three objects need ~12 GB of 4 KiB blocks).
+    Format 3: ``c/<i>.meta`` (the chunk's metadata), ``c/<i>.data`` (its payload), then
+    ``c/<i>.commit``, created only if absent (``O_EXCL`` locally, ``If-None-Match: *`` on S3): a
+    unit encoded twice rewrites the same two objects and leaves a ``c/<i>.again`` note the
+    simulator counts. Format 4: ``c/s<s>.data`` (the shard) then ``c/s<s>.commit`` (its marker),
+    ``c/s<s>.again`` for a shard written twice. ``committed()`` is one LIST; ``finalize()`` one PUT
+    of the root document. In ``marker`` mode only the commit marker is written (10^6 units of
+    three objects need ~12 GB of 4 KiB blocks).
     """
 
     MODE = "stub"
@@ -134,13 +137,16 @@ class StubArchive:
         self.url, self.options, self.attrs = url, options, attrs
         self.fs, self.path = Location(url, options).filesystem()
         self.n_chunks = attrs["n_chunks"]
+        self.shard_chunks = attrs.get("shard_chunks")
 
     @classmethod
-    def create(cls, url, source, config, generator=None, n_chunks=None, storage_options=None, overwrite=False):
+    def create(cls, url, source, config, generator=None, n_chunks=None, storage_options=None, overwrite=False, shard_chunks=None):
         from palstream.batch.store import write_json
 
         url, storage_options = _url_and_options(url, storage_options)
         attrs = {"n_chunks": n_chunks, "status": "incomplete", "frame_count": source.frame_count}
+        if shard_chunks is not None:
+            attrs["shard_chunks"] = shard_chunks
         write_json(Location(f"{url}/zarr.json", storage_options), attrs)
         return cls(url, storage_options, attrs)
 
@@ -199,18 +205,32 @@ class StubArchive:
         if not self._put(f"{index}.commit", json.dumps({"sha256": sha, "bytes": len(payload)}).encode(), exclusive=True):
             self._put(f"{index}.again", b"")
 
+    def shard_range(self, shard: int) -> range:
+        return range(shard * self.shard_chunks, min((shard + 1) * self.shard_chunks, self.n_chunks))
+
+    def write_shard(self, shard: int, encoded: list) -> None:
+        body = b"".join(bytes(e.payload) for e in encoded)
+        if self.MODE == "stub":
+            self._put(f"s{shard}.data", body)
+        marker = {"sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body), "chunks": [len(e.payload) for e in encoded]}
+        if not self._put(f"s{shard}.commit", json.dumps(marker).encode(), exclusive=True):
+            self._put(f"s{shard}.again", b"")
+
     def committed(self) -> set[int]:
         try:
-            names = self.fs.ls(f"{self.path}/c", detail=False)
+            names = [n.rsplit("/", 1)[-1] for n in self.fs.ls(f"{self.path}/c", detail=False)]
         except FileNotFoundError:
             return set()
-        return {int(n.rsplit("/", 1)[-1][:-7]) for n in names if n.endswith(".commit")}
+        if self.shard_chunks is not None:
+            return {i for n in names if n.endswith(".commit") for i in self.shard_range(int(n[1:-7]))}
+        return {int(n[:-7]) for n in names if n.endswith(".commit")}
 
     def keep_streams(self, source, audio="copy", drop_streams=()) -> None:
         pass  # the synthetic inputs hold one video stream
 
     def revoke(self, index: int) -> None:
-        self.fs.rm_file(f"{self.path}/c/{index}.commit")
+        name = index if self.shard_chunks is None else f"s{index // self.shard_chunks}"
+        self.fs.rm_file(f"{self.path}/c/{name}.commit")
 
     def finalize(self) -> dict:
         """Mark complete and return the fixity record, reading each object once, as
@@ -225,15 +245,26 @@ class StubArchive:
         write_json(Location(f"{self.url}/zarr.json", self.options), self.attrs)
         blobs = {path[len(self.path) + 1 :]: self.fs.cat_file(path) for path in self.fs.find(self.path)}
         payload_suffix = ".data" if self.MODE == "stub" else ".commit"
+        names = [f"s{s}" for s in range(-(-self.n_chunks // self.shard_chunks))] if self.shard_chunks else range(self.n_chunks)
         payload = hashlib.sha256()
-        for index in range(self.n_chunks):
-            payload.update(blobs[f"c/{index}{payload_suffix}"])
+        for name in names:
+            payload.update(blobs[f"c/{name}{payload_suffix}"])
         return {"files": {name: hashlib.sha256(blob).hexdigest() for name, blob in sorted(blobs.items())},
                 "bytes": sum(map(len, blobs.values())), "payload_sha256": payload.hexdigest(),
-                "payload_bytes": sum(len(blobs[f"c/{i}{payload_suffix}"]) for i in range(self.n_chunks))}
+                "payload_bytes": sum(len(blobs[f"c/{name}{payload_suffix}"]) for name in names)}
 
     def read_chunk(self, index: int) -> bytes:
-        return self.fs.cat_file(f"{self.path}/c/{index}.{'data' if self.MODE == 'stub' else 'commit'}")
+        """A chunk's stored bytes (the commit marker in ``marker`` mode, where it is all there is)."""
+        suffix = "data" if self.MODE == "stub" else "commit"
+        if self.shard_chunks is None:
+            return self.fs.cat_file(f"{self.path}/c/{index}.{suffix}")
+        shard, position = divmod(index, self.shard_chunks)
+        blob = self.fs.cat_file(f"{self.path}/c/s{shard}.{suffix}")
+        if self.MODE != "stub":
+            return blob if position == 0 else b""
+        lengths = json.loads(self.fs.cat_file(f"{self.path}/c/s{shard}.commit"))["chunks"]
+        start = sum(lengths[:position])
+        return blob[start : start + lengths[position]]
 
 
 class Stubs(WorkerPlugin):
@@ -525,7 +556,7 @@ def change_workers(what: str, cluster, client, t: float) -> dict:
     return {"t": t, "event": f"worker {what}", "workers_before": len(workers)}
 
 
-def check_exactly_once(output: str, options: dict, n_archives: int, per_archive: int, archive: str) -> dict:
+def check_exactly_once(output: str, options: dict, n_archives: int, per_archive: int, per_task: int, archive: str) -> dict:
     """Every unit committed, named by one commit record, and how many were written again."""
     from palstream.batch.commits import FOLDER
     from palstream.batch.store import JOB_DIR
@@ -540,8 +571,13 @@ def check_exactly_once(output: str, options: dict, n_archives: int, per_archive:
     out = {"units_in_index": len(records), "units_in_two_records": sum(1 for c in records.values() if c > 1)}
     if archive != "real":
         files = fs.find(f"{root}")
-        out["units_committed"] = sum(1 for f in files if f.endswith(".commit"))
-        out["units_written_again"] = sum(1 for f in files if f.endswith(".again"))
+
+        def units(name: str) -> int:  # a format-4 object (s<shard>.*) stands for its shard's units
+            stem = name.rsplit("/", 1)[-1].split(".")[0]
+            return min(per_task, per_archive - int(stem[1:]) * per_task) if stem.startswith("s") else 1
+
+        out["units_committed"] = sum(units(f) for f in files if f.endswith(".commit"))
+        out["units_written_again"] = sum(units(f) for f in files if f.endswith(".again"))
         out["archives_complete"] = sum(
             1 for f in files if f.endswith(".zarr/zarr.json") and json.loads(fs.cat_file(f))["status"] == "complete"
         )
@@ -559,9 +595,10 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def archive_breakdown(chunks: int) -> dict:
+def archive_breakdown(chunks: int, shard_chunks: int | None = None) -> dict:
     """Requests per chunk of each archive operation on S3 (moto, counted), in this process: the real
-    ``ArchiveWriter`` writing ``chunks`` stub chunks of one archive, and what the batch reads of it."""
+    ``ArchiveWriter`` writing ``chunks`` stub chunks of one archive (format 3, or format 4 in shards
+    of ``shard_chunks``), and what the batch reads of it."""
     import boto3
 
     from palstream import archive, io
@@ -579,17 +616,30 @@ def archive_breakdown(chunks: int) -> dict:
         frame_count=gop * chunks, fps="25/1", time_base="1/25", pix_fmt="yuv420p",
         color={"matrix": "bt709", "range": "tv", "primaries": "bt709", "transfer": "bt709", "chroma_location": "left"},
     )
-    writer = archive.ArchiveWriter.create(location, info, EncoderConfig(gop=gop))
+    writer = archive.ArchiveWriter.create(location, info, EncoderConfig(gop=gop), shard_chunks=shard_chunks)
     body = 64 - HEADER.size
     payload = HEADER.pack(MAGIC, VERSION, 0, gop, 64, 64, 0, 0, 0, 0, body) + bytes(body)
+    chunk = EncodedChunk(payload, {"frames": gop})
+    if shard_chunks is None:
+        writes = {
+            "write_chunk": lambda: [writer.write_chunk(i, chunk) for i in range(chunks)],
+            "write_chunk again (a duplicated task)": lambda: writer.write_chunk(0, chunk),
+        }
+    else:
+        shards = range(-(-chunks // shard_chunks))
+        writes = {
+            "write_shard": lambda: [writer.write_shard(s, [chunk] * len(writer.shard_range(s))) for s in shards],
+            "write_shard again (a duplicated task)": lambda: writer.write_shard(0, [chunk] * len(writer.shard_range(0))),
+        }
     steps = {
-        "write_chunk": lambda: [writer.write_chunk(i, EncodedChunk(payload, {"frames": gop})) for i in range(chunks)],
-        "write_chunk again (a duplicated task)": lambda: writer.write_chunk(0, EncodedChunk(payload, {"frames": gop})),
+        **writes,
         "uncommitted()": writer.uncommitted,
         "finalize()": writer.finalize,
         "archive_fixity() (batch)": lambda: archive_fixity(location),
         "committed_chunks() (the catalogue's one pass)": lambda: archive.open_archive(location).committed_chunks(),
+        "read_chunk() of every chunk (decode)": lambda: [reader.read_chunk(i) for i in range(chunks)],
     }
+    reader = archive.open_archive(location)
     out = {}
     for name, step in steps.items():
         s3.take()
@@ -619,6 +669,8 @@ def main() -> None:
                     help="only time how a resume finds the done units of a synthesized half-done job of --units")
     ap.add_argument("--archive-breakdown", type=int, default=0, metavar="CHUNKS",
                     help="only count the S3 requests of each archive operation on one archive of CHUNKS chunks")
+    ap.add_argument("--shard-chunks", type=int, default=None, metavar="K",
+                    help="with --archive-breakdown: a format-4 archive in shards of K chunks (default: format 3)")
     ap.add_argument("--skip-plan-measure", action="store_true", help="do not time Plan.build on its own first")
     ap.add_argument("--trace-requests", default=None, metavar="FILE", help="with --storage s3: append each request's method and key here")
     ap.add_argument("--workdir", default=None, help="where the library and output go (default: a temporary folder)")
@@ -628,7 +680,7 @@ def main() -> None:
         ap.error("--units must be a multiple of --archives")
     per_archive = args.units // args.archives
     if args.archive_breakdown:
-        result = {"args": vars(args), "requests_per_chunk": archive_breakdown(args.archive_breakdown)}
+        result = {"args": vars(args), "requests_per_chunk": archive_breakdown(args.archive_breakdown, args.shard_chunks)}
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
         return
@@ -690,7 +742,7 @@ def main() -> None:
         runs.append(second)
         print("resume:", second, flush=True)
     result["runs"] = runs
-    result["check"] = check_exactly_once(output, options, args.archives, per_archive, args.archive)
+    result["check"] = check_exactly_once(output, options, args.archives, per_archive, args.units_per_task, args.archive)
     total_requests: dict[str, int] = {}
     for run in runs:
         for kind, n in (run.get("requests") or {}).items():

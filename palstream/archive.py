@@ -12,6 +12,14 @@ then its data, and last its commit marker. A chunk is *committed* only when its 
 *and* agrees with the array's metadata, so a half-written chunk is never taken for done.
 ``finalize`` checks every chunk and only then sets ``status`` to ``"complete"``.
 
+Format 4 (FORMAT.md §8) packs the chunks of a task into one object::
+
+    chunks/zarr.json         1-D array of variable-length bytes, one zarr shard per K chunks
+    chunks/c/{s}             shard s: chunks sK..sK+K-1 back to back, then zarr's shard index
+    commits/{s:06d}/         the shard's commit marker: its digest and every chunk's attributes
+
+One task writes one shard whole, then its marker: two objects for K chunks instead of 3K.
+
 Writing goes through zarr. Reading does not: every ``zarr.json`` is read as bytes with a size
 ceiling, parsed as strict JSON and compared field by field with what FORMAT.md allows, because
 zarr would honour whatever a damaged document declares (a gzip codec, a shape of 10^12).
@@ -26,6 +34,7 @@ import json
 import math
 import os
 import re
+import struct
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -52,8 +61,9 @@ from palstream.io import (
 from palstream.storage import Location, rename_exchange
 
 FORMAT_NAME = "palstream"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 3  # what a writer of one object per chunk writes (``palstream encode``)
+SHARDED_VERSION = 4  # one object per K chunks (FORMAT.md §8): what the batch job writes
+READABLE_VERSIONS = (1, 2, 3, 4)
 STREAM_CHUNK_BYTES = 16 << 20  # zarr chunk of a kept stream's packet bytes (FORMAT.md §3.1)
 INDEX_CHUNK_ROWS = 1 << 16  # zarr chunk of a kept stream's packet index
 # Sanity limits for declared sizes: reading a malformed archive must fail cleanly, not allocate wildly.
@@ -62,13 +72,16 @@ MAX_FRAMES = 10**9
 MAX_GOP = 1024
 MAX_ROOT_JSON = 64 << 20  # root zarr.json; tuner runs make it grow with the number of batches
 MAX_NODE_JSON = 1 << 20  # a chunk array's or commit marker's zarr.json
+MAX_SHARD_CHUNKS = 1024  # chunks per shard (format 4)
+MAX_SHARD_MARKER_JSON = 16 << 20  # a shard's commit marker: the attributes of up to 1024 chunks
+SHARD_EMPTY = 2**64 - 1  # zarr's shard index entry of an absent inner chunk (offset and length)
 MAX_JSON_DEPTH = 32  # documents of the format nest 4 deep; deeper ones are damage, refused before recursion
 MAX_JSON_INT = 2**53  # RFC 8785 numbers are IEEE doubles: larger integers have no canonical form
 PAYLOAD_BYTES_PER_SAMPLE = 4  # payload ceiling per coded sample (FORMAT.md §3): far above any real chunk
 CTU = 64  # coded planes are padded to multiples of 64 (BITSTREAM.md §2)
 TEMP_MARK = ".palstream-tmp-"
 _REQUIRED_ATTRS = ("format", "format_version", "source", "encoder", "gop", "n_chunks", "frame_count", "status")
-_CORE_ATTRS = ("format", "format_version", "source", "encoder", "gop", "n_chunks", "frame_count")
+_CORE_ATTRS = ("format", "format_version", "source", "encoder", "gop", "n_chunks", "frame_count", "shard_chunks")
 _MUTABLE_ENCODER_KEYS = ("configs", "chunk_configs")  # appended by the tuner's driver during a job
 _NAMED_FIELDS = ("source", "encoder")  # the integrity record names the altered key inside these
 _FOREIGN = "belongs to another archive"
@@ -87,6 +100,14 @@ class IncompleteArchiveError(ArchiveError):
     def __init__(self, message: str, missing: list[int]):
         super().__init__(message)
         self.missing = missing
+
+
+class _ShardError(Exception):
+    """A shard's commit marker is absent (``missing``) or fails its checks: every chunk of it is damaged."""
+
+    def __init__(self, reason: str, missing: bool = False):
+        super().__init__(reason)
+        self.reason, self.missing = reason, missing
 
 
 class DamagedStreamError(ArchiveError):
@@ -286,6 +307,24 @@ class _Store:
             self.seen[key] = (hashlib.sha256(data).hexdigest(), len(data))
         return data
 
+    def read_range(self, key: str, start: int, length: int) -> bytes | None:
+        """``length`` bytes of ``key`` from ``start`` (fewer where it ends sooner; None if absent):
+        one ranged GET on object storage."""
+        try:
+            return self.fs.cat_file(f"{self.root}/{key}", start=start, end=start + length)
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError:
+            raise OSError(errno.EISDIR, "a folder where an object belongs") from None
+
+    def delete(self, key: str) -> None:
+        """Remove the object or folder ``key`` if it is there."""
+        path = f"{self.root}/{key}"
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
     def put(self, key: str, data: bytes, create: bool = False) -> bool:
         """Write ``key`` (one PUT); with ``create``, only if absent (``O_EXCL`` locally,
         ``If-None-Match: *`` on S3). False when ``create`` found the object there already."""
@@ -403,6 +442,89 @@ def max_payload_bytes(frames: int, width: int, height: int) -> int:
     return HEADER.size + PAYLOAD_BYTES_PER_SAMPLE * frames * padded * 3 // 2
 
 
+# -- shards (format 4, FORMAT.md §8) -------------------------------------------------------------
+
+
+def _sharded_array_document(n_chunks: int, shard_chunks: int) -> dict:
+    """The one ``chunks/zarr.json`` format 4 allows: zarr's sharded array of variable-length bytes."""
+    return {
+        "shape": [n_chunks],
+        "data_type": "variable_length_bytes",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard_chunks]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": "",
+        "codecs": [
+            {
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": [1],
+                    "codecs": [{"name": "vlen-bytes", "configuration": {}}, {"name": "crc32c"}],
+                    "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                    "index_location": "end",
+                },
+            }
+        ],
+        "attributes": {},
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+
+
+def _folder_document(folder: str, n_chunks: int, shard_chunks: int | None) -> dict:
+    """What ``chunks/zarr.json`` or ``commits/zarr.json`` must hold."""
+    if folder == "chunks" and shard_chunks is not None:
+        return _sharded_array_document(n_chunks, shard_chunks)
+    return {"attributes": {}, "zarr_format": 3, "node_type": "group"}
+
+
+def _crc(data: bytes) -> bytes:
+    return google_crc32c.value(data).to_bytes(4, "little")
+
+
+INNER_OVERHEAD = 12  # an inner chunk: count (1) and length as uint32, the payload, its CRC-32C
+SHARD_INDEX_ENTRY = 16  # (offset, length) as uint64 per inner chunk
+
+
+def _inner_chunk(payload: bytes) -> bytes:
+    """One payload as zarr's vlen-bytes codec and crc32c store an inner chunk of one element."""
+    body = struct.pack("<II", 1, len(payload)) + payload
+    return body + _crc(body)
+
+
+def _shard_index(lengths: list[int], shard_chunks: int) -> bytes:
+    """The shard index (offset and size of each inner chunk, absent ones all ones) and its CRC-32C."""
+    entries, offset = [], 0
+    for length in lengths:
+        entries.append(struct.pack("<QQ", offset, length + INNER_OVERHEAD))
+        offset += length + INNER_OVERHEAD
+    entries += [struct.pack("<QQ", SHARD_EMPTY, SHARD_EMPTY)] * (shard_chunks - len(lengths))
+    index = b"".join(entries)
+    return index + _crc(index)
+
+
+def _shard_size(lengths: list[int], shard_chunks: int) -> int:
+    return sum(lengths) + INNER_OVERHEAD * len(lengths) + SHARD_INDEX_ENTRY * shard_chunks + 4
+
+
+def _shard_key(shard: int) -> str:
+    return f"chunks/c/{shard}"
+
+
+def _marker_key(shard: int) -> str:
+    return f"commits/{_key(shard)}/zarr.json"
+
+
+def _entry_attributes(entry: dict) -> dict:
+    """A chunk's attributes as a shard marker lists them, less its length (what format 3 keeps in
+    the chunk array's attributes)."""
+    return {k: v for k, v in entry.items() if k != "bytes"}
+
+
+def _unsealed_marker_digest(marker: dict) -> str:
+    return _sha256({k: v for k, v in marker.items() if k != "marker_sha256"})
+
+
 # -- root attributes ----------------------------------------------------------------------------
 
 
@@ -464,6 +586,10 @@ def _check_root(doc: dict, location: Location) -> dict:
         raise bad(f"status {_show(attrs['status'])} is neither incomplete nor complete")
     if attrs["status"] == "complete" or "payload_bytes" in attrs:
         check_int(attrs.get("payload_bytes"), expected, MAX_JSON_INT, "payload_bytes")
+    if version == SHARDED_VERSION:
+        check_int(attrs.get("shard_chunks"), 1, MAX_SHARD_CHUNKS, "shard_chunks")
+    elif "shard_chunks" in attrs:
+        raise bad(f"shard_chunks is set in a format-{version} archive (only format 4 has shards)")
     _check_encoder(attrs["encoder"], expected, bad)
     _check_side_attributes(attrs, bad)
     return attrs
@@ -561,7 +687,7 @@ def _load_root(store: _Store, location: Location, force: bool) -> tuple[dict, st
     altered = None
     attrs = doc.get("attributes")
     # Checked whenever present, whatever format_version says: a version edited down to 1 is caught.
-    if isinstance(attrs, dict) and (attrs.get("format_version") in (2, 3) or "integrity" in attrs):
+    if isinstance(attrs, dict) and (attrs.get("format_version") in (2, 3, 4) or "integrity" in attrs):
         altered = _root_alteration(attrs)
         # An altered root cannot be trusted for sizes or provenance: refuse it before its values are used.
         if altered and not force:
@@ -588,6 +714,8 @@ class Archive:
         self._store = _Store(location)
         self.attrs, self.root_altered = _load_root(self._store, location, force)
         self.n_chunks: int = self.attrs["n_chunks"]
+        self.shard_chunks: int | None = self.attrs.get("shard_chunks")  # format 4 only
+        self._last_marker: tuple[int, dict] | None = None  # read_chunk's one-shard cache (decode reads chunk after chunk)
         self.source = SourceInfo.from_dict(self.attrs["source"])
         self._core_sha256 = _sha256(_core(self.attrs)) if self.root_protected and not self.root_altered else None
         # Before any loop over n_chunks: a root replaced whole, digest and all, claims a layout the
@@ -617,6 +745,149 @@ class Archive:
         """Frame numbers (in the source) that chunk ``index`` holds."""
         return _chunk_frames(self.attrs, index)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether chunks are stored K to an object (format 4, FORMAT.md §8)."""
+        return self.shard_chunks is not None
+
+    @property
+    def n_shards(self) -> int:
+        """Number of shards (format 4)."""
+        assert self.shard_chunks is not None
+        return -(-self.n_chunks // self.shard_chunks)
+
+    def shard_range(self, shard: int) -> range:
+        """The chunks shard ``shard`` holds (format 4)."""
+        assert self.shard_chunks is not None
+        return range(shard * self.shard_chunks, min((shard + 1) * self.shard_chunks, self.n_chunks))
+
+    def _shard_marker(self, shard: int) -> dict:
+        """The commit marker of ``shard``, every field checked (FORMAT.md §8.3).
+
+        Raises
+        ------
+        _ShardError
+            Absent (``missing``), unreadable, malformed, or not this shard's of this archive.
+        """
+        try:
+            data = self._store.read(_marker_key(shard), MAX_SHARD_MARKER_JSON)
+        except OSError as exc:
+            raise _ShardError(f"commit marker of shard {shard} unreadable ({exc.strerror or exc})") from None
+        except ValueError as exc:
+            raise _ShardError(f"commit marker of shard {shard} oversized ({exc})") from None
+        if data is None:
+            raise _ShardError("not written (the encode did not finish); re-encode or resume the job", missing=True)
+        try:
+            marker = _node_attributes(_parse(data, MAX_SHARD_MARKER_JSON), "group")
+        except ValueError as exc:
+            raise _ShardError(f"commit marker of shard {shard} {exc}") from None
+
+        def bad(what: str) -> _ShardError:
+            return _ShardError(f"commit marker of shard {shard} {what}")
+
+        chunks = self.shard_range(shard)
+        entries = marker.get("chunks")
+        if not _same(marker.get("shard"), shard):
+            raise bad(f"names shard {_show(marker.get('shard'))}")
+        if not isinstance(entries, list) or len(entries) != len(chunks):
+            raise bad(f"does not list the shard's {len(chunks)} chunk(s)")
+        for index, entry in zip(chunks, entries):
+            frames = self.chunk_frames(index)
+            ceiling = max_payload_bytes(len(frames), self.source.width, self.source.height)
+            if not (
+                isinstance(entry, dict)
+                and isinstance(entry.get("sha256"), str)
+                and _HEX64.fullmatch(entry["sha256"])
+                and _is_int(entry.get("bytes"), 1, ceiling)
+                and isinstance(entry.get("stats", {}), dict)
+            ):
+                raise bad(f"has no valid sha256, bytes (1..{ceiling}) or stats for chunk {index}")
+            if not _same(entry.get("frames"), len(frames)) or not _same(entry.get("first_frame"), frames.start):
+                raise bad(f"records a frame range for chunk {index} that does not match the archive's GOP layout")
+        assert self.shard_chunks is not None
+        size = _shard_size([e["bytes"] for e in entries], self.shard_chunks)
+        if not _same(marker.get("bytes"), size) or not (isinstance(marker.get("sha256"), str) and _HEX64.fullmatch(marker["sha256"])):
+            raise bad(f"has no valid sha256, or bytes other than the {size} its chunks add up to")
+        if not self.root_altered and marker.get("core_sha256") != self._core_sha256:
+            raise bad(f"{_FOREIGN} (its core_sha256 does not match the root's)")
+        try:
+            digest = _unsealed_marker_digest(marker)
+        except ValueError as exc:
+            raise bad(f"has no canonical form ({exc})") from None
+        if marker.get("marker_sha256") != digest:
+            raise bad("is altered (its marker_sha256 differs)")
+        return marker
+
+    def _shard_payload(self, index: int, marker: dict, blob: bytes | None = None) -> bytes:
+        """The payload of chunk ``index`` from its shard: one ranged read, or a slice of ``blob``
+        (the whole shard object), checked (FORMAT.md §8.4)."""
+        assert self.shard_chunks is not None
+        shard, position = divmod(index, self.shard_chunks)
+        lengths = [entry["bytes"] for entry in marker["chunks"]]
+        length = lengths[position]
+        offset = sum(lengths[:position]) + INNER_OVERHEAD * position
+        if blob is None:
+            try:
+                inner = self._store.read_range(_shard_key(shard), offset, length + INNER_OVERHEAD)
+            except OSError as exc:
+                raise DamagedChunkError(index, f"shard {shard} unreadable ({exc.strerror or exc})") from None
+            if inner is None:
+                raise DamagedChunkError(index, f"shard {shard} object is missing")
+        else:
+            inner = blob[offset : offset + length + INNER_OVERHEAD]
+        if len(inner) != length + INNER_OVERHEAD:
+            raise DamagedChunkError(index, f"shard {shard} object ends before this chunk's {length + INNER_OVERHEAD} bytes at {offset}")
+        if inner[:8] != struct.pack("<II", 1, length):
+            raise DamagedChunkError(index, f"its inner chunk header in shard {shard} does not declare one payload of {length} bytes")
+        if _crc(inner[:-4]) != inner[-4:]:
+            raise DamagedChunkError(index, "crc32c mismatch")
+        payload = inner[8:-4]
+        if hashlib.sha256(payload).hexdigest() != marker["chunks"][position]["sha256"]:
+            raise DamagedChunkError(index, "sha256 mismatch")
+        self._check_header(index, payload)
+        return payload
+
+    def _check_shard(self, shard: int) -> tuple[dict[int, bytes], list[DamagedChunkError], bool]:
+        """Every chunk of ``shard`` checked from its marker and one read of the whole shard
+        (FORMAT.md §8.4; ``verify`` and ``finalize``).
+
+        Returns
+        -------
+        tuple
+            The payloads of the chunks that check, the damaged chunks, and whether the damage
+            is the marker's (absent or failing: the shard is not committed).
+        """
+        chunks = self.shard_range(shard)
+        try:
+            marker = self._shard_marker(shard)
+        except _ShardError as exc:
+            return {}, [DamagedChunkError(i, exc.reason) for i in chunks], True
+
+        def all_damaged(reason: str) -> tuple[dict[int, bytes], list[DamagedChunkError], bool]:
+            return {}, [DamagedChunkError(i, reason) for i in chunks], False
+
+        try:
+            blob = self._store.read(_shard_key(shard), marker["bytes"])
+        except OSError as exc:
+            return all_damaged(f"shard {shard} unreadable ({exc.strerror or exc})")
+        except ValueError:
+            return all_damaged(f"shard {shard} object is larger than the {marker['bytes']} bytes of its marker")
+        if blob is None:
+            return all_damaged(f"shard {shard} object is missing")
+        good, damaged = {}, []
+        for index in chunks:
+            try:
+                good[index] = self._shard_payload(index, marker, blob)
+            except DamagedChunkError as exc:
+                damaged.append(exc)
+        assert self.shard_chunks is not None
+        index_bytes = _shard_index([e["bytes"] for e in marker["chunks"]], self.shard_chunks)
+        if not damaged and (len(blob) != marker["bytes"] or not blob.endswith(index_bytes) or hashlib.sha256(blob).hexdigest() != marker["sha256"]):
+            # Every payload checks, so the bytes that differ are the index's: palstream reads the
+            # chunks from the marker, zarr (which reads the index) cannot.
+            return all_damaged(f"shard {shard}'s index is damaged (its payloads check); rewrite the shard")
+        return good, damaged, False
+
     def _chunk_meta(self, index: int) -> tuple[int, dict]:
         """Payload length and attributes of a committed chunk, every field checked (FORMAT.md §5 1-2).
 
@@ -625,6 +896,15 @@ class Archive:
         DamagedChunkError
             Not written, or its metadata or commit marker is malformed or disagrees.
         """
+        if self.sharded:
+            assert self.shard_chunks is not None
+            self.chunk_frames(index)  # in range
+            shard, position = divmod(index, self.shard_chunks)
+            try:
+                entry = self._shard_marker(shard)["chunks"][position]
+            except _ShardError as exc:
+                raise DamagedChunkError(index, exc.reason) from None
+            return entry["bytes"], _entry_attributes(entry)
         frames = self.chunk_frames(index)
         try:
             array_data = self._store.read(f"chunks/{_key(index)}/zarr.json", MAX_NODE_JSON)
@@ -696,8 +976,17 @@ class Archive:
         """Payload length and attributes of every committed chunk (:meth:`is_committed`), found from
         the markers listed; each chunk's metadata and marker are read once (a catalogue's one pass)."""
         names = self._store.names("commits")
-        indices = sorted(int(n) for n in names if n.isdigit() and len(n) <= 10 and n == _key(int(n)) and int(n) < self.n_chunks)
-        found = {}
+        limit = self.n_shards if self.sharded else self.n_chunks
+        indices = sorted(int(n) for n in names if n.isdigit() and len(n) <= 10 and n == _key(int(n)) and int(n) < limit)
+        found: dict[int, tuple[int, dict]] = {}
+        if self.sharded:  # one marker per shard names all its chunks
+            for shard in indices:
+                try:
+                    entries = self._shard_marker(shard)["chunks"]
+                except _ShardError:
+                    continue
+                found.update((i, (e["bytes"], _entry_attributes(e))) for i, e in zip(self.shard_range(shard), entries))
+            return found
         for index in indices:
             try:
                 found[index] = self._chunk_meta(index)
@@ -738,7 +1027,25 @@ class Archive:
             Not written/committed, malformed metadata, wrong size, crc32c or sha256 mismatch, or a
             payload header that disagrees with the archive's frame count and size.
         """
-        return self._payload(index, *self._chunk_meta(index))
+        if not self.sharded:
+            return self._payload(index, *self._chunk_meta(index))
+        assert self.shard_chunks is not None
+        self.chunk_frames(index)  # in range
+        shard = index // self.shard_chunks
+        if self._last_marker is not None and self._last_marker[0] == shard:
+            marker = self._last_marker[1]
+        else:
+            try:
+                marker = self._shard_marker(shard)
+            except _ShardError as exc:
+                raise DamagedChunkError(index, exc.reason) from None
+        try:
+            payload = self._shard_payload(index, marker)
+        except DamagedChunkError:
+            self._last_marker = None  # the shard may have been rewritten since its marker was read
+            raise
+        self._last_marker = (shard, marker)
+        return payload
 
     def _payload(self, index: int, length: int, attrs: dict) -> bytes:
         """The payload of chunk ``index`` whose metadata :meth:`_chunk_meta` gave, checked (FORMAT.md §5 step 3)."""
@@ -807,6 +1114,10 @@ class Archive:
             )
         self._check_groups()
         damaged = []
+        if self.sharded:
+            for shard in range(self.n_shards):
+                damaged += self._check_shard(shard)[1]
+            return damaged
         for index in range(self.n_chunks):
             try:
                 self.read_chunk(index)
@@ -815,16 +1126,22 @@ class Archive:
         return damaged
 
     def _check_groups(self) -> None:
-        """The ``chunks`` and ``commits`` group documents must be empty zarr groups (FORMAT.md §1)."""
+        """The ``chunks`` and ``commits`` group documents must be empty zarr groups (FORMAT.md §1);
+        in format 4, ``chunks`` is the sharded array of §8.1."""
         for folder in ("chunks", "commits"):
+            expected = _folder_document(folder, self.n_chunks, self.shard_chunks)
+            array = expected["node_type"] == "array"
             try:
                 data = self._store.read(f"{folder}/zarr.json", MAX_NODE_JSON)
-                if data is None or _node_attributes(_parse(data, MAX_NODE_JSON), "group") != {}:
-                    raise ValueError("missing or not an empty group")
+                if data is None:
+                    raise ValueError("missing")
+                doc = _parse(data, MAX_NODE_JSON)
+                if not (_same(doc, expected) if array else _node_attributes(doc, "group") == {}):
+                    raise ValueError(f"not {'the sharded array of FORMAT.md §8.1' if array else 'an empty group'}")
             except (OSError, ValueError) as exc:
                 raise ArchiveError(
                     f"archive {self.location}: {folder}/zarr.json is damaged ({exc}); restore it as "
-                    '{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+                    f"{json.dumps(expected, separators=(', ', ': '))}"
                 ) from None
 
     @property
@@ -913,7 +1230,7 @@ class Archive:
         cores = []
         for name in names:
             try:
-                data = self._store.read(f"commits/{name}/zarr.json", MAX_NODE_JSON)
+                data = self._store.read(f"commits/{name}/zarr.json", MAX_SHARD_MARKER_JSON if self.sharded else MAX_NODE_JSON)
                 cores.append(_node_attributes(_parse(data or b"", MAX_NODE_JSON), "group").get("core_sha256"))
             except (OSError, ValueError):
                 continue  # a damaged marker is that chunk's damage, named in the chunk loop
@@ -1108,10 +1425,17 @@ class ArchiveWriter:
             raise ArchiveError(
                 f"archive {location} is format version 1, which this palstream reads but does not extend; re-encode it"
             )
-        self._group = _open_group(write_location, "r+")
         self._store = _Store(write_location)
         self.attrs = self._reader.attrs
         self.n_chunks = self.attrs["n_chunks"]
+        self.shard_chunks: int | None = self._reader.shard_chunks  # None: one object per chunk (format 3)
+
+    @functools.cached_property
+    def _group(self) -> zarr.Group:
+        """The archive as a zarr group, for the kept streams' arrays only: opening it costs 8
+        requests on S3 (zarr looks for version-2 metadata too), which the tasks writing chunks and
+        the finalize of an archive without other streams skip."""
+        return _open_group(self.write_location, "r+")
 
     @property
     def replacing(self) -> bool:
@@ -1128,6 +1452,7 @@ class ArchiveWriter:
         n_chunks: int | None = None,
         storage_options: dict | None = None,
         overwrite: bool = False,
+        shard_chunks: int | None = None,
     ) -> ArchiveWriter:
         """Create an empty archive with status ``"incomplete"``.
 
@@ -1151,8 +1476,14 @@ class ArchiveWriter:
             Replace an existing palstream archive at ``location``: the new archive is written at
             ``<location>.palstream-tmp-<id>`` and swapped in by :meth:`finalize`; until then (and
             after a failure or :meth:`abort`) the old archive stays as it was.
+        shard_chunks : int, optional
+            Write format 4: chunks stored ``shard_chunks`` to an object, each shard written
+            whole by :meth:`write_shard` (FORMAT.md §8). Default: format 3, an object per chunk
+            written by :meth:`write_chunk`.
         """
         expected = math.ceil(source.frame_count / config.gop)
+        if shard_chunks is not None and not _is_int(shard_chunks, 1, MAX_SHARD_CHUNKS):
+            raise ArchiveError(f"{shard_chunks!r} chunks per shard: give 1..{MAX_SHARD_CHUNKS}")
         if n_chunks is not None and n_chunks != expected:
             raise ArchiveError(
                 f"{n_chunks} chunks do not fit {source.frame_count} frames in GOPs of {config.gop}; use {expected}"
@@ -1161,7 +1492,7 @@ class ArchiveWriter:
         check_destination(location, overwrite)
         attrs = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if shard_chunks is None else SHARDED_VERSION,
             "source": source.to_dict(),
             "encoder": {
                 "palstream_version": palstream.__version__,
@@ -1176,6 +1507,7 @@ class ArchiveWriter:
             "n_chunks": expected,
             "frame_count": source.frame_count,
             "status": "incomplete",
+            **({} if shard_chunks is None else {"shard_chunks": shard_chunks}),
         }
         try:
             attrs = _seal(attrs)
@@ -1189,7 +1521,11 @@ class ArchiveWriter:
                     fs.rm(stale, recursive=True)  # left by a killed replacement of this archive
                 write_location = Location(f"{location.url.rstrip('/')}{TEMP_MARK}{uuid.uuid4().hex[:12]}", location.options)
             group = _open_group(write_location, "w", attributes=attrs)
-            group.create_group("chunks")
+            if shard_chunks is None:
+                group.create_group("chunks")
+            else:
+                document = _sharded_array_document(expected, shard_chunks)
+                _Store(write_location).put("chunks/zarr.json", _document_bytes(document))
             group.create_group("commits")
         except OSError as exc:
             raise ArchiveError(f"cannot write archive {location}: {exc}; choose a writable location") from None
@@ -1216,10 +1552,10 @@ class ArchiveWriter:
         and takes chunks but that :meth:`finalize` refuses; the job's driver calls this when it
         reopens an archive. A group document that is there is left as it is (damage is ``verify``'s).
         """
-        empty = _document_bytes({"attributes": {}, "zarr_format": 3, "node_type": "group"})
         for folder in ("chunks", "commits"):
             if self._store.read(f"{folder}/zarr.json", MAX_NODE_JSON) is None:
-                self._store.put(f"{folder}/zarr.json", empty, create=True)
+                document = _folder_document(folder, self.n_chunks, self.shard_chunks)
+                self._store.put(f"{folder}/zarr.json", _document_bytes(document), create=True)
 
     def write_chunk(self, index: int, encoded: EncodedChunk) -> None:
         """Store one encoded chunk: its array metadata, its data, then its commit marker, if absent.
@@ -1230,25 +1566,10 @@ class ArchiveWriter:
         Until then the old marker disagrees with the new metadata, so the chunk is never taken
         for committed with mixed data.
         """
-        frames = self.chunk_frames(index)
-        payload = bytes(encoded.payload)
-        if not payload:
-            raise ArchiveError(f"chunk {index} has an empty payload; the encoder failed")
-        if encoded.stats.get("frames", len(frames)) != len(frames):
-            raise ArchiveError(f"chunk {index} holds {encoded.stats['frames']} frames; expected {len(frames)}")
-        ceiling = max_payload_bytes(len(frames), self._reader.source.width, self._reader.source.height)
-        if len(payload) > ceiling:
-            raise ArchiveError(f"chunk {index} payload of {len(payload)} bytes exceeds the format's {ceiling}; the encoder failed")
-        sha = hashlib.sha256(payload).hexdigest()
-        attributes = json_safe(
-            {
-                "sha256": sha,
-                "frames": len(frames),
-                "first_frame": frames.start,
-                # Timings vary run to run; leaving them out keeps archive bytes reproducible.
-                "stats": {k: v for k, v in encoded.stats.items() if not k.endswith("_seconds")},
-            }
-        )
+        if self.shard_chunks is not None:
+            raise ArchiveError(f"archive {self.location} is format 4: its chunks are written a shard at a time (write_shard)")
+        payload, attributes = self._chunk_attributes(index, encoded)
+        sha = attributes["sha256"]
         marker = {
             "sha256": sha,
             "bytes": len(payload),
@@ -1259,14 +1580,93 @@ class ArchiveWriter:
         store, key = self._store, _key(index)
         store.put(f"chunks/{key}/zarr.json", _document_bytes(_array_document(len(payload), attributes)))
         store.put(f"chunks/{key}/c/0", payload + google_crc32c.value(payload).to_bytes(4, "little"))
-        if store.put(f"commits/{key}/zarr.json", marker_bytes, create=True):
+        self._commit(f"commits/{key}/zarr.json", marker_bytes, MAX_NODE_JSON)
+
+    def _commit(self, key: str, marker_bytes: bytes, limit: int) -> None:
+        """Create the commit marker ``key`` if absent (FORMAT.md §4 step 3, §8.5 steps 3-4); one
+        already there is kept if it is the same document (a duplicated task), else replaced."""
+        if self._store.put(key, marker_bytes, create=True):
             return
         try:
-            if store.read(f"commits/{key}/zarr.json", MAX_NODE_JSON) == marker_bytes:
-                return  # committed before with this payload: a duplicated task
+            if self._store.read(key, limit) == marker_bytes:
+                return
         except ValueError:
             pass  # an oversized marker is damage: replaced below
-        store.put(f"commits/{key}/zarr.json", marker_bytes)
+        self._store.put(key, marker_bytes)
+
+    def _chunk_attributes(self, index: int, encoded: EncodedChunk) -> tuple[bytes, dict]:
+        """Chunk ``index``'s payload, checked, and its attributes (FORMAT.md §3)."""
+        frames = self.chunk_frames(index)
+        payload = bytes(encoded.payload)
+        if not payload:
+            raise ArchiveError(f"chunk {index} has an empty payload; the encoder failed")
+        if encoded.stats.get("frames", len(frames)) != len(frames):
+            raise ArchiveError(f"chunk {index} holds {encoded.stats['frames']} frames; expected {len(frames)}")
+        ceiling = max_payload_bytes(len(frames), self._reader.source.width, self._reader.source.height)
+        if len(payload) > ceiling:
+            raise ArchiveError(f"chunk {index} payload of {len(payload)} bytes exceeds the format's {ceiling}; the encoder failed")
+        attributes = json_safe(
+            {
+                "sha256": hashlib.sha256(payload).hexdigest(),
+                "frames": len(frames),
+                "first_frame": frames.start,
+                # Timings vary run to run; leaving them out keeps archive bytes reproducible.
+                "stats": {k: v for k, v in encoded.stats.items() if not k.endswith("_seconds")},
+            }
+        )
+        return payload, attributes
+
+    def shard_range(self, shard: int) -> range:
+        """The chunks shard ``shard`` holds (format 4)."""
+        return self._reader.shard_range(shard)
+
+    def write_shard(self, shard: int, encoded: list[EncodedChunk]) -> None:
+        """Store every chunk of shard ``shard`` (format 4): the shard object whole, then its commit
+        marker, created only if absent (FORMAT.md §8.5).
+
+        The marker is read first (one GET, absent in the common case): a marker of other content
+        (stale) is deleted before the shard is written, so no reader ever finds a marker that
+        disagrees with the shard under it. Idempotent: a duplicated task writes the same bytes and
+        finds the same marker.
+
+        Parameters
+        ----------
+        shard : int
+            0 <= shard < the number of shards.
+        encoded : list of EncodedChunk
+            Every chunk of the shard, in order (:meth:`shard_range`).
+        """
+        if self.shard_chunks is None:
+            raise ArchiveError(f"archive {self.location} is format {self.attrs['format_version']}: its chunks are written one at a time (write_chunk)")
+        if not _is_int(shard, 0, self._reader.n_shards - 1):
+            raise ArchiveError(f"shard {shard} does not exist; the archive has shards 0..{self._reader.n_shards - 1}")
+        chunks = self.shard_range(shard)
+        if len(encoded) != len(chunks):
+            raise ArchiveError(f"shard {shard} holds chunks {chunks.start}..{chunks.stop - 1}: {len(chunks)} chunk(s), not {len(encoded)}")
+        payloads, entries = [], []
+        for index, chunk in zip(chunks, encoded):
+            payload, attributes = self._chunk_attributes(index, chunk)
+            payloads.append(payload)
+            entries.append({**attributes, "bytes": len(payload)})
+        body = b"".join(map(_inner_chunk, payloads)) + _shard_index([len(p) for p in payloads], self.shard_chunks)
+        marker = {
+            "shard": shard,
+            "sha256": hashlib.sha256(body).hexdigest(),
+            "bytes": len(body),
+            "core_sha256": self._reader._core_sha256,
+            "chunks": entries,
+        }
+        marker["marker_sha256"] = _unsealed_marker_digest(marker)
+        marker_bytes = _document_bytes({"attributes": marker, "zarr_format": 3, "node_type": "group"})
+        store, key = self._store, _marker_key(shard)
+        try:
+            stale = store.read(key, MAX_SHARD_MARKER_JSON)
+        except ValueError:
+            stale = b""  # an oversized marker is damage: deleted below
+        if stale is not None and stale != marker_bytes:
+            store.delete(key.rsplit("/", 1)[0])
+        store.put(_shard_key(shard), body)
+        self._commit(key, marker_bytes, MAX_SHARD_MARKER_JSON)
 
     def _new_array(self, key: str, shape: tuple, dtype, chunk: tuple):
         """A new (or replaced) array of FORMAT.md §3.1: ``chunk``-sized zarr chunks, CRC-32C, no compressor."""
@@ -1343,8 +1743,12 @@ class ArchiveWriter:
             self.write_streams(read_side_streams(source, audio, drop_streams))
 
     def _write_root(self, changes: dict) -> None:
-        sealed = _seal({**self.attrs, **changes})
-        self._group.attrs.update({**changes, "integrity": sealed["integrity"]})
+        """Rewrite the root with ``changes`` and a new integrity record in one PUT: zarr's
+        ``attrs.update`` writes the document once per key, and a writer killed between those
+        writes left a root whose digest no longer matched (an archive refused as altered)."""
+        attrs = {**self.attrs, **changes}  # zarr's key order: changed keys in place, new ones last
+        attrs["integrity"] = _seal(attrs)["integrity"]
+        self._store.put("zarr.json", _document_bytes({"attributes": attrs, "zarr_format": 3, "node_type": "group"}))
         self._reader = Archive(self.write_location)
         self.attrs = self._reader.attrs
 
@@ -1371,10 +1775,13 @@ class ArchiveWriter:
         self._write_root({"encoder": {**encoder, "configs": configs, "chunk_configs": runs}})
 
     def revoke(self, index: int) -> None:
-        """Delete chunk ``index``'s commit marker, so the chunk counts as not written (and is redone)."""
-        fs, path = self._store.fs, f"{self._store.root}/commits/{_key(index)}"
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        """Delete chunk ``index``'s commit marker, so the chunk counts as not written (and is redone).
+
+        In format 4 the marker is its shard's: every chunk of the shard is revoked with it.
+        """
+        self.chunk_frames(index)  # in range
+        shard = index if self.shard_chunks is None else index // self.shard_chunks
+        self._store.delete(f"commits/{_key(shard)}")
 
     def committed(self) -> set[int]:
         """Indices of the committed chunks (:meth:`Archive.is_committed`)."""
@@ -1389,7 +1796,8 @@ class ArchiveWriter:
         return its fixity record.
 
         One pass reads each chunk's three objects once (FORMAT.md §5 steps 0-3: what ``verify``
-        checks); the fixity record is built from those same bytes, so nothing is read twice.
+        checks; format 4: each shard's marker and object, §8.4); the fixity record is built from
+        those same bytes, so nothing is read twice.
 
         Returns
         -------
@@ -1411,7 +1819,16 @@ class ArchiveWriter:
         reader._store.seen = seen
         reader._check_groups()
         missing, damaged, payload, payload_bytes = [], [], hashlib.sha256(), 0
-        for index in range(self.n_chunks):
+        for shard in range(reader.n_shards) if reader.sharded else ():
+            good, bad, uncommitted = reader._check_shard(shard)
+            if uncommitted:  # no valid marker: a rerun writes the shard, as a missing chunk in format 3
+                missing += [exc.index for exc in bad]
+            else:
+                damaged += bad
+            for index in sorted(good):
+                payload.update(good[index])
+                payload_bytes += len(good[index])
+        for index in range(0 if reader.sharded else self.n_chunks):
             try:
                 meta = reader._chunk_meta(index)
             except DamagedChunkError:

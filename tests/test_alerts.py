@@ -80,8 +80,11 @@ def test_a_finishing_driver_waits_until_a_periodic_scraper_has_read_its_final_st
         assert _value(text, "palstream_job_start_timestamp_seconds") >= started  # the stalled alert's origin
         assert _pending(text) == 5 and _pending(_scrape(port)) == 5  # a periodic scraper
         metrics.job_units.labels("pending").set(0)  # the job's final state
-        threading.Thread(target=scrape_later, daemon=True).start()
-    # The driver kept serving until the scrape after the end, which saw no unit left.
+        scraper = threading.Thread(target=scrape_later, daemon=True)
+        scraper.start()
+    # The driver kept serving until the scrape after the end, which saw no unit left (the scraper
+    # may still be reading the response the server finished sending, hence the join).
+    scraper.join(timeout=10)
     assert late == [0]
     with pytest.raises(OSError):
         _scrape(port)

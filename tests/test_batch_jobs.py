@@ -313,6 +313,57 @@ def test_s3_job_survives_a_restart_of_the_object_store(library, reference, s3_se
     assert b"palstream-test-secret" not in stored and b"palstream-test" not in stored
 
 
+def test_an_s3_job_writes_a_shard_per_task_and_resumes_a_task_killed_before_its_marker(library, reference, s3_server):
+    """Format 4 on S3: a task of 4 units writes one shard object and one marker; a task killed
+    between its shard and its marker left nothing committed (nor its commit record), and the
+    resume writes that shard whole again, byte-identical to the in-process encode."""
+    import s3fs
+
+    endpoint = f"http://127.0.0.1:{s3_server['port']}"
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+    fs.mkdir("sharded")
+    spec = JobSpec.from_dict({"inputs": [str(library / n) for n in GOOD], "output": "s3://sharded/job", "workers": 1,
+                              "units_per_task": 4, "codec": {"gop": GOP}, "storage": {"endpoint_url": endpoint}})
+    report = run_job(spec)
+    assert report.complete and report.units_encoded == 10, report.to_dict()
+    options = spec.storage.options("s3://sharded/job")
+    assert_identical("s3://sharded/job", reference, options)
+    testsrc = "sharded/job/batch_testsrc_64x48.zarr"  # 12 frames in GOPs of 2: 6 units, shards [0..3] and [4, 5]
+    assert open_archive(f"s3://{testsrc}", options).attrs["shard_chunks"] == 4
+    assert sorted(p[len(testsrc) + 1 :] for p in fs.find(testsrc) if p.split("/")[-2] in ("c", "000000", "000001")) == [
+        "chunks/c/0", "chunks/c/1", "commits/000000/zarr.json", "commits/000001/zarr.json"]
+    # The second task of testsrc "killed" after its shard: no marker, no commit record, no finalize.
+    record = next(p for p in fs.ls("sharded/job/_palstream/commits") if p.endswith("-4.jsonl"))
+    fs.rm([record, f"{testsrc}/commits/000001/zarr.json"])
+    fs.rm("sharded/job/_palstream/fixity", recursive=True)
+    fs.rm("sharded/job/_palstream/SUCCESS")
+    resumed = run_job(spec, resume=True)
+    assert resumed.complete and resumed.units_encoded == 2 and resumed.units_skipped == 8, resumed.to_dict()
+    assert_identical("s3://sharded/job", reference, options)
+
+
+def test_a_job_planned_before_format_4_keeps_writing_format_3(library, reference, tmp_path):
+    """A plan without ``shard_chunks`` (written by an earlier palstream) resumes in format 3."""
+    from palstream.batch.plan import Plan, load_plan, save_plan
+
+    out = tmp_path / "out"
+    spec = JobSpec.from_dict({"inputs": [str(library / GOOD[1])], "output": str(out), "workers": 1, "units_per_task": 2,
+                              "codec": {"gop": GOP}})
+    assert run_job(spec).complete
+    plan = load_plan(Location(str(out)))
+    assert plan.shard_chunks == 2
+    # As an earlier version left it: its plan, and a run killed before any unit was committed.
+    (out / "_palstream" / "plan.json").unlink()
+    save_plan(Location(str(out)), Plan.from_data({k: v for k, v in plan.data.items() if k != "shard_chunks"}))
+    for name in ("batch_mandel_48x32.zarr", "_palstream/commits", "_palstream/fixity", "_palstream/SUCCESS"):
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    resumed = run_job(spec, resume=True)
+    assert resumed.complete and resumed.units_encoded == 4
+    archive = open_archive(str(out / "batch_mandel_48x32.zarr"))
+    assert archive.attrs["format_version"] == 3 and (out / "batch_mandel_48x32.zarr" / "chunks" / "000003" / "c" / "0").exists()
+    assert_identical(str(out), reference, names=GOOD[1:])
+
+
 def test_units_of_a_source_that_breaks_mid_job_are_quarantined_on_an_existing_scheduler(library, reference, tmp_path):
     from distributed import LocalCluster
 

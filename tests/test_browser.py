@@ -180,9 +180,11 @@ def test_thumbnails_load_and_playback_starts(page, server):
 def test_verify_now_reports_a_flipped_byte(page, library, tmp_path):
     root = tmp_path / "out"
     shutil.copytree(library, root)
-    payload = root / TESTSRC / "chunks" / "000002" / "c" / "0"
+    # The job writes archive format 4 with one chunk per shard (units_per_task = 1): shard 2 is
+    # chunk 2, its payload after the inner chunk's 8-byte header (storage/FORMAT.md §8).
+    payload = root / TESTSRC / "chunks" / "c" / "2"
     data = bytearray(payload.read_bytes())
-    data[len(data) // 2] ^= 0x10
+    data[8 + 16] ^= 0x10
     payload.write_bytes(bytes(data))
     with _Server(root) as server:
         page.goto(f"{server.url}/archive/{TESTSRC}")

@@ -410,12 +410,71 @@ def test_a_commit_index_that_names_an_uncommitted_unit_is_caught_by_finalize_and
     assert records == ["0-0.jsonl", "0-2.jsonl"]  # one record per task of two units
     archive = out / f"{Path(CLIP).stem}.zarr"
     reference = [open_archive(str(archive)).read_chunk(i) for i in range(4)]
-    # The marker of unit 3 goes (damage, or a hand edit); the index still names the unit, and the
-    # archive is no longer known to be finalized.
+    assert open_archive(str(archive)).attrs["shard_chunks"] == 2  # format 4: a shard per task
+    # The marker of unit 3 goes (damage, or a hand edit): it is its shard's, units 2 and 3; the
+    # index still names them, and the archive is no longer known to be finalized.
     ArchiveWriter.open(str(archive)).revoke(3)
     (out / "_palstream" / "fixity" / "0.json").unlink()
     resumed = run_job(spec, resume=True)
-    assert resumed.complete and resumed.units_encoded == 1, resumed.to_dict()
+    assert resumed.complete and resumed.units_encoded == 2, resumed.to_dict()
     assert "not committed in the archive; running them again" in (out / "_palstream" / "job.log").read_text()
     assert [open_archive(str(archive)).read_chunk(i) for i in range(4)] == reference
     assert open_archive(str(archive)).committed() == {0, 1, 2, 3}
+
+
+def test_a_format_4_task_writes_its_shard_whole_or_not_at_all(tmp_path):
+    """A task refused at its second unit (the source gave fewer frames than planned) writes no
+    shard, no marker and no commit record; the whole task writes one shard and one marker."""
+    from palstream import io
+    from palstream.archive import ArchiveWriter, open_archive
+    from palstream.batch.worker import Task, encode_units
+
+    source, size = Location(str(DATA / CLIP)), (DATA / CLIP).stat().st_size
+    archive = tmp_path / "a.zarr"
+    ArchiveWriter.create(str(archive), io.probe(str(DATA / CLIP)), EncoderConfig(gop=2), shard_chunks=2)
+
+    def task(second_start: int) -> Task:
+        units = (UnitTask(0, 0, 0, 2, source, 8, size, False, Location(str(archive))),
+                 UnitTask(0, 1, second_start, 2, source, 8, size, False, Location(str(archive))))
+        return Task(units, EncoderConfig(gop=2), Location(str(tmp_path / "record.jsonl")))
+
+    refused = encode_units(task(7))  # unit 1 planned at frame 7: one frame is there, not two
+    assert refused["summaries"] == [] and "gave 1 frames" in refused["refused"]["reason"]
+    assert not (archive / "chunks" / "c" / "0").exists() and not (tmp_path / "record.jsonl").exists()
+    assert open_archive(str(archive)).committed() == set()
+    done = encode_units(task(2))
+    assert [s["index"] for s in done["summaries"]] == [0, 1] and done["refused"] is None
+    assert open_archive(str(archive)).committed() == {0, 1} and (tmp_path / "record.jsonl").exists()
+    assert sorted(p.name for p in (archive / "commits").iterdir()) == ["000000", "zarr.json"]
+
+
+def test_a_unit_below_the_floor_revokes_its_whole_shard(tmp_path, monkeypatch):
+    """Format 4: the floor's revocation deletes the unit's shard marker, so none of the shard's
+    units stays committed; the shard before it does, and the input is quarantined."""
+    import numpy as np
+    from distributed import LocalCluster
+
+    import palstream.codec
+    from palstream import io
+    from palstream.archive import open_archive
+    from palstream.batch.runner import run_job
+    from palstream.codec import EncodedChunk
+
+    encode = palstream.codec.encode_chunk
+    third = io.read_frames(str(DATA / CLIP), 4, 2).y  # unit 2 of 8 frames in GOPs of 2
+
+    def third_below_floor(frames, config, generator=None):
+        encoded = encode(frames, config, generator)
+        if np.array_equal(frames.y, third):
+            return EncodedChunk(encoded.payload, {**encoded.stats, "psnr_y": config.target_psnr - 0.5})
+        return encoded
+
+    monkeypatch.setattr(palstream.codec, "encode_chunk", third_below_floor)  # in-process workers see it
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as local:
+        spec = JobSpec.from_dict({"inputs": [str(DATA / CLIP)], "output": str(tmp_path / "out"), "cluster": local.scheduler_address,
+                                  "units_per_task": 2, "max_in_flight": 1, "codec": {"gop": 2}})
+        report = run_job(spec)
+    assert not report.complete
+    assert [q["unit"] for q in report.quarantined] == [2] and "below the job's floor" in report.quarantined[0]["reason"]
+    archive = open_archive(str(tmp_path / "out" / f"{Path(CLIP).stem}.zarr"))
+    assert archive.attrs["shard_chunks"] == 2 and archive.committed() == {0, 1}

@@ -12,7 +12,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -46,19 +45,37 @@ def test_the_commit_index_reads_one_record_per_task_and_skips_torn_lines(tmp_pat
     assert committed_units(out, skip={0, 2}) == {(1, 4)}
 
 
-def test_units_are_grouped_into_tasks_of_consecutive_units_of_one_input_largest_first():
+def test_units_are_grouped_into_tasks_of_consecutive_units_of_one_shard_largest_first():
     plan = Plan.build(EncoderConfig(gop=4), [("/v/a.mkv", _info("a.mkv", 20), None), ("/v/b.mkv", _info("b.mkv", 12, width=96), None)])
     execution = _Execution.__new__(_Execution)
-    execution.plan, execution.spec = plan, SimpleNamespace(units_per_task=2)
+    execution.plan, execution.per_task = plan, 2
     todo = [u for u in plan.units() if (u.source, u.index) not in {(0, 2)}]  # unit 2 of a is committed
     tasks = execution._tasks(todo)
+    # A task never crosses a block of 2 units (a shard of a format-4 archive): 3 and 4 of a stay apart.
     assert [[(u.source, u.index) for u in t] for t in tasks] == [
         [(1, 0), (1, 1)],  # b's frames are twice as large
         [(0, 0), (0, 1)],
-        [(0, 3), (0, 4)],
         [(1, 2)],
+        [(0, 3)],
+        [(0, 4)],
     ]
     assert all(isinstance(u, Unit) for t in tasks for u in t)
+
+
+def test_tasks_follow_the_plans_shard_size_whatever_the_run_asks(tmp_path):
+    """A format-4 plan fixes the archives' shard size: a resume asking for other task sizes gets
+    tasks of whole shards, and the log says so; a plan from before format 4 follows the run."""
+    from palstream.batch.runner import JobLog
+    from palstream.batch.spec import JobSpec
+
+    probed = [("/v/a.mkv", _info("a.mkv", 20), None)]
+    spec = JobSpec.from_dict({"inputs": ["/v/a.mkv"], "output": str(tmp_path), "units_per_task": 5, "codec": {"gop": 4}})
+    log = JobLog(Location(str(tmp_path)))
+    sharded = _Execution(None, spec, Plan.build(EncoderConfig(gop=4), probed, shard_chunks=2), None, None, log, "run")
+    assert sharded.per_task == 2 and [len(t) for t in sharded._tasks(sharded.plan.units())] == [2, 2, 1]
+    assert "units_per_task 5 ignored" in (tmp_path / "_palstream" / "job.log").read_text()
+    older = _Execution(None, spec, Plan.build(EncoderConfig(gop=4), probed), None, None, log, "run")
+    assert older.per_task == 5 and older.plan.shard_chunks is None
 
 
 @pytest.mark.slow

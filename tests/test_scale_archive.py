@@ -72,9 +72,9 @@ def test_write_chunk_is_three_puts_and_finalize_reads_each_object_once(chunks, c
     assert _take(counts) == {"PUT": 3 * len(encoded)}  # metadata, data, marker: nothing read
     fixity = writer.finalize()
     taken = _take(counts)
-    # Three objects per chunk, plus per archive: the group documents, the root sealed through zarr and
-    # reopened (its first markers checked again) and the listing and root read of the fixity record.
-    assert taken["GET"] <= 3 * len(encoded) + 8 and taken.get("HEAD", 0) == 0 and taken["LIST"] <= 2, taken
+    # Three objects per chunk, plus per archive: the group documents, the root sealed (one PUT) and
+    # reopened (its first markers checked again), and the listing of the fixity record.
+    assert taken["GET"] <= 3 * len(encoded) + 8 and taken.get("HEAD", 0) == 0 and taken["LIST"] <= 2 and taken["PUT"] == 1, taken
     from palstream.batch.worker import archive_fixity
 
     assert fixity == archive_fixity(location)  # the batch's record, read back whole
@@ -185,3 +185,60 @@ def test_a_job_file_written_after_its_folder_was_listed_is_read(counting_s3):
     boto3.client("s3", endpoint_url=options["endpoint_url"], aws_access_key_id="test", aws_secret_access_key="test",
                  region_name="us-east-1").put_object(Bucket="scale", Key="job/fixity/1.json", Body=b'{"n": 1}')
     assert read_json(Location("s3://scale/job/fixity/1.json", options)) == {"n": 1}
+
+
+# -- format 4: one shard object and one commit marker per task (FORMAT.md §8) ------------------
+
+
+def test_a_shard_is_one_get_and_two_puts_and_finalize_reads_each_shard_once(chunks, counting_s3):
+    info, encoded = chunks
+    counts, options = counting_s3
+    location = Location("s3://scale/sharded.zarr", options)
+    writer = ArchiveWriter.create(location, info, CONFIG, shard_chunks=2)
+    _take(counts)
+    writer.write_shard(0, encoded[:2])
+    writer.write_shard(1, encoded[2:])
+    # per shard: its marker looked for (absent: a stale one would go before the shard), the shard, the marker
+    assert _take(counts) == {"GET": 2, "PUT": 4}
+    writer.write_shard(0, encoded[:2])  # a duplicated task: the same shard, the same marker found
+    assert _take(counts) == {"GET": 2, "PUT": 2}
+    fixity = writer.finalize()
+    taken = _take(counts)
+    # two objects per shard, plus per archive what format 3 reads too (root, groups, first markers,
+    # listing); the root is rewritten whole in one PUT (zarr's attrs.update wrote it once per key)
+    assert taken["GET"] <= 2 * 2 + 8 and taken.get("HEAD", 0) == 0 and taken["LIST"] <= 2 and taken["PUT"] == 1, taken
+    from palstream.batch.worker import archive_fixity
+
+    assert fixity == archive_fixity(location)
+    reader = open_archive(location)
+    assert reader.complete and reader.verify() == []
+    _take(counts)
+    assert reader.committed_chunks().keys() == {0, 1, 2}
+    assert _take(counts) == {"LIST": 1, "GET": 2}  # the catalogue's pass: a marker per shard
+    reader = open_archive(location)
+    _take(counts)
+    assert [reader.read_chunk(i) for i in range(3)] == [bytes(c.payload) for c in encoded]
+    # decoding a chunk is one ranged GET of its bytes in the shard (and its shard's marker once)
+    assert _take(counts) == {"GET": 2 + 1 + 2}
+
+
+def test_an_s3_writer_killed_before_its_marker_is_resumed_by_rewriting_the_shard(chunks, counting_s3):
+    info, encoded = chunks
+    _, options = counting_s3
+    location = Location("s3://scale/resumed.zarr", options)
+    writer = ArchiveWriter.create(location, info, CONFIG, shard_chunks=2)
+    writer.write_shard(0, encoded[:2])
+    writer.write_shard(1, encoded[2:])
+    fs, root = location.filesystem()
+    fs.rm(f"{root}/commits/000001", recursive=True)  # killed between the shard and its marker
+    fs.pipe_file(f"{root}/chunks/c/1", b"half a shard")  # ... or in the middle of the shard's upload
+    resumed = ArchiveWriter.open(location)
+    assert resumed.committed() == {0, 1}
+    with pytest.raises(IncompleteArchiveError) as caught:
+        resumed.finalize()
+    assert caught.value.missing == [2]
+    resumed.write_shard(1, encoded[2:])
+    resumed.finalize()
+    reader = open_archive(location)
+    assert reader.complete and reader.verify() == []
+    assert [reader.read_chunk(i) for i in range(3)] == [bytes(c.payload) for c in encoded]

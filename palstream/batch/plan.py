@@ -151,8 +151,13 @@ class Plan:
         tuner: dict | None = None,
         allow_truncated: bool = False,
         streams: dict | None = None,
+        shard_chunks: int | None = None,
     ) -> Plan:
         """Plan from ``(url, SourceInfo dict or None, rejection reason or None)`` per input.
+
+        ``shard_chunks`` (K) makes every archive of the job format 4, K chunks to an object, and
+        every task one shard (``palstream.archive``, FORMAT.md §8); a plan without it (written
+        before format 4) keeps its archives in format 3 through every resume.
 
         ``tuner`` (the ``[tuner]`` settings of a tuned job), ``allow_truncated`` and ``streams``
         (:func:`streams_settings`) become part of the job's identity: an output never mixes
@@ -176,6 +181,8 @@ class Plan:
             data["allow_truncated"] = True
         if streams:  # absent for the defaults (audio copied, nothing dropped), as above
             data["streams"] = streams
+        if shard_chunks is not None:
+            data["shard_chunks"] = shard_chunks
         return cls.from_data(data)
 
     @classmethod
@@ -185,7 +192,10 @@ class Plan:
     def matches(
         self, urls: list[str], config: EncoderConfig, tuner: dict | None, allow_truncated: bool = False, streams: dict | None = None
     ) -> bool:
-        """Whether this plan is the job of ``urls`` encoded with ``config`` (``tuner``, ``allow_truncated``, ``streams``)."""
+        """Whether this plan is the job of ``urls`` encoded with ``config`` (``tuner``, ``allow_truncated``, ``streams``).
+
+        The shard size is not compared: a stored plan keeps its own (its archives are written in it).
+        """
         planned = sorted([s.url for s in self.sources] + [r.url for r in self.rejected])
         return (
             planned == sorted(urls)
@@ -208,6 +218,11 @@ class Plan:
     @property
     def config(self) -> EncoderConfig:
         return EncoderConfig.from_dict(self.data["codec"])
+
+    @property
+    def shard_chunks(self) -> int | None:
+        """Chunks per shard of the job's archives (format 4); None: format 3, an object per chunk."""
+        return self.data.get("shard_chunks")
 
     @property
     def tuner(self) -> dict | None:
@@ -389,6 +404,11 @@ def _check_plan(data: dict, where: str) -> None:
         raise bad(f"unknown version {data.get('version')!r}")
     if not isinstance(data.get("sources"), list) or not isinstance(data.get("rejected"), list):
         raise bad("'sources' and 'rejected' must be lists")
+    from palstream.archive import MAX_SHARD_CHUNKS
+
+    shard_chunks = data.get("shard_chunks", 1)
+    if isinstance(shard_chunks, bool) or not isinstance(shard_chunks, int) or not 1 <= shard_chunks <= MAX_SHARD_CHUNKS:
+        raise bad(f"shard_chunks {shard_chunks!r} is not 1..{MAX_SHARD_CHUNKS}")
     try:
         EncoderConfig.from_dict(data["codec"])
     except (KeyError, TypeError, ValueError) as exc:

@@ -315,7 +315,11 @@ def _probe_and_plan(client: Client, spec: JobSpec, urls: list[str], log: JobLog,
             index[nxt.key] = submitted
             pending.add(nxt)
             submitted += 1
-    return Plan.build(spec.codec, probed, _tuner_settings(spec), spec.allow_truncated, streams_settings(spec))
+    from palstream.archive import MAX_SHARD_CHUNKS
+
+    # A task is one shard of its archive (format 4); the tuner decides configurations unit by unit.
+    shard_chunks = 1 if spec.tuner.enabled else min(spec.units_per_task, MAX_SHARD_CHUNKS)
+    return Plan.build(spec.codec, probed, _tuner_settings(spec), spec.allow_truncated, streams_settings(spec), shard_chunks)
 
 
 class _Execution:
@@ -324,6 +328,10 @@ class _Execution:
         self.worker_targets, self.log = worker_targets, log
         self.output = Location(spec.output, spec.storage.options(spec.output))
         self.config = plan.config
+        # Format 4: a task writes one whole shard, so its size is the plan's, whatever this run asks.
+        self.per_task = plan.shard_chunks or spec.units_per_task
+        if plan.shard_chunks is not None and spec.units_per_task != plan.shard_chunks and plan.tuner is None:
+            log.write(f"this job's archives hold {plan.shard_chunks} units per shard: tasks of {plan.shard_chunks} units (units_per_task {spec.units_per_task} ignored)")
         self.report = JobReport(spec.output, plan.hash, units_total=len(plan.units()), log=log.url)
         self.report.quarantined = [{"input": r.url, "unit": None, "reason": r.reason} for r in plan.rejected]
         self.committed: dict[int, set[int]] = {i: set() for i in range(len(plan.sources))}
@@ -390,7 +398,7 @@ class _Execution:
             archive.ArchiveWriter.open(location).restore_groups()  # a killed driver may have left them out
         except ArchiveError:
             archive.ArchiveWriter.create(
-                location, src.info, self.plan.config, self.generator, len(src.units)
+                location, src.info, self.plan.config, self.generator, len(src.units), shard_chunks=self.plan.shard_chunks
             )
         self.created.add(source)
 
@@ -448,15 +456,22 @@ class _Execution:
         return self.report
 
     def _tasks(self, units: list) -> list[list]:
-        """Runs of at most ``units_per_task`` consecutive units of one input, largest first.
+        """Runs of consecutive units of one input within one block of ``units_per_task`` (format 4:
+        one shard of the plan's ``shard_chunks``), largest first.
 
         Largest first (frames x pixels): the last tasks to finish are then small ones, which
         keeps every worker busy until the end.
         """
+        per_task = self.per_task
         tasks: list[list] = []
         for unit in units:  # in plan order: input by input, unit by unit
             last = tasks[-1] if tasks else None
-            if last and len(last) < self.spec.units_per_task and last[-1].source == unit.source and last[-1].index + 1 == unit.index:
+            if (
+                last
+                and last[-1].source == unit.source
+                and last[-1].index + 1 == unit.index
+                and last[0].index // per_task == unit.index // per_task
+            ):
                 last.append(unit)
             else:
                 tasks.append([unit])

@@ -200,9 +200,12 @@ class JobSpec:
         Units submitted but not finished at any time; 0 means one per worker thread (more helps
         where reading and writing a unit waits on remote storage). Counted in tasks.
     units_per_task : int, default 1
-        Consecutive units of one input that one Dask task encodes. The scheduler spends about a
-        millisecond per task: for libraries of 10^5 units and more, or units of well under a
-        second, give tens to hundreds (docs/scale.md). Tuned jobs run one unit per task.
+        Consecutive units of one input that one Dask task encodes, and the shard size K of the
+        job's archives (format 4, at most 1024: one shard object and one commit marker per task).
+        The scheduler spends about a millisecond per task: for libraries of 10^5 units and more,
+        or units of well under a second, give tens (docs/scale.md). A task holds its K payloads
+        in memory until it writes them. The plan records K: a resume keeps it. Tuned jobs run one
+        unit per task (K = 1).
     storage : StorageSpec
         Endpoint/region/profile for ``s3://`` inputs and outputs.
     tuner : TunerSpec

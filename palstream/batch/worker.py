@@ -1,8 +1,10 @@
 """What runs inside each Dask worker: the per-worker plugin and the unit task.
 
 The driver sends only small dicts; each task reads its units' frames from the source, encodes
-them with the worker's palette generator, writes each chunk and commit marker into the archive,
-records the task's units in the job's commit index and returns a summary of a few numbers per unit. No frames travel through the scheduler.
+them with the worker's palette generator, writes them into the archive (format 4: the task's
+shard whole, then its commit marker; format 3: each chunk and its marker), records the task's
+units in the job's commit index and returns a summary of a few numbers per unit. No frames
+travel through the scheduler.
 """
 
 from __future__ import annotations
@@ -275,6 +277,9 @@ def encode_units(task: Task) -> dict:
             refused = result
             break
         summaries.append(result)
+    if context.pending:
+        # Format 4: a shard is written whole or not at all; a refused unit leaves its shard unwritten.
+        summaries = _write_shards(context, summaries) if refused is None else []
     if summaries:
         from palstream.batch.commits import write_record
 
@@ -284,19 +289,63 @@ def encode_units(task: Task) -> dict:
 
 
 class _TaskContext:
-    """What the units of one task share: the archive writer, and whether the source was checked."""
+    """What the units of one task share: the archive writer, whether the source was checked, and
+    (format 4) the encoded chunks waiting for their shard to be written."""
 
     def __init__(self):
         self.writer = None
         self.source_checked = False
+        self.pending: list = []  # (EncodedChunk, stage seconds) per unit, in order
+
+    @property
+    def sharded(self) -> bool:
+        return self.writer is not None and self.writer.shard_chunks is not None
+
+
+def _write_shards(context: _TaskContext, summaries: list[dict]) -> list[dict]:
+    """Write the task's chunks as whole shards (format 4), then count them in the metrics.
+
+    The driver makes a task of exactly the units of one shard; units that do not fill their
+    shards mean a driver that grouped them otherwise, and nothing is written.
+    """
+    from palstream.batch import metrics
+
+    writer = context.writer
+    indices = [s["index"] for s in summaries]
+    shards: dict[int, list] = {}
+    for index, (encoded, _) in zip(indices, context.pending):
+        shards.setdefault(index // writer.shard_chunks, []).append((index, encoded))
+    for shard, chunks in shards.items():
+        expected = writer.shard_range(shard)
+        if [index for index, _ in chunks] != list(expected):
+            raise ArchiveError(
+                f"units {indices[0]}..{indices[-1]} do not cover shard {shard} of {writer.location} "
+                f"(chunks {expected.start}..{expected.stop - 1}); a task must write whole shards"
+            )
+    t0 = time.perf_counter()
+    try:
+        for shard, chunks in shards.items():
+            encoded = [chunk for _, chunk in chunks]
+            with_storage_retries(lambda: writer.write_shard(shard, encoded), "writing the shard")  # noqa: B023 (called at once)
+    except BaseException:
+        metrics.units.labels("failed").inc(len(summaries))
+        raise
+    share = (time.perf_counter() - t0) / len(summaries)
+    for summary, (_, stages) in zip(summaries, context.pending):
+        stages["write"] = share  # the shard's write, split over its units
+        metrics.record_unit(summary, stages)
+    return summaries
 
 
 def encode_unit(unit: UnitTask, config: EncoderConfig, context: _TaskContext | None = None) -> dict:
     """Encode one unit and commit it.
 
     A second execution of a unit (its first worker died after committing, before reporting)
-    encodes the same bytes again and ``ArchiveWriter.write_chunk`` leaves the committed chunk
-    untouched, so nothing is ever written twice.
+    encodes the same bytes again and ``ArchiveWriter.write_chunk`` (or ``write_shard``) finds the
+    same commit marker, so nothing is ever written that differs.
+
+    In a format-4 archive the chunk is kept in ``context`` and written with its shard by
+    :func:`encode_units`.
 
     A source that cannot be read, whose size differs from the plan's, or that gives fewer or
     more frames than the plan says is refused: the unit returns ``outcome: "refused"`` (a value,
@@ -322,15 +371,17 @@ def encode_unit(unit: UnitTask, config: EncoderConfig, context: _TaskContext | N
     """
     from palstream.batch import metrics
 
+    context = context or _TaskContext()
     try:
-        summary, stages = _encode_unit(unit, config, context or _TaskContext())
+        summary, stages = _encode_unit(unit, config, context)
     except InputError as exc:
         metrics.units.labels("failed").inc()
         return {"outcome": "refused", "source": unit.source, "index": unit.index, "reason": str(exc)}
     except BaseException:
         metrics.units.labels("failed").inc()
         raise
-    metrics.record_unit(summary, stages)
+    if not context.sharded:  # format 4 counts a unit once its shard is written (_write_shards)
+        metrics.record_unit(summary, stages)
     return summary
 
 
@@ -390,9 +441,12 @@ def _encode_unit(unit: UnitTask, config: EncoderConfig, context: _TaskContext) -
     stages["palettes"] = generator.take_seconds()
     # The codec may break its own time down (features, palettes, entropy).
     stages.update({k: float(v) for k, v in encoded.stats.get("stage_seconds", {}).items()})
-    t0 = time.perf_counter()
-    with_storage_retries(lambda: writer.write_chunk(unit.index, encoded), "writing the chunk")
-    stages["write"] = time.perf_counter() - t0
+    if context.sharded:
+        context.pending.append((encoded, stages))  # written with its shard, by encode_units
+    else:
+        t0 = time.perf_counter()
+        with_storage_retries(lambda: writer.write_chunk(unit.index, encoded), "writing the chunk")
+        stages["write"] = time.perf_counter() - t0
 
     psnr_y = encoded.stats.get("psnr_y")
     summary = {

@@ -386,7 +386,7 @@ def _change_sums(keys2d):
     return both, down, along
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _transitions(changes, y0, x0, s):
     """Pixels of the block whose value differs from both its left and its top neighbour in the
     block (index changes); the block's left column and top row have no such neighbour to match."""
@@ -397,7 +397,7 @@ def _transitions(changes, y0, x0, s):
     return 1 + (down[y1, x0] - down[y0 + 1, x0]) + (along[y0, x1] - along[y0, x0 + 1]) + inner
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _left_changes(changes, y0, x0, s):
     """Pixels of the block, left column aside, whose value differs from the left neighbour's."""
     along = changes[2]
@@ -468,6 +468,24 @@ def _tree_cost(probs, base, n, v):
 
 
 FRAME_COLOURS = 16  # the frame's most frequent values and colours, which its palettes will mostly have put in the predictor list
+# rows of ``palette_coder``'s price table: new entries (``_entry_table``), escapes (``_escape_table``),
+# reuse flags per list, and (``_flag_prices``) the flags that the escape flag, the index map and a
+# Cr difference cost
+ENTRY_ROW = 0
+ESCAPE_ROW = 6
+REUSE_ROW = 9
+FLAG_ROW = 11
+PRICE_ROWS = 12
+# columns of FLAG_ROW, per component (luma at 0, chroma at FLAG_COLUMNS), then the Cr difference's flag
+ESC_FLAG = 0  # the escape flag at 0, at 1
+LEFT_REPEAT = 2  # an index the same as the left's
+LEFT_OTHER = 3  # not the same as the left's
+TOP_REPEAT = 4  # the same as the top's
+TOP_OTHER = 5  # not the same as the top's
+LEFT_FRESH = 6  # 1.0 where the 'same as left' context has coded nothing yet
+TOP_FRESH = 7  # likewise the 'same as top' context
+FLAG_COLUMNS = 8
+CR_SAME = 2 * FLAG_COLUMNS  # a chroma entry's Cr the same as the previous entry's, not the same
 
 
 def palette_coder(probs: np.ndarray, predictors: tuple, src: tuple, intra_only: bool) -> tuple:
@@ -482,21 +500,47 @@ def palette_coder(probs: np.ndarray, predictors: tuple, src: tuple, intra_only: 
     source planes), which the first palettes coded put there (the first frame starts with empty
     lists). The flags at 0 are priced as the coder adapts to them, flag by flag: up to 64 flags
     share two contexts, and from a fresh context the static price, a bit each, is 10x what a
-    palette's flags cost."""
-    pos_y = np.full(256, -1, np.int32)
-    pos_c = np.full(65536, -1, np.int32)
-    flags = np.zeros((2, 65))
-    _predictor_prices(probs, predictors, src, pos_y, pos_c, flags)
+    palette's flags cost.
+
+    Returns (prices: rows ``ENTRY_ROW`` to ``FLAG_ROW``, positions: luma and chroma, indexed by
+    key, the mode flags' bits): each array a kernel takes costs it reference counting per call,
+    and the flags' ``log2`` per block cost more than looking them up."""
+    pos = np.full((2, 65536), -1, np.int32)
+    prices = np.zeros((PRICE_ROWS, 256))
+    prices[ENTRY_ROW:ESCAPE_ROW] = _entry_table(probs)
+    prices[ESCAPE_ROW:REUSE_ROW] = _escape_table(probs)
+    _predictor_prices(probs, predictors, src, pos, prices[REUSE_ROW:FLAG_ROW])
+    _flag_prices(probs, prices[FLAG_ROW])
     p0 = probs.sum(1, dtype=np.int64) / 65536.0
     mode = -math.log2(1.0 - p0[CTX_PALETTE + 1])
     if not intra_only:
         mode -= math.log2(p0[CTX_SKIP + 1]) + math.log2(p0[CTX_INTER])
-    return probs, pos_y, pos_c, flags, mode, _escape_table(probs), _entry_table(probs)
+    return prices, pos, mode
 
 
 @njit(cache=True, nogil=True)
-def _predictor_prices(probs, predictors, src, pos_y, pos_c, flags):
-    """``palette_coder``'s predictor lists, into ``pos_y``, ``pos_c`` and ``flags`` (the frame's
+def _flag_prices(probs, out):
+    """``palette_coder``'s ``FLAG_ROW``: the bits of the escape flag and the index map's flags per
+    component, and of the Cr difference's flag, at the probabilities as the frame starts."""
+    for comp in range(2):
+        at = comp * FLAG_COLUMNS
+        left = CTX_IDX_LEFT + comp * 6
+        top = CTX_IDX_TOP + comp * 3 + 1
+        out[at + ESC_FLAG] = _bit_cost(probs, CTX_PAL_ESCAPE + comp, 0)
+        out[at + ESC_FLAG + 1] = _bit_cost(probs, CTX_PAL_ESCAPE + comp, 1)
+        out[at + LEFT_REPEAT] = _bit_cost(probs, left + 1, 1)
+        out[at + LEFT_OTHER] = _bit_cost(probs, left + 4, 0)
+        out[at + TOP_REPEAT] = _bit_cost(probs, top, 1)
+        out[at + TOP_OTHER] = _bit_cost(probs, top, 0)
+        out[at + LEFT_FRESH] = 1.0 if _fresh(probs, left + 1) else 0.0
+        out[at + TOP_FRESH] = 1.0 if _fresh(probs, top) else 0.0
+    out[CR_SAME] = _bit_cost(probs, CTX_PAL_CR_ZERO, 0)
+    out[CR_SAME + 1] = _bit_cost(probs, CTX_PAL_CR_ZERO, 1)
+
+
+@njit(cache=True, nogil=True)
+def _predictor_prices(probs, predictors, src, pos, flags):
+    """``palette_coder``'s predictor lists, into ``pos`` (luma, chroma) and ``flags`` (the frame's
     colours counted on every other row and column)."""
     pred_y, npred_y, pred_c, npred_c = predictors
     hist_y = np.zeros(256, np.int64)
@@ -510,17 +554,16 @@ def _predictor_prices(probs, predictors, src, pos_y, pos_c, flags):
     for comp in range(2):
         pred = pred_c if comp else pred_y
         npred = npred_c[0] if comp else npred_y[0]
-        pos = pos_c if comp else pos_y
         hist = hist_c if comp else hist_y
         for i in range(npred):
-            pos[pred[i]] = i
+            pos[comp, pred[i]] = i
         for _ in range(FRAME_COLOURS):
             key = np.argmax(hist)
             if hist[key] == 0 or npred >= MAX_PAL:
                 break
             hist[key] = 0
-            if pos[key] < 0:
-                pos[key] = npred
+            if pos[comp, key] < 0:
+                pos[comp, key] = npred
                 npred += 1
         pf1 = np.int64(probs[CTX_PAL_REUSE + 2 * comp + 1, 0])
         ps1 = np.int64(probs[CTX_PAL_REUSE + 2 * comp + 1, 1])
@@ -573,31 +616,31 @@ def _escape_table(probs):
 def _entries_cost(coder, keys, u, two):
     """Bits of ``syntax.code_palette`` for the sorted ``keys[:u]``: reuse flags over the predictor
     list as the frame started, then the new entries."""
-    probs, pos_y, pos_c, flags, _, _, table = coder
+    table, pos, _ = coder
     comp = 1 if two else 0
-    pos = pos_c if two else pos_y
-    c = flags[comp, 64]
+    flags = REUSE_ROW + comp
+    c = table[flags, 64]
     nnew = 0
     prev = -1
     for i in range(u):
         k = keys[i]
-        if pos[k] >= 0:
-            c += flags[comp, pos[k]]
+        if pos[comp, k] >= 0:
+            c += table[flags, pos[comp, k]]
             continue
         if not two:
-            c += table[0, k] if nnew == 0 else table[1, k - prev - 1]
+            c += table[ENTRY_ROW, k] if nnew == 0 else table[ENTRY_ROW + 1, k - prev - 1]
         else:
             cb = k >> 8
             cr = k & 255
             pu = prev >> 8 if nnew else 0
             pcr = prev & 255 if nnew else 128
-            c += table[2, cb - pu]
-            c += _bit_cost(probs, CTX_PAL_CR_ZERO, 1 if cr != pcr else 0)
+            c += table[ENTRY_ROW + 2, cb - pu]
+            c += table[FLAG_ROW, CR_SAME + (1 if cr != pcr else 0)]
             if cr != pcr:
-                c += table[5, abs(cr - pcr) - 1]
+                c += table[ENTRY_ROW + 5, abs(cr - pcr) - 1]
         nnew += 1
         prev = k
-    return c + table[3 + comp, nnew]
+    return c + table[ENTRY_ROW + 3 + comp, nnew]
 
 
 
@@ -610,32 +653,21 @@ def exact_limit(samples, max_pal):
 
 
 @njit(cache=True, nogil=True)
-def _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, seen, cc, su, sv, qq):
+def _exact_clusters(keys2d, y0, x0, s, two, max_pal, counts, seen, cl):
     """Each distinct value of the block as one cluster, in ascending order, into the scratch
-    ``cc, su, sv, qq`` (count, sum u, sum v, sum of squares); returns (n, transitions).
+    ``cl`` (rows: count, sum u, sum v, sum of squares); returns n.
 
     Returns n = 0 when the block has too many distinct values for a palette to pay (more than
     ``max_pal``, or more than one per four pixels): found as soon as there are, which is early in
     most blocks of camera content. ``counts`` is zeroed scratch indexed by key; ``seen`` holds
-    MAX_PAL + 1 keys.
+    MAX_PAL + 1 keys. Runs of a value are counted before they touch ``counts`` (``_count_runs``).
     """
     limit = exact_limit(s * s, max_pal)
-    n = 0
-    for y in range(y0, y0 + s):
-        for x in range(x0, x0 + s):
-            k = keys2d[y, x]
-            if counts[k] == 0:
-                seen[n] = k
-                n += 1
-                if n > limit:
-                    break
-            counts[k] += 1
-        if n > limit:
-            break
+    n = _count_runs(keys2d, y0, x0, s, limit, counts, seen)
     if n > limit:
         for i in range(limit):  # leave the scratch zeroed for the next block
             counts[seen[i]] = 0
-        return 0, 0
+        return 0
     _sort_prefix(seen, n)
     for i in range(n):
         k = seen[i]
@@ -643,11 +675,44 @@ def _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, seen, cc, 
         counts[k] = 0
         u = float(k >> 8) if two else float(k)
         v = float(k & 255) if two else 0.0
-        cc[i] = c
-        su[i] = u * c
-        sv[i] = v * c
-        qq[i] = (u * u + v * v) * c
-    return n, _transitions(changes, y0, x0, s)
+        cl[0, i] = c
+        cl[1, i] = u * c
+        cl[2, i] = v * c
+        cl[3, i] = (u * u + v * v) * c
+    return n
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _count_runs(keys2d, y0, x0, s, limit, counts, seen):
+    """Count the block's values into ``counts`` and list them in ``seen`` in the order first seen;
+    returns how many, stopping at ``limit`` + 1 (that value not counted). A run of one value is
+    counted in a register, then added: in flat areas, adding one pixel at a time waited on the
+    store before (the screen clip spent 17 % of ``decide`` here)."""
+    n = 0
+    prev = keys2d[y0, x0]
+    run = 0
+    for y in range(y0, y0 + s):
+        for x in range(x0, x0 + s):
+            k = keys2d[y, x]
+            if k == prev:
+                run += 1
+                continue
+            # kept where new (no branch to mispredict: camera blocks bring new values at random)
+            c = counts[prev]
+            seen[n] = prev
+            n += c == 0
+            if n > limit:
+                return n
+            counts[prev] = c + run
+            prev = k
+            run = 1
+    c = counts[prev]
+    seen[n] = prev
+    n += c == 0
+    if n > limit:
+        return n
+    counts[prev] = c + run
+    return n
 
 
 @njit(cache=True, nogil=True)
@@ -687,10 +752,11 @@ def _index_changes(keys2d, y0, x0, s, two, keys, u, esc_tol):
 
 
 @njit(cache=True, nogil=True)
-def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_keys, centres, coder, esc_tol, limit):
+def _price_palette(n, cl, changes, block, two, lam, dweight, out_keys, ce, coder, esc_tol, limit):
     """Merge clusters greedily (Ward) while the distortion added costs less than the bits saved;
     returns (J, palette size, estimated bits) with the sorted palette keys in ``out_keys``.
-    ``centres`` is scratch (u, v, alive) for at least n clusters. The escapes' own bits and error
+    ``cl``: the clusters (``_exact_clusters``); ``ce``: scratch rows (u, v, alive) for at least n
+    clusters. Each array a kernel takes costs reference counting per call. The escapes' own bits and error
     are the caller's to add.
 
     The bits are the syntax's at the coder's probabilities as the frame started (``coder``,
@@ -703,11 +769,10 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
     no block has used yet, at what a context learning the block's decisions charges
     (``_adaptive_cost``). Where the distortion alone reaches ``limit``, the bits are not counted
     and J is infinite: the caller has nothing cheaper than that to beat."""
-    cu, cv, alive = centres
     for i in range(n):
-        cu[i] = su[i] / cc[i]
-        cv[i] = sv[i] / cc[i]
-        alive[i] = True
+        ce[0, i] = cl[1, i] / cl[0, i]
+        ce[1, i] = cl[2, i] / cl[0, i]
+        ce[2, i] = 1.0
     dist = 0.0
     m = n
     while m > 1 and dweight < 1e5:
@@ -715,14 +780,14 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
         bi = -1
         bj = -1
         for i in range(n):
-            if not alive[i]:
+            if ce[2, i] == 0.0:
                 continue
             for j in range(i + 1, n):
-                if not alive[j]:
+                if ce[2, j] == 0.0:
                     continue
-                du = cu[i] - cu[j]
-                dv = cv[i] - cv[j]
-                w = cc[i] * cc[j] / (cc[i] + cc[j])
+                du = ce[0, i] - ce[0, j]
+                dv = ce[1, i] - ce[1, j]
+                w = cl[0, i] * cl[0, j] / (cl[0, i] + cl[0, j])
                 c = w * (du * du + dv * dv)
                 if c < best:
                     best = c
@@ -730,24 +795,24 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
                     bj = j
                 if not two:
                     break  # 1-D sorted levels: only the next live level can be nearest
-        saved = 6.0 + 0.5 * min(cc[bi], cc[bj])
+        saved = 6.0 + 0.5 * min(cl[0, bi], cl[0, bj])
         if best * dweight >= lam * saved:
             break
-        cc[bi] += cc[bj]
-        su[bi] += su[bj]
-        sv[bi] += sv[bj]
-        qq[bi] += qq[bj]
-        cu[bi] = su[bi] / cc[bi]
-        cv[bi] = sv[bi] / cc[bi]
-        alive[bj] = False
+        cl[0, bi] += cl[0, bj]
+        cl[1, bi] += cl[1, bj]
+        cl[2, bi] += cl[2, bj]
+        cl[3, bi] += cl[3, bj]
+        ce[0, bi] = cl[1, bi] / cl[0, bi]
+        ce[1, bi] = cl[2, bi] / cl[0, bi]
+        ce[2, bj] = 0.0
         m -= 1
     # integer centres; distortion of each cluster around its rounded centre
     k = 0
     for i in range(n):
-        if alive[i]:
-            ru = math.floor(cu[i] + 0.5)
-            rv = math.floor(cv[i] + 0.5)
-            dist += qq[i] - 2.0 * (ru * su[i] + rv * sv[i]) + (ru * ru + rv * rv) * cc[i]
+        if ce[2, i] != 0.0:
+            ru = math.floor(ce[0, i] + 0.5)
+            rv = math.floor(ce[1, i] + 0.5)
+            dist += cl[3, i] - 2.0 * (ru * cl[1, i] + rv * cl[2, i]) + (ru * ru + rv * rv) * cl[0, i]
             out_keys[k] = np.int64(ru) * 256 + np.int64(rv) if two else np.int64(ru)
             k += 1
     _sort_prefix(out_keys, k)
@@ -759,8 +824,9 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
             u += 1
     if dweight * dist >= limit:
         return np.inf, u, 0.0
-    probs = coder[0]
+    flags = coder[0][FLAG_ROW]
     comp = 1 if two else 0
+    at = comp * FLAG_COLUMNS
     keys2d, y0, x0, s = block
     npx = s * s
     trans, lefts = changes
@@ -770,25 +836,23 @@ def _price_palette(n, cc, su, sv, qq, changes, block, two, lam, dweight, out_key
     rate = _entries_cost(coder, out_keys, u, two)
     m = u
     if u < MAX_PAL:
-        rate += _bit_cost(probs, CTX_PAL_ESCAPE + comp, 1 if nesc else 0)
+        rate += flags[at + ESC_FLAG + (1 if nesc else 0)]
         m += 1 if nesc else 0
     if m > 1:
         nbits = 0
         while (1 << nbits) < m:
             nbits += 1
-        left = CTX_IDX_LEFT + comp * 6
-        top = CTX_IDX_TOP + comp * 3 + 1
         changes = min(trans, npx)
         tops = max(min(lefts, npx) - changes, 0)
         repeats = npx - changes - tops
-        if _fresh(probs, left + 1):
+        if flags[at + LEFT_FRESH]:
             rate += _adaptive_cost(repeats, tops + changes)
         else:
-            rate += repeats * _bit_cost(probs, left + 1, 1) + (tops + changes) * _bit_cost(probs, left + 4, 0)
-        if _fresh(probs, top):
+            rate += repeats * flags[at + LEFT_REPEAT] + (tops + changes) * flags[at + LEFT_OTHER]
+        if flags[at + TOP_FRESH]:
             rate += _adaptive_cost(tops, changes)
         else:
-            rate += tops * _bit_cost(probs, top, 1) + changes * _bit_cost(probs, top, 0)
+            rate += tops * flags[at + TOP_REPEAT] + changes * flags[at + TOP_OTHER]
         rate += changes * nbits
     return dweight * dist + lam * rate, u, rate
 
@@ -816,38 +880,31 @@ def _most_frequent(counts, seen, n, most, out, top):
 
 @njit(cache=True, nogil=True)
 def _palette_clusters(keys2d, y0, x0, s, two, entries, ne, dominant, esc_tol, q4, escape, lam, dweight, limit, counts, seen,
-                      cc, su, sv, qq):
+                      cl):
     """The block's samples as clusters around the nearest of a palette's entries, into the scratch
-    ``cc, su, sv, qq`` as ``_exact_clusters`` does, ascending, entries no sample is nearest to
-    dropped; a sample farther than ``esc_tol`` (squared error) from every entry is an escape
-    (``syntax._code_escape``). The entries: a proposal's ``ne`` (sorted keys of ``entries``), or,
-    with ``dominant``, the ``dominant`` generator's: the block's ``min(ne, DOMINANT)`` most frequent
-    values seen at least twice, the first seen among equals (``palstream.palettes.dominant``).
+    ``cl`` as ``_exact_clusters`` does, ascending, entries no sample is nearest to dropped; a sample
+    farther than ``esc_tol`` (squared error) from every entry is an escape (``syntax._code_escape``).
+    The entries: a proposal's ``ne`` (sorted keys of ``entries``), or, with ``dominant``, the
+    ``dominant`` generator's: the block's ``min(ne, DOMINANT)`` most frequent values seen at least
+    twice, the first seen among equals (``palstream.palettes.dominant``).
     Returns (n, escaped samples, their bits and squared error, estimated: MED mostly predicts an
     escape from a neighbouring palette value, so its level is about its distance to the nearest
-    entry, priced by ``escape``, ``_escape_table``'s); n = 0 where more than half the samples would
-    escape or the escapes alone cost at least ``limit`` (J at ``lam``, ``dweight``): found as
+    entry, priced by ``escape``, ``palette_coder``'s prices); n = 0 where more than half the samples
+    would escape or the escapes alone cost at least ``limit`` (J at ``lam``, ``dweight``): found as
     soon as they do, which is early in most blocks of camera content. Works on the block's distinct
     values, not its samples. ``counts``: zeroed scratch indexed by key, left zeroed; ``seen``: room
     for s * s keys."""
-    n = 0
-    for y in range(y0, y0 + s):
-        for x in range(x0, x0 + s):
-            k = keys2d[y, x]
-            if counts[k] == 0:
-                seen[n] = k
-                n += 1
-            counts[k] += 1
+    n = _count_runs(keys2d, y0, x0, s, s * s, counts, seen)
     if dominant:
         entries = np.empty(DOMINANT, np.int64)
         top = np.empty(DOMINANT, np.int64)  # their counts
         ne = _most_frequent(counts, seen, n, min(ne, DOMINANT), entries, top)
         _sort_prefix(entries, ne)
     for j in range(ne):
-        cc[j] = 0.0
-        su[j] = 0.0
-        sv[j] = 0.0
-        qq[j] = 0.0
+        cl[0, j] = 0.0
+        cl[1, j] = 0.0
+        cl[2, j] = 0.0
+        cl[3, j] = 0.0
     nesc = 0
     bits = 0.0
     step = q4 / 4.0
@@ -875,14 +932,14 @@ def _palette_clusters(keys2d, y0, x0, s, two, entries, ne, dominant, esc_tol, q4
                 bu = du
                 bv = dv
         if bestd <= esc_tol:
-            cc[best] += c
-            su[best] += u * c
-            sv[best] += v * c
-            qq[best] += (u * u + v * v) * c
+            cl[0, best] += c
+            cl[1, best] += u * c
+            cl[2, best] += v * c
+            cl[3, best] += (u * u + v * v) * c
         else:
-            e = escape[1 if two else 0, min(int(abs(bu) / step + 0.5), 255)]
+            e = escape[ESCAPE_ROW + (1 if two else 0), min(int(abs(bu) / step + 0.5), 255)]
             if two:
-                e += escape[2, min(int(abs(bv) / step + 0.5), 255)]
+                e += escape[ESCAPE_ROW + 2, min(int(abs(bv) / step + 0.5), 255)]
             bits += c * e
             nesc += c
             if 2 * nesc > s * s or lam * bits + dweight * err * nesc >= limit:
@@ -891,11 +948,8 @@ def _palette_clusters(keys2d, y0, x0, s, two, entries, ne, dominant, esc_tol, q4
         return 0, 0, 0.0, 0.0
     live = 0
     for j in range(ne):  # entries nothing is nearest to (or repeated ones) are not coded
-        if cc[j] > 0:
-            cc[live] = cc[j]
-            su[live] = su[j]
-            sv[live] = sv[j]
-            qq[live] = qq[j]
+        if cl[0, j] > 0:
+            cl[:, live] = cl[:, j]
             live += 1
     return live, nesc, bits, err * nesc
 
@@ -1076,37 +1130,37 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, has_ref2, le
     return jinter, ivar, dc, 0
 
 
-@njit(cache=True, nogil=True, inline="always")  # see decide
+@njit(cache=True, nogil=True, inline="always")
 def _best_palette(keys2d, changes, y0, x0, s, two, many, proposal, proposed, dominant, max_pal, esc_tol, q4, lam, dweight, coder,
                   bound, scratch, out):
     """RD-best palette of one component of a block: (J, size, estimated bits, too many colours for
-    an exact palette, no candidate cost less than ``bound``, the palette is the proposal); size 0
+    an exact palette, no candidate cost less than ``bound``, the palette is the generator's); size 0
     means none. Candidates: exact (one cluster per distinct value, merged by ``_price_palette``)
     unless ``many`` or too many distinct values, and the generator's palette with escapes
     (``_palette_clusters``: the ``proposed`` entries of ``proposal``, or with ``dominant`` the
     block's dominant values), where it has fewer entries than the block has values, priced only
     where its escapes alone cost less than ``bound`` (the best J of the other modes)."""
-    counts, seen, clusters, centres, cand, _ = scratch
-    _, cc, su, sv, qq = clusters
+    counts, seen, cl, centres, cand, _ = scratch
     j = np.inf
     size = 0
     rate = 0.0
     n = 0
     generated = False
     if not many:
-        n, tr = _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, *clusters)
+        n = _exact_clusters(keys2d, y0, x0, s, two, max_pal, counts, seen, cl)
         if n > 0:
-            j, size, rate = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], (tr, _left_changes(changes, y0, x0, s)),
-                                           (keys2d, y0, x0, s), two, lam, dweight, out, centres, coder, esc_tol, bound)
+            map_changes = (_transitions(changes, y0, x0, s), _left_changes(changes, y0, x0, s))
+            j, size, rate = _price_palette(n, cl, map_changes, (keys2d, y0, x0, s), two, lam, dweight, out, centres, coder,
+                                           esc_tol, bound)
     too_many = n == 0
     wanted = min(max_pal, DOMINANT) if dominant else proposed
-    if wanted > 0 and (too_many or n > wanted):
-        nd, nesc, ebits, edist = _palette_clusters(keys2d, y0, x0, s, two, proposal, wanted, dominant, esc_tol, q4, coder[5],
-                                                   lam, dweight, bound, counts, seen, cc, su, sv, qq)
+    if wanted > 0 and (too_many or n > wanted):  # an exact palette of no more entries codes every sample exactly
+        nd, nesc, ebits, edist = _palette_clusters(keys2d, y0, x0, s, two, proposal, wanted, dominant, esc_tol, q4, coder[0],
+                                                   lam, dweight, bound, counts, seen, cl)
         if nd > 0:
             extra = lam * ebits + dweight * edist
-            je, ne, re = _price_palette(nd, cc[:nd], su[:nd], sv[:nd], qq[:nd], (-1, -1), (keys2d, y0, x0, s), two, lam,
-                                        dweight, cand, centres, coder, esc_tol, bound - extra)
+            je, ne, re = _price_palette(nd, cl, (-1, -1), (keys2d, y0, x0, s), two, lam, dweight, cand, centres, coder, esc_tol,
+                                        bound - extra)
             re += ebits
             je += extra
             if je < j:
@@ -1129,10 +1183,9 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, p
     Each component's palette is ``_best_palette``'s: exact, or, with ``propose``, the generator's
     with escapes: the block's dominant values where ``pricing.dominant``, else the proposal for the
     block (row ``row`` of ``proposals``: luma keys, their count, chroma keys, their count, per block
-    of every size in ``PROPOSAL_SIZES``, ``proposal_rows``).
-    ``keys``, ``changes``: luma and chroma keys of the frame and their ``_change_sums``;
-    ``coder``: ``palette_coder``'s prices; ``bound``: the best J of the other modes, above which
-    no candidate needs an exact price."""
+    of every size in ``PROPOSAL_SIZES``, ``proposal_rows``). ``keys``, ``changes``: luma and chroma
+    keys of the frame and their ``_change_sums``; ``coder``: ``palette_coder``'s prices; ``bound``:
+    the best J of the other modes, above which no candidate needs an exact price."""
     keys_y, keys_c = keys
     changes_y, changes_c = changes
     prop_y, prop_yn, prop_c, prop_cn = proposals
@@ -1141,6 +1194,7 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, p
     max_pal = pricing.max_pal
     esc_tol = pricing.esc_tol
     q4 = pricing.q4
+    dominant = propose and pricing.dominant
     y0 = by * s
     x0 = bx * s
     c0y = y0 // 2
@@ -1150,20 +1204,19 @@ def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, p
     jc = np.inf
     rc = 0.0
     jy, ny, ry, many_y, hopeless, generated = _best_palette(
-        keys_y, changes_y, y0, x0, s, False, many, prop_y[row], prop_yn[row] if propose else 0, propose and pricing.dominant,
-        max_pal, esc_tol, q4, lam, dweight, coder, bound, scratch, out_y,
+        keys_y, changes_y, y0, x0, s, False, many, prop_y[row], prop_yn[row] if propose else 0, dominant, max_pal, esc_tol, q4,
+        lam, dweight, coder, bound, scratch, out_y,
     )
     if ny > 0 and hopeless:
         # no chroma palette can make up for the luma's: only whether the chroma has too many colours counts
-        many_y = many_y or many or _exact_clusters(keys_c, changes_c, c0y, c0x, cs, True, max_pal, scratch[0],
-                                                   *scratch[2])[0] == 0
+        many_y = many_y or many or _exact_clusters(keys_c, c0y, c0x, cs, True, max_pal, *scratch[:3]) == 0
     elif ny > 0:
         jc, nc, rc, many_c, _, _ = _best_palette(
-            keys_c, changes_c, c0y, c0x, cs, True, many, prop_c[row], prop_cn[row] if propose else 0,
-            propose and pricing.dominant, max_pal, 2 * esc_tol, q4, lam, dweight, coder, bound - jy, scratch, out_c,
+            keys_c, changes_c, c0y, c0x, cs, True, many, prop_c[row], prop_cn[row] if propose else 0, dominant, max_pal,
+            2 * esc_tol, q4, lam, dweight, coder, bound - jy, scratch, out_c,
         )
         many_y = many_y or many_c
-    mode = coder[4]
+    mode = coder[2]
     return jy + jc + lam * mode, ny, nc, many_y, generated, ry + rc + mode, hopeless
 
 
@@ -1244,11 +1297,9 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, coder, 
     inter_scratch = (np.empty((8, 5), np.int64), prediction, np.empty((2, 64, 64), np.int32), np.zeros(4), np.zeros(4),
                      np.zeros(5, np.int64), np.zeros(64, np.int64), np.zeros(64, np.int64))
     imot = np.zeros(5, np.int64)
-    clusters = (np.empty(MAX_PAL + 1, np.int64), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1),
-                np.empty(MAX_PAL + 1))
-    centres = (np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1, np.bool_))
-    palette_scratch = (np.zeros(65536, np.int32), np.empty(4096, np.int64), clusters, centres, np.empty(MAX_PAL, np.int64),
-                       np.empty(MAX_PAL, np.int64))
+    # counts by key, values seen, clusters, their centres, two palettes
+    palette_scratch = (np.zeros(65536, np.int32), np.empty(4096, np.int64), np.empty((4, MAX_PAL + 1)),
+                       np.empty((3, MAX_PAL + 1)), np.empty(MAX_PAL, np.int64), np.empty(MAX_PAL, np.int64))
     tmp_y = np.empty(MAX_PAL, np.int64)
     tmp_c = np.empty(MAX_PAL, np.int64)
     for lev in range(nlev):
