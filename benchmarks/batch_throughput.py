@@ -49,7 +49,7 @@ if threads:
 from palstream.batch.worker import _warm_up
 from palstream.palettes import create_palette_generator
 from palstream.batch.worker import TimedGenerator
-_warm_up(TimedGenerator(create_palette_generator("kmeans")), "kmeans")
+_warm_up(TimedGenerator(create_palette_generator("dominant")), "dominant")
 imported = time.perf_counter()
 frames = 0
 for i, clip in enumerate(clips):

@@ -87,7 +87,7 @@ class Palstream(Codec):
 
     def _get_generator(self):
         if self._generator is None:
-            self._generator = create_palette_generator("kmeans")
+            self._generator = create_palette_generator(EncoderConfig.palette)
         return self._generator
 
     def run(self, clip, setting, work):

@@ -5,8 +5,8 @@ block size and palette size, every method gets the same blocks in one batch (all
 the sampled frames, as an encoder would batch a chunk) on the same device and thread count;
 the time is the best of ``--repeat`` runs. MSE is per component on the 0..255 scale,
 averaged over blocks. Two block populations are reported: all grid blocks, and "candidate"
-blocks the codec sends to the generator (many distinct levels, yet the 16 most frequent cover
->= 75% of the pixels: antialiased text, flat animation with gradients).
+blocks the codec sends to a batched generator (more distinct levels than a proposal's entries or
+than an exact palette holds: ``palstream.learned.finetune.candidate_mask``).
 
 Run from the repository root::
 
@@ -28,6 +28,7 @@ import torch
 from palstream.learned.backbone import block_features, create_backbone
 from palstream.learned.data import grid_blocks, palette_mse, read_frames
 from palstream.learned.decoding import generate_palettes
+from palstream.learned.finetune import candidate_mask
 from palstream.learned.generator import CganGenerator
 from palstream.palettes import create_palette_generator
 from palstream.palettes.kmeans import lloyd
@@ -79,15 +80,6 @@ def median_cut(samples: torch.Tensor, k: int) -> torch.Tensor:
 def no_network(samples: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Ablation of cgan-v1 without its network: the shipped decoding from the plain companding cuts only."""
     return generate_palettes(None, samples, k, int(k.max()))[0]
-
-
-def candidate_mask(luma: np.ndarray) -> np.ndarray:
-    """The codec's rule for asking the generator (``palstream.codec.chunk._palette_proposals``):
-    more distinct levels than 64 (or a quarter of the pixels), yet the 16 most frequent cover >= 75%."""
-    counts = np.stack([np.bincount(b.ravel(), minlength=256) for b in luma])
-    distinct = (counts > 0).sum(1)
-    top16 = np.sort(counts, axis=1)[:, -16:].sum(1)
-    return (distinct > min(64, luma.shape[1] // 4)) & (top16 >= 0.75 * luma.shape[1])
 
 
 def _generate_with_features(cgan, backbone, frames, parts, x, kk):

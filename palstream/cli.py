@@ -196,7 +196,9 @@ def encode(
             "--lossless", help="Mathematically lossless: every decoded sample equals the source's 8-bit 4:2:0 sample."
         ),
     ] = False,
-    palette: Annotated[str, typer.Option(help="Palette generator by name (kmeans, cgan-v1, or none: no proposals).")] = "kmeans",
+    palette: Annotated[
+        str, typer.Option(help="Palette generator by name (dominant, kmeans, cgan-v1, or none: exact palettes only).")
+    ] = "dominant",
     gop: Annotated[int, typer.Option(help="Frames per chunk (GOP); chunks decode independently.")] = 32,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing palstream archive at ARCHIVE.")

@@ -62,7 +62,7 @@ def test_layout_and_self_describing_attributes(lossless_archive, data_dir):
     assert attrs["source"]["sha256"] == io.probe(str(data_dir / "screen_37x29.mkv")).sha256
     assert attrs["encoder"]["config"] == CONFIG.to_dict()
     assert attrs["encoder"]["config_digest"] == CONFIG.digest
-    assert attrs["encoder"]["palette_generator"]["name"] == "kmeans"
+    assert attrs["encoder"]["palette_generator"]["name"] == "dominant"
     meta = json.loads((lossless_archive / "chunks" / "000001" / "zarr.json").read_text())
     assert [c["name"] for c in meta["codecs"]] == ["bytes", "crc32c"]
     assert meta["data_type"] == "uint8" and meta["chunk_grid"]["configuration"]["chunk_shape"] == meta["shape"]

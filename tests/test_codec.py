@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from palstream.codec import BitstreamError, EncoderConfig, ModeStats, decode_chunk, encode_chunk, rangecoder, syntax
+from palstream.codec.syntax import STAT_LEAVES, STAT_PAL_ESCAPE
 from palstream.errors import ConfigError
 from palstream.frames import Frames
 from palstream.io import read_frames
@@ -339,3 +340,27 @@ def test_lossless_chunks_never_use_the_transform_path(camera):
     modes = ModeStats()
     decode_chunk(encode_chunk(camera, EncoderConfig(lossless=True)).payload, modes=modes)
     assert modes.to_dict()["inter_transform"]["leaves"] == 0
+
+
+def _fringed_bars(t: int) -> Frames:
+    """Two-level vertical bars whose edges are antialiased: each edge column a different grey per
+    row (text-like: two dominant values and a fringe no small palette holds)."""
+    rng = np.random.default_rng(15)
+    y = np.where((np.arange(64) // 8) % 2 == 0, 30, 220).astype(np.uint8)[None, None, :].repeat(64, 1).repeat(t, 0)
+    y[:, :, 8::8] = rng.integers(60, 190, size=(t, 64, 7))
+    return Frames(np.ascontiguousarray(y), np.full((t, 32, 32), 128, np.uint8), np.full((t, 32, 32), 128, np.uint8))
+
+
+@pytest.mark.parametrize("config", [EncoderConfig(lossless=True), EncoderConfig(target_psnr=45.0)], ids=["lossless", "psnr45"])
+def test_palettes_with_escapes_round_trip(config):
+    """A palette of the bars' two levels codes the fringe as escapes (bitstream 5); lossless stays exact."""
+    frames = _fringed_bars(2)
+    modes = ModeStats()
+    encoded = encode_chunk(frames, config, modes=modes)
+    decoded = decode_chunk(encoded.payload)
+    assert modes.counts[STAT_PAL_ESCAPE, STAT_LEAVES] > 0
+    if config.lossless:
+        assert _same(decoded, frames)
+    else:
+        assert _psnr_y(decoded, frames) >= 45.0
+        assert _psnr_y(decoded, frames) == pytest.approx(encoded.stats["psnr_y"])

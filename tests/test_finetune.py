@@ -97,7 +97,8 @@ def test_coded_cost_counts_constriction_bits_and_side_information():
 
 
 def test_candidate_rule_matches_the_codec():
-    """Same rule as palstream.codec.chunk._palette_proposals, on the codec's 16x16 grid."""
+    """Same rule as palstream.codec.chunk._palette_proposals, on the codec's 16x16 grid: blocks of
+    more distinct levels than a proposal has entries."""
     rng = np.random.default_rng(1)
     text = np.where(rng.random(256) < 0.5, 20, 230).astype(np.uint8)
     text[rng.permutation(256)[:70]] = np.arange(40, 110)  # antialiasing: 72 levels, 2 dominant (73% + 14 singles)
@@ -107,10 +108,10 @@ def test_candidate_rule_matches_the_codec():
     y = np.concatenate([text, noise, flat], 1)
     frame = Plane420(y, np.full((8, 24), 128, np.uint8), np.full((8, 24), 128, np.uint8), "toy")
     mask = candidate_mask(np.stack([text.ravel(), noise.ravel(), flat.ravel()]))
-    assert mask.tolist() == [True, False, False]
+    assert mask.tolist() == [True, True, False]
     luma, chroma = candidate_blocks(frame, 16)
-    assert luma.shape == (1, 256, 1) and chroma.shape == (1, 64, 2)
-    assert np.array_equal(luma[0, :, 0], text.ravel())
+    assert luma.shape == (2, 256, 1) and chroma.shape == (2, 64, 2)
+    assert np.array_equal(luma[0, :, 0], text.ravel()) and np.array_equal(luma[1, :, 0], noise.ravel())
 
 
 def test_seeded_runs_are_identical_and_move_the_weights():

@@ -11,7 +11,17 @@ import pytest
 
 from palstream.codec import EncoderConfig, ModeStats, decode_chunk, encode_chunk
 from palstream.codec.decoder import HEADER
-from palstream.codec.syntax import PALETTE, STAT_AREA, STAT_BITS, STAT_LEAVES, STAT_PAL_C, STAT_PAL_SOURCE, STAT_PAL_Y
+from palstream.codec.syntax import (
+    PALETTE,
+    STAT_AREA,
+    STAT_BITS,
+    STAT_LEAVES,
+    STAT_PAL_C,
+    STAT_PAL_ESCAPE,
+    STAT_PAL_ESTIMATE,
+    STAT_PAL_SOURCE,
+    STAT_PAL_Y,
+)
 from palstream.io import read_frames
 
 DATA = Path(__file__).parent / "data"
@@ -40,11 +50,16 @@ def test_leaf_statistics_add_up_and_change_nothing(clips, clip, config):
         body_bits = 8 * (len(encoded.payload) - HEADER.size)
         assert body_bits - 64 <= modes.bits <= body_bits  # the coder's final flush and start: under 8 bytes
     # both directions count the same leaves and bits; only the encoder knows the palettes' sources
+    # and the analysis' estimate of their bits
     source = slice(STAT_PAL_SOURCE, STAT_PAL_SOURCE + 2)
     rest = np.ones(len(encoded_modes.counts), bool)
     rest[source] = False
+    rest[STAT_PAL_ESTIMATE] = False
     assert np.allclose(encoded_modes.counts[rest], decoded_modes.counts[rest], rtol=0, atol=1e-6)
-    assert not decoded_modes.counts[source].any()
+    assert not decoded_modes.counts[source].any() and not decoded_modes.counts[STAT_PAL_ESTIMATE].any()
+    # the estimate covers exactly the PALETTE leaves; the escapes' leaves are some of them
+    assert np.allclose(encoded_modes.counts[STAT_PAL_ESTIMATE, :2], encoded_modes.counts[PALETTE, :2])
+    assert (encoded_modes.counts[STAT_PAL_ESCAPE] <= encoded_modes.counts[PALETTE] + 1e-6).all()
     assert encoded_modes.sources and not decoded_modes.sources
     counts = encoded_modes.counts
     for block in (slice(STAT_PAL_Y, STAT_PAL_Y + 4), slice(STAT_PAL_C, STAT_PAL_C + 4), source):
@@ -80,6 +95,43 @@ def test_none_generator_proposes_nothing():
     assert modes.counts[STAT_PAL_SOURCE + 1, STAT_LEAVES] == 0
 
 
+def test_the_analysis_picks_the_dominant_generators_values():
+    """``dominant`` runs inside the analysis (``_most_frequent``); its ``generate`` is the reference."""
+    import torch
+
+    from palstream.codec.analysis import DOMINANT, _most_frequent
+    from palstream.palettes import create_palette_generator
+
+    rng = np.random.default_rng(4)
+    blocks = rng.choice(rng.integers(0, 256, 20), size=(50, 64)) * 256 + rng.integers(0, 3, (50, 64))  # (Cb, Cr) keys
+    blocks[:10] = rng.integers(0, 65536, (10, 64))  # mostly single values: few dominant ones
+    reference = create_palette_generator("dominant", device="cpu").generate(
+        torch.from_numpy(np.stack([blocks >> 8, blocks & 255], -1).astype(np.float32)), torch.full((50,), DOMINANT)
+    )
+    for block, palette in zip(blocks, reference.to(torch.int64).numpy()):
+        seen = np.array(list(dict.fromkeys(block.tolist())), np.int64)  # first seen first
+        counts = np.zeros(65536, np.int64)
+        np.add.at(counts, block, 1)
+        out, top = np.empty(DOMINANT, np.int64), np.empty(DOMINANT, np.int64)
+        n = _most_frequent(counts, seen, len(seen), DOMINANT, out, top)
+        expected = palette[:, 0] * 256 + palette[:, 1]
+        if n:
+            assert out[:n].tolist() == expected[:n].tolist() and set(expected[n:]) <= {expected[0]}
+        else:  # no value seen twice: the reference repeats the most frequent, which escapes its own block
+            assert len(set(expected)) == 1 and counts[expected[0]] == 1
+
+
+def test_palettes_of_dominant_values_win_bits_over_exact_ones_alone(clips):
+    """The default generator against ``none`` (exact palettes only) on screen content."""
+    sizes = {}
+    for palette in ("dominant", "none"):
+        modes = ModeStats()
+        sizes[palette] = encode_chunk(clips["screen"], EncoderConfig(target_psnr=40.0, palette=palette), modes=modes).stats
+        generated = modes.counts[STAT_PAL_SOURCE + 1, STAT_LEAVES]
+        assert (generated > 0) == (palette == "dominant")
+    assert sizes["dominant"]["bytes"] < sizes["none"]["bytes"] and sizes["dominant"]["psnr_y"] >= 40.0
+
+
 def test_info_modes_reports_the_shares(run_cli, data_dir, tmp_path):
     archive = tmp_path / "a.zarr"
     assert run_cli("encode", data_dir / "screen_37x29.mkv", archive, "--target-psnr", "40", "--gop", "2", "--palette", "none").code == 0
@@ -101,9 +153,9 @@ def test_benchmark_tables_on_a_tiny_run(tmp_path, capsys):
 
     out = tmp_path / "modes.json"
     main(["--corpus", str(DATA), "--clips", "screen_37x29.mkv", "--frames", "2", "--targets", "40",
-          "--palettes", "none", "kmeans", "--out", str(out)])
+          "--palettes", "none", "dominant", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [r["palette"] for r in rows] == ["none", "kmeans"]
+    assert [r["palette"] for r in rows] == ["none", "dominant"]
     assert all(r["generator_seconds"] >= 0 and r["bpp"] > 0 for r in rows)
     text = capsys.readouterr().out
-    assert "| screen_37x29.mkv | 40 | kmeans (default) |" in text and "| none | +0.00 % |" in text
+    assert "| screen_37x29.mkv | 40 | dominant (default) |" in text and "| none | +0.00 % |" in text

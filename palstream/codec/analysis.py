@@ -11,9 +11,24 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
+from palstream.codec.rangecoder import UEG_CONTEXTS
 from palstream.codec.syntax import (
     BI,
     CELL_FIELDS,
+    CTX_ESC_MAG,
+    CTX_ESC_ZERO,
+    CTX_IDX_LEFT,
+    CTX_IDX_TOP,
+    CTX_INTER,
+    CTX_PAL_CR_MAG,
+    CTX_PAL_CR_ZERO,
+    CTX_PAL_DELTA,
+    CTX_PAL_ESCAPE,
+    CTX_PAL_FIRST,
+    CTX_PAL_NEW,
+    CTX_PAL_REUSE,
+    CTX_PALETTE,
+    CTX_SKIP,
     INTER,
     INTRA,
     MAX_PAL,
@@ -29,14 +44,16 @@ from palstream.codec.syntax import (
     TC_SCALE,
     TRANSFORM,
     VARIANT,
+    _key_distance,
     chroma_motion,
     inter_prediction,
     motion_sample,
     transform_levels,
 )
 
-PROPOSAL_BLOCK = 16  # leaf size whose many-coloured blocks get palettes from the PaletteGenerator
-INDEX_RATE_SCALE = 1.25  # the contexts adapt across blocks, so an index map costs more than its entropy
+ESCAPE_BITS = 6.0  # what an escape costs beyond an index, about: a sample farther than this many bits' worth of error escapes
+PROPOSAL_SIZES = (8, 16, 32, 64)  # leaf sizes a batched generator proposes palettes for (``proposal_rows``)
+DOMINANT = 8  # entries of the ``dominant`` generator's palettes, which the analysis picks itself (``_palette_clusters``)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -369,7 +386,7 @@ def _change_sums(keys2d):
     return both, down, along
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _transitions(changes, y0, x0, s):
     """Pixels of the block whose value differs from both its left and its top neighbour in the
     block (index changes); the block's left column and top row have no such neighbour to match."""
@@ -380,33 +397,277 @@ def _transitions(changes, y0, x0, s):
     return 1 + (down[y1, x0] - down[y0 + 1, x0]) + (along[y0, x1] - along[y0, x0 + 1]) + inner
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _left_changes(changes, y0, x0, s):
+    """Pixels of the block, left column aside, whose value differs from the left neighbour's."""
+    along = changes[2]
+    t = 0
+    for y in range(y0, y0 + s):
+        t += along[y, x0 + s] - along[y, x0 + 1]
+    return t
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _bit_cost(probs, ctx, bit):
+    """Bits a binary decision costs in context ``ctx`` at the coder's current probabilities."""
+    p0 = (probs[ctx, 0] + probs[ctx, 1]) / 65536.0
+    return -math.log2(p0 if bit == 0 else 1.0 - p0)
+
+
 @njit(cache=True, nogil=True)
-def _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, seen, cc, su, sv, qq):
+def _ueg_cost(probs, base, v):
+    """Bits of ``rangecoder.code_ueg(base, v)`` at the current probabilities."""
+    if v == 0:
+        return _bit_cost(probs, base, 0)
+    e = 0
+    t = v
+    while t:
+        e += 1
+        t >>= 1
+    c = 0.0
+    for i in range(min(e, 20)):
+        c += _bit_cost(probs, base + i, 1)
+    if e < 20:
+        c += _bit_cost(probs, base + e, 0)
+    for j in range(e - 2, -1, -1):
+        c += _bit_cost(probs, base + 21 + 20 * e + j, (v >> j) & 1)
+    return c
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _fresh(probs, ctx):
+    """Whether context ``ctx`` has coded nothing yet in the chunk."""
+    return probs[ctx, 0] == 16384 and probs[ctx, 1] == 16384
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _adaptive_cost(ones, zeros):
+    """Bits of ``ones`` 1s and ``zeros`` 0s in a context that learns them as it goes: their
+    entropy plus about what learning costs (half a bit per doubling of the count, and one); the
+    static price of a context that has not seen such decisions yet is far above it."""
+    n = ones + zeros
+    if n == 0:
+        return 0.0
+    h = 0.0
+    if ones and zeros:
+        p = ones / n
+        h = -n * (p * math.log2(p) + (1.0 - p) * math.log2(1.0 - p))
+    return h + 0.5 * math.log2(n + 1.0) + 1.0
+
+
+@njit(cache=True, nogil=True)
+def _tree_cost(probs, base, n, v):
+    """Bits of ``rangecoder.code_tree(base, n, v)`` at the current probabilities."""
+    node = 1
+    c = 0.0
+    for i in range(n - 1, -1, -1):
+        b = (v >> i) & 1
+        c += _bit_cost(probs, base + node, b)
+        node = 2 * node + b
+    return c
+
+
+FRAME_COLOURS = 16  # the frame's most frequent values and colours, which its palettes will mostly have put in the predictor list
+# rows of ``palette_coder``'s price table: new entries (``_entry_table``), escapes (``_escape_table``),
+# reuse flags per list, and (``_flag_prices``) the flags that the escape flag, the index map and a
+# Cr difference cost
+ENTRY_ROW = 0
+ESCAPE_ROW = 6
+REUSE_ROW = 9
+FLAG_ROW = 11
+PRICE_ROWS = 12
+# columns of FLAG_ROW, per component (luma at 0, chroma at FLAG_COLUMNS), then the Cr difference's flag
+ESC_FLAG = 0  # the escape flag at 0, at 1
+LEFT_REPEAT = 2  # an index the same as the left's
+LEFT_OTHER = 3  # not the same as the left's
+TOP_REPEAT = 4  # the same as the top's
+TOP_OTHER = 5  # not the same as the top's
+LEFT_FRESH = 6  # 1.0 where the 'same as left' context has coded nothing yet
+TOP_FRESH = 7  # likewise the 'same as top' context
+FLAG_COLUMNS = 8
+CR_SAME = 2 * FLAG_COLUMNS  # a chroma entry's Cr the same as the previous entry's, not the same
+
+
+def palette_coder(probs: np.ndarray, predictors: tuple, src: tuple, intra_only: bool) -> tuple:
+    """What ``_price_palette`` prices palettes with in a frame: the coder's probabilities as the
+    frame starts, each key's position in the palette predictor lists (-1: not there), per list
+    the bits of all its reuse flags at 0 and what each flag at 1 adds (``syntax.code_palette``),
+    and the bits of the leaf's mode flags (SKIP and INTER at 0 unless ``intra_only``, PALETTE at
+    1), with one neighbour of the leaf's mode and one SKIP (INTRA in an intra-only frame).
+
+    The lists are priced as the frame's palettes will find them: as the frame starts, then the
+    frame's ``FRAME_COLOURS`` most frequent luma values and (Cb, Cr) colours of ``src`` (the
+    source planes), which the first palettes coded put there (the first frame starts with empty
+    lists). The flags at 0 are priced as the coder adapts to them, flag by flag: up to 64 flags
+    share two contexts, and from a fresh context the static price, a bit each, is 10x what a
+    palette's flags cost.
+
+    Returns (prices: rows ``ENTRY_ROW`` to ``FLAG_ROW``, positions: luma and chroma, indexed by
+    key, the mode flags' bits): each array a kernel takes costs it reference counting per call,
+    and the flags' ``log2`` per block cost more than looking them up."""
+    pos = np.full((2, 65536), -1, np.int32)
+    prices = np.zeros((PRICE_ROWS, 256))
+    prices[ENTRY_ROW:ESCAPE_ROW] = _entry_table(probs)
+    prices[ESCAPE_ROW:REUSE_ROW] = _escape_table(probs)
+    _predictor_prices(probs, predictors, src, pos, prices[REUSE_ROW:FLAG_ROW])
+    _flag_prices(probs, prices[FLAG_ROW])
+    p0 = probs.sum(1, dtype=np.int64) / 65536.0
+    mode = -math.log2(1.0 - p0[CTX_PALETTE + 1])
+    if not intra_only:
+        mode -= math.log2(p0[CTX_SKIP + 1]) + math.log2(p0[CTX_INTER])
+    return prices, pos, mode
+
+
+@njit(cache=True, nogil=True)
+def _flag_prices(probs, out):
+    """``palette_coder``'s ``FLAG_ROW``: the bits of the escape flag and the index map's flags per
+    component, and of the Cr difference's flag, at the probabilities as the frame starts."""
+    for comp in range(2):
+        at = comp * FLAG_COLUMNS
+        left = CTX_IDX_LEFT + comp * 6
+        top = CTX_IDX_TOP + comp * 3 + 1
+        out[at + ESC_FLAG] = _bit_cost(probs, CTX_PAL_ESCAPE + comp, 0)
+        out[at + ESC_FLAG + 1] = _bit_cost(probs, CTX_PAL_ESCAPE + comp, 1)
+        out[at + LEFT_REPEAT] = _bit_cost(probs, left + 1, 1)
+        out[at + LEFT_OTHER] = _bit_cost(probs, left + 4, 0)
+        out[at + TOP_REPEAT] = _bit_cost(probs, top, 1)
+        out[at + TOP_OTHER] = _bit_cost(probs, top, 0)
+        out[at + LEFT_FRESH] = 1.0 if _fresh(probs, left + 1) else 0.0
+        out[at + TOP_FRESH] = 1.0 if _fresh(probs, top) else 0.0
+    out[CR_SAME] = _bit_cost(probs, CTX_PAL_CR_ZERO, 0)
+    out[CR_SAME + 1] = _bit_cost(probs, CTX_PAL_CR_ZERO, 1)
+
+
+@njit(cache=True, nogil=True)
+def _predictor_prices(probs, predictors, src, pos, flags):
+    """``palette_coder``'s predictor lists, into ``pos`` (luma, chroma) and ``flags`` (the frame's
+    colours counted on every other row and column)."""
+    pred_y, npred_y, pred_c, npred_c = predictors
+    hist_y = np.zeros(256, np.int64)
+    hist_c = np.zeros(65536, np.int64)
+    for y in range(0, src[0].shape[0], 2):
+        for x in range(0, src[0].shape[1], 2):
+            hist_y[src[0][y, x]] += 1
+    for y in range(0, src[1].shape[0], 2):
+        for x in range(0, src[1].shape[1], 2):
+            hist_c[np.int64(src[1][y, x]) * 256 + src[2][y, x]] += 1
+    for comp in range(2):
+        pred = pred_c if comp else pred_y
+        npred = npred_c[0] if comp else npred_y[0]
+        hist = hist_c if comp else hist_y
+        for i in range(npred):
+            pos[comp, pred[i]] = i
+        for _ in range(FRAME_COLOURS):
+            key = np.argmax(hist)
+            if hist[key] == 0 or npred >= MAX_PAL:
+                break
+            hist[key] = 0
+            if pos[comp, key] < 0:
+                pos[comp, key] = npred
+                npred += 1
+        pf1 = np.int64(probs[CTX_PAL_REUSE + 2 * comp + 1, 0])
+        ps1 = np.int64(probs[CTX_PAL_REUSE + 2 * comp + 1, 1])
+        pf0 = np.int64(probs[CTX_PAL_REUSE + 2 * comp, 0])
+        ps0 = np.int64(probs[CTX_PAL_REUSE + 2 * comp, 1])
+        for i in range(npred):
+            if i < 4:
+                p0 = (pf1 + ps1) / 65536.0
+                pf1 += (32768 - pf1) >> 4
+                ps1 += (32768 - ps1) >> 7
+            else:
+                p0 = (pf0 + ps0) / 65536.0
+                pf0 += (32768 - pf0) >> 4
+                ps0 += (32768 - ps0) >> 7
+            # the list moves each palette to its front: a reused entry is mostly near it
+            flags[comp, i] = math.log2(p0 / (1 - p0)) if i < 4 else flags[comp, 0]  # a flag at 1 instead of 0
+            flags[comp, 64] -= math.log2(p0)
+
+
+@njit(cache=True, nogil=True)
+def _entry_table(probs):
+    """Bits of the values ``syntax.code_palette`` codes for new entries, 0..255, looked up per
+    entry: a luma palette's first new level (row 0), a luma delta (1), a Cb delta (2), the count
+    of new luma and chroma entries (3, 4), a Cr difference's magnitude less one with its sign (5)."""
+    table = np.empty((6, 256))
+    for v in range(256):
+        table[0, v] = _tree_cost(probs, CTX_PAL_FIRST - 1, 8, v)
+        table[1, v] = _ueg_cost(probs, CTX_PAL_DELTA, v)
+        table[2, v] = _ueg_cost(probs, CTX_PAL_DELTA + UEG_CONTEXTS, v)
+        table[3, v] = _ueg_cost(probs, CTX_PAL_NEW, v)
+        table[4, v] = _ueg_cost(probs, CTX_PAL_NEW + UEG_CONTEXTS, v)
+        table[5, v] = 1.0 + _ueg_cost(probs, CTX_PAL_CR_MAG, v)
+    return table
+
+
+@njit(cache=True, nogil=True)
+def _escape_table(probs):
+    """Bits of an escape's level 0..255 in each plane (``syntax._code_escape``), looked up per
+    escaped value: priced one by one, they doubled the encoder's time."""
+    table = np.empty((3, 256))
+    for plane in range(3):
+        table[plane, 0] = _bit_cost(probs, CTX_ESC_ZERO + plane, 0)
+        nz = _bit_cost(probs, CTX_ESC_ZERO + plane, 1) + 1.0
+        for level in range(1, 256):
+            table[plane, level] = nz + _ueg_cost(probs, CTX_ESC_MAG + plane * UEG_CONTEXTS, level - 1)
+    return table
+
+
+@njit(cache=True, nogil=True)
+def _entries_cost(coder, keys, u, two):
+    """Bits of ``syntax.code_palette`` for the sorted ``keys[:u]``: reuse flags over the predictor
+    list as the frame started, then the new entries."""
+    table, pos, _ = coder
+    comp = 1 if two else 0
+    flags = REUSE_ROW + comp
+    c = table[flags, 64]
+    nnew = 0
+    prev = -1
+    for i in range(u):
+        k = keys[i]
+        if pos[comp, k] >= 0:
+            c += table[flags, pos[comp, k]]
+            continue
+        if not two:
+            c += table[ENTRY_ROW, k] if nnew == 0 else table[ENTRY_ROW + 1, k - prev - 1]
+        else:
+            cb = k >> 8
+            cr = k & 255
+            pu = prev >> 8 if nnew else 0
+            pcr = prev & 255 if nnew else 128
+            c += table[ENTRY_ROW + 2, cb - pu]
+            c += table[FLAG_ROW, CR_SAME + (1 if cr != pcr else 0)]
+            if cr != pcr:
+                c += table[ENTRY_ROW + 5, abs(cr - pcr) - 1]
+        nnew += 1
+        prev = k
+    return c + table[ENTRY_ROW + 3 + comp, nnew]
+
+
+
+
+@njit(cache=True, nogil=True)
+def exact_limit(samples, max_pal):
+    """The most distinct values an exact palette of a block of ``samples`` may hold: ``max_pal``, and
+    one per four samples (at least 4): past that, its index map costs more than a palette saves."""
+    return min(max_pal, max(4, samples // 4))
+
+
+@njit(cache=True, nogil=True)
+def _exact_clusters(keys2d, y0, x0, s, two, max_pal, counts, seen, cl):
     """Each distinct value of the block as one cluster, in ascending order, into the scratch
-    ``cc, su, sv, qq`` (count, sum u, sum v, sum of squares); returns (n, transitions).
+    ``cl`` (rows: count, sum u, sum v, sum of squares); returns n.
 
     Returns n = 0 when the block has too many distinct values for a palette to pay (more than
     ``max_pal``, or more than one per four pixels): found as soon as there are, which is early in
     most blocks of camera content. ``counts`` is zeroed scratch indexed by key; ``seen`` holds
-    MAX_PAL + 1 keys.
+    MAX_PAL + 1 keys. Runs of a value are counted before they touch ``counts`` (``_count_runs``).
     """
-    limit = min(max_pal, max(4, s * s // 4))
-    n = 0
-    for y in range(y0, y0 + s):
-        for x in range(x0, x0 + s):
-            k = keys2d[y, x]
-            if counts[k] == 0:
-                seen[n] = k
-                n += 1
-                if n > limit:
-                    break
-            counts[k] += 1
-        if n > limit:
-            break
+    limit = exact_limit(s * s, max_pal)
+    n = _count_runs(keys2d, y0, x0, s, limit, counts, seen)
     if n > limit:
         for i in range(limit):  # leave the scratch zeroed for the next block
             counts[seen[i]] = 0
-        return 0, 0
+        return 0
     _sort_prefix(seen, n)
     for i in range(n):
         k = seen[i]
@@ -414,55 +675,104 @@ def _exact_clusters(keys2d, changes, y0, x0, s, two, max_pal, counts, seen, cc, 
         counts[k] = 0
         u = float(k >> 8) if two else float(k)
         v = float(k & 255) if two else 0.0
-        cc[i] = c
-        su[i] = u * c
-        sv[i] = v * c
-        qq[i] = (u * u + v * v) * c
-    return n, _transitions(changes, y0, x0, s)
+        cl[0, i] = c
+        cl[1, i] = u * c
+        cl[2, i] = v * c
+        cl[3, i] = (u * u + v * v) * c
+    return n
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _count_runs(keys2d, y0, x0, s, limit, counts, seen):
+    """Count the block's values into ``counts`` and list them in ``seen`` in the order first seen;
+    returns how many, stopping at ``limit`` + 1 (that value not counted). A run of one value is
+    counted in a register, then added: in flat areas, adding one pixel at a time waited on the
+    store before (the screen clip spent 17 % of ``decide`` here)."""
+    n = 0
+    prev = keys2d[y0, x0]
+    run = 0
+    for y in range(y0, y0 + s):
+        for x in range(x0, x0 + s):
+            k = keys2d[y, x]
+            if k == prev:
+                run += 1
+                continue
+            # kept where new (no branch to mispredict: camera blocks bring new values at random)
+            c = counts[prev]
+            seen[n] = prev
+            n += c == 0
+            if n > limit:
+                return n
+            counts[prev] = c + run
+            prev = k
+            run = 1
+    c = counts[prev]
+    seen[n] = prev
+    n += c == 0
+    if n > limit:
+        return n
+    counts[prev] = c + run
+    return n
 
 
 @njit(cache=True, nogil=True)
-def _proposal_clusters(keys2d, y0, x0, s, two, proposal, k):
-    """Clusters of the block's pixels around the nearest entries of a proposed palette (sorted keys)."""
-    cc = np.zeros(k, np.float64)
-    su = np.zeros(k, np.float64)
-    sv = np.zeros(k, np.float64)
-    qq = np.zeros(k, np.float64)
-    idx = np.empty((s, s), np.int64)
+def _index_changes(keys2d, y0, x0, s, two, keys, u, esc_tol):
+    """The index map ``syntax.code_indices`` would code for palette ``keys[:u]``, counted: samples
+    that differ from both their left and top neighbours in the block, samples that differ from
+    the left one, and escapes (farther than ``esc_tol`` from every entry)."""
+    trans = 0
+    lefts = 0
+    nesc = 0
+    row = np.empty(s, np.int64)  # the row above's indices
     for y in range(s):
+        left = -1
         for x in range(s):
-            key = keys2d[y0 + y, x0 + x]
-            u = float(key >> 8) if two else float(key)
-            v = float(key & 255) if two else 0.0
+            v = keys2d[y0 + y, x0 + x]
             best = 0
-            bestd = np.inf
-            for i in range(k):
-                pu = float(proposal[i] >> 8) if two else float(proposal[i])
-                pv = float(proposal[i] & 255) if two else 0.0
-                d = (u - pu) ** 2 + (v - pv) ** 2
+            bestd = _key_distance(v, keys[0], two)
+            for i in range(1, u):
+                d = _key_distance(v, keys[i], two)
                 if d < bestd:
                     best = i
                     bestd = d
-            idx[y, x] = best
-            cc[best] += 1
-            su[best] += u
-            sv[best] += v
-            qq[best] += u * u + v * v
-    live = cc > 0
-    n = int(live.sum())
-    return n, cc[live], su[live], sv[live], qq[live], _transitions(_change_sums(idx), 0, 0, s)
+                elif not two:
+                    break  # sorted levels: farther from here on
+            if bestd > esc_tol:
+                best = u
+                nesc += 1
+            dl = x > 0 and best != left
+            dt = y > 0 and best != row[x]
+            if dl:
+                lefts += 1
+            if (dl or x == 0) and (dt or y == 0):
+                trans += 1
+            left = best
+            row[x] = best
+    return trans, lefts, nesc
 
 
 @njit(cache=True, nogil=True)
-def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys, centres):
+def _price_palette(n, cl, changes, block, two, lam, dweight, out_keys, ce, coder, esc_tol, limit):
     """Merge clusters greedily (Ward) while the distortion added costs less than the bits saved;
-    returns (J, palette size) with the sorted palette keys in ``out_keys``. ``centres`` is
-    scratch (u, v, alive) for at least n clusters."""
-    cu, cv, alive = centres
+    returns (J, palette size, estimated bits) with the sorted palette keys in ``out_keys``.
+    ``cl``: the clusters (``_exact_clusters``); ``ce``: scratch rows (u, v, alive) for at least n
+    clusters. Each array a kernel takes costs reference counting per call. The escapes' own bits and error
+    are the caller's to add.
+
+    The bits are the syntax's at the coder's probabilities as the frame started (``coder``,
+    ``palette_coder``): the entries (``_entries_cost``), the escape flag, and the index map of the
+    block (``block``: keys, y0, x0, s), counted by ``_index_changes``, or, for the block's distinct
+    values, given as ``changes`` (transitions, left changes of the values, which overcount a
+    merged palette's: counting its map cost the screen clip 20 % of its encoding time; (-1, -1)
+    for none): a repeat of the left costs the 'same as left' flag, a repeat of the top both flags,
+    a change both flags at 0 and an explicit index, each flag at its static price, or, in a context
+    no block has used yet, at what a context learning the block's decisions charges
+    (``_adaptive_cost``). Where the distortion alone reaches ``limit``, the bits are not counted
+    and J is infinite: the caller has nothing cheaper than that to beat."""
     for i in range(n):
-        cu[i] = su[i] / cc[i]
-        cv[i] = sv[i] / cc[i]
-        alive[i] = True
+        ce[0, i] = cl[1, i] / cl[0, i]
+        ce[1, i] = cl[2, i] / cl[0, i]
+        ce[2, i] = 1.0
     dist = 0.0
     m = n
     while m > 1 and dweight < 1e5:
@@ -470,14 +780,14 @@ def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys, c
         bi = -1
         bj = -1
         for i in range(n):
-            if not alive[i]:
+            if ce[2, i] == 0.0:
                 continue
             for j in range(i + 1, n):
-                if not alive[j]:
+                if ce[2, j] == 0.0:
                     continue
-                du = cu[i] - cu[j]
-                dv = cv[i] - cv[j]
-                w = cc[i] * cc[j] / (cc[i] + cc[j])
+                du = ce[0, i] - ce[0, j]
+                dv = ce[1, i] - ce[1, j]
+                w = cl[0, i] * cl[0, j] / (cl[0, i] + cl[0, j])
                 c = w * (du * du + dv * dv)
                 if c < best:
                     best = c
@@ -485,24 +795,24 @@ def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys, c
                     bj = j
                 if not two:
                     break  # 1-D sorted levels: only the next live level can be nearest
-        saved = 6.0 + 0.5 * min(cc[bi], cc[bj])
+        saved = 6.0 + 0.5 * min(cl[0, bi], cl[0, bj])
         if best * dweight >= lam * saved:
             break
-        cc[bi] += cc[bj]
-        su[bi] += su[bj]
-        sv[bi] += sv[bj]
-        qq[bi] += qq[bj]
-        cu[bi] = su[bi] / cc[bi]
-        cv[bi] = sv[bi] / cc[bi]
-        alive[bj] = False
+        cl[0, bi] += cl[0, bj]
+        cl[1, bi] += cl[1, bj]
+        cl[2, bi] += cl[2, bj]
+        cl[3, bi] += cl[3, bj]
+        ce[0, bi] = cl[1, bi] / cl[0, bi]
+        ce[1, bi] = cl[2, bi] / cl[0, bi]
+        ce[2, bj] = 0.0
         m -= 1
     # integer centres; distortion of each cluster around its rounded centre
     k = 0
     for i in range(n):
-        if alive[i]:
-            ru = math.floor(cu[i] + 0.5)
-            rv = math.floor(cv[i] + 0.5)
-            dist += qq[i] - 2.0 * (ru * su[i] + rv * sv[i]) + (ru * ru + rv * rv) * cc[i]
+        if ce[2, i] != 0.0:
+            ru = math.floor(ce[0, i] + 0.5)
+            rv = math.floor(ce[1, i] + 0.5)
+            dist += cl[3, i] - 2.0 * (ru * cl[1, i] + rv * cl[2, i]) + (ru * ru + rv * rv) * cl[0, i]
             out_keys[k] = np.int64(ru) * 256 + np.int64(rv) if two else np.int64(ru)
             k += 1
     _sort_prefix(out_keys, k)
@@ -512,13 +822,136 @@ def _price_palette(n, cc, su, sv, qq, trans, npx, two, lam, dweight, out_keys, c
         if u == 0 or out_keys[i] != out_keys[u - 1]:
             out_keys[u] = out_keys[i]
             u += 1
-    rate = 8.0 * u
-    if u > 1:
-        # index map: a change (differs from left and top) costs about -log2 of its frequency plus
-        # the index; a pixel that repeats a neighbour, -log2 of that frequency (adaptive contexts)
-        r = min(max(trans / npx, 0.5 / npx), 0.5)
-        rate += INDEX_RATE_SCALE * (trans * (math.log2(u) - math.log2(r)) - (npx - trans) * math.log2(1.0 - r))
-    return dweight * dist + lam * rate, u
+    if dweight * dist >= limit:
+        return np.inf, u, 0.0
+    flags = coder[0][FLAG_ROW]
+    comp = 1 if two else 0
+    at = comp * FLAG_COLUMNS
+    keys2d, y0, x0, s = block
+    npx = s * s
+    trans, lefts = changes
+    nesc = 0
+    if trans < 0:
+        trans, lefts, nesc = _index_changes(keys2d, y0, x0, s, two, out_keys, u, float(esc_tol) if u < MAX_PAL else np.inf)
+    rate = _entries_cost(coder, out_keys, u, two)
+    m = u
+    if u < MAX_PAL:
+        rate += flags[at + ESC_FLAG + (1 if nesc else 0)]
+        m += 1 if nesc else 0
+    if m > 1:
+        nbits = 0
+        while (1 << nbits) < m:
+            nbits += 1
+        changes = min(trans, npx)
+        tops = max(min(lefts, npx) - changes, 0)
+        repeats = npx - changes - tops
+        if flags[at + LEFT_FRESH]:
+            rate += _adaptive_cost(repeats, tops + changes)
+        else:
+            rate += repeats * flags[at + LEFT_REPEAT] + (tops + changes) * flags[at + LEFT_OTHER]
+        if flags[at + TOP_FRESH]:
+            rate += _adaptive_cost(tops, changes)
+        else:
+            rate += tops * flags[at + TOP_REPEAT] + changes * flags[at + TOP_OTHER]
+        rate += changes * nbits
+    return dweight * dist + lam * rate, u, rate
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _most_frequent(counts, seen, n, most, out, top):
+    """The ``most`` most frequent of the ``n`` keys in ``seen`` counted at least twice in ``counts``,
+    most frequent first, the first seen among equals, into ``out`` (their counts into ``top``), in
+    one pass; returns how many."""
+    nd = 0
+    for i in range(n):
+        c = counts[seen[i]]
+        if c < 2 or (nd == most and c <= top[nd - 1]):
+            continue
+        j = nd if nd < most else most - 1
+        while j > 0 and top[j - 1] < c:
+            top[j] = top[j - 1]
+            out[j] = out[j - 1]
+            j -= 1
+        top[j] = c
+        out[j] = seen[i]
+        nd = min(nd + 1, most)
+    return nd
+
+
+@njit(cache=True, nogil=True)
+def _palette_clusters(keys2d, y0, x0, s, two, entries, ne, dominant, esc_tol, q4, escape, lam, dweight, limit, counts, seen,
+                      cl):
+    """The block's samples as clusters around the nearest of a palette's entries, into the scratch
+    ``cl`` as ``_exact_clusters`` does, ascending, entries no sample is nearest to dropped; a sample
+    farther than ``esc_tol`` (squared error) from every entry is an escape (``syntax._code_escape``).
+    The entries: a proposal's ``ne`` (sorted keys of ``entries``), or, with ``dominant``, the
+    ``dominant`` generator's: the block's ``min(ne, DOMINANT)`` most frequent values seen at least
+    twice, the first seen among equals (``palstream.palettes.dominant``).
+    Returns (n, escaped samples, their bits and squared error, estimated: MED mostly predicts an
+    escape from a neighbouring palette value, so its level is about its distance to the nearest
+    entry, priced by ``escape``, ``palette_coder``'s prices); n = 0 where more than half the samples
+    would escape or the escapes alone cost at least ``limit`` (J at ``lam``, ``dweight``): found as
+    soon as they do, which is early in most blocks of camera content. Works on the block's distinct
+    values, not its samples. ``counts``: zeroed scratch indexed by key, left zeroed; ``seen``: room
+    for s * s keys."""
+    n = _count_runs(keys2d, y0, x0, s, s * s, counts, seen)
+    if dominant:
+        entries = np.empty(DOMINANT, np.int64)
+        top = np.empty(DOMINANT, np.int64)  # their counts
+        ne = _most_frequent(counts, seen, n, min(ne, DOMINANT), entries, top)
+        _sort_prefix(entries, ne)
+    for j in range(ne):
+        cl[0, j] = 0.0
+        cl[1, j] = 0.0
+        cl[2, j] = 0.0
+        cl[3, j] = 0.0
+    nesc = 0
+    bits = 0.0
+    step = q4 / 4.0
+    # rounding to the nearest step: uniform error of step^2 / 12 per component; none at step 1
+    err = 0.0 if q4 == 4 else (2.0 if two else 1.0) * step * step / 12.0
+    for i in range(n):
+        k = seen[i]
+        c = counts[k]
+        counts[k] = 0
+        if nesc < 0:
+            continue  # given up: only leave the scratch zeroed
+        u = float(k >> 8) if two else float(k)
+        v = float(k & 255) if two else 0.0
+        best = 0
+        bestd = np.inf
+        bu = 0.0
+        bv = 0.0
+        for j in range(ne):
+            du = u - (float(entries[j] >> 8) if two else float(entries[j]))
+            dv = v - (float(entries[j] & 255) if two else 0.0)
+            d = du * du + dv * dv
+            if d < bestd:
+                best = j
+                bestd = d
+                bu = du
+                bv = dv
+        if bestd <= esc_tol:
+            cl[0, best] += c
+            cl[1, best] += u * c
+            cl[2, best] += v * c
+            cl[3, best] += (u * u + v * v) * c
+        else:
+            e = escape[ESCAPE_ROW + (1 if two else 0), min(int(abs(bu) / step + 0.5), 255)]
+            if two:
+                e += escape[ESCAPE_ROW + 2, min(int(abs(bv) / step + 0.5), 255)]
+            bits += c * e
+            nesc += c
+            if 2 * nesc > s * s or lam * bits + dweight * err * nesc >= limit:
+                nesc = -1
+    if ne == 0 or nesc < 0:
+        return 0, 0, 0.0, 0.0
+    live = 0
+    for j in range(ne):  # entries nothing is nearest to (or repeated ones) are not coded
+        if cl[0, j] > 0:
+            cl[:, live] = cl[:, j]
+            live += 1
+    return live, nesc, bits, err * nesc
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -697,47 +1130,94 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, has_ref2, le
     return jinter, ivar, dc, 0
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _best_palette(keys2d, changes, y0, x0, s, two, many, proposal, proposed, dominant, max_pal, esc_tol, q4, lam, dweight, coder,
+                  bound, scratch, out):
+    """RD-best palette of one component of a block: (J, size, estimated bits, too many colours for
+    an exact palette, no candidate cost less than ``bound``, the palette is the generator's); size 0
+    means none. Candidates: exact (one cluster per distinct value, merged by ``_price_palette``)
+    unless ``many`` or too many distinct values, and the generator's palette with escapes
+    (``_palette_clusters``: the ``proposed`` entries of ``proposal``, or with ``dominant`` the
+    block's dominant values), where it has fewer entries than the block has values, priced only
+    where its escapes alone cost less than ``bound`` (the best J of the other modes)."""
+    counts, seen, cl, centres, cand, _ = scratch
+    j = np.inf
+    size = 0
+    rate = 0.0
+    n = 0
+    generated = False
+    if not many:
+        n = _exact_clusters(keys2d, y0, x0, s, two, max_pal, counts, seen, cl)
+        if n > 0:
+            map_changes = (_transitions(changes, y0, x0, s), _left_changes(changes, y0, x0, s))
+            j, size, rate = _price_palette(n, cl, map_changes, (keys2d, y0, x0, s), two, lam, dweight, out, centres, coder,
+                                           esc_tol, bound)
+    too_many = n == 0
+    wanted = min(max_pal, DOMINANT) if dominant else proposed
+    if wanted > 0 and (too_many or n > wanted):  # an exact palette of no more entries codes every sample exactly
+        nd, nesc, ebits, edist = _palette_clusters(keys2d, y0, x0, s, two, proposal, wanted, dominant, esc_tol, q4, coder[0],
+                                                   lam, dweight, bound, counts, seen, cl)
+        if nd > 0:
+            extra = lam * ebits + dweight * edist
+            je, ne, re = _price_palette(nd, cl, (-1, -1), (keys2d, y0, x0, s), two, lam, dweight, cand, centres, coder, esc_tol,
+                                        bound - extra)
+            re += ebits
+            je += extra
+            if je < j:
+                j = je
+                size = ne
+                rate = re
+                generated = True
+                out[:ne] = cand[:ne]
+    return j, size, rate, too_many, not j < bound, generated
+
+
 @njit(cache=True, nogil=True, inline="always")  # see decide
-def _price_palette_leaf(keys, changes, proposals, lam, dweight, max_pal, many, by, bx, s, scratch, out_y, out_c):
+def _price_palette_leaf(keys, changes, proposals, pricing, coder, bound, many, propose, row, by, bx, s, scratch, out_y,
+                        out_c):
     """RD cost of the block as a PALETTE leaf, with its palettes' sorted keys in ``out_y`` and
     ``out_c``: (J, luma palette size, chroma palette size, too many colours for exact palettes,
-    the palettes are the generator's); sizes of 0 mean no palette leaf.
+    the luma palette is the generator's, estimated bits, no luma palette cost less than ``bound``);
+    sizes of 0 mean no palette leaf.
 
-    Exact palettes (one cluster per distinct value, merged by ``_price_palette``) unless the block
-    has too many distinct values (``many``: a quadrant had); then, for a PROPOSAL_BLOCK block, the
-    generator's proposal. ``keys``, ``changes``: luma and chroma keys of the frame and their
-    ``_change_sums``; ``proposals``: (luma keys, count, chroma keys, count) per 16x16 block."""
+    Each component's palette is ``_best_palette``'s: exact, or, with ``propose``, the generator's
+    with escapes: the block's dominant values where ``pricing.dominant``, else the proposal for the
+    block (row ``row`` of ``proposals``: luma keys, their count, chroma keys, their count, per block
+    of every size in ``PROPOSAL_SIZES``, ``proposal_rows``). ``keys``, ``changes``: luma and chroma
+    keys of the frame and their ``_change_sums``; ``coder``: ``palette_coder``'s prices; ``bound``:
+    the best J of the other modes, above which no candidate needs an exact price."""
     keys_y, keys_c = keys
     changes_y, changes_c = changes
     prop_y, prop_yn, prop_c, prop_cn = proposals
-    counts, clusters, centres = scratch
-    _, cc, su, sv, qq = clusters
+    lam = pricing.lam
+    dweight = pricing.dweight
+    max_pal = pricing.max_pal
+    esc_tol = pricing.esc_tol
+    q4 = pricing.q4
+    dominant = propose and pricing.dominant
     y0 = by * s
     x0 = bx * s
     c0y = y0 // 2
     c0x = x0 // 2
     cs = s // 2
-    ny = 0
     nc = 0
-    jy = np.inf
     jc = np.inf
-    if not many:
-        n, tr = _exact_clusters(keys_y, changes_y, y0, x0, s, False, max_pal, counts, *clusters)
-        if n > 0:
-            jy, ny = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, s * s, False, lam, dweight, out_y, centres)
-    if ny > 0:
-        n, tr = _exact_clusters(keys_c, changes_c, c0y, c0x, cs, True, max_pal, counts, *clusters)
-        if n > 0:
-            jc, nc = _price_palette(n, cc[:n], su[:n], sv[:n], qq[:n], tr, cs * cs, True, lam, dweight, out_c, centres)
-    too_many = ny == 0 or nc == 0
-    generated = ny == 0 and s == PROPOSAL_BLOCK and prop_yn[by, bx] > 0
-    if generated:
-        # many distinct values: price the palette the generator proposed instead
-        n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_y, y0, x0, s, False, prop_y[by, bx], prop_yn[by, bx])
-        jy, ny = _price_palette(n, pcc, psu, psv, pqq, tr, s * s, False, lam, dweight, out_y, centres)
-        n, pcc, psu, psv, pqq, tr = _proposal_clusters(keys_c, c0y, c0x, cs, True, prop_c[by, bx], prop_cn[by, bx])
-        jc, nc = _price_palette(n, pcc, psu, psv, pqq, tr, cs * cs, True, lam, dweight, out_c, centres)
-    return jy + jc + lam * 2.0, ny, nc, too_many, generated
+    rc = 0.0
+    jy, ny, ry, many_y, hopeless, generated = _best_palette(
+        keys_y, changes_y, y0, x0, s, False, many, prop_y[row], prop_yn[row] if propose else 0, dominant, max_pal, esc_tol, q4,
+        lam, dweight, coder, bound, scratch, out_y,
+    )
+    if ny > 0 and hopeless:
+        # no chroma palette can make up for the luma's: only whether the chroma has too many colours counts
+        many_y = many_y or many or _exact_clusters(keys_c, c0y, c0x, cs, True, max_pal, *scratch[:3]) == 0
+    elif ny > 0:
+        jc, nc, rc, many_c, _, _ = _best_palette(
+            keys_c, changes_c, c0y, c0x, cs, True, many, prop_c[row], prop_cn[row] if propose else 0, dominant, max_pal,
+            2 * esc_tol, q4, lam, dweight, coder, bound - jy, scratch, out_c,
+        )
+        many_y = many_y or many_c
+    mode = coder[2]
+    return jy + jc + lam * mode, ny, nc, many_y, generated, ry + rc + mode, hopeless
 
 
 class Pricing(NamedTuple):
@@ -751,24 +1231,40 @@ class Pricing(NamedTuple):
     max_block: int
     max_pal: int
     tq4: int  # the step (quarter levels) of the transform path; 0 where the chunk has none (lossless)
+    q4: int  # the chunk's step, quarter levels
+    esc_tol: int  # squared error above which a palette sample escapes (``syntax.Coding.esc_tol``)
+    dominant: bool  # the palette generator is ``dominant``, which the analysis runs itself (``_palette_clusters``)
 
 
 @njit(cache=True, nogil=True)
-def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisions):
+def proposal_rows(h, w):
+    """Where each size of ``PROPOSAL_SIZES`` starts in a frame's proposals: the rows of a frame of
+    ``h`` x ``w`` luma pixels are its 8x8 blocks in raster order, then its 16x16 blocks, and so on;
+    the last entry is the number of rows."""
+    first = np.zeros(len(PROPOSAL_SIZES) + 1, np.int64)
+    for lev in range(len(PROPOSAL_SIZES)):
+        s = PROPOSAL_SIZES[lev]
+        first[lev + 1] = first[lev] + (h // s) * (w // s)
+    return first
+
+
+@njit(cache=True, nogil=True)
+def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, coder, decisions):
     """Fill ``decisions`` (``syntax.Decisions``) with the RD-best quadtree of the frame and each
     leaf's mode, motion, predictor variant, luma offset and palettes.
 
     ``cur``, ``ref``, ``ref2``: (Y, Cb, Cr) planes of the source frame, the previous reconstructed
     frame and the one before; ``field``: the frame's motion field (``motion_search_chunk``);
-    ``pricing``: a ``Pricing``; ``proposals``: the generator's palettes per 16x16 block (luma keys,
-    their count, chroma keys, their count). Bottom-up, level by level (8x8 up to max_block), each
+    ``pricing``: a ``Pricing``; ``proposals``: the generator's palettes for the frame's blocks of every
+    size (luma keys, their count, chroma keys, their count; rows as ``proposal_rows``); ``coder``: what palettes cost at the coder's state as
+    the frame starts (``palette_coder``). Bottom-up, level by level (8x8 up to max_block), each
     block is priced as a leaf in every mode (``_price_intra``, ``_price_skip``, ``_price_inter``,
     ``_price_palette_leaf``) and against its four quadrants; ``_write_out`` then writes the tree.
     The per-block helpers are inlined (numba's ``inline="always"``): called, each call passed some
     twenty arrays for little work per block, and the screen clip encoded 5-10 % slower per CPU
     second (``benchmarks/codec_ab.py``).
     """
-    table, lam, dweight, noise, min_block, max_block, max_pal, tq4 = pricing
+    table, lam, dweight, noise, min_block, max_block, max_pal, tq4, _, _, _ = pricing
     h, w = cur[0].shape
     err_y, med_y = _intra_errors(cur[0], noise)
     err_u, med_u = _intra_errors(cur[1], noise)
@@ -779,6 +1275,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
     changes = (_change_sums(keys[0]), _change_sums(keys[1]))
     nlev = 4
     sizes = np.array([8, 16, 32, 64])
+    first = proposal_rows(h, w)
     # per level: best cost, whether to split, the leaf (mode, cell record, palettes)
     best = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
     lsplit = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
@@ -789,7 +1286,9 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
     lpc = [np.empty((h // s, w // s, MAX_PAL), np.int64) for s in (8, 16, 32, 64)]
     lpcn = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
     lpgen = [np.zeros((h // s, w // s), np.int32) for s in (8, 16, 32, 64)]
+    lpbits = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
     toomany = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
+    hopeless = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     intra_raw = [np.zeros((h // s, w // s, 2)) for s in (8, 16, 32, 64)]  # per predictor variant
     skip_raw = [np.zeros((h // s, w // s), np.int64) for s in (8, 16, 32, 64)]
     # cost of each 8x8 cell under its own motion: [one / two refs][INTER variant]
@@ -798,10 +1297,9 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
     inter_scratch = (np.empty((8, 5), np.int64), prediction, np.empty((2, 64, 64), np.int32), np.zeros(4), np.zeros(4),
                      np.zeros(5, np.int64), np.zeros(64, np.int64), np.zeros(64, np.int64))
     imot = np.zeros(5, np.int64)
-    clusters = (np.empty(MAX_PAL + 1, np.int64), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1),
-                np.empty(MAX_PAL + 1))
-    centres = (np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1), np.empty(MAX_PAL + 1, np.bool_))
-    palette_scratch = (np.zeros(65536, np.int32), clusters, centres)
+    # counts by key, values seen, clusters, their centres, two palettes
+    palette_scratch = (np.zeros(65536, np.int32), np.empty(4096, np.int64), np.empty((4, MAX_PAL + 1)),
+                       np.empty((3, MAX_PAL + 1)), np.empty(MAX_PAL, np.int64), np.empty(MAX_PAL, np.int64))
     tmp_y = np.empty(MAX_PAL, np.int64)
     tmp_c = np.empty(MAX_PAL, np.int64)
     for lev in range(nlev):
@@ -842,8 +1340,16 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
                         toomany[lev - 1][2 * by, 2 * bx] or toomany[lev - 1][2 * by, 2 * bx + 1]
                         or toomany[lev - 1][2 * by + 1, 2 * bx] or toomany[lev - 1][2 * by + 1, 2 * bx + 1]
                     )
-                    jpal, ny, nc, too_many, generated = _price_palette_leaf(
-                        keys, changes, proposals, lam, dweight, max_pal, many, by, bx, s, palette_scratch, tmp_y, tmp_c
+                    # where no quadrant's luma palette could compete, the block's proposal rarely does
+                    # (noise, text that INTRA codes better): trying anyway cost 10-20 % of the encoder's time
+                    propose = lev == 0 or not (
+                        hopeless[lev - 1][2 * by, 2 * bx] and hopeless[lev - 1][2 * by, 2 * bx + 1]
+                        and hopeless[lev - 1][2 * by + 1, 2 * bx] and hopeless[lev - 1][2 * by + 1, 2 * bx + 1]
+                    )
+                    jpal, ny, nc, too_many, generated, pbits, hopeless[lev][by, bx] = _price_palette_leaf(
+                        keys, changes, proposals, pricing, coder, jbest, many, propose, first[lev] + by * (w // s) + bx, by,
+                        bx, s, palette_scratch, tmp_y,
+                        tmp_c,
                     )
                     toomany[lev][by, bx] = too_many
                     if nc > 0 and jpal < jbest:
@@ -855,6 +1361,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
                         lpc[lev][by, bx, :nc] = tmp_c[:nc]
                         lpcn[lev][by, bx] = nc
                         lpgen[lev][by, bx] = generated
+                        lpbits[lev][by, bx] = pbits
                 if lev > 0 and s > min_block:
                     below_best = best[lev - 1]
                     js = (below_best[2 * by, 2 * bx] + below_best[2 * by, 2 * bx + 1] + below_best[2 * by + 1, 2 * bx]
@@ -874,7 +1381,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, decisio
                     cell[OFFSET] = bdc
                     cell[TRANSFORM] = btr
                 cell[VARIANT] = bvar
-    _write_out(lsplit, (lmode, lcells, lpy, lpyn, lpc, lpcn, lpgen), sizes, max_block, decisions)
+    _write_out(lsplit, (lmode, lcells, lpy, lpyn, lpc, lpcn, lpgen, lpbits), sizes, max_block, decisions)
 
 
 @njit(cache=True, nogil=True)
@@ -882,8 +1389,9 @@ def _write_out(split, leaves, sizes, max_block, decisions):
     """The chosen quadtree into the per-cell ``decisions``, top-down, one max_block-sized block at
     a time (as the syntax visits them), so the stack holds one block's subtree, never the frame's:
     each level below the top adds at most 3 entries. ``leaves``: per level, the leaf's mode, cell
-    record, palettes (keys, count; luma then chroma) and whether they are the generator's."""
-    lmode, lcells, lpy, lpyn, lpc, lpcn, lpgen = leaves
+    record, palettes (keys, count; luma then chroma), whether they are the generator's and their
+    estimated bits."""
+    lmode, lcells, lpy, lpyn, lpc, lpcn, lpgen, lpbits = leaves
     top = 0
     while top < len(sizes) - 1 and sizes[top] < max_block:
         top += 1
@@ -924,3 +1432,4 @@ def _write_out(split, leaves, sizes, max_block, decisions):
                 decisions.pal_cn[cy8, cx8] = nc
                 decisions.pal_c[cy8, cx8, :nc] = lpc[lev][by, bx, :nc]
                 decisions.pal_gen[cy8, cx8] = lpgen[lev][by, bx]
+                decisions.pal_bits[cy8, cx8] = lpbits[lev][by, bx]

@@ -58,74 +58,85 @@ def initial_step(target_psnr: float) -> int:
 LAMBDA = 0.375  # bits are worth LAMBDA * step^2 squared error each (tuned on corpus clips, 8 frames)
 ROUNDING = 0.3  # dead-zone rounding offset, in steps: levels lean toward zero, cheaper to code
 INTRA_NOISE = 0.5  # the analysis prices intra prediction from neighbours noisy by +-INTRA_NOISE/2 step
-PROPOSAL_SIZE = 16  # entries the generator proposes; the RD merge prunes them per block
-PROPOSAL_COVERAGE = 0.75  # share of a block's pixels its 16 most frequent levels must cover
+PROPOSAL_SIZE = 8  # entries asked of the generator per block; the RD merges and drops them per leaf
 
 
-def proposal_candidates(blocks: np.ndarray, max_palette: int) -> np.ndarray:
-    """The blocks the encoder asks the palette generator about: more distinct levels than an exact
-    palette may hold (``min(max_palette, pixels // 4)``), yet their ``PROPOSAL_SIZE`` most
-    frequent levels cover ``PROPOSAL_COVERAGE`` of the pixels.
+def proposal_candidates(keys, entries: int, max_palette: int):
+    """The blocks a batched generator is asked about: those with more distinct values than an
+    exact palette may hold (``analysis.exact_limit``) or than ``entries``, where a palette of
+    ``entries`` with escapes codes something an exact one does not.
 
     Parameters
     ----------
-    blocks : np.ndarray
-        uint8 (N, pixels): luma blocks, one a row.
+    keys : torch.Tensor
+        int64 (N, P): the samples of N blocks, one a row, as keys (a luma level, or Cb * 256 + Cr).
+    entries : int
+        The palette size asked for.
     max_palette : int
         ``EncoderConfig.max_palette``.
 
     Returns
     -------
-    np.ndarray
-        int (M,): the indices of the candidate rows, ascending.
+    torch.Tensor
+        bool (N,): the candidates.
     """
-    n, pixels = blocks.shape
-    hist = np.bincount((np.arange(n)[:, None] * 256 + blocks).ravel(), minlength=n * 256).reshape(n, 256)
-    many = np.flatnonzero((hist > 0).sum(1) > min(max_palette, pixels // 4))
-    top = np.partition(hist[many], -PROPOSAL_SIZE, axis=1)[:, -PROPOSAL_SIZE:]
-    return many[top.sum(1) >= PROPOSAL_COVERAGE * pixels]
+    ordered = keys.sort(dim=1).values
+    distinct = (ordered[:, 1:] != ordered[:, :-1]).sum(1) + 1
+    return distinct > min(entries, analysis.exact_limit(keys.shape[1], max_palette))
+
+
+def _blocks(plane: np.ndarray, size: int) -> np.ndarray:
+    """(t, h, w) -> (t * h/size * w/size, size * size): the frames' blocks in raster order, one a row."""
+    t, h, w = plane.shape
+    return plane.reshape(t, h // size, size, w // size, size).transpose(0, 1, 3, 2, 4).reshape(-1, size * size)
+
+
+def _no_proposals(shape: tuple[int, ...], entries: int) -> tuple[np.ndarray, ...]:
+    """Empty proposals for luma planes of ``shape`` (t, h, w): (luma keys, count, chroma keys,
+    count) per block, rows as ``analysis.proposal_rows``."""
+    t, h, w = shape
+    rows = int(analysis.proposal_rows(h, w)[-1])
+    return tuple(np.zeros((t, rows, entries), np.int64) if i % 2 == 0 else np.zeros((t, rows), np.int32) for i in range(4))
 
 
 def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
-    """Generator palettes for the chunk's many-coloured 16x16 blocks whose colours still cluster.
-
-    Blocks with few distinct values get exact palettes in the analysis; blocks like antialiased
-    text have too many for that yet few dominant ones: the generator proposes palettes for all
-    of them in one batched call per component. A generator that returns no entries (``none``)
-    proposes nothing.
-    """
+    """A batched generator's palettes for the chunk's blocks of every leaf size where one can
+    compete (``proposal_candidates``), one call per size and component; a generator that returns
+    no entries (``none``) proposes nothing, so only exact palettes are coded. The analysis codes a
+    proposal with escapes for the samples no entry fits and merges or drops its entries by RD
+    (``analysis._best_palette``). Every block is a lot to ask on a CPU: k-means takes seconds a
+    frame, cgan-v1 about 130 ms at 640x360 (docs/codec.md), hence ``dominant``, run in the analysis."""
     import torch  # encoder only: decoding must not need torch
 
     from palstream.palettes.kmeans import lloyd
 
     t, h, w = luma.shape
-    b = analysis.PROPOSAL_BLOCK
-    hb, wb = h // b, w // b
-    blocks = luma.reshape(t, hb, b, wb, b).transpose(0, 1, 3, 2, 4).reshape(-1, b * b)
-    pick = proposal_candidates(blocks, config.max_palette)
-    prop_y = np.zeros((t, hb, wb, PROPOSAL_SIZE), np.int64)
-    prop_c = np.zeros((t, hb, wb, PROPOSAL_SIZE), np.int64)
-    prop_n = np.zeros((t, hb, wb), np.int32)
-    if pick.size == 0:
-        return prop_y, prop_n, prop_c, prop_n
-    c = b // 2
-    pairs = np.stack(
-        [p.reshape(t, hb, c, wb, c).transpose(0, 1, 3, 2, 4).reshape(-1, c * c) for p in (cb, cr)], axis=-1
-    )[pick]
-    k = torch.full((pick.size,), PROPOSAL_SIZE, dtype=torch.int64)
-    keys = []
-    for samples in (torch.from_numpy(blocks[pick, :, None].astype(np.float32)), torch.from_numpy(pairs.astype(np.float32))):
-        palettes = generator.generate(samples, k)
-        if palettes.shape[1] == 0:
-            return prop_y, prop_n, prop_c, prop_n
-        if config.refine:
-            palettes = lloyd(samples.to(palettes.device), palettes, k.to(palettes.device), config.refine)
-        levels = palettes.round().clamp(0, 255).to(torch.int64).cpu().numpy()
-        keys.append(np.sort(levels[..., 0] * 256 + levels[..., 1] if levels.shape[-1] == 2 else levels[..., 0], axis=1))
-    prop_y.reshape(-1, PROPOSAL_SIZE)[pick] = keys[0]
-    prop_c.reshape(-1, PROPOSAL_SIZE)[pick] = keys[1]
-    prop_n.reshape(-1)[pick] = PROPOSAL_SIZE
-    return prop_y, prop_n, prop_c, prop_n
+    entries = min(PROPOSAL_SIZE, config.max_palette)
+    first = analysis.proposal_rows(h, w)
+    proposals = _no_proposals(luma.shape, entries)
+    for lev, s in enumerate(analysis.PROPOSAL_SIZES):
+        if not config.min_block <= s <= config.max_block:
+            continue
+        per_frame = (h // s) * (w // s)
+        for comp, planes, size in ((0, (luma,), s), (1, (cb, cr), s // 2)):
+            samples = np.stack([_blocks(p, size) for p in planes], axis=-1).astype(np.int64)  # (N, size * size, C)
+            keys = torch.from_numpy(samples[..., 0] * 256 + samples[..., 1] if comp else samples[..., 0])
+            pick = torch.nonzero(proposal_candidates(keys, entries, config.max_palette)).squeeze(1).numpy()
+            if pick.size == 0:
+                continue
+            chosen = torch.from_numpy(samples[pick].astype(np.float32))
+            k = torch.full((pick.size,), entries, dtype=torch.int64)
+            palettes = generator.generate(chosen, k)
+            if palettes.shape[1] == 0:
+                return proposals
+            if config.refine:
+                palettes = lloyd(chosen.to(palettes.device), palettes, k.to(palettes.device), config.refine)
+            levels = palettes[:, :entries].round().clamp(0, 255).to(torch.int64).cpu().numpy()
+            found = levels[..., 0] * 256 + levels[..., 1] if comp else levels[..., 0]
+            frame, row = pick // per_frame, first[lev] + pick % per_frame
+            proposals[2 * comp][frame, row] = np.sort(found, axis=1)
+            proposals[2 * comp + 1][frame, row] = entries
+    return proposals
 
 
 @functools.lru_cache(maxsize=4)
@@ -136,31 +147,34 @@ def _generator(name: str):
     return create_palette_generator(name)
 
 
-def _encode_at(padded, rung, config: EncoderConfig, proposals, motion, control: ratecontrol.LambdaControl | None = None,
-               stats=NO_STATS):
-    """Code the frames of ``padded`` at one rung; ``control`` scales the RD lambda frame by frame;
-    ``stats``: leaf statistics to fill (``palstream.codec.modes``), or ``NO_STATS``."""
+def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, motion,
+               control: ratecontrol.LambdaControl | None = None, stats=NO_STATS):
+    """Code the frames of ``padded`` at one rung with the palette generator's ``proposals``, or its
+    palettes of ``dominant`` values; ``control`` scales the RD lambda frame by frame; ``stats``: leaf
+    statistics to fill (``palstream.codec.modes``), or ``NO_STATS``."""
     q4, rounding = rung
     rnd4 = rounding[0]
     lam = 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
     dweight = 1e6 if config.lossless else 1.0
-    tol = int(lam * 2)
+    esc_tol = int(lam * analysis.ESCAPE_BITS)  # 0 when lossless: every inexact sample escapes, exactly
     noise = 0 if config.lossless else round(q4 * INTRA_NOISE)
 
-    def decide(f, src, ref, ref2, decisions):
+    def decide(f, src, ref, ref2, decisions, probs, predictors):
         rd_lambda = max(lam, 1.0) * (control.scale(f, recon[0]) if control else 1.0)
         table = analysis.residual_cost_table(q4, rnd4, rd_lambda, dweight)
         pricing = analysis.Pricing(
-            table, rd_lambda, dweight, noise, config.min_block, config.max_block, config.max_palette, q4 if q4 > 4 else 0
+            table, rd_lambda, dweight, noise, config.min_block, config.max_block, config.max_palette, q4 if q4 > 4 else 0, q4,
+            esc_tol, dominant,
         )
-        analysis.decide(src, ref, ref2, f > 0, f > 1, motion[f], pricing, tuple(p[f] for p in proposals), decisions)
+        analysis.decide(src, ref, ref2, f > 0, f > 1, motion[f], pricing, tuple(p[f] for p in proposals),
+                        analysis.palette_coder(probs, predictors, src, f == 0), decisions)
 
     recon = tuple(np.zeros_like(p) for p in padded)
     capacity = padded[0].size * 3 + 4096
     while True:
         buf = np.zeros(capacity, np.uint8)
         stats[...] = 0  # a retry into a larger buffer codes every leaf again
-        coding = syntax.Coding(q4, rounding, tol, config.min_block, config.max_block, q4 > 4)
+        coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol)
         st = code_frames(True, buf, padded, recon, coding, decide, stats=stats)
         size = rangecoder.flush(st, buf)
         if size <= capacity:
@@ -285,11 +299,13 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
     source = padded  # issue 16 item 4: lossy chunks code temporally denoised frames (prefilter.py);
     if not config.lossless:  # the floor is still checked against ``frames``, and exact coding codes ``source``
         padded = prefilter.denoise(padded, (h, w), 255.0**2 / 10 ** (config.target_psnr / 10))
-    if config.lossless:  # lossless palettes are exact; proposals could never be chosen
-        nothing = np.zeros(padded[0].shape[:1] + (padded[0].shape[1] // 16, padded[0].shape[2] // 16), np.int32)
-        proposals = (nothing[..., None].astype(np.int64), nothing, nothing[..., None].astype(np.int64), nothing)
+    generator = generator or _generator(config.palette)
+    # the analysis picks an in-codec generator's palettes itself, block by block; a lossless chunk
+    # asks no batched one (its escapes are exact and rarely pay for a proposal's entries)
+    if generator.in_codec or config.lossless:
+        proposals = _no_proposals(padded[0].shape, min(PROPOSAL_SIZE, config.max_palette))
     else:
-        proposals = _palette_proposals(*padded, config, generator or _generator(config.palette))
+        proposals = _palette_proposals(*padded, config, generator)
     # Motion is searched once per chunk, between source frames, so the rate-control probes
     # and the final encode share it (searching the reconstruction would repeat it per probe).
     motion = analysis.motion_search_chunk(padded[0], config.search_range)
@@ -301,7 +317,8 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
         attempts += 1
         coded = source if config.lossless else padded
         counts = NO_STATS if modes is None else modes.new_counts()
-        body, recon = _encode_at(tuple(p[:count] for p in coded), LADDER[rung], config, proposals, motion, control, counts)
+        body, recon = _encode_at(tuple(p[:count] for p in coded), LADDER[rung], config, proposals, generator.in_codec, motion,
+                                 control, counts)
         diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
         return body, float(np.mean(diff**2))
 

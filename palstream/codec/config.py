@@ -22,7 +22,7 @@ class EncoderConfig:
         Quality floor in dB PSNR-Y that every chunk (GOP) reaches; ignored when ``lossless``.
     lossless : bool, default False
         Every decoded sample equals the source's 8-bit 4:2:0 sample.
-    palette : str, default "kmeans"
+    palette : str, default "dominant"
         Name of the registered palette generator (``palstream.palettes``).
     gop : int, default 32
         Frames per chunk; chunks decode independently.
@@ -40,7 +40,7 @@ class EncoderConfig:
 
     target_psnr: float = DEFAULT_TARGET_PSNR
     lossless: bool = False
-    palette: str = "kmeans"
+    palette: str = "dominant"
     gop: int = 32
     max_palette: int = 64
     search_range: int = 8

@@ -17,8 +17,8 @@ from palstream.errors import ArchiveError
 from palstream.frames import Frames
 
 MAGIC = b"PSC1"
-VERSION = 4  # what the encoder writes
-READABLE = (3, 4)  # version 3 is version 4 without the transform flag (storage/BITSTREAM.md)
+VERSION = 5  # what the encoder writes
+READABLE = (3, 4, 5)  # version 4 is version 5 without escapes, 3 is 4 without the transform flag (storage/BITSTREAM.md)
 HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width, height, step*4, min, max, 0, body bytes
 FLAG_LOSSLESS = 1
 MAX_DIMENSION = 16384
@@ -37,7 +37,8 @@ def code_frames(enc, buf, planes, recon, coding, decide=None, frames=None, emit=
     """Code every frame of a chunk in one direction; returns the coder state.
 
     The encoder passes ``planes`` (the source), ``recon`` with a slot for every frame, and
-    ``decide(f, src, ref, ref2, decisions)``, which fills the ``syntax.Decisions`` of frame ``f``.
+    ``decide(f, src, ref, ref2, decisions, probs, predictors)``, which fills the ``syntax.Decisions``
+    of frame ``f`` and may price its choices at the coder's probabilities and palette predictors.
     The decoder passes ``frames`` (the count) and ``recon`` with three slots, used in turn (the
     syntax references at most two frames back), and receives each frame through ``emit(f, rec)``
     once it is complete; it stops at the first frame that reads past the end of the body. Planes
@@ -68,7 +69,7 @@ def code_frames(enc, buf, planes, recon, coding, decide=None, frames=None, emit=
         ref = tuple(p[(f - 1) % slots] for p in recon) if f > 0 else rec
         ref2 = tuple(p[(f - 2) % slots] for p in recon) if f > 1 else ref
         if decide is not None:
-            decide(f, src, ref, ref2, decisions)
+            decide(f, src, ref, ref2, decisions, probs, predictors)
         syntax.code_frame(
             enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, f == 0, f > 1, coding, decisions, predictors,
             stats,
@@ -149,7 +150,8 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None, m
     buf = np.frombuffer(payload, np.uint8, offset=HEADER.size).copy()  # writable: one compiled coder for both directions
     stats = NO_STATS if modes is None else modes.new_counts()
     st = code_frames(
-        False, buf, None, recon, syntax.Coding(q4, (0,) * 5, 0, min_block, max_block, version >= 4 and q4 > 4), frames=t, emit=emit, stats=stats
+        False, buf, None, recon, syntax.Coding(q4, (0,) * 5, min_block, max_block, version >= 4 and q4 > 4, version >= 5, 0), frames=t,
+        emit=emit, stats=stats,
     )
     if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
         raise BitstreamError("chunk body ends before its frames are complete (truncated)")

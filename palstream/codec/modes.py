@@ -1,8 +1,9 @@
 """Mode shares: how much of the picture, and of the bits, each kind of leaf takes.
 
 ``code_frame`` adds every coded leaf to a small float64 array when asked (rows ``syntax.STAT_*``:
-leaves, luma pixels and bits by mode, PALETTE leaves by palette size and, when encoding, by where
-the luma palette came from). A leaf's bits are measured from the range coder's state at its
+leaves, luma pixels and bits by mode, PALETTE leaves by palette size, those with escape samples
+and, when encoding, by where the luma palette came from and what the analysis estimated they would
+cost). A leaf's bits are measured from the range coder's state at its
 start and end (``rangecoder.bits_consumed``), so they are fractional and, over a chunk, add up to
 its body less the coder's final flush. Areas count the padded frame (a multiple of 64 luma pixels
 each way), as the syntax codes it.
@@ -20,6 +21,8 @@ from palstream.codec.syntax import (
     STAT_BITS,
     STAT_LEAVES,
     STAT_PAL_C,
+    STAT_PAL_ESCAPE,
+    STAT_PAL_ESTIMATE,
     STAT_PAL_SOURCE,
     STAT_PAL_Y,
     STAT_ROWS,
@@ -85,7 +88,8 @@ class ModeStats:
 
     def to_dict(self) -> dict:
         """Plain JSON: per mode, per palette size bucket (luma, chroma) and, from the encoder, per
-        palette source: leaves, area_px, bits, and area_share / bits_share of the whole."""
+        palette source: leaves, area_px, bits, and area_share / bits_share of the whole; PALETTE
+        leaves with escapes; from the encoder, the analysis' estimate of the PALETTE leaves' bits."""
         out = {
             "chunks": self.chunks,
             "payload_bytes": self.payload_bytes,
@@ -97,9 +101,11 @@ class ModeStats:
                          "bits_share": self.counts[STAT_TREE, STAT_BITS] / self.bits if self.bits else 0.0},
             "palette_luma_sizes": {name: self._entry(STAT_PAL_Y + i) for i, name in enumerate(SIZE_BUCKETS)},
             "palette_chroma_sizes": {name: self._entry(STAT_PAL_C + i) for i, name in enumerate(SIZE_BUCKETS)},
+            "palette_escapes": self._entry(STAT_PAL_ESCAPE),
         }
         if self.sources:
             out["palette_source"] = {name: self._entry(STAT_PAL_SOURCE + i) for i, name in enumerate(SOURCES)}
+            out["palette_estimated_bits"] = round(float(self.counts[STAT_PAL_ESTIMATE, STAT_BITS]), 1)
         return out
 
     def table(self) -> list[str]:
@@ -119,6 +125,7 @@ class ModeStats:
         for title, base in (("palette luma", STAT_PAL_Y), ("palette chroma", STAT_PAL_C)):
             for i, name in enumerate(SIZE_BUCKETS):
                 row(f"  {title} {name}", base + i)
+        row("  palette escapes", STAT_PAL_ESCAPE)
         if self.sources:
             for i, name in enumerate(SOURCES):
                 row(f"  palette {name}", STAT_PAL_SOURCE + i)

@@ -217,7 +217,7 @@ def compile_kernels(palettes: tuple[str, ...] = ("kmeans", "cgan-v1")) -> int:
     start = time.perf_counter()
     try:
         clip = _clip()
-        # lossless first: it needs no torch, so a cold compile (and its notice) starts at once
+        # lossless first (the in-codec ``dominant`` palettes), then each batched generator's proposals
         configs = [EncoderConfig(lossless=True)] + [EncoderConfig(target_psnr=40.0, palette=p) for p in palettes]
         for config in configs:
             decode_chunk(encode_chunk(clip, config).payload)

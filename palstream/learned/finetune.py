@@ -1,10 +1,9 @@
 """REINFORCE fine-tuning of the cgan-v1 generator on the measured rate-distortion cost.
 
-``palstream train --reinforce --init WEIGHTS`` (issue 5, item 6). The codec asks the generator
-for 16-entry palettes of "candidate" 16x16 blocks (many distinct levels, yet the 16 most frequent
-cover >= 75% of the pixels; :func:`candidate_mask`, the codec's own rule
-``palstream.codec.chunk.proposal_candidates``). Fine-tuning treats the generator as a policy on
-exactly those blocks:
+``palstream train --reinforce --init WEIGHTS`` (issue 5, item 6). The codec asks a batched
+generator for ``PROPOSAL_SIZE``-entry palettes of the blocks of every leaf size with more distinct
+levels than that or than an exact palette holds (``palstream.codec.chunk.proposal_candidates``).
+Fine-tuning treats the generator as a policy on those of the 16x16 ones (:func:`candidate_mask`):
 
 * **action**: the network's width logits (:meth:`PaletteNet.policy`) plus Gaussian noise of a fixed
   ``sigma``: ``z ~ N(logits, sigma^2 I)`` over the used slots;
@@ -35,7 +34,6 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
-from palstream.codec.analysis import PROPOSAL_BLOCK as BLOCK
 from palstream.codec.chunk import LAMBDA, PROPOSAL_SIZE, proposal_candidates
 from palstream.codec.config import EncoderConfig
 from palstream.errors import InputError, PalstreamError
@@ -43,6 +41,7 @@ from palstream.learned.data import Plane420, list_sources, read_frames
 from palstream.learned.generator import load_weights, save_weights
 from palstream.learned.model import RANK_STEPS, PaletteNet
 
+BLOCK = 16  # fine-tuning trains on 16x16 blocks, one of the leaf sizes the codec asks about
 MAX_PALETTE = EncoderConfig.max_palette  # the default, part of the candidate rule
 # The codec trades one bit for LAMBDA * step^2 squared error; step 6 lies between the steps its
 # rate control picks for 40 and 45 dB on the corpus.
@@ -123,12 +122,9 @@ def candidate_mask(luma: np.ndarray, max_palette: int = MAX_PALETTE) -> np.ndarr
     Returns
     -------
     np.ndarray
-        bool (N,): more distinct levels than ``min(max_palette, 64)``, yet the 16 most frequent
-        levels cover at least 75% of the pixels.
+        bool (N,): more distinct levels than ``PROPOSAL_SIZE`` (or than an exact palette holds).
     """
-    mask = np.zeros(len(luma), bool)
-    mask[proposal_candidates(luma, max_palette)] = True
-    return mask
+    return proposal_candidates(torch.from_numpy(luma.astype(np.int64)), PROPOSAL_SIZE, max_palette).numpy()
 
 
 def candidate_blocks(frame: Plane420, stride: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,9 @@ class PaletteGenerator(ABC):
     """
 
     name: str = ""
+    # True for a generator the codec runs itself, block by block where a palette can compete
+    # (``dominant``): asked in batches about every block, it would cost more than the encode.
+    in_codec: bool = False
 
     def __init__(self, device: str | torch.device | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -62,6 +65,7 @@ class PaletteGenerator(ABC):
 # generator sits in a higher layer (palstream.learned imports this module), so importing it here
 # eagerly would close an import cycle and load torch models for every `--palette kmeans` run.
 _BUILTIN_MODULES = {
+    "dominant": "palstream.palettes.dominant",
     "kmeans": "palstream.palettes.kmeans",
     "none": "palstream.palettes.none",
     "cgan-v1": "palstream.learned.generator",
