@@ -697,21 +697,23 @@ def _count_runs(keys2d, y0, x0, s, limit, counts, seen):
             if k == prev:
                 run += 1
                 continue
-            # kept where new (no branch to mispredict: camera blocks bring new values at random)
-            c = counts[prev]
-            seen[n] = prev
-            n += c == 0
+            n = _add_run(counts, seen, n, limit, prev, run)
             if n > limit:
                 return n
-            counts[prev] = c + run
             prev = k
             run = 1
-    c = counts[prev]
-    seen[n] = prev
+    return _add_run(counts, seen, n, limit, prev, run)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_run(counts, seen, n, limit, key, run):
+    """Add ``run`` samples of ``key`` to ``counts``, listing it as the ``n``-th value of ``seen``
+    where new; returns how many values there are now, leaving ``counts`` as it was past ``limit``."""
+    c = counts[key]
+    seen[n] = key  # kept where new (no branch to mispredict: camera blocks bring new values at random)
     n += c == 0
-    if n > limit:
-        return n
-    counts[prev] = c + run
+    if n <= limit:
+        counts[key] = c + run
     return n
 
 
