@@ -159,3 +159,15 @@ def test_benchmark_tables_on_a_tiny_run(tmp_path, capsys):
     assert all(r["generator_seconds"] >= 0 and r["bpp"] > 0 for r in rows)
     text = capsys.readouterr().out
     assert "| screen_37x29.mkv | 40 | dominant (default) |" in text and "| none | +0.00 % |" in text
+    main(["--report", str(out)])
+    assert capsys.readouterr().out == text  # the saved results print the same tables
+
+
+def test_benchmark_compares_at_equal_psnr_by_log_linear_interpolation():
+    from benchmarks.palette_modes import bpp_at_psnr
+
+    points = [(45.0, 0.4), (40.0, 0.1)]
+    assert bpp_at_psnr(points, 40.0) == pytest.approx(0.1)
+    assert bpp_at_psnr(points, 42.5) == pytest.approx(0.2)  # halfway in PSNR: the geometric mean
+    assert bpp_at_psnr(points, 50.0) == pytest.approx(1.6)  # beyond the points: the end segment, extended
+    assert bpp_at_psnr(points[:1], 42.5) is None
