@@ -47,10 +47,10 @@ def counting(inner):
     class CountingGenerator(TimedGenerator):
         blocks = 0
 
-        def generate(self, samples, k):
+        def generate(self, samples, k, features=None):
             if samples.shape[2] == 1:
                 self.blocks += int(samples.shape[0])
-            return super().generate(samples, k)
+            return super().generate(samples, k, features)
 
         def take(self) -> tuple[float, int]:
             """Seconds and blocks since the last call."""

@@ -37,7 +37,7 @@ from palstream.palettes.base import PaletteGenerator
 class MeanOnly(PaletteGenerator):
     """Control: proposes the block mean for every entry (a palette that can only lose)."""
 
-    def generate(self, samples: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def generate(self, samples: torch.Tensor, k: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         return samples.mean(1, keepdim=True).expand(-1, int(k.max()), -1).contiguous()
 
 

@@ -93,3 +93,33 @@ def test_train_cli_rejects_a_missing_data_folder(tmp_path, monkeypatch, capsys):
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: training data folder") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_weights_trained_with_features_get_them_from_the_codec(tmp_path):
+    """Weights trained with CNN features compute them at inference, once per frame, as in training;
+    the shipped weights (trained without) take none."""
+    import numpy as np
+
+    from palstream.codec import EncoderConfig, decode_chunk, encode_chunk
+    from palstream.frames import Frames
+    from palstream.learned.backbone import block_features
+    from palstream.learned.generator import CganGenerator
+
+    trainer = Trainer([DATA], [], TrainConfig(steps=2, features=True, **TINY))
+    trainer.run()
+    trainer.export(tmp_path / "features.pt")
+    generator = CganGenerator(device="cpu", weights=tmp_path / "features.pt", expected_sha256=None)
+    rng = np.random.default_rng(0)
+    y = rng.integers(16, 236, (2, 64, 64), dtype=np.uint8)
+    u, v = (rng.integers(16, 240, (2, 32, 32), dtype=np.uint8) for _ in range(2))
+    boxes = np.array([[1, 0, 32, 16], [0, 16, 8, 8], [1, 48, 48, 16]])
+    got = generator.block_features(y, u, v, boxes)
+    assert got is not None and got.shape == (3, trainer.backbone.channels)
+    for row, (f, top, left, size) in enumerate(boxes):
+        expected = block_features(trainer.backbone, y[f], u[f], v[f], np.array([[top, left, size, size]]))
+        torch.testing.assert_close(got[row : row + 1], expected)
+    assert CganGenerator(device="cpu").block_features(y, u, v, boxes) is None
+    frames = Frames(y, u, v)
+    chunk = encode_chunk(frames, EncoderConfig(target_psnr=40.0, palette="cgan-v1"), generator)
+    assert decode_chunk(chunk.payload).y.shape == y.shape

@@ -95,6 +95,44 @@ def test_none_generator_proposes_nothing():
     assert modes.counts[STAT_PAL_SOURCE + 1, STAT_LEAVES] == 0
 
 
+def test_a_generator_with_block_features_gets_each_candidates_own():
+    """The codec asks a generator for its blocks' features once per chunk, with each candidate
+    block's frame, position and size, and hands each ``generate`` call the rows of its blocks."""
+    import torch
+
+    from palstream.codec import chunk, precompile
+    from palstream.palettes.base import PaletteGenerator
+
+    class BoxEcho(PaletteGenerator):
+        feature_calls = 0
+        checked = 0
+
+        def block_features(self, luma, cb, cr, boxes):
+            self.feature_calls += 1
+            self.planes = (luma, cb, cr)
+            return torch.from_numpy(boxes.astype(np.float32))  # each block's (frame, top, left, size)
+
+        def generate(self, samples, k, features=None):
+            luma, cb, cr = self.planes
+            for block, (f, top, left, s) in zip(samples.numpy(), features.numpy().astype(int)):
+                if block.shape[1] == 1:
+                    expected = luma[f, top:top + s, left:left + s].reshape(-1, 1)
+                else:
+                    c = slice(top // 2, (top + s) // 2), slice(left // 2, (left + s) // 2)
+                    expected = np.stack([cb[f][c].reshape(-1), cr[f][c].reshape(-1)], 1)
+                assert block.shape[0] == s * s // (1 if block.shape[1] == 1 else 4)
+                np.testing.assert_array_equal(block, expected)
+                self.checked += 1
+            return samples[:, : int(k.max())]
+
+    clip = precompile._clip()
+    frames = np.concatenate([clip.y, np.flip(clip.y, 2)])  # two frames, so the frame index is checked too
+    padded = (chunk._pad(frames, 64), chunk._pad(np.concatenate([clip.u] * 2), 32), chunk._pad(np.concatenate([clip.v] * 2), 32))
+    echo = BoxEcho(device="cpu")
+    proposals = chunk._palette_proposals(*padded, EncoderConfig(target_psnr=40.0), echo)
+    assert echo.feature_calls == 1 and echo.checked == proposals[1].astype(bool).sum() + proposals[3].astype(bool).sum() > 0
+
+
 def test_the_analysis_picks_the_dominant_generators_values():
     """``dominant`` runs inside the analysis (``_most_frequent``); its ``generate`` is the reference."""
     import torch

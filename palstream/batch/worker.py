@@ -166,10 +166,12 @@ class PalstreamWorkerPlugin(WorkerPlugin):
 
 
 class TimedGenerator:
-    """A palette generator that also adds up, per thread, the time spent generating palettes.
+    """A palette generator that also adds up, per thread, the time spent generating palettes
+    and the blocks' features they are conditioned on.
 
-    It is what the codec calls (``generate``), so the worker can report the "palettes" stage
-    without the codec knowing about metrics; everything else is the wrapped generator's.
+    It is what the codec calls (``block_features``, ``generate``), so the worker can report the
+    "palettes" stage without the codec knowing about metrics; everything else is the wrapped
+    generator's.
     """
 
     def __init__(self, inner):
@@ -179,12 +181,18 @@ class TimedGenerator:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def generate(self, samples, k):
+    def _timed(self, call, *args):
         start = time.perf_counter()
         try:
-            return self._inner.generate(samples, k)
+            return call(*args)
         finally:
             self._local.seconds = getattr(self._local, "seconds", 0.0) + time.perf_counter() - start
+
+    def block_features(self, luma, cb, cr, boxes):
+        return self._timed(self._inner.block_features, luma, cb, cr, boxes)
+
+    def generate(self, samples, k, features=None):
+        return self._timed(self._inner.generate, samples, k, features)
 
     def take_seconds(self) -> float:
         """Seconds spent in ``generate`` by this thread since the last call."""

@@ -101,11 +101,13 @@ def _no_proposals(shape: tuple[int, ...], entries: int) -> tuple[np.ndarray, ...
 
 def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
     """A batched generator's palettes for the chunk's blocks of every leaf size where one can
-    compete (``proposal_candidates``), one call per size and component; a generator that returns
-    no entries (``none``) proposes nothing, so only exact palettes are coded. The analysis codes a
-    proposal with escapes for the samples no entry fits and merges or drops its entries by RD
-    (``analysis._best_palette``). Every block is a lot to ask on a CPU: k-means takes seconds a
-    frame, cgan-v1 about 130 ms at 640x360 (docs/codec.md), hence ``dominant``, run in the analysis."""
+    compete (``proposal_candidates``), one call per size and component, with the blocks'
+    features where the generator takes them (one ``block_features`` call for the chunk, so a CNN
+    runs once per frame); a generator that returns no entries (``none``) proposes nothing, so
+    only exact palettes are coded. The analysis codes a proposal with escapes for the samples no
+    entry fits and merges or drops its entries by RD (``analysis._best_palette``). Every block is
+    a lot to ask on a CPU: k-means takes seconds a frame, cgan-v1 about 130 ms at 640x360
+    (docs/codec.md), hence ``dominant``, run in the analysis."""
     import torch  # encoder only: decoding must not need torch
 
     from palstream.palettes.kmeans import lloyd
@@ -114,28 +116,45 @@ def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
     entries = min(PROPOSAL_SIZE, config.max_palette)
     first = analysis.proposal_rows(h, w)
     proposals = _no_proposals(luma.shape, entries)
+
+    def samples_of(s, comp):  # int64 (t * blocks per frame, size * size, C)
+        planes, size = ((luma,), s) if comp == 0 else ((cb, cr), s // 2)
+        return np.stack([_blocks(p, size) for p in planes], axis=-1).astype(np.int64)
+
+    asks = []  # (level, size, component, candidate rows)
     for lev, s in enumerate(analysis.PROPOSAL_SIZES):
-        if not config.min_block <= s <= config.max_block:
-            continue
+        if config.min_block <= s <= config.max_block:
+            for comp in (0, 1):
+                samples = samples_of(s, comp)
+                keys = torch.from_numpy(samples[..., 0] * 256 + samples[..., 1] if comp else samples[..., 0])
+                pick = torch.nonzero(proposal_candidates(keys, entries, config.max_palette)).squeeze(1).numpy()
+                if pick.size:
+                    asks.append((lev, s, comp, pick))
+    if not asks:
+        return proposals
+
+    def boxes(s, pick):  # frame, top, left, size of candidate rows
+        across = w // s
+        frame, index = np.divmod(pick, (h // s) * across)
+        return np.stack([frame, index // across * s, index % across * s, np.full_like(pick, s)], 1)
+
+    features = generator.block_features(luma, cb, cr, np.concatenate([boxes(s, pick) for _, s, _, pick in asks]))
+    start = 0
+    for lev, s, comp, pick in asks:
+        chosen = torch.from_numpy(samples_of(s, comp)[pick].astype(np.float32))
+        k = torch.full((pick.size,), entries, dtype=torch.int64)
+        palettes = generator.generate(chosen, k, None if features is None else features[start:start + pick.size])
+        start += pick.size
+        if palettes.shape[1] == 0:
+            return proposals
+        if config.refine:
+            palettes = lloyd(chosen.to(palettes.device), palettes, k.to(palettes.device), config.refine)
+        levels = palettes[:, :entries].round().clamp(0, 255).to(torch.int64).cpu().numpy()
+        found = levels[..., 0] * 256 + levels[..., 1] if comp else levels[..., 0]
         per_frame = (h // s) * (w // s)
-        for comp, planes, size in ((0, (luma,), s), (1, (cb, cr), s // 2)):
-            samples = np.stack([_blocks(p, size) for p in planes], axis=-1).astype(np.int64)  # (N, size * size, C)
-            keys = torch.from_numpy(samples[..., 0] * 256 + samples[..., 1] if comp else samples[..., 0])
-            pick = torch.nonzero(proposal_candidates(keys, entries, config.max_palette)).squeeze(1).numpy()
-            if pick.size == 0:
-                continue
-            chosen = torch.from_numpy(samples[pick].astype(np.float32))
-            k = torch.full((pick.size,), entries, dtype=torch.int64)
-            palettes = generator.generate(chosen, k)
-            if palettes.shape[1] == 0:
-                return proposals
-            if config.refine:
-                palettes = lloyd(chosen.to(palettes.device), palettes, k.to(palettes.device), config.refine)
-            levels = palettes[:, :entries].round().clamp(0, 255).to(torch.int64).cpu().numpy()
-            found = levels[..., 0] * 256 + levels[..., 1] if comp else levels[..., 0]
-            frame, row = pick // per_frame, first[lev] + pick % per_frame
-            proposals[2 * comp][frame, row] = np.sort(found, axis=1)
-            proposals[2 * comp + 1][frame, row] = entries
+        frame, row = pick // per_frame, first[lev] + pick % per_frame
+        proposals[2 * comp][frame, row] = np.sort(found, axis=1)
+        proposals[2 * comp + 1][frame, row] = entries
     return proposals
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from palstream.errors import PalstreamError
+from palstream.learned.backbone import Backbone, create_backbone
+from palstream.learned.backbone import block_features as pooled_features
 from palstream.learned.model import NetConfig, PaletteNet, active_mask
 from palstream.palettes.base import MAX_PALETTE, PaletteGenerator, register_palette_generator
 
@@ -131,6 +134,7 @@ class CganGenerator(PaletteGenerator):
         self.expected_sha256 = expected_sha256
         self._nets: dict[int, PaletteNet] | None = None
         self.backbone_name = ""
+        self._backbone: Backbone | None = None  # the CNN of weights trained with its features, made on first use
 
     def load(self) -> CganGenerator:
         """Read and verify the weights now (raises :class:`WeightsError`)."""
@@ -197,5 +201,22 @@ class CganGenerator(PaletteGenerator):
         palettes = torch.gather(palettes, 1, order[..., None].expand_as(palettes))
         return palettes.clamp(0, 255), torch.gather(scores, 1, order)
 
-    def generate(self, samples: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return self.generate_with_scores(samples, k)[0]
+    def block_features(self, luma: np.ndarray, cb: np.ndarray, cr: np.ndarray, boxes: np.ndarray) -> torch.Tensor | None:
+        """The backbone's features pooled over each block, the CNN run once per frame
+        (:func:`palstream.learned.backbone.block_features`, as in training); None for weights
+        trained without features."""
+        self._networks()
+        if not self.backbone_name:
+            return None
+        if self._backbone is None:
+            self._backbone = create_backbone(self.backbone_name).to(self.device)
+        features = torch.empty(len(boxes), self._backbone.channels)
+        for f in np.unique(boxes[:, 0]):
+            rows = np.flatnonzero(boxes[:, 0] == f)
+            top, left, size = boxes[rows, 1:].T
+            pooled = pooled_features(self._backbone, luma[f], cb[f], cr[f], np.stack([top, left, size, size], 1))
+            features[torch.from_numpy(rows)] = pooled.cpu()
+        return features
+
+    def generate(self, samples: torch.Tensor, k: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        return self.generate_with_scores(samples, k, features)[0]

@@ -11,6 +11,7 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from palstream.errors import ConfigError
@@ -40,8 +41,25 @@ class PaletteGenerator(ABC):
         """sha256 of the weights file for learned generators; None for algorithmic ones."""
         return None
 
+    def block_features(self, luma: np.ndarray, cb: np.ndarray, cr: np.ndarray, boxes: np.ndarray) -> torch.Tensor | None:
+        """Conditioning features of blocks computed from their whole frames, for :meth:`generate`.
+
+        Parameters
+        ----------
+        luma, cb, cr : np.ndarray
+            uint8 planes (T, H, W) and (T, H/2, W/2) of the frames the blocks are in.
+        boxes : np.ndarray
+            int (M, 4): ``frame, top, left, size`` of each block in luma pixels.
+
+        Returns
+        -------
+        torch.Tensor or None
+            float32 (M, D); None (the default) for generators that use the block's samples only.
+        """
+        return None
+
     @abstractmethod
-    def generate(self, samples: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def generate(self, samples: torch.Tensor, k: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Palettes for a batch of equally sized blocks.
 
         Parameters
@@ -51,6 +69,8 @@ class PaletteGenerator(ABC):
             2: Cb/Cr pair), values in 0..255.
         k : torch.Tensor
             int64, shape (N,): wanted palette size per block, 1..64.
+        features : torch.Tensor, optional
+            float32 (N, D): the blocks' :meth:`block_features`, where the generator has them.
 
         Returns
         -------

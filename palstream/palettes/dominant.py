@@ -55,7 +55,7 @@ class DominantValues(PaletteGenerator):
     in_codec = True
 
     @torch.no_grad()
-    def generate(self, samples: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def generate(self, samples: torch.Tensor, k: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         n, p, c = samples.shape
         kmax = int(k.max()) if n else 1
         levels = samples.to(self.device).round().clamp(0, 255).to(torch.int64)

@@ -34,7 +34,7 @@ class KMeansGenerator(PaletteGenerator):
         self.seed = seed
 
     @torch.no_grad()
-    def generate(self, samples: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def generate(self, samples: torch.Tensor, k: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         samples = samples.to(self.device, torch.float32)
         k = k.to(self.device)
         n, p, c = samples.shape

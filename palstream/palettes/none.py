@@ -16,5 +16,5 @@ class NoProposals(PaletteGenerator):
     """Returns palettes of no entries for every block: the encoder then uses none of them."""
 
     @torch.no_grad()
-    def generate(self, samples: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def generate(self, samples: torch.Tensor, k: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         return samples.new_zeros(samples.shape[0], 0, samples.shape[2])
