@@ -83,15 +83,15 @@ def generators() -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def measure(frames, clip: str, target: float, palette: str, generator) -> dict:
-    """Encode ``frames`` at ``target`` with ``palette`` (``generator``, warmed); decode it again and
-    check the counts agree."""
+def measure(frames, clip: str, target: float, palette: str, generator, rung: int | None = None) -> dict:
+    """Encode ``frames`` at ``target`` with ``palette`` (``generator``, warmed), or at the fixed
+    ``rung`` with ``target``'s denoising (``encode_chunk``); decode it again and check the counts agree."""
     from palstream.codec import EncoderConfig, ModeStats, decode_chunk, encode_chunk
     from palstream.codec.syntax import STAT_PAL_ESTIMATE, STAT_PAL_SOURCE, STAT_ROWS
 
     encoded_modes, decoded_modes = ModeStats(), ModeStats()
     cpu = time.process_time()
-    encoded = encode_chunk(frames, EncoderConfig(target_psnr=target, palette=palette), generator=generator, modes=encoded_modes)
+    encoded = encode_chunk(frames, EncoderConfig(target_psnr=target, palette=palette), generator=generator, modes=encoded_modes, rung=rung)
     encode_cpu = time.process_time() - cpu
     seconds, blocks = generator.take()
     decode_chunk(encoded.payload, modes=decoded_modes)
@@ -106,6 +106,7 @@ def measure(frames, clip: str, target: float, palette: str, generator) -> dict:
         "bytes": encoded.stats["bytes"],
         "bpp": encoded.stats["bpp"],
         "psnr_y": encoded.stats["psnr_y"],
+        "rung": encoded.stats["rung"],
         "encode_cpu_seconds": encode_cpu,
         "generator_seconds": seconds,
         "generator_blocks": blocks,

@@ -251,6 +251,25 @@ def test_rate_control_lands_just_above_the_floor(target):
     assert target <= _psnr_y(decode_chunk(encoded.payload), frames) <= target + 0.5
 
 
+def test_a_fixed_rung_codes_once_at_that_step():
+    """``encode_chunk(..., rung=)`` skips the rate control (benchmarks compare tools at equal quantisation)."""
+    from palstream.codec.chunk import LADDER
+    from palstream.codec.decoder import HEADER
+
+    frames = read_frames(str(DATA / "camera_64x48.mkv"), 0, 4)
+    controlled = encode_chunk(frames, EncoderConfig(target_psnr=40.0))
+    rung = controlled.stats["rung"]
+    assert LADDER[rung][0] == HEADER.unpack_from(controlled.payload)[6] and controlled.stats["attempts"] > 1
+    finer, coarser = (encode_chunk(frames, EncoderConfig(target_psnr=40.0), rung=r) for r in (rung - 8, rung + 8))
+    for encoded, r in ((finer, rung - 8), (coarser, rung + 8)):
+        assert encoded.stats["attempts"] == 1 and encoded.stats["rung"] == r
+        assert HEADER.unpack_from(encoded.payload)[6] == LADDER[r][0]
+        assert _psnr_y(decode_chunk(encoded.payload), frames) == pytest.approx(encoded.stats["psnr_y"])
+    assert finer.stats["psnr_y"] > coarser.stats["psnr_y"] and finer.stats["bytes"] > coarser.stats["bytes"]
+    with pytest.raises(ValueError, match="rung"):
+        encode_chunk(frames, EncoderConfig(), rung=len(LADDER))
+
+
 def _still_noisy(frames: int, sigma: float) -> Frames:
     """A smooth still picture repeated, with independent Gaussian noise of ``sigma`` in every luma sample."""
     rng = np.random.default_rng(4)

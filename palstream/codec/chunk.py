@@ -289,7 +289,8 @@ def _choose_rung(encode_at, target_psnr: float, frames: int) -> int:
     return max(passing) if passing else max(0, min(probes) - 1)
 
 
-def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: ModeStats | None = None) -> EncodedChunk:
+def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: ModeStats | None = None,
+                 rung: int | None = None) -> EncodedChunk:
     """Encode one GOP.
 
     Parameters
@@ -304,14 +305,21 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
     modes : ModeStats, optional
         Receives the leaves of the encode that is kept (not of the rate control's probes), with
         where each PALETTE leaf's luma palette came from, which the decoder cannot tell.
+    rung : int, optional
+        Code once at this rung of ``LADDER`` (a fixed step, the nominal lambda) instead of
+        controlling the rate to ``config.target_psnr``, which then sets only the denoising: for
+        comparisons of encoder tools at equal quantisation, free of the rate control's choices.
 
     Returns
     -------
     EncodedChunk
-        ``payload`` bytes and ``stats`` (frames, bytes, bpp, psnr_y, mse_y, step, attempts, encode_seconds).
+        ``payload`` bytes and ``stats`` (frames, bytes, bpp, psnr_y, mse_y, step, rung, attempts,
+        encode_seconds).
     """
     start = time.perf_counter()
     t, h, w = frames.y.shape
+    if rung is not None and not 0 <= rung < len(LADDER):
+        raise ValueError(f"rung {rung} is out of range (0..{len(LADDER) - 1})")
     if not 1 <= t <= MAX_FRAMES or not (1 <= h <= MAX_DIMENSION and 1 <= w <= MAX_DIMENSION):
         raise ValueError(f"chunk of {t} frames of {w}x{h} is out of range (1..{MAX_FRAMES} frames, 1..{MAX_DIMENSION} px)")
     padded = (_pad(frames.y, syntax.CTU), _pad(frames.u, syntax.CTU // 2), _pad(frames.v, syntax.CTU // 2))
@@ -344,6 +352,8 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
     exact = config.lossless
     if config.lossless:
         rung = 0
+        body, mse = encode_at(rung, t)
+    elif rung is not None:
         body, mse = encode_at(rung, t)
     else:
         rung = _choose_rung(encode_at, config.target_psnr - PROBE_SLACK_DB, t)
@@ -382,6 +392,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
         "psnr_y": _psnr(mse),
         "mse_y": mse,
         "step": q4 / 4,
+        "rung": rung,
         "attempts": attempts,
         "encode_seconds": time.perf_counter() - start,
     }
