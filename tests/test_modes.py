@@ -209,3 +209,19 @@ def test_benchmark_compares_at_equal_psnr_by_log_linear_interpolation():
     assert bpp_at_psnr(points, 42.5) == pytest.approx(0.2)  # halfway in PSNR: the geometric mean
     assert bpp_at_psnr(points, 50.0) == pytest.approx(1.6)  # beyond the points: the end segment, extended
     assert bpp_at_psnr(points[:1], 42.5) is None
+
+
+def test_ablation_tables_compare_at_k_means_psnr():
+    """benchmarks/generator_ablation.py: each generator's bpp at k-means' PSNR-Y, against the shipped weights and k-means."""
+    from benchmarks.generator_ablation import KMEANS, SHIPPED, tables
+
+    def row(generator, target, psnr, bpp):
+        return {"generator": generator, "clip": "screen_x.mkv", "target_db": target, "psnr_y": psnr, "bpp": bpp}
+
+    rows = [row(KMEANS, 40, 40.0, 0.1), row(SHIPPED, 40, 40.0, 0.1), row("variant", 40, 42.5, 0.2),
+            row(KMEANS, 45, 45.0, 0.4), row(SHIPPED, 45, 45.0, 0.44), row("variant", 45, 45.0, 0.4)]
+    text = tables(rows, rows)
+    # the variant at 40 dB is 2.5 dB above k-means: at k-means' 40 dB its line through (42.5, 0.2) and (45, 0.4) gives 0.1
+    assert "| variant | -4.65 % | -4.65 % | -4.65 % | +0.00 % | +0.00 % | 0 of 2 (+0.00 %) |" in text  # sqrt(1/1.1) - 1
+    assert "| shipped (full recipe) | +0.00 % | +0.00 % | +0.00 % | +4.88 % | +4.88 % | 1 of 2 (+10.00 %) |" in text
+    assert "| screen_x.mkv | 40 | 0.1000 (40.00 dB) | 0.1000 (40.00 dB) | 0.2000 (42.50 dB) |" in text
