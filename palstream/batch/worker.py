@@ -195,7 +195,7 @@ class TimedGenerator:
         return self._timed(self._inner.generate, samples, k, features)
 
     def take_seconds(self) -> float:
-        """Seconds spent in ``generate`` by this thread since the last call."""
+        """Seconds spent in ``block_features`` and ``generate`` by this thread since the last call."""
         seconds, self._local.seconds = getattr(self._local, "seconds", 0.0), 0.0
         return seconds
 
