@@ -43,7 +43,7 @@ from benchmarks.palette_modes import SCREEN_AND_2D, TARGETS, bpp_at_psnr, counti
 # The shipped run's data and hold-outs (docs/model-card-cgan-v1.md, "Training").
 HOLDOUT = ("screen_*", "animation2d_*", "camera_rocket_*")
 FEATURES, WITHHELD = "with CNN features", "with CNN features, withheld at inference"
-# One kind of loss removed at a time, and all but reconstruction: TrainConfig weights set to 0.
+# TrainConfig overrides: each kind of loss removed (its weights 0), all but reconstruction, CNN features as input.
 VARIANTS: dict[str, dict[str, Any]] = {
     "no perceptual": {"w_msssim": 0.0, "w_deep": 0.0},
     "no diversity": {"w_diversity": 0.0},
