@@ -117,19 +117,16 @@ def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
     first = analysis.proposal_rows(h, w)
     proposals = _no_proposals(luma.shape, entries)
 
-    def samples_of(s, comp):  # int64 (t * blocks per frame, size * size, C)
-        planes, size = ((luma,), s) if comp == 0 else ((cb, cr), s // 2)
-        return np.stack([_blocks(p, size) for p in planes], axis=-1).astype(np.int64)
-
-    asks = []  # (level, size, component, candidate rows)
+    asks = []  # (level, size, component, candidate rows, their uint8 samples (N, size * size, C))
     for lev, s in enumerate(analysis.PROPOSAL_SIZES):
         if config.min_block <= s <= config.max_block:
-            for comp in (0, 1):
-                samples = samples_of(s, comp)
-                keys = torch.from_numpy(samples[..., 0] * 256 + samples[..., 1] if comp else samples[..., 0])
+            for comp, planes, size in ((0, (luma,), s), (1, (cb, cr), s // 2)):
+                samples = np.stack([_blocks(p, size) for p in planes], axis=-1)
+                wide = samples.astype(np.int64)
+                keys = torch.from_numpy(wide[..., 0] * 256 + wide[..., 1] if comp else wide[..., 0])
                 pick = torch.nonzero(proposal_candidates(keys, entries, config.max_palette)).squeeze(1).numpy()
                 if pick.size:
-                    asks.append((lev, s, comp, pick))
+                    asks.append((lev, s, comp, pick, samples[pick]))
     if not asks:
         return proposals
 
@@ -138,10 +135,10 @@ def _palette_proposals(luma, cb, cr, config: EncoderConfig, generator):
         frame, index = np.divmod(pick, (h // s) * across)
         return np.stack([frame, index // across * s, index % across * s, np.full_like(pick, s)], 1)
 
-    features = generator.block_features(luma, cb, cr, np.concatenate([boxes(s, pick) for _, s, _, pick in asks]))
+    features = generator.block_features(luma, cb, cr, np.concatenate([boxes(s, pick) for _, s, _, pick, _ in asks]))
     start = 0
-    for lev, s, comp, pick in asks:
-        chosen = torch.from_numpy(samples_of(s, comp)[pick].astype(np.float32))
+    for lev, s, comp, pick, picked in asks:
+        chosen = torch.from_numpy(picked.astype(np.float32))
         k = torch.full((pick.size,), entries, dtype=torch.int64)
         palettes = generator.generate(chosen, k, None if features is None else features[start:start + pick.size])
         start += pick.size
