@@ -38,7 +38,7 @@ from typing import Any  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script: the sibling benchmark module below
 
-from benchmarks.palette_modes import SCREEN_AND_2D, TARGETS, bpp_at_psnr, counting, geomean, measure  # noqa: E402
+from benchmarks.palette_modes import SCREEN_AND_2D, bpp_at_psnr, clip_arguments, counting, geomean, measure  # noqa: E402
 
 # The shipped run's data and hold-outs (docs/model-card-cgan-v1.md, "Training").
 HOLDOUT = ("screen_*", "animation2d_*", "camera_rocket_*")
@@ -120,15 +120,10 @@ def _table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--corpus", type=Path, default=REPO.parent / "shared" / "corpus", help="folder of the corpus clips (and images/)")
-    parser.add_argument("--clips", default="*.mkv", help="file name pattern in the corpus (default *.mkv: all)")
-    parser.add_argument("--frames", type=int, default=16, help="first N frames of each clip, one chunk (default 16)")
-    parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS), help="target PSNR-Y in dB (default 40 45)")
+    clip_arguments(parser, "generator_ablation.json")  # --corpus also holds the training images (its images/)
     parser.add_argument("--steps", type=int, default=2000, help="training steps per variant (default 2000, as shipped)")
     parser.add_argument("--weights-dir", type=Path, default=Path.home() / ".cache" / "palstream" / "ablation",
                         help="where the variants' weights are kept (a variant whose file exists is not trained again)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "generator_ablation.json")
-    parser.add_argument("--report", type=Path, default=None, help="print the tables of a saved results file and stop")
     args = parser.parse_args(argv)
     if args.report:
         saved = json.loads(args.report.read_text())

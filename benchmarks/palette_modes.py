@@ -220,15 +220,21 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def clip_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options this benchmark and ``generator_ablation.py`` share: which clips, frames and
+    targets, where the results go (``benchmarks/results/OUT`` by default), and ``--report``."""
     parser.add_argument("--corpus", type=Path, default=REPO.parent / "shared" / "corpus", help="folder of the corpus clips")
     parser.add_argument("--clips", default="*.mkv", help="file name pattern in the corpus (default *.mkv: all)")
     parser.add_argument("--frames", type=int, default=16, help="first N frames of each clip, one chunk (default 16)")
     parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS), help="target PSNR-Y in dB (default 40 45)")
-    parser.add_argument("--palettes", nargs="+", default=None, help="generators (default: the default one, none, kmeans, cgan-v1)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "palette_modes.json")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / out)
     parser.add_argument("--report", type=Path, default=None, help="print the tables of a saved results file and stop")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    clip_arguments(parser, "palette_modes.json")
+    parser.add_argument("--palettes", nargs="+", default=None, help="generators (default: the default one, none, kmeans, cgan-v1)")
     args = parser.parse_args(argv)
     if args.report:
         print(tables(json.loads(args.report.read_text())["rows"]))
