@@ -5,7 +5,10 @@ cgan-v1 is trained with four kinds of loss: reconstruction (hard and soft block 
 the same recipe with one kind removed at a time (same data, hold-outs, seed, steps and one thread
 as the shipped weights: ``palstream train``'s defaults, so the shipped file is the full recipe's
 run), and once with pooled EfficientNet-Lite0 features as input (the codec computes them once per
-frame at half resolution; the same weights are also run with the features withheld). It then
+frame at half resolution; the same weights are also run with the features withheld). The shipped
+decoding is also run without the network: its Lloyd and merge-and-split updates from the plain
+companding cuts alone (which the decoding otherwise tries beside the network's cuts, keeping the
+lower squared error), i.e. what the network itself is worth in bits. It then
 encodes the first ``--frames`` frames of every corpus clip at 40 and 45 dB with each set of weights
 as the codec's batched generator, beside k-means(10) and the shipped weights: once rate-controlled
 (what an archive gets) and once at the rung rate control chose for k-means (one encode, nominal
@@ -43,6 +46,7 @@ from benchmarks.palette_modes import SCREEN_AND_2D, bpp_at_psnr, clip_arguments,
 # The shipped run's data and hold-outs (docs/model-card-cgan-v1.md, "Training").
 HOLDOUT = ("screen_*", "animation2d_*", "camera_rocket_*")
 FEATURES, WITHHELD = "with CNN features", "with CNN features, withheld at inference"
+NO_NETWORK = "no network (companding cuts and the updates only)"
 # TrainConfig overrides: each kind of loss removed (its weights 0), all but reconstruction, CNN features as input.
 VARIANTS: dict[str, dict[str, Any]] = {
     "no perceptual": {"w_msssim": 0.0, "w_deep": 0.0},
@@ -140,6 +144,12 @@ def main(argv: list[str] | None = None) -> None:
         def block_features(self, luma, cb, cr, boxes):
             return None
 
+    class WithoutNetwork(CganGenerator):
+        """The shipped decoding with no network: ``generate_palettes`` from the companding cuts alone."""
+
+        def _networks(self):
+            return {components: None for components in super()._networks()}
+
     clips = sorted(args.corpus.glob(args.clips))
     if not clips:
         raise SystemExit(f"no clip matches {args.clips!r} in {args.corpus}")
@@ -148,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                   SHIPPED: counting(CganGenerator(device="cpu").load())}
     generators |= {name: counting(CganGenerator(device="cpu", weights=path, expected_sha256=None).load()) for name, path in weights.items()}
     generators[WITHHELD] = counting(WithoutFeatures(device="cpu", weights=weights[FEATURES], expected_sha256=None).load())
+    generators[NO_NETWORK] = counting(WithoutNetwork(device="cpu").load())
     rows, fixed = [], []
     for path in clips:
         frames = read_frames(str(path), 0, args.frames)
