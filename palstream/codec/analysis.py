@@ -107,7 +107,8 @@ NEIGHBOURS = np.array([[-1, -1], [-1, 0], [-1, 1], [0, -1], [0, 1], [1, -1], [1,
 
 @njit(cache=True, nogil=True)
 def motion_search(cur, ref, prev_mv, search_range, grid=True):
-    """Half-pel motion vector per 8x8 luma block.
+    """Half-pel motion vector per 8x8 luma block, and the sum of their matches' costs (SAD plus
+    the vectors' lengths).
 
     Candidates: zero, the neighbours' and the last frame's vectors, and a coarse grid where
     those match poorly; then a descent over whole-pixel and half-pixel neighbours.
@@ -117,8 +118,9 @@ def motion_search(cur, ref, prev_mv, search_range, grid=True):
     h8 = h // 8
     w8 = w // 8
     mv = np.zeros((h8, w8, 2), np.int32)
+    total = np.int64(0)
     if search_range == 0:
-        return mv
+        return mv, total
     lim = 2 * search_range
     step = 2 * max(1, search_range // 2)
     cands = np.empty((8, 2), np.int64)
@@ -184,24 +186,44 @@ def motion_search(cur, ref, prev_mv, search_range, grid=True):
                                 moved = True
             mv[by, bx, 0] = bdy
             mv[by, bx, 1] = bdx
-    return mv
+            total += best
+    return mv, total
+
+
+# Bitstream 6: a frame's second reference is 2, 3 or 4 frames back. Frames whose number is a
+# multiple of 4 are coded with the finest step (decoder.frame_coding), so by default each frame averages
+# the previous one with the nearest such frame before it, or with frame f - 2 where that is one of them.
+SECOND_REFERENCE = (4, 3, 2, 3)  # by f % 4
+# ... unless frame f - 2 matches clearly better (animation drawn on twos, repeated frames): its sum of
+# match costs below this share of the layered reference's
+PREFER_NEAR = 0.8
 
 
 @njit(cache=True, nogil=True)
-def motion_search_chunk(luma, search_range):
-    """Motion field of every frame between source frames: per 8x8 cell the vector into the
-    previous frame and the vector into the one before (searched around twice the first, over
-    twice the range), in half-pels, as the first four fields of a cell record (MV_Y, MV_X, MV2_Y,
-    MV2_X); zero where there is no such frame."""
+def motion_search_chunk(luma, search_range, layered):
+    """Motion field of every frame between source frames, and each frame's second-reference
+    distance (0: none). Per 8x8 cell: the vector into the previous frame and the vector into the
+    second reference (searched around the first scaled by the distance, over that many times the
+    range), in half-pels, as the first four fields of a cell record (MV_Y, MV_X, MV2_Y, MV2_X);
+    zero where there is no such frame. ``layered`` (bitstream 6) chooses the distance by
+    ``SECOND_REFERENCE`` and ``PREFER_NEAR``; otherwise it is 2."""
     t, h, w = luma.shape
     field = np.zeros((t, h // 8, w // 8, BI), np.int32)
+    distances = np.zeros(t, np.int64)
     for f in range(1, t):
-        field[f, :, :, MV_Y:MV_X + 1] = motion_search(luma[f], luma[f - 1], field[f - 1, :, :, MV_Y:MV_X + 1], search_range)
+        field[f, :, :, MV_Y:MV_X + 1] = motion_search(luma[f], luma[f - 1], field[f - 1, :, :, MV_Y:MV_X + 1], search_range)[0]
         if f >= 2:
-            # around twice the first vector, no grid: noise, not motion, is what averaging removes
-            second = motion_search(luma[f], luma[f - 2], 2 * field[f, :, :, MV_Y:MV_X + 1], 2 * search_range, False)
+            # around the first vector scaled, no grid: noise, not motion, is what averaging removes
+            d = min(SECOND_REFERENCE[f % 4], f) if layered else 2
+            second, cost = motion_search(luma[f], luma[f - d], d * field[f, :, :, MV_Y:MV_X + 1], d * search_range, False)
+            if d != 2:
+                near, near_cost = motion_search(luma[f], luma[f - 2], 2 * field[f, :, :, MV_Y:MV_X + 1], 2 * search_range, False)
+                if near_cost < PREFER_NEAR * cost:
+                    d = 2
+                    second = near
             field[f, :, :, MV2_Y:MV2_X + 1] = second
-    return field
+            distances[f] = d
+    return field, distances
 
 
 def residual_cost_table(q4: int, rnd4: int, lam: float, dweight: float) -> np.ndarray:
@@ -1037,7 +1059,7 @@ def _transform_cost(cur, pred, y0, x0, s, q4, lam, levels, coef):
 
 
 @njit(cache=True, nogil=True, inline="always")  # see decide
-def _price_inter(planes, field, cell_inter, below, table, lam, tq4, has_ref2, lev, by, bx, s, scratch, motion):
+def _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_dist, lev, by, bx, s, scratch, motion):
     """RD cost of the block as an INTER leaf: (J, variant, luma offset, transform) of its best
     candidate, whose motion tuple goes into ``motion``; J is infinite where there is no candidate.
 
@@ -1057,7 +1079,7 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, has_ref2, le
     ivar = 0
     for qd in range(5 if lev > 0 else 2):
         if lev == 0:
-            if qd == 1 and not has_ref2:
+            if qd == 1 and not ref2_dist:
                 continue
             b2 = qd
             mot = _cell_motion(field, by, bx, b2)
@@ -1085,7 +1107,7 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, has_ref2, le
         ntried += 1
         j = lam * (3.0 + 0.5 * (abs(mot[MV_Y]) + abs(mot[MV_X])))
         if b2:
-            j += lam * (2.0 + 0.5 * (abs(mot[MV2_Y] - 2 * mot[MV_Y]) + abs(mot[MV2_X] - 2 * mot[MV_X])))
+            j += lam * (2.0 + 0.5 * (abs(mot[MV2_Y] - ref2_dist * mot[MV_Y]) + abs(mot[MV2_X] - ref2_dist * mot[MV_X])))
         jmot[0] = j
         for v in range(1, 4):
             jmot[v] = j + lam * 1.0  # the weight
@@ -1233,7 +1255,7 @@ class Pricing(NamedTuple):
     max_block: int
     max_pal: int
     tq4: int  # the step (quarter levels) of the transform path; 0 where the chunk has none (lossless)
-    q4: int  # the chunk's step, quarter levels
+    q4: int  # the frame's step, quarter levels
     esc_tol: int  # squared error above which a palette sample escapes (``syntax.Coding.esc_tol``)
     dominant: bool  # the palette generator is ``dominant``, which the analysis runs itself (``_palette_clusters``)
 
@@ -1251,12 +1273,12 @@ def proposal_rows(h, w):
 
 
 @njit(cache=True, nogil=True)
-def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, coder, decisions):
+def decide(cur, ref, ref2, has_ref, ref2_dist, field, pricing, proposals, coder, decisions):
     """Fill ``decisions`` (``syntax.Decisions``) with the RD-best quadtree of the frame and each
     leaf's mode, motion, predictor variant, luma offset and palettes.
 
     ``cur``, ``ref``, ``ref2``: (Y, Cb, Cr) planes of the source frame, the previous reconstructed
-    frame and the one before; ``field``: the frame's motion field (``motion_search_chunk``);
+    frame and the second reference, ``ref2_dist`` frames back (0: none); ``field``: the frame's motion field (``motion_search_chunk``);
     ``pricing``: a ``Pricing``; ``proposals``: the generator's palettes for the frame's blocks of every
     size (luma keys, their count, chroma keys, their count; rows as ``proposal_rows``); ``coder``: what palettes cost at the coder's state as
     the frame starts (``palette_coder``). Bottom-up, level by level (8x8 up to max_block), each
@@ -1312,7 +1334,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, coder, 
             for bx in range(w // s):
                 _intra_skip_costs(err, cur, ref, has_ref, table, intra_raw, skip_raw, lev, by, bx, s)
                 if lev == 0 and has_ref:
-                    for b2 in range(2 if has_ref2 else 1):
+                    for b2 in range(2 if ref2_dist else 1):
                         _cell_inter_cost(cur, planes[1], ref, ref2, table, by, bx, _cell_motion(field, by, bx, b2), prediction,
                                          cell_inter[by, bx, b2])
                 jbest = np.inf
@@ -1329,7 +1351,7 @@ def decide(cur, ref, ref2, has_ref, has_ref2, field, pricing, proposals, coder, 
                             bm = SKIP
                             bvar = 0
                         below = (lmode[max(lev - 1, 0)], lcells[max(lev - 1, 0)])  # at level 0: unused
-                        jinter, ivar, dc, tr = _price_inter(planes, field, cell_inter, below, table, lam, tq4, has_ref2, lev,
+                        jinter, ivar, dc, tr = _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_dist, lev,
                                                             by, bx, s, inter_scratch, imot)
                         if jinter < jbest:
                             jbest = jinter

@@ -166,32 +166,36 @@ def _generator(name: str):
 def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, motion,
                control: ratecontrol.LambdaControl | None = None, stats=NO_STATS):
     """Code the frames of ``padded`` at one rung with the palette generator's ``proposals``, or its
-    palettes of ``dominant`` values; ``control`` scales the RD lambda frame by frame; ``stats``: leaf
-    statistics to fill (``palstream.codec.modes``), or ``NO_STATS``."""
+    palettes of ``dominant`` values; ``motion``: the motion field and second-reference distances
+    (``analysis.motion_search_chunk``); ``control`` scales the RD lambda frame by frame; ``stats``:
+    leaf statistics to fill (``palstream.codec.modes``), or ``NO_STATS``."""
     q4, rounding = rung
-    rnd4 = rounding[0]
-    lam = 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
     dweight = 1e6 if config.lossless else 1.0
-    esc_tol = int(lam * analysis.ESCAPE_BITS)  # 0 when lossless: every inexact sample escapes, exactly
-    noise = 0 if config.lossless else round(q4 * INTRA_NOISE)
+    field, distances = motion
 
-    def decide(f, src, ref, ref2, decisions, probs, predictors):
-        rd_lambda = max(lam, 1.0) * (control.scale(f, recon[0]) if control else 1.0)
-        table = analysis.residual_cost_table(q4, rnd4, rd_lambda, dweight)
+    def lam_at(q4):
+        return 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
+
+    def decide(f, src, ref, ref2, ref2_dist, coding, decisions, probs, predictors):
+        fq4 = coding.q4
+        rd_lambda = max(lam_at(fq4), 1.0) * (control.scale(f, recon[0]) if control else 1.0)
+        table = analysis.residual_cost_table(fq4, coding.rounding[0], rd_lambda, dweight)
+        noise = 0 if config.lossless else round(fq4 * INTRA_NOISE)
         pricing = analysis.Pricing(
-            table, rd_lambda, dweight, noise, config.min_block, config.max_block, config.max_palette, q4 if q4 > 4 else 0, q4,
-            esc_tol, dominant,
+            table, rd_lambda, dweight, noise, config.min_block, config.max_block, config.max_palette, fq4 if fq4 > 4 else 0,
+            fq4, coding.esc_tol, dominant,
         )
-        analysis.decide(src, ref, ref2, f > 0, f > 1, motion[f], pricing, tuple(p[f] for p in proposals),
+        analysis.decide(src, ref, ref2, f > 0, ref2_dist, field[f], pricing, tuple(p[f] for p in proposals),
                         analysis.palette_coder(probs, predictors, src, f == 0), decisions)
 
     recon = tuple(np.zeros_like(p) for p in padded)
     capacity = padded[0].size * 3 + 4096
+    esc_tol = int(lam_at(q4) * analysis.ESCAPE_BITS)  # 0 when lossless: every inexact sample escapes, exactly
+    coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol)
     while True:
         buf = np.zeros(capacity, np.uint8)
         stats[...] = 0  # a retry into a larger buffer codes every leaf again
-        coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol)
-        st = code_frames(True, buf, padded, recon, coding, decide, stats=stats)
+        st = code_frames(True, buf, padded, recon, coding, decide, stats=stats, layered=True, distances=distances)
         size = rangecoder.flush(st, buf)
         if size <= capacity:
             return bytes(buf[:size]), recon
@@ -332,7 +336,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
         proposals = _palette_proposals(*padded, config, generator)
     # Motion is searched once per chunk, between source frames, so the rate-control probes
     # and the final encode share it (searching the reconstruction would repeat it per probe).
-    motion = analysis.motion_search_chunk(padded[0], config.search_range)
+    motion = analysis.motion_search_chunk(padded[0], config.search_range, True)
     attempts = 0
     counts = NO_STATS  # the leaves of the latest encode, which is the one kept
 

@@ -782,12 +782,13 @@ def code_indices(
 
 @njit(cache=True, nogil=True)
 def code_frame(
-    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, has_ref2, coding, decisions, predictors, stats
+    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, ref2_dist, coding, decisions, predictors, stats
 ):
     """Code one frame: per 64x64 CTU a quadtree of leaves, each leaf a mode and its data.
 
     ``src``, ``rec``, ``ref``, ``ref2``: (Y, Cb, Cr) planes of the source (when decoding: ``rec``),
-    the frame being reconstructed, the previous frame and the one before. ``levels`` and
+    the frame being reconstructed, the previous frame and the second reference, ``ref2_dist``
+    frames back (0: there is none). ``levels`` and
     ``prev_levels``: (Y, Cb, Cr) signed residual levels of this frame and the previous one;
     ``levels`` are cleared a CTU row at a time, just before it is coded (the caller swaps the two
     between frames), so a stream that ends early has touched no more of them than it decoded.
@@ -850,7 +851,7 @@ def code_frame(
                     start = bits_consumed(enc, st)
                     stats[STAT_TREE, STAT_BITS] += start - last  # the split flags before this leaf
                 _code_leaf(
-                    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, has_ref2, coding,
+                    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, ref2_dist, coding,
                     decisions, predictors, y0, x0, s,
                 )
                 if counting:
@@ -909,7 +910,7 @@ def _code_vector_component(enc, st, buf, probs, zero_ctx, mag_ctx, predicted, va
 
 @njit(cache=True, nogil=True)
 def _code_leaf(
-    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, has_ref2, coding, decisions, predictors,
+    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, ref2_dist, coding, decisions, predictors,
     y0, x0, s,
 ):
     """One leaf of size ``s`` at luma (``y0``, ``x0``): its mode, motion, variant, offset and transform flag, then
@@ -959,14 +960,14 @@ def _code_leaf(
             px = top[MV_X]
         mvy = _code_vector_component(enc, st, buf, probs, CTX_MV_ZERO, CTX_MV_MAG, py, this[MV_Y])
         mvx = _code_vector_component(enc, st, buf, probs, CTX_MV_ZERO + 1, CTX_MV_MAG + UEG_CONTEXTS, px, this[MV_X])
-        if has_ref2:
-            # optional second vector into the frame before, predicted as twice the first
+        if ref2_dist:
+            # optional second vector into the second reference, predicted as the first scaled by its distance
             nbi = (1 if left_is == INTER and left[BI] else 0) + (1 if top_is == INTER and top[BI] else 0)
             bi = code_bit(enc, st, buf, probs, CTX_BI + nbi, this[BI] if enc else 0)
             if bi:
-                my2 = _code_vector_component(enc, st, buf, probs, CTX_MV2_ZERO, CTX_MV2_MAG, 2 * mvy, this[MV2_Y])
+                my2 = _code_vector_component(enc, st, buf, probs, CTX_MV2_ZERO, CTX_MV2_MAG, ref2_dist * mvy, this[MV2_Y])
                 mx2 = _code_vector_component(
-                    enc, st, buf, probs, CTX_MV2_ZERO + 1, CTX_MV2_MAG + UEG_CONTEXTS, 2 * mvx, this[MV2_X]
+                    enc, st, buf, probs, CTX_MV2_ZERO + 1, CTX_MV2_MAG + UEG_CONTEXTS, ref2_dist * mvx, this[MV2_X]
                 )
     variant = 0
     if m == INTER or m == INTRA:
