@@ -25,6 +25,7 @@ from palstream.codec.decoder import (
     NO_STATS,
     VERSION,
     code_frames,
+    frame_coding,
 )
 from palstream.codec.modes import ModeStats
 from palstream.frames import Frames
@@ -178,7 +179,8 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, m
 
     def decide(f, src, ref, ref2, ref2_dist, coding, decisions, probs, predictors):
         fq4 = coding.q4
-        rd_lambda = max(lam_at(fq4), 1.0) * (control.scale(f, recon[0]) if control else 1.0)
+        step_change = fq4 / frame_coding(chunk_coding, f - 1).q4 if f else 1.0
+        rd_lambda = max(lam_at(fq4), 1.0) * (control.scale(f, recon[0], step_change) if control else 1.0)
         table = analysis.residual_cost_table(fq4, coding.rounding[0], rd_lambda, dweight)
         noise = 0 if config.lossless else round(fq4 * INTRA_NOISE)
         pricing = analysis.Pricing(
@@ -191,11 +193,11 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, m
     recon = tuple(np.zeros_like(p) for p in padded)
     capacity = padded[0].size * 3 + 4096
     esc_tol = int(lam_at(q4) * analysis.ESCAPE_BITS)  # 0 when lossless: every inexact sample escapes, exactly
-    coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol)
+    chunk_coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol)
     while True:
         buf = np.zeros(capacity, np.uint8)
         stats[...] = 0  # a retry into a larger buffer codes every leaf again
-        st = code_frames(True, buf, padded, recon, coding, decide, stats=stats, layered=True, distances=distances)
+        st = code_frames(True, buf, padded, recon, chunk_coding, decide, stats=stats, layered=True, distances=distances)
         size = rangecoder.flush(st, buf)
         if size <= capacity:
             return bytes(buf[:size]), recon
@@ -255,7 +257,7 @@ def _choose_rung(encode_at, target_psnr: float, frames: int) -> int:
     Returns the coarsest probed rung that met the target; the full-chunk check in the caller
     has the last word.
     """
-    probe = min(frames, max(2, frames // 8))
+    probe = min(frames, max(2, frames // 8))  # at least a cycle of layered frames (decoder.frame_level)
     target_mse = 255.0**2 / 10 ** (target_psnr / 10)
     rung = _rung_at(4 * initial_step(target_psnr))
     probes: dict[int, float] = {}

@@ -47,8 +47,10 @@ class LambdaControl:
         self.frame_mse: list[float] = []
         self.scales: list[float] = []
 
-    def scale(self, f: int, recon_y: np.ndarray) -> float:
-        """Multiplier of lambda for frame ``f``; ``recon_y`` holds the frames before it, reconstructed."""
+    def scale(self, f: int, recon_y: np.ndarray, step_change: float = 1.0) -> float:
+        """Multiplier of lambda for frame ``f``; ``recon_y`` holds the frames before it, reconstructed;
+        ``step_change``: frame ``f``'s step over the previous frame's (layered frames, whose MSE
+        follows the step squared: the controller compares like with like)."""
         if f == 0:
             self.frame_mse.clear()
             self.scales = [1.0]
@@ -58,7 +60,7 @@ class LambdaControl:
         diff = np.subtract(recon_y[f - 1, :h, :w], self.source_y[f - 1], dtype=np.int16).astype(np.float32).ravel()
         self.frame_mse.append(float(np.dot(diff, diff)) / diff.size)
         allowed = (self.aim_mse * t - sum(self.frame_mse)) / (t - f)  # per frame, for the frames left
-        last = max(self.frame_mse[-1], 1e-3)
+        last = max(self.frame_mse[-1] * step_change**2, 1e-3)
         change = math.exp(GAIN * math.log(allowed / last)) if allowed > 0 else 1 / FALL_LIMIT
         change = min(RISE_LIMIT, max(1 / FALL_LIMIT, change))
         lo, hi = SCALE_RANGE
