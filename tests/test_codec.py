@@ -239,6 +239,25 @@ def test_lambda_control_spends_slack_slowly_and_recovers_fast():
     assert control.scale(0, recon) == 1.0
 
 
+def test_lambda_control_expects_layered_frames_to_differ_by_their_weights():
+    """Frames whose MSE follows their weights (layered frames' steps squared) at the aimed chunk MSE
+    are on course: the multiplier stays 1 however much one frame's MSE differs from the next's."""
+    from palstream.codec import ratecontrol
+
+    weights = [1.0, 1.6, 1.25, 1.6] * 2
+    aim = 4.0 / 10 ** (ratecontrol.AIM_DB / 10)
+    unit = aim * len(weights) / sum(weights)  # a level-0 frame's MSE when every frame keeps to its weight
+    source = np.zeros((8, 16, 16), np.uint8)
+    recon = np.zeros((8, 16, 16), np.uint8)
+    control = ratecontrol.LambdaControl(source, floor_mse=4.0, weights=weights)
+    control.scale(0, recon)
+    for f in range(1, 8):
+        # MSE of weight * unit: a frame of constant error e has MSE e^2; set the frame before f to it
+        recon[f - 1] = 0
+        recon[f - 1].flat[: round(weights[f - 1] * unit * 256 / 9)] = 3
+        assert control.scale(f, recon) == pytest.approx(1.0, abs=0.06)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", [35.0, 40.0, 45.0])
 def test_rate_control_lands_just_above_the_floor(target):

@@ -19,13 +19,14 @@ from palstream.codec.config import EncoderConfig
 from palstream.codec.decoder import (
     FLAG_LOSSLESS,
     HEADER,
+    LEVEL_STEP,
     MAGIC,
     MAX_DIMENSION,
     MAX_FRAMES,
     NO_STATS,
     VERSION,
     code_frames,
-    frame_coding,
+    frame_level,
 )
 from palstream.codec.modes import ModeStats
 from palstream.frames import Frames
@@ -179,8 +180,7 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, m
 
     def decide(f, src, ref, ref2, ref2_dist, coding, decisions, probs, predictors):
         fq4 = coding.q4
-        step_change = fq4 / frame_coding(chunk_coding, f - 1).q4 if f else 1.0
-        rd_lambda = max(lam_at(fq4), 1.0) * (control.scale(f, recon[0], step_change) if control else 1.0)
+        rd_lambda = max(lam_at(fq4), 1.0) * (control.scale(f, recon[0]) if control else 1.0)
         table = analysis.residual_cost_table(fq4, coding.rounding[0], rd_lambda, dweight)
         noise = 0 if config.lossless else round(fq4 * INTRA_NOISE)
         pricing = analysis.Pricing(
@@ -193,11 +193,11 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, m
     recon = tuple(np.zeros_like(p) for p in padded)
     capacity = padded[0].size * 3 + 4096
     esc_tol = int(lam_at(q4) * analysis.ESCAPE_BITS)  # 0 when lossless: every inexact sample escapes, exactly
-    chunk_coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol)
+    coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol)
     while True:
         buf = np.zeros(capacity, np.uint8)
         stats[...] = 0  # a retry into a larger buffer codes every leaf again
-        st = code_frames(True, buf, padded, recon, chunk_coding, decide, stats=stats, layered=True, distances=distances)
+        st = code_frames(True, buf, padded, recon, coding, decide, stats=stats, layered=True, distances=distances)
         size = rangecoder.flush(st, buf)
         if size <= capacity:
             return bytes(buf[:size]), recon
@@ -364,7 +364,8 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
         # 0.3-0.8 dB apart; the prefix misjudges chunks that change later) by scaling the RD
         # lambda frame by frame: one encode lands ~0.1 dB above the floor
         target_mse = 255.0**2 / 10 ** (config.target_psnr / 10)
-        control: ratecontrol.LambdaControl | None = ratecontrol.LambdaControl(frames.y, target_mse)
+        weights = [(LEVEL_STEP[frame_level(f)] / 64) ** 2 for f in range(t)]  # the layered frames' MSE goes as step squared
+        control: ratecontrol.LambdaControl | None = ratecontrol.LambdaControl(frames.y, target_mse, weights=weights)
         body, mse = encode_at(rung, t, control=control)
         # the quality floor is a promise: step down until the whole chunk meets it, by the
         # step that the measured MSE says is needed (MSE grows about as the step squared) and
@@ -372,7 +373,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
         # harder than it could foresee: a miss costs a full encode, slack does not), steering
         # further above the floor; after a second miss, at the nominal lambda (film at 50 dB
         # turned hard in its last frames, after control had spent the slack, at every rung)
-        control = ratecontrol.LambdaControl(frames.y, target_mse, ratecontrol.RETRY_AIM_DB)
+        control = ratecontrol.LambdaControl(frames.y, target_mse, ratecontrol.RETRY_AIM_DB, weights)
         while _psnr(mse) < config.target_psnr and rung > 0:
             rung = min(rung - 1, _rung_at(STEPS[rung] * math.sqrt(target_mse / mse) * RETRY_STEP))
             body, mse = encode_at(rung, t, control=control)

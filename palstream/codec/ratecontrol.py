@@ -39,18 +39,20 @@ class LambdaControl:
         Largest luma MSE of the whole chunk that meets its PSNR floor.
     aim_db : float, default AIM_DB
         How far above the floor, in dB PSNR, to steer.
+    weights : sequence of float, optional
+        Each frame's expected MSE relative to the others' at one multiplier (layered frames: their
+        step squared), so that the controller compares like with like; default all equal.
     """
 
-    def __init__(self, source_y: np.ndarray, floor_mse: float, aim_db: float = AIM_DB):
+    def __init__(self, source_y: np.ndarray, floor_mse: float, aim_db: float = AIM_DB, weights=None):
         self.source_y = source_y
         self.aim_mse = floor_mse / 10 ** (aim_db / 10)
+        self.weights = np.ones(len(source_y)) if weights is None else np.asarray(weights, np.float64)
         self.frame_mse: list[float] = []
         self.scales: list[float] = []
 
-    def scale(self, f: int, recon_y: np.ndarray, step_change: float = 1.0) -> float:
-        """Multiplier of lambda for frame ``f``; ``recon_y`` holds the frames before it, reconstructed;
-        ``step_change``: frame ``f``'s step over the previous frame's (layered frames, whose MSE
-        follows the step squared: the controller compares like with like)."""
+    def scale(self, f: int, recon_y: np.ndarray) -> float:
+        """Multiplier of lambda for frame ``f``; ``recon_y`` holds the frames before it, reconstructed."""
         if f == 0:
             self.frame_mse.clear()
             self.scales = [1.0]
@@ -59,8 +61,9 @@ class LambdaControl:
         # float32 dot: a twentieth of the time of a float64 mean, ~1e-5 off; the chunk's check is exact
         diff = np.subtract(recon_y[f - 1, :h, :w], self.source_y[f - 1], dtype=np.int16).astype(np.float32).ravel()
         self.frame_mse.append(float(np.dot(diff, diff)) / diff.size)
-        allowed = (self.aim_mse * t - sum(self.frame_mse)) / (t - f)  # per frame, for the frames left
-        last = max(self.frame_mse[-1] * step_change**2, 1e-3)
+        # per frame for the frames left, and the last frame's MSE, both in units of weight
+        allowed = (self.aim_mse * t - sum(self.frame_mse)) / float(np.sum(self.weights[f:]))
+        last = max(self.frame_mse[-1] / self.weights[f - 1], 1e-3)
         change = math.exp(GAIN * math.log(allowed / last)) if allowed > 0 else 1 / FALL_LIMIT
         change = min(RISE_LIMIT, max(1 / FALL_LIMIT, change))
         lo, hi = SCALE_RANGE
