@@ -107,8 +107,7 @@ NEIGHBOURS = np.array([[-1, -1], [-1, 0], [-1, 1], [0, -1], [0, 1], [1, -1], [1,
 
 @njit(cache=True, nogil=True)
 def motion_search(cur, ref, prev_mv, search_range, grid=True):
-    """Half-pel motion vector per 8x8 luma block, and the sum of their matches' costs (SAD plus
-    the vectors' lengths).
+    """Half-pel motion vector per 8x8 luma block.
 
     Candidates: zero, the neighbours' and the last frame's vectors, and a coarse grid where
     those match poorly; then a descent over whole-pixel and half-pixel neighbours.
@@ -118,9 +117,8 @@ def motion_search(cur, ref, prev_mv, search_range, grid=True):
     h8 = h // 8
     w8 = w // 8
     mv = np.zeros((h8, w8, 2), np.int32)
-    total = np.int64(0)
     if search_range == 0:
-        return mv, total
+        return mv
     lim = 2 * search_range
     step = 2 * max(1, search_range // 2)
     cands = np.empty((8, 2), np.int64)
@@ -186,17 +184,28 @@ def motion_search(cur, ref, prev_mv, search_range, grid=True):
                                 moved = True
             mv[by, bx, 0] = bdy
             mv[by, bx, 1] = bdx
-            total += best
-    return mv, total
+    return mv
 
 
 # Bitstream 6: a frame's second reference is 2, 3 or 4 frames back. Frames whose number is a
 # multiple of 4 are coded with the finest step (decoder.frame_coding), so by default each frame averages
 # the previous one with the nearest such frame before it, or with frame f - 2 where that is one of them.
 SECOND_REFERENCE = (4, 3, 2, 3)  # by f % 4
-# ... unless frame f - 2 matches clearly better (animation drawn on twos, repeated frames): its sum of
-# match costs below this share of the layered reference's
+# ... unless frame f - 2 matches clearly better (fast motion, animation drawn on twos): its summed SAD
+# along the first vectors scaled below this share of the layered reference's along its own vectors
 PREFER_NEAR = 0.8
+
+
+@njit(cache=True, nogil=True)
+def _scaled_sad(cur, ref, mv, scale, search_range):
+    """Summed SAD of the 8x8 blocks of ``cur`` against ``ref`` along ``scale`` times their vectors."""
+    lim = 2 * search_range
+    total = 0
+    for by in range(mv.shape[0]):
+        for bx in range(mv.shape[1]):
+            total += _sad8(cur, ref, by * 8, bx * 8, _clamp(scale * mv[by, bx, 0], -lim, lim),
+                           _clamp(scale * mv[by, bx, 1], -lim, lim), np.int64(1) << 60)
+    return total
 
 
 @njit(cache=True, nogil=True)
@@ -211,16 +220,16 @@ def motion_search_chunk(luma, search_range, layered):
     field = np.zeros((t, h // 8, w // 8, BI), np.int32)
     distances = np.zeros(t, np.int64)
     for f in range(1, t):
-        field[f, :, :, MV_Y:MV_X + 1] = motion_search(luma[f], luma[f - 1], field[f - 1, :, :, MV_Y:MV_X + 1], search_range)[0]
+        first = motion_search(luma[f], luma[f - 1], field[f - 1, :, :, MV_Y:MV_X + 1], search_range)
+        field[f, :, :, MV_Y:MV_X + 1] = first
         if f >= 2:
-            # around the first vector scaled, no grid: noise, not motion, is what averaging removes
             d = min(SECOND_REFERENCE[f % 4], f) if layered else 2
-            second, cost = motion_search(luma[f], luma[f - d], d * field[f, :, :, MV_Y:MV_X + 1], d * search_range, False)
-            if d != 2:
-                near, near_cost = motion_search(luma[f], luma[f - 2], 2 * field[f, :, :, MV_Y:MV_X + 1], 2 * search_range, False)
-                if near_cost < PREFER_NEAR * cost:
-                    d = 2
-                    second = near
+            # around the first vector scaled, no grid: noise, not motion, is what averaging removes
+            second = motion_search(luma[f], luma[f - d], d * first, d * search_range, False)
+            if d != 2 and (_scaled_sad(luma[f], luma[f - 2], first, 2, 2 * search_range)
+                           < PREFER_NEAR * _scaled_sad(luma[f], luma[f - d], second, 1, d * search_range)):
+                d = 2
+                second = motion_search(luma[f], luma[f - 2], 2 * first, 2 * search_range, False)
             field[f, :, :, MV2_Y:MV2_X + 1] = second
             distances[f] = d
     return field, distances

@@ -244,6 +244,8 @@ PROBES = 5  # rate-control probes per chunk at most, each on the first eighth of
 # lambda (corpus, 32 frames: -3 % at 0.5 dB; at 1 dB lambda falls so low it costs bits), so the
 # probes look for the coarsest rung whose prefix lands within it of the floor.
 PROBE_SLACK_DB = 0.5
+# a probe that passes by less than this is taken: a coarser rung would miss (rungs are 0.1-0.8 dB apart)
+PROBE_CLOSE_DB = 0.15
 RETRY_STEP = 0.85  # a full encode that misses the floor is retried at this times the step it needed, or finer
 
 
@@ -253,17 +255,17 @@ def _choose_rung(encode_at, target_psnr: float, frames: int) -> int:
     Probes the first eighth of the chunk at the step the uniform-error model predicts, then
     where a line of log MSE against log step meets the target: through the two latest probes
     until one passes and one fails, then through the finest failing and the coarsest passing
-    rung (PSNR against step has cliffs and small bumps; the bracket keeps the search inside).
-    Returns the coarsest probed rung that met the target; the full-chunk check in the caller
-    has the last word.
+    rung (PSNR against step has cliffs and small bumps; the bracket keeps the search inside),
+    unless a probe passes by less than ``PROBE_CLOSE_DB``. Returns the coarsest probed rung that
+    met the target; the full-chunk check in the caller has the last word.
     """
-    probe = min(frames, max(2, frames // 8))  # at least a cycle of layered frames (decoder.frame_level)
+    probe = min(frames, max(2, frames // 8))
     target_mse = 255.0**2 / 10 ** (target_psnr / 10)
     rung = _rung_at(4 * initial_step(target_psnr))
     probes: dict[int, float] = {}
     for _ in range(PROBES):
         _, probes[rung] = encode_at(rung, probe)
-        if probes[rung] == 0:
+        if probes[rung] == 0 or target_psnr <= _psnr(probes[rung]) < target_psnr + PROBE_CLOSE_DB:
             return rung
         passing = [r for r, m in probes.items() if m <= target_mse]
         failing = [r for r, m in probes.items() if m > target_mse]
