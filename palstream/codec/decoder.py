@@ -36,9 +36,10 @@ NO_STATS = np.zeros((0, 3))  # ``code_frame`` counts nothing: same type as a sta
 
 
 # Bitstream 6's layered frames: the frames between every fourth one are coded with a coarser step
-# (they are referenced less: frame f + 1 references them, later frames the layer-0 ones), as x265's
-# B-pyramid cascades its quantiser by temporal level: the corpus at 40 and 45 dB, fixed steps, 2.7 %
-# fewer bytes at equal PSNR-Y with the second references of analysis.SECOND_REFERENCE.
+# (they are referenced less: frame f + 1 references them, later frames the level-0 ones), as x265's
+# B-pyramid cascades its quantiser by temporal level. With the second references of
+# analysis.SECOND_REFERENCE: the corpus at 40 and 45 dB, 2.5 % fewer bytes at equal PSNR-Y and fixed
+# steps, /x265 -4.7 % at 40 dB and -1.0 % at 45 rate-controlled (docs/codec.md, issue-16 ledger).
 LEVEL_STEP = (64, 72, 81)  # a frame's step in 64ths of the chunk's, by its level
 MAX_REF2 = 4  # frames back that a second reference may be
 
