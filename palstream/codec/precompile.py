@@ -164,13 +164,13 @@ def use_writable_cache() -> None:
 
 
 def _clip():
-    """Three 64x48 frames that reach every kernel: flat areas (skip, exact palettes), a moving
-    gradient (intra, inter with one and two references) and 16x16 blocks of many colours that
-    still cluster (the palette generator's proposals)."""
+    """Four 64x48 frames that reach every kernel: flat areas (skip, exact palettes), a moving
+    gradient (intra, inter with one and two references; from frame 3 on, a coded second-reference
+    distance) and 16x16 blocks of many colours that still cluster (the palette generator's proposals)."""
     from palstream.frames import Frames
 
     rng = np.random.default_rng(0)
-    t, h, w = 3, 48, 64
+    t, h, w = 4, 48, 64
     yy, xx = np.mgrid[:h, :w]
     y = np.empty((t, h, w), np.uint8)
     for f in range(t):
