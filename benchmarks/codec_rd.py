@@ -64,8 +64,9 @@ class Palstream(Codec):
 
     name, family = "palstream", "palstream"
 
-    def __init__(self):
+    def __init__(self, pyramid: bool = False):
         self._generator = None
+        self.pyramid = pyramid
 
     def missing(self):
         return None
@@ -76,7 +77,9 @@ class Palstream(Codec):
         return sorted(targets) + ["lossless"]
 
     def _config(self, setting):
-        return EncoderConfig(lossless=True) if setting == "lossless" else EncoderConfig(target_psnr=float(setting))
+        if setting == "lossless":
+            return EncoderConfig(lossless=True, pyramid=self.pyramid)
+        return EncoderConfig(target_psnr=float(setting), pyramid=self.pyramid)
 
     def warm_up(self, clip: Clip) -> None:
         """Encode and decode a small crop once, so JIT compilation is not timed."""
@@ -631,6 +634,7 @@ def main(
     threads: Annotated[
         int, typer.Option(min=1, help="torch and numba threads for palstream and the naive codec (speed check: 1).")
     ] = 1,
+    pyramid: Annotated[bool, typer.Option(help="Encode palstream with EncoderConfig(pyramid=True).")] = False,
 ) -> None:
     """Measure palstream and the anchors on every clip; print and write the results and issue 16's checks."""
     # On an oversubscribed machine torch's spinning OpenMP workers can be 10x slower than 1 thread.
@@ -641,7 +645,7 @@ def main(
         print(f"error: no clip matches {clips!r} in {corpus}; pass --corpus DIR and/or --clips GLOB", file=sys.stderr)
         raise typer.Exit(1)
     out.mkdir(parents=True, exist_ok=True)
-    ours = Palstream()
+    ours = Palstream(pyramid)
     codecs: list[Codec] = [cls() for cls in ANCHORS] + [ours]
     skipped = {c.name: reason for c in codecs if (reason := c.missing())}
     for name, reason in skipped.items():

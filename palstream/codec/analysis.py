@@ -11,8 +11,10 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
+from palstream.codec.decoder import CODED
 from palstream.codec.rangecoder import UEG_CONTEXTS
 from palstream.codec.syntax import (
+    ALONE,
     BI,
     CELL_FIELDS,
     CTX_ESC_MAG,
@@ -209,29 +211,53 @@ def _scaled_sad(cur, ref, mv, scale, search_range):
 
 
 @njit(cache=True, nogil=True)
-def motion_search_chunk(luma, search_range, layered):
-    """Motion field of every frame between source frames, and each frame's second-reference
-    distance (0: none). Per 8x8 cell: the vector into the previous frame and the vector into the
-    second reference (searched around the first scaled by the distance, over that many times the
-    range), in half-pels, as the first four fields of a cell record (MV_Y, MV_X, MV2_Y, MV2_X);
-    zero where there is no such frame. ``layered`` (bitstream 6) chooses the distance by
-    ``SECOND_REFERENCE`` and ``PREFER_NEAR``; otherwise it is 2."""
+def _scaled_field(mv, num, den):
+    """``mv`` times num / den, rounded (a candidate for a search at another distance)."""
+    out = np.empty_like(mv)
+    for i in range(mv.shape[0]):
+        for j in range(mv.shape[1]):
+            for k in range(2):
+                out[i, j, k] = (2 * num * mv[i, j, k] + den) // (2 * den)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def motion_search_chunk(luma, search_range, searches):
+    """Motion field of every frame between source frames, and each display-order frame's
+    second-reference distance. ``searches``: int64 rows (frame, first reference, second reference,
+    scale), one a frame in the order to search them (``decoder.Step``; the second reference -1
+    for none, ``decoder.CODED`` for a display-order frame, whose distance this chooses by
+    ``SECOND_REFERENCE`` and ``PREFER_NEAR``). Per 8x8 cell: the vector into the first reference
+    (over the range times its distance; the frame searched before supplies candidates, scaled to
+    this distance) and the vector into the second (searched around the first times ``scale``, over
+    the range times its distance), in half-pels, as the first four fields of a cell record (MV_Y,
+    MV_X, MV2_Y, MV2_X); zero where there is no such frame."""
     t, h, w = luma.shape
     field = np.zeros((t, h // 8, w // 8, BI), np.int32)
     distances = np.zeros(t, np.int64)
-    for f in range(1, t):
-        first = motion_search(luma[f], luma[f - 1], field[f - 1, :, :, MV_Y:MV_X + 1], search_range)
+    last, last_d = 0, 1
+    for i in range(searches.shape[0]):
+        f, r, r2, scale = searches[i, 0], searches[i, 1], searches[i, 2], searches[i, 3]
+        if r < 0:
+            continue
+        d = f - r
+        hint = _scaled_field(field[last, :, :, MV_Y:MV_X + 1], d, last_d)
+        first = motion_search(luma[f], luma[r], hint, abs(d) * search_range)
         field[f, :, :, MV_Y:MV_X + 1] = first
-        if f >= 2:
-            d = min(SECOND_REFERENCE[f % 4], f) if layered else 2
+        last, last_d = f, d
+        if r2 == CODED:
+            d2 = min(SECOND_REFERENCE[f % 4], f)
             # around the first vector scaled, no grid: noise, not motion, is what averaging removes
-            second = motion_search(luma[f], luma[f - d], d * first, d * search_range, False)
-            if d != 2 and (_scaled_sad(luma[f], luma[f - 2], first, 2, 2 * search_range)
-                           < PREFER_NEAR * _scaled_sad(luma[f], luma[f - d], second, 1, d * search_range)):
-                d = 2
+            second = motion_search(luma[f], luma[f - d2], d2 * first, d2 * search_range, False)
+            if d2 != 2 and (_scaled_sad(luma[f], luma[f - 2], first, 2, 2 * search_range)
+                            < PREFER_NEAR * _scaled_sad(luma[f], luma[f - d2], second, 1, d2 * search_range)):
+                d2 = 2
                 second = motion_search(luma[f], luma[f - 2], 2 * first, 2 * search_range, False)
             field[f, :, :, MV2_Y:MV2_X + 1] = second
-            distances[f] = d
+            distances[f] = d2
+        elif r2 >= 0:  # a future reference, which may be used alone, is searched widely where the candidates miss
+            field[f, :, :, MV2_Y:MV2_X + 1] = motion_search(luma[f], luma[r2], scale * first,
+                                                            abs(f - r2) * search_range, scale < 0)
     return field, distances
 
 
@@ -379,10 +405,10 @@ def _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, scratch, out):
 
 @njit(cache=True, nogil=True, inline="always")
 def _cell_motion(field, cy8, cx8, bi):
-    """Motion tuple of a cell: its vector, and with ``bi`` its second one."""
+    """Motion tuple of a cell: its vector, and with ``bi`` (1 or ``ALONE``) its second one."""
     if bi:
         return (np.int64(field[cy8, cx8, MV_Y]), np.int64(field[cy8, cx8, MV_X]), np.int64(field[cy8, cx8, MV2_Y]),
-                np.int64(field[cy8, cx8, MV2_X]), np.int64(1))
+                np.int64(field[cy8, cx8, MV2_X]), np.int64(bi))
     return (np.int64(field[cy8, cx8, MV_Y]), np.int64(field[cy8, cx8, MV_X]), np.int64(0), np.int64(0), np.int64(0))
 
 
@@ -1068,11 +1094,12 @@ def _transform_cost(cur, pred, y0, x0, s, q4, lam, levels, coef):
 
 
 @njit(cache=True, nogil=True, inline="always")  # see decide
-def _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_dist, lev, by, bx, s, scratch, motion):
+def _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_scale, lev, by, bx, s, scratch, motion):
     """RD cost of the block as an INTER leaf: (J, variant, luma offset, transform) of its best
     candidate, whose motion tuple goes into ``motion``; J is infinite where there is no candidate.
 
-    Candidates, each priced once: at 8x8 the cell's own motion with one reference and with two;
+    Candidates, each priced once: at 8x8 the cell's own motion with the first reference, with both
+    and (a future second reference) with the second alone;
     above, the motion each INTER quadrant chose (``below``: the level below's modes and cell
     records) and the top-left cell's own single-reference motion. The best one then gets a luma
     offset where that pays. With ``tq4`` (the step, 0 where the chunk has no transform path), the
@@ -1086,9 +1113,9 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_dist, l
     jinter = np.inf
     jinter0 = np.inf  # the best candidate without a variant, for the transform path
     ivar = 0
-    for qd in range(5 if lev > 0 else 2):
+    for qd in range(5 if lev > 0 else 3):
         if lev == 0:
-            if qd == 1 and not ref2_dist:
+            if (qd == 1 and not ref2_scale) or (qd == ALONE and ref2_scale >= 0):
                 continue
             b2 = qd
             mot = _cell_motion(field, by, bx, b2)
@@ -1116,13 +1143,14 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_dist, l
         ntried += 1
         j = lam * (3.0 + 0.5 * (abs(mot[MV_Y]) + abs(mot[MV_X])))
         if b2:
-            j += lam * (2.0 + 0.5 * (abs(mot[MV2_Y] - ref2_dist * mot[MV_Y]) + abs(mot[MV2_X] - ref2_dist * mot[MV_X])))
+            j += lam * ((3.0 if b2 == ALONE else 2.0)
+                        + 0.5 * (abs(mot[MV2_Y] - ref2_scale * mot[MV_Y]) + abs(mot[MV2_X] - ref2_scale * mot[MV_X])))
         jmot[0] = j
         for v in range(1, 4):
             jmot[v] = j + lam * 1.0  # the weight
         for cy8 in range(by * (s // 8), (by + 1) * (s // 8)):
             for cx8 in range(bx * (s // 8), (bx + 1) * (s // 8)):
-                if _cell_motion(field, cy8, cx8, b2) == mot:
+                if _cell_motion(field, cy8, cx8, b2) == mot and cell_inter[cy8, cx8, b2, 0] < np.inf:
                     for v in range(4):  # the cell's own motion: known
                         jmot[v] += cell_inter[cy8, cx8, b2, v]
                 else:
@@ -1282,12 +1310,13 @@ def proposal_rows(h, w):
 
 
 @njit(cache=True, nogil=True)
-def decide(cur, ref, ref2, has_ref, ref2_dist, field, pricing, proposals, coder, decisions):
+def decide(cur, ref, ref2, has_ref, ref2_scale, field, pricing, proposals, coder, decisions):
     """Fill ``decisions`` (``syntax.Decisions``) with the RD-best quadtree of the frame and each
     leaf's mode, motion, predictor variant, luma offset and palettes.
 
     ``cur``, ``ref``, ``ref2``: (Y, Cb, Cr) planes of the source frame, the previous reconstructed
-    frame and the second reference, ``ref2_dist`` frames back (0: none); ``field``: the frame's motion field (``motion_search_chunk``);
+    frame and the second reference, whose vector is predicted as ``ref2_scale`` times the first (0: no
+    second reference); ``field``: the frame's motion field (``motion_search_chunk``);
     ``pricing``: a ``Pricing``; ``proposals``: the generator's palettes for the frame's blocks of every
     size (luma keys, their count, chroma keys, their count; rows as ``proposal_rows``); ``coder``: what palettes cost at the coder's state as
     the frame starts (``palette_coder``). Bottom-up, level by level (8x8 up to max_block), each
@@ -1324,8 +1353,8 @@ def decide(cur, ref, ref2, has_ref, ref2_dist, field, pricing, proposals, coder,
     hopeless = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     intra_raw = [np.zeros((h // s, w // s, 2)) for s in (8, 16, 32, 64)]  # per predictor variant
     skip_raw = [np.zeros((h // s, w // s), np.int64) for s in (8, 16, 32, 64)]
-    # cost of each 8x8 cell under its own motion: [one / two refs][INTER variant]
-    cell_inter = np.zeros((h // 8, w // 8, 2, 4))
+    # cost of each 8x8 cell under its own motion: [first ref / both / second alone][INTER variant]
+    cell_inter = np.zeros((h // 8, w // 8, 3, 4))
     prediction = np.empty((2, 8, 8), np.int32)
     inter_scratch = (np.empty((8, 5), np.int64), prediction, np.empty((2, 64, 64), np.int32), np.zeros(4), np.zeros(4),
                      np.zeros(5, np.int64), np.zeros(64, np.int64), np.zeros(64, np.int64))
@@ -1343,7 +1372,12 @@ def decide(cur, ref, ref2, has_ref, ref2_dist, field, pricing, proposals, coder,
             for bx in range(w // s):
                 _intra_skip_costs(err, cur, ref, has_ref, table, intra_raw, skip_raw, lev, by, bx, s)
                 if lev == 0 and has_ref:
-                    for b2 in range(2 if ref2_dist else 1):
+                    for b2 in range(3 if ref2_scale < 0 else (2 if ref2_scale else 1)):
+                        if b2 == ALONE and cell_inter[by, bx, 1, 0] < cell_inter[by, bx, 0, 0]:
+                            # averaging helped: the past shows what the future does (the second
+                            # alone pays where the past does not: a cut, an uncovered background)
+                            cell_inter[by, bx, b2] = np.inf
+                            continue
                         _cell_inter_cost(cur, planes[1], ref, ref2, table, by, bx, _cell_motion(field, by, bx, b2), prediction,
                                          cell_inter[by, bx, b2])
                 jbest = np.inf
@@ -1360,7 +1394,7 @@ def decide(cur, ref, ref2, has_ref, ref2_dist, field, pricing, proposals, coder,
                             bm = SKIP
                             bvar = 0
                         below = (lmode[max(lev - 1, 0)], lcells[max(lev - 1, 0)])  # at level 0: unused
-                        jinter, ivar, dc, tr = _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_dist, lev,
+                        jinter, ivar, dc, tr = _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_scale, lev,
                                                             by, bx, s, inter_scratch, imot)
                         if jinter < jbest:
                             jbest = jinter

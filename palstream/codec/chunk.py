@@ -18,6 +18,7 @@ from palstream.codec import analysis, prefilter, rangecoder, ratecontrol, syntax
 from palstream.codec.config import EncoderConfig
 from palstream.codec.decoder import (
     FLAG_LOSSLESS,
+    FLAG_PYRAMID,
     HEADER,
     LEVEL_STEP,
     MAGIC,
@@ -26,7 +27,7 @@ from palstream.codec.decoder import (
     NO_STATS,
     VERSION,
     code_frames,
-    frame_level,
+    coding_order,
 )
 from palstream.codec.modes import ModeStats
 from palstream.frames import Frames
@@ -165,12 +166,13 @@ def _generator(name: str):
     return create_palette_generator(name)
 
 
-def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, motion,
+def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, order, motion,
                control: ratecontrol.LambdaControl | None = None, stats=NO_STATS):
-    """Code the frames of ``padded`` at one rung with the palette generator's ``proposals``, or its
-    palettes of ``dominant`` values; ``motion``: the motion field and second-reference distances
-    (``analysis.motion_search_chunk``); ``control`` scales the RD lambda frame by frame; ``stats``:
-    leaf statistics to fill (``palstream.codec.modes``), or ``NO_STATS``."""
+    """Code the frames of ``padded`` at one rung, in ``order`` (``decoder.coding_order``), with the
+    palette generator's ``proposals``, or its palettes of ``dominant`` values; ``motion``: the
+    motion field and second-reference distances (``analysis.motion_search_chunk``); ``control``
+    scales the RD lambda frame by frame; ``stats``: leaf statistics to fill
+    (``palstream.codec.modes``), or ``NO_STATS``."""
     q4, rounding = rung
     dweight = 1e6 if config.lossless else 1.0
     field, distances = motion
@@ -178,7 +180,7 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, m
     def lam_at(q4):
         return 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
 
-    def decide(f, src, ref, ref2, ref2_dist, coding, decisions, probs, predictors):
+    def decide(f, src, ref, ref2, ref2_scale, coding, decisions, probs, predictors):
         fq4 = coding.q4
         rd_lambda = max(lam_at(fq4), 1.0) * (control.scale(f, recon[0]) if control else 1.0)
         table = analysis.residual_cost_table(fq4, coding.rounding[0], rd_lambda, dweight)
@@ -187,7 +189,7 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, m
             table, rd_lambda, dweight, noise, config.min_block, config.max_block, config.max_palette, fq4 if fq4 > 4 else 0,
             fq4, coding.esc_tol, dominant,
         )
-        analysis.decide(src, ref, ref2, f > 0, ref2_dist, field[f], pricing, tuple(p[f] for p in proposals),
+        analysis.decide(src, ref, ref2, f > 0, ref2_scale, field[f], pricing, tuple(p[f] for p in proposals),
                         analysis.palette_coder(probs, predictors, src, f == 0), decisions)
 
     recon = tuple(np.zeros_like(p) for p in padded)
@@ -197,11 +199,19 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, m
     while True:
         buf = np.zeros(capacity, np.uint8)
         stats[...] = 0  # a retry into a larger buffer codes every leaf again
-        st = code_frames(True, buf, padded, recon, coding, decide, stats=stats, layered=True, distances=distances)
+        st = code_frames(True, buf, padded, recon, coding, order, decide, stats=stats, distances=distances)
         size = rangecoder.flush(st, buf)
         if size <= capacity:
             return bytes(buf[:size]), recon
         capacity = size + 4096  # rare: incompressible content; code again into a larger buffer
+
+
+def _searches(order) -> np.ndarray:
+    """``analysis.motion_search_chunk``'s rows for the frames of ``order``: group by group of four,
+    the nearest references first, so that each search has the one before's vectors, scaled, as
+    candidates (an anchor four frames on from those of its group's frames one and two away)."""
+    steps = sorted(order, key=lambda s: (-(-s.f // 4), abs(s.f - s.ref)))
+    return np.array([(s.f, s.ref, s.ref2, s.scale) for s in steps], np.int64).reshape(-1, 4)
 
 
 def _quality_ladder() -> list[tuple[int, tuple[int, ...]]]:
@@ -249,22 +259,57 @@ PROBE_CLOSE_DB = 0.15
 RETRY_STEP = 0.85  # a full encode that misses the floor is retried at this times the step it needed, or finer
 
 
-def _choose_rung(encode_at, target_psnr: float, frames: int) -> int:
+# The probe's frames rarely show what costs a pyramid most: content that changes between its
+# anchors (a dialog opening, a cut), which the frames between can predict from neither side. On
+# the corpus (32 frames, 40 and 45 dB) the pyramid paid where its probe cost 0.91-0.98 of display
+# order's (3-D animation, the rocket launch) and lost 2-14 % where it cost 0.996-1.0 (screen,
+# pedestrians, film); 2-D animation's cost 1.07 (docs/codec.md).
+PYRAMID_MARGIN = 0.985
+
+
+def _probe_frames(frames: int, pyramid: bool) -> int:
+    """A rate-control probe's frames: the chunk's first eighth (at least 2), with ``pyramid``
+    rounded up to a whole group of ``decoder.coding_order``'s pyramid (4k + 1 frames)."""
+    count = max(2, frames // 8)
+    return min(frames, -(-(count - 1) // 4) * 4 + 1 if pyramid else count)
+
+
+def _first_rung(target_psnr: float) -> int:
+    """The rung the uniform-error model predicts for ``target_psnr``: the rate control's first probe."""
+    return _rung_at(4 * initial_step(target_psnr))
+
+
+def _pyramid_pays(encode_at, rung: int, frames: int, pixels: int) -> tuple[bool, tuple[int, float]]:
+    """Whether the chunk is coded as a pyramid rather than in display order: the probe's frames
+    coded both ways at ``rung``, each priced by its RD cost (luma squared error of ``pixels`` a
+    frame plus the nominal lambda's worth of the bits); the pyramid must cost ``PYRAMID_MARGIN``
+    or less of display order's. Returns the choice and its probe (rung, luma MSE)."""
+    count = _probe_frames(frames, True)
+    lam = LAMBDA * (LADDER[rung][0] / 4) ** 2
+    probes = {}
+    for pyramid in (False, True):
+        body, mse = encode_at(rung, count, pyramid_order=pyramid)
+        probes[pyramid] = (mse * count * pixels + lam * 8 * len(body), mse)
+    pyramid = probes[True][0] < PYRAMID_MARGIN * probes[False][0]
+    return pyramid, (rung, probes[pyramid][1])
+
+
+def _choose_rung(encode_at, target_psnr: float, probe: int, known: tuple[int, float] | None = None) -> int:
     """Coarsest rung of ``LADDER`` whose encode of a prefix of the chunk still meets the target.
 
-    Probes the first eighth of the chunk at the step the uniform-error model predicts, then
-    where a line of log MSE against log step meets the target: through the two latest probes
+    Probes the chunk's first ``probe`` frames at ``_first_rung`` (unless ``known`` already holds
+    that probe's (rung, luma MSE): ``_pyramid_pays``), then where a line of log MSE against log
+    step meets the target: through the two latest probes
     until one passes and one fails, then through the finest failing and the coarsest passing
     rung (PSNR against step has cliffs and small bumps; the bracket keeps the search inside),
     unless a probe passes by less than ``PROBE_CLOSE_DB``. Returns the coarsest probed rung that
     met the target; the full-chunk check in the caller has the last word.
     """
-    probe = min(frames, max(2, frames // 8))
     target_mse = 255.0**2 / 10 ** (target_psnr / 10)
-    rung = _rung_at(4 * initial_step(target_psnr))
+    rung = _first_rung(target_psnr)
     probes: dict[int, float] = {}
     for _ in range(PROBES):
-        _, probes[rung] = encode_at(rung, probe)
+        probes[rung] = known[1] if known and rung == known[0] else encode_at(rung, probe)[1]
         if probes[rung] == 0 or target_psnr <= _psnr(probes[rung]) < target_psnr + PROBE_CLOSE_DB:
             return rung
         passing = [r for r, m in probes.items() if m <= target_mse]
@@ -338,19 +383,27 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
         proposals = _no_proposals(padded[0].shape, min(PROPOSAL_SIZE, config.max_palette))
     else:
         proposals = _palette_proposals(*padded, config, generator)
-    # Motion is searched once per chunk, between source frames, so the rate-control probes
-    # and the final encode share it (searching the reconstruction would repeat it per probe).
-    motion = analysis.motion_search_chunk(padded[0], config.search_range, True)
+    # Motion is searched once per chunk and coding order, between source frames, so the
+    # rate-control probes and the final encode share it (searching the reconstruction would
+    # repeat it per probe); a probe's frames have their own, since its order is not the chunk's.
+    motion = {}  # (frames, pyramid) -> (coding order, motion field and distances)
     attempts = 0
     counts = NO_STATS  # the leaves of the latest encode, which is the one kept
+    # display order unless ``config.pyramid`` and its probe says otherwise; lossless chunks always
+    # (the pyramid, 32 frames of each corpus clip: +1.3 to +6.7 %, 3-D animation -1.8 %)
+    pyramid = False
 
-    def encode_at(rung, count, config=config, control=None):
+    def encode_at(rung, count, config=config, control=None, pyramid_order=None):
         nonlocal attempts, counts
         attempts += 1
+        key = (count, pyramid if pyramid_order is None else pyramid_order)
+        if key not in motion:
+            order = coding_order(count, VERSION, key[1])
+            motion[key] = order, analysis.motion_search_chunk(padded[0][:count], config.search_range, _searches(order))
         coded = source if config.lossless else padded
         counts = NO_STATS if modes is None else modes.new_counts()
-        body, recon = _encode_at(tuple(p[:count] for p in coded), LADDER[rung], config, proposals, generator.in_codec, motion,
-                                 control, counts)
+        body, recon = _encode_at(tuple(p[:count] for p in coded), LADDER[rung], config, proposals, generator.in_codec,
+                                 *motion[key], control, counts)
         diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
         return body, float(np.mean(diff**2))
 
@@ -358,35 +411,45 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
     if config.lossless:
         rung = 0
         body, mse = encode_at(rung, t)
-    elif rung is not None:
-        body, mse = encode_at(rung, t)
     else:
-        rung = _choose_rung(encode_at, config.target_psnr - PROBE_SLACK_DB, t)
-        # the full encode spends what the rung leaves between the chunk and its floor (rungs are
-        # 0.3-0.8 dB apart; the prefix misjudges chunks that change later) by scaling the RD
-        # lambda frame by frame: one encode lands ~0.1 dB above the floor
-        target_mse = 255.0**2 / 10 ** (config.target_psnr / 10)
-        weights = [(LEVEL_STEP[frame_level(f)] / 64) ** 2 for f in range(t)]  # the layered frames' MSE goes as step squared
-        control: ratecontrol.LambdaControl | None = ratecontrol.LambdaControl(frames.y, target_mse, weights=weights)
-        body, mse = encode_at(rung, t, control=control)
-        # the quality floor is a promise: step down until the whole chunk meets it, by the
-        # step that the measured MSE says is needed (MSE grows about as the step squared) and
-        # RETRY_STEP more, for lambda control to spend (it missed because the chunk turned
-        # harder than it could foresee: a miss costs a full encode, slack does not), steering
-        # further above the floor; after a second miss, at the nominal lambda (film at 50 dB
-        # turned hard in its last frames, after control had spent the slack, at every rung)
-        control = ratecontrol.LambdaControl(frames.y, target_mse, ratecontrol.RETRY_AIM_DB, weights)
-        while _psnr(mse) < config.target_psnr and rung > 0:
-            rung = min(rung - 1, _rung_at(STEPS[rung] * math.sqrt(target_mse / mse) * RETRY_STEP))
+        known = None
+        if config.pyramid:
+            at = rung if rung is not None else _first_rung(config.target_psnr - PROBE_SLACK_DB)
+            pyramid, known = _pyramid_pays(encode_at, at, t, h * w)
+        if rung is not None:
+            body, mse = encode_at(rung, t)
+        else:
+            rung = _choose_rung(encode_at, config.target_psnr - PROBE_SLACK_DB, _probe_frames(t, config.pyramid), known)
+            # the full encode spends what the rung leaves between the chunk and its floor (rungs are
+            # 0.3-0.8 dB apart; the prefix misjudges chunks that change later) by scaling the RD
+            # lambda frame by frame: one encode lands ~0.1 dB above the floor
+            target_mse = 255.0**2 / 10 ** (config.target_psnr / 10)
+            order = coding_order(t, VERSION, pyramid)
+            weights = np.zeros(t)  # the layered frames' MSE goes as their step squared
+            for step in order:
+                weights[step.f] = (LEVEL_STEP[step.level] / 64) ** 2
+            coded_order = [step.f for step in order]
+            control: ratecontrol.LambdaControl | None = ratecontrol.LambdaControl(frames.y, target_mse, weights=weights,
+                                                                                  order=coded_order)
             body, mse = encode_at(rung, t, control=control)
-            control = None
-        if _psnr(mse) < config.target_psnr:
-            # even step 1 misses the floor where the RD trade-off still prefers skipped blocks
-            # or merged palette entries (camera noise at 50 dB and more): code the chunk exactly
-            exact = True
-            body, mse = encode_at(0, t, replace(config, lossless=True))
+            # the quality floor is a promise: step down until the whole chunk meets it, by the
+            # step that the measured MSE says is needed (MSE grows about as the step squared) and
+            # RETRY_STEP more, for lambda control to spend (it missed because the chunk turned
+            # harder than it could foresee: a miss costs a full encode, slack does not), steering
+            # further above the floor; after a second miss, at the nominal lambda (film at 50 dB
+            # turned hard in its last frames, after control had spent the slack, at every rung)
+            control = ratecontrol.LambdaControl(frames.y, target_mse, ratecontrol.RETRY_AIM_DB, weights, coded_order)
+            while _psnr(mse) < config.target_psnr and rung > 0:
+                rung = min(rung - 1, _rung_at(STEPS[rung] * math.sqrt(target_mse / mse) * RETRY_STEP))
+                body, mse = encode_at(rung, t, control=control)
+                control = None
+            if _psnr(mse) < config.target_psnr:
+                # even step 1 misses the floor where the RD trade-off still prefers skipped blocks
+                # or merged palette entries (camera noise at 50 dB and more): code the chunk exactly
+                exact = True
+                body, mse = encode_at(0, t, replace(config, lossless=True))
     q4 = LADDER[rung][0]
-    flags = FLAG_LOSSLESS if exact else 0
+    flags = (FLAG_LOSSLESS if exact else 0) | (FLAG_PYRAMID if pyramid else 0)
     header = HEADER.pack(MAGIC, VERSION, flags, t, w, h, q4, config.min_block, config.max_block, 0, len(body))
     payload = header + body
     if modes is not None:

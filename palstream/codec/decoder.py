@@ -8,6 +8,7 @@ decoder's output by construction. Numpy and numba only: decoding never needs tor
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,12 +18,14 @@ from palstream.errors import ArchiveError
 from palstream.frames import Frames
 
 MAGIC = b"PSC1"
-VERSION = 6  # what the encoder writes
-# version 5 is version 6 with the second reference always 2 frames back and one step for every frame,
-# 4 is 5 without escapes, 3 is 4 without the transform flag (storage/BITSTREAM.md)
-READABLE = (3, 4, 5, 6)
+VERSION = 7  # what the encoder writes
+# version 6 is version 7 without FLAG_PYRAMID (display order only), 5 is 6 with the second reference
+# always 2 frames back and one step for every frame, 4 is 5 without escapes, 3 is 4 without the
+# transform flag (storage/BITSTREAM.md)
+READABLE = (3, 4, 5, 6, 7)
 HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width, height, step*4, min, max, 0, body bytes
 FLAG_LOSSLESS = 1
+FLAG_PYRAMID = 2  # version 7: frames in coding_order's pyramid, predicted from past and future ones
 MAX_DIMENSION = 16384
 MAX_FRAMES = 1024
 MAX_CHUNK_SAMPLES = 1 << 31  # decoded samples of one chunk (2 GiB): a larger header is a lie or an error
@@ -40,8 +43,22 @@ NO_STATS = np.zeros((0, 3))  # ``code_frame`` counts nothing: same type as a sta
 # B-pyramid cascades its quantiser by temporal level. With the second references of
 # analysis.SECOND_REFERENCE: the corpus at 40 and 45 dB, 2.5 % fewer bytes at equal PSNR-Y and fixed
 # steps, /x265 -4.7 % at 40 dB and -1.0 % at 45 rate-controlled (docs/codec.md, issue-16 ledger).
+# Bitstream 7's pyramid (``_pyramid``) codes the frames between anchors four apart from past and
+# future references, with the same levels.
 LEVEL_STEP = (64, 72, 81)  # a frame's step in 64ths of the chunk's, by its level
-MAX_REF2 = 4  # frames back that a second reference may be
+MAX_REF2 = 4  # frames back that a second reference may be (display order)
+SLOTS = MAX_REF2 + 1  # reconstructed frames a decoder keeps (versions 6-7; 3 for versions 3-5)
+CODED = -2  # a second reference whose distance the frame header codes (display order, versions 6-7)
+
+
+class Step(NamedTuple):
+    """One frame of a chunk, in coding order."""
+
+    f: int  # display index
+    ref: int  # the first reference's display index; -1: none (intra only)
+    ref2: int  # the second reference's; -1: none; CODED: 2-4 frames back, coded in the frame header
+    scale: int  # the second vector is predicted as ``scale`` times the first
+    level: int  # the frame's step level (LEVEL_STEP)
 
 
 def frame_level(f: int) -> int:
@@ -49,12 +66,64 @@ def frame_level(f: int) -> int:
     return 0 if f % 4 == 0 else (1 if f % 2 == 0 else 2)
 
 
-def frame_coding(coding: syntax.Coding, f: int) -> syntax.Coding:
-    """Frame ``f``'s coding in a layered (version 6) chunk: the step of its level, the encoder's
-    rounding offsets and escape tolerance scaled with it. Lossless chunks (step 1) keep one step."""
+def _pyramid(t: int) -> list[Step]:
+    """Version 7's pyramid: anchors every fourth frame and the last, each from the anchor before
+    (its second reference the one before that); between two anchors four apart the middle frame
+    first, then the two others, each from its past and future neighbours (a shorter last gap
+    alike). Levels as ``frame_level`` for the anchors and the frames a later one references."""
+    anchors = list(range(0, t, 4)) + ([t - 1] if (t - 1) % 4 else [])
+    order = [Step(0, -1, -1, 0, 0)]
+    for i in range(1, len(anchors)):
+        a, b = anchors[i - 1], anchors[i]
+        gap = b - a
+        if i >= 2:  # the second vector reaches twice as far (rounded: 7/3 for a last gap of 3)
+            order.append(Step(b, a, anchors[i - 2], round((b - anchors[i - 2]) / gap), 0))
+        else:
+            order.append(Step(b, a, -1, 0, 0))
+        if gap == 4:
+            order += [Step(a + 2, a, b, -1, 1), Step(a + 1, a, a + 2, -1, 2), Step(a + 3, a + 2, b, -1, 2)]
+        elif gap == 3:
+            order += [Step(a + 1, a, b, -2, 1), Step(a + 2, a + 1, b, -1, 2)]
+        elif gap == 2:
+            order.append(Step(a + 1, a, b, -1, 2))
+    return order
+
+
+def coding_order(t: int, version: int, pyramid: bool) -> list[Step]:
+    """The frames of a ``t``-frame chunk in coding order, with their references (storage/BITSTREAM.md
+    5.0): display order for versions 3-5 (second reference 2 back, one step) and for version 6 and
+    7 chunks without ``FLAG_PYRAMID`` (layered, coded second-reference distances); ``_pyramid``."""
+    if pyramid:
+        return _pyramid(t)
+    if version < 6:
+        return [Step(f, f - 1, f - 2 if f >= 2 else -1, 2, 0) for f in range(t)]
+    return [Step(f, f - 1, CODED if f >= 2 else -1, 0, frame_level(f)) for f in range(t)]
+
+
+def _slots(order: list[Step], n: int) -> dict[int, int]:
+    """Slot of each frame (display index) in a buffer of ``n`` reconstructed frames: its own index
+    where every frame has one (the encoder), else the first slot that holds no frame a later one
+    still references (the decoder)."""
+    if n >= len(order):
+        return {s.f: s.f for s in order}
+    last_use = {}
+    for i, s in enumerate(order):
+        for r in range(s.f - MAX_REF2, s.f) if s.ref2 == CODED else (s.ref, s.ref2):
+            last_use[r] = i
+    slot: dict[int, int] = {}
+    live: dict[int, int] = {}  # slots of the frames that this step or a later one references
+    for i, s in enumerate(order):
+        live = {r: k for r, k in live.items() if last_use.get(r, -1) >= i}
+        slot[s.f] = live[s.f] = min(set(range(n)) - set(live.values()))  # ValueError: an order that needs more slots
+    return slot
+
+
+def frame_coding(coding: syntax.Coding, level: int) -> syntax.Coding:
+    """A frame's coding at ``level`` in a layered (version 6-7) chunk: the step of its level, the
+    encoder's rounding offsets and escape tolerance scaled with it. Lossless chunks (step 1) keep one step."""
     if coding.q4 <= 4:
         return coding
-    q4 = min(255, (coding.q4 * LEVEL_STEP[frame_level(f)] + 32) >> 6)
+    q4 = min(255, (coding.q4 * LEVEL_STEP[level] + 32) >> 6)
     if q4 == coding.q4:
         return coding
     return coding._replace(q4=q4, rounding=tuple(r * q4 // coding.q4 for r in coding.rounding),
@@ -62,8 +131,8 @@ def frame_coding(coding: syntax.Coding, f: int) -> syntax.Coding:
 
 
 def _code_distance(enc, st, buf, f, d):
-    """Frame ``f``'s second-reference distance in a layered chunk: 2, 3 or 4 frames back, at most
-    ``f``; two bypass bits at most (nothing is coded for frame 2)."""
+    """Frame ``f``'s second-reference distance in a layered display-order chunk: 2, 3 or 4 frames
+    back, at most ``f``; two bypass bits at most (nothing is coded for frame 2)."""
     if f < 3 or not rangecoder.code_bypass(enc, st, buf, 1 if d != 2 else 0):
         return 2
     if f < 4:
@@ -71,52 +140,54 @@ def _code_distance(enc, st, buf, f, d):
     return 4 if rangecoder.code_bypass(enc, st, buf, 1 if d == 4 else 0) else 3
 
 
-def code_frames(enc, buf, planes, recon, coding, decide=None, frames=None, emit=None, stats=NO_STATS, layered=False,
-                distances=None):
-    """Code every frame of a chunk in one direction; returns the coder state.
+def code_frames(enc, buf, planes, recon, coding, order, decide=None, emit=None, stats=NO_STATS, distances=None):
+    """Code every frame of a chunk in one direction, in ``order`` (``coding_order``); returns the coder state.
 
     The encoder passes ``planes`` (the source), ``recon`` with a slot for every frame, and
-    ``decide(f, src, ref, ref2, ref2_dist, coding, decisions, probs, predictors)``, which fills the
+    ``decide(f, src, ref, ref2, ref2_scale, coding, decisions, probs, predictors)``, which fills the
     ``syntax.Decisions`` of frame ``f`` coded with ``coding`` and may price its choices at the
-    coder's probabilities and palette predictors. The decoder passes ``frames`` (the count) and
-    ``recon`` with at least ``MAX_REF2 + 1`` slots (3 for versions 3-5), used in turn, and receives
-    each frame through ``emit(f, rec)`` once it is complete; it stops at the first frame that reads
-    past the end of the body. Planes travel as (Y, Cb, Cr) tuples; ``coding`` is the chunk's
-    ``syntax.Coding``. ``layered`` (version 6): frames take ``frame_coding``'s steps and a coded
-    second-reference distance, the encoder's ``distances[f]`` (versions 3-5: always 2).
-    ``stats``: a float64 (``syntax.STAT_ROWS``, 3) array that every coded leaf is added to
-    (``palstream.codec.modes``), or ``NO_STATS``.
+    coder's probabilities and palette predictors; in display order, ``distances[f]`` is frame f's
+    second-reference distance. The decoder passes ``recon`` with at least ``SLOTS`` slots (3 for
+    versions 3-5), used in turn, and receives each frame through ``emit(f, rec)`` once it is
+    complete; it stops at the first frame that reads past the end of the body. Planes travel as
+    (Y, Cb, Cr) tuples; ``coding`` is the chunk's ``syntax.Coding``. ``stats``: a float64
+    (``syntax.STAT_ROWS``, 3) array that every coded leaf is added to (``palstream.codec.modes``),
+    or ``NO_STATS``.
     """
-    t = planes[0].shape[0] if enc else frames
-    slots = recon[0].shape[0]
+    slot = _slots(order, recon[0].shape[0])
     h, w = recon[0].shape[1:]
     st = rangecoder.new_state()
     if not enc:
         rangecoder.start_decoding(st, buf)
     probs = rangecoder.new_probs(syntax.N_CONTEXTS)
     decisions = syntax.Decisions.zeros(h, w)
-    # signed residual levels of the current and the previous frame, for contexts; swapped per frame
+    # signed residual levels of the current and the previously coded frame, for contexts; swapped per frame
     levels, prev_levels = (tuple(np.zeros(shape, np.int8) for shape in [(h, w), (h // 2, w // 2), (h // 2, w // 2)])
                            for _ in range(2))
     # palette predictor lists: luma keys, their count, chroma keys, their count
     predictors = (np.zeros(syntax.MAX_PAL, np.int64), np.zeros(1, np.int64), np.zeros(syntax.MAX_PAL, np.int64),
                   np.zeros(1, np.int64))
-    for f in range(t):
-        rec = tuple(p[f % slots] for p in recon)
-        if f >= slots:
+    used = set()
+    for step in order:
+        f = step.f
+        rec = tuple(p[slot[f]] for p in recon)
+        if slot[f] in used:
             for p in rec:  # a reused slot must read as undecoded (zero), as a fresh one does
                 p[...] = 0
+        used.add(slot[f])
         src = tuple(p[f] for p in planes) if enc else rec
-        ref = tuple(p[(f - 1) % slots] for p in recon) if f > 0 else rec
-        ref2_dist = 0
-        if f >= 2:
-            ref2_dist = _code_distance(enc, st, buf, f, distances[f] if enc else 0) if layered else 2
-        ref2 = tuple(p[(f - ref2_dist) % slots] for p in recon) if ref2_dist else ref
-        frame = frame_coding(coding, f) if layered else coding
+        ref = tuple(p[slot[step.ref]] for p in recon) if step.ref >= 0 else rec
+        ref2_f, scale = step.ref2, step.scale
+        if ref2_f == CODED:
+            d = _code_distance(enc, st, buf, f, distances[f] if enc else 0)
+            ref2_f, scale = f - d, d
+        ref2 = tuple(p[slot[ref2_f]] for p in recon) if ref2_f >= 0 else ref
+        scale = scale if ref2_f >= 0 else 0
+        frame = frame_coding(coding, step.level)
         if decide is not None:
-            decide(f, src, ref, ref2, ref2_dist, frame, decisions, probs, predictors)
+            decide(f, src, ref, ref2, scale, frame, decisions, probs, predictors)
         syntax.code_frame(
-            enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, f == 0, ref2_dist, frame, decisions, predictors,
+            enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, step.ref < 0, scale, frame, decisions, predictors,
             stats,
         )
         if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
@@ -168,7 +239,7 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None, m
     if expected is not None and tuple(expected) != (t, h, w):
         et, eh, ew = expected
         raise BitstreamError(f"header declares {t} frames of {w}x{h}, the archive {et} frames of {ew}x{eh}")
-    if flags & ~FLAG_LOSSLESS or reserved:
+    if flags & ~(FLAG_LOSSLESS | (FLAG_PYRAMID if version >= 7 else 0)) or reserved:
         raise BitstreamError(f"unknown header flags {flags:#x} / reserved byte {reserved}: written by a newer palstream?")
     if q4 < 4 or min_block not in (8, 16, 32, 64) or max_block not in (8, 16, 32, 64) or min_block > max_block:
         raise BitstreamError(f"declared coding parameters (step {q4}/4, blocks {min_block}..{max_block}) are invalid")
@@ -177,7 +248,7 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None, m
     ph, pw = h + (-h % syntax.CTU), w + (-w % syntax.CTU)
     if t * ph * pw * 3 // 2 > MAX_CHUNK_SAMPLES:
         raise BitstreamError(f"declared size {t} frames of {w}x{h} exceeds the decoder's {MAX_CHUNK_SAMPLES >> 30} GiB chunk limit")
-    slots = min(t, MAX_REF2 + 1 if version >= 6 else 3)
+    slots = min(t, SLOTS if version >= 6 else 3)
     recon = (
         np.zeros((slots, ph, pw), np.uint8),
         np.zeros((slots, ph // 2, pw // 2), np.uint8),
@@ -195,8 +266,8 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None, m
     buf = np.frombuffer(payload, np.uint8, offset=HEADER.size).copy()  # writable: one compiled coder for both directions
     stats = NO_STATS if modes is None else modes.new_counts()
     st = code_frames(
-        False, buf, None, recon, syntax.Coding(q4, (0,) * 5, min_block, max_block, version >= 4 and q4 > 4, version >= 5, 0), frames=t,
-        emit=emit, stats=stats, layered=version >= 6,
+        False, buf, None, recon, syntax.Coding(q4, (0,) * 5, min_block, max_block, version >= 4 and q4 > 4, version >= 5, 0),
+        coding_order(t, version, bool(flags & FLAG_PYRAMID)), emit=emit, stats=stats,
     )
     if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
         raise BitstreamError("chunk body ends before its frames are complete (truncated)")

@@ -218,7 +218,8 @@ def compile_kernels(palettes: tuple[str, ...] = ("kmeans", "cgan-v1")) -> int:
     try:
         clip = _clip()
         # lossless first (the in-codec ``dominant`` palettes), then each batched generator's proposals
-        configs = [EncoderConfig(lossless=True)] + [EncoderConfig(target_psnr=40.0, palette=p) for p in palettes]
+        # (and the pyramid's coding order, chosen here for this clip's probe)
+        configs = [EncoderConfig(lossless=True)] + [EncoderConfig(target_psnr=40.0, palette=p, pyramid=True) for p in palettes]
         for config in configs:
             decode_chunk(encode_chunk(clip, config).payload)
         # the synthetic clip is noiseless, so the encoder leaves it unfiltered: denoise a noisy copy

@@ -42,28 +42,33 @@ class LambdaControl:
     weights : sequence of float, optional
         Each frame's expected MSE relative to the others' at one multiplier (layered frames: their
         step squared), so that the controller compares like with like; default all equal.
+    order : sequence of int, optional
+        The frames' display indices in coding order; default display order.
     """
 
-    def __init__(self, source_y: np.ndarray, floor_mse: float, aim_db: float = AIM_DB, weights=None):
+    def __init__(self, source_y: np.ndarray, floor_mse: float, aim_db: float = AIM_DB, weights=None, order=None):
         self.source_y = source_y
         self.aim_mse = floor_mse / 10 ** (aim_db / 10)
         self.weights = np.ones(len(source_y)) if weights is None else np.asarray(weights, np.float64)
+        self.order = list(range(len(source_y))) if order is None else list(order)
         self.frame_mse: list[float] = []
         self.scales: list[float] = []
 
     def scale(self, f: int, recon_y: np.ndarray) -> float:
-        """Multiplier of lambda for frame ``f``; ``recon_y`` holds the frames before it, reconstructed."""
-        if f == 0:
+        """Multiplier of lambda for frame ``f``; ``recon_y`` holds the frames coded before it, reconstructed."""
+        k = self.order.index(f)
+        if k == 0:
             self.frame_mse.clear()
             self.scales = [1.0]
             return 1.0
         t, h, w = self.source_y.shape
+        last_f = self.order[k - 1]
         # float32 dot: a twentieth of the time of a float64 mean, ~1e-5 off; the chunk's check is exact
-        diff = np.subtract(recon_y[f - 1, :h, :w], self.source_y[f - 1], dtype=np.int16).astype(np.float32).ravel()
+        diff = np.subtract(recon_y[last_f, :h, :w], self.source_y[last_f], dtype=np.int16).astype(np.float32).ravel()
         self.frame_mse.append(float(np.dot(diff, diff)) / diff.size)
         # per frame for the frames left, and the last frame's MSE, both in units of weight
-        allowed = (self.aim_mse * t - sum(self.frame_mse)) / float(np.sum(self.weights[f:]))
-        last = max(self.frame_mse[-1] / self.weights[f - 1], 1e-3)
+        allowed = (self.aim_mse * t - sum(self.frame_mse)) / float(np.sum(self.weights[self.order[k:]]))
+        last = max(self.frame_mse[-1] / self.weights[last_f], 1e-3)
         change = math.exp(GAIN * math.log(allowed / last)) if allowed > 0 else 1 / FALL_LIMIT
         change = min(RISE_LIMIT, max(1 / FALL_LIMIT, change))
         lo, hi = SCALE_RANGE

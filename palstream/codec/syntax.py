@@ -32,10 +32,11 @@ MAX_PAL = 64
 
 # Fields of the per-8x8-cell leaf record ``Decisions.cells[cy8, cx8, field]``. Motion comes first,
 # in the one order every motion value has: a motion tuple is (MV_Y, MV_X, MV2_Y, MV2_X, BI), the
-# half-pel vectors into the previous frame and into the one before, and whether the second is
-# used; the motion search's field holds the first four.
+# half-pel vectors into the first and the second reference, and which the prediction uses (BI: 0
+# the first, 1 the mean of both, ALONE the second); the motion search's field holds the first four.
 # VARIANT: predictor variant; OFFSET: INTER luma offset; TRANSFORM: INTER luma residual coded by ``code_transform_block``
 MV_Y, MV_X, MV2_Y, MV2_X, BI, VARIANT, OFFSET, TRANSFORM = range(8)
+ALONE = 2
 CELL_FIELDS = 8
 
 # Rows of the per-leaf statistics ``code_frame`` accumulates when asked (``palstream.codec.modes``
@@ -147,6 +148,7 @@ CTX_IDX_EXPLICIT = _c(2 * 7 * 64)
 CTX_PAL_ESCAPE = _c(2)
 CTX_ESC_ZERO = _c(3)
 CTX_ESC_MAG = _c(3 * UEG_CONTEXTS)
+CTX_ALONE = _c(1)  # a future second reference used alone (bitstream 7's pyramid)
 N_CONTEXTS = _Contexts.n
 
 
@@ -279,11 +281,14 @@ def _motion_block(ref, y0, x0, size, mvy, mvx, out):
 
 @njit(cache=True, nogil=True)
 def inter_prediction(ref, ref2, y0, x0, size, mot, scratch):
-    """Motion-compensated prediction of a block: ``mot`` = (vy, vx, vy2, vx2, bi); with
-    ``bi``, the rounded mean of the previous frame's and the one-before's predictions.
-    Returns ``scratch[0]``, whose top-left ``size`` x ``size`` samples hold it (``scratch``:
-    int32[2, >= size, >= size], preallocated by the caller: this runs for every candidate)."""
+    """Motion-compensated prediction of a block: ``mot`` = (vy, vx, vy2, vx2, bi); with ``bi``
+    1, the rounded mean of the first and the second reference's predictions, with ``ALONE`` the
+    second's. Returns ``scratch[0]``, whose top-left ``size`` x ``size`` samples hold it
+    (``scratch``: int32[2, >= size, >= size], preallocated by the caller: this runs for every candidate)."""
     out = scratch[0]
+    if mot[BI] == ALONE:
+        _motion_block(ref2, y0, x0, size, mot[MV2_Y], mot[MV2_X], out)
+        return out
     _motion_block(ref, y0, x0, size, mot[MV_Y], mot[MV_X], out)
     if mot[BI]:
         second = scratch[1]
@@ -782,14 +787,14 @@ def code_indices(
 
 @njit(cache=True, nogil=True)
 def code_frame(
-    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, ref2_dist, coding, decisions, predictors, stats
+    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, ref2_scale, coding, decisions, predictors, stats
 ):
     """Code one frame: per 64x64 CTU a quadtree of leaves, each leaf a mode and its data.
 
     ``src``, ``rec``, ``ref``, ``ref2``: (Y, Cb, Cr) planes of the source (when decoding: ``rec``),
-    the frame being reconstructed, the previous frame and the second reference, ``ref2_dist``
-    frames back (0: there is none). ``levels`` and
-    ``prev_levels``: (Y, Cb, Cr) signed residual levels of this frame and the previous one;
+    the frame being reconstructed, the first and the second reference; a second vector is predicted
+    as ``ref2_scale`` times the first (0: there is no second reference). ``levels`` and
+    ``prev_levels``: (Y, Cb, Cr) signed residual levels of this frame and the previously coded one;
     ``levels`` are cleared a CTU row at a time, just before it is coded (the caller swaps the two
     between frames), so a stream that ends early has touched no more of them than it decoded.
     ``coding``: the chunk's ``Coding``. ``decisions``: the frame's ``Decisions`` (read when
@@ -851,7 +856,7 @@ def code_frame(
                     start = bits_consumed(enc, st)
                     stats[STAT_TREE, STAT_BITS] += start - last  # the split flags before this leaf
                 _code_leaf(
-                    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, ref2_dist, coding,
+                    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, ref2_scale, coding,
                     decisions, predictors, y0, x0, s,
                 )
                 if counting:
@@ -910,7 +915,7 @@ def _code_vector_component(enc, st, buf, probs, zero_ctx, mag_ctx, predicted, va
 
 @njit(cache=True, nogil=True)
 def _code_leaf(
-    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, ref2_dist, coding, decisions, predictors,
+    enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, intra_only, ref2_scale, coding, decisions, predictors,
     y0, x0, s,
 ):
     """One leaf of size ``s`` at luma (``y0``, ``x0``): its mode, motion, variant, offset and transform flag, then
@@ -960,14 +965,16 @@ def _code_leaf(
             px = top[MV_X]
         mvy = _code_vector_component(enc, st, buf, probs, CTX_MV_ZERO, CTX_MV_MAG, py, this[MV_Y])
         mvx = _code_vector_component(enc, st, buf, probs, CTX_MV_ZERO + 1, CTX_MV_MAG + UEG_CONTEXTS, px, this[MV_X])
-        if ref2_dist:
+        if ref2_scale:
             # optional second vector into the second reference, predicted as the first scaled by its distance
             nbi = (1 if left_is == INTER and left[BI] else 0) + (1 if top_is == INTER and top[BI] else 0)
-            bi = code_bit(enc, st, buf, probs, CTX_BI + nbi, this[BI] if enc else 0)
+            bi = code_bit(enc, st, buf, probs, CTX_BI + nbi, 1 if enc and this[BI] else 0)
+            if bi and ref2_scale < 0:  # a future reference may be used alone (what the past does not show)
+                bi += code_bit(enc, st, buf, probs, CTX_ALONE, 1 if enc and this[BI] == ALONE else 0)
             if bi:
-                my2 = _code_vector_component(enc, st, buf, probs, CTX_MV2_ZERO, CTX_MV2_MAG, ref2_dist * mvy, this[MV2_Y])
+                my2 = _code_vector_component(enc, st, buf, probs, CTX_MV2_ZERO, CTX_MV2_MAG, ref2_scale * mvy, this[MV2_Y])
                 mx2 = _code_vector_component(
-                    enc, st, buf, probs, CTX_MV2_ZERO + 1, CTX_MV2_MAG + UEG_CONTEXTS, ref2_dist * mvx, this[MV2_X]
+                    enc, st, buf, probs, CTX_MV2_ZERO + 1, CTX_MV2_MAG + UEG_CONTEXTS, ref2_scale * mvx, this[MV2_X]
                 )
     variant = 0
     if m == INTER or m == INTRA:

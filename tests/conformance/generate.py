@@ -22,7 +22,7 @@ DATA = HERE.parent / "data"
 DEMO = HERE.parents[1] / "palstream" / "data" / "demo.mkv"
 
 # name -> (source clip, frames, EncoderConfig arguments): intra and inter, lossless and lossy,
-# odd sizes, small and large leaves, screen (palettes) and camera (residual) content.
+# odd sizes, small and large leaves, screen (palettes) and camera (residual) content, both coding orders.
 VECTORS = {
     "camera_64x48_lossless": (DATA / "camera_64x48.mkv", 5, {"lossless": True}),
     "camera_64x48_psnr40": (DATA / "camera_64x48.mkv", 5, {"target_psnr": 40.0}),
@@ -30,6 +30,8 @@ VECTORS = {
     "screen_37x29_lossless": (DATA / "screen_37x29.mkv", 6, {"lossless": True}),
     "screen_37x29_psnr45": (DATA / "screen_37x29.mkv", 6, {"target_psnr": 45.0}),
     "mandel_48x32_psnr50": (DATA / "batch_mandel_48x32.mkv", 8, {"target_psnr": 50.0}),
+    # bitstream 7: the encoder codes these 8 frames at 35 dB as a pyramid (past and future references)
+    "mandel_48x32_psnr35_pyramid": (DATA / "batch_mandel_48x32.mkv", 8, {"target_psnr": 35.0, "pyramid": True}),
     "demo_640x360_psnr45": (DEMO, 4, {"target_psnr": 45.0}),
     "single_frame_37x29_psnr35": (DATA / "screen_37x29.mkv", 1, {"target_psnr": 35.0}),
 }
