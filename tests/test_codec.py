@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from palstream.codec import BitstreamError, EncoderConfig, ModeStats, decode_chunk, encode_chunk, rangecoder, syntax
+from palstream.codec.decoder import FLAG_PYRAMID, HEADER
 from palstream.codec.syntax import STAT_LEAVES, STAT_PAL_ESCAPE
 from palstream.errors import ConfigError
 from palstream.frames import Frames
@@ -112,19 +113,22 @@ def test_header_fields_out_of_range_are_errors(camera, field, value):
         decode_chunk(bytes(payload))
 
 
-def test_damaged_body_never_reads_out_of_bounds(camera):
-    """Flipped bytes decode to garbage or an error, never a crash or a hang."""
-    payload = encode_chunk(camera, EncoderConfig(target_psnr=40.0)).payload
+@pytest.mark.parametrize("pyramid", [False, True])
+def test_damaged_body_never_reads_out_of_bounds(camera, pyramid):
+    """Flipped bytes decode to garbage or an error, never a crash or a hang, in either coding order."""
+    frames = _panning_noise(13, cut=6) if pyramid else camera
+    payload = encode_chunk(frames, EncoderConfig(target_psnr=34.0 if pyramid else 40.0, pyramid=pyramid)).payload
+    assert bool(HEADER.unpack_from(payload)[2] & FLAG_PYRAMID) == pyramid
     rng = np.random.default_rng(7)
     for _ in range(20):
         damaged = bytearray(payload)
         for pos in rng.integers(24, len(payload), size=4):
             damaged[pos] ^= int(rng.integers(1, 256))
         try:
-            frames = decode_chunk(bytes(damaged))
+            decoded = decode_chunk(bytes(damaged))
         except BitstreamError:
             continue
-        assert frames.y.shape == camera.y.shape
+        assert decoded.y.shape == frames.y.shape
 
 
 def test_target_psnr_out_of_range_is_a_config_error():
@@ -309,8 +313,6 @@ def test_a_pyramid_chunk_round_trips_and_is_chosen_where_it_pays():
     future reference); the decoder reproduces the encoder's reconstruction. (Its probe costs 0.91 of
     display order's, against the 0.985 the pyramid must reach.) Without ``pyramid`` the encoder
     codes display order."""
-    from palstream.codec.decoder import FLAG_PYRAMID, HEADER
-
     frames = _panning_noise(13, cut=6)
     encoded = encode_chunk(frames, EncoderConfig(target_psnr=34.0, pyramid=True))
     assert HEADER.unpack_from(encoded.payload)[2] & FLAG_PYRAMID
@@ -338,7 +340,6 @@ def test_rate_control_lands_just_above_the_floor(target):
 def test_a_fixed_rung_codes_once_at_that_step():
     """``encode_chunk(..., rung=)`` skips the rate control (benchmarks compare tools at equal quantisation)."""
     from palstream.codec.chunk import LADDER
-    from palstream.codec.decoder import HEADER
 
     frames = read_frames(str(DATA / "camera_64x48.mkv"), 0, 4)
     controlled = encode_chunk(frames, EncoderConfig(target_psnr=40.0))
