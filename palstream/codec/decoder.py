@@ -70,7 +70,8 @@ def _pyramid(t: int) -> list[Step]:
     """Version 7's pyramid: anchors every fourth frame and the last, each from the anchor before
     (its second reference the one before that); between two anchors four apart the middle frame
     first, then the two others, each from its past and future neighbours (a shorter last gap
-    alike). Levels as ``frame_level`` for the anchors and the frames a later one references."""
+    alike). Level 0 for the anchors, 1 for the frames between that a later one references, 2 for
+    the rest (the same levels as ``frame_level`` gives where the gaps are four)."""
     anchors = list(range(0, t, 4)) + ([t - 1] if (t - 1) % 4 else [])
     order = [Step(0, -1, -1, 0, 0)]
     for i in range(1, len(anchors)):
