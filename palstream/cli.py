@@ -392,6 +392,7 @@ def info(
     stream_bytes = sum(s["bytes"] for s in reader.streams)
     config = enc["config"]
     quality = "lossless" if config.get("lossless") else f"target PSNR-Y {config.get('target_psnr')} dB"
+    quality += ", pyramid" if config.get("pyramid") else ""
     lines = [
         f"archive      {archive} (format {reader.attrs['format']} v{reader.attrs['format_version']}, "
         f"{reader.attrs['status']})",

@@ -60,6 +60,16 @@ def test_lossless_round_trip_through_the_cli(run_cli, data_dir, tmp_path):
     assert "complete" in run_cli("info", archive).stdout
 
 
+def test_a_pyramid_encode_records_the_setting_and_meets_its_floor(run_cli, data_dir, tmp_path):
+    """``--pyramid`` reaches the encoder (the archive's settings, ``info``) and decodes to its floor."""
+    archive = tmp_path / "a.zarr"
+    clip = data_dir / "batch_mandel_48x32.mkv"
+    assert run_cli("encode", clip, archive, "--target-psnr", "35", "--pyramid").code == 0
+    assert open_archive(str(archive)).chunk_config(0)["pyramid"] is True
+    assert "pyramid" in run_cli("info", archive).stdout
+    assert json.loads(run_cli("eval", clip, archive, "--json").stdout)["psnr_y"] >= 35.0
+
+
 def test_lossy_encode_meets_the_psnr_floor(run_cli, data_dir, tmp_path):
     archive = tmp_path / "a.zarr"
     assert run_cli("encode", data_dir / "camera_64x48.mkv", archive, "--target-psnr", "38").code == 0
