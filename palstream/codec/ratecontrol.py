@@ -51,12 +51,13 @@ class LambdaControl:
         self.aim_mse = floor_mse / 10 ** (aim_db / 10)
         self.weights = np.ones(len(source_y)) if weights is None else np.asarray(weights, np.float64)
         self.order = list(range(len(source_y))) if order is None else list(order)
+        self.position = {f: k for k, f in enumerate(self.order)}
         self.frame_mse: list[float] = []
         self.scales: list[float] = []
 
     def scale(self, f: int, recon_y: np.ndarray) -> float:
         """Multiplier of lambda for frame ``f``; ``recon_y`` holds the frames coded before it, reconstructed."""
-        k = self.order.index(f)
+        k = self.position[f]
         if k == 0:
             self.frame_mse.clear()
             self.scales = [1.0]
