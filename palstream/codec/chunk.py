@@ -166,6 +166,11 @@ def _generator(name: str):
     return create_palette_generator(name)
 
 
+def _rd_lambda(q4: int, config: EncoderConfig) -> float:
+    """The nominal RD lambda at step ``q4`` (quarter levels): what a bit is worth in squared error."""
+    return 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
+
+
 def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, order, motion,
                control: ratecontrol.LambdaControl | None = None, stats=NO_STATS):
     """Code the frames of ``padded`` at one rung, in ``order`` (``decoder.coding_order``), with the
@@ -177,12 +182,9 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, o
     dweight = 1e6 if config.lossless else 1.0
     field, distances = motion
 
-    def lam_at(q4):
-        return 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
-
     def decide(f, src, ref, ref2, ref2_scale, coding, decisions, probs, predictors):
         fq4 = coding.q4
-        rd_lambda = max(lam_at(fq4), 1.0) * (control.scale(f, recon[0]) if control else 1.0)
+        rd_lambda = max(_rd_lambda(fq4, config), 1.0) * (control.scale(f, recon[0]) if control else 1.0)
         table = analysis.residual_cost_table(fq4, coding.rounding[0], rd_lambda, dweight)
         noise = 0 if config.lossless else round(fq4 * INTRA_NOISE)
         pricing = analysis.Pricing(
@@ -194,7 +196,7 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, o
 
     recon = tuple(np.zeros_like(p) for p in padded)
     capacity = padded[0].size * 3 + 4096
-    esc_tol = int(lam_at(q4) * analysis.ESCAPE_BITS)  # 0 when lossless: every inexact sample escapes, exactly
+    esc_tol = int(_rd_lambda(q4, config) * analysis.ESCAPE_BITS)  # 0 when lossless: every inexact sample escapes, exactly
     coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol)
     while True:
         buf = np.zeros(capacity, np.uint8)
@@ -279,13 +281,13 @@ def _first_rung(target_psnr: float) -> int:
     return _rung_at(4 * initial_step(target_psnr))
 
 
-def _pyramid_pays(encode_at, rung: int, frames: int, pixels: int) -> tuple[bool, tuple[int, float]]:
+def _pyramid_pays(encode_at, rung: int, frames: int, pixels: int, config: EncoderConfig) -> tuple[bool, tuple[int, float]]:
     """Whether the chunk is coded as a pyramid rather than in display order: the probe's frames
     coded both ways at ``rung``, each priced by its RD cost (luma squared error of ``pixels`` a
     frame plus the nominal lambda's worth of the bits); the pyramid must cost ``PYRAMID_MARGIN``
     or less of display order's. Returns the choice and its probe (rung, luma MSE)."""
     count = _probe_frames(frames, True)
-    lam = LAMBDA * (LADDER[rung][0] / 4) ** 2
+    lam = _rd_lambda(LADDER[rung][0], config)
     probes = {}
     for pyramid in (False, True):
         body, mse = encode_at(rung, count, pyramid_order=pyramid)
@@ -386,31 +388,35 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
     # Motion is searched once per chunk and coding order, between source frames, so the
     # rate-control probes and the final encode share it (searching the reconstruction would
     # repeat it per probe); the choice of order searches both orders' probe frames first.
-    motion = {}  # (frames, pyramid) -> (coding order, motion field and distances)
+    motion: dict[tuple[int, bool], tuple] = {}  # (frames, pyramid) -> (coding order, motion field and distances)
     attempts = 0
     counts = NO_STATS  # the leaves of the latest encode, which is the one kept
     # display order unless ``config.pyramid`` and its probe says otherwise; lossless chunks always
     # (the pyramid, 32 frames of each corpus clip: +1.3 to +6.7 %, 3-D animation -1.8 %)
     pyramid = False
+
+    def search(count, pyramid):
+        """The coding order of the first ``count`` frames and their motion, searched once."""
+        if (count, pyramid) not in motion:
+            order = coding_order(count, VERSION, pyramid)
+            whole = motion.get((t, pyramid))
+            if whole is not None and whole[0][:count] == order:  # the chunk's first frames, searched alike
+                motion[count, pyramid] = order, whole[1]
+            else:
+                found = analysis.motion_search_chunk(padded[0][:count], config.search_range, _searches(order))
+                motion[count, pyramid] = order, found
+        return motion[count, pyramid]
+
     if not config.pyramid:
-        order = coding_order(t, VERSION, pyramid)
-        motion[t, pyramid] = order, analysis.motion_search_chunk(padded[0], config.search_range, _searches(order))
+        search(t, pyramid)  # first, so that the probes take their frames' motion from it
 
     def encode_at(rung, count, config=config, control=None, pyramid_order=None):
         nonlocal attempts, counts
         attempts += 1
-        key = (count, pyramid if pyramid_order is None else pyramid_order)
-        if key not in motion:
-            order = coding_order(count, VERSION, key[1])
-            whole = motion.get((t, key[1]))
-            if whole is not None and whole[0][:count] == order:  # the chunk's first frames, searched alike
-                motion[key] = order, whole[1]
-            else:
-                motion[key] = order, analysis.motion_search_chunk(padded[0][:count], config.search_range, _searches(order))
         coded = source if config.lossless else padded
         counts = NO_STATS if modes is None else modes.new_counts()
         body, recon = _encode_at(tuple(p[:count] for p in coded), LADDER[rung], config, proposals, generator.in_codec,
-                                 *motion[key], control, counts)
+                                 *search(count, pyramid if pyramid_order is None else pyramid_order), control, counts)
         diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
         return body, float(np.mean(diff**2))
 
@@ -422,7 +428,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
         known = None
         if config.pyramid:
             at = rung if rung is not None else _first_rung(config.target_psnr - PROBE_SLACK_DB)
-            pyramid, known = _pyramid_pays(encode_at, at, t, h * w)
+            pyramid, known = _pyramid_pays(encode_at, at, t, h * w, config)
         if rung is not None:
             body, mse = encode_at(rung, t)
         else:
@@ -431,7 +437,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
             # 0.3-0.8 dB apart; the prefix misjudges chunks that change later) by scaling the RD
             # lambda frame by frame: one encode lands ~0.1 dB above the floor
             target_mse = 255.0**2 / 10 ** (config.target_psnr / 10)
-            order = coding_order(t, VERSION, pyramid)
+            order = search(t, pyramid)[0]
             weights = np.zeros(t)  # the layered frames' MSE goes as their step squared
             for step in order:
                 weights[step.f] = (LEVEL_STEP[step.level] / 64) ** 2
