@@ -113,6 +113,16 @@ def test_header_fields_out_of_range_are_errors(camera, field, value):
         decode_chunk(bytes(payload))
 
 
+def test_a_pyramid_flag_is_refused_where_the_version_has_none(camera):
+    """The pyramid flag is version 7's: a version-6 header that sets it, or a version-7 header with
+    a flag no version defines, is refused before decoding, not decoded in the wrong order."""
+    payload = bytearray(encode_chunk(camera[:3], EncoderConfig(target_psnr=40.0)).payload)
+    for version, flags in ((6, FLAG_PYRAMID), (7, 4)):
+        payload[4], payload[5] = version, flags
+        with pytest.raises(BitstreamError, match="flags"):
+            decode_chunk(bytes(payload))
+
+
 @pytest.mark.parametrize("pyramid", [False, True])
 def test_damaged_body_never_reads_out_of_bounds(camera, pyramid):
     """Flipped bytes decode to garbage or an error, never a crash or a hang, in either coding order."""
