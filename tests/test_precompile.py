@@ -3,6 +3,7 @@ compile_kernels covering every kernel signature the codec uses."""
 
 import ctypes
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,21 @@ def test_a_cold_cache_says_it_compiles_and_a_warm_one_is_silent(tmp_path):
     assert cold.stderr.splitlines() == [FIRST_USE_NOTICE]
     warm = _python(FLUSH, cache, tmp_path)
     assert warm.returncode == 0 and warm.stderr == ""
+
+
+def test_a_change_to_any_codec_source_recompiles_every_kernel(tmp_path):
+    """The range coder's kernel compiles again after a change to syntax.py alone: a compiled kernel
+    holds the code of the kernels it calls from other files, which numba's own stamp (the
+    kernel's file) would miss. Runs a copy of the package, so that its sources can change."""
+    copy = tmp_path / "src"
+    shutil.copytree(Path(__file__).parents[1] / "palstream", copy / "palstream", ignore=shutil.ignore_patterns("__pycache__"))
+    code = f"import sys; sys.path.insert(0, {str(copy)!r}); " + FLUSH
+    cache = tmp_path / "cache"
+    assert _python(code, cache, tmp_path).stderr.splitlines() == [FIRST_USE_NOTICE]
+    assert _python(code, cache, tmp_path).stderr == ""
+    with open(copy / "palstream" / "codec" / "syntax.py", "a") as source:
+        source.write("# changed\n")
+    assert _python(code, cache, tmp_path).stderr.splitlines() == [FIRST_USE_NOTICE]
 
 
 def _without_root_overrides() -> None:

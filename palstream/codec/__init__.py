@@ -21,6 +21,8 @@ from palstream.codec.decoder import BitstreamError, decode_chunk  # noqa: E402
 from palstream.codec.modes import ModeStats  # noqa: E402
 from palstream.codec.precompile import compile_kernels  # noqa: E402
 
+_precompile.stamp_kernels_with_every_source()
+
 __all__ = [
     "DEFAULT_TARGET_PSNR", "BitstreamError", "EncodedChunk", "EncoderConfig", "ModeStats", "compile_kernels",
     "decode_chunk", "encode_chunk",

@@ -91,12 +91,35 @@ _notice = _CompileNotice()
 _registered = False
 
 
+def _kernel_modules() -> tuple:
+    from palstream.codec import analysis, prefilter, rangecoder, syntax
+
+    return analysis, prefilter, rangecoder, syntax
+
+
 def announce_if_cold() -> None:
     """Print the first-use notice now if the codec's kernels are not in numba's cache: for the
     long paths (encode, decode), before their seconds of set-up."""
-    from palstream.codec import analysis, prefilter, rangecoder, syntax
+    _notice.early(_kernel_modules())
 
-    _notice.early((analysis, prefilter, rangecoder, syntax))
+
+def stamp_kernels_with_every_source() -> None:
+    """Make every codec kernel's cache entry stale when any codec source changes, not only its own.
+
+    numba stamps a kernel's cache entry with a hash of the kernel's own file, but a compiled kernel
+    holds the code of the kernels it calls from other files (``analysis.decide`` the syntax's
+    prediction, the syntax the range coder's): after a change to ``syntax.py`` alone, the cached
+    analysis would go on pricing the old prediction, and after one to ``rangecoder.py`` alone the
+    cached frame syntax would code with the old coder. Each kernel's stamp becomes one hash of
+    all four files (numba's cache file's ``_source_stamp``, internal: checked against the entry
+    when loading, written with it when saving). Call once the kernels are defined, before any runs.
+    """
+    modules = _kernel_modules()
+    digest = hashlib.sha256(b"".join(open(module.__file__, "rb").read() for module in modules)).digest()
+    for module in modules:
+        for kernel in vars(module).values():
+            if isinstance(kernel, Dispatcher) and isinstance(kernel._cache, FunctionCache):
+                kernel._cache._cache_file._source_stamp = digest
 
 
 def announce_compiles() -> None:
