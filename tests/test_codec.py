@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from palstream.codec import BitstreamError, EncoderConfig, ModeStats, decode_chunk, encode_chunk, rangecoder, syntax
-from palstream.codec.decoder import FLAG_PYRAMID, HEADER
+from palstream.codec.decoder import FLAG_PYRAMID, FLAG_SHARP, HEADER
 from palstream.codec.syntax import STAT_LEAVES, STAT_PAL_ESCAPE
 from palstream.errors import ConfigError
 from palstream.frames import Frames
@@ -24,6 +24,11 @@ GOLDEN = Path(__file__).parent / "expected" / "codec_golden.json"
 @pytest.fixture(scope="module")
 def camera():
     return read_frames(str(DATA / "camera_64x48.mkv"), 0, 6)
+
+
+@pytest.fixture(scope="module")
+def anim3d():
+    return read_frames(str(DATA / "anim3d_64x48.mkv"), 0, 6)
 
 
 @pytest.fixture(scope="module")
@@ -113,22 +118,26 @@ def test_header_fields_out_of_range_are_errors(camera, field, value):
         decode_chunk(bytes(payload))
 
 
-def test_a_pyramid_flag_is_refused_where_the_version_has_none(camera):
-    """The pyramid flag is version 7's: a version-6 header that sets it, or a version-7 header with
-    a flag no version defines, is refused before decoding, not decoded in the wrong order."""
+def test_a_flag_is_refused_where_the_version_has_none(camera):
+    """The pyramid flag is version 7's and the sharp filter's version 8's: a header of an older
+    version that sets one, or a version-8 header with a flag no version defines, is refused before
+    decoding, not decoded in the wrong order or with the wrong filter."""
     payload = bytearray(encode_chunk(camera[:3], EncoderConfig(target_psnr=40.0)).payload)
-    for version, flags in ((6, FLAG_PYRAMID), (7, 4)):
+    for version, flags in ((6, FLAG_PYRAMID), (7, FLAG_SHARP), (8, 8)):
         payload[4], payload[5] = version, flags
         with pytest.raises(BitstreamError, match="flags"):
             decode_chunk(bytes(payload))
 
 
-@pytest.mark.parametrize("pyramid", [False, True])
-def test_damaged_body_never_reads_out_of_bounds(camera, pyramid):
-    """Flipped bytes decode to garbage or an error, never a crash or a hang, in either coding order."""
-    frames = _panning_noise(13, cut=6) if pyramid else camera
-    payload = encode_chunk(frames, EncoderConfig(target_psnr=34.0 if pyramid else 40.0, pyramid=pyramid)).payload
-    assert bool(HEADER.unpack_from(payload)[2] & FLAG_PYRAMID) == pyramid
+@pytest.mark.parametrize("kind", ["display", "pyramid", "sharp"])
+def test_damaged_body_never_reads_out_of_bounds(camera, anim3d, kind):
+    """Flipped bytes decode to garbage or an error, never a crash or a hang, in either coding order
+    and with either half-pel filter."""
+    frames = {"display": camera, "pyramid": _panning_noise(13, cut=6), "sharp": anim3d}[kind]
+    config = EncoderConfig(target_psnr=34.0 if kind == "pyramid" else 40.0, pyramid=kind == "pyramid")
+    payload = encode_chunk(frames, config).payload
+    flags = HEADER.unpack_from(payload)[2]
+    assert bool(flags & FLAG_PYRAMID) == (kind == "pyramid") and bool(flags & FLAG_SHARP) == (kind == "sharp")
     rng = np.random.default_rng(7)
     for _ in range(20):
         damaged = bytearray(payload)
@@ -333,6 +342,62 @@ def test_a_pyramid_chunk_round_trips_and_is_chosen_where_it_pays():
     lossless = encode_chunk(frames, EncoderConfig(lossless=True, pyramid=True))
     assert not HEADER.unpack_from(lossless.payload)[2] & FLAG_PYRAMID  # exact chunks keep display order
     assert _same(decode_chunk(lossless.payload), frames)
+
+
+def _spec_motion_sample(ref, py, px, sharp):
+    """storage/BITSTREAM.md 5.3's mc() at half-pel position (py, px), written from the text."""
+    h, w = ref.shape
+
+    def r(i, j):
+        return int(ref[min(max(i, 0), h - 1), min(max(j, 0), w - 1)])
+
+    iy, ix, fy, fx = py >> 1, px >> 1, py & 1, px & 1
+    if not sharp:
+        return (r(iy, ix) + r(iy, ix + fx) + r(iy + fy, ix) + r(iy + fy, ix + fx) + 2) >> 2
+    taps = (1, -5, 20, 20, -5, 1)
+
+    def hor(i):
+        return sum(t * r(i, ix - 2 + k) for k, t in enumerate(taps))
+
+    if fx and fy:
+        value = (sum(t * hor(iy - 2 + k) for k, t in enumerate(taps)) + 512) >> 10
+    elif fx:
+        value = (hor(iy) + 16) >> 5
+    elif fy:
+        value = (sum(t * r(iy - 2 + k, ix) for k, t in enumerate(taps)) + 16) >> 5
+    else:
+        value = r(iy, ix)
+    return min(max(value, 0), 255)
+
+
+@pytest.mark.parametrize("sharp", [False, True])
+def test_half_pel_prediction_follows_the_spec_inside_and_at_the_edges(sharp):
+    """The whole-block prediction (no clamping inside the plane, per sample at its edges) equals
+    the spec's sample formula for every half-pel phase, for blocks inside, at and past the edges."""
+    rng = np.random.default_rng(3)
+    ref = rng.integers(0, 256, (24, 40)).astype(np.uint8)
+    ref[5:9, 10:20] = 255  # saturated edges: the sharp filter's lobes overshoot and are clamped
+    scratch = np.empty((2, 8, 8), np.int32)
+    for y0, x0, mvy, mvx in [(8, 16, 1, 1), (8, 16, -3, 2), (8, 16, 0, 5), (8, 16, 7, 0), (0, 0, -1, -1), (16, 32, 3, 3),
+                             (16, 0, -9, 1), (0, 32, 1, -40), (8, 8, 0, 0)]:
+        mot = (np.int64(mvy), np.int64(mvx), np.int64(0), np.int64(0), np.int64(0))
+        got = syntax.inter_prediction(ref, ref, y0, x0, 8, mot, sharp, scratch)[:8, :8]
+        want = [[_spec_motion_sample(ref, 2 * (y0 + y) + mvy, 2 * (x0 + x) + mvx, sharp) for x in range(8)] for y in range(8)]
+        assert got.tolist() == want, (y0, x0, mvy, mvx)
+
+
+def test_the_sharp_filter_is_chosen_where_it_predicts_better(camera, anim3d):
+    """3-D animation's half-pel motion is predicted better by the sharp filter, the rocket crop's
+    camera noise bilinearly: the encoder sets the flag for one and not the other, and the decoder
+    reproduces the encoder's reconstruction with it, lossy and lossless."""
+    sharp = encode_chunk(anim3d, EncoderConfig(target_psnr=40.0))
+    assert HEADER.unpack_from(sharp.payload)[2] & FLAG_SHARP
+    assert _psnr_y(decode_chunk(sharp.payload), anim3d) == pytest.approx(sharp.stats["psnr_y"])
+    assert sharp.stats["psnr_y"] >= 40.0
+    lossless = encode_chunk(anim3d, EncoderConfig(lossless=True))
+    assert HEADER.unpack_from(lossless.payload)[2] & FLAG_SHARP
+    assert _same(decode_chunk(lossless.payload), anim3d)
+    assert not HEADER.unpack_from(encode_chunk(camera, EncoderConfig(target_psnr=40.0)).payload)[2] & FLAG_SHARP
 
 
 @pytest.mark.slow

@@ -77,8 +77,9 @@ def _sort_prefix(keys, n):
 
 @njit(cache=True, nogil=True)
 def _sad8(cur, ref, y0, x0, my, mx, bound):
-    """SAD of an 8x8 block against ``ref`` displaced by a half-pel vector; stops early once it
-    reaches ``bound`` (the caller only wants candidates below it)."""
+    """SAD of an 8x8 block against ``ref`` displaced by a half-pel vector, sampled bilinearly
+    whatever the chunk's filter (the search only ranks vectors; ``decide`` prices the filter's
+    prediction); stops early once it reaches ``bound`` (the caller only wants candidates below it)."""
     h, w = ref.shape
     iy = y0 + (my >> 1)
     ix = x0 + (mx >> 1)
@@ -97,7 +98,7 @@ def _sad8(cur, ref, y0, x0, my, mx, bound):
                 s += abs(np.int64(cur[y0 + y, x0 + x]) - p)
         else:
             for x in range(8):
-                s += abs(np.int64(cur[y0 + y, x0 + x]) - motion_sample(ref, y0 + y, x0 + x, my, mx))
+                s += abs(np.int64(cur[y0 + y, x0 + x]) - motion_sample(ref, y0 + y, x0 + x, my, mx, False))
         if s >= bound:
             break
     return s
@@ -261,6 +262,33 @@ def motion_search_chunk(luma, search_range, searches):
     return field, distances
 
 
+@njit(cache=True, nogil=True)
+def half_pel_errors(luma, field, refs):
+    """Squared error of the first reference's prediction of every 8x8 luma cell that a half-pel
+    vector moves, summed over the frames, bilinear (0) and by ``syntax.SHARP`` (1): the encoder's
+    choice of filter for a chunk (``chunk._sharp_pays``). ``field``: ``motion_search_chunk``'s;
+    ``refs``: each frame's first reference, -1 for none; both on source frames."""
+    t, h, w = luma.shape
+    errors = np.zeros(2)
+    scratch = np.empty((2, 8, 8), np.int32)
+    for f in range(t):
+        if refs[f] < 0:
+            continue
+        for cy in range(h // 8):
+            for cx in range(w // 8):
+                mot = (np.int64(field[f, cy, cx, MV_Y]), np.int64(field[f, cy, cx, MV_X]), np.int64(0), np.int64(0),
+                       np.int64(0))
+                if (mot[MV_Y] | mot[MV_X]) & 1 == 0:  # whole pixels: both filters copy
+                    continue
+                for sharp in range(2):
+                    pred = inter_prediction(luma[refs[f]], luma[refs[f]], 8 * cy, 8 * cx, 8, mot, sharp == 1, scratch)
+                    for y in range(8):
+                        for x in range(8):
+                            d = np.int64(luma[f, 8 * cy + y, 8 * cx + x]) - np.int64(pred[y, x])
+                            errors[sharp] += d * d
+    return errors
+
+
 def residual_cost_table(q4: int, rnd4: int, lam: float, dweight: float) -> np.ndarray:
     """J(e) for every prediction error e in -255..255: distortion after quantising with step q4/4,
     plus lambda times the estimated bits of its level."""
@@ -325,10 +353,10 @@ def _block_cost(err, table, y0, x0, s):
 
 
 @njit(cache=True, nogil=True)
-def _inter_cost(cur, med, ref, ref2, table, y0, x0, s, mot, scratch, out):
+def _inter_cost(cur, med, ref, ref2, table, y0, x0, s, mot, sharp, scratch, out):
     """Adds the cost of a block's inter prediction under each INTER variant (its combinations
     with estimated MED, ``syntax.MED_WEIGHT``) to ``out``."""
-    pred = inter_prediction(ref, ref2, y0, x0, s, mot, scratch)
+    pred = inter_prediction(ref, ref2, y0, x0, s, mot, sharp, scratch)
     plain = 0.0
     close = True  # every error is -1, 0 or 1
     for y in range(s):
@@ -365,11 +393,11 @@ def _offset_cost(cur, med, pred, table, lam, y0, x0, s, wm, d):
 
 
 @njit(cache=True, nogil=True)
-def _offset_gain(cur, med, ref, ref2, table, lam, y0, x0, s, mot, variant, scratch):
+def _offset_gain(cur, med, ref, ref2, table, lam, y0, x0, s, mot, variant, sharp, scratch):
     """RD-best luma offset of an INTER leaf (added to the motion-compensated prediction before
     any MED mix) and the change of the leaf's luma cost it brings: the mean error's offset and
     its neighbours, priced with ``table``, against no offset."""
-    pred = inter_prediction(ref, ref2, y0, x0, s, mot, scratch)
+    pred = inter_prediction(ref, ref2, y0, x0, s, mot, sharp, scratch)
     total = 0
     for y in range(s):
         for x in range(s):
@@ -391,16 +419,16 @@ def _offset_gain(cur, med, ref, ref2, table, lam, y0, x0, s, mot, variant, scrat
 
 
 @njit(cache=True, nogil=True)
-def _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, scratch, out):
+def _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, sharp, scratch, out):
     """Inter costs (each INTER variant) of one 8x8 luma cell and its 4x4 chroma cells under
-    motion ``mot``, into ``out`` (``cur``, ``med``, ``ref``, ``ref2``: the (Y, Cb, Cr) planes;
+    motion ``mot`` (half-pel samples ``sharp`` or bilinear), into ``out`` (``cur``, ``med``, ``ref``, ``ref2``: the (Y, Cb, Cr) planes;
     ``scratch``: int32[2, 8, 8] for the predictions)."""
     cmot = chroma_motion(mot)
     for v in range(4):
         out[v] = 0.0
-    _inter_cost(cur[0], med[0], ref[0], ref2[0], table, 8 * cy8, 8 * cx8, 8, mot, scratch, out)
-    _inter_cost(cur[1], med[1], ref[1], ref2[1], table, 4 * cy8, 4 * cx8, 4, cmot, scratch, out)
-    _inter_cost(cur[2], med[2], ref[2], ref2[2], table, 4 * cy8, 4 * cx8, 4, cmot, scratch, out)
+    _inter_cost(cur[0], med[0], ref[0], ref2[0], table, 8 * cy8, 8 * cx8, 8, mot, sharp, scratch, out)
+    _inter_cost(cur[1], med[1], ref[1], ref2[1], table, 4 * cy8, 4 * cx8, 4, cmot, sharp, scratch, out)
+    _inter_cost(cur[2], med[2], ref[2], ref2[2], table, 4 * cy8, 4 * cx8, 4, cmot, sharp, scratch, out)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -1094,7 +1122,7 @@ def _transform_cost(cur, pred, y0, x0, s, q4, lam, levels, coef):
 
 
 @njit(cache=True, nogil=True, inline="always")  # see decide
-def _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_scale, lev, by, bx, s, scratch, motion):
+def _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_scale, sharp, lev, by, bx, s, scratch, motion):
     """RD cost of the block as an INTER leaf: (J, variant, luma offset, transform) of its best
     candidate, whose motion tuple goes into ``motion``; J is infinite where there is no candidate.
 
@@ -1154,7 +1182,7 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_scale, 
                     for v in range(4):  # the cell's own motion: known
                         jmot[v] += cell_inter[cy8, cx8, b2, v]
                 else:
-                    _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, prediction, cost)
+                    _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, sharp, prediction, cost)
                     for v in range(4):
                         jmot[v] += cost[v]
         if jmot[0] < jinter0:
@@ -1170,7 +1198,7 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_scale, 
     if jinter == np.inf:
         return jinter, 0, 0, 0
     mot = (motion[0], motion[1], motion[2], motion[3], motion[4])
-    dc, delta = _offset_gain(cur[0], med[0], ref[0], ref2[0], table, lam, by * s, bx * s, s, mot, ivar, leaf_prediction)
+    dc, delta = _offset_gain(cur[0], med[0], ref[0], ref2[0], table, lam, by * s, bx * s, s, mot, ivar, sharp, leaf_prediction)
     if delta < 0:
         jinter += delta
     else:
@@ -1181,7 +1209,7 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_scale, 
     y0 = by * s
     x0 = bx * s
     mot = (motion0[0], motion0[1], motion0[2], motion0[3], motion0[4])
-    pred = inter_prediction(ref[0], ref2[0], y0, x0, s, mot, leaf_prediction)
+    pred = inter_prediction(ref[0], ref2[0], y0, x0, s, mot, sharp, leaf_prediction)
     spatial = _offset_cost(cur[0], med[0], pred, table, lam, y0, x0, s, 0, 0)
     jt = jinter0 - spatial + lam * 1.0 + _transform_cost(cur[0], pred, y0, x0, s, tq4, lam, levels, coef)
     if jt < jinter:
@@ -1295,6 +1323,7 @@ class Pricing(NamedTuple):
     q4: int  # the frame's step, quarter levels
     esc_tol: int  # squared error above which a palette sample escapes (``syntax.Coding.esc_tol``)
     dominant: bool  # the palette generator is ``dominant``, which the analysis runs itself (``_palette_clusters``)
+    sharp: bool  # half-pel motion by ``syntax.SHARP`` (``syntax.Coding.sharp``)
 
 
 @njit(cache=True, nogil=True)
@@ -1326,7 +1355,7 @@ def decide(cur, ref, ref2, has_ref, ref2_scale, field, pricing, proposals, coder
     twenty arrays for little work per block, and the screen clip encoded 5-10 % slower per CPU
     second (``benchmarks/codec_ab.py``).
     """
-    table, lam, dweight, noise, min_block, max_block, max_pal, tq4, _, _, _ = pricing
+    table, lam, dweight, noise, min_block, max_block, max_pal, tq4, _, _, _, sharp = pricing
     h, w = cur[0].shape
     err_y, med_y = _intra_errors(cur[0], noise)
     err_u, med_u = _intra_errors(cur[1], noise)
@@ -1378,7 +1407,7 @@ def decide(cur, ref, ref2, has_ref, ref2_scale, field, pricing, proposals, coder
                             # alone pays where the past does not: a cut, an uncovered background)
                             cell_inter[by, bx, b2] = np.inf
                             continue
-                        _cell_inter_cost(cur, planes[1], ref, ref2, table, by, bx, _cell_motion(field, by, bx, b2), prediction,
+                        _cell_inter_cost(cur, planes[1], ref, ref2, table, by, bx, _cell_motion(field, by, bx, b2), sharp, prediction,
                                          cell_inter[by, bx, b2])
                 jbest = np.inf
                 bm = INTRA
@@ -1394,7 +1423,7 @@ def decide(cur, ref, ref2, has_ref, ref2_scale, field, pricing, proposals, coder
                             bm = SKIP
                             bvar = 0
                         below = (lmode[max(lev - 1, 0)], lcells[max(lev - 1, 0)])  # at level 0: unused
-                        jinter, ivar, dc, tr = _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_scale, lev,
+                        jinter, ivar, dc, tr = _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_scale, sharp, lev,
                                                             by, bx, s, inter_scratch, imot)
                         if jinter < jbest:
                             jbest = jinter

@@ -18,14 +18,16 @@ from palstream.errors import ArchiveError
 from palstream.frames import Frames
 
 MAGIC = b"PSC1"
-VERSION = 7  # what the encoder writes
-# version 6 is version 7 without FLAG_PYRAMID (display order only), 5 is 6 with the second reference
-# always 2 frames back and one step for every frame, 4 is 5 without escapes, 3 is 4 without the
-# transform flag (storage/BITSTREAM.md)
-READABLE = (3, 4, 5, 6, 7)
+VERSION = 8  # what the encoder writes
+# version 7 is version 8 without FLAG_SHARP (bilinear half-pel motion only), 6 is 7 without
+# FLAG_PYRAMID (display order only), 5 is 6 with the second reference always 2 frames back and
+# one step for every frame, 4 is 5 without escapes, 3 is 4 without the transform flag
+# (storage/BITSTREAM.md)
+READABLE = (3, 4, 5, 6, 7, 8)
 HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width, height, step*4, min, max, 0, body bytes
 FLAG_LOSSLESS = 1
 FLAG_PYRAMID = 2  # version 7: frames in coding_order's pyramid, predicted from past and future ones
+FLAG_SHARP = 4  # version 8: half-pel motion by syntax.SHARP's filter, not bilinear
 MAX_DIMENSION = 16384
 MAX_FRAMES = 1024
 MAX_CHUNK_SAMPLES = 1 << 31  # decoded samples of one chunk (2 GiB): a larger header is a lie or an error
@@ -47,8 +49,8 @@ NO_STATS = np.zeros((0, 3))  # ``code_frame`` counts nothing: same type as a sta
 # future references, with the same levels.
 LEVEL_STEP = (64, 72, 81)  # a frame's step in 64ths of the chunk's, by its level
 MAX_REF2 = 4  # frames back that a second reference may be (display order)
-SLOTS = MAX_REF2 + 1  # reconstructed frames a decoder keeps (versions 6-7; 3 for versions 3-5)
-CODED = -2  # a second reference whose distance the frame header codes (display order, versions 6-7)
+SLOTS = MAX_REF2 + 1  # reconstructed frames a decoder keeps (versions 6-8; 3 for versions 3-5)
+CODED = -2  # a second reference whose distance the frame header codes (display order, versions 6-8)
 
 
 class Step(NamedTuple):
@@ -92,8 +94,8 @@ def _pyramid(t: int) -> list[Step]:
 
 def coding_order(t: int, version: int, pyramid: bool) -> list[Step]:
     """The frames of a ``t``-frame chunk in coding order, with their references (storage/BITSTREAM.md
-    5.0): display order for versions 3-5 (second reference 2 back, one step) and for version 6 and
-    7 chunks without ``FLAG_PYRAMID`` (layered, coded second-reference distances); ``_pyramid``."""
+    5.0): display order for versions 3-5 (second reference 2 back, one step) and for version 6-8
+    chunks without ``FLAG_PYRAMID`` (layered, coded second-reference distances); ``_pyramid``."""
     if pyramid:
         return _pyramid(t)
     if version < 6:
@@ -120,7 +122,7 @@ def _slots(order: list[Step], n: int) -> dict[int, int]:
 
 
 def frame_coding(coding: syntax.Coding, level: int) -> syntax.Coding:
-    """A frame's coding at ``level`` in a layered (version 6-7) chunk: the step of its level, the
+    """A frame's coding at ``level`` in a layered (version 6-8) chunk: the step of its level, the
     encoder's rounding offsets and escape tolerance scaled with it. Lossless chunks (step 1) keep one step."""
     if coding.q4 <= 4:
         return coding
@@ -240,7 +242,8 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None, m
     if expected is not None and tuple(expected) != (t, h, w):
         et, eh, ew = expected
         raise BitstreamError(f"header declares {t} frames of {w}x{h}, the archive {et} frames of {ew}x{eh}")
-    if flags & ~(FLAG_LOSSLESS | (FLAG_PYRAMID if version >= 7 else 0)) or reserved:
+    known = FLAG_LOSSLESS | (FLAG_PYRAMID if version >= 7 else 0) | (FLAG_SHARP if version >= 8 else 0)
+    if flags & ~known or reserved:
         raise BitstreamError(f"unknown header flags {flags:#x} / reserved byte {reserved}: written by a newer palstream?")
     if q4 < 4 or min_block not in (8, 16, 32, 64) or max_block not in (8, 16, 32, 64) or min_block > max_block:
         raise BitstreamError(f"declared coding parameters (step {q4}/4, blocks {min_block}..{max_block}) are invalid")
@@ -267,7 +270,8 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None, m
     buf = np.frombuffer(payload, np.uint8, offset=HEADER.size).copy()  # writable: one compiled coder for both directions
     stats = NO_STATS if modes is None else modes.new_counts()
     st = code_frames(
-        False, buf, None, recon, syntax.Coding(q4, (0,) * 5, min_block, max_block, version >= 4 and q4 > 4, version >= 5, 0),
+        False, buf, None, recon, syntax.Coding(q4, (0,) * 5, min_block, max_block, version >= 4 and q4 > 4, version >= 5, 0,
+                                                bool(flags & FLAG_SHARP)),
         coding_order(t, version, bool(flags & FLAG_PYRAMID)), emit=emit, stats=stats,
     )
     if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:

@@ -94,6 +94,7 @@ class Coding(NamedTuple):
     transform: bool  # INTER leaves carry a transform flag (bitstream 4 with a step above 1)
     escapes: bool  # palettes carry escape flags (bitstream 5)
     esc_tol: int  # encoder: squared error above which a palette sample is coded as an escape
+    sharp: bool  # half-pel motion by the SHARP filter, not bilinear (bitstream 8's FLAG_SHARP)
 
 
 class _Contexts:
@@ -236,12 +237,34 @@ def _code_signed(enc, st, buf, probs, zero_ctx, mag_ctx, value):
     return 0
 
 
-@njit(cache=True, nogil=True, inline="always")
-def motion_sample(ref, y, x, mvy, mvx):
-    """Sample of ``ref`` displaced by a half-pel vector: bilinear, rounded, edges repeated.
+# Bitstream 8's sharp half-pel filter (a chunk's FLAG_SHARP): H.264's six luma taps, whose negative
+# lobes keep the edges and texture that bilinear averaging blurs (32 frames at fixed steps: 3-D
+# animation -19 / -15 %, the rocket launch -10 / -5 % at 40 / 45 dB) but pass on more of a
+# reference's noise (grain, sensor noise), so the encoder chooses it per chunk (chunk._sharp_pays).
+SHARP = np.array([1, -5, 20, 20, -5, 1], np.int64)  # sums to 32: one pass shifts by 5, two by 10
 
-    One formula for all four half-pel phases: (a + b + c + d + 2) >> 2 with the second row
-    and column equal to the first where that coordinate is whole, which is a, (a + b + 1) >> 1
+
+@njit(cache=True, nogil=True, inline="always")
+def _sharp_row(ref, r, c):
+    """``SHARP`` along row ``r`` of ``ref`` from column ``c`` (unrounded, 32 times the sample)."""
+    return (np.int64(ref[r, c]) - 5 * np.int64(ref[r, c + 1]) + 20 * np.int64(ref[r, c + 2]) + 20 * np.int64(ref[r, c + 3])
+            - 5 * np.int64(ref[r, c + 4]) + np.int64(ref[r, c + 5]))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sharp_column(ref, r, c):
+    """``SHARP`` down column ``c`` of ``ref`` from row ``r`` (unrounded)."""
+    return (np.int64(ref[r, c]) - 5 * np.int64(ref[r + 1, c]) + 20 * np.int64(ref[r + 2, c]) + 20 * np.int64(ref[r + 3, c])
+            - 5 * np.int64(ref[r + 4, c]) + np.int64(ref[r + 5, c]))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def motion_sample(ref, y, x, mvy, mvx, sharp):
+    """Sample of ``ref`` displaced by a half-pel vector, rounded, edges repeated: bilinear, or
+    with ``sharp`` the ``SHARP`` filter along each half-pel coordinate (rows first), clamped to 0..255.
+
+    Bilinear is one formula for all four half-pel phases: (a + b + c + d + 2) >> 2 with the second
+    row and column equal to the first where that coordinate is whole, which is a, (a + b + 1) >> 1
     or (a + c + 1) >> 1 exactly.
     """
     h, w = ref.shape
@@ -249,22 +272,34 @@ def motion_sample(ref, y, x, mvy, mvx):
     px = 2 * x + mvx
     iy = py >> 1
     ix = px >> 1
-    y0 = _clamp(iy, 0, h - 1)
-    x0 = _clamp(ix, 0, w - 1)
-    y1 = _clamp(iy + (py & 1), 0, h - 1)
-    x1 = _clamp(ix + (px & 1), 0, w - 1)
-    return (np.int64(ref[y0, x0]) + np.int64(ref[y0, x1]) + np.int64(ref[y1, x0]) + np.int64(ref[y1, x1]) + 2) >> 2
+    fy = py & 1
+    fx = px & 1
+    if not sharp:
+        y0 = _clamp(iy, 0, h - 1)
+        x0 = _clamp(ix, 0, w - 1)
+        y1 = _clamp(iy + fy, 0, h - 1)
+        x1 = _clamp(ix + fx, 0, w - 1)
+        return (np.int64(ref[y0, x0]) + np.int64(ref[y0, x1]) + np.int64(ref[y1, x0]) + np.int64(ref[y1, x1]) + 2) >> 2
+    acc = 0
+    for j in range(6 if fy else 1):
+        r = _clamp(iy - 2 + j if fy else iy, 0, h - 1)
+        row = 0
+        for k in range(6 if fx else 1):
+            row += (SHARP[k] if fx else 1) * np.int64(ref[r, _clamp(ix - 2 + k if fx else ix, 0, w - 1)])
+        acc += (SHARP[j] if fy else 1) * row
+    shift = 5 * (fy + fx)
+    return _clamp((acc + ((1 << shift) >> 1)) >> shift, 0, 255)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _motion_block(ref, y0, x0, size, mvy, mvx, out):
+def _motion_block(ref, y0, x0, size, mvy, mvx, sharp, out):
     """``motion_sample`` of every sample of a block into ``out``; no clamping where none is needed."""
     h, w = ref.shape
     iy = y0 + (mvy >> 1)
     ix = x0 + (mvx >> 1)
     fy = mvy & 1
     fx = mvx & 1
-    if iy >= 0 and ix >= 0 and iy + size + fy <= h and ix + size + fx <= w:
+    if not sharp and iy >= 0 and ix >= 0 and iy + size + fy <= h and ix + size + fx <= w:
         for y in range(size):
             r0 = iy + y
             r1 = r0 + fy
@@ -273,26 +308,51 @@ def _motion_block(ref, y0, x0, size, mvy, mvx, out):
                 c1 = c0 + fx
                 out[y, x] = (np.int64(ref[r0, c0]) + np.int64(ref[r0, c1]) + np.int64(ref[r1, c0])
                              + np.int64(ref[r1, c1]) + 2) >> 2
+    elif sharp and iy >= 2 * fy and ix >= 2 * fx and iy + size + 3 * fy <= h and ix + size + 3 * fx <= w:
+        if fy and fx:  # column by column, the last six rows' horizontal sums kept: 12 products a sample, not 36
+            for x in range(size):
+                c = ix + x - 2
+                h0 = _sharp_row(ref, iy - 2, c)
+                h1 = _sharp_row(ref, iy - 1, c)
+                h2 = _sharp_row(ref, iy, c)
+                h3 = _sharp_row(ref, iy + 1, c)
+                h4 = _sharp_row(ref, iy + 2, c)
+                for y in range(size):
+                    h5 = _sharp_row(ref, iy + y + 3, c)
+                    out[y, x] = min(max((h0 - 5 * h1 + 20 * h2 + 20 * h3 - 5 * h4 + h5 + 512) >> 10, 0), 255)
+                    h0, h1, h2, h3, h4 = h1, h2, h3, h4, h5
+        elif fx:
+            for y in range(size):
+                for x in range(size):
+                    out[y, x] = min(max((_sharp_row(ref, iy + y, ix + x - 2) + 16) >> 5, 0), 255)
+        elif fy:
+            for y in range(size):
+                for x in range(size):
+                    out[y, x] = min(max((_sharp_column(ref, iy + y - 2, ix + x) + 16) >> 5, 0), 255)
+        else:
+            for y in range(size):
+                for x in range(size):
+                    out[y, x] = ref[iy + y, ix + x]
     else:
         for y in range(size):
             for x in range(size):
-                out[y, x] = motion_sample(ref, y0 + y, x0 + x, mvy, mvx)
+                out[y, x] = motion_sample(ref, y0 + y, x0 + x, mvy, mvx, sharp)
 
 
 @njit(cache=True, nogil=True)
-def inter_prediction(ref, ref2, y0, x0, size, mot, scratch):
+def inter_prediction(ref, ref2, y0, x0, size, mot, sharp, scratch):
     """Motion-compensated prediction of a block: ``mot`` = (vy, vx, vy2, vx2, bi); with ``bi``
     1, the rounded mean of the first and the second reference's predictions, with ``ALONE`` the
-    second's. Returns ``scratch[0]``, whose top-left ``size`` x ``size`` samples hold it
+    second's; ``sharp``: half-pel samples by the ``SHARP`` filter (``motion_sample``). Returns ``scratch[0]``, whose top-left ``size`` x ``size`` samples hold it
     (``scratch``: int32[2, >= size, >= size], preallocated by the caller: this runs for every candidate)."""
     out = scratch[0]
     if mot[BI] == ALONE:
-        _motion_block(ref2, y0, x0, size, mot[MV2_Y], mot[MV2_X], out)
+        _motion_block(ref2, y0, x0, size, mot[MV2_Y], mot[MV2_X], sharp, out)
         return out
-    _motion_block(ref, y0, x0, size, mot[MV_Y], mot[MV_X], out)
+    _motion_block(ref, y0, x0, size, mot[MV_Y], mot[MV_X], sharp, out)
     if mot[BI]:
         second = scratch[1]
-        _motion_block(ref2, y0, x0, size, mot[MV2_Y], mot[MV2_X], second)
+        _motion_block(ref2, y0, x0, size, mot[MV2_Y], mot[MV2_X], sharp, second)
         for y in range(size):
             for x in range(size):
                 out[y, x] = (out[y, x] + second[y, x] + 1) >> 1
@@ -343,7 +403,7 @@ def _sub_block_is_zero(src, rec, mode, variant, wm, inter, y0, x0, size, sy, sx,
 @njit(cache=True, nogil=True)
 def code_residual_block(
     enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y0, x0, size, q4, rounding, mode, variant, plane_class, mot, dc,
-    transform,
+    transform, sharp,
 ):
     """Quantised prediction residual of one block of one plane: its 'palette of residual levels'.
 
@@ -355,14 +415,14 @@ def code_residual_block(
     toward zero by the encoder's ``rounding``) is coded as zero flag, sign, magnitude - 1. The encoder
     rounds with ``rounding[j]`` (quarter levels) where j of the left, top, top-left and top-right
     levels are non-zero: there a level is cheaper to code. With ``transform`` (INTER luma, variant
-    0) the residual is coded by ``code_transform_block`` instead.
+    0) the residual is coded by ``code_transform_block`` instead. ``sharp``: ``Coding.sharp``.
     """
     cls = plane_class * 2 + (1 if mode == INTRA else 0)
     sub = min(size, 8 if plane_class == 0 else 4)
     wm = MED_WEIGHT[variant] if mode == INTER else 0
     # INTER predicts the whole block at once; INTRA predicts from samples as they are decoded
     scratch = np.empty((2, size, size), np.int32)
-    inter = inter_prediction(ref, ref2, y0, x0, size, mot, scratch) if mode == INTER else scratch[0]
+    inter = inter_prediction(ref, ref2, y0, x0, size, mot, sharp, scratch) if mode == INTER else scratch[0]
     if dc:
         for y in range(size):
             for x in range(size):
@@ -1059,12 +1119,15 @@ def _code_leaf(
         rounding = coding.rounding
         mot = (np.int64(mvy), np.int64(mvx), np.int64(my2), np.int64(mx2), np.int64(bi))
         code_residual_block(
-            enc, st, buf, probs, src_y, rec_y, ref_y, ref2_y, kmap_y, kprev_y, y0, x0, s, q4, rounding, m, variant, 0, mot, dc, tr
+            enc, st, buf, probs, src_y, rec_y, ref_y, ref2_y, kmap_y, kprev_y, y0, x0, s, q4, rounding, m, variant, 0, mot, dc, tr,
+            coding.sharp,
         )
         cmot = chroma_motion(mot)
         code_residual_block(
-            enc, st, buf, probs, src_u, rec_u, ref_u, ref2_u, kmap_u, kprev_u, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot, 0, 0
+            enc, st, buf, probs, src_u, rec_u, ref_u, ref2_u, kmap_u, kprev_u, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot, 0, 0,
+            coding.sharp,
         )
         code_residual_block(
-            enc, st, buf, probs, src_v, rec_v, ref_v, ref2_v, kmap_v, kprev_v, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot, 0, 0
+            enc, st, buf, probs, src_v, rec_v, ref_v, ref2_v, kmap_v, kprev_v, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot, 0, 0,
+            coding.sharp,
         )

@@ -22,7 +22,8 @@ DATA = HERE.parent / "data"
 DEMO = HERE.parents[1] / "palstream" / "data" / "demo.mkv"
 
 # name -> (source clip, frames, EncoderConfig arguments): intra and inter, lossless and lossy,
-# odd sizes, small and large leaves, screen (palettes) and camera (residual) content, both coding orders.
+# odd sizes, small and large leaves, screen (palettes) and camera (residual) content, both coding orders
+# and both half-pel filters.
 VECTORS = {
     "camera_64x48_lossless": (DATA / "camera_64x48.mkv", 5, {"lossless": True}),
     "camera_64x48_psnr40": (DATA / "camera_64x48.mkv", 5, {"target_psnr": 40.0}),
@@ -32,6 +33,8 @@ VECTORS = {
     "mandel_48x32_psnr50": (DATA / "batch_mandel_48x32.mkv", 8, {"target_psnr": 50.0}),
     # bitstream 7: the encoder codes these 8 frames at 35 dB as a pyramid (past and future references)
     "mandel_48x32_psnr35_pyramid": (DATA / "batch_mandel_48x32.mkv", 8, {"target_psnr": 35.0, "pyramid": True}),
+    # bitstream 8: the encoder predicts this clip's half-pel motion with the sharp filter
+    "anim3d_64x48_psnr40_sharp": (DATA / "anim3d_64x48.mkv", 6, {"target_psnr": 40.0}),
     "demo_640x360_psnr45": (DEMO, 4, {"target_psnr": 45.0}),
     "single_frame_37x29_psnr35": (DATA / "screen_37x29.mkv", 1, {"target_psnr": 35.0}),
 }
