@@ -245,17 +245,10 @@ SHARP = np.array([1, -5, 20, 20, -5, 1], np.int64)  # sums to 32: one pass shift
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _sharp_row(ref, r, c):
-    """``SHARP`` along row ``r`` of ``ref`` from column ``c`` (unrounded, 32 times the sample)."""
-    return (np.int64(ref[r, c]) - 5 * np.int64(ref[r, c + 1]) + 20 * np.int64(ref[r, c + 2]) + 20 * np.int64(ref[r, c + 3])
-            - 5 * np.int64(ref[r, c + 4]) + np.int64(ref[r, c + 5]))
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _sharp_column(ref, r, c):
-    """``SHARP`` down column ``c`` of ``ref`` from row ``r`` (unrounded)."""
-    return (np.int64(ref[r, c]) - 5 * np.int64(ref[r + 1, c]) + 20 * np.int64(ref[r + 2, c]) + 20 * np.int64(ref[r + 3, c])
-            - 5 * np.int64(ref[r + 4, c]) + np.int64(ref[r + 5, c]))
+def _sharp6(row, x):
+    """``SHARP`` over ``row[x:x + 6]`` (unrounded, 32 times the sample)."""
+    return (np.int64(row[x]) - 5 * np.int64(row[x + 1]) + 20 * np.int64(row[x + 2]) + 20 * np.int64(row[x + 3])
+            - 5 * np.int64(row[x + 4]) + np.int64(row[x + 5]))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -299,7 +292,9 @@ def _motion_block(ref, y0, x0, size, mvy, mvx, sharp, out):
     ix = x0 + (mvx >> 1)
     fy = mvy & 1
     fx = mvx & 1
-    if not sharp and iy >= 0 and ix >= 0 and iy + size + fy <= h and ix + size + fx <= w:
+    # whole-pixel vectors copy under either filter; within a row, slices of the reference rows let
+    # numba vectorise the six taps (8x8 blocks: 60-110 ns a phase, 250 both; bilinear 38)
+    if (not sharp or fy == fx == 0) and iy >= 0 and ix >= 0 and iy + size + fy <= h and ix + size + fx <= w:
         for y in range(size):
             r0 = iy + y
             r1 = r0 + fy
@@ -309,30 +304,35 @@ def _motion_block(ref, y0, x0, size, mvy, mvx, sharp, out):
                 out[y, x] = (np.int64(ref[r0, c0]) + np.int64(ref[r0, c1]) + np.int64(ref[r1, c0])
                              + np.int64(ref[r1, c1]) + 2) >> 2
     elif sharp and iy >= 2 * fy and ix >= 2 * fx and iy + size + 3 * fy <= h and ix + size + 3 * fx <= w:
-        if fy and fx:  # column by column, the last six rows' horizontal sums kept: 12 products a sample, not 36
-            for x in range(size):
-                c = ix + x - 2
-                h0 = _sharp_row(ref, iy - 2, c)
-                h1 = _sharp_row(ref, iy - 1, c)
-                h2 = _sharp_row(ref, iy, c)
-                h3 = _sharp_row(ref, iy + 1, c)
-                h4 = _sharp_row(ref, iy + 2, c)
-                for y in range(size):
-                    h5 = _sharp_row(ref, iy + y + 3, c)
-                    out[y, x] = min(max((h0 - 5 * h1 + 20 * h2 + 20 * h3 - 5 * h4 + h5 + 512) >> 10, 0), 255)
-                    h0, h1, h2, h3, h4 = h1, h2, h3, h4, h5
+        if fy and fx:  # 36 products a sample along rows: as fast as 12 that keep sums down a column
+            for y in range(size):
+                r0 = ref[iy + y - 2, ix - 2:ix + size + 3]
+                r1 = ref[iy + y - 1, ix - 2:ix + size + 3]
+                r2 = ref[iy + y, ix - 2:ix + size + 3]
+                r3 = ref[iy + y + 1, ix - 2:ix + size + 3]
+                r4 = ref[iy + y + 2, ix - 2:ix + size + 3]
+                r5 = ref[iy + y + 3, ix - 2:ix + size + 3]
+                for x in range(size):
+                    v = (_sharp6(r0, x) - 5 * _sharp6(r1, x) + 20 * _sharp6(r2, x) + 20 * _sharp6(r3, x) - 5 * _sharp6(r4, x)
+                         + _sharp6(r5, x) + 512) >> 10
+                    out[y, x] = min(max(v, 0), 255)
         elif fx:
             for y in range(size):
+                row = ref[iy + y, ix - 2:ix + size + 3]
                 for x in range(size):
-                    out[y, x] = min(max((_sharp_row(ref, iy + y, ix + x - 2) + 16) >> 5, 0), 255)
-        elif fy:
+                    out[y, x] = min(max((_sharp6(row, x) + 16) >> 5, 0), 255)
+        else:  # fy alone
             for y in range(size):
+                r0 = ref[iy + y - 2, ix:ix + size]
+                r1 = ref[iy + y - 1, ix:ix + size]
+                r2 = ref[iy + y, ix:ix + size]
+                r3 = ref[iy + y + 1, ix:ix + size]
+                r4 = ref[iy + y + 2, ix:ix + size]
+                r5 = ref[iy + y + 3, ix:ix + size]
                 for x in range(size):
-                    out[y, x] = min(max((_sharp_column(ref, iy + y - 2, ix + x) + 16) >> 5, 0), 255)
-        else:
-            for y in range(size):
-                for x in range(size):
-                    out[y, x] = ref[iy + y, ix + x]
+                    v = (np.int64(r0[x]) - 5 * np.int64(r1[x]) + 20 * np.int64(r2[x]) + 20 * np.int64(r3[x]) - 5 * np.int64(r4[x])
+                         + np.int64(r5[x]) + 16) >> 5
+                    out[y, x] = min(max(v, 0), 255)
     else:
         for y in range(size):
             for x in range(size):
