@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 from numba.core import config as numba_config
@@ -115,11 +116,14 @@ def stamp_kernels_with_every_source() -> None:
     when loading, written with it when saving). Call once the kernels are defined, before any runs.
     """
     modules = _kernel_modules()
-    digest = hashlib.sha256(b"".join(open(module.__file__, "rb").read() for module in modules)).digest()
+    digest = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in modules)).digest()
     for module in modules:
         for kernel in vars(module).values():
             if isinstance(kernel, Dispatcher) and isinstance(kernel._cache, FunctionCache):
-                kernel._cache._cache_file._source_stamp = digest
+                cache_file = getattr(kernel._cache, "_cache_file", None)
+                if not hasattr(cache_file, "_source_stamp"):
+                    return  # another numba layout: its own per-file stamps stay
+                cache_file._source_stamp = digest
 
 
 def announce_compiles() -> None:
