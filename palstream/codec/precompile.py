@@ -121,7 +121,7 @@ def stamp_kernels_with_every_source() -> None:
         for kernel in vars(module).values():
             if isinstance(kernel, Dispatcher) and isinstance(kernel._cache, FunctionCache):
                 cache_file = getattr(kernel._cache, "_cache_file", None)
-                if not hasattr(cache_file, "_source_stamp"):
+                if cache_file is None or not hasattr(cache_file, "_source_stamp"):
                     return  # another numba layout: its own per-file stamps stay
                 cache_file._source_stamp = digest
 
