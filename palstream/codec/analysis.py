@@ -421,8 +421,8 @@ def _offset_gain(cur, med, ref, ref2, table, lam, y0, x0, s, mot, variant, sharp
 @njit(cache=True, nogil=True)
 def _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, sharp, scratch, out):
     """Inter costs (each INTER variant) of one 8x8 luma cell and its 4x4 chroma cells under
-    motion ``mot`` (half-pel samples ``sharp`` or bilinear), into ``out`` (``cur``, ``med``, ``ref``, ``ref2``: the (Y, Cb, Cr) planes;
-    ``scratch``: int32[2, 8, 8] for the predictions)."""
+    motion ``mot`` (half-pel samples ``sharp`` or bilinear), into ``out`` (``cur``, ``med``,
+    ``ref``, ``ref2``: the (Y, Cb, Cr) planes; ``scratch``: int32[2, 8, 8] for the predictions)."""
     cmot = chroma_motion(mot)
     for v in range(4):
         out[v] = 0.0

@@ -343,8 +343,9 @@ def _motion_block(ref, y0, x0, size, mvy, mvx, sharp, out):
 def inter_prediction(ref, ref2, y0, x0, size, mot, sharp, scratch):
     """Motion-compensated prediction of a block: ``mot`` = (vy, vx, vy2, vx2, bi); with ``bi``
     1, the rounded mean of the first and the second reference's predictions, with ``ALONE`` the
-    second's; ``sharp``: half-pel samples by the ``SHARP`` filter (``motion_sample``). Returns ``scratch[0]``, whose top-left ``size`` x ``size`` samples hold it
-    (``scratch``: int32[2, >= size, >= size], preallocated by the caller: this runs for every candidate)."""
+    second's; ``sharp``: half-pel samples by the ``SHARP`` filter (``motion_sample``). Returns
+    ``scratch[0]``, whose top-left ``size`` x ``size`` samples hold it (``scratch``:
+    int32[2, >= size, >= size], preallocated by the caller: this runs for every candidate)."""
     out = scratch[0]
     if mot[BI] == ALONE:
         _motion_block(ref2, y0, x0, size, mot[MV2_Y], mot[MV2_X], sharp, out)
