@@ -967,7 +967,7 @@ def _most_frequent(counts, seen, n, most, out, top):
 
 @njit(cache=True, nogil=True)
 def _palette_clusters(keys2d, y0, x0, s, two, entries, ne, dominant, esc_tol, q4, escape, lam, dweight, limit, counts, seen,
-                      cl):
+                      cl, dom):
     """The block's samples as clusters around the nearest of a palette's entries, into the scratch
     ``cl`` as ``_exact_clusters`` does, ascending, entries no sample is nearest to dropped; a sample
     farther than ``esc_tol`` (squared error) from every entry is an escape (``syntax._code_escape``).
@@ -980,12 +980,11 @@ def _palette_clusters(keys2d, y0, x0, s, two, entries, ne, dominant, esc_tol, q4
     would escape or the escapes alone cost at least ``limit`` (J at ``lam``, ``dweight``): found as
     soon as they do, which is early in most blocks of camera content. Works on the block's distinct
     values, not its samples. ``counts``: zeroed scratch indexed by key, left zeroed; ``seen``: room
-    for s * s keys."""
+    for s * s keys; ``dom``: int64[2, DOMINANT] scratch for the dominant values and their counts."""
     n = _count_runs(keys2d, y0, x0, s, s * s, counts, seen)
     if dominant:
-        entries = np.empty(DOMINANT, np.int64)
-        top = np.empty(DOMINANT, np.int64)  # their counts
-        ne = _most_frequent(counts, seen, n, min(ne, DOMINANT), entries, top)
+        entries = dom[0]
+        ne = _most_frequent(counts, seen, n, min(ne, DOMINANT), entries, dom[1])
         _sort_prefix(entries, ne)
     for j in range(ne):
         cl[0, j] = 0.0
@@ -1083,46 +1082,79 @@ def _intra_skip_costs(err, cur, ref, has_ref, table, intra_raw, skip_raw, lev, b
 
 
 @njit(cache=True, nogil=True)
-def _transform_cost(cur, pred, y0, x0, s, q4, lam, levels, coef):
+def _transform_cost(cur, pred, y0, x0, s, q4, lam, levels, coef, known, mot):
     """J of a block's luma residual coded by ``syntax.code_transform_block`` against prediction
-    ``pred``: squared error plus lambda times estimated bits (coded flag, last position, per level
-    up to it: significance, sign and the magnitude's ueg code). The error is measured on the
-    coefficients (the transform is orthogonal within 0.1 %), not on the reconstruction: that would
-    cost an inverse transform per block."""
+    ``pred`` under motion ``mot``: squared error plus lambda times estimated bits (coded flag,
+    last position, per level up to it: significance, sign and the magnitude's ueg code), cell by
+    cell, each kept in ``known`` (``_known_slot``) for the levels above. The error is measured on
+    the coefficients (the transform is orthogonal within 0.1 %), not on the reconstruction: that
+    would cost an inverse transform per block."""
     step = TC_SCALE * q4  # a level, in the forward transform's units (16x orthonormal, after >> 11)
     zero_bound = (step * (64 - TC_ROUNDING) / 64) ** 2 / 256.0 / 1.01
     j = 0.0
     for sy in range(0, s, 8):
         for sx in range(0, s, 8):
-            sse = 0
-            for y in range(8):
-                for x in range(8):
-                    d = np.int64(cur[y0 + sy + y, x0 + sx + x]) - np.int64(pred[sy + y, sx + x])
-                    sse += d * d
-            if sse < zero_bound:  # no coefficient can reach a level: no transform needed
-                j += sse + lam * 0.3
-                continue
-            last = transform_levels(cur, pred, y0 + sy, x0 + sx, sy, sx, q4, levels, coef)
-            if last < 0:
-                j += sse + lam * 0.3
-                continue
-            bits = 5.0
-            err = 0.0
-            for i in range(64):
-                k = abs(levels[i])
-                e = abs(coef[i]) / 2048.0 - k * step
-                err += e * e
-                if i <= last:
-                    if k == 0:
-                        bits += 0.7
-                    else:
-                        bits += (1.0 if i < last else 0.0) + 2.0 + 2.0 * math.log2(k)
-            j += err / 256.0 + lam * bits
+            costs = known[1][(y0 + sy) // 8, (x0 + sx) // 8, _known_slot(known, (y0 + sy) // 8, (x0 + sx) // 8, mot)]
+            if np.isnan(costs[4]):
+                costs[4] = _cell_transform_cost(cur, pred, y0, x0, sy, sx, q4, lam, levels, coef, step, zero_bound)
+            j += costs[4]
     return j
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _cell_transform_cost(cur, pred, y0, x0, sy, sx, q4, lam, levels, coef, step, zero_bound):
+    """``_transform_cost`` of the 8x8 cell at (``sy``, ``sx``) of the block."""
+    sse = 0
+    for y in range(8):
+        for x in range(8):
+            d = np.int64(cur[y0 + sy + y, x0 + sx + x]) - np.int64(pred[sy + y, sx + x])
+            sse += d * d
+    if sse < zero_bound:  # no coefficient can reach a level: no transform needed
+        return sse + lam * 0.3
+    last = transform_levels(cur, pred, y0 + sy, x0 + sx, sy, sx, q4, levels, coef)
+    if last < 0:
+        return sse + lam * 0.3
+    bits = 5.0
+    err = 0.0
+    for i in range(64):
+        k = abs(levels[i])
+        e = abs(coef[i]) / 2048.0 - k * step
+        err += e * e
+        if i <= last:
+            if k == 0:
+                bits += 0.7
+            else:
+                bits += (1.0 if i < last else 0.0) + 2.0 + 2.0 * math.log2(k)
+    return err / 256.0 + lam * bits
+
+
+KNOWN_SLOTS = 8  # motions whose costs each cell keeps (``_known_slot``)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _known_slot(known, cy8, cx8, mot):
+    """The slot of ``known`` = (motions, costs, count) that holds cell (cy8, cx8)'s costs under
+    ``mot``: each INTER variant's (``_cell_inter_cost``) and the transform path's
+    (``_transform_cost``), NaN until priced; a motion not held takes the cell's oldest slot. The
+    levels above 8x8 price each block under its quadrants' motions, which the cells of a smooth
+    field share: on the rocket launch each cell was priced some ten times, mostly under motions
+    priced before."""
+    motions, costs, count = known
+    n = count[cy8, cx8]
+    for i in range(min(n, KNOWN_SLOTS)):
+        m = motions[cy8, cx8, i]
+        if m[0] == mot[0] and m[1] == mot[1] and m[2] == mot[2] and m[3] == mot[3] and m[4] == mot[4]:
+            return i
+    slot = n % KNOWN_SLOTS
+    for i in range(5):
+        motions[cy8, cx8, slot, i] = mot[i]
+        costs[cy8, cx8, slot, i] = np.nan
+    count[cy8, cx8] = n + 1
+    return slot
+
+
 @njit(cache=True, nogil=True, inline="always")  # see decide
-def _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_scale, sharp, lev, by, bx, s, scratch, motion):
+def _price_inter(planes, field, cell_inter, known, below, table, lam, tq4, ref2_scale, sharp, lev, by, bx, s, scratch, motion):
     """RD cost of the block as an INTER leaf: (J, variant, luma offset, transform) of its best
     candidate, whose motion tuple goes into ``motion``; J is infinite where there is no candidate.
 
@@ -1133,7 +1165,8 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_scale, 
     offset where that pays. With ``tq4`` (the step, 0 where the chunk has no transform path), the
     best candidate without a variant is priced with its luma residual transform-coded
     (``_transform_cost``, no offset) too. ``planes``: (cur, med, ref, ref2), each (Y, Cb, Cr);
-    ``cell_inter``: each 8x8 cell's costs under its own motion (``_cell_inter_cost``)."""
+    ``cell_inter``: each 8x8 cell's costs under its own motion (``_cell_inter_cost``); ``known``:
+    the costs of cells under other motions priced before (``_known_slot``)."""
     cur, med, ref, ref2 = planes
     below_mode, below_cells = below
     tried, prediction, leaf_prediction, cost, jmot, motion0, levels, coef = scratch
@@ -1182,9 +1215,14 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_scale, 
                     for v in range(4):  # the cell's own motion: known
                         jmot[v] += cell_inter[cy8, cx8, b2, v]
                 else:
-                    _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, sharp, prediction, cost)
+                    costs = known[1][cy8, cx8, _known_slot(known, cy8, cx8, mot)]
+                    if np.isnan(costs[0]):
+                        _cell_inter_cost(cur, med, ref, ref2, table, cy8, cx8, mot, sharp, prediction, costs)
                     for v in range(4):
-                        jmot[v] += cost[v]
+                        jmot[v] += costs[v]
+            # costs only grow: a candidate whose partial sums lose to both bests can win neither
+            if jmot[0] >= jinter0 and min(jmot[1], jmot[2], jmot[3]) >= jinter:
+                break
         if jmot[0] < jinter0:
             jinter0 = jmot[0]
             for i in range(5):
@@ -1208,10 +1246,12 @@ def _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_scale, 
     # the transform path replaces the luma residual's cost in the best variant-free candidate's J
     y0 = by * s
     x0 = bx * s
+    same = mot == (motion0[0], motion0[1], motion0[2], motion0[3], motion0[4])
     mot = (motion0[0], motion0[1], motion0[2], motion0[3], motion0[4])
-    pred = inter_prediction(ref[0], ref2[0], y0, x0, s, mot, sharp, leaf_prediction)
+    # _offset_gain left the best candidate's prediction in leaf_prediction[0], mostly this one
+    pred = leaf_prediction[0] if same else inter_prediction(ref[0], ref2[0], y0, x0, s, mot, sharp, leaf_prediction)
     spatial = _offset_cost(cur[0], med[0], pred, table, lam, y0, x0, s, 0, 0)
-    jt = jinter0 - spatial + lam * 1.0 + _transform_cost(cur[0], pred, y0, x0, s, tq4, lam, levels, coef)
+    jt = jinter0 - spatial + lam * 1.0 + _transform_cost(cur[0], pred, y0, x0, s, tq4, lam, levels, coef, known, mot)
     if jt < jinter:
         for i in range(5):
             motion[i] = motion0[i]
@@ -1229,7 +1269,7 @@ def _best_palette(keys2d, changes, y0, x0, s, two, many, proposal, proposed, dom
     (``_palette_clusters``: the ``proposed`` entries of ``proposal``, or with ``dominant`` the
     block's dominant values), where it has fewer entries than the block has values, priced only
     where its escapes alone cost less than ``bound`` (the best J of the other modes)."""
-    counts, seen, cl, centres, cand, _ = scratch
+    counts, seen, cl, centres, cand, dom = scratch
     j = np.inf
     size = 0
     rate = 0.0
@@ -1245,7 +1285,7 @@ def _best_palette(keys2d, changes, y0, x0, s, two, many, proposal, proposed, dom
     wanted = min(max_pal, DOMINANT) if dominant else proposed
     if wanted > 0 and (too_many or n > wanted):  # an exact palette of no more entries codes every sample exactly
         nd, nesc, ebits, edist = _palette_clusters(keys2d, y0, x0, s, two, proposal, wanted, dominant, esc_tol, q4, coder[0],
-                                                   lam, dweight, bound, counts, seen, cl)
+                                                   lam, dweight, bound, counts, seen, cl, dom)
         if nd > 0:
             extra = lam * ebits + dweight * edist
             je, ne, re = _price_palette(nd, cl, (-1, -1), (keys2d, y0, x0, s), two, lam, dweight, cand, centres, coder, esc_tol,
@@ -1388,9 +1428,11 @@ def decide(cur, ref, ref2, has_ref, ref2_scale, field, pricing, proposals, coder
     inter_scratch = (np.empty((8, 5), np.int64), prediction, np.empty((2, 64, 64), np.int32), np.zeros(4), np.zeros(4),
                      np.zeros(5, np.int64), np.zeros(64, np.int64), np.zeros(64, np.int64))
     imot = np.zeros(5, np.int64)
-    # counts by key, values seen, clusters, their centres, two palettes
+    known = (np.empty((h // 8, w // 8, KNOWN_SLOTS, 5), np.int64), np.empty((h // 8, w // 8, KNOWN_SLOTS, 5)),
+             np.zeros((h // 8, w // 8), np.int64))
+    # counts by key, values seen, clusters, their centres, a palette, dominant values and their counts
     palette_scratch = (np.zeros(65536, np.int32), np.empty(4096, np.int64), np.empty((4, MAX_PAL + 1)),
-                       np.empty((3, MAX_PAL + 1)), np.empty(MAX_PAL, np.int64), np.empty(MAX_PAL, np.int64))
+                       np.empty((3, MAX_PAL + 1)), np.empty(MAX_PAL, np.int64), np.empty((2, DOMINANT), np.int64))
     tmp_y = np.empty(MAX_PAL, np.int64)
     tmp_c = np.empty(MAX_PAL, np.int64)
     for lev in range(nlev):
@@ -1423,8 +1465,8 @@ def decide(cur, ref, ref2, has_ref, ref2_scale, field, pricing, proposals, coder
                             bm = SKIP
                             bvar = 0
                         below = (lmode[max(lev - 1, 0)], lcells[max(lev - 1, 0)])  # at level 0: unused
-                        jinter, ivar, dc, tr = _price_inter(planes, field, cell_inter, below, table, lam, tq4, ref2_scale, sharp, lev,
-                                                            by, bx, s, inter_scratch, imot)
+                        jinter, ivar, dc, tr = _price_inter(planes, field, cell_inter, known, below, table, lam, tq4, ref2_scale,
+                                                            sharp, lev, by, bx, s, inter_scratch, imot)
                         if jinter < jbest:
                             jbest = jinter
                             bm = INTER
