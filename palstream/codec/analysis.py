@@ -359,24 +359,26 @@ def _inter_cost(cur, med, ref, ref2, table, y0, x0, s, mot, sharp, scratch, out)
     pred = inter_prediction(ref, ref2, y0, x0, s, mot, sharp, scratch)
     plain = 0.0
     close = True  # every error is -1, 0 or 1
-    for y in range(s):
-        for x in range(s):
-            e = np.int64(cur[y0 + y, x0 + x]) - np.int64(pred[y, x])
-            plain += table[e + 255]
-            close = close and -1 <= e <= 1
-    out[0] += plain
-    if close:  # errors of at most 1 leave a variant next to nothing to gain (much of a screen recording)
-        for v in range(1, 4):
-            out[v] += plain
-        return
+    o1, o2, o3 = out[1], out[2], out[3]  # one pass prices every variant: a second read the block again
     for y in range(s):
         for x in range(s):
             c = np.int64(cur[y0 + y, x0 + x]) + 255
             p = np.int64(pred[y, x])
             m = np.int64(med[y0 + y, x0 + x])
-            out[1] += table[c - ((p + m + 1) >> 1)]
-            out[2] += table[c - ((3 * p + m + 2) >> 2)]
-            out[3] += table[c - ((p + 3 * m + 2) >> 2)]
+            e = c - p
+            plain += table[e]
+            close = close and 254 <= e <= 256
+            o1 += table[c - ((p + m + 1) >> 1)]
+            o2 += table[c - ((3 * p + m + 2) >> 2)]
+            o3 += table[c - ((p + 3 * m + 2) >> 2)]
+    out[0] += plain
+    if close:  # errors of at most 1 leave a variant next to nothing to gain (much of a screen recording)
+        for v in range(1, 4):
+            out[v] += plain
+    else:
+        out[1] = o1
+        out[2] = o2
+        out[3] = o3
 
 
 @njit(cache=True, nogil=True)
