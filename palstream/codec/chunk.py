@@ -59,7 +59,9 @@ def initial_step(target_psnr: float) -> int:
     return max(1, int(math.sqrt(12 * mse + 1)))
 
 
-LAMBDA = 0.375  # bits are worth LAMBDA * step^2 squared error each (tuned on corpus clips, 8 frames)
+# bits are worth LAMBDA * step^2 squared error each: 0.7x the 0.375 tuned on 8 frames of corpus clips,
+# the fixed-rung optimum on 32 (docs/codec.md, "The λ trial")
+LAMBDA = 0.2625
 ROUNDING = 0.3  # dead-zone rounding offset, in steps: levels lean toward zero, cheaper to code
 INTRA_NOISE = 0.5  # the analysis prices intra prediction from neighbours noisy by +-INTRA_NOISE/2 step
 PROPOSAL_SIZE = 8  # entries asked of the generator per block; the RD merges and drops them per leaf
@@ -293,9 +295,15 @@ def _sharp_pays(luma, order, motion) -> bool:
     return sharp < bilinear
 
 
+# the rung search's first probe, in the uniform-error model's steps: at LAMBDA the chosen rungs are
+# 5-13 % coarser than the model's, and starting short of them took the search two more probes
+FIRST_PROBE = 1.08
+
+
 def _first_rung(target_psnr: float) -> int:
-    """The rung the uniform-error model predicts for ``target_psnr``: the rate control's first probe."""
-    return _rung_at(4 * initial_step(target_psnr))
+    """The rung the uniform-error model predicts for ``target_psnr`` (times ``FIRST_PROBE``): the
+    rate control's first probe."""
+    return _rung_at(4 * initial_step(target_psnr) * FIRST_PROBE)
 
 
 def _pyramid_pays(encode_at, rung: int, frames: int, pixels: int, config: EncoderConfig) -> tuple[bool, tuple[int, float]]:

@@ -51,7 +51,7 @@ def train(
         float | None, typer.Option(help="With --reinforce: exploration noise on the width logits (default 0.5).")
     ] = None,
     rd_lambda: Annotated[
-        float | None, typer.Option("--rd-lambda", help="With --reinforce: squared error one bit is worth (default 13.5).")
+        float | None, typer.Option("--rd-lambda", help="With --reinforce: squared error one bit is worth (default: the codec's lambda at step 6).")
     ] = None,
 ) -> None:
     """Train the learned palette generator (cgan-v1) on real images and clips, or fine-tune it (--reinforce)."""
