@@ -60,7 +60,7 @@ def initial_step(target_psnr: float) -> int:
 
 
 # bits are worth LAMBDA * step^2 squared error each: 0.7x the 0.375 tuned on 8 frames of corpus clips,
-# the fixed-rung optimum on 32 (docs/codec.md, "The λ trial")
+# near the fixed-rung optimum on 32 (docs/codec.md, "λ 0.7× (kept after bitstream 8)")
 LAMBDA = 0.2625
 ROUNDING = 0.3  # dead-zone rounding offset, in steps: levels lean toward zero, cheaper to code
 INTRA_NOISE = 0.5  # the analysis prices intra prediction from neighbours noisy by +-INTRA_NOISE/2 step
