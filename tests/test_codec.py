@@ -472,8 +472,8 @@ def test_still_noisy_chunk_costs_less_and_keeps_its_floor(monkeypatch):
 
     frames = _still_noisy(8, 2.0)
     # 42 dB, just under the noise's own 42.1: at 40 and 38 the transform path and the encoder's
-    # lambda code the noisy source about as cheaply as the denoised one (405 and 365 bytes, 293
-    # and 299; 1139 and 2491 at 42), so denoising cannot show there
+    # lambda code the noisy source about as cheaply as the denoised one (denoised and noisy: 365
+    # and 405 bytes at 40, 299 and 293 at 38; 1139 and 2491 at 42), so denoising cannot show there
     config = EncoderConfig(target_psnr=42.0)
     denoised = encode_chunk(frames, config)
     monkeypatch.setattr(prefilter, "denoise", lambda planes, size, floor_mse: planes)

@@ -1134,6 +1134,12 @@ KNOWN_SLOTS = 8  # motions whose costs each cell keeps (``_known_slot``)
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _holds_motion(row, mot):
+    """Whether ``row`` (int64[5]) holds the motion tuple ``mot``."""
+    return row[0] == mot[0] and row[1] == mot[1] and row[2] == mot[2] and row[3] == mot[3] and row[4] == mot[4]
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _known_slot(known, cy8, cx8, mot):
     """The slot of ``known`` = (motions, costs, count) that holds cell (cy8, cx8)'s costs under
     ``mot``: each INTER variant's (``_cell_inter_cost``) and the transform path's
@@ -1145,8 +1151,7 @@ def _known_slot(known, cy8, cx8, mot):
     motions, costs, count = known
     n = count[cy8, cx8]
     for i in range(min(n, KNOWN_SLOTS)):
-        m = motions[cy8, cx8, i]
-        if m[0] == mot[0] and m[1] == mot[1] and m[2] == mot[2] and m[3] == mot[3] and m[4] == mot[4]:
+        if _holds_motion(motions[cy8, cx8, i], mot):
             return i
     slot = n % KNOWN_SLOTS
     for i in range(5):
@@ -1197,9 +1202,7 @@ def _price_inter(planes, field, cell_inter, known, below, table, lam, tq4, ref2_
             mot = _cell_motion(field, by * (s // 8), bx * (s // 8), 0)
         seen = False
         for i in range(ntried):
-            if (tried[i, 0] == mot[0] and tried[i, 1] == mot[1] and tried[i, 2] == mot[2]
-                    and tried[i, 3] == mot[3] and tried[i, 4] == mot[4]):
-                seen = True
+            seen = seen or _holds_motion(tried[i], mot)
         if seen:
             continue
         for i in range(5):
@@ -1249,7 +1252,7 @@ def _price_inter(planes, field, cell_inter, known, below, table, lam, tq4, ref2_
     # the transform path replaces the luma residual's cost in the best variant-free candidate's J
     y0 = by * s
     x0 = bx * s
-    same = mot == (motion0[0], motion0[1], motion0[2], motion0[3], motion0[4])
+    same = _holds_motion(motion0, mot)
     mot = (motion0[0], motion0[1], motion0[2], motion0[3], motion0[4])
     # _offset_gain left the best candidate's prediction in leaf_prediction[0], mostly this one
     pred = leaf_prediction[0] if same else inter_prediction(ref[0], ref2[0], y0, x0, s, mot, sharp, leaf_prediction)
