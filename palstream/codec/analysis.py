@@ -48,6 +48,7 @@ from palstream.codec.syntax import (
     VARIANT,
     _key_distance,
     chroma_motion,
+    intra_planar,
     inter_prediction,
     motion_sample,
     transform_levels,
@@ -1044,9 +1045,12 @@ def _palette_clusters(keys2d, y0, x0, s, two, entries, ne, dominant, esc_tol, q4
 
 @njit(cache=True, nogil=True, inline="always")
 def _price_intra(intra_raw, lam):
-    """RD cost of the block as an INTRA leaf, and the cheaper predictor variant."""
+    """RD cost of the block as an INTRA leaf, its predictor variant and transform flag: the
+    cheapest of MED, the four-neighbour mean and (bitstream 9) the transform path."""
     variant = 1 if intra_raw[1] < intra_raw[0] else 0
-    return intra_raw[variant] + lam * 2.0, variant
+    if intra_raw[2] + lam * 1.0 < intra_raw[variant]:
+        return intra_raw[2] + lam * 3.0, 0, 1
+    return intra_raw[variant] + lam * 2.0, variant, 0
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -1056,10 +1060,13 @@ def _price_skip(skip_sse, lam, dweight):
 
 
 @njit(cache=True, nogil=True, inline="always")  # see decide
-def _intra_skip_costs(err, cur, ref, has_ref, table, intra_raw, skip_raw, lev, by, bx, s):
-    """The block's intra cost under each predictor variant (without the mode's rate) into
-    ``intra_raw[lev][by, bx]``, its squared error when skipped into ``skip_raw[lev][by, bx]``:
-    priced at 8x8, summed over the quadrants above."""
+def _intra_skip_costs(err, cur, ref, has_ref, table, tq4, lam, intra_raw, skip_raw, lev, by, bx, s, scratch):
+    """The block's intra cost under each predictor variant and, with ``tq4`` (the step; 0 where
+    the chunk has no transform path), with its luma transform-coded (chroma by MED), without the
+    mode's rate, into ``intra_raw[lev][by, bx]``; its squared error when skipped into
+    ``skip_raw[lev][by, bx]``: priced at 8x8, summed over the quadrants above. The transform path's
+    prediction is ``syntax.intra_planar`` of the source's neighbours (the decoder's carry
+    quantisation error)."""
     ir = intra_raw[lev][by, bx]
     if lev == 0:
         y0 = by * s
@@ -1070,6 +1077,14 @@ def _intra_skip_costs(err, cur, ref, has_ref, table, intra_raw, skip_raw, lev, b
         for v in range(2):
             ir[v] = (_block_cost(err[0][v], table, y0, x0, s) + _block_cost(err[1][v], table, c0y, c0x, cs)
                      + _block_cost(err[2][v], table, c0y, c0x, cs))
+        ir[2] = np.inf
+        if tq4:
+            pred, levels, coef = scratch
+            intra_planar(cur[0], y0, x0, pred, 0, 0)
+            step = TC_SCALE * tq4
+            zero_bound = (step * (64 - TC_ROUNDING) / 64) ** 2 / 256.0 / 1.01
+            ir[2] = (_cell_transform_cost(cur[0], pred, y0, x0, 0, 0, tq4, lam, levels, coef, step, zero_bound)
+                     + ir[0] - _block_cost(err[0][0], table, y0, x0, s))
         sr = 0
         if has_ref:
             sr = (_skip_sse(cur[0], ref[0], y0, x0, s) + _skip_sse(cur[1], ref[1], c0y, c0x, cs)
@@ -1077,7 +1092,7 @@ def _intra_skip_costs(err, cur, ref, has_ref, table, intra_raw, skip_raw, lev, b
     else:
         sr = 0
         for j4 in range(4):
-            for v in range(2):  # element by element: array expressions allocate
+            for v in range(3):  # element by element: array expressions allocate
                 ir[v] += intra_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2, v]
             sr += skip_raw[lev - 1][2 * by + j4 // 2, 2 * bx + j4 % 2]
     skip_raw[lev][by, bx] = sr
@@ -1426,7 +1441,8 @@ def decide(cur, ref, ref2, has_ref, ref2_scale, field, pricing, proposals, coder
     lpbits = [np.zeros((h // s, w // s)) for s in (8, 16, 32, 64)]
     toomany = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     hopeless = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
-    intra_raw = [np.zeros((h // s, w // s, 2)) for s in (8, 16, 32, 64)]  # per predictor variant
+    intra_raw = [np.zeros((h // s, w // s, 3)) for s in (8, 16, 32, 64)]  # per predictor variant, transform
+    intra_scratch = (np.empty((8, 8), np.int32), np.zeros(64, np.int64), np.zeros(64, np.int64))
     skip_raw = [np.zeros((h // s, w // s), np.int64) for s in (8, 16, 32, 64)]
     # cost of each 8x8 cell under its own motion: [first ref / both / second alone][INTER variant]
     cell_inter = np.zeros((h // 8, w // 8, 3, 4))
@@ -1447,7 +1463,7 @@ def decide(cur, ref, ref2, has_ref, ref2_scale, field, pricing, proposals, coder
             break
         for by in range(h // s):
             for bx in range(w // s):
-                _intra_skip_costs(err, cur, ref, has_ref, table, intra_raw, skip_raw, lev, by, bx, s)
+                _intra_skip_costs(err, cur, ref, has_ref, table, tq4, lam, intra_raw, skip_raw, lev, by, bx, s, intra_scratch)
                 if lev == 0 and has_ref:
                     for b2 in range(3 if ref2_scale < 0 else (2 if ref2_scale else 1)):
                         if b2 == ALONE and cell_inter[by, bx, 1, 0] < cell_inter[by, bx, 0, 0]:
@@ -1463,13 +1479,14 @@ def decide(cur, ref, ref2, has_ref, ref2_scale, field, pricing, proposals, coder
                 bdc = 0
                 btr = 0
                 if s >= min_block:
-                    jbest, bvar = _price_intra(intra_raw[lev][by, bx], lam)
+                    jbest, bvar, btr = _price_intra(intra_raw[lev][by, bx], lam)
                     if has_ref:
                         j = _price_skip(skip_raw[lev][by, bx], lam, dweight)
                         if j < jbest:
                             jbest = j
                             bm = SKIP
                             bvar = 0
+                            btr = 0
                         below = (lmode[max(lev - 1, 0)], lcells[max(lev - 1, 0)])  # at level 0: unused
                         jinter, ivar, dc, tr = _price_inter(planes, field, cell_inter, known, below, table, lam, tq4, ref2_scale,
                                                             sharp, lev, by, bx, s, inter_scratch, imot)
@@ -1500,6 +1517,7 @@ def decide(cur, ref, ref2, has_ref, ref2_scale, field, pricing, proposals, coder
                         jbest = jpal
                         bm = PALETTE
                         bvar = 0
+                        btr = 0
                         lpy[lev][by, bx, :ny] = tmp_y[:ny]
                         lpyn[lev][by, bx] = ny
                         lpc[lev][by, bx, :nc] = tmp_c[:nc]
@@ -1523,7 +1541,7 @@ def decide(cur, ref, ref2, has_ref, ref2_scale, field, pricing, proposals, coder
                     cell[MV2_X] = imot[MV2_X]
                     cell[BI] = imot[BI]
                     cell[OFFSET] = bdc
-                    cell[TRANSFORM] = btr
+                cell[TRANSFORM] = btr
                 cell[VARIANT] = bvar
     _write_out(lsplit, (lmode, lcells, lpy, lpyn, lpc, lpcn, lpgen, lpbits), sizes, max_block, decisions)
 

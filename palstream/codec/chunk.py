@@ -17,6 +17,7 @@ import numpy as np
 from palstream.codec import analysis, prefilter, rangecoder, ratecontrol, syntax
 from palstream.codec.config import EncoderConfig
 from palstream.codec.decoder import (
+    FLAG_INTRA_TRANSFORM,
     FLAG_LOSSLESS,
     FLAG_PYRAMID,
     FLAG_SHARP,
@@ -201,7 +202,7 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, o
     recon = tuple(np.zeros_like(p) for p in padded)
     capacity = padded[0].size * 3 + 4096
     esc_tol = int(_rd_lambda(q4, config) * analysis.ESCAPE_BITS)  # 0 when lossless: every inexact sample escapes, exactly
-    coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol, sharp)
+    coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol, sharp, q4 > 4)
     while True:
         buf = np.zeros(capacity, np.uint8)
         stats[...] = 0  # a retry into a larger buffer codes every leaf again
@@ -491,7 +492,8 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
                 exact = True
                 body, mse = encode_at(0, t, replace(config, lossless=True))
     q4 = LADDER[rung][0]
-    flags = (FLAG_LOSSLESS if exact else 0) | (FLAG_PYRAMID if pyramid else 0) | (FLAG_SHARP if sharp else 0)
+    flags = ((FLAG_LOSSLESS if exact else 0) | (FLAG_PYRAMID if pyramid else 0) | (FLAG_SHARP if sharp else 0)
+             | (FLAG_INTRA_TRANSFORM if q4 > 4 else 0))
     header = HEADER.pack(MAGIC, VERSION, flags, t, w, h, q4, config.min_block, config.max_block, 0, len(body))
     payload = header + body
     if modes is not None:

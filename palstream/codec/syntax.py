@@ -95,6 +95,7 @@ class Coding(NamedTuple):
     escapes: bool  # palettes carry escape flags (bitstream 5)
     esc_tol: int  # encoder: squared error above which a palette sample is coded as an escape
     sharp: bool  # half-pel motion by the SHARP filter, not bilinear (bitstream 8's FLAG_SHARP)
+    intra_transform: bool  # INTRA leaves carry a transform flag (bitstream 9's FLAG_INTRA_TRANSFORM)
 
 
 class _Contexts:
@@ -150,6 +151,10 @@ CTX_PAL_ESCAPE = _c(2)
 CTX_ESC_ZERO = _c(3)
 CTX_ESC_MAG = _c(3 * UEG_CONTEXTS)
 CTX_ALONE = _c(1)  # a future second reference used alone (bitstream 7's pyramid)
+# transform path for INTRA luma (bitstream 9): its flag, and its levels' own copy of the four
+# CTX_TC_* groups above, at this offset from them (an intra residual's spectrum is not an inter one's)
+CTX_INTRA_TRANSFORM = _c(3)  # by neighbours using it
+TC_INTRA = _c(CTX_TC_MAG + 3 * 3 * UEG_CONTEXTS - CTX_TC_CODED) - CTX_TC_CODED
 N_CONTEXTS = _Contexts.n
 
 
@@ -415,8 +420,8 @@ def code_residual_block(
     a flag for 'all levels zero'; otherwise each level k (residual in steps of q4/4, rounded
     toward zero by the encoder's ``rounding``) is coded as zero flag, sign, magnitude - 1. The encoder
     rounds with ``rounding[j]`` (quarter levels) where j of the left, top, top-left and top-right
-    levels are non-zero: there a level is cheaper to code. With ``transform`` (INTER luma, variant
-    0) the residual is coded by ``code_transform_block`` instead. ``sharp``: ``Coding.sharp``.
+    levels are non-zero: there a level is cheaper to code. With ``transform`` (luma, variant 0)
+    the residual is coded by ``code_transform_block`` instead. ``sharp``: ``Coding.sharp``.
     """
     cls = plane_class * 2 + (1 if mode == INTRA else 0)
     sub = min(size, 8 if plane_class == 0 else 4)
@@ -429,7 +434,7 @@ def code_residual_block(
             for x in range(size):
                 inter[y, x] = _clamp(inter[y, x] + dc, 0, 255)
     if transform:
-        code_transform_block(enc, st, buf, probs, src, rec, kmap, inter, y0, x0, size, q4)
+        code_transform_block(enc, st, buf, probs, src, rec, kmap, inter, y0, x0, size, q4, mode == INTRA)
         return
     for sy in range(y0, y0 + size, sub):
         for sx in range(x0, x0 + size, sub):
@@ -594,12 +599,42 @@ def inverse_transform(levels, last, q4, out):
             out[y, x] = (acc + 2048) >> 12
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _above(rec, y, x, i):
+    """Sample i of the row above the 8x8 block at (y, x) for ``intra_planar``."""
+    return np.int64(rec[y - 1, x + i]) if y > 0 else (np.int64(rec[y, x - 1]) if x > 0 else 128)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _left(rec, y, x, i):
+    """Sample i of the column left of the 8x8 block at (y, x) for ``intra_planar``."""
+    return np.int64(rec[y + i, x - 1]) if x > 0 else (np.int64(rec[y - 1, x]) if y > 0 else 128)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def intra_planar(rec, y, x, out, oy, ox):
+    """Bitstream 9's INTRA prediction of the 8x8 block at (``y``, ``x``) of ``rec``, into ``out``
+    at (``oy``, ``ox``): HEVC's planar blend of the row above and the column to the left, their
+    last samples standing in for the above-right and below-left ones (which are not always decoded
+    yet). A missing row is the left column's first sample repeated and a missing column the row's;
+    128 with neither."""
+    tr = _above(rec, y, x, 7)
+    bl = _left(rec, y, x, 7)
+    for j in range(8):
+        lj = _left(rec, y, x, j)
+        for i in range(8):
+            out[oy + j, ox + i] = ((7 - i) * lj + (i + 1) * tr + (7 - j) * _above(rec, y, x, i) + (j + 1) * bl + 8) >> 4
+
+
 @njit(cache=True, nogil=True)
-def code_transform_block(enc, st, buf, probs, src, rec, kmap, inter, y0, x0, size, q4):
-    """Transform-coded luma residual of an INTER leaf whose prediction is ``inter``: 8x8 blocks in
-    raster order, each a coded flag, then the last non-zero zig-zag position and the levels from
-    there back to DC (significance, sign, magnitude - 1). The kmap gets each sample's residual in
-    spatial levels (|r| * 4 // q4, limited to 15), which is what neighbours' contexts expect."""
+def code_transform_block(enc, st, buf, probs, src, rec, kmap, inter, y0, x0, size, q4, intra):
+    """Transform-coded luma residual of a leaf: 8x8 blocks in raster order, each a coded flag,
+    then the last non-zero zig-zag position and the levels from there back to DC (significance,
+    sign, magnitude - 1). An INTER leaf's prediction is ``inter``; with ``intra``, each block's is
+    ``intra_planar`` of the blocks decoded before it, written into ``inter``, and its levels take
+    the INTRA copy of the contexts (``TC_INTRA``). The kmap gets each sample's residual in spatial
+    levels (|r| * 4 // q4, limited to 15), which is what neighbours' contexts expect."""
+    ctx = TC_INTRA if intra else 0
     levels = np.zeros(64, np.int64)
     coef = np.empty(64, np.int64)
     res = np.empty((8, 8), np.int64)
@@ -612,12 +647,14 @@ def code_transform_block(enc, st, buf, probs, src, rec, kmap, inter, y0, x0, siz
                     nzl = 1
                 if sy > 0 and kmap[sy - 1, sx + i] != 0:
                     nzt = 1
+            if intra:
+                intra_planar(rec, sy, sx, inter, sy - y0, sx - x0)
             last = transform_levels(src, inter, sy, sx, sy - y0, sx - x0, q4, levels, coef) if enc else -1
-            if not code_bit(enc, st, buf, probs, CTX_TC_CODED + nzl + nzt, 1 if last >= 0 else 0):
+            if not code_bit(enc, st, buf, probs, ctx + CTX_TC_CODED + nzl + nzt, 1 if last >= 0 else 0):
                 rec[sy:sy + 8, sx:sx + 8] = inter[sy - y0:sy - y0 + 8, sx - x0:sx - x0 + 8]
                 kmap[sy:sy + 8, sx:sx + 8] = 0
                 continue
-            last = code_tree(enc, st, buf, probs, CTX_TC_LAST - 1, 6, last)
+            last = code_tree(enc, st, buf, probs, ctx + CTX_TC_LAST - 1, 6, last)
             if not enc:
                 levels[:] = 0
             big = 0  # levels above 1 coded so far
@@ -626,11 +663,11 @@ def code_transform_block(enc, st, buf, probs, src, rec, kmap, inter, y0, x0, siz
                 nz = 1
                 if i < last:
                     near = (1 if levels[i + 1] else 0) + (1 if i + 2 <= last and levels[i + 2] else 0)
-                    nz = code_bit(enc, st, buf, probs, CTX_TC_SIG + TC_BAND[i] * 3 + near, 1 if k else 0)
+                    nz = code_bit(enc, st, buf, probs, ctx + CTX_TC_SIG + TC_BAND[i] * 3 + near, 1 if k else 0)
                 if nz:
                     neg = code_bypass(enc, st, buf, 1 if k < 0 else 0)
                     band = 0 if i == 0 else (1 if i < 10 else 2)
-                    mag = code_ueg(enc, st, buf, probs, CTX_TC_MAG + (band * 3 + min(big, 2)) * UEG_CONTEXTS, abs(k) - 1) + 1
+                    mag = code_ueg(enc, st, buf, probs, ctx + CTX_TC_MAG + (band * 3 + min(big, 2)) * UEG_CONTEXTS, abs(k) - 1) + 1
                     if mag > 1:
                         big += 1
                     k = -mag if neg else mag
@@ -1054,9 +1091,10 @@ def _code_leaf(
         ndc = (1 if left_is == INTER and left[OFFSET] else 0) + (1 if top_is == INTER and top[OFFSET] else 0)
         dc = _code_signed(enc, st, buf, probs, CTX_DC_ZERO + ndc, CTX_DC_MAG, this[OFFSET] if enc else 0)
     tr = 0
-    if m == INTER and variant == 0 and coding.transform:
-        ntr = (1 if left_is == INTER and left[TRANSFORM] else 0) + (1 if top_is == INTER and top[TRANSFORM] else 0)
-        tr = code_bit(enc, st, buf, probs, CTX_TRANSFORM + ntr, this[TRANSFORM] if enc else 0)
+    if variant == 0 and ((m == INTER and coding.transform) or (m == INTRA and coding.intra_transform)):
+        ntr = (1 if left_is == m and left[TRANSFORM] else 0) + (1 if top_is == m and top[TRANSFORM] else 0)
+        tr = code_bit(enc, st, buf, probs, (CTX_TRANSFORM if m == INTER else CTX_INTRA_TRANSFORM) + ntr,
+                      this[TRANSFORM] if enc else 0)
     for yy in range(cy8, cy8 + n8):
         for xx in range(cx8, cx8 + n8):
             decisions.leaf_size[yy, xx] = s
