@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from palstream.codec import BitstreamError, EncoderConfig, ModeStats, decode_chunk, encode_chunk, rangecoder, syntax
-from palstream.codec.decoder import FLAG_PYRAMID, FLAG_SHARP, HEADER
+from palstream.codec.decoder import FLAG_INTRA_TRANSFORM, FLAG_PYRAMID, FLAG_SHARP, HEADER
 from palstream.codec.syntax import STAT_LEAVES, STAT_PAL_ESCAPE
 from palstream.errors import ConfigError
 from palstream.frames import Frames
@@ -119,11 +119,12 @@ def test_header_fields_out_of_range_are_errors(camera, field, value):
 
 
 def test_a_flag_is_refused_where_the_version_has_none(camera):
-    """The pyramid flag is version 7's and the sharp filter's version 8's: a header of an older
-    version that sets one, or a version-8 header with a flag no version defines, is refused before
-    decoding, not decoded in the wrong order or with the wrong filter."""
+    """The pyramid flag is version 7's, the sharp filter's version 8's and the INTRA transform's
+    version 9's: a header of an older version that sets one, or a version-9 header with a flag no
+    version defines, is refused before decoding, not decoded in the wrong order or with the wrong
+    filter or syntax."""
     payload = bytearray(encode_chunk(camera[:3], EncoderConfig(target_psnr=40.0)).payload)
-    for version, flags in ((6, FLAG_PYRAMID), (7, FLAG_SHARP), (8, 8)):
+    for version, flags in ((6, FLAG_PYRAMID), (7, FLAG_SHARP), (8, FLAG_INTRA_TRANSFORM), (9, 16)):
         payload[4], payload[5] = version, flags
         with pytest.raises(BitstreamError, match="flags"):
             decode_chunk(bytes(payload))
@@ -516,11 +517,26 @@ def test_inter_transform_leaves_round_trip_exactly(camera):
     assert _psnr_y(decoded, frames) == pytest.approx(encoded.stats["psnr_y"])
 
 
+def test_intra_transform_leaves_round_trip_exactly(camera):
+    """Bitstream 9: camera footage at 40 dB codes INTRA leaves by the transform path (each 8x8
+    block predicted from the decoded ones before it), the header says so, and the decoder rebuilds
+    exactly the encoder's frames and leaves."""
+    encoded_modes, decoded_modes = ModeStats(), ModeStats()
+    encoded = encode_chunk(camera, EncoderConfig(target_psnr=40.0), modes=encoded_modes)
+    decoded = decode_chunk(encoded.payload, modes=decoded_modes)
+    assert HEADER.unpack_from(encoded.payload)[2] & FLAG_INTRA_TRANSFORM
+    assert encoded_modes.to_dict()["intra_transform"]["leaves"] > 0
+    assert decoded_modes.to_dict()["intra_transform"] == pytest.approx(encoded_modes.to_dict()["intra_transform"], rel=1e-12)
+    assert _psnr_y(decoded, camera) == pytest.approx(encoded.stats["psnr_y"])
+
+
 def test_lossless_chunks_never_use_the_transform_path(camera):
     """Step 1 has no transform path (it is lossy): no flag is coded, no leaf takes it."""
     modes = ModeStats()
-    decode_chunk(encode_chunk(camera, EncoderConfig(lossless=True)).payload, modes=modes)
-    assert modes.to_dict()["inter_transform"]["leaves"] == 0
+    payload = encode_chunk(camera, EncoderConfig(lossless=True)).payload
+    decode_chunk(payload, modes=modes)
+    assert modes.to_dict()["inter_transform"]["leaves"] == 0 and modes.to_dict()["intra_transform"]["leaves"] == 0
+    assert not HEADER.unpack_from(payload)[2] & FLAG_INTRA_TRANSFORM
 
 
 def _fringed_bars(t: int) -> Frames:

@@ -27,7 +27,7 @@ READABLE = (3, 4, 5, 6, 7, 8, 9)
 HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width, height, step*4, min, max, 0, body bytes
 FLAG_LOSSLESS = 1
 FLAG_PYRAMID = 2  # version 7: frames in coding_order's pyramid, predicted from past and future ones
-FLAG_SHARP = 4  # version 8: half-pel motion by syntax.SHARP's filter, not bilinear
+FLAG_SHARP = 4  # versions 8-9: half-pel motion by syntax.SHARP's filter, not bilinear
 FLAG_INTRA_TRANSFORM = 8  # version 9: INTRA leaves may transform-code their luma (syntax.intra_planar)
 MAX_DIMENSION = 16384
 MAX_FRAMES = 1024
@@ -50,8 +50,8 @@ NO_STATS = np.zeros((0, 3))  # ``code_frame`` counts nothing: same type as a sta
 # future references, with the same levels.
 LEVEL_STEP = (64, 72, 81)  # a frame's step in 64ths of the chunk's, by its level
 MAX_REF2 = 4  # frames back that a second reference may be (display order)
-SLOTS = MAX_REF2 + 1  # reconstructed frames a decoder keeps (versions 6-8; 3 for versions 3-5)
-CODED = -2  # a second reference whose distance the frame header codes (display order, versions 6-8)
+SLOTS = MAX_REF2 + 1  # reconstructed frames a decoder keeps (versions 6-9; 3 for versions 3-5)
+CODED = -2  # a second reference whose distance the frame header codes (display order, versions 6-9)
 
 
 class Step(NamedTuple):
@@ -95,7 +95,7 @@ def _pyramid(t: int) -> list[Step]:
 
 def coding_order(t: int, version: int, pyramid: bool) -> list[Step]:
     """The frames of a ``t``-frame chunk in coding order, with their references (storage/BITSTREAM.md
-    5.0): display order for versions 3-5 (second reference 2 back, one step) and for version 6-8
+    5.0): display order for versions 3-5 (second reference 2 back, one step) and for versions 6-9
     chunks without ``FLAG_PYRAMID`` (layered, coded second-reference distances); ``_pyramid``."""
     if pyramid:
         return _pyramid(t)
@@ -123,7 +123,7 @@ def _slots(order: list[Step], n: int) -> dict[int, int]:
 
 
 def frame_coding(coding: syntax.Coding, level: int) -> syntax.Coding:
-    """A frame's coding at ``level`` in a layered (version 6-8) chunk: the step of its level, the
+    """A frame's coding at ``level`` in a layered (version 6-9) chunk: the step of its level, the
     encoder's rounding offsets and escape tolerance scaled with it. Lossless chunks (step 1) keep one step."""
     if coding.q4 <= 4:
         return coding

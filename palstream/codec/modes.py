@@ -26,6 +26,7 @@ from palstream.codec.syntax import (
     STAT_PAL_SOURCE,
     STAT_PAL_Y,
     STAT_ROWS,
+    STAT_INTRA_TRANSFORM,
     STAT_TRANSFORM,
     STAT_TREE,
 )
@@ -97,6 +98,7 @@ class ModeStats:
             "bits": round(self.bits, 1),
             "modes": {name: self._entry(row) for row, name in enumerate(MODES)},
             "inter_transform": self._entry(STAT_TRANSFORM),
+            "intra_transform": self._entry(STAT_INTRA_TRANSFORM),
             "quadtree": {"bits": round(float(self.counts[STAT_TREE, STAT_BITS]), 1),
                          "bits_share": self.counts[STAT_TREE, STAT_BITS] / self.bits if self.bits else 0.0},
             "palette_luma_sizes": {name: self._entry(STAT_PAL_Y + i) for i, name in enumerate(SIZE_BUCKETS)},
@@ -122,6 +124,7 @@ class ModeStats:
         for r, name in enumerate(MODES):
             row(name, r)
         row("  inter transform", STAT_TRANSFORM)
+        row("  intra transform", STAT_INTRA_TRANSFORM)
         for title, base in (("palette luma", STAT_PAL_Y), ("palette chroma", STAT_PAL_C)):
             for i, name in enumerate(SIZE_BUCKETS):
                 row(f"  {title} {name}", base + i)

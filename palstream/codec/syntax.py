@@ -43,8 +43,9 @@ CELL_FIELDS = 8
 # reads them): one per leaf mode (SKIP .. PALETTE), the quadtree's split flags (bits only), then
 # PALETTE leaves by luma palette size bucket, by chroma palette size bucket, by where the
 # encoder's luma palette came from (exact clusters or the generator's proposal; encoder only), and
-# the INTER leaves whose luma is transform-coded, the PALETTE leaves with escape samples, and (encoder
-# only) the analysis' estimate of the PALETTE leaves' bits, to set against what they wrote.
+# the INTER leaves whose luma is transform-coded, the PALETTE leaves with escape samples, (encoder
+# only) the analysis' estimate of the PALETTE leaves' bits, to set against what they wrote, and the
+# INTRA leaves whose luma is transform-coded (bitstream 9).
 STAT_TREE = 4
 STAT_PAL_Y = 5  # + size bucket: 1, 2-4, 5-16, 17-64 entries
 STAT_PAL_C = 9
@@ -52,7 +53,8 @@ STAT_PAL_SOURCE = 13  # + 0 exact, + 1 generated
 STAT_TRANSFORM = 15
 STAT_PAL_ESCAPE = 16
 STAT_PAL_ESTIMATE = 17
-STAT_ROWS = 18
+STAT_INTRA_TRANSFORM = 18
+STAT_ROWS = 19
 STAT_LEAVES, STAT_AREA, STAT_BITS = range(3)  # columns: leaves, luma pixels, bits
 
 
@@ -975,11 +977,12 @@ def _size_bucket(n):
 @njit(cache=True, nogil=True)
 def _count_leaf(enc, stats, decisions, cy8, cx8, s, bits):
     """Add a coded leaf to ``stats`` (rows ``STAT_*``): its mode, area and bits, and a PALETTE leaf's
-    palette sizes and, encoding, where its luma palette came from; an INTER leaf's transform path."""
+    palette sizes and, encoding, where its luma palette came from; an INTER or INTRA leaf's
+    transform path."""
     m = decisions.mode[cy8, cx8]
     _add_row(stats, m, s, bits)
-    if m == INTER and decisions.cells[cy8, cx8, TRANSFORM]:
-        _add_row(stats, STAT_TRANSFORM, s, bits)
+    if decisions.cells[cy8, cx8, TRANSFORM] and (m == INTER or m == INTRA):
+        _add_row(stats, STAT_TRANSFORM if m == INTER else STAT_INTRA_TRANSFORM, s, bits)
     if m == PALETTE:
         _add_row(stats, STAT_PAL_Y + _size_bucket(decisions.pal_yn[cy8, cx8]), s, bits)
         _add_row(stats, STAT_PAL_C + _size_bucket(decisions.pal_cn[cy8, cx8]), s, bits)
