@@ -159,12 +159,15 @@ def test_the_analysis_picks_the_dominant_generators_values():
             assert len(set(expected)) == 1 and counts[expected[0]] == 1
 
 
-def test_palettes_of_dominant_values_win_bits_over_exact_ones_alone(clips):
-    """The default generator against ``none`` (exact palettes only) on screen content."""
+def test_palettes_of_dominant_values_win_bits_over_exact_ones_alone():
+    """The default generator against ``none`` (exact palettes only) on synthetic graphics (ffmpeg's
+    testsrc: colour bars, a gradient and digits). The 37x29 screen crop is not the clip for it since
+    bitstream 9: its INTRA transform codes that crop in fewer bytes than either kind of palette."""
+    graphics = read_frames(str(DATA / "batch_testsrc_64x48.mkv"), 0, 3)
     sizes = {}
     for palette in ("dominant", "none"):
         modes = ModeStats()
-        sizes[palette] = encode_chunk(clips["screen"], EncoderConfig(target_psnr=40.0, palette=palette), modes=modes).stats
+        sizes[palette] = encode_chunk(graphics, EncoderConfig(target_psnr=40.0, palette=palette), modes=modes).stats
         generated = modes.counts[STAT_PAL_SOURCE + 1, STAT_LEAVES]
         assert (generated > 0) == (palette == "dominant")
     assert sizes["dominant"]["bytes"] < sizes["none"]["bytes"] and sizes["dominant"]["psnr_y"] >= 40.0
