@@ -48,8 +48,8 @@ from palstream.codec.syntax import (
     VARIANT,
     _key_distance,
     chroma_motion,
-    intra_planar,
     inter_prediction,
+    intra_planar,
     motion_sample,
     transform_levels,
 )

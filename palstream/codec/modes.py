@@ -19,6 +19,7 @@ import numpy as np
 from palstream.codec.syntax import (
     STAT_AREA,
     STAT_BITS,
+    STAT_INTRA_TRANSFORM,
     STAT_LEAVES,
     STAT_PAL_C,
     STAT_PAL_ESCAPE,
@@ -26,7 +27,6 @@ from palstream.codec.syntax import (
     STAT_PAL_SOURCE,
     STAT_PAL_Y,
     STAT_ROWS,
-    STAT_INTRA_TRANSFORM,
     STAT_TRANSFORM,
     STAT_TREE,
 )
