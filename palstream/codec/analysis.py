@@ -302,8 +302,9 @@ def residual_cost_table(q4: int, rnd4: int, lam: float, dweight: float) -> np.nd
 
 @njit(cache=True, nogil=True)
 def _intra_errors(src, amp4):
-    """Intra prediction errors of every pixel, MED (0) and four-neighbour mean (1), and the MED
-    prediction itself (for combined inter/intra): estimates of the syntax's predictions from the
+    """Intra prediction errors of every pixel, MED (0) and four-neighbour mean (1), the MED
+    prediction itself (for combined inter/intra) and the offset source (for the INTRA transform's
+    prediction): estimates of the syntax's predictions from the
     source's neighbours plus a fixed pseudo-random offset, uniform in +-amp4/8 (the decoder
     predicts from neighbours that carry quantisation error, which MED passes on and averaging
     damps); top-right always available."""
@@ -341,7 +342,7 @@ def _intra_errors(src, amp4):
             med[y, x] = p
             e[0, y, x] = np.int64(src[y, x]) - p
             e[1, y, x] = np.int64(src[y, x]) - q
-    return e, med
+    return e, med, noisy
 
 
 @njit(cache=True, nogil=True)
@@ -1065,8 +1066,9 @@ def _intra_skip_costs(err, cur, ref, has_ref, table, tq4, lam, intra_raw, skip_r
     the chunk has no transform path), with its luma transform-coded (chroma by MED), without the
     mode's rate, into ``intra_raw[lev][by, bx]``; its squared error when skipped into
     ``skip_raw[lev][by, bx]``: priced at 8x8, summed over the quadrants above. The transform path's
-    prediction is ``syntax.intra_planar`` of the source's neighbours (the decoder's carry
-    quantisation error)."""
+    prediction is ``syntax.intra_planar`` of the source's neighbours with ``_intra_errors``' offsets
+    (the decoder's carry quantisation error, as the MED estimate's do): from the clean source the
+    transform won leaves that palettes code in fewer bytes."""
     ir = intra_raw[lev][by, bx]
     if lev == 0:
         y0 = by * s
@@ -1079,8 +1081,8 @@ def _intra_skip_costs(err, cur, ref, has_ref, table, tq4, lam, intra_raw, skip_r
                      + _block_cost(err[2][v], table, c0y, c0x, cs))
         ir[2] = np.inf
         if tq4:
-            pred, levels, coef = scratch
-            intra_planar(cur[0], y0, x0, pred, 0, 0)
+            pred, levels, coef, noisy = scratch
+            intra_planar(noisy, y0, x0, pred, 0, 0)
             step = TC_SCALE * tq4
             zero_bound = (step * (64 - TC_ROUNDING) / 64) ** 2 / 256.0 / 1.01
             ir[2] = (_cell_transform_cost(cur[0], pred, y0, x0, 0, 0, tq4, lam, levels, coef, step, zero_bound)
@@ -1418,9 +1420,9 @@ def decide(cur, ref, ref2, has_ref, ref2_scale, field, pricing, proposals, coder
     """
     table, lam, dweight, noise, min_block, max_block, max_pal, tq4, _, _, _, sharp = pricing
     h, w = cur[0].shape
-    err_y, med_y = _intra_errors(cur[0], noise)
-    err_u, med_u = _intra_errors(cur[1], noise)
-    err_v, med_v = _intra_errors(cur[2], noise)
+    err_y, med_y, noisy_y = _intra_errors(cur[0], noise)
+    err_u, med_u, _ = _intra_errors(cur[1], noise)
+    err_v, med_v, _ = _intra_errors(cur[2], noise)
     err = (err_y, err_u, err_v)
     planes = (cur, (med_y, med_u, med_v), ref, ref2)
     keys = (cur[0].astype(np.int64), cur[1].astype(np.int64) * 256 + cur[2].astype(np.int64))
@@ -1442,7 +1444,7 @@ def decide(cur, ref, ref2, has_ref, ref2_scale, field, pricing, proposals, coder
     toomany = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     hopeless = [np.zeros((h // s, w // s), np.bool_) for s in (8, 16, 32, 64)]
     intra_raw = [np.zeros((h // s, w // s, 3)) for s in (8, 16, 32, 64)]  # per predictor variant, transform
-    intra_scratch = (np.empty((8, 8), np.int32), np.zeros(64, np.int64), np.zeros(64, np.int64))
+    intra_scratch = (np.empty((8, 8), np.int32), np.zeros(64, np.int64), np.zeros(64, np.int64), noisy_y)
     skip_raw = [np.zeros((h // s, w // s), np.int64) for s in (8, 16, 32, 64)]
     # cost of each 8x8 cell under its own motion: [first ref / both / second alone][INTER variant]
     cell_inter = np.zeros((h // 8, w // 8, 3, 4))
