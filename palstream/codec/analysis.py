@@ -1076,17 +1076,19 @@ def _intra_skip_costs(err, cur, ref, has_ref, table, tq4, lam, intra_raw, skip_r
         c0y = y0 // 2
         c0x = x0 // 2
         cs = s // 2
+        luma_med = 0.0  # variant 0's luma cost, which the transform path replaces
         for v in range(2):
-            ir[v] = (_block_cost(err[0][v], table, y0, x0, s) + _block_cost(err[1][v], table, c0y, c0x, cs)
-                     + _block_cost(err[2][v], table, c0y, c0x, cs))
+            luma = _block_cost(err[0][v], table, y0, x0, s)
+            ir[v] = luma + _block_cost(err[1][v], table, c0y, c0x, cs) + _block_cost(err[2][v], table, c0y, c0x, cs)
+            if v == 0:
+                luma_med = luma
         ir[2] = np.inf
         if tq4:
             pred, levels, coef, noisy = scratch
             intra_planar(noisy, y0, x0, pred, 0, 0)
-            step = TC_SCALE * tq4
-            zero_bound = (step * (64 - TC_ROUNDING) / 64) ** 2 / 256.0 / 1.01
+            step, zero_bound = _transform_step(tq4)
             ir[2] = (_cell_transform_cost(cur[0], pred, y0, x0, 0, 0, tq4, lam, levels, coef, step, zero_bound)
-                     + ir[0] - _block_cost(err[0][0], table, y0, x0, s))
+                     + ir[0] - luma_med)
         sr = 0
         if has_ref:
             sr = (_skip_sse(cur[0], ref[0], y0, x0, s) + _skip_sse(cur[1], ref[1], c0y, c0x, cs)
@@ -1108,8 +1110,7 @@ def _transform_cost(cur, pred, y0, x0, s, q4, lam, levels, coef, known, mot):
     cell, each kept in ``known`` (``_known_slot``) for the levels above. The error is measured on
     the coefficients (the transform is orthogonal within 0.1 %), not on the reconstruction: that
     would cost an inverse transform per block."""
-    step = TC_SCALE * q4  # a level, in the forward transform's units (16x orthonormal, after >> 11)
-    zero_bound = (step * (64 - TC_ROUNDING) / 64) ** 2 / 256.0 / 1.01
+    step, zero_bound = _transform_step(q4)
     j = 0.0
     for sy in range(0, s, 8):
         for sx in range(0, s, 8):
@@ -1121,8 +1122,17 @@ def _transform_cost(cur, pred, y0, x0, s, q4, lam, levels, coef, known, mot):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _transform_step(q4):
+    """A transform level at step ``q4``, in the forward transform's units (16x orthonormal, after
+    >> 11), and the squared error below which no coefficient of an 8x8 block reaches a level."""
+    step = TC_SCALE * q4
+    return step, (step * (64 - TC_ROUNDING) / 64) ** 2 / 256.0 / 1.01
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _cell_transform_cost(cur, pred, y0, x0, sy, sx, q4, lam, levels, coef, step, zero_bound):
-    """``_transform_cost`` of the 8x8 cell at (``sy``, ``sx``) of the block."""
+    """``_transform_cost`` of the 8x8 cell at (``sy``, ``sx``) of the block (``step``, ``zero_bound``:
+    ``_transform_step``)."""
     sse = 0
     for y in range(8):
         for x in range(8):
