@@ -20,6 +20,7 @@ from palstream.codec.decoder import (
     FLAG_INTRA_TRANSFORM,
     FLAG_LOSSLESS,
     FLAG_PYRAMID,
+    FLAG_QUARTER,
     FLAG_SHARP,
     HEADER,
     LEVEL_STEP,
@@ -175,12 +176,12 @@ def _rd_lambda(q4: int, config: EncoderConfig) -> float:
     return 0.0 if config.lossless else LAMBDA * (q4 / 4) ** 2 * config.lambda_scale
 
 
-def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, order, motion, sharp: bool,
+def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, order, motion, interp: int,
                control: ratecontrol.LambdaControl | None = None, stats=NO_STATS):
     """Code the frames of ``padded`` at one rung, in ``order`` (``decoder.coding_order``), with the
     palette generator's ``proposals``, or its palettes of ``dominant`` values; ``motion``: the
-    motion field and second-reference distances (``analysis.motion_search_chunk``); ``sharp``: the
-    half-pel filter (``syntax.Coding.sharp``); ``control``
+    motion field and second-reference distances (``analysis.motion_search_chunk``); ``interp``: the
+    motion interpolation (``syntax.Coding.interp``); ``control``
     scales the RD lambda frame by frame; ``stats``: leaf statistics to fill
     (``palstream.codec.modes``), or ``NO_STATS``."""
     q4, rounding = rung
@@ -194,7 +195,7 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, o
         noise = 0 if config.lossless else round(fq4 * INTRA_NOISE)
         pricing = analysis.Pricing(
             table, rd_lambda, dweight, noise, config.min_block, config.max_block, config.max_palette, fq4 if fq4 > 4 else 0,
-            fq4, coding.esc_tol, dominant, sharp,
+            fq4, coding.esc_tol, dominant, interp,
         )
         analysis.decide(src, ref, ref2, f > 0, ref2_scale, field[f], pricing, tuple(p[f] for p in proposals),
                         analysis.palette_coder(probs, predictors, src, f == 0), decisions)
@@ -202,7 +203,7 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, o
     recon = tuple(np.zeros_like(p) for p in padded)
     capacity = padded[0].size * 3 + 4096
     esc_tol = int(_rd_lambda(q4, config) * analysis.ESCAPE_BITS)  # 0 when lossless: every inexact sample escapes, exactly
-    coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol, sharp, q4 > 4)
+    coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol, interp, q4 > 4)
     while True:
         buf = np.zeros(capacity, np.uint8)
         stats[...] = 0  # a retry into a larger buffer codes every leaf again
@@ -275,6 +276,12 @@ RETRY_STEP = 0.85  # a full encode that misses the floor is retried at this time
 # order's (3-D animation, the rocket launch) and lost 2-14 % where it cost 0.996-1.0 (screen,
 # pedestrians, film); 2-D animation's cost 1.07 (docs/codec.md).
 PYRAMID_MARGIN = 0.985
+# Quarter-pel vectors (bitstream 10) where refining the half-pel ones takes the SAD of the first
+# QUARTER_FRAMES frames' first vectors below QUARTER_MARGIN of theirs: on the corpus (16 frames) 0.87-0.90
+# on the rocket launch and both animations, which they code in 3-13 % fewer bytes, and 0.96-0.99 on the
+# film, pedestrians and screen, whose noise or still content they cost 0.2-1.8 % more (docs/codec.md)
+QUARTER_MARGIN = 0.94
+QUARTER_FRAMES = 8
 
 
 def _probe_frames(frames: int, pyramid: bool) -> int:
@@ -284,10 +291,21 @@ def _probe_frames(frames: int, pyramid: bool) -> int:
     return min(frames, -(-(count - 1) // 4) * 4 + 1 if pyramid else count)
 
 
-def _sharp_pays(luma, order, motion) -> bool:
-    """Whether a chunk's half-pel motion is predicted by ``syntax.SHARP`` rather than bilinearly:
-    where its squared error over the cells that half-pel vectors move is the smaller
-    (``analysis.half_pel_errors``, each frame from its first reference in ``order``, with
+def _quarter_pays(luma, pyramid: bool, motion) -> bool:
+    """Whether a chunk's vectors are refined to quarter-pels: where that takes the SAD of the first
+    vectors of its first ``QUARTER_FRAMES`` frames (``pyramid``: in the pyramid's coding order;
+    ``motion``: their half-pel field and distances) below ``QUARTER_MARGIN`` of the half-pel
+    vectors' (``analysis.refine_quarter``, on a copy of the field)."""
+    field, distances = motion
+    searches = _searches(coding_order(len(field), VERSION, pyramid))
+    before, after = analysis.refine_quarter(luma, field.copy(), searches[searches[:, 0] < QUARTER_FRAMES], distances, False)
+    return after < QUARTER_MARGIN * before
+
+
+def _sharp_pays(luma, order, motion, quarter: bool) -> bool:
+    """Whether a chunk's half-pel samples are interpolated by ``syntax.SHARP`` rather than bilinearly:
+    where its squared error over the cells that vectors move by a fraction of a pixel is the smaller
+    (``analysis.subpel_errors``, ``quarter``: vectors in quarter-pels; each frame from its first reference in ``order``, with
     ``motion``'s vectors, on the frames the chunk codes). The filter predicts clean detail better
     and grain worse, and its bits follow: the corpus' error ratios (32 frames) are 0.73 and 0.88 on
     the rocket launch and 3-D animation, which it codes in fewer bytes, and 1.01-1.07 on the
@@ -295,7 +313,7 @@ def _sharp_pays(luma, order, motion) -> bool:
     refs = np.full(len(order), -1, np.int64)
     for step in order:
         refs[step.f] = step.ref
-    bilinear, sharp = analysis.half_pel_errors(luma[: len(order)], motion[0], refs)
+    bilinear, sharp = analysis.subpel_errors(luma[: len(order)], motion[0], refs, quarter)
     return sharp < bilinear
 
 
@@ -436,12 +454,25 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
                 motion[count, pyramid] = order, found
         return motion[count, pyramid]
 
+    quarters: dict[int, np.ndarray] = {}  # id of a half-pel field -> that field refined to quarter-pels
+
+    def refined(count, pyramid):
+        """``search``'s motion with its vectors refined to quarter-pels, once."""
+        order, (field, distances) = search(count, pyramid)
+        if id(field) not in quarters:
+            quarters[id(field)] = field.copy()
+            searches = _searches(coding_order(len(field), VERSION, pyramid))
+            analysis.refine_quarter(padded[0], quarters[id(field)], searches, distances, True)
+        return order, (quarters[id(field)], distances)
+
     # first, the chunk's motion in display order, so that the probes take their frames' from it;
     # with ``config.pyramid`` the first probe's in the pyramid's order, which the choice of order codes
-    if config.pyramid and not config.lossless:
-        sharp = _sharp_pays(padded[0], *search(_probe_frames(t, True), True))
-    else:
-        sharp = _sharp_pays(padded[0], *search(t, False))
+    first = (_probe_frames(t, True), True) if config.pyramid and not config.lossless else (t, False)
+    quarter = _quarter_pays(padded[0], first[1], search(*first)[1])
+    motion_of = refined if quarter else search
+    first_order, first_motion = motion_of(*first)
+    sharp = _sharp_pays(padded[0], first_order, first_motion, quarter)
+    interp = (syntax.INTERP_SHARP if sharp else 0) | (syntax.INTERP_QUARTER if quarter else 0)
 
     def encode_at(rung, count, config=config, control=None, pyramid_order=None):
         nonlocal attempts, counts
@@ -449,7 +480,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
         coded = source if config.lossless else padded
         counts = NO_STATS if modes is None else modes.new_counts()
         body, recon = _encode_at(tuple(p[:count] for p in coded), LADDER[rung], config, proposals, generator.in_codec,
-                                 *search(count, pyramid if pyramid_order is None else pyramid_order), sharp, control, counts)
+                                 *motion_of(count, pyramid if pyramid_order is None else pyramid_order)[:2], interp, control, counts)
         diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
         return body, float(np.mean(diff**2))
 
@@ -495,7 +526,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
                 exact = True
                 body, mse = encode_at(0, t, replace(config, lossless=True))
     q4 = LADDER[rung][0]
-    flags = ((FLAG_LOSSLESS if exact else 0) | (FLAG_PYRAMID if pyramid else 0) | (FLAG_SHARP if sharp else 0)
+    flags = ((FLAG_LOSSLESS if exact else 0) | (FLAG_PYRAMID if pyramid else 0) | (FLAG_SHARP if sharp else 0) | (FLAG_QUARTER if quarter else 0)
              | (FLAG_INTRA_TRANSFORM if q4 > 4 else 0))
     header = HEADER.pack(MAGIC, VERSION, flags, t, w, h, q4, config.min_block, config.max_block, 0, len(body))
     payload = header + body

@@ -18,17 +18,18 @@ from palstream.errors import ArchiveError
 from palstream.frames import Frames
 
 MAGIC = b"PSC1"
-VERSION = 9  # what the encoder writes
-# version 8 is version 9 without FLAG_INTRA_TRANSFORM, 7 is 8 without FLAG_SHARP (bilinear half-pel motion only), 6 is 7 without
+VERSION = 10  # what the encoder writes
+# version 9 is version 10 without FLAG_QUARTER, 8 is 9 without FLAG_INTRA_TRANSFORM, 7 is 8 without FLAG_SHARP (bilinear half-pel motion only), 6 is 7 without
 # FLAG_PYRAMID (display order only), 5 is 6 with the second reference always 2 frames back and
 # one step for every frame, 4 is 5 without escapes, 3 is 4 without the transform flag
 # (storage/BITSTREAM.md)
-READABLE = (3, 4, 5, 6, 7, 8, 9)
+READABLE = (3, 4, 5, 6, 7, 8, 9, 10)
 HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width, height, step*4, min, max, 0, body bytes
 FLAG_LOSSLESS = 1
 FLAG_PYRAMID = 2  # version 7: frames in coding_order's pyramid, predicted from past and future ones
-FLAG_SHARP = 4  # versions 8-9: half-pel motion by syntax.SHARP's filter, not bilinear
-FLAG_INTRA_TRANSFORM = 8  # version 9: INTRA leaves may transform-code their luma (syntax.intra_planar)
+FLAG_SHARP = 4  # versions 8-10: half-pel motion by syntax.SHARP's filter, not bilinear
+FLAG_INTRA_TRANSFORM = 8  # versions 9-10: INTRA leaves may transform-code their luma (syntax.intra_planar)
+FLAG_QUARTER = 16  # version 10: motion vectors in quarter-pels (syntax.INTERP_QUARTER)
 MAX_DIMENSION = 16384
 MAX_FRAMES = 1024
 MAX_CHUNK_SAMPLES = 1 << 31  # decoded samples of one chunk (2 GiB): a larger header is a lie or an error
@@ -244,7 +245,7 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None, m
         et, eh, ew = expected
         raise BitstreamError(f"header declares {t} frames of {w}x{h}, the archive {et} frames of {ew}x{eh}")
     known = (FLAG_LOSSLESS | (FLAG_PYRAMID if version >= 7 else 0) | (FLAG_SHARP if version >= 8 else 0)
-             | (FLAG_INTRA_TRANSFORM if version >= 9 else 0))
+             | (FLAG_INTRA_TRANSFORM if version >= 9 else 0) | (FLAG_QUARTER if version >= 10 else 0))
     if flags & ~known or reserved:
         raise BitstreamError(f"unknown header flags {flags:#x} / reserved byte {reserved}: written by a newer palstream?")
     if q4 < 4 or min_block not in (8, 16, 32, 64) or max_block not in (8, 16, 32, 64) or min_block > max_block:
@@ -273,7 +274,9 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None, m
     stats = NO_STATS if modes is None else modes.new_counts()
     st = code_frames(
         False, buf, None, recon, syntax.Coding(q4, (0,) * 5, min_block, max_block, version >= 4 and q4 > 4, version >= 5, 0,
-                                                bool(flags & FLAG_SHARP), bool(flags & FLAG_INTRA_TRANSFORM) and q4 > 4),
+                                                (syntax.INTERP_SHARP if flags & FLAG_SHARP else 0)
+                                                | (syntax.INTERP_QUARTER if flags & FLAG_QUARTER else 0),
+                                                bool(flags & FLAG_INTRA_TRANSFORM) and q4 > 4),
         coding_order(t, version, bool(flags & FLAG_PYRAMID)), emit=emit, stats=stats,
     )
     if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:

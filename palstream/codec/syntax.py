@@ -96,7 +96,7 @@ class Coding(NamedTuple):
     transform: bool  # INTER leaves carry a transform flag (bitstream 4 with a step above 1)
     escapes: bool  # palettes carry escape flags (bitstream 5)
     esc_tol: int  # encoder: squared error above which a palette sample is coded as an escape
-    sharp: bool  # half-pel motion by the SHARP filter, not bilinear (bitstream 8's FLAG_SHARP)
+    interp: int  # motion interpolation: INTERP_SHARP (bitstream 8's FLAG_SHARP) | INTERP_QUARTER (bitstream 10's FLAG_QUARTER)
     intra_transform: bool  # INTRA leaves carry a transform flag (bitstream 9's FLAG_INTRA_TRANSFORM)
 
 
@@ -346,13 +346,62 @@ def _motion_block(ref, y0, x0, size, mvy, mvx, sharp, out):
                 out[y, x] = motion_sample(ref, y0 + y, x0 + x, mvy, mvx, sharp)
 
 
+# A chunk's motion interpolation (``Coding.interp``): half-pel samples by the SHARP filter rather
+# than bilinearly (bitstream 8), and vectors in quarter-pels rather than half-pels (bitstream 10)
+INTERP_SHARP = 1
+INTERP_QUARTER = 2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _quarter_block(ref, y0, x0, size, qy, qx, sharp, out, tmp):
+    """``_motion_block`` for a quarter-pel vector (``qy``, ``qx``): a sample between two
+    samples of the half-pel grid is their mean rounded up, H.264's quarter positions; with both
+    coordinates between, the two of its four half-pel-grid neighbours that have exactly one
+    half-pel coordinate (the diagonal through the whole and the half-half sample's midpoint)."""
+    if not (qy | qx) & 1:
+        _motion_block(ref, y0, x0, size, qy >> 1, qx >> 1, sharp, out)
+        return
+    ay = qy >> 1
+    by = (qy + 1) >> 1
+    ax = qx >> 1
+    bx = (qx + 1) >> 1
+    if qy & 1 and qx & 1 and (ay & 1) == (ax & 1):  # the other diagonal
+        ax, bx = bx, ax
+    _motion_block(ref, y0, x0, size, ay, ax, sharp, out)
+    _motion_block(ref, y0, x0, size, by, bx, sharp, tmp)
+    for y in range(size):
+        for x in range(size):
+            out[y, x] = (out[y, x] + tmp[y, x] + 1) >> 1
+
+
 @njit(cache=True, nogil=True)
-def inter_prediction(ref, ref2, y0, x0, size, mot, sharp, scratch):
+def _quarter_prediction(ref, ref2, y0, x0, size, mot, sharp, scratch):
+    """``inter_prediction`` with quarter-pel vectors (``INTERP_QUARTER``): a kernel of its own, so
+    that the half-pel path keeps its inlined blocks."""
+    out = scratch[0]
+    if mot[BI] == ALONE:
+        _quarter_block(ref2, y0, x0, size, mot[MV2_Y], mot[MV2_X], sharp, out, scratch[2])
+        return out
+    _quarter_block(ref, y0, x0, size, mot[MV_Y], mot[MV_X], sharp, out, scratch[2])
+    if mot[BI]:
+        second = scratch[1]
+        _quarter_block(ref2, y0, x0, size, mot[MV2_Y], mot[MV2_X], sharp, second, scratch[2])
+        for y in range(size):
+            for x in range(size):
+                out[y, x] = (out[y, x] + second[y, x] + 1) >> 1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def inter_prediction(ref, ref2, y0, x0, size, mot, interp, scratch):
     """Motion-compensated prediction of a block: ``mot`` = (vy, vx, vy2, vx2, bi); with ``bi``
     1, the rounded mean of the first and the second reference's predictions, with ``ALONE`` the
-    second's; ``sharp``: half-pel samples by the ``SHARP`` filter (``motion_sample``). Returns
-    ``scratch[0]``, whose top-left ``size`` x ``size`` samples hold it (``scratch``:
-    int32[2, >= size, >= size], preallocated by the caller: this runs for every candidate)."""
+    second's; ``interp``: ``Coding.interp``. Returns ``scratch[0]``, whose top-left ``size`` x
+    ``size`` samples hold it (``scratch``: int32[3, >= size, >= size], preallocated by the caller:
+    this runs for every candidate)."""
+    sharp = interp & INTERP_SHARP != 0
+    if interp & INTERP_QUARTER:
+        return _quarter_prediction(ref, ref2, y0, x0, size, mot, sharp, scratch)
     out = scratch[0]
     if mot[BI] == ALONE:
         _motion_block(ref2, y0, x0, size, mot[MV2_Y], mot[MV2_X], sharp, out)
@@ -369,7 +418,8 @@ def inter_prediction(ref, ref2, y0, x0, size, mot, sharp, scratch):
 
 @njit(cache=True, nogil=True, inline="always")
 def chroma_motion(mot):
-    """A luma motion tuple's chroma counterpart: the same displacement in chroma half-pels."""
+    """A luma motion tuple's chroma counterpart: the same displacement in chroma half-pels (or
+    quarter-pels, with ``INTERP_QUARTER``)."""
     return (mot[MV_Y] >> 1, mot[MV_X] >> 1, mot[MV2_Y] >> 1, mot[MV2_X] >> 1, mot[BI])
 
 
@@ -411,7 +461,7 @@ def _sub_block_is_zero(src, rec, mode, variant, wm, inter, y0, x0, size, sy, sx,
 @njit(cache=True, nogil=True)
 def code_residual_block(
     enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y0, x0, size, q4, rounding, mode, variant, plane_class, mot, dc,
-    transform, sharp,
+    transform, interp,
 ):
     """Quantised prediction residual of one block of one plane: its 'palette of residual levels'.
 
@@ -423,14 +473,14 @@ def code_residual_block(
     toward zero by the encoder's ``rounding``) is coded as zero flag, sign, magnitude - 1. The encoder
     rounds with ``rounding[j]`` (quarter levels) where j of the left, top, top-left and top-right
     levels are non-zero: there a level is cheaper to code. With ``transform`` (luma, variant 0)
-    the residual is coded by ``code_transform_block`` instead. ``sharp``: ``Coding.sharp``.
+    the residual is coded by ``code_transform_block`` instead. ``interp``: ``Coding.interp``.
     """
     cls = plane_class * 2 + (1 if mode == INTRA else 0)
     sub = min(size, 8 if plane_class == 0 else 4)
     wm = MED_WEIGHT[variant] if mode == INTER else 0
     # INTER predicts the whole block at once; INTRA predicts from samples as they are decoded
-    scratch = np.empty((2, size, size), np.int32)
-    inter = inter_prediction(ref, ref2, y0, x0, size, mot, sharp, scratch) if mode == INTER else scratch[0]
+    scratch = np.empty((3, size, size), np.int32)
+    inter = inter_prediction(ref, ref2, y0, x0, size, mot, interp, scratch) if mode == INTER else scratch[0]
     if dc:
         for y in range(size):
             for x in range(size):
@@ -1166,14 +1216,14 @@ def _code_leaf(
         mot = (np.int64(mvy), np.int64(mvx), np.int64(my2), np.int64(mx2), np.int64(bi))
         code_residual_block(
             enc, st, buf, probs, src_y, rec_y, ref_y, ref2_y, kmap_y, kprev_y, y0, x0, s, q4, rounding, m, variant, 0, mot, dc, tr,
-            coding.sharp,
+            coding.interp,
         )
         cmot = chroma_motion(mot)
         code_residual_block(
             enc, st, buf, probs, src_u, rec_u, ref_u, ref2_u, kmap_u, kprev_u, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot, 0, 0,
-            coding.sharp,
+            coding.interp,
         )
         code_residual_block(
             enc, st, buf, probs, src_v, rec_v, ref_v, ref2_v, kmap_v, kprev_v, c0y, c0x, cs, q4, rounding, m, variant, 1, cmot, 0, 0,
-            coding.sharp,
+            coding.interp,
         )
