@@ -374,9 +374,10 @@ def _quarter_block(ref, y0, x0, size, qy, qx, sharp, out, tmp):
             out[y, x] = (out[y, x] + tmp[y, x] + 1) >> 1
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _quarter_prediction(ref, ref2, y0, x0, size, mot, sharp, scratch):
-    """``inter_prediction`` with quarter-pel vectors (``INTERP_QUARTER``)."""
+    """``inter_prediction`` with quarter-pel vectors (``INTERP_QUARTER``): a kernel of its own, so
+    that the half-pel path keeps its inlined blocks."""
     out = scratch[0]
     if mot[BI] == ALONE:
         _quarter_block(ref2, y0, x0, size, mot[MV2_Y], mot[MV2_X], sharp, out, scratch[2])
