@@ -34,7 +34,8 @@ VECTORS = {
     # bitstream 7: the encoder codes these 8 frames as a pyramid (past and future references); at
     # 35 dB until bitstream 8, at 42 dB since bitstream 9 (its INTRA transform moved the choice)
     "mandel_48x32_psnr42_pyramid": (DATA / "batch_mandel_48x32.mkv", 8, {"target_psnr": 42.0, "pyramid": True}),
-    # bitstream 8: the encoder predicts this clip's half-pel motion with the sharp filter
+    # bitstream 8: the encoder predicts this clip's half-pel motion with the sharp filter; since
+    # bitstream 10 with quarter-pel vectors too
     "anim3d_64x48_psnr40_sharp": (DATA / "anim3d_64x48.mkv", 6, {"target_psnr": 40.0}),
     "demo_640x360_psnr45": (DEMO, 4, {"target_psnr": 45.0}),
     "single_frame_37x29_psnr35": (DATA / "screen_37x29.mkv", 1, {"target_psnr": 35.0}),
