@@ -480,7 +480,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
         coded = source if config.lossless else padded
         counts = NO_STATS if modes is None else modes.new_counts()
         body, recon = _encode_at(tuple(p[:count] for p in coded), LADDER[rung], config, proposals, generator.in_codec,
-                                 *motion_of(count, pyramid if pyramid_order is None else pyramid_order)[:2], interp, control, counts)
+                                 *motion_of(count, pyramid if pyramid_order is None else pyramid_order), interp, control, counts)
         diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
         return body, float(np.mean(diff**2))
 
