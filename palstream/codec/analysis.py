@@ -1616,7 +1616,14 @@ def decide(cur, ref, ref2, has_ref, ref2_scale, field, pricing, proposals, coder
                 bvar = 0
                 bdc = 0
                 btr = 0
-                if s >= min_block:
+                # a block whose four quadrants all split rarely codes better whole: pricing it anyway
+                # cost 6-7 % of the analysis' time for 0.06 % of the bytes (corpus, docs/codec.md)
+                quads = (slice(2 * by, 2 * by + 2), slice(2 * bx, 2 * bx + 2))
+                whole = lev < 2 or not lsplit[lev - 1][quads].all()
+                if not whole:  # what the level above asks of a leaf it cannot be: its quadrants' bounds
+                    toomany[lev][by, bx] = toomany[lev - 1][quads].any()
+                    hopeless[lev][by, bx] = hopeless[lev - 1][quads].all()
+                if s >= min_block and whole:
                     jbest, bvar, btr = _price_intra(intra_raw[lev][by, bx], lam)
                     if has_ref:
                         j = _price_skip(skip_raw[lev][by, bx], lam, dweight)

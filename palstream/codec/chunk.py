@@ -481,8 +481,8 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
         counts = NO_STATS if modes is None else modes.new_counts()
         body, recon = _encode_at(tuple(p[:count] for p in coded), LADDER[rung], config, proposals, generator.in_codec,
                                  *motion_of(count, pyramid if pyramid_order is None else pyramid_order), interp, control, counts)
-        diff = recon[0][:, :h, :w].astype(np.float64) - frames.y[:count]
-        return body, float(np.mean(diff**2))
+        diff = np.subtract(recon[0][:, :h, :w], frames.y[:count], dtype=np.int32)  # half float64's time
+        return body, float(np.einsum("fyx,fyx->", diff, diff, dtype=np.int64)) / diff.size
 
     exact = config.lossless
     if config.lossless:
