@@ -1549,7 +1549,8 @@ def decide(cur, ref, ref2, has_ref, ref2_scale, field, pricing, proposals, coder
     size (luma keys, their count, chroma keys, their count; rows as ``proposal_rows``); ``coder``: what palettes cost at the coder's state as
     the frame starts (``palette_coder``). Bottom-up, level by level (8x8 up to max_block), each
     block is priced as a leaf in every mode (``_price_intra``, ``_price_skip``, ``_price_inter``,
-    ``_price_palette_leaf``) and against its four quadrants; ``_write_out`` then writes the tree.
+    ``_price_palette_leaf``) and against its four quadrants (from 32x32 up, only against them where
+    all four split); ``_write_out`` then writes the tree.
     The per-block helpers are inlined (numba's ``inline="always"``): called, each call passed some
     twenty arrays for little work per block, and the screen clip encoded 5-10 % slower per CPU
     second (``benchmarks/codec_ab.py``).
