@@ -291,13 +291,13 @@ def _probe_frames(frames: int, pyramid: bool) -> int:
     return min(frames, -(-(count - 1) // 4) * 4 + 1 if pyramid else count)
 
 
-def _quarter_pays(luma, pyramid: bool, motion) -> bool:
+def _quarter_pays(luma, motion) -> bool:
     """Whether a chunk's vectors are refined to quarter-pels: where that takes the SAD of the first
-    vectors of its first ``QUARTER_FRAMES`` frames (``pyramid``: in the pyramid's coding order;
-    ``motion``: their half-pel field and distances) below ``QUARTER_MARGIN`` of the half-pel
-    vectors' (``analysis.refine_quarter``, on a copy of the field)."""
+    vectors of its first ``QUARTER_FRAMES`` frames (``motion``: the half-pel field and distances of
+    the chunk in display order) below ``QUARTER_MARGIN`` of the half-pel vectors'
+    (``analysis.refine_quarter``, on a copy of the field)."""
     field, distances = motion
-    searches = _searches(coding_order(len(field), VERSION, pyramid))
+    searches = _searches(coding_order(len(field), VERSION, False))
     before, after = analysis.refine_quarter(luma, field.copy(), searches[searches[:, 0] < QUARTER_FRAMES], distances, False)
     return after < QUARTER_MARGIN * before
 
@@ -465,13 +465,12 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
             analysis.refine_quarter(padded[0], quarters[id(field)], searches, distances, True)
         return order, (quarters[id(field)], distances)
 
-    # first, the chunk's motion in display order, so that the probes take their frames' from it;
-    # with ``config.pyramid`` the first probe's in the pyramid's order, which the choice of order codes
-    first = (_probe_frames(t, True), True) if config.pyramid and not config.lossless else (t, False)
-    quarter = _quarter_pays(padded[0], first[1], search(*first)[1])
+    # first, the chunk's motion in display order: the probes take their frames' from it, and the
+    # interpolation is chosen on it in either order (chosen on the pyramid's first probe frames, it
+    # took quarter-pels from 2-D animation, which then cost 29 % more with --pyramid; docs/codec.md)
+    quarter = _quarter_pays(padded[0], search(t, False)[1])
     motion_of = refined if quarter else search
-    first_order, first_motion = motion_of(*first)
-    sharp = _sharp_pays(padded[0], first_order, first_motion, quarter)
+    sharp = _sharp_pays(padded[0], *motion_of(t, False), quarter)
     interp = (syntax.INTERP_SHARP if sharp else 0) | (syntax.INTERP_QUARTER if quarter else 0)
 
     def encode_at(rung, count, config=config, control=None, pyramid_order=None):
