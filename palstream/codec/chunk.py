@@ -470,7 +470,8 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
     # took quarter-pels from 2-D animation, which then cost 29 % more with --pyramid; docs/codec.md)
     quarter = _quarter_pays(padded[0], search(t, False)[1])
     motion_of = refined if quarter else search
-    sharp = _sharp_pays(padded[0], *motion_of(t, False), quarter)
+    display_order, display_motion = motion_of(t, False)
+    sharp = _sharp_pays(padded[0], display_order, display_motion, quarter)
     interp = (syntax.INTERP_SHARP if sharp else 0) | (syntax.INTERP_QUARTER if quarter else 0)
 
     def encode_at(rung, count, config=config, control=None, pyramid_order=None):
