@@ -419,8 +419,8 @@ def test_the_sharp_filter_and_quarter_pels_are_chosen_where_they_predict_better(
 
 def test_the_motion_interpolation_is_chosen_in_display_order_with_or_without_the_pyramid():
     """The demo screen recording keeps half-pel bilinear motion in display order; chosen on the
-    pyramid's first probe frames instead, ``--pyramid`` once gave it quarter-pels (and 2-D animation
-    lost quarter-pels and 29 % of its size): the choice is the same whichever order codes the chunk."""
+    pyramid's first probe frames instead, ``--pyramid`` once gave it quarter-pels (and took them from
+    2-D animation, which then cost 29 % more bytes): the choice is the same whichever order codes the chunk."""
     import palstream
 
     frames = read_frames(str(Path(palstream.__file__).parent / "data" / "demo.mkv"), 0, 16)

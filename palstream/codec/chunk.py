@@ -467,7 +467,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
 
     # first, the chunk's motion in display order: the probes take their frames' from it, and the
     # interpolation is chosen on it in either order (chosen on the pyramid's first probe frames, it
-    # took quarter-pels from 2-D animation, which then cost 29 % more with --pyramid; docs/codec.md)
+    # denied 2-D animation quarter-pels, which then cost 29 % more bytes with --pyramid; docs/codec.md)
     quarter = _quarter_pays(padded[0], search(t, False)[1])
     motion_of = refined if quarter else search
     display_order, display_motion = motion_of(t, False)
