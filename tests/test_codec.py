@@ -522,7 +522,7 @@ def test_inverse_transform_undoes_the_forward_transform_at_step_one():
     for _ in range(50):
         src = rng.integers(0, 256, (8, 8)).astype(np.uint8)
         pred = rng.integers(0, 256, (8, 8)).astype(np.int32)
-        last = syntax.transform_levels(src, pred, 0, 0, 0, 0, 4, levels, coef)
+        last = syntax.transform_levels(src, pred, 0, 0, 0, 0, 4, levels, coef, 0.0)
         forward = syntax.DCT8 @ (src.astype(np.int64) - pred) @ syntax.DCT8.T  # what the butterflies compute
         assert (coef == forward[syntax.ZIGZAG[:, 0], syntax.ZIGZAG[:, 1]]).all()
         syntax.inverse_transform(levels, last, 4, res)
@@ -532,6 +532,24 @@ def test_inverse_transform_undoes_the_forward_transform_at_step_one():
     levels[0] = 10
     syntax.inverse_transform(levels, 0, 16, res)
     assert (res == res[0, 0]).all() and res[0, 0] == 5  # orthonormal DC 10 * 4 = 40 over 8 samples
+
+
+def test_the_encoder_trims_trailing_levels_of_one_that_save_less_than_they_cost():
+    """A residual of a strong DC and one high-frequency cosine: the dead zone alone codes the
+    cosine, 0.9 of a step strong, as a lone level of 1 far down the zig-zag, which trimming drops
+    (it saves less error than its bits are worth); at 3 steps both keep it, and the DC either way."""
+    orthonormal = syntax.DCT8 / (64 * np.sqrt(8))  # HEVC's integer DCT is 64 sqrt(8) times the orthonormal one
+    pred = np.full((8, 8), 60, np.int32)
+    levels, coef = np.zeros(64, np.int64), np.zeros(64, np.int64)
+    q4 = 40  # a step of 10, orthonormal and spatial
+    for strength, kept in ((0.9, False), (3.0, True)):
+        spectrum = np.zeros((8, 8))
+        spectrum[0, 0], spectrum[0, 7] = 8 * 10, strength * 10  # the highest horizontal frequency
+        src = (pred + orthonormal.T @ spectrum @ orthonormal).round().astype(np.uint8)
+        plain = syntax.transform_levels(src, pred, 0, 0, 0, 0, q4, levels, coef, 0.0)
+        assert levels[0] == 8 and plain == 28 and abs(levels[28]) == round(strength)  # (0, 7) is zig-zag position 28
+        trimmed = syntax.transform_levels(src, pred, 0, 0, 0, 0, q4, levels, coef, syntax.TC_TRIM_LAMBDA)
+        assert levels[0] == 8 and trimmed == (28 if kept else 0)
 
 
 def test_inter_transform_leaves_round_trip_exactly(camera):

@@ -45,6 +45,7 @@ from palstream.codec.syntax import (
     SKIP,
     TC_ROUNDING,
     TC_SCALE,
+    TC_TRIM_LAMBDA,
     TRANSFORM,
     VARIANT,
     _key_distance,
@@ -1265,7 +1266,7 @@ def _cell_transform_cost(cur, pred, y0, x0, sy, sx, q4, lam, levels, coef, step,
             sse += d * d
     if sse < zero_bound:  # no coefficient can reach a level: no transform needed
         return sse + lam * 0.3
-    last = transform_levels(cur, pred, y0 + sy, x0 + sx, sy, sx, q4, levels, coef)
+    last = transform_levels(cur, pred, y0 + sy, x0 + sx, sy, sx, q4, levels, coef, TC_TRIM_LAMBDA)
     if last < 0:
         return sse + lam * 0.3
     bits = 5.0
