@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from palstream.codec import BitstreamError, EncoderConfig, ModeStats, decode_chunk, encode_chunk, rangecoder, syntax
+from palstream.codec import BitstreamError, EncoderConfig, ModeStats, chunk, decode_chunk, encode_chunk, rangecoder, syntax
 from palstream.codec.decoder import FLAG_INTRA_TRANSFORM, FLAG_PYRAMID, FLAG_QUARTER, FLAG_SHARP, HEADER
 from palstream.codec.syntax import STAT_LEAVES, STAT_PAL_ESCAPE
 from palstream.errors import ConfigError
@@ -534,6 +534,28 @@ def test_inverse_transform_undoes_the_forward_transform_at_step_one():
     assert (res == res[0, 0]).all() and res[0, 0] == 5  # orthonormal DC 10 * 4 = 40 over 8 samples
 
 
+def test_the_encoder_leaves_out_inter_sub_blocks_whose_few_levels_of_one_save_less_than_they_cost():
+    """An INTER sub-block whose only level is a lone 1 (an error of 0.9 steps) is not coded; nor
+    with four such; with five, with one error of 2 steps (a level of 2), or with four errors of 1.5
+    steps (levels of 1 that save more), it is."""
+    q4, step = 40, 10
+    inter = np.full((8, 8), 100, np.int32)
+    rounding = next(rnd[0] for q, rnd in chunk.LADDER if q == q4)  # the dead zone's offset, quarter levels
+
+    def pays(errors):
+        src = inter.astype(np.uint8).copy()
+        for (y, x), e in errors.items():
+            src[y, x] += e
+        return syntax._sub_block_pays(src, inter, 0, 0, 0, 0, 8, q4, rounding)
+
+    assert not pays({})
+    assert not pays({(3, 4): 9})
+    assert not pays({(0, 0): 9, (2, 5): 9, (5, 1): 9, (7, 7): 9})
+    assert syntax.SPARSE_LEVELS == 4 and pays({(0, 0): 9, (2, 5): 9, (5, 1): 9, (7, 7): 9, (4, 4): 9})
+    assert pays({(3, 4): 2 * step})
+    assert pays({(y, 2 * y): 15 for y in range(4)})
+
+
 def test_the_encoder_trims_trailing_levels_of_one_that_save_less_than_they_cost():
     """A residual of a strong DC and one high-frequency cosine: the dead zone alone codes the
     cosine, 0.9 of a step strong, as a lone level of 1 far down the zig-zag, which trimming drops
@@ -548,7 +570,7 @@ def test_the_encoder_trims_trailing_levels_of_one_that_save_less_than_they_cost(
         src = (pred + orthonormal.T @ spectrum @ orthonormal).round().astype(np.uint8)
         plain = syntax.transform_levels(src, pred, 0, 0, 0, 0, q4, levels, coef, 0.0)
         assert levels[0] == 8 and plain == 28 and abs(levels[28]) == round(strength)  # (0, 7) is zig-zag position 28
-        trimmed = syntax.transform_levels(src, pred, 0, 0, 0, 0, q4, levels, coef, syntax.TC_TRIM_LAMBDA)
+        trimmed = syntax.transform_levels(src, pred, 0, 0, 0, 0, q4, levels, coef, syntax.TRIM_LAMBDA)
         assert levels[0] == 8 and trimmed == (28 if kept else 0)
 
 

@@ -45,8 +45,8 @@ from palstream.codec.syntax import (
     SKIP,
     TC_ROUNDING,
     TC_SCALE,
-    TC_TRIM_LAMBDA,
     TRANSFORM,
+    TRIM_LAMBDA,
     VARIANT,
     _key_distance,
     chroma_motion,
@@ -1266,7 +1266,7 @@ def _cell_transform_cost(cur, pred, y0, x0, sy, sx, q4, lam, levels, coef, step,
             sse += d * d
     if sse < zero_bound:  # no coefficient can reach a level: no transform needed
         return sse + lam * 0.3
-    last = transform_levels(cur, pred, y0 + sy, x0 + sx, sy, sx, q4, levels, coef, TC_TRIM_LAMBDA)
+    last = transform_levels(cur, pred, y0 + sy, x0 + sx, sy, sx, q4, levels, coef, TRIM_LAMBDA)
     if last < 0:
         return sse + lam * 0.3
     bits = 5.0

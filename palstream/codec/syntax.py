@@ -460,6 +460,44 @@ def _sub_block_is_zero(src, rec, mode, variant, wm, inter, y0, x0, size, sy, sx,
     return True
 
 
+# encoder: a bit's worth in squared steps where levels of 1 are weighed against their bits
+# (``_trim_levels``, ``_sub_block_pays``); for the transform's trailing levels at fixed rungs 0.19
+# codes the corpus in 2.5 % fewer bytes at equal PSNR-Y, 0.13 and 0.26 in 2.1 and 2.5 % (3-D
+# animation at 45 dB +0.4 %; docs/codec.md "Trimming levels of 1")
+TRIM_LAMBDA = 0.19
+# encoder: an INTER sub-block whose levels are all 1 and no more than this many is coded only where
+# they pay (``_sub_block_pays``)
+SPARSE_LEVELS = 4
+
+
+@njit(cache=True, nogil=True)
+def _sub_block_pays(src, inter, y0, x0, sy, sx, sub, q4, rnd4):
+    """Encoder: whether to code the sub-block at (``sy``, ``sx``) of an INTER leaf without a
+    variant (prediction ``inter`` from (``y0``, ``x0``)). Not where every level is zero; where every
+    level is 1 and there are at most ``SPARSE_LEVELS``, only if the error they save is worth their
+    bits at ``TRIM_LAMBDA``: about 2 for the sub-block's flag, 0.1 for each zero level and 6 for each
+    level of 1 (its zero flag among zero neighbours, sign and magnitude). Such levels are mostly
+    noise, dear to code in an otherwise empty sub-block. (The analysis prices them as coded.)"""
+    count = 0
+    saved = 0
+    for y in range(sy, sy + sub):
+        for x in range(sx, sx + sub):
+            e = abs(np.int64(src[y, x]) - np.int64(inter[y - y0, x - x0]))
+            k = abs(_level(e, q4, rnd4))
+            if k > 1:
+                return True
+            if k:
+                count += 1
+                r = e - dequantise(1, q4)
+                saved += e * e - r * r
+    if count == 0:
+        return False
+    if count > SPARSE_LEVELS:
+        return True
+    step = q4 / 4.0
+    return saved >= TRIM_LAMBDA * step * step * (2.0 + 0.1 * (sub * sub - count) + 6.0 * count)
+
+
 @njit(cache=True, nogil=True)
 def code_residual_block(
     enc, st, buf, probs, src, rec, ref, ref2, kmap, kprev, y0, x0, size, q4, rounding, mode, variant, plane_class, mot, dc,
@@ -501,7 +539,9 @@ def code_residual_block(
                 if sy > 0 and kmap[sy - 1, sx + i] != 0:
                     nzt = 1
             coded = 1
-            if enc:
+            if enc and mode == INTER and variant == 0:
+                coded = 1 if _sub_block_pays(src, inter, y0, x0, sy, sx, sub, q4, rounding[0]) else 0
+            elif enc:
                 coded = 0 if _sub_block_is_zero(src, rec, mode, variant, wm, inter, y0, x0, size, sy, sx, sub, q4, rounding[0]) else 1
             coded = code_bit(enc, st, buf, probs, CTX_RES_CODED + cls * 3 + nzl + nzt, coded)
             if not coded and mode == INTER and variant == 0:  # the prediction as it stands
@@ -571,10 +611,6 @@ ZIGZAG = _zigzag(8)
 TC_BAND = np.array([0] + [1] * 2 + [2] * 3 + [3] * 4 + [4] * 5 + [5] * 13 + [6] * 36, np.int64)
 TC_SCALE = 4  # a level is worth TC_SCALE * q4 coefficient units: the orthonormal step is the spatial step q4/4
 TC_ROUNDING = 11  # encoder: levels round toward zero by this many 64ths of a step (HEVC's inter dead zone, 1/6)
-# encoder: a bit's worth in squared steps when trailing levels of 1 are weighed (``_trim_levels``);
-# at fixed rungs 0.19 codes the corpus in 2.5 % fewer bytes at equal PSNR-Y, 0.13 and 0.26 in 2.1 and
-# 2.5 % (3-D animation at 45 dB +0.4 %; docs/codec.md "Trailing-level trimming")
-TC_TRIM_LAMBDA = 0.19
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -604,7 +640,7 @@ def transform_levels(src, inter, sy, sx, py, px, q4, levels, coef, trim):
     ``src`` less its prediction, ``inter`` from (``py``, ``px``); returns the last non-zero
     position, -1 if none. ``coef`` receives the forward transform (zig-zag order, 2^11 times the
     inverse's coefficient units). ``trim``: a bit's worth in squared steps for ``_trim_levels``
-    (``TC_TRIM_LAMBDA``; 0: the dead zone alone). The passes run through ``coef`` and ``levels``
+    (``TRIM_LAMBDA``; 0: the dead zone alone). The passes run through ``coef`` and ``levels``
     themselves (the analysis calls this for every cell it prices: three allocated 8x8 arrays cost 17 %)."""
     for x in range(8):  # columns, into coef[8u + x]
         c = _dct8(np.int64(src[sy, sx + x]) - np.int64(inter[py, px + x]),
@@ -727,7 +763,7 @@ def code_transform_block(enc, st, buf, probs, src, rec, kmap, inter, y0, x0, siz
                     nzt = 1
             if intra:
                 intra_planar(rec, sy, sx, inter, sy - y0, sx - x0)
-            last = transform_levels(src, inter, sy, sx, sy - y0, sx - x0, q4, levels, coef, TC_TRIM_LAMBDA) if enc else -1
+            last = transform_levels(src, inter, sy, sx, sy - y0, sx - x0, q4, levels, coef, TRIM_LAMBDA) if enc else -1
             if not code_bit(enc, st, buf, probs, ctx + CTX_TC_CODED + nzl + nzt, 1 if last >= 0 else 0):
                 rec[sy:sy + 8, sx:sx + 8] = inter[sy - y0:sy - y0 + 8, sx - x0:sx - x0 + 8]
                 kmap[sy:sy + 8, sx:sx + 8] = 0
