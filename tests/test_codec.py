@@ -10,7 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from palstream.codec import BitstreamError, EncoderConfig, ModeStats, chunk, decode_chunk, encode_chunk, rangecoder, syntax
+from palstream.codec import (
+    BitstreamError,
+    EncoderConfig,
+    ModeStats,
+    chunk,
+    decode_chunk,
+    encode_chunk,
+    rangecoder,
+    syntax,
+)
 from palstream.codec.decoder import FLAG_INTRA_TRANSFORM, FLAG_PYRAMID, FLAG_QUARTER, FLAG_SHARP, HEADER
 from palstream.codec.syntax import STAT_LEAVES, STAT_PAL_ESCAPE
 from palstream.errors import ConfigError
