@@ -539,7 +539,7 @@ def code_residual_block(
                 if sy > 0 and kmap[sy - 1, sx + i] != 0:
                     nzt = 1
             coded = 1
-            if enc and mode == INTER and variant == 0:
+            if enc and mode == INTER and variant == 0 and q4 > 4:  # step 1 codes every level: lossless
                 coded = 1 if _sub_block_pays(src, inter, y0, x0, sy, sx, sub, q4, rounding[0]) else 0
             elif enc:
                 coded = 0 if _sub_block_is_zero(src, rec, mode, variant, wm, inter, y0, x0, size, sy, sx, sub, q4, rounding[0]) else 1
