@@ -555,7 +555,8 @@ def test_the_encoder_leaves_out_inter_sub_blocks_whose_few_levels_of_one_save_le
         src = inter.astype(np.uint8).copy()
         for (y, x), e in errors.items():
             src[y, x] += e
-        return syntax._sub_block_pays(src, inter, 0, 0, 0, 0, 8, q4, rounding)
+        rec = np.zeros((8, 8), np.uint8)
+        return syntax._sub_block_pays(src, rec, syntax.INTER, 0, 0, inter, 0, 0, 8, 0, 0, 8, q4, rounding)
 
     assert not pays({})
     assert not pays({(3, 4): 9})

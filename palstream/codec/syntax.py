@@ -203,7 +203,7 @@ def _average4(rec, y, x, y0, x0, size, sy, sx, sub):
 def _average4_call(rec, y, x, y0, x0, size, sy, sx, sub):
     """``_average4`` as a call: inlined into the per-sample loop it made the common path slower.
 
-    The prediction is written out in both per-sample loops (``_sub_block_is_zero``,
+    The prediction is written out in both per-sample loops (``_sub_block_pays``,
     ``code_residual_block``): factored into one inlined helper, rocket decoding fell from
     113-117 to 82-83 fps (measured)."""
     return _average4(rec, y, x, y0, x0, size, sy, sx, sub)
@@ -439,27 +439,6 @@ def dequantise(k, q4):
     return -m if k < 0 else m
 
 
-@njit(cache=True, nogil=True)
-def _sub_block_is_zero(src, rec, mode, variant, wm, inter, y0, x0, size, sy, sx, sub, q4, rnd4):
-    """Encoder: would every level of this sub-block quantise to zero (rounding ``rnd4``)? Writes the tentative
-    zero-level reconstruction into ``rec``; coding the sub-block afterwards overwrites it in
-    the same raster order, so no sample is used before its final value is written."""
-    for y in range(sy, sy + sub):
-        for x in range(sx, sx + sub):
-            if mode == INTER:
-                pred = np.int64(inter[y - y0, x - x0])
-                if variant:
-                    pred = ((4 - wm) * pred + wm * _med(rec, y, x) + 2) >> 2
-            elif variant:
-                pred = _average4_call(rec, y, x, y0, x0, size, sy, sx, sub)
-            else:
-                pred = _med(rec, y, x)
-            if _level(np.int64(src[y, x]) - pred, q4, rnd4) != 0:
-                return False
-            rec[y, x] = pred
-    return True
-
-
 # encoder: a bit's worth in squared steps where levels of 1 are weighed against their bits
 # (``_trim_levels``, ``_sub_block_pays``); for the transform's trailing levels at fixed rungs 0.19
 # codes the corpus in 2.5 % fewer bytes at equal PSNR-Y, 0.13 and 0.26 in 2.1 and 2.5 % (3-D
@@ -471,25 +450,38 @@ SPARSE_LEVELS = 4
 
 
 @njit(cache=True, nogil=True)
-def _sub_block_pays(src, inter, y0, x0, sy, sx, sub, q4, rnd4):
-    """Encoder: whether to code the sub-block at (``sy``, ``sx``) of an INTER leaf without a
-    variant (prediction ``inter`` from (``y0``, ``x0``)). Not where every level is zero; where every
-    level is 1 and there are at most ``SPARSE_LEVELS``, only if the error they save is worth their
-    bits at ``TRIM_LAMBDA``: about 2 for the sub-block's flag, 0.1 for each zero level and 6 for each
-    level of 1 (its zero flag among zero neighbours, sign and magnitude). Such levels are mostly
-    noise, dear to code in an otherwise empty sub-block. (The analysis prices them as coded.)"""
+def _sub_block_pays(src, rec, mode, variant, wm, inter, y0, x0, size, sy, sx, sub, q4, rnd4):
+    """Encoder: whether to code this sub-block: not where every level quantises to zero (rounding
+    ``rnd4``). Above step 1, an INTER sub-block without a variant whose levels are all 1 and at most
+    ``SPARSE_LEVELS`` is coded only if the error they save is worth their bits at ``TRIM_LAMBDA``:
+    about 2 for the sub-block's flag, 0.1 for each zero level and 6 for each level of 1 (its zero
+    flag among zero neighbours, sign and magnitude). Such levels are mostly noise, dear to code in an
+    otherwise empty sub-block (the analysis prices them as coded); INTRA and the variants predict from
+    the samples as they are decoded, so leaving levels out would change the rest of the sub-block.
+    Writes the tentative zero-level reconstruction into ``rec``; coding the sub-block afterwards
+    overwrites it in the same raster order, so no sample is used before its final value is written."""
+    sparse = mode == INTER and variant == 0 and q4 > 4
     count = 0
     saved = 0
     for y in range(sy, sy + sub):
         for x in range(sx, sx + sub):
-            e = abs(np.int64(src[y, x]) - np.int64(inter[y - y0, x - x0]))
+            if mode == INTER:
+                pred = np.int64(inter[y - y0, x - x0])
+                if variant:
+                    pred = ((4 - wm) * pred + wm * _med(rec, y, x) + 2) >> 2
+            elif variant:
+                pred = _average4_call(rec, y, x, y0, x0, size, sy, sx, sub)
+            else:
+                pred = _med(rec, y, x)
+            e = abs(np.int64(src[y, x]) - pred)
             k = abs(_level(e, q4, rnd4))
-            if k > 1:
+            if k > 1 or (k and not sparse):
                 return True
             if k:
                 count += 1
                 r = e - dequantise(1, q4)
                 saved += e * e - r * r
+            rec[y, x] = pred
     if count == 0:
         return False
     if count > SPARSE_LEVELS:
@@ -539,10 +531,8 @@ def code_residual_block(
                 if sy > 0 and kmap[sy - 1, sx + i] != 0:
                     nzt = 1
             coded = 1
-            if enc and mode == INTER and variant == 0 and q4 > 4:  # step 1 codes every level: lossless
-                coded = 1 if _sub_block_pays(src, inter, y0, x0, sy, sx, sub, q4, rounding[0]) else 0
-            elif enc:
-                coded = 0 if _sub_block_is_zero(src, rec, mode, variant, wm, inter, y0, x0, size, sy, sx, sub, q4, rounding[0]) else 1
+            if enc:
+                coded = 1 if _sub_block_pays(src, rec, mode, variant, wm, inter, y0, x0, size, sy, sx, sub, q4, rounding[0]) else 0
             coded = code_bit(enc, st, buf, probs, CTX_RES_CODED + cls * 3 + nzl + nzt, coded)
             if not coded and mode == INTER and variant == 0:  # the prediction as it stands
                 rec[sy:sy + sub, sx:sx + sub] = inter[sy - y0:sy - y0 + sub, sx - x0:sx - x0 + sub]
