@@ -21,6 +21,7 @@ from palstream.codec.decoder import (
     FLAG_LOSSLESS,
     FLAG_PYRAMID,
     FLAG_QUARTER,
+    FLAG_SAO,
     FLAG_SHARP,
     HEADER,
     LEVEL_STEP,
@@ -199,11 +200,12 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, o
         )
         analysis.decide(src, ref, ref2, f > 0, ref2_scale, field[f], pricing, tuple(p[f] for p in proposals),
                         analysis.palette_coder(probs, predictors, src, f == 0), decisions)
+        return rd_lambda
 
     recon = tuple(np.zeros_like(p) for p in padded)
     capacity = padded[0].size * 3 + 4096
     esc_tol = int(_rd_lambda(q4, config) * analysis.ESCAPE_BITS)  # 0 when lossless: every inexact sample escapes, exactly
-    coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol, interp, q4 > 4)
+    coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol, interp, q4 > 4, q4 > 4)
     while True:
         buf = np.zeros(capacity, np.uint8)
         stats[...] = 0  # a retry into a larger buffer codes every leaf again
@@ -527,7 +529,7 @@ def encode_chunk(frames: Frames, config: EncoderConfig, generator=None, modes: M
                 body, mse = encode_at(0, t, replace(config, lossless=True))
     q4 = LADDER[rung][0]
     flags = ((FLAG_LOSSLESS if exact else 0) | (FLAG_PYRAMID if pyramid else 0) | (FLAG_SHARP if sharp else 0) | (FLAG_QUARTER if quarter else 0)
-             | (FLAG_INTRA_TRANSFORM if q4 > 4 else 0))
+             | (FLAG_INTRA_TRANSFORM | FLAG_SAO if q4 > 4 else 0))
     header = HEADER.pack(MAGIC, VERSION, flags, t, w, h, q4, config.min_block, config.max_block, 0, len(body))
     payload = header + body
     if modes is not None:

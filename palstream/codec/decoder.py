@@ -12,24 +12,25 @@ from typing import NamedTuple
 
 import numpy as np
 
-from palstream.codec import rangecoder, syntax
+from palstream.codec import rangecoder, sao, syntax
 from palstream.codec.modes import ModeStats
 from palstream.errors import ArchiveError
 from palstream.frames import Frames
 
 MAGIC = b"PSC1"
-VERSION = 10  # what the encoder writes
-# version 9 is version 10 without FLAG_QUARTER, 8 is 9 without FLAG_INTRA_TRANSFORM, 7 is 8 without FLAG_SHARP (bilinear half-pel motion only), 6 is 7 without
+VERSION = 11  # what the encoder writes
+# version 10 is version 11 without FLAG_SAO, 9 is 10 without FLAG_QUARTER, 8 is 9 without FLAG_INTRA_TRANSFORM, 7 is 8 without FLAG_SHARP (bilinear half-pel motion only), 6 is 7 without
 # FLAG_PYRAMID (display order only), 5 is 6 with the second reference always 2 frames back and
 # one step for every frame, 4 is 5 without escapes, 3 is 4 without the transform flag
 # (storage/BITSTREAM.md)
-READABLE = (3, 4, 5, 6, 7, 8, 9, 10)
+READABLE = (3, 4, 5, 6, 7, 8, 9, 10, 11)
 HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width, height, step*4, min, max, 0, body bytes
 FLAG_LOSSLESS = 1
 FLAG_PYRAMID = 2  # version 7: frames in coding_order's pyramid, predicted from past and future ones
 FLAG_SHARP = 4  # versions 8-10: half-pel motion by syntax.SHARP's filter, not bilinear
 FLAG_INTRA_TRANSFORM = 8  # versions 9-10: INTRA leaves may transform-code their luma (syntax.intra_planar)
-FLAG_QUARTER = 16  # version 10: motion vectors in quarter-pels (syntax.INTERP_QUARTER)
+FLAG_QUARTER = 16  # versions 10-11: motion vectors in quarter-pels (syntax.INTERP_QUARTER)
+FLAG_SAO = 32  # version 11: each frame's luma filtered by sample adaptive offsets (sao.py)
 MAX_DIMENSION = 16384
 MAX_FRAMES = 1024
 MAX_CHUNK_SAMPLES = 1 << 31  # decoded samples of one chunk (2 GiB): a larger header is a lie or an error
@@ -150,8 +151,9 @@ def code_frames(enc, buf, planes, recon, coding, order, decide=None, emit=None, 
 
     The encoder passes ``planes`` (the source), ``recon`` with a slot for every frame, and
     ``decide(f, src, ref, ref2, ref2_scale, coding, decisions, probs, predictors)``, which fills the
-    ``syntax.Decisions`` of frame ``f`` coded with ``coding`` and may price its choices at the
-    coder's probabilities and palette predictors; in display order, ``distances[f]`` is frame f's
+    ``syntax.Decisions`` of frame ``f`` coded with ``coding``, may price its choices at the
+    coder's probabilities and palette predictors, and returns the RD lambda it priced them at (the
+    loop filter's choice takes it too); in display order, ``distances[f]`` is frame f's
     second-reference distance. The decoder passes ``recon`` with at least ``SLOTS`` slots (3 for
     versions 3-5), used in turn, and receives each frame through ``emit(f, rec)`` once it is
     complete; it stops at the first frame that reads past the end of the body. Planes travel as
@@ -173,6 +175,8 @@ def code_frames(enc, buf, planes, recon, coding, order, decide=None, emit=None, 
     predictors = (np.zeros(syntax.MAX_PAL, np.int64), np.zeros(1, np.int64), np.zeros(syntax.MAX_PAL, np.int64),
                   np.zeros(1, np.int64))
     used = set()
+    sao_pre = np.zeros((h, w), np.uint8)  # a frame's luma before its offsets, which classify its samples
+    sao_params = np.zeros((-(-h // syntax.CTU), -(-w // syntax.CTU), sao.SAO_FIELDS), np.int64)
     for step in order:
         f = step.f
         rec = tuple(p[slot[f]] for p in recon)
@@ -189,12 +193,15 @@ def code_frames(enc, buf, planes, recon, coding, order, decide=None, emit=None, 
         ref2 = tuple(p[slot[ref2_f]] for p in recon) if ref2_f >= 0 else ref
         scale = scale if ref2_f >= 0 else 0
         frame = frame_coding(coding, step.level)
+        lam = 0.0
         if decide is not None:
-            decide(f, src, ref, ref2, scale, frame, decisions, probs, predictors)
+            lam = decide(f, src, ref, ref2, scale, frame, decisions, probs, predictors)
         syntax.code_frame(
             enc, st, buf, probs, src, rec, ref, ref2, levels, prev_levels, step.ref < 0, scale, frame, decisions, predictors,
             stats,
         )
+        if coding.sao:
+            sao.code_sao(enc, st, buf, probs, src[0], rec[0], sao_pre, lam, sao_params, stats)
         if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:
             break
         levels, prev_levels = prev_levels, levels
@@ -245,7 +252,8 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None, m
         et, eh, ew = expected
         raise BitstreamError(f"header declares {t} frames of {w}x{h}, the archive {et} frames of {ew}x{eh}")
     known = (FLAG_LOSSLESS | (FLAG_PYRAMID if version >= 7 else 0) | (FLAG_SHARP if version >= 8 else 0)
-             | (FLAG_INTRA_TRANSFORM if version >= 9 else 0) | (FLAG_QUARTER if version >= 10 else 0))
+             | (FLAG_INTRA_TRANSFORM if version >= 9 else 0) | (FLAG_QUARTER if version >= 10 else 0)
+             | (FLAG_SAO if version >= 11 else 0))
     if flags & ~known or reserved:
         raise BitstreamError(f"unknown header flags {flags:#x} / reserved byte {reserved}: written by a newer palstream?")
     if q4 < 4 or min_block not in (8, 16, 32, 64) or max_block not in (8, 16, 32, 64) or min_block > max_block:
@@ -276,7 +284,7 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None, m
         False, buf, None, recon, syntax.Coding(q4, (0,) * 5, min_block, max_block, version >= 4 and q4 > 4, version >= 5, 0,
                                                 (syntax.INTERP_SHARP if flags & FLAG_SHARP else 0)
                                                 | (syntax.INTERP_QUARTER if flags & FLAG_QUARTER else 0),
-                                                bool(flags & FLAG_INTRA_TRANSFORM) and q4 > 4),
+                                                bool(flags & FLAG_INTRA_TRANSFORM) and q4 > 4, bool(flags & FLAG_SAO) and q4 > 4),
         coding_order(t, version, bool(flags & FLAG_PYRAMID)), emit=emit, stats=stats,
     )
     if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:

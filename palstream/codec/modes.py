@@ -3,7 +3,7 @@
 ``code_frame`` adds every coded leaf to a small float64 array when asked (rows ``syntax.STAT_*``:
 leaves, luma pixels and bits by mode, PALETTE leaves by palette size, those with escape samples
 and, when encoding, by where the luma palette came from and what the analysis estimated they would
-cost). A leaf's bits are measured from the range coder's state at its
+cost), and the bits of the frames' sample offsets (bitstream 11). A leaf's bits are measured from the range coder's state at its
 start and end (``rangecoder.bits_consumed``), so they are fractional and, over a chunk, add up to
 its body less the coder's final flush. Areas count the padded frame (a multiple of 64 luma pixels
 each way), as the syntax codes it.
@@ -27,6 +27,7 @@ from palstream.codec.syntax import (
     STAT_PAL_SOURCE,
     STAT_PAL_Y,
     STAT_ROWS,
+    STAT_SAO,
     STAT_TRANSFORM,
     STAT_TREE,
 )
@@ -75,7 +76,7 @@ class ModeStats:
 
     @property
     def bits(self) -> float:
-        return float(self.counts[:4, STAT_BITS].sum() + self.counts[STAT_TREE, STAT_BITS])
+        return float(self.counts[:4, STAT_BITS].sum() + self.counts[STAT_TREE, STAT_BITS] + self.counts[STAT_SAO, STAT_BITS])
 
     def _entry(self, row: int) -> dict:
         leaves, area, bits = (float(self.counts[row, c]) for c in (STAT_LEAVES, STAT_AREA, STAT_BITS))
@@ -86,6 +87,10 @@ class ModeStats:
             "area_share": area / self.area if self.area else 0.0,
             "bits_share": bits / self.bits if self.bits else 0.0,
         }
+
+    def _bits_entry(self, row: int) -> dict:
+        bits = float(self.counts[row, STAT_BITS])
+        return {"bits": round(bits, 1), "bits_share": bits / self.bits if self.bits else 0.0}
 
     def to_dict(self) -> dict:
         """Plain JSON: per mode, per palette size bucket (luma, chroma) and, from the encoder, per
@@ -99,8 +104,8 @@ class ModeStats:
             "modes": {name: self._entry(row) for row, name in enumerate(MODES)},
             "inter_transform": self._entry(STAT_TRANSFORM),
             "intra_transform": self._entry(STAT_INTRA_TRANSFORM),
-            "quadtree": {"bits": round(float(self.counts[STAT_TREE, STAT_BITS]), 1),
-                         "bits_share": self.counts[STAT_TREE, STAT_BITS] / self.bits if self.bits else 0.0},
+            "quadtree": self._bits_entry(STAT_TREE),
+            "sample_offsets": self._bits_entry(STAT_SAO),
             "palette_luma_sizes": {name: self._entry(STAT_PAL_Y + i) for i, name in enumerate(SIZE_BUCKETS)},
             "palette_chroma_sizes": {name: self._entry(STAT_PAL_C + i) for i, name in enumerate(SIZE_BUCKETS)},
             "palette_escapes": self._entry(STAT_PAL_ESCAPE),
@@ -132,6 +137,6 @@ class ModeStats:
         if self.sources:
             for i, name in enumerate(SOURCES):
                 row(f"  palette {name}", STAT_PAL_SOURCE + i)
-        tree = self.counts[STAT_TREE, STAT_BITS]
-        lines.append(f"{'quadtree splits':<22}{'':>10}{'':>9}{100 * tree / max(self.bits, 1):>9.1f}")
+        for label, r in (("quadtree splits", STAT_TREE), ("sample offsets", STAT_SAO)):
+            lines.append(f"{label:<22}{'':>10}{'':>9}{100 * self.counts[r, STAT_BITS] / max(self.bits, 1):>9.1f}")
         return lines

@@ -93,9 +93,9 @@ _registered = False
 
 
 def _kernel_modules() -> tuple:
-    from palstream.codec import analysis, prefilter, rangecoder, syntax
+    from palstream.codec import analysis, prefilter, rangecoder, sao, syntax
 
-    return analysis, prefilter, rangecoder, syntax
+    return analysis, prefilter, rangecoder, sao, syntax
 
 
 def announce_if_cold() -> None:
@@ -112,7 +112,7 @@ def stamp_kernels_with_every_source() -> None:
     prediction, the syntax the range coder's): after a change to ``syntax.py`` alone, the cached
     analysis would go on pricing the old prediction, and after one to ``rangecoder.py`` alone the
     cached frame syntax would code with the old coder. Each kernel's stamp becomes one hash of
-    all four files (numba's cache file's ``_source_stamp``, internal: checked against the entry
+    all five files (numba's cache file's ``_source_stamp``, internal: checked against the entry
     when loading, written with it when saving). Call once the kernels are defined, before any runs.
     """
     modules = _kernel_modules()

@@ -45,7 +45,7 @@ CELL_FIELDS = 8
 # encoder's luma palette came from (exact clusters or the generator's proposal; encoder only), and
 # the INTER leaves whose luma is transform-coded, the PALETTE leaves with escape samples, (encoder
 # only) the analysis' estimate of the PALETTE leaves' bits, to set against what they wrote, and the
-# INTRA leaves whose luma is transform-coded (bitstream 9).
+# INTRA leaves whose luma is transform-coded (bitstream 9); then the frames' loop-filter offsets.
 STAT_TREE = 4
 STAT_PAL_Y = 5  # + size bucket: 1, 2-4, 5-16, 17-64 entries
 STAT_PAL_C = 9
@@ -54,7 +54,8 @@ STAT_TRANSFORM = 15
 STAT_PAL_ESCAPE = 16
 STAT_PAL_ESTIMATE = 17
 STAT_INTRA_TRANSFORM = 18
-STAT_ROWS = 19
+STAT_SAO = 19  # bitstream 11's sample adaptive offsets, after each frame's leaves (bits only; sao.py)
+STAT_ROWS = 20
 STAT_LEAVES, STAT_AREA, STAT_BITS = range(3)  # columns: leaves, luma pixels, bits
 
 
@@ -98,6 +99,7 @@ class Coding(NamedTuple):
     esc_tol: int  # encoder: squared error above which a palette sample is coded as an escape
     interp: int  # motion interpolation: INTERP_SHARP (bitstream 8's FLAG_SHARP) | INTERP_QUARTER (bitstream 10's FLAG_QUARTER)
     intra_transform: bool  # INTRA leaves carry a transform flag (bitstream 9's FLAG_INTRA_TRANSFORM)
+    sao: bool  # frames end with their luma's sample adaptive offsets (bitstream 11's FLAG_SAO; sao.py)
 
 
 class _Contexts:
@@ -157,6 +159,11 @@ CTX_ALONE = _c(1)  # a future second reference used alone (bitstream 7's pyramid
 # CTX_TC_* groups above, at this offset from them (an intra residual's spectrum is not an inter one's)
 CTX_INTRA_TRANSFORM = _c(3)  # by neighbours using it
 TC_INTRA = _c(CTX_TC_MAG + 3 * 3 * UEG_CONTEXTS - CTX_TC_CODED) - CTX_TC_CODED
+# bitstream 11's sample adaptive offset (sao.py)
+CTX_SAO_MERGE = _c(2)  # with the left CTU's params, with the above one's
+CTX_SAO_ON = _c(1)
+CTX_SAO_BAND = _c(1)  # band offsets rather than edge offsets
+CTX_SAO_MAG = _c(5 * 7)  # truncated unary bins of an offset's magnitude: by edge class (4), or band offsets (1)
 N_CONTEXTS = _Contexts.n
 
 

@@ -31,11 +31,12 @@ VECTORS = {
     "screen_37x29_lossless": (DATA / "screen_37x29.mkv", 6, {"lossless": True}),
     "screen_37x29_psnr45": (DATA / "screen_37x29.mkv", 6, {"target_psnr": 45.0}),
     "mandel_48x32_psnr50": (DATA / "batch_mandel_48x32.mkv", 8, {"target_psnr": 50.0}),
-    # bitstream 7: the encoder codes these 8 frames as a pyramid (past and future references); at
-    # 35 dB until bitstream 8, at 42 dB since bitstream 9 (its INTRA transform moved the choice)
-    "mandel_48x32_psnr42_pyramid": (DATA / "batch_mandel_48x32.mkv", 8, {"target_psnr": 42.0, "pyramid": True}),
+    # bitstream 7: the encoder codes these frames as a pyramid (past and future references): the
+    # fractal at 35 dB until bitstream 8, at 42 dB on bitstreams 9-10 (the INTRA transform moved the
+    # choice); since bitstream 11 (whose offsets moved it again) 3-D animation, with quarter-pels and the sharp filter
+    "anim3d_64x48_psnr40_pyramid": (DATA / "anim3d_64x48.mkv", 6, {"target_psnr": 40.0, "pyramid": True}),
     # bitstream 8: the encoder predicts this clip's half-pel motion with the sharp filter; since
-    # bitstream 10 with quarter-pel vectors too
+    # bitstream 10 with quarter-pel vectors too; every lossy vector since bitstream 11 with sample offsets
     "anim3d_64x48_psnr40_sharp": (DATA / "anim3d_64x48.mkv", 6, {"target_psnr": 40.0}),
     "demo_640x360_psnr45": (DEMO, 4, {"target_psnr": 45.0}),
     "single_frame_37x29_psnr35": (DATA / "screen_37x29.mkv", 1, {"target_psnr": 35.0}),
