@@ -27,8 +27,8 @@ READABLE = (3, 4, 5, 6, 7, 8, 9, 10, 11)
 HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width, height, step*4, min, max, 0, body bytes
 FLAG_LOSSLESS = 1
 FLAG_PYRAMID = 2  # version 7: frames in coding_order's pyramid, predicted from past and future ones
-FLAG_SHARP = 4  # versions 8-10: half-pel motion by syntax.SHARP's filter, not bilinear
-FLAG_INTRA_TRANSFORM = 8  # versions 9-10: INTRA leaves may transform-code their luma (syntax.intra_planar)
+FLAG_SHARP = 4  # versions 8-11: half-pel motion by syntax.SHARP's filter, not bilinear
+FLAG_INTRA_TRANSFORM = 8  # versions 9-11: INTRA leaves may transform-code their luma (syntax.intra_planar)
 FLAG_QUARTER = 16  # versions 10-11: motion vectors in quarter-pels (syntax.INTERP_QUARTER)
 FLAG_SAO = 32  # version 11: each frame's luma filtered by sample adaptive offsets (sao.py)
 MAX_DIMENSION = 16384
@@ -52,8 +52,8 @@ NO_STATS = np.zeros((0, 3))  # ``code_frame`` counts nothing: same type as a sta
 # future references, with the same levels.
 LEVEL_STEP = (64, 72, 81)  # a frame's step in 64ths of the chunk's, by its level
 MAX_REF2 = 4  # frames back that a second reference may be (display order)
-SLOTS = MAX_REF2 + 1  # reconstructed frames a decoder keeps (versions 6-9; 3 for versions 3-5)
-CODED = -2  # a second reference whose distance the frame header codes (display order, versions 6-9)
+SLOTS = MAX_REF2 + 1  # reconstructed frames a decoder keeps (versions 6 and later; 3 for versions 3-5)
+CODED = -2  # a second reference whose distance the frame header codes (display order, versions 6 and later)
 
 
 class Step(NamedTuple):
@@ -97,7 +97,7 @@ def _pyramid(t: int) -> list[Step]:
 
 def coding_order(t: int, version: int, pyramid: bool) -> list[Step]:
     """The frames of a ``t``-frame chunk in coding order, with their references (storage/BITSTREAM.md
-    5.0): display order for versions 3-5 (second reference 2 back, one step) and for versions 6-9
+    5.0): display order for versions 3-5 (second reference 2 back, one step) and for versions 6 and later
     chunks without ``FLAG_PYRAMID`` (layered, coded second-reference distances); ``_pyramid``."""
     if pyramid:
         return _pyramid(t)
@@ -125,7 +125,7 @@ def _slots(order: list[Step], n: int) -> dict[int, int]:
 
 
 def frame_coding(coding: syntax.Coding, level: int) -> syntax.Coding:
-    """A frame's coding at ``level`` in a layered (version 6-9) chunk: the step of its level, the
+    """A frame's coding at ``level`` in a layered (version 6 and later) chunk: the step of its level, the
     encoder's rounding offsets and escape tolerance scaled with it. Lossless chunks (step 1) keep one step."""
     if coding.q4 <= 4:
         return coding

@@ -54,7 +54,8 @@ def _edge_class_at(pre, y, x, d, h, w):
 
 @njit(cache=True, nogil=True, inline="always")
 def _offset_bits(o):
-    """The encoder's estimate of an offset's bits: its truncated unary magnitude (a band offset's sign besides)."""
+    """The encoder's estimate of an offset's bits: its truncated unary magnitude (``_choose`` adds a
+    band offset's sign)."""
     return abs(o) + (1 if abs(o) < MAX_OFFSET else 0)
 
 
