@@ -138,11 +138,11 @@ def test_header_fields_out_of_range_are_errors(camera, field, value):
 
 def test_a_flag_is_refused_where_the_version_has_none(camera):
     """The pyramid flag is version 7's, the sharp filter's version 8's, the INTRA transform's
-    version 9's, quarter-pel vectors' version 10's and the offsets' version 11's: a header of an older version that sets one, or a version-11 header with a flag no
-    version defines, is refused before decoding, not decoded in the wrong order or with the wrong
+    version 9's, quarter-pel vectors' version 10's and the offsets' version 11's: a header of an older
+    version that sets one, or a header of version 11 or 12 with a flag no version defines, is refused before decoding, not decoded in the wrong order or with the wrong
     filter or syntax."""
     payload = bytearray(encode_chunk(camera[:3], EncoderConfig(target_psnr=40.0)).payload)
-    for version, flags in ((6, FLAG_PYRAMID), (7, FLAG_SHARP), (8, FLAG_INTRA_TRANSFORM), (9, FLAG_QUARTER), (10, FLAG_SAO), (11, 64)):
+    for version, flags in ((6, FLAG_PYRAMID), (7, FLAG_SHARP), (8, FLAG_INTRA_TRANSFORM), (9, FLAG_QUARTER), (10, FLAG_SAO), (11, 64), (12, 64)):
         payload[4], payload[5] = version, flags
         with pytest.raises(BitstreamError, match="flags"):
             decode_chunk(bytes(payload))
@@ -188,6 +188,69 @@ def test_range_coder_round_trips_bits_under_contexts():
     rangecoder.start_decoding(st, buf[:size].copy())
     decoded = [rangecoder.code_bit(False, st, buf, probs, c, 0) for c in ctxs]
     assert decoded == bits.tolist()
+
+
+def _palette_sequence(runs: bool, seed: int):
+    """Code 300 random palettes against the running predictor list, encode then decode; returns
+    both sides' palettes, the payload size and the predictor list at the end of each side."""
+    rng = np.random.default_rng(seed)
+    palettes = []
+    recent: list[int] = []  # the predictor list as the codec keeps it: the last palette first
+    for i in range(300):  # mostly one-entry fills of a recent level (as on cartoons), every 5th palette 1..8 new levels
+        if i % 5 and recent:
+            pal = [recent[min(int(rng.geometric(0.2)) - 1, len(recent) - 1)]]
+        else:
+            pal = rng.integers(0, 256, size=int(rng.integers(1, 9))).tolist()
+        pal = sorted(set(pal))
+        recent = (pal + [k for k in recent if k not in pal])[: syntax.MAX_PAL]
+        palettes.append(np.array(pal, np.int64))
+    buf = np.zeros(1 << 16, np.uint8)
+    sides = []
+    for enc in (True, False):
+        st, probs = rangecoder.new_state(), rangecoder.new_probs(syntax.N_CONTEXTS)
+        if not enc:
+            rangecoder.start_decoding(st, buf)
+        pred, npred = np.zeros(syntax.MAX_PAL, np.int64), np.zeros(1, np.int64)
+        coded = []
+        for pal in palettes:
+            keys = np.zeros(syntax.MAX_PAL, np.int64)
+            keys[:len(pal)] = pal
+            n = syntax.code_palette(enc, st, buf, probs, keys, len(pal) if enc else 0, pred, npred, False, runs)
+            coded.append(keys[:n].copy())
+        size = rangecoder.flush(st, buf) if enc else 0
+        sides.append((coded, size, pred[:npred[0]].copy()))
+    (enc_coded, size, enc_pred), (dec_coded, _, dec_pred) = sides
+    return palettes, enc_coded, dec_coded, size, enc_pred, dec_pred
+
+
+def test_palettes_round_trip_as_reuse_flags_and_as_counts_and_gaps():
+    """Bitstream 12 names a palette's reused predictor entries by count and gaps, versions 3-11
+    by a flag each: both decode to the palettes and predictor lists the encoder had, and where most
+    palettes are one-entry fills reusing a recent entry (as on cartoons) the count and gaps write
+    fewer bytes."""
+    sizes = {}
+    for runs in (False, True):
+        palettes, enc_coded, dec_coded, sizes[runs], enc_pred, dec_pred = _palette_sequence(runs, seed=3)
+        for pal, a, b in zip(palettes, enc_coded, dec_coded):
+            assert a.tolist() == pal.tolist() and b.tolist() == pal.tolist()
+        assert enc_pred.tolist() == dec_pred.tolist()
+    assert sizes[True] < sizes[False]
+
+
+def test_damaged_reuse_gaps_stay_inside_the_predictor_list():
+    """Random bytes read as counts and gaps take only entries of the list (a gap past its end stops
+    the palette), so decoding damaged palettes never reads outside it."""
+    rng = np.random.default_rng(5)
+    for trial in range(20):
+        buf = rng.integers(0, 256, size=4096).astype(np.uint8)
+        st, probs = rangecoder.new_state(), rangecoder.new_probs(syntax.N_CONTEXTS)
+        rangecoder.start_decoding(st, buf)
+        pred, npred = np.arange(10, 10 + 20, dtype=np.int64), np.array([20], np.int64)
+        pred = np.concatenate([pred, np.zeros(syntax.MAX_PAL - 20, np.int64)])
+        for _ in range(50):
+            keys = np.zeros(syntax.MAX_PAL, np.int64)
+            n = syntax.code_palette(False, st, buf, probs, keys, 0, pred, npred, trial % 2 == 0, True)
+            assert 0 <= n <= syntax.MAX_PAL and 0 <= npred[0] <= syntax.MAX_PAL
 
 
 def test_absurd_declared_size_is_refused_before_allocating(camera):

@@ -27,8 +27,9 @@ from palstream.codec.syntax import (
     CTX_PAL_DELTA,
     CTX_PAL_ESCAPE,
     CTX_PAL_FIRST,
+    CTX_PAL_GAP,
     CTX_PAL_NEW,
-    CTX_PAL_REUSE,
+    CTX_PAL_REUSED,
     CTX_PALETTE,
     CTX_SKIP,
     INTER,
@@ -684,13 +685,14 @@ def _tree_cost(probs, base, n, v):
 
 FRAME_COLOURS = 16  # the frame's most frequent values and colours, which its palettes will mostly have put in the predictor list
 # rows of ``palette_coder``'s price table: new entries (``_entry_table``), escapes (``_escape_table``),
-# reuse flags per list, and (``_flag_prices``) the flags that the escape flag, the index map and a
-# Cr difference cost
+# per list the count of reused entries and the gaps between them, and (``_flag_prices``) the flags
+# that the escape flag, the index map and a Cr difference cost
 ENTRY_ROW = 0
 ESCAPE_ROW = 6
-REUSE_ROW = 9
-FLAG_ROW = 11
-PRICE_ROWS = 12
+REUSED_ROW = 9
+GAP_ROW = 11
+FLAG_ROW = 13
+PRICE_ROWS = 14
 # columns of FLAG_ROW, per component (luma at 0, chroma at FLAG_COLUMNS), then the Cr difference's flag
 ESC_FLAG = 0  # the escape flag at 0, at 1
 LEFT_REPEAT = 2  # an index the same as the left's
@@ -706,16 +708,14 @@ CR_SAME = 2 * FLAG_COLUMNS  # a chroma entry's Cr the same as the previous entry
 def palette_coder(probs: np.ndarray, predictors: tuple, src: tuple, intra_only: bool) -> tuple:
     """What ``_price_palette`` prices palettes with in a frame: the coder's probabilities as the
     frame starts, each key's position in the palette predictor lists (-1: not there), per list
-    the bits of all its reuse flags at 0 and what each flag at 1 adds (``syntax.code_palette``),
+    the bits of each count of reused entries and of each gap between them (``syntax.code_palette``),
     and the bits of the leaf's mode flags (SKIP and INTER at 0 unless ``intra_only``, PALETTE at
     1), with one neighbour of the leaf's mode and one SKIP (INTRA in an intra-only frame).
 
     The lists are priced as the frame's palettes will find them: as the frame starts, then the
     frame's ``FRAME_COLOURS`` most frequent luma values and (Cb, Cr) colours of ``src`` (the
     source planes), which the first palettes coded put there (the first frame starts with empty
-    lists). The flags at 0 are priced as the coder adapts to them, flag by flag: up to 64 flags
-    share two contexts, and from a fresh context the static price, a bit each, is 10x what a
-    palette's flags cost.
+    lists).
 
     Returns (prices: rows ``ENTRY_ROW`` to ``FLAG_ROW``, positions: luma and chroma, indexed by
     key, the mode flags' bits): each array a kernel takes costs it reference counting per call,
@@ -723,8 +723,8 @@ def palette_coder(probs: np.ndarray, predictors: tuple, src: tuple, intra_only: 
     pos = np.full((2, 65536), -1, np.int32)
     prices = np.zeros((PRICE_ROWS, 256))
     prices[ENTRY_ROW:ESCAPE_ROW] = _entry_table(probs)
-    prices[ESCAPE_ROW:REUSE_ROW] = _escape_table(probs)
-    _predictor_prices(probs, predictors, src, pos, prices[REUSE_ROW:FLAG_ROW])
+    prices[ESCAPE_ROW:REUSED_ROW] = _escape_table(probs)
+    _predictor_prices(probs, predictors, src, pos, prices[REUSED_ROW:FLAG_ROW])
     _flag_prices(probs, prices[FLAG_ROW])
     p0 = probs.sum(1, dtype=np.int64) / 65536.0
     mode = -math.log2(1.0 - p0[CTX_PALETTE + 1])
@@ -754,9 +754,10 @@ def _flag_prices(probs, out):
 
 
 @njit(cache=True, nogil=True)
-def _predictor_prices(probs, predictors, src, pos, flags):
-    """``palette_coder``'s predictor lists, into ``pos`` (luma, chroma) and ``flags`` (the frame's
-    colours counted on every other row and column)."""
+def _predictor_prices(probs, predictors, src, pos, reuse):
+    """``palette_coder``'s predictor lists, into ``pos`` (luma, chroma; the frame's colours counted
+    on every other row and column), and into ``reuse`` the bits of each count of reused entries
+    (rows 0, 1: luma, chroma) and of each gap before one (rows 2, 3)."""
     pred_y, npred_y, pred_c, npred_c = predictors
     hist_y = np.zeros(256, np.int64)
     hist_c = np.zeros(65536, np.int64)
@@ -780,22 +781,9 @@ def _predictor_prices(probs, predictors, src, pos, flags):
             if pos[comp, key] < 0:
                 pos[comp, key] = npred
                 npred += 1
-        pf1 = np.int64(probs[CTX_PAL_REUSE + 2 * comp + 1, 0])
-        ps1 = np.int64(probs[CTX_PAL_REUSE + 2 * comp + 1, 1])
-        pf0 = np.int64(probs[CTX_PAL_REUSE + 2 * comp, 0])
-        ps0 = np.int64(probs[CTX_PAL_REUSE + 2 * comp, 1])
-        for i in range(npred):
-            if i < 4:
-                p0 = (pf1 + ps1) / 65536.0
-                pf1 += (32768 - pf1) >> 4
-                ps1 += (32768 - ps1) >> 7
-            else:
-                p0 = (pf0 + ps0) / 65536.0
-                pf0 += (32768 - pf0) >> 4
-                ps0 += (32768 - ps0) >> 7
-            # the list moves each palette to its front: a reused entry is mostly near it
-            flags[comp, i] = math.log2(p0 / (1 - p0)) if i < 4 else flags[comp, 0]  # a flag at 1 instead of 0
-            flags[comp, 64] -= math.log2(p0)
+        for v in range(MAX_PAL + 1):
+            reuse[comp, v] = _ueg_cost(probs, CTX_PAL_REUSED + comp * UEG_CONTEXTS, v)
+            reuse[2 + comp, v] = _ueg_cost(probs, CTX_PAL_GAP + comp * UEG_CONTEXTS, v)
 
 
 @njit(cache=True, nogil=True)
@@ -829,18 +817,18 @@ def _escape_table(probs):
 
 @njit(cache=True, nogil=True)
 def _entries_cost(coder, keys, u, two):
-    """Bits of ``syntax.code_palette`` for the sorted ``keys[:u]``: reuse flags over the predictor
-    list as the frame started, then the new entries."""
+    """Bits of ``syntax.code_palette`` for the sorted ``keys[:u]``: the count of entries reused from
+    the predictor list as the frame started and the gaps between them, then the new entries."""
     table, pos, _ = coder
     comp = 1 if two else 0
-    flags = REUSE_ROW + comp
-    c = table[flags, 64]
+    c = 0.0
+    taken = np.uint64(0)  # the reused entries' positions, a bit each
     nnew = 0
     prev = -1
     for i in range(u):
         k = keys[i]
         if pos[comp, k] >= 0:
-            c += table[flags, pos[comp, k]]
+            taken |= np.uint64(1) << np.uint64(pos[comp, k])
             continue
         if not two:
             c += table[ENTRY_ROW, k] if nnew == 0 else table[ENTRY_ROW + 1, k - prev - 1]
@@ -855,7 +843,17 @@ def _entries_cost(coder, keys, u, two):
                 c += table[ENTRY_ROW + 5, abs(cr - pcr) - 1]
         nnew += 1
         prev = k
-    return c + table[ENTRY_ROW + 3 + comp, nnew]
+    count = 0
+    last = -1
+    for p in range(MAX_PAL):
+        if taken == 0:
+            break
+        if taken & np.uint64(1):
+            c += table[GAP_ROW + comp, p - last - 1]
+            last = p
+            count += 1
+        taken >>= np.uint64(1)
+    return c + table[REUSED_ROW + comp, count] + table[ENTRY_ROW + 3 + comp, nnew]
 
 
 

@@ -205,7 +205,7 @@ def _encode_at(padded, rung, config: EncoderConfig, proposals, dominant: bool, o
     recon = tuple(np.zeros_like(p) for p in padded)
     capacity = padded[0].size * 3 + 4096
     esc_tol = int(_rd_lambda(q4, config) * analysis.ESCAPE_BITS)  # 0 when lossless: every inexact sample escapes, exactly
-    coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol, interp, q4 > 4, q4 > 4)
+    coding = syntax.Coding(q4, rounding, config.min_block, config.max_block, q4 > 4, True, esc_tol, interp, q4 > 4, q4 > 4, True)
     while True:
         buf = np.zeros(capacity, np.uint8)
         stats[...] = 0  # a retry into a larger buffer codes every leaf again

@@ -18,19 +18,20 @@ from palstream.errors import ArchiveError
 from palstream.frames import Frames
 
 MAGIC = b"PSC1"
-VERSION = 11  # what the encoder writes
-# version 10 is version 11 without FLAG_SAO, 9 is 10 without FLAG_QUARTER, 8 is 9 without FLAG_INTRA_TRANSFORM, 7 is 8 without FLAG_SHARP (bilinear half-pel motion only), 6 is 7 without
-# FLAG_PYRAMID (display order only), 5 is 6 with the second reference always 2 frames back and
-# one step for every frame, 4 is 5 without escapes, 3 is 4 without the transform flag
-# (storage/BITSTREAM.md)
-READABLE = (3, 4, 5, 6, 7, 8, 9, 10, 11)
+VERSION = 12  # what the encoder writes
+# version 11 is version 12 with a flag per predictor entry for a palette's reused entries, 10 is 11
+# without FLAG_SAO, 9 is 10 without FLAG_QUARTER, 8 is 9 without FLAG_INTRA_TRANSFORM, 7 is 8 without
+# FLAG_SHARP (bilinear half-pel motion only), 6 is 7 without FLAG_PYRAMID (display order only), 5 is 6
+# with the second reference always 2 frames back and one step for every frame, 4 is 5 without escapes,
+# 3 is 4 without the transform flag (storage/BITSTREAM.md)
+READABLE = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
 HEADER = struct.Struct("<4sBBHHHBBBBI")  # magic, version, flags, frames, width, height, step*4, min, max, 0, body bytes
 FLAG_LOSSLESS = 1
 FLAG_PYRAMID = 2  # version 7: frames in coding_order's pyramid, predicted from past and future ones
-FLAG_SHARP = 4  # versions 8-11: half-pel motion by syntax.SHARP's filter, not bilinear
-FLAG_INTRA_TRANSFORM = 8  # versions 9-11: INTRA leaves may transform-code their luma (syntax.intra_planar)
-FLAG_QUARTER = 16  # versions 10-11: motion vectors in quarter-pels (syntax.INTERP_QUARTER)
-FLAG_SAO = 32  # version 11: each frame's luma filtered by sample adaptive offsets (sao.py)
+FLAG_SHARP = 4  # versions 8-12: half-pel motion by syntax.SHARP's filter, not bilinear
+FLAG_INTRA_TRANSFORM = 8  # versions 9-12: INTRA leaves may transform-code their luma (syntax.intra_planar)
+FLAG_QUARTER = 16  # versions 10-12: motion vectors in quarter-pels (syntax.INTERP_QUARTER)
+FLAG_SAO = 32  # versions 11-12: each frame's luma filtered by sample adaptive offsets (sao.py)
 MAX_DIMENSION = 16384
 MAX_FRAMES = 1024
 MAX_CHUNK_SAMPLES = 1 << 31  # decoded samples of one chunk (2 GiB): a larger header is a lie or an error
@@ -284,7 +285,8 @@ def decode_chunk(payload: bytes, expected: tuple[int, int, int] | None = None, m
         False, buf, None, recon, syntax.Coding(q4, (0,) * 5, min_block, max_block, version >= 4 and q4 > 4, version >= 5, 0,
                                                 (syntax.INTERP_SHARP if flags & FLAG_SHARP else 0)
                                                 | (syntax.INTERP_QUARTER if flags & FLAG_QUARTER else 0),
-                                                bool(flags & FLAG_INTRA_TRANSFORM) and q4 > 4, bool(flags & FLAG_SAO) and q4 > 4),
+                                                bool(flags & FLAG_INTRA_TRANSFORM) and q4 > 4, bool(flags & FLAG_SAO) and q4 > 4,
+                                                version >= 12),
         coding_order(t, version, bool(flags & FLAG_PYRAMID)), emit=emit, stats=stats,
     )
     if st[rangecoder.OVERRUN] > rangecoder.MAX_OVERRUN:

@@ -100,6 +100,7 @@ class Coding(NamedTuple):
     interp: int  # motion interpolation: INTERP_SHARP (bitstream 8's FLAG_SHARP) | INTERP_QUARTER (bitstream 10's FLAG_QUARTER)
     intra_transform: bool  # INTRA leaves carry a transform flag (bitstream 9's FLAG_INTRA_TRANSFORM)
     sao: bool  # frames end with their luma's sample adaptive offsets (bitstream 11's FLAG_SAO; sao.py)
+    reuse_runs: bool  # palettes name their reused predictor entries by count and gaps, not a flag each (bitstream 12)
 
 
 class _Contexts:
@@ -164,6 +165,9 @@ CTX_SAO_MERGE = _c(2)  # with the left CTU's params, with the above one's
 CTX_SAO_ON = _c(1)
 CTX_SAO_BAND = _c(1)  # band offsets rather than edge offsets
 CTX_SAO_MAG = _c(5 * 7)  # truncated unary bins of an offset's magnitude: by edge class (4), or band offsets (1)
+# bitstream 12: a palette's reused predictor entries as their count and the gaps between them [component class 2]
+CTX_PAL_REUSED = _c(2 * UEG_CONTEXTS)
+CTX_PAL_GAP = _c(2 * UEG_CONTEXTS)
 N_CONTEXTS = _Contexts.n
 
 
@@ -819,24 +823,48 @@ def _key_distance(a, b, two):
 
 
 @njit(cache=True, nogil=True)
-def code_palette(enc, st, buf, probs, keys, n, pred, npred, two):
-    """Palette (sorted keys) as reuse flags over the predictor list, then new entries.
+def code_palette(enc, st, buf, probs, keys, n, pred, npred, two, runs):
+    """Palette (sorted keys) as the predictor list's entries it reuses, then new entries.
 
-    Returns the palette size; ``keys[:n]`` holds the sorted palette afterwards, and the
-    predictor list is updated in place (current palette first, then unused old entries).
+    The reused entries are a flag per predictor entry, or with ``runs`` (bitstream 12) their count
+    and the gaps between them, as HEVC's screen-content palettes code them (a run of skipped
+    entries before each reused one): a block mostly reuses one or two of up to 64, and a flag for
+    each entry not reused cost 6-8 % of a cartoon's or a screen recording's bits (docs/codec.md).
+    Returns the palette size; ``keys[:n]`` holds the sorted palette afterwards, and the predictor
+    list is updated in place (current palette first, then unused old entries).
     """
     comp = 1 if two else 0
     out = np.empty(MAX_PAL, np.int64)
     m = 0
     reused = np.zeros(MAX_PAL, np.bool_)
-    for i in range(npred[0]):
-        flag = 0
+    if runs:
+        count = 0
         if enc:
-            flag = 1 if _find(keys, n, pred[i]) >= 0 else 0
-        if m < MAX_PAL and code_bit(enc, st, buf, probs, CTX_PAL_REUSE + comp * 2 + (1 if i < 4 else 0), flag):
+            for i in range(npred[0]):
+                if _find(keys, n, pred[i]) >= 0:
+                    count += 1
+        count = min(code_ueg(enc, st, buf, probs, CTX_PAL_REUSED + comp * UEG_CONTEXTS, count), npred[0])
+        i = -1
+        for _ in range(count):
+            gap = 0
+            if enc:
+                while _find(keys, n, pred[i + 1 + gap]) < 0:
+                    gap += 1
+            i += 1 + code_ueg(enc, st, buf, probs, CTX_PAL_GAP + comp * UEG_CONTEXTS, gap)
+            if i >= npred[0]:  # only damaged data points past the list
+                break
             out[m] = pred[i]
             reused[i] = True
             m += 1
+    else:
+        for i in range(npred[0]):
+            flag = 0
+            if enc:
+                flag = 1 if _find(keys, n, pred[i]) >= 0 else 0
+            if m < MAX_PAL and code_bit(enc, st, buf, probs, CTX_PAL_REUSE + comp * 2 + (1 if i < 4 else 0), flag):
+                out[m] = pred[i]
+                reused[i] = True
+                m += 1
     fresh = np.empty(MAX_PAL, np.int64)
     nnew = 0
     if enc:
@@ -1240,7 +1268,7 @@ def _code_leaf(
         n = pal_yn[cy8, cx8] if enc else 0
         if enc:
             keys[:n] = pal_y[cy8, cx8, :n]
-        n = code_palette(enc, st, buf, probs, keys, n, pred_y, npred_y, False)
+        n = code_palette(enc, st, buf, probs, keys, n, pred_y, npred_y, False, coding.reuse_runs)
         if n == 0:  # only a damaged stream gets here; keep decoding safely
             keys[0] = 128
             n = 1
@@ -1256,7 +1284,7 @@ def _code_leaf(
         n2 = pal_cn[cy8, cx8] if enc else 0
         if enc:
             keys2[:n2] = pal_c[cy8, cx8, :n2]
-        n2 = code_palette(enc, st, buf, probs, keys2, n2, pred_c, npred_c, True)
+        n2 = code_palette(enc, st, buf, probs, keys2, n2, pred_c, npred_c, True, coding.reuse_runs)
         if n2 == 0:
             keys2[0] = 128 * 256 + 128
             n2 = 1
