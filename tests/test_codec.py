@@ -190,6 +190,11 @@ def test_range_coder_round_trips_bits_under_contexts():
     assert decoded == bits.tolist()
 
 
+# the palette syntax as Python over the compiled coder: compiled as an entry point of its own it took
+# 30 s in a fresh numba cache (CI starts two), and the codec's kernels compile it inside themselves anyway
+code_palette = syntax.code_palette.py_func
+
+
 def _palette_sequence(runs: bool, seed: int):
     """Code 300 random palettes against the running predictor list, encode then decode; returns
     both sides' palettes, the payload size and the predictor list at the end of each side."""
@@ -215,7 +220,7 @@ def _palette_sequence(runs: bool, seed: int):
         for pal in palettes:
             keys = np.zeros(syntax.MAX_PAL, np.int64)
             keys[:len(pal)] = pal
-            n = syntax.code_palette(enc, st, buf, probs, keys, len(pal) if enc else 0, pred, npred, False, runs)
+            n = code_palette(enc, st, buf, probs, keys, len(pal) if enc else 0, pred, npred, False, runs)
             coded.append(keys[:n].copy())
         size = rangecoder.flush(st, buf) if enc else 0
         sides.append((coded, size, pred[:npred[0]].copy()))
@@ -249,7 +254,7 @@ def test_damaged_reuse_gaps_stay_inside_the_predictor_list():
         pred = np.concatenate([pred, np.zeros(syntax.MAX_PAL - 20, np.int64)])
         for _ in range(50):
             keys = np.zeros(syntax.MAX_PAL, np.int64)
-            n = syntax.code_palette(False, st, buf, probs, keys, 0, pred, npred, trial % 2 == 0, True)
+            n = code_palette(False, st, buf, probs, keys, 0, pred, npred, trial % 2 == 0, True)
             assert 0 <= n <= syntax.MAX_PAL and 0 <= npred[0] <= syntax.MAX_PAL
 
 
