@@ -839,16 +839,16 @@ def code_palette(enc, st, buf, probs, keys, n, pred, npred, two, runs):
     reused = np.zeros(MAX_PAL, np.bool_)
     if runs:
         count = 0
-        if enc:
+        if enc:  # mark the entries the palette reuses once; the gaps are read off the marks
             for i in range(npred[0]):
-                if _find(keys, n, pred[i]) >= 0:
-                    count += 1
+                reused[i] = _find(keys, n, pred[i]) >= 0
+                count += reused[i]
         count = min(code_ueg(enc, st, buf, probs, CTX_PAL_REUSED + comp * UEG_CONTEXTS, count), npred[0])
         i = -1
         for _ in range(count):
             gap = 0
             if enc:
-                while _find(keys, n, pred[i + 1 + gap]) < 0:
+                while not reused[i + 1 + gap]:
                     gap += 1
             i += 1 + code_ueg(enc, st, buf, probs, CTX_PAL_GAP + comp * UEG_CONTEXTS, gap)
             if i >= npred[0]:  # only damaged data points past the list
