@@ -8,11 +8,18 @@ the generator's proposal), and the seconds the generator spent against k-means'.
 from the encoder's range coder (``palstream.codec.modes``); every payload is decoded again and the
 decoder's counts must agree with the encoder's (the run stops otherwise).
 
+With ``--bracket N`` every generator is also coded at the fixed rungs ``r - N .. r + N`` around the
+rung the default generator's rate control chose (``encode_chunk(..., rung=)``), and each pair is
+compared at equal PSNR-Y on lines fitted through those points (:func:`bracket_ratio`): a single
+rate-controlled encode lands on a rung, and one rung moves a clip's bytes by more than most palette
+decisions do, so single clips' ratios are mostly landings; the bracket averages them out.
+
 Prints markdown tables and writes ``benchmarks/results/palette_modes.json``. Run from the
 repository root::
 
     .venv/bin/python benchmarks/palette_modes.py                      # issue 15's baseline: every clip, 16 frames
     .venv/bin/python benchmarks/palette_modes.py --clips 'screen*' --frames 2 --targets 40
+    .venv/bin/python benchmarks/palette_modes.py --bracket 2           # and five fixed rungs a generator and target
     .venv/bin/python benchmarks/palette_modes.py --report benchmarks/results/palette_modes.json   # tables again
 """
 
@@ -134,12 +141,28 @@ def bpp_at_psnr(points: list[tuple[float, float]], psnr: float) -> float | None:
     return math.exp(math.log(b0) + (psnr - p0) * (math.log(b1) - math.log(b0)) / (p1 - p0))
 
 
+def bracket_ratio(mine: list[tuple[float, float]], theirs: list[tuple[float, float]]) -> float:
+    """bpp of one generator over another's at equal PSNR-Y, from (PSNR-Y, bpp) points of both
+    coded at the same few fixed rungs.
+
+    Each generator's log bpp is fitted as a line in PSNR-Y (least squares), and the lines are compared
+    at the mean PSNR-Y of all the points: over a few adjacent rungs the curve is close to straight,
+    and a fit, unlike interpolation between single points, averages out the decisions that move one
+    encode's bytes up or down by a rung's worth.
+    """
+    x = np.array([p for p, _ in mine + theirs])
+    lines = [np.polyfit([p for p, _ in pts], [math.log(b) for _, b in pts], 1) for pts in (mine, theirs)]
+    at = float(x.mean())
+    return math.exp(float(np.polyval(lines[0], at) - np.polyval(lines[1], at)))
+
+
 def _pct(part: float, whole: float) -> str:
     return f"{100 * part / whole:.1f}" if whole else "-"
 
 
-def tables(rows: list[dict]) -> str:
-    """Markdown: bpp and mode shares; palette sizes and sources; a summary against ``none`` and k-means."""
+def tables(rows: list[dict], bracket: list[dict] | None = None) -> str:
+    """Markdown: bpp and mode shares; palette sizes and sources; a summary against ``none`` and k-means;
+    with ``bracket`` (the fixed-rung rows of ``--bracket``), the same comparisons on those."""
     from palstream.codec import EncoderConfig
 
     default = EncoderConfig().palette
@@ -217,7 +240,42 @@ def tables(rows: list[dict]) -> str:
         equal = [(r["clip"], r["bpp"] / at) for r in mine
                  if (at := bpp_at_psnr(none_points[r["clip"]], r["psnr_y"])) is not None]
         out.append(f"| {label(palette)} | {summary(same)} | {summary(equal) if equal else '- | - | -'} |")
+    if bracket:
+        out += ["", *_bracket_tables(bracket, label, summary)]
     return "\n".join(out)
+
+
+def _bracket_tables(bracket: list[dict], label, summary) -> list[str]:
+    """Markdown lines: each generator against ``none``, and cgan-v1 against k-means, per clip and
+    target at equal PSNR-Y on the fixed rungs (:func:`bracket_ratio`), then their summary."""
+    points: dict[tuple[str, float, str], list[tuple[float, float]]] = {}
+    for r in bracket:
+        points.setdefault((r["clip"], r["target_db"], r["palette"]), []).append((r["psnr_y"], r["bpp"]))
+    pairs = [(p, "none") for p in dict.fromkeys(r["palette"] for r in bracket) if p != "none"]
+    pairs += [("cgan-v1", "kmeans")]
+    ratios = {pair: [(clip, target, bracket_ratio(pts, points[(clip, target, pair[1])]))
+                     for (clip, target, palette), pts in points.items()
+                     if palette == pair[0] and (clip, target, pair[1]) in points] for pair in pairs}
+    ratios = {pair: found for pair, found in ratios.items() if found}
+    rungs = sorted({r["rung"] for r in bracket if r["clip"] == bracket[0]["clip"] and r["target_db"] == bracket[0]["target_db"]})
+    out = [
+        f"At fixed rungs: every generator coded at the {len(rungs)} rungs around the default's rate-controlled one,"
+        " compared at equal PSNR-Y on log-bpp lines fitted through each one's points (`bracket_ratio`).",
+        "",
+        "| clip | dB | " + " | ".join(f"{label(a)} vs {b}" for a, b in ratios) + " |",
+        "|---|---|" + "---|" * len(ratios),
+    ]
+    keys = dict.fromkeys((clip, target) for found in ratios.values() for clip, target, _ in found)
+    for clip, target in keys:
+        cells = [next((f"{100 * (v - 1):+.2f} %" for c, t, v in found if (c, t) == (clip, target)), "-") for found in ratios.values()]
+        out.append(f"| {clip} | {target:g} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "| at fixed rungs | all clips | screen + 2-D animation | clips worse (worst) |",
+        "|---|---|---|---|",
+    ]
+    out += [f"| {label(a)} vs {b} | {summary([(c, v) for c, _, v in found])} |" for (a, b), found in ratios.items()]
+    return out
 
 
 def clip_arguments(parser: argparse.ArgumentParser, out: str) -> None:
@@ -235,13 +293,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     clip_arguments(parser, "palette_modes.json")
     parser.add_argument("--palettes", nargs="+", default=None, help="generators (default: the default one, none, kmeans, cgan-v1)")
+    parser.add_argument("--bracket", type=int, default=0, metavar="N",
+                        help="also code every generator at the rungs r-N..r+N around the default generator's rate-controlled rung r")
     args = parser.parse_args(argv)
     if args.report:
-        print(tables(json.loads(args.report.read_text())["rows"]))
+        saved = json.loads(args.report.read_text())
+        print(tables(saved["rows"], saved.get("bracket")))
         return
 
     import torch
 
+    from palstream.codec import EncoderConfig
+    from palstream.codec.chunk import LADDER
     from palstream.io import read_frames
 
     torch.set_num_threads(1)
@@ -249,8 +312,10 @@ def main(argv: list[str] | None = None) -> None:
     if not clips:
         raise SystemExit(f"no clip matches {args.clips!r} in {args.corpus}")
     palettes = args.palettes or generators()
+    default = EncoderConfig().palette  # the bracket is around its rung (the first generator's without it)
     warm = {name: warmed(name) for name in palettes}
-    rows = []
+    rows: list[dict] = []
+    bracket: list[dict] = []  # --bracket's fixed-rung encodes
     for path in clips:
         frames = read_frames(str(path), 0, args.frames)
         for target in args.targets:
@@ -259,11 +324,20 @@ def main(argv: list[str] | None = None) -> None:
                 r = rows[-1]
                 print(f"{path.name} {target:g} dB {palette}: {r['bpp']:.4f} bpp, {r['psnr_y']:.2f} dB, "
                       f"generator {r['generator_seconds']:.3f} s", file=sys.stderr, flush=True)
-    report = tables(rows)
+            if args.bracket:
+                here = rows[-len(palettes):]
+                landed = next((r["rung"] for r in here if r["palette"] == default), here[0]["rung"])
+                rungs = range(max(0, landed - args.bracket), min(len(LADDER), landed + args.bracket + 1))
+                for rung in rungs:
+                    for palette in palettes:
+                        bracket.append(measure(frames, path.name, target, palette, warm[palette], rung))
+                print(f"{path.name} {target:g} dB: rungs {rungs.start}..{rungs.stop - 1} coded", file=sys.stderr, flush=True)
+    report = tables(rows, bracket)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/palette_modes.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.out.write_text(json.dumps({"command": command.strip(), "frames": args.frames, "rows": rows}, indent=1) + "\n")
+    saved = {"command": command.strip(), "frames": args.frames, "rows": rows} | ({"bracket": bracket} if bracket else {})
+    args.out.write_text(json.dumps(saved, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -204,6 +204,35 @@ def test_benchmark_tables_on_a_tiny_run(tmp_path, capsys):
     assert capsys.readouterr().out == text  # the saved results print the same tables
 
 
+def test_benchmark_brackets_the_default_rung_with_fixed_rungs(tmp_path, capsys):
+    from benchmarks.palette_modes import main
+
+    out = tmp_path / "modes.json"
+    main(["--corpus", str(DATA), "--clips", "screen_37x29.mkv", "--frames", "2", "--targets", "40",
+          "--palettes", "none", "dominant", "--bracket", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    landed = next(r["rung"] for r in saved["rows"] if r["palette"] == "dominant")
+    coded = [(r["rung"], r["palette"]) for r in saved["bracket"]]
+    assert coded == [(rung, p) for rung in (landed - 1, landed, landed + 1) for p in ("none", "dominant")]
+    text = capsys.readouterr().out
+    assert "| dominant (default) vs none | " in text and "At fixed rungs" in text
+    main(["--report", str(out)])
+    assert capsys.readouterr().out == text
+
+
+def test_bracket_ratio_compares_fitted_lines_at_equal_psnr():
+    from benchmarks.palette_modes import bracket_ratio
+
+    def line(scale, psnrs):  # bpp doubling every 3 dB
+        return [(p, scale * 2 ** ((p - 40) / 3)) for p in psnrs]
+
+    assert bracket_ratio(line(0.9, [39.5, 40.1, 40.6]), line(1.0, [39.8, 40.4, 41.0])) == pytest.approx(0.9)
+    # one encode a rung's worth off the line moves the ratio by a third of it, not all of it
+    bumped = line(1.0, [39.8, 40.4, 41.0])
+    bumped[1] = (bumped[1][0], bumped[1][1] * 1.06)
+    assert bracket_ratio(line(1.0, [39.8, 40.4, 41.0]), bumped) == pytest.approx(1 / 1.06 ** (1 / 3), rel=1e-3)
+
+
 def test_benchmark_compares_at_equal_psnr_by_log_linear_interpolation():
     from benchmarks.palette_modes import bpp_at_psnr
 
