@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
                 rungs = range(max(0, landed - args.bracket), min(len(LADDER), landed + args.bracket + 1))
                 for rung in rungs:
                     for palette in palettes:
-                        bracket.append(measure(frames, path.name, target, palette, warm[palette], rung))
+                        row = measure(frames, path.name, target, palette, warm[palette], rung)
+                        bracket.append({k: v for k, v in row.items() if k != "modes"})  # checked, not kept: 5x the file
                 print(f"{path.name} {target:g} dB: rungs {rungs.start}..{rungs.stop - 1} coded", file=sys.stderr, flush=True)
     report = tables(rows, bracket)
     print(report)
